@@ -1,0 +1,201 @@
+"""Bring an exported model into the one form the later passes expect.
+
+Convention: every graph input carries the batch on axis 0. Later passes fold time into that
+axis (batch becomes T*batch), so canonicalization keeps the graph free of constants that pin
+axis 0 of an activation to the exported batch size.
+
+Each pass is small and usable alone; graph passes mutate a gs.Graph in place and return it.
+The whole pipeline is deterministic: the same model gives byte-identical output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spikec.errors import SpikecError
+
+# Initializers up to this many elements keep their values for shape inference: data propagation
+# needs shape-like constants, never weights.
+_SHAPE_CONSTANT_MAX_ELEMENTS = 1024
+
+
+def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold, name and batch-relax `model`; `model` itself is left untouched."""
+    graph = gs.import_onnx(fold_constants(model))
+    name_nodes(graph)
+    relax_batch_reshapes(graph)
+    squeeze_batch_constants(graph)
+    return infer_shapes(gs.export_onnx(graph))
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of `model` with onnx shape inference (data_prop=True) applied.
+
+    Inference runs on a weightless skeleton so that models over 2 GB, which protobuf cannot
+    serialize, are inferred too, and so that weights are not copied through serialization.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise SpikecError(f"shape inference failed: {' '.join(str(exc).split())}") from exc
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for field in ("value_info", "output"):
+        out.graph.ClearField(field)
+        getattr(out.graph, field).extend(getattr(inferred.graph, field))
+    return out
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with large initializers replaced by data-less tensors of the same name, type and dims."""
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph = skeleton.graph
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
+        if np.prod(tensor.dims, dtype=np.int64) <= _SHAPE_CONSTANT_MAX_ELEMENTS:
+            graph.initializer.append(tensor)
+        else:
+            graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    return skeleton
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape-infer and fold constants until nothing folds any more.
+
+    Folds constant subgraphs and Shape chains over static dims; symbolic dims stay dynamic.
+    One round is not enough: folding a computed shape (e.g. Swin's Pad amounts) lets inference
+    find static dims that unlock the next Shape chain. Every round removes nodes, so it ends.
+    """
+    model = infer_shapes(model)
+    while True:
+        graph = gs.import_onnx(model)
+        before = len(graph.nodes)
+        graph.fold_constants()
+        graph.cleanup()
+        graph.toposort()
+        model = infer_shapes(gs.export_onnx(graph))
+        if len(graph.nodes) == before:
+            return model
+
+
+def name_nodes(graph: gs.Graph) -> gs.Graph:
+    """Give every node a unique, readable, deterministic name.
+
+    Later passes name state tensors after nodes. Unique existing names are kept; an empty name
+    becomes the op type, and a name already taken gets the first free `_<k>` suffix, in
+    topological order.
+    """
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        counts[node.name] = counts.get(node.name, 0) + 1
+    taken = {name for name, count in counts.items() if name and count == 1}
+    for node in graph.nodes:
+        if node.name in taken and counts[node.name] == 1:
+            continue
+        base = node.name or node.op
+        name, k = base, 0
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        taken.add(name)
+    return graph
+
+
+def graph_batch(graph: gs.Graph) -> int | None:
+    """The static batch size shared by axis 0 of all graph inputs, or None if symbolic or inconsistent."""
+    dims = {inp.shape[0] for inp in graph.inputs if inp.shape}
+    if len(dims) != 1:
+        return None
+    (dim,) = dims
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def relax_batch_reshapes(graph: gs.Graph) -> gs.Graph:
+    """Stop Reshape and Expand target shapes from hard-coding the exported batch size at axis 0.
+
+    With a static batch B, exporters write B into target shapes. Reshape: where the data keeps
+    the batch in axis 0 unchanged (data dim0 == shape[0] == B) shape[0] becomes 0 (copy); where
+    the batch is merged with other dims on either side (e.g. [B*H, S, d] -> [B, H, S, d], as the
+    dynamo exporter decomposes attention) shape[0] becomes -1 (infer). Expand: shape[0] == B on
+    data of dim0 B becomes 1 (keep). All rewrites leave the output unchanged at batch B and stay
+    right when axis 0 grows to T*B. The dynamo exporter sets Reshape allowzero=1, which only
+    changes the meaning of shapes holding a 0, so it is cleared on shapes without one.
+    """
+    batch = graph_batch(graph)
+    if batch is None:
+        return graph
+    for node in graph.nodes:
+        if node.op not in ("Reshape", "Expand"):
+            continue
+        data, target = node.inputs[0], node.inputs[1]
+        if not isinstance(target, gs.Constant) or not data.shape or not isinstance(data.shape[0], int):
+            continue
+        shape = target.values
+        if node.op == "Reshape":
+            dim0 = _reshape_batch_dim0(data.shape[0], shape, batch)
+            if node.attrs.get("allowzero", 0) and 0 in shape:
+                continue
+        else:
+            dim0 = 1 if len(shape) == len(data.shape) and shape[0] == data.shape[0] == batch else None
+        if dim0 is None:
+            continue
+        relaxed = shape.copy()
+        relaxed[0] = dim0
+        node.inputs[1] = gs.Constant(f"{node.name}_shape", relaxed)
+        if node.op == "Reshape":
+            node.attrs["allowzero"] = 0
+    return graph
+
+
+def _reshape_batch_dim0(data_dim0: int, shape: np.ndarray, batch: int) -> int | None:
+    """0 or -1 to replace Reshape shape[0] with, or None when axis 0 does not carry the batch."""
+    if shape.ndim != 1 or shape.size == 0 or shape[0] <= 0 or shape[0] % batch or data_dim0 % batch:
+        return None
+    if shape[0] == data_dim0:
+        return 0
+    return None if -1 in shape else -1
+
+
+# Ops whose inputs broadcast numpy-style against each other.
+_BROADCASTING_OPS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "And", "Or", "Equal", "Less", "Greater"}
+)
+
+
+def squeeze_batch_constants(graph: gs.Graph) -> gs.Graph:
+    """Shrink folded constants that repeat one row B times along axis 0 down to one row.
+
+    Folding a batch-expanded buffer (e.g. BERT's default token_type_ids) yields a constant of
+    dim0 B that an elementwise op broadcasts against an activation; one row broadcasts the same
+    at batch B and at T*B.
+    """
+    batch = graph_batch(graph)
+    if batch is None or batch == 1:
+        return graph
+    squeezed: dict[str, gs.Constant] = {}
+    for node in graph.nodes:
+        if node.op not in _BROADCASTING_OPS or not _carries_batch(node.outputs[0], batch):
+            continue
+        rank = len(node.outputs[0].shape)
+        if not any(not isinstance(t, gs.Constant) and _carries_batch(t, batch) and len(t.shape) == rank for t in node.inputs):
+            continue
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and _carries_batch(tensor, batch) and len(tensor.shape) == rank:
+                values = tensor.values
+                if (values == values[:1]).all():
+                    if tensor.name not in squeezed:
+                        squeezed[tensor.name] = gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(values[:1]))
+                    node.inputs[i] = squeezed[tensor.name]
+    graph.cleanup()
+    return graph
+
+
+def _carries_batch(tensor: gs.Tensor, batch: int) -> bool:
+    return bool(tensor.shape) and tensor.shape[0] == batch

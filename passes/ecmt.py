@@ -1,0 +1,154 @@
+"""ECMT (Expectation Compensation + Multi-Threshold neurons, seed 001) as graph rewrites.
+
+* MT neurons sit before every activation x weight product and on both operands of every
+  activation x activation product (Algorithm 1, lines 9-11).
+* Every op that is not affine in its time-varying inputs gets expectation compensation
+  (Eq. 15); for an activation x activation MatMul this is the matrix-product EC of Eq. 16:
+  t*(S_A/t)(S_B/t) - (t-1)*(S'_A/(t-1))(S'_B/(t-1)) = S_K(t)/t - S_K(t-1)/(t-1).
+* Parallel parameter normalization (Eq. 27): neurons emit spike codes in units of their base
+  threshold theta_1; the threshold is folded into the following weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spikec.passes.patterns import Region
+from spikec.passes.timing import (compensate_region, fresh_like, is_affine, is_constant, require_convertible,
+                                  spikec_node, varying_tensors)
+
+# Region kinds whose operands are activations feeding a product.
+_WEIGHT_PRODUCT = "weight_matmul"
+_ACTIVATION_PRODUCT = "act_matmul"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Base thresholds of one MT neuron: theta_1 (positive) and theta_2 (negative side), scalar or per channel."""
+    positive: np.ndarray
+    negative: np.ndarray
+
+    @classmethod
+    def from_percentiles(cls, high, low) -> "Thresholds":
+        """theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile (Algorithm 1, line 4).
+
+        A side the data never reaches mirrors the other side, so both stay positive: with the
+        round-to-nearest rule that side then never fires."""
+        pos = np.maximum(np.asarray(high, np.float32), 0)
+        neg = np.maximum(-np.asarray(low, np.float32), 0)
+        pos, neg = np.where(pos > 0, pos, neg), np.where(neg > 0, neg, pos)
+        fallback = np.float32(1.0)  # a tensor that is identically zero
+        return cls(np.where(pos > 0, pos, fallback).astype(np.float32),
+                   np.where(neg > 0, neg, fallback).astype(np.float32))
+
+
+def _product_operands(region: Region) -> list[tuple[gs.Node, int]]:
+    """(node, input index) of the activation operands a neuron must feed."""
+    node = region.nodes[0] if len(region.nodes) == 1 else next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
+    if region.kind == _ACTIVATION_PRODUCT:
+        return [(node, 0), (node, 1)]
+    weight_index = region.attrs.get("weight_input_index", 1)
+    return [(node, 1 - weight_index)]
+
+
+def neuron_sites(regions: list[Region]) -> dict[str, list[tuple[gs.Node, int]]]:
+    """Tensor name -> the product operands it feeds, for every tensor that gets an MT neuron."""
+    sites: dict[str, list[tuple[gs.Node, int]]] = {}
+    for region in regions:
+        if region.kind in (_WEIGHT_PRODUCT, _ACTIVATION_PRODUCT):
+            for node, index in _product_operands(region):
+                tensor = node.inputs[index]
+                if not is_constant(tensor):
+                    sites.setdefault(tensor.name, []).append((node, index))
+    return sites
+
+
+def insert_neurons(graph: gs.Graph, sites: dict[str, list[tuple[gs.Node, int]]],
+                   thresholds: dict[str, Thresholds], levels: int) -> list[dict]:
+    """An MT neuron per site tensor, shared by all the products it feeds; they read code * theta_1."""
+    report = []
+    tensors = graph.tensors()
+    for name, operands in sites.items():
+        tensor, theta = tensors[name], thresholds[name]
+        node_name = f"{name}/MTNeuron"
+        spikes = fresh_like(tensor, ".spikes")
+        scaled = fresh_like(tensor, ".spike_value")
+        theta_pos = gs.Constant(f"{name}.theta_pos", theta.positive)
+        graph.nodes.append(spikec_node("MTNeuron", node_name,
+                                       [tensor, theta_pos, gs.Constant(f"{name}.theta_neg", theta.negative)],
+                                       [spikes], levels=levels))
+        graph.nodes.append(gs.Node("Mul", f"{name}/SpikeValue", inputs=[spikes, theta_pos], outputs=[scaled]))
+        for node, index in operands:
+            node.inputs[index] = scaled
+        report.append({"tensor": name, "node": node_name, "levels": levels,
+                       "theta_pos": theta.positive.tolist(), "theta_neg": theta.negative.tolist(),
+                       "consumers": sorted({node.name for node, _ in operands})})
+    return report
+
+
+def fold_thresholds_into_weights(graph: gs.Graph) -> int:
+    """Parallel parameter normalization: Mul(code, theta) -> MatMul(., W) becomes MatMul(code, theta*W).
+
+    Only products with a constant right-hand weight are folded; activation x activation products
+    keep the explicit Mul. Returns how many products were folded."""
+    folded = 0
+    for mul in [n for n in graph.nodes if n.op == "Mul" and n.name.endswith("/SpikeValue")]:
+        code, theta = mul.inputs
+        scaled = mul.outputs[0]
+        for consumer in list(scaled.outputs):
+            weight_index = _foldable_weight_index(consumer, scaled)
+            if weight_index is None:
+                continue
+            weight = consumer.inputs[weight_index]
+            transposed = consumer.op == "Gemm" and consumer.attrs.get("transB", 0)
+            scale = theta.values.reshape(-1)
+            # theta scales the rows of W (x @ W) or the columns of W^T (Gemm transB=1).
+            factor = scale[None, :] if transposed else scale[:, None]
+            consumer.inputs[weight_index] = gs.Constant(f"{weight.name}.ppn.{consumer.name}",
+                                                        (weight.values * factor).astype(weight.values.dtype))
+            consumer.inputs[0 if weight_index == 1 else 1] = code
+            folded += 1
+    graph.cleanup()
+    return folded
+
+
+def _foldable_weight_index(node: gs.Node, activation) -> int | None:
+    if node.op == "MatMul" and node.inputs[0] is activation and is_constant(node.inputs[1]) \
+            and node.inputs[1].values.ndim == 2:
+        return 1
+    if node.op == "Gemm" and node.inputs[0] is activation and is_constant(node.inputs[1]) \
+            and not node.attrs.get("transA", 0) and node.attrs.get("alpha", 1.0) == 1.0:
+        return 1
+    return None
+
+
+def compensate_nonlinear(graph: gs.Graph, regions: list[Region], allow_float: set[str]) -> list[dict]:
+    """Expectation compensation around every region/node that is not affine in time-varying inputs."""
+    graph.toposort()
+    sources = [n.outputs[0].name for n in graph.nodes if n.domain == "spikec" and n.op == "MTNeuron"]
+    varying = varying_tensors(graph, sources)
+    require_convertible(graph, varying, allow_float)
+    in_region = {id(n) for r in regions for n in r.nodes}
+    units = [(r.name, r.kind, r.nodes) for r in regions]
+    units += [(n.name, "node", [n]) for n in list(graph.nodes) if id(n) not in in_region and n.domain != "spikec"]
+    report = []
+    for name, kind, nodes in units:
+        kept_float = any(n.op in allow_float or n.name in allow_float for n in nodes)
+        if kept_float or all(is_affine(n, varying) for n in nodes):
+            continue
+        inserted = compensate_region(graph, nodes, varying, name)
+        report.append({"region": name, "kind": kind, "ops": [n.op for n in nodes], **inserted})
+    graph.toposort()
+    return report
+
+
+def rewrite(graph: gs.Graph, regions: list[Region], thresholds: dict[str, Thresholds], *, levels: int = 8,
+            allow_float: frozenset[str] = frozenset()) -> dict:
+    """Rewrite a canonicalized ANN graph into its ECMT SNN (generic spikec ops, no time structure yet)."""
+    sites = neuron_sites(regions)
+    neurons = insert_neurons(graph, sites, thresholds, levels)
+    compensated = compensate_nonlinear(graph, regions, set(allow_float))
+    folded = fold_thresholds_into_weights(graph)
+    return {"neurons": neurons, "compensated": compensated, "ppn_folded_products": folded}

@@ -1,0 +1,141 @@
+"""Give a rewritten graph its time structure: time-unrolled or stateful (one step per run).
+
+Both forms run the same generic spikec ops, so they compute the same thing:
+
+* **unrolled**: every graph input is repeated T times along the batch axis ([T*B, ...], step-major);
+  linear layers run once on all steps, each spikec op scans its time axis internally. Each output
+  ``y`` becomes the rate-coded result after T steps and ``y.steps`` [T, B, ...] holds the result
+  after every step 1..T, so fidelity versus T comes from one run.
+* **stateful**: one step per run. Extra inputs: ``spikec.t`` (float scalar, the 1-based step) and
+  ``spikec.state.<node>.<state>`` for every spikec node; extra outputs
+  ``spikec.next_state.<node>.<state>``, to feed back at the next step. Every state starts as
+  zeros (a tensor of ones-shape broadcasts: the driver passes shape [1]*rank). Output ``y`` is the
+  result after the steps run so far.
+
+Mean semantics (ECMT): the input is presented at every step and biases act at every step; an
+output is the running mean of its per-step values.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spikec.passes.timing import replace_uses, spikec_node, varying_tensors
+from spikec.runtime import ops as spec
+from spikec.runtime.layout import NEXT_STATE_PREFIX, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+
+
+def _readout_sources(graph: gs.Graph) -> set[str]:
+    return varying_tensors(graph, [t.name for n in graph.nodes if n.domain == "spikec" for t in n.outputs])
+
+
+def _add_rate_readouts(graph: gs.Graph) -> list[tuple[gs.Variable, gs.Variable]]:
+    """Route each time-varying output through a running mean; returns (readout, original output) pairs."""
+    varying = _readout_sources(graph)
+    pairs = []
+    for index, output in enumerate(list(graph.outputs)):
+        if output.name not in varying:
+            continue
+        per_step = gs.Variable(f"{output.name}.per_step", dtype=output.dtype, shape=output.shape)
+        replace_uses(output, per_step, producer=True)
+        graph.nodes.append(spikec_node("ECAccumulate", f"readout/{output.name}", [per_step], [output]))
+        pairs.append((output, per_step))
+    return pairs
+
+
+def emit_unrolled(graph: gs.Graph, timesteps: int) -> gs.Graph:
+    _add_rate_readouts(graph)
+    for node in graph.nodes:
+        if node.domain == "spikec":
+            node.attrs["timesteps"] = timesteps
+    for graph_input in graph.inputs:
+        repeated = gs.Variable(f"{graph_input.name}.repeated", dtype=graph_input.dtype)
+        replace_uses(graph_input, repeated)
+        repeats = np.ones(len(graph_input.shape), np.int64)
+        repeats[0] = timesteps
+        graph.nodes.append(gs.Node("Tile", f"time/{graph_input.name}",
+                                   inputs=[graph_input, gs.Constant(f"{graph_input.name}.time_repeats", repeats)],
+                                   outputs=[repeated]))
+    final_outputs, step_outputs = [], []
+    for output in graph.outputs:
+        unrolled = gs.Variable(f"{output.name}.unrolled", dtype=output.dtype)
+        replace_uses(output, unrolled, producer=True)
+        steps = _time_major(graph, unrolled, timesteps, output.name)
+        final = gs.Variable(output.name, dtype=output.dtype, shape=output.shape)
+        graph.nodes.append(gs.Node("Gather", f"time/{output.name}/last",
+                                   attrs={"axis": 0},
+                                   inputs=[steps, gs.Constant(f"{output.name}.last_step", np.array(timesteps - 1, np.int64))],
+                                   outputs=[final]))
+        final_outputs.append(final)
+        step_outputs.append(steps)
+    graph.outputs = final_outputs + step_outputs
+    graph.toposort()
+    return graph
+
+
+def _time_major(graph: gs.Graph, tensor: gs.Variable, timesteps: int, name: str) -> gs.Variable:
+    """[T*B, ...] -> [T, B, ...] named ``<name>.steps``."""
+    shape = gs.Variable(f"{name}.unrolled_shape", dtype=np.int64)
+    rest = gs.Variable(f"{name}.row_shape", dtype=np.int64)
+    target = gs.Variable(f"{name}.steps_shape", dtype=np.int64)
+    steps = gs.Variable(f"{name}{STEPS_SUFFIX}", dtype=tensor.dtype)
+    graph.nodes += [
+        gs.Node("Shape", f"time/{name}/shape", inputs=[tensor], outputs=[shape]),
+        gs.Node("Slice", f"time/{name}/rows", inputs=[shape, gs.Constant(f"{name}.one", np.array([1], np.int64)),
+                                                    gs.Constant(f"{name}.end", np.array([2**62], np.int64))],
+                outputs=[rest]),
+        gs.Node("Concat", f"time/{name}/target", attrs={"axis": 0},
+                inputs=[gs.Constant(f"{name}.time_major", np.array([timesteps, -1], np.int64)), rest],
+                outputs=[target]),
+        gs.Node("Reshape", f"time/{name}/steps", inputs=[tensor, target], outputs=[steps]),
+    ]
+    return steps
+
+
+def state_rank(node: gs.Node) -> int:
+    shape = node.inputs[0].shape
+    if shape is None:
+        raise ValueError(f"spikec node {node.name}: input rank unknown, cannot declare its state")
+    return len(shape)
+
+
+def emit_stateful(graph: gs.Graph) -> gs.Graph:
+    _add_rate_readouts(graph)
+    time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
+    state_inputs, state_outputs = [], []
+    for node in [n for n in graph.nodes if n.domain == "spikec"]:
+        op = spec.op_for(node.op)
+        rank = state_rank(node)
+        data, params = node.inputs[:len(op.inputs)], node.inputs[len(op.inputs):]
+        states = [gs.Variable(f"{STATE_PREFIX}{node.name}.{s}", dtype=np.float32, shape=[None] * rank)
+                  for s in op.states]
+        next_states = [gs.Variable(f"{NEXT_STATE_PREFIX}{node.name}.{s}", dtype=np.float32,
+                                   shape=[None] * rank) for s in op.states]
+        node.op = op.step_name
+        node.inputs.clear()
+        node.inputs.extend([*data, *states, *params, time])
+        node.outputs += next_states
+        state_inputs += states
+        state_outputs += next_states
+    graph.inputs = list(graph.inputs) + [time] + state_inputs
+    graph.outputs = list(graph.outputs) + state_outputs
+    graph.toposort()
+    return graph
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
+    """Export with the spikec function bodies, the template's opsets and the given metadata."""
+    opset = next(o.version for o in template.opset_import if o.domain in ("", "ai.onnx"))
+    used = {n.op for n in graph.nodes if n.domain == "spikec"}
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend([o for o in template.opset_import if o.domain != spec.DOMAIN])
+    model.opset_import.append(onnx.helper.make_opsetid(spec.DOMAIN, spec.DOMAIN_VERSION))
+    model.functions.extend(spec.functions_for(used, opset))
+    model.ir_version = template.ir_version
+    model.producer_name = "spikec"
+    del model.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    return model

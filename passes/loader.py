@@ -1,0 +1,112 @@
+"""Load an ONNX model, validate it, and optionally override its input shapes.
+
+Every failure is a one-line SpikecError naming the file (or the argument) at fault.
+The source file is only ever read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from spikec.errors import SpikecError
+
+MIN_OPSET = 13
+_IN_MEMORY = "<in-memory model>"
+
+
+def load_model(
+    src: str | Path | onnx.ModelProto,
+    *,
+    input_shapes: dict[str, list[int | str]] | None = None,
+) -> onnx.ModelProto:
+    """Return a checked copy of `src` (a path, or a ModelProto that is left untouched).
+
+    `input_shapes` replaces the dims of the named graph inputs: ints are static, strings are
+    symbolic (e.g. {"input_ids": ["batch", 32]}).
+    """
+    if isinstance(src, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(src)
+        where = _IN_MEMORY
+        _check_opset(model, where)
+        _run_checker(model, where)
+    else:
+        where = str(src)
+        model = _read(Path(src))
+    if input_shapes:
+        _override_input_shapes(model, input_shapes, where)
+    return model
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise SpikecError(f"{path}: no such file")
+    if not path.is_file():
+        raise SpikecError(f"{path}: not a file")
+    try:
+        # External data is loaded only after the checks: a model over 2 GB cannot be serialized
+        # back for the in-memory checker, so the checker reads it from its path instead.
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise SpikecError(f"{path}: not an ONNX model ({_one_line(exc)})") from exc
+    if model.ir_version == 0 or not model.HasField("graph"):
+        # Protobuf parses many byte strings (the empty file included) into an empty message.
+        raise SpikecError(f"{path}: not an ONNX model (no ir_version or graph)")
+    _check_opset(model, str(path))
+    _run_checker(path, str(path))
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except OSError as exc:
+        raise SpikecError(f"{path}: cannot read external data ({_one_line(exc)})") from exc
+    return model
+
+
+def _check_opset(model: onnx.ModelProto, where: str) -> None:
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise SpikecError(f"{where}: no default-domain opset_import")
+    if versions[0] < MIN_OPSET:
+        raise SpikecError(
+            f"{where}: opset {versions[0]} is below the minimum {MIN_OPSET}; re-export with opset_version>={MIN_OPSET}"
+        )
+
+
+def _run_checker(model: onnx.ModelProto | Path, where: str) -> None:
+    try:
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else os.fspath(model))
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise SpikecError(f"{where}: rejected by onnx.checker: {_one_line(exc)}") from exc
+
+
+def _override_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int | str]], where: str) -> None:
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in initializers}
+    for name, dims in input_shapes.items():
+        if name not in inputs:
+            raise SpikecError(f"{where}: input_shapes names unknown input '{name}' (inputs: {', '.join(inputs)})")
+        shape = inputs[name].type.tensor_type.shape
+        if shape.dim and len(shape.dim) != len(dims):
+            raise SpikecError(f"{where}: input_shapes['{name}'] has rank {len(dims)}, the model input has rank {len(shape.dim)}")
+        shape.ClearField("dim")
+        for d in dims:
+            if isinstance(d, str) and d:
+                shape.dim.add().dim_param = d
+            elif isinstance(d, int) and not isinstance(d, bool) and d > 0:
+                shape.dim.add().dim_value = d
+            else:
+                raise SpikecError(f"{where}: input_shapes['{name}'] dim {d!r} is neither a positive int nor a name")
+    # Shapes recorded by the exporter were derived from the old input dims and would now contradict
+    # shape inference; canonicalize re-infers them.
+    graph.ClearField("value_info")
+    for out in graph.output:
+        out.type.tensor_type.ClearField("shape")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -1,0 +1,518 @@
+"""Recognize the Transformer building blocks in a canonicalized graph.
+
+`find_regions` returns one Region per recognized block. Composite blocks (attention op,
+layer norm, GELU, softmax) are matched first, then matmuls and residual adds over the nodes
+they left, so every node belongs to at most one region. The op sequences matched are the
+ones torch.onnx emits (TorchScript and dynamo exporters); tests/test_frontend.py exports each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+KINDS = ("attention", "layernorm", "gelu", "softmax", "weight_matmul", "act_matmul", "residual_add")
+
+# An additive attention mask holds 0 where attention is allowed and a large negative number
+# elsewhere: -inf or finfo.min from torch/transformers, -1e4 in older code, -100 in Swin.
+_MASK_MAX_NEGATIVE = -100.0
+_MATMUL_OPS = frozenset({"MatMul", "Gemm", "Attention"})
+
+
+@dataclass
+class Region:
+    kind: str  # one of KINDS
+    nodes: list[gs.Node]  # topological order
+    inputs: list[gs.Variable]  # non-constant tensors entering from outside, masks included
+    outputs: list[gs.Variable]  # tensors produced inside and used outside, or graph outputs
+    attrs: dict  # kind-specific, see the matchers below
+    name: str  # the main node's name
+
+
+def find_regions(graph: gs.Graph) -> list[Region]:
+    """All recognized regions of a toposorted graph, in the order of their first node."""
+    ctx = _Context(graph)
+    regions = []
+    for kind, matcher in _MATCHERS:
+        for node in graph.nodes:
+            if id(node) in ctx.claimed:
+                continue
+            match = matcher(node, ctx)
+            if match is None:
+                continue
+            nodes, attrs = match
+            if any(id(n) in ctx.claimed for n in nodes):
+                continue
+            ctx.claimed.update(id(n) for n in nodes)
+            regions.append(ctx.region(kind, node, nodes, attrs))
+    regions.sort(key=lambda r: ctx.order[id(r.nodes[0])])
+    return regions
+
+
+def describe(regions: list[Region]) -> list[dict]:
+    """JSON-serializable summaries; tensors in attrs are replaced by their names."""
+    return [
+        {
+            "kind": r.kind,
+            "name": r.name,
+            "nodes": [n.name for n in r.nodes],
+            "ops": [n.op for n in r.nodes],
+            "inputs": [t.name for t in r.inputs],
+            "outputs": [t.name for t in r.outputs],
+            "attrs": {k: v.name if isinstance(v, gs.Tensor) else v for k, v in r.attrs.items()},
+        }
+        for r in regions
+    ]
+
+
+class _Context:
+    """Graph facts shared by the matchers."""
+
+    def __init__(self, graph: gs.Graph):
+        self.order = {id(n): i for i, n in enumerate(graph.nodes)}
+        self.graph_outputs = {id(t) for t in graph.outputs}
+        self.claimed: set[int] = set()
+        # Tensors computed from a matmul: attention scores are, masks built from inputs are not.
+        self.from_matmul: set[int] = set()
+        for node in graph.nodes:
+            if node.op in _MATMUL_OPS or any(id(t) in self.from_matmul for t in node.inputs):
+                self.from_matmul.update(id(t) for t in node.outputs)
+
+    def sole_consumer(self, tensor: gs.Tensor) -> gs.Node | None:
+        """The one node reading `tensor`, if nothing else (graph outputs included) does."""
+        if len(tensor.outputs) != 1 or id(tensor) in self.graph_outputs:
+            return None
+        return tensor.outputs[0]
+
+    def region(self, kind: str, main: gs.Node, nodes: list[gs.Node], attrs: dict) -> Region:
+        nodes = sorted(nodes, key=lambda n: self.order[id(n)])
+        inside = {id(n) for n in nodes}
+        produced = {id(t) for n in nodes for t in n.outputs}
+        inputs, outputs = [], []
+        for n in nodes:
+            for t in n.inputs:
+                if id(t) not in produced and _const(t) is None and t.name and t not in inputs:
+                    inputs.append(t)
+            for t in n.outputs:
+                if id(t) in self.graph_outputs or any(id(c) not in inside for c in t.outputs):
+                    outputs.append(t)
+        return Region(kind, nodes, inputs, outputs, attrs, main.name)
+
+
+# ----------------------------------------------------------------------------- tensor helpers
+
+
+def _const(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or Constant-node output, else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    producer = _producer(tensor)
+    if producer is not None and producer.op == "Constant" and "value" in producer.attrs:
+        return producer.attrs["value"].values
+    return None
+
+
+def _const_tensor(tensor: gs.Tensor) -> gs.Tensor | None:
+    return tensor if _const(tensor) is not None else None
+
+
+def _scalar(tensor: gs.Tensor) -> float | None:
+    value = _const(tensor)
+    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def _among(node: gs.Node | None, nodes: list[gs.Node]) -> bool:
+    """Identity membership: gs.Node equality compares whole subgraphs and is not meant for this."""
+    return any(node is n for n in nodes)
+
+
+def _default_domain(node: gs.Node) -> bool:
+    return node.domain in (None, "", "ai.onnx")
+
+
+def _is(node: gs.Node | None, *ops: str) -> bool:
+    return node is not None and node.op in ops
+
+
+def _close(value: float | None, expected: float) -> bool:
+    return value is not None and math.isclose(value, expected, rel_tol=1e-4)
+
+
+def _with_scalar(node: gs.Node | None, op: str) -> tuple[gs.Tensor, float] | None:
+    """(variable operand, scalar) of a binary `op` node with one scalar-constant operand."""
+    if not _is(node, op) or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if _scalar(b) is not None and _const(a) is None:
+        return a, _scalar(b)
+    if op in ("Add", "Mul") and _scalar(a) is not None and _const(b) is None:
+        return b, _scalar(a)
+    return None
+
+
+def _other_input(node: gs.Node, tensor: gs.Tensor) -> gs.Tensor | None:
+    """The input of a binary node that is not `tensor` (None unless `tensor` is one of two)."""
+    a, b = node.inputs
+    return b if a is tensor else a if b is tensor else None
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def _negative_axis(axis: int, rank: int | None) -> int:
+    return axis - rank if axis >= 0 and rank is not None else axis
+
+
+# ----------------------------------------------------------------------------- matchers
+# Each takes a candidate main node and returns (nodes, attrs) or None.
+
+Match = tuple[list[gs.Node], dict] | None
+
+
+def _match_attention(node: gs.Node, ctx: _Context) -> Match:
+    """Opset 23 Attention, which the dynamo exporter emits for scaled_dot_product_attention."""
+    if node.op != "Attention" or not _default_domain(node):
+        return None
+    scale = node.attrs.get("scale")
+    return [node], {
+        "op": "Attention",
+        "is_causal": bool(node.attrs.get("is_causal", 0)),
+        "scale": None if scale is None else float(scale),
+    }
+
+
+def _match_layernorm_op(node: gs.Node, ctx: _Context) -> Match:
+    """LayerNormalization: opset 17+, or the com.microsoft contrib op of the same signature."""
+    if node.op != "LayerNormalization" or not (_default_domain(node) or node.domain == "com.microsoft"):
+        return None
+    scale = _const_tensor(node.inputs[1])
+    bias = _const_tensor(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if scale is None or (len(node.inputs) > 2 and node.inputs[2].name and bias is None):
+        return None
+    return [node], {
+        "epsilon": float(node.attrs.get("epsilon", 1e-5)),
+        "axis": _negative_axis(int(node.attrs.get("axis", -1)), _rank(node.inputs[0])),
+        "form": "op",
+        "scale": scale,
+        "bias": bias,
+    }
+
+
+def _match_layernorm_decomposed(mean_node: gs.Node, ctx: _Context) -> Match:
+    """The pre-opset-17 TorchScript export of nn.LayerNorm:
+
+    ReduceMean(x) -> Sub(x, mean) -> Pow(2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(sub, sqrt)
+    [-> Mul(gamma)] [-> Add(beta)]. The Div may read its own second Sub(x, mean) (a Python
+    `(x - u)` written twice), and Pow(d, 2) may be Mul(d, d).
+    """
+    axes = _reduce_axes(mean_node)
+    if axes is None:
+        return None
+    x, mean = mean_node.inputs[0], mean_node.outputs[0]
+    subs = mean.outputs
+    if not subs or len(subs) > 2 or id(mean) in ctx.graph_outputs:
+        return None
+    if any(s.op != "Sub" or s.inputs[0] is not x or s.inputs[1] is not mean for s in subs):
+        return None
+    square = next((c for s in subs for c in s.outputs[0].outputs if _is_square(c, s.outputs[0])), None)
+    var_node = ctx.sole_consumer(square.outputs[0]) if square else None
+    if _reduce_axes(var_node) != axes:
+        return None
+    eps_add = ctx.sole_consumer(var_node.outputs[0])
+    eps = _with_scalar(eps_add, "Add")
+    sqrt = ctx.sole_consumer(eps_add.outputs[0]) if eps else None
+    div = ctx.sole_consumer(sqrt.outputs[0]) if _is(sqrt, "Sqrt") else None
+    if not _is(div, "Div") or div.inputs[1] is not sqrt.outputs[0] or not _among(_producer(div.inputs[0]), subs):
+        return None
+    nodes = [mean_node, *subs, square, var_node, eps_add, sqrt, div]
+    if any(not _among(c, nodes) for s in subs for c in s.outputs[0].outputs):
+        return None
+    rank = _rank(x)
+    axis = -len(axes)
+    if rank is not None and sorted(a % rank for a in axes) != list(range(rank - len(axes), rank)):
+        return None
+    normalized = x.shape[axis:] if x.shape is not None else None
+    scale = _affine_param(div, "Mul", normalized, ctx)
+    if scale is not None:
+        nodes.append(scale[0])
+    bias = _affine_param(nodes[-1], "Add", normalized, ctx)
+    if bias is not None:
+        nodes.append(bias[0])
+    return nodes, {
+        "epsilon": eps[1],
+        "axis": axis,
+        "form": "decomposed",
+        "scale": scale[1] if scale else None,
+        "bias": bias[1] if bias else None,
+    }
+
+
+def _reduce_axes(node: gs.Node | None) -> list[int] | None:
+    """Axes of a keepdims ReduceMean (attribute before opset 18, input from 18 on)."""
+    if not _is(node, "ReduceMean") or not node.attrs.get("keepdims", 1):
+        return None
+    if len(node.inputs) > 1:
+        axes = _const(node.inputs[1])
+        return None if axes is None else [int(a) for a in axes.reshape(-1)]
+    return list(node.attrs["axes"]) if "axes" in node.attrs else None
+
+
+def _is_square(node: gs.Node, tensor: gs.Tensor) -> bool:
+    if _is(node, "Pow"):
+        return node.inputs[0] is tensor and _scalar(node.inputs[1]) == 2.0
+    return _is(node, "Mul") and node.inputs[0] is tensor and node.inputs[1] is tensor
+
+
+def _affine_param(prev: gs.Node, op: str, normalized: list | None, ctx: _Context) -> tuple[gs.Node, gs.Tensor] | None:
+    """(node, constant) when the sole consumer of `prev` is `op` with a constant of the normalized shape."""
+    node = ctx.sole_consumer(prev.outputs[0])
+    if not _is(node, op) or normalized is None:
+        return None
+    param = _other_input(node, prev.outputs[0])
+    value = _const(param) if param is not None else None
+    if value is None or list(value.shape) != list(normalized):
+        return None
+    return node, param
+
+
+def _match_gelu_op(node: gs.Node, ctx: _Context) -> Match:
+    """Gelu (opset 20+), or com.microsoft Gelu / FastGelu without bias (form "ms")."""
+    if node.op == "Gelu" and _default_domain(node):
+        return [node], {"form": "op", "approximate": node.attrs.get("approximate", "none")}
+    if node.domain == "com.microsoft" and node.op in ("Gelu", "FastGelu") and len(node.inputs) == 1:
+        return [node], {"form": "ms", "approximate": "none" if node.op == "Gelu" else "tanh"}
+    return None
+
+
+def _match_gelu_erf(erf: gs.Node, ctx: _Context) -> Match:
+    """0.5 * x * (1 + erf(x / sqrt(2))): Div(x, sqrt2) or Mul(x, 1/sqrt2) -> Erf -> Add(1) -> x * 0.5 products."""
+    if erf.op != "Erf":
+        return None
+    scaling = _producer(erf.inputs[0])
+    div = _with_scalar(scaling, "Div")
+    mul = _with_scalar(scaling, "Mul")
+    if div and _close(div[1], math.sqrt(2.0)):
+        x = div[0]
+    elif mul and _close(mul[1], 1.0 / math.sqrt(2.0)):
+        x = mul[0]
+    else:
+        return None
+    if ctx.sole_consumer(scaling.outputs[0]) is not erf:
+        return None
+    tail = _gelu_tail(erf, x, ctx)
+    return ([scaling, erf, *tail], {"form": "erf", "approximate": "none"}) if tail else None
+
+
+def _match_gelu_tanh(tanh: gs.Node, ctx: _Context) -> Match:
+    """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))).
+
+    x^3 is Pow(x, 3) (dynamo, GPT-2 NewGELU) or Mul(x, Mul(x, x)) (TorchScript nn.GELU('tanh')).
+    """
+    if tanh.op != "Tanh":
+        return None
+    outer = _producer(tanh.inputs[0])
+    scaled = _with_scalar(outer, "Mul")
+    if not scaled or not _close(scaled[1], math.sqrt(2.0 / math.pi)) or ctx.sole_consumer(outer.outputs[0]) is not tanh:
+        return None
+    inner = _producer(scaled[0])
+    if not _is(inner, "Add") or ctx.sole_consumer(inner.outputs[0]) is not outer:
+        return None
+    for x, cubic_term in (inner.inputs, inner.inputs[::-1]):
+        coeff_mul = _producer(cubic_term)
+        coeff = _with_scalar(coeff_mul, "Mul")
+        if not coeff or not _close(coeff[1], 0.044715) or ctx.sole_consumer(cubic_term) is not inner:
+            continue
+        cube = _cube_nodes(coeff[0], x, ctx)
+        tail = _gelu_tail(tanh, x, ctx) if cube else None
+        if tail:
+            return [*cube, coeff_mul, inner, outer, tanh, *tail], {"form": "tanh", "approximate": "tanh"}
+    return None
+
+
+def _cube_nodes(tensor: gs.Tensor, x: gs.Tensor, ctx: _Context) -> list[gs.Node] | None:
+    """The nodes computing `tensor` = x^3, as Pow(x, 3) or x * (x * x) in either order."""
+    node = _producer(tensor)
+    if ctx.sole_consumer(tensor) is None:
+        return None
+    if _is(node, "Pow") and node.inputs[0] is x and _scalar(node.inputs[1]) == 3.0:
+        return [node]
+    if not _is(node, "Mul") or x not in node.inputs:
+        return None
+    square = _producer(_other_input(node, x) or x)
+    if _is(square, "Mul") and square.inputs[0] is x and square.inputs[1] is x and ctx.sole_consumer(square.outputs[0]) is node:
+        return [square, node]
+    return None
+
+
+def _gelu_tail(anchor: gs.Node, x: gs.Tensor, ctx: _Context) -> list[gs.Node] | None:
+    """Add(anchor, 1) times x times 0.5, in each association torch emits:
+
+    (x * (1 + f)) * 0.5 (TorchScript), x * (0.5 * (1 + f)) (dynamo), (0.5 * x) * (1 + f) (NewGELU).
+    """
+    one_plus = ctx.sole_consumer(anchor.outputs[0])
+    plus = _with_scalar(one_plus, "Add")
+    if not plus or not _close(plus[1], 1.0):
+        return None
+    first = ctx.sole_consumer(one_plus.outputs[0])
+    if not _is(first, "Mul"):
+        return None
+    factor = _other_input(first, one_plus.outputs[0])
+    if factor is x or _close(_scalar(factor), 0.5):
+        second = ctx.sole_consumer(first.outputs[0])
+        if not _is(second, "Mul"):
+            return None
+        rest = _other_input(second, first.outputs[0])
+        ok = _close(_scalar(rest), 0.5) if factor is x else rest is x
+        return [one_plus, first, second] if ok else None
+    half_x = _producer(factor)
+    half = _with_scalar(half_x, "Mul")
+    if half and half[0] is x and _close(half[1], 0.5) and ctx.sole_consumer(factor) is first:
+        return [half_x, one_plus, first]
+    return None
+
+
+def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
+    """Softmax over the last axis, with its optional mask Add before and sdpa's NaN guard after.
+
+    Mask: Add(scores, mask) where the mask is not computed from a matmul (built from an
+    attention_mask input) or is a constant of 0 and large negative values (a folded causal
+    mask). NaN guard: Where(IsNaN(p), 0, p), which sdpa exports emit for fully masked rows.
+    """
+    if softmax.op != "Softmax":
+        return None
+    rank = _rank(softmax.outputs[0])
+    axis = softmax.attrs.get("axis", -1)
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return None
+    nodes, mask = [softmax], None
+    add = _producer(softmax.inputs[0])
+    if _is(add, "Add") and ctx.sole_consumer(softmax.inputs[0]) is softmax:
+        for scores, candidate in (add.inputs, add.inputs[::-1]):
+            if id(scores) in ctx.from_matmul and _is_mask(candidate, ctx):
+                nodes.insert(0, add)
+                mask = candidate
+                break
+    guard = _nan_guard(softmax, ctx)
+    return [*nodes, *guard], {"axis": -1, "mask": mask, "nan_guard": bool(guard)}
+
+
+def _is_mask(tensor: gs.Tensor, ctx: _Context) -> bool:
+    value = _const(tensor)
+    if value is None:
+        return id(tensor) not in ctx.from_matmul
+    return bool(np.all((value == 0) | (value <= _MASK_MAX_NEGATIVE)))
+
+
+def _nan_guard(softmax: gs.Node, ctx: _Context) -> list[gs.Node]:
+    probs = softmax.outputs[0]
+    if id(probs) in ctx.graph_outputs or len(probs.outputs) != 2:
+        return []
+    isnan = next((c for c in probs.outputs if c.op == "IsNaN"), None)
+    where = ctx.sole_consumer(isnan.outputs[0]) if isnan else None
+    if (
+        not _is(where, "Where")
+        or not _among(where, probs.outputs)
+        or where.inputs[0] is not isnan.outputs[0]
+        or _scalar(where.inputs[1]) != 0.0
+        or where.inputs[2] is not probs
+    ):
+        return []
+    return [isnan, where]
+
+
+def _match_weight_matmul(node: gs.Node, ctx: _Context) -> Match:
+    """MatMul or Gemm with one constant operand, with the bias: Gemm's C, or MatMul's Add(bias)."""
+    if node.op not in ("MatMul", "Gemm"):
+        return None
+    a, b = node.inputs[0], node.inputs[1]
+    consts = [_const(a) is not None, _const(b) is not None]
+    if consts.count(True) != 1:
+        return None
+    index = consts.index(True)
+    nodes, bias = [node], None
+    if node.op == "Gemm":
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            bias = _const_tensor(node.inputs[2])
+    else:
+        add = ctx.sole_consumer(node.outputs[0])
+        param = _other_input(add, node.outputs[0]) if _is(add, "Add") else None
+        value = _const(param) if param is not None else None
+        out_shape = node.outputs[0].shape
+        if value is not None and value.ndim == 1 and out_shape is not None and list(value.shape) == out_shape[-1:]:
+            nodes.append(add)
+            bias = param
+    return nodes, {"weight": node.inputs[index], "op": node.op, "weight_input_index": index, "bias": bias}
+
+
+def _match_act_matmul(node: gs.Node, ctx: _Context) -> Match:
+    """MatMul of two activations (Q @ K^T, P @ V); the K transpose stays outside the region."""
+    if node.op != "MatMul" or any(_const(t) is not None for t in node.inputs):
+        return None
+    return [node], {"transposed_b": _is_transposed(node.inputs[1])}
+
+
+def _is_transposed(tensor: gs.Tensor) -> bool:
+    """Whether `tensor` comes from a Transpose that swaps the order of the last two axes.
+
+    Looks through scalar scaling (sdpa scales K^T by d^-1/4) and Reshapes that keep the last two
+    dims (the dynamo exporter transposes K as Reshape -> Transpose(0,2,1) -> Reshape).
+    """
+    node = _producer(tensor)
+    while node is not None:
+        if node.op == "Transpose":
+            perm = node.attrs.get("perm")
+            return perm is not None and len(perm) >= 2 and perm[-2] > perm[-1]
+        last_two = _last_two(node.outputs[0])
+        if node.op == "Reshape" and last_two is not None and _last_two(node.inputs[0]) == last_two:
+            source = node.inputs[0]
+        else:
+            scaled = _with_scalar(node, "Mul") or _with_scalar(node, "Div")
+            if not scaled:
+                return False
+            source = scaled[0]
+        node = _producer(source)
+    return False
+
+
+def _last_two(tensor: gs.Tensor) -> list | None:
+    return list(tensor.shape[-2:]) if tensor.shape is not None and len(tensor.shape) >= 2 else None
+
+
+def _match_residual_add(node: gs.Node, ctx: _Context) -> Match:
+    """Add of two activations of equal shape (residual streams, embedding sums)."""
+    if node.op != "Add" or any(_const(t) is not None for t in node.inputs):
+        return None
+    a, b = node.inputs
+    if a.shape is not None and b.shape is not None and not _same_shape(a.shape, b.shape):
+        return None
+    return [node], {}
+
+
+def _same_shape(a: list, b: list) -> bool:
+    """Equal shapes, where two symbolic dims count as equal: shape inference names dims it cannot
+    relate (unk__N) on every Reshape of a dynamic-shape graph. A static dim never equals a
+    symbolic one, which keeps broadcasts such as [1, seq, H] + [batch, seq, H] out."""
+    return len(a) == len(b) and all(x == y or (isinstance(x, str) and isinstance(y, str)) for x, y in zip(a, b))
+
+
+_MATCHERS: list[tuple[str, Callable[[gs.Node, _Context], Match]]] = [
+    ("attention", _match_attention),
+    ("layernorm", _match_layernorm_op),
+    ("layernorm", _match_layernorm_decomposed),
+    ("gelu", _match_gelu_op),
+    ("gelu", _match_gelu_erf),
+    ("gelu", _match_gelu_tanh),
+    ("softmax", _match_softmax),
+    ("weight_matmul", _match_weight_matmul),
+    ("act_matmul", _match_act_matmul),
+    ("residual_add", _match_residual_add),
+]

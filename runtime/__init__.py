@@ -1,0 +1,4 @@
+"""The spikec op library: op definitions (ops), and sessions that run spikec models (session)."""
+from spikec.runtime.session import InferenceSession, run, run_stateful
+
+__all__ = ["InferenceSession", "run", "run_stateful"]

@@ -1,0 +1,5 @@
+"""Names that tie emitted models to the drivers that run them (documented in passes/emit.py)."""
+TIME_INPUT = "spikec.t"
+STATE_PREFIX = "spikec.state."
+NEXT_STATE_PREFIX = "spikec.next_state."
+STEPS_SUFFIX = ".steps"

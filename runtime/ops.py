@@ -1,0 +1,270 @@
+"""The spikec op set: the one place that defines what every spiking op computes.
+
+Each op is written once, as its *step*: the ONNX nodes that advance it by one time step
+(inputs at step t, the state after step t-1, the 1-based step index t) -> (outputs at step t,
+state after step t). Everything else is derived from that definition:
+
+* ``<Op>Step`` functions (stateful models): the step itself; state is an explicit input/output.
+* ``<Op>`` functions (time-unrolled models): a Scan of the same step over the time axis of a
+  time-major batch. Unrolled tensors hold all steps folded into the batch axis:
+  ``[T*B, ..., C]`` where rows ``t*B .. (t+1)*B-1`` belong to step ``t+1``.
+* native kernels (a later concern) must reproduce these functions; onnxruntime's own
+  function inlining is the portable reference implementation.
+
+States start at zero. A stateful model accepts a scalar zero for every state at t=1: the step
+bodies only combine states with inputs through broadcasting arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "spikec"
+DOMAIN_VERSION = 1
+# Function bodies use only ops whose signatures are stable since opset 13, and declare the opset of
+# the model they are attached to (onnxruntime requires them to agree).
+MIN_ONNX_OPSET = 13
+
+
+class NodeBuilder:
+    """Collects ONNX nodes with unique tensor names inside one function or graph body."""
+
+    def __init__(self, scope: str = "") -> None:
+        # Nested graphs (Scan bodies) share SSA naming with their parent: each needs its own scope.
+        self.nodes: list[onnx.NodeProto] = []
+        self._scope = scope
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self._scope}{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
+        names = [self.fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, value, dtype=np.float32) -> str:
+        name = self.fresh("const")
+        tensor = onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+        self.nodes.append(helper.make_node("Constant", [], [name], value=tensor))
+        return name
+
+    def attr_int(self, attr: str) -> str:
+        """A scalar int64 tensor holding the function attribute ``attr``."""
+        name = self.fresh(attr)
+        node = helper.make_node("Constant", [], [name])
+        ref = onnx.AttributeProto()
+        ref.name = "value_int"
+        ref.ref_attr_name = attr
+        ref.type = onnx.AttributeProto.INT
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return name
+
+
+# A step gets tensor names: inputs and states by their spec names, params, t, and whatever the
+# prologue derived from the attributes; it returns output and next-state names.
+StepFn = Callable[[NodeBuilder, dict[str, str]], tuple[dict[str, str], dict[str, str]]]
+PrologueFn = Callable[[NodeBuilder, dict[str, str]], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class SpikingOp:
+    name: str
+    summary: str
+    inputs: tuple[str, ...]
+    params: tuple[str, ...]
+    states: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attributes: dict[str, int]
+    step: StepFn
+    prologue: PrologueFn = field(default=lambda b, env: {})
+
+    @property
+    def step_name(self) -> str:
+        return self.name + "Step"
+
+    def state_names(self) -> list[tuple[str, str]]:
+        """(input name, output name) of every state in the Step form."""
+        return [(s, s + "_next") for s in self.states]
+
+
+# ---------------------------------------------------------------- MT neuron (ECMT, Eq. 19-25)
+
+def _mt_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
+    levels = b.op("Cast", b.attr_int("levels"), to=TensorProto.FLOAT)
+    powers = b.op("Pow", b.const(2.0), b.op("Range", b.const(0.0), levels, b.const(1.0)))
+    # Eq. 25 fires level k when m >= lambda_k - lambda_1/2: a level's firing bound is 2^k - 1/2 in
+    # units of the base threshold. Unsqueezing theta lets per-channel thresholds [C] broadcast
+    # against the level axis appended to the membrane.
+    bounds = b.op("Sub", powers, b.const(0.5))
+    last = b.const([-1], np.int64)
+    up = b.op("Mul", b.op("Unsqueeze", env["theta_pos"], last), bounds)
+    down = b.op("Mul", b.op("Unsqueeze", env["theta_neg"], last), b.op("Neg", bounds))
+    return {"fire_up": up, "fire_down": down}
+
+
+def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    membrane = b.op("Add", env["v"], env["x"])
+    m = b.op("Unsqueeze", membrane, b.const([-1], np.int64))
+    last = b.const([-1], np.int64)
+
+    def level_count(compare: str, bounds: str) -> str:
+        hits = b.op("Cast", b.op(compare, m, bounds), to=TensorProto.FLOAT)
+        return b.op("ReduceSum", hits, last, keepdims=0)
+
+    def level_value(count: str) -> str:
+        # floor(2^(c-1)) is 0 for c = 0 and the fired level 2^(c-1) otherwise.
+        return b.op("Floor", b.op("Pow", b.const(2.0), b.op("Sub", count, b.const(1.0))))
+
+    up = level_value(level_count("GreaterOrEqual", env["fire_up"]))
+    down = level_value(level_count("Less", env["fire_down"]))
+    emitted = b.op("Sub", b.op("Mul", up, env["theta_pos"]), b.op("Mul", down, env["theta_neg"]))
+    # The emitted spike code is in units of theta_pos (parallel parameter normalization, Eq. 27-29):
+    # positive levels are 2^k, negative levels -eta*2^k with eta = theta_neg/theta_pos.
+    code = b.op("Div", emitted, env["theta_pos"])
+    return {"spikes": code}, {"v": b.op("Sub", membrane, emitted)}
+
+
+MT_NEURON = SpikingOp(
+    name="MTNeuron",
+    summary=(
+        "Multi-threshold neuron (ECMT Eq. 19-25): soft reset, v0=0, at most one spike per step at one "
+        "of 2n levels +theta_pos*2^k / -theta_neg*2^k (k<n) chosen by round-to-nearest. Emits the spike "
+        "code in units of theta_pos."
+    ),
+    inputs=("x",),
+    params=("theta_pos", "theta_neg"),
+    states=("v",),
+    outputs=("spikes",),
+    attributes={"levels": 8},
+    step=_mt_step,
+    prologue=_mt_prologue,
+)
+
+
+# ------------------------------------------------------- expectation compensation (ECMT, Eq. 15)
+
+def _accumulate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    total = b.op("Add", env["sum"], env["x"])
+    return {"mean": b.op("Div", total, env["t"])}, {"sum": total}
+
+
+def _compensate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    weighted = b.op("Mul", env["t"], env["y"])
+    return {"out": b.op("Sub", weighted, env["previous"])}, {"previous": weighted}
+
+
+EC_ACCUMULATE = SpikingOp(
+    name="ECAccumulate",
+    summary="Running mean S(t)/t of its input: the expectation F is evaluated on (EC, Eq. 15).",
+    inputs=("x",),
+    params=(),
+    states=("sum",),
+    outputs=("mean",),
+    attributes={},
+    step=_accumulate_step,
+)
+
+EC_COMPENSATE = SpikingOp(
+    name="ECCompensate",
+    summary=(
+        "Expectation compensation t*Y(t) - (t-1)*Y(t-1) of F's output Y(t) = F(S(t)/t) (EC, Eq. 15): "
+        "the step outputs sum to t*F(mean input), so their running mean equals F of the running mean."
+    ),
+    inputs=("y",),
+    params=(),
+    states=("previous",),
+    outputs=("out",),
+    attributes={},
+    step=_compensate_step,
+)
+
+OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, EC_ACCUMULATE, EC_COMPENSATE)}
+
+
+# ------------------------------------------------------------------------ function derivation
+
+def _value_info(name: str, rank: int | None = None) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if rank is None else [None] * rank)
+
+
+def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
+    b = NodeBuilder()
+    env = {name: name for name in (*op.inputs, *op.states, *op.params, "t")}
+    env.update(op.prologue(b, env))
+    outputs, next_states = op.step(b, env)
+    result_names = [*op.outputs, *(out for _, out in op.state_names())]
+    produced = [outputs[o] for o in op.outputs] + [next_states[s] for s in op.states]
+    for src, dst in zip(produced, result_names):
+        b.nodes.append(helper.make_node("Identity", [src], [dst]))
+    return helper.make_function(
+        DOMAIN, op.step_name, [*op.inputs, *op.states, *op.params, "t"], result_names, b.nodes,
+        [helper.make_opsetid("", opset)], attributes=list(op.attributes),
+    )
+
+
+def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
+    """Scan the step over time. Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
+    per-channel parameters broadcast); states are [M, C]."""
+    b = NodeBuilder()
+    env = {name: name for name in op.params}
+    env.update(op.prologue(b, env))
+    timesteps = b.attr_int("timesteps")
+    steps = b.op("Unsqueeze", timesteps, b.const([0], np.int64))
+    channels = b.op("Slice", b.op("Shape", op.inputs[0]), b.const([-1], np.int64), b.const([2**62], np.int64))
+    time_major = b.op("Concat", steps, b.const([-1], np.int64), channels, axis=0)
+    sequences = [b.op("Reshape", x, time_major) for x in op.inputs]
+    row_shape = b.op("Slice", b.op("Shape", sequences[0]), b.const([1], np.int64), b.const([2**62], np.int64))
+    zeros = b.op("ConstantOfShape", row_shape,
+                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    one = b.const(1.0)
+    times = b.op("Range", one, b.op("Add", b.op("Cast", timesteps, to=TensorProto.FLOAT), one), one)
+
+    body = NodeBuilder("step_")
+    body_env = dict(env)
+    body_env.update({name: f"{name}_in" for name in (*op.states, *op.inputs)})
+    body_env["t"] = "t_in"
+    outputs, next_states = op.step(body, body_env)
+    body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in op.outputs]
+    for src, dst in zip([next_states[s] for s in op.states] + [outputs[o] for o in op.outputs], body_outputs):
+        body.nodes.append(helper.make_node("Identity", [src], [dst]))
+    graph = helper.make_graph(
+        body.nodes, f"{op.name}_step",
+        [_value_info(f"{s}_in", 2) for s in op.states] + [_value_info(f"{x}_in", 2) for x in op.inputs]
+        + [_value_info("t_in", 0)],
+        [_value_info(name, 2) for name in body_outputs],
+    )
+    scanned = b.op("Scan", *([zeros] * len(op.states)), *sequences, times,
+                   outputs=len(op.states) + len(op.outputs), body=graph,
+                   num_scan_inputs=len(op.inputs) + 1)
+    scanned = scanned if isinstance(scanned, list) else [scanned]
+    original_shape = b.op("Shape", op.inputs[0])
+    for name, seq in zip(op.outputs, scanned[len(op.states):]):
+        b.nodes.append(helper.make_node("Reshape", [seq, original_shape], [name]))
+    return helper.make_function(
+        DOMAIN, op.name, [*op.inputs, *op.params], list(op.outputs), b.nodes,
+        [helper.make_opsetid("", opset)], attributes=[*op.attributes, "timesteps"],
+    )
+
+
+def functions_for(op_types: set[str], opset: int) -> list[onnx.FunctionProto]:
+    """The function bodies a model of this default-domain opset using these spikec op types must
+    carry, in a stable order."""
+    result = []
+    for op in OPS.values():
+        if op.name in op_types:
+            result.append(unrolled_function(op, opset))
+        if op.step_name in op_types:
+            result.append(step_function(op, opset))
+    return result
+
+
+def op_for(op_type: str) -> SpikingOp:
+    """The spec behind a spikec op type, unrolled or step form."""
+    return OPS[op_type[: -len("Step")] if op_type.endswith("Step") else op_type]

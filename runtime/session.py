@@ -1,0 +1,75 @@
+"""Running spikec models: one call for users, and the driver for stateful (one step per run) models."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from spikec.runtime.layout import NEXT_STATE_PREFIX, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+
+
+class InferenceSession(ort.InferenceSession):
+    """An onnxruntime session for a spikec model (a path or ModelProto).
+
+    The spikec ops travel inside the model as ONNX functions, so stock onnxruntime runs them."""
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
+                 providers=None, **kwargs):
+        options = sess_options or ort.SessionOptions()
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        super().__init__(source, options, providers=providers or ["CPUExecutionProvider"], **kwargs)
+        props = self.get_modelmeta().custom_metadata_map
+        self.spikec_metadata = {k: v for k, v in props.items() if k.startswith("spikec.")}
+
+    @property
+    def mode(self) -> str:
+        return self.spikec_metadata.get("spikec.mode", "ann")
+
+    @property
+    def timesteps(self) -> int:
+        return int(self.spikec_metadata.get("spikec.timesteps", "1"))
+
+    @property
+    def report(self) -> dict:
+        return json.loads(self.spikec_metadata.get("spikec.report", "{}"))
+
+    def model_outputs(self) -> list[str]:
+        """The user-facing outputs: no per-step copies, no neuron state."""
+        return [o.name for o in self.get_outputs()
+                if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)]
+
+
+def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int) -> dict[str, np.ndarray]:
+    """Drive a stateful model for ``timesteps`` steps, presenting ``feeds`` at every step.
+
+    Returns, per model output ``y``, ``y`` (after the last step) and ``y.steps`` ([T, B, ...], the output
+    after every step): the same layout a time-unrolled model returns."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    states = {name: np.zeros([1] * len(info.shape), np.float32)
+              for name, info in inputs.items() if name.startswith(STATE_PREFIX)}
+    outputs = session.model_outputs()
+    state_outputs = [NEXT_STATE_PREFIX + name[len(STATE_PREFIX):] for name in states]
+    history: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    for t in range(1, timesteps + 1):
+        values = session.run(outputs + state_outputs, {**feeds, TIME_INPUT: np.array(t, np.float32), **states})
+        for name, value in zip(outputs, values):
+            history[name].append(value)
+        states = dict(zip(states, values[len(outputs):]))
+    result = {}
+    for name, steps in history.items():
+        result[name] = steps[-1]
+        result[name + STEPS_SUFFIX] = np.stack(steps)
+    return result
+
+
+def run(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int | None = None) -> dict[str, np.ndarray]:
+    """Run a spikec model of either mode (or a plain ANN) and return every user-facing output by name,
+    with ``y.steps`` for spiking models."""
+    if session.mode == "stateful":
+        return run_stateful(session, feeds, timesteps or session.timesteps)
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds))))

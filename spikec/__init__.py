@@ -1,0 +1,13 @@
+"""spikec: compile Transformer ANNs (ONNX) into spiking neural networks that run in onnxruntime."""
+from spikec.errors import SpikecError
+
+__all__ = ["SpikecError", "compile"]
+
+
+def __getattr__(name: str):
+    # Running a compiled model (spikec.runtime) must not pay for importing the compiler.
+    if name == "compile":
+        from spikec.compiler import compile
+
+        return compile
+    raise AttributeError(f"module 'spikec' has no attribute {name!r}")

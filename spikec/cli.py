@@ -1,0 +1,229 @@
+"""spikec command line: compile, run, inspect, eval."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from spikec.errors import SpikecError
+
+
+def _read_npz(path: str, what: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise SpikecError(f"{what} {path}: no such file") from None
+    except Exception as exc:  # numpy raises several types for a corrupt archive
+        raise SpikecError(f"{what} {path}: not a readable .npz ({type(exc).__name__})") from None
+
+
+def _input_shapes(specs: list[str] | None) -> dict[str, list[int | str]] | None:
+    if not specs:
+        return None
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        if not sep or not name or not dims:
+            raise SpikecError(f"argument --input-shape {spec!r}: expected name=d0,d1,... (e.g. input_ids=batch,32)")
+        shapes[name] = [int(d) if d.strip().lstrip("-").isdigit() else d.strip() for d in dims.split(",")]
+    return shapes
+
+
+def cmd_compile(args) -> int:
+    from spikec.compiler import compile as compile_model
+
+    compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape),
+                  method=args.method, timesteps=args.timesteps, mode=args.mode, levels=args.levels,
+                  percentile=args.percentile, per_channel=args.per_channel,
+                  allow_float=tuple(o for spec in args.allow_float for o in spec.split(",") if o),
+                  batch_size=args.batch_size, progress=not args.quiet)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from spikec.calibrate import load_inputs
+    from spikec.evaluate import run_dataset
+    from spikec.modelio import check_output_path, save_arrays_atomic
+
+    check_output_path(args.output, args.model)
+    session = _session(args.model)
+    feeds = load_inputs(args.inputs, args.model, what="inputs")
+    outputs = run_dataset(session, feeds, batch_size=args.batch_size, timesteps=args.timesteps,
+                          progress=not args.quiet)
+    save_arrays_atomic(outputs, args.output)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
+    return 0
+
+
+def _session(path: str):
+    from spikec.runtime import InferenceSession
+
+    if not Path(path).is_file():
+        raise SpikecError(f"model {path}: no such file")
+    try:
+        return InferenceSession(path)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpikecError(f"model {path}: onnxruntime cannot load it ({first})") from None
+
+
+def inspect_model(path: str) -> dict:
+    from spikec.passes.loader import load_model
+
+    model = load_model(path)
+    histogram = Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph.node)
+    meta = {p.key: p.value for p in model.metadata_props}
+    report = json.loads(meta.get("spikec.report", "{}"))
+    return {
+        "model": path,
+        "method": meta.get("spikec.method"),
+        "mode": meta.get("spikec.mode"),
+        "timesteps": int(meta["spikec.timesteps"]) if "spikec.timesteps" in meta else None,
+        "options": json.loads(meta.get("spikec.options", "{}")),
+        "ops": [{"domain": d, "op": o, "count": c} for (d, o), c in sorted(histogram.items())],
+        "inputs": [i.name for i in model.graph.input],
+        "outputs": [o.name for o in model.graph.output],
+        "neurons": report.get("neurons", []),
+        "compensated": report.get("compensated", []),
+        "regions": report.get("regions", []),
+    }
+
+
+def _summary(values) -> str:
+    array = np.asarray(values, dtype=np.float64).ravel()
+    if array.size == 1:
+        return f"{array[0]:.4g}"
+    return f"[{array.min():.3g} .. {array.max():.3g}] x{array.size}"
+
+
+def cmd_inspect(args) -> int:
+    info = inspect_model(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{info['model']}[/bold]  method={info['method'] or 'none (ANN)'}  mode={info['mode']}  "
+                  f"T={info['timesteps']}")
+    ops = Table(title="ops by domain")
+    for column in ("domain", "op", "count"):
+        ops.add_column(column)
+    for row in info["ops"]:
+        ops.add_row(row["domain"], row["op"], str(row["count"]))
+    console.print(ops)
+    if info["compensated"]:
+        ec = Table(title="rewritten regions (expectation compensation)")
+        for column in ("region", "kind", "original ops", "spikec ops"):
+            ec.add_column(column)
+        for row in info["compensated"]:
+            ec.add_row(row["region"], row["kind"], " ".join(row["ops"]),
+                       f"ECAccumulate x{len(row['inputs'])}, ECCompensate x{len(row['outputs'])}")
+        console.print(ec)
+    if info["neurons"]:
+        neurons = Table(title="MT neurons")
+        for column in ("input tensor", "levels", "theta_pos", "theta_neg", "feeds"):
+            neurons.add_column(column)
+        for row in info["neurons"]:
+            neurons.add_row(row["tensor"], str(row["levels"]), _summary(row["theta_pos"]),
+                            _summary(row["theta_neg"]), ", ".join(row["consumers"]))
+        console.print(neurons)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from spikec.calibrate import load_inputs
+    from spikec.evaluate import compare
+
+    feeds = load_inputs(args.inputs, args.ann, what="inputs")
+    labels = None
+    if args.labels:
+        arrays = _read_npz(args.labels, "labels")
+        labels = arrays.get("labels", next(iter(arrays.values())))
+    result = compare(args.ann, args.snn, feeds, labels=labels, batch_size=args.batch_size, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    for name, data in result.items():
+        table = Table(title=f"{name}: SNN vs ANN" + (f" (ANN accuracy {data['ann_accuracy']:.4f})"
+                                                       if "ann_accuracy" in data else ""))
+        columns = list(data["per_t"][0])
+        for column in columns:
+            table.add_column(column)
+        for row in data["per_t"]:
+            table.add_row(*[str(row[c]) if c == "t" else f"{row[c]:.5g}" for c in columns])
+        Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spikec", description="Convert Transformer ANNs (ONNX) into spiking neural networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="convert an ANN ONNX model into an SNN")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--method", default="ecmt", choices=["ecmt"])
+    p.add_argument("--timesteps", "-T", type=int, default=8)
+    p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
+    p.add_argument("--mode", default="unrolled", choices=["unrolled", "stateful"])
+    p.add_argument("--levels", type=int, default=8, help="n: MT neurons get 2n thresholds")
+    p.add_argument("--percentile", type=float, default=99.0, help="p: theta_1/theta_2 from the p-th/(100-p)-th percentile")
+    p.add_argument("--per-channel", action="store_true", help="thresholds per channel (last axis)")
+    p.add_argument("--allow-float", action="append", default=[], metavar="OPS",
+                   help="comma-separated op types or node names to keep in floating point")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a model (ANN or SNN) on inputs and save its outputs")
+    p.add_argument("model")
+    p.add_argument("--inputs", required=True)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--timesteps", "-T", type=int, default=None, help="steps for a stateful model")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="show what a model contains and what spikec rewrote")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="fidelity of an SNN against its ANN for every T")
+    p.add_argument("ann")
+    p.add_argument("snn")
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--labels", help=".npz with a 'labels' array for accuracy")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpikecError as exc:
+        print(f"spikec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spikec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

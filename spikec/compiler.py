@@ -1,0 +1,113 @@
+"""The compile pipeline: import -> canonicalize -> calibrate -> rewrite -> emit -> save."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spikec.calibrate import collect_statistics, load_inputs
+from spikec.errors import SpikecError
+from spikec.modelio import check_output_path, save_model_atomic
+from spikec.passes import ecmt, emit
+from spikec.passes.canonicalize import canonicalize
+from spikec.passes.loader import load_model
+from spikec.passes.patterns import describe, find_regions
+
+METHODS = ("ecmt",)
+MODES = ("unrolled", "stateful")
+MAX_TIMESTEPS = 4096
+
+
+@dataclass
+class CompileOptions:
+    method: str = "ecmt"
+    timesteps: int = 8
+    mode: str = "unrolled"
+    levels: int = 8          # n: MT neurons have 2n thresholds (ECMT's default n=8)
+    percentile: float = 99.0  # p: theta_1 = p-th, theta_2 = -(100-p)-th percentile
+    per_channel: bool = False
+    allow_float: Sequence[str] = field(default_factory=tuple)
+    batch_size: int = 32
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise SpikecError(f"argument method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.mode not in MODES:
+            raise SpikecError(f"argument mode={self.mode!r}: choose one of {', '.join(MODES)}")
+        if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, (int, np.integer)) \
+                or not 1 <= self.timesteps <= MAX_TIMESTEPS:
+            raise SpikecError(f"argument timesteps={self.timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
+        if not isinstance(self.levels, (int, np.integer)) or not 1 <= self.levels <= 24:
+            raise SpikecError(f"argument levels={self.levels!r}: expected an integer in 1..24")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise SpikecError(f"argument percentile={self.percentile!r}: expected a value in (50, 100]")
+
+
+def _thresholds(stats, percentile: float, per_channel: bool) -> dict[str, ecmt.Thresholds]:
+    return {name: ecmt.Thresholds.from_percentiles(s.percentile(percentile, per_channel),
+                                                   s.percentile(100.0 - percentile, per_channel))
+            for name, s in stats.items()}
+
+
+def compile(model: str | os.PathLike | onnx.ModelProto,
+            calibration: str | os.PathLike | Mapping[str, np.ndarray],
+            output: str | os.PathLike | None = None,
+            *, input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+            **options) -> onnx.ModelProto:
+    """Convert an ANN ONNX model into a spiking model. ``options`` are the fields of CompileOptions.
+
+    ``calibration`` is an .npz (or dict) keyed by model input name, first axis = samples: held-out
+    data, never the evaluation set. If ``output`` is given the model is written there atomically."""
+    unknown = set(options) - set(CompileOptions.__dataclass_fields__)
+    if unknown:
+        raise SpikecError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
+    opts = CompileOptions(**options)
+    opts.validate()
+    if output is not None:
+        check_output_path(output, model if isinstance(model, (str, os.PathLike)) else None)
+
+    ann = canonicalize(load_model(model, input_shapes=input_shapes))
+    feeds = load_inputs(calibration, ann)
+    graph = gs.import_onnx(ann)
+    regions = find_regions(graph)
+    sites = ecmt.neuron_sites(regions)
+    if not sites:
+        raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
+    stats = collect_statistics(ann, feeds, list(sites), batch_size=opts.batch_size, progress=opts.progress)
+    thresholds = _thresholds(stats, opts.percentile, opts.per_channel)
+
+    report = ecmt.rewrite(graph, regions, thresholds, levels=opts.levels, allow_float=frozenset(opts.allow_float))
+    report["regions"] = describe(regions)
+    report["calibration"] = {name: s.to_json() for name, s in stats.items()}
+    if opts.mode == "unrolled":
+        emit.emit_unrolled(graph, opts.timesteps)
+    else:
+        emit.emit_stateful(graph)
+    metadata = {
+        "spikec.method": opts.method,
+        "spikec.mode": opts.mode,
+        "spikec.timesteps": str(opts.timesteps),
+        "spikec.options": json.dumps({"levels": opts.levels, "percentile": opts.percentile,
+                                      "per_channel": opts.per_channel,
+                                      "allow_float": sorted(opts.allow_float)}, sort_keys=True),
+        "spikec.report": json.dumps(report, sort_keys=True, default=_json_default),
+    }
+    snn = emit.to_model(graph, ann, metadata)
+    if output is not None:
+        save_model_atomic(snn, output)
+    return snn
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
