@@ -34,6 +34,7 @@ import random
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
@@ -170,7 +171,12 @@ def _export_onnx(
     input_names = list(example_inputs)
     args = tuple(example_inputs.values())
     module.eval()
-    with torch.no_grad():
+    # Tracing HF models emits dozens of TracerWarnings (python-bool shape
+    # checks) that are expected for fixed configs; exports are verified
+    # numerically by tests/test_fixtures.py instead.
+    with torch.no_grad(), warnings.catch_warnings():
+        for category in (torch.jit.TracerWarning, DeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", category)
         outputs = module(*args)
         outputs = outputs if isinstance(outputs, tuple) else (outputs,)
         if exporter == "torchscript":
@@ -196,6 +202,10 @@ def _export_onnx(
                 or None
                 for i in input_names
             )
+            # dynamic_shapes mirrors forward's signature: a `*tensors` forward
+            # (see _named_io_module) takes all its specs as one nested tuple.
+            if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+                shapes = (shapes,)
             program = torch.onnx.export(
                 module,
                 args,
@@ -204,19 +214,23 @@ def _export_onnx(
                 output_names=list(output_names),
                 dynamic_shapes=shapes,
                 opset_version=opset,
+                verbose=False,  # no progress banners on stdout
             )
             proto = program.model_proto
         else:
-            raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+            _check_exporter(exporter)
     # The dynamo exporter only emits opset >= 18 and down-converts with the
     # ONNX version converter; when that fails (LayerNormalization has no
     # adapter below 17) it *silently* keeps opset 18.  Never cache a file
     # whose opset differs from its cache key.
     got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:
-        raise RuntimeError(f"{exporter} export produced opset {got}, not the requested opset {opset}")
-    shapes = {n: t.shape for n, t in [*zip(input_names, args), *zip(output_names, outputs)]}
-    _set_io_dims(proto, shapes, dynamic_axes)
+        raise RuntimeError(
+            f"{exporter} export produced opset {got}, not the requested {opset} (the dynamo exporter "
+            "emits opset 18 and its down-conversion failed); use opset>=18 or exporter='torchscript'"
+        )
+    io_shapes = {n: t.shape for n, t in [*zip(input_names, args), *zip(output_names, outputs)]}
+    _set_io_dims(proto, io_shapes, dynamic_axes)
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(path))
 
@@ -240,11 +254,16 @@ def _set_io_dims(proto, shapes: dict[str, Sequence[int]], dynamic_axes: dict[str
                 dims[ax].dim_value = int(size)
 
 
+# Bump when _export_onnx's post-processing changes, so stale exports in
+# existing caches are not reused.
+_EXPORT_REV = 2
+
+
 def _export_key() -> str:
-    # Exported graphs depend on the torch version; include it in cache keys.
+    # Exported graphs also depend on the torch version.
     import torch
 
-    return torch.__version__.split("+")[0]
+    return f"{torch.__version__.split('+')[0]}-rev{_EXPORT_REV}"
 
 
 def _check_exporter(exporter: str) -> None:
@@ -533,9 +552,13 @@ def minilm(
     Inputs ``input_ids``, ``attention_mask`` int64 [batch, seq]; output
     ``sentence_embedding`` float32 [batch, 384] (unit L2 norm).  ``seq_len=None``
     keeps ``seq`` dynamic; an int fixes it to that length (batch stays dynamic).
-    ``attn="eager"`` exports attention as MatMul -> Div -> Add(mask) -> Softmax ->
-    MatMul; ``attn="sdpa"`` exports torch's SDPA decomposition (Q and K^T each
-    scaled by d^-1/4).
+    Attention patterns (torchscript export; d = head dim 32):
+
+    * ``attn="eager"``: MatMul(Q, K^T) -> Mul(d^-1/2) -> Add(mask) -> Softmax ->
+      MatMul(V), mask = Where(bool_mask, 0, float32.min) shared by all layers.
+    * ``attn="sdpa"``: torch's SDPA decomposition, Mul(Q, d^-1/4) and
+      Mul(K^T, d^-1/4) -> MatMul -> Add(Where(bool_mask, 0, -inf)) -> Softmax ->
+      Where(IsNaN(p), 0, p) -> MatMul(V), the mask Where repeated per layer.
     """
     import torch
 
@@ -561,7 +584,7 @@ def minilm(
 # Sentences (offline: harvested from stdlib docstrings)
 # --------------------------------------------------------------------------
 
-# Modules chosen for prose-heavy docstrings.  Order matters (determinism).
+# Modules chosen for prose-heavy docstrings.
 _SENTENCE_MODULES = (
     "argparse", "asyncio", "bisect", "calendar", "collections", "configparser", "contextlib",
     "csv", "dataclasses", "datetime", "decimal", "difflib", "email", "fractions", "functools",
@@ -663,13 +686,15 @@ _RANDOM_SPECS: dict[str, _RandomSpec] = {
     "gpt2": _RandomSpec(
         "GPT2Model", "GPT2Config",
         (("vocab_size", _VOCAB), ("n_embd", 64), ("n_layer", 2), ("n_head", 4), ("n_positions", 64),
-         ("activation_function", "gelu_new"), ("use_cache", False)),
+         ("activation_function", "gelu_new"), ("use_cache", False),
+         ("bos_token_id", 0), ("eos_token_id", 0)),  # default 50256 is outside the tiny vocab
         _TEXT_INPUTS, ("last_hidden_state",),
     ),
     "vit": _RandomSpec("ViTModel", "ViTConfig", _VIT_LIKE, _VISION_INPUTS, ("last_hidden_state", "pooler_output")),
     "deit": _RandomSpec("DeiTModel", "DeiTConfig", _VIT_LIKE, _VISION_INPUTS, ("last_hidden_state", "pooler_output")),
     # 32x32 / patch 2 -> 16x16 tokens, window 4 (stage 2: 8x8 after merging);
-    # depth 2 per stage so the shifted-window (Roll + mask) path is exported.
+    # depth 2 per stage so the shifted-window path (torch.roll, exported as
+    # Slice+Concat, plus the additive window mask) is exported too.
     "swin": _RandomSpec(
         "SwinModel", "SwinConfig",
         (("image_size", _IMAGE), ("patch_size", 2), ("num_channels", 3), ("embed_dim", 32),

@@ -25,7 +25,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold, name and batch-relax `model`; `model` itself is left untouched."""
     graph = gs.import_onnx(fold_constants(model))
     name_nodes(graph)
-    relax_batch_reshapes(graph)
+    relax_batch_shapes(graph)
     squeeze_batch_constants(graph)
     return infer_shapes(gs.export_onnx(graph))
 
@@ -117,7 +117,7 @@ def graph_batch(graph: gs.Graph) -> int | None:
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
-def relax_batch_reshapes(graph: gs.Graph) -> gs.Graph:
+def relax_batch_shapes(graph: gs.Graph) -> gs.Graph:
     """Stop Reshape and Expand target shapes from hard-coding the exported batch size at axis 0.
 
     With a static batch B, exporters write B into target shapes. Reshape: where the data keeps
@@ -139,9 +139,8 @@ def relax_batch_reshapes(graph: gs.Graph) -> gs.Graph:
             continue
         shape = target.values
         if node.op == "Reshape":
-            dim0 = _reshape_batch_dim0(data.shape[0], shape, batch)
-            if node.attrs.get("allowzero", 0) and 0 in shape:
-                continue
+            literal_zero = node.attrs.get("allowzero", 0) and 0 in shape
+            dim0 = None if literal_zero else _reshape_batch_dim0(data.shape[0], shape, batch)
         else:
             dim0 = 1 if len(shape) == len(data.shape) and shape[0] == data.shape[0] == batch else None
         if dim0 is None:
@@ -179,23 +178,24 @@ def squeeze_batch_constants(graph: gs.Graph) -> gs.Graph:
     batch = graph_batch(graph)
     if batch is None or batch == 1:
         return graph
-    squeezed: dict[str, gs.Constant] = {}
+    squeezed: dict[str, gs.Constant] = {}  # one replacement per constant, shared like the original
     for node in graph.nodes:
-        if node.op not in _BROADCASTING_OPS or not _carries_batch(node.outputs[0], batch):
+        if node.op not in _BROADCASTING_OPS or not _batched(node.outputs[0], batch, None):
             continue
         rank = len(node.outputs[0].shape)
-        if not any(not isinstance(t, gs.Constant) and _carries_batch(t, batch) and len(t.shape) == rank for t in node.inputs):
+        # Another input must still bring the batch, or the output would shrink to one row.
+        if not any(isinstance(t, gs.Variable) and _batched(t, batch, rank) for t in node.inputs):
             continue
         for i, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and _carries_batch(tensor, batch) and len(tensor.shape) == rank:
-                values = tensor.values
-                if (values == values[:1]).all():
-                    if tensor.name not in squeezed:
-                        squeezed[tensor.name] = gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(values[:1]))
-                    node.inputs[i] = squeezed[tensor.name]
+            if isinstance(tensor, gs.Constant) and _batched(tensor, batch, rank) and (tensor.values == tensor.values[:1]).all():
+                if tensor.name not in squeezed:
+                    squeezed[tensor.name] = gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(tensor.values[:1]))
+                node.inputs[i] = squeezed[tensor.name]
     graph.cleanup()
     return graph
 
 
-def _carries_batch(tensor: gs.Tensor, batch: int) -> bool:
-    return bool(tensor.shape) and tensor.shape[0] == batch
+def _batched(tensor: gs.Tensor, batch: int, rank: int | None) -> bool:
+    """Whether `tensor` has dim0 == batch (and the given rank, unless None)."""
+    shape = tensor.shape
+    return bool(shape) and shape[0] == batch and (rank is None or len(shape) == rank)

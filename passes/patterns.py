@@ -21,6 +21,7 @@ KINDS = ("attention", "layernorm", "gelu", "softmax", "weight_matmul", "act_matm
 # elsewhere: -inf or finfo.min from torch/transformers, -1e4 in older code, -100 in Swin.
 _MASK_MAX_NEGATIVE = -100.0
 _MATMUL_OPS = frozenset({"MatMul", "Gemm", "Attention"})
+_SHAPE_OPS = frozenset({"Shape", "Size"})  # outputs depend on the input's shape, not its values
 
 
 @dataclass
@@ -76,9 +77,12 @@ class _Context:
         self.order = {id(n): i for i, n in enumerate(graph.nodes)}
         self.graph_outputs = {id(t) for t in graph.outputs}
         self.claimed: set[int] = set()
-        # Tensors computed from a matmul: attention scores are, masks built from inputs are not.
+        # Tensors whose values are computed from a matmul: attention scores are; masks, built from
+        # an attention_mask input or from activation shapes (Swin's window mask), are not.
         self.from_matmul: set[int] = set()
         for node in graph.nodes:
+            if node.op in _SHAPE_OPS:
+                continue
             if node.op in _MATMUL_OPS or any(id(t) in self.from_matmul for t in node.inputs):
                 self.from_matmul.update(id(t) for t in node.outputs)
 
@@ -212,7 +216,8 @@ def _match_layernorm_decomposed(mean_node: gs.Node, ctx: _Context) -> Match:
 
     ReduceMean(x) -> Sub(x, mean) -> Pow(2) -> ReduceMean -> Add(eps) -> Sqrt -> Div(sub, sqrt)
     [-> Mul(gamma)] [-> Add(beta)]. The Div may read its own second Sub(x, mean) (a Python
-    `(x - u)` written twice), and Pow(d, 2) may be Mul(d, d).
+    `(x - u)` written twice), Pow(d, 2) may be Mul(d, d), and the Add(eps) may be missing: the
+    dynamo exporter's optimizer drops an epsilon too small to matter in float32 (seen for 1e-12).
     """
     axes = _reduce_axes(mean_node)
     if axes is None:
@@ -227,13 +232,13 @@ def _match_layernorm_decomposed(mean_node: gs.Node, ctx: _Context) -> Match:
     var_node = ctx.sole_consumer(square.outputs[0]) if square else None
     if _reduce_axes(var_node) != axes:
         return None
-    eps_add = ctx.sole_consumer(var_node.outputs[0])
-    eps = _with_scalar(eps_add, "Add")
-    sqrt = ctx.sole_consumer(eps_add.outputs[0]) if eps else None
+    after_var = ctx.sole_consumer(var_node.outputs[0])
+    eps = _with_scalar(after_var, "Add")
+    eps_nodes, sqrt = ([after_var], ctx.sole_consumer(after_var.outputs[0])) if eps else ([], after_var)
     div = ctx.sole_consumer(sqrt.outputs[0]) if _is(sqrt, "Sqrt") else None
     if not _is(div, "Div") or div.inputs[1] is not sqrt.outputs[0] or not _among(_producer(div.inputs[0]), subs):
         return None
-    nodes = [mean_node, *subs, square, var_node, eps_add, sqrt, div]
+    nodes = [mean_node, *subs, square, var_node, *eps_nodes, sqrt, div]
     if any(not _among(c, nodes) for s in subs for c in s.outputs[0].outputs):
         return None
     rank = _rank(x)
@@ -248,7 +253,7 @@ def _match_layernorm_decomposed(mean_node: gs.Node, ctx: _Context) -> Match:
     if bias is not None:
         nodes.append(bias[0])
     return nodes, {
-        "epsilon": eps[1],
+        "epsilon": eps[1] if eps else 0.0,
         "axis": axis,
         "form": "decomposed",
         "scale": scale[1] if scale else None,
@@ -347,7 +352,7 @@ def _cube_nodes(tensor: gs.Tensor, x: gs.Tensor, ctx: _Context) -> list[gs.Node]
         return [node]
     if not _is(node, "Mul") or x not in node.inputs:
         return None
-    square = _producer(_other_input(node, x) or x)
+    square = _producer(_other_input(node, x))
     if _is(square, "Mul") and square.inputs[0] is x and square.inputs[1] is x and ctx.sole_consumer(square.outputs[0]) is node:
         return [square, node]
     return None
@@ -409,7 +414,8 @@ def _is_mask(tensor: gs.Tensor, ctx: _Context) -> bool:
     value = _const(tensor)
     if value is None:
         return id(tensor) not in ctx.from_matmul
-    return bool(np.all((value == 0) | (value <= _MASK_MAX_NEGATIVE)))
+    masked = value <= _MASK_MAX_NEGATIVE
+    return bool(masked.any() and np.all((value == 0) | masked))
 
 
 def _nan_guard(softmax: gs.Node, ctx: _Context) -> list[gs.Node]:
@@ -498,10 +504,12 @@ def _match_residual_add(node: gs.Node, ctx: _Context) -> Match:
 
 
 def _same_shape(a: list, b: list) -> bool:
-    """Equal shapes, where two symbolic dims count as equal: shape inference names dims it cannot
-    relate (unk__N) on every Reshape of a dynamic-shape graph. A static dim never equals a
-    symbolic one, which keeps broadcasts such as [1, seq, H] + [batch, seq, H] out."""
-    return len(a) == len(b) and all(x == y or (isinstance(x, str) and isinstance(y, str)) for x, y in zip(a, b))
+    """Shapes that may be equal. A symbolic dim may equal anything but 1: shape inference names
+    the dims it cannot relate (unk__N) after Reshapes of dynamic-shape graphs, while a static 1
+    against a symbolic dim is a broadcast such as [1, seq, H] + [batch, seq, H]."""
+    return len(a) == len(b) and all(
+        x == y or (isinstance(x, str) and y != 1) or (isinstance(y, str) and x != 1) for x, y in zip(a, b)
+    )
 
 
 _MATCHERS: list[tuple[str, Callable[[gs.Node, _Context], Match]]] = [

@@ -98,33 +98,29 @@ class SpikingOp:
 
 def _mt_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     levels = b.op("Cast", b.attr_int("levels"), to=TensorProto.FLOAT)
-    powers = b.op("Pow", b.const(2.0), b.op("Range", b.const(0.0), levels, b.const(1.0)))
-    # Eq. 25 fires level k when m >= lambda_k - lambda_1/2: a level's firing bound is 2^k - 1/2 in
-    # units of the base threshold. Unsqueezing theta lets per-channel thresholds [C] broadcast
-    # against the level axis appended to the membrane.
-    bounds = b.op("Sub", powers, b.const(0.5))
-    last = b.const([-1], np.int64)
-    up = b.op("Mul", b.op("Unsqueeze", env["theta_pos"], last), bounds)
-    down = b.op("Mul", b.op("Unsqueeze", env["theta_neg"], last), b.op("Neg", bounds))
-    return {"fire_up": up, "fire_down": down}
+    return {"top_level": b.op("Pow", b.const(2.0), b.op("Sub", levels, b.const(1.0)))}
 
 
 def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Eq. 25 fires level k (lambda_k = theta*2^k) when lambda_k - theta/2 <= m < lambda_(k+1) - theta/2 on
+    the positive side, and symmetrically (bounds strict the other way) on the negative side: the fired
+    level is the largest power of two p <= |m|/theta + 1/2 (p < on the negative side), capped at 2^(n-1),
+    and nothing fires when p < 1. Computed in O(1) per value rather than by testing all 2n levels."""
     membrane = b.op("Add", env["v"], env["x"])
-    m = b.op("Unsqueeze", membrane, b.const([-1], np.int64))
-    last = b.const([-1], np.int64)
-
-    def level_count(compare: str, bounds: str) -> str:
-        hits = b.op("Cast", b.op(compare, m, bounds), to=TensorProto.FLOAT)
-        return b.op("ReduceSum", hits, last, keepdims=0)
-
-    def level_value(count: str) -> str:
-        # floor(2^(c-1)) is 0 for c = 0 and the fired level 2^(c-1) otherwise.
-        return b.op("Floor", b.op("Pow", b.const(2.0), b.op("Sub", count, b.const(1.0))))
-
-    up = level_value(level_count("GreaterOrEqual", env["fire_up"]))
-    down = level_value(level_count("Less", env["fire_down"]))
-    emitted = b.op("Sub", b.op("Mul", up, env["theta_pos"]), b.op("Mul", down, env["theta_neg"]))
+    positive = b.op("GreaterOrEqual", membrane, b.const(0.0))
+    theta = b.op("Where", positive, env["theta_pos"], env["theta_neg"])
+    ratio = b.op("Add", b.op("Div", b.op("Abs", membrane), theta), b.const(0.5))
+    # 2^floor(log2 r) from logarithms can be off by one at exact powers of two: correct both ways.
+    guess = b.op("Pow", b.const(2.0), b.op("Floor", b.op("Div", b.op("Log", ratio), b.const(np.log(2.0)))))
+    doubled = b.op("Mul", guess, b.const(2.0))
+    guess = b.op("Where", b.op("LessOrEqual", doubled, ratio), doubled, guess)
+    power = b.op("Where", b.op("Greater", guess, ratio), b.op("Div", guess, b.const(2.0)), guess)
+    at_bound = b.op("And", b.op("Not", positive), b.op("Equal", power, ratio))
+    power = b.op("Where", at_bound, b.op("Div", power, b.const(2.0)), power)
+    level = b.op("Where", b.op("GreaterOrEqual", power, b.const(1.0)),
+                 b.op("Min", power, env["top_level"]), b.const(0.0))
+    signed = b.op("Where", positive, level, b.op("Neg", level))
+    emitted = b.op("Mul", signed, theta)
     # The emitted spike code is in units of theta_pos (parallel parameter normalization, Eq. 27-29):
     # positive levels are 2^k, negative levels -eta*2^k with eta = theta_neg/theta_pos.
     code = b.op("Div", emitted, env["theta_pos"])

@@ -50,12 +50,6 @@ class CompileOptions:
             raise SpikecError(f"argument percentile={self.percentile!r}: expected a value in (50, 100]")
 
 
-def _thresholds(stats, percentile: float, per_channel: bool) -> dict[str, ecmt.Thresholds]:
-    return {name: ecmt.Thresholds.from_percentiles(s.percentile(percentile, per_channel),
-                                                   s.percentile(100.0 - percentile, per_channel))
-            for name, s in stats.items()}
-
-
 def compile(model: str | os.PathLike | onnx.ModelProto,
             calibration: str | os.PathLike | Mapping[str, np.ndarray],
             output: str | os.PathLike | None = None,
@@ -81,7 +75,10 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
     stats = collect_statistics(ann, feeds, list(sites), batch_size=opts.batch_size, progress=opts.progress)
-    thresholds = _thresholds(stats, opts.percentile, opts.per_channel)
+    # Algorithm 1, line 4: theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile.
+    thresholds = {name: ecmt.Thresholds.from_percentiles(s.percentile(opts.percentile, opts.per_channel),
+                                                         s.percentile(100.0 - opts.percentile, opts.per_channel))
+                  for name, s in stats.items()}
 
     report = ecmt.rewrite(graph, regions, thresholds, levels=opts.levels, allow_float=frozenset(opts.allow_float))
     report["regions"] = describe(regions)

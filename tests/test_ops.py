@@ -110,3 +110,20 @@ def test_step_form_equals_unrolled(name):
         values = step.run(None, {data: x[t], "t": np.array(t + 1, np.float32), **states})
         np.testing.assert_array_equal(values[0], want[t])
         states = dict(zip(op.states, values[1:]))
+
+
+def test_mt_neuron_level_boundaries_follow_eq25():
+    """At lambda_k - lambda_1/2 exactly the positive side fires level k; the negative side's bounds are strict."""
+    theta = 0.5
+    bounds = theta * (2.0 ** np.arange(4) - 0.5)
+    x = np.concatenate([bounds, -bounds, bounds - 1e-3, [0.0]]).astype(np.float32)
+    x = np.pad(x, (0, (-len(x)) % C)).reshape(-1, C)
+    session = _session("MTNeuron", ["x"], ["spikes"], {"theta_pos": np.array(theta, np.float32),
+                                                       "theta_neg": np.array(theta, np.float32)},
+                       levels=4, timesteps=1)
+    got = session.run(None, {"x": x})[0].ravel()[:13]
+    np.testing.assert_array_equal(got[:4], [1, 2, 4, 8])
+    np.testing.assert_array_equal(got[4:8], [0, -1, -2, -4])
+    np.testing.assert_array_equal(got[8:12], [0, 1, 2, 4])
+    assert got[12] == 0
+    np.testing.assert_array_equal(got, mt_reference(x[None].astype(np.float64), theta, theta, 4).ravel()[:13])
