@@ -62,6 +62,7 @@ def emit_unrolled(graph: gs.Graph, timesteps: int) -> gs.Graph:
         unrolled = gs.Variable(f"{output.name}.unrolled", dtype=output.dtype)
         replace_uses(output, unrolled, producer=True)
         steps = _time_major(graph, unrolled, timesteps, output.name)
+        steps.shape = None if output.shape is None else [timesteps, *output.shape]
         final = gs.Variable(output.name, dtype=output.dtype, shape=output.shape)
         graph.nodes.append(gs.Node("Gather", f"time/{output.name}/last",
                                    attrs={"axis": 0},
