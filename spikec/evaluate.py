@@ -24,7 +24,8 @@ def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, f
     count = len(next(iter(feeds.values())))
     chunks: dict[str, list[np.ndarray]] = {}
     starts = range(0, count, batch_size)
-    for start in tqdm(starts, desc="running", disable=not progress, leave=False):
+    # disable=None lets tqdm stay quiet when stderr is not a terminal (logs, CI).
+    for start in tqdm(starts, desc="running", disable=None if progress else True, leave=False):
         batch = {name: feeds[name][start:start + batch_size] for name in wanted}
         for name, value in run(session, batch, timesteps).items():
             chunks.setdefault(name, []).append(value)
