@@ -30,12 +30,17 @@ def _readout_sources(graph: gs.Graph) -> set[str]:
     return varying_tensors(graph, [t.name for n in graph.nodes if n.domain == "spikec" for t in n.outputs])
 
 
+def _is_float(tensor: gs.Variable) -> bool:
+    return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
+
+
 def _add_rate_readouts(graph: gs.Graph) -> list[tuple[gs.Variable, gs.Variable]]:
     """Route each time-varying output through a running mean; returns (readout, original output) pairs."""
     varying = _readout_sources(graph)
     pairs = []
-    for index, output in enumerate(list(graph.outputs)):
-        if output.name not in varying:
+    for output in list(graph.outputs):
+        # Outputs that cannot be averaged (indices from an op kept in float) report their last step.
+        if output.name not in varying or not _is_float(output):
             continue
         per_step = gs.Variable(f"{output.name}.per_step", dtype=output.dtype, shape=output.shape)
         replace_uses(output, per_step, producer=True)

@@ -125,3 +125,28 @@ def test_random_transformers_converge(name):
         errors = [np.abs(s - reference).mean() for s in steps]
         assert errors[-1] < errors[1] / 2, (output, errors)
         assert cosine(reference, steps[-1]) > 0.95
+
+
+def _argmax_model():
+    """logits = x @ W, plus the argmax of the logits as an int64 output."""
+    w = onnx.numpy_helper.from_array(np.array([[1.0, -1.0, 0.5], [0.5, 2.0, -1.0]], np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["logits"], name="classifier"),
+         helper.make_node("ArgMax", ["logits"], ["label"], name="pick", axis=1, keepdims=0)],
+        "argmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
+         helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_unconvertible_op_is_listed_then_kept_in_float_on_request():
+    calib = {"x": np.random.default_rng(0).standard_normal((32, 2)).astype(np.float32)}
+    with pytest.raises(spikec.SpikecError, match=r"pick \(ArgMax\).*--allow-float ArgMax"):
+        spikec.compile(_argmax_model(), calib, timesteps=4, progress=False)
+    snn = spikec.compile(_argmax_model(), calib, timesteps=4, allow_float=("ArgMax",), progress=False)
+    x = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    out = spikec.runtime.run(InferenceSession(snn), {"x": x})
+    assert out["label"].dtype == np.int64 and out["label.steps"].shape == (4, 2)
+    # the kept op runs on each step's own value, so its output is the last step's, not an average
+    np.testing.assert_array_equal(out["label"], out["label.steps"][-1])
+    assert set(out["label.steps"].ravel()) <= {0, 1, 2}
