@@ -46,7 +46,7 @@ class Thresholds:
 
 def _product_operands(region: Region) -> list[tuple[gs.Node, int]]:
     """(node, input index) of the activation operands a neuron must feed."""
-    node = region.nodes[0] if len(region.nodes) == 1 else next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
+    node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
     if region.kind == _ACTIVATION_PRODUCT:
         return [(node, 0), (node, 1)]
     weight_index = region.attrs.get("weight_input_index", 1)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from tqdm import tqdm
 
 from spikec.errors import SpikecError
@@ -13,10 +15,48 @@ from spikec.runtime.layout import STEPS_SUFFIX
 from spikec.runtime.session import InferenceSession, run
 
 
+def _label(model: str | os.PathLike | onnx.ModelProto | InferenceSession) -> str:
+    if isinstance(model, InferenceSession):
+        return getattr(model, "_model_path", None) or "<in-memory model>"
+    return "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+
+
+def open_session(model: str | os.PathLike | onnx.ModelProto | InferenceSession) -> InferenceSession:
+    """A session for a path or ModelProto; a file onnxruntime cannot load is a SpikecError naming it."""
+    if isinstance(model, InferenceSession):
+        return model
+    label = _label(model)
+    if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
+        raise SpikecError(f"model {label}: no such file")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: graph-optimizer warnings are not the user's to act on
+    try:
+        return InferenceSession(model, options)
+    except Exception as exc:  # onnxruntime's exception types share no base class below Exception
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise SpikecError(f"model {label}: onnxruntime cannot load it ({text[:300]})") from None
+
+
+def _check_run_arguments(session: InferenceSession, label: str, batch_size, timesteps) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise SpikecError(f"argument batch_size={batch_size!r}: expected a positive integer")
+    if timesteps is None:
+        return
+    from spikec.compiler import MAX_TIMESTEPS  # only here: running a model need not import the compiler
+
+    if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) \
+            or not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise SpikecError(f"argument timesteps={timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
+    if session.mode != "stateful" and timesteps != session.timesteps:
+        raise SpikecError(f"argument timesteps={timesteps}: model {label} is {session.mode} with T={session.timesteps} "
+                          f"fixed; only a stateful model takes the number of steps at run time")
+
+
 def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, feeds: Mapping[str, np.ndarray],
                 *, batch_size: int = 32, timesteps: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Run any model (ANN or spikec, either mode) over all samples; ``y.steps`` outputs are [T, N, ...]."""
-    session = model if isinstance(model, InferenceSession) else InferenceSession(model)
+    session = open_session(model)
+    _check_run_arguments(session, _label(model), batch_size, timesteps)
     wanted = {i.name for i in session.get_inputs() if not i.name.startswith("spikec.")}
     missing = wanted - set(feeds)
     if missing:
@@ -57,11 +97,26 @@ def fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | None
     return rows
 
 
+def check_labels(labels, count: int, source: str = "labels") -> np.ndarray:
+    """Labels must be one integer class index per sample."""
+    labels = np.asarray(labels)
+    if labels.shape != (count,) or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise SpikecError(f"{source}: expected {count} integer class indices (shape [{count}]), "
+                          f"got {labels.dtype} shape {list(labels.shape)}")
+    return labels
+
+
 def compare(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, np.ndarray], *,
             labels: np.ndarray | None = None, batch_size: int = 32, progress: bool = False) -> dict:
     """Fidelity of every SNN output against the ANN output of the same name, for every T."""
-    ann_out = run_dataset(ann, feeds, batch_size=batch_size, progress=progress)
-    snn_out = run_dataset(snn, feeds, batch_size=batch_size, progress=progress)
+    # Open both first: a missing or non-spikec SNN fails before the ANN has run over the whole set.
+    ann_session, snn_session = open_session(ann), open_session(snn)
+    if snn_session.mode == "ann":
+        raise SpikecError(f"model {_label(snn)}: not a spikec model (no spikec metadata); compile it with spikec first")
+    if labels is not None:
+        labels = check_labels(labels, len(next(iter(feeds.values()))))
+    ann_out = run_dataset(ann_session, feeds, batch_size=batch_size, progress=progress)
+    snn_out = run_dataset(snn_session, feeds, batch_size=batch_size, progress=progress)
     result = {}
     for name, reference in ann_out.items():
         if name + STEPS_SUFFIX not in snn_out:

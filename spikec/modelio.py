@@ -15,11 +15,12 @@ from spikec.errors import SpikecError
 _PROTOBUF_LIMIT = 2**31 - 1
 
 
-def check_output_path(output: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
-    """Reject an output that would overwrite the source model or cannot be written."""
+def check_output_path(output: str | os.PathLike, source: str | os.PathLike | None = None,
+                      what: str = "input model") -> Path:
+    """Reject an output that would overwrite the source (``what`` names it) or cannot be written."""
     out = Path(output)
     if source is not None and out.resolve() == Path(source).resolve():
-        raise SpikecError(f"output {out}: equals the input model; choose another path")
+        raise SpikecError(f"output {out}: equals the {what}; choose another path")
     parent = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
         raise SpikecError(f"output {out}: is a directory")

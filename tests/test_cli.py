@@ -1,0 +1,369 @@
+"""The spikec command line end to end on the digits ViT, and its contract for bad input.
+
+Contract: bad input is rejected with exactly one stderr line ``spikec: error: ...`` naming the culprit
+and exit code 2, never a traceback; outputs are written atomically, the input model is never modified
+and no partial file is left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import spikec
+import spikec.modelio
+from examples import fixtures
+from spikec.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T = 4
+
+
+def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m spikec.cli`` in a fresh process: what a user's shell sees, C-level logging included."""
+    return subprocess.run([sys.executable, "-m", "spikec.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or REPO_ROOT, timeout=120)
+
+
+def _assert_one_error_line(err: str, *culprits: str) -> str:
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("spikec: error: "), err
+    for culprit in culprits:
+        assert culprit in lines[0], (culprit, lines[0])
+    return lines[0]
+
+
+def _fails(capfd, argv, *culprits) -> str:
+    """Run main in-process (capfd also sees onnxruntime's C++ logging on fd 2) and expect a clean error."""
+    assert main([str(a) for a in argv]) == 2
+    out, err = capfd.readouterr()
+    assert out == ""
+    return _assert_one_error_line(err, *culprits)
+
+
+def _listing(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir() if p.is_file()}
+
+
+# --------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit() -> Path:
+    return fixtures.digits_vit()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {"calib": fixtures.fixture_npz("digits-calib"), "eval": fixtures.fixture_npz("digits-eval"),
+            "labels": fixtures.fixture_npz("digits-eval-labels")}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def unrolled(vit, data, work) -> Path:
+    """Unrolled T=4 SNN compiled by a real `spikec compile` process."""
+    out = work / "unrolled.onnx"
+    proc = _cli("compile", vit, "-o", out, "-T", T, "--calib", data["calib"], "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {out}"
+    assert proc.stderr == ""  # no onnxruntime optimizer chatter, no progress bar
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_output(unrolled, data, work) -> dict[str, np.ndarray]:
+    out = work / "run.npz"
+    proc = _cli("run", unrolled, "--inputs", data["eval"], "-o", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "logits [540, 10]" in proc.stdout and "logits.steps [4, 540, 10]" in proc.stdout
+    with np.load(out) as arrays:
+        return {k: arrays[k] for k in arrays.files}
+
+
+@pytest.fixture(scope="module")
+def ann_logits(vit, data) -> np.ndarray:
+    """The ANN's logits from plain onnxruntime, independent of spikec."""
+    with np.load(data["eval"]) as arrays:
+        pixels = arrays["pixels"]
+    session = ort.InferenceSession(str(vit), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"pixels": pixels})[0]
+
+
+@pytest.fixture
+def small(tmp_path):
+    """Scratch dir with a copy of the ViT and a 16-sample calibration set."""
+    pixels = fixtures.digits_data()["x_train"][:16]
+    model = tmp_path / "vit.onnx"
+    model.write_bytes(fixtures.digits_vit().read_bytes())
+    np.savez(tmp_path / "calib.npz", pixels=pixels)
+    return tmp_path, model, tmp_path / "calib.npz", pixels
+
+
+# --------------------------------------------------------------------------
+# compile -> run -> eval -> inspect
+# --------------------------------------------------------------------------
+
+
+def test_run_writes_final_and_per_step_logits(run_output):
+    assert set(run_output) == {"logits", "logits.steps"}
+    assert run_output["logits"].shape == (540, 10)
+    assert run_output["logits.steps"].shape == (T, 540, 10)
+    np.testing.assert_array_equal(run_output["logits.steps"][-1], run_output["logits"])
+
+
+def test_eval_json_matches_independent_recomputation(vit, unrolled, data, run_output, ann_logits):
+    proc = _cli("eval", vit, unrolled, "--inputs", data["eval"], "--labels", data["labels"], "--json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    result = json.loads(proc.stdout)
+    assert list(result) == ["logits"]
+    rows = result["logits"]["per_t"]
+    assert [r["t"] for r in rows] == [1, 2, 3, 4]
+    with np.load(data["labels"]) as arrays:
+        labels = arrays["labels"]
+    ann_accuracy = float(np.mean(ann_logits.argmax(1) == labels))
+    assert result["logits"]["ann_accuracy"] == pytest.approx(ann_accuracy, abs=1e-12)
+    assert ann_accuracy >= 0.965
+    assert rows[-1]["accuracy"] >= ann_accuracy - 0.02
+    # cosine at T=4 from the `run` output, with the formula written out here
+    snn = run_output["logits"].astype(np.float64)
+    ann = ann_logits.astype(np.float64)
+    cosines = (snn * ann).sum(1) / (np.linalg.norm(snn, axis=1) * np.linalg.norm(ann, axis=1))
+    assert rows[-1]["cosine"] == pytest.approx(float(cosines.mean()), abs=1e-5)
+    assert rows[-1]["cosine"] > 0.95
+    assert rows[-1]["accuracy"] == pytest.approx(float(np.mean(snn.argmax(1) == labels)), abs=1e-12)
+    assert rows[-1]["top1_agreement"] == pytest.approx(float(np.mean(snn.argmax(1) == ann.argmax(1))), abs=1e-12)
+    assert rows[-1]["max_abs_error"] == pytest.approx(float(np.abs(snn - ann).max()), rel=1e-4)
+    # rate coding converges with T
+    assert rows[0]["cosine"] < rows[1]["cosine"] < rows[-1]["cosine"]
+
+
+def test_inspect_json(unrolled, capfd):
+    assert main(["inspect", str(unrolled), "--json"]) == 0
+    info = json.loads(capfd.readouterr().out)
+    assert (info["method"], info["mode"], info["timesteps"]) == ("ecmt", "unrolled", T)
+    assert info["options"]["levels"] == 8
+    counts = {(r["domain"], r["op"]): r["count"] for r in info["ops"]}
+    spiking = {op: c for (domain, op), c in counts.items() if domain == "spikec"}
+    assert set(spiking) == {"MTNeuron", "ECAccumulate", "ECCompensate"}
+    assert spiking["MTNeuron"] == len(info["neurons"]) == 4 * 8 + 1
+    # the histogram counts exactly the nodes in the file
+    model = onnx.load(unrolled, load_external_data=False)
+    assert sum(counts.values()) == len(model.graph.node)
+    assert sum(1 for n in model.graph.node if n.domain == "spikec" and n.op_type == "MTNeuron") == spiking["MTNeuron"]
+    assert info["inputs"] == ["pixels"]
+    assert "logits" in info["outputs"] and "logits.steps" in info["outputs"]
+
+
+def test_inspect_table(unrolled, capfd, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["inspect", str(unrolled)]) == 0
+    out = capfd.readouterr().out
+    assert "method=ecmt" in out and "mode=unrolled" in out and f"T={T}" in out
+    assert "MTNeuron" in out and "ECCompensate" in out and "ECAccumulate" in out
+
+
+def test_stateful_run_matches_unrolled(vit, data, run_output, tmp_path, capfd):
+    stateful = tmp_path / "stateful.onnx"
+    assert main(["compile", str(vit), "-o", str(stateful), "-T", str(T), "--mode", "stateful",
+                 "--calib", str(data["calib"]), "--quiet"]) == 0
+    out = tmp_path / "stateful.npz"
+    assert main(["run", str(stateful), "--inputs", str(data["eval"]), "-o", str(out), "--timesteps", str(T),
+                 "--quiet"]) == 0
+    _, err = capfd.readouterr()
+    assert err == ""
+    with np.load(out) as got:
+        assert got["logits.steps"].shape == (T, 540, 10)
+        np.testing.assert_allclose(got["logits.steps"], run_output["logits.steps"], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["logits"], run_output["logits"], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# determinism and atomic output
+# --------------------------------------------------------------------------
+
+
+def test_compile_is_deterministic_across_processes(vit, data, unrolled, tmp_path, capfd):
+    """The same compile in this process gives the bytes the `unrolled` subprocess wrote."""
+    again = tmp_path / "again.onnx"
+    assert main(["compile", str(vit), "-o", str(again), "-T", str(T), "--calib", str(data["calib"]), "--quiet"]) == 0
+    assert again.read_bytes() == unrolled.read_bytes()
+
+
+def test_compile_twice_in_process_is_byte_identical(small):
+    tmp, model, calib, _ = small
+    spikec.compile(model, calib, tmp / "a.onnx", timesteps=2, progress=False)
+    spikec.compile(model, calib, tmp / "b.onnx", timesteps=2, progress=False)
+    assert (tmp / "a.onnx").read_bytes() == (tmp / "b.onnx").read_bytes()
+
+
+def test_interrupted_compile_leaves_no_partial_file(small, monkeypatch, capfd):
+    tmp, model, calib, pixels = small
+    outdir = tmp / "out"
+    outdir.mkdir()
+    out = outdir / "snn.onnx"
+    real_save = onnx.save_model
+    seen = []
+
+    def interrupted_save(proto, path, *args, **kwargs):
+        real_save(proto, path, *args, **kwargs)
+        seen.append(Path(path))
+        assert Path(path).parent == outdir and Path(path) != out and Path(path).exists()
+        with open(path, "r+b") as handle:  # a half-written file
+            handle.truncate(Path(path).stat().st_size // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spikec.modelio.onnx, "save_model", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        spikec.compile(model, {"pixels": pixels}, out, timesteps=2, progress=False)
+    assert seen and not out.exists()
+    assert list(outdir.iterdir()) == []
+
+    # the CLI reports the interrupt on one line, exits 130, leaves nothing behind
+    assert main(["compile", str(model), "-o", str(out), "-T", "2", "--calib", str(calib), "--quiet"]) == 130
+    assert capfd.readouterr().err.strip() == "spikec: interrupted"
+    assert len(seen) == 2 and list(outdir.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# bad input: one line, exit 2, culprit named, nothing written
+# --------------------------------------------------------------------------
+
+
+def test_missing_model_file_subprocess(small):
+    tmp, _, calib, _ = small
+    proc = _cli("compile", tmp / "nope.onnx", "-o", tmp / "out.onnx", "--calib", calib)
+    assert proc.returncode == 2 and proc.stdout == ""
+    _assert_one_error_line(proc.stderr, "nope.onnx", "no such file")
+    assert not (tmp / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random"])
+def test_corrupt_model_file_subprocess(small, kind):
+    tmp, model, calib, _ = small
+    bad = tmp / f"{kind}.onnx"
+    raw = model.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2] if kind == "truncated" else np.random.default_rng(0).bytes(4096))
+    for argv in (["compile", bad, "-o", tmp / "out.onnx", "--calib", calib],
+                 ["run", bad, "--inputs", calib, "-o", tmp / "out.npz"],
+                 ["inspect", bad]):
+        proc = _cli(*argv)
+        assert proc.returncode == 2 and proc.stdout == "", argv
+        _assert_one_error_line(proc.stderr, bad.name)
+    assert not (tmp / "out.onnx").exists() and not (tmp / "out.npz").exists()
+
+
+def test_eval_with_missing_snn_subprocess(small):
+    tmp, model, calib, _ = small
+    proc = _cli("eval", model, tmp / "missing-snn.onnx", "--inputs", calib)
+    assert proc.returncode == 2 and proc.stdout == ""
+    _assert_one_error_line(proc.stderr, "missing-snn.onnx", "no such file")
+
+
+@pytest.mark.parametrize("arrays, culprits", [
+    ({}, ["'pixels'", "missing"]),
+    ({"pixels": "ok", "bogus": "ok"}, ["'bogus'"]),
+    ({"pixels": "nan"}, ["'pixels'", "NaN"]),
+    ({"pixels": "empty"}, ["'pixels'", "zero samples"]),
+    ({"pixels": "rank3"}, ["'pixels'", "rank 4"]),
+], ids=["missing-input", "extra-key", "nan", "zero-samples", "wrong-rank"])
+def test_bad_calibration_npz(small, capfd, arrays, culprits):
+    tmp, model, _, pixels = small
+    variants = {"ok": pixels, "nan": np.where(np.arange(pixels.size).reshape(pixels.shape) == 5, np.nan, pixels),
+                "empty": pixels[:0], "rank3": pixels[:, 0]}
+    bad = tmp / "bad-calib.npz"
+    np.savez(bad, **{k: variants[v] for k, v in arrays.items()})
+    before = _listing(tmp)
+    _fails(capfd, ["compile", model, "-o", tmp / "out.onnx", "--calib", bad], "bad-calib.npz", *culprits)
+    assert _listing(tmp) == before
+
+
+@pytest.mark.parametrize("extra, culprits", [
+    (["--timesteps", "0"], ["timesteps=0"]),
+    (["--timesteps", "100000"], ["timesteps=100000"]),
+    (["--levels", "0"], ["levels=0"]),
+    (["--percentile", "10"], ["percentile"]),
+    (["--batch-size", "0"], ["batch_size=0"]),
+    (["--input-shape", "pixels"], ["--input-shape", "'pixels'"]),
+    (["--input-shape", "=1,2"], ["--input-shape"]),
+    (["--input-shape", "pixels=batch,1,8"], ["'pixels'", "rank"]),
+    (["--input-shape", "pixels=batch,1,8,0"], ["'pixels'", "dim 0"]),
+    (["--input-shape", "nope=1,1,8,8"], ["'nope'"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
+def test_bad_compile_arguments(small, capfd, extra, culprits):
+    tmp, model, calib, _ = small
+    before = _listing(tmp)
+    _fails(capfd, ["compile", model, "-o", tmp / "out.onnx", "--calib", calib, *extra], *culprits)
+    assert _listing(tmp) == before
+
+
+def test_output_equal_to_input_is_rejected_and_input_untouched(small, capfd):
+    tmp, model, calib, _ = small
+    before = _listing(tmp)
+    _fails(capfd, ["compile", model, "-o", model, "--calib", calib], "vit.onnx", "equals the input model")
+    # also when spelled differently
+    _fails(capfd, ["compile", model, "-o", tmp / "." / "vit.onnx", "--calib", calib], "equals the input model")
+    assert _listing(tmp) == before
+
+
+def test_output_in_missing_directory(small, capfd):
+    tmp, model, calib, _ = small
+    before = _listing(tmp)
+    _fails(capfd, ["compile", model, "-o", tmp / "no-such-dir" / "out.onnx", "--calib", calib], "no-such-dir")
+    assert not (tmp / "no-such-dir").exists() and _listing(tmp) == before
+
+
+def test_run_errors(unrolled, small, capfd):
+    tmp, model, calib, pixels = small
+    out = tmp / "out.npz"
+    np.savez(tmp / "no-pixels.npz")
+    before = _listing(tmp)
+    _fails(capfd, ["run", unrolled, "--inputs", tmp / "no-pixels.npz", "-o", out], "no-pixels.npz", "'pixels'", "missing")
+    _fails(capfd, ["run", unrolled, "--inputs", tmp / "absent.npz", "-o", out], "absent.npz")
+    _fails(capfd, ["run", tmp / "absent.onnx", "--inputs", calib, "-o", out], "absent.onnx")
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--batch-size", "0"], "batch_size=0")
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--timesteps", "0"], "timesteps=0")
+    # an unrolled model's T is fixed: a different --timesteps must not be silently ignored
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--timesteps", "8"], "timesteps=8", "unrolled")
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", tmp / "nodir" / "o.npz"], "nodir")
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", calib], "calib.npz", "equals")
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", unrolled], "unrolled.onnx", "equals the input model")
+    assert _listing(tmp) == before
+
+
+def test_eval_errors(unrolled, small, capfd):
+    tmp, model, calib, pixels = small
+    _fails(capfd, ["eval", model, tmp / "absent-snn.onnx", "--inputs", calib], "absent-snn.onnx")
+    # an ANN where the SNN should be: named, before anything runs
+    _fails(capfd, ["eval", model, model, "--inputs", calib], "vit.onnx", "not a spikec model")
+    np.savez(tmp / "bad-labels.npz", labels=np.zeros((len(pixels), 1), np.int64))
+    _fails(capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "bad-labels.npz"],
+           "bad-labels.npz", f"shape [{len(pixels)}]")
+    np.savez(tmp / "empty-labels.npz")
+    _fails(capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "empty-labels.npz"],
+           "empty-labels.npz")
+    _fails(capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "absent-labels.npz"],
+           "absent-labels.npz")
+
+
+def test_levels_zero_rejected_by_the_api():
+    with pytest.raises(spikec.SpikecError, match=r"levels=0"):
+        spikec.compile(fixtures.digits_vit(), {"pixels": np.zeros((2, 1, 8, 8), np.float32)}, levels=0)
