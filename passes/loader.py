@@ -6,6 +6,7 @@ The source file is only ever read.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def load_model(
     else:
         where = str(src)
         model = _read(Path(src))
+    _check_tensors(model, where)
     if input_shapes:
         _override_input_shapes(model, input_shapes, where)
     return model
@@ -80,6 +82,29 @@ def _run_checker(model: onnx.ModelProto | Path, where: str) -> None:
         onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else os.fspath(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise SpikecError(f"{where}: rejected by onnx.checker: {_one_line(exc)}") from exc
+
+
+def _check_tensors(model: onnx.ModelProto, where: str) -> None:
+    """Every initializer and Constant value must hold exactly the data its dims and type declare.
+
+    onnx.checker does not compare raw_data's length with the dims, and a mismatch would surface much
+    later as a numpy error deep inside a pass."""
+    tensors = [(f"initializer '{t.name}'", t) for t in model.graph.initializer]
+    tensors += [(f"node '{n.name or n.output[0]}' ({n.op_type}) attribute '{a.name}'", a.t)
+                for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for what, tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # not loaded (a ModelProto with external data): the calibration session reports it
+        if any(d < 0 for d in tensor.dims):
+            raise SpikecError(f"{where}: {what} has negative dims {list(tensor.dims)}")
+        try:
+            values = onnx.numpy_helper.to_array(tensor)
+        except Exception as exc:  # numpy/onnx raise ValueError, TypeError, KeyError for unreadable data
+            raise SpikecError(f"{where}: {what} ({onnx.TensorProto.DataType.Name(tensor.data_type)} "
+                              f"{list(tensor.dims)}) has unreadable data ({_one_line(exc)})") from None
+        if values.size != math.prod(tensor.dims):
+            raise SpikecError(f"{where}: {what} holds {values.size} values, its dims {list(tensor.dims)} "
+                              f"need {math.prod(tensor.dims)}")
 
 
 def _override_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int | str]], where: str) -> None:

@@ -9,17 +9,22 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from spikec.runtime import native as native_kernels
 from spikec.runtime.layout import NEXT_STATE_PREFIX, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
 
 
 class InferenceSession(ort.InferenceSession):
     """An onnxruntime session for a spikec model (a path or ModelProto).
 
-    The spikec ops travel inside the model as ONNX functions, so stock onnxruntime runs them."""
+    The spikec ops travel inside the model as ONNX functions, so stock onnxruntime runs them. Where the
+    native kernels are built (runtime/native.py), they run instead, unless ``native=False``."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
-                 providers=None, **kwargs):
+                 providers=None, native: bool = True, **kwargs):
         options = sess_options or ort.SessionOptions()
+        if not native and native_kernels.registered(options):
+            raise ValueError("native=False, but these session options already carry the native kernels")
+        self.native = native and native_kernels.register(options)
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
         super().__init__(source, options, providers=providers or ["CPUExecutionProvider"], **kwargs)
         props = self.get_modelmeta().custom_metadata_map

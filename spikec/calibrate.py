@@ -145,7 +145,12 @@ def load_inputs(
     """
     graph, _, _ = _load_model(model)
     if isinstance(path_or_dict, Mapping):
-        source, arrays = what, {k: np.asarray(v) for k, v in path_or_dict.items()}
+        source, arrays = what, {}
+        for key, value in path_or_dict.items():
+            try:
+                arrays[key] = np.asarray(value)
+            except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot convert
+                raise SpikecError(f"{what}: input '{key}': not an array ({_one_line(exc)})") from None
     else:
         source = f"{what} {path_or_dict}"
         arrays = _read_npz(Path(path_or_dict), what)

@@ -1,11 +1,11 @@
-"""spikec command line: compile, run, inspect, eval."""
+"""spikec command line: compile, run, inspect, eval, report."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def cmd_compile(args) -> int:
                   method=args.method, timesteps=args.timesteps, mode=args.mode, levels=args.levels,
                   percentile=args.percentile, per_channel=args.per_channel,
                   allow_float=tuple(o for spec in args.allow_float for o in spec.split(",") if o),
-                  batch_size=args.batch_size, progress=not args.quiet)
+                  batch_size=args.batch_size, progress=not args.quiet, memory_budget=args.memory_budget)
     print(f"wrote {args.output}")
     return 0
 
@@ -52,8 +52,9 @@ def cmd_run(args) -> int:
     from spikec.modelio import check_output_path, save_arrays_atomic
 
     check_output_path(args.output, args.model)
+    check_output_path(args.output, args.inputs, what="--inputs file")
     session = _session(args.model)
-    feeds = load_inputs(args.inputs, args.model, what="inputs")
+    feeds = load_inputs(args.inputs, _user_inputs(args.model), what="inputs")
     outputs = run_dataset(session, feeds, batch_size=args.batch_size, timesteps=args.timesteps,
                           progress=not args.quiet)
     save_arrays_atomic(outputs, args.output)
@@ -61,19 +62,28 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _session(path: str):
-    from spikec.runtime import InferenceSession
+def _user_inputs(path: str):
+    """The model to check --inputs against: a stateful model's spikec.* inputs (time step, neuron state)
+    are fed by the driver, not by the user, so they are dropped from a weightless copy of its graph."""
+    import onnx
 
-    if not Path(path).is_file():
-        raise SpikecError(f"model {path}: no such file")
-    try:
-        return InferenceSession(path)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpikecError(f"model {path}: onnxruntime cannot load it ({first})") from None
+    model = onnx.load(path, load_external_data=False)
+    driver = [i for i in model.graph.input if i.name.startswith("spikec.")]
+    if not driver:
+        return path
+    for graph_input in driver:
+        model.graph.input.remove(graph_input)
+    return model
+
+
+def _session(path: str):
+    from spikec.evaluate import open_session
+
+    return open_session(path)
 
 
 def inspect_model(path: str) -> dict:
+    from spikec.graphinfo import summarize
     from spikec.passes.loader import load_model
 
     model = load_model(path)
@@ -92,6 +102,8 @@ def inspect_model(path: str) -> dict:
         "neurons": report.get("neurons", []),
         "compensated": report.get("compensated", []),
         "regions": report.get("regions", []),
+        # rewrites (original ops -> spikec ops), neuron counts per sample, ops left in float and why
+        **summarize(model),
     }
 
 
@@ -119,23 +131,46 @@ def cmd_inspect(args) -> int:
     for row in info["ops"]:
         ops.add_row(row["domain"], row["op"], str(row["count"]))
     console.print(ops)
-    if info["compensated"]:
-        ec = Table(title="rewritten regions (expectation compensation)")
+    if info["rewrites"]:
+        rewrites = Table(title="rewritten regions")
         for column in ("region", "kind", "original ops", "spikec ops"):
-            ec.add_column(column)
-        for row in info["compensated"]:
-            ec.add_row(row["region"], row["kind"], " ".join(row["ops"]),
-                       f"ECAccumulate x{len(row['inputs'])}, ECCompensate x{len(row['outputs'])}")
-        console.print(ec)
+            rewrites.add_column(column)
+        for row in info["rewrites"]:
+            rewrites.add_row(row["region"], row["kind"], " ".join(row["original_ops"]), "\n".join(row["spikec_ops"]))
+        console.print(rewrites)
     if info["neurons"]:
-        neurons = Table(title="MT neurons")
-        for column in ("input tensor", "levels", "theta_pos", "theta_neg", "feeds"):
+        counts = {site["tensor"]: site["neurons"] for site in info["neuron_counts"]["sites"]}
+        neurons = Table(title=f"MT neurons: {info['neuron_counts']['mt_neuron_nodes']} MTNeuron nodes, "
+                              f"{info['neuron_counts']['neurons_total'] or '?'} neurons per sample")
+        for column in ("input tensor", "neurons", "levels", "theta_pos", "theta_neg", "feeds"):
             neurons.add_column(column)
         for row in info["neurons"]:
-            neurons.add_row(row["tensor"], str(row["levels"]), _summary(row["theta_pos"]),
-                            _summary(row["theta_neg"]), ", ".join(row["consumers"]))
+            count = counts.get(row["tensor"])
+            neurons.add_row(row["tensor"], "?" if count is None else str(count), str(row["levels"]),
+                            _summary(row["theta_pos"]), _summary(row["theta_neg"]), ", ".join(row["consumers"]))
         console.print(neurons)
+    if info["float_ops"]:
+        floats = Table(title="ops outside the spikec op set, and why")
+        for column in ("category", "nodes", "ops", "why"):
+            floats.add_column(column)
+        for row in info["float_ops"]:
+            floats.add_row(row["category"], str(row["nodes"]),
+                           ", ".join(f"{op} x{count}" for op, count in row["ops"].items()), row["reason"])
+        console.print(floats)
     return 0
+
+
+def _labels(path: str | None, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+    """--labels: a 'labels' array (or an archive's only array), one class index per sample of ``feeds``."""
+    from spikec.evaluate import check_labels
+
+    if not path:
+        return None
+    arrays = _read_npz(path, "labels")
+    if "labels" not in arrays and len(arrays) != 1:
+        raise SpikecError(f"labels {path}: expected a 'labels' array, got keys {sorted(arrays)}")
+    return check_labels(arrays.get("labels", next(iter(arrays.values()), None)), len(next(iter(feeds.values()))),
+                        f"labels {path}")
 
 
 def cmd_eval(args) -> int:
@@ -143,11 +178,8 @@ def cmd_eval(args) -> int:
     from spikec.evaluate import compare
 
     feeds = load_inputs(args.inputs, args.ann, what="inputs")
-    labels = None
-    if args.labels:
-        arrays = _read_npz(args.labels, "labels")
-        labels = arrays.get("labels", next(iter(arrays.values())))
-    result = compare(args.ann, args.snn, feeds, labels=labels, batch_size=args.batch_size, progress=not args.quiet)
+    result = compare(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), batch_size=args.batch_size,
+                     progress=not args.quiet)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -163,6 +195,28 @@ def cmd_eval(args) -> int:
         for row in data["per_t"]:
             table.add_row(*[str(row[c]) if c == "t" else f"{row[c]:.5g}" for c in columns])
         Console().print(table)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from spikec.calibrate import load_inputs
+    from spikec.report import build_report, check_directory, write_report
+
+    check_directory(args.output)  # before the run, not after it
+    feeds = load_inputs(args.inputs, args.ann, what="inputs")
+    data = build_report(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), batch_size=args.batch_size,
+                        progress=not args.quiet)
+    index = write_report(data, args.output)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    energy = data["energy"]
+    for name, output in data["fidelity"].items():
+        last = output["per_t"][-1]
+        print(f"{name} at T={last['t']}: cosine {last['cosine']:.4f}"
+              + (f", accuracy {last['accuracy']:.4f} (ANN {output['ann_accuracy']:.4f})" if "accuracy" in last else ""))
+    print(f"energy SNN/ANN {energy['ratio']:.3f} (papers' convention {energy['ratio_paper_convention']:.3f})")
+    print(f"wrote {index} (plots, report.json)")
     return 0
 
 
@@ -184,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated op types or node names to keep in floating point")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--memory-budget", metavar="BYTES",
+                   help="refuse an unrolled model whose estimated run memory (a batch of --batch-size) exceeds "
+                        "this (e.g. 8G; default 80%% of RAM)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_compile)
 
@@ -210,19 +267,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="HTML report: fidelity vs T, per-layer error, firing rates, energy")
+    p.add_argument("ann")
+    p.add_argument("snn", help="a time-unrolled spikec model of the ANN")
+    p.add_argument("--inputs", required=True)
+    p.add_argument("--labels", help=".npz with a 'labels' array for accuracy")
+    p.add_argument("-o", "--output", required=True, help="directory for index.html, the PNG plots and report.json")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="also print report.json")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import onnxruntime
+
+    # Errors only: onnxruntime's graph-optimizer warnings are not the user's to act on, and they would
+    # bury the one-line error this tool promises.
+    onnxruntime.set_default_logger_severity(3)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe must show up here, not in the interpreter's exit flush
+        return status
     except SpikecError as exc:
         print(f"spikec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spikec: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`spikec inspect --json | head -1`): not an error of ours. Point stdout at
+        # devnull so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a process killed by SIGPIPE
 
 
 if __name__ == "__main__":

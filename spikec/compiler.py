@@ -13,6 +13,8 @@ import onnx_graphsurgeon as gs
 
 from spikec.calibrate import collect_statistics, load_inputs
 from spikec.errors import SpikecError
+from spikec.memory import check_budget, parse_budget
+from spikec.memory import estimate as estimate_memory
 from spikec.modelio import check_output_path, save_model_atomic
 from spikec.passes import ecmt, emit
 from spikec.passes.canonicalize import canonicalize
@@ -21,7 +23,9 @@ from spikec.passes.patterns import describe, find_regions
 
 METHODS = ("ecmt",)
 MODES = ("unrolled", "stateful")
-MAX_TIMESTEPS = 4096
+# The float32 step counter t is exact up to 2^24. Below that, the unrolled form is bounded by the memory
+# guard (spikec/memory.py): its activations grow with T.
+MAX_TIMESTEPS = 2**24
 
 
 @dataclass
@@ -35,6 +39,9 @@ class CompileOptions:
     allow_float: Sequence[str] = field(default_factory=tuple)
     batch_size: int = 32
     progress: bool = True
+    # Refuse an unrolled model whose estimated run memory (batch_size samples) exceeds this many bytes
+    # (an int, or a string such as "8G"); None = 80 % of physical RAM. See spikec/memory.py.
+    memory_budget: int | str | None = None
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -46,6 +53,10 @@ class CompileOptions:
             raise SpikecError(f"argument timesteps={self.timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
         if not isinstance(self.levels, (int, np.integer)) or not 1 <= self.levels <= 24:
             raise SpikecError(f"argument levels={self.levels!r}: expected an integer in 1..24")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) \
+                or self.batch_size < 1:
+            raise SpikecError(f"argument batch_size={self.batch_size!r}: expected a positive integer")
+        parse_budget(self.memory_budget)
         if not 50.0 < float(self.percentile) <= 100.0:
             raise SpikecError(f"argument percentile={self.percentile!r}: expected a value in (50, 100]")
 
@@ -74,6 +85,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     sites = ecmt.neuron_sites(regions)
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
+    # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
+    check_budget(estimate_memory(ann, feeds, batch=opts.batch_size, neuron_sites=sites),
+                 mode=opts.mode, timesteps=opts.timesteps, budget=parse_budget(opts.memory_budget))
     stats = collect_statistics(ann, feeds, list(sites), batch_size=opts.batch_size, progress=opts.progress)
     # Algorithm 1, line 4: theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile.
     thresholds = {name: ecmt.Thresholds.from_percentiles(s.percentile(opts.percentile, opts.per_channel),

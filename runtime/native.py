@@ -1,0 +1,81 @@
+"""spikec's native kernels: an onnxruntime custom-op library built from runtime/kernels/ (``make native``).
+
+The library implements every spikec op (MTNeuron, ECAccumulate, ECCompensate, unrolled and Step forms)
+with the exact float32 arithmetic of the ONNX functions in runtime/ops.py, which stay the definition
+and the portable path. It is optional: without it everything runs on stock onnxruntime.
+
+Registration. The library registers its kernels under the models' own domain, ``spikec``. A spikec
+model also carries model-local ONNX functions of the same names; measured with onnxruntime 1.32,
+when a session's options register a custom-op library providing ``spikec.MTNeuron`` etc., the
+registered kernels win and no function body is inlined (tests/test_native.py checks this with a
+profile; consistent with onnxruntime inlining a function only where no execution provider has a kernel).
+So a model needs no rewrite: ``InferenceSession`` registers the library on its session options, and
+the same file runs natively where the library is built and portably elsewhere.
+
+Numerics. The kernels repeat the functions' float32 operations in order, so they give the same bits
+(tests/test_native.py: exact on every op, both forms, including level boundaries, inf and NaN; the
+unrolled digits ViT's logits are identical). One difference is onnxruntime's, not the kernels': in a
+*stateful* model the inlined step functions sit in the main graph, where MatMulScaleFusion folds the
+MT neuron's final ``Div(emitted, theta_pos)`` into the next MatMul (FusedMatMul, alpha=1/theta_pos).
+That rounds differently, and a neuron close to a level boundary may fire differently later on. The
+native kernels compute the function as written (as onnxruntime does with that fusion disabled).
+
+The library is ``build/libspikec_kernels.so`` in the source tree, or the file that the environment
+variable ``SPIKEC_NATIVE_LIB`` names.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+
+ENV_VAR = "SPIKEC_NATIVE_LIB"
+# Marks session options that carry the library: registering it twice on one options object fails.
+CONFIG_KEY = "spikec.native_library"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "build" / "libspikec_kernels.so"
+
+
+def library_path() -> Path | None:
+    """The native library to use, or None where it is not built."""
+    path = Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else DEFAULT_PATH
+    return path if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _loads(path: Path) -> bool:
+    try:
+        ort.SessionOptions().register_custom_ops_library(os.fspath(path))
+        return True
+    except Exception as error:  # a stale or foreign build: fall back to the portable functions
+        warnings.warn(f"spikec native library {path} does not load ({error}); using the ONNX functions",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
+def available() -> bool:
+    """Whether the native library is built and loads into this onnxruntime."""
+    path = library_path()
+    return path is not None and _loads(path)
+
+
+def registered(options: ort.SessionOptions) -> bool:
+    """Whether ``options`` already carry the native kernels (through ``register``)."""
+    try:
+        return bool(options.get_session_config_entry(CONFIG_KEY))
+    except Exception:  # onnxruntime raises for a missing key
+        return False
+
+
+def register(options: ort.SessionOptions) -> bool:
+    """Register the native kernels on ``options`` if available; returns whether they carry them."""
+    if registered(options):
+        return True
+    if not available():
+        return False
+    path = os.fspath(library_path())
+    options.register_custom_ops_library(path)
+    options.add_session_config_entry(CONFIG_KEY, path)
+    return True

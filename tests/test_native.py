@@ -1,0 +1,184 @@
+"""The native kernels (runtime/kernels/, `make native`) against the ONNX functions of runtime/ops.py."""
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import spikec
+from examples import fixtures
+from spikec.runtime import InferenceSession, native, ops, run_stateful
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason="native library not built (run `make native`)")
+
+T, B, C = 7, 6, 9
+
+
+def _model(op_type: str, params: dict[str, np.ndarray], **attrs) -> onnx.ModelProto:
+    """A one-node model in a spikec op's signature: inputs, states (Step form), params, t (Step form)."""
+    op = ops.op_for(op_type)
+    step = op_type.endswith("Step")
+    states = list(op.states) if step else []
+    inputs = [*op.inputs, *states, *params, *(["t"] if step else [])]
+    outputs = [*op.outputs, *(out for _, out in op.state_names())] if step else list(op.outputs)
+    node = helper.make_node(op_type, inputs, outputs, domain=ops.DOMAIN, **attrs)
+    graph_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, C]) for n in op.inputs]
+    graph_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, None]) for n in states]
+    graph_inputs += [helper.make_tensor_value_info("t", TensorProto.FLOAT, [])] if step else []
+    graph = helper.make_graph([node], "g", graph_inputs,
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in params.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
+                             functions=ops.functions_for({op_type}, 17))
+
+
+def _pair(model: onnx.ModelProto) -> tuple[InferenceSession, InferenceSession]:
+    portable, fast = InferenceSession(model, native=False), InferenceSession(model)
+    assert (portable.native, fast.native) == (False, True)
+    return portable, fast
+
+
+def _thetas(rng, per_channel: bool) -> dict[str, np.ndarray]:
+    shape = (C,) if per_channel else ()
+    return {"theta_pos": rng.uniform(0.1, 1.0, shape).astype(np.float32),
+            "theta_neg": rng.uniform(0.1, 1.0, shape).astype(np.float32)}
+
+
+def _inputs(rng, thetas: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """[T, B, C]: normal values at several scales; with thetas, also membranes on every level boundary
+    theta*(2^k - 1/2) of both sides (step 1 sees x as the membrane), zeros, -0, inf and NaN."""
+    x = (rng.standard_normal((T, B, C)) * rng.choice([0.1, 1.0, 10.0, 1e3], (T, B, C))).astype(np.float32)
+    if thetas is not None:
+        pos = np.broadcast_to(thetas["theta_pos"], (C,))
+        neg = np.broadcast_to(thetas["theta_neg"], (C,))
+        for k in range(5):
+            x[0, k % B] = pos * np.float32(2.0 ** k - 0.5)
+            x[1, k % B] = -neg * np.float32(2.0 ** k - 0.5)
+        x[2, 0, :4] = [0.0, -0.0, np.inf, -np.inf]
+        x[3, 1, 0] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("name", list(ops.OPS))
+def test_unrolled_matches_function(name, per_channel):
+    op = ops.OPS[name]
+    rng = np.random.default_rng(3)
+    params = _thetas(rng, per_channel) if op.params else {}
+    x = _inputs(rng, params or None).reshape(T * B, C)
+    portable, fast = _pair(_model(name, params, timesteps=T, **{a: 4 for a in op.attributes}))
+    want, = portable.run(None, {op.inputs[0]: x})
+    got, = fast.run(None, {op.inputs[0]: x})
+    # same float32 operations in the same order: equal, not merely close (NaN where the functions give NaN)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("name", list(ops.OPS))
+def test_step_matches_function(name, per_channel):
+    op = ops.OPS[name]
+    rng = np.random.default_rng(4)
+    params = _thetas(rng, per_channel) if op.params else {}
+    x = _inputs(rng, params or None)
+    portable, fast = _pair(_model(op.step_name, params, **{a: 3 for a in op.attributes}))
+    states = {s: np.zeros((1, 1), np.float32) for s in op.states}  # t=1: a single zero broadcasts
+    for t in range(T):
+        feeds = {op.inputs[0]: x[t], "t": np.array(t + 1, np.float32), **states}
+        want = portable.run(None, feeds)
+        got = fast.run(None, feeds)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+        states = dict(zip(op.states, want[1:]))
+
+
+def test_mt_codes_are_levels():
+    """A sanity check independent of the functions: codes are 0, 2^k or -eta*2^k."""
+    rng = np.random.default_rng(5)
+    params = _thetas(rng, True)
+    x = (rng.standard_normal((T * B, C)) * 3).astype(np.float32)
+    codes, = InferenceSession(_model("MTNeuron", params, levels=4, timesteps=T)).run(None, {"x": x})
+    eta = params["theta_neg"] / params["theta_pos"]
+    levels = 2.0 ** np.arange(4)
+    ok = np.isin(codes, np.concatenate([[0.0], levels])) | np.isclose(
+        (-codes / eta)[..., None], levels, rtol=1e-6).any(-1)
+    assert ok.all()
+
+
+def test_parameter_shape_is_checked():
+    params = {"theta_pos": np.ones(3, np.float32), "theta_neg": np.ones(3, np.float32)}  # C is 9
+    session = InferenceSession(_model("MTNeuron", params, levels=4, timesteps=T))
+    with pytest.raises(Exception, match="one value or C values"):
+        session.run(None, {"x": np.ones((T * B, C), np.float32)})
+
+
+def test_native_kernels_replace_the_functions(tmp_path):
+    """The measured registration rule: the registered kernel wins over the model-local function."""
+    model = _model("MTNeuron", _thetas(np.random.default_rng(6), False), levels=8, timesteps=T)
+    x = np.ones((T * B, C), np.float32)
+
+    def executed(native_flag: bool) -> set[str]:
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = os.fspath(tmp_path / f"native_{native_flag}")
+        session = InferenceSession(model, options, native=native_flag)
+        session.run(None, {"x": x})
+        with open(session.end_profiling()) as f:
+            return {e["args"]["op_name"] for e in json.load(f) if e.get("cat") == "Node" and "op_name" in e["args"]}
+
+    assert executed(True) == {"MTNeuron"}
+    assert "Scan" in executed(False)
+
+
+def test_session_options_reuse_and_opt_out():
+    model = _model("ECAccumulate", {}, timesteps=T)
+    options = ort.SessionOptions()
+    first, second = InferenceSession(model, options), InferenceSession(model, options)  # registered once
+    assert first.native and second.native and native.registered(options)
+    with pytest.raises(ValueError, match="native=False"):
+        InferenceSession(model, options, native=False)
+
+
+def test_library_path_from_environment(monkeypatch, tmp_path):
+    built = native.library_path()
+    monkeypatch.setenv(native.ENV_VAR, os.fspath(built))
+    assert native.library_path() == built
+    monkeypatch.setenv(native.ENV_VAR, os.fspath(tmp_path / "missing.so"))
+    assert native.library_path() is None and not native.available()
+
+
+@pytest.fixture(scope="module")
+def digits_models(tmp_path_factory):
+    data = fixtures.digits_data()
+    out = tmp_path_factory.mktemp("native_digits")
+    calib = {"pixels": data["x_train"][:256]}
+    for mode in ("unrolled", "stateful"):
+        spikec.compile(fixtures.digits_vit(), calib, out / f"{mode}.onnx", timesteps=8, mode=mode, progress=False)
+    return out, {"pixels": data["x_test"][:64]}
+
+
+def test_digits_vit_native_equals_portable(digits_models):
+    out, feeds = digits_models
+    path = out / "unrolled.onnx"
+    portable, fast = InferenceSession(path, native=False), InferenceSession(path)
+    assert fast.native
+    want = portable.run(["logits.steps"], feeds)[0]
+    got = fast.run(["logits.steps"], feeds)[0]
+    assert got.shape == (8, 64, 10)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_digits_vit_stateful_native_equals_portable(digits_models):
+    """Stateful graphs expose the inlined step to onnxruntime's optimizer: its MatMulScaleFusion moves the
+    functions' final Div by theta_pos behind the next MatMul (FusedMatMul alpha=1/theta_pos), which rounds
+    differently, and an MT neuron near a level boundary then fires differently. Without that fusion the
+    portable run computes the functions as written, and the native kernels must match it."""
+    out, feeds = digits_models
+    path = out / "stateful.onnx"
+    portable = InferenceSession(path, native=False, disabled_optimizers=["MatMulScaleFusion"])
+    want = run_stateful(portable, feeds, 8)["logits.steps"]
+    got = run_stateful(InferenceSession(path), feeds, 8)["logits.steps"]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
