@@ -72,6 +72,7 @@ __all__ = [
     "minilm_sentence_transformer",
     "random_inputs",
     "random_transformer",
+    "bert_base_random",
     "write_npz",
 ]
 
@@ -766,6 +767,34 @@ def random_transformer(name: str, opset: int = 17, exporter: Exporter = "torchsc
     return _cached(
         path,
         lambda tmp: _export_onnx(_random_model(spec), example, spec.outputs, axes, opset, exporter, tmp),
+    )
+
+
+_BERT_BASE = _RandomSpec(
+    "BertModel", "BertConfig",
+    (("vocab_size", 30522), ("hidden_size", 768), ("num_hidden_layers", 12), ("num_attention_heads", 12),
+     ("intermediate_size", 3072), ("max_position_embeddings", 512)),
+    _TEXT_INPUTS, ("last_hidden_state", "pooler_output"),
+)  # fmt: skip
+
+
+def bert_base_random(opset: int = 17, exporter: Exporter = "torchscript") -> Path:
+    """ONNX of a BERT-base-sized BertModel (hidden 768, 12 layers, 12 heads, intermediate 3072,
+    vocab 30522; 110M parameters, ~440 MB) with random init (seed 0), for memory benchmarks.
+
+    Same signature as ``random_transformer("bert")``: ``input_ids``, ``attention_mask`` int64
+    [batch, seq] -> ``last_hidden_state`` [batch, seq, 768], ``pooler_output`` [batch, 768].
+    """
+    import torch
+
+    _check_exporter(exporter)
+    path = _cache_path("bert_base", ".onnx", cfg=_digest(_BERT_BASE), opset=opset, exp=exporter, torch=_export_key())
+    example = {k: torch.from_numpy(v) for k, v in random_inputs("bert").items()}
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+            "last_hidden_state": {0: "batch", 1: "seq"}, "pooler_output": {0: "batch"}}
+    return _cached(
+        path,
+        lambda tmp: _export_onnx(_random_model(_BERT_BASE), example, _BERT_BASE.outputs, axes, opset, exporter, tmp),
     )
 
 

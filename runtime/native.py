@@ -17,8 +17,9 @@ Numerics. The kernels repeat the functions' float32 operations in order, so they
 unrolled digits ViT's logits are identical). One difference is onnxruntime's, not the kernels': in a
 *stateful* model the inlined step functions sit in the main graph, where MatMulScaleFusion folds the
 MT neuron's final ``Div(emitted, theta_pos)`` into the next MatMul (FusedMatMul, alpha=1/theta_pos).
-That rounds differently, and a neuron close to a level boundary may fire differently later on. The
-native kernels compute the function as written (as onnxruntime does with that fusion disabled).
+That rounds differently, and a neuron close to a level boundary may fire differently later on, so
+``InferenceSession`` disables that fusion: portable runs then compute the functions as written, as the
+native kernels do.
 
 The library is ``build/libspikec_kernels.so`` in the source tree, or the file that the environment
 variable ``SPIKEC_NATIVE_LIB`` names.

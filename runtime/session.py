@@ -26,6 +26,10 @@ class InferenceSession(ort.InferenceSession):
             raise ValueError("native=False, but these session options already carry the native kernels")
         self.native = native and native_kernels.register(options)
         source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        # Once the portable functions are inlined, MatMulScaleFusion moves the MT neuron's Div by
+        # theta_pos into the next MatMul; the re-rounded products flip spikes near level boundaries,
+        # so the unrolled and stateful forms (fused differently) would stop agreeing.
+        kwargs.setdefault("disabled_optimizers", ["MatMulScaleFusion"])
         super().__init__(source, options, providers=providers or ["CPUExecutionProvider"], **kwargs)
         props = self.get_modelmeta().custom_metadata_map
         self.spikec_metadata = {k: v for k, v in props.items() if k.startswith("spikec.")}

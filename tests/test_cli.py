@@ -367,3 +367,14 @@ def test_eval_errors(unrolled, small, capfd):
 def test_levels_zero_rejected_by_the_api():
     with pytest.raises(spikec.SpikecError, match=r"levels=0"):
         spikec.compile(fixtures.digits_vit(), {"pixels": np.zeros((2, 1, 8, 8), np.float32)}, levels=0)
+
+
+def test_inspect_into_a_closed_pipe(unrolled):
+    """`spikec inspect --json | head -1`: the reader goes away early; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "spikec.cli", "inspect", str(unrolled), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    assert proc.stdout.readline().strip() == b"{"
+    proc.stdout.close()  # more than a pipe buffer (64 KiB) is still to come: the next write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141), err
+    assert err == "", err

@@ -190,13 +190,16 @@ def _corrupt_initializer(model, data):
     tensor = model.graph.initializer[index]
     how = data.draw(st.sampled_from(["short raw", "long raw", "nan", "inf", "dtype", "dims"]), label="how")
     if how in ("short raw", "long raw"):
-        raw = numpy_helper.to_array(tensor).tobytes()
+        raw = tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
         cut = data.draw(st.integers(1, max(1, len(raw))), label="bytes")
         tensor.ClearField("float_data")
         tensor.ClearField("int64_data")
         tensor.raw_data = raw[:-cut] if how == "short raw" else raw + b"\0" * cut
     elif how in ("nan", "inf"):
-        array = numpy_helper.to_array(tensor).copy()
+        try:
+            array = numpy_helper.to_array(tensor).copy()
+        except ValueError:  # already corrupted by an earlier mutation
+            return
         if not np.issubdtype(array.dtype, np.floating) or not array.size:
             return
         flat = array.reshape(-1)

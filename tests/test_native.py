@@ -172,13 +172,11 @@ def test_digits_vit_native_equals_portable(digits_models):
 
 
 def test_digits_vit_stateful_native_equals_portable(digits_models):
-    """Stateful graphs expose the inlined step to onnxruntime's optimizer: its MatMulScaleFusion moves the
-    functions' final Div by theta_pos behind the next MatMul (FusedMatMul alpha=1/theta_pos), which rounds
-    differently, and an MT neuron near a level boundary then fires differently. Without that fusion the
-    portable run computes the functions as written, and the native kernels must match it."""
+    """InferenceSession keeps MatMulScaleFusion off (runtime/session.py), so the portable run computes
+    the inlined step functions as written, and the native kernels must match it."""
     out, feeds = digits_models
     path = out / "stateful.onnx"
-    portable = InferenceSession(path, native=False, disabled_optimizers=["MatMulScaleFusion"])
+    portable = InferenceSession(path, native=False)
     want = run_stateful(portable, feeds, 8)["logits.steps"]
     got = run_stateful(InferenceSession(path), feeds, 8)["logits.steps"]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
