@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from spikec.errors import SpikecError
 
@@ -27,6 +28,7 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     name_nodes(graph)
     relax_batch_shapes(graph)
     squeeze_batch_constants(graph)
+    expand_batch_constants(graph)
     return infer_shapes(gs.export_onnx(graph))
 
 
@@ -76,7 +78,10 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     while True:
         graph = gs.import_onnx(model)
         before = len(graph.nodes)
-        graph.fold_constants()
+        # graphsurgeon prints (to stdout) a warning for every subgraph it cannot fold and goes on: not
+        # the user's to act on; a model that is really broken is rejected with one line further on.
+        with G_LOGGER.suppress(G_LOGGER.CRITICAL):
+            graph.fold_constants()
         graph.cleanup()
         graph.toposort()
         model = infer_shapes(gs.export_onnx(graph))
@@ -192,6 +197,53 @@ def squeeze_batch_constants(graph: gs.Graph) -> gs.Graph:
                     squeezed[tensor.name] = gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(tensor.values[:1]))
                 node.inputs[i] = squeezed[tensor.name]
     graph.cleanup()
+    return graph
+
+
+def expand_batch_constants(graph: gs.Graph) -> gs.Graph:
+    """Rebuild folded batch-sized constants that Concat joins to activations as Expand of one row.
+
+    With a static batch B, folding turns e.g. ViT's ``cls_token.expand(B, -1, -1)`` into a constant of
+    dim0 B, concatenated with the patch tokens along axis 1. At T*B rows the Concat would no longer
+    match: the constant becomes Expand(row, [rows of the activation, 1, ...]). A constant whose rows
+    differ depends on the sample index, which time folding cannot preserve: it stays, and the compiler's
+    check_time_folding refuses the unrolled form.
+    """
+    batch = graph_batch(graph)
+    if batch is None:
+        return graph
+    for node in list(graph.nodes):
+        if node.op != "Concat" or not node.outputs[0].shape:
+            continue
+        rank = len(node.outputs[0].shape)
+        if node.attrs.get("axis", 0) % rank == 0:
+            continue
+        rows = next((t for t in node.inputs if isinstance(t, gs.Variable) and _batched(t, batch, rank)), None)
+        if rows is None:
+            continue
+        for i, tensor in enumerate(node.inputs):
+            if not (isinstance(tensor, gs.Constant) and _batched(tensor, batch, rank)):
+                continue
+            if not (tensor.values == tensor.values[:1]).all():
+                continue  # per-sample rows: only the stateful form can keep them (see check_time_folding)
+            prefix = f"{node.name}/{tensor.name}.rows"
+            shape = gs.Variable(f"{prefix}.shape", dtype=np.int64)
+            count = gs.Variable(f"{prefix}.count", dtype=np.int64)
+            target = gs.Variable(f"{prefix}.target", dtype=np.int64)
+            expanded = gs.Variable(f"{prefix}.expanded", dtype=tensor.values.dtype)
+            graph.nodes += [
+                gs.Node("Shape", f"{prefix}/Shape", inputs=[rows], outputs=[shape]),
+                gs.Node("Slice", f"{prefix}/Slice", outputs=[count],
+                        inputs=[shape, gs.Constant(f"{prefix}.start", np.array([0], np.int64)),
+                                gs.Constant(f"{prefix}.end", np.array([1], np.int64))]),
+                gs.Node("Concat", f"{prefix}/Concat", attrs={"axis": 0}, outputs=[target],
+                        inputs=[count, gs.Constant(f"{prefix}.ones", np.ones(rank - 1, np.int64))]),
+                gs.Node("Expand", f"{prefix}/Expand", outputs=[expanded],
+                        inputs=[gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(tensor.values[:1])), target]),
+            ]
+            node.inputs[i] = expanded
+    graph.cleanup()
+    graph.toposort()
     return graph
 
 

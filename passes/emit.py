@@ -51,6 +51,14 @@ def _add_rate_readouts(graph: gs.Graph) -> list[tuple[gs.Variable, gs.Variable]]
 
 def emit_unrolled(graph: gs.Graph, timesteps: int) -> gs.Graph:
     _add_rate_readouts(graph)
+    if any(i.shape and isinstance(i.shape[0], int) for i in graph.inputs):
+        # A static batch B is written into the tensors' declared shapes, on whichever axis carries it
+        # (axis 0, or merged as B*heads): with time folded in they hold T*B rows, and onnxruntime refuses
+        # a declared size that contradicts the inferred one. Declare only the dtype; inference redoes the rest.
+        boundary = {t.name for t in [*graph.inputs, *graph.outputs]}
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Variable) and tensor.name not in boundary:
+                tensor.shape = None
     for node in graph.nodes:
         if node.domain == "spikec":
             node.attrs["timesteps"] = timesteps

@@ -1,6 +1,7 @@
 """The compile pipeline: import -> canonicalize -> calibrate -> rewrite -> emit -> save."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -10,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
-from spikec.calibrate import collect_statistics, load_inputs
+from spikec.calibrate import collect_statistics, load_inputs, run_batches
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
@@ -61,6 +63,18 @@ class CompileOptions:
             raise SpikecError(f"argument percentile={self.percentile!r}: expected a value in (50, 100]")
 
 
+def _quiet_graphsurgeon(function):
+    """graphsurgeon prints warnings to stdout (types it cannot map, subgraphs it cannot fold) and goes on:
+    not the user's to act on, and the CLI's stdout carries results only. What is really wrong with a
+    model is reported as one SpikecError line."""
+    @functools.wraps(function)
+    def quiet(*args, **kwargs):
+        with G_LOGGER.suppress(G_LOGGER.CRITICAL):
+            return function(*args, **kwargs)
+    return quiet
+
+
+@_quiet_graphsurgeon
 def compile(model: str | os.PathLike | onnx.ModelProto,
             calibration: str | os.PathLike | Mapping[str, np.ndarray],
             output: str | os.PathLike | None = None,
@@ -85,6 +99,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     sites = ecmt.neuron_sites(regions)
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
+    if opts.mode == "unrolled":
+        check_time_folding(ann, feeds)
     # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
     check_budget(estimate_memory(ann, feeds, batch=opts.batch_size, neuron_sites=sites),
                  mode=opts.mode, timesteps=opts.timesteps, budget=parse_budget(opts.memory_budget))
@@ -114,6 +130,45 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     if output is not None:
         save_model_atomic(snn, output)
     return snn
+
+
+def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
+    """The unrolled form runs the graph on T*B rows. A model exported with a static batch B can use B
+    beyond the batch axis (e.g. flat indices b*seq + s baked into a Gather for the attention mask);
+    canonicalize relaxes the common places, and this check runs the ANN on the first B samples twice
+    over: every output must be the batch-B output twice, or the model cannot be unrolled."""
+    static = {d[0].dim_value for vi in ann.graph.input if vi.name in feeds
+              for d in [vi.type.tensor_type.shape.dim] if len(d) and d[0].WhichOneof("value") == "dim_value"}
+    if len(static) != 1:
+        return
+    batch = static.pop()
+    outputs = [o.name for o in ann.graph.output]
+    first = {name: array[:batch] for name, array in feeds.items()}
+    reference = next(run_batches(ann, first, outputs, batch_size=batch, progress=False))
+    grown = onnx.ModelProto()
+    grown.CopyFrom(ann)
+    grown.graph.ClearField("value_info")
+    for vi in grown.graph.input:
+        if vi.name in feeds:
+            vi.type.tensor_type.shape.dim[0].dim_value = 2 * batch
+    for vi in grown.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    advice = (f"the model was exported with a static batch of {batch} and uses it beyond the batch axis, so "
+              f"the time-unrolled form cannot fold T into the batch; re-export with a dynamic batch axis, "
+              f"or compile with --mode stateful")
+    try:
+        doubled = next(run_batches(grown, {k: np.concatenate([v, v]) for k, v in first.items()}, outputs,
+                                   batch_size=2 * batch, progress=False))
+    except SpikecError as exc:
+        raise SpikecError(f"{advice} (at batch {2 * batch}: {exc})") from None
+    for name in outputs:
+        want, got = reference[name], doubled[name]
+        if want.ndim == 0 or want.shape[0] != batch:
+            continue  # not a per-sample output
+        if got.shape != (2 * batch, *want.shape[1:]) or not (
+                np.allclose(got[:batch], want, rtol=1e-4, atol=1e-5, equal_nan=True)
+                and np.allclose(got[batch:], want, rtol=1e-4, atol=1e-5, equal_nan=True)):
+            raise SpikecError(f"{advice} (output '{name}' changes when the batch grows)")
 
 
 def _json_default(value):

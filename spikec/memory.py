@@ -3,7 +3,7 @@
 A time-unrolled model folds T into the batch axis: every activation is T times larger than the ANN's,
 so a large T (or batch) can ask for more memory than the machine has. `compile` estimates the run-time
 memory from the canonicalized ANN and refuses, with the numbers, when the unrolled form would not fit
-the budget (`memory_budget`, default 80 % of physical RAM).
+the budget (`memory_budget`, default 80 % of physical RAM, or of the cgroup's memory limit if lower).
 
 The estimate, for a run batch B (the compile option ``batch_size``, or the model's static batch):
 
@@ -24,6 +24,10 @@ The estimate, for a run batch B (the compile option ``batch_size``, or the model
 
 Conservative on purpose: onnxruntime's planner reuses buffers in place where it can, so a real run
 usually stays below the estimate; its arena can round allocations up, which the margin covers.
+Measured on MiniLM (seq 32, batch 32), peak RSS of `run` minus the interpreter's: 3.1 GiB at T=128
+against an estimate of 5.5 GiB. Not included: onnxruntime's transient memory while it creates a session
+(graph optimization of the inlined spikec functions), which does not grow with T: about 0.3 GiB for the
+digits ViT and 1.1 GiB for MiniLM, and it dominates for small T.
 """
 from __future__ import annotations
 
@@ -44,12 +48,24 @@ _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB"
 
 
 def physical_memory() -> int | None:
-    """Bytes of physical RAM (os.sysconf), or None where the platform does not say."""
+    """Bytes of physical RAM (os.sysconf), lowered to the cgroup's memory limit where one is set (a
+    container), or None where the platform does not say."""
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
         return None
-    return pages * size if pages > 0 and size > 0 else None
+    if pages <= 0 or size <= 0:
+        return None
+    total = pages * size
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit_file) as handle:
+                limit = handle.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and 0 < int(limit) < total:
+            total = int(limit)
+    return total
 
 
 def default_budget() -> int | None:

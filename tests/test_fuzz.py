@@ -1,12 +1,12 @@
 """Fuzz `spikec.compile` with broken models and broken calibration data (hypothesis).
 
 Real exported models (the digits ViT, a random-init BERT) are mutated: a node dropped, an attribute
-changed, a graph input's dtype/shape changed, an initializer corrupted (raw_data of the wrong length,
-NaN/Inf weights, a wrong data type or dims), a tensor renamed so that a node input dangles. Calibration
-data is mutated too: dtype, rank, NaN/Inf, empty, extra or missing keys, mismatched sample counts,
+changed, a graph input's dtype/shape changed, an initializer corrupted (raw_data of the wrong length, a
+wrong data type or dims), weights made extreme (NaN/Inf entries, zero, x1e20, x1e-30), a tensor renamed
+so that a node input dangles. Calibration data is mutated too: dtype, rank, NaN/Inf, empty, extra or missing keys, mismatched sample counts,
 out-of-range values. Every case must end in one of two ways:
 
-* `spikec.compile` raises SpikecError with a one-line message, or
+* `spikec.compile` raises SpikecError with a one-line message (and prints nothing), or
 * it returns a model that passes onnx.checker and runs in spikec.runtime.InferenceSession, with finite
   outputs wherever the (mutated) ANN's outputs are finite.
 
@@ -18,7 +18,9 @@ run and how they ended is printed at the end of the module: ``pytest -s tests/te
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import os
 import tempfile
 from collections import Counter
@@ -97,21 +99,31 @@ def _ann_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[n
         return None
 
 
+def _one_batch(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The feeds cut to the model's static batch size, if it has one."""
+    static = [d.dim_value for i in model.graph.input for d in i.type.tensor_type.shape.dim[:1] if d.dim_value]
+    return {k: v[:static[0]] for k, v in feeds.items()} if static else feeds
+
+
 def _check(model: onnx.ModelProto, calibration, *, via_file: bool = False, kind: str) -> None:
     with tempfile.TemporaryDirectory(prefix="spikec-fuzz-") as tmp:
         source = model
         if via_file:
             source = Path(tmp) / "model.onnx"
             source.write_bytes(model.SerializeToString())
+        printed = io.StringIO()
         try:
-            snn = spikec.compile(source, calibration, timesteps=T, progress=False, batch_size=2)
+            with contextlib.redirect_stdout(printed):  # the CLI's stdout carries results only
+                snn = spikec.compile(source, calibration, timesteps=T, progress=False, batch_size=2)
         except spikec.SpikecError as exc:
             message = str(exc)
             assert message.strip() and "\n" not in message, f"not a one-line message: {message!r}"
+            assert printed.getvalue() == "", printed.getvalue()
             OUTCOMES[f"{kind}: rejected"] += 1
             return
+        assert printed.getvalue() == "", printed.getvalue()
     onnx.checker.check_model(snn)
-    feeds = load_inputs(calibration, model)
+    feeds = _one_batch(load_inputs(calibration, model), model)
     session = InferenceSession(snn)
     outputs = run(session, feeds)
     names = [o.name for o in model.graph.output]
@@ -188,29 +200,35 @@ def _change_input(model, data):
 def _corrupt_initializer(model, data):
     index = data.draw(st.integers(0, len(model.graph.initializer) - 1), label="initializer")
     tensor = model.graph.initializer[index]
-    how = data.draw(st.sampled_from(["short raw", "long raw", "nan", "inf", "dtype", "dims"]), label="how")
+    how = data.draw(st.sampled_from(["short raw", "long raw", "dtype", "dims"]), label="how")
     if how in ("short raw", "long raw"):
         raw = tensor.raw_data or numpy_helper.to_array(tensor).tobytes()
         cut = data.draw(st.integers(1, max(1, len(raw))), label="bytes")
         tensor.ClearField("float_data")
         tensor.ClearField("int64_data")
         tensor.raw_data = raw[:-cut] if how == "short raw" else raw + b"\0" * cut
-    elif how in ("nan", "inf"):
-        try:
-            array = numpy_helper.to_array(tensor).copy()
-        except ValueError:  # already corrupted by an earlier mutation
-            return
-        if not np.issubdtype(array.dtype, np.floating) or not array.size:
-            return
-        flat = array.reshape(-1)
-        count = data.draw(st.sampled_from([1, flat.size]), label="how many")
-        flat[:count] = np.nan if how == "nan" else np.inf
-        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
     elif how == "dtype":
         tensor.data_type = data.draw(st.sampled_from(_DTYPES), label="dtype")
     else:
         del tensor.dims[:]
         tensor.dims.extend(data.draw(st.lists(st.integers(0, 70), max_size=4), label="dims"))
+
+
+def _extreme_weights(model, data):
+    """A well-formed model with extreme weights: NaN/Inf entries, all zero, or scaled to 1e20 / 1e-30."""
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims)]
+    tensor = data.draw(st.sampled_from(floats), label="initializer")
+    how = data.draw(st.sampled_from(["nan", "inf", "zero", "huge", "tiny"]), label="how")
+    try:
+        array = numpy_helper.to_array(tensor).copy()
+    except ValueError:  # already corrupted by an earlier mutation
+        return
+    if how in ("nan", "inf"):
+        flat = array.reshape(-1)
+        flat[:data.draw(st.sampled_from([1, flat.size]), label="how many")] = np.nan if how == "nan" else np.inf
+    else:
+        array = array * {"zero": 0.0, "huge": 1e20, "tiny": 1e-30}[how]
+    tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float32), tensor.name))
 
 
 def _dangle(model, data):
@@ -227,7 +245,7 @@ def _dangle(model, data):
 
 
 MODEL_MUTATIONS = {"drop node": _drop_node, "attribute": _change_attribute, "input": _change_input,
-                   "initializer": _corrupt_initializer, "dangling input": _dangle}
+                   "initializer": _corrupt_initializer, "weights": _extreme_weights, "dangling input": _dangle}
 
 
 @pytest.mark.parametrize("name", ["vit", "bert"])
@@ -255,6 +273,8 @@ def _cast(feeds, key, data):
 
 def _rank(feeds, key, data):
     array = feeds[key]
+    if not array.size:
+        return
     if data.draw(st.booleans(), label="add axis") or array.ndim == 1:
         feeds[key] = np.expand_dims(array, data.draw(st.integers(0, array.ndim), label="axis"))
     else:
@@ -262,6 +282,8 @@ def _rank(feeds, key, data):
 
 
 def _nonfinite(feeds, key, data):
+    if not feeds[key].size:
+        return
     array = feeds[key].astype(np.float32 if feeds[key].dtype.kind != "f" else feeds[key].dtype)
     array.reshape(-1)[data.draw(st.integers(0, array.size - 1), label="at")] = \
         data.draw(st.sampled_from([np.nan, np.inf, -np.inf]), label="value")
@@ -269,6 +291,8 @@ def _nonfinite(feeds, key, data):
 
 
 def _empty(feeds, key, data):
+    if not feeds[key].ndim:
+        return
     axis = data.draw(st.integers(0, feeds[key].ndim - 1), label="axis")
     feeds[key] = np.take(feeds[key], np.arange(0), axis=axis)
 
@@ -287,6 +311,8 @@ def _sample_count(feeds, key, data):
 
 def _values(feeds, key, data):
     array = feeds[key]
+    if not array.size:
+        return
     value = data.draw(st.sampled_from([-1, 0, 999, 1000, 10**6, 1e30, -1e30, 1e-30]), label="value")
     if array.dtype.kind in "iu" and float(value).is_integer() and abs(value) < 2**62:
         value, array = int(value), array.astype(np.int64)
@@ -298,11 +324,13 @@ def _values(feeds, key, data):
 
 def _resize(feeds, key, data):
     """Another size on a non-batch axis (all inputs alike, or just this one)."""
+    if feeds[key].ndim < 2:
+        return
     axis = data.draw(st.integers(1, feeds[key].ndim - 1), label="axis")
     size = data.draw(st.sampled_from([1, 2, 17, 65]), label="size")
     keys = list(feeds) if data.draw(st.booleans(), label="all inputs") else [key]
     for k in keys:
-        if feeds[k].ndim > axis:
+        if isinstance(feeds[k], np.ndarray) and feeds[k].ndim > axis and feeds[k].shape[axis]:
             reps = -(-size // feeds[k].shape[axis])
             feeds[k] = np.take(np.concatenate([feeds[k]] * max(reps, 1), axis=axis), np.arange(size), axis=axis)
 
@@ -342,3 +370,57 @@ def test_mutated_calibration(name, data):
             calibration = Path(tmp) / "calib.npz"
             np.savez(calibration, **feeds)
         _check(_model(name), calibration, kind=f"{name} calibration")
+
+
+# --------------------------------------------------------------------------
+# regressions: cases the fuzzer found, pinned
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_batch_vit_unrolls(batch):
+    """A static batch used to leave a batch-B constant (the CLS token, folded from its Expand) in a
+    Concat, and batch-B shapes declared on T*B-row tensors: onnxruntime refused the unrolled model."""
+    model, feeds = _model("vit"), _feeds("vit")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    dynamic = run(InferenceSession(spikec.compile(_model("vit"), feeds, timesteps=T, progress=False)), feeds)
+    snn = spikec.compile(model, feeds, timesteps=T, progress=False)
+    got = run(InferenceSession(snn), _one_batch(feeds, model))
+    np.testing.assert_allclose(got["logits.steps"], dynamic["logits.steps"][:, :batch], atol=1e-4)
+
+
+def test_static_batch_that_mixes_samples_is_refused():
+    """BERT's exported attention mask gathers flat indices b*seq + s: with a static batch they are constants
+    that only cover B rows. Unrolled, that is a one-line error pointing to stateful mode, which works."""
+    model, feeds = _model("bert"), _feeds("bert")
+    for vi in model.graph.input:
+        vi.type.tensor_type.shape.dim[0].dim_value = 2
+    with pytest.raises(spikec.SpikecError, match=r"static batch of 2 .*--mode stateful"):
+        spikec.compile(model, feeds, timesteps=T, progress=False)
+    snn = spikec.compile(model, feeds, timesteps=T, progress=False, mode="stateful")
+    assert all(np.isfinite(v).all() for v in run(InferenceSession(snn), _one_batch(feeds, model)).values())
+
+
+@pytest.mark.parametrize("extra", [1, 3, 4])
+def test_initializer_raw_data_too_long(extra):
+    """onnx.checker accepts raw_data longer than the dims need; numpy failed deep inside a pass."""
+    model = _model("vit")
+    tensor = model.graph.initializer[1]
+    tensor.raw_data = tensor.raw_data + b"\0" * extra
+    with pytest.raises(spikec.SpikecError, match=rf"initializer '{tensor.name}'"):
+        spikec.compile(model, _feeds("vit"), timesteps=T, progress=False)
+
+
+def test_ragged_calibration_list():
+    with pytest.raises(spikec.SpikecError, match=r"input 'pixels': not an array"):
+        spikec.compile(_model("vit"), {"pixels": [[1, 2], [3]]}, timesteps=T, progress=False)
+
+
+def test_unfoldable_subgraph_prints_nothing(capsys):
+    """graphsurgeon printed a warning to stdout for every subgraph it could not fold."""
+    model = _model("vit")
+    cast = next(n for n in model.graph.node if n.name == "/blocks.0/attn/Cast")
+    next(a for a in cast.attribute if a.name == "to").i = onnx.TensorProto.UNDEFINED
+    with pytest.raises(spikec.SpikecError):
+        spikec.compile(model, _feeds("vit"), timesteps=T, progress=False)
+    assert capsys.readouterr().out == ""
