@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import spikec  # noqa: E402
+from benchmarks.bench_ecmt import measure as interleaved_samples  # noqa: E402
 from examples import fixtures  # noqa: E402
 from spikec.runtime import InferenceSession, native, run  # noqa: E402
 from spikec.runtime.layout import NEXT_STATE_PREFIX, STATE_PREFIX, TIME_INPUT  # noqa: E402
@@ -51,27 +50,8 @@ def workloads() -> list[dict]:
 
 def measure(calls: Mapping[str, Callable[[], object]], reps: int, warmup: int = 2,
             min_sample_ms: float = 30.0) -> dict[str, float]:
-    """Median ms per call; calls interleaved in a rotating order; fast calls repeated per sample."""
-    names = list(calls)
-    last = {}
-    for _ in range(warmup):
-        for name in names:
-            start = time.perf_counter()
-            calls[name]()
-            last[name] = 1e3 * (time.perf_counter() - start)
-    number = {name: max(1, math.ceil(min_sample_ms / max(last[name], 1e-3))) for name in names}
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    gc.collect()
-    gc.disable()
-    try:
-        for rep in range(reps):
-            for name in names[rep % len(names):] + names[:rep % len(names)]:
-                start = time.perf_counter()
-                for _ in range(number[name]):
-                    calls[name]()
-                samples[name].append(1e3 * (time.perf_counter() - start) / number[name])
-    finally:
-        gc.enable()
+    """Median ms per call of bench_ecmt's interleaved measurement."""
+    samples = interleaved_samples(calls, reps=reps, warmup=warmup, min_sample_ms=min_sample_ms)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
