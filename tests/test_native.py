@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 import spikec
 from examples import fixtures
+from op_models import one_node_model
 from spikec.runtime import InferenceSession, native, ops, run_stateful
 
 pytestmark = pytest.mark.skipif(not native.available(),
@@ -19,21 +19,7 @@ T, B, C = 7, 6, 9
 
 
 def _model(op_type: str, params: dict[str, np.ndarray], **attrs) -> onnx.ModelProto:
-    """A one-node model in a spikec op's signature: inputs, states (Step form), params, t (Step form)."""
-    op = ops.op_for(op_type)
-    step = op_type.endswith("Step")
-    states = list(op.states) if step else []
-    inputs = [*op.inputs, *states, *params, *(["t"] if step else [])]
-    outputs = [*op.outputs, *(out for _, out in op.state_names())] if step else list(op.outputs)
-    node = helper.make_node(op_type, inputs, outputs, domain=ops.DOMAIN, **attrs)
-    graph_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, C]) for n in op.inputs]
-    graph_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, None]) for n in states]
-    graph_inputs += [helper.make_tensor_value_info("t", TensorProto.FLOAT, [])] if step else []
-    graph = helper.make_graph([node], "g", graph_inputs,
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
-                              [onnx.numpy_helper.from_array(v, k) for k, v in params.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
-                             functions=ops.functions_for({op_type}, 17))
+    return one_node_model(op_type, params, C, **attrs)
 
 
 def _pair(model: onnx.ModelProto) -> tuple[InferenceSession, InferenceSession]:

@@ -2,26 +2,16 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
+from op_models import one_node_model
 from spikec.runtime import InferenceSession
 from spikec.runtime import ops
 
 T, B, C = 6, 3, 5
 
 
-def _session(op_type: str, data_inputs: list[str], outputs: list[str], params: dict[str, np.ndarray], **attrs):
-    """A one-node model; inputs are named after the op's signature."""
-    state_like = [n for n in data_inputs if n not in ("x", "y", "t")]
-    node = helper.make_node(op_type, [*data_inputs[:1], *state_like, *params, *(["t"] if "t" in data_inputs else [])],
-                            outputs, domain=ops.DOMAIN, **attrs)
-    graph_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [] if n == "t" else [None, None if n in state_like else C])
-                    for n in data_inputs]
-    graph = helper.make_graph([node], "g", graph_inputs,
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None, C]) for o in outputs],
-                              [onnx.numpy_helper.from_array(v, k) for k, v in params.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
-                              functions=ops.functions_for({op_type}, 17))
+def _session(op_type: str, params: dict[str, np.ndarray], **attrs) -> InferenceSession:
+    model = one_node_model(op_type, params, C, **attrs)
     onnx.checker.check_model(model, full_check=True)
     return InferenceSession(model)
 
@@ -53,7 +43,7 @@ def test_mt_neuron_matches_equations(per_channel):
     x[0, 0, 0] = 1000.0  # beyond the top level: clipped at 2^(n-1), the rest stays in v
     theta_pos = (rng.uniform(0.2, 1.0, C) if per_channel else np.array(0.5)).astype(np.float32)
     theta_neg = (rng.uniform(0.2, 1.0, C) if per_channel else np.array(0.3)).astype(np.float32)
-    session = _session("MTNeuron", ["x"], ["spikes"], {"theta_pos": theta_pos, "theta_neg": theta_neg},
+    session = _session("MTNeuron", {"theta_pos": theta_pos, "theta_neg": theta_neg},
                        levels=4, timesteps=T)
     got = session.run(None, {"x": x.reshape(T * B, C)})[0].reshape(T, B, C)
     want = mt_reference(x.astype(np.float64), theta_pos, theta_neg, 4)
@@ -71,7 +61,7 @@ def test_mt_neuron_rate_approaches_input():
     theta = np.array(0.25, np.float32)
     errors = []
     for steps in (2, 16):
-        session = _session("MTNeuron", ["x"], ["spikes"], {"theta_pos": theta, "theta_neg": theta},
+        session = _session("MTNeuron", {"theta_pos": theta, "theta_neg": theta},
                            levels=8, timesteps=steps)
         codes = session.run(None, {"x": np.tile(x, (steps, 1))})[0].reshape(steps, B, C)
         errors.append(np.max(np.abs(codes.mean(0) * theta - x)))
@@ -83,8 +73,8 @@ def test_expectation_compensation_recovers_function_of_mean():
     """ECAccumulate -> F -> ECCompensate: the running mean of the output is F(running mean of the input)."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((T, B, C)).astype(np.float32)
-    acc = _session("ECAccumulate", ["x"], ["mean"], {}, timesteps=T)
-    comp = _session("ECCompensate", ["y"], ["out"], {}, timesteps=T)
+    acc = _session("ECAccumulate", {}, timesteps=T)
+    comp = _session("ECCompensate", {}, timesteps=T)
     means = acc.run(None, {"x": x.reshape(T * B, C)})[0].reshape(T, B, C)
     np.testing.assert_allclose(means, np.cumsum(x, 0) / np.arange(1, T + 1)[:, None, None], rtol=1e-6, atol=1e-6)
     f = np.tanh(means)
@@ -101,10 +91,9 @@ def test_step_form_equals_unrolled(name):
     params = {p: np.float32(0.4 + 0.1 * i) * np.ones((), np.float32) for i, p in enumerate(op.params)}
     attrs = {a: 8 for a in op.attributes}
     data = op.inputs[0]
-    unrolled = _session(op.name, [data], list(op.outputs), params, timesteps=T, **attrs)
+    unrolled = _session(op.name, params, timesteps=T, **attrs)
     want = unrolled.run(None, {data: x.reshape(T * B, C)})[0].reshape(T, B, C)
-    step = _session(op.step_name, [data, *op.states, "t"], [*op.outputs, *(o for _, o in op.state_names())],
-                    params, **attrs)
+    step = _session(op.step_name, params, **attrs)
     states = {s: np.zeros((1, 1), np.float32) for s in op.states}
     for t in range(T):
         values = step.run(None, {data: x[t], "t": np.array(t + 1, np.float32), **states})
@@ -118,7 +107,7 @@ def test_mt_neuron_level_boundaries_follow_eq25():
     bounds = theta * (2.0 ** np.arange(4) - 0.5)
     x = np.concatenate([bounds, -bounds, bounds - 1e-3, [0.0]]).astype(np.float32)
     x = np.pad(x, (0, (-len(x)) % C)).reshape(-1, C)
-    session = _session("MTNeuron", ["x"], ["spikes"], {"theta_pos": np.array(theta, np.float32),
+    session = _session("MTNeuron", {"theta_pos": np.array(theta, np.float32),
                                                        "theta_neg": np.array(theta, np.float32)},
                        levels=4, timesteps=1)
     got = session.run(None, {"x": x})[0].ravel()[:13]
