@@ -16,8 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spikec.passes.patterns import Region
-from spikec.passes.timing import (compensate_region, fresh_like, is_affine, is_constant, require_convertible,
-                                  spikec_node, varying_tensors)
+from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant
 
 # Region kinds whose operands are activations feeding a product.
 _WEIGHT_PRODUCT = "weight_matmul"
@@ -71,18 +70,12 @@ def insert_neurons(graph: gs.Graph, sites: dict[str, list[tuple[gs.Node, int]]],
     report = []
     tensors = graph.tensors()
     for name, operands in sites.items():
-        tensor, theta = tensors[name], thresholds[name]
-        node_name = f"{name}/MTNeuron"
-        spikes = fresh_like(tensor, ".spikes")
-        scaled = fresh_like(tensor, ".spike_value")
-        theta_pos = gs.Constant(f"{name}.theta_pos", theta.positive)
-        graph.nodes.append(spikec_node("MTNeuron", node_name,
-                                       [tensor, theta_pos, gs.Constant(f"{name}.theta_neg", theta.negative)],
-                                       [spikes], levels=levels))
-        graph.nodes.append(gs.Node("Mul", f"{name}/SpikeValue", inputs=[spikes, theta_pos], outputs=[scaled]))
+        theta = thresholds[name]
+        scaled = attach_neuron(graph, tensors[name], "MTNeuron",
+                               {"theta_pos": theta.positive, "theta_neg": theta.negative}, "theta_pos", levels=levels)
         for node, index in operands:
             node.inputs[index] = scaled
-        report.append({"tensor": name, "node": node_name, "levels": levels,
+        report.append({"tensor": name, "node": f"{name}/MTNeuron", "levels": levels,
                        "theta_pos": theta.positive.tolist(), "theta_neg": theta.negative.tolist(),
                        "consumers": sorted({node.name for node, _ in operands})})
     return report
@@ -124,31 +117,11 @@ def _foldable_weight_index(node: gs.Node, activation) -> int | None:
     return None
 
 
-def compensate_nonlinear(graph: gs.Graph, regions: list[Region], allow_float: set[str]) -> list[dict]:
-    """Expectation compensation around every region/node that is not affine in time-varying inputs."""
-    graph.toposort()
-    sources = [n.outputs[0].name for n in graph.nodes if n.domain == "spikec" and n.op == "MTNeuron"]
-    varying = varying_tensors(graph, sources)
-    require_convertible(graph, varying, allow_float)
-    in_region = {id(n) for r in regions for n in r.nodes}
-    units = [(r.name, r.kind, r.nodes) for r in regions]
-    units += [(n.name, "node", [n]) for n in list(graph.nodes) if id(n) not in in_region and n.domain != "spikec"]
-    report = []
-    for name, kind, nodes in units:
-        kept_float = any(n.op in allow_float or n.name in allow_float for n in nodes)
-        if kept_float or all(is_affine(n, varying) for n in nodes):
-            continue
-        inserted = compensate_region(graph, nodes, varying, name)
-        report.append({"region": name, "kind": kind, "ops": [n.op for n in nodes], **inserted})
-    graph.toposort()
-    return report
-
-
 def rewrite(graph: gs.Graph, regions: list[Region], thresholds: dict[str, Thresholds], *, levels: int = 8,
             allow_float: frozenset[str] = frozenset()) -> dict:
     """Rewrite a canonicalized ANN graph into its ECMT SNN (generic spikec ops, no time structure yet)."""
     sites = neuron_sites(regions)
     neurons = insert_neurons(graph, sites, thresholds, levels)
-    compensated = compensate_nonlinear(graph, regions, set(allow_float))
+    timing = convert_time(graph, regions, set(allow_float), MEAN)
     folded = fold_thresholds_into_weights(graph)
-    return {"neurons": neurons, "compensated": compensated, "ppn_folded_products": folded}
+    return {"neurons": neurons, "compensated": timing["compensated"], "ppn_folded_products": folded}

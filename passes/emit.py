@@ -12,8 +12,14 @@ Both forms run the same generic spikec ops, so they compute the same thing:
   zeros (a tensor of ones-shape broadcasts: the driver passes shape [1]*rank). Output ``y`` is the
   result after the steps run so far.
 
-Mean semantics (ECMT): the input is presented at every step and biases act at every step; an
-output is the running mean of its per-step values.
+The time semantics (passes/timing.py) decide what ``y`` and ``y.steps`` are. Mean semantics (ECMT):
+the input is presented at every step, biases act at every step, an output is the running mean of its
+per-step values. Sum semantics (SpikeZIP-TF): time-invariant tensors count at the first step only
+(each spikec ``Onset`` node is lowered here to a Where on the first step's rows, or on ``spikec.t == 1``),
+an output is the running sum of its per-step values, and the model also outputs how many spikes each
+sample fired at each step: ``spikec.spikes.steps`` [T, B] (unrolled) or ``spikec.spikes`` [B]
+(stateful). Once a sample fires nothing at a step after the first, it never fires again and its
+outputs are final: the last step with spikes is its T_eq.
 """
 from __future__ import annotations
 
@@ -21,9 +27,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from spikec.passes.timing import replace_uses, spikec_node, varying_tensors
+from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, spikec_node, varying_tensors
 from spikec.runtime import ops as spec
-from spikec.runtime.layout import NEXT_STATE_PREFIX, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
 
 
 def _readout_sources(graph: gs.Graph) -> set[str]:
@@ -34,8 +40,8 @@ def _is_float(tensor: gs.Variable) -> bool:
     return tensor.dtype is not None and np.issubdtype(np.dtype(tensor.dtype), np.floating)
 
 
-def _add_rate_readouts(graph: gs.Graph) -> list[tuple[gs.Variable, gs.Variable]]:
-    """Route each time-varying output through a running mean; returns (readout, original output) pairs."""
+def _add_rate_readouts(graph: gs.Graph, semantics: str) -> list[tuple[gs.Variable, gs.Variable]]:
+    """Route each time-varying output through a running mean (or sum); returns (readout, original output) pairs."""
     varying = _readout_sources(graph)
     pairs = []
     for output in list(graph.outputs):
@@ -44,13 +50,66 @@ def _add_rate_readouts(graph: gs.Graph) -> list[tuple[gs.Variable, gs.Variable]]
             continue
         per_step = gs.Variable(f"{output.name}.per_step", dtype=output.dtype, shape=output.shape)
         replace_uses(output, per_step, producer=True)
-        graph.nodes.append(spikec_node("ECAccumulate", f"readout/{output.name}", [per_step], [output]))
+        graph.nodes.append(spikec_node("ECAccumulate", f"readout/{output.name}", [per_step], [output],
+                                       average=int(semantics == MEAN)))
         pairs.append((output, per_step))
     return pairs
 
 
-def emit_unrolled(graph: gs.Graph, timesteps: int) -> gs.Graph:
-    _add_rate_readouts(graph)
+def _const(name: str, value, dtype=np.int64) -> gs.Constant:
+    return gs.Constant(name, np.array(value, dtype))
+
+
+def _batch_size(graph: gs.Graph) -> gs.Variable:
+    """[1] int64: the batch size B of the first batched graph input (before time folding)."""
+    source = next((i for i in graph.inputs if i.shape), None)
+    if source is None:
+        raise ValueError("the model has no batched input to count spikes per sample")
+    shape, batch = gs.Variable("spikec.batch_shape", dtype=np.int64), gs.Variable("spikec.batch", dtype=np.int64)
+    graph.nodes += [gs.Node("Shape", "time/batch_shape", inputs=[source], outputs=[shape]),
+                    gs.Node("Slice", "time/batch", inputs=[shape, _const("spikec.zero1", [0]), _const("spikec.one1", [1])],
+                            outputs=[batch])]
+    return batch
+
+
+def _add_spike_counts(graph: gs.Graph, leading: list, name: str) -> None:
+    """Output ``name``: spikes fired per row of ``leading`` + [B] (a shape prefix of constants and tensors)."""
+    neurons = [n for n in graph.nodes if n.domain == "spikec" and n.op in NEURON_OPS]
+    if not neurons:
+        return
+    target = gs.Variable(f"{name}.shape", dtype=np.int64)
+    graph.nodes.append(gs.Node("Concat", f"count/{name}/shape", attrs={"axis": 0},
+                               inputs=[*leading, _const(f"{name}.rest", [-1])], outputs=[target]))
+    counts = []
+    for neuron in neurons:
+        spikes = neuron.outputs[0]
+        magnitude, rows, count = (gs.Variable(f"{spikes.name}.{s}", dtype=np.float32) for s in ("abs", "rows", "count"))
+        graph.nodes += [
+            gs.Node("Abs", f"count/{neuron.name}/abs", inputs=[spikes], outputs=[magnitude]),
+            gs.Node("Reshape", f"count/{neuron.name}/rows", inputs=[magnitude, target], outputs=[rows]),
+            gs.Node("ReduceSum", f"count/{neuron.name}/sum", attrs={"keepdims": 0},
+                    inputs=[rows, _const(f"{name}.axis", [len(leading)])], outputs=[count]),
+        ]
+        counts.append(count)
+    total = gs.Variable(name, dtype=np.float32)
+    graph.nodes.append(gs.Node("Sum", f"count/{name}", inputs=counts, outputs=[total]))
+    graph.outputs.append(total)
+
+
+def _lower_onsets(graph: gs.Graph, first_step) -> None:
+    """Replace each Onset(x, like) by Where(first_step(rank, like), x, 0)."""
+    for node in [n for n in graph.nodes if n.domain == "spikec" and n.op == "Onset"]:
+        data, like = node.inputs
+        rank = node.attrs["rank"]
+        node.op, node.domain = "Where", None
+        node.attrs.clear()
+        node.inputs.clear()
+        node.inputs.extend([first_step(rank, like), data,
+                            _const(f"{node.name}.zero", 0.0, np.float32)])
+
+
+def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN) -> gs.Graph:
+    _add_rate_readouts(graph, semantics)
     if any(i.shape and isinstance(i.shape[0], int) for i in graph.inputs):
         # A static batch B is written into the tensors' declared shapes, on whichever axis carries it
         # (axis 0, or merged as B*heads): with time folded in they hold T*B rows, and onnxruntime refuses
@@ -84,6 +143,33 @@ def emit_unrolled(graph: gs.Graph, timesteps: int) -> gs.Graph:
         final_outputs.append(final)
         step_outputs.append(steps)
     graph.outputs = final_outputs + step_outputs
+    if semantics == SUM:
+        masks: dict[tuple[str, int], gs.Variable] = {}
+
+        def first_step(rank: int, like: gs.Tensor) -> gs.Variable:
+            """[rows, 1, ..] bool over ``like``'s rows: true on the first step's (the first rows/T)."""
+            if (like.name, rank) in masks:
+                return masks[like.name, rank]
+            prefix = f"{like.name}.first_step{rank}"
+            shape, count, per_step, index, first, mask = (gs.Variable(f"{prefix}.{s}", dtype=d) for s, d in (
+                ("shape", np.int64), ("count", np.int64), ("per_step", np.int64), ("index", np.int64),
+                ("first", bool), ("mask", bool)))
+            graph.nodes += [
+                gs.Node("Shape", f"{prefix}/shape", inputs=[like], outputs=[shape]),
+                gs.Node("Gather", f"{prefix}/count", inputs=[shape, _const(f"{prefix}.axis0", 0)], outputs=[count]),
+                gs.Node("Div", f"{prefix}/per_step", inputs=[count, _const(f"{prefix}.t", timesteps)],
+                        outputs=[per_step]),
+                gs.Node("Range", f"{prefix}/index", inputs=[_const(f"{prefix}.start", 0), count,
+                                                           _const(f"{prefix}.step", 1)], outputs=[index]),
+                gs.Node("Less", f"{prefix}/first", inputs=[index, per_step], outputs=[first]),
+                gs.Node("Reshape", f"{prefix}/mask", inputs=[first, _const(f"{prefix}.mask_shape", [-1] + [1] * (rank - 1))],
+                        outputs=[mask]),
+            ]
+            masks[like.name, rank] = mask
+            return mask
+        _lower_onsets(graph, first_step)
+        spikes = SPIKES_OUTPUT + STEPS_SUFFIX
+        _add_spike_counts(graph, [_const("spikec.timesteps", [timesteps]), _batch_size(graph)], spikes)
     graph.toposort()
     return graph
 
@@ -114,9 +200,15 @@ def state_rank(node: gs.Node) -> int:
     return len(shape)
 
 
-def emit_stateful(graph: gs.Graph) -> gs.Graph:
-    _add_rate_readouts(graph)
+def emit_stateful(graph: gs.Graph, semantics: str = MEAN) -> gs.Graph:
+    _add_rate_readouts(graph, semantics)
     time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
+    if semantics == SUM:
+        _add_spike_counts(graph, [_batch_size(graph)], SPIKES_OUTPUT)
+        is_first = gs.Variable("spikec.first_step", dtype=bool, shape=[])
+        graph.nodes.append(gs.Node("Equal", "time/first_step", inputs=[time, _const("spikec.t1", 1.0, np.float32)],
+                                   outputs=[is_first]))
+        _lower_onsets(graph, lambda rank, like: is_first)
     state_inputs, state_outputs = [], []
     for node in [n for n in graph.nodes if n.domain == "spikec"]:
         op = spec.op_for(node.op)

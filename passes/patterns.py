@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-KINDS = ("attention", "layernorm", "gelu", "softmax", "weight_matmul", "act_matmul", "residual_add")
+KINDS = ("quantizer", "attention", "layernorm", "gelu", "softmax", "weight_matmul", "act_matmul", "residual_add")
 
 # An additive attention mask holds 0 where attention is allowed and a large negative number
 # elsewhere: -inf or finfo.min from torch/transformers, -1e4 in older code, -100 in Swin.
@@ -180,6 +180,57 @@ def _negative_axis(axis: int, rank: int | None) -> int:
 # Each takes a candidate main node and returns (nodes, attrs) or None.
 
 Match = tuple[list[gs.Node], dict] | None
+
+
+# Integer ranges of the zero-point types QuantizeLinear/DequantizeLinear pairs use.
+_QDQ_RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
+               np.dtype(np.int16): (-32768, 32767), np.dtype(np.uint16): (0, 65535)}
+
+
+def _match_qdq(quantize: gs.Node, ctx: _Context) -> Match:
+    """QuantizeLinear -> DequantizeLinear with one scalar scale and zero point (per-tensor), as
+    onnxruntime.quantization's QDQ format and QAT exports write an activation quantizer. Its value is
+    (clamp(round_half_even(x/s) + z, qmin, qmax) - z) * s: levels in [qmin - z, qmax - z]."""
+    if quantize.op != "QuantizeLinear" or not _default_domain(quantize) or _const(quantize.inputs[0]) is not None:
+        return None
+    dequantize = ctx.sole_consumer(quantize.outputs[0])
+    if not _is(dequantize, "DequantizeLinear"):
+        return None
+    scale, zero = _scalar(quantize.inputs[1]), quantize.inputs[2] if len(quantize.inputs) > 2 else None
+    zero_value = _const(zero) if zero is not None and zero.name else np.zeros((), np.uint8)
+    if scale is None or zero_value is None or zero_value.size != 1 or zero_value.dtype not in _QDQ_RANGES:
+        return None
+    dq_zero = dequantize.inputs[2] if len(dequantize.inputs) > 2 and dequantize.inputs[2].name else None
+    dq_zero_value = _const(dq_zero) if dq_zero is not None else np.zeros((), zero_value.dtype)
+    if _scalar(dequantize.inputs[1]) != scale or dq_zero_value is None \
+            or dq_zero_value.reshape(-1)[0] != zero_value.reshape(-1)[0]:
+        return None
+    qmin, qmax = _QDQ_RANGES[zero_value.dtype]
+    z = int(zero_value.reshape(-1)[0])
+    return [quantize, dequantize], {"format": "qdq", "scale": scale, "low": qmin - z, "high": qmax - z,
+                                    "rounding": "half_even", "input": quantize.inputs[0]}
+
+
+def _match_quantize_chain(floor: gs.Node, ctx: _Context) -> Match:
+    """spikec's own quantizer (passes/quantize.py, the reference code's LSQ forward):
+    Div(x, s) -> Add(0.5) -> Floor -> Clip(low, high) -> Mul(s) = clamp(floor(x/s + 1/2), low, high) * s."""
+    if floor.op != "Floor":
+        return None
+    add = _producer(floor.inputs[0])
+    shifted = _with_scalar(add, "Add")
+    div = _producer(shifted[0]) if shifted and _close(shifted[1], 0.5) else None
+    divided = _with_scalar(div, "Div")
+    clip = ctx.sole_consumer(floor.outputs[0])
+    mul = ctx.sole_consumer(clip.outputs[0]) if _is(clip, "Clip") and len(clip.inputs) == 3 else None
+    scaled = _with_scalar(mul, "Mul")
+    if not divided or not scaled or scaled[1] != divided[1] or len(add.outputs[0].outputs) != 1 \
+            or len(div.outputs[0].outputs) != 1:
+        return None
+    low, high = _scalar(clip.inputs[1]), _scalar(clip.inputs[2])
+    if low is None or high is None:
+        return None
+    return [div, add, floor, clip, mul], {"format": "spikec", "scale": divided[1], "low": int(low),
+                                          "high": int(high), "rounding": "half_up", "input": divided[0]}
 
 
 def _match_attention(node: gs.Node, ctx: _Context) -> Match:
@@ -513,6 +564,8 @@ def _same_shape(a: list, b: list) -> bool:
 
 
 _MATCHERS: list[tuple[str, Callable[[gs.Node, _Context], Match]]] = [
+    ("quantizer", _match_qdq),
+    ("quantizer", _match_quantize_chain),
     ("attention", _match_attention),
     ("layernorm", _match_layernorm_op),
     ("layernorm", _match_layernorm_decomposed),

@@ -1,23 +1,36 @@
-"""Time semantics of a spiking graph: which tensors vary over time steps, and expectation compensation.
+"""Time semantics of a spiking graph: which tensors vary over time steps, and compensation.
 
-Rate-coded methods (ECMT) use *mean semantics*: the input is presented at every step, biases are
-added at every step, and a tensor's value is its running mean over steps. A tensor varies over
-time only downstream of a neuron; everything computed from inputs and constants alone (embeddings,
-masks and their huge negative constants, shapes) is identical at every step and stays as is.
+A tensor varies over time only downstream of a neuron; everything computed from inputs and constants
+alone (embeddings, masks and their huge negative constants, shapes) is *time-invariant*: the same
+value at every step. Two semantics give a per-step tensor its meaning:
 
-An op whose outputs are affine in its time-varying inputs commutes with the running mean and runs
-unchanged on the per-step values. Any other op F gets expectation compensation (ECMT Eq. 15):
-ECAccumulate turns each varying input into its running mean, F runs in float on those means, and
-ECCompensate turns F's outputs back into per-step increments t*Y(t) - (t-1)*Y(t-1).
+* **mean** (ECMT, STA): the input is presented at every step and biases act at every step; a tensor's
+  value is the running mean of its per-step values. Time-invariant tensors are used as they are.
+* **sum** (SpikeZIP-TF): a tensor's value is the sum of its per-step values. A time-invariant tensor
+  (input charge, bias, position embedding, class token) must count once: where it enters a per-step
+  computation additively (a neuron's input, an operand of Add/Sub/Concat/Where, Gemm's C) it is gated
+  to the first step (spikec ``Onset``, lowered by passes/emit.py). Used multiplicatively (weights,
+  scales) it stays as it is.
+
+An op whose outputs are affine in its time-varying inputs runs unchanged on the per-step values. Any
+other op F is compensated: ECAccumulate turns each varying input into its running mean (or sum), F
+runs in float on those, and ECCompensate turns F's outputs back into per-step increments
+(t*Y(t) - (t-1)*Y(t-1), or Y(t) - Y(t-1)). A method may rewrite activation x activation products its
+own way (SpikeZIP-TF's SESA).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from spikec.errors import SpikecError
+from spikec.runtime import ops as spec
+
+MEAN, SUM = "mean", "sum"
+SEMANTICS = (MEAN, SUM)
+NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron"})
 
 # Ops whose outputs are linear functions of each input, or pure data movement.
 _LINEAR_IN_EVERY_INPUT = {
@@ -92,7 +105,27 @@ def require_convertible(graph: gs.Graph, varying: set[str], allow_float: set[str
 
 
 def spikec_node(op: str, name: str, inputs: list, outputs: list, **attrs) -> gs.Node:
-    return gs.Node(op=op, name=name, attrs=attrs, inputs=inputs, outputs=outputs, domain="spikec")
+    # Function attributes carry no defaults: every attribute a function body references is set.
+    defaults = spec.OPS[op].attributes if op in spec.OPS else {}
+    return gs.Node(op=op, name=name, attrs={**defaults, **attrs}, inputs=inputs, outputs=outputs, domain="spikec")
+
+
+def neuron_outputs(graph: gs.Graph) -> list[str]:
+    return [n.outputs[0].name for n in graph.nodes if n.domain == "spikec" and n.op in NEURON_OPS]
+
+
+def attach_neuron(graph: gs.Graph, tensor: gs.Variable, op: str, params: dict[str, np.ndarray], scale: str,
+                  **attrs) -> gs.Variable:
+    """A neuron ``op`` reading ``tensor``; returns its spike value, code * params[scale], which
+    fold_thresholds_into_weights may later fold into the weights that read it."""
+    node_name = f"{tensor.name}/{op}"
+    constants = {k: gs.Constant(f"{tensor.name}.{k}", np.asarray(v, np.float32)) for k, v in params.items()}
+    spikes = fresh_like(tensor, ".spikes")
+    scaled = fresh_like(tensor, ".spike_value")
+    graph.nodes.append(spikec_node(op, node_name, [tensor, *constants.values()], [spikes], **attrs))
+    graph.nodes.append(gs.Node("Mul", f"{tensor.name}/SpikeValue", inputs=[spikes, constants[scale]],
+                               outputs=[scaled]))
+    return scaled
 
 
 def replace_uses(tensor: gs.Tensor, replacement: gs.Tensor, *, producer: bool = False) -> None:
@@ -113,8 +146,17 @@ def fresh_like(tensor: gs.Variable, suffix: str) -> gs.Variable:
     return gs.Variable(f"{tensor.name}{suffix}", dtype=tensor.dtype or np.float32, shape=tensor.shape)
 
 
-def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], name: str) -> dict:
-    """Wrap ``nodes`` (a region evaluating one function F) in expectation compensation.
+def accumulate(graph: gs.Graph, tensor: gs.Variable, name: str, semantics: str) -> gs.Variable:
+    """Running mean (mean semantics) or running sum (sum semantics) of a per-step tensor."""
+    total = fresh_like(tensor, f".ec_{semantics}.{name}")
+    graph.nodes.append(spikec_node("ECAccumulate", f"{name}/ECAccumulate.{tensor.name}", [tensor], [total],
+                                   average=int(semantics == MEAN)))
+    return total
+
+
+def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], name: str,
+                      semantics: str = MEAN) -> dict:
+    """Wrap ``nodes`` (a region evaluating one function F) in compensation.
 
     Returns a description of what was inserted, for reports."""
     inside = {id(n) for n in nodes}
@@ -125,11 +167,8 @@ def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], 
             if is_constant(tensor) or tensor.name not in varying or tensor.name in produced:
                 continue
             if tensor.name not in entering:
-                # A tensor may enter several regions: each gets its own running mean, named after it.
-                mean = fresh_like(tensor, f".ec_mean.{name}")
-                graph.nodes.append(spikec_node("ECAccumulate", f"{name}/ECAccumulate{len(entering)}",
-                                               [tensor], [mean]))
-                entering[tensor.name] = mean
+                # A tensor may enter several regions: each gets its own accumulator, named after it.
+                entering[tensor.name] = accumulate(graph, tensor, name, semantics)
             node.inputs[i] = entering[tensor.name]
     graph_outputs = {t.name for t in graph.outputs}
     leaving = []
@@ -145,9 +184,117 @@ def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], 
                         consumer.inputs[i] = increment
             graph.outputs = [increment if t is tensor else t for t in graph.outputs]
             graph.nodes.append(spikec_node("ECCompensate", f"{name}/ECCompensate{len(leaving)}",
-                                           [tensor], [increment]))
+                                           [tensor], [increment], average=int(semantics == MEAN)))
             # Downstream sees the compensated increments under the original name (graph outputs keep
             # theirs); F's output on the running means is the expectation.
             tensor.name, increment.name = increment.name, tensor.name
             leaving.append(increment.name)
     return {"inputs": sorted(entering), "outputs": leaving}
+
+
+# Inputs through which a time-invariant operand adds to the output of an op affine in its varying inputs.
+def _additive_inputs(node: gs.Node) -> Iterable[int]:
+    if node.op in ("Add", "Sub", "Sum", "Concat"):
+        return range(len(node.inputs))
+    if node.op == "Where":
+        return (1, 2)
+    if node.op == "Gemm":
+        return (2,)
+    return ()
+
+
+def _rank_of(node: gs.Node) -> int:
+    ranks = [len(t.shape) for t in [*node.outputs, *node.inputs] if t.shape is not None]
+    if not ranks:
+        raise SpikecError(f"node {node.name} ({node.op}): rank unknown, cannot gate its time-invariant inputs")
+    return max(ranks)
+
+
+def gate_to_first_step(graph: gs.Graph, node: gs.Node, index: int, rank: int, like: gs.Tensor) -> None:
+    """Sum semantics: node.inputs[index], a time-invariant tensor, counts at the first step only.
+
+    ``like`` is a tensor whose leading axis holds the steps' rows (a per-step input of ``node``): in the
+    time-unrolled form the gate keeps the first T-th of those rows."""
+    tensor = node.inputs[index]
+    # The rank is known (neuron states need it); the leading axis may grow to the steps' rows.
+    shape = [None, *tensor.shape[1:]] if tensor.shape is not None and len(tensor.shape) == rank else None
+    gated = gs.Variable(f"{tensor.name}.onset.{node.name}", dtype=tensor.dtype or np.float32, shape=shape)
+    graph.nodes.append(spikec_node("Onset", f"{node.name}/Onset{index}", [tensor, like], [gated], rank=rank))
+    node.inputs[index] = gated
+
+
+def _gate_invariant_operands(graph: gs.Graph, node: gs.Node, varying: set[str]) -> int:
+    if node.op == "Pad" and len(node.inputs) > 2 and node.inputs[2].name and 0 in _varying_inputs(node, varying):
+        value = node.inputs[2].values if is_constant(node.inputs[2]) else None
+        if value is None or np.any(value != 0):
+            raise SpikecError(f"node {node.name} (Pad): a non-zero pad value would be added at every step; "
+                              f"sum semantics needs it once")
+    moving = _varying_inputs(node, varying)
+    if not moving:
+        return 0
+    if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2].name:
+        _split_conv_bias(graph, node)
+        return 1
+    gated = 0
+    for index in _additive_inputs(node):
+        if index >= len(node.inputs) or not node.inputs[index].name or index in moving:
+            continue
+        gate_to_first_step(graph, node, index, _rank_of(node), node.inputs[moving[0]])
+        gated += 1
+    return gated
+
+
+def _split_conv_bias(graph: gs.Graph, conv: gs.Node) -> None:
+    """Conv(x, W, B) -> Add(Conv(x, W), B as [C, 1, ..]) with B gated to the first step: Conv's B input
+    must stay 1-D, the Add's operand can take the gate's leading rows axis."""
+    bias = conv.inputs[2]
+    out = conv.outputs[0]
+    rank = _rank_of(conv)
+    shaped = gs.Variable(f"{bias.name}.channels.{conv.name}", dtype=bias.dtype or np.float32)
+    product = fresh_like(out, ".unbiased")
+    graph.nodes.append(gs.Node("Reshape", f"{conv.name}/BiasShape",
+                               inputs=[bias, gs.Constant(f"{conv.name}.bias_shape",
+                                                         np.array([-1] + [1] * (rank - 2), np.int64))],
+                               outputs=[shaped]))
+    del conv.inputs[2]
+    conv.outputs[0] = product
+    add = gs.Node("Add", f"{conv.name}/Bias", inputs=[product, shaped], outputs=[out])
+    graph.nodes.append(add)
+    gate_to_first_step(graph, add, 1, rank, product)
+
+
+ProductRewrite = Callable[[gs.Graph, gs.Node, str], dict]
+
+
+def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantics: str,
+                 product: ProductRewrite | None = None) -> dict:
+    """Give every op downstream of a neuron its per-step form: affine ops run as they are, other regions
+    are compensated (``product`` rewrites activation x activation MatMuls instead, if given), and in sum
+    semantics time-invariant tensors are gated to the first step where they add to per-step values."""
+    graph.toposort()
+    varying = varying_tensors(graph, neuron_outputs(graph))
+    require_convertible(graph, varying, allow_float)
+    in_region = {id(n) for r in regions for n in r.nodes}
+    units = [(r.name, r.kind, r.nodes) for r in regions]
+    units += [(n.name, "node", [n]) for n in list(graph.nodes) if id(n) not in in_region and n.domain != "spikec"]
+    compensated, gated = [], 0
+    for name, kind, nodes in units:
+        if any(n.op in allow_float or n.name in allow_float for n in nodes):
+            continue
+        if all(is_affine(n, varying) for n in nodes):
+            if semantics == SUM:
+                gated += sum(_gate_invariant_operands(graph, n, varying) for n in nodes)
+            continue
+        products = [n for n in nodes if n.op == "MatMul" and len(_varying_inputs(n, varying)) == 2]
+        if product is not None and kind in ("act_matmul", "node") and len(nodes) == 1 and products:
+            inserted = product(graph, nodes[0], name)
+        else:
+            inserted = compensate_region(graph, nodes, varying, name, semantics)
+        compensated.append({"region": name, "kind": kind, "ops": [n.op for n in nodes], **inserted})
+    if semantics == SUM:
+        for neuron in [n for n in graph.nodes if n.domain == "spikec" and n.op in NEURON_OPS]:
+            if neuron.inputs[0].name not in varying:
+                gate_to_first_step(graph, neuron, 0, _rank_of(neuron), neuron.inputs[0])
+                gated += 1
+    graph.toposort()
+    return {"compensated": compensated, "gated_to_first_step": gated}

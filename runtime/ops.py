@@ -144,44 +144,91 @@ MT_NEURON = SpikingOp(
 )
 
 
-# ------------------------------------------------------- expectation compensation (ECMT, Eq. 15)
+# ------------------------------------------------------------ ST-BIF+ neuron (SpikeZIP-TF, Eq. 1)
+
+def _stbif_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Eq. 1 with the reference code's initial membrane V_0 = theta/2. States start at zero, so the state
+    ``v`` holds V - theta/2: V + x >= theta becomes v + x >= theta/2 and V + x < 0 becomes v + x < -theta/2.
+    At equilibrium the tracer is clamp(floor(sum(x)/theta + 1/2), s_min, s_max): the quantizer's level."""
+    membrane = b.op("Add", env["v"], env["x"])
+    half = b.op("Mul", env["theta"], b.const(0.5))
+    up = b.op("And", b.op("GreaterOrEqual", membrane, half), b.op("Less", env["tracer"], env["s_max"]))
+    down = b.op("And", b.op("Less", membrane, b.op("Neg", half)), b.op("Greater", env["tracer"], env["s_min"]))
+    spike = b.op("Sub", b.op("Cast", up, to=TensorProto.FLOAT), b.op("Cast", down, to=TensorProto.FLOAT))
+    return ({"spikes": spike},
+            {"v": b.op("Sub", membrane, b.op("Mul", spike, env["theta"])), "tracer": b.op("Add", env["tracer"], spike)})
+
+
+ST_BIF_NEURON = SpikingOp(
+    name="STBIFNeuron",
+    summary=(
+        "ST-BIF+ neuron (SpikeZIP-TF Eq. 1): bipolar spikes of +-theta, soft reset, V_0 = theta/2, spike "
+        "tracer held in [s_min, s_max] (the quantizer's clamp range, in levels). Emits the spike code "
+        "(+1, 0, -1); the spikes accumulate to the quantizer's output clamp(round(x/theta))*theta."
+    ),
+    inputs=("x",),
+    params=("theta", "s_min", "s_max"),
+    states=("v", "tracer"),
+    outputs=("spikes",),
+    attributes={},
+    step=_stbif_step,
+)
+
+
+# ---------------------------------- compensation: ECMT's expectation (Eq. 15), SpikeZIP's difference (Eq. 5)
+# Attribute ``average`` picks the time semantics: 1 = mean semantics (ECMT: F sees running means, its
+# outputs are turned into increments t*Y(t) - (t-1)*Y(t-1)); 0 = sum semantics (SpikeZIP-TF: F sees
+# running sums, its outputs are differenced Y(t) - Y(t-1)). Both divide or multiply by w(t) = t or 1.
+
+def _weight_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
+    return {"average": b.op("Cast", b.attr_int("average"), to=TensorProto.FLOAT)}
+
+
+def _time_weight(b: NodeBuilder, env: dict[str, str]) -> str:
+    """w(t) = average*t + (1-average): exactly t or exactly 1."""
+    return b.op("Add", b.op("Mul", env["average"], env["t"]), b.op("Sub", b.const(1.0), env["average"]))
+
 
 def _accumulate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     total = b.op("Add", env["sum"], env["x"])
-    return {"mean": b.op("Div", total, env["t"])}, {"sum": total}
+    return {"mean": b.op("Div", total, _time_weight(b, env))}, {"sum": total}
 
 
 def _compensate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    weighted = b.op("Mul", env["t"], env["y"])
+    weighted = b.op("Mul", _time_weight(b, env), env["y"])
     return {"out": b.op("Sub", weighted, env["previous"])}, {"previous": weighted}
 
 
 EC_ACCUMULATE = SpikingOp(
     name="ECAccumulate",
-    summary="Running mean S(t)/t of its input: the expectation F is evaluated on (EC, Eq. 15).",
+    summary=("Running mean S(t)/t (average=1, ECMT EC Eq. 15) or running sum S(t) (average=0, SpikeZIP-TF "
+             "Eq. 5) of its input: what the compensated function F is evaluated on."),
     inputs=("x",),
     params=(),
     states=("sum",),
     outputs=("mean",),
-    attributes={},
+    attributes={"average": 1},
     step=_accumulate_step,
+    prologue=_weight_prologue,
 )
 
 EC_COMPENSATE = SpikingOp(
     name="ECCompensate",
     summary=(
-        "Expectation compensation t*Y(t) - (t-1)*Y(t-1) of F's output Y(t) = F(S(t)/t) (EC, Eq. 15): "
-        "the step outputs sum to t*F(mean input), so their running mean equals F of the running mean."
+        "Turns F's output Y(t) on the accumulated input into this step's increment: t*Y(t) - (t-1)*Y(t-1) "
+        "(average=1, ECMT Eq. 15: running mean of the increments = F of the running mean input) or "
+        "Y(t) - Y(t-1) (average=0, SpikeZIP-TF Eq. 5: the increments sum to F of the summed input)."
     ),
     inputs=("y",),
     params=(),
     states=("previous",),
     outputs=("out",),
-    attributes={},
+    attributes={"average": 1},
     step=_compensate_step,
+    prologue=_weight_prologue,
 )
 
-OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, EC_ACCUMULATE, EC_COMPENSATE)}
+OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, EC_ACCUMULATE, EC_COMPENSATE)}
 
 
 # ------------------------------------------------------------------------ function derivation

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from spikec.runtime import native as native_kernels
-from spikec.runtime.layout import NEXT_STATE_PREFIX, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
 
 
 class InferenceSession(ort.InferenceSession):
@@ -39,6 +39,10 @@ class InferenceSession(ort.InferenceSession):
         return self.spikec_metadata.get("spikec.mode", "ann")
 
     @property
+    def semantics(self) -> str:
+        return self.spikec_metadata.get("spikec.semantics", "mean")
+
+    @property
     def timesteps(self) -> int:
         return int(self.spikec_metadata.get("spikec.timesteps", "1"))
 
@@ -52,11 +56,18 @@ class InferenceSession(ort.InferenceSession):
                 if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)]
 
 
-def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int) -> dict[str, np.ndarray]:
+def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int,
+                 until_quiet: bool = False, keep_states: bool = False) -> dict[str, np.ndarray]:
     """Drive a stateful model for ``timesteps`` steps, presenting ``feeds`` at every step.
 
     Returns, per model output ``y``, ``y`` (after the last step) and ``y.steps`` ([T, B, ...], the output
-    after every step): the same layout a time-unrolled model returns."""
+    after every step): the same layout a time-unrolled model returns. With ``until_quiet`` (sum-semantics
+    models, which output spike counts), stops early after the first step past the first at which no
+    sample fired: the network is quiet from then on and its outputs final (dynamic T, capped by
+    ``timesteps``). With ``keep_states``, the neuron/compensation states after the last step are returned
+    too, under their ``spikec.next_state.*`` names."""
+    if until_quiet and SPIKES_OUTPUT not in {o.name for o in session.get_outputs()}:
+        raise ValueError(f"until_quiet: the model has no '{SPIKES_OUTPUT}' output (only sum-semantics models do)")
     inputs = {i.name: i for i in session.get_inputs()}
     states = {name: np.zeros([1] * len(info.shape), np.float32)
               for name, info in inputs.items() if name.startswith(STATE_PREFIX)}
@@ -68,17 +79,37 @@ def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], tim
         for name, value in zip(outputs, values):
             history[name].append(value)
         states = dict(zip(states, values[len(outputs):]))
+        if until_quiet and t > 1 and not history[SPIKES_OUTPUT][-1].any():
+            break
     result = {}
     for name, steps in history.items():
         result[name] = steps[-1]
         result[name + STEPS_SUFFIX] = np.stack(steps)
+    if keep_states:
+        result.update((NEXT_STATE_PREFIX + name[len(STATE_PREFIX):], value) for name, value in states.items())
     return result
 
 
-def run(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int | None = None) -> dict[str, np.ndarray]:
+def run(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int | None = None,
+        until_quiet: bool = False) -> dict[str, np.ndarray]:
     """Run a spikec model of either mode (or a plain ANN) and return every user-facing output by name,
     with ``y.steps`` for spiking models."""
     if session.mode == "stateful":
-        return run_stateful(session, feeds, timesteps or session.timesteps)
+        return run_stateful(session, feeds, timesteps or session.timesteps, until_quiet)
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds))))
+
+
+def equilibrium_steps(spikes_steps: np.ndarray) -> list[int | None]:
+    """T_eq per sample from a sum-semantics model's ``spikec.spikes.steps`` [T, B]: the last step at which
+    the sample fired (after it the sample is quiet for good), or None where it still fired at the last
+    step run (T_eq not reached)."""
+    counts = np.asarray(spikes_steps)
+    result: list[int | None] = []
+    for column in counts.reshape(counts.shape[0], -1).T:
+        active = np.flatnonzero(column)
+        if active.size and active[-1] == len(column) - 1:
+            result.append(None)
+        else:
+            result.append(int(active[-1]) + 1 if active.size else 1)
+    return result

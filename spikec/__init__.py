@@ -1,13 +1,13 @@
 """spikec: compile Transformer ANNs (ONNX) into spiking neural networks that run in onnxruntime."""
 from spikec.errors import SpikecError
 
-__all__ = ["SpikecError", "compile"]
+__all__ = ["SpikecError", "compile", "quantize"]
 
 
 def __getattr__(name: str):
     # Running a compiled model (spikec.runtime) must not pay for importing the compiler.
-    if name == "compile":
-        from spikec.compiler import compile
+    if name in ("compile", "quantize"):
+        from spikec import compiler
 
-        return compile
+        return getattr(compiler, name)
     raise AttributeError(f"module 'spikec' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""spikec command line: compile, run, inspect, eval, report."""
+"""spikec command line: compile, quantize, run, inspect, eval, report."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,19 @@ def cmd_compile(args) -> int:
                   method=args.method, timesteps=args.timesteps, mode=args.mode, levels=args.levels,
                   percentile=args.percentile, per_channel=args.per_channel,
                   allow_float=tuple(o for spec in args.allow_float for o in spec.split(",") if o),
-                  batch_size=args.batch_size, progress=not args.quiet, memory_budget=args.memory_budget)
+                  batch_size=args.batch_size, progress=not args.quiet, memory_budget=args.memory_budget,
+                  qann_output=args.save_qann)
+    if args.save_qann:
+        print(f"wrote {args.save_qann} (the quantized ANN)")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from spikec.compiler import quantize
+
+    quantize(args.model, args.calib, args.output, levels=args.levels, input_shapes=_input_shapes(args.input_shape),
+             batch_size=args.batch_size, progress=not args.quiet)
     print(f"wrote {args.output}")
     return 0
 
@@ -56,10 +68,28 @@ def cmd_run(args) -> int:
     session = _session(args.model)
     feeds = load_inputs(args.inputs, _user_inputs(args.model), what="inputs")
     outputs = run_dataset(session, feeds, batch_size=args.batch_size, timesteps=args.timesteps,
-                          progress=not args.quiet)
+                          until_quiet=args.until_quiet, progress=not args.quiet)
     save_arrays_atomic(outputs, args.output)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
+    if SPIKES_STEPS in outputs:
+        print(_equilibrium_line(outputs[SPIKES_STEPS]))
     return 0
+
+
+SPIKES_STEPS = "spikec.spikes.steps"
+
+
+def _equilibrium_line(spikes_steps: np.ndarray) -> str:
+    from spikec.runtime import equilibrium_steps
+
+    t_eq = equilibrium_steps(spikes_steps)
+    reached = [t for t in t_eq if t is not None]
+    line = f"T_eq (steps until no neuron fires): {len(reached)} of {len(t_eq)} samples quiet"
+    if reached:
+        line += f", max {max(reached)}, mean {np.mean(reached):.1f}"
+    if len(reached) < len(t_eq):
+        line += f"; {len(t_eq) - len(reached)} still firing at step {len(spikes_steps)}: raise --timesteps"
+    return line
 
 
 def _user_inputs(path: str):
@@ -139,15 +169,19 @@ def cmd_inspect(args) -> int:
             rewrites.add_row(row["region"], row["kind"], " ".join(row["original_ops"]), "\n".join(row["spikec_ops"]))
         console.print(rewrites)
     if info["neurons"]:
+        from spikec.graphinfo import neuron_label
+
         counts = {site["tensor"]: site["neurons"] for site in info["neuron_counts"]["sites"]}
-        neurons = Table(title=f"MT neurons: {info['neuron_counts']['mt_neuron_nodes']} MTNeuron nodes, "
+        neurons = Table(title=f"neurons: {info['neuron_counts']['neuron_nodes']} neuron nodes, "
                               f"{info['neuron_counts']['neurons_total'] or '?'} neurons per sample")
-        for column in ("input tensor", "neurons", "levels", "theta_pos", "theta_neg", "feeds"):
+        for column in ("input tensor", "neurons", "neuron", "thresholds", "feeds"):
             neurons.add_column(column)
         for row in info["neurons"]:
             count = counts.get(row["tensor"])
-            neurons.add_row(row["tensor"], "?" if count is None else str(count), str(row["levels"]),
-                            _summary(row["theta_pos"]), _summary(row["theta_neg"]), ", ".join(row["consumers"]))
+            thresholds = (f"+{_summary(row['theta_pos'])} / -{_summary(row['theta_neg'])}" if "theta_pos" in row
+                          else f"{row['threshold']:.4g}")
+            neurons.add_row(row["tensor"], "?" if count is None else str(count), neuron_label(row), thresholds,
+                            ", ".join(row.get("consumers", [row.get("region", "")])))
         console.print(neurons)
     if info["float_ops"]:
         floats = Table(title="ops outside the spikec op set, and why")
@@ -227,11 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="convert an ANN ONNX model into an SNN")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--method", default="ecmt", choices=["ecmt"])
+    p.add_argument("--method", default="ecmt", choices=["ecmt", "spikezip"])
     p.add_argument("--timesteps", "-T", type=int, default=8)
     p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
     p.add_argument("--mode", default="unrolled", choices=["unrolled", "stateful"])
-    p.add_argument("--levels", type=int, default=8, help="n: MT neurons get 2n thresholds")
+    p.add_argument("--levels", type=int, default=None,
+                   help="ecmt: n, MT neurons get 2n thresholds (default 8); spikezip: quantization levels L of "
+                        "a float model (default 16)")
+    p.add_argument("--save-qann", metavar="PATH", help="spikezip on a float model: also write the quantized ANN")
     p.add_argument("--percentile", type=float, default=99.0, help="p: theta_1/theta_2 from the p-th/(100-p)-th percentile")
     p.add_argument("--per-channel", action="store_true", help="thresholds per channel (last axis)")
     p.add_argument("--allow-float", action="append", default=[], metavar="OPS",
@@ -249,9 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--timesteps", "-T", type=int, default=None, help="steps for a stateful model")
+    p.add_argument("--until-quiet", action="store_true",
+                   help="stateful spikezip model: stop once no neuron fires (dynamic T, capped by --timesteps)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("quantize", help="post-training quantization into the QANN that spikezip converts")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
+    p.add_argument("--levels", type=int, default=16, help="quantization levels L")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="show what a model contains and what spikec rewrote")
     p.add_argument("model")

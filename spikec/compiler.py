@@ -17,12 +17,18 @@ from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
 from spikec.modelio import check_output_path, save_model_atomic
-from spikec.passes import ecmt, emit
+from spikec.passes import ecmt, emit, quantize as ptq, spikezip
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
+from spikec.passes.timing import MEAN, SUM
 
-METHODS = ("ecmt",)
+METHODS = ("ecmt", "spikezip")
+SEMANTICS = {"ecmt": MEAN, "spikezip": SUM}
+# levels: ECMT's n (2n thresholds, paper default 8); SpikeZIP-TF's quantization levels L (the reference
+# code's default is 32, its published runs use 16).
+DEFAULT_LEVELS = {"ecmt": 8, "spikezip": 16}
+LEVEL_RANGES = {"ecmt": (1, 24), "spikezip": (2, 2**16)}
 MODES = ("unrolled", "stateful")
 # The float32 step counter t is exact up to 2^24. Below that, the unrolled form is bounded by the memory
 # guard (spikec/memory.py): its activations grow with T.
@@ -34,7 +40,7 @@ class CompileOptions:
     method: str = "ecmt"
     timesteps: int = 8
     mode: str = "unrolled"
-    levels: int = 8          # n: MT neurons have 2n thresholds (ECMT's default n=8)
+    levels: int | None = None  # per method, see DEFAULT_LEVELS; None = that default
     percentile: float = 99.0  # p: theta_1 = p-th, theta_2 = -(100-p)-th percentile
     per_channel: bool = False
     allow_float: Sequence[str] = field(default_factory=tuple)
@@ -43,6 +49,12 @@ class CompileOptions:
     # Refuse an unrolled model whose estimated run memory (batch_size samples) exceeds this many bytes
     # (an int, or a string such as "8G"); None = 80 % of physical RAM. See spikec/memory.py.
     memory_budget: int | str | None = None
+    # SpikeZIP-TF on a float model: also write the quantized ANN it is equivalent to here.
+    qann_output: str | os.PathLike | None = None
+
+    @property
+    def level_count(self) -> int:
+        return DEFAULT_LEVELS[self.method] if self.levels is None else int(self.levels)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -52,8 +64,12 @@ class CompileOptions:
         if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, (int, np.integer)) \
                 or not 1 <= self.timesteps <= MAX_TIMESTEPS:
             raise SpikecError(f"argument timesteps={self.timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
-        if not isinstance(self.levels, (int, np.integer)) or not 1 <= self.levels <= 24:
-            raise SpikecError(f"argument levels={self.levels!r}: expected an integer in 1..24")
+        low, high = LEVEL_RANGES[self.method]
+        if self.levels is not None and (isinstance(self.levels, bool) or not isinstance(self.levels, (int, np.integer))
+                                        or not low <= self.levels <= high):
+            raise SpikecError(f"argument levels={self.levels!r}: expected an integer in {low}..{high} for {self.method}")
+        if self.qann_output is not None and self.method != "spikezip":
+            raise SpikecError("argument qann_output: only method spikezip quantizes the model")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) \
                 or self.batch_size < 1:
             raise SpikecError(f"argument batch_size={self.batch_size!r}: expected a positive integer")
@@ -88,39 +104,58 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         raise SpikecError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
     opts = CompileOptions(**options)
     opts.validate()
-    if output is not None:
-        check_output_path(output, model if isinstance(model, (str, os.PathLike)) else None)
+    for path in (output, opts.qann_output):
+        if path is not None:
+            check_output_path(path, model if isinstance(model, (str, os.PathLike)) else None)
 
     ann = canonicalize(load_model(model, input_shapes=input_shapes))
     feeds = load_inputs(calibration, ann)
     graph = gs.import_onnx(ann)
     regions = find_regions(graph)
-    sites = ecmt.neuron_sites(regions)
-    if not sites:
-        raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
+    report: dict = {}
+    if opts.method == "spikezip":
+        if not any(r.kind == "quantizer" for r in regions):
+            ann, report["quantization"] = _quantize(ann, graph, regions, feeds, opts)
+            if opts.qann_output is not None:
+                save_model_atomic(ann, opts.qann_output)
+            graph = gs.import_onnx(ann)
+            regions = find_regions(graph)
+        elif opts.levels is not None:
+            raise SpikecError("argument levels: the model is already quantized (it has QuantizeLinear/DequantizeLinear "
+                              "pairs); leave levels out")
+        sites = [r.attrs["input"].name for r in regions if r.kind == "quantizer"]
+    else:
+        sites = ecmt.neuron_sites(regions)
+        if not sites:
+            raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
     if opts.mode == "unrolled":
         check_time_folding(ann, feeds)
     # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
     check_budget(estimate_memory(ann, feeds, batch=opts.batch_size, neuron_sites=sites),
                  mode=opts.mode, timesteps=opts.timesteps, budget=parse_budget(opts.memory_budget))
-    stats = collect_statistics(ann, feeds, list(sites), batch_size=opts.batch_size, progress=opts.progress)
-    # Algorithm 1, line 4: theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile.
-    thresholds = {name: ecmt.Thresholds.from_percentiles(s.percentile(opts.percentile, opts.per_channel),
-                                                         s.percentile(100.0 - opts.percentile, opts.per_channel))
-                  for name, s in stats.items()}
-
-    report = ecmt.rewrite(graph, regions, thresholds, levels=opts.levels, allow_float=frozenset(opts.allow_float))
-    report["regions"] = describe(regions)
-    report["calibration"] = {name: s.to_json() for name, s in stats.items()}
-    if opts.mode == "unrolled":
-        emit.emit_unrolled(graph, opts.timesteps)
+    allow_float = frozenset(opts.allow_float)
+    if opts.method == "spikezip":
+        report.update(spikezip.rewrite(graph, regions, allow_float=allow_float))
     else:
-        emit.emit_stateful(graph)
+        stats = collect_statistics(ann, feeds, list(sites), batch_size=opts.batch_size, progress=opts.progress)
+        # Algorithm 1, line 4: theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile.
+        thresholds = {name: ecmt.Thresholds.from_percentiles(s.percentile(opts.percentile, opts.per_channel),
+                                                             s.percentile(100.0 - opts.percentile, opts.per_channel))
+                      for name, s in stats.items()}
+        report.update(ecmt.rewrite(graph, regions, thresholds, levels=opts.level_count, allow_float=allow_float))
+        report["calibration"] = {name: s.to_json() for name, s in stats.items()}
+    report["regions"] = describe(regions)
+    semantics = report["semantics"] = SEMANTICS[opts.method]
+    if opts.mode == "unrolled":
+        emit.emit_unrolled(graph, opts.timesteps, semantics)
+    else:
+        emit.emit_stateful(graph, semantics)
     metadata = {
         "spikec.method": opts.method,
         "spikec.mode": opts.mode,
+        "spikec.semantics": semantics,
         "spikec.timesteps": str(opts.timesteps),
-        "spikec.options": json.dumps({"levels": opts.levels, "percentile": opts.percentile,
+        "spikec.options": json.dumps({"levels": opts.level_count, "percentile": opts.percentile,
                                       "per_channel": opts.per_channel,
                                       "allow_float": sorted(opts.allow_float)}, sort_keys=True),
         "spikec.report": json.dumps(report, sort_keys=True, default=_json_default),
@@ -129,6 +164,43 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     if output is not None:
         save_model_atomic(snn, output)
     return snn
+
+
+def _quantize(ann: onnx.ModelProto, graph: gs.Graph, regions: list, feeds: Mapping[str, np.ndarray],
+              opts: CompileOptions) -> tuple[onnx.ModelProto, list[dict]]:
+    """SpikeZIP-TF step 1 by post-training quantization (passes/quantize.py): the QANN and what was inserted."""
+    sites = ptq.quantizer_sites(regions)
+    if not sites:
+        raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to quantize")
+    stats = collect_statistics(ann, feeds, [s.tensor for s in sites], batch_size=opts.batch_size,
+                               max_values=200_000, progress=opts.progress)
+    quantizers = {name: ptq.choose_quantizer(s, opts.level_count) for name, s in stats.items()}
+    inserted = ptq.insert_quantizers(graph, sites, quantizers)
+    qann = gs.export_onnx(graph, do_type_check=False)
+    del qann.opset_import[:]
+    qann.opset_import.extend(ann.opset_import)
+    qann.ir_version = ann.ir_version
+    qann.producer_name = "spikec (quantized ANN)"
+    return canonicalize(qann), inserted
+
+
+def quantize(model: str | os.PathLike | onnx.ModelProto,
+             calibration: str | os.PathLike | Mapping[str, np.ndarray],
+             output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS["spikezip"],
+             input_shapes: Mapping[str, Sequence[int | str]] | None = None, batch_size: int = 32,
+             progress: bool = True) -> onnx.ModelProto:
+    """The quantized ANN (QANN) that ``compile(method="spikezip", levels=levels)`` converts: an ONNX model
+    with a quantizer before every product operand and after every product, for stock onnxruntime."""
+    opts = CompileOptions(method="spikezip", levels=levels, batch_size=batch_size, progress=progress)
+    opts.validate()
+    if output is not None:
+        check_output_path(output, model if isinstance(model, (str, os.PathLike)) else None)
+    ann = canonicalize(load_model(model, input_shapes=input_shapes))
+    graph = gs.import_onnx(ann)
+    qann, _ = _quantize(ann, graph, find_regions(graph), load_inputs(calibration, ann), opts)
+    if output is not None:
+        save_model_atomic(qann, output)
+    return qann
 
 
 def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:

@@ -11,8 +11,8 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from spikec.errors import SpikecError
-from spikec.runtime.layout import STEPS_SUFFIX
-from spikec.runtime.session import InferenceSession, run
+from spikec.runtime.layout import NEXT_STATE_PREFIX, STEPS_SUFFIX
+from spikec.runtime.session import InferenceSession, equilibrium_steps, run, run_stateful
 
 
 def _label(model: str | os.PathLike | onnx.ModelProto | InferenceSession) -> str:
@@ -53,10 +53,17 @@ def _check_run_arguments(session: InferenceSession, label: str, batch_size, time
 
 
 def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, feeds: Mapping[str, np.ndarray],
-                *, batch_size: int = 32, timesteps: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
-    """Run any model (ANN or spikec, either mode) over all samples; ``y.steps`` outputs are [T, N, ...]."""
+                *, batch_size: int = 32, timesteps: int | None = None, until_quiet: bool = False,
+                progress: bool = False) -> dict[str, np.ndarray]:
+    """Run any model (ANN or spikec, either mode) over all samples; ``y.steps`` outputs are [T, N, ...].
+
+    ``until_quiet`` (stateful sum-semantics models) stops each batch once it is quiet; its steps are then
+    padded to the longest batch's with the final values (which a quiet network keeps) and zero spikes."""
     session = open_session(model)
     _check_run_arguments(session, _label(model), batch_size, timesteps)
+    if until_quiet and not (session.mode == "stateful" and session.semantics == "sum"):
+        raise SpikecError(f"argument until_quiet: model {_label(model)} is not a stateful sum-semantics "
+                          f"(spikezip) model")
     wanted = {i.name for i in session.get_inputs() if not i.name.startswith("spikec.")}
     missing = wanted - set(feeds)
     if missing:
@@ -67,10 +74,18 @@ def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, f
     # disable=None lets tqdm stay quiet when stderr is not a terminal (logs, CI).
     for start in tqdm(starts, desc="running", disable=None if progress else True, leave=False):
         batch = {name: feeds[name][start:start + batch_size] for name in wanted}
-        for name, value in run(session, batch, timesteps).items():
+        for name, value in run(session, batch, timesteps, until_quiet).items():
             chunks.setdefault(name, []).append(value)
-    return {name: np.concatenate(parts, axis=1 if name.endswith(STEPS_SUFFIX) else 0)
+    return {name: np.concatenate(_pad_steps(name, parts) if name.endswith(STEPS_SUFFIX) else parts,
+                                 axis=1 if name.endswith(STEPS_SUFFIX) else 0)
             for name, parts in chunks.items()}
+
+
+def _pad_steps(name: str, parts: list[np.ndarray]) -> list[np.ndarray]:
+    longest = max(len(p) for p in parts)
+    spikes = name.startswith("spikec.spikes")
+    return [np.concatenate([p, np.zeros_like(p[-1:]).repeat(longest - len(p), 0) if spikes
+                            else p[-1:].repeat(longest - len(p), 0)]) for p in parts]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,3 +142,60 @@ def compare(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, 
     if not result:
         raise SpikecError(f"{snn}: no output of the SNN matches an ANN output by name")
     return result
+
+
+def quantizer_agreement(qann: str | os.PathLike | onnx.ModelProto, snn: str | os.PathLike | onnx.ModelProto,
+                        feeds: Mapping[str, np.ndarray], timesteps: int | None = None,
+                        boundary_tolerance: float = 1e-3) -> dict:
+    """SpikeZIP-TF equivalence, neuron by neuron: run a *stateful* SpikeZIP-TF model until quiet (at most
+    ``timesteps`` steps) and compare each ST-BIF+ neuron's spike tracer with the level the QANN's
+    quantizer picks on the same inputs (clamp(round(x/s)) in float32, halves rounded as the QANN does:
+    up for spikec's quantizer, to even for QuantizeLinear; ST-BIF+ rounds them up).
+
+    Float rounding differs between the two (the SNN sums per-step increments), so a quantizer input
+    within rounding error of a level boundary may round the other way, and the flip propagates. For each
+    sample this finds the first neuron (in graph order) that disagrees, and whether every disagreement
+    there sits within ``boundary_tolerance`` (in levels) of a boundary: such a sample is *explained*.
+    Returns {"t_eq": [...], "exact": [bool per sample], "explained": [...], "neurons": [per neuron]}."""
+    session = open_session(snn)
+    if session.mode != "stateful" or session.semantics != "sum":
+        raise SpikecError(f"model {_label(snn)}: expected a stateful SpikeZIP-TF model")
+    neurons = session.report.get("neurons", [])
+    result = run_stateful(session, feeds, timesteps or session.timesteps, until_quiet=True, keep_states=True)
+    qann_session = open_session(_with_outputs(qann, [n["tensor"] for n in neurons]))
+    inputs = {i.name for i in qann_session.get_inputs()}
+    values = qann_session.run([n["tensor"] for n in neurons], {k: v for k, v in feeds.items() if k in inputs})
+    samples = len(next(iter(feeds.values())))
+    first_bad: list[tuple[int, float] | None] = [None] * samples
+    rows = []
+    for index, (neuron, x) in enumerate(zip(neurons, values)):
+        levels = np.broadcast_to(result[f"{NEXT_STATE_PREFIX}{neuron['node']}.tracer"], x.shape)
+        # The level the QANN really picks, in its float32 arithmetic and its rounding rule.
+        scaled = x.astype(np.float32) / np.float32(neuron["threshold"])
+        rounded = np.rint(scaled) if neuron["rounding"] == "half_even" else np.floor(scaled + np.float32(0.5))
+        want = np.clip(rounded, neuron["s_min"], neuron["s_max"])
+        ratio = x.astype(np.float64) / np.float64(np.float32(neuron["threshold"]))
+        bad = (levels != want).reshape(samples, -1)
+        distance = np.abs(ratio - np.floor(ratio) - 0.5).reshape(samples, -1)
+        for b in np.flatnonzero(bad.any(axis=1)):
+            if first_bad[b] is None:
+                first_bad[b] = (index, float(distance[b][bad[b]].max()))
+        rows.append({"tensor": neuron["tensor"], "mismatched_values": int(bad.sum()), "values": int(bad.size)})
+    spikes = result.get("spikec.spikes.steps")
+    return {
+        "t_eq": equilibrium_steps(spikes) if spikes is not None else [],
+        "exact": [b is None for b in first_bad],
+        "explained": [b is None or b[1] <= boundary_tolerance for b in first_bad],
+        "first_mismatch": [None if b is None else {"neuron": neurons[b[0]]["tensor"], "boundary_distance": b[1]}
+                           for b in first_bad],
+        "neurons": rows,
+        "outputs": {name: result[name] for name in session.model_outputs() if name in result},
+    }
+
+
+def _with_outputs(model: str | os.PathLike | onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    copy = onnx.load(os.fspath(model)) if not isinstance(model, onnx.ModelProto) else onnx.ModelProto.FromString(
+        model.SerializeToString())
+    present = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names if n not in present)
+    return copy

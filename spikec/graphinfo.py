@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from spikec.errors import SpikecError
 from spikec.passes.canonicalize import infer_shapes
-from spikec.passes.timing import varying_tensors
+from spikec.passes.timing import NEURON_OPS, varying_tensors
 from spikec.runtime.layout import STATE_PREFIX
 
 PRODUCT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -213,7 +213,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
     before the ECCompensate are running means (the "mean domain" where ECMT evaluates F in float)."""
     graph = gs.import_onnx(model)
     graph.toposort()
-    neurons = [n for n in graph.nodes if n.domain == SPIKEC_DOMAIN and base_op(n) == "MTNeuron"]
+    neurons = [n for n in graph.nodes if n.domain == SPIKEC_DOMAIN and base_op(n) in NEURON_OPS]
     varying = varying_tensors(graph, [n.outputs[0].name for n in neurons])
     spikes = {n.outputs[0].name for n in neurons}
     allow = set(_options(model).get("allow_float", []))
@@ -282,19 +282,27 @@ def neuron_counts(report: dict, nodes: Sequence[NodeInfo], shapes: Shapes) -> di
                       "neurons": shapes.elements(neuron["tensor"])})
     counts = [s["neurons"] for s in sites]
     return {
-        "mt_neuron_nodes": sum(1 for n in nodes if n.domain == SPIKEC_DOMAIN and n.op == "MTNeuron"),
+        "neuron_nodes": sum(1 for n in nodes if n.domain == SPIKEC_DOMAIN and n.op in NEURON_OPS),
         "neurons_total": None if any(c is None for c in counts) else int(sum(counts)),
         "sites": sites,
     }
 
 
+def neuron_label(neuron: dict) -> str:
+    """One neuron site of a compile report, as the op and parameters it got."""
+    if "levels" in neuron:
+        return f"MTNeuron(levels={neuron['levels']})"
+    return f"STBIFNeuron(theta={neuron['threshold']:.4g}, tracer [{neuron['s_min']}, {neuron['s_max']}])"
+
+
 def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
     """Every recognized region (and every compensated single node): original ops -> what spikec made of it."""
     compensated = {c["region"]: c for c in report.get("compensated", [])}
-    levels = {n["tensor"]: n["levels"] for n in report.get("neurons", [])}
+    label = {n["tensor"]: neuron_label(n) for n in report.get("neurons", [])}
     fed_by: dict[str, list[str]] = {}
     for neuron in report.get("neurons", []):
-        for consumer in neuron["consumers"]:
+        # ECMT neurons feed products; a SpikeZIP-TF neuron stands where its quantizer region was
+        for consumer in neuron.get("consumers", [neuron.get("region")]):
             fed_by.setdefault(consumer, []).append(neuron["tensor"])
     category = {n.name: n.category for n in nodes}
     folded = {name for name, c in category.items() if c == "spike_product"}
@@ -306,13 +314,17 @@ def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
     for name, kind, members, ops in units:
         spikec_ops = []
         for tensor in sorted({t for m in members for t in fed_by.get(m, [])}):
-            spikec_ops.append(f"MTNeuron(levels={levels[tensor]}) on {tensor}")
+            spikec_ops.append(f"{label[tensor]} on {tensor}")
         if any(m in folded for m in members):
             spikec_ops.append("thresholds folded into weights (PPN)")
         if name in compensated:
             c = compensated[name]
-            spikec_ops.append(f"ECAccumulate x{len(c['inputs'])} -> {'/'.join(ops)} in float on means -> "
-                              f"ECCompensate x{len(c['outputs'])}")
+            accumulated = "running sums" if report.get("semantics") == "sum" else "means"
+            if c.get("rewrite") == "SESA":
+                spikec_ops.append(f"SESA: S_A B + A S_B - A B, ECAccumulate x2 ({accumulated})")
+            else:
+                spikec_ops.append(f"ECAccumulate x{len(c['inputs'])} -> {'/'.join(ops)} in float on {accumulated} "
+                                  f"-> ECCompensate x{len(c['outputs'])}")
         if not spikec_ops:
             kept = {category.get(m) for m in members} - {None}
             spikec_ops = ["kept in float (--allow-float)" if "allow_float" in kept
@@ -327,7 +339,7 @@ def summarize(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]] | None
     ``inputs`` (input name -> data shape) resolves symbolic dims for the neuron counts."""
     meta = metadata(model)
     if "spikec.method" not in meta:
-        return {"rewrites": [], "neuron_counts": {"mt_neuron_nodes": 0, "neurons_total": 0, "sites": []},
+        return {"rewrites": [], "neuron_counts": {"neuron_nodes": 0, "neurons_total": 0, "sites": []},
                 "float_ops": []}
     report = json.loads(meta.get("spikec.report", "{}"))
     nodes = classify_nodes(model)

@@ -173,6 +173,10 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     if meta.get("spikec.mode") != "unrolled":
         raise SpikecError(f"SNN {snn}: report needs a time-unrolled spikec model (got mode "
                           f"{meta.get('spikec.mode') or 'none: not a spikec model'}); compile with --mode unrolled")
+    if meta.get("spikec.method") != "ecmt":
+        # The report reads MT neuron levels and running means; SpikeZIP-TF has neither.
+        raise SpikecError(f"SNN {snn}: the HTML report covers ECMT models (got method {meta.get('spikec.method')}); "
+                          f"for SpikeZIP-TF use `spikec eval QANN SNN` (fidelity vs T) and `spikec run` (T_eq)")
     timesteps = int(meta["spikec.timesteps"])
     feeds = load_inputs(feeds, ann_model, what="inputs")
     samples = len(next(iter(feeds.values())))
@@ -573,7 +577,7 @@ def render_html(data: dict, directory: Path) -> str:
 
     model = data["model"]
     sections += ["<h2>Conversion</h2>",
-                 f"<p>{model['neuron_counts']['mt_neuron_nodes']} MTNeuron nodes, "
+                 f"<p>{model['neuron_counts']['neuron_nodes']} neuron nodes, "
                  f"{model['neuron_counts']['neurons_total']} neurons per sample.</p>",
                  "<details><summary>rewritten regions</summary>" + _table(
                      ["region", "kind", "original ops", "spikec ops"],

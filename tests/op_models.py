@@ -23,3 +23,26 @@ def one_node_model(op_type: str, params: dict[str, np.ndarray], channels: int, *
                               [onnx.numpy_helper.from_array(v, k) for k, v in params.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
                              functions=ops.functions_for({op_type}, 17))
+
+
+# Attribute values the op tests use: MT neurons with 4 levels, compensation in sum semantics (the
+# mean-semantics path is what the ECMT model tests exercise).
+EXAMPLE_ATTRIBUTES = {"levels": 4, "average": 0}
+
+
+def example_attributes(op: ops.SpikingOp) -> dict[str, int]:
+    return {a: EXAMPLE_ATTRIBUTES[a] for a in op.attributes}
+
+
+def example_params(op: ops.SpikingOp, rng: np.random.Generator, channels: int, per_channel: bool) -> dict[str, np.ndarray]:
+    """Valid parameters of ``op``: positive thresholds, integer tracer bounds around zero."""
+    shape = (channels,) if per_channel else ()
+    values = {}
+    for name in op.params:
+        if name == "s_min":
+            values[name] = -rng.integers(0, 6, shape).astype(np.float32)
+        elif name == "s_max":
+            values[name] = rng.integers(1, 6, shape).astype(np.float32)
+        else:
+            values[name] = rng.uniform(0.1, 1.0, shape).astype(np.float32)
+    return values

@@ -9,7 +9,7 @@ import pytest
 
 import spikec
 from examples import fixtures
-from op_models import one_node_model
+from op_models import example_attributes, example_params, one_node_model
 from spikec.runtime import InferenceSession, native, ops, run_stateful
 
 pytestmark = pytest.mark.skipif(not native.available(),
@@ -34,18 +34,21 @@ def _thetas(rng, per_channel: bool) -> dict[str, np.ndarray]:
             "theta_neg": rng.uniform(0.1, 1.0, shape).astype(np.float32)}
 
 
-def _inputs(rng, thetas: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """[T, B, C]: normal values at several scales; with thetas, also membranes on every level boundary
-    theta*(2^k - 1/2) of both sides (step 1 sees x as the membrane), zeros, -0, inf and NaN."""
+def _inputs(rng, params: dict[str, np.ndarray]) -> np.ndarray:
+    """[T, B, C]: normal values at several scales; membranes on every firing boundary (step 1 sees x as
+    the membrane): MT levels theta*(2^k - 1/2) of both sides, ST-BIF+'s +-theta/2; zeros, -0, inf, NaN."""
     x = (rng.standard_normal((T, B, C)) * rng.choice([0.1, 1.0, 10.0, 1e3], (T, B, C))).astype(np.float32)
-    if thetas is not None:
-        pos = np.broadcast_to(thetas["theta_pos"], (C,))
-        neg = np.broadcast_to(thetas["theta_neg"], (C,))
+    if "theta_pos" in params:
+        pos = np.broadcast_to(params["theta_pos"], (C,))
+        neg = np.broadcast_to(params["theta_neg"], (C,))
         for k in range(5):
             x[0, k % B] = pos * np.float32(2.0 ** k - 0.5)
             x[1, k % B] = -neg * np.float32(2.0 ** k - 0.5)
-        x[2, 0, :4] = [0.0, -0.0, np.inf, -np.inf]
-        x[3, 1, 0] = np.nan
+    if "theta" in params:
+        half = np.broadcast_to(params["theta"], (C,)) * np.float32(0.5)
+        x[0, 0], x[0, 1] = half, -half
+    x[2, 0, :4] = [0.0, -0.0, np.inf, -np.inf]
+    x[3, 1, 0] = np.nan
     return x
 
 
@@ -54,9 +57,9 @@ def _inputs(rng, thetas: dict[str, np.ndarray] | None = None) -> np.ndarray:
 def test_unrolled_matches_function(name, per_channel):
     op = ops.OPS[name]
     rng = np.random.default_rng(3)
-    params = _thetas(rng, per_channel) if op.params else {}
-    x = _inputs(rng, params or None).reshape(T * B, C)
-    portable, fast = _pair(_model(name, params, timesteps=T, **{a: 4 for a in op.attributes}))
+    params = example_params(op, rng, C, per_channel)
+    x = _inputs(rng, params).reshape(T * B, C)
+    portable, fast = _pair(_model(name, params, timesteps=T, **example_attributes(op)))
     want, = portable.run(None, {op.inputs[0]: x})
     got, = fast.run(None, {op.inputs[0]: x})
     # same float32 operations in the same order: equal, not merely close (NaN where the functions give NaN)
@@ -68,9 +71,9 @@ def test_unrolled_matches_function(name, per_channel):
 def test_step_matches_function(name, per_channel):
     op = ops.OPS[name]
     rng = np.random.default_rng(4)
-    params = _thetas(rng, per_channel) if op.params else {}
-    x = _inputs(rng, params or None)
-    portable, fast = _pair(_model(op.step_name, params, **{a: 3 for a in op.attributes}))
+    params = example_params(op, rng, C, per_channel)
+    x = _inputs(rng, params)
+    portable, fast = _pair(_model(op.step_name, params, **example_attributes(op)))
     states = {s: np.zeros((1, 1), np.float32) for s in op.states}  # t=1: a single zero broadcasts
     for t in range(T):
         feeds = {op.inputs[0]: x[t], "t": np.array(t + 1, np.float32), **states}
@@ -120,7 +123,7 @@ def test_native_kernels_replace_the_functions(tmp_path):
 
 
 def test_session_options_reuse_and_opt_out():
-    model = _model("ECAccumulate", {}, timesteps=T)
+    model = _model("ECAccumulate", {}, timesteps=T, average=1)
     options = ort.SessionOptions()
     first, second = InferenceSession(model, options), InferenceSession(model, options)  # registered once
     assert first.native and second.native and native.registered(options)

@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 import pytest
 
-from op_models import one_node_model
+from op_models import example_attributes, example_params, one_node_model
 from spikec.runtime import InferenceSession
 from spikec.runtime import ops
 
@@ -73,8 +73,8 @@ def test_expectation_compensation_recovers_function_of_mean():
     """ECAccumulate -> F -> ECCompensate: the running mean of the output is F(running mean of the input)."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((T, B, C)).astype(np.float32)
-    acc = _session("ECAccumulate", {}, timesteps=T)
-    comp = _session("ECCompensate", {}, timesteps=T)
+    acc = _session("ECAccumulate", {}, timesteps=T, average=1)
+    comp = _session("ECCompensate", {}, timesteps=T, average=1)
     means = acc.run(None, {"x": x.reshape(T * B, C)})[0].reshape(T, B, C)
     np.testing.assert_allclose(means, np.cumsum(x, 0) / np.arange(1, T + 1)[:, None, None], rtol=1e-6, atol=1e-6)
     f = np.tanh(means)
@@ -88,8 +88,8 @@ def test_step_form_equals_unrolled(name):
     op = ops.OPS[name]
     rng = np.random.default_rng(2)
     x = rng.standard_normal((T, B, C)).astype(np.float32) * 2
-    params = {p: np.float32(0.4 + 0.1 * i) * np.ones((), np.float32) for i, p in enumerate(op.params)}
-    attrs = {a: 8 for a in op.attributes}
+    params = example_params(op, rng, C, per_channel=False)
+    attrs = example_attributes(op)
     data = op.inputs[0]
     unrolled = _session(op.name, params, timesteps=T, **attrs)
     want = unrolled.run(None, {data: x.reshape(T * B, C)})[0].reshape(T, B, C)
@@ -116,3 +116,49 @@ def test_mt_neuron_level_boundaries_follow_eq25():
     np.testing.assert_array_equal(got[8:12], [0, 1, 2, 4])
     assert got[12] == 0
     np.testing.assert_array_equal(got, mt_reference(x[None].astype(np.float64), theta, theta, 4).ravel()[:13])
+
+
+def stbif_reference(x_steps, theta, s_min, s_max):
+    """Eq. 1 as printed, with V_0 = theta/2: V_t = V_(t-1) + x_t - theta*spike, S_t = S_(t-1) + spike,
+    spike = 1 if V >= theta and S < S_max, -1 if V < 0 and S > S_min."""
+    v = np.full(x_steps.shape[1:], theta / 2, np.float64)
+    tracer = np.zeros_like(v)
+    spikes = []
+    for x in x_steps:
+        m = v + x
+        spike = np.where((m >= theta) & (tracer < s_max), 1.0, np.where((m < 0) & (tracer > s_min), -1.0, 0.0))
+        v, tracer = m - spike * theta, tracer + spike
+        spikes.append(spike)
+    return np.stack(spikes)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_stbif_neuron_matches_eq1_and_ends_at_the_quantizer(per_channel):
+    """Input charge spread over the first steps, then silence: every step follows Eq. 1, at most one spike
+    of +-1 fires per step, and once quiet the spike count equals clamp(round(sum x / theta), s_min, s_max)."""
+    rng = np.random.default_rng(7)
+    steps, levels = 40, 8
+    theta = (rng.uniform(0.2, 1.0, C) if per_channel else np.array(0.37)).astype(np.float32)
+    s_min, s_max = np.float32(-levels), np.float32(levels - 1)
+    x = np.zeros((steps, B, C), np.float32)
+    x[:4] = rng.standard_normal((4, B, C)).astype(np.float32) * 2.5  # beyond the clamp range in places
+    session = _session("STBIFNeuron", {"theta": theta, "s_min": s_min, "s_max": s_max}, timesteps=steps)
+    got = session.run(None, {"x": x.reshape(steps * B, C)})[0].reshape(steps, B, C)
+    np.testing.assert_array_equal(got, stbif_reference(x.astype(np.float64), theta.astype(np.float64), s_min, s_max))
+    assert np.isin(got, [-1.0, 0.0, 1.0]).all()
+    quantized = np.clip(np.floor(x.sum(0, dtype=np.float64) / theta + 0.5), s_min, s_max)
+    np.testing.assert_array_equal(got.sum(0), quantized)
+    assert not got[4 + 2 * levels:].any()  # quiet well before the end: the count is final
+    assert (got.sum(0) == s_max).any() and (got.sum(0) == s_min).any()  # both clamps were exercised
+
+
+def test_sum_compensation_recovers_function_of_sum():
+    """average=0 (sum semantics, SpikeZIP-TF Eq. 5): ECAccumulate gives running sums, ECCompensate the
+    differences F(S(t)) - F(S(t-1)), whose sum over steps is F of the summed input."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((T, B, C)).astype(np.float32)
+    totals = _session("ECAccumulate", {}, timesteps=T, average=0).run(None, {"x": x.reshape(T * B, C)})[0]
+    np.testing.assert_allclose(totals.reshape(T, B, C), np.cumsum(x, 0), rtol=1e-6, atol=1e-6)
+    f = np.tanh(totals)
+    out = _session("ECCompensate", {}, timesteps=T, average=0).run(None, {"y": f})[0].reshape(T, B, C)
+    np.testing.assert_allclose(np.cumsum(out, 0), f.reshape(T, B, C), atol=1e-6)

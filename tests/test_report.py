@@ -174,7 +174,7 @@ def test_inspect_lists_rewrites_neurons_and_float_ops(made, capsys):
     info = inspect_model(str(made["snn"]))
     counts = info["neuron_counts"]
     per_block = 6 * TOKENS * DIM + HEADS * TOKENS ** 2 + TOKENS * MLP  # 6 x [17,64], softmax, GELU output
-    assert counts["mt_neuron_nodes"] == len(counts["sites"]) == 33
+    assert counts["neuron_nodes"] == len(counts["sites"]) == 33
     assert counts["neurons_total"] == BLOCKS * per_block + DIM
     float_ops = {r["category"]: r for r in info["float_ops"]}
     assert float_ops["spike_product"]["ops"] == {"Gemm": 1, "MatMul": 24}

@@ -46,6 +46,7 @@ inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, sizeof 
 struct MTNeuron {
   static constexpr const char* kName = "MTNeuron";
   static constexpr int kParams = 2;  // theta_pos, theta_neg
+  static constexpr int kStates = 1;  // v
   float top;                         // 2^(levels-1), as ops.py's Pow(2, levels-1)
 
   explicit MTNeuron(const OrtKernelInfo* info) {
@@ -55,7 +56,9 @@ struct MTNeuron {
     top = std::ldexp(1.0f, static_cast<int>(levels) - 1);
   }
 
-  float step(float x, float& v, float theta_pos, float theta_neg, float /*t*/) const {
+  float step(float x, float* state, const float* p, float /*t*/) const {
+    float& v = state[0];
+    const float theta_pos = p[0], theta_neg = p[1];
     const float membrane = v + x;
     const bool positive = membrane >= 0.0f;
     const float theta = positive ? theta_pos : theta_neg;
@@ -75,27 +78,56 @@ struct MTNeuron {
   }
 };
 
-// Running mean S(t)/t (runtime/ops.py _accumulate_step).
-struct ECAccumulate {
+// w(t) = average*t + (1-average), as runtime/ops.py _time_weight: exactly t (mean semantics) or 1 (sum).
+struct TimeWeighted {
+  float average;
+  explicit TimeWeighted(const OrtKernelInfo* info)
+      : average(static_cast<float>(int_attr(info, "average", 1))) {}
+  float weight(float t) const { return average * t + (1.0f - average); }
+};
+
+// Running mean S(t)/t or running sum S(t) (runtime/ops.py _accumulate_step).
+struct ECAccumulate : TimeWeighted {
   static constexpr const char* kName = "ECAccumulate";
   static constexpr int kParams = 0;
-  explicit ECAccumulate(const OrtKernelInfo*) {}
-  float step(float x, float& sum, float, float, float t) const {
-    sum = sum + x;
-    return sum / t;
+  static constexpr int kStates = 1;  // sum
+  using TimeWeighted::TimeWeighted;
+  float step(float x, float* sum, const float*, float t) const {
+    sum[0] = sum[0] + x;
+    return sum[0] / weight(t);
   }
 };
 
-// t*Y(t) - (t-1)*Y(t-1) (runtime/ops.py _compensate_step).
-struct ECCompensate {
+// t*Y(t) - (t-1)*Y(t-1) or Y(t) - Y(t-1) (runtime/ops.py _compensate_step).
+struct ECCompensate : TimeWeighted {
   static constexpr const char* kName = "ECCompensate";
   static constexpr int kParams = 0;
-  explicit ECCompensate(const OrtKernelInfo*) {}
-  float step(float y, float& previous, float, float, float t) const {
-    const float weighted = t * y;
-    const float out = weighted - previous;
-    previous = weighted;
+  static constexpr int kStates = 1;  // previous
+  using TimeWeighted::TimeWeighted;
+  float step(float y, float* previous, const float*, float t) const {
+    const float weighted = weight(t) * y;
+    const float out = weighted - previous[0];
+    previous[0] = weighted;
     return out;
+  }
+};
+
+// ST-BIF+ neuron (runtime/ops.py _stbif_step): v holds V - theta/2, so zero-initialised states give
+// V_0 = theta/2; +1 when v + x >= theta/2 and tracer < s_max, -1 when v + x < -theta/2 and tracer > s_min.
+struct STBIFNeuron {
+  static constexpr const char* kName = "STBIFNeuron";
+  static constexpr int kParams = 3;  // theta, s_min, s_max
+  static constexpr int kStates = 2;  // v, tracer
+  explicit STBIFNeuron(const OrtKernelInfo*) {}
+  float step(float x, float* state, const float* p, float /*t*/) const {
+    const float membrane = state[0] + x;
+    const float half = p[0] * 0.5f;
+    const float up = (membrane >= half) & (state[1] < p[2]) ? 1.0f : 0.0f;
+    const float down = (membrane < -half) & (state[1] > p[1]) ? 1.0f : 0.0f;
+    const float spike = up - down;
+    state[0] = membrane - spike * p[0];
+    state[1] = state[1] + spike;
+    return spike;
   }
 };
 
@@ -107,13 +139,20 @@ struct Param {
   float at(size_t channel) const { return data ? data[channel * stride] : 0.0f; }
 };
 
+constexpr int kMaxParams = 3;
+constexpr int kMaxStates = 2;
+
+struct State {
+  const float* in = nullptr;  // nullptr: zeros
+  size_t stride = 0;          // 0: one value broadcast, 1: per element
+  float* out = nullptr;       // nullptr: discarded
+};
+
 struct Job {
   const float* x;          // [steps, rows]
   float* out;              // [steps, rows]
-  const float* state_in;   // nullptr: zeros
-  size_t state_stride;     // 0: one value broadcast, 1: per element
-  float* state_out;        // nullptr: discarded
-  Param params[2];
+  State states[kMaxStates];
+  Param params[kMaxParams];
   size_t rows, channels, chunk;
   int64_t steps;
   float t0;                // t at the first step
@@ -122,32 +161,26 @@ struct Job {
 template <class Op>
 void run_chunk(const Op& op, const Job& job, size_t lo, size_t hi) {
   constexpr size_t kBlock = 256;  // elements advanced together through all steps
-  float state[kBlock], p0[kBlock], p1[kBlock];
+  constexpr int S = Op::kStates, P = Op::kParams > 0 ? Op::kParams : 1;
+  float state[kBlock][S], param[kBlock][P];
   const Op local = op;  // attributes in registers, not reloaded after every store
   for (size_t begin = lo; begin < hi; begin += kBlock) {
     const size_t n = std::min(kBlock, hi - begin);
     for (size_t i = 0; i < n; ++i) {
-      state[i] = job.state_in ? job.state_in[(begin + i) * job.state_stride] : 0.0f;
-      if constexpr (Op::kParams > 0) {
-        const size_t channel = (begin + i) % job.channels;
-        p0[i] = job.params[0].at(channel);
-        p1[i] = job.params[1].at(channel);
-      } else {
-        p0[i] = p1[i] = 0.0f;
-      }
+      for (int k = 0; k < S; ++k)
+        state[i][k] = job.states[k].in ? job.states[k].in[(begin + i) * job.states[k].stride] : 0.0f;
+      const size_t channel = (begin + i) % job.channels;
+      for (int k = 0; k < P; ++k) param[i][k] = job.params[k].at(channel);
     }
     for (int64_t s = 0; s < job.steps; ++s) {
       const float t = job.t0 + static_cast<float>(s);
       const float* x = job.x + static_cast<size_t>(s) * job.rows + begin;
       float* out = job.out + static_cast<size_t>(s) * job.rows + begin;
-      for (size_t i = 0; i < n; ++i) {  // plain loads and stores: this loop vectorizes
-        float s_i = state[i];
-        const float a = p0[i], b = p1[i];
-        out[i] = local.step(x[i], s_i, a, b, t);
-        state[i] = s_i;
-      }
+      for (size_t i = 0; i < n; ++i) out[i] = local.step(x[i], state[i], param[i], t);
     }
-    if (job.state_out) std::copy(state, state + n, job.state_out + begin);
+    for (int k = 0; k < S; ++k)
+      if (job.states[k].out)
+        for (size_t i = 0; i < n; ++i) job.states[k].out[begin + i] = state[i][k];
   }
 }
 
@@ -188,7 +221,7 @@ Param param(const Ort::ConstValue& value, size_t channels, const char* op) {
   return {value.GetTensorData<float>(), n == 1 ? 0u : 1u};
 }
 
-// Inputs: unrolled (x, params...), step (x, state, params..., t). Outputs: (out) or (out, state).
+// Inputs: unrolled (x, params...), step (x, states..., params..., t). Outputs: (out) or (out, states...).
 template <class Op, bool kStep>
 struct Kernel {
   Op op;
@@ -214,16 +247,18 @@ struct Kernel {
       job.rows = total / static_cast<size_t>(timesteps);
       job.channels = std::max<size_t>(channels, 1);
       job.steps = timesteps;
-      const size_t first_param = kStep ? 2 : 1;
+      const size_t first_param = kStep ? 1 + Op::kStates : 1;
       for (int p = 0; p < Op::kParams; ++p) job.params[p] = param(ctx.GetInput(first_param + p), channels, Op::kName);
       if (kStep) {
-        const auto state = ctx.GetInput(1);
-        const size_t n = state.GetTensorTypeAndShapeInfo().GetElementCount();
-        if (n != 1 && n != total)
-          throw Ort::Exception(std::string(Op::kName) + "Step: state must be one value or the input's shape", ORT_INVALID_ARGUMENT);
-        job.state_in = state.GetTensorData<float>();
-        job.state_stride = n == 1 ? 0 : 1;
-        job.state_out = ctx.GetOutput(1, shape).template GetTensorMutableData<float>();
+        for (int k = 0; k < Op::kStates; ++k) {
+          const auto state = ctx.GetInput(1 + k);
+          const size_t n = state.GetTensorTypeAndShapeInfo().GetElementCount();
+          if (n != 1 && n != total)
+            throw Ort::Exception(std::string(Op::kName) + "Step: a state must be one value or the input's shape", ORT_INVALID_ARGUMENT);
+          job.states[k].in = state.GetTensorData<float>();
+          job.states[k].stride = n == 1 ? 0 : 1;
+          job.states[k].out = ctx.GetOutput(1 + k, shape).template GetTensorMutableData<float>();
+        }
         const Ort::ConstValue t = ctx.GetInput(first_param + Op::kParams);
         job.t0 = *t.GetTensorData<float>();
       } else {
@@ -241,7 +276,7 @@ struct Kernel {
 
 template <class Op, bool kStep>
 struct CustomOp : Ort::CustomOpBase<CustomOp<Op, kStep>, Kernel<Op, kStep>, true> {
-  static constexpr size_t kInputs = 1 + (kStep ? 1 : 0) + Op::kParams + (kStep ? 1 : 0);
+  static constexpr size_t kInputs = 1 + (kStep ? Op::kStates : 0) + Op::kParams + (kStep ? 1 : 0);
   std::string name = std::string(Op::kName) + (kStep ? "Step" : "");
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
@@ -255,13 +290,15 @@ struct CustomOp : Ort::CustomOpBase<CustomOp<Op, kStep>, Kernel<Op, kStep>, true
   const char* GetName() const { return name.c_str(); }
   size_t GetInputTypeCount() const { return kInputs; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  size_t GetOutputTypeCount() const { return kStep ? 2 : 1; }
+  size_t GetOutputTypeCount() const { return kStep ? 1 + Op::kStates : 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
 struct Library {
   CustomOp<MTNeuron, false> mt;
   CustomOp<MTNeuron, true> mt_step;
+  CustomOp<STBIFNeuron, false> stbif;
+  CustomOp<STBIFNeuron, true> stbif_step;
   CustomOp<ECAccumulate, false> accumulate;
   CustomOp<ECAccumulate, true> accumulate_step;
   CustomOp<ECCompensate, false> compensate;
@@ -270,7 +307,7 @@ struct Library {
 
   Library() {
     for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
-             &mt, &mt_step, &accumulate, &accumulate_step, &compensate, &compensate_step})
+             &mt, &mt_step, &stbif, &stbif_step, &accumulate, &accumulate_step, &compensate, &compensate_step})
       domain.Add(op);
   }
 };

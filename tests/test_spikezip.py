@@ -1,0 +1,186 @@
+"""SpikeZIP-TF end to end: the SNN equals its quantized ANN, per op and per model.
+
+The QANN runs through spikec.runtime.InferenceSession, which keeps onnxruntime's MatMulScaleFusion off:
+that fusion re-rounds x/s of a quantizer after a MatMul and flips levels near boundaries, so the
+default session and this one disagree about the QANN itself as much as a float flip in the SNN would.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import spikec
+from examples import fixtures
+from spikec.errors import SpikecError
+from spikec.evaluate import quantizer_agreement, run_dataset
+from spikec.runtime import InferenceSession, equilibrium_steps, run_stateful
+
+RNG = np.random.default_rng(11)
+
+
+def _init(name, *shape, scale=0.5):
+    return onnx.numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _tiny(nodes, initializers, inputs, output_shape) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *s]) for n, s in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", *output_shape])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _sesa_model():
+    """Two activations multiplied (SESA), with a bias on one side (gated to the first step)."""
+    return _tiny([helper.make_node("MatMul", ["a", "wa"], ["qa"]), helper.make_node("Add", ["qa", "ba"], ["qb"]),
+                  helper.make_node("MatMul", ["qb", "b"], ["y"])],
+                 [_init("wa", 6, 6), _init("ba", 6)], [("a", (4, 6)), ("b", (6, 5))], (4, 5))
+
+
+def _attention_model():
+    """LayerNorm -> q, k, v -> softmax(q k^T / 2) v -> projection, with a residual."""
+    return _tiny([
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
+        *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Mul", ["s", "half"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"]),
+        helper.make_node("MatMul", ["o", "wo"], ["proj"]), helper.make_node("Add", ["proj", "x"], ["y"]),
+    ], [_init("gamma", 8, scale=1.0), _init("beta", 8), *[_init(f"w{n}", 8, 8) for n in "qkvo"],
+        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half")], [("x", (5, 8))], (5, 8))
+
+
+@pytest.mark.parametrize("build", [_sesa_model, _attention_model], ids=["sesa", "attention"])
+def test_tiny_graphs_equal_their_qann(build, tmp_path):
+    """SESA against the quantized product; Spike-Softmax/LayerNorm (differences of accumulated inputs),
+    biases and the residual's input charge once: at T >= T_eq the SNN output is the QANN output."""
+    model = build()
+    names = [i.name for i in model.graph.input]
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim[1:]] for i in model.graph.input}
+    calib = {n: RNG.standard_normal((64, *shapes[n])).astype(np.float32) for n in names}
+    feeds = {n: RNG.standard_normal((16, *shapes[n])).astype(np.float32) for n in names}
+    qann = spikec.quantize(model, calib, levels=8, progress=False)
+    snn = spikec.compile(qann, calib, method="spikezip", timesteps=40, progress=False)
+    want = InferenceSession(qann).run(["y"], feeds)[0]
+    got = InferenceSession(snn).run(None, feeds)
+    result = dict(zip([o.name for o in InferenceSession(snn).get_outputs()], got))
+    assert None not in equilibrium_steps(result["spikec.spikes.steps"])
+    np.testing.assert_allclose(result["y"], want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    # before T_eq the partial sums are not there yet
+    assert np.abs(result["y.steps"][0] - want).max() > 1e-2 * np.abs(want).max()
+
+
+@pytest.fixture(scope="module")
+def digits_qann():
+    data = fixtures.digits_data()
+    calib = {"pixels": data["x_train"][:256]}
+    return spikec.quantize(fixtures.digits_vit(), calib, levels=16, progress=False), calib, data
+
+
+def _check_agreement(agreement: dict, min_exact: float) -> None:
+    """Every sample whose SNN disagrees with the QANN somewhere disagrees first at a value within float
+    rounding of a level boundary (a flip, not a conversion error); most samples agree everywhere."""
+    assert all(agreement["explained"]), [m for m in agreement["first_mismatch"] if m]
+    assert np.mean(agreement["exact"]) >= min_exact
+    assert None not in agreement["t_eq"]
+
+
+def test_digits_vit_snn_equals_qann(digits_qann, tmp_path):
+    qann, calib, data = digits_qann
+    snn = tmp_path / "snn.onnx"
+    spikec.compile(qann, calib, snn, method="spikezip", timesteps=32, progress=False)
+    feeds = {"pixels": data["x_test"][:128]}
+    want = run_dataset(InferenceSession(qann), feeds)["logits"]
+    got = run_dataset(snn, feeds)
+    t_eq = equilibrium_steps(got["spikec.spikes.steps"])
+    assert None not in t_eq and 10 <= max(t_eq) < 32  # measured: 16-21 for L=16
+    error = np.abs(got["logits"] - want).max(axis=1)
+    # equal up to float rounding; a level flip moves a logit by one output step (~0.5)
+    assert np.mean(error <= 1e-4 * np.abs(want).max()) >= 0.95
+    assert np.mean(got["logits"].argmax(1) == want.argmax(1)) >= 0.99
+    qann_accuracy = fixtures.accuracy(want, data["y_test"][:128])
+    assert qann_accuracy >= 0.9  # PTQ at 16 levels keeps the digits ViT usable
+    assert fixtures.accuracy(got["logits"], data["y_test"][:128]) == pytest.approx(qann_accuracy, abs=0.01)
+
+
+def test_digits_vit_neurons_match_quantizers_and_stateful_equals_unrolled(digits_qann, tmp_path):
+    qann, calib, data = digits_qann
+    feeds = {"pixels": data["x_test"][:32]}
+    stateful = spikec.compile(qann, calib, method="spikezip", timesteps=64, mode="stateful", progress=False)
+    agreement = quantizer_agreement(qann, stateful, feeds)
+    _check_agreement(agreement, min_exact=0.9)
+    report = json.loads({p.key: p.value for p in stateful.metadata_props}["spikec.report"])
+    # a neuron per quantizer: per block ln1 output, q, k, v, softmax output, A V, projection, ln2 output,
+    # fc1, GELU output, fc2 (11), then the classifier's input and output
+    assert len(report["neurons"]) == sum(n.op_type == "Floor" for n in qann.graph.node) == 4 * 11 + 2
+    kinds = sorted({c["kind"] for c in report["compensated"]})
+    assert kinds == ["act_matmul", "gelu", "layernorm", "softmax"]
+    assert {c.get("rewrite") for c in report["compensated"] if c["kind"] == "act_matmul"} == {"SESA"}
+    # the same steps in the time-unrolled form
+    unrolled = spikec.compile(qann, calib, method="spikezip", timesteps=24, progress=False)
+    want = run_stateful(InferenceSession(stateful), feeds, 24)
+    got = InferenceSession(unrolled).run(["logits.steps", "spikec.spikes.steps"], feeds)
+    np.testing.assert_allclose(got[0], want["logits.steps"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(got[1], want["spikec.spikes.steps"])
+
+
+def test_dynamic_timesteps_stop_when_quiet(digits_qann):
+    qann, calib, data = digits_qann
+    stateful = spikec.compile(qann, calib, method="spikezip", timesteps=200, mode="stateful", progress=False)
+    session = InferenceSession(stateful)
+    feeds = {"pixels": data["x_test"][:8]}
+    quiet = run_stateful(session, feeds, 200, until_quiet=True)
+    steps = len(quiet["logits.steps"])
+    assert steps < 40 and not quiet["spikec.spikes.steps"][-1].any()
+    assert max(equilibrium_steps(quiet["spikec.spikes.steps"])) == steps - 1
+    longer = run_stateful(session, feeds, steps + 10)
+    np.testing.assert_array_equal(longer["logits"], quiet["logits"])  # quiet for good
+    capped = run_stateful(session, feeds, 5, until_quiet=True)
+    assert len(capped["logits.steps"]) == 5 and None in equilibrium_steps(capped["spikec.spikes.steps"])
+
+
+def test_onnxruntime_qdq_model(tmp_path):
+    """A QDQ model from onnxruntime.quantization's static quantization (uint8 activations with zero
+    points, int8 weights, MatMul/Gemm quantized as SpikeZIP-TF places them)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    data = fixtures.digits_data()
+    batches = iter([{"pixels": data["x_train"][i:i + 32]} for i in range(0, 256, 32)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    qdq = tmp_path / "qdq.onnx"
+    quantize_static(str(fixtures.digits_vit()), str(qdq), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm"])
+    calib = {"pixels": data["x_train"][:64]}
+    with pytest.raises(SpikecError, match="already quantized"):
+        spikec.compile(qdq, calib, method="spikezip", levels=16, progress=False)
+    stateful = spikec.compile(qdq, calib, method="spikezip", timesteps=400, mode="stateful", progress=False)
+    feeds = {"pixels": data["x_test"][:8]}
+    agreement = quantizer_agreement(qdq, stateful, feeds)
+    # 256 levels: an ST-BIF+ neuron emits one spike per step, so T_eq is in the hundreds (measured 238-297)
+    assert 200 < max(agreement["t_eq"]) < 400
+    # QuantizeLinear rounds halves to even, ST-BIF+ up: exact ties (saturated GELU values) flip too
+    _check_agreement(agreement, min_exact=0.5)
+    want = InferenceSession(qdq).run(["logits"], feeds)[0]
+    exact = np.array(agreement["exact"])
+    np.testing.assert_allclose(agreement["outputs"]["logits"][exact], want[exact], atol=1e-4 * np.abs(want).max(),
+                               rtol=0)
+
+
+def test_minilm_with_ptq_equals_qann():
+    model = fixtures.minilm()
+    calib = fixtures.minilm_inputs(fixtures.calibration_sentences())
+    feeds = fixtures.minilm_inputs(fixtures.evaluation_sentences()[:8])
+    qann = spikec.quantize(model, calib, levels=16, progress=False)
+    stateful = spikec.compile(qann, calib, method="spikezip", timesteps=96, mode="stateful", progress=False)
+    agreement = quantizer_agreement(qann, stateful, feeds)
+    _check_agreement(agreement, min_exact=0.6)
+    assert max(agreement["t_eq"]) < 64  # measured: 28-35
+    want = InferenceSession(qann).run(["sentence_embedding"], feeds)[0]
+    exact = np.array(agreement["exact"])
+    got = agreement["outputs"]["sentence_embedding"]
+    np.testing.assert_allclose(got[exact], want[exact], atol=1e-4 * np.abs(want).max(), rtol=0)
