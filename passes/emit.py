@@ -91,7 +91,8 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str) -> None:
                     inputs=[rows, _const(f"{name}.axis", [len(leading)])], outputs=[count]),
         ]
         counts.append(count)
-    total = gs.Variable(name, dtype=np.float32)
+    total = gs.Variable(name, dtype=np.float32, shape=[d.values.item() if isinstance(d, gs.Constant) else None
+                                                      for d in leading])
     graph.nodes.append(gs.Node("Sum", f"count/{name}", inputs=counts, outputs=[total]))
     graph.outputs.append(total)
 

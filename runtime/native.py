@@ -1,6 +1,6 @@
 """spikec's native kernels: an onnxruntime custom-op library built from runtime/kernels/ (``make native``).
 
-The library implements every spikec op (MTNeuron, ECAccumulate, ECCompensate, unrolled and Step forms)
+The library implements every spikec op (MTNeuron, STBIFNeuron, ECAccumulate, ECCompensate, unrolled and Step forms)
 with the exact float32 arithmetic of the ONNX functions in runtime/ops.py, which stay the definition
 and the portable path. It is optional: without it everything runs on stock onnxruntime.
 

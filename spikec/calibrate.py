@@ -226,7 +226,9 @@ def _check_outputs(graph: onnx.ModelProto, names: Sequence[str], label: str) -> 
 
 def _session(graph: onnx.ModelProto, path: Path | None, outputs: Sequence[str], label: str) -> ort.InferenceSession:
     """A CPU session whose outputs include `outputs`, created once per calibration run."""
-    options = dict(providers=["CPUExecutionProvider"])
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3  # errors only: graph-optimizer warnings are not the user's to act on
+    options = dict(sess_options=session_options, providers=["CPUExecutionProvider"])
     declared = {o.name for o in graph.graph.output}
     missing = [name for name in outputs if name not in declared]
     if path is None and any(uses_external_data(t) for t in graph.graph.initializer):

@@ -378,3 +378,61 @@ def test_inspect_into_a_closed_pipe(unrolled):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) in (0, 141), err
     assert err == "", err
+
+
+# --------------------------------------------------------------------------
+# SpikeZIP-TF: quantize -> compile -> run until quiet -> eval against the QANN
+# --------------------------------------------------------------------------
+
+
+def test_spikezip_cli_flow(small, data, capfd):
+    tmp, model, calib, _ = small
+    qann, snn = tmp / "qann.onnx", tmp / "zip.onnx"
+    assert main(["compile", str(model), "-o", str(snn), "--method", "spikezip", "--levels", "8", "--mode", "stateful",
+                 "-T", "64", "--calib", str(calib), "--save-qann", str(qann), "--quiet"]) == 0
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [f"wrote {qann} (the quantized ANN)", f"wrote {snn}"] and err == ""
+    # `spikec quantize` writes the same QANN
+    assert main(["quantize", str(model), "-o", str(tmp / "q2.onnx"), "--levels", "8", "--calib", str(calib),
+                 "--quiet"]) == 0
+    capfd.readouterr()
+    assert onnx.load(tmp / "q2.onnx").graph == onnx.load(qann).graph
+
+    result = tmp / "run.npz"
+    assert main(["run", str(snn), "--inputs", str(data["eval"]), "-o", str(result), "--until-quiet",
+                 "--batch-size", "128", "--quiet"]) == 0
+    out, _ = capfd.readouterr()
+    assert "T_eq (steps until no neuron fires): 540 of 540 samples quiet, max " in out
+    with np.load(result) as arrays:
+        steps, logits = arrays["logits.steps"], arrays["logits"]
+        assert not arrays["spikec.spikes.steps"][-1].any()
+    assert len(steps) < 64 and steps.shape[1:] == (540, 10)
+    np.testing.assert_array_equal(steps[-1], logits)
+
+    assert main(["eval", str(qann), str(snn), "--inputs", str(data["eval"]), "--json", "--quiet",
+                 "--batch-size", "540"]) == 0
+    per_t = json.loads(capfd.readouterr().out)["logits"]["per_t"]
+    assert per_t[-1]["top1_agreement"] >= 0.99 and per_t[0]["top1_agreement"] < 0.9
+
+    assert main(["inspect", str(snn), "--json"]) == 0
+    info = json.loads(capfd.readouterr().out)
+    spiking = {row["op"]: row["count"] for row in info["ops"] if row["domain"] == "spikec"}
+    assert spiking["STBIFNeuronStep"] == len(info["neurons"]) == info["neuron_counts"]["neuron_nodes"] == 46
+    labels = {op for row in info["rewrites"] for op in row["spikec_ops"]}
+    assert any(op.startswith("STBIFNeuron(theta=") and "tracer [-4, 3]" in op for op in labels)
+    assert any(op.startswith("SESA:") for op in labels)
+
+
+def test_spikezip_cli_errors(small, capfd):
+    tmp, model, calib, _ = small
+    _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "spikezip", "--levels", "1"],
+           "levels=1", "spikezip")
+    _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--save-qann", tmp / "q.onnx"],
+           "qann_output", "spikezip")
+    # the HTML report is ECMT's: a SpikeZIP-TF model gets a pointer to what covers it
+    snn = tmp / "zip.onnx"
+    assert main(["compile", str(model), "-o", str(snn), "--method", "spikezip", "-T", "4", "--calib", str(calib),
+                 "--quiet"]) == 0
+    capfd.readouterr()
+    _fails(capfd, ["report", model, snn, "--inputs", calib, "-o", tmp / "r"], "ECMT", "spikec eval")
+    _fails(capfd, ["run", snn, "--inputs", calib, "-o", tmp / "r.npz", "--until-quiet"], "until_quiet", "stateful")

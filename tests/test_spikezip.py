@@ -62,6 +62,9 @@ def test_tiny_graphs_equal_their_qann(build, tmp_path):
     feeds = {n: RNG.standard_normal((16, *shapes[n])).astype(np.float32) for n in names}
     qann = spikec.quantize(model, calib, levels=8, progress=False)
     snn = spikec.compile(qann, calib, method="spikezip", timesteps=40, progress=False)
+    onnx.checker.check_model(snn, full_check=True)
+    onnx.checker.check_model(spikec.compile(qann, calib, method="spikezip", mode="stateful", progress=False),
+                             full_check=True)
     want = InferenceSession(qann).run(["y"], feeds)[0]
     got = InferenceSession(snn).run(None, feeds)
     result = dict(zip([o.name for o in InferenceSession(snn).get_outputs()], got))
