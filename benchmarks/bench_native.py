@@ -7,7 +7,10 @@
 For each T the ANN, the unrolled SNN with the ONNX functions (portable) and with the native kernels
 are timed interleaved in this process, on the same batch, after warm-up; the median is reported.
 So is one step of the stateful model (driven with the states of a few earlier steps), both ways,
-against one T-th of the unrolled run. The native library must be built (`make native`).
+against one T-th of the unrolled run, and the same SNN run the way the papers' code runs it: a PyTorch
+loop over the T steps calling the whole network per step (benchmarks/torch_reference.py, eager, same
+thread count). Peak memory: each variant runs once in a fresh process; the growth of its resident set
+(VmHWM) over the same process right after its imports. The native library must be built (`make native`).
 
     /work/venv/bin/python benchmarks/bench_native.py [--timesteps 4 8 16] [--reps N] [--threads N]
 """
@@ -15,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -32,8 +38,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import measure as interleaved_samples  # noqa: E402
 from examples import fixtures  # noqa: E402
+from benchmarks.torch_reference import TorchStepSimulator  # noqa: E402
+from spikec.evaluate import cosine  # noqa: E402
 from spikec.runtime import InferenceSession, native, run  # noqa: E402
 from spikec.runtime.layout import NEXT_STATE_PREFIX, STATE_PREFIX, TIME_INPUT  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Runs one variant once in a fresh process and prints the growth of its peak resident set in MiB.
+_PEAK_SCRIPT = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+kind, model, feeds_path, timesteps, threads = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+feeds = dict(np.load(feeds_path))
+if kind == "torch":
+    import onnx, torch
+    from benchmarks.torch_reference import TorchStepSimulator
+    torch.set_num_threads(threads)
+else:
+    import onnxruntime as ort
+    from spikec.runtime import InferenceSession, run
+def rss(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+base = rss("VmRSS:")
+if kind == "torch":
+    TorchStepSimulator(onnx.load(model)).run(feeds, timesteps)
+else:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    run(InferenceSession(model, options, native=kind == "native"), feeds)
+print((rss("VmHWM:") - base) / 1024)
+"""
+
+
+def peak_mib(kind: str, model, feeds: Mapping[str, np.ndarray], timesteps: int, threads: int) -> float:
+    with tempfile.TemporaryDirectory(prefix="spikec-peak-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        if isinstance(model, (str, Path)):
+            path = Path(model)
+        else:
+            import onnx
+            onnx.save(model, path)
+        np.savez(Path(tmp) / "feeds.npz", **feeds)
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(REPO), kind, str(path),
+                              str(Path(tmp) / "feeds.npz"), str(timesteps), str(threads or os.cpu_count())],
+                             capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
 
 
 def workloads() -> list[dict]:
@@ -41,10 +90,10 @@ def workloads() -> list[dict]:
     minilm_batch = fixtures.minilm_inputs(fixtures.evaluation_sentences()[:8], seq_len=32)
     return [
         {"name": "digits-ViT", "model": fixtures.digits_vit(), "calibration": {"pixels": digits["x_train"][:256]},
-         "batch": {"pixels": digits["x_test"][:64]}, "options": {}},
+         "batch": {"pixels": digits["x_test"][:64]}, "options": {}, "output": "logits"},
         {"name": "MiniLM", "model": fixtures.minilm(),
          "calibration": fixtures.minilm_inputs(fixtures.calibration_sentences(), seq_len=32),
-         "batch": minilm_batch, "options": {"per_channel": True, "percentile": 90.0}},
+         "batch": minilm_batch, "options": {"per_channel": True, "percentile": 90.0}, "output": "sentence_embedding"},
     ]
 
 
@@ -82,16 +131,26 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
     log.print(f"[dim]{w['name']}: compile stateful[/dim]")
     stateful = spikec.compile(w["model"], w["calibration"], mode="stateful", progress=False, **w["options"])
     step_portable, step_native = (step_call(s, batch) for s in sessions(stateful))
+    simulator = TorchStepSimulator(stateful)
+    ann_peak = peak_mib("ann", w["model"], batch, 1, args.threads)
     rows = []
     for t in timesteps:
         log.print(f"[dim]{w['name']}: T={t} compile + time[/dim]")
         model = spikec.compile(w["model"], w["calibration"], timesteps=t, progress=False, **w["options"])
         portable, fast = sessions(model)
-        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(run(portable, batch).values(), run(fast, batch).values()))
+        native_out = run(fast, batch)
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(run(portable, batch).values(), native_out.values()))
+        torch_out = simulator.run(batch, t)
+        cosine_torch = cosine(native_out[w["output"]], torch_out[w["output"]])
         ms = measure({"ann": lambda: run(ann, batch), "portable": lambda: run(portable, batch),
                       "native": lambda: run(fast, batch), "step_portable": step_portable,
                       "step_native": step_native}, reps=args.reps)
-        rows.append({"workload": f"{w['name']} ({len(next(iter(batch.values())))})", "T": t, **ms, "diff": diff})
+        # the PyTorch loop is slow: fewer samples, timed on its own after the interleaved ones
+        ms.update(measure({"torch": lambda: simulator.run(batch, t)}, reps=max(3, args.reps // 3), warmup=1))
+        peaks = {kind: peak_mib(kind, m, batch, t, args.threads)
+                 for kind, m in (("portable", model), ("native", model), ("torch", stateful))}
+        rows.append({"workload": f"{w['name']} ({len(next(iter(batch.values())))})", "T": t, **ms, "diff": diff,
+                     "cosine_torch": cosine_torch, "peak_ann": ann_peak, **{f"peak_{k}": v for k, v in peaks.items()}})
         del portable, fast, model
         gc.collect()
     return rows
@@ -107,17 +166,20 @@ def _options(args) -> ort.SessionOptions:
 
 def table(rows: list[dict]) -> Table:
     t = Table(box=box.MARKDOWN, title="spikec: ONNX functions (portable) vs native kernels, ms per batch")
-    headings = ["workload (batch)", "T", "ANN", "SNN portable", "SNN native", "native speedup",
-                "portable SNN/(TxANN)", "native SNN/(TxANN)", "step portable", "portable/T", "step native",
-                "native/T", "max |native-portable|"]
+    headings = ["workload (batch)", "T", "ANN", "SNN portable", "SNN native", "PyTorch loop", "native speedup",
+                "PyTorch/native", "portable SNN/(TxANN)", "native SNN/(TxANN)", "step portable", "portable/T",
+                "step native", "native/T", "peak MiB ANN/port./native/PyTorch", "max |native-portable|",
+                "cos PyTorch vs native"]
     for h in headings:
         t.add_column(h, justify="left" if h.startswith("workload") else "right", no_wrap=True)
     for r in rows:
         t.add_row(r["workload"], str(r["T"]), f"{r['ann']:.2f}", f"{r['portable']:.1f}", f"{r['native']:.1f}",
-                  f"{r['portable'] / r['native']:.2f}x", f"{r['portable'] / (r['T'] * r['ann']):.2f}",
+                  f"{r['torch']:.1f}", f"{r['portable'] / r['native']:.2f}x", f"{r['torch'] / r['native']:.2f}x",
+                  f"{r['portable'] / (r['T'] * r['ann']):.2f}",
                   f"{r['native'] / (r['T'] * r['ann']):.2f}", f"{r['step_portable']:.2f}",
                   f"{r['portable'] / r['T']:.2f}", f"{r['step_native']:.2f}", f"{r['native'] / r['T']:.2f}",
-                  f"{r['diff']:.1e}")
+                  " / ".join(f"{r[k]:.0f}" for k in ("peak_ann", "peak_portable", "peak_native", "peak_torch")),
+                  f"{r['diff']:.1e}", f"{r['cosine_torch']:.5f}")
     return t
 
 
@@ -128,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
     parser.add_argument("--spin", action="store_true", help="let idle intra-op threads spin (onnxruntime's default)")
     parser.add_argument("--only", choices=["digits-ViT", "MiniLM"], help="run one workload")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows to PATH as JSON")
     args = parser.parse_args(argv)
-    console, log = Console(width=250), Console(stderr=True)
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    console, log = Console(width=400), Console(stderr=True)
     if not native.available():
         log.print("native library not built: run `make native`")
         return 1
@@ -140,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, w["name"]):
             rows += bench(w, args.timesteps, args, log)
     console.print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
     console.print("ANN/SNN: ms per batch (median). SNN/(TxANN): SNN time over T ANN runs. step: one stateful "
-                  "step (ms), next to the unrolled time / T.", highlight=False)
+                  "step (ms), next to the unrolled time / T. PyTorch loop: the same SNN, T steps of the stateful "
+                  "graph in eager PyTorch (torch_reference.py), ms per batch. Peak: MiB over a fresh process's "
+                  "imports, one run.", highlight=False)
     return 0
 
 

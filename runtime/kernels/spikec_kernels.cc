@@ -160,27 +160,53 @@ struct Job {
 
 template <class Op>
 void run_chunk(const Op& op, const Job& job, size_t lo, size_t hi) {
-  constexpr size_t kBlock = 256;  // elements advanced together through all steps
+  // Elements advanced together through all steps: long enough that each step streams through x and
+  // out (short blocks read T streams at rows*4-byte strides, which alias in the L1 sets), short enough
+  // that the block's states and parameters stay in L2.
+  constexpr size_t kBlock = 4096;
   constexpr int S = Op::kStates, P = Op::kParams > 0 ? Op::kParams : 1;
-  float state[kBlock][S], param[kBlock][P];
+  // Structure of arrays: each state and parameter contiguous over the block, so the step loop
+  // below vectorizes (the per-element copies into st/pr are scalar-replaced by the compiler).
+  std::vector<float> buffer((S + P) * kBlock);  // 80 KB at most: heap, not a pool thread's stack
+  float* state[S];
+  float* param[P];
+  for (int k = 0; k < S; ++k) state[k] = buffer.data() + k * kBlock;
+  for (int k = 0; k < P; ++k) param[k] = buffer.data() + (S + k) * kBlock;
   const Op local = op;  // attributes in registers, not reloaded after every store
   for (size_t begin = lo; begin < hi; begin += kBlock) {
     const size_t n = std::min(kBlock, hi - begin);
-    for (size_t i = 0; i < n; ++i) {
-      for (int k = 0; k < S; ++k)
-        state[i][k] = job.states[k].in ? job.states[k].in[(begin + i) * job.states[k].stride] : 0.0f;
-      const size_t channel = (begin + i) % job.channels;
-      for (int k = 0; k < P; ++k) param[i][k] = job.params[k].at(channel);
+    // Loading the block costs as much as a step: a stateful model runs one step per call.
+    for (int k = 0; k < S; ++k) {
+      const State& in = job.states[k];
+      if (in.in && in.stride) std::copy(in.in + begin, in.in + begin + n, state[k]);
+      else std::fill(state[k], state[k] + n, in.in ? in.in[0] : 0.0f);
+    }
+    for (int k = 0; k < P; ++k) {
+      const Param& p = job.params[k];
+      if (!p.stride) {
+        std::fill(param[k], param[k] + n, p.at(0));
+        continue;
+      }
+      size_t channel = begin % job.channels;  // one division per block, not per element
+      for (size_t i = 0; i < n; ++i) {
+        param[k][i] = p.data[channel];
+        if (++channel == job.channels) channel = 0;
+      }
     }
     for (int64_t s = 0; s < job.steps; ++s) {
       const float t = job.t0 + static_cast<float>(s);
       const float* x = job.x + static_cast<size_t>(s) * job.rows + begin;
       float* out = job.out + static_cast<size_t>(s) * job.rows + begin;
-      for (size_t i = 0; i < n; ++i) out[i] = local.step(x[i], state[i], param[i], t);
+      for (size_t i = 0; i < n; ++i) {
+        float st[S], pr[P];
+        for (int k = 0; k < S; ++k) st[k] = state[k][i];
+        for (int k = 0; k < P; ++k) pr[k] = param[k][i];
+        out[i] = local.step(x[i], st, pr, t);
+        for (int k = 0; k < S; ++k) state[k][i] = st[k];
+      }
     }
     for (int k = 0; k < S; ++k)
-      if (job.states[k].out)
-        for (size_t i = 0; i < n; ++i) job.states[k].out[begin + i] = state[i][k];
+      if (job.states[k].out) std::copy(state[k], state[k] + n, job.states[k].out + begin);
   }
 }
 
