@@ -42,6 +42,16 @@ class Thresholds:
         return cls(np.where(pos > 0, pos, fallback).astype(np.float32),
                    np.where(neg > 0, neg, fallback).astype(np.float32))
 
+    def covering(self, high, low, levels: int, coverage: float) -> "Thresholds":
+        """Raise theta so that the top level theta*2^(n-1) reaches ``coverage`` times the calibration
+        extreme on each side. A percentile threshold far below the maximum (a sparse channel: its
+        p-th percentile near zero, rare large values) leaves the neuron firing its top level at every
+        step without catching up: the mean saturates. Not in the paper; coverage 0 turns it off."""
+        top = np.float32(2.0 ** (levels - 1))
+        pos = np.maximum(self.positive, coverage * np.maximum(np.asarray(high, np.float32), 0) / top)
+        neg = np.maximum(self.negative, coverage * np.maximum(-np.asarray(low, np.float32), 0) / top)
+        return Thresholds(pos.astype(np.float32), neg.astype(np.float32))
+
 
 def _product_operands(region: Region) -> list[tuple[gs.Node, int]]:
     """(node, input index) of the activation operands a neuron must feed."""

@@ -39,7 +39,7 @@ def cmd_compile(args) -> int:
 
     compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape),
                   method=args.method, timesteps=args.timesteps, mode=args.mode, levels=args.levels,
-                  percentile=args.percentile, per_channel=args.per_channel,
+                  percentile=args.percentile, per_channel=args.per_channel, coverage=args.coverage,
                   allow_float=tuple(o for spec in args.allow_float for o in spec.split(",") if o),
                   batch_size=args.batch_size, progress=not args.quiet, memory_budget=args.memory_budget,
                   qann_output=args.save_qann)
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-qann", metavar="PATH", help="spikezip on a float model: also write the quantized ANN")
     p.add_argument("--percentile", type=float, default=99.0, help="p: theta_1/theta_2 from the p-th/(100-p)-th percentile")
     p.add_argument("--per-channel", action="store_true", help="thresholds per channel (last axis)")
+    p.add_argument("--coverage", type=float, default=1.0,
+                   help="ecmt: raise thresholds until the top level reaches this multiple of the calibration "
+                        "maximum (0: percentiles only, as the paper)")
     p.add_argument("--allow-float", action="append", default=[], metavar="OPS",
                    help="comma-separated op types or node names to keep in floating point")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")

@@ -43,6 +43,9 @@ class CompileOptions:
     levels: int | None = None  # per method, see DEFAULT_LEVELS; None = that default
     percentile: float = 99.0  # p: theta_1 = p-th, theta_2 = -(100-p)-th percentile
     per_channel: bool = False
+    # ECMT: theta_1 is raised until the top level theta_1*2^(n-1) reaches coverage x the calibration
+    # maximum (likewise theta_2 and the minimum); see ecmt.Thresholds.covering. 0 = percentiles only.
+    coverage: float = 1.0
     allow_float: Sequence[str] = field(default_factory=tuple)
     batch_size: int = 32
     progress: bool = True
@@ -74,6 +77,9 @@ class CompileOptions:
                 or self.batch_size < 1:
             raise SpikecError(f"argument batch_size={self.batch_size!r}: expected a positive integer")
         parse_budget(self.memory_budget)
+        if isinstance(self.coverage, bool) or not isinstance(self.coverage, (int, float)) \
+                or not 0.0 <= float(self.coverage) <= 1e6:
+            raise SpikecError(f"argument coverage={self.coverage!r}: expected a number >= 0")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise SpikecError(f"argument percentile={self.percentile!r}: expected a value in (50, 100]")
 
@@ -141,6 +147,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         # Algorithm 1, line 4: theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile.
         thresholds = {name: ecmt.Thresholds.from_percentiles(s.percentile(opts.percentile, opts.per_channel),
                                                              s.percentile(100.0 - opts.percentile, opts.per_channel))
+                      .covering(s.max(opts.per_channel), s.min(opts.per_channel), opts.level_count, opts.coverage)
                       for name, s in stats.items()}
         report.update(ecmt.rewrite(graph, regions, thresholds, levels=opts.level_count, allow_float=allow_float))
         report["calibration"] = {name: s.to_json() for name, s in stats.items()}
@@ -156,7 +163,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         "spikec.semantics": semantics,
         "spikec.timesteps": str(opts.timesteps),
         "spikec.options": json.dumps({"levels": opts.level_count, "percentile": opts.percentile,
-                                      "per_channel": opts.per_channel,
+                                      "per_channel": opts.per_channel, "coverage": opts.coverage,
                                       "allow_float": sorted(opts.allow_float)}, sort_keys=True),
         "spikec.report": json.dumps(report, sort_keys=True, default=_json_default),
     }
