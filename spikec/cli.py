@@ -1,4 +1,4 @@
-"""spikec command line: compile, quantize, run, inspect, eval, report."""
+"""spikec command line: compile, quantize, run, inspect, eval, report, ugo."""
 from __future__ import annotations
 
 import argparse
@@ -254,6 +254,42 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_ugo_train(args) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from spikec import ugo
+
+    names = [args.only] if args.only else list(ugo.SPECS)
+    for name in names:
+        if name not in ugo.SPECS:
+            raise SpikecError(f"argument --only {name!r}: choose one of {', '.join(ugo.SPECS)}")
+    directory = Path(args.output_dir) if args.output_dir else ugo.DATA_DIR
+    if not directory.is_dir():
+        raise SpikecError(f"argument --output-dir {directory}: no such directory")
+    table = Table(title="UGO fits over each operator's domain (relative = mean |error| / max |f|)")
+    for column in ("operator", "N", "fit", "mean relative", "max abs", "IF T=32", "IF T=64", "IF T=128", "weights"):
+        table.add_column(column)
+    for name in names:
+        for hidden in ([args.hidden] if args.hidden else ugo.shipped_sizes(name)):
+            fits = [("spikec", ugo.fit(name, hidden))]
+            if args.paper:
+                fits.append(("paper recipe", ugo.train_paper(name, hidden, progress=not args.quiet)))
+            for kind, operator in fits:
+                error = ugo.fit_error(operator)
+                written = ""
+                if kind == "spikec":
+                    target = directory / ugo.path_for(name, hidden).name
+                    operator.save(target)
+                    written = str(target)
+                table.add_row(name, str(hidden), kind, f"{error['mean_relative']:.2e}", f"{error['max_abs']:.2e}",
+                              *[f"{ugo.spiking_error(operator, t):.2e}" for t in (32, 64, 128)], written)
+    Console(width=200).print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikec", description="Convert Transformer ANNs (ONNX) into spiking neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("ugo", help="STA's universal group operators (exp, GELU, inverse, rsqrt)")
+    ugo_commands = p.add_subparsers(dest="ugo_command", required=True)
+    p = ugo_commands.add_parser("train", help="refit the operators, save their weights, print the fit errors")
+    p.add_argument("--only", metavar="NAME", help="one operator: exp, gelu, inverse or rsqrt")
+    p.add_argument("--hidden", type=int, metavar="N", help="hidden size (default: the paper's and the reference code's)")
+    p.add_argument("--paper", action="store_true", help="also run the paper's training recipe (torch) to compare")
+    p.add_argument("--output-dir", metavar="DIR", help="where to write the weights (default: spikec's package data)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_ugo_train)
 
     p = sub.add_parser("inspect", help="show what a model contains and what spikec rewrote")
     p.add_argument("model")
