@@ -162,3 +162,43 @@ def test_sum_compensation_recovers_function_of_sum():
     f = np.tanh(totals)
     out = _session("ECCompensate", {}, timesteps=T, average=0).run(None, {"y": f})[0].reshape(T, B, C)
     np.testing.assert_allclose(np.cumsum(out, 0), f.reshape(T, B, C), atol=1e-6)
+
+
+def test_tcsa_is_the_expectation_compensated_product():
+    """STA's temporal-corrective product (Def. 3, Eq. 9) is ECMT's matrix-product EC: ECAccumulate
+    (average=1) on both operands, the product, ECCompensate (average=1). Its running mean is the estimate
+    Psi(t) = A_hat(t) B_hat(t) at every t, so the mean over T is the product of the rate-coded matrices,
+    and each step equals Eq. 9's closed form in spike counts. The naive split (Def. 2) is the same
+    with sums (average=0) and a 1/T weight: the same mean, but outputs growing with t (Sec. 5.2)."""
+    rng = np.random.default_rng(9)
+    steps, m, k, n = 16, 3, 4, 5
+    va, vb = np.float32(0.7), np.float32(1.3)
+    a_spikes = (rng.random((steps, m, k)) < rng.random((m, k))).astype(np.float32)
+    b_spikes = (rng.random((steps, k, n)) < rng.random((k, n))).astype(np.float32)
+
+    def scan(op, x, average):
+        session = InferenceSession(one_node_model(op, {}, x.shape[2], timesteps=steps, average=average))
+        feeds = {ops.op_for(op).inputs[0]: x.reshape(steps * x.shape[1], x.shape[2])}
+        return session.run(None, feeds)[0].reshape(x.shape)
+
+    a_hat, b_hat = scan("ECAccumulate", va * a_spikes, 1), scan("ECAccumulate", vb * b_spikes, 1)
+    psi = a_hat @ b_hat
+    q = scan("ECCompensate", psi, 1)
+    t = np.arange(1, steps + 1)[:, None, None]
+    np.testing.assert_allclose(np.cumsum(q, 0) / t, psi, rtol=1e-5, atol=1e-5)
+    rate_product = (va * a_spikes.mean(0)) @ (vb * b_spikes.mean(0))
+    np.testing.assert_allclose(q.mean(0), rate_product, rtol=1e-5, atol=1e-5)
+    # Eq. 9 in spike counts: Q(t) = va vb / t [Phi(t-1)/(1-t) + phi(t)], Phi(t) = sum_i A_s(i) sum_j B_s(j)
+    counts_a, counts_b = np.cumsum(a_spikes, 0), np.cumsum(b_spikes, 0)
+    phi_total = counts_a @ counts_b
+    previous = np.concatenate([np.zeros_like(phi_total[:1]), phi_total[:-1]])
+    increment = phi_total - previous
+    with np.errstate(divide="ignore", invalid="ignore"):
+        closed = va * vb / t * (np.where(t > 1, previous / (1 - t), 0.0) + increment)
+    np.testing.assert_allclose(q, closed, rtol=1e-4, atol=1e-5)
+
+    sums_a, sums_b = scan("ECAccumulate", va * a_spikes, 0), scan("ECAccumulate", vb * b_spikes, 0)
+    naive = scan("ECCompensate", sums_a @ sums_b, 0) / steps
+    np.testing.assert_allclose(naive.mean(0), rate_product, rtol=1e-5, atol=1e-5)
+    assert np.abs(naive[-4:]).mean() > 2 * np.abs(naive[:4]).mean()  # uneven: grows like 2t-1 terms
+    assert np.abs(q[-4:]).mean() < 2 * np.abs(q[:4]).mean()
