@@ -30,7 +30,7 @@ from spikec.runtime import ops as spec
 
 MEAN, SUM = "mean", "sum"
 SEMANTICS = (MEAN, SUM)
-NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron"})
+NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "IFNeuron"})
 
 # Ops whose outputs are linear functions of each input, or pure data movement.
 _LINEAR_IN_EVERY_INPUT = {

@@ -1,7 +1,7 @@
 """spikec's native kernels: an onnxruntime custom-op library built from runtime/kernels/ (``make native``).
 
-The library implements every spikec op (MTNeuron, STBIFNeuron, ECAccumulate, ECCompensate, unrolled and Step forms)
-with the exact float32 arithmetic of the ONNX functions in runtime/ops.py, which stay the definition
+The library implements every spikec op (MTNeuron, STBIFNeuron, IFNeuron, ECAccumulate, ECCompensate,
+unrolled and Step forms) with the exact float32 arithmetic of the ONNX functions in runtime/ops.py, which stay the definition
 and the portable path. It is optional: without it everything runs on stock onnxruntime.
 
 Registration. The library registers its kernels under the models' own domain, ``spikec``. A spikec

@@ -175,6 +175,43 @@ ST_BIF_NEURON = SpikingOp(
 )
 
 
+# ------------------------------------------------- IF neuron (STA: signed with memory, burst spikes)
+
+def _if_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
+    burst = b.op("Cast", b.attr_int("burst"), to=TensorProto.FLOAT)
+    return {"burst": burst, "signed": b.op("Cast", b.attr_int("signed"), to=TensorProto.FLOAT)}
+
+
+def _if_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """STA's IF neuron as its reference code runs it (appendix F.2-F.3): v0 = 0, soft reset; spikes of
+    rho*theta with rho = 1/burst, up to ``burst`` of them per step (so at most theta per step); with
+    ``signed``, negative spikes too, but only while the total emitted so far stays >= 0 (memory)."""
+    membrane = b.op("Add", env["v"], env["x"])
+    lower = b.op("Neg", b.op("Mul", env["signed"], env["emitted"]))  # -emitted, or 0 when unsigned
+    reach = b.op("Max", membrane, lower)
+    unit = b.op("Div", env["theta"], env["burst"])
+    count = b.op("Min", b.op("Floor", b.op("Div", b.op("Abs", reach), unit)), env["burst"])
+    out = b.op("Mul", b.op("Mul", count, b.op("Sign", reach)), unit)
+    return {"spikes": out}, {"v": b.op("Sub", membrane, out), "emitted": b.op("Add", env["emitted"], out)}
+
+
+IF_NEURON = SpikingOp(
+    name="IFNeuron",
+    summary=(
+        "Integrate-and-fire neuron of STA (v0=0, soft reset): per step emits k*theta/burst, k <= burst "
+        "(burst spikes, rho = 1/burst); with signed=1 also negative spikes while the emitted total stays "
+        ">= 0 (signed neuron with memory potential, Eq. 34). Emits the spike value."
+    ),
+    inputs=("x",),
+    params=("theta",),
+    states=("v", "emitted"),
+    outputs=("spikes",),
+    attributes={"signed": 1, "burst": 2},
+    step=_if_step,
+    prologue=_if_prologue,
+)
+
+
 # ---------------------------------- compensation: ECMT's expectation (Eq. 15), SpikeZIP's difference (Eq. 5)
 # Attribute ``average`` picks the time semantics: 1 = mean semantics (ECMT: F sees running means, its
 # outputs are turned into increments t*Y(t) - (t-1)*Y(t-1)); 0 = sum semantics (SpikeZIP-TF: F sees
@@ -228,7 +265,8 @@ EC_COMPENSATE = SpikingOp(
     prologue=_weight_prologue,
 )
 
-OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, EC_ACCUMULATE, EC_COMPENSATE)}
+OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, EC_ACCUMULATE,
+                                                       EC_COMPENSATE)}
 
 
 # ------------------------------------------------------------------------ function derivation

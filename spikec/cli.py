@@ -42,7 +42,8 @@ def cmd_compile(args) -> int:
                   percentile=args.percentile, per_channel=args.per_channel, coverage=args.coverage,
                   allow_float=tuple(o for spec in args.allow_float for o in spec.split(",") if o),
                   batch_size=args.batch_size, progress=not args.quiet, memory_budget=args.memory_budget,
-                  qann_output=args.save_qann)
+                  qann_output=args.save_qann, ugo=not args.no_ugo, tcsa=not args.naive_products,
+                  signed=not args.no_signed, burst=args.burst)
     if args.save_qann:
         print(f"wrote {args.save_qann} (the quantized ANN)")
     print(f"wrote {args.output}")
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="convert an ANN ONNX model into an SNN")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--method", default="ecmt", choices=["ecmt", "spikezip"])
+    p.add_argument("--method", default="ecmt", choices=["ecmt", "spikezip", "sta"])
     p.add_argument("--timesteps", "-T", type=int, default=8)
     p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
     p.add_argument("--mode", default="unrolled", choices=["unrolled", "stateful"])
@@ -305,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ecmt: n, MT neurons get 2n thresholds (default 8); spikezip: quantization levels L of "
                         "a float model (default 16)")
     p.add_argument("--save-qann", metavar="PATH", help="spikezip on a float model: also write the quantized ANN")
+    p.add_argument("--no-ugo", action="store_true", help="sta: GELU and LayerNorm exact (float), not by UGOs")
+    p.add_argument("--naive-products", action="store_true", help="sta: the naive temporal split instead of TCSA")
+    p.add_argument("--no-signed", action="store_true", help="sta: IF neurons without negative spikes")
+    p.add_argument("--burst", type=int, default=2, help="sta: burst spikes per step (1: off)")
     p.add_argument("--percentile", type=float, default=99.0, help="p: theta_1/theta_2 from the p-th/(100-p)-th percentile")
     p.add_argument("--per-channel", action="store_true", help="thresholds per channel (last axis)")
     p.add_argument("--coverage", type=float, default=1.0,

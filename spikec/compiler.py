@@ -17,18 +17,18 @@ from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
 from spikec.modelio import check_output_path, save_model_atomic
-from spikec.passes import ecmt, emit, quantize as ptq, spikezip
+from spikec.passes import ecmt, emit, quantize as ptq, spikezip, sta
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
 from spikec.passes.timing import MEAN, SUM
 
-METHODS = ("ecmt", "spikezip")
-SEMANTICS = {"ecmt": MEAN, "spikezip": SUM}
+METHODS = ("ecmt", "spikezip", "sta")
+SEMANTICS = {"ecmt": MEAN, "spikezip": SUM, "sta": MEAN}
 # levels: ECMT's n (2n thresholds, paper default 8); SpikeZIP-TF's quantization levels L (the reference
 # code's default is 32, its published runs use 16).
-DEFAULT_LEVELS = {"ecmt": 8, "spikezip": 16}
-LEVEL_RANGES = {"ecmt": (1, 24), "spikezip": (2, 2**16)}
+DEFAULT_LEVELS = {"ecmt": 8, "spikezip": 16, "sta": 0}
+LEVEL_RANGES = {"ecmt": (1, 24), "spikezip": (2, 2**16), "sta": (0, 0)}
 MODES = ("unrolled", "stateful")
 # The float32 step counter t is exact up to 2^24. Below that, the unrolled form is bounded by the memory
 # guard (spikec/memory.py): its activations grow with T.
@@ -54,6 +54,11 @@ class CompileOptions:
     memory_budget: int | str | None = None
     # SpikeZIP-TF on a float model: also write the quantized ANN it is equivalent to here.
     qann_output: str | os.PathLike | None = None
+    # STA's techniques, each switchable off for its ablation (passes/sta.py)
+    ugo: bool = True         # GELU by its universal group operator
+    tcsa: bool = True        # temporal-corrective products (False: the naive split)
+    signed: bool = True      # signed neurons with memory
+    burst: int = 2           # burst spikes per step (1: off)
 
     @property
     def level_count(self) -> int:
@@ -71,6 +76,8 @@ class CompileOptions:
         if self.levels is not None and (isinstance(self.levels, bool) or not isinstance(self.levels, (int, np.integer))
                                         or not low <= self.levels <= high):
             raise SpikecError(f"argument levels={self.levels!r}: expected an integer in {low}..{high} for {self.method}")
+        if isinstance(self.burst, bool) or not isinstance(self.burst, (int, np.integer)) or not 1 <= self.burst <= 64:
+            raise SpikecError(f"argument burst={self.burst!r}: expected an integer in 1..64")
         if self.qann_output is not None and self.method != "spikezip":
             raise SpikecError("argument qann_output: only method spikezip quantizes the model")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) \
@@ -130,6 +137,11 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
             raise SpikecError("argument levels: the model is already quantized (it has QuantizeLinear/DequantizeLinear "
                               "pairs); leave levels out")
         sites = [r.attrs["input"].name for r in regions if r.kind == "quantizer"]
+    elif opts.method == "sta":
+        sta_options = sta.STAOptions(ugo=opts.ugo, corrected=opts.tcsa, signed=opts.signed, burst=opts.burst)
+        sites = sta.calibration_taps(regions, sta_options)
+        if not sites:
+            raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
     else:
         sites = ecmt.neuron_sites(regions)
         if not sites:
@@ -142,6 +154,10 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     allow_float = frozenset(opts.allow_float)
     if opts.method == "spikezip":
         report.update(spikezip.rewrite(graph, regions, allow_float=allow_float))
+    elif opts.method == "sta":
+        stats = collect_statistics(ann, feeds, list(sites), batch_size=opts.batch_size, max_values=100_000,
+                                   progress=opts.progress)
+        report.update(sta.rewrite(graph, regions, stats, opts.timesteps, sta_options, allow_float=allow_float))
     else:
         stats = collect_statistics(ann, feeds, list(sites), batch_size=opts.batch_size, progress=opts.progress)
         # Algorithm 1, line 4: theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile.

@@ -304,6 +304,11 @@ def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
         # ECMT neurons feed products; a SpikeZIP-TF neuron stands where its quantizer region was
         for consumer in neuron.get("consumers", [neuron.get("region")]):
             fed_by.setdefault(consumer, []).append(neuron["tensor"])
+    for encoder in report.get("encoders", []):  # STA
+        label[encoder["tensor"]] = "X2X encoder (IFNeuron on x and -x)"
+        for consumer in encoder["consumers"]:
+            fed_by.setdefault(consumer, []).append(encoder["tensor"])
+    ugo_of = {u["region"]: u for u in report.get("ugos", [])}
     category = {n.name: n.category for n in nodes}
     folded = {name for name, c in category.items() if c == "spike_product"}
     rows = []
@@ -317,6 +322,10 @@ def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
             spikec_ops.append(f"{label[tensor]} on {tensor}")
         if any(m in folded for m in members):
             spikec_ops.append("thresholds folded into weights (PPN)")
+        if name in ugo_of:
+            u = ugo_of[name]
+            spikec_ops.append(f"UGO({u['operator']}, N={u['hidden']}): IFNeuron x N per element"
+                              + (", products by TCSA" if u["operator"] == "rsqrt" else ""))
         if name in compensated:
             c = compensated[name]
             accumulated = "running sums" if report.get("semantics") == "sum" else "means"

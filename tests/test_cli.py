@@ -436,3 +436,19 @@ def test_spikezip_cli_errors(small, capfd):
     capfd.readouterr()
     _fails(capfd, ["report", model, snn, "--inputs", calib, "-o", tmp / "r"], "ECMT", "spikec eval")
     _fails(capfd, ["run", snn, "--inputs", calib, "-o", tmp / "r.npz", "--until-quiet"], "until_quiet", "stateful")
+
+
+def test_sta_switches_reach_the_compiler(small, capfd):
+    tmp, model, calib, _ = small
+    out = tmp / "sta.onnx"
+    assert main(["compile", str(model), "-o", str(out), "--method", "sta", "-T", "8", "--calib", str(calib),
+                 "--no-ugo", "--naive-products", "--no-signed", "--burst", "1", "--quiet"]) == 0
+    capfd.readouterr()
+    snn = onnx.load(out)
+    report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])
+    assert report["options"] == {"ugo": False, "corrected": False, "signed": False, "burst": 1, "gelu_hidden": None}
+    neurons = [n for n in snn.graph.node if n.op_type == "IFNeuron"]
+    assert neurons and all({a.name: a.i for a in n.attribute}["signed"] == 0 for n in neurons)
+    assert any("naive split" in c.get("rewrite", "") for c in report["compensated"])
+    _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "sta", "--burst", "0"],
+           "burst=0")

@@ -202,3 +202,42 @@ def test_tcsa_is_the_expectation_compensated_product():
     np.testing.assert_allclose(naive.mean(0), rate_product, rtol=1e-5, atol=1e-5)
     assert np.abs(naive[-4:]).mean() > 2 * np.abs(naive[:4]).mean()  # uneven: grows like 2t-1 terms
     assert np.abs(q[-4:]).mean() < 2 * np.abs(q[:4]).mean()
+
+
+def if_reference(x_steps, theta, signed, burst):
+    """STA's reference-code neuron (SpikeLinear_ReLU): v0 = 0; mem += x; r = max(mem, -emitted) when
+    signed else max(mem, 0); n = clamp(floor(|r| / (rho*theta)) * sign(r), +-burst), rho = 1/burst;
+    emit n*rho*theta; soft reset."""
+    v = np.zeros(x_steps.shape[1:])
+    emitted = np.zeros_like(v)
+    out = []
+    for x in x_steps:
+        m = v + x
+        r = np.maximum(m, -emitted if signed else 0.0)
+        n = np.clip(np.floor(np.abs(r) / (theta / burst)) * np.sign(r), -burst, burst)
+        spike = n * theta / burst
+        v, emitted = m - spike, emitted + spike
+        out.append(spike)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("signed,burst", [(0, 1), (1, 1), (1, 2), (0, 2)])
+def test_if_neuron_matches_the_reference_rules(signed, burst):
+    rng = np.random.default_rng(10)
+    steps = 24
+    theta = rng.uniform(0.3, 1.0, C).astype(np.float32)
+    x = (rng.standard_normal((steps, B, C)) * 0.6 + 0.2).astype(np.float32)
+    session = _session("IFNeuron", {"theta": theta}, timesteps=steps, signed=signed, burst=burst)
+    got = session.run(None, {"x": x.reshape(steps * B, C)})[0].reshape(steps, B, C)
+    np.testing.assert_allclose(got, if_reference(x.astype(np.float64), theta.astype(np.float64), signed, burst),
+                               atol=1e-6)
+    assert (np.abs(got) <= theta + 1e-6).all()  # at most theta per step, burst or not
+    totals = np.cumsum(got, 0)
+    assert (totals >= -1e-6).all()  # memory: never below zero in total
+    if not signed:
+        assert (got >= 0).all()
+    else:
+        assert (got < 0).any()  # negative spikes do fire, to take back earlier positive ones
+    # the rate follows relu of the mean input (clamped at theta per step) up to the residual membrane
+    error = np.abs(got.mean(0) - np.clip(x.mean(0), 0, theta))
+    assert (error <= 3 * theta / steps).all()

@@ -131,6 +131,30 @@ struct STBIFNeuron {
   }
 };
 
+// STA's IF neuron (runtime/ops.py _if_step): spikes of theta/burst, up to burst per step; signed ones
+// only while the emitted total stays >= 0.
+struct IFNeuron {
+  static constexpr const char* kName = "IFNeuron";
+  static constexpr int kParams = 1;  // theta
+  static constexpr int kStates = 2;  // v, emitted
+  float burst, sign_on;
+  explicit IFNeuron(const OrtKernelInfo* info)
+      : burst(static_cast<float>(int_attr(info, "burst", 2))), sign_on(static_cast<float>(int_attr(info, "signed", 1))) {}
+  float step(float x, float* state, const float* p, float /*t*/) const {
+    const float membrane = state[0] + x;
+    const float lower = -(sign_on * state[1]);
+    // ONNX Max: NaN propagates
+    const float reach = (membrane > lower) | std::isnan(membrane) ? membrane : lower;
+    const float unit = p[0] / burst;
+    const float count = std::min(std::floor(std::fabs(reach) / unit), burst);
+    const float sign = reach > 0.0f ? 1.0f : (reach < 0.0f ? -1.0f : 0.0f);
+    const float out = count * sign * unit;
+    state[0] = membrane - out;
+    state[1] = state[1] + out;
+    return out;
+  }
+};
+
 // ---------------------------------------------------------------------------- the shared loop
 
 struct Param {
@@ -325,6 +349,8 @@ struct Library {
   CustomOp<MTNeuron, true> mt_step;
   CustomOp<STBIFNeuron, false> stbif;
   CustomOp<STBIFNeuron, true> stbif_step;
+  CustomOp<IFNeuron, false> if_neuron;
+  CustomOp<IFNeuron, true> if_neuron_step;
   CustomOp<ECAccumulate, false> accumulate;
   CustomOp<ECAccumulate, true> accumulate_step;
   CustomOp<ECCompensate, false> compensate;
@@ -333,7 +359,7 @@ struct Library {
 
   Library() {
     for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
-             &mt, &mt_step, &stbif, &stbif_step, &accumulate, &accumulate_step, &compensate, &compensate_step})
+             &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &accumulate, &accumulate_step, &compensate, &compensate_step})
       domain.Add(op);
   }
 };

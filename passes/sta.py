@@ -1,0 +1,260 @@
+"""STA (Spatio-Temporal Approximation, seed 000) as graph rewrites, mean semantics.
+
+* GELU becomes its universal group operator (spikec/ugo.py): h = w1 x + b1 per element and hidden
+  unit, N IF neurons, then w2 . spikes + b2. The UGO's output is a weighted sum of spikes.
+* Every other activation input of a weight product gets an X2X encoder: IF neurons on x and on -x
+  (relu(x) - relu(-x)), as the reference code encodes the LayerNorm and attention outputs.
+* Activation x activation products use TCSA (Def. 3), the expectation-compensated product; with
+  ``corrected=False`` the naive temporal split of Def. 2 (increments of the product of running sums,
+  weighted 1/T) for the ablation.
+* IF neurons are signed with memory (Eq. 34) and fire burst spikes (Gamma=2, rho=1/2), each
+  switchable off; thresholds come from an MMSE grid search against the T-step rate quantizer
+  (Eq. 33, the reference code's grid of 95 points in [0.53, 1] x max), per channel.
+* LayerNorm (over the last axis) is decomposed as appendix D.1 says: centering and averaging as
+  weighted additions, the two elementwise products by TCSA, 1/sqrt by the rsqrt UGO.
+* Softmax, and any other op that is not affine, stays in float with expectation compensation, as the
+  reference code runs Softmax; STA's Softmax decomposition (appendix D.2: exp and inverse UGOs,
+  clamps) is not built.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from spikec import ugo as ugos
+from spikec.calibrate import TapStats
+from spikec.passes.patterns import Region
+from spikec.passes.timing import MEAN, SUM, accumulate, convert_time, fresh_like, is_constant, spikec_node
+
+# Eq. 33 / the reference code: candidate thresholds g x max, g in [0.53, 1] (95 points)
+MMSE_GRID = np.linspace(0.53, 1.0, 95)
+SAMPLE_VALUES = 100_000  # per UGO hidden layer: the MMSE search runs on a subsample
+
+
+@dataclass(frozen=True)
+class STAOptions:
+    ugo: bool = True        # GELU by its UGO (False: exact GELU in float, compensated)
+    corrected: bool = True  # TCSA (False: the naive temporal split)
+    signed: bool = True     # signed neurons with memory potential
+    burst: int = 2          # burst spikes per step (1: plain IF)
+    gelu_hidden: int | None = None  # UGO size; None = the paper's N
+
+
+def rate_quantizer(timesteps: int) -> callable:
+    """QT(z) = theta/T * clamp(floor(T z / theta), 0, T): what an IF neuron's rate makes of z."""
+    def quantize(z: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        theta = np.asarray(theta, np.float64)
+        return theta / timesteps * np.clip(np.floor(timesteps * z / theta), 0, timesteps)
+    return quantize
+
+
+def _stats_of(name: str, sample: np.ndarray) -> TapStats:
+    """TapStats over a [rows, channels] sample (the MMSE search needs only sample, min and max)."""
+    return TapStats(name, (None, sample.shape[1]), 1, int(sample.size), sample.astype(np.float32),
+                    sample.min(axis=0).astype(np.float32), sample.max(axis=0).astype(np.float32))
+
+
+def mmse_thresholds(stats: TapStats, timesteps: int) -> np.ndarray:
+    """Per channel; a channel that never goes positive gets the largest threshold of the others (it never
+    fires either way)."""
+    theta = stats.mmse(rate_quantizer(timesteps), per_channel=True, grid=MMSE_GRID, reference="max")
+    fallback = theta.max() if (theta > 0).any() else np.float32(1.0)
+    return np.where(theta > 0, theta, fallback).astype(np.float32)
+
+
+def _negated(stats: TapStats) -> TapStats:
+    return TapStats(stats.name + ".negated", stats.shape, stats.channel_axis, stats.count, -stats.sample,
+                    -stats.channel_max, -stats.channel_min)
+
+
+def _if_neuron(graph: gs.Graph, tensor: gs.Variable, theta: np.ndarray, name: str, options: STAOptions) -> gs.Variable:
+    spikes = fresh_like(tensor, f".{name}.spikes")
+    graph.nodes.append(spikec_node("IFNeuron", f"{tensor.name}/{name}",
+                                   [tensor, gs.Constant(f"{tensor.name}.{name}.theta", theta)], [spikes],
+                                   signed=int(options.signed), burst=int(options.burst)))
+    return spikes
+
+
+def x2x_encoder(graph: gs.Graph, tensor: gs.Variable, stats: TapStats, timesteps: int,
+                options: STAOptions) -> tuple[gs.Variable, dict]:
+    """relu(x) - relu(-x) by two IF neurons: spikes(x) - spikes(-x)."""
+    negated = fresh_like(tensor, ".negated")
+    graph.nodes.append(gs.Node("Neg", f"{tensor.name}/X2XNeg", inputs=[tensor], outputs=[negated]))
+    theta_pos, theta_neg = mmse_thresholds(stats, timesteps), mmse_thresholds(_negated(stats), timesteps)
+    positive = _if_neuron(graph, tensor, theta_pos, "X2XPositive", options)
+    negative = _if_neuron(graph, negated, theta_neg, "X2XNegative", options)
+    encoded = fresh_like(tensor, ".x2x")
+    graph.nodes.append(gs.Node("Sub", f"{tensor.name}/X2X", inputs=[positive, negative], outputs=[encoded]))
+    return encoded, {"tensor": tensor.name, "encoder": "X2X", "theta_pos": theta_pos.tolist(),
+                     "theta_neg": theta_neg.tolist()}
+
+
+def _consumers(operands: list[tuple[gs.Node, int]]) -> list[str]:
+    return sorted({node.name for node, _ in operands})
+
+
+def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operator: ugos.UGO,
+         inputs: np.ndarray, timesteps: int, options: STAOptions) -> np.ndarray:
+    """out = w2 . IF(w1 x + b1) + b2 elementwise; the hidden thresholds by MMSE over the hidden
+    pre-activations of ``inputs`` (a sample of x). Returns the thresholds."""
+    rng = np.random.default_rng(0)
+    values = inputs.reshape(-1)
+    values = values[rng.choice(values.size, min(values.size, SAMPLE_VALUES), replace=False)]
+    hidden_sample = values[:, None].astype(np.float64) * operator.w1 + operator.b1
+    theta = mmse_thresholds(_stats_of(f"{x.name}.ugo_hidden", hidden_sample), timesteps)
+    expanded, weighted, current, spikes, summed, squeezed = (
+        gs.Variable(f"{prefix}.{s}", dtype=np.float32)
+        for s in ("expanded", "weighted", "current", "spikes", "sum", "squeezed"))
+    current.shape = None if x.shape is None else [None] * (len(x.shape) + 1)
+    graph.nodes += [
+        gs.Node("Unsqueeze", f"{prefix}/Unsqueeze", inputs=[x, gs.Constant(f"{prefix}.axis", np.array([-1], np.int64))],
+                outputs=[expanded]),
+        gs.Node("Mul", f"{prefix}/W1", inputs=[expanded, gs.Constant(f"{prefix}.w1", operator.w1.astype(np.float32))],
+                outputs=[weighted]),
+        gs.Node("Add", f"{prefix}/B1", inputs=[weighted, gs.Constant(f"{prefix}.b1", operator.b1.astype(np.float32))],
+                outputs=[current]),
+        spikec_node("IFNeuron", f"{prefix}/IFNeuron", [current, gs.Constant(f"{prefix}.theta", theta)], [spikes],
+                    signed=int(options.signed), burst=int(options.burst)),
+        gs.Node("MatMul", f"{prefix}/W2",
+                inputs=[spikes, gs.Constant(f"{prefix}.w2", operator.w2.astype(np.float32)[:, None])], outputs=[summed]),
+        gs.Node("Squeeze", f"{prefix}/Squeeze", inputs=[summed, gs.Constant(f"{prefix}.squeeze", np.array([-1], np.int64))],
+                outputs=[squeezed]),
+        gs.Node("Add", f"{prefix}/B2", inputs=[squeezed, gs.Constant(f"{prefix}.b2", np.array(operator.b2, np.float32))],
+                outputs=[out]),
+    ]
+    return theta
+
+
+def gelu_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int, options: STAOptions) -> dict:
+    """Replace a GELU region by its UGO with a spiking hidden layer."""
+    operator = ugos.load("gelu", options.gelu_hidden)
+    x, out = region.inputs[0], region.outputs[0]
+    for node in region.nodes:  # the GELU's own nodes go; cleanup removes them
+        node.outputs.clear()
+    theta = _ugo(graph, f"{region.name}/UGO", x, out, operator, stats.sample, timesteps, options)
+    return {"region": region.name, "operator": "gelu", "hidden": operator.hidden, "input": x.name,
+            "theta": theta.tolist()}
+
+
+def layernorm_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int, options: STAOptions,
+                  opset: int) -> dict | None:
+    """Appendix D.1: c = x - mean(x); var = mean(c * c) (a TCSA product); r = 1/sqrt(var + eps) by the rsqrt
+    UGO; LN = gamma * (c * r) + beta (TCSA again). The UGO's domain is (0.01, 1]: var + eps is scaled by
+    s = 1/(its calibration maximum) first and r by sqrt(s) after (spikec's; the reference code drops eps
+    and relies on the variance staying in the domain). LayerNorm over more than the last axis stays float."""
+    if region.attrs["axis"] != -1:
+        return None
+    x, out = region.inputs[0], region.outputs[0]
+    epsilon = region.attrs["epsilon"]
+    variance = stats.sample.astype(np.float64).var(axis=1) + epsilon  # the sample holds whole rows
+    scale = float(1.0 / variance.max())
+    prefix = f"{region.name}/LayerNormUGO"
+    for node in region.nodes:
+        node.outputs.clear()
+
+    def variable(suffix: str) -> gs.Variable:
+        return gs.Variable(f"{prefix}.{suffix}", dtype=np.float32,
+                           shape=None if x.shape is None else [None] * len(x.shape))
+
+    def reduce_mean(name: str, data: gs.Variable, result: gs.Variable) -> gs.Node:
+        if opset >= 18:
+            return gs.Node("ReduceMean", f"{prefix}/{name}", attrs={"keepdims": 1},
+                           inputs=[data, gs.Constant(f"{prefix}.{name}.axes", np.array([-1], np.int64))], outputs=[result])
+        return gs.Node("ReduceMean", f"{prefix}/{name}", attrs={"axes": [-1], "keepdims": 1}, inputs=[data],
+                       outputs=[result])
+
+    mean, centered, square, var, shifted, scaled, root_scaled, root, normalized = (
+        variable(s) for s in ("mean", "centered", "square", "var", "var_eps", "var_scaled", "rsqrt_scaled", "rsqrt",
+                              "normalized"))
+    graph.nodes += [
+        reduce_mean("Mean", x, mean),
+        gs.Node("Sub", f"{prefix}/Center", inputs=[x, mean], outputs=[centered]),
+        gs.Node("Mul", f"{prefix}/Square", inputs=[centered, centered], outputs=[square]),
+        reduce_mean("Variance", square, var),
+        gs.Node("Add", f"{prefix}/Epsilon", inputs=[var, gs.Constant(f"{prefix}.eps", np.array(epsilon, np.float32))],
+                outputs=[shifted]),
+        gs.Node("Mul", f"{prefix}/Scale", inputs=[shifted, gs.Constant(f"{prefix}.s", np.array(scale, np.float32))],
+                outputs=[scaled]),
+    ]
+    theta = _ugo(graph, f"{prefix}/UGO", scaled, root_scaled, ugos.load("rsqrt"), variance * scale, timesteps, options)
+    graph.nodes += [
+        gs.Node("Mul", f"{prefix}/Unscale", inputs=[root_scaled, gs.Constant(f"{prefix}.sqrt_s",
+                                                                               np.array(np.sqrt(scale), np.float32))],
+                outputs=[root]),
+    ]
+    gamma, beta = region.attrs["scale"], region.attrs["bias"]
+    product = normalized if gamma is not None or beta is not None else out
+    graph.nodes.append(gs.Node("Mul", f"{prefix}/Normalize", inputs=[centered, root], outputs=[product]))
+    if gamma is not None:
+        scaled_out = out if beta is None else variable("gamma")
+        graph.nodes.append(gs.Node("Mul", f"{prefix}/Gamma", inputs=[product, gamma], outputs=[scaled_out]))
+        product = scaled_out
+    if beta is not None:
+        graph.nodes.append(gs.Node("Add", f"{prefix}/Beta", inputs=[product, beta], outputs=[out]))
+    return {"region": region.name, "operator": "rsqrt", "hidden": 8, "input": x.name, "variance_scale": scale,
+            "theta": theta.tolist()}
+
+
+def naive_split(graph: gs.Graph, node: gs.Node, name: str, timesteps: int) -> dict:
+    """Def. 2: P(t) = (S_A(t) S_B(t) - S_A(t-1) S_B(t-1)) / T from running sums; its mean over T is the
+    product of the means, but its steps grow with t."""
+    a, b = node.inputs
+    out = node.outputs[0]
+    product, increment = fresh_like(out, ".naive_product"), fresh_like(out, ".naive_increment")
+    node.inputs[0], node.inputs[1] = accumulate(graph, a, name, SUM), accumulate(graph, b, name, SUM)
+    node.outputs[0] = product
+    graph.nodes.append(spikec_node("ECCompensate", f"{name}/NaiveIncrement", [product], [increment], average=0))
+    graph.nodes.append(gs.Node("Mul", f"{name}/NaiveWeight",
+                               inputs=[increment, gs.Constant(f"{name}.one_over_t", np.array(1.0 / timesteps, np.float32))],
+                               outputs=[out]))
+    return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": "naive split (Def. 2)"}
+
+
+def encoder_sites(regions: list[Region], skip: set[str]) -> dict[str, list[tuple[gs.Node, int]]]:
+    """Activation inputs of weight products, except those a UGO already delivers as spikes."""
+    sites: dict[str, list[tuple[gs.Node, int]]] = {}
+    for region in regions:
+        if region.kind != "weight_matmul":
+            continue
+        node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
+        index = 1 - region.attrs.get("weight_input_index", 1)
+        tensor = node.inputs[index]
+        if not is_constant(tensor) and tensor.name not in skip:
+            sites.setdefault(tensor.name, []).append((node, index))
+    return sites
+
+
+def calibration_taps(regions: list[Region], options: STAOptions) -> list[str]:
+    """The ANN tensors whose statistics rewrite() needs."""
+    gelu_inputs = [r.inputs[0].name for r in regions if r.kind in ("gelu", "layernorm")] if options.ugo else []
+    skip = {r.outputs[0].name for r in regions if r.kind == "gelu"} if options.ugo else set()
+    return list(dict.fromkeys([*encoder_sites(regions, skip), *gelu_inputs]))
+
+
+def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], timesteps: int,
+            options: STAOptions = STAOptions(), *, allow_float: frozenset[str] = frozenset()) -> dict:
+    opset = graph.opset
+    gelus = [r for r in regions if r.kind == "gelu"] if options.ugo else []
+    norms = [r for r in regions if r.kind == "layernorm" and r.attrs["axis"] == -1] if options.ugo else []
+    ugo_outputs = {r.outputs[0].name for r in gelus}
+    sites = encoder_sites(regions, ugo_outputs)
+    tensors = graph.tensors()
+    encoders = []
+    for name, operands in sites.items():
+        encoded, info = x2x_encoder(graph, tensors[name], stats[name], timesteps, options)
+        for node, index in operands:
+            node.inputs[index] = encoded
+        encoders.append({**info, "consumers": _consumers(operands)})
+    replaced = [gelu_ugo(graph, r, stats[r.inputs[0].name], timesteps, options) for r in gelus]
+    replaced += [layernorm_ugo(graph, r, stats[r.inputs[0].name], timesteps, options, opset) for r in norms]
+    graph.cleanup()
+    product = None if options.corrected else functools.partial(naive_split, timesteps=timesteps)
+    rewritten = {id(r) for r in [*gelus, *norms]}
+    timing = convert_time(graph, [r for r in regions if id(r) not in rewritten], set(allow_float), MEAN,
+                          product=product)
+    return {"neurons": [], "encoders": encoders, "ugos": replaced, "compensated": timing["compensated"],
+            "options": {"ugo": options.ugo, "corrected": options.corrected, "signed": options.signed,
+                        "burst": options.burst, "gelu_hidden": options.gelu_hidden}}
