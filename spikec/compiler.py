@@ -59,6 +59,7 @@ class CompileOptions:
     tcsa: bool = True        # temporal-corrective products (False: the naive split)
     signed: bool = True      # signed neurons with memory
     burst: int = 2           # burst spikes per step (1: off)
+    softmax_ugo: bool = False  # Softmax by exp/inverse UGOs (appendix D.2); off: float, as the reference code
 
     @property
     def level_count(self) -> int:
@@ -138,7 +139,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
                               "pairs); leave levels out")
         sites = [r.attrs["input"].name for r in regions if r.kind == "quantizer"]
     elif opts.method == "sta":
-        sta_options = sta.STAOptions(ugo=opts.ugo, corrected=opts.tcsa, signed=opts.signed, burst=opts.burst)
+        sta_options = sta.STAOptions(ugo=opts.ugo, corrected=opts.tcsa, signed=opts.signed, burst=opts.burst,
+                                     softmax_ugo=opts.softmax_ugo)
         sites = sta.calibration_taps(regions, sta_options)
         if not sites:
             raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")

@@ -446,7 +446,8 @@ def test_sta_switches_reach_the_compiler(small, capfd):
     capfd.readouterr()
     snn = onnx.load(out)
     report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])
-    assert report["options"] == {"ugo": False, "corrected": False, "signed": False, "burst": 1, "gelu_hidden": None}
+    assert report["options"] == {"ugo": False, "corrected": False, "signed": False, "burst": 1, "gelu_hidden": None,
+                                 "softmax_ugo": False}
     neurons = [n for n in snn.graph.node if n.op_type == "IFNeuron"]
     assert neurons and all({a.name: a.i for a in n.attribute}["signed"] == 0 for n in neurons)
     assert any("naive split" in c.get("rewrite", "") for c in report["compensated"])
