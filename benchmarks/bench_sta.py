@@ -31,7 +31,7 @@ from spikec.runtime import InferenceSession, run  # noqa: E402
 
 VARIANTS = {
     "STA (all techniques)": {},
-    "exact GELU instead of its UGO": {"ugo": False},
+    "exact GELU and LayerNorm (no UGOs)": {"ugo": False},
     "naive split instead of TCSA": {"tcsa": False},
     "without signed neurons": {"signed": False},
     "without burst spikes": {"burst": 1},
