@@ -128,15 +128,17 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
 
     batch = w["batch"]
     ann = InferenceSession(w["model"], options, native=False)
-    log.print(f"[dim]{w['name']}: compile stateful[/dim]")
-    stateful = spikec.compile(w["model"], w["calibration"], mode="stateful", progress=False, **w["options"])
-    step_portable, step_native = (step_call(s, batch) for s in sessions(stateful))
-    simulator = TorchStepSimulator(stateful)
+    compile_options = {**w["options"], "method": args.method} if args.method == "ecmt" else {"method": args.method}
     ann_peak = peak_mib("ann", w["model"], batch, 1, args.threads)
     rows = []
     for t in timesteps:
         log.print(f"[dim]{w['name']}: T={t} compile + time[/dim]")
-        model = spikec.compile(w["model"], w["calibration"], timesteps=t, progress=False, **w["options"])
+        # STA's thresholds depend on T: both forms are compiled for it
+        stateful = spikec.compile(w["model"], w["calibration"], timesteps=t, mode="stateful", progress=False,
+                                  **compile_options)
+        step_portable, step_native = (step_call(s, batch) for s in sessions(stateful))
+        simulator = TorchStepSimulator(stateful)
+        model = spikec.compile(w["model"], w["calibration"], timesteps=t, progress=False, **compile_options)
         portable, fast = sessions(model)
         native_out = run(fast, batch)
         diff = max(float(np.max(np.abs(a - b))) for a, b in zip(run(portable, batch).values(), native_out.values()))
@@ -151,7 +153,7 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
                  for kind, m in (("portable", model), ("native", model), ("torch", stateful))}
         rows.append({"workload": f"{w['name']} ({len(next(iter(batch.values())))})", "T": t, **ms, "diff": diff,
                      "cosine_torch": cosine_torch, "peak_ann": ann_peak, **{f"peak_{k}": v for k, v in peaks.items()}})
-        del portable, fast, model
+        del portable, fast, model, stateful, simulator, step_portable, step_native
         gc.collect()
     return rows
 
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
     parser.add_argument("--spin", action="store_true", help="let idle intra-op threads spin (onnxruntime's default)")
     parser.add_argument("--only", choices=["digits-ViT", "MiniLM"], help="run one workload")
+    parser.add_argument("--method", choices=["ecmt", "spikezip", "sta"], default="ecmt",
+                        help="conversion method (ECMT uses the settings of tests/test_ecmt.py, the others defaults)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows to PATH as JSON")
     args = parser.parse_args(argv)
     import torch
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for w in workloads():
         if args.only in (None, w["name"]):
             rows += bench(w, args.timesteps, args, log)
+    console.print(f"method {args.method}")
     console.print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

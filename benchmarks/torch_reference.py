@@ -91,6 +91,14 @@ def _stbif_step(x, v, tracer, theta, s_min, s_max, t):
     return spike, membrane - spike * theta, tracer + spike
 
 
+def _if_step(x, v, emitted, theta, t, signed, burst):
+    membrane = v + x
+    reach = torch.maximum(membrane, -(signed * emitted))
+    unit = theta / burst
+    out = torch.clamp(torch.floor(reach.abs() / unit), max=burst) * torch.sign(reach) * unit
+    return out, membrane - out, emitted + out
+
+
 def _weight(t, average):
     return average * t + (1 - average)
 
@@ -101,6 +109,8 @@ def _spikec(op: str, attrs: dict, args: list):
         return _mt_step(x, v, theta_pos, theta_neg, t, attrs["levels"])
     if op == "STBIFNeuronStep":
         return _stbif_step(*args)
+    if op == "IFNeuronStep":
+        return _if_step(*args, float(attrs["signed"]), float(attrs["burst"]))
     if op == "ECAccumulateStep":
         x, total, t = args
         total = total + x
