@@ -147,13 +147,16 @@ def layernorm_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: i
     """Appendix D.1: c = x - mean(x); var = mean(c * c) (a TCSA product); r = 1/sqrt(var + eps) by the rsqrt
     UGO; LN = gamma * (c * r) + beta (TCSA again). The UGO's domain is (0.01, 1]: var + eps is scaled by
     s = 1/(its calibration maximum) first and r by sqrt(s) after (spikec's; the reference code drops eps
-    and relies on the variance staying in the domain). LayerNorm over more than the last axis stays float."""
-    if region.attrs["axis"] != -1:
-        return None
+    and relies on the variance staying in the domain). A LayerNorm whose calibration variances span more than
+the domain's 100:1 stays float (returns None), as does one over more than the last axis."""
     x, out = region.inputs[0], region.outputs[0]
     epsilon = region.attrs["epsilon"]
     variance = stats.sample.astype(np.float64).var(axis=1) + epsilon  # the sample holds whole rows
     scale = float(1.0 / variance.max())
+    low = ugos.SPECS["rsqrt"].domain[0]
+    if (variance * scale).min() < low:
+        # calibrated variances span more than the UGO's domain (100:1): some rows would fall outside it
+        return None
     prefix = f"{region.name}/LayerNormUGO"
     for node in region.nodes:
         node.outputs.clear()
@@ -318,7 +321,9 @@ def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], 
             node.inputs[index] = encoded
         encoders.append({**info, "consumers": _consumers(operands)})
     replaced = [gelu_ugo(graph, r, stats[r.inputs[0].name], timesteps, options) for r in gelus]
-    replaced += [layernorm_ugo(graph, r, stats[r.inputs[0].name], timesteps, options, opset) for r in norms]
+    decomposed = [(r, layernorm_ugo(graph, r, stats[r.inputs[0].name], timesteps, options, opset)) for r in norms]
+    norms = [r for r, info in decomposed if info is not None]
+    replaced += [info for _, info in decomposed if info is not None]
     replaced += [softmax_ugo(graph, r, stats[_softmax_input(r).name], timesteps, options) for r in softmaxes]
     graph.cleanup()
     product = None if options.corrected else functools.partial(naive_split, timesteps=timesteps)
@@ -326,6 +331,7 @@ def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], 
     timing = convert_time(graph, [r for r in regions if id(r) not in rewritten], set(allow_float), MEAN,
                           product=product)
     return {"neurons": [], "encoders": encoders, "ugos": replaced, "compensated": timing["compensated"],
+            "layernorms_kept_float": [r.name for r, info in decomposed if info is None],
             "options": {"ugo": options.ugo, "corrected": options.corrected, "signed": options.signed,
                         "burst": options.burst, "gelu_hidden": options.gelu_hidden,
                         "softmax_ugo": options.softmax_ugo}}

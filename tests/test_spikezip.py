@@ -187,3 +187,17 @@ def test_minilm_with_ptq_equals_qann():
     exact = np.array(agreement["exact"])
     got = agreement["outputs"]["sentence_embedding"]
     np.testing.assert_allclose(got[exact], want[exact], atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "deit", "swin"])
+def test_random_transformers_reach_their_qann(name):
+    """Graph-generic: every random-init architecture quantizes, converts, goes quiet within T, and then
+    equals its QANN (up to float flips, which these few samples do not hit)."""
+    path = fixtures.random_transformer(name)
+    calib, feeds = fixtures.random_inputs(name, batch=16, seed=1), fixtures.random_inputs(name, batch=2, seed=0)
+    qann = spikec.quantize(path, calib, levels=16, progress=False)
+    snn = spikec.compile(qann, calib, method="spikezip", timesteps=48, progress=False)
+    got = run_dataset(snn, feeds)
+    assert None not in equilibrium_steps(got["spikec.spikes.steps"])
+    for name_out, want in run_dataset(InferenceSession(qann), feeds).items():
+        np.testing.assert_allclose(got[name_out], want, atol=1e-4 * np.abs(want).max(), rtol=0)

@@ -29,17 +29,20 @@ def _accuracy_per_t(digits, **options):
 
 def test_digits_vit_accuracy(digits, ann_accuracy):
     model, accuracy = _accuracy_per_t(digits, timesteps=64)
-    # measured: 96.48 % at T=32, 96.85 % at T=64 (ANN 97.59 %; 97.59 % at both with exact LayerNorm/GELU)
-    assert accuracy[31] >= ann_accuracy - 0.02 and accuracy[63] >= ann_accuracy - 0.01
+    # measured: 97.59 % at T=32 and T=64, equal to the ANN
+    assert accuracy[31] >= ann_accuracy - 0.01 and accuracy[63] >= ann_accuracy - 0.01
     assert accuracy[7] < accuracy[31]
     report = json.loads({p.key: p.value for p in model.metadata_props}["spikec.report"])
     # X2X encoders on qkv, projection and fc1 inputs of 4 blocks and the head's; fc2 reads the GELU UGO
     assert len(report["encoders"]) == 4 * 3 + 1
     ugos = [u["operator"] for u in report["ugos"]]
-    assert ugos.count("gelu") == 4 and ugos.count("rsqrt") == 4 * 2 + 1  # every LayerNorm
+    # every LayerNorm but one, whose calibration variances span more than the rsqrt UGO's 100:1 domain
+    assert ugos.count("gelu") == 4 and ugos.count("rsqrt") == 4 * 2 + 1 - 1
+    assert len(report["layernorms_kept_float"]) == 1
     ops = [n.op_type for n in model.graph.node if n.domain == "spikec"]
-    assert ops.count("IFNeuron") == 2 * 13 + 4 + 9
-    assert not {"Erf", "LayerNormalization"} & {n.op_type for n in model.graph.node}  # replaced
+    assert ops.count("IFNeuron") == 2 * 13 + 4 + 8
+    kept = [n.op_type for n in model.graph.node]
+    assert "Erf" not in kept and kept.count("LayerNormalization") == 1
     onnx.checker.check_model(model)
 
 
@@ -78,3 +81,16 @@ def test_softmax_decomposition_runs_and_costs_accuracy(digits, ann_accuracy):
     report = json.loads({p.key: p.value for p in model.metadata_props}["spikec.report"])
     assert sum(u["operator"].startswith("softmax") for u in report["ugos"]) == 4
     assert 0.6 < accuracy[31] < ann_accuracy - 0.05
+
+
+@pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "deit", "swin"])
+def test_random_transformers_convert(name):
+    path = fixtures.random_transformer(name)
+    calib, feeds = fixtures.random_inputs(name, batch=16, seed=1), fixtures.random_inputs(name, batch=2, seed=0)
+    snn = spikec.compile(path, calib, method="sta", timesteps=32, progress=False)
+    got = run_dataset(snn, feeds)
+    for output, reference in run_dataset(path, feeds).items():
+        steps = got[output + ".steps"]
+        assert np.isfinite(steps).all()
+        # measured 0.93-0.998 (DeiT's tanh pooler is the lowest)
+        assert cosine(reference, steps[-1]) > 0.9 and cosine(reference, steps[-1]) > cosine(reference, steps[3])
