@@ -38,7 +38,7 @@ SAMPLE_VALUES = 100_000  # per UGO hidden layer: the MMSE search runs on a subsa
 
 @dataclass(frozen=True)
 class STAOptions:
-    ugo: bool = True        # GELU by its UGO (False: exact GELU in float, compensated)
+    ugo: bool = True        # GELU and LayerNorm by UGOs (False: both exact in float, compensated)
     corrected: bool = True  # TCSA (False: the naive temporal split)
     signed: bool = True     # signed neurons with memory potential
     burst: int = 2          # burst spikes per step (1: plain IF)

@@ -43,7 +43,8 @@ def cmd_compile(args) -> int:
                   allow_float=tuple(o for spec in args.allow_float for o in spec.split(",") if o),
                   batch_size=args.batch_size, progress=not args.quiet, memory_budget=args.memory_budget,
                   qann_output=args.save_qann, ugo=not args.no_ugo, tcsa=not args.naive_products,
-                  signed=not args.no_signed, burst=args.burst, softmax_ugo=args.softmax_ugo)
+                  signed=not args.no_signed, burst=args.burst, softmax_ugo=args.softmax_ugo,
+                  gelu_hidden=args.gelu_hidden)
     if args.save_qann:
         print(f"wrote {args.save_qann} (the quantized ANN)")
     print(f"wrote {args.output}")
@@ -310,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-products", action="store_true", help="sta: the naive temporal split instead of TCSA")
     p.add_argument("--no-signed", action="store_true", help="sta: IF neurons without negative spikes")
     p.add_argument("--burst", type=int, default=2, help="sta: burst spikes per step (1: off)")
+    p.add_argument("--gelu-hidden", type=int, metavar="N", help="sta: GELU UGO size (shipped: 32, 64)")
     p.add_argument("--softmax-ugo", action="store_true",
                    help="sta: Softmax by exp/inverse UGOs (appendix D.2) instead of float (the reference code)")
     p.add_argument("--percentile", type=float, default=99.0, help="p: theta_1/theta_2 from the p-th/(100-p)-th percentile")

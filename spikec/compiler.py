@@ -60,6 +60,7 @@ class CompileOptions:
     signed: bool = True      # signed neurons with memory
     burst: int = 2           # burst spikes per step (1: off)
     softmax_ugo: bool = False  # Softmax by exp/inverse UGOs (appendix D.2); off: float, as the reference code
+    gelu_hidden: int | None = None  # GELU UGO size (spikec ships 32, the paper's, and 64, the reference code's)
 
     @property
     def level_count(self) -> int:
@@ -140,7 +141,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         sites = [r.attrs["input"].name for r in regions if r.kind == "quantizer"]
     elif opts.method == "sta":
         sta_options = sta.STAOptions(ugo=opts.ugo, corrected=opts.tcsa, signed=opts.signed, burst=opts.burst,
-                                     softmax_ugo=opts.softmax_ugo)
+                                     softmax_ugo=opts.softmax_ugo, gelu_hidden=opts.gelu_hidden)
         sites = sta.calibration_taps(regions, sta_options)
         if not sites:
             raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")

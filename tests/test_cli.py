@@ -453,3 +453,11 @@ def test_sta_switches_reach_the_compiler(small, capfd):
     assert any("naive split" in c.get("rewrite", "") for c in report["compensated"])
     _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "sta", "--burst", "0"],
            "burst=0")
+    # UGO sizes are options; one without shipped weights says how to train it
+    _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "sta", "--gelu-hidden", "48"],
+           "N=48", "spikec ugo train")
+    assert main(["compile", str(model), "-o", str(out), "--method", "sta", "-T", "8", "--calib", str(calib),
+                 "--gelu-hidden", "64", "--quiet"]) == 0
+    capfd.readouterr()
+    report = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["spikec.report"])
+    assert {u["hidden"] for u in report["ugos"] if u["operator"] == "gelu"} == {64}
