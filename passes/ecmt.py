@@ -53,7 +53,7 @@ class Thresholds:
         return Thresholds(pos.astype(np.float32), neg.astype(np.float32))
 
 
-def _product_operands(region: Region) -> list[tuple[gs.Node, int]]:
+def product_operands(region: Region) -> list[tuple[gs.Node, int]]:
     """(node, input index) of the activation operands a neuron must feed."""
     node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
     if region.kind == _ACTIVATION_PRODUCT:
@@ -67,7 +67,7 @@ def neuron_sites(regions: list[Region]) -> dict[str, list[tuple[gs.Node, int]]]:
     sites: dict[str, list[tuple[gs.Node, int]]] = {}
     for region in regions:
         if region.kind in (_WEIGHT_PRODUCT, _ACTIVATION_PRODUCT):
-            for node, index in _product_operands(region):
+            for node, index in product_operands(region):
                 tensor = node.inputs[index]
                 if not is_constant(tensor):
                     sites.setdefault(tensor.name, []).append((node, index))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from spikec.passes.ecmt import product_operands
 from spikec.passes.patterns import Region
 from spikec.passes.timing import is_constant
 
@@ -34,10 +35,6 @@ class Site:
     tensor: str
     consumers: tuple[tuple[gs.Node, int], ...] | None  # None: every consumer reads the quantized tensor
     role: str  # "before" (a product's operand) or "after" (a product's output)
-
-
-def _product_node(region: Region) -> gs.Node:
-    return next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
 
 
 def _feeds_softmax(tensor: gs.Tensor, softmax_inputs: set[str]) -> bool:
@@ -71,21 +68,17 @@ def quantizer_sites(regions: list[Region]) -> list[Site]:
     softmax_inputs = {t.name for r in regions if r.kind == "softmax" for t in r.inputs}
     after: dict[str, Site] = {}
     for region in products:
-        output = region.outputs[0] if region.outputs else _product_node(region).outputs[0]
+        output = region.outputs[0] if region.outputs else product_operands(region)[0][0].outputs[0]
         if region.kind == "act_matmul" and _feeds_softmax(output, softmax_inputs):
             continue
         after.setdefault(output.name, Site(output.name, None, "after"))
     before: dict[str, list[tuple[gs.Node, int]]] = {}
-    tensors: dict[str, gs.Tensor] = {}
     for region in products:
-        node = _product_node(region)
-        operands = (0, 1) if region.kind == "act_matmul" else (1 - region.attrs.get("weight_input_index", 1),)
-        for index in operands:
+        for node, index in product_operands(region):
             tensor = node.inputs[index]
             if is_constant(tensor) or any(name in after for name in _source_through_movement(tensor)):
                 continue
             before.setdefault(tensor.name, []).append((node, index))
-            tensors[tensor.name] = tensor
     return [*after.values(), *(Site(name, tuple(consumers), "before") for name, consumers in before.items())]
 
 

@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from spikec import ugo as ugos
 from spikec.calibrate import TapStats
+from spikec.passes.ecmt import product_operands
 from spikec.passes.patterns import Region
 from spikec.passes.timing import MEAN, SUM, accumulate, convert_time, fresh_like, is_constant, spikec_node
 
@@ -73,11 +74,12 @@ def _negated(stats: TapStats) -> TapStats:
                     -stats.channel_max, -stats.channel_min)
 
 
-def _if_neuron(graph: gs.Graph, tensor: gs.Variable, theta: np.ndarray, name: str, options: STAOptions) -> gs.Variable:
-    spikes = fresh_like(tensor, f".{name}.spikes")
-    graph.nodes.append(spikec_node("IFNeuron", f"{tensor.name}/{name}",
-                                   [tensor, gs.Constant(f"{tensor.name}.{name}.theta", theta)], [spikes],
-                                   signed=int(options.signed), burst=int(options.burst)))
+def _if_neuron(graph: gs.Graph, tensor: gs.Variable, theta: np.ndarray, node_name: str,
+               options: STAOptions) -> gs.Variable:
+    """An IFNeuron node reading ``tensor``, with the options' signed/burst settings; returns its spikes."""
+    spikes = gs.Variable(f"{node_name}.spikes", dtype=np.float32, shape=tensor.shape)
+    graph.nodes.append(spikec_node("IFNeuron", node_name, [tensor, gs.Constant(f"{node_name}.theta", theta)],
+                                   [spikes], signed=int(options.signed), burst=int(options.burst)))
     return spikes
 
 
@@ -87,8 +89,8 @@ def x2x_encoder(graph: gs.Graph, tensor: gs.Variable, stats: TapStats, timesteps
     negated = fresh_like(tensor, ".negated")
     graph.nodes.append(gs.Node("Neg", f"{tensor.name}/X2XNeg", inputs=[tensor], outputs=[negated]))
     theta_pos, theta_neg = mmse_thresholds(stats, timesteps), mmse_thresholds(_negated(stats), timesteps)
-    positive = _if_neuron(graph, tensor, theta_pos, "X2XPositive", options)
-    negative = _if_neuron(graph, negated, theta_neg, "X2XNegative", options)
+    positive = _if_neuron(graph, tensor, theta_pos, f"{tensor.name}/X2XPositive", options)
+    negative = _if_neuron(graph, negated, theta_neg, f"{tensor.name}/X2XNegative", options)
     encoded = fresh_like(tensor, ".x2x")
     graph.nodes.append(gs.Node("Sub", f"{tensor.name}/X2X", inputs=[positive, negative], outputs=[encoded]))
     return encoded, {"tensor": tensor.name, "encoder": "X2X", "theta_pos": theta_pos.tolist(),
@@ -108,9 +110,8 @@ def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operato
     values = values[rng.choice(values.size, min(values.size, SAMPLE_VALUES), replace=False)]
     hidden_sample = values[:, None].astype(np.float64) * operator.w1 + operator.b1
     theta = mmse_thresholds(_stats_of(f"{x.name}.ugo_hidden", hidden_sample), timesteps)
-    expanded, weighted, current, spikes, summed, squeezed = (
-        gs.Variable(f"{prefix}.{s}", dtype=np.float32)
-        for s in ("expanded", "weighted", "current", "spikes", "sum", "squeezed"))
+    expanded, weighted, current, summed, squeezed = (
+        gs.Variable(f"{prefix}.{s}", dtype=np.float32) for s in ("expanded", "weighted", "current", "sum", "squeezed"))
     current.shape = None if x.shape is None else [None] * (len(x.shape) + 1)
     graph.nodes += [
         gs.Node("Unsqueeze", f"{prefix}/Unsqueeze", inputs=[x, gs.Constant(f"{prefix}.axis", np.array([-1], np.int64))],
@@ -119,8 +120,9 @@ def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operato
                 outputs=[weighted]),
         gs.Node("Add", f"{prefix}/B1", inputs=[weighted, gs.Constant(f"{prefix}.b1", operator.b1.astype(np.float32))],
                 outputs=[current]),
-        spikec_node("IFNeuron", f"{prefix}/IFNeuron", [current, gs.Constant(f"{prefix}.theta", theta)], [spikes],
-                    signed=int(options.signed), burst=int(options.burst)),
+    ]
+    spikes = _if_neuron(graph, current, theta, f"{prefix}/IFNeuron", options)
+    graph.nodes += [
         gs.Node("MatMul", f"{prefix}/W2",
                 inputs=[spikes, gs.Constant(f"{prefix}.w2", operator.w2.astype(np.float32)[:, None])], outputs=[summed]),
         gs.Node("Squeeze", f"{prefix}/Squeeze", inputs=[summed, gs.Constant(f"{prefix}.squeeze", np.array([-1], np.int64))],
@@ -185,7 +187,8 @@ the domain's 100:1 stays float (returns None), as does one over more than the la
         gs.Node("Mul", f"{prefix}/Scale", inputs=[shifted, gs.Constant(f"{prefix}.s", np.array(scale, np.float32))],
                 outputs=[scaled]),
     ]
-    theta = _ugo(graph, f"{prefix}/UGO", scaled, root_scaled, ugos.load("rsqrt"), variance * scale, timesteps, options)
+    operator = ugos.load("rsqrt")
+    theta = _ugo(graph, f"{prefix}/UGO", scaled, root_scaled, operator, variance * scale, timesteps, options)
     graph.nodes += [
         gs.Node("Mul", f"{prefix}/Unscale", inputs=[root_scaled, gs.Constant(f"{prefix}.sqrt_s",
                                                                                np.array(np.sqrt(scale), np.float32))],
@@ -200,7 +203,8 @@ the domain's 100:1 stays float (returns None), as does one over more than the la
         product = scaled_out
     if beta is not None:
         graph.nodes.append(gs.Node("Add", f"{prefix}/Beta", inputs=[product, beta], outputs=[out]))
-    return {"region": region.name, "operator": "rsqrt", "hidden": 8, "input": x.name, "variance_scale": scale,
+    return {"region": region.name, "operator": "rsqrt", "hidden": operator.hidden, "input": x.name,
+            "variance_scale": scale,
             "theta": theta.tolist()}
 
 
@@ -240,7 +244,8 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
         gs.Node("Clip", f"{prefix}/ClampExp", inputs=[shifted, const("exp_low", EXP_DOMAIN[0]),
                                                       const("exp_high", EXP_DOMAIN[1])], outputs=[clamped]),
     ]
-    theta_exp = _ugo(graph, f"{prefix}/Exp", clamped, exps, ugos.load("exp"), shifted_sample, timesteps, options)
+    exp_operator, inverse_operator = ugos.load("exp"), ugos.load("inverse")
+    theta_exp = _ugo(graph, f"{prefix}/Exp", clamped, exps, exp_operator, shifted_sample, timesteps, options)
     graph.nodes += [
         gs.Node("ReduceSum", f"{prefix}/Sum", attrs={"keepdims": 1}, inputs=[exps, const("sum_axes", [-1])],
                 outputs=[total]),
@@ -248,13 +253,14 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
         gs.Node("Clip", f"{prefix}/ClampInverse", inputs=[scaled, const("inv_low", INVERSE_DOMAIN[0]),
                                                           const("inv_high", INVERSE_DOMAIN[1])], outputs=[bounded]),
     ]
-    theta_inv = _ugo(graph, f"{prefix}/Inverse", bounded, inverse, ugos.load("inverse"),
+    theta_inv = _ugo(graph, f"{prefix}/Inverse", bounded, inverse, inverse_operator,
                      np.clip(sums * k, *INVERSE_DOMAIN), timesteps, options)
     graph.nodes += [
         gs.Node("Mul", f"{prefix}/Unscale", inputs=[inverse, const("k_out", k)], outputs=[factor]),
         gs.Node("Mul", f"{prefix}/Normalize", inputs=[exps, factor], outputs=[out]),
     ]
-    return {"region": region.name, "operator": "softmax (exp, inverse)", "hidden": 32, "input": scores.name,
+    return {"region": region.name, "operator": "softmax (exp, inverse)",
+            "hidden": exp_operator.hidden + inverse_operator.hidden, "input": scores.name,
             "sum_scale": k, "theta": theta_exp.tolist() + theta_inv.tolist()}
 
 
@@ -276,14 +282,11 @@ def naive_split(graph: gs.Graph, node: gs.Node, name: str, timesteps: int) -> di
 def encoder_sites(regions: list[Region], skip: set[str]) -> dict[str, list[tuple[gs.Node, int]]]:
     """Activation inputs of weight products, except those a UGO already delivers as spikes."""
     sites: dict[str, list[tuple[gs.Node, int]]] = {}
-    for region in regions:
-        if region.kind != "weight_matmul":
-            continue
-        node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
-        index = 1 - region.attrs.get("weight_input_index", 1)
-        tensor = node.inputs[index]
-        if not is_constant(tensor) and tensor.name not in skip:
-            sites.setdefault(tensor.name, []).append((node, index))
+    for region in (r for r in regions if r.kind == "weight_matmul"):
+        for node, index in product_operands(region):
+            tensor = node.inputs[index]
+            if not is_constant(tensor) and tensor.name not in skip:
+                sites.setdefault(tensor.name, []).append((node, index))
     return sites
 
 
@@ -298,11 +301,11 @@ def _softmax_input(region: Region) -> gs.Tensor:
 
 def calibration_taps(regions: list[Region], options: STAOptions) -> list[str]:
     """The ANN tensors whose statistics rewrite() needs."""
-    gelu_inputs = [r.inputs[0].name for r in regions if r.kind in ("gelu", "layernorm")] if options.ugo else []
-    gelu_inputs += [_softmax_input(r).name for r in _decomposable_softmax(regions)] \
+    ugo_inputs = [r.inputs[0].name for r in regions if r.kind in ("gelu", "layernorm")] if options.ugo else []
+    ugo_inputs += [_softmax_input(r).name for r in _decomposable_softmax(regions)] \
         if options.ugo and options.softmax_ugo else []
     skip = {r.outputs[0].name for r in regions if r.kind == "gelu"} if options.ugo else set()
-    return list(dict.fromkeys([*encoder_sites(regions, skip), *gelu_inputs]))
+    return list(dict.fromkeys([*encoder_sites(regions, skip), *ugo_inputs]))
 
 
 def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], timesteps: int,

@@ -224,14 +224,14 @@ def gate_to_first_step(graph: gs.Graph, node: gs.Node, index: int, rank: int, li
 
 
 def _gate_invariant_operands(graph: gs.Graph, node: gs.Node, varying: set[str]) -> int:
-    if node.op == "Pad" and len(node.inputs) > 2 and node.inputs[2].name and 0 in _varying_inputs(node, varying):
+    moving = _varying_inputs(node, varying)
+    if not moving:
+        return 0
+    if node.op == "Pad" and len(node.inputs) > 2 and node.inputs[2].name and 0 in moving:
         value = node.inputs[2].values if is_constant(node.inputs[2]) else None
         if value is None or np.any(value != 0):
             raise SpikecError(f"node {node.name} (Pad): a non-zero pad value would be added at every step; "
                               f"sum semantics needs it once")
-    moving = _varying_inputs(node, varying)
-    if not moving:
-        return 0
     if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2].name:
         _split_conv_bias(graph, node)
         return 1
