@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, spikec_node, varying_tensors
 from spikec.runtime import ops as spec
+from spikec.runtime import ttfs as ttfs_ops
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
 
 
@@ -239,7 +240,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str
     del model.opset_import[:]
     model.opset_import.extend([o for o in template.opset_import if o.domain != spec.DOMAIN])
     model.opset_import.append(onnx.helper.make_opsetid(spec.DOMAIN, spec.DOMAIN_VERSION))
-    model.functions.extend(spec.functions_for(used, opset))
+    model.functions.extend(spec.functions_for(used, opset) + ttfs_ops.functions_for(used, opset))
     model.ir_version = template.ir_version
     model.producer_name = "spikec"
     del model.metadata_props[:]

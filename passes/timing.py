@@ -36,12 +36,12 @@ NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "IFNeuron"})
 _LINEAR_IN_EVERY_INPUT = {
     "Add", "Sub", "Neg", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
     "Concat", "Split", "Slice", "Gather", "GatherElements", "Expand", "Tile", "ReduceSum", "ReduceMean",
-    "Pad", "Dropout", "SpaceToDepth", "DepthToSpace",
+    "Pad", "Dropout", "SpaceToDepth", "DepthToSpace", "GlobalAveragePool", "AveragePool",
 }
 # Bilinear ops: affine as long as at most one operand varies over time.
 _BILINEAR = {"Mul", "MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
 # Ops whose output depends on the input's shape or type only.
-_SHAPE_ONLY = {"Shape", "Size", "EyeLike", "ConstantOfShape"}
+SHAPE_ONLY = {"Shape", "Size", "EyeLike", "ConstantOfShape"}
 # Ops that cannot be evaluated on running means: their outputs are not float or they hold control flow.
 _UNCONVERTIBLE = {"If", "Loop", "Scan", "ArgMax", "ArgMin", "TopK", "NonZero", "Unique", "Equal", "Greater",
                   "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf",
@@ -57,7 +57,7 @@ def varying_tensors(graph: gs.Graph, sources: Iterable[str]) -> set[str]:
     """Names of all tensors downstream of ``sources`` (neuron outputs), shape-only ops excepted."""
     varying = set(sources)
     for node in graph.nodes:  # graph is topologically sorted
-        if node.op in _SHAPE_ONLY:
+        if node.op in SHAPE_ONLY:
             continue
         if any(t.name in varying for t in node.inputs if not is_constant(t) and t.name):
             varying.update(t.name for t in node.outputs)
@@ -71,7 +71,7 @@ def _varying_inputs(node: gs.Node, varying: set[str]) -> list[int]:
 def is_affine(node: gs.Node, varying: set[str]) -> bool:
     """Whether ``node``'s outputs are affine in its time-varying inputs (so it commutes with the mean)."""
     moving = _varying_inputs(node, varying)
-    if not moving or node.op in _SHAPE_ONLY:
+    if not moving or node.op in SHAPE_ONLY:
         return True
     if node.op in _LINEAR_IN_EVERY_INPUT:
         # Gather/Slice/Pad/Expand/Tile/Reshape index operands must not vary: only the data may.

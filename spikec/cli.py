@@ -44,7 +44,8 @@ def cmd_compile(args) -> int:
                   batch_size=args.batch_size, progress=not args.quiet, memory_budget=args.memory_budget,
                   qann_output=args.save_qann, ugo=not args.no_ugo, tcsa=not args.naive_products,
                   signed=not args.no_signed, burst=args.burst, softmax_ugo=args.softmax_ugo,
-                  gelu_hidden=args.gelu_hidden)
+                  gelu_hidden=args.gelu_hidden, margin=args.margin, precision=args.precision,
+                  max_layer=not args.no_max_layer)
     if args.save_qann:
         print(f"wrote {args.save_qann} (the quantized ANN)")
     print(f"wrote {args.output}")
@@ -135,7 +136,8 @@ def inspect_model(path: str) -> dict:
         "compensated": report.get("compensated", []),
         "regions": report.get("regions", []),
         # rewrites (original ops -> spikec ops), neuron counts per sample, ops left in float and why
-        **summarize(model),
+        **(summarize(model) if meta.get("spikec.method") != "ttfs" else
+           {"ttfs": report["ttfs"], "rewrites": [], "float_ops": [], "neuron_counts": {}}),
     }
 
 
@@ -170,6 +172,18 @@ def cmd_inspect(args) -> int:
         for row in info["rewrites"]:
             rewrites.add_row(row["region"], row["kind"], " ".join(row["original_ops"]), "\n".join(row["spikec_ops"]))
         console.print(rewrites)
+    if "ttfs" in info:
+        ttfs = info["ttfs"]
+        timing = f"time precision {ttfs['precision']}" if ttfs["precision"] else "float spike times"
+        sites = Table(title=f"TTFS sites: {len(ttfs['sites'])} spiking layers, {timing}")
+        for column in ("site", "role", "emit", "receives", "range [a, b]", "from"):
+            sites.add_column(column)
+        for row in ttfs["sites"]:
+            sites.add_row(row["site"], row["role"], row["emit"], " ".join(row["receives"]),
+                          f"[{row['lower']:.4g}, {row['upper']:.4g}]", "construction" if row["analytic"] else "calibration")
+        console.print(sites)
+        for row in ttfs["float_nodes"]:
+            console.print(f"float (decoded, then encoded): {row['node']} ({row['op']})")
     if info["neurons"]:
         from spikec.graphinfo import neuron_label
 
@@ -240,6 +254,8 @@ def cmd_report(args) -> int:
 
     check_directory(args.output)  # before the run, not after it
     feeds = load_inputs(args.inputs, args.ann, what="inputs")
+    if _method(args.snn) == "ttfs":
+        return _report_ttfs(args, feeds)
     data = build_report(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), batch_size=args.batch_size,
                         progress=not args.quiet)
     index = write_report(data, args.output)
@@ -253,6 +269,33 @@ def cmd_report(args) -> int:
               + (f", accuracy {last['accuracy']:.4f} (ANN {output['ann_accuracy']:.4f})" if "accuracy" in last else ""))
     print(f"energy SNN/ANN {energy['ratio']:.3f} (papers' convention {energy['ratio_paper_convention']:.3f})")
     print(f"wrote {index} (plots, report.json)")
+    return 0
+
+
+def _method(path: str) -> str | None:
+    import onnx
+
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:
+        return None  # the report itself says what is wrong with the file
+    return next((p.value for p in model.metadata_props if p.key == "spikec.method"), None)
+
+
+def _report_ttfs(args, feeds: dict[str, np.ndarray]) -> int:
+    from spikec import ttfsreport
+
+    data = ttfsreport.build(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), batch_size=args.batch_size)
+    index = ttfsreport.write(data, args.output)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for name, f in data["fidelity"].items():
+        print(f"{name}: cosine {f['cosine']:.6f}, relative max error {f['relative_max_error']:.3g}"
+              + (f", accuracy {f['accuracy']:.4f} (ANN {f['ann_accuracy']:.4f})" if "accuracy" in f else ""))
+    print(f"{data['layers']} spiking layers, {data['spikes_per_neuron']:.3f} spikes per neuron, "
+          f"{data['clipped_sites']} site(s) clipped; energy SNN/ANN {data['energy']['snn_over_ann']:.3f} (Eq. 28)")
+    print(f"wrote {index} (report.json)")
     return 0
 
 
@@ -299,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="convert an ANN ONNX model into an SNN")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--method", default="ecmt", choices=["ecmt", "spikezip", "sta"])
+    p.add_argument("--method", default="ecmt", choices=["ecmt", "spikezip", "sta", "ttfs"])
     p.add_argument("--timesteps", "-T", type=int, default=8)
     p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
     p.add_argument("--mode", default="unrolled", choices=["unrolled", "stateful"])
@@ -314,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gelu-hidden", type=int, metavar="N", help="sta: GELU UGO size (shipped: 32, 64)")
     p.add_argument("--softmax-ugo", action="store_true",
                    help="sta: Softmax by exp/inverse UGOs (appendix D.2) instead of float (the reference code)")
+    p.add_argument("--margin", type=float, default=0.25,
+                   help="ttfs: each calibrated range [a, b] widens by this fraction of its span per side")
+    p.add_argument("--precision", type=int, default=0, metavar="P",
+                   help="ttfs: time precision p, spike times on a grid of delta/p (0: float spike times)")
+    p.add_argument("--no-max-layer", action="store_true", help="ttfs: softmax without the max-subtraction layer")
     p.add_argument("--percentile", type=float, default=99.0, help="p: theta_1/theta_2 from the p-th/(100-p)-th percentile")
     p.add_argument("--per-channel", action="store_true", help="thresholds per channel (last axis)")
     p.add_argument("--coverage", type=float, default=1.0,

@@ -17,18 +17,19 @@ from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
 from spikec.modelio import check_output_path, save_model_atomic
-from spikec.passes import ecmt, emit, quantize as ptq, spikezip, sta
+from spikec.passes import ecmt, emit, quantize as ptq, spikezip, sta, ttfs
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
 from spikec.passes.timing import MEAN, SUM
 
-METHODS = ("ecmt", "spikezip", "sta")
-SEMANTICS = {"ecmt": MEAN, "spikezip": SUM, "sta": MEAN}
+METHODS = ("ecmt", "spikezip", "sta", "ttfs")
+# TTFS has no time steps to average or sum over: one pass, spike times passed between layers.
+SEMANTICS = {"ecmt": MEAN, "spikezip": SUM, "sta": MEAN, "ttfs": "time-to-first-spike"}
 # levels: ECMT's n (2n thresholds, paper default 8); SpikeZIP-TF's quantization levels L (the reference
 # code's default is 32, its published runs use 16).
-DEFAULT_LEVELS = {"ecmt": 8, "spikezip": 16, "sta": 0}
-LEVEL_RANGES = {"ecmt": (1, 24), "spikezip": (2, 2**16), "sta": (0, 0)}
+DEFAULT_LEVELS = {"ecmt": 8, "spikezip": 16, "sta": 0, "ttfs": 0}
+LEVEL_RANGES = {"ecmt": (1, 24), "spikezip": (2, 2**16), "sta": (0, 0), "ttfs": (0, 0)}
 MODES = ("unrolled", "stateful")
 # The float32 step counter t is exact up to 2^24. Below that, the unrolled form is bounded by the memory
 # guard (spikec/memory.py): its activations grow with T.
@@ -61,6 +62,10 @@ class CompileOptions:
     burst: int = 2           # burst spikes per step (1: off)
     softmax_ugo: bool = False  # Softmax by exp/inverse UGOs (appendix D.2); off: float, as the reference code
     gelu_hidden: int | None = None  # GELU UGO size (spikec ships 32, the paper's, and 64, the reference code's)
+    # TTFSFormer (passes/ttfs.py)
+    margin: float = 0.25    # calibrated ranges [a, b] widen by this fraction of their span per side
+    precision: int = 0      # time precision p (spike times on a grid of delta/p); 0 = float spike times
+    max_layer: bool = True  # softmax subtracts the row maximum first (appendix C.2, layer 0)
 
     @property
     def level_count(self) -> int:
@@ -89,6 +94,13 @@ class CompileOptions:
         if isinstance(self.coverage, bool) or not isinstance(self.coverage, (int, float)) \
                 or not 0.0 <= float(self.coverage) <= 1e6:
             raise SpikecError(f"argument coverage={self.coverage!r}: expected a number >= 0")
+        if self.method == "ttfs" and self.mode != "unrolled":
+            raise SpikecError("argument mode: a ttfs model runs all layers in one pass; it has no stateful form")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin <= 10:
+            raise SpikecError(f"argument margin={self.margin!r}: expected a number in [0, 10]")
+        if isinstance(self.precision, bool) or not isinstance(self.precision, (int, np.integer)) \
+                or not 0 <= self.precision <= 2**24:
+            raise SpikecError(f"argument precision={self.precision!r}: expected an integer in 0..{2**24} (0 = float times)")
         if not 50.0 < float(self.percentile) <= 100.0:
             raise SpikecError(f"argument percentile={self.percentile!r}: expected a value in (50, 100]")
 
@@ -125,6 +137,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
 
     ann = canonicalize(load_model(model, input_shapes=input_shapes))
     feeds = load_inputs(calibration, ann)
+    if opts.method == "ttfs":
+        return _compile_ttfs(ann, feeds, output, opts)
     graph = gs.import_onnx(ann)
     regions = find_regions(graph)
     report: dict = {}
@@ -184,6 +198,41 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         "spikec.options": json.dumps({"levels": opts.level_count, "percentile": opts.percentile,
                                       "per_channel": opts.per_channel, "coverage": opts.coverage,
                                       "allow_float": sorted(opts.allow_float)}, sort_keys=True),
+        "spikec.report": json.dumps(report, sort_keys=True, default=_json_default),
+    }
+    snn = emit.to_model(graph, ann, metadata)
+    if output is not None:
+        save_model_atomic(snn, output)
+    return snn
+
+
+def _compile_ttfs(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], output, opts: CompileOptions) -> onnx.ModelProto:
+    """Algorithm 1: the ANN decomposed into the constructions' stages is calibrated for every site's
+    range, then the same walk builds the spiking graph with those ranges."""
+    options = ttfs.TTFSOptions(margin=float(opts.margin), precision=int(opts.precision), max_layer=opts.max_layer)
+    opset = next(o.version for o in ann.opset_import if o.domain in ("", "ai.onnx"))
+    exact_graph = gs.import_onnx(ann)
+    exact = ttfs.lower(exact_graph, find_regions(exact_graph), options, opset)
+    if not exact.sites:
+        raise SpikecError("model has no float input or nonlinear layer: nothing to convert")
+    network = emit.to_model(exact_graph, ann, {})
+    stats = collect_statistics(network, feeds, ttfs.calibration_taps(exact), batch_size=opts.batch_size,
+                               max_values=10_000, progress=opts.progress)
+    ranges = ttfs.calibration_ranges(stats, exact, options.margin)
+    graph = gs.import_onnx(ann)
+    regions = find_regions(graph)
+    spiking = ttfs.lower(graph, regions, options, opset, ranges)
+    report = {"regions": describe(regions), "semantics": SEMANTICS["ttfs"], "ttfs": {
+        "sites": ttfs.describe(spiking), "constructions": spiking.constructions,
+        "float_nodes": spiking.float_nodes, "delta": options.delta,
+        "precision": options.precision, "margin": options.margin, "max_layer": options.max_layer}}
+    metadata = {
+        "spikec.method": "ttfs",
+        "spikec.mode": "ttfs",
+        "spikec.semantics": SEMANTICS["ttfs"],
+        "spikec.timesteps": "1",
+        "spikec.options": json.dumps({"margin": options.margin, "precision": options.precision,
+                                      "max_layer": options.max_layer, "delta": options.delta}, sort_keys=True),
         "spikec.report": json.dumps(report, sort_keys=True, default=_json_default),
     }
     snn = emit.to_model(graph, ann, metadata)

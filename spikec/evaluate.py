@@ -134,9 +134,13 @@ def compare(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, 
     snn_out = run_dataset(snn_session, feeds, batch_size=batch_size, progress=progress)
     result = {}
     for name, reference in ann_out.items():
-        if name + STEPS_SUFFIX not in snn_out:
+        if name + STEPS_SUFFIX in snn_out:
+            steps = snn_out[name + STEPS_SUFFIX]
+        elif snn_session.mode == "ttfs" and name in snn_out:
+            steps = snn_out[name][None]  # one pass: a single "step"
+        else:
             continue
-        result[name] = {"per_t": fidelity(reference, snn_out[name + STEPS_SUFFIX], labels)}
+        result[name] = {"per_t": fidelity(reference, steps, labels)}
         if labels is not None and reference.ndim == 2 and reference.shape[1] > 1:
             result[name]["ann_accuracy"] = float(np.mean(reference.argmax(1) == labels))
     if not result:

@@ -10,7 +10,7 @@ import pytest
 import spikec
 from examples import fixtures
 from op_models import example_attributes, example_params, one_node_model
-from spikec.runtime import InferenceSession, native, ops, run_stateful
+from spikec.runtime import InferenceSession, native, ops, run_stateful, ttfs
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="native library not built (run `make native`)")
@@ -168,4 +168,48 @@ def test_digits_vit_stateful_native_equals_portable(digits_models):
     portable = InferenceSession(path, native=False)
     want = run_stateful(portable, feeds, 8)["logits.steps"]
     got = run_stateful(InferenceSession(path), feeds, 8)["logits.steps"]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def _ttfs_model(op_type: str, scalars: dict[str, float]) -> onnx.ModelProto:
+    inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in scalars.items()]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(op_type, ["x", *scalars], ["y"], domain="spikec")], op_type,
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                        onnx.helper.make_opsetid("spikec", 1)],
+                                  functions=ttfs.functions_for({op_type}, 17))
+
+
+# The TTFS ops with native kernels (runtime/kernels/ttfs_kernels.cc: those without transcendentals).
+_RANGE = {"lower": -3.0, "upper": 2.5, "delta": 1.0}
+_TTFS_CASES = [("TTFSReceiveIdentity", _RANGE), ("TTFSReceiveRelu", _RANGE), ("TTFSReceiveSquare", _RANGE),
+               ("TTFSReceiveRsqrt", {**_RANGE, "lower": 0.0, "epsilon": 1e-5}), ("TTFSEmitIdentity", _RANGE),
+               (ttfs.TICK_OP, {"delta": 1.0, "tick": 1.0 / 1024})]
+
+
+@pytest.mark.parametrize("op_type, scalars", _TTFS_CASES, ids=[c[0] for c in _TTFS_CASES])
+def test_ttfs_kernels_match_functions(op_type, scalars):
+    """Spike times (receive, tick) over the whole window and potentials (emit) across and beyond the range;
+    70k values, so the kernel's parallel path runs too."""
+    rng = np.random.default_rng(0)
+    if op_type.startswith("TTFSEmit"):
+        x = rng.uniform(-6, 6, (70_000, 3))
+    else:
+        x = rng.uniform(0, 1, (70_000, 3))
+        x[:2] = [[0, 1, 0.5], [1, 0, 1]]
+    x = x.astype(np.float32)
+    portable, fast = _pair(_ttfs_model(op_type, scalars))
+    want, got = portable.run(None, {"x": x})[0], fast.run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_digits_vit_ttfs_native_equals_portable(tmp_path):
+    data = fixtures.digits_data()
+    path = tmp_path / "ttfs.onnx"
+    spikec.compile(fixtures.digits_vit(), {"pixels": data["x_train"][:128]}, path, method="ttfs", progress=False)
+    feeds = {"pixels": data["x_test"][:64]}
+    want = InferenceSession(path, native=False).run(["logits"], feeds)[0]
+    got = InferenceSession(path).run(["logits"], feeds)[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

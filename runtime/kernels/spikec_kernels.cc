@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "ttfs_kernels.h"
+
 namespace {
 
 // The models' own domain: onnxruntime prefers a registered kernel to the model-local function of the
@@ -361,6 +363,7 @@ struct Library {
     for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
              &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &accumulate, &accumulate_step, &compensate, &compensate_step})
       domain.Add(op);
+    spikec_ttfs::add_ops(domain);
   }
 };
 

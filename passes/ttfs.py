@@ -1,0 +1,448 @@
+"""TTFSFormer (seed 003) as graph rewrites: every layer's output is one spike per neuron.
+
+A *site* is a tensor carried by spikes: its potential V is emitted (``TTFSEmit<H>``) as relative spike
+times, and every reader receives it through a kernel (``TTFSReceive<F>``, runtime/ttfs.py). Between
+sites the graph keeps its affine ops (weight MatMuls, bias and residual Adds, scalings, reshapes): they
+are the weighted sums of the receiving neurons. Sites sit where a value must travel as a spike: the
+float graph inputs (encoding, appendix A.2), the operands and outputs of every nonlinear construction,
+the inputs and outputs of ops no construction covers (run in float between a decode and an encode,
+listed in the report) and the graph outputs (decoded).
+
+Constructions (section 4.3, appendix C):
+
+* GELU / SiLU: one neuron per element, kernel f' (Corollary 4.5).
+* Softmax over the last axis: optional max neuron and subtraction layer (C.2 layer 0), the log-sum-exp
+  neuron (Theorem 4.6), then exp(x_i - lse) by an exp output transform with range [0, 1] (Eq. 36). An
+  additive attention mask enters the max and output neurons additively and the log-sum-exp neuron as its
+  synaptic weights e^mask, so a masked position contributes nothing.
+* LayerNorm over the last axis: mean, centering, variance (kernel 2u), rsqrt (kernel re-derived from
+  Theorem 4.1), then the product with gamma and beta folded into layer II.
+* Activation x activation products (matmuls and the LayerNorm product): layer I log(x1 + c1) +
+  log(x2 + c2) with c = 1 - a per operand (4.3.4), layer II e^y - c2 x1 - c1 x2 - c1 c2, summed over the
+  contraction (C.1). Layer I's range follows from the operands' ranges, so it never clips: with float
+  spike times layer II's potential is exactly x1 @ x2 and is computed as such; on a clock (time
+  precision p) all M*K*N layer I neurons are simulated.
+
+The same walk builds two graphs: an *exact* one, where emitting applies h and receiving applies f in
+float (the ANN decomposed into the constructions' stages, Algorithm 1's calibration network: every site's
+value is an ordinary tensor), and the *spiking* one, with each site's range [a, b] from that calibration
+plus a margin, or from its construction's analytic bounds.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spikec.errors import SpikecError
+from spikec.passes.patterns import Region
+from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant
+from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
+
+
+@dataclass(frozen=True)
+class TTFSOptions:
+    margin: float = 0.25  # calibrated ranges widen by this fraction of their span on each side
+    delta: float = 1.0    # the time step: every layer's emitting window
+    precision: int = 0    # time precision p = delta / tick; 0 = float spike times
+    max_layer: bool = True  # softmax's optional layer 0 (subtract the row maximum)
+
+
+@dataclass
+class Site:
+    name: str
+    role: str             # what the neurons compute, for the report
+    emit: str             # output transform
+    potential: gs.Variable
+    analytic: bool        # range from the construction (else calibrated)
+    floor: float | None = None  # a calibrated range never reaches below this (variance >= 0)
+    tap: gs.Variable | None = None  # exact graph: what calibration measures, where not the value itself
+    value: gs.Variable | None = None   # exact graph: the represented value
+    spikes: gs.Variable | None = None  # spiking graph: relative spike times
+    window: Window | None = None
+    receives: set = field(default_factory=set)
+
+
+class GraphBuilder:
+    """runtime.ttfs's builder interface over a graphsurgeon graph; remembers the nodes it made."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+        self.created: set[int] = set()
+
+    def fresh(self, hint: str) -> gs.Variable:
+        self.count += 1
+        return gs.Variable(f"{self.prefix}/{hint}_{self.count}")  # types come from inference
+
+    def op(self, op_type: str, *inputs, out: gs.Variable | None = None, domain: str | None = None,
+           **attrs) -> gs.Variable:
+        out = out if out is not None else self.fresh(op_type)
+        node = gs.Node(op_type, f"{out.name}/{op_type}", attrs=attrs, inputs=list(inputs), outputs=[out])
+        if domain:
+            node.domain = domain
+        self.graph.nodes.append(node)
+        self.created.add(id(node))
+        return out
+
+    def const(self, value, dtype=np.float32) -> gs.Constant:
+        self.count += 1
+        return gs.Constant(f"{self.prefix}/const_{self.count}", np.asarray(value, dtype))
+
+
+Bounds = Callable[[], Window] | None
+
+
+class Lowering:
+    """Builds sites and their readers, exactly (calibration, ``ranges`` None) or as spikes."""
+
+    def __init__(self, graph: gs.Graph, options: TTFSOptions, ranges: dict[str, Window] | None, opset: int):
+        self.graph, self.options, self.ranges, self.opset = graph, options, ranges, opset
+        self.spiking = ranges is not None
+        self.sites: dict[str, Site] = {}
+        self.by_tensor: dict[int, Site] = {}
+        self.readouts: set[str] = set()  # tensors holding a received (decoded) value
+        self.received: dict[tuple, gs.Variable] = {}
+        # the constructions and their sites, for the report's neuron and operation counts (Table 3)
+        self.constructions: list[dict] = []
+        self.float_nodes: list[dict] = []
+        self.b = GraphBuilder(graph, "ttfs")
+        self.delta = gs.Constant("ttfs.delta", np.asarray(options.delta, np.float32))
+        self.tick = (gs.Constant("ttfs.tick", np.asarray(options.delta / options.precision, np.float32))
+                     if options.precision else None)
+
+    def window(self, lower: float, upper: float) -> Window:
+        return Window(float(lower), float(upper), self.options.delta)
+
+    def emit(self, potential: gs.Variable, name: str, role: str, transform: str = "Identity",
+             bounds: Bounds = None, out: gs.Variable | None = None, floor: float | None = None) -> Site:
+        """A layer of neurons emitting ``potential``; ``out`` (if given) becomes its identity reading.
+        ``bounds`` gives an analytic range (evaluated for the spiking graph only)."""
+        site = Site(name, role, transform, potential, analytic=bounds is not None, floor=floor)
+        self.sites[name] = site
+        if not self.spiking:
+            site.value = self.b.op("Identity", EMIT[transform].value(self.b, potential, []), out=out)
+            self.readouts.add(site.value.name)
+        else:
+            site.window = bounds() if bounds is not None else self.ranges[name]
+            low, high = self._range_constants(site)
+            spikes = gs.Variable(f"{name}.spikes", dtype=np.float32)
+            if self.tick is None:
+                site.spikes = self.b.op(EMIT[transform].op_type, potential, low, high, self.delta, out=spikes,
+                                        domain="spikec")
+            else:
+                crossing = self.b.op(EMIT[transform].op_type, potential, low, high, self.delta, domain="spikec")
+                site.spikes = self.b.op(TICK_OP, crossing, self.delta, self.tick, out=spikes, domain="spikec")
+            if out is not None:
+                self.receive(site, out=out)
+        if out is not None:
+            self.by_tensor[id(out)] = site
+        return site
+
+    def receive(self, site: Site, transform: str = "Identity", params: tuple[float, ...] = (),
+                out: gs.Variable | None = None) -> gs.Variable:
+        site.receives.add(transform)
+        key = (site.name, transform, tuple(params))
+        if out is None and key in self.received:  # one reading per kernel serves every reader
+            return self.received[key]
+        param_constants = [self.b.const(p) for p in params]
+        if not self.spiking:
+            if transform == "Identity" and out is None:
+                return site.value
+            value = self.b.op("Identity", RECEIVE[transform].value(self.b, site.value, param_constants), out=out)
+        else:
+            low, high = self._range_constants(site)
+            value = self.b.op(RECEIVE[transform].op_type, site.spikes, low, high, self.delta, *param_constants,
+                              out=out, domain="spikec")
+        self.readouts.add(value.name)
+        self.received.setdefault(key, value)
+        return value
+
+    @staticmethod
+    def _range_constants(site: Site) -> tuple[gs.Constant, gs.Constant]:
+        return (gs.Constant(f"{site.name}.lower", np.asarray(site.window.lower, np.float32)),
+                gs.Constant(f"{site.name}.upper", np.asarray(site.window.upper, np.float32)))
+
+    def site_of(self, tensor: gs.Variable, role: str = "layer") -> Site:
+        """The site carrying ``tensor``. An existing tensor becomes one by an identity emit; everything
+        that read it then reads the received value, which takes over the tensor's name (a graph
+        input keeps its name: the received value gets a suffix)."""
+        if id(tensor) in self.by_tensor:
+            return self.by_tensor[id(tensor)]
+        name = tensor.name
+        if not self.spiking:
+            site = Site(name, role, "Identity", tensor, analytic=False, value=tensor)
+            self.sites[name] = site
+            self.readouts.add(name)
+        else:
+            readers = list(tensor.outputs)
+            graph_outputs = [i for i, t in enumerate(self.graph.outputs) if t is tensor]
+            if any(t is tensor for t in self.graph.inputs):
+                received = gs.Variable(f"{name}.received", dtype=np.float32, shape=tensor.shape)
+            else:
+                tensor.name = f"{name}.potential"
+                received = gs.Variable(name, dtype=tensor.dtype or np.float32, shape=tensor.shape)
+            for node in readers:
+                for i, t in enumerate(node.inputs):
+                    if t is tensor:
+                        node.inputs[i] = received
+            for i in graph_outputs:
+                self.graph.outputs[i] = received
+            site = self.emit(tensor, name, role, out=received)
+        self.by_tensor[id(tensor)] = site
+        return site
+
+    def product(self, a: Site, b: Site, name: str, out: gs.Variable, contract: bool) -> str | None:
+        """out = a @ b (``contract``) or a * b (broadcasting), by the two-layer log/exp construction. Layer
+        II's potential is ``out``: whatever reads it (scaling, mask, gamma/beta) up to the next site is
+        part of layer II's weighted sum. Returns layer I's site where it is materialized."""
+        x1, x2 = self.receive(a), self.receive(b)
+        if not (self.spiking and self.options.precision):
+            # Float spike times: layer I's range holds every log((x1 + c1)(x2 + c2)) by construction, so its
+            # emit/receive round trip is exact, and layer II's potential sum_k e^y - c2 sum_k x1 - c1 sum_k x2
+            # - K c1 c2 is exactly x1 @ x2. Evaluated as written, float32 would cancel terms the size of
+            # (b1 + c1)(b2 + c2) (for a LayerNorm, the whole rsqrt range); evaluated as what it equals, the
+            # simulation is exact and the M*K*N layer I neurons need not be materialized.
+            self.b.op("MatMul" if contract else "Mul", x1, x2, out=out)
+            return None
+        # On a clock every layer I spike time is rounded on its own: the construction runs as written, its
+        # layer II sum accumulated in float64 against the cancellation above.
+        offset_a, offset_b = 1.0 - a.window.lower, 1.0 - b.window.lower
+        log_a = self.receive(a, "Log", (offset_a,))
+        log_b = self.receive(b, "Log", (offset_b,))
+        if contract:  # [..., M, K, 1] + [..., 1, K, N]: one layer I neuron per (m, k, n)
+            log_a = self.b.op("Unsqueeze", log_a, self.b.const([-1], np.int64))
+            log_b = self.b.op("Unsqueeze", log_b, self.b.const([-3], np.int64))
+        top = float(np.log((a.window.upper + offset_a) * (b.window.upper + offset_b)))
+        layer_one = self.emit(self.b.op("Add", log_a, log_b), f"{name}.log_product", "product layer I",
+                              bounds=lambda: self.window(0.0, top))
+        double = functools.partial(self.b.op, "Cast", to=onnx.TensorProto.DOUBLE)
+        shifted = double(self.receive(layer_one, "Exp"))  # (x1 + c1)(x2 + c2), up to the spike time's tick
+        x1, x2 = double(x1), double(x2)
+        if contract:
+            shifted = self.b.op("ReduceSum", shifted, self.b.const([-2], np.int64), keepdims=0)
+            count = self.b.op("Cast", self.b.op("Gather", self.b.op("Shape", x1), self.b.const(-1, np.int64)),
+                              to=onnx.TensorProto.DOUBLE)
+            x1 = self.b.op("ReduceSum", x1, self.b.const([-1], np.int64), keepdims=1)
+            x2 = self.b.op("ReduceSum", x2, self.b.const([-2], np.int64), keepdims=1)
+        else:
+            count = self.b.const(1.0, np.float64)
+        correction = self.b.op("Add", self.b.op("Mul", x1, self.b.const(offset_b, np.float64)),
+                               self.b.op("Mul", x2, self.b.const(offset_a, np.float64)))
+        constant = self.b.op("Mul", count, self.b.const(offset_a * offset_b, np.float64))
+        potential = self.b.op("Sub", self.b.op("Sub", shifted, correction), constant)
+        self.b.op("Cast", potential, to=onnx.TensorProto.FLOAT, out=out)
+        return layer_one.name
+
+    def reduce(self, op: str, data: gs.Variable) -> gs.Variable:
+        """``op`` over the last axis, keepdims (axes moved from attribute to input at opset 18)."""
+        if op == "ReduceSum" or self.opset >= 18:
+            return self.b.op(op, data, self.b.const([-1], np.int64), keepdims=1)
+        return self.b.op(op, data, axes=[-1], keepdims=1)
+
+
+def _detach(region: Region) -> None:
+    """The region's own nodes produce nothing any more (cleanup drops them); its tensors get new producers."""
+    for node in region.nodes:
+        node.outputs.clear()
+
+
+def layernorm(lw: Lowering, region: Region) -> None:
+    x, out = region.inputs[0], region.outputs[0]
+    if region.attrs.get("axis", -1) != -1:
+        raise SpikecError(f"node {region.name}: ttfs converts LayerNorm over the last axis only")
+    _detach(region)
+    b, name = lw.b, region.name
+    source = lw.site_of(x)
+    mean = lw.emit(lw.reduce("ReduceMean", lw.receive(source)), f"{name}.mean", "LayerNorm mean")
+    centered = lw.emit(b.op("Sub", lw.receive(source), lw.receive(mean)), f"{name}.centered", "LayerNorm centering")
+    variance = lw.emit(lw.reduce("ReduceMean", lw.receive(centered, "Square")), f"{name}.variance",
+                       "LayerNorm variance", floor=0.0)
+    rsqrt = lw.emit(lw.receive(variance, "Rsqrt", (region.attrs["epsilon"],)), f"{name}.rsqrt", "LayerNorm rsqrt")
+    if not lw.spiking:
+        # A row of equal values (an untrained class token) normalizes to beta whatever its rsqrt, which is
+        # 1/sqrt(eps): left in the calibration it would stretch the range a million-fold and cost every
+        # other row its precision. Rows with a variance under 1e-6 of the batch's largest are left out
+        # (they take the batch's smallest rsqrt); the spiking graph clips theirs at b, harmlessly.
+        variances, values = lw.receive(variance), rsqrt.value
+        relevant = b.op("GreaterOrEqual", variances, b.op("Mul", b.op("ReduceMax", variances, keepdims=0), b.const(1e-6)))
+        rsqrt.tap = b.op("Where", relevant, values, b.op("ReduceMin", values, keepdims=0))
+    normalized = b.fresh("normalized")
+    lw.product(centered, rsqrt, f"{name}.normalize", normalized, contract=False)
+    if region.attrs.get("scale") is not None:
+        normalized = b.op("Mul", normalized, region.attrs["scale"])
+    if region.attrs.get("bias") is not None:
+        normalized = b.op("Add", normalized, region.attrs["bias"])
+    lw.emit(normalized, out.name, "LayerNorm output", out=out)
+    lw.constructions.append({"kind": "layernorm", "name": name, "output": out.name})
+
+
+def gelu(lw: Lowering, region: Region) -> None:
+    x, out = region.inputs[0], region.outputs[0]
+    _detach(region)
+    transform = "GeluTanh" if region.attrs.get("approximate") == "tanh" else "Gelu"
+    lw.emit(lw.receive(lw.site_of(x), transform), out.name, transform, out=out)
+    lw.constructions.append({"kind": "activation", "name": region.name, "output": out.name})
+
+
+def softmax(lw: Lowering, region: Region) -> None:
+    mask = region.attrs.get("mask")
+    scores = next(t for t in region.inputs if t is not mask)
+    out = region.outputs[0]
+    _detach(region)
+    b, name = lw.b, region.name
+    source = lw.site_of(scores)
+    count = scores.shape[-1] if scores.shape is not None and isinstance(scores.shape[-1], int) else None
+    if lw.options.max_layer:
+        x = lw.receive(source)
+        top = lw.emit(lw.reduce("ReduceMax", b.op("Add", x, mask) if mask is not None else x), f"{name}.max",
+                      "softmax max", bounds=lambda: source.window)
+        shifted = lw.emit(b.op("Sub", lw.receive(source), lw.receive(top)), f"{name}.shifted", "softmax subtraction",
+                          bounds=lambda: lw.window(source.window.lower - source.window.upper, 0.0))
+        # sum_i e^(x_i - max) is in [1, n]
+        lse_bounds = (lambda: lw.window(0.0, np.log(count))) if count and count > 1 else None
+    else:
+        shifted, lse_bounds = source, None
+    exps = lw.receive(shifted, "Exp")
+    if mask is not None:  # synaptic weights e^mask: 1 where attention is allowed, 0 where masked
+        exps = b.op("Mul", exps, b.op("Exp", mask))
+    lse = lw.emit(lw.reduce("ReduceSum", exps), f"{name}.logsumexp", "softmax log-sum-exp", "Log", bounds=lse_bounds)
+    potential = lw.receive(shifted)
+    if mask is not None:
+        potential = b.op("Add", potential, mask)
+    lw.emit(b.op("Sub", potential, lw.receive(lse)), out.name, "softmax output", "Exp",
+            bounds=lambda: lw.window(0.0, 1.0), out=out)
+    lw.constructions.append({"kind": "softmax", "name": name, "output": out.name})
+
+
+def act_matmul(lw: Lowering, region: Region) -> None:
+    node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
+    if node.op != "MatMul":
+        raise SpikecError(f"node {node.name}: ttfs converts activation x activation MatMul, not {node.op}")
+    if any(t.shape is not None and len(t.shape) < 2 for t in node.inputs):
+        raise SpikecError(f"node {node.name}: ttfs needs matmul operands of rank >= 2")
+    a, c = lw.site_of(node.inputs[0]), lw.site_of(node.inputs[1])
+    out = node.outputs[0]
+    node.outputs.clear()
+    layer_one = lw.product(a, c, node.name, out, contract=True)
+    lw.constructions.append({"kind": "matmul", "name": node.name, "operands": [a.name, c.name], "layer_one": layer_one})
+
+
+CONSTRUCTIONS = {"layernorm": layernorm, "gelu": gelu, "softmax": softmax, "act_matmul": act_matmul}
+# Regions that are weighted sums: they stay as they are, between sites.
+PASSIVE = frozenset({"weight_matmul", "residual_add"})
+
+
+def lower(graph: gs.Graph, regions: list[Region], options: TTFSOptions, opset: int,
+          ranges: dict[str, Window] | None = None) -> Lowering:
+    """Rewrite ``graph`` in place: exactly (``ranges`` None: the calibration network) or as spikes."""
+    lw = Lowering(graph, options, ranges, opset)
+    for tensor in list(graph.inputs):
+        if tensor.dtype is not None and np.dtype(tensor.dtype).kind == "f" and tensor.outputs:
+            lw.site_of(tensor, "input encoding")
+    for region in regions:
+        if region.kind in CONSTRUCTIONS:
+            CONSTRUCTIONS[region.kind](lw, region)
+        elif region.kind not in PASSIVE:
+            raise SpikecError(f"node {region.name}: ttfs cannot convert a {region.kind} region"
+                              + (" (the model is quantized; ttfs converts float models)" if region.kind == "quantizer"
+                                 else " (re-export with the attention decomposed)" if region.kind == "attention" else ""))
+    if not lw.spiking:  # calibration-only tensors read by nothing else: outputs, so cleanup keeps them
+        graph.outputs.extend(site.tap for site in lw.sites.values() if site.tap is not None)
+    graph.cleanup().toposort()
+    lw.float_nodes = _convert_remaining(lw)
+    for tensor in list(graph.outputs):
+        if tensor.name in _varying(lw):
+            lw.site_of(tensor, "output")
+    graph.cleanup().toposort()
+    return lw
+
+
+def _varying(lw: Lowering) -> set[str]:
+    """Tensors computed from received values."""
+    varying = set(lw.readouts)
+    for node in lw.graph.nodes:
+        if node.op not in SHAPE_ONLY and any(t.name in varying for t in node.inputs if not is_constant(t)):
+            varying.update(t.name for t in node.outputs)
+    return varying
+
+
+# Elementwise activations outside the recognized regions: one neuron per element, the activation as
+# its input transform (Theorem 4.1: "every activation function can be implemented in the input
+# transform stage").
+ACTIVATIONS = {"Relu": "Relu", "Tanh": "Tanh", "Sigmoid": "Sigmoid"}
+
+
+def _silu_product(node: gs.Node) -> gs.Node | None:
+    """The Mul of x * Sigmoid(x), when ``node`` is that Sigmoid and the Mul its only reader."""
+    readers = node.outputs[0].outputs
+    if node.op != "Sigmoid" or len(readers) != 1 or readers[0].op != "Mul":
+        return None
+    mul = readers[0]
+    return mul if {id(t) for t in mul.inputs} == {id(node.inputs[0]), id(node.outputs[0])} else None
+
+
+def _convert_remaining(lw: Lowering) -> list[dict]:
+    """Ops no region covers but that read received values: affine ones stay (weighted sums); elementwise
+    activations (SiLU = x * Sigmoid(x) included) become neurons; anything else (L2 normalization, a
+    pooler...) runs in float, its varying inputs decoded (made sites) and its outputs encoded."""
+    varying = set(lw.readouts)
+    floated = []
+    for node in list(lw.graph.nodes):
+        moving = [t for t in node.inputs if not is_constant(t) and t.name in varying]
+        if not moving or not node.outputs or node.op in SHAPE_ONLY:
+            continue
+        if id(node) in lw.b.created or is_affine(node, varying):
+            varying.update(t.name for t in node.outputs)
+            continue
+        silu = _silu_product(node)
+        if (node.op in ACTIVATIONS or silu is not None) and len(node.inputs) == 1:
+            out = (silu or node).outputs[0]
+            transform = "Silu" if silu is not None else ACTIVATIONS[node.op]
+            for detached in (node, silu):
+                if detached is not None:
+                    detached.outputs.clear()
+            lw.emit(lw.receive(lw.site_of(moving[0]), transform), out.name, transform, out=out)
+            lw.constructions.append({"kind": "activation", "name": node.name, "output": out.name})
+            varying.add(out.name)
+            continue
+        for tensor in moving:
+            if tensor.name not in lw.readouts:
+                lw.site_of(tensor, "float op input")
+        for tensor in list(node.outputs):
+            lw.site_of(tensor, "float op output")
+            varying.add(tensor.name)
+        floated.append({"node": node.name, "op": node.op})
+    lw.graph.cleanup().toposort()
+    return floated
+
+
+def calibration_ranges(stats: dict, lw: Lowering, margin: float) -> dict[str, Window]:
+    """[min, max] of each calibrated site, widened by ``margin`` x span per side (appendix A.1: "nearly all
+    outputs lie within the range"); a constant tensor gets a tiny span."""
+    ranges = {}
+    for name, site in lw.sites.items():
+        if site.analytic:
+            continue
+        s = stats[(site.tap or site.value).name]
+        low, high = float(s.min()), float(s.max())
+        span = max(high - low, 1e-3 * max(abs(low), abs(high), 1.0))
+        low, high = low - margin * span, high + margin * span
+        if site.floor is not None:
+            low = max(low, site.floor)
+        ranges[name] = Window(low, high, lw.options.delta)
+    return ranges
+
+
+def calibration_taps(lw: Lowering) -> list[str]:
+    return [(site.tap or site.value).name for site in lw.sites.values() if not site.analytic]
+
+
+def describe(lw: Lowering) -> list[dict]:
+    return [{"site": s.name, "role": s.role, "emit": s.emit, "receives": sorted(s.receives),
+             "lower": s.window.lower, "upper": s.window.upper, "analytic": s.analytic,
+             "potential": s.potential.name, "spikes": s.spikes.name}
+            for s in lw.sites.values()]

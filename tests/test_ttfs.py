@@ -1,0 +1,313 @@
+"""TTFSFormer (seed 003): each neuron construction against the dynamics it is defined by (Eq. 6
+integrated numerically) and the function it realizes, then whole models against their ANN."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import spikec
+from examples import fixtures
+from spikec import ttfsreport
+from spikec.cli import main
+from spikec.evaluate import cosine, run_dataset
+from spikec.runtime import ttfs
+from spikec.runtime.ttfs import EMIT, RECEIVE, ReceiveTransform, Window
+
+OPSET = 17
+_erf = np.vectorize(math.erf)
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+# What each input transform must realize, written independently of runtime/ttfs.py.
+REALIZED = {
+    "Identity": lambda x, p: x,
+    "Relu": lambda x, p: np.maximum(x, 0),
+    "Gelu": lambda x, p: 0.5 * x * (1 + _erf(x / np.sqrt(2))),
+    "GeluTanh": lambda x, p: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))),
+    "Silu": lambda x, p: x * _sigmoid(x),
+    "Tanh": lambda x, p: np.tanh(x),
+    "Sigmoid": lambda x, p: _sigmoid(x),
+    "Exp": lambda x, p: np.exp(x),
+    "Square": lambda x, p: x * x,
+    "Rsqrt": lambda x, p: 1 / np.sqrt(x + p[0]),
+    "Log": lambda x, p: np.log(x + p[0]),
+}
+OUTPUT = {"Identity": lambda v: v, "Log": np.log, "Exp": np.exp}
+
+# (input transform, output transform, input window, output window, parameters, synapses per neuron)
+CASES = [
+    ("Identity", "Identity", Window(-2, 3), Window(-4, 5), (), 3),
+    ("Relu", "Identity", Window(-2, 3), Window(-1, 4), (), 3),
+    ("Gelu", "Identity", Window(-4, 3), Window(-1, 6), (), 1),       # Corollary 4.5
+    ("GeluTanh", "Identity", Window(-4, 3), Window(-1, 6), (), 1),
+    ("Silu", "Identity", Window(-4, 3), Window(-1, 6), (), 1),       # Eq. 16
+    ("Tanh", "Identity", Window(-3, 3), Window(-1, 1), (), 1),
+    ("Sigmoid", "Identity", Window(-3, 3), Window(0, 1), (), 1),
+    ("Exp", "Log", Window(-4, 0), Window(-3, 2), (), 4),             # log-sum-exp, Theorem 4.6
+    ("Identity", "Exp", Window(-4, 0), Window(0, 1), (), 2),         # softmax output, Eq. 36
+    ("Square", "Identity", Window(-3, 2), Window(0, 9), (), 4),      # variance, Eq. 22
+    ("Rsqrt", "Identity", Window(0.1, 2), Window(0.5, 3.5), (1e-5,), 1),  # rsqrt, Eq. 23 re-derived
+    ("Log", "Identity", Window(-2, 3), Window(0, 4), (3.0,), 2),      # product layer I, Eq. 24
+]
+
+
+def _layer(receive: str, emit: str, inputs: Window, output: Window, params, weights, tick: float = 0.0):
+    """One TTFS layer: u [n, k] -> receive per synapse -> weighted sum -> emit (-> tick). Returns a function
+    of the spike times giving (output spike times, received values)."""
+    scalar = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    inits = [scalar("a_in", inputs.lower), scalar("b_in", inputs.upper), scalar("delta", inputs.delta),
+             scalar("a_out", output.lower), scalar("b_out", output.upper), scalar("w", weights), scalar("tick", tick)]
+    inits += [scalar(f"p{i}", p) for i, p in enumerate(params)]
+    nodes = [helper.make_node(RECEIVE[receive].op_type, ["u", "a_in", "b_in", "delta", *[f"p{i}" for i in range(len(params))]],
+                              ["f"], domain="spikec"),
+             helper.make_node("MatMul", ["f", "w"], ["v"]),
+             helper.make_node(EMIT[emit].op_type, ["v", "a_out", "b_out", "delta"], ["crossing"], domain="spikec"),
+             helper.make_node(ttfs.TICK_OP if tick else "Identity", ["crossing", "delta", "tick"][: 3 if tick else 1],
+                              ["out"], domain="spikec" if tick else "")]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", "k"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"]),
+                               helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", "k"])], inits)
+    ops = {RECEIVE[receive].op_type, EMIT[emit].op_type, ttfs.TICK_OP}
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("spikec", 1)],
+                              functions=ttfs.functions_for(ops, OPSET))
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda u: session.run(None, {"u": np.asarray(u, np.float32)})
+
+
+def _spike_times(rng, neurons: int, synapses: int, delta: float) -> np.ndarray:
+    """Spread over the whole window, both ends (a spike at T_emit, no spike at all) included."""
+    u = rng.uniform(0, delta, (neurons, synapses))
+    u[0], u[1] = 0.0, delta
+    u[2:, 0] = np.linspace(0, delta, neurons - 2)
+    return u
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_construction_matches_its_dynamics_and_function(case):
+    receive, emit, inputs, output, params, synapses = case
+    rng = np.random.default_rng(0)
+    weights = rng.uniform(0.3, 1.0, synapses) * (rng.choice([-1, 1], synapses) if receive not in ("Exp",) else 1)
+    layer = _layer(receive, emit, inputs, output, params, weights)
+    u = _spike_times(rng, 66, synapses, inputs.delta)
+    spikes, received = layer(u)
+    # the function: received values f(x), and the spike's value clip(h(sum w f(x)), a, b)
+    x = inputs.decode(u)
+    np.testing.assert_allclose(received, REALIZED[receive](x, params), rtol=2e-5, atol=2e-5)
+    with np.errstate(divide="ignore"):
+        represented = np.clip(OUTPUT[emit](REALIZED[receive](x, params) @ weights), output.lower, output.upper)
+    np.testing.assert_allclose(output.decode(spikes), represented, rtol=1e-4, atol=1e-4)
+    # the dynamics: Eq. 6 integrated, with C from f(a) (what the op reads at u = delta, i.e. x = a)
+    f_of_a = float(layer(np.full((1, synapses), inputs.delta))[1][0, 0])
+    simulated = ttfs.simulate(u, weights, inputs, receive, emit, output, constant=weights.sum() * f_of_a,
+                              params=params, steps=4000)
+    # within a few integration steps (measured <= 4; the rsqrt kernel is steepest, at x = a)
+    assert np.abs(simulated - spikes).max() < 6 * inputs.delta / 4000
+
+
+def test_printed_rsqrt_kernel_is_not_rsqrt():
+    """Eq. 23 as printed, eta = +1/2 (s/tau + a)^(-3/2) with C = 1/(d sqrt(a + eps)), accumulates an
+    increasing function of x; the re-derived kernel -1/2 (s/tau + a + eps)^(-3/2) gives (x + eps)^(-1/2)."""
+    inputs, output, eps = Window(0.1, 2.0), Window(0.0, 8.0), 1e-5
+    u = np.linspace(0, 1, 9)[:, None]
+    weights = np.ones(1)
+    printed = ReceiveTransform("Printed", "Eq. 23 as printed", RECEIVE["Rsqrt"].value, lambda v, p: 0.5 * v ** -1.5)
+    constant = 1 / math.sqrt(inputs.lower + eps)  # d * C
+    expected = output.encode(1 / np.sqrt(inputs.decode(u[:, 0]) + eps))
+    ours = ttfs.simulate(u, weights, inputs, "Rsqrt", "Identity", output, constant, (eps,), steps=4000)
+    theirs = ttfs.simulate(u, weights, inputs, printed, "Identity", output, constant, (eps,), steps=4000)
+    assert np.abs(ours - expected).max() < 2e-3
+    assert np.abs(theirs - expected).max() > 0.2
+
+
+def test_spike_time_coding_and_clock():
+    window = Window(-2.0, 6.0, delta=1.0)
+    x = np.array([-5.0, -2.0, 0.0, 3.3, 6.0, 9.0])
+    u = window.encode(x)
+    assert u[0] == u[1] == 1.0 and u[-1] == u[-2] == 0.0  # below a: no spike (value a); above b: at T_emit
+    np.testing.assert_allclose(window.decode(u), np.clip(x, -2, 6))
+    # emitting: a potential beyond the range fires at once or never; ticks of delta/p delay by < 1 tick
+    for p in (64, 1024):
+        layer = _layer("Identity", "Identity", window, window, (), np.ones(1), tick=1.0 / p)
+        v = np.linspace(-3, 7, 1001)[:, None].astype(np.float32)
+        exact = window.encode(v[:, 0])
+        ticked = layer(window.encode(v))[0]
+        assert np.all(ticked >= exact - 1e-6) and np.all(ticked - exact < 1.0 / p + 1e-6)
+        np.testing.assert_allclose(ticked * p, np.round(ticked * p), atol=1e-3)  # on the clock's grid
+        assert ticked[0] == 1.0 and ticked[-1] == 0.0
+
+
+# ----------------------------------------------------------------------------------------- models
+
+@pytest.fixture(scope="module")
+def digits():
+    return fixtures.digits_data()
+
+
+@pytest.fixture(scope="module")
+def ann_logits(digits):
+    return run_dataset(fixtures.digits_vit(), {"pixels": digits["x_test"]})["logits"]
+
+
+def _digits_snn(digits, **options):
+    return spikec.compile(fixtures.digits_vit(), {"pixels": digits["x_train"][:256]}, method="ttfs",
+                          progress=False, **options)
+
+
+def test_digits_vit_float_spike_times_equal_the_ann(digits, ann_logits):
+    logits = run_dataset(_digits_snn(digits), {"pixels": digits["x_test"]})["logits"]
+    assert np.abs(logits - ann_logits).max() < 1e-3 * np.abs(ann_logits).max()  # measured 3e-5
+    assert fixtures.accuracy(logits, digits["y_test"]) == fixtures.accuracy(ann_logits, digits["y_test"])
+    assert np.array_equal(logits.argmax(1), ann_logits.argmax(1))
+
+
+def test_digits_vit_without_the_max_layer(digits, ann_logits):
+    model = _digits_snn(digits, max_layer=False)
+    assert not any(s["role"] == "softmax max" for s in json.loads(
+        {p.key: p.value for p in model.metadata_props}["spikec.report"])["ttfs"]["sites"])
+    logits = run_dataset(model, {"pixels": digits["x_test"]})["logits"]
+    assert np.abs(logits - ann_logits).max() < 1e-3 * np.abs(ann_logits).max()
+
+
+def test_digits_vit_accuracy_against_time_precision(digits, ann_logits):
+    """Fig. 4's robustness study: spike times on a clock of delta/p. Measured 10.2 / 67.0 / 97.2 / 98.0 %
+    at p = 64 / 256 / 1024 / 4096 (ANN 97.6 %)."""
+    ann = fixtures.accuracy(ann_logits, digits["y_test"])
+    accuracy = {p: fixtures.accuracy(run_dataset(_digits_snn(digits, precision=p), {"pixels": digits["x_test"]})["logits"],
+                                     digits["y_test"]) for p in (64, 256, 1024, 4096)}
+    assert accuracy[4096] >= ann - 0.01 and accuracy[1024] >= ann - 0.02
+    assert accuracy[64] < accuracy[256] < accuracy[1024] - 0.1
+
+
+def test_literal_construction_on_a_fine_clock_equals_the_float_model(digits, ann_logits):
+    """With float spike times a product's layer II potential is computed as what it equals (x1 @ x2); on a
+    clock of float32 resolution (p = 2^24) every layer I neuron is simulated as written and gives the same
+    logits."""
+    feeds = {"pixels": digits["x_test"][:128]}
+    fine = run_dataset(_digits_snn(digits, precision=2**24), feeds)["logits"]
+    assert np.abs(fine - ann_logits[:128]).max() < 1e-4 * np.abs(ann_logits).max()  # measured 1.7e-5
+
+
+def test_minilm_sentence_embeddings():
+    """Calibrated on one set of sentences, evaluated on a disjoint, padded one (the attention mask enters
+    the softmax neurons)."""
+    calib = fixtures.minilm_inputs(fixtures.calibration_sentences())
+    evaluation = fixtures.minilm_inputs(fixtures.evaluation_sentences())
+    assert (evaluation["attention_mask"] == 0).any()
+    snn = spikec.compile(fixtures.minilm(), calib, method="ttfs", progress=False)
+    ann = run_dataset(fixtures.minilm(), evaluation)["sentence_embedding"]
+    got = run_dataset(snn, evaluation)["sentence_embedding"]
+    assert np.abs(got - ann).max() < 1e-3 * np.abs(ann).max()  # measured 8e-5
+    assert cosine(ann, got) > 0.99999
+
+
+@pytest.mark.parametrize("name", fixtures.RANDOM_MODELS)
+def test_random_transformers_convert(name):
+    """BERT (erf GELU, tanh pooler), ViT, GPT-2 (tanh GELU, causal mask), DeiT (two constant-token rows:
+    variance 0), Swin (window masks)."""
+    path = fixtures.random_transformer(name)
+    calib, feeds = fixtures.random_inputs(name, batch=16, seed=1), fixtures.random_inputs(name, batch=2, seed=0)
+    snn = spikec.compile(path, calib, method="ttfs", progress=False)
+    got = run_dataset(snn, feeds)
+    for output, reference in run_dataset(path, feeds).items():
+        assert np.abs(got[output] - reference).max() < 1e-3 * np.abs(reference).max()  # measured <= 3e-5
+    report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])["ttfs"]
+    assert {c["kind"] for c in report["constructions"]} == {"activation", "layernorm", "matmul", "softmax"}
+    assert report["float_nodes"] == []
+
+
+def test_silu_becomes_one_neuron(tmp_path):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4), torch.nn.Tanh())
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(mlp, (torch.randn(2, 8),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+    rng = np.random.default_rng(0)
+    calib, feeds = {"x": rng.standard_normal((64, 8)).astype(np.float32)}, {"x": rng.standard_normal((8, 8)).astype(np.float32)}
+    snn = spikec.compile(path, calib, method="ttfs", margin=1.0, progress=False)
+    assert {n.op_type for n in snn.graph.node if n.domain == "spikec"} >= {"TTFSReceiveSilu", "TTFSReceiveTanh"}
+    assert not {"Sigmoid", "Mul", "Tanh"} & {n.op_type for n in snn.graph.node}
+    np.testing.assert_allclose(run_dataset(snn, feeds)["y"], run_dataset(path, feeds)["y"], atol=1e-5)
+
+
+def test_report_counts_spikes_clipping_and_table3(digits, tmp_path):
+    snn = tmp_path / "ttfs.onnx"
+    spikec.compile(fixtures.digits_vit(), {"pixels": digits["x_train"][:256]}, snn, method="ttfs", progress=False)
+    feeds = {"pixels": digits["x_test"][:64]}
+    data = ttfsreport.summary(fixtures.digits_vit(), snn, feeds)
+    sites = {s["site"]: s for s in data["sites"]}
+    assert data["clipped_sites"] == 0
+    assert all(s["spikes"] <= s["neurons"] for s in data["sites"])  # at most one spike per neuron
+    pixels = sites["pixels"]
+    assert pixels["neurons"] == 64 and pixels["spikes"] == pytest.approx(
+        (feeds["pixels"] > pixels["lower"]).sum() / 64)  # a pixel at a (0: black) never fires
+    by_kind = {}
+    for c in data["constructions"]:
+        by_kind.setdefault(c["kind"], []).append(c)
+    assert len(by_kind["layernorm"]) == 9 and len(by_kind["softmax"]) == 4 and len(by_kind["matmul"]) == 8
+    tokens, width, heads, head_dim = 17, 64, 4, 16  # the digits ViT: 16 patches + class token
+    assert by_kind["layernorm"][0]["neurons"] == tokens * (3 * width + 3)
+    assert by_kind["layernorm"][0]["operations"] == tokens * (9 * width + 1)
+    assert by_kind["softmax"][0]["neurons"] == heads * tokens * 2 * (tokens + 1)
+    qk = by_kind["matmul"][0]
+    assert qk["neurons"] == heads * tokens * tokens * (head_dim + 1)
+    assert qk["operations"] == heads * tokens * tokens * (3 * head_dim + 2)
+    assert 0.15 < data["energy"]["snn_over_ann"] < 0.3  # measured 0.232; the paper's ViTs: 0.21-0.22
+
+
+def test_materialized_product_layer_never_clips(digits):
+    """With a clock the M*K*N layer I neurons are simulated one by one; their analytic range holds them."""
+    snn = _digits_snn(digits, precision=4096)
+    rows = ttfsreport.site_activity(snn, {"pixels": digits["x_test"][:32]})
+    layer_one = [r for r in rows if r["role"] == "product layer I"]
+    assert len(layer_one) == 8 + 9  # the attention matmuls and the LayerNorm products
+    assert all(r["clipped_low"] == 0 and r["clipped_high"] == 0 for r in layer_one)
+    by_site = {r["site"]: r for r in layer_one}
+    assert by_site["/blocks.0/attn/MatMul.log_product"]["neurons"] == 4 * 17 * 16 * 17  # heads x M x K x N
+    assert by_site["/blocks.0/norm1/LayerNormalization.normalize.log_product"]["neurons"] == 17 * 64
+
+
+def test_cli_compile_inspect_report(digits, tmp_path, capsys):
+    calib, inputs, labels = tmp_path / "calib.npz", tmp_path / "eval.npz", tmp_path / "labels.npz"
+    np.savez(calib, pixels=digits["x_train"][:128])
+    np.savez(inputs, pixels=digits["x_test"][:64])
+    np.savez(labels, labels=digits["y_test"][:64])
+    snn = tmp_path / "ttfs.onnx"
+    assert main(["compile", str(fixtures.digits_vit()), "-o", str(snn), "--calib", str(calib), "--method", "ttfs",
+                 "--precision", "1024", "--quiet"]) == 0
+    assert capsys.readouterr().out == f"wrote {snn}\n"
+    assert main(["inspect", str(snn), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "ttfs" and info["ttfs"]["precision"] == 1024
+    assert any(o["op"] == "TTFSTick" for o in info["ops"])
+    assert main(["report", str(fixtures.digits_vit()), str(snn), "--inputs", str(inputs), "--labels", str(labels),
+                 "-o", str(tmp_path / "report"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fidelity"]["logits"]["top1_agreement"] > 0.9
+    assert (tmp_path / "report" / "index.html").read_text().count("<table>") >= 4
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--mode", "stateful"], "mode"),
+    (["--precision", "-1"], "precision"),
+    (["--margin", "-0.5"], "margin"),
+])
+def test_cli_rejects_bad_ttfs_options(digits, tmp_path, capfd, argv, culprit):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, pixels=digits["x_train"][:8])
+    out = tmp_path / "never.onnx"
+    assert main(["compile", str(fixtures.digits_vit()), "-o", str(out), "--calib", str(calib), "--method", "ttfs",
+                 "--quiet", *argv]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("spikec: error: ") and culprit in err and "Traceback" not in err
+    assert not out.exists()
