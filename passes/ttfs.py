@@ -304,8 +304,9 @@ def softmax(lw: Lowering, region: Region) -> None:
                           bounds=lambda: lw.window(source.window.lower - source.window.upper, 0.0))
         # sum_i e^(x_i - max) is in [1, n]
         lse_bounds = (lambda: lw.window(0.0, np.log(count))) if count and count > 1 else None
-    else:
-        shifted, lse_bounds = source, None
+    else:  # max_i x_i <= log sum_i e^x_i <= max_i x_i + log n
+        shifted = source
+        lse_bounds = (lambda: lw.window(source.window.lower, source.window.upper + np.log(count))) if count else None
     exps = lw.receive(shifted, "Exp")
     if mask is not None:  # synaptic weights e^mask: 1 where attention is allowed, 0 where masked
         exps = b.op("Mul", exps, b.op("Exp", mask))

@@ -311,3 +311,89 @@ def test_cli_rejects_bad_ttfs_options(digits, tmp_path, capfd, argv, culprit):
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("spikec: error: ") and culprit in err and "Traceback" not in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------- constructions on their own, end to end
+
+def _compile_graph(nodes, inputs, outputs, calib, initializers=(), **options):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return spikec.compile(model, calib, method="ttfs", progress=False, **options)
+
+
+def _softmax_reference(x, keep):
+    scores = np.where(keep, x, -np.inf)
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("precision", [0, 2**20])
+@pytest.mark.parametrize("max_layer", [True, False])
+def test_softmax_construction_with_a_mask(precision, max_layer):
+    """Softmax(x + mask) over rows of 9, the mask built from an integer input as transformers do; inputs
+    span the calibrated range [-6, 6]. A masked position gets exactly 0."""
+    rng = np.random.default_rng(1)
+    fvalue = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("Cast", ["keep"], ["keep_f"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["one", "keep_f"], ["masked"]),
+             helper.make_node("Mul", ["masked", "big"], ["mask"]),
+             helper.make_node("MatMul", ["x", "eye"], ["scores"]),  # scores come from a matmul, as attention's
+             helper.make_node("Add", ["scores", "mask"], ["masked_scores"]),
+             helper.make_node("Softmax", ["masked_scores"], ["y"], axis=-1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 9]),
+              helper.make_tensor_value_info("keep", TensorProto.INT64, ["b", 1, 9])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, 9])]
+    constants = [fvalue("one", 1.0), fvalue("big", -1e9), fvalue("eye", np.eye(9))]
+    calib = {"x": rng.uniform(-6, 6, (64, 3, 9)).astype(np.float32), "keep": np.ones((64, 1, 9), np.int64)}
+    calib["x"][0, 0, :2] = [-6, 6]
+    snn = _compile_graph(nodes, inputs, outputs, calib, constants, precision=precision, max_layer=max_layer, margin=0.0)
+    assert "Softmax" not in {n.op_type for n in snn.graph.node}
+    x = rng.uniform(-6, 6, (32, 3, 9)).astype(np.float32)
+    keep = rng.integers(0, 2, (32, 1, 9))
+    keep[:, :, 0] = 1
+    got = run_dataset(snn, {"x": x, "keep": keep})["y"]
+    want = _softmax_reference(x.astype(np.float64), keep.astype(bool))
+    assert np.all(got[~np.broadcast_to(keep.astype(bool), got.shape)] == 0)
+    assert np.abs(got - want).max() < (2e-6 if not precision else 5e-5)  # measured <= 8e-7 / 1.3e-5
+
+
+@pytest.mark.parametrize("precision", [0, 2**20])
+def test_layernorm_construction(precision):
+    """LayerNormalization over 16 values with gamma, beta and eps: mean, centering, variance, rsqrt and
+    product neurons; rows of very different scales."""
+    rng = np.random.default_rng(2)
+    gamma, beta = rng.uniform(0.5, 2, 16).astype(np.float32), rng.uniform(-1, 1, 16).astype(np.float32)
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-5)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 16])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 16])]
+    constants = [onnx.numpy_helper.from_array(gamma, "gamma"), onnx.numpy_helper.from_array(beta, "beta")]
+    sample = lambda n: (rng.standard_normal((n, 5, 16)) * rng.uniform(0.2, 3, (n, 5, 1)) + rng.uniform(-1, 1, (n, 5, 1))
+                        ).astype(np.float32)  # noqa: E731
+    snn = _compile_graph(nodes, inputs, outputs, {"x": sample(256)}, constants, precision=precision)
+    assert "LayerNormalization" not in {n.op_type for n in snn.graph.node}
+    x = sample(32)
+    got = run_dataset(snn, {"x": x})["y"]
+    x64 = x.astype(np.float64)
+    want = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * gamma + beta
+    assert np.abs(got - want).max() < (1e-4 if not precision else 3e-3)  # measured 2.8e-5 / 1.4e-3
+
+
+@pytest.mark.parametrize("precision", [0, 2**20])
+def test_product_construction(precision):
+    """x1 [b, 4, 6] @ x2 [b, 6, 5], both activations of different ranges."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["x1", "x2"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x1", TensorProto.FLOAT, ["b", 4, 6]),
+              helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["b", 6, 5])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 5])]
+    sample = lambda n: {"x1": rng.uniform(-3, 1, (n, 4, 6)).astype(np.float32),  # noqa: E731
+                        "x2": rng.uniform(0, 5, (n, 6, 5)).astype(np.float32)}
+    snn = _compile_graph(nodes, inputs, outputs, sample(128), precision=precision)
+    feeds = sample(16)
+    got = run_dataset(snn, feeds)["y"]
+    want = feeds["x1"].astype(np.float64) @ feeds["x2"]
+    # measured 1.9e-7 / 1.4e-5 of the scale
+    assert np.abs(got - want).max() < (2e-6 if not precision else 1e-4) * np.abs(want).max()
+    if precision:  # every layer I neuron (m, k, n) simulated
+        layer_one = [r for r in ttfsreport.site_activity(snn, feeds) if r["role"] == "product layer I"]
+        assert len(layer_one) == 1 and layer_one[0]["shape"] == [4, 6, 5]
