@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 
 from spikec.errors import SpikecError
 from spikec.passes.patterns import Region
-from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant
+from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant, replace_uses
 from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
 
 
@@ -178,17 +178,13 @@ class Lowering:
             self.sites[name] = site
             self.readouts.add(name)
         else:
-            readers = list(tensor.outputs)
             graph_outputs = [i for i, t in enumerate(self.graph.outputs) if t is tensor]
             if any(t is tensor for t in self.graph.inputs):
                 received = gs.Variable(f"{name}.received", dtype=np.float32, shape=tensor.shape)
             else:
                 tensor.name = f"{name}.potential"
                 received = gs.Variable(name, dtype=tensor.dtype or np.float32, shape=tensor.shape)
-            for node in readers:
-                for i, t in enumerate(node.inputs):
-                    if t is tensor:
-                        node.inputs[i] = received
+            replace_uses(tensor, received)
             for i in graph_outputs:
                 self.graph.outputs[i] = received
             site = self.emit(tensor, name, role, out=received)
