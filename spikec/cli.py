@@ -157,8 +157,9 @@ def cmd_inspect(args) -> int:
     from rich.table import Table
 
     console = Console()
+    passes = "one pass (time-to-first-spike)" if info["mode"] == "ttfs" else f"T={info['timesteps']}"
     console.print(f"[bold]{info['model']}[/bold]  method={info['method'] or 'none (ANN)'}  mode={info['mode']}  "
-                  f"T={info['timesteps']}")
+                  f"{passes}")
     ops = Table(title="ops by domain")
     for column in ("domain", "op", "count"):
         ops.add_column(column)

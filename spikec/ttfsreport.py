@@ -39,8 +39,8 @@ def _ttfs_report(model: onnx.ModelProto, label: str) -> dict:
 def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
                   batch_size: int = 32) -> list[dict]:
     """Per site, over all samples: its shape and neurons per sample, spikes per sample (at most one per
-    neuron), and the fractions of potentials below the range (no spike: read as a) or above it (a spike
-    at T_emit: read as b)."""
+    neuron), the fractions of potentials below the range (no spike: read as a) or above it (a spike at
+    T_emit: read as b), and how many values were clipped either way."""
     model, label = _load(snn)
     report = _ttfs_report(model, label)
     sites = report["sites"]
@@ -57,7 +57,8 @@ def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, 
             low, high = inverse(np.float64(site["lower"] - slack)), inverse(np.float64(site["upper"] + slack))
         rows.append({**site, "shape": list(spikes.shape[1:]), "neurons": spikes.size // count,
                      "spikes": float((spikes < report["delta"]).sum()) / count,
-                     "clipped_low": float((potential < low).mean()), "clipped_high": float((potential > high).mean())})
+                     "clipped_low": float((potential < low).mean()), "clipped_high": float((potential > high).mean()),
+                     "clipped_values": int((potential < low).sum() + (potential > high).sum())})
     return rows
 
 
@@ -158,10 +159,10 @@ def render_html(data: dict) -> str:
                        [[c["name"], c["kind"], c["neurons"], c["operations"]] for c in data["constructions"]]),
                 "<h2>Sites</h2>",
                 _table(["site", "role", "emit", "receives", "range [a, b]", "range from", "neurons", "spikes",
-                        "below a", "above b"],
+                        "below a", "above b", "values clipped"],
                        [[s["site"], s["role"], s["emit"], " ".join(s["receives"]), f"[{s['lower']:.4g}, {s['upper']:.4g}]",
                          "construction" if s["analytic"] else "calibration", s["neurons"], s["spikes"],
-                         s["clipped_low"], s["clipped_high"]] for s in data["sites"]])]
+                         s["clipped_low"], s["clipped_high"], s["clipped_values"]] for s in data["sites"]])]
     if data["float_nodes"]:
         sections += ["<h2>Ops run in float between a decode and an encode</h2>",
                      _table(["node", "op"], [[f["node"], f["op"]] for f in data["float_nodes"]])]
