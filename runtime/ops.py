@@ -84,6 +84,9 @@ class SpikingOp:
     attributes: dict[str, int]
     step: StepFn
     prologue: PrologueFn = field(default=lambda b, env: {})
+    # a composite (compose): the names of the ops it chains and the parameter scaling the first's output
+    chain: tuple[str, ...] = ()
+    chain_scale: str | None = None
 
     @property
     def step_name(self) -> str:
@@ -265,8 +268,47 @@ EC_COMPENSATE = SpikingOp(
     prologue=_weight_prologue,
 )
 
+
+
+# ------------------------------------------------------------------------ chains of ops as one op
+
+def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> SpikingOp:
+    """``second`` reading ``first``'s output (times ``first``'s parameter ``scale``, as a neuron's spike value
+    is its code times theta_pos) as one op: one pass over the data instead of two or three, the same float
+    operations in the same order, so the same bits. runtime/fusion.py puts them in place of the chains in
+    a session's copy of a model; saved models keep the separate ops (reports read the tensors between)."""
+    shared = (set(first.states) & set(second.states)) | (set(first.params) & set(second.params)) \
+        | (set(first.attributes) & set(second.attributes))
+    if shared:
+        raise ValueError(f"cannot compose {first.name} and {second.name}: both use {sorted(shared)}")
+
+    def prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
+        return {**first.prologue(b, env), **second.prologue(b, env)}
+
+    def step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        outputs, states = first.step(b, env)
+        value = outputs[first.outputs[0]]
+        if scale is not None:
+            value = b.op("Mul", value, env[scale])
+        outputs, second_states = second.step(b, {**env, second.inputs[0]: value})
+        return outputs, {**states, **second_states}
+
+    return SpikingOp(
+        name=f"{first.name}_{second.name}",
+        summary=f"{first.name} then {second.name}" + (f" on its output times {scale}" if scale else "") + ", in one pass.",
+        inputs=first.inputs, params=first.params + second.params, states=first.states + second.states,
+        outputs=second.outputs, attributes={**first.attributes, **second.attributes}, step=step, prologue=prologue,
+        chain=(first.name, second.name), chain_scale=scale)
+
+
+# The chains spiking graphs are made of: a compensated function's increments feeding a neuron (every
+# method), and an ECMT neuron's spike value accumulated for the compensated product it feeds.
+# runtime/kernels/spikec_kernels.cc composes the same pairs.
+COMPOSITES = (compose(EC_COMPENSATE, MT_NEURON), compose(EC_COMPENSATE, ST_BIF_NEURON),
+              compose(EC_COMPENSATE, IF_NEURON), compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"))
+
 OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, EC_ACCUMULATE,
-                                                       EC_COMPENSATE)}
+                                                       EC_COMPENSATE, *COMPOSITES)}
 
 
 # ------------------------------------------------------------------------ function derivation

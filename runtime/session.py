@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from spikec.runtime import fusion
 from spikec.runtime import native as native_kernels
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
 
@@ -17,15 +18,17 @@ class InferenceSession(ort.InferenceSession):
     """An onnxruntime session for a spikec model (a path or ModelProto).
 
     The spikec ops travel inside the model as ONNX functions, so stock onnxruntime runs them. Where the
-    native kernels are built (runtime/native.py), they run instead, unless ``native=False``."""
+    native kernels are built (runtime/native.py), they run instead, unless ``native=False``. Chains of
+    spikec ops run as one op each (runtime/fusion.py, same results), unless ``fuse=False``."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
-                 providers=None, native: bool = True, **kwargs):
+                 providers=None, native: bool = True, fuse: bool = True, **kwargs):
         options = sess_options or ort.SessionOptions()
         if not native and native_kernels.registered(options):
             raise ValueError("native=False, but these session options already carry the native kernels")
         self.native = native and native_kernels.register(options)
-        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        source = _fused(model) if fuse else model
+        source = source.SerializeToString() if isinstance(source, onnx.ModelProto) else os.fspath(source)
         # Once the portable functions are inlined, MatMulScaleFusion moves the MT neuron's Div by
         # theta_pos into the next MatMul; the re-rounded products flip spikes near level boundaries,
         # so the unrolled and stateful forms (fused differently) would stop agreeing.
@@ -54,6 +57,21 @@ class InferenceSession(ort.InferenceSession):
         """The user-facing outputs: no per-step copies, no neuron state."""
         return [o.name for o in self.get_outputs()
                 if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)]
+
+
+def _fused(model: str | os.PathLike | onnx.ModelProto) -> str | os.PathLike | onnx.ModelProto:
+    """The model with its spikec chains fused; a file with external data is left as it is (its weights
+    would have to travel through one in-memory protobuf)."""
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            proto = onnx.load(os.fspath(model), load_external_data=False)
+        except Exception:
+            return model  # onnxruntime reports what is wrong with the file
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            return model
+        fused = fusion.fuse(proto)
+        return model if fused is proto else fused
+    return fusion.fuse(model)
 
 
 def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int,

@@ -157,6 +157,39 @@ struct IFNeuron {
   }
 };
 
+// A chain of two ops as one (runtime/ops.py compose): B reads A's output, times A's parameter kScale
+// when kScale >= 0. States and parameters are A's then B's.
+template <class A, class B, int kScale>
+struct Composed {
+  static constexpr int kParams = A::kParams + B::kParams;
+  static constexpr int kStates = A::kStates + B::kStates;
+  A a;
+  B b;
+  explicit Composed(const OrtKernelInfo* info) : a(info), b(info) {}
+  float step(float x, float* state, const float* p, float t) const {
+    float value = a.step(x, state, p, t);
+    if (kScale >= 0) value = value * p[kScale];
+    return b.step(value, state + A::kStates, p + A::kParams, t);
+  }
+};
+
+struct ECCompensateMTNeuron : Composed<ECCompensate, MTNeuron, -1> {
+  static constexpr const char* kName = "ECCompensate_MTNeuron";
+  using Composed::Composed;
+};
+struct ECCompensateSTBIFNeuron : Composed<ECCompensate, STBIFNeuron, -1> {
+  static constexpr const char* kName = "ECCompensate_STBIFNeuron";
+  using Composed::Composed;
+};
+struct ECCompensateIFNeuron : Composed<ECCompensate, IFNeuron, -1> {
+  static constexpr const char* kName = "ECCompensate_IFNeuron";
+  using Composed::Composed;
+};
+struct MTNeuronECAccumulate : Composed<MTNeuron, ECAccumulate, 0> {  // spike value: code * theta_pos
+  static constexpr const char* kName = "MTNeuron_ECAccumulate";
+  using Composed::Composed;
+};
+
 // ---------------------------------------------------------------------------- the shared loop
 
 struct Param {
@@ -166,7 +199,7 @@ struct Param {
 };
 
 constexpr int kMaxParams = 3;
-constexpr int kMaxStates = 2;
+constexpr int kMaxStates = 3;
 
 struct State {
   const float* in = nullptr;  // nullptr: zeros
@@ -357,11 +390,21 @@ struct Library {
   CustomOp<ECAccumulate, true> accumulate_step;
   CustomOp<ECCompensate, false> compensate;
   CustomOp<ECCompensate, true> compensate_step;
+  CustomOp<ECCompensateMTNeuron, false> compensate_mt;
+  CustomOp<ECCompensateMTNeuron, true> compensate_mt_step;
+  CustomOp<ECCompensateSTBIFNeuron, false> compensate_stbif;
+  CustomOp<ECCompensateSTBIFNeuron, true> compensate_stbif_step;
+  CustomOp<ECCompensateIFNeuron, false> compensate_if;
+  CustomOp<ECCompensateIFNeuron, true> compensate_if_step;
+  CustomOp<MTNeuronECAccumulate, false> mt_accumulate;
+  CustomOp<MTNeuronECAccumulate, true> mt_accumulate_step;
   Ort::CustomOpDomain domain{kDomain};
 
   Library() {
     for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
-             &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &accumulate, &accumulate_step, &compensate, &compensate_step})
+             &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &accumulate, &accumulate_step,
+             &compensate, &compensate_step, &compensate_mt, &compensate_mt_step, &compensate_stbif,
+             &compensate_stbif_step, &compensate_if, &compensate_if_step, &mt_accumulate, &mt_accumulate_step})
       domain.Add(op);
     spikec_ttfs::add_ops(domain);
   }

@@ -1,0 +1,71 @@
+"""Chains of spikec ops fused into one op in a session's copy of a model (runtime/fusion.py): the same bits."""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+import spikec
+from examples import fixtures
+from spikec.evaluate import _with_outputs
+from spikec.runtime import InferenceSession, fusion, ops, run
+
+
+def test_compose_refuses_ops_sharing_names():
+    with pytest.raises(ValueError, match="average"):
+        ops.compose(ops.EC_COMPENSATE, ops.EC_ACCUMULATE)
+
+
+@pytest.fixture(scope="module")
+def digits_models(tmp_path_factory):
+    data = fixtures.digits_data()
+    out = tmp_path_factory.mktemp("fusion")
+    for mode in ("unrolled", "stateful"):
+        spikec.compile(fixtures.digits_vit(), {"pixels": data["x_train"][:256]}, out / f"{mode}.onnx", timesteps=4,
+                       mode=mode, progress=False)
+    return out, {"pixels": data["x_test"][:64]}
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("mode", ["unrolled", "stateful"])
+def test_fused_sessions_give_the_same_bits(digits_models, mode, native):
+    out, feeds = digits_models
+    path = out / f"{mode}.onnx"
+    fused = fusion.fuse(onnx.load(path))
+    kinds = collections.Counter(n.op_type.removesuffix("Step") for n in fused.graph.node if n.domain == ops.DOMAIN)
+    # the digits ViT: 15 compensated functions feed a neuron, 12 spike values are accumulated for products
+    assert kinds["ECCompensate_MTNeuron"] == 15 and kinds["MTNeuron_ECAccumulate"] == 12
+    onnx.checker.check_model(fused)
+    if native and not InferenceSession(path).native:
+        pytest.skip("native library not built")
+    want = run(InferenceSession(path, native=native, fuse=False), feeds, 4)
+    got = run(InferenceSession(path, native=native), feeds, 4)
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_a_chain_whose_middle_is_read_stays_apart(digits_models):
+    """Reports add neuron outputs as graph outputs: those chains must keep their middle tensor."""
+    out, _ = digits_models
+    model = onnx.load(out / "unrolled.onnx")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    baseline = collections.Counter(n.op_type for n in fusion.fuse(model).graph.node)
+    accumulated = next(n for n in fusion.fuse(model).graph.node if n.op_type == "MTNeuron_ECAccumulate")
+    spikes = producer[producer[accumulated.output[0]].input[0]].input[0]  # ECAccumulate <- Mul <- MTNeuron
+    compensated = next(n for n in fusion.fuse(model).graph.node if n.op_type == "ECCompensate_MTNeuron")
+    increments = producer[compensated.output[0]].input[0]  # MTNeuron <- ECCompensate
+    fused = fusion.fuse(_with_outputs(model, [spikes, increments]))
+    produced = {o for n in fused.graph.node for o in n.output}
+    assert spikes in produced and increments in produced
+    producers = {o: n.op_type for n in fused.graph.node for o in n.output}
+    assert producers[spikes] == "MTNeuron" and producers[increments] == "ECCompensate"
+    counts = collections.Counter(n.op_type for n in fused.graph.node)
+    assert counts["ECCompensate_MTNeuron"] == baseline["ECCompensate_MTNeuron"] - 1
+
+
+def test_nothing_to_fuse_returns_the_model():
+    model = onnx.load(fixtures.digits_vit())
+    assert fusion.fuse(model) is model
