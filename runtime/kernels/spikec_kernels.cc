@@ -271,9 +271,13 @@ void run_chunk(const Op& op, const Job& job, size_t lo, size_t hi) {
 
 template <class Op>
 void run(const Ort::KernelContext& ctx, const Op& op, Job& job) {
-  // Chunks of at least ~64k element-steps: onnxruntime's intra-op pool spreads them.
-  constexpr size_t kWork = 1 << 16;
-  const size_t per_chunk = std::max<size_t>(256, (kWork / std::max<int64_t>(job.steps, 1) + 255) / 256 * 256);
+  // Chunks of about 64k element-steps, onnxruntime's intra-op pool spreading them; but at least
+  // kMinChunks of them where there is enough work: two uneven chunks (a stateful step's 64k + 4k
+  // elements) would leave one thread with almost all of it.
+  constexpr size_t kWork = 1 << 16, kMinChunks = 8, kMinRows = 4096;
+  const size_t by_work = (kWork / std::max<int64_t>(job.steps, 1) + 255) / 256 * 256;
+  const size_t by_count = (job.rows / kMinChunks + 255) / 256 * 256;
+  const size_t per_chunk = std::max<size_t>({256, std::min(by_work, std::max(by_count, kMinRows))});
   job.chunk = per_chunk;
   const size_t chunks = (job.rows + per_chunk - 1) / per_chunk;
   if (chunks <= 1) {
