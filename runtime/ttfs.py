@@ -35,10 +35,10 @@ import onnx
 from onnx import helper
 from spikec.runtime.ops import DOMAIN, NodeBuilder
 
-# A builder makes ONNX nodes: ``op(op_type, *inputs, **attrs) -> name`` and ``const(value) -> name``
-# (runtime.ops.NodeBuilder for function bodies; the passes have one over graphsurgeon graphs).
-Builder = object
-ValueFn = Callable[[Builder, str, list[str]], str]
+# (builder, x, params) -> f(x) as ONNX nodes. A builder has ``op(op_type, *inputs, **attrs)`` and
+# ``const(value)`` returning tensors: runtime.ops.NodeBuilder for function bodies (tensor names), the
+# TTFS pass's GraphBuilder for graphsurgeon graphs (tensors).
+ValueFn = Callable[[object, object, list], object]
 
 
 @dataclass(frozen=True)
@@ -169,9 +169,6 @@ def tick_function(opset: int) -> onnx.FunctionProto:
     b.nodes.append(helper.make_node("Min", [ticked, "delta"], ["y"]))
     return helper.make_function(DOMAIN, TICK_OP, ["u", "delta", "tick"], ["y"], b.nodes,
                                 [helper.make_opsetid("", opset)])
-
-
-OP_TYPES = frozenset([t.op_type for t in RECEIVE.values()] + [t.op_type for t in EMIT.values()] + [TICK_OP])
 
 
 def functions_for(op_types: set[str], opset: int) -> list[onnx.FunctionProto]:
