@@ -145,11 +145,12 @@ struct IFNeuron {
   float step(float x, float* state, const float* p, float /*t*/) const {
     const float membrane = state[0] + x;
     const float lower = -(sign_on * state[1]);
-    // ONNX Max: NaN propagates
-    const float reach = (membrane > lower) | std::isnan(membrane) ? membrane : lower;
+    // ONNX Max: NaN propagates (x != x rather than std::isnan: no call in the loop)
+    const float reach = (membrane > lower) | (membrane != membrane) ? membrane : lower;
     const float unit = p[0] / burst;
     const float count = std::min(std::floor(std::fabs(reach) / unit), burst);
-    const float sign = reach > 0.0f ? 1.0f : (reach < 0.0f ? -1.0f : 0.0f);
+    // 0 for NaN, as before: out is NaN through count either way. Integer differences, not nested selects.
+    const float sign = static_cast<float>(static_cast<int>(reach > 0.0f) - static_cast<int>(reach < 0.0f));
     const float out = count * sign * unit;
     state[0] = membrane - out;
     state[1] = state[1] + out;
