@@ -54,7 +54,7 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
         first_name, second_name = composite.chain
         for second in graph.node:
             op2 = _spikec_op(second)
-            if op2 is None or op2.name != second_name or id(second) in removed:
+            if op2 is None or op2.name != second_name or id(second) in removed or id(second) in replaced:
                 continue
             middle = second.input[0]
             scale = producer.get(middle) if composite.chain_scale else None
@@ -85,7 +85,7 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
             removed.add(id(second))
             if scale is not None:
                 removed.add(id(scale))
-            if scale is None:
+            else:
                 rewired[first.output[0]] = second.output[0]
     if not replaced:
         return model
