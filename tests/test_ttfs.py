@@ -409,3 +409,14 @@ def test_minilm_exports(variant):
     snn = spikec.compile(model, calib, method="ttfs", progress=False)
     want, got = run_dataset(model, feeds)["sentence_embedding"], run_dataset(snn, feeds)["sentence_embedding"]
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()  # measured 2.3e-5 - 2.5e-5
+
+
+def test_a_quantized_model_is_refused_in_one_line(digits, tmp_path, capfd):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, pixels=digits["x_train"][:64])
+    qann, out = tmp_path / "qann.onnx", tmp_path / "never.onnx"
+    spikec.quantize(fixtures.digits_vit(), {"pixels": digits["x_train"][:64]}, qann, progress=False)
+    assert main(["compile", str(qann), "-o", str(out), "--calib", str(calib), "--method", "ttfs", "--quiet"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "quantizer region" in err and "float models" in err
+    assert not out.exists()
