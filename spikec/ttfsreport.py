@@ -62,6 +62,19 @@ def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, 
     return rows
 
 
+def spiking_depth(model: onnx.ModelProto) -> int:
+    """Layers on the longest path from an input to an output: every emitting stage on it adds one window
+    delta, so a sample's last output spike comes depth x delta after its input spikes (T_emit^(n) =
+    T_emit^(0) + n delta). Paths that skip layers (residual connections) need delays of as many windows."""
+    depth: dict[str, int] = {}
+    for node in model.graph.node:  # topologically sorted
+        level = max((depth.get(name, 0) for name in node.input), default=0)
+        level += node.domain == "spikec" and node.op_type.startswith("TTFSEmit")
+        for name in node.output:
+            depth[name] = level
+    return max((depth.get(o.name, 0) for o in model.graph.output), default=0)
+
+
 def _rows_and_width(shape: list[int]) -> tuple[int, int]:
     return int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
 
@@ -115,7 +128,8 @@ def summary(ann: str | os.PathLike | onnx.ModelProto, snn: str | os.PathLike | o
     return {
         "sites": activity, "constructions": constructions, "float_nodes": report["float_nodes"],
         "neurons": neurons, "spikes": spikes, "spikes_per_neuron": spikes / neurons if neurons else 0.0,
-        "layers": len(activity), "clipped_sites": sum(1 for s in activity if s["clipped_low"] or s["clipped_high"]),
+        "layers": len(activity), "depth": spiking_depth(snn_model),
+        "clipped_sites": sum(1 for s in activity if s["clipped_low"] or s["clipped_high"]),
         "energy": {"ann_macs": int(ann_macs), "snn_operations": int(snn_ops), "weight_operations": int(weight_ops),
                    "ann_joules": ann_macs * E_MAC, "snn_joules": snn_ops * E_AC,
                    "snn_over_ann": snn_ops * E_AC / (ann_macs * E_MAC) if ann_macs else None},
@@ -147,9 +161,9 @@ def render_html(data: dict) -> str:
                        [[name, f["cosine"], f["relative_max_error"], f.get("top1_agreement", "—"),
                          f.get("accuracy", "—"), f.get("ann_accuracy", "—")] for name, f in data["fidelity"].items()]),
                 "<h2>Spikes and energy</h2>",
-                _table(["layers (sites)", "neurons / sample", "spikes / sample", "spikes / neuron", "sites that clipped",
+                _table(["layers (sites)", "depth (windows)", "neurons / sample", "spikes / sample", "spikes / neuron", "sites that clipped",
                         "ANN MACs", "SNN operations", "E_SNN / E_ANN"],
-                       [[data["layers"], data["neurons"], data["spikes"], data["spikes_per_neuron"],
+                       [[data["layers"], data["depth"], data["neurons"], data["spikes"], data["spikes_per_neuron"],
                          data["clipped_sites"], e["ann_macs"], e["snn_operations"], e["snn_over_ann"]]]),
                 "<p class=note>Operations: the weight products' accumulates (one per weight and input spike, at "
                 "most the ANN's MACs) plus each construction's count by the paper's Table 3; energy by its Eq. 28 "

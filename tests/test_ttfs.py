@@ -263,6 +263,11 @@ def test_report_counts_spikes_clipping_and_table3(digits, tmp_path):
     assert qk["neurons"] == heads * tokens * tokens * (head_dim + 1)
     assert qk["operations"] == heads * tokens * tokens * (3 * head_dim + 2)
     assert 0.15 < data["energy"]["snn_over_ann"] < 0.3  # measured 0.232; the paper's ViTs: 0.21-0.22
+    # Windows from the pixels to the logits: pixels; each block's input x; then per block x's LayerNorm
+    # (mean, centering, variance, rsqrt, output), q/k/v, scores, softmax (max, subtraction, log-sum-exp,
+    # output), the attention's residual sum, its LayerNorm (5), GELU's input and output, the MLP's
+    # residual sum: 20; the final LayerNorm (5) and the logits.
+    assert data["depth"] == 1 + 1 + 4 * 20 + 5 + 1
 
 
 def test_materialized_product_layer_never_clips(digits):
