@@ -44,6 +44,10 @@ from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant, replace_use
 from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
 
 
+# Suffix of the extra graph output holding an output's relative spike times.
+SPIKE_TIMES = ".spike_times"
+
+
 @dataclass(frozen=True)
 class TTFSOptions:
     margin: float = 0.25  # calibrated ranges widen by this fraction of their span on each side
@@ -353,7 +357,10 @@ def lower(graph: gs.Graph, regions: list[Region], options: TTFSOptions, opset: i
     lw.float_nodes = _convert_remaining(lw)
     for tensor in list(graph.outputs):
         if tensor.name in _varying(lw):
-            lw.site_of(tensor, "output")
+            site = lw.site_of(tensor, "output")
+            if lw.spiking:  # the output layer's spike times too: the earliest spike is the class (A.2)
+                times = gs.Variable(f"{site.name}{SPIKE_TIMES}", dtype=np.float32, shape=tensor.shape)
+                graph.outputs.append(lw.b.op("Identity", site.spikes, out=times))
     graph.cleanup().toposort()
     return lw
 

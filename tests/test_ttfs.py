@@ -165,7 +165,9 @@ def _digits_snn(digits, **options):
 
 
 def test_digits_vit_float_spike_times_equal_the_ann(digits, ann_logits):
-    logits = run_dataset(_digits_snn(digits), {"pixels": digits["x_test"]})["logits"]
+    out = run_dataset(_digits_snn(digits), {"pixels": digits["x_test"]})
+    logits = out["logits"]
+    assert np.array_equal(out["logits.spike_times"].argmin(1), logits.argmax(1))  # the earliest spike is the class
     assert np.abs(logits - ann_logits).max() < 1e-3 * np.abs(ann_logits).max()  # measured 3e-5
     assert fixtures.accuracy(logits, digits["y_test"]) == fixtures.accuracy(ann_logits, digits["y_test"])
     assert np.array_equal(logits.argmax(1), ann_logits.argmax(1))
