@@ -103,4 +103,4 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
     have = {f.name for f in model.functions}
     needed = {n.op_type for n in replaced.values()} - have
     result.functions.extend(ops.functions_for(needed, opset))
-    return result
+    return fuse(result)  # composites chain further (ECCompensate_MTNeuron -> Mul -> ECAccumulate)

@@ -278,9 +278,11 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
     operations in the same order, so the same bits. runtime/fusion.py puts them in place of the chains in
     a session's copy of a model; saved models keep the separate ops (reports read the tensors between)."""
     shared = (set(first.states) & set(second.states)) | (set(first.params) & set(second.params)) \
-        | (set(first.attributes) & set(second.attributes))
+        | {a for a in set(first.attributes) & set(second.attributes) if first.attributes[a] != second.attributes[a]}
     if shared:
         raise ValueError(f"cannot compose {first.name} and {second.name}: both use {sorted(shared)}")
+    # An attribute both read (the compensations' ``average``) is one attribute of the composite: fusion
+    # only joins nodes that agree on it.
 
     def prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
         return {**first.prologue(b, env), **second.prologue(b, env)}
@@ -302,10 +304,12 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
 
 
 # The chains spiking graphs are made of: a compensated function's increments feeding a neuron (every
-# method), and an ECMT neuron's spike value accumulated for the compensated product it feeds.
+# method), and an ECMT neuron's spike value accumulated for the compensated product it feeds (the
+# neuron fed by a compensated function or not).
 # runtime/kernels/spikec_kernels.cc composes the same pairs.
-COMPOSITES = (compose(EC_COMPENSATE, MT_NEURON), compose(EC_COMPENSATE, ST_BIF_NEURON),
-              compose(EC_COMPENSATE, IF_NEURON), compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"))
+_EC_MT = compose(EC_COMPENSATE, MT_NEURON)
+COMPOSITES = (_EC_MT, compose(EC_COMPENSATE, ST_BIF_NEURON), compose(EC_COMPENSATE, IF_NEURON),
+              compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"), compose(_EC_MT, EC_ACCUMULATE, scale="theta_pos"))
 
 OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, EC_ACCUMULATE,
                                                        EC_COMPENSATE, *COMPOSITES)}

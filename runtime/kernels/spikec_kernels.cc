@@ -190,6 +190,10 @@ struct MTNeuronECAccumulate : Composed<MTNeuron, ECAccumulate, 0> {  // spike va
   static constexpr const char* kName = "MTNeuron_ECAccumulate";
   using Composed::Composed;
 };
+struct ECCompensateMTNeuronECAccumulate : Composed<ECCompensateMTNeuron, ECAccumulate, 0> {
+  static constexpr const char* kName = "ECCompensate_MTNeuron_ECAccumulate";
+  using Composed::Composed;
+};
 
 // ---------------------------------------------------------------------------- the shared loop
 
@@ -403,13 +407,16 @@ struct Library {
   CustomOp<ECCompensateIFNeuron, true> compensate_if_step;
   CustomOp<MTNeuronECAccumulate, false> mt_accumulate;
   CustomOp<MTNeuronECAccumulate, true> mt_accumulate_step;
+  CustomOp<ECCompensateMTNeuronECAccumulate, false> compensate_mt_accumulate;
+  CustomOp<ECCompensateMTNeuronECAccumulate, true> compensate_mt_accumulate_step;
   Ort::CustomOpDomain domain{kDomain};
 
   Library() {
     for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
              &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &accumulate, &accumulate_step,
              &compensate, &compensate_step, &compensate_mt, &compensate_mt_step, &compensate_stbif,
-             &compensate_stbif_step, &compensate_if, &compensate_if_step, &mt_accumulate, &mt_accumulate_step})
+             &compensate_stbif_step, &compensate_if, &compensate_if_step, &mt_accumulate, &mt_accumulate_step,
+             &compensate_mt_accumulate, &compensate_mt_accumulate_step})
       domain.Add(op);
     spikec_ttfs::add_ops(domain);
   }
