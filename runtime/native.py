@@ -1,8 +1,10 @@
 """spikec's native kernels: an onnxruntime custom-op library built from runtime/kernels/ (``make native``).
 
-The library implements every spikec op (MTNeuron, STBIFNeuron, IFNeuron, ECAccumulate, ECCompensate,
-unrolled and Step forms) with the exact float32 arithmetic of the ONNX functions in runtime/ops.py, which stay the definition
-and the portable path. It is optional: without it everything runs on stock onnxruntime.
+The library implements every op of runtime/ops.py (MTNeuron, STBIFNeuron, IFNeuron, ECAccumulate,
+ECCompensate and their composites, unrolled and Step forms) with the exact float32 arithmetic of their
+ONNX functions, which stay the definition and the portable path, and the TTFS ops of runtime/ttfs.py
+that have no transcendentals (the others run as their functions: onnxruntime's vectorized exp/erf beat
+the C library's). It is optional: without it everything runs on stock onnxruntime.
 
 Registration. The library registers its kernels under the models' own domain, ``spikec``. A spikec
 model also carries model-local ONNX functions of the same names; measured with onnxruntime 1.32,
