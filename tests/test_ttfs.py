@@ -213,11 +213,12 @@ def test_minilm_sentence_embeddings():
     assert cosine(ann, got) > 0.99999
 
 
+@pytest.mark.parametrize("export", [(17, "torchscript"), (18, "dynamo")], ids=["torchscript-17", "dynamo-18"])
 @pytest.mark.parametrize("name", fixtures.RANDOM_MODELS)
-def test_random_transformers_convert(name):
+def test_random_transformers_convert(name, export):
     """BERT (erf GELU, tanh pooler), ViT, GPT-2 (tanh GELU, causal mask), DeiT (two constant-token rows:
-    variance 0), Swin (window masks)."""
-    path = fixtures.random_transformer(name)
+    variance 0), Swin (window masks), from both exporters."""
+    path = fixtures.random_transformer(name, opset=export[0], exporter=export[1])
     calib, feeds = fixtures.random_inputs(name, batch=16, seed=1), fixtures.random_inputs(name, batch=2, seed=0)
     snn = spikec.compile(path, calib, method="ttfs", progress=False)
     got = run_dataset(snn, feeds)
