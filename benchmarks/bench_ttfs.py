@@ -49,8 +49,8 @@ def workloads() -> list[dict]:
 
 
 def timings(ann: InferenceSession, snn_path, batch: dict, reps: int) -> dict[str, float]:
-    calls = {"ann": lambda: run(ann, batch), "portable": lambda: run(portable, batch)}
     portable = InferenceSession(snn_path, native=False)
+    calls = {"ann": lambda: run(ann, batch), "portable": lambda: run(portable, batch)}
     if native.available():
         fast = InferenceSession(snn_path)
         calls["native"] = lambda: run(fast, batch)

@@ -234,7 +234,7 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN) -> gs.Graph:
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
     """Export with the spikec function bodies, the template's opsets and the given metadata."""
-    opset = next(o.version for o in template.opset_import if o.domain in ("", "ai.onnx"))
+    opset = spec.default_opset(template)
     used = {n.op for n in graph.nodes if n.domain == "spikec"}
     model = gs.export_onnx(graph, do_type_check=False)
     del model.opset_import[:]

@@ -29,7 +29,6 @@ from spikec.errors import SpikecError
 from spikec.runtime import ops as spec
 
 MEAN, SUM = "mean", "sum"
-SEMANTICS = (MEAN, SUM)
 NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "IFNeuron"})
 
 # Ops whose outputs are linear functions of each input, or pure data movement.

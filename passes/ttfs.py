@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 
 from spikec.errors import SpikecError
 from spikec.passes.patterns import Region
-from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant, replace_uses
+from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant, replace_uses, varying_tensors
 from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
 
 
@@ -68,6 +68,7 @@ class Site:
     value: gs.Variable | None = None   # exact graph: the represented value
     spikes: gs.Variable | None = None  # spiking graph: relative spike times
     window: Window | None = None
+    bounds: tuple[gs.Constant, gs.Constant] | None = None  # spiking graph: window as the ops' inputs
     receives: set = field(default_factory=set)
 
 
@@ -132,14 +133,13 @@ class Lowering:
             self.readouts.add(site.value.name)
         else:
             site.window = bounds() if bounds is not None else self.ranges[name]
-            low, high = self._range_constants(site)
+            site.bounds = (gs.Constant(f"{name}.lower", np.asarray(site.window.lower, np.float32)),
+                           gs.Constant(f"{name}.upper", np.asarray(site.window.upper, np.float32)))
             spikes = gs.Variable(f"{name}.spikes", dtype=np.float32)
-            if self.tick is None:
-                site.spikes = self.b.op(EMIT[transform].op_type, potential, low, high, self.delta, out=spikes,
-                                        domain="spikec")
-            else:
-                crossing = self.b.op(EMIT[transform].op_type, potential, low, high, self.delta, domain="spikec")
-                site.spikes = self.b.op(TICK_OP, crossing, self.delta, self.tick, out=spikes, domain="spikec")
+            site.spikes = self.b.op(EMIT[transform].op_type, potential, *site.bounds, self.delta, domain="spikec",
+                                    out=spikes if self.tick is None else None)
+            if self.tick is not None:
+                site.spikes = self.b.op(TICK_OP, site.spikes, self.delta, self.tick, out=spikes, domain="spikec")
             if out is not None:
                 self.receive(site, out=out)
         if out is not None:
@@ -158,17 +158,11 @@ class Lowering:
                 return site.value
             value = self.b.op("Identity", RECEIVE[transform].value(self.b, site.value, param_constants), out=out)
         else:
-            low, high = self._range_constants(site)
-            value = self.b.op(RECEIVE[transform].op_type, site.spikes, low, high, self.delta, *param_constants,
+            value = self.b.op(RECEIVE[transform].op_type, site.spikes, *site.bounds, self.delta, *param_constants,
                               out=out, domain="spikec")
         self.readouts.add(value.name)
         self.received.setdefault(key, value)
         return value
-
-    @staticmethod
-    def _range_constants(site: Site) -> tuple[gs.Constant, gs.Constant]:
-        return (gs.Constant(f"{site.name}.lower", np.asarray(site.window.lower, np.float32)),
-                gs.Constant(f"{site.name}.upper", np.asarray(site.window.upper, np.float32)))
 
     def site_of(self, tensor: gs.Variable, role: str = "layer") -> Site:
         """The site carrying ``tensor``. An existing tensor becomes one by an identity emit; everything
@@ -355,23 +349,15 @@ def lower(graph: gs.Graph, regions: list[Region], options: TTFSOptions, opset: i
         graph.outputs.extend(site.tap for site in lw.sites.values() if site.tap is not None)
     graph.cleanup().toposort()
     lw.float_nodes = _convert_remaining(lw)
+    varying = varying_tensors(graph, lw.readouts)
     for tensor in list(graph.outputs):
-        if tensor.name in _varying(lw):
+        if tensor.name in varying:
             site = lw.site_of(tensor, "output")
             if lw.spiking:  # the output layer's spike times too: the earliest spike is the class (A.2)
                 times = gs.Variable(f"{site.name}{SPIKE_TIMES}", dtype=np.float32, shape=tensor.shape)
                 graph.outputs.append(lw.b.op("Identity", site.spikes, out=times))
     graph.cleanup().toposort()
     return lw
-
-
-def _varying(lw: Lowering) -> set[str]:
-    """Tensors computed from received values."""
-    varying = set(lw.readouts)
-    for node in lw.graph.nodes:
-        if node.op not in SHAPE_ONLY and any(t.name in varying for t in node.inputs if not is_constant(t)):
-            varying.update(t.name for t in node.outputs)
-    return varying
 
 
 # Elementwise activations outside the recognized regions: one neuron per element, the activation as

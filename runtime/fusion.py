@@ -99,8 +99,6 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in result.graph.node:
         if node.op_type == "Shape" and node.input[0] in rewired:
             node.input[0] = rewired[node.input[0]]
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    have = {f.name for f in model.functions}
-    needed = {n.op_type for n in replaced.values()} - have
-    result.functions.extend(ops.functions_for(needed, opset))
+    needed = {n.op_type for n in replaced.values()} - {f.name for f in model.functions}
+    result.functions.extend(ops.functions_for(needed, ops.default_opset(model)))
     return fuse(result)  # composites chain further (ECCompensate_MTNeuron -> Mul -> ECAccumulate)

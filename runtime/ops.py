@@ -380,6 +380,11 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     )
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset: the one its function bodies must declare."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def functions_for(op_types: set[str], opset: int) -> list[onnx.FunctionProto]:
     """The function bodies a model of this default-domain opset using these spikec op types must
     carry, in a stable order."""

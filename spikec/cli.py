@@ -276,11 +276,13 @@ def cmd_report(args) -> int:
 def _method(path: str) -> str | None:
     import onnx
 
+    from spikec.graphinfo import metadata
+
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception:
         return None  # the report itself says what is wrong with the file
-    return next((p.value for p in model.metadata_props if p.key == "spikec.method"), None)
+    return metadata(model).get("spikec.method")
 
 
 def _report_ttfs(args, feeds: dict[str, np.ndarray]) -> int:

@@ -22,6 +22,7 @@ from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
 from spikec.passes.timing import MEAN, SUM
+from spikec.runtime.ops import default_opset
 
 METHODS = ("ecmt", "spikezip", "sta", "ttfs")
 # TTFS has no time steps to average or sum over: one pass, spike times passed between layers.
@@ -190,14 +191,20 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         emit.emit_unrolled(graph, opts.timesteps, semantics)
     else:
         emit.emit_stateful(graph, semantics)
+    options = {"levels": opts.level_count, "percentile": opts.percentile, "per_channel": opts.per_channel,
+               "coverage": opts.coverage, "allow_float": sorted(opts.allow_float)}
+    return _finish(graph, ann, output, opts.method, opts.mode, opts.timesteps, options, report)
+
+
+def _finish(graph: gs.Graph, ann: onnx.ModelProto, output, method: str, mode: str, timesteps: int,
+            options: dict, report: dict) -> onnx.ModelProto:
+    """The spiking model with its metadata (what InferenceSession and the reports read), saved if asked."""
     metadata = {
-        "spikec.method": opts.method,
-        "spikec.mode": opts.mode,
-        "spikec.semantics": semantics,
-        "spikec.timesteps": str(opts.timesteps),
-        "spikec.options": json.dumps({"levels": opts.level_count, "percentile": opts.percentile,
-                                      "per_channel": opts.per_channel, "coverage": opts.coverage,
-                                      "allow_float": sorted(opts.allow_float)}, sort_keys=True),
+        "spikec.method": method,
+        "spikec.mode": mode,
+        "spikec.semantics": report["semantics"],
+        "spikec.timesteps": str(timesteps),
+        "spikec.options": json.dumps(options, sort_keys=True),
         "spikec.report": json.dumps(report, sort_keys=True, default=_json_default),
     }
     snn = emit.to_model(graph, ann, metadata)
@@ -210,7 +217,7 @@ def _compile_ttfs(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], output,
     """Algorithm 1: the ANN decomposed into the constructions' stages is calibrated for every site's
     range, then the same walk builds the spiking graph with those ranges."""
     options = ttfs.TTFSOptions(margin=float(opts.margin), precision=int(opts.precision), max_layer=opts.max_layer)
-    opset = next(o.version for o in ann.opset_import if o.domain in ("", "ai.onnx"))
+    opset = default_opset(ann)
     exact_graph = gs.import_onnx(ann)
     exact = ttfs.lower(exact_graph, find_regions(exact_graph), options, opset)
     if not exact.sites:
@@ -226,19 +233,9 @@ def _compile_ttfs(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], output,
         "sites": ttfs.describe(spiking), "constructions": spiking.constructions,
         "float_nodes": spiking.float_nodes, "delta": options.delta,
         "precision": options.precision, "margin": options.margin, "max_layer": options.max_layer}}
-    metadata = {
-        "spikec.method": "ttfs",
-        "spikec.mode": "ttfs",
-        "spikec.semantics": SEMANTICS["ttfs"],
-        "spikec.timesteps": "1",
-        "spikec.options": json.dumps({"margin": options.margin, "precision": options.precision,
-                                      "max_layer": options.max_layer, "delta": options.delta}, sort_keys=True),
-        "spikec.report": json.dumps(report, sort_keys=True, default=_json_default),
-    }
-    snn = emit.to_model(graph, ann, metadata)
-    if output is not None:
-        save_model_atomic(snn, output)
-    return snn
+    return _finish(graph, ann, output, "ttfs", "ttfs", 1, {"margin": options.margin, "precision": options.precision,
+                                                           "max_layer": options.max_layer, "delta": options.delta},
+                   report)
 
 
 def _quantize(ann: onnx.ModelProto, graph: gs.Graph, regions: list, feeds: Mapping[str, np.ndarray],

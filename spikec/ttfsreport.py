@@ -14,19 +14,15 @@ import onnx
 from spikec.errors import SpikecError
 from spikec.evaluate import _with_outputs, compare, open_session, run_dataset
 from spikec.graphinfo import metadata, product_macs, sample_shapes
+from spikec.report import E_AC_PJ, E_MAC_PJ
+from spikec.report import _load as load_file
 from spikec.runtime.ttfs import EMIT
-
-# Energy per operation (Horowitz 2014), as Eq. 28: accumulate 0.9 pJ, multiply-accumulate 4.6 pJ.
-E_AC, E_MAC = 0.9e-12, 4.6e-12
 
 
 def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         return model, "(in memory)"
-    try:
-        return onnx.load(os.fspath(model)), os.fspath(model)
-    except Exception as exc:
-        raise SpikecError(f"model {model}: cannot read it ({str(exc).splitlines()[0][:200]})") from None
+    return load_file(model, "model"), os.fspath(model)
 
 
 def _ttfs_report(model: onnx.ModelProto, label: str) -> dict:
@@ -55,10 +51,11 @@ def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, 
         slack = 1e-5 * (site["upper"] - site["lower"])
         with np.errstate(divide="ignore", invalid="ignore"):
             low, high = inverse(np.float64(site["lower"] - slack)), inverse(np.float64(site["upper"] + slack))
+        below, above = int((potential < low).sum()), int((potential > high).sum())
         rows.append({**site, "shape": list(spikes.shape[1:]), "neurons": spikes.size // count,
                      "spikes": float((spikes < report["delta"]).sum()) / count,
-                     "clipped_low": float((potential < low).mean()), "clipped_high": float((potential > high).mean()),
-                     "clipped_values": int((potential < low).sum() + (potential > high).sum())})
+                     "clipped_low": below / potential.size, "clipped_high": above / potential.size,
+                     "clipped_values": below + above})
     return rows
 
 
@@ -131,8 +128,8 @@ def summary(ann: str | os.PathLike | onnx.ModelProto, snn: str | os.PathLike | o
         "layers": len(activity), "depth": spiking_depth(snn_model),
         "clipped_sites": sum(1 for s in activity if s["clipped_low"] or s["clipped_high"]),
         "energy": {"ann_macs": int(ann_macs), "snn_operations": int(snn_ops), "weight_operations": int(weight_ops),
-                   "ann_joules": ann_macs * E_MAC, "snn_joules": snn_ops * E_AC,
-                   "snn_over_ann": snn_ops * E_AC / (ann_macs * E_MAC) if ann_macs else None},
+                   "ann_joules": ann_macs * E_MAC_PJ * 1e-12, "snn_joules": snn_ops * E_AC_PJ * 1e-12,
+                   "snn_over_ann": snn_ops * E_AC_PJ / (ann_macs * E_MAC_PJ) if ann_macs else None},
         "precision": report["precision"], "margin": report["margin"],
     }
 
