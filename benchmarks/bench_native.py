@@ -40,8 +40,7 @@ from benchmarks.bench_ecmt import measure as interleaved_samples  # noqa: E402
 from examples import fixtures  # noqa: E402
 from benchmarks.torch_reference import TorchStepSimulator  # noqa: E402
 from spikec.evaluate import cosine  # noqa: E402
-from spikec.runtime import InferenceSession, native, run  # noqa: E402
-from spikec.runtime.layout import NEXT_STATE_PREFIX, STATE_PREFIX, TIME_INPUT  # noqa: E402
+from spikec.runtime import InferenceSession, Stepper, native, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs one variant once in a fresh process and prints the growth of its peak resident set in MiB.
@@ -105,16 +104,12 @@ def measure(calls: Mapping[str, Callable[[], object]], reps: int, warmup: int = 
 
 
 def step_call(session: InferenceSession, batch: Mapping[str, np.ndarray], warm_steps: int = 3) -> Callable[[], object]:
-    """One stateful step (t = warm_steps + 1) from the states that warm_steps steps left."""
-    outputs = session.model_outputs()
-    states = {i.name: np.zeros([1] * len(i.shape), np.float32) for i in session.get_inputs()
-              if i.name.startswith(STATE_PREFIX)}
-    nexts = [NEXT_STATE_PREFIX + name[len(STATE_PREFIX):] for name in states]
-    for t in range(1, warm_steps + 1):
-        values = session.run(nexts, {**batch, TIME_INPUT: np.array(t, np.float32), **states})
-        states = dict(zip(states, values))
-    feeds = {**batch, TIME_INPUT: np.array(warm_steps + 1, np.float32), **states}
-    return lambda: session.run(outputs + nexts, feeds)
+    """One stateful step the way run_stateful takes it (a Stepper: with the native kernels the states are
+    updated in place), after warm_steps steps; each call runs the next step."""
+    stepper = Stepper(session, batch)
+    for _ in range(warm_steps):
+        stepper.step()
+    return stepper.step
 
 
 def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:

@@ -111,6 +111,12 @@ def _spikec(op: str, attrs: dict, args: list):
         return _stbif_step(*args)
     if op == "IFNeuronStep":
         return _if_step(*args, float(attrs["signed"]), float(attrs["burst"]))
+    if op == "UGOStep":  # the reference code's UGO module: a Linear expansion, IF neurons, a Linear sum
+        x, v, emitted, w1, b1, theta, w2, b2, t = args
+        w1, b1, theta, w2 = (p.reshape(-1, *[1] * x.dim()) for p in (w1, b1, theta, w2))  # states [N, *x.shape]
+        spikes, v, emitted = _if_step(x.unsqueeze(0) * w1 + b1, v, emitted, theta, t, float(attrs["signed"]),
+                                      float(attrs["burst"]))
+        return (spikes * w2).sum(0) + b2, v, emitted
     if op == "ECAccumulateStep":
         x, total, t = args
         total = total + x

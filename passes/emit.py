@@ -199,7 +199,7 @@ def state_rank(node: gs.Node) -> int:
     shape = node.inputs[0].shape
     if shape is None:
         raise ValueError(f"spikec node {node.name}: input rank unknown, cannot declare its state")
-    return len(shape)
+    return len(shape) + spec.op_for(node.op).state_rank_offset
 
 
 def emit_stateful(graph: gs.Graph, semantics: str = MEAN) -> gs.Graph:

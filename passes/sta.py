@@ -103,33 +103,22 @@ def _consumers(operands: list[tuple[gs.Node, int]]) -> list[str]:
 
 def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operator: ugos.UGO,
          inputs: np.ndarray, timesteps: int, options: STAOptions) -> np.ndarray:
-    """out = w2 . IF(w1 x + b1) + b2 elementwise; the hidden thresholds by MMSE over the hidden
-    pre-activations of ``inputs`` (a sample of x). Returns the thresholds."""
+    """out = w2 . IF(w1 x + b1) + b2 elementwise, one spikec UGO op (its N hidden neurons are its state,
+    never a tensor of the graph); the hidden thresholds by MMSE over the hidden pre-activations of
+    ``inputs`` (a sample of x). Returns the thresholds."""
     rng = np.random.default_rng(0)
     values = inputs.reshape(-1)
     values = values[rng.choice(values.size, min(values.size, SAMPLE_VALUES), replace=False)]
     hidden_sample = values[:, None].astype(np.float64) * operator.w1 + operator.b1
     theta = mmse_thresholds(_stats_of(f"{x.name}.ugo_hidden", hidden_sample), timesteps)
-    expanded, weighted, current, summed, squeezed = (
-        gs.Variable(f"{prefix}.{s}", dtype=np.float32) for s in ("expanded", "weighted", "current", "sum", "squeezed"))
-    current.shape = None if x.shape is None else [None] * (len(x.shape) + 1)
-    graph.nodes += [
-        gs.Node("Unsqueeze", f"{prefix}/Unsqueeze", inputs=[x, gs.Constant(f"{prefix}.axis", np.array([-1], np.int64))],
-                outputs=[expanded]),
-        gs.Node("Mul", f"{prefix}/W1", inputs=[expanded, gs.Constant(f"{prefix}.w1", operator.w1.astype(np.float32))],
-                outputs=[weighted]),
-        gs.Node("Add", f"{prefix}/B1", inputs=[weighted, gs.Constant(f"{prefix}.b1", operator.b1.astype(np.float32))],
-                outputs=[current]),
-    ]
-    spikes = _if_neuron(graph, current, theta, f"{prefix}/IFNeuron", options)
-    graph.nodes += [
-        gs.Node("MatMul", f"{prefix}/W2",
-                inputs=[spikes, gs.Constant(f"{prefix}.w2", operator.w2.astype(np.float32)[:, None])], outputs=[summed]),
-        gs.Node("Squeeze", f"{prefix}/Squeeze", inputs=[summed, gs.Constant(f"{prefix}.squeeze", np.array([-1], np.int64))],
-                outputs=[squeezed]),
-        gs.Node("Add", f"{prefix}/B2", inputs=[squeezed, gs.Constant(f"{prefix}.b2", np.array(operator.b2, np.float32))],
-                outputs=[out]),
-    ]
+
+    def weight(name: str, value) -> gs.Constant:
+        return gs.Constant(f"{prefix}.{name}", np.asarray(value, np.float32))
+
+    graph.nodes.append(spikec_node(
+        "UGO", prefix, [x, weight("w1", operator.w1), weight("b1", operator.b1), weight("theta", theta),
+                                 weight("w2", operator.w2), weight("b2", operator.b2)],
+        [out], signed=int(options.signed), burst=int(options.burst)))
     return theta
 
 

@@ -29,7 +29,8 @@ from spikec.errors import SpikecError
 from spikec.runtime import ops as spec
 
 MEAN, SUM = "mean", "sum"
-NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "IFNeuron"})
+# ops whose outputs vary per step (a UGO emits the weighted sum of its hidden neurons' spikes)
+NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "IFNeuron", "UGO"})
 
 # Ops whose outputs are linear functions of each input, or pure data movement.
 _LINEAR_IN_EVERY_INPUT = {

@@ -1,6 +1,6 @@
 """spikec's native kernels: an onnxruntime custom-op library built from runtime/kernels/ (``make native``).
 
-The library implements every op of runtime/ops.py (MTNeuron, STBIFNeuron, IFNeuron, ECAccumulate,
+The library implements every op of runtime/ops.py (MTNeuron, STBIFNeuron, IFNeuron, UGO, ECAccumulate,
 ECCompensate and their composites, unrolled and Step forms) with the exact float32 arithmetic of their
 ONNX functions, which stay the definition and the portable path, and the TTFS ops of runtime/ttfs.py
 that have no transcendentals (the others run as their functions: onnxruntime's vectorized exp/erf beat
@@ -24,11 +24,16 @@ That rounds differently, and a neuron close to a level boundary may fire differe
 native kernels do.
 
 The library is ``build/libspikec_kernels.so`` in the source tree, or the file that the environment
-variable ``SPIKEC_NATIVE_LIB`` names.
+variable ``SPIKEC_NATIVE_LIB`` names. It carries the digest of the kernel sources it was built from; a
+library built from other sources than runtime/kernels/ holds is refused (with a warning to rebuild):
+its kernels would not be the ops' current definition, and run_stateful's in-place steps rely on every
+step op of a model having its kernel.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -39,6 +44,7 @@ ENV_VAR = "SPIKEC_NATIVE_LIB"
 # Marks session options that carry the library: registering it twice on one options object fails.
 CONFIG_KEY = "spikec.native_library"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "build" / "libspikec_kernels.so"
+KERNEL_SOURCES = Path(__file__).resolve().parent / "kernels"
 
 
 def library_path() -> Path | None:
@@ -47,15 +53,39 @@ def library_path() -> Path | None:
     return path if path.is_file() else None
 
 
+def source_digest() -> str | None:
+    """The digest build.sh stamps into the library: of the kernel sources, sorted by name (None where
+    the sources are not installed)."""
+    files = sorted([*KERNEL_SOURCES.glob("*.cc"), *KERNEL_SOURCES.glob("*.h")], key=lambda p: p.name)
+    if not files:
+        return None
+    return hashlib.sha256(b"".join(p.read_bytes() for p in files)).hexdigest()[:16]
+
+
+def built_from(path: Path) -> str | None:
+    """The source digest a library was built with (None for a library without one)."""
+    try:
+        function = ctypes.CDLL(os.fspath(path)).SpikecSourceDigest
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
 @functools.lru_cache(maxsize=None)
 def _loads(path: Path) -> bool:
     try:
         ort.SessionOptions().register_custom_ops_library(os.fspath(path))
-        return True
-    except Exception as error:  # a stale or foreign build: fall back to the portable functions
+    except Exception as error:  # a foreign build: fall back to the portable functions
         warnings.warn(f"spikec native library {path} does not load ({error}); using the ONNX functions",
                       RuntimeWarning, stacklevel=3)
         return False
+    expected = source_digest()
+    if expected is not None and built_from(path) != expected:
+        warnings.warn(f"spikec native library {path} was built from other kernel sources than {KERNEL_SOURCES}: "
+                      "rebuild it with `make native`; using the ONNX functions", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def available() -> bool:

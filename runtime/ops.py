@@ -87,6 +87,9 @@ class SpikingOp:
     # a composite (compose): the names of the ops it chains and the parameter scaling the first's output
     chain: tuple[str, ...] = ()
     chain_scale: str | None = None
+    # parameters along a hidden axis that the states carry before the input's axes (UGO: N hidden
+    # neurons per element); the other parameters are one value or one per channel, as for every op
+    hidden: tuple[str, ...] = ()
 
     @property
     def step_name(self) -> str:
@@ -95,6 +98,11 @@ class SpikingOp:
     def state_names(self) -> list[tuple[str, str]]:
         """(input name, output name) of every state in the Step form."""
         return [(s, s + "_next") for s in self.states]
+
+    @property
+    def state_rank_offset(self) -> int:
+        """How many axes a state has beyond the input's (the hidden axis, if any)."""
+        return 1 if self.hidden else 0
 
 
 # ---------------------------------------------------------------- MT neuron (ECMT, Eq. 19-25)
@@ -215,6 +223,46 @@ IF_NEURON = SpikingOp(
 )
 
 
+# ------------------------------- universal group operator (STA, Def. 4), its hidden layer spiking
+
+def _ugo_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """y = sum_j w2_j * IF_j(w1_j x + b1_j) + b2 per element, the N hidden units IF neurons as IFNeuron's
+    step. The hidden axis comes first, [N, *x.shape]: a stateful step then reads each hidden unit's
+    states for a block of elements contiguously. The sum runs over j in order (CumSum's running sum, its
+    last entry), which a kernel can repeat exactly; a MatMul's order is the library's."""
+    ones = b.op("ConstantOfShape", b.op("Shape", b.op("Shape", env["x"])),
+                value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))
+    along_hidden = b.op("Concat", b.const([-1], np.int64), ones, axis=0)  # [N, 1, ..., 1]
+
+    def per_unit(name: str) -> str:
+        return b.op("Reshape", env[name], along_hidden)
+
+    first = b.const([0], np.int64)
+    hidden = b.op("Add", b.op("Mul", b.op("Unsqueeze", env["x"], first), per_unit("w1")), per_unit("b1"))
+    outputs, states = _if_step(b, {**env, "x": hidden, "theta": per_unit("theta")})
+    running = b.op("CumSum", b.op("Mul", outputs["spikes"], per_unit("w2")), b.const(0, np.int64))
+    total = b.op("Gather", running, b.const(-1, np.int64), axis=0)
+    return {"y": b.op("Add", total, env["b2"])}, states
+
+
+UGO = SpikingOp(
+    name="UGO",
+    summary=(
+        "STA's universal group operator with spiking hidden layer: per element, N IF neurons (IFNeuron's "
+        "step, thresholds theta_j) on w1_j x + b1_j; emits sum_j w2_j * spikes_j + b2, in order of j. "
+        "w1, b1, theta, w2 have N values; b2 one or one per channel; the states are [N, *x.shape]."
+    ),
+    inputs=("x",),
+    params=("w1", "b1", "theta", "w2", "b2"),
+    states=("v", "emitted"),
+    outputs=("y",),
+    attributes={"signed": 1, "burst": 2},
+    step=_ugo_step,
+    prologue=_if_prologue,
+    hidden=("w1", "b1", "theta", "w2"),
+)
+
+
 # ---------------------------------- compensation: ECMT's expectation (Eq. 15), SpikeZIP's difference (Eq. 5)
 # Attribute ``average`` picks the time semantics: 1 = mean semantics (ECMT: F sees running means, its
 # outputs are turned into increments t*Y(t) - (t-1)*Y(t-1)); 0 = sum semantics (SpikeZIP-TF: F sees
@@ -277,6 +325,8 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
     is its code times theta_pos) as one op: one pass over the data instead of two or three, the same float
     operations in the same order, so the same bits. runtime/fusion.py puts them in place of the chains in
     a session's copy of a model; saved models keep the separate ops (reports read the tensors between)."""
+    if first.hidden or second.hidden:
+        raise ValueError(f"cannot compose {first.name} and {second.name}: states with a hidden axis")
     shared = (set(first.states) & set(second.states)) | (set(first.params) & set(second.params)) \
         | {a for a in set(first.attributes) & set(second.attributes) if first.attributes[a] != second.attributes[a]}
     if shared:
@@ -311,7 +361,7 @@ _EC_MT = compose(EC_COMPENSATE, MT_NEURON)
 COMPOSITES = (_EC_MT, compose(EC_COMPENSATE, ST_BIF_NEURON), compose(EC_COMPENSATE, IF_NEURON),
               compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"), compose(_EC_MT, EC_ACCUMULATE, scale="theta_pos"))
 
-OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, EC_ACCUMULATE,
+OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, UGO, EC_ACCUMULATE,
                                                        EC_COMPENSATE, *COMPOSITES)}
 
 
@@ -338,7 +388,7 @@ def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
 
 def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     """Scan the step over time. Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
-    per-channel parameters broadcast); states are [M, C]."""
+    per-channel parameters broadcast); states are [M, C], or [N, M, C] for an op with a hidden axis."""
     b = NodeBuilder()
     env = {name: name for name in op.params}
     env.update(op.prologue(b, env))
@@ -348,6 +398,8 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     time_major = b.op("Concat", steps, b.const([-1], np.int64), channels, axis=0)
     sequences = [b.op("Reshape", x, time_major) for x in op.inputs]
     row_shape = b.op("Slice", b.op("Shape", sequences[0]), b.const([1], np.int64), b.const([2**62], np.int64))
+    if op.hidden:
+        row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
     zeros = b.op("ConstantOfShape", row_shape,
                  value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     one = b.const(1.0)
@@ -358,14 +410,15 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     body_env.update({name: f"{name}_in" for name in (*op.states, *op.inputs)})
     body_env["t"] = "t_in"
     outputs, next_states = op.step(body, body_env)
+    state_rank = 2 + op.state_rank_offset
     body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in op.outputs]
     for src, dst in zip([next_states[s] for s in op.states] + [outputs[o] for o in op.outputs], body_outputs):
         body.nodes.append(helper.make_node("Identity", [src], [dst]))
     graph = helper.make_graph(
         body.nodes, f"{op.name}_step",
-        [_value_info(f"{s}_in", 2) for s in op.states] + [_value_info(f"{x}_in", 2) for x in op.inputs]
+        [_value_info(f"{s}_in", state_rank) for s in op.states] + [_value_info(f"{x}_in", 2) for x in op.inputs]
         + [_value_info("t_in", 0)],
-        [_value_info(name, 2) for name in body_outputs],
+        [_value_info(f"{s}_out", state_rank) for s in op.states] + [_value_info(f"{o}_out", 2) for o in op.outputs],
     )
     scanned = b.op("Scan", *([zeros] * len(op.states)), *sequences, times,
                    outputs=len(op.states) + len(op.outputs), body=graph,

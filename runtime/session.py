@@ -74,9 +74,59 @@ def _fused(model: str | os.PathLike | onnx.ModelProto) -> str | os.PathLike | on
     return fusion.fuse(model)
 
 
+class Stepper:
+    """Drives a stateful model one time step per ``step()``, ``feeds`` presented at every step.
+
+    The states stay onnxruntime values between steps, never numpy arrays. With the native kernels they
+    are updated in place: each state tensor is bound as its step op's state input and as its next-state
+    output, which the kernels allow (they read an element's states before writing them); measured on
+    the digits ViT's ECMT model, that takes 11 % off a step against fresh output buffers, the state
+    tensors staying in cache. The ONNX functions may write a next state before the last read of the old
+    one (ECCompensate does), so portable sessions get fresh buffers."""
+
+    def __init__(self, session: InferenceSession, feeds: Mapping[str, np.ndarray]):
+        self.session = session
+        self.binding = session.io_binding()
+        self._feeds = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
+        for name, value in self._feeds.items():
+            self.binding.bind_cpu_input(name, value)
+        self.outputs = session.model_outputs()
+        self.states = {i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros([1] * len(i.shape), np.float32))
+                       for i in session.get_inputs() if i.name.startswith(STATE_PREFIX)}
+        self.t = 0
+
+    def step(self) -> dict[str, np.ndarray]:
+        """Runs step t + 1; returns the model outputs after it."""
+        self.t += 1
+        self._time = np.array(self.t, np.float32)  # bound by address: kept alive until the next step
+        self.binding.bind_cpu_input(TIME_INPUT, self._time)
+        for name in self.outputs:
+            self.binding.bind_output(name, "cpu")
+        # at t = 1 the states are single zeros: their successors need buffers of the full shape
+        in_place = self.session.native and self.t > 1
+        for name, value in self.states.items():
+            self.binding.bind_ortvalue_input(name, value)
+            if in_place:
+                self.binding.bind_ortvalue_output(next_state_name(name), value)
+            else:
+                self.binding.bind_output(next_state_name(name), "cpu")
+        self.session.run_with_iobinding(self.binding)
+        values = self.binding.get_outputs()  # in the order first bound: outputs, then next states
+        self.states = dict(zip(self.states, values[len(self.outputs):]))
+        return {name: value.numpy() for name, value in zip(self.outputs, values)}
+
+    def next_states(self) -> dict[str, np.ndarray]:
+        """The states after the last step, under their ``spikec.next_state.*`` names."""
+        return {next_state_name(name): value.numpy() for name, value in self.states.items()}
+
+
+def next_state_name(state: str) -> str:
+    return NEXT_STATE_PREFIX + state[len(STATE_PREFIX):]
+
+
 def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int,
                  until_quiet: bool = False, keep_states: bool = False) -> dict[str, np.ndarray]:
-    """Drive a stateful model for ``timesteps`` steps, presenting ``feeds`` at every step.
+    """Drive a stateful model for ``timesteps`` steps (a Stepper), presenting ``feeds`` at every step.
 
     Returns, per model output ``y``, ``y`` (after the last step) and ``y.steps`` ([T, B, ...], the output
     after every step): the same layout a time-unrolled model returns. With ``until_quiet`` (sum-semantics
@@ -86,17 +136,11 @@ def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], tim
     too, under their ``spikec.next_state.*`` names."""
     if until_quiet and SPIKES_OUTPUT not in {o.name for o in session.get_outputs()}:
         raise ValueError(f"until_quiet: the model has no '{SPIKES_OUTPUT}' output (only sum-semantics models do)")
-    inputs = {i.name: i for i in session.get_inputs()}
-    states = {name: np.zeros([1] * len(info.shape), np.float32)
-              for name, info in inputs.items() if name.startswith(STATE_PREFIX)}
-    outputs = session.model_outputs()
-    state_outputs = [NEXT_STATE_PREFIX + name[len(STATE_PREFIX):] for name in states]
-    history: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    stepper = Stepper(session, feeds)
+    history: dict[str, list[np.ndarray]] = {name: [] for name in stepper.outputs}
     for t in range(1, timesteps + 1):
-        values = session.run(outputs + state_outputs, {**feeds, TIME_INPUT: np.array(t, np.float32), **states})
-        for name, value in zip(outputs, values):
+        for name, value in stepper.step().items():
             history[name].append(value)
-        states = dict(zip(states, values[len(outputs):]))
         if until_quiet and t > 1 and not history[SPIKES_OUTPUT][-1].any():
             break
     result = {}
@@ -104,7 +148,7 @@ def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], tim
         result[name] = steps[-1]
         result[name + STEPS_SUFFIX] = np.stack(steps)
     if keep_states:
-        result.update((NEXT_STATE_PREFIX + name[len(STATE_PREFIX):], value) for name, value in states.items())
+        result.update(stepper.next_states())
     return result
 
 

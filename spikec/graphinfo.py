@@ -324,7 +324,7 @@ def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
             spikec_ops.append("thresholds folded into weights (PPN)")
         if name in ugo_of:
             u = ugo_of[name]
-            spikec_ops.append(f"UGO({u['operator']}, N={u['hidden']}): IFNeuron x N per element"
+            spikec_ops.append(f"UGO({u['operator']}, N={u['hidden']}): N IF neurons per element, one spikec UGO op"
                               + (", products by TCSA" if u["operator"] == "rsqrt" else ""))
         if name in compensated:
             c = compensated[name]

@@ -9,8 +9,9 @@ import pytest
 
 import spikec
 from examples import fixtures
-from op_models import example_attributes, example_params, one_node_model
-from spikec.runtime import InferenceSession, native, ops, run_stateful, ttfs
+from op_models import example_attributes, example_params, initial_states, one_node_model
+from spikec.runtime import InferenceSession, Stepper, native, ops, run_stateful, ttfs
+from spikec.runtime.session import next_state_name
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="native library not built (run `make native`)")
@@ -34,9 +35,10 @@ def _thetas(rng, per_channel: bool) -> dict[str, np.ndarray]:
             "theta_neg": rng.uniform(0.1, 1.0, shape).astype(np.float32)}
 
 
-def _inputs(rng, params: dict[str, np.ndarray]) -> np.ndarray:
+def _inputs(rng, op: ops.SpikingOp, params: dict[str, np.ndarray]) -> np.ndarray:
     """[T, B, C]: normal values at several scales; membranes on every firing boundary (step 1 sees x as
-    the membrane): MT levels theta*(2^k - 1/2) of both sides, ST-BIF+'s +-theta/2; zeros, -0, inf, NaN."""
+    the membrane): MT levels theta*(2^k - 1/2) of both sides, ST-BIF+'s +-theta/2 (not through a UGO's
+    hidden affine map); zeros, -0, inf, NaN."""
     x = (rng.standard_normal((T, B, C)) * rng.choice([0.1, 1.0, 10.0, 1e3], (T, B, C))).astype(np.float32)
     if "theta_pos" in params:
         pos = np.broadcast_to(params["theta_pos"], (C,))
@@ -44,7 +46,7 @@ def _inputs(rng, params: dict[str, np.ndarray]) -> np.ndarray:
         for k in range(5):
             x[0, k % B] = pos * np.float32(2.0 ** k - 0.5)
             x[1, k % B] = -neg * np.float32(2.0 ** k - 0.5)
-    if "theta" in params:
+    if "theta" in params and "theta" not in op.hidden:
         half = np.broadcast_to(params["theta"], (C,)) * np.float32(0.5)
         x[0, 0], x[0, 1] = half, -half
     x[2, 0, :4] = [0.0, -0.0, np.inf, -np.inf]
@@ -58,7 +60,7 @@ def test_unrolled_matches_function(name, per_channel):
     op = ops.OPS[name]
     rng = np.random.default_rng(3)
     params = example_params(op, rng, C, per_channel)
-    x = _inputs(rng, params).reshape(T * B, C)
+    x = _inputs(rng, op, params).reshape(T * B, C)
     portable, fast = _pair(_model(name, params, timesteps=T, **example_attributes(op)))
     want, = portable.run(None, {op.inputs[0]: x})
     got, = fast.run(None, {op.inputs[0]: x})
@@ -72,9 +74,9 @@ def test_step_matches_function(name, per_channel):
     op = ops.OPS[name]
     rng = np.random.default_rng(4)
     params = example_params(op, rng, C, per_channel)
-    x = _inputs(rng, params)
+    x = _inputs(rng, op, params)
     portable, fast = _pair(_model(op.step_name, params, **example_attributes(op)))
-    states = {s: np.zeros((1, 1), np.float32) for s in op.states}  # t=1: a single zero broadcasts
+    states = initial_states(op)  # t=1: a single zero broadcasts
     for t in range(T):
         feeds = {op.inputs[0]: x[t], "t": np.array(t + 1, np.float32), **states}
         want = portable.run(None, feeds)
@@ -171,6 +173,32 @@ def test_digits_vit_stateful_native_equals_portable(digits_models):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_stepper_updates_states_in_place_with_the_same_bits(digits_models):
+    """Native steps write each state over its input (Stepper): the same bits as steps with fresh buffers
+    and numpy states, and the state tensors keep their addresses from the second step on."""
+    out, feeds = digits_models
+    session = InferenceSession(out / "stateful.onnx")
+    stepper = Stepper(session, feeds)
+    states = {i.name: np.zeros([1] * len(i.shape), np.float32) for i in session.get_inputs()
+              if i.name.startswith("spikec.state.")}
+    addresses = None
+    for t in range(1, 7):
+        got = stepper.step()
+        values = session.run(stepper.outputs + [next_state_name(n) for n in states],
+                             {**feeds, "spikec.t": np.array(t, np.float32), **states})
+        states = dict(zip(states, values[len(stepper.outputs):]))
+        for name, want in zip(stepper.outputs, values):
+            np.testing.assert_array_equal(got[name], want)
+        if t >= 2:
+            now = {name: value.data_ptr() for name, value in stepper.states.items()}
+            assert addresses is None or now == addresses
+            addresses = now
+    assert len(states) > 50
+    final = stepper.next_states()
+    for name, want in states.items():
+        np.testing.assert_array_equal(final[next_state_name(name)], want)
+
+
 def _ttfs_model(op_type: str, scalars: dict[str, float]) -> onnx.ModelProto:
     inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in scalars.items()]
     graph = onnx.helper.make_graph(
@@ -213,3 +241,20 @@ def test_digits_vit_ttfs_native_equals_portable(tmp_path):
     want = InferenceSession(path, native=False).run(["logits"], feeds)[0]
     got = InferenceSession(path).run(["logits"], feeds)[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_a_library_from_other_sources_is_refused(monkeypatch):
+    """build.sh stamps the sources' digest into the library, the same one native.py computes; a library
+    whose sources changed since is refused, so models fall back to their functions."""
+    path = native.library_path()
+    assert native.built_from(path) == native.source_digest() is not None
+    monkeypatch.setattr(native, "source_digest", lambda: "0" * 16)
+    native._loads.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="rebuild it with `make native`"):
+            assert not native.available()
+        assert not InferenceSession(one_node_model("ECAccumulate", {}, C, average=1, timesteps=2)).native
+    finally:
+        monkeypatch.undo()
+        native._loads.cache_clear()
+    assert native.available()

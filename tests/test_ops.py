@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 import pytest
 
-from op_models import example_attributes, example_params, one_node_model
+from op_models import example_attributes, example_params, initial_states, one_node_model
 from spikec.runtime import InferenceSession
 from spikec.runtime import ops
 
@@ -94,7 +94,7 @@ def test_step_form_equals_unrolled(name):
     unrolled = _session(op.name, params, timesteps=T, **attrs)
     want = unrolled.run(None, {data: x.reshape(T * B, C)})[0].reshape(T, B, C)
     step = _session(op.step_name, params, **attrs)
-    states = {s: np.zeros((1, 1), np.float32) for s in op.states}
+    states = initial_states(op)
     for t in range(T):
         values = step.run(None, {data: x[t], "t": np.array(t + 1, np.float32), **states})
         np.testing.assert_array_equal(values[0], want[t])
@@ -241,3 +241,25 @@ def test_if_neuron_matches_the_reference_rules(signed, burst):
     # the rate follows relu of the mean input (clamped at theta per step) up to the residual membrane
     error = np.abs(got.mean(0) - np.clip(x.mean(0), 0, theta))
     assert (error <= 3 * theta / steps).all()
+
+
+def test_ugo_is_if_neurons_on_the_hidden_layer():
+    """UGO = w2 . IF(w1 x + b1) + b2 per element (if_reference on the hidden currents), and with the
+    GELU operator's weights its rate approaches the operator's ReLU network on a constant input."""
+    from spikec import ugo as ugos
+
+    operator = ugos.load("gelu")
+    steps = 64
+    theta = np.maximum(operator.thresholds(), 1e-3).astype(np.float32)
+    params = {"w1": operator.w1.astype(np.float32), "b1": operator.b1.astype(np.float32), "theta": theta,
+              "w2": operator.w2.astype(np.float32), "b2": np.array(operator.b2, np.float32)}
+    x = np.linspace(-2.5, 2.5, B * C, dtype=np.float32).reshape(B, C)
+    session = _session("UGO", params, timesteps=steps, signed=1, burst=2)
+    got = session.run(None, {"x": np.tile(x, (steps, 1))})[0].reshape(steps, B, C)
+    current = x.astype(np.float64)[..., None] * params["w1"] + params["b1"]
+    spikes = if_reference(np.broadcast_to(current, (steps, *current.shape)), theta.astype(np.float64), 1, 2)
+    np.testing.assert_allclose(got, spikes @ params["w2"] + params["b2"], atol=1e-5)
+    # the rate is the ReLU network's output up to each hidden neuron's residual membrane (< theta) / T
+    bound = np.abs(params["w2"]) @ theta / steps
+    error = np.abs(got.mean(0) - operator(x))
+    assert error.max() <= bound and error.max() > bound / 100

@@ -47,8 +47,12 @@ fetch_headers() {
 
 mkdir -p "$build"
 out=$build/libspikec_kernels.so
-# Same float32 arithmetic as the ONNX functions: no fast-math, no FMA contraction.
-"${CXX:-g++}" -std=c++17 -O3 -march=x86-64-v2 -ffp-contract=off -fPIC -shared -fvisibility=hidden \
-  -Wall -Wextra -I"$include" ${SPIKEC_CXXFLAGS:-} "$root"/runtime/kernels/*.cc -o "$out.tmp" -pthread
+# runtime/native.py computes the same digest of the sources (sorted by name) and refuses a stale library
+digest=$(cd "$root/runtime/kernels" && LC_ALL=C ls *.cc *.h | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
+# Same float32 arithmetic as the ONNX functions: no fast-math, no FMA contraction. -fno-trapping-math
+# changes no value (it waives floating-point exception flags, which nothing reads) and lets floorf
+# vectorize (roundps): the IF neuron's loop stayed scalar without it.
+"${CXX:-g++}" -std=c++17 -O3 -march=x86-64-v2 -ffp-contract=off -fno-trapping-math -fPIC -shared -fvisibility=hidden \
+  -Wall -Wextra -DSPIKEC_SOURCE_DIGEST="\"$digest\"" -I"$include" ${SPIKEC_CXXFLAGS:-} "$root"/runtime/kernels/*.cc -o "$out.tmp" -pthread
 mv -f "$out.tmp" "$out"  # atomic: a running process keeps the library it loaded
 echo "spikec native build: $out (onnxruntime API $(sed -n 's/^#define ORT_API_VERSION \([0-9]*\).*/\1/p' "$include/onnxruntime_c_api.h"))"
