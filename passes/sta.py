@@ -117,7 +117,7 @@ def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operato
 
     graph.nodes.append(spikec_node(
         "UGO", prefix, [x, weight("w1", operator.w1), weight("b1", operator.b1), weight("theta", theta),
-                                 weight("w2", operator.w2), weight("b2", operator.b2)],
+                        weight("w2", operator.w2), weight("b2", operator.b2)],
         [out], signed=int(options.signed), burst=int(options.burst)))
     return theta
 
@@ -295,6 +295,15 @@ def calibration_taps(regions: list[Region], options: STAOptions) -> list[str]:
         if options.ugo and options.softmax_ugo else []
     skip = {r.outputs[0].name for r in regions if r.kind == "gelu"} if options.ugo else set()
     return list(dict.fromkeys([*encoder_sites(regions, skip), *ugo_inputs]))
+
+
+def hidden_sizes(regions: list[Region], options: STAOptions) -> dict[str, int]:
+    """Per GELU input, the N hidden neurons its UGO keeps per element (their states dominate a stateful
+    STA model's memory; the rsqrt UGOs' are per LayerNorm row, small)."""
+    if not options.ugo:
+        return {}
+    hidden = ugos.load("gelu", options.gelu_hidden).hidden
+    return {r.inputs[0].name: hidden for r in regions if r.kind == "gelu"}
 
 
 def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], timesteps: int,

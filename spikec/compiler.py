@@ -143,6 +143,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     graph = gs.import_onnx(ann)
     regions = find_regions(graph)
     report: dict = {}
+    hidden: dict[str, int] = {}  # neurons per element where it is not one (STA's UGOs)
     if opts.method == "spikezip":
         if not any(r.kind == "quantizer" for r in regions):
             ann, report["quantization"] = _quantize(ann, graph, regions, feeds, opts)
@@ -158,6 +159,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         sta_options = sta.STAOptions(ugo=opts.ugo, corrected=opts.tcsa, signed=opts.signed, burst=opts.burst,
                                      softmax_ugo=opts.softmax_ugo, gelu_hidden=opts.gelu_hidden)
         sites = sta.calibration_taps(regions, sta_options)
+        hidden = sta.hidden_sizes(regions, sta_options)
         if not sites:
             raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
     else:
@@ -167,7 +169,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     if opts.mode == "unrolled":
         check_time_folding(ann, feeds)
     # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
-    check_budget(estimate_memory(ann, feeds, batch=opts.batch_size, neuron_sites=sites),
+    check_budget(estimate_memory(ann, feeds, batch=opts.batch_size, neuron_sites=sites, hidden=hidden),
                  mode=opts.mode, timesteps=opts.timesteps, budget=parse_budget(opts.memory_budget))
     allow_float = frozenset(opts.allow_float)
     if opts.method == "spikezip":

@@ -20,7 +20,8 @@ The estimate, for a run batch B (the compile option ``batch_size``, or the model
     unrolled = weights + T * (A + 2 S) + body * S
     stateful = weights + A + 2 S + body * S + states      (states: each spikec op's state goes in and
                                                            out; 4 x the neuron sites' sizes, as many EC
-                                                           states counted as neuron states)
+                                                           states counted as neuron states; N x for a
+                                                           UGO's input, N hidden neurons per element)
 
 Conservative on purpose: onnxruntime's planner reuses buffers in place where it can, so a real run
 usually stays below the estimate; its arena can round allocations up, which the margin covers.
@@ -209,9 +210,10 @@ def _step_body_nodes() -> int:
 
 
 def estimate(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, batch: int,
-             neuron_sites: Iterable[str] = ()) -> MemoryEstimate:
+             neuron_sites: Iterable[str] = (), hidden: Mapping[str, int] | None = None) -> MemoryEstimate:
     """Estimate the memory of running the compiled form of the canonicalized ANN `model` on batches of
-    `batch` samples shaped like `feeds` (see the module docstring for the formula)."""
+    `batch` samples shaped like `feeds` (see the module docstring for the formula). ``hidden`` gives the
+    sites whose neurons are N per element (an STA UGO's input: N)."""
     constants = {t.name for t in model.graph.initializer}
     shapes: dict[str, tuple[int, ...]] = {}
     for vi in model.graph.input:
@@ -250,7 +252,7 @@ def estimate(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, batch: 
             if name in live and name not in keep and last_use.get(name, -1) <= index:
                 current -= live.pop(name)
     largest = max((size(n) for n in sizes if n in floats and n not in constants), default=largest_known)
-    states = 4 * sum(size(name) for name in set(neuron_sites))
+    states = 4 * sum(size(name) * (hidden or {}).get(name, 1) for name in set(neuron_sites))
     return MemoryEstimate(batch=run_batch, weights=sum(_initializer_bytes(t) for t in model.graph.initializer),
                           live=peak, largest=largest, body=_step_body_nodes(), states=states)
 

@@ -114,3 +114,22 @@ def test_cli_memory_budget(vit, tmp_path, capfd):
     assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--memory-budget", "64K",
                  "--mode", "stateful", "--quiet"]) == 0
     assert out.exists()
+
+
+def test_sta_ugo_states_count_n_per_element(vit):
+    """An STA UGO keeps N hidden neurons' states per GELU element: the stateful estimate counts them."""
+    import onnx_graphsurgeon as gs
+
+    from spikec.passes import sta
+    from spikec.passes.patterns import find_regions
+
+    model, feeds = vit
+    ann = canonicalize(load_model(model))
+    regions = find_regions(gs.import_onnx(ann))
+    options = sta.STAOptions()
+    sites, hidden = sta.calibration_taps(regions, options), sta.hidden_sizes(regions, options)
+    assert sorted(set(hidden.values())) == [32] and len(hidden) == 4
+    plain = memory.estimate(ann, feeds, batch=64, neuron_sites=sites)
+    counted = memory.estimate(ann, feeds, batch=64, neuron_sites=sites, hidden=hidden)
+    gelu_elements = 64 * 17 * 128  # batch x tokens x MLP width, per GELU
+    assert counted.states - plain.states == 4 * 4 * gelu_elements * (32 - 1) * 4
