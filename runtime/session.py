@@ -87,6 +87,10 @@ class Stepper:
     def __init__(self, session: InferenceSession, feeds: Mapping[str, np.ndarray]):
         self.session = session
         self.binding = session.io_binding()
+        inputs = [i.name for i in session.get_inputs() if i.name != TIME_INPUT and not i.name.startswith(STATE_PREFIX)]
+        unknown = sorted(set(feeds) - set(inputs))
+        if unknown:
+            raise ValueError(f"input {unknown[0]!r}: not an input of the model (its inputs: {', '.join(inputs)})")
         self._feeds = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
         for name, value in self._feeds.items():
             self.binding.bind_cpu_input(name, value)

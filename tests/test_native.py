@@ -194,6 +194,8 @@ def test_stepper_updates_states_in_place_with_the_same_bits(digits_models):
             assert addresses is None or now == addresses
             addresses = now
     assert len(states) > 50
+    with pytest.raises(ValueError, match="input 'extra': not an input of the model"):
+        Stepper(session, {**feeds, "extra": np.zeros(1, np.float32)})
     final = stepper.next_states()
     for name, want in states.items():
         np.testing.assert_array_equal(final[next_state_name(name)], want)
