@@ -8,8 +8,8 @@ state after step t). Everything else is derived from that definition:
 * ``<Op>`` functions (time-unrolled models): a Scan of the same step over the time axis of a
   time-major batch. Unrolled tensors hold all steps folded into the batch axis:
   ``[T*B, ..., C]`` where rows ``t*B .. (t+1)*B-1`` belong to step ``t+1``.
-* native kernels (a later concern) must reproduce these functions; onnxruntime's own
-  function inlining is the portable reference implementation.
+* native kernels (runtime/kernels/) repeat these functions' float32 operations in order, bit for
+  bit; onnxruntime's own function inlining is the portable reference implementation.
 
 States start at zero. A stateful model accepts a scalar zero for every state at t=1: the step
 bodies only combine states with inputs through broadcasting arithmetic.
