@@ -235,13 +235,37 @@ struct State {
 struct Job {
   const float* x;          // [steps, rows]
   float* out;              // [steps, rows]
-  State states[kMaxStates];  // [rows, hidden] each
+  State states[kMaxStates];  // [rows] each, [hidden, rows] for a UGO
   Param params[kMaxParams];
   size_t hidden = 1;       // a UGO's N; its hidden parameters are params[k].data[0..hidden)
   size_t rows, channels, chunk;
   int64_t steps;
   float t0;                // t at the first step
 };
+
+// The n states of a block that start at `offset` of the state tensor, into `dst`: copied from the state
+// input unless dst is that input (run_stateful's in-place steps), or the input's single value (t=1), or
+// zeros (the unrolled form).
+inline void load_states(const State& in, size_t offset, size_t n, float* dst) {
+  if (in.in && in.stride) {
+    if (in.in + offset != dst) std::copy(in.in + offset, in.in + offset + n, dst);
+  } else {
+    std::fill(dst, dst + n, in.in ? in.in[0] : 0.0f);
+  }
+}
+
+// A parameter's values for the elements [begin, begin + n): one value, or cycling through the channels.
+inline void load_param(const Param& p, size_t begin, size_t n, size_t channels, float* dst) {
+  if (!p.stride) {
+    std::fill(dst, dst + n, p.at(0));
+    return;
+  }
+  size_t channel = begin % channels;  // one division per block, not per element
+  for (size_t i = 0; i < n; ++i) {
+    dst[i] = p.data[channel];
+    if (++channel == channels) channel = 0;
+  }
+}
 
 // The loop over elements [lo, hi): blocks of elements advance together through all steps (one step
 // in the Step form), their states and parameters held in local arrays.
@@ -266,26 +290,10 @@ struct ElementwiseLoop {
       const size_t n = std::min(kBlock, hi - begin);
       float* state[S];
       for (int k = 0; k < S; ++k) {
-        const State& in = job.states[k];
-        state[k] = in.out ? in.out + begin : local_state[k];
-        if (in.in && in.stride) {
-          if (in.in + begin != state[k]) std::copy(in.in + begin, in.in + begin + n, state[k]);
-        } else {
-          std::fill(state[k], state[k] + n, in.in ? in.in[0] : 0.0f);
-        }
+        state[k] = job.states[k].out ? job.states[k].out + begin : local_state[k];
+        load_states(job.states[k], begin, n, state[k]);
       }
-      for (int k = 0; k < P; ++k) {
-        const Param& p = job.params[k];
-        if (!p.stride) {
-          std::fill(param[k], param[k] + n, p.at(0));
-          continue;
-        }
-        size_t channel = begin % job.channels;  // one division per block, not per element
-        for (size_t i = 0; i < n; ++i) {
-          param[k][i] = p.data[channel];
-          if (++channel == job.channels) channel = 0;
-        }
-      }
+      for (int k = 0; k < P; ++k) load_param(job.params[k], begin, n, job.channels, param[k]);
       for (int64_t s = 0; s < job.steps; ++s) {
         const float t = job.t0 + static_cast<float>(s);
         const float* x = job.x + static_cast<size_t>(s) * job.rows + begin;
@@ -306,9 +314,10 @@ struct ElementwiseLoop {
   }
 };
 
-// A UGO: blocks of elements, their states held as [N][block], so that the loops over the block run hidden
-// unit by hidden unit and vectorize across elements; each element still sums its terms in order of j.
-// The state tensors are hidden-major ([N][rows]): a block of a unit's states is one contiguous run.
+// A UGO: blocks of elements, run hidden unit by hidden unit so that the loops vectorize across elements;
+// each element still sums its terms in order of j. The state tensors are hidden-major ([N][rows]): a
+// block of a unit's states is one contiguous run, updated right in the next-state tensor as
+// ElementwiseLoop does (the unrolled form keeps them in a local [N][block]).
 struct UGOLoop {
   template <bool kFirst>
   static inline __attribute__((always_inline)) void hidden_unit(
@@ -325,10 +334,10 @@ struct UGOLoop {
   }
 
   static inline __attribute__((always_inline)) void run(const UGO& op, const Job& job, size_t lo, size_t hi) {
-    constexpr size_t kBlock = 256;  // 2 x N x 256 floats of state: 64 KB at N = 32, in L2
+    constexpr size_t kBlock = 256;  // 2 x N x 256 floats of local state: 64 KB at N = 32, in L2
     const size_t hidden = job.hidden;
     std::vector<float> buffer((2 * hidden + 2) * kBlock);
-    float* state[2] = {buffer.data(), buffer.data() + hidden * kBlock};
+    float* local_state[2] = {buffer.data(), buffer.data() + hidden * kBlock};
     float* sum = buffer.data() + 2 * hidden * kBlock;
     float* bias = sum + kBlock;
     const float *w1 = job.params[0].data, *b1 = job.params[1].data, *theta = job.params[2].data,
@@ -336,36 +345,27 @@ struct UGOLoop {
     const IFNeuron neuron = op.neuron;
     for (size_t begin = lo; begin < hi; begin += kBlock) {
       const size_t n = std::min(kBlock, hi - begin);
+      float* state[2];
+      size_t stride[2];  // from one hidden unit's states to the next's
       for (int k = 0; k < 2; ++k) {
         const State& in = job.states[k];
-        if (in.in && in.stride) {
-          for (size_t j = 0; j < hidden; ++j)
-            std::copy(in.in + j * job.rows + begin, in.in + j * job.rows + begin + n, state[k] + j * kBlock);
-        } else {
-          std::fill(state[k], state[k] + hidden * kBlock, in.in ? in.in[0] : 0.0f);
-        }
+        state[k] = in.out ? in.out + begin : local_state[k];
+        stride[k] = in.out ? job.rows : kBlock;
+        for (size_t j = 0; j < hidden; ++j) load_states(in, j * job.rows + begin, n, state[k] + j * stride[k]);
       }
-      const Param& b2 = job.params[4];
-      for (size_t e = 0, channel = begin % job.channels; e < n; ++e) {
-        bias[e] = b2.at(channel);
-        if (++channel == job.channels) channel = 0;
-      }
+      load_param(job.params[4], begin, n, job.channels, bias);
       for (int64_t s = 0; s < job.steps; ++s) {
         const float t = job.t0 + static_cast<float>(s);
         const float* x = job.x + static_cast<size_t>(s) * job.rows + begin;
         for (size_t j = 0; j < hidden; ++j) {
-          float* v = state[0] + j * kBlock;
-          float* emitted = state[1] + j * kBlock;
+          float* v = state[0] + j * stride[0];
+          float* emitted = state[1] + j * stride[1];
           if (j == 0) hidden_unit<true>(neuron, x, w1[j], b1[j], theta[j], w2[j], v, emitted, sum, n, t);
           else hidden_unit<false>(neuron, x, w1[j], b1[j], theta[j], w2[j], v, emitted, sum, n, t);
         }
         float* out = job.out + static_cast<size_t>(s) * job.rows + begin;
         for (size_t e = 0; e < n; ++e) out[e] = sum[e] + bias[e];
       }
-      for (int k = 0; k < 2; ++k)
-        if (job.states[k].out)
-          for (size_t j = 0; j < hidden; ++j)
-            std::copy(state[k] + j * kBlock, state[k] + j * kBlock + n, job.states[k].out + j * job.rows + begin);
     }
   }
 };
