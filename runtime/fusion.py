@@ -27,8 +27,7 @@ def _split(node: onnx.NodeProto, op: ops.SpikingOp) -> tuple[list[str], list[str
 def _spikec_op(node: onnx.NodeProto) -> ops.SpikingOp | None:
     if node.domain != ops.DOMAIN:
         return None
-    base = node.op_type[:-len("Step")] if node.op_type.endswith("Step") else node.op_type
-    return ops.OPS.get(base)
+    return ops.OPS.get(ops.base_name(node.op_type))
 
 
 def fuse(model: onnx.ModelProto) -> onnx.ModelProto:

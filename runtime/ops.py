@@ -450,6 +450,11 @@ def functions_for(op_types: set[str], opset: int) -> list[onnx.FunctionProto]:
     return result
 
 
+def base_name(op_type: str) -> str:
+    """The op behind a spikec op type: ``<Op>Step`` is the Step form of ``<Op>``."""
+    return op_type[: -len("Step")] if op_type.endswith("Step") else op_type
+
+
 def op_for(op_type: str) -> SpikingOp:
     """The spec behind a spikec op type, unrolled or step form."""
-    return OPS[op_type[: -len("Step")] if op_type.endswith("Step") else op_type]
+    return OPS[base_name(op_type)]

@@ -21,6 +21,7 @@ from spikec.errors import SpikecError
 from spikec.passes.canonicalize import infer_shapes
 from spikec.passes.timing import NEURON_OPS, varying_tensors
 from spikec.runtime.layout import STATE_PREFIX
+from spikec.runtime.ops import base_name
 
 PRODUCT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -47,7 +48,7 @@ def base_op(node) -> str:
     """spikec ops of stateful models are the `<Op>Step` form of the same op."""
     op = node.op if isinstance(node, gs.Node) else node.op_type
     domain = node.domain if isinstance(node, (gs.Node, onnx.NodeProto)) else ""
-    return op[:-4] if domain == SPIKEC_DOMAIN and op.endswith("Step") else op
+    return base_name(op) if domain == SPIKEC_DOMAIN else op
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:
