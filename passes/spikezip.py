@@ -7,7 +7,8 @@
   outputs are sums over steps (passes/timing.py).
 * Activation x activation MatMuls use SESA (Eq. 4):
   O_t = S_A(t) B_t + A_t S_B(t) - A_t B_t, with S the running sums (spike tracers), so the outputs
-  sum to S_A S_B.
+  sum to S_A S_B. Computed as S_A(t) S_B(t) - S_A(t-1) S_B(t-1), the same in exact arithmetic with one
+  product per step instead of three.
 * Softmax, LayerNorm, GELU and every other op that is not affine: Spike-Softmax/LayerNorm of Eq. 5,
   O_t = F(S_X(t)) - F(S_X(t-1)).
 * Parallel parameter normalization as in ECMT: spike codes +-1 reach weights pre-scaled by theta.
@@ -24,7 +25,8 @@ import onnx_graphsurgeon as gs
 from spikec.errors import SpikecError
 from spikec.passes.ecmt import fold_thresholds_into_weights
 from spikec.passes.patterns import Region
-from spikec.passes.timing import SUM, accumulate, attach_neuron, convert_time, fresh_like, replace_uses
+from spikec.passes.timing import (SUM, accumulate, attach_neuron, convert_time, fresh_like, replace_uses,
+                                  spikec_node)
 
 
 def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
@@ -46,19 +48,16 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
 
 
 def sesa(graph: gs.Graph, node: gs.Node, name: str) -> dict:
-    """Spike-equivalent self-attention product (Eq. 4) in place of MatMul(A, B)."""
+    """Spike-equivalent self-attention product (Eq. 4) in place of MatMul(A, B), telescoped:
+    S_A(t) B_t + A_t S_B(t) - A_t B_t = S_A(t) S_B(t) - S_A(t-1) S_B(t-1), so one product of the running
+    sums per step and an ECCompensate (sum semantics) stand for the paper's three products."""
     a, b = node.inputs
     out = node.outputs[0]
     total_a, total_b = accumulate(graph, a, name, SUM), accumulate(graph, b, name, SUM)
-    terms = [fresh_like(out, suffix) for suffix in (".sesa_sa_b", ".sesa_a_sb", ".sesa_a_b", ".sesa_sum")]
-    node.outputs.clear()
-    graph.nodes += [
-        gs.Node("MatMul", f"{name}/SESA_SA_B", inputs=[total_a, b], outputs=[terms[0]]),
-        gs.Node("MatMul", f"{name}/SESA_A_SB", inputs=[a, total_b], outputs=[terms[1]]),
-        gs.Node("MatMul", f"{name}/SESA_A_B", inputs=[a, b], outputs=[terms[2]]),
-        gs.Node("Add", f"{name}/SESA_Add", inputs=terms[:2], outputs=[terms[3]]),
-        gs.Node("Sub", f"{name}/SESA_Sub", inputs=[terms[3], terms[2]], outputs=[out]),
-    ]
+    product = fresh_like(out, ".sesa_product")
+    node.inputs[0], node.inputs[1] = total_a, total_b
+    node.outputs[0] = product
+    graph.nodes.append(spikec_node("ECCompensate", f"{name}/SESA", [product], [out], average=0))
     return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": "SESA"}
 
 

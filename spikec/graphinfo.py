@@ -331,7 +331,7 @@ def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
             c = compensated[name]
             accumulated = "running sums" if report.get("semantics") == "sum" else "means"
             if c.get("rewrite") == "SESA":
-                spikec_ops.append(f"SESA: S_A B + A S_B - A B, ECAccumulate x2 ({accumulated})")
+                spikec_ops.append(f"SESA: S_A S_B, ECAccumulate x2 ({accumulated}) -> MatMul -> ECCompensate")
             else:
                 spikec_ops.append(f"ECAccumulate x{len(c['inputs'])} -> {'/'.join(ops)} in float on {accumulated} "
                                   f"-> ECCompensate x{len(c['outputs'])}")
