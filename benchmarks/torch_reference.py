@@ -88,7 +88,8 @@ def _stbif_step(x, v, tracer, theta, s_min, s_max, t):
     membrane = v + x
     half = theta * 0.5
     spike = ((membrane >= half) & (tracer < s_max)).float() - ((membrane < -half) & (tracer > s_min)).float()
-    return spike, membrane - spike * theta, tracer + spike
+    count = spike.abs().reshape(spike.shape[0], -1).sum(1)  # spikes per row of the leading axis
+    return spike, membrane - spike * theta, tracer + spike, count
 
 
 def _if_step(x, v, emitted, theta, t, signed, burst):

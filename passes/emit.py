@@ -74,8 +74,10 @@ def _batch_size(graph: gs.Graph) -> gs.Variable:
 
 
 def _add_spike_counts(graph: gs.Graph, leading: list, name: str) -> None:
-    """Output ``name``: spikes fired per row of ``leading`` + [B] (a shape prefix of constants and tensors)."""
-    neurons = [n for n in graph.nodes if n.domain == "spikec" and n.op in NEURON_OPS]
+    """Output ``name``: spikes fired per row of ``leading`` + [B] (a shape prefix of constants and tensors),
+    from each neuron's count output (its spikes per row of their leading axis: per sample and step, or
+    per head of one; fused into the neuron's pass by the native kernels)."""
+    neurons = [n for n in graph.nodes if n.domain == "spikec" and spec.base_name(n.op) in NEURON_OPS]
     if not neurons:
         return
     target = gs.Variable(f"{name}.shape", dtype=np.int64)
@@ -83,11 +85,13 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str) -> None:
                                inputs=[*leading, _const(f"{name}.rest", [-1])], outputs=[target]))
     counts = []
     for neuron in neurons:
+        if not spec.op_for(neuron.op).spike_count:
+            raise ValueError(f"spikec node {neuron.name}: {neuron.op} has no spike count output")
         spikes = neuron.outputs[0]
-        magnitude, rows, count = (gs.Variable(f"{spikes.name}.{s}", dtype=np.float32) for s in ("abs", "rows", "count"))
+        per_row, rows, count = (gs.Variable(f"{spikes.name}.{s}", dtype=np.float32) for s in ("count", "rows", "total"))
+        neuron.outputs.append(per_row)
         graph.nodes += [
-            gs.Node("Abs", f"count/{neuron.name}/abs", inputs=[spikes], outputs=[magnitude]),
-            gs.Node("Reshape", f"count/{neuron.name}/rows", inputs=[magnitude, target], outputs=[rows]),
+            gs.Node("Reshape", f"count/{neuron.name}/rows", inputs=[per_row, target], outputs=[rows]),
             gs.Node("ReduceSum", f"count/{neuron.name}/sum", attrs={"keepdims": 0},
                     inputs=[rows, _const(f"{name}.axis", [len(leading)])], outputs=[count]),
         ]
@@ -206,7 +210,6 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN) -> gs.Graph:
     _add_rate_readouts(graph, semantics)
     time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
     if semantics == SUM:
-        _add_spike_counts(graph, [_batch_size(graph)], SPIKES_OUTPUT)
         is_first = gs.Variable("spikec.first_step", dtype=bool, shape=[])
         graph.nodes.append(gs.Node("Equal", "time/first_step", inputs=[time, _const("spikec.t1", 1.0, np.float32)],
                                    outputs=[is_first]))
@@ -226,6 +229,8 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN) -> gs.Graph:
         node.outputs += next_states
         state_inputs += states
         state_outputs += next_states
+    if semantics == SUM:  # the count output comes after the next states
+        _add_spike_counts(graph, [_batch_size(graph)], SPIKES_OUTPUT)
     graph.inputs = list(graph.inputs) + [time] + state_inputs
     graph.outputs = list(graph.outputs) + state_outputs
     graph.toposort()

@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper
 
 DOMAIN = "spikec"
+COUNT_OUTPUT = "count"
 DOMAIN_VERSION = 1
 # Function bodies use only ops whose signatures are stable since opset 13, and declare the opset of
 # the model they are attached to (onnxruntime requires them to agree).
@@ -90,6 +91,10 @@ class SpikingOp:
     # parameters along a hidden axis that the states carry before the input's axes (UGO: N hidden
     # neurons per element); the other parameters are one value or one per channel, as for every op
     hidden: tuple[str, ...] = ()
+    # an optional last output COUNT_OUTPUT (a node that does not want it names it ""): per row of the leading axis, the sum of |output 0| (the number
+    # of spikes, for codes of +-1), so that spike counts per sample cost no pass of their own over the
+    # spikes in a kernel; integers, exact in any order of summation
+    spike_count: bool = False
 
     @property
     def step_name(self) -> str:
@@ -183,6 +188,7 @@ ST_BIF_NEURON = SpikingOp(
     outputs=("spikes",),
     attributes={},
     step=_stbif_step,
+    spike_count=True,
 )
 
 
@@ -350,7 +356,7 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
         summary=f"{first.name} then {second.name}" + (f" on its output times {scale}" if scale else "") + ", in one pass.",
         inputs=first.inputs, params=first.params + second.params, states=first.states + second.states,
         outputs=second.outputs, attributes={**first.attributes, **second.attributes}, step=step, prologue=prologue,
-        chain=(first.name, second.name), chain_scale=scale)
+        chain=(first.name, second.name), chain_scale=scale, spike_count=second.spike_count)
 
 
 # The chains spiking graphs are made of: a compensated function's increments feeding a neuron (every
@@ -371,17 +377,31 @@ def _value_info(name: str, rank: int | None = None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if rank is None else [None] * rank)
 
 
+def _count_per_row(b: NodeBuilder, spikes: str) -> str:
+    """COUNT_OUTPUT: |spikes| summed over every axis but the first."""
+    rows = b.op("Concat", b.op("Slice", b.op("Shape", spikes), b.const([0], np.int64), b.const([1], np.int64)),
+                b.const([-1], np.int64), axis=0)
+    return b.op("ReduceSum", b.op("Reshape", b.op("Abs", spikes), rows), b.const([1], np.int64), keepdims=0)
+
+
+def result_names(op: SpikingOp, step: bool) -> list[str]:
+    """The outputs of either form, in order: the op's outputs, the next states (Step form), the count."""
+    states = [out for _, out in op.state_names()] if step else []
+    return [*op.outputs, *states, *([COUNT_OUTPUT] if op.spike_count else [])]
+
+
 def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     b = NodeBuilder()
     env = {name: name for name in (*op.inputs, *op.states, *op.params, "t")}
     env.update(op.prologue(b, env))
     outputs, next_states = op.step(b, env)
-    result_names = [*op.outputs, *(out for _, out in op.state_names())]
     produced = [outputs[o] for o in op.outputs] + [next_states[s] for s in op.states]
-    for src, dst in zip(produced, result_names):
+    if op.spike_count:
+        produced.append(_count_per_row(b, outputs[op.outputs[0]]))
+    for src, dst in zip(produced, result_names(op, step=True)):
         b.nodes.append(helper.make_node("Identity", [src], [dst]))
     return helper.make_function(
-        DOMAIN, op.step_name, [*op.inputs, *op.states, *op.params, "t"], result_names, b.nodes,
+        DOMAIN, op.step_name, [*op.inputs, *op.states, *op.params, "t"], result_names(op, step=True), b.nodes,
         [helper.make_opsetid("", opset)], attributes=list(op.attributes),
     )
 
@@ -427,8 +447,10 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     original_shape = b.op("Shape", op.inputs[0])
     for name, seq in zip(op.outputs, scanned[len(op.states):]):
         b.nodes.append(helper.make_node("Reshape", [seq, original_shape], [name]))
+    if op.spike_count:
+        b.nodes.append(helper.make_node("Identity", [_count_per_row(b, op.outputs[0])], [COUNT_OUTPUT]))
     return helper.make_function(
-        DOMAIN, op.name, [*op.inputs, *op.params], list(op.outputs), b.nodes,
+        DOMAIN, op.name, [*op.inputs, *op.params], result_names(op, step=False), b.nodes,
         [helper.make_opsetid("", opset)], attributes=[*op.attributes, "timesteps"],
     )
 

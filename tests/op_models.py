@@ -13,13 +13,13 @@ def one_node_model(op_type: str, params: dict[str, np.ndarray], channels: int, *
     step = op_type.endswith("Step")
     states = list(op.states) if step else []
     inputs = [*op.inputs, *states, *params, *(["t"] if step else [])]
-    outputs = [*op.outputs, *(out for _, out in op.state_names())] if step else list(op.outputs)
+    outputs = ops.result_names(op, step)
     node = helper.make_node(op_type, inputs, outputs, domain=ops.DOMAIN, **attrs)
     graph_inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, channels]) for n in op.inputs]
     state_shape = [None] * (2 + op.state_rank_offset)
     graph_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, state_shape) for n in states]
     graph_inputs += [helper.make_tensor_value_info("t", TensorProto.FLOAT, [])] if step else []
-    output_shapes = [[None, channels]] * len(op.outputs) + [state_shape] * (len(outputs) - len(op.outputs))
+    output_shapes = [[None, channels]] * len(op.outputs) + [state_shape] * len(states) + [[None]] * op.spike_count
     graph = helper.make_graph([node], "g", graph_inputs,
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape)
                                for o, shape in zip(outputs, output_shapes)],

@@ -62,10 +62,12 @@ def test_unrolled_matches_function(name, per_channel):
     params = example_params(op, rng, C, per_channel)
     x = _inputs(rng, op, params).reshape(T * B, C)
     portable, fast = _pair(_model(name, params, timesteps=T, **example_attributes(op)))
-    want, = portable.run(None, {op.inputs[0]: x})
-    got, = fast.run(None, {op.inputs[0]: x})
+    want = portable.run(None, {op.inputs[0]: x})
+    got = fast.run(None, {op.inputs[0]: x})
+    assert len(got) == len(want) == 1 + op.spike_count
     # same float32 operations in the same order: equal, not merely close (NaN where the functions give NaN)
-    np.testing.assert_array_equal(got, want)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -81,6 +83,7 @@ def test_step_matches_function(name, per_channel):
         feeds = {op.inputs[0]: x[t], "t": np.array(t + 1, np.float32), **states}
         want = portable.run(None, feeds)
         got = fast.run(None, feeds)
+        assert len(got) == len(want) == 1 + len(op.states) + op.spike_count
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
         states = dict(zip(op.states, want[1:]))

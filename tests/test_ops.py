@@ -263,3 +263,30 @@ def test_ugo_is_if_neurons_on_the_hidden_layer():
     bound = np.abs(params["w2"]) @ theta / steps
     error = np.abs(got.mean(0) - operator(x))
     assert error.max() <= bound and error.max() > bound / 100
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["portable", "native"])
+@pytest.mark.parametrize("name", [n for n, op in ops.OPS.items() if op.spike_count])
+def test_spike_count_sums_spikes_per_leading_row(name, native):
+    """The optional count output is |spikes| summed per row of the leading axis, in both forms; a node
+    that does not ask for it gets the same spikes."""
+    op = ops.OPS[name]
+    rng = np.random.default_rng(7)
+    params = example_params(op, rng, C, per_channel=True)
+    attrs = example_attributes(op)
+    x = (rng.standard_normal((T, B, C)) * 3).astype(np.float32)
+    unrolled = one_node_model(op.name, params, C, timesteps=T, **attrs)
+    spikes, count = InferenceSession(unrolled, native=native).run(None, {op.inputs[0]: x.reshape(T * B, C)})
+    assert count.shape == (T * B,) and np.abs(spikes).sum() > T * B  # enough spikes to count
+    np.testing.assert_array_equal(count, np.abs(spikes).sum(axis=1))
+    unrolled.graph.node[0].output[-1] = ""  # not wanted (an ONNX function's node keeps all its outputs)
+    unrolled.graph.output.pop()
+    np.testing.assert_array_equal(InferenceSession(unrolled, native=native).run(None, {op.inputs[0]: x.reshape(T * B, C)})[0],
+                                  spikes)
+    step = InferenceSession(one_node_model(op.step_name, params, C, **attrs), native=native)
+    states = initial_states(op)
+    for t in range(T):
+        values = step.run(None, {op.inputs[0]: x[t], "t": np.array(t + 1, np.float32), **states})
+        np.testing.assert_array_equal(values[0], spikes[t * B:(t + 1) * B])
+        np.testing.assert_array_equal(values[-1], count[t * B:(t + 1) * B])
+        states = dict(zip(op.states, values[1:]))

@@ -52,7 +52,7 @@ digest=$(cd "$root/runtime/kernels" && LC_ALL=C ls *.cc *.h | LC_ALL=C sort | xa
 # Same float32 arithmetic as the ONNX functions: no fast-math, no FMA contraction. -fno-trapping-math
 # changes no value (it waives floating-point exception flags, which nothing reads) and lets floorf
 # vectorize (roundps): the IF neuron's loop stayed scalar without it.
-"${CXX:-g++}" -std=c++17 -O3 -march=x86-64-v2 -ffp-contract=off -fno-trapping-math -fPIC -shared -fvisibility=hidden \
+"${CXX:-g++}" -std=c++20 -O3 -march=x86-64-v2 -ffp-contract=off -fno-trapping-math -fPIC -shared -fvisibility=hidden \
   -Wall -Wextra -DSPIKEC_SOURCE_DIGEST="\"$digest\"" -I"$include" ${SPIKEC_CXXFLAGS:-} "$root"/runtime/kernels/*.cc -o "$out.tmp" -pthread
 mv -f "$out.tmp" "$out"  # atomic: a running process keeps the library it loaded
 echo "spikec native build: $out (onnxruntime API $(sed -n 's/^#define ORT_API_VERSION \([0-9]*\).*/\1/p' "$include/onnxruntime_c_api.h"))"

@@ -17,6 +17,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -122,6 +123,7 @@ struct STBIFNeuron {
   static constexpr const char* kName = "STBIFNeuron";
   static constexpr int kParams = 3;  // theta, s_min, s_max
   static constexpr int kStates = 2;  // v, tracer
+  static constexpr bool kSpikeCount = true;  // runtime/ops.py spike_count
   explicit STBIFNeuron(const OrtKernelInfo*) {}
   float step(float x, float* state, const float* p, float /*t*/) const {
     const float membrane = state[0] + x;
@@ -163,12 +165,19 @@ struct IFNeuron {
   }
 };
 
+// Whether an op has runtime/ops.py's optional count output (|output| summed per row of the leading axis).
+template <class Op, class = void>
+struct SpikeCount { static constexpr bool value = false; };
+template <class Op>
+struct SpikeCount<Op, std::void_t<decltype(Op::kSpikeCount)>> { static constexpr bool value = Op::kSpikeCount; };
+
 // A chain of two ops as one (runtime/ops.py compose): B reads A's output, times A's parameter kScale
-// when kScale >= 0. States and parameters are A's then B's.
+// when kScale >= 0. States and parameters are A's then B's; the output, and so the count, is B's.
 template <class A, class B, int kScale>
 struct Composed {
   static constexpr int kParams = A::kParams + B::kParams;
   static constexpr int kStates = A::kStates + B::kStates;
+  static constexpr bool kSpikeCount = SpikeCount<B>::value;
   A a;
   B b;
   explicit Composed(const OrtKernelInfo* info) : a(info), b(info) {}
@@ -241,7 +250,30 @@ struct Job {
   size_t rows, channels, chunk;
   int64_t steps;
   float t0;                // t at the first step
+  float* count = nullptr;  // the count output, [leading rows] zeroed, or nullptr: not asked for
+  size_t row_size = 1;     // elements per row of the leading axis
 };
+
+// Adds |out| of the block [begin, begin + n) of step s to the counts of the leading rows it covers. The
+// sums are integers (spike codes of +-1) far below 2^24: exact in any order, so chunks running on
+// other threads may add to the same row in any order and still give the portable function's bits.
+inline void add_counts(const Job& job, int64_t s, size_t begin, const float* out, size_t n) {
+  const size_t first = static_cast<size_t>(s) * job.rows + begin;  // the block's first element overall
+  size_t row = first / job.row_size;
+  for (size_t i = 0; i < n; ++row) {
+    const size_t end = std::min(n, (row + 1) * job.row_size - first);
+    // Eight running sums, one per vector lane (a single sum's dependency chain would cost more than the
+    // neuron's step); reassociation changes nothing for integers.
+    constexpr size_t kLanes = 8;
+    float lanes[kLanes] = {};
+    for (; i + kLanes <= end; i += kLanes)
+      for (size_t k = 0; k < kLanes; ++k) lanes[k] += std::fabs(out[i + k]);
+    float sum = 0.0f;
+    for (; i < end; ++i) sum += std::fabs(out[i]);
+    for (size_t k = 0; k < kLanes; ++k) sum += lanes[k];
+    std::atomic_ref<float>(job.count[row]).fetch_add(sum, std::memory_order_relaxed);
+  }
+}
 
 // The n states of a block that start at `offset` of the state tensor, into `dst`: copied from the state
 // input unless dst is that input (run_stateful's in-place steps), or the input's single value (t=1), or
@@ -309,6 +341,7 @@ struct ElementwiseLoop {
           out[i] = local.step(x[i], st, pr, t);
           for (int k = 0; k < S; ++k) state[k][i] = st[k];
         }
+        if (SpikeCount<Op>::value && job.count) add_counts(job, s, begin, out, n);
       }
     }
   }
@@ -498,6 +531,17 @@ struct Kernel {
       } else {
         job.t0 = 1.0f;
       }
+      constexpr size_t kCountOutput = kStep ? 1 + Op::kStates : 1;
+      if (SpikeCount<Op>::value && ctx.GetOutputCount() > kCountOutput) {
+        if (shape.empty()) throw Ort::Exception(std::string(Op::kName) + ": counting needs a leading axis", ORT_INVALID_ARGUMENT);
+        const int64_t leading = shape[0];
+        auto count = ctx.GetOutput(kCountOutput, {leading});
+        if (static_cast<OrtValue*>(count) != nullptr) {  // a node may name the output "": not wanted
+          job.count = count.template GetTensorMutableData<float>();
+          std::fill(job.count, job.count + leading, 0.0f);
+          job.row_size = leading > 0 ? total / static_cast<size_t>(leading) : 1;
+        }
+      }
       if (total > 0) run(ctx, op, job);
       return nullptr;
     } catch (const Ort::Exception& e) {
@@ -524,8 +568,12 @@ struct CustomOp : Ort::CustomOpBase<CustomOp<Op, kStep>, Kernel<Op, kStep>, true
   const char* GetName() const { return name.c_str(); }
   size_t GetInputTypeCount() const { return kInputs; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  size_t GetOutputTypeCount() const { return kStep ? 1 + Op::kStates : 1; }
+  static constexpr size_t kOutputs = (kStep ? 1 + Op::kStates : 1) + SpikeCount<Op>::value;
+  size_t GetOutputTypeCount() const { return kOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return SpikeCount<Op>::value && index + 1 == kOutputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
 };
 
 struct Library {
