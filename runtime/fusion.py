@@ -1,7 +1,8 @@
 """Chains of spikec ops fused into one op each, in a session's copy of a model.
 
-A compensated function's increments feed a neuron (ECCompensate -> neuron), and an ECMT neuron's spike
-value is accumulated for the compensated product it feeds (MTNeuron -> Mul(theta_pos) -> ECAccumulate).
+A compensated function's increments feed a neuron (ECCompensate -> neuron), and a neuron's spike value
+is accumulated for the compensated function or product it feeds (MTNeuron -> Mul(theta_pos) ->
+ECAccumulate, STBIFNeuron -> Mul(theta) -> ECAccumulate; a neuron's spike count comes out of the fused op).
 Each pair streams its whole [T*B, ...] tensor out and back in; runtime/ops.py ``compose`` defines the
 pair as one op with the same float operations in the same order (the same bits), which the native
 kernels implement in one pass. Saved models keep the separate ops: reports and graph views read the
@@ -22,6 +23,13 @@ def _split(node: onnx.NodeProto, op: ops.SpikingOp) -> tuple[list[str], list[str
         return data, [], rest, []
     states, rest = rest[:len(op.states)], rest[len(op.states):]
     return data, states, rest[:len(op.params)], rest[len(op.params):]
+
+
+def _split_outputs(node: onnx.NodeProto, op: ops.SpikingOp) -> tuple[list[str], list[str], list[str]]:
+    """(outputs, next states, count if the node has it) of a spikec node in either form."""
+    outputs = list(node.output)
+    known = len(op.outputs) + (len(op.states) if node.op_type.endswith("Step") else 0)
+    return outputs[:len(op.outputs)], outputs[len(op.outputs):known], outputs[known:]
 
 
 def _spikec_op(node: onnx.NodeProto) -> ops.SpikingOp | None:
@@ -69,6 +77,9 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
                 continue
             data1, states1, params1, time1 = _split(first, op1)
             data2, states2, params2, _ = _split(second, op2)
+            (_, next1, count1), (outputs2, next2, count2) = _split_outputs(first, op1), _split_outputs(second, op2)
+            # a function's node names all its outputs: "" for a count no one asked for
+            count = (count1 or count2 or [""]) if composite.spike_count else []
             if scale is not None and list(scale.input[1:]) != [params1[op1.params.index(composite.chain_scale)]]:
                 continue
             attributes = {a.name: a for a in first.attribute}
@@ -78,7 +89,7 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
             step = first.op_type.endswith("Step")
             fused = onnx.helper.make_node(
                 composite.step_name if step else composite.name, [*data1, *states1, *states2, *params1, *params2, *time1],
-                [second.output[0], *first.output[1:], *second.output[1:]], name=second.name, domain=ops.DOMAIN)
+                [*outputs2, *next1, *next2, *count], name=second.name, domain=ops.DOMAIN)
             fused.attribute.extend(attributes.values())
             replaced[id(first)] = fused
             removed.add(id(second))

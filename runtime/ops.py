@@ -91,9 +91,10 @@ class SpikingOp:
     # parameters along a hidden axis that the states carry before the input's axes (UGO: N hidden
     # neurons per element); the other parameters are one value or one per channel, as for every op
     hidden: tuple[str, ...] = ()
-    # an optional last output COUNT_OUTPUT (a node that does not want it names it ""): per row of the leading axis, the sum of |output 0| (the number
-    # of spikes, for codes of +-1), so that spike counts per sample cost no pass of their own over the
-    # spikes in a kernel; integers, exact in any order of summation
+    # an optional last output COUNT_OUTPUT (a node that does not want it names it ""): the spikes fired
+    # per row of the leading axis, so that counting them per sample costs no pass of its own over the
+    # spikes in a kernel. The step returns each element's spikes under COUNT_OUTPUT in its outputs;
+    # integers, so their sums are exact in any order.
     spike_count: bool = False
 
     @property
@@ -171,7 +172,7 @@ def _stbif_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], di
     up = b.op("And", b.op("GreaterOrEqual", membrane, half), b.op("Less", env["tracer"], env["s_max"]))
     down = b.op("And", b.op("Less", membrane, b.op("Neg", half)), b.op("Greater", env["tracer"], env["s_min"]))
     spike = b.op("Sub", b.op("Cast", up, to=TensorProto.FLOAT), b.op("Cast", down, to=TensorProto.FLOAT))
-    return ({"spikes": spike},
+    return ({"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)},
             {"v": b.op("Sub", membrane, b.op("Mul", spike, env["theta"])), "tracer": b.op("Add", env["tracer"], spike)})
 
 
@@ -335,6 +336,8 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
         raise ValueError(f"cannot compose {first.name} and {second.name}: states with a hidden axis")
     shared = (set(first.states) & set(second.states)) | (set(first.params) & set(second.params)) \
         | {a for a in set(first.attributes) & set(second.attributes) if first.attributes[a] != second.attributes[a]}
+    if first.spike_count and second.spike_count:
+        shared.add(COUNT_OUTPUT)
     if shared:
         raise ValueError(f"cannot compose {first.name} and {second.name}: both use {sorted(shared)}")
     # An attribute both read (the compensations' ``average``) is one attribute of the composite: fusion
@@ -344,28 +347,31 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
         return {**first.prologue(b, env), **second.prologue(b, env)}
 
     def step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-        outputs, states = first.step(b, env)
-        value = outputs[first.outputs[0]]
+        first_outputs, states = first.step(b, env)
+        value = first_outputs[first.outputs[0]]
         if scale is not None:
             value = b.op("Mul", value, env[scale])
         outputs, second_states = second.step(b, {**env, second.inputs[0]: value})
-        return outputs, {**states, **second_states}
+        counted = {COUNT_OUTPUT: first_outputs[COUNT_OUTPUT]} if first.spike_count else {}
+        return {**outputs, **counted}, {**states, **second_states}
 
     return SpikingOp(
         name=f"{first.name}_{second.name}",
         summary=f"{first.name} then {second.name}" + (f" on its output times {scale}" if scale else "") + ", in one pass.",
         inputs=first.inputs, params=first.params + second.params, states=first.states + second.states,
         outputs=second.outputs, attributes={**first.attributes, **second.attributes}, step=step, prologue=prologue,
-        chain=(first.name, second.name), chain_scale=scale, spike_count=second.spike_count)
+        chain=(first.name, second.name), chain_scale=scale, spike_count=first.spike_count or second.spike_count)
 
 
 # The chains spiking graphs are made of: a compensated function's increments feeding a neuron (every
-# method), and an ECMT neuron's spike value accumulated for the compensated product it feeds (the
-# neuron fed by a compensated function or not).
+# method), and an ECMT or SpikeZIP-TF neuron's spike value accumulated for the compensated function or
+# product it feeds (the neuron fed by a compensated function or not).
 # runtime/kernels/spikec_kernels.cc composes the same pairs.
 _EC_MT = compose(EC_COMPENSATE, MT_NEURON)
-COMPOSITES = (_EC_MT, compose(EC_COMPENSATE, ST_BIF_NEURON), compose(EC_COMPENSATE, IF_NEURON),
-              compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"), compose(_EC_MT, EC_ACCUMULATE, scale="theta_pos"))
+_EC_STBIF = compose(EC_COMPENSATE, ST_BIF_NEURON)
+COMPOSITES = (_EC_MT, _EC_STBIF, compose(EC_COMPENSATE, IF_NEURON),
+              compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"), compose(_EC_MT, EC_ACCUMULATE, scale="theta_pos"),
+              compose(ST_BIF_NEURON, EC_ACCUMULATE, scale="theta"), compose(_EC_STBIF, EC_ACCUMULATE, scale="theta"))
 
 OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, UGO, EC_ACCUMULATE,
                                                        EC_COMPENSATE, *COMPOSITES)}
@@ -377,11 +383,11 @@ def _value_info(name: str, rank: int | None = None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if rank is None else [None] * rank)
 
 
-def _count_per_row(b: NodeBuilder, spikes: str) -> str:
-    """COUNT_OUTPUT: |spikes| summed over every axis but the first."""
-    rows = b.op("Concat", b.op("Slice", b.op("Shape", spikes), b.const([0], np.int64), b.const([1], np.int64)),
+def _count_per_row(b: NodeBuilder, counts: str) -> str:
+    """COUNT_OUTPUT: the step's per-element spike counts summed over every axis but the first."""
+    rows = b.op("Concat", b.op("Slice", b.op("Shape", counts), b.const([0], np.int64), b.const([1], np.int64)),
                 b.const([-1], np.int64), axis=0)
-    return b.op("ReduceSum", b.op("Reshape", b.op("Abs", spikes), rows), b.const([1], np.int64), keepdims=0)
+    return b.op("ReduceSum", b.op("Reshape", counts, rows), b.const([1], np.int64), keepdims=0)
 
 
 def result_names(op: SpikingOp, step: bool) -> list[str]:
@@ -397,7 +403,7 @@ def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     outputs, next_states = op.step(b, env)
     produced = [outputs[o] for o in op.outputs] + [next_states[s] for s in op.states]
     if op.spike_count:
-        produced.append(_count_per_row(b, outputs[op.outputs[0]]))
+        produced.append(_count_per_row(b, outputs[COUNT_OUTPUT]))
     for src, dst in zip(produced, result_names(op, step=True)):
         b.nodes.append(helper.make_node("Identity", [src], [dst]))
     return helper.make_function(
@@ -431,24 +437,27 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     body_env["t"] = "t_in"
     outputs, next_states = op.step(body, body_env)
     state_rank = 2 + op.state_rank_offset
-    body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in op.outputs]
-    for src, dst in zip([next_states[s] for s in op.states] + [outputs[o] for o in op.outputs], body_outputs):
+    # per step: the outputs, and each element's spike count (summed per row once the Scan is done)
+    per_step = [*op.outputs, *([COUNT_OUTPUT] if op.spike_count else [])]
+    body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in per_step]
+    for src, dst in zip([next_states[s] for s in op.states] + [outputs[o] for o in per_step], body_outputs):
         body.nodes.append(helper.make_node("Identity", [src], [dst]))
     graph = helper.make_graph(
         body.nodes, f"{op.name}_step",
         [_value_info(f"{s}_in", state_rank) for s in op.states] + [_value_info(f"{x}_in", 2) for x in op.inputs]
         + [_value_info("t_in", 0)],
-        [_value_info(f"{s}_out", state_rank) for s in op.states] + [_value_info(f"{o}_out", 2) for o in op.outputs],
+        [_value_info(f"{s}_out", state_rank) for s in op.states] + [_value_info(f"{o}_out", 2) for o in per_step],
     )
     scanned = b.op("Scan", *([zeros] * len(op.states)), *sequences, times,
-                   outputs=len(op.states) + len(op.outputs), body=graph,
+                   outputs=len(op.states) + len(per_step), body=graph,
                    num_scan_inputs=len(op.inputs) + 1)
     scanned = scanned if isinstance(scanned, list) else [scanned]
     original_shape = b.op("Shape", op.inputs[0])
     for name, seq in zip(op.outputs, scanned[len(op.states):]):
         b.nodes.append(helper.make_node("Reshape", [seq, original_shape], [name]))
     if op.spike_count:
-        b.nodes.append(helper.make_node("Identity", [_count_per_row(b, op.outputs[0])], [COUNT_OUTPUT]))
+        counts = b.op("Reshape", scanned[-1], original_shape)
+        b.nodes.append(helper.make_node("Identity", [_count_per_row(b, counts)], [COUNT_OUTPUT]))
     return helper.make_function(
         DOMAIN, op.name, [*op.inputs, *op.params], result_names(op, step=False), b.nodes,
         [helper.make_opsetid("", opset)], attributes=[*op.attributes, "timesteps"],

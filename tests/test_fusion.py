@@ -49,6 +49,37 @@ def test_fused_sessions_give_the_same_bits(digits_models, mode, native):
         np.testing.assert_array_equal(got[name], want[name])
 
 
+@pytest.fixture(scope="module")
+def spikezip_models():
+    data = fixtures.digits_data()
+    calib = {"pixels": data["x_train"][:256]}
+    qann = spikec.quantize(fixtures.digits_vit(), calib, levels=16, progress=False)
+    models = {mode: spikec.compile(qann, calib, method="spikezip", timesteps=4, mode=mode, progress=False)
+              for mode in ("unrolled", "stateful")}
+    return models, {"pixels": data["x_test"][:32]}
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("mode", ["unrolled", "stateful"])
+def test_spikezip_chains_fuse_with_their_spike_counts(spikezip_models, mode, native):
+    """ST-BIF+ neurons whose spike values are accumulated fuse with the accumulation, carrying the
+    neuron's spike count (T_eq's input) out of the composite: outputs and counts keep their bits."""
+    models, feeds = spikezip_models
+    model = models[mode]
+    kinds = collections.Counter(ops.base_name(n.op_type) for n in fusion.fuse(model).graph.node
+                                if n.domain == ops.DOMAIN)
+    # per block: the GELU input's neuron and the softmax output's (compensated first), accumulated for
+    # the GELU and the attention x V product; and the logits' neuron, accumulated for the readout
+    assert kinds["STBIFNeuron_ECAccumulate"] == 5 and kinds["ECCompensate_STBIFNeuron_ECAccumulate"] == 4
+    if native and not InferenceSession(model).native:
+        pytest.skip("native library not built")
+    want = run(InferenceSession(model, native=native, fuse=False), feeds, 4)
+    got = run(InferenceSession(model, native=native), feeds, 4)
+    assert want.keys() == got.keys() and any(name.startswith("spikec.spikes") for name in want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_a_chain_whose_middle_is_read_stays_apart(digits_models):
     """Reports add neuron outputs as graph outputs: those chains must keep their middle tensor."""
     out, _ = digits_models

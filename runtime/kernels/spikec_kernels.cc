@@ -123,9 +123,9 @@ struct STBIFNeuron {
   static constexpr const char* kName = "STBIFNeuron";
   static constexpr int kParams = 3;  // theta, s_min, s_max
   static constexpr int kStates = 2;  // v, tracer
-  static constexpr bool kSpikeCount = true;  // runtime/ops.py spike_count
+  static constexpr bool kSpikeCount = true;  // runtime/ops.py spike_count: counted = |spike|
   explicit STBIFNeuron(const OrtKernelInfo*) {}
-  float step(float x, float* state, const float* p, float /*t*/) const {
+  float step(float x, float* state, const float* p, float /*t*/, float& counted) const {
     const float membrane = state[0] + x;
     const float half = p[0] * 0.5f;
     const float up = (membrane >= half) & (state[1] < p[2]) ? 1.0f : 0.0f;
@@ -133,6 +133,7 @@ struct STBIFNeuron {
     const float spike = up - down;
     state[0] = membrane - spike * p[0];
     state[1] = state[1] + spike;
+    counted = std::fabs(spike);
     return spike;
   }
 };
@@ -171,20 +172,32 @@ struct SpikeCount { static constexpr bool value = false; };
 template <class Op>
 struct SpikeCount<Op, std::void_t<decltype(Op::kSpikeCount)>> { static constexpr bool value = Op::kSpikeCount; };
 
+// One step of op, which reports its element's spikes in `counted` if it counts them.
+template <class Op>
+inline float step_of(const Op& op, float x, float* state, const float* p, float t, float& counted) {
+  if constexpr (SpikeCount<Op>::value) return op.step(x, state, p, t, counted);
+  else return op.step(x, state, p, t);
+}
+
 // A chain of two ops as one (runtime/ops.py compose): B reads A's output, times A's parameter kScale
-// when kScale >= 0. States and parameters are A's then B's; the output, and so the count, is B's.
+// when kScale >= 0. States and parameters are A's then B's; the spikes counted are whichever's counts.
 template <class A, class B, int kScale>
 struct Composed {
   static constexpr int kParams = A::kParams + B::kParams;
   static constexpr int kStates = A::kStates + B::kStates;
-  static constexpr bool kSpikeCount = SpikeCount<B>::value;
+  static constexpr bool kSpikeCount = SpikeCount<A>::value || SpikeCount<B>::value;
+  static_assert(!(SpikeCount<A>::value && SpikeCount<B>::value), "a composite counts one op's spikes");
   A a;
   B b;
   explicit Composed(const OrtKernelInfo* info) : a(info), b(info) {}
-  float step(float x, float* state, const float* p, float t) const {
-    float value = a.step(x, state, p, t);
+  float step(float x, float* state, const float* p, float t, float& counted) const {
+    float value = step_of(a, x, state, p, t, counted);
     if (kScale >= 0) value = value * p[kScale];
-    return b.step(value, state + A::kStates, p + A::kParams, t);
+    return step_of(b, value, state + A::kStates, p + A::kParams, t, counted);
+  }
+  float step(float x, float* state, const float* p, float t) const {
+    float counted;
+    return step(x, state, p, t, counted);
   }
 };
 
@@ -206,6 +219,14 @@ struct MTNeuronECAccumulate : Composed<MTNeuron, ECAccumulate, 0> {  // spike va
 };
 struct ECCompensateMTNeuronECAccumulate : Composed<ECCompensateMTNeuron, ECAccumulate, 0> {
   static constexpr const char* kName = "ECCompensate_MTNeuron_ECAccumulate";
+  using Composed::Composed;
+};
+struct STBIFNeuronECAccumulate : Composed<STBIFNeuron, ECAccumulate, 0> {  // spike value: code * theta
+  static constexpr const char* kName = "STBIFNeuron_ECAccumulate";
+  using Composed::Composed;
+};
+struct ECCompensateSTBIFNeuronECAccumulate : Composed<ECCompensateSTBIFNeuron, ECAccumulate, 0> {
+  static constexpr const char* kName = "ECCompensate_STBIFNeuron_ECAccumulate";
   using Composed::Composed;
 };
 
@@ -233,7 +254,7 @@ struct Param {
 };
 
 constexpr int kMaxParams = 5;  // UGO's w1, b1, theta, w2, b2
-constexpr int kMaxStates = 3;
+constexpr int kMaxStates = 4;  // ECCompensate_STBIFNeuron_ECAccumulate's previous, v, tracer, sum
 
 struct State {
   const float* in = nullptr;  // nullptr: zeros
@@ -254,10 +275,10 @@ struct Job {
   size_t row_size = 1;     // elements per row of the leading axis
 };
 
-// Adds |out| of the block [begin, begin + n) of step s to the counts of the leading rows it covers. The
-// sums are integers (spike codes of +-1) far below 2^24: exact in any order, so chunks running on
-// other threads may add to the same row in any order and still give the portable function's bits.
-inline void add_counts(const Job& job, int64_t s, size_t begin, const float* out, size_t n) {
+// Adds the spikes counted in the block [begin, begin + n) of step s to the counts of the leading rows it
+// covers. The sums are integers far below 2^24: exact in any order, so chunks running on other threads
+// may add to the same row in any order and still give the portable function's bits.
+inline void add_counts(const Job& job, int64_t s, size_t begin, const float* counted, size_t n) {
   const size_t first = static_cast<size_t>(s) * job.rows + begin;  // the block's first element overall
   size_t row = first / job.row_size;
   for (size_t i = 0; i < n; ++row) {
@@ -267,9 +288,9 @@ inline void add_counts(const Job& job, int64_t s, size_t begin, const float* out
     constexpr size_t kLanes = 8;
     float lanes[kLanes] = {};
     for (; i + kLanes <= end; i += kLanes)
-      for (size_t k = 0; k < kLanes; ++k) lanes[k] += std::fabs(out[i + k]);
+      for (size_t k = 0; k < kLanes; ++k) lanes[k] += counted[i + k];
     float sum = 0.0f;
-    for (; i < end; ++i) sum += std::fabs(out[i]);
+    for (; i < end; ++i) sum += counted[i];
     for (size_t k = 0; k < kLanes; ++k) sum += lanes[k];
     std::atomic_ref<float>(job.count[row]).fetch_add(sum, std::memory_order_relaxed);
   }
@@ -312,11 +333,13 @@ struct ElementwiseLoop {
     // below vectorizes (the per-element copies into st/pr are scalar-replaced by the compiler). The
     // unrolled form's states live in a local block; a Step form's are updated right in its next-state
     // tensors (after a copy from the state inputs, none when run_stateful passes them in place).
-    std::vector<float> buffer((S + P) * kBlock);  // 80 KB at most: heap, not a pool thread's stack
+    constexpr bool kCounts = SpikeCount<Op>::value;
+    std::vector<float> buffer((S + P + kCounts) * kBlock);  // 112 KB at most: heap, not a pool thread's stack
     float* local_state[S];
     float* param[P];
     for (int k = 0; k < S; ++k) local_state[k] = buffer.data() + k * kBlock;
     for (int k = 0; k < P; ++k) param[k] = buffer.data() + (S + k) * kBlock;
+    float* counted = buffer.data() + (S + P) * kBlock;  // each element's spikes at this step
     const Op local = op;  // attributes in registers, not reloaded after every store
     for (size_t begin = lo; begin < hi; begin += kBlock) {
       const size_t n = std::min(kBlock, hi - begin);
@@ -338,10 +361,11 @@ struct ElementwiseLoop {
           float st[S], pr[P];
           for (int k = 0; k < S; ++k) st[k] = state[k][i];
           for (int k = 0; k < P; ++k) pr[k] = param[k][i];
-          out[i] = local.step(x[i], st, pr, t);
+          if constexpr (kCounts) out[i] = local.step(x[i], st, pr, t, counted[i]);
+          else out[i] = local.step(x[i], st, pr, t);
           for (int k = 0; k < S; ++k) state[k][i] = st[k];
         }
-        if (SpikeCount<Op>::value && job.count) add_counts(job, s, begin, out, n);
+        if (kCounts && job.count) add_counts(job, s, begin, counted, n);
       }
     }
   }
@@ -478,6 +502,7 @@ Param param(const Ort::ConstValue& value, size_t channels, const char* op) {
 // Inputs: unrolled (x, params...), step (x, states..., params..., t). Outputs: (out) or (out, states...).
 template <class Op, bool kStep>
 struct Kernel {
+  static_assert(Op::kStates <= kMaxStates && Op::kParams <= kMaxParams, "raise kMaxStates / kMaxParams");
   Op op;
   int64_t timesteps;
 
@@ -599,6 +624,10 @@ struct Library {
   CustomOp<MTNeuronECAccumulate, true> mt_accumulate_step;
   CustomOp<ECCompensateMTNeuronECAccumulate, false> compensate_mt_accumulate;
   CustomOp<ECCompensateMTNeuronECAccumulate, true> compensate_mt_accumulate_step;
+  CustomOp<STBIFNeuronECAccumulate, false> stbif_accumulate;
+  CustomOp<STBIFNeuronECAccumulate, true> stbif_accumulate_step;
+  CustomOp<ECCompensateSTBIFNeuronECAccumulate, false> compensate_stbif_accumulate;
+  CustomOp<ECCompensateSTBIFNeuronECAccumulate, true> compensate_stbif_accumulate_step;
   Ort::CustomOpDomain domain{kDomain};
 
   Library() {
@@ -606,7 +635,8 @@ struct Library {
              &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &ugo, &ugo_step, &accumulate, &accumulate_step,
              &compensate, &compensate_step, &compensate_mt, &compensate_mt_step, &compensate_stbif,
              &compensate_stbif_step, &compensate_if, &compensate_if_step, &mt_accumulate, &mt_accumulate_step,
-             &compensate_mt_accumulate, &compensate_mt_accumulate_step})
+             &compensate_mt_accumulate, &compensate_mt_accumulate_step, &stbif_accumulate, &stbif_accumulate_step,
+             &compensate_stbif_accumulate, &compensate_stbif_accumulate_step})
       domain.Add(op);
     spikec_ttfs::add_ops(domain);
   }
