@@ -296,5 +296,37 @@ def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantic
             if neuron.inputs[0].name not in varying:
                 gate_to_first_step(graph, neuron, 0, _rank_of(neuron), neuron.inputs[0])
                 gated += 1
+    hoist_accumulations(graph)
     graph.toposort()
     return {"compensated": compensated, "gated_to_first_step": gated}
+
+
+# Ops that move data without reordering the rows of the leading axis (a Transpose only if it keeps axis 0):
+# the per-step blocks of an unrolled tensor stay where they are, every element keeps its own series.
+_DATA_MOVEMENT = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"}
+
+
+def hoist_accumulations(graph: gs.Graph) -> int:
+    """Move each ECAccumulate above the data movement between it and the op computing its input (a
+    neuron's spike value, reshaped and transposed into attention heads): running sums commute with data
+    movement bit for bit, and an accumulator reading a neuron's spike value fuses with the neuron
+    (runtime/fusion.py). Only where the moved op feeds the accumulator alone. Returns how many moves."""
+    moves = 0
+    moved = True
+    while moved:
+        moved = False
+        for acc in [n for n in graph.nodes if n.domain == "spikec" and n.op == "ECAccumulate"]:
+            moving = acc.inputs[0]
+            mover = moving.inputs[0] if len(moving.inputs) == 1 else None
+            if mover is None or mover.op not in _DATA_MOVEMENT or len(moving.outputs) != 1 or moving in graph.outputs:
+                continue
+            if mover.op == "Transpose" and list(mover.attrs.get("perm", [1]))[:1] != [0]:
+                continue
+            data, total = mover.inputs[0], acc.outputs[0]
+            hoisted = gs.Variable(f"{total.name}.before.{mover.name}", dtype=total.dtype or np.float32,
+                                  shape=data.shape)
+            acc.inputs[0], acc.outputs[0] = data, hoisted
+            mover.inputs[0], mover.outputs[0] = hoisted, total
+            moves += 1
+            moved = True
+    return moves
