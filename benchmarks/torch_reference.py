@@ -112,6 +112,12 @@ def _spikec(op: str, attrs: dict, args: list):
         return _stbif_step(*args)
     if op == "IFNeuronStep":
         return _if_step(*args, float(attrs["signed"]), float(attrs["burst"]))
+    if op == "X2XEncoderStep":
+        x, v_pos, emitted_pos, v_neg, emitted_neg, theta_pos, theta_neg, t = args
+        signed, burst = float(attrs["signed"]), float(attrs["burst"])
+        positive, v_pos, emitted_pos = _if_step(x, v_pos, emitted_pos, theta_pos, t, signed, burst)
+        negative, v_neg, emitted_neg = _if_step(-x, v_neg, emitted_neg, theta_neg, t, signed, burst)
+        return positive - negative, v_pos, emitted_pos, v_neg, emitted_neg
     if op == "UGOStep":  # the reference code's UGO module: a Linear expansion, IF neurons, a Linear sum
         x, v, emitted, w1, b1, theta, w2, b2, t = args
         w1, b1, theta, w2 = (p.reshape(-1, *[1] * x.dim()) for p in (w1, b1, theta, w2))  # states [N, *x.shape]

@@ -74,25 +74,16 @@ def _negated(stats: TapStats) -> TapStats:
                     -stats.channel_max, -stats.channel_min)
 
 
-def _if_neuron(graph: gs.Graph, tensor: gs.Variable, theta: np.ndarray, node_name: str,
-               options: STAOptions) -> gs.Variable:
-    """An IFNeuron node reading ``tensor``, with the options' signed/burst settings; returns its spikes."""
-    spikes = gs.Variable(f"{node_name}.spikes", dtype=np.float32, shape=tensor.shape)
-    graph.nodes.append(spikec_node("IFNeuron", node_name, [tensor, gs.Constant(f"{node_name}.theta", theta)],
-                                   [spikes], signed=int(options.signed), burst=int(options.burst)))
-    return spikes
-
-
 def x2x_encoder(graph: gs.Graph, tensor: gs.Variable, stats: TapStats, timesteps: int,
                 options: STAOptions) -> tuple[gs.Variable, dict]:
-    """relu(x) - relu(-x) by two IF neurons: spikes(x) - spikes(-x)."""
-    negated = fresh_like(tensor, ".negated")
-    graph.nodes.append(gs.Node("Neg", f"{tensor.name}/X2XNeg", inputs=[tensor], outputs=[negated]))
+    """relu(x) - relu(-x) by two IF neurons, one spikec X2XEncoder op: spikes(x) - spikes(-x)."""
     theta_pos, theta_neg = mmse_thresholds(stats, timesteps), mmse_thresholds(_negated(stats), timesteps)
-    positive = _if_neuron(graph, tensor, theta_pos, f"{tensor.name}/X2XPositive", options)
-    negative = _if_neuron(graph, negated, theta_neg, f"{tensor.name}/X2XNegative", options)
     encoded = fresh_like(tensor, ".x2x")
-    graph.nodes.append(gs.Node("Sub", f"{tensor.name}/X2X", inputs=[positive, negative], outputs=[encoded]))
+    node_name = f"{tensor.name}/X2X"
+    graph.nodes.append(spikec_node("X2XEncoder", node_name,
+                                   [tensor, gs.Constant(f"{node_name}.theta_pos", theta_pos),
+                                    gs.Constant(f"{node_name}.theta_neg", theta_neg)],
+                                   [encoded], signed=int(options.signed), burst=int(options.burst)))
     return encoded, {"tensor": tensor.name, "encoder": "X2X", "theta_pos": theta_pos.tolist(),
                      "theta_neg": theta_neg.tolist()}
 

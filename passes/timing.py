@@ -30,7 +30,7 @@ from spikec.runtime import ops as spec
 
 MEAN, SUM = "mean", "sum"
 # ops whose outputs vary per step (a UGO emits the weighted sum of its hidden neurons' spikes)
-NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "IFNeuron", "UGO"})
+NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "IFNeuron", "X2XEncoder", "UGO"})
 
 # Ops whose outputs are linear functions of each input, or pure data movement.
 _LINEAR_IN_EVERY_INPUT = {
@@ -297,6 +297,7 @@ def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantic
                 gate_to_first_step(graph, neuron, 0, _rank_of(neuron), neuron.inputs[0])
                 gated += 1
     hoist_accumulations(graph)
+    sink_compensations(graph)
     graph.toposort()
     return {"compensated": compensated, "gated_to_first_step": gated}
 
@@ -304,6 +305,13 @@ def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantic
 # Ops that move data without reordering the rows of the leading axis (a Transpose only if it keeps axis 0):
 # the per-step blocks of an unrolled tensor stay where they are, every element keeps its own series.
 _DATA_MOVEMENT = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"}
+
+
+def _moves_data_only(node: gs.Node | None, tensor: gs.Tensor) -> bool:
+    """Whether ``node`` only moves its data input ``tensor`` around, keeping every element's steps."""
+    if node is None or node.op not in _DATA_MOVEMENT or node.inputs[0] is not tensor:
+        return False
+    return node.op != "Transpose" or list(node.attrs.get("perm", [1]))[:1] == [0]
 
 
 def hoist_accumulations(graph: gs.Graph) -> int:
@@ -318,15 +326,39 @@ def hoist_accumulations(graph: gs.Graph) -> int:
         for acc in [n for n in graph.nodes if n.domain == "spikec" and n.op == "ECAccumulate"]:
             moving = acc.inputs[0]
             mover = moving.inputs[0] if len(moving.inputs) == 1 else None
-            if mover is None or mover.op not in _DATA_MOVEMENT or len(moving.outputs) != 1 or moving in graph.outputs:
-                continue
-            if mover.op == "Transpose" and list(mover.attrs.get("perm", [1]))[:1] != [0]:
+            if len(moving.outputs) != 1 or moving in graph.outputs or mover is None \
+                    or not _moves_data_only(mover, mover.inputs[0]):
                 continue
             data, total = mover.inputs[0], acc.outputs[0]
             hoisted = gs.Variable(f"{total.name}.before.{mover.name}", dtype=total.dtype or np.float32,
                                   shape=data.shape)
             acc.inputs[0], acc.outputs[0] = data, hoisted
             mover.inputs[0], mover.outputs[0] = hoisted, total
+            moves += 1
+            moved = True
+    return moves
+
+
+def sink_compensations(graph: gs.Graph) -> int:
+    """Move each ECCompensate below the data movement between it and the op reading its increments (a
+    neuron or encoder behind the attention heads' Transpose and Reshape), the mirror of
+    hoist_accumulations: the increments commute with data movement bit for bit, and a compensation
+    feeding a neuron fuses with it. Only where the compensation feeds the moved op alone."""
+    moves = 0
+    moved = True
+    while moved:
+        moved = False
+        for comp in [n for n in graph.nodes if n.domain == "spikec" and n.op == "ECCompensate"]:
+            increments = comp.outputs[0]
+            mover = increments.outputs[0] if len(increments.outputs) == 1 else None
+            if increments in graph.outputs or not _moves_data_only(mover, increments) \
+                    or mover.outputs[0] in graph.outputs:
+                continue
+            function_out, moved_out = comp.inputs[0], mover.outputs[0]
+            sunk = gs.Variable(f"{moved_out.name}.before.{comp.name}", dtype=moved_out.dtype or np.float32,
+                               shape=moved_out.shape)
+            mover.inputs[0], mover.outputs[0] = function_out, sunk
+            comp.inputs[0], comp.outputs[0] = sunk, moved_out
             moves += 1
             moved = True
     return moves

@@ -230,6 +230,36 @@ IF_NEURON = SpikingOp(
 )
 
 
+# ------------------------------------------------ X2X encoder (STA): IF neurons on x and on -x
+
+def _x2x_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """relu(x) - relu(-x) in spikes, as the reference code encodes LayerNorm and attention outputs: one
+    IFNeuron step on x (theta_pos), one on -x (theta_neg), their spike values subtracted."""
+    positive, positive_states = _if_step(b, {**env, "theta": env["theta_pos"], "v": env["v_pos"],
+                                             "emitted": env["emitted_pos"]})
+    negative, negative_states = _if_step(b, {**env, "x": b.op("Neg", env["x"]), "theta": env["theta_neg"],
+                                             "v": env["v_neg"], "emitted": env["emitted_neg"]})
+    return ({"spikes": b.op("Sub", positive["spikes"], negative["spikes"])},
+            {"v_pos": positive_states["v"], "emitted_pos": positive_states["emitted"],
+             "v_neg": negative_states["v"], "emitted_neg": negative_states["emitted"]})
+
+
+X2X_ENCODER = SpikingOp(
+    name="X2XEncoder",
+    summary=(
+        "STA's X2X encoder: IFNeuron's step on x (threshold theta_pos) and on -x (theta_neg), the second's "
+        "spike value subtracted from the first's, so signed inputs reach a weight product as spikes."
+    ),
+    inputs=("x",),
+    params=("theta_pos", "theta_neg"),
+    states=("v_pos", "emitted_pos", "v_neg", "emitted_neg"),
+    outputs=("spikes",),
+    attributes={"signed": 1, "burst": 2},
+    step=_x2x_step,
+    prologue=_if_prologue,
+)
+
+
 # ------------------------------- universal group operator (STA, Def. 4), its hidden layer spiking
 
 def _ugo_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -369,12 +399,12 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
 # runtime/kernels/spikec_kernels.cc composes the same pairs.
 _EC_MT = compose(EC_COMPENSATE, MT_NEURON)
 _EC_STBIF = compose(EC_COMPENSATE, ST_BIF_NEURON)
-COMPOSITES = (_EC_MT, _EC_STBIF, compose(EC_COMPENSATE, IF_NEURON),
+COMPOSITES = (_EC_MT, _EC_STBIF, compose(EC_COMPENSATE, X2X_ENCODER),
               compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"), compose(_EC_MT, EC_ACCUMULATE, scale="theta_pos"),
               compose(ST_BIF_NEURON, EC_ACCUMULATE, scale="theta"), compose(_EC_STBIF, EC_ACCUMULATE, scale="theta"))
 
-OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, UGO, EC_ACCUMULATE,
-                                                       EC_COMPENSATE, *COMPOSITES)}
+OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, X2X_ENCODER, UGO,
+                                                       EC_ACCUMULATE, EC_COMPENSATE, *COMPOSITES)}
 
 
 # ------------------------------------------------------------------------ function derivation

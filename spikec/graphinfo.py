@@ -306,7 +306,7 @@ def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
         for consumer in neuron.get("consumers", [neuron.get("region")]):
             fed_by.setdefault(consumer, []).append(neuron["tensor"])
     for encoder in report.get("encoders", []):  # STA
-        label[encoder["tensor"]] = "X2X encoder (IFNeuron on x and -x)"
+        label[encoder["tensor"]] = "X2XEncoder (IF neurons on x and -x)"
         for consumer in encoder["consumers"]:
             fed_by.setdefault(consumer, []).append(encoder["tensor"])
     ugo_of = {u["region"]: u for u in report.get("ugos", [])}

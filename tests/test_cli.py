@@ -447,7 +447,7 @@ def test_sta_switches_reach_the_compiler(small, capfd):
     report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])
     assert report["options"] == {"ugo": False, "corrected": False, "signed": False, "burst": 1, "gelu_hidden": None,
                                  "softmax_ugo": False}
-    neurons = [n for n in snn.graph.node if n.op_type == "IFNeuron"]
+    neurons = [n for n in snn.graph.node if n.op_type == "X2XEncoder"]
     assert neurons and all({a.name: a.i for a in n.attribute}["signed"] == 0 for n in neurons)
     assert any("naive split" in c.get("rewrite", "") for c in report["compensated"])
     _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "sta", "--burst", "0"],

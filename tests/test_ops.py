@@ -243,6 +243,24 @@ def test_if_neuron_matches_the_reference_rules(signed, burst):
     assert (error <= 3 * theta / steps).all()
 
 
+def test_x2x_encoder_is_if_neurons_on_x_and_minus_x():
+    """X2X = IF(x) - IF(-x) (if_reference on each side, thresholds of their own); its rate follows x,
+    negative means included."""
+    rng = np.random.default_rng(12)
+    steps = 32
+    theta_pos, theta_neg = (rng.uniform(0.5, 1.0, C).astype(np.float32) for _ in range(2))
+    x = (rng.standard_normal((steps, B, C)) * 0.3 + rng.uniform(-0.4, 0.4, (1, B, C))).astype(np.float32)
+    session = _session("X2XEncoder", {"theta_pos": theta_pos, "theta_neg": theta_neg}, timesteps=steps,
+                       signed=1, burst=2)
+    got = session.run(None, {"x": x.reshape(steps * B, C)})[0].reshape(steps, B, C)
+    want = if_reference(x.astype(np.float64), theta_pos.astype(np.float64), 1, 2) \
+        - if_reference(-x.astype(np.float64), theta_neg.astype(np.float64), 1, 2)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert (got < 0).any() and (got > 0).any()
+    error = np.abs(got.mean(0) - x.mean(0))
+    assert (error <= 3 * np.maximum(theta_pos, theta_neg) / steps).all()
+
+
 def test_ugo_is_if_neurons_on_the_hidden_layer():
     """UGO = w2 . IF(w1 x + b1) + b2 per element (if_reference on the hidden currents), and with the
     GELU operator's weights its rate approaches the operator's ReLU network on a constant input."""

@@ -40,8 +40,9 @@ def test_digits_vit_accuracy(digits, ann_accuracy):
     assert ugos.count("gelu") == 4 and ugos.count("rsqrt") == 4 * 2 + 1 - 1
     assert len(report["layernorms_kept_float"]) == 1
     ops = [n.op_type for n in model.graph.node if n.domain == "spikec"]
-    # two per X2X encoder; one UGO op per GELU and rsqrt, its hidden IF neurons inside
-    assert ops.count("IFNeuron") == 2 * 13 and ops.count("UGO") == 4 + 8
+    # one per X2X encoder (its two IF neurons inside); one UGO op per GELU and rsqrt, its hidden IF
+    # neurons inside
+    assert ops.count("X2XEncoder") == 13 and ops.count("UGO") == 4 + 8 and "IFNeuron" not in ops
     kept = [n.op_type for n in model.graph.node]
     assert "Erf" not in kept and kept.count("LayerNormalization") == 1
     onnx.checker.check_model(model)

@@ -4,7 +4,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from spikec.passes.timing import hoist_accumulations, spikec_node
+from spikec.passes.timing import hoist_accumulations, sink_compensations, spikec_node
 from spikec.runtime import InferenceSession, ops
 
 T, B = 3, 2
@@ -53,3 +53,30 @@ def test_accumulation_stays_where_moving_it_would_change_something(perm, extra_r
     graph = _accumulated(perm, extra_reader)
     assert hoist_accumulations(graph) == 0
     assert next(n for n in graph.nodes if n.op == "ECAccumulate").inputs[0].name == "moved"
+
+
+def test_compensation_moves_below_data_movement_with_the_same_bits():
+    """x -> ECCompensate -> Transpose -> Reshape -> y becomes x -> Transpose -> Reshape -> ECCompensate."""
+    def graph() -> gs.Graph:
+        x = gs.Variable("x", np.float32, [T * B, 2, 4, 3])
+        increments, moved, y = (gs.Variable(n, np.float32) for n in ("increments", "moved", "y"))
+        return gs.Graph(nodes=[
+            spikec_node("ECCompensate", "comp", [x], [increments], average=1, timesteps=T),
+            gs.Node("Transpose", "heads_back", attrs={"perm": [0, 2, 1, 3]}, inputs=[increments], outputs=[moved]),
+            gs.Node("Reshape", "merge", inputs=[moved, gs.Constant("shape", np.array([T * B, 4, 6], np.int64))],
+                    outputs=[y])], inputs=[x], outputs=[y], opset=17)
+
+    values = np.random.default_rng(1).standard_normal((T * B, 2, 4, 3)).astype(np.float32)
+    want = _run_compensated(graph(), values)
+    sunk = graph()
+    assert sink_compensations(sunk) == 2
+    assert next(n for n in sunk.nodes if n.op == "ECCompensate").outputs[0].name == "y"
+    np.testing.assert_array_equal(_run_compensated(sunk, values), want)
+
+
+def _run_compensated(graph: gs.Graph, x: np.ndarray) -> np.ndarray:
+    graph.toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.opset_import.append(onnx.helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
+    model.functions.extend(ops.functions_for({"ECCompensate"}, 17))
+    return InferenceSession(model, native=False).run(["y"], {"x": x})[0]

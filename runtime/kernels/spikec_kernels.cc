@@ -166,6 +166,20 @@ struct IFNeuron {
   }
 };
 
+// STA's X2X encoder (runtime/ops.py _x2x_step): IFNeuron's step on x and on -x, subtracted.
+struct X2XEncoder {
+  static constexpr const char* kName = "X2XEncoder";
+  static constexpr int kParams = 2;  // theta_pos, theta_neg
+  static constexpr int kStates = 4;  // v_pos, emitted_pos, v_neg, emitted_neg
+  IFNeuron neuron;
+  explicit X2XEncoder(const OrtKernelInfo* info) : neuron(info) {}
+  float step(float x, float* state, const float* p, float t) const {
+    const float positive = neuron.step(x, state, p, t);
+    const float negative = neuron.step(-x, state + 2, p + 1, t);  // ONNX Neg: the sign bit flipped
+    return positive - negative;
+  }
+};
+
 // Whether an op has runtime/ops.py's optional count output (|output| summed per row of the leading axis).
 template <class Op, class = void>
 struct SpikeCount { static constexpr bool value = false; };
@@ -209,8 +223,8 @@ struct ECCompensateSTBIFNeuron : Composed<ECCompensate, STBIFNeuron, -1> {
   static constexpr const char* kName = "ECCompensate_STBIFNeuron";
   using Composed::Composed;
 };
-struct ECCompensateIFNeuron : Composed<ECCompensate, IFNeuron, -1> {
-  static constexpr const char* kName = "ECCompensate_IFNeuron";
+struct ECCompensateX2XEncoder : Composed<ECCompensate, X2XEncoder, -1> {
+  static constexpr const char* kName = "ECCompensate_X2XEncoder";
   using Composed::Composed;
 };
 struct MTNeuronECAccumulate : Composed<MTNeuron, ECAccumulate, 0> {  // spike value: code * theta_pos
@@ -254,7 +268,7 @@ struct Param {
 };
 
 constexpr int kMaxParams = 5;  // UGO's w1, b1, theta, w2, b2
-constexpr int kMaxStates = 4;  // ECCompensate_STBIFNeuron_ECAccumulate's previous, v, tracer, sum
+constexpr int kMaxStates = 5;  // ECCompensate_X2XEncoder's previous and the X2X encoder's four
 
 struct State {
   const float* in = nullptr;  // nullptr: zeros
@@ -608,6 +622,8 @@ struct Library {
   CustomOp<STBIFNeuron, true> stbif_step;
   CustomOp<IFNeuron, false> if_neuron;
   CustomOp<IFNeuron, true> if_neuron_step;
+  CustomOp<X2XEncoder, false> x2x;
+  CustomOp<X2XEncoder, true> x2x_step;
   CustomOp<UGO, false> ugo;
   CustomOp<UGO, true> ugo_step;
   CustomOp<ECAccumulate, false> accumulate;
@@ -618,8 +634,8 @@ struct Library {
   CustomOp<ECCompensateMTNeuron, true> compensate_mt_step;
   CustomOp<ECCompensateSTBIFNeuron, false> compensate_stbif;
   CustomOp<ECCompensateSTBIFNeuron, true> compensate_stbif_step;
-  CustomOp<ECCompensateIFNeuron, false> compensate_if;
-  CustomOp<ECCompensateIFNeuron, true> compensate_if_step;
+  CustomOp<ECCompensateX2XEncoder, false> compensate_x2x;
+  CustomOp<ECCompensateX2XEncoder, true> compensate_x2x_step;
   CustomOp<MTNeuronECAccumulate, false> mt_accumulate;
   CustomOp<MTNeuronECAccumulate, true> mt_accumulate_step;
   CustomOp<ECCompensateMTNeuronECAccumulate, false> compensate_mt_accumulate;
@@ -632,9 +648,9 @@ struct Library {
 
   Library() {
     for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
-             &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &ugo, &ugo_step, &accumulate, &accumulate_step,
+             &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &x2x, &x2x_step, &ugo, &ugo_step, &accumulate, &accumulate_step,
              &compensate, &compensate_step, &compensate_mt, &compensate_mt_step, &compensate_stbif,
-             &compensate_stbif_step, &compensate_if, &compensate_if_step, &mt_accumulate, &mt_accumulate_step,
+             &compensate_stbif_step, &compensate_x2x, &compensate_x2x_step, &mt_accumulate, &mt_accumulate_step,
              &compensate_mt_accumulate, &compensate_mt_accumulate_step, &stbif_accumulate, &stbif_accumulate_step,
              &compensate_stbif_accumulate, &compensate_stbif_accumulate_step})
       domain.Add(op);
