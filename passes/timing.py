@@ -351,8 +351,7 @@ def sink_compensations(graph: gs.Graph) -> int:
         for comp in [n for n in graph.nodes if n.domain == "spikec" and n.op == "ECCompensate"]:
             increments = comp.outputs[0]
             mover = increments.outputs[0] if len(increments.outputs) == 1 else None
-            if increments in graph.outputs or not _moves_data_only(mover, increments) \
-                    or mover.outputs[0] in graph.outputs:
+            if increments in graph.outputs or not _moves_data_only(mover, increments):
                 continue
             function_out, moved_out = comp.inputs[0], mover.outputs[0]
             sunk = gs.Variable(f"{moved_out.name}.before.{comp.name}", dtype=moved_out.dtype or np.float32,
