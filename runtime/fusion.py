@@ -7,6 +7,10 @@ Each pair streams its whole [T*B, ...] tensor out and back in; runtime/ops.py ``
 pair as one op with the same float operations in the same order (the same bits), which the native
 kernels implement in one pass. Saved models keep the separate ops: reports and graph views read the
 tensors between them, and a chain whose middle tensor is a graph output is left alone.
+
+Products of a ternary neuron's spike codes with a weight matrix become SpikeMatMul nodes
+(``spike_matmuls``): the same MatMul as a function, while the native kernel's cost follows the firing
+rate (SpikeZIP-TF's codes are 70-99 % zeros).
 """
 from __future__ import annotations
 
@@ -112,3 +116,27 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
     needed = {n.op_type for n in replaced.values()} - {f.name for f in model.functions}
     result.functions.extend(ops.functions_for(needed, ops.default_opset(model)))
     return fuse(result)  # composites chain further (ECCompensate_MTNeuron -> Mul -> ECAccumulate)
+
+
+def spike_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose MatMuls of ternary spike codes (``SpikingOp.ternary``) with a 2-D float
+    initializer are SpikeMatMul nodes, or ``model`` itself if it has none."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
+    ternary = set()
+    for node in graph.node:
+        op = _spikec_op(node)
+        if op is not None and op.ternary:
+            ternary.add(node.output[0])
+    chosen = [i for i, n in enumerate(graph.node) if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
+              and n.input[0] in ternary and n.input[1] in weights]
+    if not chosen:
+        return model
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for i in chosen:
+        node = result.graph.node[i]
+        node.op_type, node.domain = ops.SPIKE_MATMUL, ops.DOMAIN
+    if ops.SPIKE_MATMUL not in {f.name for f in model.functions}:
+        result.functions.extend(ops.functions_for({ops.SPIKE_MATMUL}, ops.default_opset(model)))
+    return result

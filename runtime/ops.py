@@ -96,6 +96,9 @@ class SpikingOp:
     # spikes in a kernel. The step returns each element's spikes under COUNT_OUTPUT in its outputs;
     # integers, so their sums are exact in any order.
     spike_count: bool = False
+    # output 0 holds only -1, 0 and +1 (spike codes): a product of it with a weight matrix may run as a
+    # SpikeMatMul (below)
+    ternary: bool = False
 
     @property
     def step_name(self) -> str:
@@ -190,6 +193,7 @@ ST_BIF_NEURON = SpikingOp(
     attributes={},
     step=_stbif_step,
     spike_count=True,
+    ternary=True,
 )
 
 
@@ -390,7 +394,8 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
         summary=f"{first.name} then {second.name}" + (f" on its output times {scale}" if scale else "") + ", in one pass.",
         inputs=first.inputs, params=first.params + second.params, states=first.states + second.states,
         outputs=second.outputs, attributes={**first.attributes, **second.attributes}, step=step, prologue=prologue,
-        chain=(first.name, second.name), chain_scale=scale, spike_count=first.spike_count or second.spike_count)
+        chain=(first.name, second.name), chain_scale=scale, spike_count=first.spike_count or second.spike_count,
+        ternary=second.ternary)
 
 
 # The chains spiking graphs are made of: a compensated function's increments feeding a neuron (every
@@ -405,6 +410,27 @@ COMPOSITES = (_EC_MT, _EC_STBIF, compose(EC_COMPENSATE, X2X_ENCODER),
 
 OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, X2X_ENCODER, UGO,
                                                        EC_ACCUMULATE, EC_COMPENSATE, *COMPOSITES)}
+
+
+# ----------------------------------------------------------------- products of spikes and weights
+
+SPIKE_MATMUL = "SpikeMatMul"
+SPIKE_MATMUL_SUMMARY = (
+    "MatMul(spikes, weight) where spikes holds spike codes, mostly 0 and the rest +-1, and weight is a "
+    "[K, N] initializer. The same product; the native kernel adds or subtracts the weight rows of the "
+    "nonzero codes only, so its cost follows the firing rate (sums in another order than MatMul's, "
+    "and a zero code adds nothing even against an infinite weight). Where more than a threshold of "
+    "the codes fire (float attribute dense_above, default: the kernel's cost model for [K, N]), the "
+    "kernel runs MatMul itself."
+)
+
+
+def spike_matmul_function(opset: int) -> onnx.FunctionProto:
+    """SpikeMatMul's portable body: the MatMul it stands for."""
+    return helper.make_function(DOMAIN, SPIKE_MATMUL, ["spikes", "weight"], ["y"],
+                                [helper.make_node("MatMul", ["spikes", "weight"], ["y"])],
+                                [helper.make_opsetid("", opset)], attributes=["dense_above"],
+                                doc_string=SPIKE_MATMUL_SUMMARY)
 
 
 # ------------------------------------------------------------------------ function derivation
@@ -508,6 +534,8 @@ def functions_for(op_types: set[str], opset: int) -> list[onnx.FunctionProto]:
             result.append(unrolled_function(op, opset))
         if op.step_name in op_types:
             result.append(step_function(op, opset))
+    if SPIKE_MATMUL in op_types:
+        result.append(spike_matmul_function(opset))
     return result
 
 

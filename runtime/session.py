@@ -19,7 +19,8 @@ class InferenceSession(ort.InferenceSession):
 
     The spikec ops travel inside the model as ONNX functions, so stock onnxruntime runs them. Where the
     native kernels are built (runtime/native.py), they run instead, unless ``native=False``. Chains of
-    spikec ops run as one op each (runtime/fusion.py, same results), unless ``fuse=False``."""
+    spikec ops run as one op each (runtime/fusion.py, same results) and products of ternary spike codes
+    with weights as SpikeMatMuls (the same up to float rounding natively), unless ``fuse=False``."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
                  providers=None, native: bool = True, fuse: bool = True, **kwargs):
@@ -60,7 +61,7 @@ class InferenceSession(ort.InferenceSession):
 
 
 def _fused(model: str | os.PathLike | onnx.ModelProto) -> str | os.PathLike | onnx.ModelProto:
-    """The model with its spikec chains fused; a file with external data is left as it is (its weights
+    """The model with its spikec chains fused and its products of spike codes as SpikeMatMuls; a file with external data is left as it is (its weights
     would have to travel through one in-memory protobuf)."""
     if not isinstance(model, onnx.ModelProto):
         try:
@@ -69,9 +70,9 @@ def _fused(model: str | os.PathLike | onnx.ModelProto) -> str | os.PathLike | on
             return model  # onnxruntime reports what is wrong with the file
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
             return model
-        fused = fusion.fuse(proto)
+        fused = fusion.spike_matmuls(fusion.fuse(proto))
         return model if fused is proto else fused
-    return fusion.fuse(model)
+    return fusion.spike_matmuls(fusion.fuse(model))
 
 
 class Stepper:

@@ -104,3 +104,32 @@ def test_a_chain_whose_middle_is_read_stays_apart(digits_models):
 def test_nothing_to_fuse_returns_the_model():
     model = onnx.load(fixtures.digits_vit())
     assert fusion.fuse(model) is model
+
+
+def _forced_rows(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as sessions run it, every SpikeMatMul forced onto the kernel's row path."""
+    result = fusion.spike_matmuls(fusion.fuse(model))
+    for node in result.graph.node:
+        if node.op_type == ops.SPIKE_MATMUL:
+            node.attribute.append(onnx.helper.make_attribute("dense_above", 1.0))
+    return result
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "stateful"])
+def test_products_of_spike_codes_become_spike_matmuls(spikezip_models, digits_models, mode):
+    """SpikeZIP-TF's ternary codes reach q, k, v and both MLP layers of each block as SpikeMatMuls (the
+    attention projection reads the heads' Reshape, the head is a Gemm); ECMT's multi-level codes do not.
+    Summed in another order than MatMul's, the row path's outputs differ by float rounding (a spike
+    flipped at a threshold would move a logit by ~0.5; measured: none on these images)."""
+    models, feeds = spikezip_models
+    chosen = fusion.spike_matmuls(fusion.fuse(models[mode]))
+    assert collections.Counter(n.op_type.removesuffix("Step") for n in chosen.graph.node)[ops.SPIKE_MATMUL] == 4 * 5
+    onnx.checker.check_model(chosen)
+    ecmt = fusion.fuse(onnx.load(digits_models[0] / f"{mode}.onnx"))
+    assert fusion.spike_matmuls(ecmt) is ecmt
+    if not InferenceSession(models[mode]).native:
+        pytest.skip("native library not built")
+    want = run(InferenceSession(models[mode], native=False), feeds, 4)
+    got = run(InferenceSession(_forced_rows(models[mode]), fuse=False), feeds, 4)
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=0, atol=1e-4 * np.abs(want["logits"]).max())
+    np.testing.assert_array_equal(got["spikec.spikes.steps"], want["spikec.spikes.steps"])

@@ -263,3 +263,57 @@ def test_a_library_from_other_sources_is_refused(monkeypatch):
         monkeypatch.undo()
         native._loads.cache_clear()
     assert native.available()
+
+
+def _spike_matmul_model(k: int, n: int, weight: np.ndarray | None, dense_above: float) -> onnx.ModelProto:
+    """SpikeMatMul(x [a, b, K], w [K, N]); w an initializer, or a graph input where ``weight`` is None."""
+    inputs = [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["a", "b", k])]
+    initializers = []
+    if weight is None:
+        inputs.append(onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [k, n]))
+    else:
+        initializers.append(onnx.numpy_helper.from_array(weight, "w"))
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(ops.SPIKE_MATMUL, ["x", "w"], ["y"], domain=ops.DOMAIN, dense_above=dense_above)],
+        "spike_matmul", inputs, [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["a", "b", n])], initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)])
+    model.functions.extend(ops.functions_for({ops.SPIKE_MATMUL}, 17))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("constant_weight", [True, False])
+@pytest.mark.parametrize("dense_above", [1.0, 0.0], ids=["rows", "matmul"])
+def test_spike_matmul_is_the_matmul(dense_above, constant_weight):
+    """Both of the kernel's paths (adding fired weight rows; onnxruntime's MatMul above dense_above)
+    against float64: N = 70 leaves a partial 64-column panel; codes +-1, zeros, other values, NaN, inf."""
+    rng = np.random.default_rng(21)
+    k, n = 37, 70
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.choice(np.float32([-1, 0, 0, 0, 0, 1]), (5, 11, k))
+    x[0, 0, :4] = [0.5, -3.0, np.inf, np.nan]
+    portable, fast = _pair(_spike_matmul_model(k, n, weight if constant_weight else None, dense_above))
+    feeds = {"x": x} if constant_weight else {"x": x, "w": weight}
+    got = fast.run(None, feeds)[0]
+    assert got.shape == (5, 11, n)
+    with np.errstate(invalid="ignore"):
+        want = x.astype(np.float64) @ weight.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[finite], portable.run(None, feeds)[0][finite], rtol=0, atol=1e-5)
+
+
+def test_spike_matmul_rows_give_the_same_bits_on_any_thread_count():
+    """The row path sums each element in a fixed order: one thread or two, the same bits."""
+    rng = np.random.default_rng(22)
+    k, n = 384, 200
+    model = _spike_matmul_model(k, n, rng.standard_normal((k, n)).astype(np.float32), 1.0)
+    x = rng.choice(np.float32([-1, 0, 0, 0, 0, 0, 0, 1]), (4, 96, k))
+    results = []
+    for threads in (1, 2):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        results.append(InferenceSession(model, options).run(None, {"x": x})[0])
+    np.testing.assert_array_equal(results[0], results[1])

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "spike_matmul.h"
 #include "ttfs_kernels.h"
 
 namespace {
@@ -655,6 +656,7 @@ struct Library {
              &compensate_stbif_accumulate, &compensate_stbif_accumulate_step})
       domain.Add(op);
     spikec_ttfs::add_ops(domain);
+    spikec_matmul::add_ops(domain);
   }
 };
 
