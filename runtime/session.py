@@ -98,31 +98,44 @@ class Stepper:
         self.outputs = session.model_outputs()
         self.states = {i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros([1] * len(i.shape), np.float32))
                        for i in session.get_inputs() if i.name.startswith(STATE_PREFIX)}
+        self._time = np.zeros((), np.float32)  # bound by address once, updated in place
+        self.binding.bind_cpu_input(TIME_INPUT, self._time)
+        # From step 2 on, natively, every state is its own successor and every output is written into
+        # the buffer of the step before: all bound once, so a step rebinds nothing and fetches no
+        # OrtValues (0.2 ms of Python per digits ViT step with its 90 states).
+        self._output_values: list[ort.OrtValue] | None = None
         self.t = 0
 
     def step(self) -> dict[str, np.ndarray]:
         """Runs step t + 1; returns the model outputs after it."""
         self.t += 1
-        self._time = np.array(self.t, np.float32)  # bound by address: kept alive until the next step
-        self.binding.bind_cpu_input(TIME_INPUT, self._time)
-        for name in self.outputs:
-            self.binding.bind_output(name, "cpu")
-        # at t = 1 the states are single zeros: their successors need buffers of the full shape
+        self._time[...] = self.t
         in_place = self.session.native and self.t > 1
-        for name, value in self.states.items():
-            self.binding.bind_ortvalue_input(name, value)
-            if in_place:
-                self.binding.bind_ortvalue_output(next_state_name(name), value)
-            else:
-                self.binding.bind_output(next_state_name(name), "cpu")
+        if not in_place or self._output_values is None:
+            for name in self.outputs:
+                self.binding.bind_output(name, "cpu")
+            # at t = 1 the states are single zeros: their successors need buffers of the full shape
+            for name, value in self.states.items():
+                self.binding.bind_ortvalue_input(name, value)
+                if in_place:
+                    self.binding.bind_ortvalue_output(next_state_name(name), value)
+                else:
+                    self.binding.bind_output(next_state_name(name), "cpu")
         self.session.run_with_iobinding(self.binding)
+        if in_place and self._output_values is not None:
+            return {name: value.numpy().copy() for name, value in zip(self.outputs, self._output_values)}
         values = self.binding.get_outputs()  # in the order first bound: outputs, then next states
         self.states = dict(zip(self.states, values[len(self.outputs):]))
-        return {name: value.numpy() for name, value in zip(self.outputs, values)}
+        if in_place:
+            self._output_values = values[:len(self.outputs)]
+            for name, value in zip(self.outputs, self._output_values):
+                self.binding.bind_ortvalue_output(name, value)
+        # a copy: an output buffer bound again is overwritten by the next step
+        return {name: value.numpy().copy() for name, value in zip(self.outputs, values)}
 
     def next_states(self) -> dict[str, np.ndarray]:
         """The states after the last step, under their ``spikec.next_state.*`` names."""
-        return {next_state_name(name): value.numpy() for name, value in self.states.items()}
+        return {next_state_name(name): value.numpy().copy() for name, value in self.states.items()}
 
 
 def next_state_name(state: str) -> str:
