@@ -103,6 +103,22 @@ def measure(calls: Mapping[str, Callable[[], object]], reps: int, warmup: int = 
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def alone_with_spinning(makers: Mapping[str, Callable[[], Callable[[], object]]], reps: int,
+                        rounds: int = 3) -> dict[str, float]:
+    """Median ms per call of each variant under onnxruntime's default threading, where idle pool threads
+    spin between ops (a step's many small parallel sections then skip a thread wake-up each), with one
+    spinning session alive at a time: each round makes a variant's call (and session), times it and drops
+    it, the variants alternating so that the VM's drift reaches them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(rounds):
+        for name, make in makers.items():
+            call = make()
+            samples[name].append(measure({name: call}, reps=reps)[name])
+            del call
+            gc.collect()
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def step_call(session: InferenceSession, batch: Mapping[str, np.ndarray], warm_steps: int = 3) -> Callable[[], object]:
     """One stateful step the way run_stateful takes it (a Stepper: with the native kernels the states are
     updated in place), after warm_steps steps; each call runs the next step."""
@@ -149,6 +165,10 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
         ms = measure({"ann": lambda: run(ann, batch), "portable": lambda: run(portable, batch),
                       "native": lambda: run(fast, batch), "step_portable": step_portable,
                       "step_native": step_native}, reps=args.reps)
+        ms.update(alone_with_spinning({
+            "native_alone": lambda: (lambda session=InferenceSession(model, _spinning_options(args)): run(session, batch)),
+            "step_native_alone": lambda: step_call(InferenceSession(stateful, _spinning_options(args)), batch),
+        }, reps=args.reps))
         # the PyTorch loop is slow: fewer samples, timed on its own after the interleaved ones
         ms.update(measure({"torch": lambda: simulator.run(batch, t)}, reps=max(3, args.reps // 3), warmup=1))
         peaks = {kind: peak_mib(kind, m, batch, t, args.threads)
@@ -158,6 +178,12 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
         del portable, fast, model, stateful, simulator, step_portable, step_native
         gc.collect()
     return rows
+
+
+def _spinning_options(args) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    return options
 
 
 def _options(args) -> ort.SessionOptions:
@@ -172,7 +198,7 @@ def table(rows: list[dict]) -> Table:
     t = Table(box=box.MARKDOWN, title="spikec: ONNX functions (portable) vs native kernels, ms per batch")
     headings = ["workload (batch)", "T", "ANN", "SNN portable", "SNN native", "PyTorch loop", "native speedup",
                 "PyTorch/native", "portable SNN/(TxANN)", "native SNN/(TxANN)", "step portable", "portable/T",
-                "step native", "native/T", "peak MiB ANN/port./native/PyTorch", "max |native-portable| / max |out|",
+                "step native", "native/T", "alone, spinning: step / (native/T)", "peak MiB ANN/port./native/PyTorch", "max |native-portable| / max |out|",
                 "spikes native vs portable",
                 "cos PyTorch vs native"]
     for h in headings:
@@ -183,6 +209,8 @@ def table(rows: list[dict]) -> Table:
                   f"{r['portable'] / (r['T'] * r['ann']):.2f}",
                   f"{r['native'] / (r['T'] * r['ann']):.2f}", f"{r['step_portable']:.2f}",
                   f"{r['portable'] / r['T']:.2f}", f"{r['step_native']:.2f}", f"{r['native'] / r['T']:.2f}",
+                  f"{r['step_native_alone']:.2f} / {r['native_alone'] / r['T']:.2f} = "
+                  f"{r['step_native_alone'] / (r['native_alone'] / r['T']):.2f}",
                   " / ".join(f"{r[k]:.0f}" for k in ("peak_ann", "peak_portable", "peak_native", "peak_torch")),
                   f"{r['diff']:.1e}", f"{r['spikes_diff']:.1e}", f"{r['cosine_torch']:.5f}")
     return t
@@ -219,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print("ANN/SNN: ms per batch (median). SNN/(TxANN): SNN time over T ANN runs. step: one stateful "
                   "step (ms), next to the unrolled time / T. PyTorch loop: the same SNN, T steps of the stateful "
                   "graph in eager PyTorch (torch_reference.py), ms per batch. Peak: MiB over a fresh process's "
-                  "imports, one run. Spikes native vs portable: sum of |count differences| over the spikes fired.",
+                  "imports, one run. Alone, spinning: the native step and unrolled run each timed with no other "
+                  "session running and onnxruntime's default threading (idle pool threads spin), the rest "
+                  "interleaved with spinning off. Spikes native vs portable: sum of |count differences| over the spikes fired.",
                   highlight=False)
     return 0
 
