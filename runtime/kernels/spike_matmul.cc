@@ -2,7 +2,7 @@
 // MatMul multiplies every zero too; here each row of spike codes is compacted to the columns where it
 // fires, and the output row is the sum of those weight rows, added for +1, subtracted for -1 (any
 // other value, rare, is multiplied in). SpikeZIP-TF's codes are 70-99 % zeros: the product then costs
-// a fraction of onnxruntime's MatMul (benchmarks/bench_native.py).
+// a fraction of onnxruntime's MatMul (benchmarks/bench_spike_matmul.py, bench_native.py).
 //
 // Each output element sums its terms in a fixed order (the +1 rows by increasing k, then the -1 rows,
 // then the others), whatever the thread count or ISA: native runs repeat themselves bit for bit, but
@@ -31,7 +31,6 @@ constexpr size_t kVectors = kCols / 8;
 // Rows of spikes per task: a task compacts them once, then sweeps every panel over them while the
 // panel (K x 256 bytes) stays in L2.
 constexpr size_t kRows = 32;
-constexpr size_t kAhead = 8;
 
 // Packed weight rows start on cache lines: a fired row is four whole lines, no load straddles two.
 struct Packed {
@@ -84,10 +83,6 @@ inline void compact(const float* x, size_t k, Fired& f) {
 #define SPIKEC_PANEL_ROWS(list, n, update)                                    \
   for (size_t i = 0; i < (n); ++i) {                                          \
     const float* w = panel + static_cast<size_t>((list)[i]) * kCols;          \
-    if (i + kAhead < (n)) {                                                   \
-      const float* next = panel + static_cast<size_t>((list)[i + kAhead]) * kCols; \
-      for (size_t line = 0; line < kCols; line += 16) __builtin_prefetch(next + line); \
-    }                                                                         \
     for (size_t j = 0; j < kVectors; ++j) {                                   \
       v8 x;                                                                   \
       std::memcpy(&x, w + 8 * j, sizeof x);                                   \
@@ -143,14 +138,18 @@ void rows(const Job& job, size_t lo, size_t hi) {
   else rows_baseline(job, lo, hi);
 }
 
-// Above which fraction of nonzero codes onnxruntime's MatMul is faster. Adding rows costs about
-// 0.67 ns per row and input or output column (compacting the codes, writing the output) plus 0.022 ns
-// per fired code and output column; MatMul 0.010 ns per multiply-add (2 threads, this VM, every [K, N]
-// of the digits ViT and MiniLM, densities 0.02-0.4: benchmarks/bench_spike_matmul.py). Rounded down,
-// as the larger K's panels run slower: 0.30 for MiniLM's 384 x 1536, below zero (always MatMul) for
-// the digits ViT's 64 x 128.
+// Above which fraction of nonzero codes onnxruntime's MatMul is faster, from costs measured with
+// benchmarks/bench_spike_matmul.py (2 threads, this VM, every [K, N] of the digits ViT and MiniLM,
+// densities 0.02-0.4), in ns: MatMul 0.010 per multiply-add; adding rows 0.67 per row and input or
+// output column (compacting the codes, writing the output) plus, per fired code and output column,
+// 0.016 + 0.00001 K (a panel of K rows outgrows the caches as K grows); less 10 %. That is 0.36 for
+// MiniLM's 384 x 1536, 0.30 for its 384 x 384, 0.22 for its 1536 x 384, and below zero (always
+// MatMul) for the digits ViT's 64 x 128.
 float dense_threshold(size_t k, size_t n) {
-  return 0.4f - 30.0f * static_cast<float>(k + n) / (static_cast<float>(k) * static_cast<float>(n));
+  const float kf = static_cast<float>(k), nf = static_cast<float>(n);
+  const float fixed = 0.67f * (kf + nf) / (kf * nf);  // per multiply-add of the product
+  const float per_code = 0.016f + 0.00001f * kf;
+  return 0.9f * (0.010f - fixed) / per_code;
 }
 
 // The fraction of nonzero codes in every kSampleStride-th row.
