@@ -14,6 +14,8 @@ rate (SpikeZIP-TF's codes are 70-99 % zeros).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 
 from spikec.runtime import ops
@@ -118,11 +120,12 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
     return fuse(result)  # composites chain further (ECCompensate_MTNeuron -> Mul -> ECAccumulate)
 
 
-def spike_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
+def spike_matmuls(model: onnx.ModelProto, pays: Callable[[int, int], bool]) -> onnx.ModelProto:
     """A copy of ``model`` whose MatMuls of ternary spike codes (``SpikingOp.ternary``) with a 2-D float
-    initializer are SpikeMatMul nodes, or ``model`` itself if it has none."""
+    initializer W [K, N] for which ``pays(K, N)`` are SpikeMatMul nodes, or ``model`` itself if it has none."""
     graph = model.graph
-    weights = {t.name for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
+    weights = {t.name for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
+               and pays(*t.dims)}
     ternary = set()
     for node in graph.node:
         op = _spikec_op(node)

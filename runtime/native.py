@@ -88,6 +88,20 @@ def _loads(path: Path) -> bool:
     return True
 
 
+def spike_matmul_pays(k: int, n: int) -> bool:
+    """Whether the library's SpikeMatMul kernel can beat MatMul on a [k, n] weight at some firing rate
+    (its own threshold, spike_matmul.cc); False without the library."""
+    path = library_path()
+    return path is not None and _loads(path) and _spike_matmul_threshold(path)(k, n) > 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def _spike_matmul_threshold(path: Path):
+    function = ctypes.CDLL(os.fspath(path)).SpikecSpikeMatMulThreshold
+    function.argtypes, function.restype = [ctypes.c_int64, ctypes.c_int64], ctypes.c_float
+    return function
+
+
 def available() -> bool:
     """Whether the native library is built and loads into this onnxruntime."""
     path = library_path()

@@ -19,8 +19,8 @@ class InferenceSession(ort.InferenceSession):
 
     The spikec ops travel inside the model as ONNX functions, so stock onnxruntime runs them. Where the
     native kernels are built (runtime/native.py), they run instead, unless ``native=False``. Chains of
-    spikec ops run as one op each (runtime/fusion.py, same results) and products of ternary spike codes
-    with weights as SpikeMatMuls (the same up to float rounding natively), unless ``fuse=False``."""
+    spikec ops run as one op each (runtime/fusion.py, same results) and, natively, products of ternary
+    spike codes with weights as SpikeMatMuls (the same up to float rounding), unless ``fuse=False``."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
                  providers=None, native: bool = True, fuse: bool = True, **kwargs):
@@ -28,7 +28,7 @@ class InferenceSession(ort.InferenceSession):
         if not native and native_kernels.registered(options):
             raise ValueError("native=False, but these session options already carry the native kernels")
         self.native = native and native_kernels.register(options)
-        source = _fused(model) if fuse else model
+        source = _fused(model, self.native) if fuse else model
         source = source.SerializeToString() if isinstance(source, onnx.ModelProto) else os.fspath(source)
         # Once the portable functions are inlined, MatMulScaleFusion moves the MT neuron's Div by
         # theta_pos into the next MatMul; the re-rounded products flip spikes near level boundaries,
@@ -60,9 +60,11 @@ class InferenceSession(ort.InferenceSession):
                 if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)]
 
 
-def _fused(model: str | os.PathLike | onnx.ModelProto) -> str | os.PathLike | onnx.ModelProto:
-    """The model with its spikec chains fused and its products of spike codes as SpikeMatMuls; a file with external data is left as it is (its weights
-    would have to travel through one in-memory protobuf)."""
+def _fused(model: str | os.PathLike | onnx.ModelProto, native: bool) -> str | os.PathLike | onnx.ModelProto:
+    """The model with its spikec chains fused and, natively, its products of spike codes as SpikeMatMuls
+    where the kernel can beat MatMul (as a function SpikeMatMul is the MatMul: portably nothing to gain);
+    a file with external data is left as it is (its weights would have to travel through one in-memory
+    protobuf)."""
     if not isinstance(model, onnx.ModelProto):
         try:
             proto = onnx.load(os.fspath(model), load_external_data=False)
@@ -70,9 +72,10 @@ def _fused(model: str | os.PathLike | onnx.ModelProto) -> str | os.PathLike | on
             return model  # onnxruntime reports what is wrong with the file
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
             return model
-        fused = fusion.spike_matmuls(fusion.fuse(proto))
+        fused = _fused(proto, native)
         return model if fused is proto else fused
-    return fusion.spike_matmuls(fusion.fuse(model))
+    fused = fusion.fuse(model)
+    return fusion.spike_matmuls(fused, native_kernels.spike_matmul_pays) if native else fused
 
 
 class Stepper:

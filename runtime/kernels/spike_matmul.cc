@@ -20,6 +20,21 @@
 #include "spike_matmul.h"
 
 namespace spikec_matmul {
+
+// Above which fraction of nonzero codes onnxruntime's MatMul is faster, from costs measured with
+// benchmarks/bench_spike_matmul.py (2 threads, this VM, every [K, N] of the digits ViT and MiniLM,
+// densities 0.02-0.4), in ns: MatMul 0.010 per multiply-add; adding rows 0.67 per row and input or
+// output column (compacting the codes, writing the output) plus, per fired code and output column,
+// 0.016 + 0.00001 K (a panel of K rows outgrows the caches as K grows); less 10 %. That is 0.36 for
+// MiniLM's 384 x 1536, 0.30 for its 384 x 384, 0.22 for its 1536 x 384, and below zero (always
+// MatMul) for the digits ViT's 64 x 128.
+float dense_threshold(size_t k, size_t n) {
+  const float kf = static_cast<float>(k), nf = static_cast<float>(n);
+  const float fixed = 0.67f * (kf + nf) / (kf * nf);  // per multiply-add of the product
+  const float per_code = 0.016f + 0.00001f * kf;
+  return 0.9f * (0.010f - fixed) / per_code;
+}
+
 namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
@@ -136,20 +151,6 @@ void rows(const Job& job, size_t lo, size_t hi) {
   static const bool avx2 = __builtin_cpu_supports("avx2");
   if (avx2) rows_avx2(job, lo, hi);
   else rows_baseline(job, lo, hi);
-}
-
-// Above which fraction of nonzero codes onnxruntime's MatMul is faster, from costs measured with
-// benchmarks/bench_spike_matmul.py (2 threads, this VM, every [K, N] of the digits ViT and MiniLM,
-// densities 0.02-0.4), in ns: MatMul 0.010 per multiply-add; adding rows 0.67 per row and input or
-// output column (compacting the codes, writing the output) plus, per fired code and output column,
-// 0.016 + 0.00001 K (a panel of K rows outgrows the caches as K grows); less 10 %. That is 0.36 for
-// MiniLM's 384 x 1536, 0.30 for its 384 x 384, 0.22 for its 1536 x 384, and below zero (always
-// MatMul) for the digits ViT's 64 x 128.
-float dense_threshold(size_t k, size_t n) {
-  const float kf = static_cast<float>(k), nf = static_cast<float>(n);
-  const float fixed = 0.67f * (kf + nf) / (kf * nf);  // per multiply-add of the product
-  const float per_code = 0.016f + 0.00001f * kf;
-  return 0.9f * (0.010f - fixed) / per_code;
 }
 
 // The fraction of nonzero codes in every kSampleStride-th row.
@@ -269,3 +270,9 @@ void add_ops(Ort::CustomOpDomain& domain) {
 }
 
 }  // namespace spikec_matmul
+
+// The density above which a [k, n] SpikeMatMul runs MatMul: at or below zero it always does, and
+// sessions (runtime/native.py) leave such products MatMuls rather than pay for the detour.
+extern "C" __attribute__((visibility("default"))) float SpikecSpikeMatMulThreshold(int64_t k, int64_t n) {
+  return spikec_matmul::dense_threshold(static_cast<size_t>(k), static_cast<size_t>(n));
+}
