@@ -2,9 +2,10 @@
 
 The library implements every op of runtime/ops.py (MTNeuron, STBIFNeuron, IFNeuron, UGO, ECAccumulate,
 ECCompensate and their composites, unrolled and Step forms) with the exact float32 arithmetic of their
-ONNX functions, which stay the definition and the portable path, and the TTFS ops of runtime/ttfs.py
+ONNX functions, which stay the definition and the portable path, the TTFS ops of runtime/ttfs.py
 that have no transcendentals (the others run as their functions: onnxruntime's vectorized exp/erf beat
-the C library's). It is optional: without it everything runs on stock onnxruntime.
+the C library's), and SpikeMatMul, a MatMul of spike codes whose cost follows the firing rate (equal to
+the MatMul up to float rounding). It is optional: without it everything runs on stock onnxruntime.
 
 Registration. The library registers its kernels under the models' own domain, ``spikec``. A spikec
 model also carries model-local ONNX functions of the same names; measured with onnxruntime 1.32,
