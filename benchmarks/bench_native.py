@@ -166,8 +166,8 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
                       "native": lambda: run(fast, batch), "step_portable": step_portable,
                       "step_native": step_native}, reps=args.reps)
         ms.update(alone_with_spinning({
-            "native_alone": lambda: (lambda session=InferenceSession(model, _spinning_options(args)): run(session, batch)),
-            "step_native_alone": lambda: step_call(InferenceSession(stateful, _spinning_options(args)), batch),
+            "native_alone": lambda: (lambda session=InferenceSession(model, _options(args, spin=True)): run(session, batch)),
+            "step_native_alone": lambda: step_call(InferenceSession(stateful, _options(args, spin=True)), batch),
         }, reps=args.reps))
         # the PyTorch loop is slow: fewer samples, timed on its own after the interleaved ones
         ms.update(measure({"torch": lambda: simulator.run(batch, t)}, reps=max(3, args.reps // 3), warmup=1))
@@ -180,16 +180,10 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
     return rows
 
 
-def _spinning_options(args) -> ort.SessionOptions:
+def _options(args, spin: bool | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    return options
-
-
-def _options(args) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    if not args.spin:  # idle pool threads of one session would spin on the cores the next one times
+    if not (args.spin if spin is None else spin):  # idle pool threads of one session would spin on the cores the next one times
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 

@@ -124,15 +124,15 @@ def spike_matmuls(model: onnx.ModelProto, pays: Callable[[int, int], bool]) -> o
     """A copy of ``model`` whose MatMuls of ternary spike codes (``SpikingOp.ternary``) with a 2-D float
     initializer W [K, N] for which ``pays(K, N)`` are SpikeMatMul nodes, or ``model`` itself if it has none."""
     graph = model.graph
-    weights = {t.name for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
-               and pays(*t.dims)}
+    weights = {t.name: list(t.dims) for t in graph.initializer
+               if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
     ternary = set()
     for node in graph.node:
         op = _spikec_op(node)
         if op is not None and op.ternary:
             ternary.add(node.output[0])
     chosen = [i for i, n in enumerate(graph.node) if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
-              and n.input[0] in ternary and n.input[1] in weights]
+              and n.input[0] in ternary and n.input[1] in weights and pays(*weights[n.input[1]])]
     if not chosen:
         return model
     result = onnx.ModelProto()

@@ -105,7 +105,7 @@ class Stepper:
         self.binding.bind_cpu_input(TIME_INPUT, self._time)
         # From step 2 on, natively, every state is its own successor and every output is written into
         # the buffer of the step before: all bound once, so a step rebinds nothing and fetches no
-        # OrtValues (0.2 ms of Python per digits ViT step with its 90 states).
+        # OrtValues (0.6 ms of Python per digits ViT step with its 90 states, measured side by side).
         self._output_values: list[ort.OrtValue] | None = None
         self.t = 0
 

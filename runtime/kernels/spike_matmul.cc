@@ -165,9 +165,9 @@ float sampled_density(const float* spikes, size_t rows, size_t k) {
 }
 
 struct Kernel {
-  // A constant weight (the only kind spike_matmuls chooses) is packed once, when the session starts.
+  // A constant weight (the only kind spike_matmuls chooses) is packed once, when the session starts
+  // (data stays null for any other).
   Packed constant_packed;
-  bool constant = false;
   // onnxruntime's own MatMul, for spikes too dense for adding rows to pay
   Ort::Op dense{nullptr};
   // a node's dense_above attribute, where it has one, instead of dense_threshold (tests force each path)
@@ -189,7 +189,6 @@ struct Kernel {
       const auto shape = weight.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.size() == 2) {
         constant_packed.pack(weight.GetTensorData<float>(), static_cast<size_t>(shape[0]), static_cast<size_t>(shape[1]));
-        constant = true;
       }
     }
   }
@@ -211,21 +210,21 @@ struct Kernel {
       auto out = ctx.GetOutput(0, shape);
       job.out = out.GetTensorMutableData<float>();
       if (job.rows == 0 || job.n == 0) return nullptr;
+      if (job.k == 0) {
+        std::fill(job.out, job.out + job.rows * job.n, 0.0f);
+        return nullptr;
+      }
       job.spikes = spikes.GetTensorData<float>();
       const float threshold = fixed_threshold ? dense_above : dense_threshold(job.k, job.n);
-      if (job.k > 0 && sampled_density(job.spikes, job.rows, job.k) > threshold) {
+      if (sampled_density(job.spikes, job.rows, job.k) > threshold) {
         const OrtValue* inputs[] = {spikes, weight};
         OrtValue* outputs[] = {out};
         dense.Invoke(raw, inputs, 2, outputs, 1);
         return nullptr;
       }
-      if (job.k == 0) {
-        std::fill(job.out, job.out + job.rows * job.n, 0.0f);
-        return nullptr;
-      }
       Packed packed;
-      if (!constant) packed.pack(weight.GetTensorData<float>(), job.k, job.n);
-      job.packed = constant ? constant_packed.data : packed.data;
+      if (!constant_packed.data) packed.pack(weight.GetTensorData<float>(), job.k, job.n);
+      job.packed = constant_packed.data ? constant_packed.data : packed.data;
       const size_t tasks = (job.rows + kRows - 1) / kRows;
       if (tasks == 1) {
         rows(job, 0, job.rows);
