@@ -42,6 +42,9 @@ from pathlib import Path
 import onnxruntime as ort
 
 ENV_VAR = "SPIKEC_NATIVE_LIB"
+# Caps the vector ISA of the kernels' loops (runtime/kernels/isa.h), widest last; unset: the CPU's widest.
+ISA_ENV_VAR = "SPIKEC_KERNEL_ISA"
+ISAS = ("baseline", "avx2", "avx512")
 # Marks session options that carry the library: registering it twice on one options object fails.
 CONFIG_KEY = "spikec.native_library"
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "build" / "libspikec_kernels.so"
@@ -103,6 +106,16 @@ def _spike_matmul_threshold(path: Path):
     return function
 
 
+def kernel_isa() -> str | None:
+    """The vector ISA the library's loops run with in this process (None without the library)."""
+    path = library_path()
+    if path is None or not _loads(path):
+        return None
+    function = ctypes.CDLL(os.fspath(path)).SpikecKernelIsa
+    function.restype = ctypes.c_char_p
+    return function().decode()
+
+
 def available() -> bool:
     """Whether the native library is built and loads into this onnxruntime."""
     path = library_path()
@@ -121,6 +134,9 @@ def register(options: ort.SessionOptions) -> bool:
     """Register the native kernels on ``options`` if available; returns whether they carry them."""
     if registered(options):
         return True
+    cap = os.environ.get(ISA_ENV_VAR)
+    if cap and cap not in ISAS:
+        raise ValueError(f"{ISA_ENV_VAR}={cap!r}: expected one of {', '.join(ISAS)}")
     if not available():
         return False
     path = os.fspath(library_path())

@@ -1,6 +1,9 @@
 """The native kernels (runtime/kernels/, `make native`) against the ONNX functions of runtime/ops.py."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -326,3 +329,32 @@ def test_spike_matmul_rows_give_the_same_bits_on_any_thread_count():
         options.intra_op_num_threads = threads
         results.append(InferenceSession(model, options).run(None, {"x": x})[0])
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_the_kernels_run_the_vector_isa_asked_for():
+    isa = native.kernel_isa()
+    assert isa in native.ISAS
+    if os.environ.get(native.ISA_ENV_VAR):  # set by the test below, to an ISA this CPU has
+        assert isa == os.environ[native.ISA_ENV_VAR]
+
+
+# the kernels' loops are compiled once per vector ISA and this process runs the CPU's widest
+_NARROWER_ISAS = native.ISAS[:native.ISAS.index(native.kernel_isa())] if native.available() else ()
+
+
+@pytest.mark.parametrize("isa", _NARROWER_ISAS)
+def test_narrower_vector_isas_give_the_same_bits(isa):
+    """This module's bit-equality tests again, in a fresh process whose kernels run the narrower ISA
+    (chosen once per process)."""
+    selected = "matches_function or is_the_matmul or any_thread_count or equals_portable or vector_isa_asked_for"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+                            env={**os.environ, native.ISA_ENV_VAR: isa}, cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "passed" in result.stdout.splitlines()[-1] and "skipped" not in result.stdout.splitlines()[-1]
+
+
+def test_an_unknown_vector_isa_is_refused(monkeypatch):
+    monkeypatch.setenv(native.ISA_ENV_VAR, "sse9")
+    with pytest.raises(ValueError, match=f"{native.ISA_ENV_VAR}='sse9': expected one of baseline, avx2, avx512"):
+        native.register(ort.SessionOptions())
