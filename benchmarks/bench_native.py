@@ -12,7 +12,8 @@ loop over the T steps calling the whole network per step (benchmarks/torch_refer
 thread count). Peak memory: each variant runs once in a fresh process; the growth of its resident set
 (VmHWM) over the same process right after its imports. The native library must be built (`make native`).
 
-    /work/venv/bin/python benchmarks/bench_native.py [--timesteps 4 8 16] [--reps N] [--threads N]
+    /work/venv/bin/python benchmarks/bench_native.py [--method ecmt|spikezip|sta] [--timesteps 4 8 16] [--reps N]
+        [--threads N] [--spin run|always|never]
 """
 from __future__ import annotations
 
@@ -166,8 +167,8 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
                       "native": lambda: run(fast, batch), "step_portable": step_portable,
                       "step_native": step_native}, reps=args.reps)
         ms.update(alone_with_spinning({
-            "native_alone": lambda: (lambda session=InferenceSession(model, _options(args, spin=True)): run(session, batch)),
-            "step_native_alone": lambda: step_call(InferenceSession(stateful, _options(args, spin=True)), batch),
+            "native_alone": lambda: (lambda session=InferenceSession(model, _options(args, "always")): run(session, batch)),
+            "step_native_alone": lambda: step_call(InferenceSession(stateful, _options(args, "always")), batch),
         }, reps=args.reps))
         # the PyTorch loop is slow: fewer samples, timed on its own after the interleaved ones
         ms.update(measure({"torch": lambda: simulator.run(batch, t)}, reps=max(3, args.reps // 3), warmup=1))
@@ -180,11 +181,19 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
     return rows
 
 
-def _options(args, spin: bool | None = None) -> ort.SessionOptions:
+# How idle intra-op threads wait (--spin): "run": they spin while a run lasts and stop when it returns
+# (session.force_spinning_stop), so that the sessions timed in turn do not take each other's cores;
+# "always": onnxruntime's default, they go on spinning after a run; "never": they sleep between ops,
+# and each of a step's ~200 small parallel sections waits for one to wake.
+SPIN_CONFIG = {"run": {"session.force_spinning_stop": "1"}, "always": {},
+               "never": {"session.intra_op.allow_spinning": "0"}}
+
+
+def _options(args, spin: str | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
-    if not (args.spin if spin is None else spin):  # idle pool threads of one session would spin on the cores the next one times
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in SPIN_CONFIG[spin or args.spin].items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -215,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timesteps", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
-    parser.add_argument("--spin", action="store_true", help="let idle intra-op threads spin (onnxruntime's default)")
+    parser.add_argument("--spin", choices=sorted(SPIN_CONFIG), default="run",
+                        help="idle intra-op threads spin while a run lasts (default), always (onnxruntime's default) "
+                             "or never")
     parser.add_argument("--only", choices=["digits-ViT", "MiniLM"], help="run one workload")
     parser.add_argument("--method", choices=["ecmt", "spikezip", "sta"], default="ecmt",
                         help="conversion method (ECMT uses the settings of tests/test_ecmt.py, the others defaults)")
@@ -242,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                   "step (ms), next to the unrolled time / T. PyTorch loop: the same SNN, T steps of the stateful "
                   "graph in eager PyTorch (torch_reference.py), ms per batch. Peak: MiB over a fresh process's "
                   "imports, one run. Alone, spinning: the native step and unrolled run each timed with no other "
-                  "session running and onnxruntime's default threading (idle pool threads spin), the rest "
-                  "interleaved with spinning off. Spikes native vs portable: sum of |count differences| over the spikes fired.",
+                  "session running and onnxruntime's default threading (idle pool threads spin on after a run), "
+                  f"the rest interleaved, idle threads spinning: {args.spin}. Spikes native vs portable: sum of |count differences| over the spikes fired.",
                   highlight=False)
     return 0
 
