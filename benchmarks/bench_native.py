@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,29 @@ def alone_with_spinning(makers: Mapping[str, Callable[[], Callable[[], object]]]
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def alone_in_fresh_process(model, stateful, batch: Mapping[str, np.ndarray], args) -> dict[str, float]:
+    """alone_with_spinning for the native unrolled run and step, in a fresh process: in this one, its
+    sessions spinning under onnxruntime's defaults left the interleaved measurements of the next T up
+    to 1.7x slower, the ANN's included (three runs out of three; not reproduced with one such session)."""
+    import onnx
+    with tempfile.TemporaryDirectory(prefix="spikec-alone-") as tmp:
+        paths = [Path(tmp) / "model.onnx", Path(tmp) / "stateful.onnx"]
+        onnx.save(model, paths[0])
+        onnx.save(stateful, paths[1])
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_alone, *map(str, paths), dict(batch), args.threads, args.reps).result()
+
+
+def _alone(model_path: str, stateful_path: str, batch: dict[str, np.ndarray], threads: int, reps: int) -> dict[str, float]:
+    def options() -> ort.SessionOptions:
+        return _options(argparse.Namespace(threads=threads), "always")
+
+    return alone_with_spinning({
+        "native_alone": lambda: (lambda session=InferenceSession(model_path, options()): run(session, batch)),
+        "step_native_alone": lambda: step_call(InferenceSession(stateful_path, options()), batch),
+    }, reps=reps)
+
+
 def step_call(session: InferenceSession, batch: Mapping[str, np.ndarray], warm_steps: int = 3) -> Callable[[], object]:
     """One stateful step the way run_stateful takes it (a Stepper: with the native kernels the states are
     updated in place), after warm_steps steps; each call runs the next step."""
@@ -166,10 +191,7 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
         ms = measure({"ann": lambda: run(ann, batch), "portable": lambda: run(portable, batch),
                       "native": lambda: run(fast, batch), "step_portable": step_portable,
                       "step_native": step_native}, reps=args.reps)
-        ms.update(alone_with_spinning({
-            "native_alone": lambda: (lambda session=InferenceSession(model, _options(args, "always")): run(session, batch)),
-            "step_native_alone": lambda: step_call(InferenceSession(stateful, _options(args, "always")), batch),
-        }, reps=args.reps))
+        ms.update(alone_in_fresh_process(model, stateful, batch, args))
         # the PyTorch loop is slow: fewer samples, timed on its own after the interleaved ones
         ms.update(measure({"torch": lambda: simulator.run(batch, t)}, reps=max(3, args.reps // 3), warmup=1))
         peaks = {kind: peak_mib(kind, m, batch, t, args.threads)
