@@ -123,9 +123,10 @@ def alone_with_spinning(makers: Mapping[str, Callable[[], Callable[[], object]]]
 
 
 def alone_in_fresh_process(model, stateful, batch: Mapping[str, np.ndarray], args) -> dict[str, float]:
-    """alone_with_spinning for the native unrolled run and step, in a fresh process: in this one, its
-    sessions spinning under onnxruntime's defaults left the interleaved measurements of the next T up
-    to 1.7x slower, the ANN's included (three runs out of three; not reproduced with one such session)."""
+    """alone_with_spinning for the native unrolled run and step, in a fresh process, so that sessions
+    spinning under onnxruntime's defaults never share the benchmark's process: in three runs in a row
+    the next T's interleaved timings came out up to 1.7x slower after them, the ANN's included (not
+    reproduced with single such sessions, and this VM has slow phases of its own: a precaution)."""
     import onnx
     with tempfile.TemporaryDirectory(prefix="spikec-alone-") as tmp:
         paths = [Path(tmp) / "model.onnx", Path(tmp) / "stateful.onnx"]
