@@ -31,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from rich import box
 from rich.console import Console
@@ -72,14 +73,8 @@ print((rss("VmHWM:") - base) / 1024)
 """
 
 
-def peak_mib(kind: str, model, feeds: Mapping[str, np.ndarray], timesteps: int, threads: int) -> float:
+def peak_mib(kind: str, path: Path, feeds: Mapping[str, np.ndarray], timesteps: int, threads: int) -> float:
     with tempfile.TemporaryDirectory(prefix="spikec-peak-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        if isinstance(model, (str, Path)):
-            path = Path(model)
-        else:
-            import onnx
-            onnx.save(model, path)
         np.savez(Path(tmp) / "feeds.npz", **feeds)
         out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(REPO), kind, str(path),
                               str(Path(tmp) / "feeds.npz"), str(timesteps), str(threads or os.cpu_count())],
@@ -122,27 +117,19 @@ def alone_with_spinning(makers: Mapping[str, Callable[[], Callable[[], object]]]
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def alone_in_fresh_process(model, stateful, batch: Mapping[str, np.ndarray], args) -> dict[str, float]:
+def alone_in_fresh_process(model: Path, stateful: Path, batch: Mapping[str, np.ndarray], args) -> dict[str, float]:
     """alone_with_spinning for the native unrolled run and step, in a fresh process, so that sessions
     spinning under onnxruntime's defaults never share the benchmark's process: in three runs in a row
     the next T's interleaved timings came out up to 1.7x slower after them, the ANN's included (not
     reproduced with single such sessions, and this VM has slow phases of its own: a precaution)."""
-    import onnx
-    with tempfile.TemporaryDirectory(prefix="spikec-alone-") as tmp:
-        paths = [Path(tmp) / "model.onnx", Path(tmp) / "stateful.onnx"]
-        onnx.save(model, paths[0])
-        onnx.save(stateful, paths[1])
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(_alone, *map(str, paths), dict(batch), args.threads, args.reps).result()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_alone, model, stateful, dict(batch), args.threads, args.reps).result()
 
 
-def _alone(model_path: str, stateful_path: str, batch: dict[str, np.ndarray], threads: int, reps: int) -> dict[str, float]:
-    def options() -> ort.SessionOptions:
-        return _options(argparse.Namespace(threads=threads), "always")
-
+def _alone(model: Path, stateful: Path, batch: dict[str, np.ndarray], threads: int, reps: int) -> dict[str, float]:
     return alone_with_spinning({
-        "native_alone": lambda: (lambda session=InferenceSession(model_path, options()): run(session, batch)),
-        "step_native_alone": lambda: step_call(InferenceSession(stateful_path, options()), batch),
+        "native_alone": lambda: (lambda session=InferenceSession(model, _options(threads, "always")): run(session, batch)),
+        "step_native_alone": lambda: step_call(InferenceSession(stateful, _options(threads, "always")), batch),
     }, reps=reps)
 
 
@@ -156,11 +143,11 @@ def step_call(session: InferenceSession, batch: Mapping[str, np.ndarray], warm_s
 
 
 def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
-    options = _options(args)
+    options = _options(args.threads, args.spin)
 
     def sessions(model) -> tuple[InferenceSession, InferenceSession]:
         portable = InferenceSession(model, options, native=False)
-        fast = InferenceSession(model, _options(args), native=True)  # registering marks the options
+        fast = InferenceSession(model, _options(args.threads, args.spin), native=True)  # registering marks the options
         assert fast.native, "native kernels not registered"
         return portable, fast
 
@@ -192,11 +179,15 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
         ms = measure({"ann": lambda: run(ann, batch), "portable": lambda: run(portable, batch),
                       "native": lambda: run(fast, batch), "step_portable": step_portable,
                       "step_native": step_native}, reps=args.reps)
-        ms.update(alone_in_fresh_process(model, stateful, batch, args))
-        # the PyTorch loop is slow: fewer samples, timed on its own after the interleaved ones
-        ms.update(measure({"torch": lambda: simulator.run(batch, t)}, reps=max(3, args.reps // 3), warmup=1))
-        peaks = {kind: peak_mib(kind, m, batch, t, args.threads)
-                 for kind, m in (("portable", model), ("native", model), ("torch", stateful))}
+        with tempfile.TemporaryDirectory(prefix="spikec-bench-") as tmp:  # for the fresh processes
+            paths = {"model": Path(tmp) / "model.onnx", "stateful": Path(tmp) / "stateful.onnx"}
+            onnx.save(model, paths["model"])
+            onnx.save(stateful, paths["stateful"])
+            ms.update(alone_in_fresh_process(paths["model"], paths["stateful"], batch, args))
+            # the PyTorch loop is slow: fewer samples, timed on its own after the interleaved ones
+            ms.update(measure({"torch": lambda: simulator.run(batch, t)}, reps=max(3, args.reps // 3), warmup=1))
+            peaks = {kind: peak_mib(kind, paths[form], batch, t, args.threads)
+                     for kind, form in (("portable", "model"), ("native", "model"), ("torch", "stateful"))}
         rows.append({"workload": f"{w['name']} ({len(next(iter(batch.values())))})", "T": t, **ms, "diff": diff, "spikes_diff": spikes_diff,
                      "cosine_torch": cosine_torch, "peak_ann": ann_peak, **{f"peak_{k}": v for k, v in peaks.items()}})
         del portable, fast, model, stateful, simulator, step_portable, step_native
@@ -212,10 +203,10 @@ SPIN_CONFIG = {"run": {"session.force_spinning_stop": "1"}, "always": {},
                "never": {"session.intra_op.allow_spinning": "0"}}
 
 
-def _options(args, spin: str | None = None) -> ort.SessionOptions:
+def _options(threads: int, spin: str) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    for key, value in SPIN_CONFIG[spin or args.spin].items():
+    options.intra_op_num_threads = threads
+    for key, value in SPIN_CONFIG[spin].items():
         options.add_session_config_entry(key, value)
     return options
 
