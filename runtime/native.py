@@ -92,28 +92,24 @@ def _loads(path: Path) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _exported(path: Path, name: str, restype, argtypes: tuple = ()):
+    """A C function the library exports besides its kernels."""
+    function = getattr(ctypes.CDLL(os.fspath(path)), name)
+    function.argtypes, function.restype = list(argtypes), restype
+    return function
+
+
 def spike_matmul_pays(k: int, n: int) -> bool:
     """Whether the library's SpikeMatMul kernel can beat MatMul on a [k, n] weight at some firing rate
     (its own threshold, spike_matmul.cc); False without the library."""
-    path = library_path()
-    return path is not None and _loads(path) and _spike_matmul_threshold(path)(k, n) > 0.0
-
-
-@functools.lru_cache(maxsize=None)
-def _spike_matmul_threshold(path: Path):
-    function = ctypes.CDLL(os.fspath(path)).SpikecSpikeMatMulThreshold
-    function.argtypes, function.restype = [ctypes.c_int64, ctypes.c_int64], ctypes.c_float
-    return function
+    return available() and _exported(library_path(), "SpikecSpikeMatMulThreshold", ctypes.c_float,
+                                     (ctypes.c_int64, ctypes.c_int64))(k, n) > 0.0
 
 
 def kernel_isa() -> str | None:
     """The vector ISA the library's loops run with in this process (None without the library)."""
-    path = library_path()
-    if path is None or not _loads(path):
-        return None
-    function = ctypes.CDLL(os.fspath(path)).SpikecKernelIsa
-    function.restype = ctypes.c_char_p
-    return function().decode()
+    return _exported(library_path(), "SpikecKernelIsa", ctypes.c_char_p)().decode() if available() else None
 
 
 def available() -> bool:
