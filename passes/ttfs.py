@@ -48,9 +48,16 @@ from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
 SPIKE_TIMES = ".spike_times"
 
 
+def default_margin(precision: int) -> float:
+    """With float spike times a wider range costs no precision worth measuring, and values beyond it
+    clip: ranges widen by their span per side. On a clock of delta/p every unit of span costs ticks,
+    so ranges widen by a quarter."""
+    return 1.0 if precision == 0 else 0.25
+
+
 @dataclass(frozen=True)
 class TTFSOptions:
-    margin: float = 0.25  # calibrated ranges widen by this fraction of their span on each side
+    margin: float = 1.0   # calibrated ranges widen by this fraction of their span on each side
     delta: float = 1.0    # the time step: every layer's emitting window
     precision: int = 0    # time precision p = delta / tick; 0 = float spike times
     max_layer: bool = True  # softmax's optional layer 0 (subtract the row maximum)

@@ -360,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gelu-hidden", type=int, metavar="N", help="sta: GELU UGO size (shipped: 32, 64)")
     p.add_argument("--softmax-ugo", action="store_true",
                    help="sta: Softmax by exp/inverse UGOs (appendix D.2) instead of float (the reference code)")
-    p.add_argument("--margin", type=float, default=0.25,
-                   help="ttfs: each calibrated range [a, b] widens by this fraction of its span per side")
+    p.add_argument("--margin", type=float,
+                   help="ttfs: each calibrated range [a, b] widens by this fraction of its span per side "
+                        "(default: 1 with float spike times, 0.25 with --precision)")
     p.add_argument("--precision", type=int, default=0, metavar="P",
                    help="ttfs: time precision p, spike times on a grid of delta/p (0: float spike times)")
     p.add_argument("--no-max-layer", action="store_true", help="ttfs: softmax without the max-subtraction layer")

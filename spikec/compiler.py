@@ -64,7 +64,8 @@ class CompileOptions:
     softmax_ugo: bool = False  # Softmax by exp/inverse UGOs (appendix D.2); off: float, as the reference code
     gelu_hidden: int | None = None  # GELU UGO size (spikec ships 32, the paper's, and 64, the reference code's)
     # TTFSFormer (passes/ttfs.py)
-    margin: float = 0.25    # calibrated ranges [a, b] widen by this fraction of their span per side
+    # calibrated ranges [a, b] widen by this fraction of their span per side; None = ttfs.default_margin
+    margin: float | None = None
     precision: int = 0      # time precision p (spike times on a grid of delta/p); 0 = float spike times
     max_layer: bool = True  # softmax subtracts the row maximum first (appendix C.2, layer 0)
 
@@ -97,7 +98,8 @@ class CompileOptions:
             raise SpikecError(f"argument coverage={self.coverage!r}: expected a number >= 0")
         if self.method == "ttfs" and self.mode != "unrolled":
             raise SpikecError("argument mode: a ttfs model runs all layers in one pass; it has no stateful form")
-        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin <= 10:
+        if self.margin is not None and (isinstance(self.margin, bool) or not isinstance(self.margin, (int, float))
+                                        or not 0 <= self.margin <= 10):
             raise SpikecError(f"argument margin={self.margin!r}: expected a number in [0, 10]")
         if isinstance(self.precision, bool) or not isinstance(self.precision, (int, np.integer)) \
                 or not 0 <= self.precision <= 2**24:
@@ -218,7 +220,8 @@ def _finish(graph: gs.Graph, ann: onnx.ModelProto, output, method: str, mode: st
 def _compile_ttfs(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], output, opts: CompileOptions) -> onnx.ModelProto:
     """Algorithm 1: the ANN decomposed into the constructions' stages is calibrated for every site's
     range, then the same walk builds the spiking graph with those ranges."""
-    options = ttfs.TTFSOptions(margin=float(opts.margin), precision=int(opts.precision), max_layer=opts.max_layer)
+    margin = ttfs.default_margin(int(opts.precision)) if opts.margin is None else float(opts.margin)
+    options = ttfs.TTFSOptions(margin=margin, precision=int(opts.precision), max_layer=opts.max_layer)
     opset = default_opset(ann)
     exact_graph = gs.import_onnx(ann)
     exact = ttfs.lower(exact_graph, find_regions(exact_graph), options, opset)

@@ -19,10 +19,17 @@ def test_shipped_operators_fit_their_function(name, hidden):
     errors = [ugo.spiking_error(operator, t) for t in (8, 32, 128)]
     assert errors[2] < spiking_bound
     assert errors[2] <= errors[1] <= errors[0]  # the IF form converges as T grows
-    # the shipped weights are what the code fits today
-    refit = ugo.fit(name, hidden)
-    for got, want in [(operator.w1, refit.w1), (operator.b1, refit.b1), (operator.w2, refit.w2)]:
-        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    # the shipped weights are what the code fits today: the same function, to a tolerance that a least-squares
+    # solve through another BLAS or LAPACK build (different in the last bits of each weight) cannot break
+    _assert_same_function(operator, ugo.fit(name, hidden))
+
+
+def _assert_same_function(got: ugo.UGO, want: ugo.UGO) -> None:
+    low, high = ugo.SPECS[want.name].domain
+    x = np.linspace(low, high, 20001)
+    scale = np.abs(want(x)).max()
+    assert np.abs(got(x) - want(x)).max() <= 1e-6 * scale
+    assert ugo.fit_error(got)["mean_relative"] == pytest.approx(ugo.fit_error(want)["mean_relative"], rel=1e-3)
 
 
 def test_reference_code_sizes_fit_better_than_the_papers():
@@ -53,7 +60,8 @@ def test_ugo_train_cli(tmp_path, capfd):
     assert main(["ugo", "train", "--only", "rsqrt", "--output-dir", str(tmp_path)]) == 0
     out, err = capfd.readouterr()
     assert "rsqrt" in out and err == ""
-    trained = np.load(tmp_path / "ugo-rsqrt.npz")
-    np.testing.assert_allclose(trained["w2"], ugo.load("rsqrt").w2)
+    with np.load(tmp_path / "ugo-rsqrt.npz") as trained:
+        retrained = ugo.UGO("rsqrt", trained["w1"], trained["b1"], trained["w2"], float(trained["b2"]))
+    _assert_same_function(retrained, ugo.load("rsqrt"))
     assert main(["ugo", "train", "--only", "tanh", "--output-dir", str(tmp_path)]) == 2
     assert "tanh" in capfd.readouterr().err
