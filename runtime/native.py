@@ -24,8 +24,9 @@ That rounds differently, and a neuron close to a level boundary may fire differe
 ``InferenceSession`` disables that fusion: portable runs then compute the functions as written, as the
 native kernels do.
 
-The library is ``build/libspikec_kernels.so`` in the source tree, or the file that the environment
-variable ``SPIKEC_NATIVE_LIB`` names. It carries the digest of the kernel sources it was built from; a
+``pip install`` builds the library where a C++ compiler is available (setup.py): a regular install
+ships it in the package, an editable one (and ``make native``) writes ``build/libspikec_kernels.so`` in
+the source tree; the environment variable ``SPIKEC_NATIVE_LIB`` names another file. It carries the digest of the kernel sources it was built from; a
 library built from other sources than runtime/kernels/ holds is refused (with a warning to rebuild):
 its kernels would not be the ops' current definition, and run_stateful's in-place steps rely on every
 step op of a model having its kernel.
@@ -47,14 +48,20 @@ ISA_ENV_VAR = "SPIKEC_KERNEL_ISA"
 ISAS = ("baseline", "avx2", "avx512")
 # Marks session options that carry the library: registering it twice on one options object fails.
 CONFIG_KEY = "spikec.native_library"
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "build" / "libspikec_kernels.so"
+LIBRARY_NAME = "libspikec_kernels.so"
+# A regular install ships the library in the package (setup.py); a source tree (editable install,
+# `make native`) builds it into build/.
+INSTALLED_PATH = Path(__file__).resolve().parent / LIBRARY_NAME
+SOURCE_TREE_PATH = Path(__file__).resolve().parent.parent / "build" / LIBRARY_NAME
 KERNEL_SOURCES = Path(__file__).resolve().parent / "kernels"
 
 
 def library_path() -> Path | None:
     """The native library to use, or None where it is not built."""
-    path = Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else DEFAULT_PATH
-    return path if path.is_file() else None
+    if os.environ.get(ENV_VAR):
+        path = Path(os.environ[ENV_VAR])
+        return path if path.is_file() else None
+    return next((path for path in (INSTALLED_PATH, SOURCE_TREE_PATH) if path.is_file()), None)
 
 
 def source_digest() -> str | None:
