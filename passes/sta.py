@@ -5,7 +5,7 @@
 * Every other activation input of a weight product gets an X2X encoder: IF neurons on x and on -x
   (relu(x) - relu(-x)), as the reference code encodes the LayerNorm and attention outputs.
 * Activation x activation products use TCSA (Def. 3), the expectation-compensated product; with
-  ``corrected=False`` the naive temporal split of Def. 2 (increments of the product of running sums,
+  ``tcsa=False`` the naive temporal split of Def. 2 (increments of the product of running sums,
   weighted 1/T) for the ablation.
 * IF neurons are signed with memory (Eq. 34) and fire burst spikes (Gamma=2, rho=1/2), each
   switchable off; thresholds come from an MMSE grid search against the T-step rate quantizer
@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 from spikec import ugo as ugos
 from spikec.calibrate import TapStats
 from spikec.passes.ecmt import product_operands
+from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
 from spikec.passes.timing import MEAN, SUM, accumulate, convert_time, fresh_like, is_constant, spikec_node
 
@@ -38,13 +39,15 @@ SAMPLE_VALUES = 100_000  # per UGO hidden layer: the MMSE search runs on a subsa
 
 
 @dataclass(frozen=True)
-class STAOptions:
-    ugo: bool = True        # GELU and LayerNorm by UGOs (False: both exact in float, compensated)
-    corrected: bool = True  # TCSA (False: the naive temporal split)
-    signed: bool = True     # signed neurons with memory potential
-    burst: int = 2          # burst spikes per step (1: plain IF)
-    gelu_hidden: int | None = None  # UGO size; None = the paper's N
-    softmax_ugo: bool = False  # Softmax by appendix D.2 (exp and inverse UGOs); off: float, as the reference code
+class STAOptions(Options):
+    ugo: bool = option(True, "GELU and LayerNorm by UGOs (off: both exact in float, compensated)")
+    tcsa: bool = option(True, "activation products by TCSA (off: the naive temporal split of Def. 2)")
+    signed: bool = option(True, "signed IF neurons with memory (off: no negative spikes)")
+    burst: int = option(2, "burst spikes per step (1: plain IF)", bounds=(1, 64))
+    gelu_hidden: int | None = option(None, "GELU UGO size N (shipped: 32, the paper's, and 64, the reference "
+                                           "code's; default the paper's)", bounds=(1, 4096), metavar="N")
+    softmax_ugo: bool = option(False, "Softmax by exp/inverse UGOs (appendix D.2) instead of float, as the "
+                                      "reference code runs it")
 
 
 def rate_quantizer(timesteps: int) -> callable:
@@ -318,12 +321,10 @@ def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], 
     replaced += [info for _, info in decomposed if info is not None]
     replaced += [softmax_ugo(graph, r, stats[_softmax_input(r).name], timesteps, options) for r in softmaxes]
     graph.cleanup()
-    product = None if options.corrected else functools.partial(naive_split, timesteps=timesteps)
+    product = None if options.tcsa else functools.partial(naive_split, timesteps=timesteps)
     rewritten = {id(r) for r in [*gelus, *norms, *softmaxes]}
     timing = convert_time(graph, [r for r in regions if id(r) not in rewritten], set(allow_float), MEAN,
                           product=product)
     return {"neurons": [], "encoders": encoders, "ugos": replaced, "compensated": timing["compensated"],
             "layernorms_kept_float": [r.name for r, info in decomposed if info is None],
-            "options": {"ugo": options.ugo, "corrected": options.corrected, "signed": options.signed,
-                        "burst": options.burst, "gelu_hidden": options.gelu_hidden,
-                        "softmax_ugo": options.softmax_ugo}}
+            "options": options.to_json()}

@@ -39,6 +39,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from spikec.errors import SpikecError
+from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
 from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant, replace_uses, varying_tensors
 from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
@@ -48,19 +49,26 @@ from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
 SPIKE_TIMES = ".spike_times"
 
 
-def default_margin(precision: int) -> float:
-    """With float spike times a wider range costs no precision worth measuring, and values beyond it
-    clip: ranges widen by their span per side. On a clock of delta/p every unit of span costs ticks,
-    so ranges widen by a quarter."""
-    return 1.0 if precision == 0 else 0.25
-
-
 @dataclass(frozen=True)
-class TTFSOptions:
-    margin: float = 1.0   # calibrated ranges widen by this fraction of their span on each side
-    delta: float = 1.0    # the time step: every layer's emitting window
-    precision: int = 0    # time precision p = delta / tick; 0 = float spike times
-    max_layer: bool = True  # softmax's optional layer 0 (subtract the row maximum)
+class TTFSOptions(Options):
+    margin: float | None = option(None, "each calibrated range [a, b] widens by this fraction of its span per "
+                                        "side (default: 1 with float spike times, 0.25 with --precision)",
+                                  bounds=(0, 10), metavar="M")
+    precision: int = option(0, "time precision p: spike times on a grid of delta/p (0: float spike times)",
+                            bounds=(0, 2**24), metavar="P")
+    max_layer: bool = option(True, "softmax subtracts the row maximum first (appendix C.2, layer 0)")
+
+    # the time step: every layer's emitting window
+    delta = 1.0
+
+    @property
+    def range_margin(self) -> float:
+        """With float spike times a wider range costs no precision worth measuring, and values beyond it
+        clip: ranges widen by their span per side. On a clock of delta/p every unit of span costs ticks,
+        so ranges widen by a quarter."""
+        if self.margin is not None:
+            return float(self.margin)
+        return 1.0 if self.precision == 0 else 0.25
 
 
 @dataclass

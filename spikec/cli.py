@@ -36,20 +36,67 @@ def _input_shapes(specs: list[str] | None) -> dict[str, list[int | str]] | None:
 
 def cmd_compile(args) -> int:
     from spikec.compiler import compile as compile_model
+    from spikec.compiler import split_options
+    from spikec.passes.options import outputs_of
 
-    compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape),
-                  method=args.method, timesteps=args.timesteps, mode=args.mode, levels=args.levels,
-                  percentile=args.percentile, per_channel=args.per_channel, coverage=args.coverage,
-                  allow_float=tuple(o for spec in args.allow_float for o in spec.split(",") if o),
-                  batch_size=args.batch_size, progress=not args.quiet, memory_budget=args.memory_budget,
-                  qann_output=args.save_qann, ugo=not args.no_ugo, tcsa=not args.naive_products,
-                  signed=not args.no_signed, burst=args.burst, softmax_ugo=args.softmax_ugo,
-                  gelu_hidden=args.gelu_hidden, margin=args.margin, precision=args.precision,
-                  max_layer=not args.no_max_layer)
-    if args.save_qann:
-        print(f"wrote {args.save_qann} (the quantized ANN)")
+    options = _compile_options(args)
+    compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape), **options)
+    for path, what in outputs_of(split_options(options)[1]):
+        print(f"wrote {path} ({what})")
     print(f"wrote {args.output}")
     return 0
+
+
+def _add_compile_options(parser: argparse.ArgumentParser) -> None:
+    """The compile command's flags, generated from CompileOptions and each method's Options: one
+    declaration per option (spikec/passes/options.py). Flags default to absent, so that the options
+    passed on are only those given, and a flag of another method can be refused."""
+    from spikec.compiler import CompileOptions
+    from spikec.methods import METHODS
+    from spikec.passes.options import flags_of, kind_of
+
+    actions: dict[str, argparse.Action] = {}
+    fields: dict[str, tuple[str, list[str]]] = {}  # option -> (its flag, the methods it belongs to; [] = all)
+    groups = [("options of every method", None, CompileOptions)]
+    groups += [(f"{m.name}: {m.paper}", m.name, m.Options) for m in METHODS.values()]
+    for title, owner, options in groups:
+        group = parser.add_argument_group(title)
+        for f in options.declared():
+            if f.name in actions:  # the same option in another method (levels): one flag, its help per method
+                actions[f.name].help += f"; {owner}: {f.metadata['help']}" + \
+                    (f" [default {f.default}]" if f.default is not None else "")
+                fields[f.name][1].append(owner)
+                continue
+            kind = kind_of(options, f)
+            default = ("on by default, the flag turns it off" if f.default is True else None if kind == "bool"
+                       or f.default in (None, ()) else f"default {f.default}")
+            text = f.metadata["help"] + (f" [{default}]" if default else "")
+            kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{owner}: {text}" if owner else text}
+            if kind == "bool":
+                kwargs["action"] = "store_false" if f.default else "store_true"
+            else:
+                kwargs.update(metavar=f.metadata.get("metavar"), type={"int": int, "float": float}.get(kind, str))
+                if kind == "list":
+                    kwargs["action"] = "append"
+                if f.name == "method":
+                    kwargs["choices"] = list(METHODS)
+            actions[f.name] = group.add_argument(*flags_of(f), **kwargs)
+            fields[f.name] = (flags_of(f)[0], [owner] if owner else [])
+    parser.set_defaults(compile_fields=fields)
+
+
+def _compile_options(args) -> dict:
+    """The options given on the command line; a flag of another method than the chosen one is an error."""
+    method = getattr(args, "method", "ecmt")
+    options = {}
+    for name, (flag, owners) in args.compile_fields.items():
+        if not hasattr(args, name):
+            continue
+        if owners and method not in owners:
+            raise SpikecError(f"argument {flag}: an option of method {' and '.join(owners)}, not of {method}")
+        value = getattr(args, name)
+        options[name] = tuple(o for spec in value for o in spec.split(",") if o) if isinstance(value, list) else value
+    return options
 
 
 def cmd_quantize(args) -> int:
@@ -345,40 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="convert an ANN ONNX model into an SNN")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--method", default="ecmt", choices=["ecmt", "spikezip", "sta", "ttfs"])
-    p.add_argument("--timesteps", "-T", type=int, default=8)
     p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
-    p.add_argument("--mode", default="unrolled", choices=["unrolled", "stateful"])
-    p.add_argument("--levels", type=int, default=None,
-                   help="ecmt: n, MT neurons get 2n thresholds (default 8); spikezip: quantization levels L of "
-                        "a float model (default 16)")
-    p.add_argument("--save-qann", metavar="PATH", help="spikezip on a float model: also write the quantized ANN")
-    p.add_argument("--no-ugo", action="store_true", help="sta: GELU and LayerNorm exact (float), not by UGOs")
-    p.add_argument("--naive-products", action="store_true", help="sta: the naive temporal split instead of TCSA")
-    p.add_argument("--no-signed", action="store_true", help="sta: IF neurons without negative spikes")
-    p.add_argument("--burst", type=int, default=2, help="sta: burst spikes per step (1: off)")
-    p.add_argument("--gelu-hidden", type=int, metavar="N", help="sta: GELU UGO size (shipped: 32, 64)")
-    p.add_argument("--softmax-ugo", action="store_true",
-                   help="sta: Softmax by exp/inverse UGOs (appendix D.2) instead of float (the reference code)")
-    p.add_argument("--margin", type=float,
-                   help="ttfs: each calibrated range [a, b] widens by this fraction of its span per side "
-                        "(default: 1 with float spike times, 0.25 with --precision)")
-    p.add_argument("--precision", type=int, default=0, metavar="P",
-                   help="ttfs: time precision p, spike times on a grid of delta/p (0: float spike times)")
-    p.add_argument("--no-max-layer", action="store_true", help="ttfs: softmax without the max-subtraction layer")
-    p.add_argument("--percentile", type=float, default=99.0, help="p: theta_1/theta_2 from the p-th/(100-p)-th percentile")
-    p.add_argument("--per-channel", action="store_true", help="thresholds per channel (last axis)")
-    p.add_argument("--coverage", type=float, default=1.0,
-                   help="ecmt: raise thresholds until the top level reaches this multiple of the calibration "
-                        "maximum (0: percentiles only, as the paper)")
-    p.add_argument("--allow-float", action="append", default=[], metavar="OPS",
-                   help="comma-separated op types or node names to keep in floating point")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--memory-budget", metavar="BYTES",
-                   help="refuse an unrolled model whose estimated run memory (a batch of --batch-size) exceeds "
-                        "this (e.g. 8G; default 80%% of RAM)")
-    p.add_argument("--quiet", action="store_true")
+    _add_compile_options(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a model (ANN or SNN) on inputs and save its outputs")

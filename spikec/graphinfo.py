@@ -21,6 +21,7 @@ from spikec.errors import SpikecError
 from spikec.passes.canonicalize import infer_shapes
 from spikec.passes.timing import NEURON_OPS, varying_tensors
 from spikec.runtime.layout import STATE_PREFIX
+from spikec.runtime.metadata import SpikecMetadata
 from spikec.runtime.ops import base_name
 
 PRODUCT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -217,7 +218,8 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
     neurons = [n for n in graph.nodes if n.domain == SPIKEC_DOMAIN and base_op(n) in NEURON_OPS]
     varying = varying_tensors(graph, [n.outputs[0].name for n in neurons])
     spikes = {n.outputs[0].name for n in neurons}
-    allow = set(_options(model).get("allow_float", []))
+    record = SpikecMetadata.read(model)
+    allow = set(record.allow_float) if record else set()
     means: set[str] = set()
     spike_values: set[str] = set()  # code x theta: the spike scaled back, still one event per spike
     result = []
@@ -255,10 +257,6 @@ def mean_domain(nodes: Sequence[NodeInfo]) -> set[str]:
         if n.category == "ec_float" or (n.domain == SPIKEC_DOMAIN and n.op == "ECAccumulate"):
             means.update(n.outputs)
     return means
-
-
-def _options(model: onnx.ModelProto) -> dict:
-    return json.loads(metadata(model).get("spikec.options", "{}"))
 
 
 def float_ops(nodes: Sequence[NodeInfo]) -> list[dict]:

@@ -427,7 +427,7 @@ def test_spikezip_cli_errors(small, capfd):
     _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "spikezip", "--levels", "1"],
            "levels=1", "spikezip")
     _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--save-qann", tmp / "q.onnx"],
-           "qann_output", "spikezip")
+           "--save-qann", "spikezip", "not of ecmt")
     # the HTML report is ECMT's: a SpikeZIP-TF model gets a pointer to what covers it
     snn = tmp / "zip.onnx"
     assert main(["compile", str(model), "-o", str(snn), "--method", "spikezip", "-T", "4", "--calib", str(calib),
@@ -441,12 +441,13 @@ def test_sta_switches_reach_the_compiler(small, capfd):
     tmp, model, calib, _ = small
     out = tmp / "sta.onnx"
     assert main(["compile", str(model), "-o", str(out), "--method", "sta", "-T", "8", "--calib", str(calib),
-                 "--no-ugo", "--naive-products", "--no-signed", "--burst", "1", "--quiet"]) == 0
+                 "--no-ugo", "--no-tcsa", "--no-signed", "--burst", "1", "--quiet"]) == 0
     capfd.readouterr()
     snn = onnx.load(out)
     report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])
-    assert report["options"] == {"ugo": False, "corrected": False, "signed": False, "burst": 1, "gelu_hidden": None,
+    assert report["options"] == {"ugo": False, "tcsa": False, "signed": False, "burst": 1, "gelu_hidden": None,
                                  "softmax_ugo": False}
+    assert json.loads({p.key: p.value for p in snn.metadata_props}["spikec.options"]) == report["options"]
     neurons = [n for n in snn.graph.node if n.op_type == "X2XEncoder"]
     assert neurons and all({a.name: a.i for a in n.attribute}["signed"] == 0 for n in neurons)
     assert any("naive split" in c.get("rewrite", "") for c in report["compensated"])

@@ -1,0 +1,93 @@
+"""What a conversion method is: its options, its time semantics and its steps in the compile template.
+
+spikec/compiler.py runs one fixed template for every method (load, canonicalize, recognize, prepare,
+memory check, calibrate, rewrite, emit, verify, save); a method fills in the steps that are its own. A
+method is one module under spikec/methods/ exporting a ``Method`` and one entry in the registry
+(spikec/methods/__init__.py).
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spikec.calibrate import TapStats
+from spikec.passes.options import Options
+from spikec.passes.patterns import Region, find_regions
+
+# Time semantics (passes/timing.py); a method without time steps sends spike times between layers.
+MEAN, SUM, FIRST_SPIKE = "mean", "sum", "time-to-first-spike"
+
+
+@dataclass
+class Job:
+    """One compile as it passes through the template: the ANN (replaced where a method prepares another,
+    e.g. SpikeZIP-TF's quantized ANN), its graph and recognized regions, the calibration data, the
+    common and the method's options, and the report the steps fill in."""
+    ann: onnx.ModelProto
+    feeds: Mapping[str, np.ndarray]
+    timesteps: int
+    mode: str
+    batch_size: int
+    progress: bool
+    allow_float: frozenset[str]
+    options: Options
+    graph: gs.Graph = field(init=False)
+    regions: list[Region] = field(init=False)
+    report: dict = field(default_factory=dict)
+    # what the method's prepare step built for its later steps (TTFS: the ANN as its constructions' stages)
+    prepared: object = None
+    # models written beside the SNN once it is verified (SpikeZIP-TF's QANN): (model, path)
+    extra_outputs: list[tuple[onnx.ModelProto, str | os.PathLike]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.recognize(self.ann)
+
+    def recognize(self, ann: onnx.ModelProto) -> None:
+        """Make ``ann`` the model to convert: import its graph and recognize its regions."""
+        self.ann = ann
+        self.graph = gs.import_onnx(ann)
+        self.regions = find_regions(self.graph)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a method calibrates: statistics of ``taps`` on ``model`` (the job's ANN where None), each
+    keeping at most ``max_values`` sampled values. ``neuron_sites`` (tensors that get neurons) and
+    ``hidden`` (neurons per element where not one) size the memory estimate."""
+    taps: list[str]
+    neuron_sites: list[str]
+    hidden: dict[str, int] = field(default_factory=dict)
+    model: onnx.ModelProto | None = None
+    max_values: int = 2_000_000
+
+
+class Method(ABC):
+    """A conversion method. Subclasses set the class attributes and implement ``calibration`` and ``rewrite``."""
+    name: str
+    paper: str
+    Options: type[Options]
+    semantics: str
+    modes: tuple[str, ...] = ("unrolled", "stateful")
+
+    @property
+    def stepped(self) -> bool:
+        """Whether the SNN runs over time steps (unrolled or stateful), as rate and sum codes do."""
+        return self.semantics != FIRST_SPIKE
+
+    def prepare(self, job: Job) -> None:
+        """Turn the ANN into the model this method converts (default: the ANN as it is)."""
+
+    @abstractmethod
+    def calibration(self, job: Job) -> Calibration:
+        """What to calibrate; raises SpikecError where the model has nothing this method converts."""
+
+    @abstractmethod
+    def rewrite(self, job: Job, stats: dict[str, TapStats]) -> dict:
+        """Rewrite ``job.graph`` into the SNN (spikec ops, no time structure yet); returns the report's
+        method-specific part."""

@@ -1,0 +1,86 @@
+"""SpikeZIP-TF (ICML 2024): an SNN equal to a quantized ANN (QANN). A model with activation quantizers
+(QDQ pairs, or spikec's own) is converted as it is; a float model is quantized first by post-training
+quantization (passes/quantize.py), the paper's step 1 without its training."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from spikec.calibrate import collect_statistics
+from spikec.errors import SpikecError
+from spikec.methods.base import SUM, Calibration, Job, Method
+from spikec.passes import quantize as ptq
+from spikec.passes import spikezip
+from spikec.passes.canonicalize import canonicalize
+from spikec.passes.options import Options, option
+from spikec.passes.patterns import find_regions
+
+# The reference code's default is 32 levels, its published runs use 16.
+DEFAULT_LEVELS = 16
+
+
+@dataclass(frozen=True)
+class SpikeZIPOptions(Options):
+    levels: int | None = option(None, f"quantization levels L of a float model (default {DEFAULT_LEVELS}); a "
+                                      "quantized model keeps its own", bounds=(2, 2**16))
+    save_qann: str | os.PathLike | None = option(None, "a float model: also write the quantized ANN it is "
+                                                       "equivalent to here", metavar="PATH",
+                                                output="the quantized ANN")
+
+
+def quantize_model(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], levels: int, *, batch_size: int,
+                   progress: bool) -> tuple[onnx.ModelProto, list[dict]]:
+    """The QANN of ``ann`` by post-training quantization, and the quantizers inserted."""
+    graph = gs.import_onnx(ann)
+    sites = ptq.quantizer_sites(find_regions(graph))
+    if not sites:
+        raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to quantize")
+    stats = collect_statistics(ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=200_000,
+                               progress=progress)
+    quantizers = {name: ptq.choose_quantizer(s, levels) for name, s in stats.items()}
+    inserted = ptq.insert_quantizers(graph, sites, quantizers)
+    qann = gs.export_onnx(graph, do_type_check=False)
+    del qann.opset_import[:]
+    qann.opset_import.extend(ann.opset_import)
+    qann.ir_version = ann.ir_version
+    qann.producer_name = "spikec (quantized ANN)"
+    return canonicalize(qann), inserted
+
+
+class SpikeZIP(Method):
+    name = "spikezip"
+    paper = "SpikeZIP-TF: equivalent conversion of a quantized ANN (ICML 2024)"
+    Options = SpikeZIPOptions
+    semantics = SUM
+
+    def prepare(self, job: Job) -> None:
+        o: SpikeZIPOptions = job.options
+        if any(r.kind == "quantizer" for r in job.regions):
+            if o.levels is not None:
+                raise SpikecError("argument levels: the model is already quantized (it has QuantizeLinear/"
+                                  "DequantizeLinear pairs); leave levels out")
+            if o.save_qann is not None:
+                raise SpikecError("argument save_qann: the model is already quantized; it is its own QANN")
+            return
+        qann, job.report["quantization"] = quantize_model(
+            job.ann, job.feeds, DEFAULT_LEVELS if o.levels is None else o.levels, batch_size=job.batch_size,
+            progress=job.progress)
+        if o.save_qann is not None:
+            job.extra_outputs.append((qann, o.save_qann))
+        job.recognize(qann)
+
+    def calibration(self, job: Job) -> Calibration:
+        # thresholds are the quantizers' scales: nothing to measure, but the neurons' memory to estimate
+        return Calibration(taps=[], neuron_sites=[r.attrs["input"].name for r in job.regions
+                                                 if r.kind == "quantizer"])
+
+    def rewrite(self, job: Job, stats: dict) -> dict:
+        return spikezip.rewrite(job.graph, job.regions, allow_float=job.allow_float)
+
+
+METHOD = SpikeZIP()

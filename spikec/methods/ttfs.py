@@ -1,0 +1,53 @@
+"""TTFSFormer (ICML 2025): time-to-first-spike conversion, one spike per neuron, no time steps.
+
+Algorithm 1: the ANN decomposed into the constructions' stages (every site an ordinary tensor) is
+calibrated for every site's range; then the same walk (passes/ttfs.py) builds the spiking graph with
+those ranges."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from spikec.errors import SpikecError
+from spikec.methods.base import FIRST_SPIKE, Calibration, Job, Method
+from spikec.passes import emit, ttfs
+from spikec.passes.patterns import find_regions
+from spikec.runtime.ops import default_opset
+
+
+class _Exact(NamedTuple):
+    """The ANN as the constructions' stages: the lowering (its sites) and the model that computes them."""
+    lowering: ttfs.Lowering
+    network: onnx.ModelProto
+
+
+class TTFS(Method):
+    name = "ttfs"
+    paper = "TTFSFormer: time-to-first-spike conversion, one spike per neuron (ICML 2025)"
+    Options = ttfs.TTFSOptions
+    semantics = FIRST_SPIKE
+    modes = ("unrolled",)
+
+    def prepare(self, job: Job) -> None:
+        exact_graph = gs.import_onnx(job.ann)
+        lowering = ttfs.lower(exact_graph, find_regions(exact_graph), job.options, default_opset(job.ann))
+        if not lowering.sites:
+            raise SpikecError("model has no float input or nonlinear layer: nothing to convert")
+        job.prepared = _Exact(lowering, emit.to_model(exact_graph, job.ann, {}))
+
+    def calibration(self, job: Job) -> Calibration:
+        return Calibration(taps=ttfs.calibration_taps(job.prepared.lowering), neuron_sites=[],
+                           model=job.prepared.network, max_values=10_000)
+
+    def rewrite(self, job: Job, stats: dict) -> dict:
+        o: ttfs.TTFSOptions = job.options
+        ranges = ttfs.calibration_ranges(stats, job.prepared.lowering, o.range_margin)
+        spiking = ttfs.lower(job.graph, job.regions, o, default_opset(job.ann), ranges)
+        return {"ttfs": {"sites": ttfs.describe(spiking), "constructions": spiking.constructions,
+                         "float_nodes": spiking.float_nodes, "delta": o.delta, "precision": o.precision,
+                         "margin": o.range_margin, "max_layer": o.max_layer}}
+
+
+METHOD = TTFS()

@@ -1,0 +1,87 @@
+"""Adding a method is one module and one registry line (docs/architecture.md): a test method, registered
+here, compiles through the template, runs, and gets its own CLI flags from its Options."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import spikec
+from spikec import methods
+from spikec.cli import main
+from spikec.methods import METHODS, Calibration, Job, Method
+from spikec.methods.base import MEAN
+from spikec.passes.options import Options, option
+from spikec.runtime import InferenceSession, run
+from spikec.runtime.metadata import SpikecMetadata
+
+
+@dataclass(frozen=True)
+class EchoOptions(Options):
+    label: str | None = option(None, "a label the model records")
+    gain: float = option(1.0, "a number the options validate", bounds=(0, 10))
+
+
+class Echo(Method):
+    """The ANN at every step: no neurons, so every tensor is time-invariant and the rate readout is the ANN's."""
+    name = "echo"
+    paper = "none (a test of the method registry)"
+    Options = EchoOptions
+    semantics = MEAN
+
+    def calibration(self, job: Job) -> Calibration:
+        return Calibration(taps=[], neuron_sites=[])
+
+    def rewrite(self, job: Job, stats: dict) -> dict:
+        return {"label": job.options.label}
+
+
+@pytest.fixture
+def echo():
+    methods.register(Echo())
+    yield
+    del METHODS["echo"]
+
+
+def _mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                              "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_registered_method_compiles_and_runs(echo):
+    x = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
+    snn = spikec.compile(_mlp(), {"x": x}, method="echo", timesteps=3, label="probe", progress=False)
+    record = SpikecMetadata.read(snn)
+    assert (record.method, record.mode, record.timesteps) == ("echo", "unrolled", 3)
+    assert record.options == {"label": "probe", "gain": 1.0} and record.report["label"] == "probe"
+    got = run(InferenceSession(snn), {"x": x}, 3)["y"]
+    np.testing.assert_allclose(got, np.maximum(x @ onnx.numpy_helper.to_array(_mlp().graph.initializer[0]), 0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_its_options_validate_and_belong_to_it(echo):
+    x = np.zeros((2, 6), np.float32)
+    with pytest.raises(spikec.SpikecError, match=r"gain=11: expected a number in \[0, 10\] for method echo"):
+        spikec.compile(_mlp(), {"x": x}, method="echo", gain=11, progress=False)
+    with pytest.raises(spikec.SpikecError, match=r"unknown compile option\(s\) for method echo: percentile "
+                                                 r"\(an option of method ecmt\)"):
+        spikec.compile(_mlp(), {"x": x}, method="echo", percentile=90, progress=False)
+
+
+def test_the_cli_generates_its_flags(echo, tmp_path, capfd):
+    model, calib, out = tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "snn.onnx"
+    onnx.save(_mlp(), model)
+    np.savez(calib, x=np.ones((4, 6), np.float32))
+    assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--method", "echo", "--label", "cli",
+                 "--gain", "2", "--quiet"]) == 0
+    assert SpikecMetadata.read(onnx.load(out)).options == {"label": "cli", "gain": 2.0}
+    capfd.readouterr()
+    assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--label", "x"]) == 2
+    assert capfd.readouterr().err == "spikec: error: argument --label: an option of method echo, not of ecmt\n"
