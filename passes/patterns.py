@@ -437,11 +437,16 @@ def _gelu_tail(anchor: gs.Node, x: gs.Tensor, ctx: _Context) -> list[gs.Node] | 
 
 
 def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
-    """Softmax over the last axis, with its optional mask Add before and sdpa's NaN guard after.
+    """Softmax over the last axis, with its optional mask before and sdpa's NaN guard after.
 
-    Mask: Add(scores, mask) where the mask is not computed from a matmul (built from an
-    attention_mask input) or is a constant of 0 and large negative values (a folded causal
-    mask). NaN guard: Where(IsNaN(p), 0, p), which sdpa exports emit for fully masked rows.
+    Mask, one of (the mask is time-invariant, built from an attention_mask input or from shapes, or a
+    constant; never computed from a matmul):
+    * additive, Add(scores, mask): a computed mask (0 / a large negative number, or any additive bias such
+      as ALiBi's), or a constant of 0 and large negative values (a folded causal mask);
+    * masked_fill, Where(condition, fill, scores) or Where(condition, scores, fill) with a scalar fill of
+      at most _MASK_MAX_NEGATIVE (DeBERTa's finfo.min): masked scores are replaced, not shifted, which a
+      fully masked row tells apart (uniform whatever the scores).
+    NaN guard: Where(IsNaN(p), 0, p), which sdpa exports emit for fully masked rows.
     """
     if softmax.op != "Softmax":
         return None
@@ -449,16 +454,33 @@ def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
     axis = softmax.attrs.get("axis", -1)
     if axis != -1 and (rank is None or axis != rank - 1):
         return None
-    nodes, mask = [softmax], None
-    add = _producer(softmax.inputs[0])
-    if _is(add, "Add") and ctx.sole_consumer(softmax.inputs[0]) is softmax:
-        for scores, candidate in (add.inputs, add.inputs[::-1]):
-            if id(scores) in ctx.from_matmul and _is_mask(candidate, ctx):
-                nodes.insert(0, add)
-                mask = candidate
-                break
+    masking = _mask_before(softmax, ctx)
+    nodes, attrs = [softmax], {"axis": -1, "scores": softmax.inputs[0], "masking": None, "mask": None,
+                               "fill_value": None, "fill_when": None}
+    if masking is not None:
+        nodes.insert(0, masking[0])
+        attrs.update(masking[1])
     guard = _nan_guard(softmax, ctx)
-    return [*nodes, *guard], {"axis": -1, "mask": mask, "nan_guard": bool(guard)}
+    return [*nodes, *guard], {**attrs, "nan_guard": bool(guard)}
+
+
+def _mask_before(softmax: gs.Node, ctx: _Context) -> tuple[gs.Node, dict] | None:
+    """The node applying an attention mask to the softmax's input, and how (see _match_softmax)."""
+    node = _producer(softmax.inputs[0])
+    if ctx.sole_consumer(softmax.inputs[0]) is not softmax:
+        return None
+    if _is(node, "Add"):
+        for scores, candidate in (node.inputs, node.inputs[::-1]):
+            if id(scores) in ctx.from_matmul and _is_mask(candidate, ctx):
+                return node, {"scores": scores, "masking": "add", "mask": candidate}
+    if _is(node, "Where") and id(node.inputs[0]) not in ctx.from_matmul:
+        condition, when_true, when_false = node.inputs
+        for scores, fill, when in ((when_false, when_true, True), (when_true, when_false, False)):
+            value = _scalar(fill)
+            if id(scores) in ctx.from_matmul and value is not None and value <= _MASK_MAX_NEGATIVE:
+                return node, {"scores": scores, "masking": "fill", "mask": condition, "fill_value": value,
+                              "fill_when": when}
+    return None
 
 
 def _is_mask(tensor: gs.Tensor, ctx: _Context) -> bool:

@@ -30,7 +30,8 @@ from spikec import ugo as ugos
 from spikec.calibrate import TapStats
 from spikec.passes.ecmt import product_operands
 from spikec.passes.patterns import Region
-from spikec.passes.timing import MEAN, SUM, accumulate, convert_time, fresh_like, is_constant, spikec_node
+from spikec.passes.timing import (MEAN, SUM, accumulate, convert_time, fresh_like, is_constant,
+                                  refuse_float_in_regions, spikec_node)
 
 # Eq. 33 / the reference code: candidate thresholds g x max, g in [0.53, 1] (95 points)
 MMSE_GRID = np.linspace(0.53, 1.0, 95)
@@ -299,6 +300,7 @@ def hidden_sizes(regions: list[Region], options: STAOptions) -> dict[str, int]:
 
 def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], timesteps: int,
             options: STAOptions = STAOptions(), *, allow_float: frozenset[str] = frozenset()) -> dict:
+    refuse_float_in_regions(regions, set(allow_float))
     opset = graph.opset
     gelus = [r for r in regions if r.kind == "gelu"] if options.ugo else []
     norms = [r for r in regions if r.kind == "layernorm" and r.attrs["axis"] == -1] if options.ugo else []
