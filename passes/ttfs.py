@@ -82,8 +82,8 @@ class Site:
 class GraphBuilder:
     """runtime.ttfs's builder interface over a graphsurgeon graph; remembers the nodes it made."""
 
-    def __init__(self, graph: gs.Graph, prefix: str):
-        self.graph, self.prefix, self.count = graph, prefix, 0
+    def __init__(self, graph: gs.Graph, prefix: str, opset: int):
+        self.graph, self.prefix, self.opset, self.count = graph, prefix, opset, 0
         self.created: set[int] = set()
 
     def fresh(self, hint: str) -> gs.Variable:
@@ -104,6 +104,12 @@ class GraphBuilder:
         self.count += 1
         return gs.Constant(f"{self.prefix}/const_{self.count}", np.asarray(value, dtype))
 
+    def reduce(self, op: str, data: gs.Variable) -> gs.Variable:
+        """``op`` over the last axis, keepdims (axes moved from attribute to input at opset 18)."""
+        if op == "ReduceSum" or self.opset >= 18:
+            return self.op(op, data, self.const([-1], np.int64), keepdims=1)
+        return self.op(op, data, axes=[-1], keepdims=1)
+
 
 Bounds = Callable[[], Window] | None
 
@@ -121,7 +127,7 @@ class Lowering:
         # the constructions and their sites, for the report's neuron and operation counts (Table 3)
         self.constructions: list[dict] = []
         self.float_nodes: list[dict] = []
-        self.b = GraphBuilder(graph, "ttfs")
+        self.b = GraphBuilder(graph, "ttfs", opset)
         self.delta = gs.Constant("ttfs.delta", np.asarray(options.delta, np.float32))
         self.tick = (gs.Constant("ttfs.tick", np.asarray(options.delta / options.precision, np.float32))
                      if options.precision else None)
@@ -239,12 +245,6 @@ class Lowering:
         self.b.op("Cast", potential, to=onnx.TensorProto.FLOAT, out=out)
         return layer_one.name
 
-    def reduce(self, op: str, data: gs.Variable) -> gs.Variable:
-        """``op`` over the last axis, keepdims (axes moved from attribute to input at opset 18)."""
-        if op == "ReduceSum" or self.opset >= 18:
-            return self.b.op(op, data, self.b.const([-1], np.int64), keepdims=1)
-        return self.b.op(op, data, axes=[-1], keepdims=1)
-
 
 def _detach(region: Region) -> None:
     """The region's own nodes produce nothing any more (cleanup drops them); its tensors get new producers."""
@@ -259,9 +259,9 @@ def layernorm(lw: Lowering, region: Region) -> None:
     _detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(x)
-    mean = lw.emit(lw.reduce("ReduceMean", lw.receive(source)), f"{name}.mean", "LayerNorm mean")
+    mean = lw.emit(b.reduce("ReduceMean", lw.receive(source)), f"{name}.mean", "LayerNorm mean")
     centered = lw.emit(b.op("Sub", lw.receive(source), lw.receive(mean)), f"{name}.centered", "LayerNorm centering")
-    variance = lw.emit(lw.reduce("ReduceMean", lw.receive(centered, "Square")), f"{name}.variance",
+    variance = lw.emit(b.reduce("ReduceMean", lw.receive(centered, "Square")), f"{name}.variance",
                        "LayerNorm variance", floor=0.0)
     rsqrt = lw.emit(lw.receive(variance, "Rsqrt", (region.attrs["epsilon"],)), f"{name}.rsqrt", "LayerNorm rsqrt")
     if not lw.spiking:
@@ -306,15 +306,15 @@ class Masking:
     row masked everywhere by -inf (r = -inf; the ANN gives NaN, sdpa's guard 0) gives 0: a constant input
     of 1 to its log-sum-exp neuron keeps that neuron in range, and every weight e^m' is 0."""
 
-    def __init__(self, lw: Lowering, attrs: dict):
-        b = self.b = lw.b
+    def __init__(self, b: GraphBuilder, attrs: dict):
+        self.b = b
         if attrs["masking"] == "fill":
             masked = attrs["mask"] if attrs["fill_when"] else b.op("Not", attrs["mask"])
             self.keep = b.op("Cast", b.op("Not", masked), to=onnx.TensorProto.FLOAT)
             mask = b.op("Where", masked, b.const(attrs["fill_value"]), b.const(0.0))
         else:
             self.keep, mask = None, attrs["mask"]
-        row_max = lw.reduce("ReduceMax", mask)
+        row_max = b.reduce("ReduceMax", mask)
         live = b.op("Greater", row_max, b.const(-np.inf))
         self.shift = b.op("Where", live, row_max, b.const(0.0))
         self.offsets = b.op("Sub", mask, self.shift)  # m' (-inf throughout a dead row)
@@ -346,13 +346,13 @@ def softmax(lw: Lowering, region: Region) -> None:
     _detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(scores)
-    masking = Masking(lw, attrs) if attrs["masking"] else None
+    masking = Masking(b, attrs) if attrs["masking"] else None
     count = scores.shape[-1] if scores.shape is not None and isinstance(scores.shape[-1], int) else None
     if lw.options.max_layer:
         reach = 0.0 if masking is None else \
             (source.window.upper - source.window.lower if lw.spiking else EXACT_REACH)
         x = lw.receive(source) if masking is None else masking.scores(lw.receive(source))
-        top = lw.emit(lw.reduce("ReduceMax", x if masking is None else b.op("Add", x, masking.bias)), f"{name}.max",
+        top = lw.emit(b.reduce("ReduceMax", x if masking is None else b.op("Add", x, masking.bias)), f"{name}.max",
                       "softmax max", bounds=lambda: source.window)
         shifted = x if masking is None else b.op("Add", x, masking.potential_share(reach))
         shifted = lw.emit(b.op("Sub", shifted, lw.receive(top)), f"{name}.shifted", "softmax subtraction",
@@ -369,9 +369,9 @@ def softmax(lw: Lowering, region: Region) -> None:
     if masking is not None:  # synaptic weights e^m': 1 where attention is allowed, 0 where masked
         log_weight = masking.log_weight(reach)
         exps = b.op("Mul", exps, b.op("Exp", log_weight))
-        total = b.op("Add", lw.reduce("ReduceSum", exps), masking.dead)
+        total = b.op("Add", b.reduce("ReduceSum", exps), masking.dead)
         potential = b.op("Add", potential, log_weight)
-    lse = lw.emit(total if total is not None else lw.reduce("ReduceSum", exps), f"{name}.logsumexp",
+    lse = lw.emit(total if total is not None else b.reduce("ReduceSum", exps), f"{name}.logsumexp",
                   "softmax log-sum-exp", "Log", bounds=lse_bounds)
     lw.emit(b.op("Sub", potential, lw.receive(lse)), out.name, "softmax output", "Exp",
             bounds=lambda: lw.window(0.0, 1.0), out=out)
