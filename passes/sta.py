@@ -214,7 +214,7 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
     for node in region.nodes:  # mask, softmax and guard go; cleanup removes them
         node.outputs.clear()
     b = GraphBuilder(graph, prefix, graph.opset)
-    masking = Masking(b, attrs) if attrs["masking"] else None
+    masking = Masking(b, attrs["masks"]) if attrs["masks"] else None
     x = scores if masking is None else masking.scores(scores)
     first = b.op("Slice", x, b.const([0], np.int64), b.const([1], np.int64), b.const([-1], np.int64))
     clamped = b.op("Clip", b.op("Sub", x, first), b.const(EXP_DOMAIN[0]), b.const(EXP_DOMAIN[1]))

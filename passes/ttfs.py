@@ -296,24 +296,28 @@ EXACT_REACH = 1e30
 
 
 class Masking:
-    """A softmax's attention mask as time-invariant synaptic terms (the mask is built from inputs alone).
+    """A softmax's attention masks as time-invariant synaptic terms (masks are built from inputs alone).
 
-    The ANN computes softmax(z) with z = x + m (additive) or z = where(masked, C, x) (masked_fill), i.e.
-    z = keep * x + m in float. Per row, r = max(m) is subtracted: softmax is shift-invariant, and then
-    m' = m - r <= 0 with 0 at the row's unmasked entries. The scores are taken as (keep * x + r) - r, the
-    ANN's own float rounding: a fully masked row of finfo.min (or a fill) absorbs x and is uniform, as in
-    the ANN, a row of -1e4 rounds x as the ANN does, and an unmasked row (r = 0) keeps x bit for bit. A
-    row masked everywhere by -inf (r = -inf; the ANN gives NaN, sdpa's guard 0) gives 0: a constant input
-    of 1 to its log-sum-exp neuron keeps that neuron in range, and every weight e^m' is 0."""
+    The ANN computes softmax(z) with z from the scores x through the region's masks (x + m for an additive
+    one, where(masked, C, x) for a masked_fill), i.e. z = keep * x + m in float. Per row, r = max(m) is
+    subtracted: softmax is shift-invariant, and then m' = m - r <= 0 with 0 at the row's unmasked entries.
+    The scores are taken as (keep * x + r) - r, the ANN's own float rounding: a fully masked row of
+    finfo.min (or a fill) absorbs x and is uniform, as in the ANN, a row of -1e4 rounds x as the ANN does,
+    and an unmasked row (r = 0) keeps x bit for bit. A row masked everywhere by -inf (r = -inf; the ANN
+    gives NaN, sdpa's guard 0) gives 0: a constant input of 1 to its log-sum-exp neuron keeps that neuron
+    in range, and every weight e^m' is 0."""
 
-    def __init__(self, b: GraphBuilder, attrs: dict):
+    def __init__(self, b: GraphBuilder, masks: list[dict]):
         self.b = b
-        if attrs["masking"] == "fill":
-            masked = attrs["mask"] if attrs["fill_when"] else b.op("Not", attrs["mask"])
-            self.keep = b.op("Cast", b.op("Not", masked), to=onnx.TensorProto.FLOAT)
-            mask = b.op("Where", masked, b.const(attrs["fill_value"]), b.const(0.0))
-        else:
-            self.keep, mask = None, attrs["mask"]
+        self.keep, mask = None, None
+        for step in masks:  # innermost first: z = keep * x + mask after each step
+            if step["form"] == "add":
+                mask = step["mask"] if mask is None else b.op("Add", mask, step["mask"])
+                continue
+            masked = step["mask"] if step["fill_when"] else b.op("Not", step["mask"])
+            kept = b.op("Cast", b.op("Not", masked), to=onnx.TensorProto.FLOAT)
+            self.keep = kept if self.keep is None else b.op("Mul", self.keep, kept)
+            mask = b.op("Where", masked, b.const(step["fill_value"]), mask if mask is not None else b.const(0.0))
         row_max = b.reduce("ReduceMax", mask)
         live = b.op("Greater", row_max, b.const(-np.inf))
         self.shift = b.op("Where", live, row_max, b.const(0.0))
@@ -346,7 +350,7 @@ def softmax(lw: Lowering, region: Region) -> None:
     _detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(scores)
-    masking = Masking(b, attrs) if attrs["masking"] else None
+    masking = Masking(b, attrs["masks"]) if attrs["masks"] else None
     count = scores.shape[-1] if scores.shape is not None and isinstance(scores.shape[-1], int) else None
     if lw.options.max_layer:
         reach = 0.0 if masking is None else \
