@@ -42,7 +42,8 @@ class MaskedAttention(nn.Module):
 
     add: scores + where(allowed, 0, value) (transformers' eager attention); add_mul: scores + (1 - allowed)
     * value (BERT-era code); fill: scores.masked_fill(~allowed, value) (DeBERTa); keep: where(allowed, scores,
-    value); chain: the causal part by where, then the padding mask added; sdpa / sdpa_float:
+    value); chain: the causal part by where, then the padding mask added; alibi: ALiBi's distance bias
+    (soft: part of it must stay in the potentials), then the padding mask added; sdpa / sdpa_float:
     scaled_dot_product_attention with a boolean / an additive mask. ``causal``: None, "constant" (a -inf
     buffer, folded into a constant Add) or "computed" (from the sequence length); ``window``: sliding."""
 
@@ -81,27 +82,33 @@ class MaskedAttention(nn.Module):
             elif self.form == "chain":
                 scores = torch.where(causal, scores, self.value)
                 scores = scores + torch.where(attention_mask[:, None, None, :].bool(), 0.0, self.value)
+            elif self.form == "alibi":
+                slopes = torch.tensor([1.5, 4.0])[:, None, None]
+                bias = -slopes * distance.abs()
+                scores = scores + bias + torch.where(allowed, 0.0, self.value)
             y = scores.softmax(-1) @ v
         return self.out(y.transpose(1, 2).reshape(b, s, DIM))
 
 
-# name -> (MaskedAttention arguments, whether the ANN is finite on a fully masked row)
+# name -> (MaskedAttention arguments, whether the ANN is finite on a fully masked row, the masks the softmax
+# region takes in: a folded causal mask is a constant, ALiBi's bias a computed additive mask)
 FORMS = {
-    "add-finfo-min": (dict(form="add"), True),
-    "add-1e4": (dict(form="add_mul", value=-1e4), True),
-    "add-100": (dict(form="add_mul", value=-100.0), True),
-    "add-inf": (dict(form="add", value=INF), False),
-    "fill-finfo-min": (dict(form="fill"), True),
-    "fill-inf": (dict(form="fill", value=INF), False),
-    "keep-finfo-min": (dict(form="keep"), True),
-    "sdpa-bool": (dict(form="sdpa"), True),
-    "sdpa-float": (dict(form="sdpa_float"), True),
-    "causal-constant": (dict(form="add", causal="constant"), True),
-    "causal-computed": (dict(form="add", causal="computed"), True),
-    "sliding-window": (dict(form="add", causal="computed", window=3), True),
-    "sdpa-causal": (dict(form="sdpa", causal="computed"), True),
-    "sdpa-sliding-window": (dict(form="sdpa", causal="computed", window=3), True),
-    "chain": (dict(form="chain"), True),
+    "add-finfo-min": (dict(form="add"), True, ["add"]),
+    "add-1e4": (dict(form="add_mul", value=-1e4), True, ["add"]),
+    "add-100": (dict(form="add_mul", value=-100.0), True, ["add"]),
+    "add-inf": (dict(form="add", value=INF), False, ["add"]),
+    "fill-finfo-min": (dict(form="fill"), True, ["fill"]),
+    "fill-inf": (dict(form="fill", value=INF), False, ["fill"]),
+    "keep-finfo-min": (dict(form="keep"), True, ["fill"]),
+    "sdpa-bool": (dict(form="sdpa"), True, ["add"]),
+    "sdpa-float": (dict(form="sdpa_float"), True, ["add"]),
+    "causal-constant": (dict(form="add", causal="constant"), True, ["add", "add"]),
+    "causal-computed": (dict(form="add", causal="computed"), True, ["add"]),
+    "sliding-window": (dict(form="add", causal="computed", window=3), True, ["add"]),
+    "sdpa-causal": (dict(form="sdpa", causal="computed"), True, ["add"]),
+    "sdpa-sliding-window": (dict(form="sdpa", causal="computed", window=3), True, ["add"]),
+    "chain": (dict(form="chain"), True, ["fill", "add"]),
+    "alibi": (dict(form="alibi"), True, ["add", "add"]),
 }
 
 
@@ -128,7 +135,7 @@ def exported(tmp_path_factory):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(MaskedAttention(**FORMS[name][0]).eval(), example, str(path), dynamo=False,
                                   opset_version=17, input_names=["x", "attention_mask"], output_names=["y"],
-                                  dynamic_axes={"x": {0: "batch"}, "attention_mask": {0: "batch"}, "y": {0: "batch"}})
+                                  dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("x", "attention_mask", "y")})
             cache[name] = path
         return cache[name]
 
@@ -182,17 +189,18 @@ def check_method(method: str, model, calib: dict, feeds: dict, output: str) -> d
 @pytest.mark.parametrize("form", list(FORMS))
 def test_mask_form(exported, form, method):
     path = exported(form)
-    fully_masked = FORMS[form][1]
+    _, fully_masked, masks = FORMS[form]
     regions = find_regions(gs.import_onnx(canonicalize(load_model(path))))
     (softmax,) = [r for r in regions if r.kind == "softmax"]
-    assert softmax.attrs["masks"], "the mask belongs to the softmax region"
+    assert [m["form"] for m in softmax.attrs["masks"]] == masks
+    assert softmax.attrs["nan_guard"] == (form.startswith("sdpa-") and form != "sdpa-float")  # sdpa: bool masks
     check_method(method, path, attention_data(32, 1, fully_masked), attention_data(8, 2, fully_masked), "y")
 
 
 
 @pytest.mark.parametrize("options", [dict(max_layer=False), dict(precision=2**20), dict(precision=2**20, max_layer=False)],
                          ids=["no-max-layer", "clock", "clock-no-max-layer"])
-@pytest.mark.parametrize("form", ["sdpa-bool", "fill-finfo-min", "add-1e4", "chain"])
+@pytest.mark.parametrize("form", ["sdpa-bool", "fill-finfo-min", "add-1e4", "chain", "alibi"])
 def test_ttfs_softmax_variants_take_masks(exported, form, options):
     """Without the max layer a masked softmax gets its own masked-scores layer; on a clock of precision p
     every spike time is rounded. Measured <= 6e-7 and <= 1.7e-4 (-1e4: the ANN rounds x to its grid)."""
