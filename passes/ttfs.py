@@ -118,7 +118,7 @@ class Lowering:
     """Builds sites and their readers, exactly (calibration, ``ranges`` None) or as spikes."""
 
     def __init__(self, graph: gs.Graph, options: TTFSOptions, ranges: dict[str, Window] | None, opset: int):
-        self.graph, self.options, self.ranges, self.opset = graph, options, ranges, opset
+        self.graph, self.options, self.ranges = graph, options, ranges
         self.spiking = ranges is not None
         self.sites: dict[str, Site] = {}
         self.by_tensor: dict[int, Site] = {}

@@ -112,15 +112,20 @@ FORMS = {
 }
 
 
-def attention_data(samples: int, seed: int, fully_masked: bool = True) -> dict[str, np.ndarray]:
-    """Rows cycle through unpadded, right-padded (2), left-padded (3) and, if asked, fully masked."""
-    rng = np.random.default_rng(seed)
-    mask = np.ones((samples, SEQ), np.int64)
-    mask[1::4, SEQ - 2:] = 0
-    mask[2::4, :3] = 0
+def padding_mask(samples: int, length: int, fully_masked: bool = True) -> np.ndarray:
+    """Rows cycle through unpadded, right-padded (a third), left-padded (half) and, if asked, fully masked."""
+    mask = np.ones((samples, length), np.int64)
+    mask[1::4, length - length // 3:] = 0
+    mask[2::4, :length // 2] = 0
     if fully_masked:
         mask[3::4] = 0
-    return {"x": rng.standard_normal((samples, SEQ, DIM)).astype(np.float32), "attention_mask": mask}
+    return mask
+
+
+def attention_data(samples: int, seed: int, fully_masked: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((samples, SEQ, DIM)).astype(np.float32),
+            "attention_mask": padding_mask(samples, SEQ, fully_masked)}
 
 
 @pytest.fixture(scope="module")
@@ -278,14 +283,9 @@ _TEXT_SEQ = 8
 
 
 def text_data(samples: int, seed: int, empty: bool = True) -> dict[str, np.ndarray]:
-    """Rows cycle through unpadded, right-padded (3), left-padded (3) and, if asked, empty."""
     rng = np.random.default_rng(seed)
-    mask = np.ones((samples, _TEXT_SEQ), np.int64)
-    mask[1::4, _TEXT_SEQ - 3:] = 0
-    mask[2::4, :3] = 0
-    if empty:
-        mask[3::4] = 0
-    return {"input_ids": rng.integers(1, 1000, (samples, _TEXT_SEQ)).astype(np.int64), "attention_mask": mask}
+    return {"input_ids": rng.integers(1, 1000, (samples, _TEXT_SEQ)).astype(np.int64),
+            "attention_mask": padding_mask(samples, _TEXT_SEQ, empty)}
 
 
 @pytest.fixture(scope="module")
