@@ -80,11 +80,15 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def _is_contrib(domain: str | None, op: str, opset: int) -> bool:
-    """An op of onnxruntime's own (or its NCHWc layout), including its two default-domain ops."""
-    if domain in (MS, NCHWC):
-        return True
-    return domain in (None, "", "ai.onnx") and (op == "SimplifiedLayerNormalization"
-                                                or (op == "LayerNormalization" and opset < 17))
+    """An onnxruntime op this pass expands or refuses; other contrib ops are left to the later passes."""
+    key = _key(domain, op)
+    if key == ("", "LayerNormalization"):
+        return opset < 17
+    return key in _SPECS or key in _REFUSED or domain == NCHWC
+
+
+def _key(domain: str | None, op: str) -> tuple[str, str]:
+    return ("" if domain in (None, "", "ai.onnx") else domain), op
 
 
 def _export(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -265,12 +269,10 @@ class _Spec:
 
 def _expand(graph: gs.Graph, node: gs.Node, names: set[str]) -> None:
     """Replace `node` by its expansion, or raise (_Postpone: nothing emitted yet)."""
-    spec = _SPECS.get(("" if node.domain in (None, "", "ai.onnx") else node.domain, node.op))
-    if spec is None:
-        if node.domain == NCHWC:
-            raise _refuse(node, "onnxruntime's NCHWc layout (graph optimization level 99) is specific to the "
-                                "CPU that optimized the model; optimize with opt_level <= 2")
-        raise _refuse(node, "this onnxruntime contrib op is not supported; export or optimize without it")
+    key = _key(node.domain, node.op)
+    if node.domain == NCHWC or key in _REFUSED:
+        raise _refuse(node, _REFUSED.get(key, _NCHWC_REFUSAL))
+    spec = _SPECS[key]
     unknown = sorted(set(node.attrs) - set(spec.attrs))
     if unknown:
         raise _refuse(node, f"attribute {unknown[0]!r} is not supported")
@@ -770,6 +772,13 @@ def _rotary_embedding(em: _Emitter, node: gs.Node, attrs: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- registry
+
+_NCHWC_REFUSAL = ("onnxruntime's NCHWc layout (optimization level 99) depends on the CPU that optimized the model; "
+                  "optimize with opt_level <= 2")
+_REFUSED = {
+    # onnxruntime-genai's decoders: attention over a KV cache whose per-batch lengths select the keys
+    (MS, "GroupQueryAttention"): "KV-cache decoding attention is not supported; export the model without a KV cache",
+}
 
 _NORM_ATTRS = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
 _SPECS: dict[tuple[str, str], _Spec] = {
