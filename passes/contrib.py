@@ -178,14 +178,13 @@ class _Emitter:
             array = array.astype(np.float32)
         return gs.Constant(self._name("const"), array)
 
-    def __call__(self, op: str, *inputs, out: gs.Variable | None = None, outputs: int = 1, **attrs):
-        """Emit one node; returns its output (or the list of `outputs` outputs)."""
+    def __call__(self, op: str, *inputs, out: gs.Variable | None = None, **attrs) -> gs.Variable:
+        """Emit one node (None leaves an optional input out); returns its output."""
         name = self._name(op)
-        results = [out] if out is not None else [gs.Variable(self._name(f"{op}_output_{i}"))
-                                                  for i in range(outputs)]
+        result = out if out is not None else gs.Variable(self._name(f"{op}_output"))
         tensors = [gs.Variable.empty() if i is None else self.tensor(i) for i in inputs]
-        self.graph.nodes.append(gs.Node(op, name, attrs, inputs=tensors, outputs=results))
-        return results[0] if outputs == 1 else results
+        self.graph.nodes.append(gs.Node(op, name, attrs, inputs=tensors, outputs=[result]))
+        return result
 
     def node_with_outputs(self, op: str, inputs: list, outputs: list[gs.Variable | None], **attrs) -> None:
         """A node with several optional outputs: None leaves an output out."""
@@ -209,9 +208,9 @@ class _Emitter:
         return self("Squeeze", vector, np.array([0], np.int64))
 
     def slice(self, x, start, end, axis: int, step: int = 1) -> gs.Variable:
-        """x[start:end] along `axis`; start/end are ints or 1-element tensors."""
-        bound = lambda v: np.array([v], np.int64) if isinstance(v, int) else v  # noqa: E731
-        return self("Slice", x, bound(start), bound(end), np.array([axis], np.int64), np.array([step], np.int64))
+        """x[start:end:step] along `axis`; start/end are ints or 1-element tensors."""
+        start, end = (np.array([v], np.int64) if isinstance(v, int) else v for v in (start, end))
+        return self("Slice", x, start, end, np.array([axis], np.int64), np.array([step], np.int64))
 
 
 # ----------------------------------------------------------------------------- node facts
@@ -234,7 +233,7 @@ def _input(node: gs.Node, index: int) -> gs.Tensor | None:
     return None
 
 
-def _rank(node: gs.Node, tensor: gs.Tensor) -> int:
+def _rank(tensor: gs.Tensor) -> int:
     if tensor.shape is None:
         raise _Postpone(tensor)
     return len(tensor.shape)
@@ -339,7 +338,7 @@ def _layer_norm_v1(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     x, scale, bias = node.inputs[0], node.inputs[1], _input(node, 2)
     _check_float(node, x, scale, bias)
     _check_stash(node, attrs)
-    rank = _rank(node, x) if attrs["axis"] >= 0 else None
+    rank = _rank(x) if attrs["axis"] >= 0 else None
     _layer_norm(em, x, scale, bias, attrs["epsilon"], attrs["axis"], rank, _output(node, 0, em.graph),
                 _output(node, 1, em.graph), _output(node, 2, em.graph))
 
@@ -348,7 +347,7 @@ def _simplified_layer_norm(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     x, scale = node.inputs[0], node.inputs[1]
     _check_float(node, x, scale)
     _check_stash(node, attrs)
-    rank = _rank(node, x) if attrs["axis"] >= 0 else None
+    rank = _rank(x) if attrs["axis"] >= 0 else None
     _rms_norm(em, x, scale, attrs["epsilon"], attrs["axis"], rank, _output(node, 0, em.graph),
               _output(node, 1, em.graph))
 
@@ -414,9 +413,9 @@ def _embed_layer_norm(em: _Emitter, node: gs.Node, attrs: dict) -> None:
 # ----------------------------------------------------------------------------- activations
 
 
-def _gelu_erf(em: _Emitter, x, out) -> None:
+def _gelu_erf(em: _Emitter, x, out=None) -> gs.Variable:
     """0.5 * x * (1 + erf(x / sqrt(2))), as the TorchScript exporter writes nn.GELU()."""
-    em("Mul", em("Mul", x, em("Add", em("Erf", em("Div", x, np.float32(math.sqrt(2.0)))), np.float32(1.0))),
+    return em("Mul", em("Mul", x, em("Add", em("Erf", em("Div", x, np.float32(math.sqrt(2.0)))), np.float32(1.0))),
        np.float32(0.5), out=out)
 
 
@@ -461,9 +460,7 @@ def _bias_split_gelu(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     if width % 2:
         raise _refuse(node, f"the bias width {width} is odd")
     biased = em("Add", x, bias)
-    right = em.slice(biased, width // 2, width, -1)
-    gelu = gs.Variable(em._name("gelu"))
-    _gelu_erf(em, right, gelu)
+    gelu = _gelu_erf(em, em.slice(biased, width // 2, width, -1))
     em("Mul", em.slice(biased, 0, width // 2, -1), gelu, out=_output(node, 0, em.graph))
 
 
@@ -487,7 +484,7 @@ def _fused_matmul(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     operands = []
     for tensor, transposed in ((a, attrs["transA"]), (b, attrs["transB"])):
         if transposed:
-            rank = _rank(node, tensor)
+            rank = _rank(tensor)
             if rank < 2:
                 raise _refuse(node, f"input '{tensor.name}' of rank {rank} cannot be transposed")
             tensor = em("Transpose", tensor, perm=[*range(rank - 2), rank - 1, rank - 2])
@@ -593,7 +590,7 @@ def _additive_mask(em: _Emitter, node: gs.Node, qkv: _Heads, key, mask, mask_fil
     additive = None
     total = em.dim(key, 2)  # T: past + new keys
     if mask is not None:
-        rank = _rank(node, mask)
+        rank = _rank(mask)
         if rank == 1:
             additive = _mask_from_lengths(em, mask, total, mask_filter, batch=em.dim(qkv.query, 0))
         elif rank in (2, 3):
@@ -682,13 +679,13 @@ def _multi_head_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     _check_float(node, query, key, value, bias, attention_bias, past_key, past_value)
     if _input(node, 8) is not None or _input(node, 9) is not None:
         raise _refuse(node, "past_sequence_length / cache_indirection are not supported")
-    if key is None or value is None or _rank(node, query) != 3:
+    if key is None or value is None or _rank(query) != 3:
         raise _refuse(node, "packed QKV/KV layouts are not supported (onnxruntime's CPU kernel does not implement them)")
     if (past_key is None) != (past_value is None):
         raise _refuse(node, "past_key and past_value must be given together")
     heads = int(attrs["num_heads"])
     hidden = _static_dim(node, query, 2, "the query width")
-    key_rank, value_rank = _rank(node, key), _rank(node, value)
+    key_rank, value_rank = _rank(key), _rank(value)
     if key_rank != value_rank or key_rank not in (3, 4):
         raise _refuse(node, "key and value must both be 3D (B, L, D) or both 4D (B, N, L, H)")
     if key_rank == 4 and (bias is not None or past_key is not None):
@@ -727,7 +724,7 @@ def _rotary_embedding(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     _check_float(node, x, cos_cache, sin_cache)
     if attrs["is_packed_batching"]:
         raise _refuse(node, "is_packed_batching is not supported")
-    rank = _rank(node, x)
+    rank = _rank(x)
     if rank not in (3, 4):
         raise _refuse(node, f"a {rank}D input is not supported (3D or 4D)")
     half = _static_dim(node, cos_cache, 1, "the cos_cache width")
@@ -744,7 +741,7 @@ def _rotary_embedding(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     if rotary != 2 * half or rotary > head_size:
         raise _refuse(node, f"rotary_embedding_dim {rotary} does not match the cos_cache width {half} "
                             f"and head size {head_size}")
-    if _rank(node, position_ids) == 1:  # one offset: positions offset, offset + 1, ...
+    if _rank(position_ids) == 1:  # one offset: positions offset, offset + 1, ...
         steps = em("Range", np.int64(0), em.scalar(em.dim(x, 2 if rank == 4 else 1)), np.int64(1))
         position_ids = em("Unsqueeze", em("Add", steps, em.scalar(position_ids)), np.array([0], np.int64))
     heads_axis = np.array([1 if rank == 4 else 2], np.int64)

@@ -104,6 +104,11 @@ def _norm_cases() -> dict[str, Case]:
         scale = f(5, 8) if axis == 1 else f(8)
         cases[f"rms-axis{axis}"] = Case("SimplifiedLayerNormalization", {"x": x}, {"g": scale}, ["x", "g"],
                                         ["y", "inv_std"], {"epsilon": 1e-6, "axis": axis}, domain="")
+    for opset in (14, 18):  # ReduceMean's axes: an attribute before 18, an input from 18
+        cases[f"rms-opset{opset}"] = Case("SimplifiedLayerNormalization", {"x": x}, {"g": f(8)}, ["x", "g"], ["y"],
+                                          {"epsilon": 1e-6}, domain="", opset=opset)
+    cases["layernorm-axis1-opset14"] = Case("LayerNormalization", {"x": x}, {"g": f(5, 8)}, ["x", "g"], ["y"],
+                                            {"axis": 1}, domain="", opset=14)
     cases["layernorm-opset14"] = Case("LayerNormalization", {"x": x}, {"g": f(8), "b": f(8)}, ["x", "g", "b"],
                                       ["y", "mean", "inv_std"], {"epsilon": 1e-6}, domain="", opset=14)
     ids = rng.integers(0, 20, (3, 6)).astype(np.int32)
