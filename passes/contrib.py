@@ -13,7 +13,7 @@ and quantizer as in the unfused model.
 The semantics are onnxruntime's CPU kernels', attribute by attribute (tests/test_contrib.py runs each
 op and its expansion through onnxruntime). What cannot be expanded exactly (an attribute, input or
 layout the CPU kernels do not implement, a type other than float32) is refused with one line naming
-the node; a node that is refused is never left half-converted.
+the node. Contrib ops this pass does not know are left as they are, for the later passes to judge.
 """
 
 from __future__ import annotations
@@ -114,9 +114,7 @@ def onnxruntime_schemas() -> Iterator[None]:
     added = []
     try:
         for schema in _ort_default_domain_schemas():
-            if not onnx.defs.has(schema.name, schema.since_version, schema.domain) \
-                    or onnx.defs.get_schema(schema.name, schema.since_version, schema.domain).since_version \
-                    != schema.since_version:
+            if not onnx.defs.has(schema.name, schema.since_version, schema.domain):
                 onnx.defs.register_schema(schema)
                 added.append(schema)
         yield
@@ -415,15 +413,15 @@ def _embed_layer_norm(em: _Emitter, node: gs.Node, attrs: dict) -> None:
 
 def _gelu_erf(em: _Emitter, x, out=None) -> gs.Variable:
     """0.5 * x * (1 + erf(x / sqrt(2))), as the TorchScript exporter writes nn.GELU()."""
-    return em("Mul", em("Mul", x, em("Add", em("Erf", em("Div", x, np.float32(math.sqrt(2.0)))), np.float32(1.0))),
-       np.float32(0.5), out=out)
+    erf = em("Erf", em("Div", x, np.float32(math.sqrt(2.0))))
+    return em("Mul", em("Mul", x, em("Add", erf, np.float32(1.0))), np.float32(0.5), out=out)
 
 
-def _gelu_tanh(em: _Emitter, x, out) -> None:
+def _gelu_tanh(em: _Emitter, x, out=None) -> gs.Variable:
     """0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))), as GPT-2's NewGELU exports."""
     inner = em("Add", x, em("Mul", em("Pow", x, np.float32(3.0)), np.float32(0.044715)))
     tanh = em("Tanh", em("Mul", inner, np.float32(math.sqrt(2.0 / math.pi))))
-    em("Mul", em("Mul", x, em("Add", tanh, np.float32(1.0))), np.float32(0.5), out=out)
+    return em("Mul", em("Mul", x, em("Add", tanh, np.float32(1.0))), np.float32(0.5), out=out)
 
 
 def _gelu(em: _Emitter, node: gs.Node, attrs: dict) -> None:
@@ -567,13 +565,14 @@ def _attention_core(em: _Emitter, node: gs.Node, qkv: _Heads, *, scale: float | 
     value, as the kernel does); attention_bias is added to it. Past keys/values are concatenated in
     front. Returns K and V with the past, for the present outputs."""
     key, value = qkv.key, qkv.value
+    past_length = np.zeros(1, np.int64) if past_key is None else em.dim(past_key, 2)
     if past_key is not None:
         key = em("Concat", past_key, key, axis=2, out=present_key)
         value = em("Concat", past_value, value, axis=2, out=present_value)
     scores = em("MatMul", qkv.query, em("Transpose", key, perm=[0, 1, 3, 2]))
     factor = np.float32(1.0 / math.sqrt(qkv.head_size)) if not scale else np.float32(scale)
     scores = em("Mul", scores, factor)
-    additive = _additive_mask(em, node, qkv, key, mask, mask_filter, causal)
+    additive = _additive_mask(em, node, qkv, key, mask, mask_filter, causal, past_length)
     if attention_bias is not None:
         additive = attention_bias if additive is None else em("Add", attention_bias, additive)
     if additive is not None:
@@ -585,7 +584,8 @@ def _attention_core(em: _Emitter, node: gs.Node, qkv: _Heads, *, scale: float | 
     return key, value
 
 
-def _additive_mask(em: _Emitter, node: gs.Node, qkv: _Heads, key, mask, mask_filter: float, causal: bool):
+def _additive_mask(em: _Emitter, node: gs.Node, qkv: _Heads, key, mask, mask_filter: float, causal: bool,
+                   past_length):
     """The mask onnxruntime's PrepareMask builds, broadcastable to (B, N, S, T), or None."""
     additive = None
     total = em.dim(key, 2)  # T: past + new keys
@@ -600,13 +600,13 @@ def _additive_mask(em: _Emitter, node: gs.Node, qkv: _Heads, key, mask, mask_fil
         else:
             raise _refuse(node, f"a {rank}D mask is not supported (the CPU kernel implements 1D, 2D and 3D masks)")
     if causal:
-        # query s sits at position P + s of the T keys (P = T - S past keys)
+        # query s sits at position P + s (P past keys) and sees keys up to it. The kernel's causal loop
+        # stops before the last query, which sees every key (all of them are before it in self-attention).
         queries = em.scalar(em.dim(qkv.query, 2))
-        past = em("Sub", em.scalar(total), queries)
-        query_positions = em("Range", past, em.scalar(total), np.int64(1))
-        key_positions = em("Range", np.int64(0), em.scalar(total), np.int64(1))
-        future = em("Greater", em("Unsqueeze", key_positions, np.array([0], np.int64)),
-                    em("Unsqueeze", query_positions, np.array([1], np.int64)))
+        rows = em("Unsqueeze", em("Range", np.int64(0), queries, np.int64(1)), np.array([1], np.int64))
+        key_positions = em("Unsqueeze", em("Range", np.int64(0), em.scalar(total), np.int64(1)), np.array([0], np.int64))
+        future = em("And", em("Greater", key_positions, em("Add", rows, past_length)),
+                    em("Less", rows, em("Sub", queries, np.int64(1))))
         additive = em("Where", future, np.float32(_LOWEST), np.float32(0.0) if additive is None else additive)
     return additive
 

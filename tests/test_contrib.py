@@ -220,6 +220,10 @@ def _attention_cases() -> dict[str, Case]:
                                   {}, ["q", "k", "v", "", "m"], ["y"], {**mha, "mask_filter_value": -300.0}),
         "mha-raw-3d-scale": Case("MultiHeadAttention", {**cross, "m": np.tile(np.eye(seq, kv_len, dtype=np.int32), (batch, 1, 1))},
                                  {}, ["q", "k", "v", "", "m"], ["y"], {**mha, "scale": 0.5}),
+        "mha-cross-causal": Case("MultiHeadAttention", cross, {}, ["q", "k", "v"], ["y"], {**mha, "unidirectional": 1}),
+        # a single query gets no causal mask from the kernel, whatever the keys
+        "mha-one-query-causal": Case("MultiHeadAttention", {**cross, "q": f(batch, 1, hidden)}, {}, ["q", "k", "v"], ["y"],
+                                     {**mha, "unidirectional": 1}),
         "mha-attention-bias": Case("MultiHeadAttention", {**cross, "ab": f(batch, heads, seq, kv_len)}, {},
                                    ["q", "k", "v", "", "", "ab"], ["y"], mha),
         "mha-4d-key-value": Case("MultiHeadAttention", {"q": query, "k": f(batch, heads, kv_len, hidden // heads),
