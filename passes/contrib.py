@@ -604,7 +604,8 @@ def _additive_mask(em: _Emitter, node: gs.Node, qkv: _Heads, key, mask, mask_fil
         # stops before the last query, which sees every key (all of them are before it in self-attention).
         queries = em.scalar(em.dim(qkv.query, 2))
         rows = em("Unsqueeze", em("Range", np.int64(0), queries, np.int64(1)), np.array([1], np.int64))
-        key_positions = em("Unsqueeze", em("Range", np.int64(0), em.scalar(total), np.int64(1)), np.array([0], np.int64))
+        keys = em("Range", np.int64(0), em.scalar(total), np.int64(1))
+        key_positions = em("Unsqueeze", keys, np.array([0], np.int64))
         future = em("And", em("Greater", key_positions, em("Add", rows, past_length)),
                     em("Less", rows, em("Sub", queries, np.int64(1))))
         additive = em("Where", future, np.float32(_LOWEST), np.float32(0.0) if additive is None else additive)
@@ -680,7 +681,8 @@ def _multi_head_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     if _input(node, 8) is not None or _input(node, 9) is not None:
         raise _refuse(node, "past_sequence_length / cache_indirection are not supported")
     if key is None or value is None or _rank(query) != 3:
-        raise _refuse(node, "packed QKV/KV layouts are not supported (onnxruntime's CPU kernel does not implement them)")
+        raise _refuse(node, "packed QKV/KV layouts are not supported "
+                            "(onnxruntime's CPU kernel does not implement them)")
     if (past_key is None) != (past_value is None):
         raise _refuse(node, "past_key and past_value must be given together")
     heads = int(attrs["num_heads"])
@@ -745,7 +747,8 @@ def _rotary_embedding(em: _Emitter, node: gs.Node, attrs: dict) -> None:
         steps = em("Range", np.int64(0), em.scalar(em.dim(x, 2 if rank == 4 else 1)), np.int64(1))
         position_ids = em("Unsqueeze", em("Add", steps, em.scalar(position_ids)), np.array([0], np.int64))
     heads_axis = np.array([1 if rank == 4 else 2], np.int64)
-    angles = [em("Unsqueeze", em("Gather", cache, position_ids, axis=0), heads_axis) for cache in (cos_cache, sin_cache)]
+    angles = [em("Unsqueeze", em("Gather", cache, position_ids, axis=0), heads_axis)
+              for cache in (cos_cache, sin_cache)]
     split = x if rank == 4 else em("Reshape", x, np.array([0, 0, -1, head_size], np.int64))
     rotated = em.slice(split, 0, rotary, -1) if rotary < head_size else split
     if attrs["interleaved"]:
