@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from spikec.errors import SpikecError
+from spikec.passes.contrib import decompose as decompose_contrib_ops
 
 # Initializers up to this many elements keep their values for shape inference: data propagation
 # needs shape-like constants, never weights.
@@ -24,7 +25,7 @@ _SHAPE_CONSTANT_MAX_ELEMENTS = 1024
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold, name and batch-relax `model`; `model` itself is left untouched."""
-    graph = gs.import_onnx(fold_constants(model))
+    graph = gs.import_onnx(fold_constants(decompose_contrib_ops(model)))
     name_nodes(graph)
     relax_batch_shapes(graph)
     squeeze_batch_constants(graph)

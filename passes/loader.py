@@ -14,6 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from spikec.errors import SpikecError
+from spikec.passes.contrib import onnxruntime_schemas
 
 MIN_OPSET = 13
 _IN_MEMORY = "<in-memory model>"
@@ -79,7 +80,8 @@ def _check_opset(model: onnx.ModelProto, where: str) -> None:
 
 def _run_checker(model: onnx.ModelProto | Path, where: str) -> None:
     try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else os.fspath(model))
+        with onnxruntime_schemas():  # what onnxruntime's optimizer writes (expanded by canonicalize)
+            onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else os.fspath(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise SpikecError(f"{where}: rejected by onnx.checker: {_one_line(exc)}") from exc
 
