@@ -14,6 +14,7 @@ from pathlib import Path
 
 from spikec import methods
 from spikec.errors import SpikecError
+from spikec.probe import Estimate
 from spikec.report import plots
 from spikec.report.build import SCATTER_VALUES
 from spikec.report.energy import ECMT_TABLE1, NOT_COUNTED, TTFSFORMER_RATIOS
@@ -148,11 +149,11 @@ def render_html(data: dict, directory: Path) -> str:
     sections.append(note(plots.LOG_NOTE))
 
     estimates = {
-        "running mean": "the running mean over T of its per-step values",
-        "running sum": "the sum over T of its per-step values",
-        "last step": "its last step (F of running means/sums inside compensation, or a time-invariant tensor)",
-        "graph output (after T steps)": "the graph output itself (the rate readout)",
-        "one pass": "the received (decoded) value itself",
+        Estimate.MEAN: "the running mean over T of its per-step values",
+        Estimate.SUM: "the sum over T of its per-step values",
+        Estimate.LAST: "its last step (F of running means/sums inside compensation, or a time-invariant tensor)",
+        Estimate.OUTPUT: "the graph output itself (the rate readout)",
+        Estimate.SINGLE: "the received (decoded) value itself",
     }
     used = dict.fromkeys(r["estimate"] for r in data["layers"])
     sections += [f"<h2>Per-layer error against the {data['layers_reference']} ({when})</h2>",

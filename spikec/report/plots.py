@@ -65,30 +65,31 @@ def plot_fidelity(data: dict, path: Path) -> None:
         return _plot_scatter(data, path)
     from matplotlib.ticker import MaxNLocator
 
+    references = data["fidelity"]
+    rows = [r for ref in references.values() for o in ref["outputs"].values() for r in o["per_t"]]
     panels = [("cosine", "cosine similarity"), ("relative_max_error", "relative max error")]
-    if data["classifier"]:
-        panels.append(("top1_agreement", "top-1 agreement"))
-        if any("accuracy" in r for ref in data["fidelity"].values() for o in ref["outputs"].values()
-               for r in o["per_t"]):
-            panels.append(("accuracy", "accuracy"))
+    panels += [(key, title) for key, title in (("top1_agreement", "top-1 agreement"), ("accuracy", "accuracy"))
+               if any(key in r for r in rows)]
     fig, axes = figure(1 + (len(panels) > 2), 2, (10, 3.4 * (1 + (len(panels) > 2))))
+
+    def tag(label: str, name: str) -> str:
+        return label + (f" · {name}" if len(data["fidelity"][label]["outputs"]) > 1 else "")
+
     for ax, (key, title) in zip(axes.ravel(), panels):
         plotted = []
-        for label, reference in data["fidelity"].items():
-            for name, output in reference["outputs"].items():
-                rows = [r for r in output["per_t"] if key in r]
-                if not rows or (key == "accuracy" and label != data["references"][0]):
-                    continue  # the SNN's accuracy does not depend on the reference
-                tag = "SNN" if key == "accuracy" else f"vs {label}"
-                ax.plot([r["t"] for r in rows], [r[key] for r in rows], "o-",
-                        label=tag + (f" · {name}" if len(reference["outputs"]) > 1 else ""))
-                plotted += [r[key] for r in rows]
+        # the SNN's accuracy does not depend on the reference: one line, each reference's accuracy dashed
+        lines = [(data["references"][0], "SNN")] if key == "accuracy" else [(label, "vs ") for label in references]
+        for label, prefix in lines:
+            for name, output in references[label]["outputs"].items():
+                points = [r for r in output["per_t"] if key in r]
+                ax.plot([r["t"] for r in points], [r[key] for r in points], "o-",
+                        label=prefix + ("" if prefix == "SNN" else tag(label, name)))
+                plotted += [r[key] for r in points]
         if key == "accuracy":
-            for label, reference in data["fidelity"].items():
+            for label, reference in references.items():
                 for name, output in reference["outputs"].items():
                     if "accuracy" in output:
-                        ax.axhline(output["accuracy"], ls="--", color=f"C{len(ax.lines)}",
-                                   label=f"{label}" + (f" · {name}" if len(reference["outputs"]) > 1 else ""))
+                        ax.axhline(output["accuracy"], ls="--", color=f"C{len(ax.lines)}", label=tag(label, name))
         if key == "relative_max_error":
             log_axis(ax, plotted)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

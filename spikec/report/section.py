@@ -16,7 +16,6 @@ import onnx
 
 from spikec import graphinfo
 from spikec.errors import SpikecError
-from spikec.passes.timing import NEURON_OPS
 from spikec.runtime.metadata import SpikecMetadata
 
 # (file name without .png, alt text)
@@ -46,16 +45,20 @@ def site_row(site: str, kind: str, node: str, source: str, neurons: int, spikes:
             "spikes_per_neuron_per_step": per_sample / (neurons * steps) if neurons else 0.0, **extra}
 
 
+# neuron ops whose output is one spike code per neuron and step, a nonzero code being one spike (an IF
+# neuron's output is k spikes' worth, k up to its burst)
+SPIKE_CODE_OPS = ("MTNeuron", "STBIFNeuron")
+
+
 class Section:
-    """The default section: every spikec neuron op whose output is its spike codes (MT, ST-BIF+), a spike
-    being a nonzero code."""
+    """The default section: the spikes of every neuron op of SPIKE_CODE_OPS."""
     title = "Spiking neurons"
     plots: tuple[Plot, ...] = ()
 
     def __init__(self, context: Context):
         self.context = context
         nodes = [n for n in context.snn.graph.node if n.domain == graphinfo.SPIKEC_DOMAIN
-                 and graphinfo.base_op(n) in NEURON_OPS - {"X2XEncoder", "UGO", "IFNeuron"}]
+                 and graphinfo.base_op(n) in SPIKE_CODE_OPS]
         self.neurons = {n.output[0]: n for n in nodes}
         # the tensor each neuron stands on, as the compile report names it (its input may be gated)
         self.tensor = {n["node"]: n["tensor"] for n in context.record.report.get("neurons", [])}

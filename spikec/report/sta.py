@@ -25,27 +25,56 @@ from spikec.runtime import ops
 
 @dataclass
 class _Probe:
-    """One X2X encoder (two IF neurons per element) or UGO (N hidden IF neurons per element)."""
+    """One X2X encoder (two IF neurons per element) or UGO (N hidden IF neurons per element), the probe
+    nodes that fire its neurons' spikes, and what they fired."""
     node: onnx.NodeProto
-    outputs: list[str]  # probe tensors: IF spike values (x, -x) or [..., N] hidden spike values
-    units: list[np.ndarray]  # theta / burst per probe output: spike value of one spike
+    nodes: list[onnx.NodeProto]  # added to the report's copy of the SNN
+    constants: list[onnx.TensorProto]
+    outputs: list[str]  # IF spike values: on x and on -x, or the hidden layer [..., N]
+    units: list[np.ndarray]  # theta / burst per output: the value of one spike
     burst: int
-    spikes: list[int] = field(default_factory=list)  # per probe output
-    per_unit: np.ndarray | None = None  # UGO: spikes per hidden unit
+    spikes: list[int] = field(init=False)  # per output
     bursts: np.ndarray = field(init=False)  # neuron-steps by spikes emitted, 0..burst
+    per_unit: np.ndarray | None = None  # UGO: spikes per hidden unit
     elements: int = 0  # input elements seen, all steps
 
     def __post_init__(self):
         self.spikes = [0] * len(self.outputs)
         self.bursts = np.zeros(self.burst + 1, np.int64)
+        if self.ugo:
+            self.per_unit = np.zeros(self.units[0].size, np.int64)
 
     @property
     def ugo(self) -> bool:
         return graphinfo.base_op(self.node) == "UGO"
 
 
-def _attribute(node: onnx.NodeProto, name: str) -> int:
-    return next(a.i for a in node.attribute if a.name == name)
+def _probe(node: onnx.NodeProto, context: Context) -> _Probe:
+    """IFNeuron ops fed what ``node``'s IF steps are fed, with its thresholds and attributes."""
+    attrs = {a.name: a.i for a in node.attribute}
+    prefix, nodes, constants = f"{node.name}/probe", [], []
+
+    def neuron(x: str, threshold: str, suffix: str) -> str:
+        out = f"{prefix}.{suffix}"
+        nodes.append(helper.make_node("IFNeuron", [x, threshold], [out], f"{prefix}/{suffix}", domain=ops.DOMAIN,
+                                      **attrs))
+        return out
+
+    burst = np.float32(attrs["burst"])
+    if graphinfo.base_op(node) == "UGO":  # the hidden axis last: the thresholds broadcast as per-channel ones
+        x, w1, b1, theta = node.input[:4]
+        axis, hidden, scaled, shifted = (f"{prefix}.{s}" for s in ("axis", "x", "w1x", "w1x_b1"))
+        constants.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), axis))
+        nodes += [helper.make_node("Unsqueeze", [x, axis], [hidden]), helper.make_node("Mul", [hidden, w1], [scaled]),
+                  helper.make_node("Add", [scaled, b1], [shifted])]
+        outputs, thresholds = [neuron(shifted, theta, "hidden")], [theta]
+    else:
+        x, theta_pos, theta_neg = node.input[:3]
+        nodes.append(helper.make_node("Neg", [x], [f"{prefix}.negated"]))
+        outputs = [neuron(x, theta_pos, "positive"), neuron(f"{prefix}.negated", theta_neg, "negative")]
+        thresholds = [theta_pos, theta_neg]
+    units = [context.initializer(t).astype(np.float32) / burst for t in thresholds]
+    return _Probe(node, nodes, constants, outputs, units, attrs["burst"])
 
 
 class STASection(Section):
@@ -54,45 +83,17 @@ class STASection(Section):
 
     def __init__(self, context: Context):
         super().__init__(context)
-        self.probes = [_Probe(n, [], [], _attribute(n, "burst")) for n in context.snn.graph.node
+        self.probes = [_probe(n, context) for n in context.snn.graph.node
                        if n.domain == graphinfo.SPIKEC_DOMAIN and graphinfo.base_op(n) in ("X2XEncoder", "UGO")]
 
     def model(self, snn: onnx.ModelProto) -> onnx.ModelProto:
         probed = onnx.ModelProto()
         probed.CopyFrom(snn)
-        graph = probed.graph
-        opset = ops.default_opset(snn)
         for probe in self.probes:
-            node, prefix = probe.node, f"{probe.node.name}/probe"
-            attrs = {a.name: a.i for a in node.attribute}
-            theta = self.context.initializer(node.input[3 if probe.ugo else 1]).astype(np.float32)
-
-            def neuron(x: str, threshold: str, suffix: str) -> str:
-                out = f"{prefix}.{suffix}"
-                graph.node.append(helper.make_node("IFNeuron", [x, threshold], [out], f"{prefix}/{suffix}",
-                                                   domain=ops.DOMAIN, **attrs))
-                return out
-
-            burst = np.float32(probe.burst)
-            if probe.ugo:  # the hidden axis last, so that the thresholds broadcast as per-channel parameters
-                axis, hidden, pre = f"{prefix}.axis", f"{prefix}.x", f"{prefix}.pre"
-                graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), axis))
-                graph.node.extend([helper.make_node("Unsqueeze", [node.input[0], axis], [hidden]),
-                                   helper.make_node("Mul", [hidden, node.input[1]], [pre]),
-                                   helper.make_node("Add", [pre, node.input[2]], [f"{pre}.b1"])])
-                probe.outputs = [neuron(f"{pre}.b1", node.input[3], "hidden")]
-                probe.units = [theta / burst]
-                probe.per_unit = np.zeros(theta.size, np.int64)
-            else:
-                negated = f"{prefix}.negated"
-                graph.node.append(helper.make_node("Neg", [node.input[0]], [negated]))
-                theta_neg = self.context.initializer(node.input[2]).astype(np.float32)
-                probe.outputs = [neuron(node.input[0], node.input[1], "positive"),
-                                 neuron(negated, node.input[2], "negative")]
-                probe.units = [theta / burst, theta_neg / burst]
-            probe.spikes = [0] * len(probe.outputs)
+            probed.graph.node.extend(probe.nodes)
+            probed.graph.initializer.extend(probe.constants)
         if self.probes and not any(f.name == "IFNeuron" for f in probed.functions):
-            probed.functions.extend(ops.functions_for({"IFNeuron"}, opset))
+            probed.functions.extend(ops.functions_for({"IFNeuron"}, ops.default_opset(snn)))
         return probed
 
     def tensors(self) -> list[str]:

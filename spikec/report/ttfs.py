@@ -2,6 +2,7 @@
 operations (the paper's Table 3, which the energy model counts), and the depth in windows."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import numpy as np
 import onnx
 
 from spikec import graphinfo
+from spikec.errors import SpikecError
 from spikec.report import plots
 from spikec.report.energy import spike_source
 from spikec.report.page import note, table
 from spikec.report.section import Context, Section, site_row
+from spikec.runtime.metadata import SpikecMetadata
 from spikec.runtime.ttfs import EMIT
 
 TIME_BINS = 20  # spike-time histogram bins over the emitting window [0, delta)
@@ -51,6 +54,24 @@ def table3(constructions: list[dict], shapes: Mapping[str, list[int]]) -> list[d
             neurons, ops = count * neurons, count * ops
         rows.append({**c, "neurons": int(neurons), "operations": int(ops)})
     return rows
+
+
+def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
+                  batch_size: int = 32) -> list[dict]:
+    """What every site of a TTFS model does on ``feeds`` (the report's site rows, without a reference
+    model): neurons, spikes, spike times and clipping."""
+    from spikec.calibrate import run_batches
+    from spikec.report.build import load
+
+    model = snn if isinstance(snn, onnx.ModelProto) else load(snn, "SNN")
+    record = SpikecMetadata.read(model)
+    if record is None or record.method != "ttfs":
+        raise SpikecError(f"model {snn if not isinstance(snn, onnx.ModelProto) else '(in memory)'}: not a ttfs model "
+                          f"(compile it with --method ttfs)")
+    section = TTFSSection(Context(model, record, 1, len(next(iter(feeds.values()))), graphinfo.sample_shapes(model)))
+    for values in run_batches(model, feeds, section.tensors(), batch_size=batch_size, progress=False):
+        section.add(values)
+    return section.sites()
 
 
 class TTFSSection(Section):
