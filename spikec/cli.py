@@ -313,7 +313,8 @@ def cmd_report(args) -> int:
             last = output["per_t"][-1]
             print(f"{name} vs {label}" + (f" at T={last['t']}" if data["stepped"] else "")
                   + f": cosine {last['cosine']:.4f}"
-                  + (f", accuracy {last['accuracy']:.4f} ({label} {output['accuracy']:.4f})" if "accuracy" in last else ""))
+                  + (f", accuracy {last['accuracy']:.4f} ({label} {output['accuracy']:.4f})"
+                     if "accuracy" in last else ""))
     energy = data["energy"]
     print(f"energy SNN/ANN {energy['ratio']:.3f} (papers' convention {energy['ratio_paper_convention']:.3f})")
     print(f"wrote {index} (plots, report.json)")

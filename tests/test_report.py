@@ -13,11 +13,13 @@ from onnx import TensorProto, helper
 
 import spikec
 from examples import fixtures
-from spikec import graphinfo
+from spikec import graphinfo, methods
 from spikec.cli import inspect_model, main
 from spikec.errors import SpikecError
 from spikec.evaluate import cosine, fidelity
-from spikec.report import build_report, energy, plots
+from spikec.methods import Method
+from spikec.methods.ecmt import ECMT
+from spikec.report import build_report, energy, plots, write_report
 from spikec.report.section import Context
 from spikec.report.sta import STASection
 from spikec.runtime import equilibrium_steps
@@ -32,7 +34,8 @@ TOKENS, DIM, HEADS, MLP, BLOCKS, CLASSES = 17, 64, 4, 128, 4, 10
 HEAD_DIM = DIM // HEADS
 GELU_HIDDEN = 32  # STA's GELU UGO, the paper's size
 COMMON_PLOTS = ("fidelity", "layers", "firing", "energy")
-METHOD_PLOTS = {"ecmt": ("levels",), "spikezip": ("steps",), "sta": ("burst", "ugo"), "ttfs": ("spike_times", "clipping")}
+METHOD_PLOTS = {"ecmt": ("levels",), "spikezip": ("steps",), "sta": ("burst", "ugo"),
+                "ttfs": ("spike_times", "clipping")}
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +148,16 @@ def test_every_method_counts_energy_by_the_same_terms(made, spikezip_made, sta_m
     reports = [m["data"] for m in (made, spikezip_made, sta_made, ttfs_made)]
     for data in reports:
         e = data["energy"]
-        assert [(t["term"], t["rule"]) for t in e["snn"]["terms"]] == [(k, rule) for k, (_, rule) in energy.TERMS.items()]
+        rules = [(k, rule) for k, (_, rule) in energy.TERMS.items()]
+        assert [(t["term"], t["rule"]) for t in e["snn"]["terms"]] == rules
         # the same ANN: the same baseline for every method
-        assert e["ann"]["product_macs"] == 2_380_928 and e["ann"]["energy_pj"] == reports[0]["energy"]["ann"]["energy_pj"]
+        assert e["ann"]["product_macs"] == 2_380_928
+        assert e["ann"]["energy_pj"] == reports[0]["energy"]["ann"]["energy_pj"]
         snn_pj = sum(t["acs"] * 0.9 + t["macs"] * 4.6 for t in e["snn"]["terms"])
         assert e["ratio"] == pytest.approx(snn_pj / e["ann"]["energy_pj"])
         terms = {t["term"]: t for t in e["snn"]["terms"]}
-        paper_acs = terms["spike_products"]["acs"] + terms["ttfs_constructions"]["acs"] + e["snn"]["act_act_event_driven_acs"]
+        paper_acs = (terms["spike_products"]["acs"] + terms["ttfs_constructions"]["acs"]
+                     + e["snn"]["act_act_event_driven_acs"])
         assert e["ratio_paper_convention"] == pytest.approx(0.9 * paper_acs / (4.6 * e["ann"]["product_macs"]))
         # spike-driven ACs are what the sites fired times the fan-out of the products they feed
         spikes = {s["source"]: s["spikes_per_sample"] for s in data["sites"]}
@@ -448,6 +454,31 @@ def test_top1_agreement_only_for_classifier_outputs(tmp_path):
     assert "accuracy" not in data["fidelity"]["ANN"]["outputs"]["y"]
     html = (tmp_path / "out" / "index.html").read_text()
     assert "top-1" not in html and "accuracy" not in html
+
+
+class _PlainECMT(ECMT):
+    """ECMT registered under another name, with the default report section."""
+    name = "plain-ecmt"
+    report_section = Method.report_section
+
+
+def test_a_method_without_a_section_of_its_own_gets_the_common_report(tmp_path):
+    x = np.random.default_rng(2).standard_normal((16, 6)).astype(np.float32)
+    ann, snn = tmp_path / "regressor.onnx", tmp_path / "snn.onnx"
+    onnx.save(_regressor(), ann)
+    methods.register(_PlainECMT())
+    try:
+        spikec.compile(ann, {"x": x}, snn, method="plain-ecmt", timesteps=T, progress=False)
+        data = build_report(ann, snn, {"x": x})
+        write_report(data, tmp_path / "out")
+    finally:
+        del methods.METHODS["plain-ecmt"]
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.png")) == sorted(COMMON_PLOTS)
+    # the default section counts every MT neuron's nonzero codes: the input of each MatMul
+    codes = fetch(snn, [s["source"] for s in data["sites"]], {"x": x})
+    assert [s["site"] for s in data["sites"]] == ["x", "r"] and data["section"] == {}
+    for site in data["sites"]:
+        assert site["spikes_per_sample"] == np.count_nonzero(codes[site["source"]]) / len(x)
 
 
 def test_log_axes_are_not_dominated_by_zeros():

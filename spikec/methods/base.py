@@ -1,9 +1,9 @@
 """What a conversion method is: its options, its time semantics and its steps in the compile template.
 
 spikec/compiler.py runs one fixed template for every method (load, canonicalize, recognize, prepare,
-memory check, calibrate, rewrite, emit, verify, save); a method fills in the steps that are its own. A
-method is one module under spikec/methods/ exporting a ``Method`` and one entry in the registry
-(spikec/methods/__init__.py).
+memory check, calibrate, rewrite, emit, verify, save); a method fills in the steps that are its own, and
+names its section of `spikec report` (spikec/report/). A method is one module under spikec/methods/
+exporting a ``Method`` and one entry in the registry (spikec/methods/__init__.py).
 """
 from __future__ import annotations
 

@@ -68,7 +68,8 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     if record is None:
         raise SpikecError(f"SNN {snn}: not a spikec model (no spikec metadata); compile it with spikec first")
     if record.method not in methods.METHODS:
-        raise SpikecError(f"SNN {snn}: method {record.method!r} is not registered (known: {', '.join(methods.METHODS)})")
+        raise SpikecError(f"SNN {snn}: method {record.method!r} is not registered (known: "
+                          f"{', '.join(methods.METHODS)})")
     method = methods.get(record.method)
     if method.stepped and record.mode != "unrolled":
         raise SpikecError(f"SNN {snn}: report needs a time-unrolled spikec model (got mode {record.mode}); compile "

@@ -36,8 +36,8 @@ TERMS = {
     "spike_products": ("AC", "weight products fed by spikes: each spike costs one accumulate per output feature "
                              "it reaches (the product's MACs / its input elements). A spike is one event: an MT "
                              "neuron's spike at any level, an ST-BIF+ spike, each of an IF neuron's burst spikes, "
-                             "a UGO's hidden spikes (its w2 folded into the weights), a TTFS first spike. A TTFS weight "
-                             "product that reads a construction's output belongs to its layer II weighted sum, "
+                             "a UGO's hidden spikes (its w2 folded into the weights), a TTFS first spike. A TTFS "
+                             "weight product that reads a construction's output belongs to its layer II weighted sum, "
                              "whose inputs fire at most once: 1 AC per MAC"),
     "float_products": ("MAC", "products not fed by spikes, at every step: activation x activation products on "
                               "running means/sums (expectation compensation, SESA, TCSA) and products of analog "

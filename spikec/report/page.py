@@ -118,10 +118,12 @@ def render_html(data: dict, directory: Path) -> str:
     def picture(name: str, alt: str | None = None) -> str:
         return img(directory, name, alt or embed[name])
 
-    references = ", ".join(f"{label} <code>{html.escape(ref['model'])}</code>" for label, ref in data["fidelity"].items())
+    references = ", ".join(f"{label} <code>{html.escape(ref['model'])}</code>"
+                           for label, ref in data["fidelity"].items())
     sections = [f"<h1>spikec report: {html.escape(Path(data['snn']).name)}</h1>",
                 f"<p>SNN <code>{html.escape(data['snn'])}</code>: method <b>{html.escape(data['method'])}</b> "
-                f"({html.escape(data['paper'])}), {when}, options <code>{html.escape(json.dumps(data['options']))}</code>; "
+                f"({html.escape(data['paper'])}), {when}, options "
+                f"<code>{html.escape(json.dumps(data['options']))}</code>; "
                 f"measured against {references} on {data['samples']} samples.</p>"]
 
     keys, headings = _fidelity_columns(data)
@@ -167,7 +169,8 @@ def render_html(data: dict, directory: Path) -> str:
                      [[i, r["tensor"], r["op"], f"{r['snn_producer']} ({r['category']})", r["estimate"],
                        r["relative_max_error"], r["cosine"]] for i, r in enumerate(data["layers"])]) + "</details>"]
     if data["layers_skipped"]:
-        sections.append(table(["skipped tensor", "reason"], [[s["tensor"], s["reason"]] for s in data["layers_skipped"]]))
+        sections.append(table(["skipped tensor", "reason"],
+                              [[s["tensor"], s["reason"]] for s in data["layers_skipped"]]))
 
     per = "step" if stepped else "pass"
     sections += ["<h2>Firing per spiking site</h2>",

@@ -121,7 +121,8 @@ class TTFSSection(Section):
         return rows
 
     def constructions(self) -> list[dict]:
-        return table3(self.ttfs["constructions"], {s["site"]: shape for s, shape in zip(self.ttfs["sites"], self.shapes)})
+        shapes = {s["site"]: shape for s, shape in zip(self.ttfs["sites"], self.shapes)}
+        return table3(self.ttfs["constructions"], shapes)
 
     def finish(self) -> dict:
         return {"delta": self.ttfs["delta"], "precision": self.ttfs["precision"], "margin": self.ttfs["margin"],
