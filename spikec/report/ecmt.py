@@ -33,9 +33,22 @@ class _Levels:
             counts += np.bincount(k, minlength=self.levels)
 
 
+def _plot_levels(data: dict, path: Path) -> None:
+    lv = data["section"]
+    n = lv["levels"]
+    fig, axes = plots.figure(1, 1, (10, 4))
+    ax = axes[0, 0]
+    labels = [f"-θ2·2^{k}" for k in reversed(range(n))] + [f"θ1·2^{k}" for k in range(n)]
+    values = list(reversed(lv["negative_fraction"])) + list(lv["positive_fraction"])
+    ax.bar(np.arange(2 * n), values, color=["tab:orange"] * n + ["tab:blue"] * n)
+    ax.set_xticks(np.arange(2 * n), labels, rotation=60, fontsize=8)
+    ax.set(title="spikes per threshold level, all MT neurons (cf. ECMT Fig. 6)", ylabel="fraction of spikes")
+    plots.save(fig, path)
+
+
 class ECMTSection(Section):
     title = "Spikes per threshold level (ECMT)"
-    plots = (("levels", "spikes per threshold level"),)
+    plots = (("levels", "spikes per threshold level", _plot_levels),)
 
     def __init__(self, context: Context):
         super().__init__(context)
@@ -69,19 +82,6 @@ class ECMTSection(Section):
         total = max(int(positive.sum() + negative.sum()), 1)
         return {"levels": levels, "positive": positive.tolist(), "negative": negative.tolist(),
                 "positive_fraction": (positive / total).tolist(), "negative_fraction": (negative / total).tolist()}
-
-    @staticmethod
-    def plot(name: str, data: dict, path: Path) -> None:
-        lv = data["section"]
-        n = lv["levels"]
-        fig, axes = plots.figure(1, 1, (10, 4))
-        ax = axes[0, 0]
-        labels = [f"-θ2·2^{k}" for k in reversed(range(n))] + [f"θ1·2^{k}" for k in range(n)]
-        values = list(reversed(lv["negative_fraction"])) + list(lv["positive_fraction"])
-        ax.bar(np.arange(2 * n), values, color=["tab:orange"] * n + ["tab:blue"] * n)
-        ax.set_xticks(np.arange(2 * n), labels, rotation=60, fontsize=8)
-        ax.set(title="spikes per threshold level, all MT neurons (cf. ECMT Fig. 6)", ylabel="fraction of spikes")
-        plots.save(fig, path)
 
     @staticmethod
     def html(data: dict, img: Callable[..., str]) -> list[str]:

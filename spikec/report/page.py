@@ -4,7 +4,6 @@ for every method: summary, fidelity, per-layer error, firing, the method's secti
 from __future__ import annotations
 
 import base64
-import functools
 import html
 import json
 import os
@@ -42,8 +41,8 @@ def check_directory(directory: str | os.PathLike) -> Path:
     return out
 
 
-def plot_names(data: dict) -> list[tuple[str, str]]:
-    """Every plot of the report: the common ones, then the method's."""
+def all_plots(data: dict) -> list[tuple]:
+    """Every plot of the report, (name, alt, function): the common ones, then the method's."""
     return [*plots.COMMON, *methods.get(data["method"]).report_section().plots]
 
 
@@ -51,10 +50,8 @@ def write_report(data: dict, directory: str | os.PathLike) -> Path:
     """Write the PNG plots, report.json and index.html into ``directory`` (created if missing)."""
     out = check_directory(directory)
     out.mkdir(exist_ok=True)
-    section = methods.get(data["method"]).report_section()
-    for name, _ in plot_names(data):
-        plotter = plots.PLOTTERS.get(name) or functools.partial(section.plot, name)
-        plotter(data, out / f"{name}.png")
+    for name, _, plot in all_plots(data):
+        plot(data, out / f"{name}.png")
     atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
     atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(render_html(data, out), encoding="utf-8"))
     return out / "index.html"
@@ -113,7 +110,7 @@ def render_html(data: dict, directory: Path) -> str:
     e = data["energy"]
     stepped = data["stepped"]
     when = f"T={data['timesteps']}" if stepped else "one pass (time-to-first-spike)"
-    embed = dict(plot_names(data))
+    embed = {name: alt for name, alt, _ in all_plots(data)}
 
     def picture(name: str, alt: str | None = None) -> str:
         return img(directory, name, alt or embed[name])

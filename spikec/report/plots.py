@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-COMMON = (("fidelity", "output fidelity"), ("layers", "per-layer error"), ("firing", "firing per site"),
-          ("energy", "estimated energy"))
 LOG_NOTE = ("Log axes: where a series holds exact zeros (an exact layer, a step without spikes) the axis is "
             "symlog, linear from 0 up to the smallest positive value and logarithmic above, so the zeros show at "
             "0 and do not set the range.")
@@ -192,4 +190,6 @@ def plot_energy(data: dict, path: Path) -> None:
     save(fig, path)
 
 
-PLOTTERS = {"fidelity": plot_fidelity, "layers": plot_layers, "firing": plot_firing, "energy": plot_energy}
+# (file name without .png, alt text, function(data, path)): every report's plots
+COMMON = (("fidelity", "output fidelity", plot_fidelity), ("layers", "per-layer error", plot_layers),
+          ("firing", "firing per site", plot_firing), ("energy", "estimated energy", plot_energy))

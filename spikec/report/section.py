@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,8 +19,8 @@ from spikec import graphinfo
 from spikec.errors import SpikecError
 from spikec.runtime.metadata import SpikecMetadata
 
-# (file name without .png, alt text)
-Plot = tuple[str, str]
+# (file name without .png, alt text, function(data, path) drawing it from the report's data)
+Plot = tuple[str, str, Callable[[dict, Path], None]]
 
 
 @dataclass
@@ -103,10 +104,6 @@ class Section:
     def claimed_products(self) -> dict[str, str]:
         """SNN product nodes this method counts itself (in energy_counts), and the term they go to."""
         return {}
-
-    @staticmethod
-    def plot(name: str, data: dict, path: str | os.PathLike) -> None:
-        raise KeyError(name)
 
     @staticmethod
     def html(data: dict, img: Callable[[str, str], str]) -> list[str]:

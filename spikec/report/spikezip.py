@@ -29,9 +29,27 @@ def is_quantized(path: str | os.PathLike) -> bool:
     return any(r.kind == "quantizer" for r in find_regions(gs.import_onnx(canonicalize(load(path, "ANN")))))
 
 
+def _plot_steps(data: dict, path: Path) -> None:
+    z = data["section"]
+    steps = len(z["spikes_per_step"])
+    fig, axes = plots.figure(1, 2, (12, 4))
+    ax = axes[0, 0]
+    t = np.arange(1, steps + 1)
+    ax.plot(t, z["spikes_per_step"], "o-")
+    plots.log_axis(ax, z["spikes_per_step"])
+    ax.set(title="spikes per sample at each step (all ST-BIF+ neurons)", xlabel="step t", ylabel="spikes / sample")
+    ax = axes[0, 1]
+    ax.bar(t, z["t_eq_histogram"], label="quiet after T_eq")
+    if z["not_quiet"]:
+        ax.bar([steps + 1], [z["not_quiet"]], color="tab:red", label=f"still firing at T={steps}")
+    ax.set(title="T_eq: the last step with a spike, per sample", xlabel="T_eq", ylabel="samples")
+    ax.legend(fontsize=8)
+    plots.save(fig, path)
+
+
 class SpikeZIPSection(Section):
     title = "Equilibrium steps and spikes per step (SpikeZIP-TF)"
-    plots = (("steps", "spikes per step and T_eq"),)
+    plots = (("steps", "spikes per step and T_eq", _plot_steps),)
 
     def __init__(self, context: Context):
         super().__init__(context)
@@ -65,24 +83,6 @@ class SpikeZIPSection(Section):
                 "not_quiet": len(t_eq) - len(reached),
                 "mean_t_eq": float(np.mean(reached)) if reached else None,
                 "max_t_eq": max(reached) if reached else None}
-
-    @staticmethod
-    def plot(name: str, data: dict, path: Path) -> None:
-        z = data["section"]
-        steps = len(z["spikes_per_step"])
-        fig, axes = plots.figure(1, 2, (12, 4))
-        ax = axes[0, 0]
-        t = np.arange(1, steps + 1)
-        ax.plot(t, z["spikes_per_step"], "o-")
-        plots.log_axis(ax, z["spikes_per_step"])
-        ax.set(title="spikes per sample at each step (all ST-BIF+ neurons)", xlabel="step t", ylabel="spikes / sample")
-        ax = axes[0, 1]
-        ax.bar(t, z["t_eq_histogram"], label="quiet after T_eq")
-        if z["not_quiet"]:
-            ax.bar([steps + 1], [z["not_quiet"]], color="tab:red", label=f"still firing at T={steps}")
-        ax.set(title="T_eq: the last step with a spike, per sample", xlabel="T_eq", ylabel="samples")
-        ax.legend(fontsize=8)
-        plots.save(fig, path)
 
     @staticmethod
     def html(data: dict, img: Callable[..., str]) -> list[str]:

@@ -77,9 +77,49 @@ def _probe(node: onnx.NodeProto, context: Context) -> _Probe:
     return _Probe(node, nodes, constants, outputs, units, attrs["burst"])
 
 
+def _plot_burst(data: dict, path: Path) -> None:
+    sites = data["sites"]
+    burst = data["section"]["burst"]
+    fig, axes = plots.figure(1, 1, (12, 4.8))
+    ax = axes[0, 0]
+    bottom = np.zeros(len(sites))
+    for k in range(1, burst + 1):
+        fired = np.array([sum(s["bursts"][1:]) or 1 for s in sites], np.float64)
+        share = np.array([s["bursts"][k] for s in sites], np.float64) / fired
+        ax.bar(np.arange(len(sites)), share, bottom=bottom, label=f"{k} spike{'s' if k > 1 else ''} in the step")
+        bottom += share
+    if sites:
+        plots.site_ticks(ax, [f"{plots.short(s['site'], 30)} · {s['kind']}" for s in sites])
+        ax.legend(fontsize=8)
+    else:
+        plots.empty(ax, "no X2X encoder or UGO")
+    ax.set(title="burst usage: neuron-steps with a spike, by the number of spikes emitted",
+           ylabel="fraction of firing neuron-steps")
+    plots.save(fig, path)
+
+
+def _plot_ugo(data: dict, path: Path) -> None:
+    ugos = data["section"]["ugos"]
+    fig, axes = plots.figure(1, 1, (12, 4.5))
+    ax = axes[0, 0]
+    values = []
+    for u in ugos:
+        rates = u["spikes_per_unit_per_step"]
+        ax.plot(np.arange(len(rates)), rates, "o-", ms=3, label=f"{plots.short(u['region'], 36)} ({u['operator']})")
+        values += rates
+    if ugos:
+        plots.log_axis(ax, values)
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        plots.empty(ax, "no UGO (compiled with --no-ugo)")
+    ax.set(title="firing of each UGO's hidden IF neurons", xlabel="hidden unit j",
+           ylabel="spikes / neuron / step")
+    plots.save(fig, path)
+
+
 class STASection(Section):
     title = "X2X encoders, UGOs and burst spikes (STA)"
-    plots = (("burst", "burst usage per site"), ("ugo", "firing per UGO hidden unit"))
+    plots = (("burst", "burst usage per site", _plot_burst), ("ugo", "firing per UGO hidden unit", _plot_ugo))
 
     def __init__(self, context: Context):
         super().__init__(context)
@@ -174,10 +214,6 @@ class STASection(Section):
         return counts
 
     @staticmethod
-    def plot(name: str, data: dict, path: Path) -> None:
-        {"burst": _plot_burst, "ugo": _plot_ugo}[name](data, path)
-
-    @staticmethod
     def html(data: dict, img: Callable[..., str]) -> list[str]:
         s = data["section"]
         sites = data["sites"]
@@ -198,43 +234,3 @@ class STASection(Section):
                 f"<p>LayerNorms: {len(s['layernorms']) - len(floats)} of {len(s['layernorms'])} decomposed into "
                 f"spiking operations; {len(floats)} stayed float (evaluated with expectation compensation).</p>",
                 table(["LayerNorm", "conversion"], [[n["region"], n["status"]] for n in s["layernorms"]])]
-
-
-def _plot_burst(data: dict, path: Path) -> None:
-    sites = data["sites"]
-    burst = data["section"]["burst"]
-    fig, axes = plots.figure(1, 1, (12, 4.8))
-    ax = axes[0, 0]
-    bottom = np.zeros(len(sites))
-    for k in range(1, burst + 1):
-        fired = np.array([sum(s["bursts"][1:]) or 1 for s in sites], np.float64)
-        share = np.array([s["bursts"][k] for s in sites], np.float64) / fired
-        ax.bar(np.arange(len(sites)), share, bottom=bottom, label=f"{k} spike{'s' if k > 1 else ''} in the step")
-        bottom += share
-    if sites:
-        plots.site_ticks(ax, [f"{plots.short(s['site'], 30)} · {s['kind']}" for s in sites])
-        ax.legend(fontsize=8)
-    else:
-        plots.empty(ax, "no X2X encoder or UGO")
-    ax.set(title="burst usage: neuron-steps with a spike, by the number of spikes emitted",
-           ylabel="fraction of firing neuron-steps")
-    plots.save(fig, path)
-
-
-def _plot_ugo(data: dict, path: Path) -> None:
-    ugos = data["section"]["ugos"]
-    fig, axes = plots.figure(1, 1, (12, 4.5))
-    ax = axes[0, 0]
-    values = []
-    for u in ugos:
-        rates = u["spikes_per_unit_per_step"]
-        ax.plot(np.arange(len(rates)), rates, "o-", ms=3, label=f"{plots.short(u['region'], 36)} ({u['operator']})")
-        values += rates
-    if ugos:
-        plots.log_axis(ax, values)
-        ax.legend(fontsize=7, ncol=2)
-    else:
-        plots.empty(ax, "no UGO (compiled with --no-ugo)")
-    ax.set(title="firing of each UGO's hidden IF neurons", xlabel="hidden unit j",
-           ylabel="spikes / neuron / step")
-    plots.save(fig, path)

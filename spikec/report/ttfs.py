@@ -74,9 +74,51 @@ def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, 
     return section.sites()
 
 
+def _plot_spike_times(data: dict, path: Path) -> None:
+    from matplotlib.colors import LogNorm
+
+    sites = data["sites"]
+    bins = data["section"]["time_bins"]
+    fractions = np.array([np.asarray(s["spike_times"], np.float64) / max(sum(s["spike_times"]), 1) for s in sites])
+    fig, axes = plots.figure(1, 1, (12, max(4.0, 0.12 * len(sites) + 1.5)))
+    ax = axes[0, 0]
+    positive = fractions[fractions > 0]
+    if positive.size:
+        shown = ax.imshow(np.ma.masked_equal(fractions, 0), aspect="auto", interpolation="nearest", cmap="viridis",
+                          norm=LogNorm(vmin=positive.min(), vmax=positive.max()))
+        fig.colorbar(shown, ax=ax, label="fraction of the site's neurons")
+        ax.set_yticks(np.arange(len(sites)), [plots.short(s["site"], 48) for s in sites],
+                      fontsize=6 if len(sites) <= 60 else 4)
+        ax.set_xticks([-0.5, bins / 2 - 0.5, bins], ["0", "δ/2", "no spike"])
+    else:
+        plots.empty(ax, "no spikes")
+    ax.set(title="spike-time histogram per site (u = t − T_emit over the window [0, δ))", xlabel="spike time")
+    plots.save(fig, path)
+
+
+def _plot_clipping(data: dict, path: Path) -> None:
+    sites = data["sites"]
+    fig, axes = plots.figure(1, 1, (12, 4.5))
+    ax = axes[0, 0]
+    x = np.arange(len(sites))
+    low = [s["clipped_low"] for s in sites]
+    high = [s["clipped_high"] for s in sites]
+    ax.bar(x - 0.2, low, 0.4, label="below a (no spike, read as a)")
+    ax.bar(x + 0.2, high, 0.4, label="above b (spike at T_emit, read as b)")
+    if any(low) or any(high):
+        plots.log_axis(ax, [*low, *high])
+    else:
+        plots.empty(ax, "no site clipped on these inputs")
+    plots.site_ticks(ax, [s["site"] for s in sites])
+    ax.legend(fontsize=8)
+    ax.set(title="clipping per site: potentials outside the site's range [a, b]", ylabel="fraction of values")
+    plots.save(fig, path)
+
+
 class TTFSSection(Section):
     title = "Spike times, clipping, constructions and depth (TTFSFormer)"
-    plots = (("spike_times", "spike-time histograms per site"), ("clipping", "clipping per site"))
+    plots = (("spike_times", "spike-time histograms per site", _plot_spike_times),
+             ("clipping", "clipping per site", _plot_clipping))
 
     def __init__(self, context: Context):
         super().__init__(context)
@@ -156,10 +198,6 @@ class TTFSSection(Section):
         return claimed
 
     @staticmethod
-    def plot(name: str, data: dict, path: Path) -> None:
-        {"spike_times": _plot_spike_times, "clipping": _plot_clipping}[name](data, path)
-
-    @staticmethod
     def html(data: dict, img: Callable[..., str]) -> list[str]:
         s = data["section"]
         precision = "float spike times" if not s["precision"] else f"a clock of {s['precision']} ticks per window"
@@ -183,44 +221,3 @@ class TTFSSection(Section):
                 *([("<h3>Ops run in float between a decode and an encode</h3>"
                     + table(["node", "op"], [[f["node"], f["op"]] for f in s["float_nodes"]]))]
                   if s["float_nodes"] else [])]
-
-
-def _plot_spike_times(data: dict, path: Path) -> None:
-    from matplotlib.colors import LogNorm
-
-    sites = data["sites"]
-    bins = data["section"]["time_bins"]
-    fractions = np.array([np.asarray(s["spike_times"], np.float64) / max(sum(s["spike_times"]), 1) for s in sites])
-    fig, axes = plots.figure(1, 1, (12, max(4.0, 0.12 * len(sites) + 1.5)))
-    ax = axes[0, 0]
-    positive = fractions[fractions > 0]
-    if positive.size:
-        shown = ax.imshow(np.ma.masked_equal(fractions, 0), aspect="auto", interpolation="nearest", cmap="viridis",
-                          norm=LogNorm(vmin=positive.min(), vmax=positive.max()))
-        fig.colorbar(shown, ax=ax, label="fraction of the site's neurons")
-        ax.set_yticks(np.arange(len(sites)), [plots.short(s["site"], 48) for s in sites],
-                      fontsize=6 if len(sites) <= 60 else 4)
-        ax.set_xticks([-0.5, bins / 2 - 0.5, bins], ["0", "δ/2", "no spike"])
-    else:
-        plots.empty(ax, "no spikes")
-    ax.set(title="spike-time histogram per site (u = t − T_emit over the window [0, δ))", xlabel="spike time")
-    plots.save(fig, path)
-
-
-def _plot_clipping(data: dict, path: Path) -> None:
-    sites = data["sites"]
-    fig, axes = plots.figure(1, 1, (12, 4.5))
-    ax = axes[0, 0]
-    x = np.arange(len(sites))
-    low = [s["clipped_low"] for s in sites]
-    high = [s["clipped_high"] for s in sites]
-    ax.bar(x - 0.2, low, 0.4, label="below a (no spike, read as a)")
-    ax.bar(x + 0.2, high, 0.4, label="above b (spike at T_emit, read as b)")
-    if any(low) or any(high):
-        plots.log_axis(ax, [*low, *high])
-    else:
-        plots.empty(ax, "no site clipped on these inputs")
-    plots.site_ticks(ax, [s["site"] for s in sites])
-    ax.legend(fontsize=8)
-    ax.set(title="clipping per site: potentials outside the site's range [a, b]", ylabel="fraction of values")
-    plots.save(fig, path)
