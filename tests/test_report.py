@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 import spikec
 from examples import fixtures
-from spikec import graphinfo, methods
+from spikec import methods
 from spikec.cli import inspect_model, main
 from spikec.errors import SpikecError
 from spikec.evaluate import cosine, fidelity
@@ -343,7 +343,7 @@ def test_sta_probes_fire_the_spikes_of_the_encoders_and_ugos(sta_made):
     model = onnx.load(sta_made["snn"])
     x = sta_made["x"][:8]
     record = SpikecMetadata.read(model)
-    section = STASection(Context(model, record, T, len(x), graphinfo.sample_shapes(model)))
+    section = STASection(Context(model, record, T, len(x)))
     probed = section.model(model)
     encoder = next(p for p in section.probes if not p.ugo)
     ugo = next(p for p in section.probes if p.ugo and "mlp" in p.node.name)

@@ -54,6 +54,19 @@ def _node_outputs(model: onnx.ModelProto) -> list[str]:
     return [o for n in model.graph.node for o in n.output if o]
 
 
+def _fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | None, *, scatter: bool) -> dict:
+    """One output against one reference: `spikec.evaluate.fidelity` per T, the reference's accuracy (a
+    classifier output with labels) and, for a one-pass model's scatter plot, evenly spaced value pairs."""
+    result = {"per_t": fidelity(reference, steps, labels)}
+    if labels is not None and reference.ndim == 2 and reference.shape[1] > 1:
+        result["accuracy"] = float(np.mean(reference.argmax(1) == labels))
+    if scatter:
+        picked = np.linspace(0, reference.size - 1, min(reference.size, SCATTER_VALUES)).astype(np.int64)
+        result["scatter"] = {"reference": reference.ravel()[picked].tolist(),
+                             "snn": steps[-1].ravel()[picked].tolist()}
+    return result
+
+
 def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, np.ndarray] | str | os.PathLike,
                  *, labels: np.ndarray | None = None, qann: str | os.PathLike | None = None, batch_size: int = 32,
                  progress: bool = False) -> dict:
@@ -116,7 +129,7 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     layers = [t for t in dict.fromkeys(_node_outputs(primary)) if t in snn_tensors and snn_shapes.is_float(t)]
     errors = {t: _LayerError() for t in layers}
     skipped: dict[str, str] = {}
-    context = Context(snn_model, record, steps, samples, snn_shapes)
+    context = Context(snn_model, record, steps, samples)
     section = section_type(context)
     run_model = section.model(snn_model)
     # shapes actually computed complete shape inference for the operation counts
@@ -131,7 +144,7 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
         if batch == 0:
             rows = len(reference_values[outputs[0]])
             ann_shapes = ann_shapes.observe({t: reference_values[t] for t in ann_counted}, rows)
-            context.shapes = snn_shapes = snn_shapes.observe({t: snn_values[t] for t in snn_counted}, rows)
+            snn_shapes = snn_shapes.observe({t: snn_values[t] for t in snn_counted}, rows)
         for label, model_values in zip(references, values):
             for name in outputs:
                 collected[label][name].append(model_values[name])
@@ -148,19 +161,10 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
         section.add(snn_values)
 
     snn_steps = {name: np.concatenate(collected["SNN"][name], axis=1) for name in outputs}
-    fidelity_data = {}
-    for label in references:
-        rows = {}
-        for name in outputs:
-            reference = np.concatenate(collected[label][name])
-            rows[name] = {"per_t": fidelity(reference, snn_steps[name], labels)}
-            if labels is not None and reference.ndim == 2 and reference.shape[1] > 1:
-                rows[name]["accuracy"] = float(np.mean(reference.argmax(1) == labels))
-            if not method.stepped:
-                picked = np.linspace(0, reference.size - 1, min(reference.size, SCATTER_VALUES)).astype(np.int64)
-                rows[name]["scatter"] = {"reference": reference.ravel()[picked].tolist(),
-                                         "snn": snn_steps[name][-1].ravel()[picked].tolist()}
-        fidelity_data[label] = {"model": os.fspath(paths[label]), "outputs": rows}
+    fidelity_data = {label: {"model": os.fspath(paths[label]),
+                             "outputs": {name: _fidelity(np.concatenate(collected[label][name]), snn_steps[name],
+                                                         labels, scatter=not method.stepped) for name in outputs}}
+                     for label in references}
 
     sites = section.sites()
     site_tensors = {s["site"] for s in sites}

@@ -30,7 +30,6 @@ class Context:
     record: SpikecMetadata
     steps: int  # time steps per sample (1 for a TTFS model)
     samples: int
-    shapes: graphinfo.Shapes  # per sample (per step), completed from the first batch
 
     def initializer(self, name: str) -> np.ndarray:
         return onnx.numpy_helper.to_array(next(t for t in self.snn.graph.initializer if t.name == name))
@@ -93,7 +92,7 @@ class Section:
                 for name, node in self.neurons.items()]
 
     def finish(self) -> dict:
-        """The section's numbers (data[method]) beyond the sites."""
+        """The section's numbers (data["section"]) beyond the sites."""
         return {}
 
     def energy_counts(self, sites: list[dict], products: list[dict]) -> dict[str, dict[str, float]]:
@@ -106,6 +105,6 @@ class Section:
         return {}
 
     @staticmethod
-    def html(data: dict, img: Callable[[str, str], str]) -> list[str]:
-        """The section's HTML blocks; ``img(name, alt)`` embeds one of its plots."""
+    def html(data: dict, img: Callable[[str], str]) -> list[str]:
+        """The section's HTML blocks; ``img(name)`` embeds one of its plots."""
         return []

@@ -68,7 +68,7 @@ def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, 
     if record is None or record.method != "ttfs":
         raise SpikecError(f"model {snn if not isinstance(snn, onnx.ModelProto) else '(in memory)'}: not a ttfs model "
                           f"(compile it with --method ttfs)")
-    section = TTFSSection(Context(model, record, 1, len(next(iter(feeds.values()))), graphinfo.sample_shapes(model)))
+    section = TTFSSection(Context(model, record, 1, len(next(iter(feeds.values())))))
     for values in run_batches(model, feeds, section.tensors(), batch_size=batch_size, progress=False):
         section.add(values)
     return section.sites()
