@@ -428,12 +428,12 @@ def test_spikezip_cli_errors(small, capfd):
            "levels=1", "spikezip")
     _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--save-qann", tmp / "q.onnx"],
            "--save-qann", "spikezip", "not of ecmt")
-    # the HTML report is ECMT's: a SpikeZIP-TF model gets a pointer to what covers it
+    # a SpikeZIP-TF model is reported against its QANN: a float ANN alone gets a pointer to --qann
     snn = tmp / "zip.onnx"
     assert main(["compile", str(model), "-o", str(snn), "--method", "spikezip", "-T", "4", "--calib", str(calib),
                  "--quiet"]) == 0
     capfd.readouterr()
-    _fails(capfd, ["report", model, snn, "--inputs", calib, "-o", tmp / "r"], "ECMT", "spikec eval")
+    _fails(capfd, ["report", model, snn, "--inputs", calib, "-o", tmp / "r"], "--qann", "spikec quantize")
     _fails(capfd, ["run", snn, "--inputs", calib, "-o", tmp / "r.npz", "--until-quiet"], "until_quiet", "stateful")
 
 

@@ -1,9 +1,9 @@
 """What a conversion method is: its options, its time semantics and its steps in the compile template.
 
 spikec/compiler.py runs one fixed template for every method (load, canonicalize, recognize, prepare,
-memory check, calibrate, rewrite, emit, verify, save); a method fills in the steps that are its own. A
-method is one module under spikec/methods/ exporting a ``Method`` and one entry in the registry
-(spikec/methods/__init__.py).
+memory check, calibrate, rewrite, emit, verify, save); a method fills in the steps that are its own, and
+names its section of `spikec report` (spikec/report/). A method is one module under spikec/methods/
+exporting a ``Method`` and one entry in the registry (spikec/methods/__init__.py).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -19,6 +20,9 @@ import onnx_graphsurgeon as gs
 from spikec.calibrate import TapStats
 from spikec.passes.options import Options
 from spikec.passes.patterns import Region, find_regions
+
+if TYPE_CHECKING:
+    from spikec.report.section import Section
 
 # Time semantics (passes/timing.py); a method without time steps sends spike times between layers.
 MEAN, SUM, FIRST_SPIKE = "mean", "sum", "time-to-first-spike"
@@ -91,3 +95,10 @@ class Method(ABC):
     def rewrite(self, job: Job, stats: dict[str, TapStats]) -> dict:
         """Rewrite ``job.graph`` into the SNN (spikec ops, no time structure yet); returns the report's
         method-specific part."""
+
+    def report_section(self) -> type[Section]:
+        """This method's section of `spikec report` (spikec/report/section.py). The default counts the
+        spikes of the model's neuron ops, a nonzero output being a spike."""
+        from spikec.report.section import Section
+
+        return Section

@@ -44,5 +44,10 @@ class ECMT(Method):
         report["calibration"] = {name: s.to_json() for name, s in stats.items()}
         return report
 
+    def report_section(self):
+        from spikec.report.ecmt import ECMTSection
+
+        return ECMTSection
+
 
 METHOD = ECMT()

@@ -82,5 +82,10 @@ class SpikeZIP(Method):
     def rewrite(self, job: Job, stats: dict) -> dict:
         return spikezip.rewrite(job.graph, job.regions, allow_float=job.allow_float)
 
+    def report_section(self):
+        from spikec.report.spikezip import SpikeZIPSection
+
+        return SpikeZIPSection
+
 
 METHOD = SpikeZIP()

@@ -23,5 +23,10 @@ class STA(Method):
     def rewrite(self, job: Job, stats: dict) -> dict:
         return sta.rewrite(job.graph, job.regions, stats, job.timesteps, job.options, allow_float=job.allow_float)
 
+    def report_section(self):
+        from spikec.report.sta import STASection
+
+        return STASection
+
 
 METHOD = STA()

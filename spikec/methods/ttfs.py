@@ -49,5 +49,10 @@ class TTFS(Method):
                          "float_nodes": spiking.float_nodes, "delta": o.delta, "precision": o.precision,
                          "margin": o.range_margin, "max_layer": o.max_layer}}
 
+    def report_section(self):
+        from spikec.report.ttfs import TTFSSection
+
+        return TTFSSection
+
 
 METHOD = TTFS()
