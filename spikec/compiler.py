@@ -12,11 +12,12 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from spikec.calibrate import collect_statistics, load_inputs, run_batches
+from spikec import modelio
+from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
-from spikec.modelio import check_output_path, save_model_atomic
+from spikec.verify import verify
 from spikec.passes import ecmt, emit, quantize as ptq, spikezip, sta, ttfs
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
@@ -120,6 +121,7 @@ def _quiet_graphsurgeon(function):
 
 
 @_quiet_graphsurgeon
+@naming_sources
 def compile(model: str | os.PathLike | onnx.ModelProto,
             calibration: str | os.PathLike | Mapping[str, np.ndarray],
             output: str | os.PathLike | None = None,
@@ -134,14 +136,16 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         raise SpikecError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
     opts = CompileOptions(**options)
     opts.validate()
-    for path in (output, opts.qann_output):
-        if path is not None:
-            check_output_path(path, model if isinstance(model, (str, os.PathLike)) else None)
+    reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
+    outputs = [("output", output), ("quantized ANN output (--save-qann)", opts.qann_output)]
+    modelio.check_outputs(outputs, reads)  # before the work, not after it
 
-    ann = canonicalize(load_model(model, input_shapes=input_shapes))
+    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=opts.method))
+    check_allow_float(opts.allow_float, ann)
     feeds = load_inputs(calibration, ann)
     if opts.method == "ttfs":
-        return _compile_ttfs(ann, feeds, output, opts)
+        return _write(model, opts.method, ann, reads, [(*outputs[0], _compile_ttfs(ann, feeds, opts))])
+    qann = None
     graph = gs.import_onnx(ann)
     regions = find_regions(graph)
     report: dict = {}
@@ -149,8 +153,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     if opts.method == "spikezip":
         if not any(r.kind == "quantizer" for r in regions):
             ann, report["quantization"] = _quantize(ann, graph, regions, feeds, opts)
-            if opts.qann_output is not None:
-                save_model_atomic(ann, opts.qann_output)
+            qann = ann
             graph = gs.import_onnx(ann)
             regions = find_regions(graph)
         elif opts.levels is not None:
@@ -197,12 +200,35 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         emit.emit_stateful(graph, semantics)
     options = {"levels": opts.level_count, "percentile": opts.percentile, "per_channel": opts.per_channel,
                "coverage": opts.coverage, "allow_float": sorted(opts.allow_float)}
-    return _finish(graph, ann, output, opts.method, opts.mode, opts.timesteps, options, report)
+    snn = _finish(graph, ann, opts.method, opts.mode, opts.timesteps, options, report)
+    return _write(model, opts.method, ann, reads, [(*outputs[0], snn), (*outputs[1], qann)])
 
 
-def _finish(graph: gs.Graph, ann: onnx.ModelProto, output, method: str, mode: str, timesteps: int,
+def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
+           models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | None]]) -> onnx.ModelProto:
+    """Verify every model made (spikec.verify), then write those with a path, all or none; returns the
+    first (the SNN)."""
+    label = f"{os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<in-memory model>'} ({method})"
+    for _, _, made in models:
+        if made is not None:
+            verify(made, label, ann)
+    modelio.write([model for model in models if model[1] is not None and model[2] is not None], reads)
+    return models[0][2]
+
+
+def check_allow_float(names: Sequence[str], ann: onnx.ModelProto) -> None:
+    """Every --allow-float entry must name an op type or a node of the model: a misspelt one would
+    silently keep nothing in float."""
+    known = {n.op_type for n in ann.graph.node} | {n.name for n in ann.graph.node}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SpikecError(f"argument allow_float: {', '.join(map(repr, unknown))} is neither an op type nor a "
+                          f"node name of the model (see `spikec inspect`)")
+
+
+def _finish(graph: gs.Graph, ann: onnx.ModelProto, method: str, mode: str, timesteps: int,
             options: dict, report: dict) -> onnx.ModelProto:
-    """The spiking model with its metadata (what InferenceSession and the reports read), saved if asked."""
+    """The spiking model with its metadata (what InferenceSession and the reports read)."""
     metadata = {
         "spikec.method": method,
         "spikec.mode": mode,
@@ -211,13 +237,10 @@ def _finish(graph: gs.Graph, ann: onnx.ModelProto, output, method: str, mode: st
         "spikec.options": json.dumps(options, sort_keys=True),
         "spikec.report": json.dumps(report, sort_keys=True, default=_json_default),
     }
-    snn = emit.to_model(graph, ann, metadata)
-    if output is not None:
-        save_model_atomic(snn, output)
-    return snn
+    return emit.to_model(graph, ann, metadata)
 
 
-def _compile_ttfs(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], output, opts: CompileOptions) -> onnx.ModelProto:
+def _compile_ttfs(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], opts: CompileOptions) -> onnx.ModelProto:
     """Algorithm 1: the ANN decomposed into the constructions' stages is calibrated for every site's
     range, then the same walk builds the spiking graph with those ranges."""
     margin = ttfs.default_margin(int(opts.precision)) if opts.margin is None else float(opts.margin)
@@ -238,7 +261,7 @@ def _compile_ttfs(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], output,
         "sites": ttfs.describe(spiking), "constructions": spiking.constructions,
         "float_nodes": spiking.float_nodes, "delta": options.delta,
         "precision": options.precision, "margin": options.margin, "max_layer": options.max_layer}}
-    return _finish(graph, ann, output, "ttfs", "ttfs", 1, {"margin": options.margin, "precision": options.precision,
+    return _finish(graph, ann, "ttfs", "ttfs", 1, {"margin": options.margin, "precision": options.precision,
                                                            "max_layer": options.max_layer, "delta": options.delta},
                    report)
 
@@ -261,6 +284,7 @@ def _quantize(ann: onnx.ModelProto, graph: gs.Graph, regions: list, feeds: Mappi
     return canonicalize(qann), inserted
 
 
+@naming_sources
 def quantize(model: str | os.PathLike | onnx.ModelProto,
              calibration: str | os.PathLike | Mapping[str, np.ndarray],
              output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS["spikezip"],
@@ -270,14 +294,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
     opts = CompileOptions(method="spikezip", levels=levels, batch_size=batch_size, progress=progress)
     opts.validate()
-    if output is not None:
-        check_output_path(output, model if isinstance(model, (str, os.PathLike)) else None)
-    ann = canonicalize(load_model(model, input_shapes=input_shapes))
+    reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
+    modelio.check_outputs([("output", output)], reads)
+    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip"))
     graph = gs.import_onnx(ann)
     qann, _ = _quantize(ann, graph, find_regions(graph), load_inputs(calibration, ann), opts)
-    if output is not None:
-        save_model_atomic(qann, output)
-    return qann
+    return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 
 def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:

@@ -12,10 +12,11 @@ plots embedded as data URIs (it opens offline and can be moved on its own).
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
+import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from spikec import graphinfo
+from spikec import graphinfo, modelio
 from spikec.errors import SpikecError
 from spikec.evaluate import check_labels, cosine, fidelity
 from spikec.probe import final_estimate, paired_batches
@@ -41,6 +42,7 @@ ECMT_TABLE1 = {
 # TTFSFormer Table 2 (TTFS coding, at most one spike per neuron): E_SNN / E_ANN.
 TTFSFORMER_RATIOS = {"ViT-S/16": 0.223, "ViT-B/16": 0.210, "ViT-L/16": 0.207}
 PLOTS = ("fidelity", "layers", "firing", "levels", "energy")
+REPORT_FILES = (*(f"{name}.png" for name in PLOTS), "report.json", "index.html")
 
 
 # ------------------------------------------------------------------ accumulation over batches
@@ -168,16 +170,18 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     from spikec.calibrate import load_inputs
     from spikec.passes.canonicalize import canonicalize
 
+    from spikec.runtime.session import spikec_metadata
+
     ann_model, snn_model = _load(ann, "ANN"), _load(snn, "SNN")
-    meta = graphinfo.metadata(snn_model)
-    if meta.get("spikec.mode") != "unrolled":
+    meta = spikec_metadata(graphinfo.metadata(snn_model), os.fspath(snn))
+    if meta.get("mode") != "unrolled":
         raise SpikecError(f"SNN {snn}: report needs a time-unrolled spikec model (got mode "
-                          f"{meta.get('spikec.mode') or 'none: not a spikec model'}); compile with --mode unrolled")
-    if meta.get("spikec.method") != "ecmt":
+                          f"{meta.get('mode') or 'none: not a spikec model'}); compile with --mode unrolled")
+    if meta["method"] != "ecmt":
         # The report reads MT neuron levels and running means; SpikeZIP-TF has neither.
-        raise SpikecError(f"SNN {snn}: the HTML report covers ECMT models (got method {meta.get('spikec.method')}); "
+        raise SpikecError(f"SNN {snn}: the HTML report covers ECMT models (got method {meta['method']}); "
                           f"for SpikeZIP-TF use `spikec eval QANN SNN` (fidelity vs T) and `spikec run` (T_eq)")
-    timesteps = int(meta["spikec.timesteps"])
+    timesteps = meta["timesteps"]
     feeds = load_inputs(feeds, ann_model, what="inputs")
     samples = len(next(iter(feeds.values())))
     if labels is not None:
@@ -198,7 +202,7 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     outputs = [o.name for o in ann_model.graph.output if o.name + STEPS_SUFFIX in final_outputs]
     if not outputs:
         raise SpikecError(f"{snn}: no output of the SNN matches an ANN output by name")
-    neuron_sites = json.loads(meta.get("spikec.report", "{}")).get("neurons", [])
+    neuron_sites = meta["report"].get("neurons", [])
     spike_of = {n.name: n.outputs[0] for n in nodes if n.domain == graphinfo.SPIKEC_DOMAIN and n.op == "MTNeuron"}
     spikes = {site["tensor"]: spike_of[site["node"]] for site in neuron_sites}
 
@@ -263,7 +267,7 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
                             *_snn_work(snn_model, snn_shapes, nodes, producer, firing_rows, timesteps), timesteps)
     return {
         "ann": str(ann), "snn": str(snn), "samples": samples, "timesteps": timesteps,
-        "method": meta.get("spikec.method"), "options": json.loads(meta.get("spikec.options", "{}")),
+        "method": meta["method"], "options": meta["options"],
         "fidelity": fidelity_rows,
         "layers": layer_rows,
         "layers_skipped": [{"tensor": t, "reason": r} for t, r in skipped.items()],
@@ -337,15 +341,17 @@ def _figure(rows: int = 1, cols: int = 1, size=(10, 4)):
     return fig, axes
 
 
-def _save(fig, path: Path) -> None:
+def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    return buffer.getvalue()
 
 
-def plot_fidelity(data: dict, path: Path) -> None:
+def plot_fidelity(data: dict) -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     panels = [("cosine", "cosine similarity"), ("relative_max_error", "relative max error"),
@@ -367,10 +373,10 @@ def plot_fidelity(data: dict, path: Path) -> None:
         else:
             ax.text(0.5, 0.5, "not applicable (no labels / not a classifier output)", ha="center",
                     va="center", transform=ax.transAxes, fontsize=9, color="gray")
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_layers(data: dict, path: Path) -> None:
+def plot_layers(data: dict) -> bytes:
     rows = data["layers"]
     fig, axes = _figure(2, 1, (12, 7))
     x = np.arange(len(rows))
@@ -389,10 +395,10 @@ def plot_layers(data: dict, path: Path) -> None:
         ax.set(title=f"per-layer {title} vs ANN at T={data['timesteps']}", ylabel=title)
         ax.legend(fontsize=8)
     axes[1, 0].set_xlabel("ANN tensor (graph order; names in the table below)")
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_firing(data: dict, path: Path) -> None:
+def plot_firing(data: dict) -> bytes:
     rows = data["firing"]
     fig, axes = _figure(1, 1, (12, 4.5))
     ax = axes[0, 0]
@@ -404,10 +410,10 @@ def plot_firing(data: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.set_xticks(np.arange(len(rows)), [_short(r["tensor"]) for r in rows], rotation=75, fontsize=7)
     ax.set(title=f"firing rate per MT neuron site (T={data['timesteps']})", ylabel="spikes / neuron / step")
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_levels(data: dict, path: Path) -> None:
+def plot_levels(data: dict) -> bytes:
     lv = data["firing_levels"]
     n = lv["levels"]
     fig, axes = _figure(1, 1, (10, 4))
@@ -418,10 +424,10 @@ def plot_levels(data: dict, path: Path) -> None:
     ax.bar(np.arange(2 * n), values, color=colors)
     ax.set_xticks(np.arange(2 * n), labels, rotation=60, fontsize=8)
     ax.set(title="spikes per threshold level, all MT neurons (cf. ECMT Fig. 6)", ylabel="fraction of spikes")
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_energy(data: dict, path: Path) -> None:
+def plot_energy(data: dict) -> bytes:
     e = data["energy"]
     fig, axes = _figure(1, 1, (10, 4.5))
     ax = axes[0, 0]
@@ -437,7 +443,7 @@ def plot_energy(data: dict, path: Path) -> None:
     ax.set(ylabel="energy per sample (µJ)", title=f"estimated energy: SNN/ANN = {e['ratio']:.3f} "
                                                     f"(paper convention {e['ratio_paper_convention']:.3f})")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    _save(fig, path)
+    return _png(fig)
 
 
 def _short(name: str, width: int = 40) -> str:
@@ -446,43 +452,55 @@ def _short(name: str, width: int = 40) -> str:
 
 # ------------------------------------------------------------------ writing
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_directory(directory: str | os.PathLike) -> Path:
-    """The report directory: an existing directory, or a new one in an existing directory."""
+def check_directory(directory: str | os.PathLike, files: Sequence[str] = REPORT_FILES,
+                    reads: Sequence[modelio.Read] = (), force: bool = False) -> Path:
+    """The report directory, checked before any work: an existing directory or a new one in an existing
+    directory. A report already there (any of ``files``) is replaced only with ``force``; each file is
+    checked as every spikec output is (spikec.modelio: never an input, never a special file)."""
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise SpikecError(f"output {out}: exists and is not a directory")
     if not out.parent.is_dir():
         raise SpikecError(f"output {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        existing = [name for name in files if os.path.lexists(out / name)]
+        if existing and not force:
+            raise SpikecError(f"output {out}: already holds a report ({', '.join(existing)}); pass --force to "
+                              f"replace it, or choose another directory")
+        modelio.check_outputs([("report file", out / name) for name in files], reads)
     return out
 
 
-def write_report(data: dict, directory: str | os.PathLike) -> Path:
+def write_directory(directory: Path, files: Mapping[str, bytes | str], reads: Sequence[modelio.Read] = ()) -> None:
+    """All of a report's files or none: a directory created here goes again when writing fails."""
+    created = not directory.exists()
+    try:
+        if created:
+            directory.mkdir()
+        modelio.write([("report file", directory / name, content) for name, content in files.items()], reads)
+    except OSError as exc:
+        raise SpikecError(f"output {directory}: cannot create it ({exc.strerror or exc})") from None
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # empty: spikec.modelio leaves nothing behind
+        raise
+
+
+def write_report(data: dict, directory: str | os.PathLike, reads: Sequence[modelio.Read] = (),
+                 force: bool = False) -> Path:
     """Write the PNG plots, report.json and index.html into ``directory`` (created if missing)."""
-    out = check_directory(directory)
-    out.mkdir(exist_ok=True)
+    out = check_directory(directory, REPORT_FILES, reads, force)
     plotters = {"fidelity": plot_fidelity, "layers": plot_layers, "firing": plot_firing, "levels": plot_levels,
                 "energy": plot_energy}
-    for name in PLOTS:
-        plotters[name](data, out / f"{name}.png")
-    _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
-    _atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(render_html(data, out), encoding="utf-8"))
+    plots = {name: plotters[name](data) for name in PLOTS}
+    write_directory(out, {**{f"{name}.png": png for name, png in plots.items()},
+                          "report.json": json.dumps(data, indent=1), "index.html": render_html(data, plots)}, reads)
     return out / "index.html"
 
 
-def _img(directory: Path, name: str, alt: str) -> str:
-    encoded = base64.b64encode((directory / f"{name}.png").read_bytes()).decode("ascii")
+def _img(plots: Mapping[str, bytes], name: str, alt: str) -> str:
+    encoded = base64.b64encode(plots[name]).decode("ascii")
     return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}" data-file="{name}.png">'
 
 
@@ -514,7 +532,7 @@ window.addEventListener("load", function () {
 """
 
 
-def render_html(data: dict, directory: Path) -> str:
+def render_html(data: dict, plots: Mapping[str, bytes]) -> str:
     e = data["energy"]
     t = data["timesteps"]
     sections = [f"<h1>spikec report: {html.escape(Path(data['snn']).name)}</h1>",
@@ -537,7 +555,7 @@ def render_html(data: dict, directory: Path) -> str:
 
     rows = [[name, r["t"], r["cosine"], r["relative_max_error"], r["max_abs_error"], r.get("top1_agreement", "—"),
              r.get("accuracy", "—")] for name, output in data["fidelity"].items() for r in output["per_t"]]
-    sections += ["<h2>Output fidelity vs T</h2>", _img(directory, "fidelity", "output fidelity vs T"),
+    sections += ["<h2>Output fidelity vs T</h2>", _img(plots, "fidelity", "output fidelity vs T"),
                  _table(["output", "T", "cosine", "relative max error", "max abs error", "top-1 agreement",
                          "accuracy"], rows)]
 
@@ -546,7 +564,7 @@ def render_html(data: dict, directory: Path) -> str:
                  "mean over T of its per-step values; tensors inside expectation compensation already hold F of "
                  "the running means, so their last step is the estimate. Relative max error = max |SNN − ANN| / "
                  "max |ANN| over all samples; cosine = mean over samples.</p>",
-                 _img(directory, "layers", "per-layer error"),
+                 _img(plots, "layers", "per-layer error"),
                  "<details><summary>all layers</summary>" + _table(
                      ["#", "tensor", "ANN op", "SNN producer (category)", "estimate", "relative max error",
                       "cosine"],
@@ -563,17 +581,17 @@ def render_html(data: dict, directory: Path) -> str:
     sections += ["<h2>Firing rates</h2>",
                  "<p class=note>Spikes per neuron per step: nonzero spike codes of each MT neuron site "
                  "(<code>X.spikes</code>) over all steps and samples, divided by neurons × T × samples.</p>",
-                 _img(directory, "firing", "firing rates"),
+                 _img(plots, "firing", "firing rates"),
                  f"<p>Spikes per threshold level (|code| = 2^k; negative codes are −θ2/θ1·2^k): {base:.1%} of "
                  f"all spikes use the base thresholds θ1 / −θ2 (ECMT Fig. 6 reports the same clustering).</p>",
-                 _img(directory, "levels", "spikes per threshold level"),
+                 _img(plots, "levels", "spikes per threshold level"),
                  _table(["neuron input", "neurons", "spikes / neuron / step", "spikes / sample",
                          "+ levels k=0..", "− levels k=0.."],
                         [[r["tensor"], r["neurons"], r["spikes_per_neuron_per_step"], r["spikes_per_sample"],
                           " ".join(map(str, r["positive"])), " ".join(map(str, r["negative"]))]
                          for r in data["firing"]])]
 
-    sections += ["<h2>Estimated energy</h2>", _img(directory, "energy", "energy"), _energy_text(e)]
+    sections += ["<h2>Estimated energy</h2>", _img(plots, "energy", "energy"), _energy_text(e)]
 
     model = data["model"]
     sections += ["<h2>Conversion</h2>",

@@ -26,10 +26,15 @@ def _load(model: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, 
 
 
 def _ttfs_report(model: onnx.ModelProto, label: str) -> dict:
-    meta = metadata(model)
-    if meta.get("spikec.method") != "ttfs":
+    from spikec.runtime.session import spikec_metadata
+
+    meta = spikec_metadata(metadata(model), label)
+    if meta.get("method") != "ttfs":
         raise SpikecError(f"model {label}: not a ttfs model (compile it with --method ttfs)")
-    return json.loads(meta["spikec.report"])["ttfs"]
+    if not isinstance(meta["report"].get("ttfs"), dict):
+        raise SpikecError(f"model {label}: metadata spikec.report has no ttfs section; the file was changed "
+                          f"after spikec wrote it: compile it again")
+    return meta["report"]["ttfs"]
 
 
 def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
@@ -181,12 +186,13 @@ def render_html(data: dict) -> str:
             f"</head><body>{''.join(sections)}</body></html>")
 
 
-def write(data: dict, directory: str | os.PathLike) -> Path:
-    """report.json and index.html into ``directory`` (created if missing), each written atomically."""
-    from spikec.report import _atomic_write, check_directory
+REPORT_FILES = ("report.json", "index.html")
 
-    out = check_directory(directory)
-    out.mkdir(exist_ok=True)
-    _atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
-    _atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(render_html(data), encoding="utf-8"))
+
+def write(data: dict, directory: str | os.PathLike, reads=(), force: bool = False) -> Path:
+    """report.json and index.html into ``directory`` (created if missing), as spikec.report writes its own."""
+    from spikec.report import check_directory, write_directory
+
+    out = check_directory(directory, REPORT_FILES, reads, force)
+    write_directory(out, {"report.json": json.dumps(data, indent=1), "index.html": render_html(data)}, reads)
     return out / "index.html"
