@@ -174,5 +174,5 @@ def _override_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."

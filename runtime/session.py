@@ -69,6 +69,8 @@ def spikec_metadata(props: Mapping[str, str], label: str) -> dict:
             meta[key] = None
         if not isinstance(meta[key], dict):
             refuse(key, "a JSON object")
+    if meta["method"] == "ttfs" and not isinstance(meta["report"].get("ttfs"), dict):
+        refuse("report", "a JSON object with the ttfs sites")
     return meta
 
 

@@ -17,13 +17,14 @@ from spikec.calibrate import collect_statistics, load_inputs, naming_sources, ru
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
-from spikec.verify import verify
 from spikec.passes import ecmt, emit, quantize as ptq, spikezip, sta, ttfs
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
 from spikec.passes.timing import MEAN, SUM
 from spikec.runtime.ops import default_opset
+from spikec.runtime.session import check_timesteps
+from spikec.verify import verify
 
 METHODS = ("ecmt", "spikezip", "sta", "ttfs")
 # TTFS has no time steps to average or sum over: one pass, spike times passed between layers.
@@ -33,9 +34,8 @@ SEMANTICS = {"ecmt": MEAN, "spikezip": SUM, "sta": MEAN, "ttfs": "time-to-first-
 DEFAULT_LEVELS = {"ecmt": 8, "spikezip": 16, "sta": 0, "ttfs": 0}
 LEVEL_RANGES = {"ecmt": (1, 24), "spikezip": (2, 2**16), "sta": (0, 0), "ttfs": (0, 0)}
 MODES = ("unrolled", "stateful")
-# The float32 step counter t is exact up to 2^24. Below that, the unrolled form is bounded by the memory
-# guard (spikec/memory.py): its activations grow with T.
-MAX_TIMESTEPS = 2**24
+# T is at most runtime.session.MAX_TIMESTEPS (the float32 step counter t is exact up to 2^24). Below that,
+# the unrolled form is bounded by the memory guard (spikec/memory.py): its activations grow with T.
 
 
 @dataclass
@@ -79,9 +79,7 @@ class CompileOptions:
             raise SpikecError(f"argument method={self.method!r}: choose one of {', '.join(METHODS)}")
         if self.mode not in MODES:
             raise SpikecError(f"argument mode={self.mode!r}: choose one of {', '.join(MODES)}")
-        if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, (int, np.integer)) \
-                or not 1 <= self.timesteps <= MAX_TIMESTEPS:
-            raise SpikecError(f"argument timesteps={self.timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
+        check_timesteps(self.timesteps)
         low, high = LEVEL_RANGES[self.method]
         if self.levels is not None and (isinstance(self.levels, bool) or not isinstance(self.levels, (int, np.integer))
                                         or not low <= self.levels <= high):
@@ -141,7 +139,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     modelio.check_outputs(outputs, reads)  # before the work, not after it
 
     ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=opts.method))
-    check_allow_float(opts.allow_float, ann)
+    _check_allow_float(opts.allow_float, ann)
     feeds = load_inputs(calibration, ann)
     if opts.method == "ttfs":
         return _write(model, opts.method, ann, reads, [(*outputs[0], _compile_ttfs(ann, feeds, opts))])
@@ -159,6 +157,9 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
         elif opts.levels is not None:
             raise SpikecError("argument levels: the model is already quantized (it has QuantizeLinear/DequantizeLinear "
                               "pairs); leave levels out")
+        if qann is None and opts.qann_output is not None:
+            raise SpikecError("argument qann_output: the model is already quantized, it is the quantized ANN; "
+                              "leave qann_output out")
         sites = [r.attrs["input"].name for r in regions if r.kind == "quantizer"]
     elif opts.method == "sta":
         sta_options = sta.STAOptions(ugo=opts.ugo, corrected=opts.tcsa, signed=opts.signed, burst=opts.burst,
@@ -206,17 +207,17 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
 
 def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
            models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | None]]) -> onnx.ModelProto:
-    """Verify every model made (spikec.verify), then write those with a path, all or none; returns the
+    """Verify every model made (spikec.verify), then write those given a path, all or none; returns the
     first (the SNN)."""
     label = f"{os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<in-memory model>'} ({method})"
     for _, _, made in models:
         if made is not None:
             verify(made, label, ann)
-    modelio.write([model for model in models if model[1] is not None and model[2] is not None], reads)
+    modelio.write([model for model in models if model[1] is not None], reads)
     return models[0][2]
 
 
-def check_allow_float(names: Sequence[str], ann: onnx.ModelProto) -> None:
+def _check_allow_float(names: Sequence[str], ann: onnx.ModelProto) -> None:
     """Every --allow-float entry must name an op type or a node of the model: a misspelt one would
     silently keep nothing in float."""
     known = {n.op_type for n in ann.graph.node} | {n.name for n in ann.graph.node}
@@ -262,7 +263,7 @@ def _compile_ttfs(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], opts: C
         "float_nodes": spiking.float_nodes, "delta": options.delta,
         "precision": options.precision, "margin": options.margin, "max_layer": options.max_layer}}
     return _finish(graph, ann, "ttfs", "ttfs", 1, {"margin": options.margin, "precision": options.precision,
-                                                           "max_layer": options.max_layer, "delta": options.delta},
+                                                   "max_layer": options.max_layer, "delta": options.delta},
                    report)
 
 

@@ -10,6 +10,7 @@ import onnx
 from tqdm import tqdm
 
 from spikec.errors import SpikecError
+from spikec.passes.loader import _one_line
 from spikec.runtime.layout import NEXT_STATE_PREFIX, STEPS_SUFFIX
 from spikec.runtime.session import InferenceSession, check_timesteps, equilibrium_steps, run, run_stateful
 
@@ -32,8 +33,7 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | InferenceSession) 
     except SpikecError:
         raise
     except Exception as exc:  # onnxruntime's exception types share no base class below Exception
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        raise SpikecError(f"model {label}: onnxruntime cannot load it ({text[:300]})") from None
+        raise SpikecError(f"model {label}: onnxruntime cannot load it ({_one_line(exc)})") from None
 
 
 def _check_run_arguments(session: InferenceSession, label: str, batch_size, timesteps) -> None:
@@ -76,10 +76,9 @@ def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, f
             outputs = run(session, batch, timesteps, until_quiet)
         except SpikecError:
             raise
-        except Exception as exc:  # onnxruntime's exception types share no base class below Exception
-            text = " ".join(str(exc).split()) or type(exc).__name__
+        except Exception as exc:  # see open_session
             raise SpikecError(f"model {_label(model)}: onnxruntime failed on samples {start}:{stop} "
-                              f"({text[:300]})") from None
+                              f"({_one_line(exc)})") from None
         for name, value in outputs.items():
             chunks.setdefault(name, []).append(_unpadded(name, value, stop - start, static))
     return {name: np.concatenate(_pad_steps(name, parts) if name.endswith(STEPS_SUFFIX) else parts,

@@ -19,14 +19,10 @@ import numpy as np
 import onnx
 
 from spikec.errors import SpikecError
+from spikec.passes.loader import _one_line
 
 # protobuf cannot serialize 2 GiB or more: such models are checked from a file with external data.
 _PROTOBUF_LIMIT = 2**31 - 1
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _float_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:

@@ -445,6 +445,10 @@ def test_a_static_batch_model_runs_in_chunks_of_its_batch(work):
     np.testing.assert_allclose(np.load(work / "odd-out.npz")["y"], want, rtol=1e-5, atol=1e-6)
     with np.load(work / "out.npz") as out:
         assert out["y"].shape == (SAMPLES, FEATURES)
+    assert _cli("compile", "static.onnx", "-o", "snn4.onnx", "--calib", "calib.npz", "-T", "2", cwd=work).returncode == 0
+    proc = _cli("eval", "static.onnx", "snn4.onnx", "--inputs", "odd.npz", "--json", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["y"]["per_t"][-1]["cosine"] > 0.8
 
 
 def test_stateful_time_must_start_at_one():
