@@ -85,11 +85,17 @@ def check_convertible(model: onnx.ModelProto, where: str, method: str) -> None:
                               f"that output from the model")
 
 
-def _read(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        raise SpikecError(f"{path}: no such file")
+def check_input_file(path: str | os.PathLike, label: str) -> Path:
+    """``path`` if it is a regular file to read; a directory, FIFO or device is refused, not read (reading
+    a FIFO nobody writes would block for ever)."""
+    path = Path(path)
     if not path.is_file():
-        raise SpikecError(f"{path}: not a file")
+        raise SpikecError(f"{label}: {'not a file' if path.exists() else 'no such file'}")
+    return path
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    check_input_file(path, str(path))
     try:
         # External data is loaded only after the checks: a model over 2 GB cannot be serialized
         # back for the in-memory checker, so the checker reads it from its path instead.

@@ -34,6 +34,7 @@ from onnx.external_data_helper import load_external_data_for_model, uses_externa
 from tqdm import tqdm
 
 from spikec.errors import SpikecError
+from spikec.passes.loader import check_input_file
 from spikec.runtime.session import quiet_options
 
 __all__ = [
@@ -118,9 +119,7 @@ def _shape_str(dims: Sequence[onnx.TensorShapeProto.Dimension] | None) -> str:
 def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
     """Every array of an .npz archive; anything else (no such file, not an archive, a member that is not
     a valid .npy array, a pickled object array) is a SpikecError naming the file and the member."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpikecError(f"{what} {path}: {'is not a file' if path.exists() else 'no such file'}")
+    path = check_input_file(path, f"{what} {path}")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises OSError, ValueError, EOFError, BadZipFile, ... for what it cannot read

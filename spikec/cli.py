@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 
 from spikec.errors import SpikecError
+from spikec.modelio import TERMINATING_SIGNALS
 
 
 def _input_shapes(specs: list[str] | None) -> dict[str, list[int | str]] | None:
@@ -278,6 +279,8 @@ def _method(path: str) -> str | None:
 
     from spikec.graphinfo import metadata
 
+    if not os.path.isfile(path):
+        return None  # the report says what is wrong with it (reading a FIFO would block)
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception:
@@ -451,14 +454,10 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-# SIGINT (Ctrl-C), SIGTERM (kill, timeouts, schedulers), SIGHUP (the terminal went away)
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 def _interrupt(signum, frame) -> None:
     # A second signal while cleaning up takes the default action: the user insists. Whatever that leaves
     # behind, the next spikec run writing into that directory removes (spikec.modelio).
-    for number in _SIGNALS:
+    for number in TERMINATING_SIGNALS:
         if signal.getsignal(number) is _interrupt:
             signal.signal(number, signal.SIG_DFL)
     raise Interrupted(signum)
@@ -475,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     # onnxruntime logs an error before raising it: the one-line error this tool prints says it already.
     onnxruntime.set_default_logger_severity(4)
     # Signals the caller ignores (nohup, background jobs) stay ignored.
-    handlers = {number: signal.signal(number, _interrupt) for number in _SIGNALS
+    handlers = {number: signal.signal(number, _interrupt) for number in TERMINATING_SIGNALS
                 if signal.getsignal(number) not in (signal.SIG_IGN, None)
                 and threading.current_thread() is threading.main_thread()}
     try:

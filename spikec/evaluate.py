@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
 from spikec.errors import SpikecError
-from spikec.passes.loader import _one_line
+from spikec.passes.loader import _one_line, check_input_file
 from spikec.runtime.layout import NEXT_STATE_PREFIX, STEPS_SUFFIX
 from spikec.runtime.session import InferenceSession, check_timesteps, equilibrium_steps, run, run_stateful
 
@@ -26,8 +25,8 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | InferenceSession) 
     if isinstance(model, InferenceSession):
         return model
     label = _label(model)
-    if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
-        raise SpikecError(f"model {label}: no such file")
+    if not isinstance(model, onnx.ModelProto):
+        check_input_file(model, f"model {label}")
     try:
         return InferenceSession(model)
     except SpikecError:

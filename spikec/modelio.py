@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +32,9 @@ _PROTOBUF_LIMIT = 2**31 - 1
 TEMP_MARK = ".spikec-tmp-"
 _TEMP_NAME = re.compile(r"^\..*" + re.escape(TEMP_MARK) + r"(\d+)-\d+$")
 _temp_counter = itertools.count()
+# The signals a command cleans up after (spikec.cli turns them into exceptions), held back while outputs
+# are renamed into place so that a command's outputs are all renamed or none.
+TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # A destination name is cut to this length inside a temporary's name, which must stay under NAME_MAX.
 _TEMP_STEM = 100
 
@@ -60,6 +64,8 @@ def model_files(path: Source) -> list[Path]:
     """A model file and the external-data files it names (a file that does not parse is just itself:
     the loader reports what is wrong with it)."""
     path = Path(path)
+    if not path.is_file():
+        return [path]  # nothing to parse (reading a FIFO would block)
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - any unreadable file is the loader's to report
@@ -243,9 +249,13 @@ class _Staging:
         self.renames += [(staging / data.name, data), (staging / path.name, path)]
 
     def commit(self) -> None:
-        while self.renames:
-            os.replace(*self.renames[0])
-            self.renames.pop(0)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
+        try:
+            while self.renames:
+                os.replace(*self.renames[0])
+                self.renames.pop(0)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile acts now
         self.discard()  # the emptied staging directories
 
     def discard(self) -> None:

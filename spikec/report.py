@@ -153,11 +153,9 @@ def energy(ann_products: Sequence[dict], ann_nonlinear: Sequence[dict], snn_prod
 # ------------------------------------------------------------------ building the report
 
 def _load(path: str | os.PathLike, what: str) -> onnx.ModelProto:
-    from spikec.passes.loader import load_model
+    from spikec.passes.loader import check_input_file, load_model
 
-    if not Path(path).is_file():
-        raise SpikecError(f"{what} {path}: no such file")
-    return load_model(path)
+    return load_model(check_input_file(path, f"{what} {path}"))
 
 
 def _node_outputs(model: onnx.ModelProto) -> list[str]:
