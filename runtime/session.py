@@ -18,7 +18,7 @@ from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX
 # onnxruntime logs an error before it raises it: at FATAL only, the exception (which spikec turns into its
 # one-line error) is all that reaches the terminal.
 QUIET_LOG_SEVERITY = 4
-# What a spikec model's metadata may say (passes/emit.py writes it; spikec.compiler defines the methods).
+# What a spikec model's metadata may say (spikec.compiler writes it; its methods are these).
 METHODS = ("ecmt", "spikezip", "sta", "ttfs")
 MODES = ("unrolled", "stateful", "ttfs")
 SEMANTICS = ("mean", "sum", "time-to-first-spike")

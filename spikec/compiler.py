@@ -23,10 +23,9 @@ from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
 from spikec.passes.timing import MEAN, SUM
 from spikec.runtime.ops import default_opset
-from spikec.runtime.session import check_timesteps
+from spikec.runtime.session import METHODS, check_timesteps
 from spikec.verify import verify
 
-METHODS = ("ecmt", "spikezip", "sta", "ttfs")
 # TTFS has no time steps to average or sum over: one pass, spike times passed between layers.
 SEMANTICS = {"ecmt": MEAN, "spikezip": SUM, "sta": MEAN, "ttfs": "time-to-first-spike"}
 # levels: ECMT's n (2n thresholds, paper default 8); SpikeZIP-TF's quantization levels L (the reference

@@ -29,8 +29,8 @@ from spikec.errors import SpikecError
 
 # protobuf cannot serialize a message of 2 GiB or more: larger models keep their weights beside them.
 _PROTOBUF_LIMIT = 2**31 - 1
-TEMP_MARK = ".spikec-tmp-"
-_TEMP_NAME = re.compile(r"^\..*" + re.escape(TEMP_MARK) + r"(\d+)-\d+$")
+_TEMP_MARK = ".spikec-tmp-"
+_TEMP_NAME = re.compile(r"^\..*" + re.escape(_TEMP_MARK) + r"(\d+)-\d+$")
 _temp_counter = itertools.count()
 # The signals a command cleans up after (spikec.cli turns them into exceptions), held back while outputs
 # are renamed into place so that a command's outputs are all renamed or none.
@@ -188,7 +188,7 @@ def remove_stale_temporaries(directory: Path) -> None:
 
 
 def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name[:_TEMP_STEM]}{TEMP_MARK}{os.getpid()}-{next(_temp_counter)}")
+    return path.with_name(f".{path.name[:_TEMP_STEM]}{_TEMP_MARK}{os.getpid()}-{next(_temp_counter)}")
 
 
 def _create(temp: Path) -> None:
@@ -202,6 +202,14 @@ def _sync(path: Path) -> None:
 
 
 # ------------------------------------------------------------------ writing
+
+def save_with_external_data(model: onnx.ModelProto, path: Path, location: str) -> None:
+    """Save ``model`` with its weights in ``location`` beside ``path``. onnx moves the weights out of the
+    message it saves; they are read back, so that the caller's model is whole again."""
+    onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location)
+    onnx.external_data_helper.load_external_data_for_model(model, os.fspath(path.parent))
+
 
 def _writer(content: Content) -> Callable[[Path], None]:
     if isinstance(content, (bytes, str)):
@@ -242,8 +250,7 @@ class _Staging:
         staging = _temp_path(path)
         self.directories.append(staging)
         staging.mkdir()
-        onnx.save_model(model, os.fspath(staging / path.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name)
+        save_with_external_data(model, staging / path.name, data.name)
         for name in (data.name, path.name):
             _sync(staging / name)
         self.renames += [(staging / data.name, data), (staging / path.name, path)]
@@ -293,13 +300,3 @@ def write(outputs: Sequence[tuple[str, Source, Content]], reads: Sequence[Read] 
         staging.discard()
         raise
     return paths
-
-
-def save_model_atomic(model: onnx.ModelProto, output: Source, reads: Sequence[Read] = (),
-                      what: str = "output") -> Path:
-    return write([(what, output, model)], reads)[0]
-
-
-def save_arrays_atomic(arrays: Mapping[str, np.ndarray], output: Source, reads: Sequence[Read] = (),
-                       what: str = "output") -> Path:
-    return write([(what, output, arrays)], reads)[0]

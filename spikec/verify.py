@@ -14,11 +14,13 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from spikec.errors import SpikecError
+from spikec.modelio import save_with_external_data
 from spikec.passes.loader import _one_line
 
 # protobuf cannot serialize 2 GiB or more: such models are checked from a file with external data.
@@ -53,10 +55,9 @@ def _loadable(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | str]:
         yield model
         return
     with tempfile.TemporaryDirectory(prefix="spikec-verify-") as directory:
-        path = os.path.join(directory, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data")
-        yield path
+        path = Path(directory) / "model.onnx"
+        save_with_external_data(model, path, "model.onnx.data")
+        yield os.fspath(path)
 
 
 def verify(model: onnx.ModelProto, label: str, ann: onnx.ModelProto | None = None) -> onnx.ModelProto:

@@ -246,6 +246,28 @@ def test_outputs_are_created_as_the_umask_says(work, umask):
     assert stat.S_IMODE((work / "out.onnx").stat().st_mode) == 0o666 & ~umask
 
 
+def test_a_model_past_the_protobuf_limit_goes_with_its_weights_beside_it(work, monkeypatch):
+    """Over 2 GiB a model keeps its weights in NAME.data: staged in a private directory, moved into place
+    data first, checked against the inputs like any output, and verified from the file."""
+    from spikec import modelio
+    from spikec import verify as verification
+
+    monkeypatch.setattr(modelio, "_PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(verification, "_PROTOBUF_LIMIT", 1000)
+    model = verify(_mlp(), "mlp.onnx (ecmt)")
+    modelio.write([("output", work / "big.onnx", model)], modelio.reads(models=[("input model", work / "ext.onnx")]))
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(("big", "."))) == ["big.onnx", "big.onnx.data"]
+    assert onnx.load(work / "big.onnx").graph == model.graph
+    for kept, original in zip(model.graph.initializer, _mlp().graph.initializer, strict=True):  # the caller's
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(kept), onnx.numpy_helper.to_array(original))
+    os.rename(work / "ext.weights", work / "other.onnx.data")  # the input's weights where the output's go
+    inputs = _mlp()
+    onnx.save(inputs, work / "in.onnx", save_as_external_data=True, location="other.onnx.data", size_threshold=0)
+    with pytest.raises(spikec.SpikecError, match="other.onnx.data: is the input model's external data"):
+        modelio.write([("output", work / "other.onnx", model)], modelio.reads(models=[("input model", work / "in.onnx")]))
+    assert not (work / "other.onnx").exists() and not any(".spikec-tmp-" in p.name for p in work.iterdir())
+
+
 def test_an_existing_report_is_replaced_only_with_force(work):
     (work / "report").mkdir()
     for name in ("index.html", "notes.txt"):
