@@ -538,6 +538,9 @@ def test_numeric_warnings_do_not_reach_the_terminal(work):
 
 
 def test_invalid_values_are_errors(work):
+    assert _cli("quantize", "mlp.onnx", "-o", "qann.onnx", "--calib", "calib.npz", cwd=work).returncode == 0
+    _refused(work, "compile", "qann.onnx", "-o", "zip.onnx", "--method", "spikezip", "--calib", "calib.npz",
+             "--save-qann", "again.onnx", culprits=("qann_output", "already quantized"))  # it would write nothing
     _refused(work, "ugo", "train", "--only", "exp", "--hidden", "0", "--output-dir", ".", culprits=("hidden size 0",))
     _refused(work, "compile", "mlp.onnx", "-o", "out.onnx", "--calib", "calib.npz", "--allow-float", "Relu,Softmaks",
              culprits=("'Softmaks'", "allow_float"))
