@@ -1,7 +1,6 @@
 """Running spikec models: one call for users, and the driver for stateful (one step per run) models."""
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
@@ -9,9 +8,28 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from spikec.errors import SpikecError
 from spikec.runtime import fusion
 from spikec.runtime import native as native_kernels
+from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+
+
+# onnxruntime logs an error before it raises it: at FATAL only, the exception (which spikec turns into its
+# one-line error) is all that reaches the terminal.
+QUIET_LOG_SEVERITY = 4
+def quiet_options() -> ort.SessionOptions:
+    """Session options for every session spikec creates: onnxruntime's own log lines stay off the terminal."""
+    options = ort.SessionOptions()
+    options.log_severity_level = QUIET_LOG_SEVERITY
+    return options
+
+
+def check_timesteps(timesteps, argument: str = "timesteps") -> int:
+    if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) \
+            or not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise SpikecError(f"argument {argument}={timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
+    return int(timesteps)
 
 
 class InferenceSession(ort.InferenceSession):
@@ -24,7 +42,7 @@ class InferenceSession(ort.InferenceSession):
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
                  providers=None, native: bool = True, fuse: bool = True, **kwargs):
-        options = sess_options or ort.SessionOptions()
+        options = sess_options or quiet_options()
         if not native and native_kernels.registered(options):
             raise ValueError("native=False, but these session options already carry the native kernels")
         self.native = native and native_kernels.register(options)
@@ -36,23 +54,34 @@ class InferenceSession(ort.InferenceSession):
         kwargs.setdefault("disabled_optimizers", ["MatMulScaleFusion"])
         super().__init__(source, options, providers=providers or ["CPUExecutionProvider"], **kwargs)
         props = self.get_modelmeta().custom_metadata_map
-        self.spikec_metadata = {k: v for k, v in props.items() if k.startswith("spikec.")}
+        label = "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        self.spikec = SpikecMetadata.from_props(props, label)  # None for an ANN
 
     @property
     def mode(self) -> str:
-        return self.spikec_metadata.get("spikec.mode", "ann")
+        return self.spikec.mode if self.spikec else "ann"
 
     @property
     def semantics(self) -> str:
-        return self.spikec_metadata.get("spikec.semantics", "mean")
+        return self.spikec.semantics if self.spikec else "mean"
 
     @property
     def timesteps(self) -> int:
-        return int(self.spikec_metadata.get("spikec.timesteps", "1"))
+        return self.spikec.timesteps if self.spikec else 1
 
     @property
     def report(self) -> dict:
-        return json.loads(self.spikec_metadata.get("spikec.report", "{}"))
+        return self.spikec.report if self.spikec else {}
+
+    def run(self, output_names, input_feed, run_options=None):
+        """onnxruntime's run; a stateful model's time step must be 1, 2, ...: at t = 0 the running means
+        divide by zero, and the model would answer NaN rather than fail."""
+        if TIME_INPUT in input_feed:
+            t = np.asarray(input_feed[TIME_INPUT], dtype=np.float64)
+            if t.size != 1 or not np.isfinite(t).all() or t.item() < 1 or t.item() != np.floor(t.item()):
+                raise SpikecError(f"input '{TIME_INPUT}' = {t.tolist()}: the time step is 1-based, a whole "
+                                  f"number 1, 2, ... (run_stateful feeds it)")
+        return super().run(output_names, input_feed, run_options)
 
     def model_outputs(self) -> list[str]:
         """The user-facing outputs: no per-step copies, no neuron state."""
@@ -155,6 +184,7 @@ def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], tim
     sample fired: the network is quiet from then on and its outputs final (dynamic T, capped by
     ``timesteps``). With ``keep_states``, the neuron/compensation states after the last step are returned
     too, under their ``spikec.next_state.*`` names."""
+    check_timesteps(timesteps)
     if until_quiet and SPIKES_OUTPUT not in {o.name for o in session.get_outputs()}:
         raise ValueError(f"until_quiet: the model has no '{SPIKES_OUTPUT}' output (only sum-semantics models do)")
     stepper = Stepper(session, feeds)

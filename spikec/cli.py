@@ -4,22 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import warnings
 from collections import Counter
 
 import numpy as np
 
 from spikec.errors import SpikecError
-
-
-def _read_npz(path: str, what: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise SpikecError(f"{what} {path}: no such file") from None
-    except Exception as exc:  # numpy raises several types for a corrupt archive
-        raise SpikecError(f"{what} {path}: not a readable .npz ({type(exc).__name__})") from None
+from spikec.modelio import TERMINATING_SIGNALS
 
 
 def _input_shapes(specs: list[str] | None) -> dict[str, list[int | str]] | None:
@@ -41,8 +35,8 @@ def cmd_compile(args) -> int:
 
     options = _compile_options(args)
     compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape), **options)
-    for path, what in outputs_of(split_options(options)[1]):
-        print(f"wrote {path} ({what})")
+    for extra in outputs_of(split_options(options)[1]):
+        print(f"wrote {extra.path} ({extra.what})")
     print(f"wrote {args.output}")
     return 0
 
@@ -109,17 +103,17 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from spikec import modelio
     from spikec.calibrate import load_inputs
     from spikec.evaluate import run_dataset
-    from spikec.modelio import check_output_path, save_arrays_atomic
 
-    check_output_path(args.output, args.model)
-    check_output_path(args.output, args.inputs, what="--inputs file")
+    reads = modelio.reads(models=[("input model", args.model)], files=[("--inputs file", args.inputs)])
+    modelio.check_outputs([("output", args.output)], reads)  # before the run, not after it
     session = _session(args.model)
     feeds = load_inputs(args.inputs, _user_inputs(args.model), what="inputs")
     outputs = run_dataset(session, feeds, batch_size=args.batch_size, timesteps=args.timesteps,
                           until_quiet=args.until_quiet, progress=not args.quiet)
-    save_arrays_atomic(outputs, args.output)
+    modelio.write([("output", args.output, outputs)], reads)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
     if SPIKES_STEPS in outputs:
         print(_equilibrium_line(outputs[SPIKES_STEPS]))
@@ -165,17 +159,18 @@ def _session(path: str):
 def inspect_model(path: str) -> dict:
     from spikec.graphinfo import summarize
     from spikec.passes.loader import load_model
+    from spikec.runtime.metadata import SpikecMetadata
 
     model = load_model(path)
     histogram = Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph.node)
-    meta = {p.key: p.value for p in model.metadata_props}
-    report = json.loads(meta.get("spikec.report", "{}"))
+    record = SpikecMetadata.read(model, path)
+    report = record.report if record else {}
     return {
         "model": path,
-        "method": meta.get("spikec.method"),
-        "mode": meta.get("spikec.mode"),
-        "timesteps": int(meta["spikec.timesteps"]) if "spikec.timesteps" in meta else None,
-        "options": json.loads(meta.get("spikec.options", "{}")),
+        "method": record and record.method,
+        "mode": record and record.mode,
+        "timesteps": record and record.timesteps,
+        "options": record.options if record else {},
         "ops": [{"domain": d, "op": o, "count": c} for (d, o), c in sorted(histogram.items())],
         "inputs": [i.name for i in model.graph.input],
         "outputs": [o.name for o in model.graph.output],
@@ -183,7 +178,7 @@ def inspect_model(path: str) -> dict:
         "compensated": report.get("compensated", []),
         "regions": report.get("regions", []),
         # rewrites (original ops -> spikec ops), neuron counts per sample, ops left in float and why
-        **(summarize(model) if meta.get("spikec.method") != "ttfs" else
+        **(summarize(model) if record is None or record.mode != "ttfs" else
            {"ttfs": report["ttfs"], "rewrites": [], "float_ops": [], "neuron_counts": {}}),
     }
 
@@ -260,11 +255,12 @@ def cmd_inspect(args) -> int:
 
 def _labels(path: str | None, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
     """--labels: a 'labels' array (or an archive's only array), one class index per sample of ``feeds``."""
+    from spikec.calibrate import read_npz
     from spikec.evaluate import check_labels
 
     if not path:
         return None
-    arrays = _read_npz(path, "labels")
+    arrays = read_npz(path, "labels")
     if "labels" not in arrays and len(arrays) != 1:
         raise SpikecError(f"labels {path}: expected a 'labels' array, got keys {sorted(arrays)}")
     return check_labels(arrays.get("labels", next(iter(arrays.values()), None)), len(next(iter(feeds.values()))),
@@ -297,14 +293,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from spikec import modelio
     from spikec.calibrate import load_inputs
-    from spikec.report import build_report, check_directory, write_report
+    from spikec.report import build_report, check_directory, report_files, write_report
 
-    check_directory(args.output)  # before the run, not after it
+    reads = modelio.reads(models=[("ANN", args.ann), ("SNN", args.snn), ("QANN", args.qann)],
+                          files=[("--inputs file", args.inputs), ("--labels file", args.labels)])
+    method = _method(args.snn)
+    if method is not None:  # before the run, not after it; an SNN that does not load is reported by the run
+        check_directory(args.output, report_files(method), reads, args.force)
     feeds = load_inputs(args.inputs, args.ann, what="inputs")
     data = build_report(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), qann=args.qann,
                         batch_size=args.batch_size, progress=not args.quiet)
-    index = write_report(data, args.output)
+    index = write_report(data, args.output, reads, args.force)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -321,13 +322,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _method(path: str) -> str | None:
+    """The method recorded in a spikec model's metadata; None where the file does not read as one (the
+    report itself then says what is wrong with it)."""
+    import onnx
+
+    from spikec import methods
+    from spikec.runtime.metadata import SpikecMetadata
+
+    if not os.path.isfile(path):
+        return None  # reading a FIFO would block
+    try:
+        record = SpikecMetadata.read(onnx.load(path, load_external_data=False), path)
+    except Exception:
+        return None
+    return record.method if record is not None and record.method in methods.METHODS else None
+
+
 def cmd_ugo_train(args) -> int:
     from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
-    from spikec import ugo
+    from spikec import modelio, ugo
 
     names = [args.only] if args.only else list(ugo.SPECS)
     for name in names:
@@ -336,23 +354,24 @@ def cmd_ugo_train(args) -> int:
     directory = Path(args.output_dir) if args.output_dir else ugo.DATA_DIR
     if not directory.is_dir():
         raise SpikecError(f"argument --output-dir {directory}: no such directory")
+    sizes = {name: [args.hidden] if args.hidden is not None else ugo.shipped_sizes(name) for name in names}
+    targets = {(name, hidden): directory / ugo.path_for(name, hidden).name for name in names for hidden in sizes[name]}
+    modelio.check_outputs([("output", path) for path in targets.values()])  # before the fits, not after them
     table = Table(title="UGO fits over each operator's domain (relative = mean |error| / max |f|)")
     for column in ("operator", "N", "fit", "mean relative", "max abs", "IF T=32", "IF T=64", "IF T=128", "weights"):
         table.add_column(column)
-    for name in names:
-        for hidden in ([args.hidden] if args.hidden else ugo.shipped_sizes(name)):
-            fits = [("spikec", ugo.fit(name, hidden))]
-            if args.paper:
-                fits.append(("paper recipe", ugo.train_paper(name, hidden, progress=not args.quiet)))
-            for kind, operator in fits:
-                error = ugo.fit_error(operator)
-                written = ""
-                if kind == "spikec":
-                    target = directory / ugo.path_for(name, hidden).name
-                    operator.save(target)
-                    written = str(target)
-                table.add_row(name, str(hidden), kind, f"{error['mean_relative']:.2e}", f"{error['max_abs']:.2e}",
-                              *[f"{ugo.spiking_error(operator, t):.2e}" for t in (32, 64, 128)], written)
+    refits = []
+    for (name, hidden), target in targets.items():
+        fits = [("spikec", ugo.fit(name, hidden))]
+        if args.paper:
+            fits.append(("paper recipe", ugo.train_paper(name, hidden, progress=not args.quiet)))
+        refits.append(("output", target, fits[0][1].arrays()))
+        for kind, operator in fits:
+            error = ugo.fit_error(operator)
+            table.add_row(name, str(hidden), kind, f"{error['mean_relative']:.2e}", f"{error['max_abs']:.2e}",
+                          *[f"{ugo.spiking_error(operator, t):.2e}" for t in (32, 64, 128)],
+                          str(target) if kind == "spikec" else "")
+    modelio.write(refits)  # all refits or none
     Console(width=200).print(table)
     return 0
 
@@ -423,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", required=True)
     p.add_argument("--labels", help=".npz with a 'labels' array for accuracy")
     p.add_argument("-o", "--output", required=True, help="directory for index.html, the PNG plots and report.json")
+    p.add_argument("--force", action="store_true", help="replace a report already in that directory")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="also print report.json")
     p.add_argument("--quiet", action="store_true")
@@ -430,23 +450,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal, raised wherever Python is when it arrives, so that every cleanup (spikec.modelio
+    removes its temporaries) runs as it does for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    # A second signal while cleaning up takes the default action: the user insists. Whatever that leaves
+    # behind, the next spikec run writing into that directory removes (spikec.modelio).
+    for number in TERMINATING_SIGNALS:
+        if signal.getsignal(number) is _interrupt:
+            signal.signal(number, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"spikec: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import onnxruntime
 
-    # Errors only: onnxruntime's graph-optimizer warnings are not the user's to act on, and they would
-    # bury the one-line error this tool promises.
-    onnxruntime.set_default_logger_severity(3)
+    # onnxruntime logs an error before raising it: the one-line error this tool prints says it already.
+    onnxruntime.set_default_logger_severity(4)
+    # Signals the caller ignores (nohup, background jobs) stay ignored.
+    handlers = {number: signal.signal(number, _interrupt) for number in TERMINATING_SIGNALS
+                if signal.getsignal(number) not in (signal.SIG_IGN, None)
+                and threading.current_thread() is threading.main_thread()}
     try:
-        status = args.func(args)
-        sys.stdout.flush()  # a closed pipe must show up here, not in the interpreter's exit flush
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            # numpy's floating-point warnings: spikec.verify refuses a model whose values overflowed, naming
+            # the tensor; the warning itself names a line of spikec, which helps no user.
+            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero|underflow) encountered",
+                                    RuntimeWarning)
+            status = args.func(args)
+            sys.stdout.flush()  # a closed pipe must show up here, not in the interpreter's exit flush
         return status
     except SpikecError as exc:
         print(f"spikec: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("spikec: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "signum", signal.SIGINT)
+        print(f"spikec: interrupted ({signal.Signals(number).name})", file=sys.stderr)
+        return 128 + number
     except BrokenPipeError:
         # The reader went away (`spikec inspect --json | head -1`): not an error of ours. Point stdout at
         # devnull so that the interpreter's final flush does not raise again.
@@ -454,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell reports for a process killed by SIGPIPE
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

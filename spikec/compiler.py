@@ -8,23 +8,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from spikec import methods
-from spikec.calibrate import collect_statistics, load_inputs, run_batches
+from spikec import methods, modelio
+from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
 from spikec.methods.base import Job
 from spikec.methods.spikezip import DEFAULT_LEVELS, SpikeZIPOptions, quantize_model
-from spikec.modelio import check_output_path, save_model_atomic
 from spikec.passes import emit
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.options import Options, option, outputs_of
 from spikec.passes.patterns import describe
 from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
+from spikec.verify import verify
 
 MODES = ("unrolled", "stateful")
 
@@ -88,6 +87,7 @@ def split_options(options: Mapping[str, object]) -> tuple[CompileOptions, Option
 
 
 @_quiet_graphsurgeon
+@naming_sources
 def compile(model: str | os.PathLike | onnx.ModelProto,
             calibration: str | os.PathLike | Mapping[str, np.ndarray],
             output: str | os.PathLike | None = None,
@@ -100,11 +100,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     data, never the evaluation set. If ``output`` is given the model is written there atomically."""
     common, method_options = split_options(options)
     method = methods.get(common.method)
-    for path in [output, *(path for path, _ in outputs_of(method_options))]:
-        if path is not None:
-            check_output_path(path, model if isinstance(model, (str, os.PathLike)) else None)
+    reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
+    outputs = [("output", output), *((extra.label, extra.path) for extra in outputs_of(method_options))]
+    modelio.check_outputs(outputs, reads)  # before the work, not after it
 
-    ann = canonicalize(load_model(model, input_shapes=input_shapes))
+    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name))
+    _check_allow_float(common.allow_float, ann)
     job = Job(ann, load_inputs(calibration, ann), common.timesteps, common.mode, common.batch_size, common.progress,
               frozenset(common.allow_float), method_options)
     method.prepare(job)
@@ -132,13 +133,33 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     record = SpikecMetadata(method.name, mode, method.semantics, timesteps, method_options.to_json(),
                             tuple(sorted(common.allow_float)), job.report)
     snn = emit.to_model(job.graph, job.ann, record.to_props())
-    if output is not None:
-        save_model_atomic(snn, output)
-    for extra, path in job.extra_outputs:
-        save_model_atomic(extra, path)
-    return snn
+    extras = [(extra.label, extra.path, job.extra_outputs[extra.option]) for extra in outputs_of(method_options)]
+    return _write(model, method.name, ann, reads, [("output", output, snn), *extras])
 
 
+def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
+           models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | None]]) -> onnx.ModelProto:
+    """Verify every model made (spikec.verify), then write those given a path, all or none; returns the
+    first (the SNN)."""
+    label = f"{os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<in-memory model>'} ({method})"
+    for _, _, made in models:
+        if made is not None:
+            verify(made, label, ann)
+    modelio.write([model for model in models if model[1] is not None], reads)
+    return models[0][2]
+
+
+def _check_allow_float(names: Sequence[str], ann: onnx.ModelProto) -> None:
+    """Every --allow-float entry must name an op type or a node of the model: a misspelt one would
+    silently keep nothing in float."""
+    known = {n.op_type for n in ann.graph.node} | {n.name for n in ann.graph.node}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SpikecError(f"argument allow_float: {', '.join(map(repr, unknown))} is neither an op type nor a "
+                          f"node name of the model (see `spikec inspect`)")
+
+
+@naming_sources
 def quantize(model: str | os.PathLike | onnx.ModelProto,
              calibration: str | os.PathLike | Mapping[str, np.ndarray],
              output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS,
@@ -148,14 +169,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
     common = CompileOptions(method="spikezip", batch_size=batch_size, progress=progress)
     options = SpikeZIPOptions(levels=levels)
-    if output is not None:
-        check_output_path(output, model if isinstance(model, (str, os.PathLike)) else None)
-    ann = canonicalize(load_model(model, input_shapes=input_shapes))
+    reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
+    modelio.check_outputs([("output", output)], reads)
+    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip"))
     qann, _ = quantize_model(ann, load_inputs(calibration, ann), options.levels, batch_size=common.batch_size,
                              progress=common.progress)
-    if output is not None:
-        save_model_atomic(qann, output)
-    return qann
+    return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 
 def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:

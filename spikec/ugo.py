@@ -114,10 +114,9 @@ class UGO:
             count += spike
         return (count / timesteps * theta) @ self.w2 + self.b2
 
-    def save(self, path: Path) -> None:
-        from spikec.modelio import save_arrays_atomic
-
-        save_arrays_atomic({"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array(self.b2)}, path)
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The weights as ``load`` reads them back (an .npz for spikec.modelio.write)."""
+        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array(self.b2)}
 
 
 def path_for(name: str, hidden: int | None = None) -> Path:

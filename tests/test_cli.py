@@ -238,7 +238,7 @@ def test_interrupted_compile_leaves_no_partial_file(small, monkeypatch, capfd):
 
     # the CLI reports the interrupt on one line, exits 130, leaves nothing behind
     assert main(["compile", str(model), "-o", str(out), "-T", "2", "--calib", str(calib), "--quiet"]) == 130
-    assert capfd.readouterr().err.strip() == "spikec: interrupted"
+    assert capfd.readouterr().err.strip() == "spikec: interrupted (SIGINT)"
     assert len(seen) == 2 and list(outdir.iterdir()) == []
 
 
@@ -317,9 +317,9 @@ def test_bad_compile_arguments(small, capfd, extra, culprits):
 def test_output_equal_to_input_is_rejected_and_input_untouched(small, capfd):
     tmp, model, calib, _ = small
     before = _listing(tmp)
-    _fails(capfd, ["compile", model, "-o", model, "--calib", calib], "vit.onnx", "equals the input model")
+    _fails(capfd, ["compile", model, "-o", model, "--calib", calib], "vit.onnx", "is the input model")
     # also when spelled differently
-    _fails(capfd, ["compile", model, "-o", tmp / "." / "vit.onnx", "--calib", calib], "equals the input model")
+    _fails(capfd, ["compile", model, "-o", tmp / "." / "vit.onnx", "--calib", calib], "is the input model")
     assert _listing(tmp) == before
 
 
@@ -343,8 +343,8 @@ def test_run_errors(unrolled, small, capfd):
     # an unrolled model's T is fixed: a different --timesteps must not be silently ignored
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--timesteps", "8"], "timesteps=8", "unrolled")
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", tmp / "nodir" / "o.npz"], "nodir")
-    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", calib], "calib.npz", "equals")
-    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", unrolled], "unrolled.onnx", "equals the input model")
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", calib], "calib.npz", "is the --inputs file")
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", unrolled], "unrolled.onnx", "is the input model")
     assert _listing(tmp) == before
 
 

@@ -13,6 +13,7 @@ import pytest
 import spikec
 from examples import fixtures
 from op_models import example_attributes, example_params, initial_states, one_node_model
+from spikec import SpikecError
 from spikec.runtime import InferenceSession, Stepper, native, ops, run_stateful, ttfs
 from spikec.runtime.session import next_state_name
 
@@ -143,8 +144,10 @@ def test_library_path_from_environment(monkeypatch, tmp_path):
     built = native.library_path()
     monkeypatch.setenv(native.ENV_VAR, os.fspath(built))
     assert native.library_path() == built
-    monkeypatch.setenv(native.ENV_VAR, os.fspath(tmp_path / "missing.so"))
-    assert native.library_path() is None and not native.available()
+    for wrong in (tmp_path / "missing.so", tmp_path):  # a mistake to report, not a reason to run portably
+        monkeypatch.setenv(native.ENV_VAR, os.fspath(wrong))
+        with pytest.raises(SpikecError, match=native.ENV_VAR):
+            native.available()
 
 
 @pytest.fixture(scope="module")
@@ -356,5 +359,5 @@ def test_narrower_vector_isas_give_the_same_bits(isa):
 
 def test_an_unknown_vector_isa_is_refused(monkeypatch):
     monkeypatch.setenv(native.ISA_ENV_VAR, "sse9")
-    with pytest.raises(ValueError, match=f"{native.ISA_ENV_VAR}='sse9': expected one of baseline, avx2, avx512"):
+    with pytest.raises(SpikecError, match=f"{native.ISA_ENV_VAR}='sse9': expected one of baseline, avx2, avx512"):
         native.register(ort.SessionOptions())

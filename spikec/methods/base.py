@@ -7,7 +7,6 @@ exporting a ``Method`` and one entry in the registry (spikec/methods/__init__.py
 """
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,8 +45,9 @@ class Job:
     report: dict = field(default_factory=dict)
     # what the method's prepare step built for its later steps (TTFS: the ANN as its constructions' stages)
     prepared: object = None
-    # models written beside the SNN once it is verified (SpikeZIP-TF's QANN): (model, path)
-    extra_outputs: list[tuple[onnx.ModelProto, str | os.PathLike]] = field(default_factory=list)
+    # models written beside the SNN once all are verified, by the output option naming their path
+    # (SpikeZIP-TF's QANN: save_qann)
+    extra_outputs: dict[str, onnx.ModelProto] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.recognize(self.ann)

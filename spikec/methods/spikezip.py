@@ -70,8 +70,7 @@ class SpikeZIP(Method):
         qann, job.report["quantization"] = quantize_model(
             job.ann, job.feeds, DEFAULT_LEVELS if o.levels is None else o.levels, batch_size=job.batch_size,
             progress=job.progress)
-        if o.save_qann is not None:
-            job.extra_outputs.append((qann, o.save_qann))
+        job.extra_outputs["save_qann"] = qann
         job.recognize(qann)
 
     def calibration(self, job: Job) -> Calibration:

@@ -9,6 +9,6 @@ section (``Method.report_section()``; spikec/report/<method>.py): ECMT's thresho
 equilibrium steps against its quantized ANN, STA's burst spikes and UGOs, TTFS's spike times and clipping.
 """
 from spikec.report.build import build_report
-from spikec.report.page import check_directory, write_report
+from spikec.report.page import check_directory, report_files, write_report
 
-__all__ = ["build_report", "check_directory", "write_report"]
+__all__ = ["build_report", "check_directory", "report_files", "write_report"]

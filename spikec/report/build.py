@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -43,11 +42,9 @@ class _LayerError:
 
 
 def load(path: str | os.PathLike, what: str) -> onnx.ModelProto:
-    from spikec.passes.loader import load_model
+    from spikec.passes.loader import check_input_file, load_model
 
-    if not Path(path).is_file():
-        raise SpikecError(f"{what} {path}: no such file")
-    return load_model(path)
+    return load_model(check_input_file(path, f"{what} {path}"))
 
 
 def _node_outputs(model: onnx.ModelProto) -> list[str]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +32,7 @@ class _Levels:
             counts += np.bincount(k, minlength=self.levels)
 
 
-def _plot_levels(data: dict, path: Path) -> None:
+def _plot_levels(data: dict) -> bytes:
     lv = data["section"]
     n = lv["levels"]
     fig, axes = plots.figure(1, 1, (10, 4))
@@ -43,7 +42,7 @@ def _plot_levels(data: dict, path: Path) -> None:
     ax.bar(np.arange(2 * n), values, color=["tab:orange"] * n + ["tab:blue"] * n)
     ax.set_xticks(np.arange(2 * n), labels, rotation=60, fontsize=8)
     ax.set(title="spikes per threshold level, all MT neurons (cf. ECMT Fig. 6)", ylabel="fraction of spikes")
-    plots.save(fig, path)
+    return plots.png(fig)
 
 
 class ECMTSection(Section):

@@ -4,14 +4,14 @@ for every method: summary, fidelity, per-layer error, firing, the method's secti
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from spikec import methods
+from spikec import methods, modelio
 from spikec.errors import SpikecError
 from spikec.probe import Estimate
 from spikec.report import plots
@@ -19,46 +19,63 @@ from spikec.report.build import SCATTER_VALUES
 from spikec.report.energy import ECMT_TABLE1, NOT_COUNTED, TTFSFORMER_RATIOS
 
 
-def atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def report_files(method: str) -> list[str]:
+    """The files a report of a ``method`` model consists of."""
+    return [*(f"{name}.png" for name, _, _ in _plots(method)), "report.json", "index.html"]
 
 
-def check_directory(directory: str | os.PathLike) -> Path:
-    """The report directory: an existing directory, or a new one in an existing directory."""
+def check_directory(directory: str | os.PathLike, files: Sequence[str], reads: Sequence[modelio.Read] = (),
+                    force: bool = False) -> Path:
+    """The report directory, checked before any work: an existing directory or a new one in an existing
+    directory. A report already there (any of ``files``) is replaced only with ``force``; each file is
+    checked as every spikec output is (spikec.modelio: never an input, never a special file)."""
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise SpikecError(f"output {out}: exists and is not a directory")
     if not out.parent.is_dir():
         raise SpikecError(f"output {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        existing = [name for name in files if os.path.lexists(out / name)]
+        if existing and not force:
+            raise SpikecError(f"output {out}: already holds a report ({', '.join(existing)}); pass --force to "
+                              f"replace it, or choose another directory")
+        modelio.check_outputs([("report file", out / name) for name in files], reads)
     return out
 
 
-def all_plots(data: dict) -> list[tuple]:
-    """Every plot of the report, (name, alt, function): the common ones, then the method's."""
-    return [*plots.COMMON, *methods.get(data["method"]).report_section().plots]
+def write_directory(directory: Path, files: Mapping[str, bytes | str], reads: Sequence[modelio.Read] = ()) -> None:
+    """All of a report's files or none: a directory created here goes again when writing fails."""
+    created = not directory.exists()
+    try:
+        if created:
+            directory.mkdir()
+        modelio.write([("report file", directory / name, content) for name, content in files.items()], reads)
+    except OSError as exc:
+        raise SpikecError(f"output {directory}: cannot create it ({exc.strerror or exc})") from None
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # empty: spikec.modelio leaves nothing behind
+        raise
 
 
-def write_report(data: dict, directory: str | os.PathLike) -> Path:
+def _plots(method: str) -> list[tuple]:
+    """Every plot of a report, (name, alt, function): the common ones, then the method's section's."""
+    return [*plots.COMMON, *methods.get(method).report_section().plots]
+
+
+def write_report(data: dict, directory: str | os.PathLike, reads: Sequence[modelio.Read] = (),
+                 force: bool = False) -> Path:
     """Write the PNG plots, report.json and index.html into ``directory`` (created if missing)."""
-    out = check_directory(directory)
-    out.mkdir(exist_ok=True)
-    for name, _, plot in all_plots(data):
-        plot(data, out / f"{name}.png")
-    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
-    atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(render_html(data, out), encoding="utf-8"))
+    out = check_directory(directory, report_files(data["method"]), reads, force)
+    drawn = {name: plot(data) for name, _, plot in _plots(data["method"])}
+    write_directory(out, {**{f"{name}.png": png for name, png in drawn.items()},
+                          "report.json": json.dumps(data, indent=1), "index.html": render_html(data, drawn)}, reads)
     return out / "index.html"
 
 
-def img(directory: Path, name: str, alt: str) -> str:
-    encoded = base64.b64encode((directory / f"{name}.png").read_bytes()).decode("ascii")
+def img(drawn: Mapping[str, bytes], name: str, alt: str) -> str:
+    encoded = base64.b64encode(drawn[name]).decode("ascii")
     return f'<img src="data:image/png;base64,{encoded}" alt="{html.escape(alt)}" data-file="{name}.png">'
 
 
@@ -105,15 +122,15 @@ def _fidelity_columns(data: dict) -> tuple[list[str], list[str]]:
     return keys, [headings[k] for k in keys]
 
 
-def render_html(data: dict, directory: Path) -> str:
+def render_html(data: dict, drawn: Mapping[str, bytes]) -> str:
     section = methods.get(data["method"]).report_section()
     e = data["energy"]
     stepped = data["stepped"]
     when = f"T={data['timesteps']}" if stepped else "one pass (time-to-first-spike)"
-    embed = {name: alt for name, alt, _ in all_plots(data)}
+    embed = {name: alt for name, alt, _ in _plots(data["method"])}
 
     def picture(name: str, alt: str | None = None) -> str:
-        return img(directory, name, alt or embed[name])
+        return img(drawn, name, alt or embed[name])
 
     references = ", ".join(f"{label} <code>{html.escape(ref['model'])}</code>"
                            for label, ref in data["fidelity"].items())

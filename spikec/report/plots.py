@@ -2,9 +2,8 @@
 error, firing per site, energy). Each plot function draws from the report's data alone."""
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -22,14 +21,15 @@ def figure(rows: int = 1, cols: int = 1, size=(10, 4)):
     return plt.subplots(rows, cols, figsize=size, squeeze=False)
 
 
-def save(fig, path: str | os.PathLike) -> None:
+def png(fig) -> bytes:
+    """The figure as PNG bytes (the page embeds them; the report writes them with its other files)."""
     import matplotlib.pyplot as plt
 
-    from spikec.report.page import atomic_write
-
     fig.tight_layout()
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def log_axis(ax, values, axis: str = "y") -> None:
@@ -58,9 +58,9 @@ def site_ticks(ax, names: Sequence[str]) -> None:
                   fontsize=7 if len(names) <= 50 else 5)
 
 
-def plot_fidelity(data: dict, path: Path) -> None:
+def plot_fidelity(data: dict) -> bytes:
     if not data["stepped"]:
-        return _plot_scatter(data, path)
+        return _plot_scatter(data)
     from matplotlib.ticker import MaxNLocator
 
     references = data["fidelity"]
@@ -95,10 +95,10 @@ def plot_fidelity(data: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
-    save(fig, path)
+    return png(fig)
 
 
-def _plot_scatter(data: dict, path: Path) -> None:
+def _plot_scatter(data: dict) -> bytes:
     """One pass (TTFS): SNN output against the reference's, value by value."""
     reference = data["fidelity"][data["references"][0]]
     outputs = list(reference["outputs"].items())[:4]
@@ -112,10 +112,10 @@ def _plot_scatter(data: dict, path: Path) -> None:
         ax.set(title=f"{short(name)}: cosine {row['cosine']:.5f}, rel. max error {row['relative_max_error']:.2g}",
                xlabel=f"{data['references'][0]} value", ylabel="SNN value")
         ax.legend(fontsize=8)
-    save(fig, path)
+    return png(fig)
 
 
-def plot_layers(data: dict, path: Path) -> None:
+def plot_layers(data: dict) -> bytes:
     rows = data["layers"]
     fig, axes = figure(2, 1, (12, 7))
     x = np.arange(len(rows))
@@ -137,10 +137,10 @@ def plot_layers(data: dict, path: Path) -> None:
         else:
             empty(ax, "no tensor of the reference kept by name")
     axes[1, 0].set_xlabel("reference tensor (graph order; names in the table below)")
-    save(fig, path)
+    return png(fig)
 
 
-def plot_firing(data: dict, path: Path) -> None:
+def plot_firing(data: dict) -> bytes:
     import matplotlib
 
     sites = data["sites"]
@@ -169,10 +169,10 @@ def plot_firing(data: dict, path: Path) -> None:
     per = "step" if data["stepped"] else "pass"
     t = f" (T={data['timesteps']})" if data["stepped"] else ""
     ax.set(title=f"firing per spiking site{t}", ylabel=f"spikes / neuron / {per}", xlim=(-1, max(len(x), 1)))
-    save(fig, path)
+    return png(fig)
 
 
-def plot_energy(data: dict, path: Path) -> None:
+def plot_energy(data: dict) -> bytes:
     e = data["energy"]
     fig, axes = figure(1, 1, (10, 4.5))
     ax = axes[0, 0]
@@ -187,9 +187,9 @@ def plot_energy(data: dict, path: Path) -> None:
     ax.set(ylabel="energy per sample (µJ)", title=f"estimated energy: SNN/ANN = {e['ratio']:.3f} "
                                                     f"(papers' convention {e['ratio_paper_convention']:.3f})")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    save(fig, path)
+    return png(fig)
 
 
-# (file name without .png, alt text, function(data, path)): every report's plots
+# (file name without .png, alt text, function(data) -> PNG bytes): every report's plots
 COMMON = (("fidelity", "output fidelity", plot_fidelity), ("layers", "per-layer error", plot_layers),
           ("firing", "firing per site", plot_firing), ("energy", "estimated energy", plot_energy))

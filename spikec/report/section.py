@@ -19,7 +19,7 @@ from spikec import graphinfo
 from spikec.errors import SpikecError
 from spikec.runtime.metadata import SpikecMetadata
 
-# (file name without .png, alt text, function(data, path) drawing it from the report's data)
+# (file name without .png, alt text, function(data) -> PNG bytes drawing it from the report's data)
 Plot = tuple[str, str, Callable[[dict, Path], None]]
 
 

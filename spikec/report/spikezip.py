@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import numpy as np
 
@@ -29,7 +28,7 @@ def is_quantized(path: str | os.PathLike) -> bool:
     return any(r.kind == "quantizer" for r in find_regions(gs.import_onnx(canonicalize(load(path, "ANN")))))
 
 
-def _plot_steps(data: dict, path: Path) -> None:
+def _plot_steps(data: dict) -> bytes:
     z = data["section"]
     steps = len(z["spikes_per_step"])
     fig, axes = plots.figure(1, 2, (12, 4))
@@ -44,7 +43,7 @@ def _plot_steps(data: dict, path: Path) -> None:
         ax.bar([steps + 1], [z["not_quiet"]], color="tab:red", label=f"still firing at T={steps}")
     ax.set(title="T_eq: the last step with a spike, per sample", xlabel="T_eq", ylabel="samples")
     ax.legend(fontsize=8)
-    plots.save(fig, path)
+    return plots.png(fig)
 
 
 class SpikeZIPSection(Section):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -77,7 +76,7 @@ def _probe(node: onnx.NodeProto, context: Context) -> _Probe:
     return _Probe(node, nodes, constants, outputs, units, attrs["burst"])
 
 
-def _plot_burst(data: dict, path: Path) -> None:
+def _plot_burst(data: dict) -> bytes:
     sites = data["sites"]
     burst = data["section"]["burst"]
     fig, axes = plots.figure(1, 1, (12, 4.8))
@@ -95,10 +94,10 @@ def _plot_burst(data: dict, path: Path) -> None:
         plots.empty(ax, "no X2X encoder or UGO")
     ax.set(title="burst usage: neuron-steps with a spike, by the number of spikes emitted",
            ylabel="fraction of firing neuron-steps")
-    plots.save(fig, path)
+    return plots.png(fig)
 
 
-def _plot_ugo(data: dict, path: Path) -> None:
+def _plot_ugo(data: dict) -> bytes:
     ugos = data["section"]["ugos"]
     fig, axes = plots.figure(1, 1, (12, 4.5))
     ax = axes[0, 0]
@@ -114,7 +113,7 @@ def _plot_ugo(data: dict, path: Path) -> None:
         plots.empty(ax, "no UGO (compiled with --no-ugo)")
     ax.set(title="firing of each UGO's hidden IF neurons", xlabel="hidden unit j",
            ylabel="spikes / neuron / step")
-    plots.save(fig, path)
+    return plots.png(fig)
 
 
 class STASection(Section):

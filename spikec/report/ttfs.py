@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -74,7 +73,7 @@ def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, 
     return section.sites()
 
 
-def _plot_spike_times(data: dict, path: Path) -> None:
+def _plot_spike_times(data: dict) -> bytes:
     from matplotlib.colors import LogNorm
 
     sites = data["sites"]
@@ -93,10 +92,10 @@ def _plot_spike_times(data: dict, path: Path) -> None:
     else:
         plots.empty(ax, "no spikes")
     ax.set(title="spike-time histogram per site (u = t − T_emit over the window [0, δ))", xlabel="spike time")
-    plots.save(fig, path)
+    return plots.png(fig)
 
 
-def _plot_clipping(data: dict, path: Path) -> None:
+def _plot_clipping(data: dict) -> bytes:
     sites = data["sites"]
     fig, axes = plots.figure(1, 1, (12, 4.5))
     ax = axes[0, 0]
@@ -112,7 +111,7 @@ def _plot_clipping(data: dict, path: Path) -> None:
     plots.site_ticks(ax, [s["site"] for s in sites])
     ax.legend(fontsize=8)
     ax.set(title="clipping per site: potentials outside the site's range [a, b]", ylabel="fraction of values")
-    plots.save(fig, path)
+    return plots.png(fig)
 
 
 class TTFSSection(Section):
