@@ -328,7 +328,7 @@ def test_expansions_are_recognized_as_the_unfused_graph():
     kinds = [r.kind for r in _regions(attention)]
     assert sorted(kinds) == ["act_matmul", "act_matmul", "softmax", "weight_matmul", "weight_matmul", "weight_matmul"]
     (softmax,) = [r for r in _regions(attention) if r.kind == "softmax"]
-    assert softmax.attrs["mask"] is not None
+    assert softmax.attrs["masks"]
     assert all(r.attrs["bias"] is not None for r in _regions(attention) if r.kind == "weight_matmul")
     assert [r.attrs["transposed_b"] for r in _regions(attention) if r.kind == "act_matmul"] == [True, False]
 
