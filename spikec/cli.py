@@ -33,12 +33,27 @@ def cmd_compile(args) -> int:
     from spikec.compiler import split_options
     from spikec.passes.options import outputs_of
 
+    from spikec.runtime.metadata import SpikecMetadata
+
     options = _compile_options(args)
-    compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape), **options)
+    snn = compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape), **options)
+    verification = SpikecMetadata.read(snn).report.get("verification")
+    if verification:
+        print(verification_line(verification))
     for extra in outputs_of(split_options(options)[1]):
         print(f"wrote {extra.path} ({extra.what})")
     print(f"wrote {args.output}")
     return 0
+
+
+def verification_line(verification: dict) -> str:
+    """What compile measured on held-out calibration samples, per output, in one line."""
+    samples = f"{verification['samples']} {'held-out ' if verification['held_out'] else ''}calibration sample" \
+              + ("s" if verification["samples"] != 1 else "")
+    measured = "; ".join(f"{name} cosine {m['cosine']:.4f}, relative max error {m['relative_max_error']:.2e}"
+                         for name, m in verification["outputs"].items())
+    when = f" at T={verification['timesteps']}" if verification["timesteps"] else ""
+    return f"verified on {samples} against the {verification['reference']}{when}: {measured}"
 
 
 def _add_compile_options(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +192,7 @@ def inspect_model(path: str) -> dict:
         "neurons": report.get("neurons", []),
         "compensated": report.get("compensated", []),
         "regions": report.get("regions", []),
+        "verification": report.get("verification"),
         # rewrites (original ops -> spikec ops), neuron counts per sample, ops left in float and why
         **(summarize(model) if record is None or record.mode != "ttfs" else
            {"ttfs": report["ttfs"], "rewrites": [], "float_ops": [], "neuron_counts": {}}),
@@ -202,6 +218,8 @@ def cmd_inspect(args) -> int:
     passes = "one pass (time-to-first-spike)" if info["mode"] == "ttfs" else f"T={info['timesteps']}"
     console.print(f"[bold]{info['model']}[/bold]  method={info['method'] or 'none (ANN)'}  mode={info['mode']}  "
                   f"{passes}")
+    if info["verification"]:
+        console.print(verification_line(info["verification"]), markup=False)
     ops = Table(title="ops by domain")
     for column in ("domain", "op", "count"):
         ops.add_column(column)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from spikec.passes.loader import load_model
 from spikec.passes.options import Options, option, outputs_of
 from spikec.passes.patterns import describe
 from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
-from spikec.verify import verify
+from spikec.verify import HeldOut, verify
 
 MODES = ("unrolled", "stateful")
 
@@ -45,6 +46,9 @@ class CompileOptions(Options):
                                                    "of --batch-size) exceeds this (e.g. 8G; default 80%% of RAM)",
                                              flag="--memory-budget", metavar="BYTES")
     progress: bool = option(True, "progress bars on stderr", flag="--quiet")
+    verify: bool = option(True, "hold out some calibration samples and run the SNN on them before writing: "
+                                "refuse one that fails or answers inf/NaN, warn below the method's fidelity "
+                                "bound, record the fidelity in the model", flag="--no-verify")
 
     def check(self) -> None:
         method = methods.get(self.method)
@@ -106,7 +110,10 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
 
     ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name))
     _check_allow_float(common.allow_float, ann)
-    job = Job(ann, load_inputs(calibration, ann), common.timesteps, common.mode, common.batch_size, common.progress,
+    feeds, held_out = load_inputs(calibration, ann), None
+    if common.verify:
+        feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
+    job = Job(ann, feeds, common.timesteps, common.mode, common.batch_size, common.progress,
               frozenset(common.allow_float), method_options)
     method.prepare(job)
     plan = method.calibration(job)
@@ -133,18 +140,65 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     record = SpikecMetadata(method.name, mode, method.semantics, timesteps, method_options.to_json(),
                             tuple(sorted(common.allow_float)), job.report)
     snn = emit.to_model(job.graph, job.ann, record.to_props())
+    label = _label(model, method.name)
+    if held_out is not None:
+        job.report["verification"] = verify(snn, label, ann, HeldOut(
+            held_out[0], job.ann, method.reference, common.batch_size, held_out=held_out[1]))
+        _warn_below_bound(method, job.report["verification"])
+        record.write(snn)
+    else:
+        verify(snn, label, ann)
     extras = [(extra.label, extra.path, job.extra_outputs[extra.option]) for extra in outputs_of(method_options)]
-    return _write(model, method.name, ann, reads, [("output", output, snn), *extras])
+    return _write(model, method.name, ann, reads, [("output", output, snn), *extras], verified=1)
+
+
+def split_held_out(feeds: Mapping[str, np.ndarray], batch: int | None = None
+                   ) -> tuple[dict[str, np.ndarray], tuple[dict, bool]]:
+    """(calibration samples, (held-out samples, whether they are held out)): one in eight samples, at most
+    32 and spread over the data, is kept from calibration to verify the SNN on; for a model with a static
+    ``batch``, as many more as keep the calibration samples a multiple of it. Where none can be spared
+    (a single sample), the calibration samples are verified on."""
+    count = len(next(iter(feeds.values())))
+    held = min(count // 8, 32)
+    while held and batch and (count - held) % batch:
+        held += 1
+    if held == 0 or held > count // 2:
+        return dict(feeds), (dict(feeds), False)
+    chosen = np.unique(np.linspace(0, count - 1, held).round().astype(np.int64))
+    kept = np.setdiff1d(np.arange(count), chosen)
+    return ({name: value[kept] for name, value in feeds.items()},
+            ({name: value[chosen] for name, value in feeds.items()}, True))
+
+
+def _warn_below_bound(method, verification: dict) -> None:
+    if method.bound is None:
+        return
+    for name, measured in verification["outputs"].items():
+        value = measured[method.bound.measure]
+        if not method.bound.met(value):
+            warnings.warn(f"output '{name}' on {verification['samples']} held-out calibration samples: "
+                          f"{method.bound.measure.replace('_', ' ')} {value:.4g} against the {verification['reference']}"
+                          + (f" at T={verification['timesteps']}" if verification["timesteps"] else "")
+                          + f", short of {method.name}'s bound ({method.bound}): "
+                          f"{method.advice}", FidelityWarning, stacklevel=5)  # the caller of compile
+
+
+class FidelityWarning(UserWarning):
+    """A compiled SNN below its method's fidelity bound on held-out data (it is still written)."""
+
+
+def _label(source, method: str) -> str:
+    return f"{os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<in-memory model>'} ({method})"
 
 
 def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
-           models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | None]]) -> onnx.ModelProto:
-    """Verify every model made (spikec.verify), then write those given a path, all or none; returns the
-    first (the SNN)."""
-    label = f"{os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<in-memory model>'} ({method})"
-    for _, _, made in models:
+           models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | None]],
+           verified: int = 0) -> onnx.ModelProto:
+    """Verify every model made (spikec.verify) but the first ``verified``, then write those given a path,
+    all or none; returns the first (the SNN)."""
+    for _, _, made in models[verified:]:
         if made is not None:
-            verify(made, label, ann)
+            verify(made, _label(source, method), ann)
     modelio.write([model for model in models if model[1] is not None], reads)
     return models[0][2]
 
@@ -177,16 +231,21 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
     return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 
+def static_batch(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int | None:
+    """The batch size the model's inputs fix at axis 0, where they agree on one."""
+    static = {d[0].dim_value for vi in ann.graph.input if vi.name in feeds
+              for d in [vi.type.tensor_type.shape.dim] if len(d) and d[0].WhichOneof("value") == "dim_value"}
+    return static.pop() if len(static) == 1 else None
+
+
 def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
     """The unrolled form runs the graph on T*B rows. A model exported with a static batch B can use B
     beyond the batch axis (e.g. flat indices b*seq + s baked into a Gather for the attention mask);
     canonicalize relaxes the common places, and this check runs the ANN on the first B samples twice
     over: every output must be the batch-B output twice, or the model cannot be unrolled."""
-    static = {d[0].dim_value for vi in ann.graph.input if vi.name in feeds
-              for d in [vi.type.tensor_type.shape.dim] if len(d) and d[0].WhichOneof("value") == "dim_value"}
-    if len(static) != 1:
+    batch = static_batch(ann, feeds)
+    if batch is None:
         return
-    batch = static.pop()
     outputs = [o.name for o in ann.graph.output]
     first = {name: array[:batch] for name, array in feeds.items()}
     reference = next(run_batches(ann, first, outputs, batch_size=batch, progress=False))

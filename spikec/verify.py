@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,22 @@ def _loadable(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | str]:
         yield os.fspath(path)
 
 
-def verify(model: onnx.ModelProto, label: str, ann: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """Return ``model`` if it is valid, else raise a SpikecError starting with ``label`` (the input the
-    model was converted from). ``ann``: that input; an inf/NaN weight it did not have is refused."""
+@dataclass(frozen=True)
+class HeldOut:
+    """Calibration samples the thresholds never saw, and what the SNN must reproduce on them."""
+    feeds: Mapping[str, np.ndarray]
+    reference: onnx.ModelProto  # the ANN; SpikeZIP-TF: the quantized ANN it is equivalent to
+    reference_name: str
+    batch_size: int
+    held_out: bool  # False where calibration had a single sample, which is then verified on
+
+
+def verify(model: onnx.ModelProto, label: str, ann: onnx.ModelProto | None = None,
+           held_out: HeldOut | None = None) -> dict | None:
+    """Check ``model`` and raise a SpikecError starting with ``label`` (the input the model was converted
+    from) where it is invalid. ``ann``: that input; an inf/NaN weight it did not have is refused. With
+    ``held_out``, the model also runs on those samples: a failure to run or an inf/NaN output where the
+    reference is finite is refused; the fidelity per output is returned (spikec.evaluate's measures)."""
     from spikec.runtime.session import InferenceSession
 
     if ann is None or next(_non_finite(ann), None) is None:
@@ -76,8 +90,38 @@ def verify(model: onnx.ModelProto, label: str, ann: onnx.ModelProto | None = Non
             raise SpikecError(f"{label}: the converted model fails onnx.checker ({_one_line(exc)}); "
                               f"nothing was written") from None
         try:
-            InferenceSession(loadable)
+            session = InferenceSession(loadable)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exceptions share no base class below Exception
             raise SpikecError(f"{label}: onnxruntime cannot load the converted model ({_one_line(exc)}); "
                               f"nothing was written") from None
-    return model
+        return None if held_out is None else _fidelity(session, held_out, label)
+
+
+def _fidelity(session, held_out: HeldOut, label: str) -> dict:
+    from spikec.evaluate import cosine, run_dataset
+
+    count = len(next(iter(held_out.feeds.values())))
+    try:
+        got = run_dataset(session, held_out.feeds, batch_size=held_out.batch_size)
+    except SpikecError as exc:
+        raise SpikecError(f"{label}: the converted model does not run on held-out calibration samples ({exc}); "
+                          f"nothing was written") from None
+    want = run_dataset(held_out.reference, held_out.feeds, batch_size=held_out.batch_size)
+    outputs = {}
+    for name, reference in want.items():
+        if name not in got:
+            continue
+        finite = np.isfinite(reference)
+        estimate = got[name].astype(np.float64)
+        broken = int(np.count_nonzero(~np.isfinite(estimate) & finite))
+        if broken:
+            raise SpikecError(f"{label}: the converted model outputs {broken} inf/NaN value(s) in '{name}' on "
+                              f"{count} held-out calibration sample(s) where the {held_out.reference_name} is "
+                              f"finite; nothing was written")
+        reference, estimate = np.where(finite, reference, 0.0), np.where(finite, estimate, 0.0)
+        error = float(np.max(np.abs(estimate - reference), initial=0.0))
+        scale = float(np.max(np.abs(reference), initial=0.0)) or 1.0
+        outputs[name] = {"cosine": cosine(reference, estimate), "relative_max_error": error / scale,
+                         "max_abs_error": error}
+    return {"samples": count, "held_out": held_out.held_out, "reference": held_out.reference_name,
+            "timesteps": None if session.mode == "ttfs" else session.timesteps, "outputs": outputs}

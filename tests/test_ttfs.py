@@ -294,7 +294,9 @@ def test_cli_compile_inspect_report(digits, tmp_path, capsys):
     snn = tmp_path / "ttfs.onnx"
     assert main(["compile", str(fixtures.digits_vit()), "-o", str(snn), "--calib", str(calib), "--method", "ttfs",
                  "--precision", "1024", "--quiet"]) == 0
-    assert capsys.readouterr().out == f"wrote {snn}\n"
+    verified, wrote = capsys.readouterr().out.splitlines()
+    assert verified.startswith("verified on 16 held-out calibration samples against the ANN: logits cosine ")
+    assert wrote == f"wrote {snn}"
     assert main(["inspect", str(snn), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "ttfs" and info["ttfs"]["precision"] == 1024

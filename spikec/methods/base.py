@@ -71,6 +71,20 @@ class Calibration:
     max_values: int = 2_000_000
 
 
+@dataclass(frozen=True)
+class Bound:
+    """What a method's SNN should reach on held-out data (a fidelity measure of spikec.evaluate): at least
+    ``limit`` for a similarity, at most ``limit`` for an error. Below it, compile warns."""
+    measure: str  # "cosine" or "relative_max_error"
+    limit: float
+
+    def met(self, value: float) -> bool:
+        return value >= self.limit if self.measure == "cosine" else value <= self.limit
+
+    def __str__(self) -> str:
+        return f"{self.measure.replace('_', ' ')} {'>=' if self.measure == 'cosine' else '<='} {self.limit:g}"
+
+
 class Method(ABC):
     """A conversion method. Subclasses set the class attributes and implement ``calibration`` and ``rewrite``."""
     name: str
@@ -78,6 +92,11 @@ class Method(ABC):
     Options: type[Options]
     semantics: str
     modes: tuple[str, ...] = ("unrolled", "stateful")
+    # what its SNN should reach against ``reference`` on held-out samples (None: no warning), and what to
+    # try where it does not
+    bound: Bound | None = None
+    advice = "raise --timesteps"
+    reference = "ANN"
 
     @property
     def stepped(self) -> bool:

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from spikec.errors import SpikecError
-from spikec.methods.base import FIRST_SPIKE, Calibration, Job, Method
+from spikec.methods.base import FIRST_SPIKE, Bound, Calibration, Job, Method
 from spikec.passes import emit, ttfs
 from spikec.passes.patterns import find_regions
 from spikec.runtime.ops import default_opset
@@ -28,6 +28,8 @@ class TTFS(Method):
     paper = "TTFSFormer: time-to-first-spike conversion, one spike per neuron (ICML 2025)"
     Options = ttfs.TTFSOptions
     semantics = FIRST_SPIKE
+    bound = Bound("relative_max_error", 1e-3)
+    advice = "widen the calibrated ranges (--margin) or calibrate on more samples"
     modes = ("unrolled",)
 
     def prepare(self, job: Job) -> None:
