@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from spikec import weights
 from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, spikec_node, varying_tensors
 from spikec.runtime import ops as spec
 from spikec.runtime import ttfs as ttfs_ops
@@ -237,10 +238,15 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN) -> gs.Graph:
     return graph
 
 
-def to_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str]) -> onnx.ModelProto:
-    """Export with the spikec function bodies, the template's opsets and the given metadata."""
+def to_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str],
+             data: weights.DataFile | None = None) -> onnx.ModelProto:
+    """Export with the spikec function bodies, the template's opsets and the given metadata. With ``data``,
+    the weights are written there first, one by one (spikec.weights.externalize), and the model references
+    them: no weight is held twice, and new ones (folded thresholds) are released as they are written."""
     opset = spec.default_opset(template)
     used = {n.op for n in graph.nodes if n.domain == "spikec"}
+    if data is not None:
+        weights.externalize(graph, data)
     model = gs.export_onnx(graph, do_type_check=False)
     del model.opset_import[:]
     model.opset_import.extend([o for o in template.opset_import if o.domain != spec.DOMAIN])

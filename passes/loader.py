@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from spikec.errors import SpikecError
 from spikec.passes.contrib import onnxruntime_schemas
+from spikec.weights import check_external
 
 MIN_OPSET = 13
 _IN_MEMORY = "<in-memory model>"
@@ -25,8 +26,13 @@ def load_model(
     *,
     input_shapes: dict[str, list[int | str]] | None = None,
     convert_with: str | None = None,
+    map_weights: bool = False,
 ) -> onnx.ModelProto:
     """Return a checked copy of `src` (a path, or a ModelProto that is left untouched).
+
+    External data is read into the model, unless `map_weights`: then the tensors stay references to their
+    files (checked to be there and long enough), to be resolved within ``spikec.weights.source(the model's
+    directory)`` (see spikec/weights.py).
 
     `input_shapes` replaces the dims of the named graph inputs: ints are static, strings are
     symbolic (e.g. {"input_ids": ["batch", 32]}). `convert_with` names the method the model is loaded
@@ -40,7 +46,7 @@ def load_model(
         _run_checker(model, where)
     else:
         where = str(src)
-        model = _read(Path(src))
+        model = _read(Path(src), map_weights)
     _check_tensors(model, where)
     if convert_with is not None:
         check_convertible(model, where, convert_with)
@@ -95,7 +101,7 @@ def check_input_file(path: str | os.PathLike, label: str) -> Path:
     return path
 
 
-def _read(path: Path) -> onnx.ModelProto:
+def _read(path: Path, map_weights: bool) -> onnx.ModelProto:
     check_input_file(path, str(path))
     try:
         # External data is loaded only after the checks: a model over 2 GB cannot be serialized
@@ -108,6 +114,9 @@ def _read(path: Path) -> onnx.ModelProto:
         raise SpikecError(f"{path}: not an ONNX model (no ir_version or graph)")
     _check_opset(model, str(path))
     _run_checker(path, str(path))
+    if map_weights:
+        check_external(model, path.parent, str(path))
+        return model
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:  # missing, unreadable, or shorter than the tensors it should hold

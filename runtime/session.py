@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from spikec import weights
 from spikec.errors import SpikecError
 from spikec.runtime import fusion
 from spikec.runtime import native as native_kernels
@@ -46,7 +48,11 @@ class InferenceSession(ort.InferenceSession):
         if not native and native_kernels.registered(options):
             raise ValueError("native=False, but these session options already carry the native kernels")
         self.native = native and native_kernels.register(options)
-        source = _fused(model, self.native) if fuse else model
+        if isinstance(model, onnx.ModelProto) and any(weights.external_tensors(model)):
+            # references to external data (a compile's models, whose weights stay mapped): resolved
+            # against the compile's source directory
+            weights.session_options(options)
+        source = _fused(model, self.native, options) if fuse else model
         source = source.SerializeToString() if isinstance(source, onnx.ModelProto) else os.fspath(source)
         # Once the portable functions are inlined, MatMulScaleFusion moves the MT neuron's Div by
         # theta_pos into the next MatMul; the re-rounded products flip spikes near level boundaries,
@@ -89,20 +95,23 @@ class InferenceSession(ort.InferenceSession):
                 if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)]
 
 
-def _fused(model: str | os.PathLike | onnx.ModelProto, native: bool) -> str | os.PathLike | onnx.ModelProto:
+def _fused(model: str | os.PathLike | onnx.ModelProto, native: bool,
+           options: ort.SessionOptions) -> str | os.PathLike | onnx.ModelProto:
     """The model with its spikec chains fused and, natively, its products of spike codes as SpikeMatMuls
-    where the kernel can beat MatMul (as a function SpikeMatMul is the MatMul: portably nothing to gain);
-    a file with external data is left as it is (its weights would have to travel through one in-memory
-    protobuf)."""
+    where the kernel can beat MatMul (as a function SpikeMatMul is the MatMul: portably nothing to gain).
+    A file with external data is fused as its graph with references: ``options`` then point onnxruntime
+    to the file's directory, which maps the weights itself (no copy of them passes through protobuf)."""
     if not isinstance(model, onnx.ModelProto):
         try:
             proto = onnx.load(os.fspath(model), load_external_data=False)
         except Exception:
             return model  # onnxruntime reports what is wrong with the file
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        fused = _fused(proto, native, options)
+        if fused is proto:
             return model
-        fused = _fused(proto, native)
-        return model if fused is proto else fused
+        if any(weights.external_tensors(proto)):
+            weights.session_options(options, Path(model).resolve().parent)
+        return fused
     fused = fusion.fuse(model)
     return fusion.spike_matmuls(fused, native_kernels.spike_matmul_pays) if native else fused
 

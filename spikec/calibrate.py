@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hashlib
+import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +33,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
+from spikec import weights
 from spikec.errors import SpikecError
 from spikec.passes.loader import check_input_file
 from spikec.runtime.session import quiet_options
@@ -263,32 +267,37 @@ def _check_outputs(graph: onnx.ModelProto, names: Sequence[str], label: str) -> 
 
 
 def _session(graph: onnx.ModelProto, path: Path | None, outputs: Sequence[str], label: str) -> ort.InferenceSession:
-    """A CPU session whose outputs include `outputs`, created once per calibration run."""
+    """A CPU session whose outputs include `outputs`, created once per calibration run.
+
+    External weights stay in their files: onnxruntime maps them from the model's directory (the file's, or
+    for an in-memory model with references, the compile's ``spikec.weights.source``), so that exposing
+    intermediate tensors copies the graph, not the weights."""
     options = dict(sess_options=quiet_options(), providers=["CPUExecutionProvider"])
     declared = {o.name for o in graph.graph.output}
     missing = [name for name in outputs if name not in declared]
-    if path is None and any(uses_external_data(t) for t in graph.graph.initializer):
+    directory = path.parent if path is not None else weights.source_directory()
+    if directory is None and any(uses_external_data(t) for t in graph.graph.initializer):
         raise SpikecError(f"{label}: has external weights that are not loaded; pass the model's file path instead")
     try:
         if path is not None and not missing:
             return ort.InferenceSession(str(path), **options)
         model = onnx.ModelProto()
         model.CopyFrom(graph)
-        if path is not None:
-            load_external_data_for_model(model, str(path.parent))
         known = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.input]}
         # ORT accepts an output with no type; a declared type is reused when shape inference left one.
         model.graph.output.extend(known.get(name, onnx.ValueInfoProto(name=name)) for name in missing)
         if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-            return ort.InferenceSession(model.SerializeToString(), **options)
-        # Protobuf cannot serialise >2 GB: go through a file with the weights stored beside it. ORT reads
-        # (or maps) the weights while creating the session, so the directory can go right after.
+            return ort.InferenceSession(model.SerializeToString(),
+                                        **{**options, "sess_options": weights.session_options(quiet_options(), directory)})
+        # Protobuf cannot serialise >2 GB held in memory: go through a file with the weights stored beside it.
+        # ORT reads (or maps) the weights while creating the session, so the directory can go right after.
         with tempfile.TemporaryDirectory(prefix="spikec-calib-", ignore_cleanup_errors=True) as tmp:
             file = os.path.join(tmp, "model.onnx")
-            onnx.save_model(
-                model, file, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data"
-            )
+            onnx.save_model(weights.load_all(model, directory), file, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location="model.data")
             return ort.InferenceSession(file, **options)
+    except SpikecError:
+        raise
     except Exception as exc:  # onnxruntime's pybind exceptions share no base class below Exception
         raise SpikecError(f"{label}: onnxruntime cannot load the model: {_one_line(exc)}") from exc
 
@@ -330,41 +339,46 @@ def run_batches(
     outputs to a copy of the model. Validation and session creation happen at call time; inference runs
     as the iterator is consumed. A model exported with a static batch dimension runs at that size.
     """
-    graph, path, label = _load_model(model_or_path)
-    batch_size = _check_positive_int(batch_size, "batch_size")
-    names = list(dict.fromkeys(outputs))
-    if not names:
-        raise SpikecError(f"{label}: argument outputs is empty; name at least one tensor to fetch")
-    _check_outputs(graph, names, label)
-    feeds = load_inputs(inputs, graph)
-    batch_size = _batch_size(graph, feeds, batch_size, label)
-    session = _session(graph, path, names, label)
-    return _iterate(session, feeds, names, batch_size, progress, desc, label)
+    run = _Run(model_or_path, inputs, outputs, batch_size)
+    return run.batches(progress=progress, desc=desc)
 
 
-def _iterate(
-    session: ort.InferenceSession,
-    feeds: dict[str, np.ndarray],
-    names: list[str],
-    batch_size: int,
-    progress: bool,
-    desc: str,
-    label: str,
-) -> Iterator[dict[str, np.ndarray]]:
-    samples = next(iter(feeds.values())).shape[0]
-    with tqdm(total=samples, desc=desc, unit="sample", disable=None if progress else True) as bar:
-        for start in range(0, samples, batch_size):
-            stop = min(start + batch_size, samples)
-            batch = {name: array[start:stop] for name, array in feeds.items()}
-            try:
-                values = session.run(names, batch)
-            except Exception as exc:  # see _session
-                sources = _SOURCES.get()
-                data = f" of the {sources[1]}" if sources else ""
-                raise SpikecError(f"{label}: onnxruntime failed on samples {start}:{stop}{data}: "
-                                  f"{_one_line(exc)}") from None
-            bar.update(stop - start)
-            yield dict(zip(names, values))
+class _Run:
+    """A model checked and opened for fetching ``outputs`` over ``inputs`` in batches (see run_batches)."""
+
+    def __init__(self, model_or_path: ModelLike, inputs, outputs: Sequence[str], batch_size: int):
+        graph, path, self.label = _load_model(model_or_path)
+        batch_size = _check_positive_int(batch_size, "batch_size")
+        self.names = list(dict.fromkeys(outputs))
+        if not self.names:
+            raise SpikecError(f"{self.label}: argument outputs is empty; name at least one tensor to fetch")
+        _check_outputs(graph, self.names, self.label)
+        self.graph = graph
+        self.feeds = load_inputs(inputs, graph)
+        self.samples = next(iter(self.feeds.values())).shape[0]
+        self.batch_size = _batch_size(graph, self.feeds, batch_size, self.label)
+        self.session = _session(graph, path, self.names, self.label)
+
+    def batches(self, start: int = 0, progress: bool = True, desc: str = "calibrating",
+                on_batch: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """{name: array} per batch, from sample ``start`` on; a progress bar with the time left (over all
+        samples, those before ``start`` counted as done), or ``on_batch(samples)`` after each batch."""
+        with tqdm(total=self.samples, initial=start, desc=desc, unit="sample",
+                  disable=None if progress and on_batch is None else True) as bar:
+            for begin in range(start, self.samples, self.batch_size):
+                stop = min(begin + self.batch_size, self.samples)
+                batch = {name: array[begin:stop] for name, array in self.feeds.items()}
+                try:
+                    values = self.session.run(self.names, batch)
+                except Exception as exc:  # see _session
+                    sources = _SOURCES.get()
+                    data = f" of the {sources[1]}" if sources else ""
+                    raise SpikecError(f"{self.label}: onnxruntime failed on samples {begin}:{stop}{data}: "
+                                      f"{_one_line(exc)}") from None
+                bar.update(stop - begin)
+                if on_batch is not None:
+                    on_batch(stop - begin)
+                yield dict(zip(self.names, values))
 
 
 def _check_percentile(p: float) -> float:
@@ -452,6 +466,46 @@ class TapStats:
         best = np.where(live, grid[errors.argmin(axis=0)] * ref, 0).astype(np.float32)
         return best if per_channel else best[0]
 
+    @property
+    def rows(self) -> int:
+        """Rows of the channel axis seen (``count`` / channels)."""
+        return self.count // self.channels
+
+    def merge(self, other: TapStats, max_values: int = 2_000_000) -> TapStats:
+        """The statistics of this tap's data followed by ``other``'s (the same tap calibrated on more samples,
+        e.g. in another process). count, min and max are exact. The sample is the two samples in order
+        where together they hold all rows and fit ``max_values`` (so merging equals one pass over all the
+        data), else a uniform sample of all rows of that size: how many rows come from each side is
+        hypergeometric in the rows each saw, and which ones uniform within its sample, drawn with a seed
+        fixed by the row counts (the same merge gives the same sample)."""
+        if (other.name, other.channel_axis, other.channels) != (self.name, self.channel_axis, self.channels) \
+                or len(other.shape) != len(self.shape):
+            raise SpikecError(f"tap '{self.name}': cannot merge statistics of '{other.name}' (channel axis "
+                              f"{other.channel_axis}, {other.channels} channels, shape {list(other.shape)}) into "
+                              f"channel axis {self.channel_axis}, {self.channels} channels, shape {list(self.shape)}")
+        capacity = max(1, _check_positive_int(max_values, "max_values") // self.channels)
+        rows = self.rows + other.rows
+        whole = len(self.sample) == self.rows and len(other.sample) == other.rows
+        if whole and rows <= capacity:
+            sample = np.concatenate([self.sample, other.sample])
+        else:
+            rng = np.random.default_rng([_SAMPLE_SEED, self.rows, other.rows])
+            size = min(capacity, rows)
+            mine = int(np.clip(rng.hypergeometric(self.rows, other.rows, size), size - len(other.sample),
+                               len(self.sample)))
+            picks = [np.sort(rng.choice(len(part.sample), count, replace=False))
+                     for part, count in ((self, mine), (other, size - mine))]
+            sample = np.concatenate([self.sample[picks[0]], other.sample[picks[1]]])
+        return TapStats(
+            name=self.name,
+            shape=tuple(a if a == b else None for a, b in zip(self.shape, other.shape)),
+            channel_axis=self.channel_axis,
+            count=self.count + other.count,
+            sample=sample,
+            channel_min=np.minimum(self.channel_min, other.channel_min),
+            channel_max=np.maximum(self.channel_max, other.channel_max),
+        )
+
     def to_json(self) -> dict:
         """A JSON-serialisable summary for reports."""
         p1, p99, p999 = np.percentile(self.sample, [1, 99, 99.9])
@@ -474,7 +528,9 @@ class TapStats:
 class _TapAccumulator:
     """Exact per-channel min/max plus a reservoir sample of rows, fed one batch at a time.
 
-    The sample depends only on the data and the fixed seed, not on how it was split into batches.
+    The sample depends only on the data and the fixed seed, not on how it was split into batches, and the
+    state (`state`, `restore`) carries over to another run: a calibration resumed from a checkpoint
+    continues the same sequence.
     """
 
     def __init__(self, name: str, channel_axis: int, max_values: int):
@@ -536,7 +592,8 @@ class _TapAccumulator:
     def _sample(self, rows: np.ndarray) -> None:
         fill = max(0, min(len(rows), self.capacity - self.rows_seen))
         if fill:
-            self.chunks.append(rows[:fill])
+            # a copy where only part is kept: a view would keep the whole batch alive
+            self.chunks.append(rows if fill == len(rows) else rows[:fill].copy())
         first = self.rows_seen + fill
         self.rows_seen += len(rows)
         rest = rows[fill:]
@@ -555,10 +612,16 @@ class _TapAccumulator:
         winners = len(slot) - 1 - last_from_end
         self.reservoir[slot[winners]] = rest[source[winners]]
 
+    def _kept(self) -> np.ndarray:
+        if self.reservoir is None:
+            self.chunks = [np.concatenate(self.chunks)] if len(self.chunks) > 1 else self.chunks
+            return self.chunks[0]
+        return self.reservoir
+
     def finish(self) -> TapStats:
         if self.rows_seen == 0:
             raise SpikecError(f"tap '{self.name}': produced no values (shape {self.shape})")
-        sample = self.reservoir if self.reservoir is not None else np.concatenate(self.chunks)
+        sample = self._kept()
         return TapStats(
             name=self.name,
             shape=tuple(self.shape),
@@ -568,6 +631,81 @@ class _TapAccumulator:
             channel_min=self.cmin,
             channel_max=self.cmax,
         )
+
+    def state(self, prefix: str) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able settings, arrays) from which `restore` rebuilds this accumulator exactly."""
+        meta = {"name": self.name, "axis": self.axis, "capacity": self.capacity, "shape": self.shape,
+                "rows_seen": self.rows_seen, "filling": self.reservoir is None,
+                "rng": self.rng.bit_generator.state}
+        if self.rows_seen == 0:
+            return meta, {}
+        return meta, {f"{prefix}.min": self.cmin, f"{prefix}.max": self.cmax, f"{prefix}.sample": self._kept()}
+
+    def restore(self, meta: dict, arrays: Mapping[str, np.ndarray], prefix: str) -> None:
+        self.axis, self.capacity, self.rows_seen = meta["axis"], meta["capacity"], meta["rows_seen"]
+        self.shape = meta["shape"]
+        self.rng.bit_generator.state = meta["rng"]
+        if self.rows_seen:
+            self.cmin, self.cmax = arrays[f"{prefix}.min"].copy(), arrays[f"{prefix}.max"].copy()
+            sample = arrays[f"{prefix}.sample"].copy()
+            self.chunks, self.reservoir = ([sample], None) if meta["filling"] else ([], sample)
+
+
+def _fingerprint(graph: onnx.ModelProto, feeds: Mapping[str, np.ndarray], taps: Sequence[str],
+                 settings: Mapping[str, object]) -> str:
+    """What a checkpoint's statistics depend on: the graph (nodes; initializers by content, or by file
+    reference where external), the taps, the data and the settings."""
+    digest = hashlib.sha256(json.dumps([list(taps), dict(settings)], sort_keys=True).encode())
+    for node in graph.graph.node:
+        digest.update(node.SerializeToString(deterministic=True))
+    for tensor in graph.graph.initializer:
+        digest.update(tensor.SerializeToString(deterministic=True))
+    for name, array in feeds.items():
+        digest.update(f"{name}{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+_CHECKPOINT_KEY = "spikec.calibration_checkpoint"
+
+
+class _Checkpoint:
+    """Where calibration saves its accumulators, to resume from after an interruption (see collect_statistics)."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str, every: float, reads: list):
+        self.path, self.fingerprint, self.every, self.reads = Path(path), fingerprint, every, reads
+        self.saved_at = time.monotonic()
+
+    def load(self, accumulators: Mapping[str, _TapAccumulator]) -> int:
+        """Restore the accumulators from the checkpoint when it was made for this calibration; returns the
+        sample to continue from (0: none to resume)."""
+        if not self.path.is_file():
+            return 0
+        arrays = read_npz(self.path, "calibration checkpoint")
+        try:
+            meta = json.loads(bytes(arrays.pop(_CHECKPOINT_KEY)).decode())
+            if meta["fingerprint"] != self.fingerprint:
+                return 0  # another model, data or settings: start afresh (and replace it)
+            for index, (name, accumulator) in enumerate(accumulators.items()):
+                accumulator.restore(meta["taps"][name], arrays, str(index))
+            return int(meta["next_sample"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SpikecError(f"calibration checkpoint {self.path}: not a spikec calibration checkpoint "
+                              f"({_one_line(exc)}); remove it or name another file") from None
+
+    def save(self, accumulators: Mapping[str, _TapAccumulator], next_sample: int, force: bool = False) -> None:
+        if not force and time.monotonic() - self.saved_at < self.every:
+            return
+        from spikec import modelio
+
+        meta: dict = {"fingerprint": self.fingerprint, "next_sample": next_sample, "taps": {}}
+        arrays: dict[str, np.ndarray] = {}
+        for index, (name, accumulator) in enumerate(accumulators.items()):
+            meta["taps"][name], tap_arrays = accumulator.state(str(index))
+            arrays.update(tap_arrays)
+        arrays[_CHECKPOINT_KEY] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        modelio.write([("calibration checkpoint", self.path, arrays)], self.reads)
+        self.saved_at = time.monotonic()
 
 
 def collect_statistics(
@@ -579,20 +717,120 @@ def collect_statistics(
     channel_axis: int = -1,
     max_values: int = 2_000_000,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
+    workers: int = 1,
 ) -> dict[str, TapStats]:
     """Run calibration and return `TapStats` for each tap (a float tensor of the top-level graph).
 
     Each tap is viewed as rows over `channel_axis` (default last, i.e. hidden size for Transformers) and
-    keeps at most `max_values` sampled values (at least one row); see the module docstring.
+    keeps at most `max_values` sampled values (at least one row); see the module docstring. Activations
+    are summarised batch by batch: memory is bounded by the batch and the samples, not by the data.
+
+    ``checkpoint``: an .npz file to which the statistics so far are saved (at most every
+    ``checkpoint_every`` seconds, and at the end); a calibration of the same model, taps, data and
+    settings that finds it resumes after the samples it covers, and its result is the one of an
+    uninterrupted run, bit for bit (a complete checkpoint is the result: nothing is run again).
+    ``workers``: processes that each calibrate a contiguous share of the samples (each with its own
+    session: as many copies of the weights), merged in order with `TapStats.merge`.
     """
     names = list(dict.fromkeys(taps))
     if not names:
         raise SpikecError("argument taps is empty; name at least one tensor to calibrate")
     max_values = _check_positive_int(max_values, "max_values")
+    workers = _check_positive_int(workers, "workers")
     if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
         raise SpikecError(f"argument channel_axis={channel_axis!r}: expected an integer axis")
-    accumulators = {name: _TapAccumulator(name, int(channel_axis), max_values) for name in names}
-    for batch in run_batches(model, inputs, names, batch_size=batch_size, progress=progress):
+    if workers > 1:
+        return _collect_in_processes(model, inputs, names, workers, progress, checkpoint,
+                                     dict(batch_size=batch_size, channel_axis=int(channel_axis),
+                                          max_values=max_values, checkpoint_every=checkpoint_every))
+    return _collect(model, inputs, names, batch_size=batch_size, channel_axis=int(channel_axis),
+                    max_values=max_values, progress=progress, checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every)
+
+
+def _collect(model: ModelLike, inputs, names: list[str], *, batch_size: int, channel_axis: int, max_values: int,
+             progress: bool, checkpoint, checkpoint_every: float,
+             on_batch: Callable[[int], None] | None = None) -> dict[str, TapStats]:
+    run = _Run(model, inputs, names, batch_size)
+    accumulators = {name: _TapAccumulator(name, channel_axis, max_values) for name in names}
+    saver, start = None, 0
+    if checkpoint is not None:
+        settings = {"batch_size": run.batch_size, "channel_axis": channel_axis, "max_values": max_values}
+        reads = [] if not isinstance(model, (str, os.PathLike)) else [("input model", Path(model))]
+        reads += [("calibration data", Path(inputs))] if isinstance(inputs, (str, os.PathLike)) else []
+        saver = _Checkpoint(checkpoint, _fingerprint(run.graph, run.feeds, names, settings), checkpoint_every, reads)
+        start = saver.load(accumulators)
+        if on_batch is not None and start:
+            on_batch(start)
+    done = start
+    for batch in run.batches(start, progress=progress, on_batch=on_batch):
         for name, value in batch.items():
             accumulators[name].add(value)
+        done = min(done + run.batch_size, run.samples)
+        if saver is not None and done < run.samples:
+            saver.save(accumulators, done)
+    if saver is not None and start < run.samples:
+        saver.save(accumulators, run.samples, force=True)
     return {name: acc.finish() for name, acc in accumulators.items()}
+
+
+def _collect_in_processes(model: ModelLike, inputs, names: list[str], workers: int, progress: bool, checkpoint,
+                          settings: dict) -> dict[str, TapStats]:
+    """collect_statistics over ``workers`` processes, each on a contiguous share of the samples (whole
+    batches of a static batch), with a checkpoint of its own (``<checkpoint>.<i>-of-<n>``); one progress
+    bar over all samples."""
+    import multiprocessing
+    import queue as queues
+
+    graph, path, label = _load_model(model)
+    feeds = load_inputs(inputs, graph)
+    samples = next(iter(feeds.values())).shape[0]
+    step = _batch_size(graph, feeds, 1, label)  # shares hold whole batches of a static batch
+    bounds = [min(samples, -(-samples * k // workers // step) * step) for k in range(workers + 1)]
+    shares = [(begin, stop) for begin, stop in zip(bounds, bounds[1:]) if stop > begin]
+    context = multiprocessing.get_context("spawn")
+    jobs = []
+    with context.Manager() as manager, context.Pool(len(shares), initializer=_quiet_worker) as pool, \
+            tqdm(total=samples, desc="calibrating", unit="sample", disable=None if progress else True) as bar:
+        done = manager.Queue()
+        for index, (begin, stop) in enumerate(shares):
+            part = None if checkpoint is None else f"{os.fspath(checkpoint)}.{index + 1}-of-{len(shares)}"
+            jobs.append(pool.apply_async(_collect_share, (
+                path if path is not None else graph, {k: v[begin:stop] for k, v in feeds.items()}, names,
+                settings, part, done, weights.source_directory(), _SOURCES.get())))
+        try:
+            while not all(job.ready() for job in jobs):
+                try:
+                    bar.update(done.get(timeout=0.2))
+                except queues.Empty:
+                    pass
+            parts = [job.get() for job in jobs]
+        except BaseException:
+            pool.terminate()
+            raise
+        while not done.empty():
+            bar.update(done.get())
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = {name: merged[name].merge(part[name], settings["max_values"]) for name in names}
+    return merged
+
+
+def _quiet_worker() -> None:
+    """Workers leave signals to the parent, which ends them: no second report of an interrupt."""
+    import signal
+
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def _collect_share(model, feeds, names, settings, checkpoint, done, directory, sources) -> dict[str, TapStats]:
+    token = _SOURCES.set(sources)
+    try:
+        with weights.source(directory):
+            return _collect(model, feeds, names, progress=False, checkpoint=checkpoint, on_batch=done.put,
+                            **settings)
+    finally:
+        _SOURCES.reset(token)

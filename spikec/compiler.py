@@ -1,17 +1,20 @@
 """The compile pipeline: import -> canonicalize -> calibrate -> rewrite -> emit -> save."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from spikec import methods, modelio
+from spikec import methods, modelio, weights
 from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
@@ -108,7 +111,13 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     outputs = [("output", output), *((extra.label, extra.path) for extra in outputs_of(method_options))]
     modelio.check_outputs(outputs, reads)  # before the work, not after it
 
-    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name))
+    with weights.source(_directory(model)):
+        return _compile(model, calibration, output, input_shapes, common, method, method_options, reads)
+
+
+def _compile(model, calibration, output, input_shapes, common: CompileOptions, method, method_options: Options,
+             reads: list[modelio.Read]) -> onnx.ModelProto:
+    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name, map_weights=True))
     _check_allow_float(common.allow_float, ann)
     feeds, held_out = load_inputs(calibration, ann), None
     if common.verify:
@@ -127,6 +136,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     stats = collect_statistics(plan.model or job.ann, job.feeds, plan.taps, batch_size=common.batch_size,
                                max_values=plan.max_values, progress=common.progress) if plan.taps else {}
     job.report.update(method.rewrite(job, stats))
+    del stats, plan
     job.report["regions"] = describe(job.regions)
     job.report["semantics"] = method.semantics
     if not method.stepped:
@@ -139,17 +149,36 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
             emit.emit_stateful(job.graph, method.semantics)
     record = SpikecMetadata(method.name, mode, method.semantics, timesteps, method_options.to_json(),
                             tuple(sorted(common.allow_float)), job.report)
-    snn = emit.to_model(job.graph, job.ann, record.to_props())
-    label = _label(model, method.name)
-    if held_out is not None:
-        job.report["verification"] = verify(snn, label, ann, HeldOut(
-            held_out[0], job.ann, method.reference, common.batch_size, held_out=held_out[1]))
-        _warn_below_bound(method, job.report["verification"])
-        record.write(snn)
-    else:
-        verify(snn, label, ann)
+    graph, reference, report = job.graph, job.ann, job.report
     extras = [(extra.label, extra.path, job.extra_outputs[extra.option]) for extra in outputs_of(method_options)]
-    return _write(model, method.name, ann, reads, [("output", output, snn), *extras], verified=1)
+    del job  # its regions hold the ANN's replaced weights, mapped: released before the SNN is verified
+    label = _label(model, method.name)
+    # A model with external data (or past protobuf's limit) gets its weights beside it: emitted into the
+    # output's data file as the graph is exported (the graph's new weights released on the way), and the
+    # SNN verified from there.
+    with modelio.staging(output, reads) if modelio.external_data(ann) else contextlib.nullcontext() as staged:
+        with weights.DataFile(staged.data) if staged else contextlib.nullcontext() as data:
+            snn = emit.to_model(graph, reference, record.to_props(), data)
+        del graph
+        gc.collect()  # graphsurgeon's graphs are reference cycles: their arrays and maps go now, not later
+        made = snn if staged is None else staged
+        if staged is not None:
+            staged.save_references(snn)
+        if held_out is not None:
+            report["verification"] = verify(snn if staged is None else staged.path, label, ann, HeldOut(
+                held_out[0], reference, method.reference, common.batch_size, held_out=held_out[1]))
+            _warn_below_bound(method, report["verification"])
+            record.write(snn)
+            if staged is not None:
+                staged.save_references(snn)
+        else:
+            verify(snn if staged is None else staged.path, label, ann)
+        return _write(model, method.name, ann, reads, [("output", output, made), *extras], verified=1)
+
+
+def _directory(model: str | os.PathLike | onnx.ModelProto) -> Path | None:
+    """The directory a model file's external data resolves against (None for a model in memory)."""
+    return Path(model).parent if isinstance(model, (str, os.PathLike)) else None
 
 
 def split_held_out(feeds: Mapping[str, np.ndarray], batch: int | None = None
@@ -192,15 +221,27 @@ def _label(source, method: str) -> str:
 
 
 def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
-           models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | None]],
+           models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | modelio.Staged | None]],
            verified: int = 0) -> onnx.ModelProto:
     """Verify every model made (spikec.verify) but the first ``verified``, then write those given a path,
-    all or none; returns the first (the SNN)."""
+    all or none; returns the first (the SNN) as `_returned` says."""
     for _, _, made in models[verified:]:
         if made is not None:
-            verify(made, _label(source, method), ann)
+            verify(made.path if isinstance(made, modelio.Staged) else made, _label(source, method), ann)
     modelio.write([model for model in models if model[1] is not None], reads)
-    return models[0][2]
+    return _returned(*models[0][1:])
+
+
+def _returned(path: str | os.PathLike | None, made: onnx.ModelProto | modelio.Staged) -> onnx.ModelProto:
+    """The model as compile/quantize return it: one written with external data as its graph, referencing
+    its data file (as onnx.load(path, load_external_data=False) reads it); any other whole, in memory."""
+    if isinstance(made, modelio.Staged):
+        if path is None:
+            return weights.load_all(onnx.load(made.path, load_external_data=False), made.directory)
+        return onnx.load(path, load_external_data=False)
+    if not modelio.external_data(made):
+        return made
+    return weights.load_all(made) if path is None else onnx.load(path, load_external_data=False)
 
 
 def _check_allow_float(names: Sequence[str], ann: onnx.ModelProto) -> None:
@@ -225,10 +266,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
     options = SpikeZIPOptions(levels=levels)
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
-    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip"))
-    qann, _ = quantize_model(ann, load_inputs(calibration, ann), options.levels, batch_size=common.batch_size,
-                             progress=common.progress)
-    return _write(model, "quantize", ann, reads, [("output", output, qann)])
+    with weights.source(_directory(model)):
+        ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
+        qann, _ = quantize_model(ann, load_inputs(calibration, ann), options.levels, batch_size=common.batch_size,
+                                 progress=common.progress)
+        return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 
 def static_batch(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int | None:

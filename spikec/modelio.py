@@ -13,18 +13,21 @@
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
 import shutil
 import signal
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from spikec import weights
 from spikec.errors import SpikecError
 
 # protobuf cannot serialize a message of 2 GiB or more: larger models keep their weights beside them.
@@ -39,7 +42,6 @@ TERMINATING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _TEMP_STEM = 100
 
 Source = str | os.PathLike
-Content = onnx.ModelProto | Mapping[str, np.ndarray] | bytes | str
 Read = tuple[str, Path]
 
 
@@ -203,12 +205,94 @@ def _sync(path: Path) -> None:
 
 # ------------------------------------------------------------------ writing
 
-def save_with_external_data(model: onnx.ModelProto, path: Path, location: str) -> None:
-    """Save ``model`` with its weights in ``location`` beside ``path``. onnx moves the weights out of the
-    message it saves; they are read back, so that the caller's model is whole again."""
-    onnx.save_model(model, os.fspath(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=location)
-    onnx.external_data_helper.load_external_data_for_model(model, os.fspath(path.parent))
+def external_data(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is written with its weights beside it: it references external data (a model
+    loaded with its weights mapped, spikec/weights.py, is written as it came) or protobuf cannot
+    serialize it in one piece."""
+    return any(weights.external_tensors(model)) or model.ByteSize() > _PROTOBUF_LIMIT
+
+
+class Staged:
+    """A model file and its external data (NAME and NAME.data) in a private directory: beside the
+    destination, named as a temporary (removed when its process is gone), until `write` renames them
+    into place; or, with no destination, in the system's temporary directory."""
+
+    def __init__(self, destination: Path | None, reads: Sequence[Read] = ()):
+        if destination is None:
+            self.directory = Path(tempfile.mkdtemp(prefix="spikec-staged-"))
+            name = "model.onnx"
+        else:
+            self.data_destination = check_output(destination.with_name(destination.name + ".data"), reads,
+                                                 what=f"external data of {destination}")
+            self.directory = _temp_path(destination)
+            self.directory.mkdir()
+            name = destination.name
+        self.path = self.directory / name
+        self.data = self.directory / (name + ".data")
+
+    def save(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Write ``model``: every tensor of at least weights.EXTERNAL_MIN_BYTES into NAME.data (from memory,
+        or from the file it references, spikec/weights.py), the rest into NAME; returns what NAME holds,
+        the model with references (the caller's model is left as it is)."""
+        written = _without_initializers(model)
+        with weights.DataFile(self.data) as data:
+            for tensor in model.graph.initializer:
+                if tensor.data_type != onnx.TensorProto.STRING and weights.nbytes_of(tensor) >= weights.EXTERNAL_MIN_BYTES:
+                    written.graph.initializer.append(data.add(tensor))
+                else:
+                    written.graph.initializer.append(tensor)
+        return self.save_references(written)
+
+    def save_references(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Write NAME: ``model``, whose external tensors already reference NAME.data."""
+        with open(self.path, "wb") as handle:
+            handle.write(model.SerializeToString())
+            handle.flush()
+            os.fsync(handle.fileno())
+        return model
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its initializers (copying them would copy the weights)."""
+    graph = onnx.GraphProto()
+    for field, value in model.graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if field.label == field.LABEL_REPEATED:
+            getattr(graph, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(graph, field.name).CopyFrom(value)
+        else:
+            setattr(graph, field.name, value)
+    copy = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if field.label == field.LABEL_REPEATED:
+            getattr(copy, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    copy.graph.CopyFrom(graph)
+    return copy
+
+
+@contextlib.contextmanager
+def staging(destination: Source | None, reads: Sequence[Read] = ()) -> Iterator[Staged]:
+    """A `Staged` model for ``destination`` (None: a temporary one), removed on the way out unless `write`
+    moved it into place."""
+    staged = Staged(None if destination is None else Path(destination), reads)
+    try:
+        yield staged
+    finally:
+        staged.remove()
+
+
+Content = onnx.ModelProto | Staged | Mapping[str, np.ndarray] | bytes | str
 
 
 def _writer(content: Content) -> Callable[[Path], None]:
@@ -233,7 +317,10 @@ class _Staging:
         self.directories: list[Path] = []  # staging directories of models with external data
 
     def stage(self, path: Path, content: Content) -> None:
-        if isinstance(content, onnx.ModelProto) and content.ByteSize() > _PROTOBUF_LIMIT:
+        if isinstance(content, Staged):
+            self.renames += [(content.data, content.data_destination), (content.path, path)]
+            return
+        if isinstance(content, onnx.ModelProto) and external_data(content):
             self._stage_external(path, content)
             return
         temp = _temp_path(path)
@@ -245,15 +332,10 @@ class _Staging:
     def _stage_external(self, path: Path, model: onnx.ModelProto) -> None:
         # Weights go to <name>.data beside the model, moved into place before it, so that a reader never
         # sees the new model without its data.
-        data = path.with_name(path.name + ".data")
-        check_output(data, self.reads, what=f"external data of {path}")
-        staging = _temp_path(path)
-        self.directories.append(staging)
-        staging.mkdir()
-        save_with_external_data(model, staging / path.name, data.name)
-        for name in (data.name, path.name):
-            _sync(staging / name)
-        self.renames += [(staging / data.name, data), (staging / path.name, path)]
+        staged = Staged(path, self.reads)
+        self.directories.append(staged.directory)
+        staged.save(model)
+        self.stage(path, staged)
 
     def commit(self) -> None:
         held = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from spikec import modelio, weights
 from spikec.errors import SpikecError
-from spikec.modelio import save_with_external_data
 from spikec.passes.loader import _one_line
 
 # protobuf cannot serialize 2 GiB or more: such models are checked from a file with external data.
@@ -36,29 +35,35 @@ def _float_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorPro
                 yield f"node '{node.name or node.output[0]}' ({node.op_type}) value", attribute.t
 
 
-def _non_finite(model: onnx.ModelProto) -> Iterator[tuple[str, int]]:
-    """(tensor, count of inf/NaN values) for every floating-point constant that holds some."""
+def _non_finite(model: onnx.ModelProto, directory: Path | None) -> Iterator[tuple[str, int]]:
+    """(tensor, count of inf/NaN values) for every floating-point constant that holds some. External
+    tensors are read from ``directory`` one at a time, each mapped only while it is counted."""
     for what, tensor in _float_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            continue
         if not np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type), np.floating):
             continue
-        values = onnx.numpy_helper.to_array(tensor)
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            values = onnx.numpy_helper.to_array(tensor)
+        elif directory is not None:
+            values = weights.map_tensor(tensor, directory)
+        else:
+            continue
         bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+        del values
         if bad:
             yield what, bad
 
 
 @contextlib.contextmanager
-def _loadable(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | str]:
-    """The model itself, or a file holding it where protobuf cannot serialize it in one piece."""
-    if model.ByteSize() <= _PROTOBUF_LIMIT:
+def _loadable(model: onnx.ModelProto | Path) -> Iterator[onnx.ModelProto | str]:
+    """The model itself (a file, or a message protobuf can serialize), else a file holding it."""
+    if isinstance(model, Path):
+        yield os.fspath(model)
+    elif model.ByteSize() <= _PROTOBUF_LIMIT:
         yield model
-        return
-    with tempfile.TemporaryDirectory(prefix="spikec-verify-") as directory:
-        path = Path(directory) / "model.onnx"
-        save_with_external_data(model, path, "model.onnx.data")
-        yield os.fspath(path)
+    else:
+        with modelio.staging(None) as staged:
+            staged.save(model)
+            yield os.fspath(staged.path)
 
 
 @dataclass(frozen=True)
@@ -71,18 +76,33 @@ class HeldOut:
     held_out: bool  # False where calibration had a single sample, which is then verified on
 
 
-def verify(model: onnx.ModelProto, label: str, ann: onnx.ModelProto | None = None,
+def verify(model: onnx.ModelProto | str | os.PathLike, label: str, ann: onnx.ModelProto | None = None,
            held_out: HeldOut | None = None) -> dict | None:
-    """Check ``model`` and raise a SpikecError starting with ``label`` (the input the model was converted
-    from) where it is invalid. ``ann``: that input; an inf/NaN weight it did not have is refused. With
-    ``held_out``, the model also runs on those samples: a failure to run or an inf/NaN output where the
-    reference is finite is refused; the fidelity per output is returned (spikec.evaluate's measures)."""
-    from spikec.runtime.session import InferenceSession
+    """Check ``model`` (a ModelProto, or a file: one written with external data) and raise a SpikecError
+    starting with ``label`` (the input the model was converted from) where it is invalid. ``ann``: that
+    input; an inf/NaN weight it did not have is refused. With ``held_out``, the model also runs on those
+    samples: a failure to run or an inf/NaN output where the reference is finite is refused; the fidelity
+    per output is returned (spikec.evaluate's measures). References to external data resolve against the
+    active spikec.weights.source (a file's against its directory)."""
+    from spikec.evaluate import run_dataset
+    from spikec.runtime.session import InferenceSession, quiet_options
 
-    if ann is None or next(_non_finite(ann), None) is None:
-        for what, count in _non_finite(model):
+    if isinstance(model, onnx.ModelProto):
+        proto, directory = model, weights.source_directory()
+    else:
+        model = Path(model)
+        proto, directory = onnx.load(model, load_external_data=False), model.parent
+    for what, count in _non_finite(proto, directory):
+        if ann is None or next(_non_finite(ann, weights.source_directory()), None) is None:
             raise SpikecError(f"{label}: the converted model's {what} holds {count} inf/NaN value(s) where the "
                               f"input's weights are finite (values overflow float32); nothing was written")
+        break
+    # the reference first: one session, with its weights, at a time
+    want = None if held_out is None else run_dataset(held_out.reference, held_out.feeds,
+                                                     batch_size=held_out.batch_size)
+    options = quiet_options()
+    if held_out is None:  # only loading is checked: the weights stay mapped, not packed for running
+        options.add_session_config_entry("session.disable_prepacking", "1")
     with _loadable(model) as loadable:
         try:
             onnx.checker.check_model(loadable, full_check=True)
@@ -90,14 +110,14 @@ def verify(model: onnx.ModelProto, label: str, ann: onnx.ModelProto | None = Non
             raise SpikecError(f"{label}: the converted model fails onnx.checker ({_one_line(exc)}); "
                               f"nothing was written") from None
         try:
-            session = InferenceSession(loadable)
+            session = InferenceSession(loadable, options)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exceptions share no base class below Exception
             raise SpikecError(f"{label}: onnxruntime cannot load the converted model ({_one_line(exc)}); "
                               f"nothing was written") from None
-        return None if held_out is None else _fidelity(session, held_out, label)
+        return None if held_out is None else _fidelity(session, held_out, want, label)
 
 
-def _fidelity(session, held_out: HeldOut, label: str) -> dict:
+def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: str) -> dict:
     from spikec.evaluate import cosine, run_dataset
 
     count = len(next(iter(held_out.feeds.values())))
@@ -106,7 +126,6 @@ def _fidelity(session, held_out: HeldOut, label: str) -> dict:
     except SpikecError as exc:
         raise SpikecError(f"{label}: the converted model does not run on held-out calibration samples ({exc}); "
                           f"nothing was written") from None
-    want = run_dataset(held_out.reference, held_out.feeds, batch_size=held_out.batch_size)
     outputs = {}
     for name, reference in want.items():
         if name not in got:
