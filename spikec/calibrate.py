@@ -363,22 +363,27 @@ class _Run:
                 on_batch: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
         """{name: array} per batch, from sample ``start`` on; a progress bar with the time left (over all
         samples, those before ``start`` counted as done), or ``on_batch(samples)`` after each batch."""
-        with tqdm(total=self.samples, initial=start, desc=desc, unit="sample",
-                  disable=None if progress and on_batch is None else True) as bar:
-            for begin in range(start, self.samples, self.batch_size):
-                stop = min(begin + self.batch_size, self.samples)
-                batch = {name: array[begin:stop] for name, array in self.feeds.items()}
-                try:
-                    values = self.session.run(self.names, batch)
-                except Exception as exc:  # see _session
-                    sources = _SOURCES.get()
-                    data = f" of the {sources[1]}" if sources else ""
-                    raise SpikecError(f"{self.label}: onnxruntime failed on samples {begin}:{stop}{data}: "
-                                      f"{_one_line(exc)}") from None
-                bar.update(stop - begin)
-                if on_batch is not None:
-                    on_batch(stop - begin)
-                yield dict(zip(self.names, values))
+        return _iterate(self, start, progress, desc, on_batch)
+
+
+def _iterate(run: _Run, start: int, progress: bool, desc: str,
+             on_batch: Callable[[int], None] | None) -> Iterator[dict[str, np.ndarray]]:
+    with tqdm(total=run.samples, initial=start, desc=desc, unit="sample",
+              disable=None if progress and on_batch is None else True) as bar:
+        for begin in range(start, run.samples, run.batch_size):
+            stop = min(begin + run.batch_size, run.samples)
+            batch = {name: array[begin:stop] for name, array in run.feeds.items()}
+            try:
+                values = run.session.run(run.names, batch)
+            except Exception as exc:  # see _session
+                sources = _SOURCES.get()
+                data = f" of the {sources[1]}" if sources else ""
+                raise SpikecError(f"{run.label}: onnxruntime failed on samples {begin}:{stop}{data}: "
+                                  f"{_one_line(exc)}") from None
+            bar.update(stop - begin)
+            if on_batch is not None:
+                on_batch(stop - begin)
+            yield dict(zip(run.names, values))
 
 
 def _check_percentile(p: float) -> float:

@@ -257,28 +257,22 @@ class Staged:
 
 def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` without its initializers (copying them would copy the weights)."""
-    graph = onnx.GraphProto()
-    for field, value in model.graph.ListFields():
-        if field.name == "initializer":
-            continue
-        if field.label == field.LABEL_REPEATED:
-            getattr(graph, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(graph, field.name).CopyFrom(value)
-        else:
-            setattr(graph, field.name, value)
     copy = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if field.label == field.LABEL_REPEATED:
-            getattr(copy, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(copy, field.name).CopyFrom(value)
-        else:
-            setattr(copy, field.name, value)
-    copy.graph.CopyFrom(graph)
+    _copy_fields(model, copy, skip="graph")
+    _copy_fields(model.graph, copy.graph, skip="initializer")
     return copy
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 @contextlib.contextmanager
