@@ -784,7 +784,7 @@ def _collect(model: ModelLike, inputs, names: list[str], *, batch_size: int, cha
 def _collect_in_processes(model: ModelLike, inputs, names: list[str], workers: int, progress: bool, checkpoint,
                           settings: dict) -> dict[str, TapStats]:
     """collect_statistics over ``workers`` processes, each on a contiguous share of the samples (whole
-    batches of a static batch), with a checkpoint of its own (``<checkpoint>.<i>-of-<n>``); one progress
+    batches), with a checkpoint of its own (``<checkpoint>.<i>-of-<n>``); one progress
     bar over all samples."""
     import multiprocessing
     import queue as queues
@@ -792,7 +792,8 @@ def _collect_in_processes(model: ModelLike, inputs, names: list[str], workers: i
     graph, path, label = _load_model(model)
     feeds = load_inputs(inputs, graph)
     samples = next(iter(feeds.values())).shape[0]
-    step = _batch_size(graph, feeds, 1, label)  # shares hold whole batches of a static batch
+    # shares of whole batches: each runs the batches one pass would (the same shapes, the same sample)
+    step = _batch_size(graph, feeds, _check_positive_int(settings["batch_size"], "batch_size"), label)
     bounds = [min(samples, -(-samples * k // workers // step) * step) for k in range(workers + 1)]
     shares = [(begin, stop) for begin, stop in zip(bounds, bounds[1:]) if stop > begin]
     context = multiprocessing.get_context("spawn")

@@ -49,6 +49,12 @@ class CompileOptions(Options):
                                                    "of --batch-size) exceeds this (e.g. 8G; default 80%% of RAM)",
                                              flag="--memory-budget", metavar="BYTES")
     progress: bool = option(True, "progress bars on stderr", flag="--quiet")
+    calibration_checkpoint: str | os.PathLike | None = option(
+        None, "save the calibration statistics here as they are gathered (.npz); a compile of the same model, "
+              "data and settings resumes from them", flag="--calib-checkpoint", metavar="PATH",
+        output="the calibration checkpoint")
+    calibration_workers: int = option(1, "calibrate in this many processes (each holds its own copy of the weights)",
+                                      bounds=(1, 256), flag="--calib-workers", metavar="N")
     verify: bool = option(True, "hold out some calibration samples and run the SNN on them before writing: "
                                 "refuse one that fails or answers inf/NaN, warn below the method's fidelity "
                                 "bound, record the fidelity in the model", flag="--no-verify")
@@ -108,7 +114,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     common, method_options = split_options(options)
     method = methods.get(common.method)
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
-    outputs = [("output", output), *((extra.label, extra.path) for extra in outputs_of(method_options))]
+    outputs = [("output", output), *((extra.label, extra.path)
+                                     for extra in [*outputs_of(common), *outputs_of(method_options)])]
     modelio.check_outputs(outputs, reads)  # before the work, not after it
 
     with weights.source(_directory(model)):
@@ -134,7 +141,9 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
                                      hidden=plan.hidden),
                      mode=common.mode, timesteps=common.timesteps, budget=parse_budget(common.memory_budget))
     stats = collect_statistics(plan.model or job.ann, job.feeds, plan.taps, batch_size=common.batch_size,
-                               max_values=plan.max_values, progress=common.progress) if plan.taps else {}
+                               max_values=plan.max_values, progress=common.progress,
+                               checkpoint=common.calibration_checkpoint,
+                               workers=common.calibration_workers) if plan.taps else {}
     job.report.update(method.rewrite(job, stats))
     del stats, plan
     job.report["regions"] = describe(job.regions)

@@ -240,7 +240,7 @@ class Staged:
                 if tensor.data_type != onnx.TensorProto.STRING and weights.nbytes_of(tensor) >= weights.EXTERNAL_MIN_BYTES:
                     written.graph.initializer.append(data.add(tensor))
                 else:
-                    written.graph.initializer.append(tensor)
+                    written.graph.initializer.append(weights.inline(tensor))
         return self.save_references(written)
 
     def save_references(self, model: onnx.ModelProto) -> onnx.ModelProto:

@@ -153,10 +153,26 @@ def load_all(model: onnx.ModelProto, directory: Path | None = None) -> onnx.Mode
     if tensors and directory is None:
         raise SpikecError("the model has external weights that are not loaded; pass the model's file path instead")
     for tensor in tensors:
-        tensor.raw_data = map_tensor(tensor, directory).tobytes()
-        tensor.data_location = onnx.TensorProto.DEFAULT
-        del tensor.external_data[:]
+        _read_in(tensor, directory)
     return model
+
+
+def inline(tensor: onnx.TensorProto, directory: Path | None = None) -> onnx.TensorProto:
+    """``tensor`` holding its values (a copy where it references external data, else itself)."""
+    if not uses_external_data(tensor):
+        return tensor
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    return _read_in(copy, directory if directory is not None else _SOURCE.get())
+
+
+def _read_in(tensor: onnx.TensorProto, directory: Path | None) -> onnx.TensorProto:
+    if directory is None:
+        raise SpikecError(f"tensor '{tensor.name}': external data with no model directory to read it from")
+    tensor.raw_data = map_tensor(tensor, directory).tobytes()
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    del tensor.external_data[:]
+    return tensor
 
 
 def nbytes_of(tensor: onnx.TensorProto) -> int:
@@ -237,21 +253,32 @@ class DataFile:
 def externalize(graph: gs.Graph, data: DataFile, min_bytes: int = EXTERNAL_MIN_BYTES) -> None:
     """Write every constant of ``graph`` of at least ``min_bytes`` into ``data``, in graph order, and make it
     a reference to what was written: the arrays it held (new weights) are then free, and exporting the
-    graph copies no weight."""
+    graph copies no weight. Smaller constants that reference a source file are read in."""
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues) \
-                or tensor._values.nbytes < min_bytes or tensor.dtype in (None, np.object_, np.str_):
+                or tensor.dtype in (None, np.object_, np.str_):
             continue  # strings have no raw form
-        if isinstance(tensor._values, LazyValues):
-            reference = data.add(tensor._values.tensor)
+        values = tensor._values
+        if values.nbytes < min_bytes:
+            if _references(values):
+                tensor.values = np.array(tensor.values)
+                tensor.data_location = None
+            continue
+        if isinstance(values, LazyValues):
+            reference = data.add(values.tensor)
         else:
-            values = tensor._values
             described = onnx.TensorProto(name=tensor.name, dims=values.shape,
                                          data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
             reference = data.add(described, values)
         reference.name = tensor.name
         tensor._values = LazyValues(reference)
         tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def _references(values) -> bool:
+    """Whether a Constant's values are still a reference to a file (unread, or mapped and unchanged)."""
+    return (isinstance(values, LazyValues) and uses_external_data(values.tensor)) or \
+        (isinstance(values, MappedArray) and values.reference is not None)
 
 
 # ------------------------------------------------------------------ graphsurgeon, resolving references

@@ -3,7 +3,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from spikec.calibrate import DEFAULT_MMSE_GRID, collect_statistics, load_inputs, run_batches
+from spikec.calibrate import DEFAULT_MMSE_GRID, TapStats, collect_statistics, load_inputs, run_batches
 from spikec.errors import SpikecError
 
 T = 8
@@ -263,3 +263,118 @@ def test_load_inputs_unreadable_files(tmp_path, content):
     assert str(path) in str(err.value)
     with pytest.raises(SpikecError, match="missing.npz"):
         load_inputs(tmp_path / "missing.npz", make_mlp())
+
+
+# --- statistics that merge, resume and run in processes -------------------------------------------
+
+
+def _same(a, b):
+    assert (a.name, a.shape, a.channel_axis, a.count) == (b.name, b.shape, b.channel_axis, b.count)
+    for field in ("sample", "channel_min", "channel_max"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def _parts(model, data, cuts, **kwargs):
+    bounds = [0, *cuts, len(data["x"])]
+    return [collect_statistics(model, {k: v[a:b] for k, v in data.items()}, ["h"], progress=False, **kwargs)["h"]
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def test_merged_statistics_equal_one_pass_within_the_budget():
+    model, data = make_mlp(), mlp_data(n=200)
+    one = collect_statistics(model, data, ["h"], batch_size=16, progress=False)["h"]
+    first, second, third = _parts(model, data, [70, 131], batch_size=16)
+    _same(first.merge(second).merge(third), one)
+
+
+def test_merged_statistics_over_the_budget_keep_exact_extremes_and_a_uniform_sample():
+    model, data = make_mlp(), mlp_data(n=200)
+    h = fetch_all(model, data, "h").reshape(-1, 3)
+    first, second = _parts(model, data, [120], max_values=30)
+    merged = first.merge(second, max_values=30)
+    assert merged.count == h.size and merged.sample.shape == (10, 3)
+    np.testing.assert_array_equal(merged.min(per_channel=True), h.min(axis=0))
+    np.testing.assert_array_equal(merged.max(per_channel=True), h.max(axis=0))
+    rows = [int(np.flatnonzero((h == row).all(axis=1))[0]) for row in merged.sample]
+    assert len(set(rows)) == 10  # distinct rows of the data
+    _same(merged, first.merge(second, max_values=30))  # the same merge, the same sample
+    # how many rows come from each side follows the rows each saw: over many row counts the first
+    # side's share of the merged sample averages its share of the rows (hypergeometric mean)
+    taken, expected = 0.0, 0.0
+    for seen in range(20, 400, 7):
+        a = TapStats("t", (None, 1), 1, seen, np.zeros((min(seen, 50), 1), np.float32), np.zeros(1), np.zeros(1))
+        b = TapStats("t", (None, 1), 1, 400, np.ones((50, 1), np.float32), np.ones(1), np.ones(1))
+        taken += 50 - a.merge(b, max_values=50).sample.sum()
+        expected += 50 * seen / (seen + 400)
+    assert abs(taken / expected - 1) < 0.05
+    with pytest.raises(SpikecError, match="cannot merge statistics of 'y'"):
+        first.merge(collect_statistics(model, data, ["y"], channel_axis=1, progress=False)["y"])
+
+
+def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from spikec import calibrate
+
+    model, data = make_mlp(), mlp_data(n=200)
+    settings = dict(batch_size=16, max_values=30, progress=False)
+    one = collect_statistics(model, data, ["h", "y"], **settings)
+    checkpoint = tmp_path / "calib.ckpt.npz"
+    iterate = calibrate._iterate
+
+    def interrupted(run, start, *args):
+        for count, batch in enumerate(iterate(run, start, *args)):
+            if count == 5:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(calibrate, "_iterate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        collect_statistics(model, data, ["h", "y"], checkpoint=checkpoint, checkpoint_every=0, **settings)
+    starts = []
+    monkeypatch.setattr(calibrate, "_iterate", lambda run, start, *args: starts.append(start) or iterate(run, start, *args))
+    resumed = collect_statistics(model, data, ["h", "y"], checkpoint=checkpoint, checkpoint_every=0, **settings)
+    assert starts == [80]  # after the five batches that were summarised
+    for name in one:
+        _same(resumed[name], one[name])  # bit for bit an uninterrupted pass, past the sample budget
+    again = collect_statistics(model, data, ["h", "y"], checkpoint=checkpoint, **settings)
+    assert starts[-1] == 200  # a complete checkpoint is the result: nothing runs
+    _same(again["h"], one["h"])
+    other = {k: v[::-1].copy() for k, v in data.items()}  # other data: the checkpoint is not theirs
+    fresh = collect_statistics(model, other, ["h", "y"], checkpoint=checkpoint, **settings)
+    assert starts[-1] == 0
+    _same(fresh["h"], collect_statistics(model, other, ["h"], **settings)["h"])
+
+
+def test_calibration_in_processes_merges_to_one_pass(tmp_path):
+    model, data = make_mlp(), mlp_data(n=200)
+    path = tmp_path / "mlp.onnx"
+    onnx.save_model(make_mlp(), path, save_as_external_data=True, location="mlp.data", size_threshold=0)
+    one = collect_statistics(model, data, ["h", "y"], batch_size=16, progress=False)
+    parallel = collect_statistics(path, data, ["h", "y"], batch_size=16, progress=False, workers=2)
+    for name in one:
+        _same(parallel[name], one[name])
+
+
+@pytest.mark.filterwarnings("ignore::spikec.compiler.FidelityWarning")
+def test_compile_with_a_checkpoint_and_workers_writes_the_same_model(tmp_path, monkeypatch):
+    import spikec
+    from spikec import calibrate
+
+    model, data = make_mlp(), {"x": mlp_data(n=64)["x"], "ids": mlp_data(n=64)["ids"]}
+    plain = spikec.compile(model, data, tmp_path / "plain.onnx", timesteps=4, progress=False)
+    checkpoint = tmp_path / "calib.npz"
+    spikec.compile(model, data, tmp_path / "first.onnx", timesteps=4, progress=False,
+                   calibration_checkpoint=checkpoint)
+    assert checkpoint.is_file()
+    starts = []
+    iterate = calibrate._iterate
+    monkeypatch.setattr(calibrate, "_iterate", lambda run, start, *a: starts.append(start) or iterate(run, start, *a))
+    spikec.compile(model, data, tmp_path / "resumed.onnx", timesteps=4, progress=False,
+                   calibration_checkpoint=checkpoint)
+    assert starts == [56]  # all 56 calibration samples (8 held out) summarised already
+    spikec.compile(model, data, tmp_path / "workers.onnx", timesteps=4, progress=False, calibration_workers=2)
+    for name in ("first", "resumed", "workers"):
+        assert (tmp_path / f"{name}.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes(), name
+    assert plain.graph.node
+    with pytest.raises(SpikecError, match="calibration checkpoint output .* is the calibration data"):
+        np.savez(tmp_path / "data.npz", **data)
+        spikec.compile(model, tmp_path / "data.npz", tmp_path / "x.onnx", calibration_checkpoint=tmp_path / "data.npz")

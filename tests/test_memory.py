@@ -1,14 +1,21 @@
-"""The memory guard of the time-unrolled form (spikec/memory.py) and `--memory-budget`."""
+"""The memory guard of the time-unrolled form (spikec/memory.py) and `--memory-budget`; compiling with the
+weights on disk (spikec/weights.py): external data in and out, and compile memory against the weights."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import graphs
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx.external_data_helper import uses_external_data
 
 import spikec
 from examples import fixtures
-from spikec import memory
+from spikec import memory, weights
 from spikec.cli import main
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
@@ -133,3 +140,147 @@ def test_sta_ugo_states_count_n_per_element(vit):
     counted = memory.estimate(ann, feeds, batch=64, neuron_sites=sites, hidden=hidden)
     gelu_elements = 64 * 17 * 128  # batch x tokens x MLP width, per GELU
     assert counted.states - plain.states == 4 * 4 * gelu_elements * (32 - 1) * 4
+
+
+# ------------------------------------------------------------------ compiling with the weights on disk
+
+def _feeds(count: int = 16, width: int = graphs.FEATURES, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((count, width)).astype(np.float32)}
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+# A small MLP at a few steps sits below the methods' fidelity bounds; what is tested here is how it is written.
+_NOT_FIDELITY = pytest.mark.filterwarnings("ignore::spikec.compiler.FidelityWarning")
+
+
+@_NOT_FIDELITY
+@pytest.mark.parametrize("method", ["ecmt", "spikezip"])
+def test_external_data_in_external_data_out(tmp_path, method):
+    """A model with external data compiles with its weights mapped, not loaded, to a model with its weights
+    in NAME.data: the same model, weight for weight, as compiling it from memory; it loads and runs. Without
+    an output path the model comes back whole."""
+    source = tmp_path / "in" / "mlp.onnx"
+    source.parent.mkdir()
+    onnx.save(graphs.mlp(), source, save_as_external_data=True, location="mlp.weights", size_threshold=0)
+    feeds = _feeds()
+    options = dict(method=method, mode="stateful", timesteps=4, progress=False)
+    in_memory = spikec.compile(graphs.mlp(), feeds, **options)
+    output = tmp_path / "out" / "snn.onnx"
+    output.parent.mkdir()
+    returned = spikec.compile(source, feeds, output, **options)
+    assert sorted(p.name for p in output.parent.iterdir()) == ["snn.onnx", "snn.onnx.data"]
+    for tensor in returned.graph.initializer:  # as written: the weights referenced, the small rest inline
+        assert uses_external_data(tensor) == (weights.nbytes_of(tensor) >= weights.EXTERNAL_MIN_BYTES), tensor.name
+    written = onnx.load(output)
+    expected = _initializers(in_memory)
+    got = _initializers(written)
+    assert got.keys() == expected.keys()
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    assert written.graph.node == in_memory.graph.node
+    np.testing.assert_array_equal(run(InferenceSession(output), feeds)["y"], run(InferenceSession(in_memory), feeds)["y"])
+    whole = spikec.compile(source, feeds, **options)
+    assert not any(uses_external_data(t) for t in whole.graph.initializer)
+    assert _initializers(whole).keys() == expected.keys()
+    assert (source.parent / "mlp.weights").read_bytes() == _saved_weights(tmp_path)  # the input only read
+
+
+def _saved_weights(tmp_path) -> bytes:
+    again = tmp_path / "again" / "mlp.onnx"
+    again.parent.mkdir()
+    onnx.save(graphs.mlp(), again, save_as_external_data=True, location="mlp.weights", size_threshold=0)
+    return (again.parent / "mlp.weights").read_bytes()
+
+
+@_NOT_FIDELITY
+def test_a_model_past_the_size_limit_is_written_with_external_data(tmp_path, monkeypatch):
+    """An in-memory model past the limit of one protobuf message (lowered here) is written as NAME and
+    NAME.data, loads and runs as the one-file model does."""
+    from spikec import modelio
+
+    feeds = _feeds()
+    small = spikec.compile(graphs.mlp(), feeds, tmp_path / "small.onnx", timesteps=4, progress=False)
+    monkeypatch.setattr(modelio, "_PROTOBUF_LIMIT", 4096)
+    returned = spikec.compile(graphs.mlp(), feeds, tmp_path / "big.onnx", timesteps=4, progress=False)
+    assert (tmp_path / "big.onnx.data").is_file() and not (tmp_path / "small.onnx.data").exists()
+    assert any(uses_external_data(t) for t in returned.graph.initializer)
+    weight_bytes = sum(weights.nbytes_of(t) for t in graphs.mlp().graph.initializer if t.name in ("w1", "w2"))
+    assert (tmp_path / "big.onnx.data").stat().st_size >= weight_bytes
+    assert (tmp_path / "big.onnx").stat().st_size < (tmp_path / "small.onnx").stat().st_size - weight_bytes + 1024
+    np.testing.assert_array_equal(run(InferenceSession(tmp_path / "big.onnx"), feeds)["y"],
+                                  run(InferenceSession(small), feeds)["y"])
+
+
+def test_mapped_weights_pass_graphsurgeon_as_references(tmp_path):
+    """Inside a compile's weights.source, graphsurgeon reads an external weight as a read-only map of its
+    file and exports it, unchanged, as the same reference: no copy of it enters a proto."""
+    import onnx_graphsurgeon as gs
+
+    source = tmp_path / "mlp.onnx"
+    onnx.save(graphs.mlp(), source, save_as_external_data=True, location="mlp.weights", size_threshold=0)
+    with weights.source(tmp_path):
+        graph = gs.import_onnx(load_model(source, map_weights=True))
+        w1 = graph.tensors()["w1"]
+        values = w1.values
+        assert isinstance(values, weights.MappedArray) and not values.flags.writeable
+        np.testing.assert_array_equal(values, _initializers(graphs.mlp())["w1"])
+        graph.tensors()["w2"].values = values[:, :graphs.FEATURES] * 2  # a new weight, held in memory
+        exported = {t.name: t for t in gs.export_onnx(graph).graph.initializer}
+    assert uses_external_data(exported["w1"]) and not exported["w1"].raw_data
+    assert not uses_external_data(exported["w2"]) and exported["w2"].data_location == onnx.TensorProto.DEFAULT
+
+
+def _wide_mlp(width: int, layers: int) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes, inits, hidden = [], [], "x"
+    for layer in range(layers):
+        inits.append(onnx.numpy_helper.from_array(
+            rng.standard_normal((width, width), dtype=np.float32) / np.float32(np.sqrt(width)), f"w{layer}"))
+        nodes += [onnx.helper.make_node("MatMul", [hidden, f"w{layer}"], [f"m{layer}"]),
+                  onnx.helper.make_node("Relu", [f"m{layer}"], [f"h{layer}"])]
+        hidden = f"h{layer}"
+    graph = onnx.helper.make_graph(nodes, "wide", [onnx.helper.make_tensor_value_info("x", 1, ["batch", width])],
+                                   [onnx.helper.make_tensor_value_info(hidden, 1, ["batch", width])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+_MEASURE = """
+import os, resource, sys, numpy as np
+import spikec
+from spikec.compiler import compile
+feeds = dict(np.load(sys.argv[2]))
+if sys.argv[1] != "-":
+    spikec.compile(sys.argv[1], feeds, sys.argv[3], method=sys.argv[4], mode="stateful", progress=False)
+"""
+
+
+def _peak_rss(*args: str) -> int:
+    """Peak RSS (bytes) of a fresh interpreter running _MEASURE with ``args``: its own ru_maxrss."""
+    proc = subprocess.Popen([sys.executable, "-c", _MEASURE, *args], stderr=subprocess.PIPE, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, stderr[-2000:]
+    return usage.ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("method", ["ecmt", "spikezip"])
+def test_compile_memory_stays_within_three_times_the_weights(tmp_path, method):
+    """A model with 192 MiB of external weights compiles (stateful, verified on held-out samples) within
+    three times its weights above what importing spikec takes, however many calibration samples."""
+    width, layers = 2048, 12
+    source = tmp_path / "wide.onnx"
+    onnx.save(_wide_mlp(width, layers), source, save_as_external_data=True, location="wide.data")
+    weights_bytes = (tmp_path / "wide.data").stat().st_size
+    assert weights_bytes == layers * width * width * 4
+    peaks = []
+    for samples in (16, 256):
+        np.savez(tmp_path / "calib.npz", **_feeds(samples, width))
+        baseline = _peak_rss("-", str(tmp_path / "calib.npz"))
+        peaks.append(_peak_rss(str(source), str(tmp_path / "calib.npz"), str(tmp_path / f"snn{samples}.onnx"),
+                               method) - baseline)
+        assert (tmp_path / f"snn{samples}.onnx.data").stat().st_size >= weights_bytes
+    assert max(peaks) <= 3 * weights_bytes, [p / weights_bytes for p in peaks]
+    assert abs(peaks[1] - peaks[0]) < 0.25 * weights_bytes, [p / weights_bytes for p in peaks]
