@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from spikec import weights
 from spikec.errors import SpikecError
 from spikec.passes.contrib import decompose as decompose_contrib_ops
 
@@ -84,6 +85,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         before = len(graph.nodes)
         # graphsurgeon prints (to stdout) a warning for every subgraph it cannot fold and goes on: not
         # the user's to act on; a model that is really broken is rejected with one line further on.
+        weights.read_foldable(graph)
         with G_LOGGER.suppress(G_LOGGER.CRITICAL):
             graph.fold_constants()
         graph.cleanup()

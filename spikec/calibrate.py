@@ -12,9 +12,15 @@ Calibrate on held-out data (e.g. a slice of the training set), never on the eval
 fitted to the test inputs leak into the reported accuracy. ECMT's reference code calibrates on its test
 loader, so its published numbers carry that leak.
 
-Memory stays bounded however much data is fed: per tap, exact min/max (global and per channel) and the
-count cover all data, while percentiles, mean/std and MMSE use a deterministic uniform sample of at most
-`max_values` values (whole rows of the channel axis; every value while the data fits in the budget).
+Memory stays bounded however much data is fed: activations are summarised batch by batch, and per tap
+exact min/max (global and per channel) and the count cover all data, while percentiles, mean/std and MMSE
+use a deterministic uniform sample of at most `max_values` values (whole rows of the channel axis; every
+value while the data fits in the budget).
+
+Calibration scales with the data: statistics merge (`TapStats.merge`: exact extremes and counts, the
+sample of one pass where it fits the budget, else a uniform one), so it runs in several processes
+(``workers``), and it saves its state to a checkpoint as it goes, from which an interrupted run resumes
+to the result of an uninterrupted one (``checkpoint``); a progress bar shows the time left.
 """
 
 from __future__ import annotations

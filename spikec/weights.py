@@ -14,6 +14,9 @@ resolves them where it needs values:
 * onnxruntime (`session_options`): the session reads the files itself (it maps them);
 * writing (`DataFile`): a tensor goes into a data file straight from its source file
   (``os.copy_file_range``: no copy in this process's memory) or from the array that holds it.
+
+The graphsurgeon hooks are installed when this module is imported (the loader imports it); reading
+resolves references only inside `source`, elsewhere graphsurgeon behaves as it does.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ def external_span(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     """(location, offset, length in bytes) of an external tensor; the length is the one its dims and type
     need (a declared length must hold at least that much)."""
     entries = _entries(tensor)
-    need = math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    need = nbytes_of(tensor)
     try:
         offset = int(entries.get("offset", 0))
         declared = int(entries["length"]) if "length" in entries else need
@@ -82,11 +85,10 @@ def external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     return (t for t in model.graph.initializer if uses_external_data(t))
 
 
-def check_external(model: onnx.ModelProto, directory: Path, label: str) -> int:
+def check_external(model: onnx.ModelProto, directory: Path, label: str) -> None:
     """Check that every external tensor of ``model`` lies within a regular file under ``directory``, without
-    reading it; returns their total bytes. A SpikecError names the model and the file at fault."""
+    reading it. A SpikecError names the model and the file at fault."""
     sizes: dict[str, int] = {}
-    total = 0
     for tensor in external_tensors(model):
         location, offset, length = external_span(tensor)
         if location not in sizes:
@@ -100,8 +102,6 @@ def check_external(model: onnx.ModelProto, directory: Path, label: str) -> int:
         if offset + length > sizes[location]:
             raise SpikecError(f"{label}: cannot read external data ({directory / location} holds "
                               f"{sizes[location]} bytes; tensor '{tensor.name}' needs bytes {offset}..{offset + length})")
-        total += length
-    return total
 
 
 class MappedArray(np.ndarray):
@@ -149,10 +149,7 @@ def load_all(model: onnx.ModelProto, directory: Path | None = None) -> onnx.Mode
     """``model`` with every external tensor read into it (in place; the in-memory form callers expect of a
     small model). References resolve against ``directory`` (default: the active ``source``)."""
     directory = directory if directory is not None else _SOURCE.get()
-    tensors = list(external_tensors(model))
-    if tensors and directory is None:
-        raise SpikecError("the model has external weights that are not loaded; pass the model's file path instead")
-    for tensor in tensors:
+    for tensor in list(external_tensors(model)):
         _read_in(tensor, directory)
     return model
 
@@ -273,6 +270,17 @@ def externalize(graph: gs.Graph, data: DataFile, min_bytes: int = EXTERNAL_MIN_B
         reference.name = tensor.name
         tensor._values = LazyValues(reference)
         tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def read_foldable(graph: gs.Graph) -> None:
+    """Read into memory the constants that reference a file and feed a node of constants only: graphsurgeon
+    folds such nodes by running them in onnxruntime from a proto that has no directory to resolve
+    references against (an exporter's Transpose of a weight, say); the folded result is new data anyway."""
+    for node in graph.nodes:
+        if node.inputs and all(isinstance(t, gs.Constant) for t in node.inputs):
+            for tensor in node.inputs:
+                if _references(tensor._values):
+                    tensor.values = np.array(tensor.values)
 
 
 def _references(values) -> bool:
