@@ -49,6 +49,10 @@ def test_a_wheel_ships_the_kernels_of_its_sources(tmp_path):
         names = set(archive.namelist())
         assert "spikec/runtime/libspikec_kernels.so" in names
         assert {"spikec/runtime/kernels/spikec_kernels.cc", "spikec/runtime/kernels/build.sh"} <= names
+        installed = {"spikec": "spikec", "passes": "spikec/passes", "runtime": "spikec/runtime"}
+        modules = {f"{installed[path.parts[0]]}/{'/'.join(path.parts[1:])}"
+                   for path in (Path(name) for name in files) if path.suffix == ".py" and path.parts[0] in installed}
+        assert modules <= names, f"the wheel lacks {sorted(modules - names)}"
         archive.extract("spikec/runtime/libspikec_kernels.so", tmp_path)
     assert native.built_from(tmp_path / "spikec/runtime/libspikec_kernels.so") == native.source_digest()
 
