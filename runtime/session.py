@@ -1,7 +1,9 @@
 """Running spikec models: one call for users, and the driver for stateful (one step per run) models."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -62,6 +64,8 @@ class InferenceSession(ort.InferenceSession):
         props = self.get_modelmeta().custom_metadata_map
         label = "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
         self.spikec = SpikecMetadata.from_props(props, label)  # None for an ANN
+        if self.spikec is not None:
+            _say_path_once(self.native, native)
 
     @property
     def mode(self) -> str:
@@ -93,6 +97,29 @@ class InferenceSession(ort.InferenceSession):
         """The user-facing outputs: no per-step copies, no neuron state."""
         return [o.name for o in self.get_outputs()
                 if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)]
+
+
+_PATH_SAID = False
+
+
+def _say_path_once(native: bool, asked: bool) -> None:
+    """Once per process, which path runs the spikec ops: the native kernels, or the several times slower
+    ONNX functions and how to get the kernels. Logged (logger "spikec") and, for a person at a terminal,
+    printed on stderr; a pipe or a log file stays as it is."""
+    global _PATH_SAID
+    if _PATH_SAID:
+        return
+    _PATH_SAID = True
+    if native:
+        message = f"spikec ops run on the native kernels ({native_kernels.kernel_isa()}, {native_kernels.library_path()})"
+    elif not asked:
+        message = "spikec ops run as their ONNX functions (native=False)"
+    else:
+        message = ("spikec ops run as their ONNX functions, several times slower than the native kernels: none is "
+                   "built; reinstall spikec where a C++ compiler is available, or run `make native` in its source tree")
+    logging.getLogger("spikec").info(message)
+    if sys.stderr.isatty():
+        print(f"spikec: {message}", file=sys.stderr)
 
 
 def _fused(model: str | os.PathLike | onnx.ModelProto, native: bool,

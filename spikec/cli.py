@@ -62,17 +62,18 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     passed on are only those given, and a flag of another method can be refused."""
     from spikec.compiler import CompileOptions
     from spikec.methods import METHODS
-    from spikec.passes.options import flags_of, kind_of
+    from spikec.passes.options import Options, flags_of, kind_of
 
     actions: dict[str, argparse.Action] = {}
     fields: dict[str, tuple[str, list[str]]] = {}  # option -> (its flag, the methods it belongs to; [] = all)
-    groups = [("options of every method", None, CompileOptions)]
+    groups: list[tuple[str, str | None, type[Options]]] = [("options of every method", None, CompileOptions)]
     groups += [(f"{m.name}: {m.paper}", m.name, m.Options) for m in METHODS.values()]
     for title, owner, options in groups:
         group = parser.add_argument_group(title)
         for f in options.declared():
             if f.name in actions:  # the same option in another method (levels): one flag, its help per method
-                actions[f.name].help += f"; {owner}: {f.metadata['help']}" + \
+                assert owner is not None, "the options of every method come first and are distinct"
+                actions[f.name].help = (actions[f.name].help or "") + f"; {owner}: {f.metadata['help']}" + \
                     (f" [default {f.default}]" if f.default is not None else "")
                 fields[f.name][1].append(owner)
                 continue
@@ -394,9 +395,64 @@ def cmd_ugo_train(args) -> int:
     return 0
 
 
+def collect_info() -> dict:
+    """Versions, the native kernel library (where it is, whether it loads, its ISA, whether it was built from
+    the kernel sources this spikec has) and the registered methods."""
+    import importlib.metadata
+    import platform
+
+    from spikec.methods import METHODS
+    from spikec.runtime import native
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    path = native.library_path()
+    built, sources = (native.built_from(path) if path else None), native.source_digest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a stale library: said below, not as a warning
+        loads = native.available()
+    return {
+        "spikec": version("spikec"), "python": platform.python_version(), "machine": platform.machine(),
+        "packages": {p: version(p) for p in ("onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "torch")},
+        "native": {"library": os.fspath(path) if path else None, "loads": loads,
+                   "isa": native.kernel_isa() if loads else None, "built_from": built, "sources": sources,
+                   "matches_sources": built is not None and built == sources},
+        "methods": {name: method.paper for name, method in METHODS.items()},
+    }
+
+
+def cmd_info(args) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    lines = [f"spikec {info['spikec']} (Python {info['python']}, {info['machine']})",
+             "packages: " + ", ".join(f"{p} {v or 'not installed'}" for p, v in info["packages"].items())]
+    kernels = info["native"]
+    if kernels["library"] is None:
+        lines.append("native kernels: not built (reinstall where a C++ compiler is available, or `make native`); "
+                     "spikec ops run as their ONNX functions")
+    elif not kernels["matches_sources"]:
+        lines.append(f"native kernels: {kernels['library']} was built from other kernel sources: rebuild it with "
+                     f"`make native`; spikec ops run as their ONNX functions")
+    else:
+        lines.append(f"native kernels: {kernels['library']} ({kernels['isa']}, sources {kernels['sources']})")
+    lines += [f"method {name}: {paper}" for name, paper in info["methods"].items()]
+    print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikec", description="Convert Transformer ANNs (ONNX) into spiking neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, the native kernels and the methods of this installation")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("compile", help="convert an ANN ONNX model into an SNN")
     p.add_argument("model")

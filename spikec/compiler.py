@@ -6,6 +6,7 @@ import functools
 import gc
 import os
 import warnings
+from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,7 @@ def _quiet_graphsurgeon(function):
     return quiet
 
 
-def split_options(options: Mapping[str, object]) -> tuple[CompileOptions, Options]:
+def split_options(options: Mapping[str, Any]) -> tuple[CompileOptions, Options]:
     """The common and the method's options from keyword arguments; a keyword neither knows is an error
     naming the method's own options."""
     common_names = {f.name for f in CompileOptions.declared()}
@@ -237,8 +238,11 @@ def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
     for _, _, made in models[verified:]:
         if made is not None:
             verify(made.path if isinstance(made, modelio.Staged) else made, _label(source, method), ann)
-    modelio.write([model for model in models if model[1] is not None], reads)
-    return _returned(*models[0][1:])
+    modelio.write([(what, path, made) for what, path, made in models if path is not None and made is not None],
+                  reads)
+    path, snn = models[0][1:]
+    assert snn is not None, "the first model is the one the command makes"
+    return _returned(path, snn)
 
 
 def _returned(path: str | os.PathLike | None, made: onnx.ModelProto | modelio.Staged) -> onnx.ModelProto:
@@ -277,7 +281,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
-        qann, _ = quantize_model(ann, load_inputs(calibration, ann), options.levels, batch_size=common.batch_size,
+        qann, _ = quantize_model(ann, load_inputs(calibration, ann), levels, batch_size=common.batch_size,
                                  progress=common.progress)
         return _write(model, "quantize", ann, reads, [("output", output, qann)])
 

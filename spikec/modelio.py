@@ -292,7 +292,9 @@ Content = onnx.ModelProto | Staged | Mapping[str, np.ndarray] | bytes | str
 def _writer(content: Content) -> Callable[[Path], None]:
     if isinstance(content, (bytes, str)):
         data = content.encode("utf-8") if isinstance(content, str) else content
-        return lambda temp: temp.write_bytes(data)
+        def write_data(temp: Path) -> None:
+            temp.write_bytes(data)
+        return write_data
     if isinstance(content, Mapping):
         def write_arrays(temp: Path) -> None:
             # through a file object: np.savez appends .npz to a name without it
