@@ -824,10 +824,10 @@ def _collect_in_processes(model: ModelLike, inputs, names: list[str], workers: i
             raise
         while not done.empty():
             bar.update(done.get())
-    merged = parts[0]
-    for part in parts[1:]:
-        merged = {name: merged[name].merge(part[name], settings["max_values"]) for name in names}
-    return merged
+    stats: dict[str, TapStats] = parts[0]
+    for share in parts[1:]:
+        stats = {name: stats[name].merge(share[name], settings["max_values"]) for name in names}
+    return stats
 
 
 def _quiet_worker() -> None:

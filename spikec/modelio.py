@@ -289,7 +289,7 @@ def staging(destination: Source | None, reads: Sequence[Read] = ()) -> Iterator[
 Content = onnx.ModelProto | Staged | Mapping[str, np.ndarray] | bytes | str
 
 
-def _writer(content: Content) -> Callable[[Path], None]:
+def _writer(content: onnx.ModelProto | Mapping[str, np.ndarray] | bytes | str) -> Callable[[Path], None]:
     if isinstance(content, (bytes, str)):
         data = content.encode("utf-8") if isinstance(content, str) else content
         def write_data(temp: Path) -> None:

@@ -114,7 +114,7 @@ def verify(model: onnx.ModelProto | str | os.PathLike, label: str, ann: onnx.Mod
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exceptions share no base class below Exception
             raise SpikecError(f"{label}: onnxruntime cannot load the converted model ({_one_line(exc)}); "
                               f"nothing was written") from None
-        return None if held_out is None else _fidelity(session, held_out, want, label)
+        return None if held_out is None or want is None else _fidelity(session, held_out, want, label)
 
 
 def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: str) -> dict:

@@ -209,13 +209,13 @@ class DataFile:
         and return a tensor of ``tensor``'s name, type and dims that references what was written."""
         start = self._pad()
         if isinstance(values, MappedArray) and values.reference is not None:
-            values, tensor = None, values.reference  # unchanged weights: copied from their file
+            tensor, values = values.reference, None  # unchanged weights: copied from their file
         if values is None and uses_external_data(tensor):
             length = self._copy_external(tensor)
         else:
             data = onnx.numpy_helper.to_array(tensor) if values is None else np.asarray(values)
             data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
-            self._file.write(memoryview(data.reshape(-1)).cast("B"))
+            self._file.write(data.reshape(-1).data.cast("B"))
             length = data.nbytes
         self._offset = start + length
         reference = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
