@@ -116,31 +116,45 @@ class SpikingOp:
 
 # ---------------------------------------------------------------- MT neuron (ECMT, Eq. 19-25)
 
+# Largest power of two <= r for r in [1/2, 2^127.5) from float arithmetic alone (ONNX has no frexp
+# and no bit cast): q = r * (2^23 + 1) rounds away every bit of r below its leading one, q * (1 - 2^-24)
+# rounds back to just under q, and their difference is that leading one, exact (Rump, Ogita and Oishi's
+# ufp). The 2^-30 scaling, exact too, keeps q finite for r up to float32's limit.
+_UFP_SCALE = 2.0 ** -30
+_UFP_SPLIT = (2.0 ** 23 + 1) * _UFP_SCALE
+_JUST_BELOW_ONE = 1.0 - 2.0 ** -24  # x * this: x's predecessor for a power of two x, no power of two lower else
+
+
 def _mt_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     levels = b.op("Cast", b.attr_int("levels"), to=TensorProto.FLOAT)
-    return {"top_level": b.op("Pow", b.const(2.0), b.op("Sub", levels, b.const(1.0)))}
+    top_level = b.op("Pow", b.const(2.0), b.op("Sub", levels, b.const(1.0)))
+    # ratios above the top level fire it: held below twice the top level (where its power of two would
+    # be the next level), still above it (a power of two strictly below the ratio is then still the top)
+    return {"top_level": top_level, "ratio_cap": b.op("Mul", top_level, b.const(1.5))}
 
 
 def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """Eq. 25 fires level k (lambda_k = theta*2^k) when lambda_k - theta/2 <= m < lambda_(k+1) - theta/2 on
     the positive side, and symmetrically (bounds strict the other way) on the negative side: the fired
     level is the largest power of two p <= |m|/theta + 1/2 (p < on the negative side), capped at 2^(n-1),
-    and nothing fires when p < 1. Computed in O(1) per value rather than by testing all 2n levels."""
+    and nothing fires when p < 1 (nor for a NaN membrane). Computed in O(1) per value rather than by
+    testing all 2n levels, and with selections written as arithmetic on 0/1 masks (exact: the thresholds
+    are positive and finite): onnxruntime's Where, Pow and Log cost many times an Add per element."""
     membrane = b.op("Add", env["v"], env["x"])
-    positive = b.op("GreaterOrEqual", membrane, b.const(0.0))
-    theta = b.op("Where", positive, env["theta_pos"], env["theta_neg"])
-    ratio = b.op("Add", b.op("Div", b.op("Abs", membrane), theta), b.const(0.5))
-    # 2^floor(log2 r) from logarithms can be off by one at exact powers of two: correct both ways.
-    guess = b.op("Pow", b.const(2.0), b.op("Floor", b.op("Div", b.op("Log", ratio), b.const(np.log(2.0)))))
-    doubled = b.op("Mul", guess, b.const(2.0))
-    guess = b.op("Where", b.op("LessOrEqual", doubled, ratio), doubled, guess)
-    power = b.op("Where", b.op("Greater", guess, ratio), b.op("Div", guess, b.const(2.0)), guess)
-    at_bound = b.op("And", b.op("Not", positive), b.op("Equal", power, ratio))
-    power = b.op("Where", at_bound, b.op("Div", power, b.const(2.0)), power)
-    level = b.op("Where", b.op("GreaterOrEqual", power, b.const(1.0)),
-                 b.op("Min", power, env["top_level"]), b.const(0.0))
-    signed = b.op("Where", positive, level, b.op("Neg", level))
-    emitted = b.op("Mul", signed, theta)
+    positive = b.op("Cast", b.op("GreaterOrEqual", membrane, b.const(0.0)), to=TensorProto.FLOAT)
+    negative = b.op("Sub", b.const(1.0), positive)  # 1 for NaN too, as Where(m >= 0, ...) takes that side
+    # |m|/theta for the side's theta: the other side's quotient is <= 0, ratio >= 1/2 either way
+    ratio = b.op("Add", b.op("Max", b.op("Div", membrane, env["theta_pos"]),
+                             b.op("Div", b.op("Neg", membrane), env["theta_neg"])), b.const(0.5))
+    capped = b.op("Min", ratio, env["ratio_cap"])
+    # the negative side's strict bound: a power of two itself steps down one
+    capped = b.op("Mul", capped, b.op("Sub", b.const(1.0), b.op("Mul", negative, b.const(1.0 - _JUST_BELOW_ONE))))
+    split = b.op("Mul", capped, b.const(_UFP_SPLIT))
+    power = b.op("Mul", b.op("Sub", split, b.op("Mul", split, b.const(_JUST_BELOW_ONE))), b.const(1.0 / _UFP_SCALE))
+    level = b.op("ThresholdedRelu", power, alpha=0.75)  # powers below 1 (and NaN) fire nothing
+    # +theta_pos or -theta_neg: the spike value per level
+    signed_theta = b.op("Sub", b.op("Mul", env["theta_pos"], positive), b.op("Mul", env["theta_neg"], negative))
+    emitted = b.op("Mul", level, signed_theta)
     # The emitted spike code is in units of theta_pos (parallel parameter normalization, Eq. 27-29):
     # positive levels are 2^k, negative levels -eta*2^k with eta = theta_neg/theta_pos.
     code = b.op("Div", emitted, env["theta_pos"])
