@@ -482,9 +482,11 @@ def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     )
 
 
-# Elements (the hidden axis included) of one step of one block of rows in the unrolled form: the step
-# bodies are chains of elementwise nodes, each a pass over its operands, so blocks small enough for the
-# temporaries to stay in cache run faster, and blocks too small pay the Scan's per-iteration cost.
+# Elements of one step of one block of rows of an op with a hidden axis (UGO), in the unrolled form.
+# Its step body is a chain of elementwise nodes over [N, rows, C], each a pass over its operands: in
+# blocks small enough for these temporaries to stay in cache it runs several times faster, in blocks too
+# small the Scan's per-iteration cost takes over. Ops without a hidden axis gain nothing from blocks
+# that pays for padding their input and cropping their output.
 BLOCK_ELEMENTS = 2 ** 16
 
 
@@ -495,57 +497,68 @@ def _ints(b: NodeBuilder, *values: int) -> str:
 def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     """Scan the step over time. Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
     per-channel parameters broadcast); states are [M, C], or [N, M, C] for an op with a hidden axis.
-    Rows are independent: an outer Scan takes them a block at a time ([T, M, C] zero-padded to
-    [T, blocks, rows per block, C]), each block through all T steps before the next."""
+    Rows are independent: for an op with a hidden axis an outer Scan takes them a block at a time
+    ([T, M, C] zero-padded to [T, blocks, rows per block, C]), each block through all T steps."""
     b = NodeBuilder()
     env = {name: name for name in op.params}
     env.update(op.prologue(b, env))
     timesteps = b.attr_int("timesteps")
     steps = b.op("Unsqueeze", timesteps, _ints(b, 0))
     channels = b.op("Slice", b.op("Shape", op.inputs[0]), _ints(b, -1), _ints(b, 2**62))
-    sequences = [b.op("Reshape", x, b.op("Concat", steps, _ints(b, -1), channels, axis=0)) for x in op.inputs]
-    rows = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2))
-    per_row = b.op("Mul", channels, b.op("Shape", env[op.hidden[0]])) if op.hidden else channels
-    blocks = b.op("Max", b.op("Div", b.op("Add", b.op("Mul", rows, per_row), _ints(b, BLOCK_ELEMENTS - 1)),
-                              _ints(b, BLOCK_ELEMENTS)), _ints(b, 1))
-    block_rows = b.op("Div", b.op("Add", rows, b.op("Sub", blocks, _ints(b, 1))), blocks)
-    padding = b.op("Sub", b.op("Mul", blocks, block_rows), rows)
-    pads = b.op("Concat", _ints(b, 0, 0, 0, 0), padding, _ints(b, 0), axis=0)
-    blocked_shape = b.op("Concat", steps, blocks, block_rows, channels, axis=0)
-    blocked = [b.op("Reshape", b.op("Pad", x, pads), blocked_shape) for x in sequences]
+    time_major = b.op("Concat", steps, _ints(b, -1), channels, axis=0)
+    sequences = [b.op("Reshape", x, time_major) for x in op.inputs]
     one = b.const(1.0)
     times = b.op("Range", one, b.op("Add", b.op("Cast", timesteps, to=TensorProto.FLOAT), one), one)
-
     # per step: the outputs, and each element's spike count (summed per row once the Scans are done)
     per_step = [*op.outputs, *([COUNT_OUTPUT] if op.spike_count else [])]
-    block = NodeBuilder("block_")
-    row_shape = block.op("Slice", block.op("Shape", f"{op.inputs[0]}_block"), _ints(block, 1), _ints(block, 2**62))
     if op.hidden:
-        row_shape = block.op("Concat", block.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
-    zeros = block.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    scanned = block.op("Scan", *([zeros] * len(op.states)), *(f"{x}_block" for x in op.inputs), times,
-                       outputs=len(op.states) + len(per_step), body=_time_loop_body(op, env, per_step),
-                       num_scan_inputs=len(op.inputs) + 1)
-    scanned = scanned if isinstance(scanned, list) else [scanned]
-    for src, name in zip(scanned[len(op.states):], per_step):
-        block.nodes.append(helper.make_node("Identity", [src], [f"{name}_blocks"]))
-    block_graph = helper.make_graph(block.nodes, f"{op.name}_block", [_value_info(f"{x}_block", 3) for x in op.inputs],
-                                    [_value_info(f"{name}_blocks", 3) for name in per_step])
-    results = b.op("Scan", *blocked, outputs=len(per_step), body=block_graph, num_scan_inputs=len(op.inputs),
-                   scan_input_axes=[1] * len(op.inputs), scan_output_axes=[1] * len(per_step))
-    results = results if isinstance(results, list) else [results]
+        rows = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2))
+        per_row = b.op("Mul", channels, b.op("Shape", env[op.hidden[0]]))
+        blocks = b.op("Max", b.op("Div", b.op("Add", b.op("Mul", rows, per_row), _ints(b, BLOCK_ELEMENTS - 1)),
+                                  _ints(b, BLOCK_ELEMENTS)), _ints(b, 1))
+        block_rows = b.op("Div", b.op("Add", rows, b.op("Sub", blocks, _ints(b, 1))), blocks)
+        padding = b.op("Sub", b.op("Mul", blocks, block_rows), rows)
+        pads = b.op("Concat", _ints(b, 0, 0, 0, 0), padding, _ints(b, 0), axis=0)
+        blocked_shape = b.op("Concat", steps, blocks, block_rows, channels, axis=0)
+        blocked = [b.op("Reshape", b.op("Pad", x, pads), blocked_shape) for x in sequences]
+        block = NodeBuilder("block_")
+        scanned = _time_scan(block, op, env, [f"{x}_block" for x in op.inputs], times, per_step)
+        for src, name in zip(scanned, per_step):
+            block.nodes.append(helper.make_node("Identity", [src], [f"{name}_blocks"]))
+        block_graph = helper.make_graph(block.nodes, f"{op.name}_block",
+                                        [_value_info(f"{x}_block", 3) for x in op.inputs],
+                                        [_value_info(f"{name}_blocks", 3) for name in per_step])
+        results = b.op("Scan", *blocked, outputs=len(per_step), body=block_graph, num_scan_inputs=len(op.inputs),
+                       scan_input_axes=[1] * len(op.inputs), scan_output_axes=[1] * len(per_step))
+        results = results if isinstance(results, list) else [results]
+        scanned = [b.op("Slice", b.op("Reshape", r, time_major), _ints(b, 0), rows, _ints(b, 1)) for r in results]
+    else:
+        scanned = _time_scan(b, op, env, sequences, times, per_step)
     original_shape = b.op("Shape", op.inputs[0])
-    time_major = b.op("Concat", steps, _ints(b, -1), channels, axis=0)
-    unpadded = [b.op("Reshape", b.op("Slice", b.op("Reshape", r, time_major), _ints(b, 0), rows, _ints(b, 1)),
-                     original_shape) for r in results]
-    for name, value in zip(op.outputs, unpadded):
-        b.nodes.append(helper.make_node("Identity", [value], [name]))
+    for name, seq in zip(op.outputs, scanned):
+        b.nodes.append(helper.make_node("Reshape", [seq, original_shape], [name]))
     if op.spike_count:
-        b.nodes.append(helper.make_node("Identity", [_count_per_row(b, unpadded[-1])], [COUNT_OUTPUT]))
+        counts = b.op("Reshape", scanned[-1], original_shape)
+        b.nodes.append(helper.make_node("Identity", [_count_per_row(b, counts)], [COUNT_OUTPUT]))
     return helper.make_function(
         DOMAIN, op.name, [*op.inputs, *op.params], result_names(op, step=False), b.nodes,
         [helper.make_opsetid("", opset)], attributes=[*op.attributes, "timesteps"],
     )
+
+
+def _time_scan(b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: list[str], times: str,
+               per_step: list[str]) -> list[str]:
+    """The Scan of the step over the time axis of ``sequences`` ([T, rows, C]), states from zero; returns
+    the per-step outputs stacked ([T, rows, C])."""
+    row_shape = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2**62))
+    if op.hidden:
+        row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
+    zeros = b.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    scanned = b.op("Scan", *([zeros] * len(op.states)), *sequences, times,
+                   outputs=len(op.states) + len(per_step), body=_time_loop_body(op, env, per_step),
+                   num_scan_inputs=len(op.inputs) + 1)
+    scanned = scanned if isinstance(scanned, list) else [scanned]
+    return scanned[len(op.states):]
 
 
 def _time_loop_body(op: SpikingOp, env: dict[str, str], per_step: list[str]) -> onnx.GraphProto:
