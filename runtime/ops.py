@@ -227,7 +227,11 @@ def _if_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     reach = b.op("Max", membrane, lower)
     unit = b.op("Div", env["theta"], env["burst"])
     count = b.op("Min", b.op("Floor", b.op("Div", b.op("Abs", reach), unit)), env["burst"])
-    out = b.op("Mul", b.op("Mul", count, b.op("Sign", reach)), unit)
+    # Sign(reach) from two comparisons (onnxruntime's Sign costs several times as much); 0 for NaN where
+    # Sign gives NaN, but count is NaN there
+    sign = b.op("Sub", b.op("Cast", b.op("Greater", reach, b.const(0.0)), to=TensorProto.FLOAT),
+                b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT))
+    out = b.op("Mul", b.op("Mul", count, sign), unit)
     return {"spikes": out}, {"v": b.op("Sub", membrane, out), "emitted": b.op("Add", env["emitted"], out)}
 
 
