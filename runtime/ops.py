@@ -188,8 +188,10 @@ def _stbif_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], di
     half = b.op("Mul", env["theta"], b.const(0.5))
     up = b.op("And", b.op("GreaterOrEqual", membrane, half), b.op("Less", env["tracer"], env["s_max"]))
     down = b.op("And", b.op("Less", membrane, b.op("Neg", half)), b.op("Greater", env["tracer"], env["s_min"]))
-    spike = b.op("Sub", b.op("Cast", up, to=TensorProto.FLOAT), b.op("Cast", down, to=TensorProto.FLOAT))
-    return ({"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)},
+    up, down = b.op("Cast", up, to=TensorProto.FLOAT), b.op("Cast", down, to=TensorProto.FLOAT)
+    spike = b.op("Sub", up, down)
+    # |spike|: up and down exclude each other (theta > 0); onnxruntime's Abs is slower than an Add
+    return ({"spikes": spike, COUNT_OUTPUT: b.op("Add", up, down)},
             {"v": b.op("Sub", membrane, b.op("Mul", spike, env["theta"])), "tracer": b.op("Add", env["tracer"], spike)})
 
 
@@ -565,6 +567,22 @@ def _time_scan(b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: li
     return scanned[len(op.states):]
 
 
+def _name_results(b: NodeBuilder, sources: list[str], results: list[str]) -> None:
+    """Gives each source tensor a result name: renames the node output where a node of ``b`` produces it
+    (an Identity in a Scan body copies its tensor at every iteration), an Identity otherwise (a source that
+    is an input, or the source of an earlier result)."""
+    produced = {o for n in b.nodes for o in n.output}
+    renamed: dict[str, str] = {}
+    for src, dst in zip(sources, results):
+        if src in produced and src not in renamed:
+            renamed[src] = dst
+        else:
+            b.nodes.append(helper.make_node("Identity", [renamed.get(src, src)], [dst]))
+    for node in b.nodes:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+
+
 def _time_loop_body(op: SpikingOp, env: dict[str, str], per_step: list[str]) -> onnx.GraphProto:
     """The body of the Scan over time: one step of a block, its states in and out."""
     body = NodeBuilder("step_")
@@ -574,8 +592,7 @@ def _time_loop_body(op: SpikingOp, env: dict[str, str], per_step: list[str]) -> 
     outputs, next_states = op.step(body, body_env)
     state_rank = 2 + op.state_rank_offset
     body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in per_step]
-    for src, dst in zip([next_states[s] for s in op.states] + [outputs[o] for o in per_step], body_outputs):
-        body.nodes.append(helper.make_node("Identity", [src], [dst]))
+    _name_results(body, [next_states[s] for s in op.states] + [outputs[o] for o in per_step], body_outputs)
     return helper.make_graph(
         body.nodes, f"{op.name}_step",
         [_value_info(f"{s}_in", state_rank) for s in op.states] + [_value_info(f"{x}_in", 2) for x in op.inputs]
