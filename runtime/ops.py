@@ -141,19 +141,21 @@ def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     testing all 2n levels, and with selections written as arithmetic on 0/1 masks (exact: the thresholds
     are positive and finite): onnxruntime's Where, Pow and Log cost many times an Add per element."""
     membrane = b.op("Add", env["v"], env["x"])
-    positive = b.op("Cast", b.op("GreaterOrEqual", membrane, b.const(0.0)), to=TensorProto.FLOAT)
-    negative = b.op("Sub", b.const(1.0), positive)  # 1 for NaN too, as Where(m >= 0, ...) takes that side
-    # |m|/theta for the side's theta: the other side's quotient is <= 0, ratio >= 1/2 either way
-    ratio = b.op("Add", b.op("Max", b.op("Div", membrane, env["theta_pos"]),
-                             b.op("Div", b.op("Neg", membrane), env["theta_neg"])), b.const(0.5))
-    capped = b.op("Min", ratio, env["ratio_cap"])
-    # the negative side's strict bound: a power of two itself steps down one
-    capped = b.op("Mul", capped, b.op("Sub", b.const(1.0), b.op("Mul", negative, b.const(1.0 - _JUST_BELOW_ONE))))
-    split = b.op("Mul", capped, b.const(_UFP_SPLIT))
+    # |m|/theta + 1/2 for the side's theta, where the other side's ratio is below 1/2: the larger of the two
+    # sides. On the negative side times the factor that steps an exact power of two down one (the strict
+    # bound), no power of two lower else. A membrane so close to zero that the wrong side wins (both near
+    # 1/2) fires on neither.
+    above = b.op("Add", b.op("Div", membrane, env["theta_pos"]), b.const(0.5))
+    below = b.op("Mul", b.op("Sub", b.const(0.5), b.op("Div", membrane, env["theta_neg"])), b.const(_JUST_BELOW_ONE))
+    ratio = b.op("Min", b.op("Max", above, below), env["ratio_cap"])
+    split = b.op("Mul", ratio, b.const(_UFP_SPLIT))
     power = b.op("Mul", b.op("Sub", split, b.op("Mul", split, b.const(_JUST_BELOW_ONE))), b.const(1.0 / _UFP_SCALE))
     level = b.op("ThresholdedRelu", power, alpha=0.75)  # powers below 1 (and NaN) fire nothing
-    # +theta_pos or -theta_neg: the spike value per level
-    signed_theta = b.op("Sub", b.op("Mul", env["theta_pos"], positive), b.op("Mul", env["theta_neg"], negative))
+    # the spike value per level: theta_pos where m >= 0, else (NaN too) -theta_neg; 2^127 - theta_neg
+    # rounds to 2^127, above any threshold
+    positive = b.op("Cast", b.op("GreaterOrEqual", membrane, b.const(0.0)), to=TensorProto.FLOAT)
+    signed_theta = b.op("Min", env["theta_pos"],
+                        b.op("Sub", b.op("Mul", positive, b.const(2.0 ** 127)), env["theta_neg"]))
     emitted = b.op("Mul", level, signed_theta)
     # The emitted spike code is in units of theta_pos (parallel parameter normalization, Eq. 27-29):
     # positive levels are 2^k, negative levels -eta*2^k with eta = theta_neg/theta_pos.
