@@ -368,7 +368,7 @@ def _iterate(
 
 
 def _check_percentile(p: float) -> float:
-    if not np.isscalar(p) or not 0 <= p <= 100:
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0 <= p <= 100:
         raise SpikecError(f"argument p={p!r}: expected a percentile in [0, 100]")
     return float(p)
 
@@ -556,7 +556,7 @@ class _TapAccumulator:
         self.reservoir[slot[winners]] = rest[source[winners]]
 
     def finish(self) -> TapStats:
-        if self.rows_seen == 0:
+        if self.rows_seen == 0 or self.shape is None:
             raise SpikecError(f"tap '{self.name}': produced no values (shape {self.shape})")
         sample = self.reservoir if self.reservoir is not None else np.concatenate(self.chunks)
         return TapStats(

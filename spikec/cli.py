@@ -62,17 +62,18 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     passed on are only those given, and a flag of another method can be refused."""
     from spikec.compiler import CompileOptions
     from spikec.methods import METHODS
-    from spikec.passes.options import flags_of, kind_of
+    from spikec.passes.options import Options, flags_of, kind_of
 
     actions: dict[str, argparse.Action] = {}
     fields: dict[str, tuple[str, list[str]]] = {}  # option -> (its flag, the methods it belongs to; [] = all)
-    groups = [("options of every method", None, CompileOptions)]
+    groups: list[tuple[str, str | None, type[Options]]] = [("options of every method", None, CompileOptions)]
     groups += [(f"{m.name}: {m.paper}", m.name, m.Options) for m in METHODS.values()]
     for title, owner, options in groups:
         group = parser.add_argument_group(title)
         for f in options.declared():
             if f.name in actions:  # the same option in another method (levels): one flag, its help per method
-                actions[f.name].help += f"; {owner}: {f.metadata['help']}" + \
+                assert owner is not None, "the options of every method come first and are distinct"
+                actions[f.name].help = (actions[f.name].help or "") + f"; {owner}: {f.metadata['help']}" + \
                     (f" [default {f.default}]" if f.default is not None else "")
                 fields[f.name][1].append(owner)
                 continue

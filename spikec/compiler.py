@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ def _quiet_graphsurgeon(function):
     return quiet
 
 
-def split_options(options: Mapping[str, object]) -> tuple[CompileOptions, Options]:
+def split_options(options: Mapping[str, Any]) -> tuple[CompileOptions, Options]:
     """The common and the method's options from keyword arguments; a keyword neither knows is an error
     naming the method's own options."""
     common_names = {f.name for f in CompileOptions.declared()}
@@ -199,8 +200,11 @@ def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
     for _, _, made in models[verified:]:
         if made is not None:
             verify(made, _label(source, method), ann)
-    modelio.write([model for model in models if model[1] is not None], reads)
-    return models[0][2]
+    modelio.write([(what, path, made) for what, path, made in models if path is not None and made is not None],
+                  reads)
+    snn = models[0][2]
+    assert snn is not None, "the first model is the one the command makes"
+    return snn
 
 
 def _check_allow_float(names: Sequence[str], ann: onnx.ModelProto) -> None:
@@ -226,7 +230,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
     ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip"))
-    qann, _ = quantize_model(ann, load_inputs(calibration, ann), options.levels, batch_size=common.batch_size,
+    qann, _ = quantize_model(ann, load_inputs(calibration, ann), levels, batch_size=common.batch_size,
                              progress=common.progress)
     return _write(model, "quantize", ann, reads, [("output", output, qann)])
 

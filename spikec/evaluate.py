@@ -158,7 +158,7 @@ def compare(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, 
         labels = check_labels(labels, len(next(iter(feeds.values()))))
     ann_out = run_dataset(ann_session, feeds, batch_size=batch_size, progress=progress)
     snn_out = run_dataset(snn_session, feeds, batch_size=batch_size, progress=progress)
-    result = {}
+    result: dict[str, dict[str, object]] = {}
     for name, reference in ann_out.items():
         if name + STEPS_SUFFIX in snn_out:
             steps = snn_out[name + STEPS_SUFFIX]

@@ -251,7 +251,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
 
 def mean_domain(nodes: Sequence[NodeInfo]) -> set[str]:
     """Tensors holding F of running means (their value at step t is already the estimate after t steps)."""
-    means = set()
+    means: set[str] = set()
     for n in nodes:
         if n.category == "ec_float" or (n.domain == SPIKEC_DOMAIN and n.op == "ECAccumulate"):
             means.update(n.outputs)

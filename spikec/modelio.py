@@ -214,7 +214,9 @@ def save_with_external_data(model: onnx.ModelProto, path: Path, location: str) -
 def _writer(content: Content) -> Callable[[Path], None]:
     if isinstance(content, (bytes, str)):
         data = content.encode("utf-8") if isinstance(content, str) else content
-        return lambda temp: temp.write_bytes(data)
+        def write_data(temp: Path) -> None:
+            temp.write_bytes(data)
+        return write_data
     if isinstance(content, Mapping):
         def write_arrays(temp: Path) -> None:
             # through a file object: np.savez appends .npz to a name without it

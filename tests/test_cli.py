@@ -22,6 +22,8 @@ import spikec.modelio
 from examples import fixtures
 from spikec.cli import main
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = 4
 

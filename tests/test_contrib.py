@@ -517,6 +517,7 @@ def _fidelity(model: str, method: str, inputs: str) -> float:
 _GOALS = {"ecmt": 0.99, "sta": 0.97, "ttfs": 1e-3, "spikezip": 1e-4}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("optimized", OPTIMIZED, ids=lambda key: f"{key[0]}-{key[1]}-o{key[2]}")
 def test_optimizer_outputs_convert_like_the_unoptimized_export(optimized, method, tmp_path):

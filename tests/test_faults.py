@@ -34,6 +34,8 @@ from graphs import FEATURES, mlp
 from spikec.runtime import InferenceSession, run_stateful
 from spikec.verify import verify
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 16
 
@@ -262,8 +264,13 @@ def test_an_existing_report_is_replaced_only_with_force(work):
 
 # main() in a fresh interpreter that, when MODULE.ATTR is first called, lets it run (AFTER=1) or not (0)
 # yet, creates MARKER and sleeps: the test sends its signal while spikec is at that point.
+# The dispositions of a command started from a terminal: a test run started with nohup or in a non-interactive
+# shell's background passes SIGHUP/SIGINT on ignored, and spikec rightly leaves an ignored signal ignored.
 _PAUSED = textwrap.dedent("""
-    import importlib, sys, time
+    import importlib, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     module, attr, after, marker, *argv = sys.argv[1:]
     target = importlib.import_module(module)
     original = getattr(target, attr)

@@ -13,6 +13,8 @@ import pytest
 
 from spikec.runtime import native
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 CAN_BUILD = (platform.machine() in ("x86_64", "AMD64") and shutil.which(os.environ.get("CXX", "g++")) is not None
              and not os.environ.get("SPIKEC_NO_NATIVE"))

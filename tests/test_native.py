@@ -160,6 +160,7 @@ def digits_models(tmp_path_factory):
     return out, {"pixels": data["x_test"][:64]}
 
 
+@pytest.mark.slow
 def test_digits_vit_native_equals_portable(digits_models):
     out, feeds = digits_models
     path = out / "unrolled.onnx"
@@ -171,6 +172,7 @@ def test_digits_vit_native_equals_portable(digits_models):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_digits_vit_stateful_native_equals_portable(digits_models):
     """InferenceSession keeps MatMulScaleFusion off (runtime/session.py), so the portable run computes
     the inlined step functions as written, and the native kernels must match it."""
@@ -182,6 +184,7 @@ def test_digits_vit_stateful_native_equals_portable(digits_models):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_stepper_updates_states_in_place_with_the_same_bits(digits_models):
     """Native steps write each state over its input (Stepper): the same bits as steps with fresh buffers
     and numpy states, and the state tensors keep their addresses from the second step on."""
@@ -253,6 +256,7 @@ def test_ttfs_kernels_match_functions(op_type, scalars):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_digits_vit_ttfs_native_equals_portable(tmp_path):
     data = fixtures.digits_data()
     path = tmp_path / "ttfs.onnx"
@@ -345,6 +349,7 @@ def test_the_kernels_run_the_vector_isa_asked_for():
 _NARROWER_ISAS = native.ISAS[:native.ISAS.index(native.kernel_isa())] if native.available() else ()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", _NARROWER_ISAS)
 def test_narrower_vector_isas_give_the_same_bits(isa):
     """This module's bit-equality tests again, in a fresh process whose kernels run the narrower ISA

@@ -25,6 +25,8 @@ from spikec.report.sta import STASection
 from spikec.runtime import equilibrium_steps
 from spikec.runtime.metadata import SpikecMetadata
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 T = 4
 SPIKEZIP_T = 24  # past T_eq of these samples (measured 17-22)
 SAMPLES = 64
@@ -36,11 +38,6 @@ GELU_HIDDEN = 32  # STA's GELU UGO, the paper's size
 COMMON_PLOTS = ("fidelity", "layers", "firing", "energy")
 METHOD_PLOTS = {"ecmt": ("levels",), "spikezip": ("steps",), "sta": ("burst", "ugo"),
                 "ttfs": ("spike_times", "clipping")}
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return fixtures.digits_data()
 
 
 @pytest.fixture(scope="module")

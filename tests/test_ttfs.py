@@ -21,6 +21,8 @@ from spikec.evaluate import cosine, run_dataset
 from spikec.runtime import ttfs
 from spikec.runtime.ttfs import EMIT, RECEIVE, ReceiveTransform, Window
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 OPSET = 17
 _erf = np.vectorize(math.erf)
 
@@ -149,11 +151,6 @@ def test_spike_time_coding_and_clock():
 
 
 # ----------------------------------------------------------------------------------------- models
-
-@pytest.fixture(scope="module")
-def digits():
-    return fixtures.digits_data()
-
 
 @pytest.fixture(scope="module")
 def ann_logits(digits):

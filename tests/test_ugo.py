@@ -50,6 +50,7 @@ def test_if_neurons_emit_the_hidden_relu():
     assert np.abs(operator.spiking(x, 64) - exact).max() <= bound
 
 
+@pytest.mark.slow
 def test_paper_recipe_runs_and_fits_worse():
     paper = ugo.train_paper("exp", epochs=20)
     assert paper.hidden == 32 and np.isfinite(paper.w2).all()

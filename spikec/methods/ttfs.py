@@ -22,6 +22,11 @@ class _Exact(NamedTuple):
     lowering: ttfs.Lowering
     network: onnx.ModelProto
 
+    @staticmethod
+    def of(job: Job) -> _Exact:
+        assert isinstance(job.prepared, _Exact), "TTFS.prepare runs before calibration and rewrite"
+        return job.prepared
+
 
 class TTFS(Method):
     name = "ttfs"
@@ -40,12 +45,12 @@ class TTFS(Method):
         job.prepared = _Exact(lowering, emit.to_model(exact_graph, job.ann, {}))
 
     def calibration(self, job: Job) -> Calibration:
-        return Calibration(taps=ttfs.calibration_taps(job.prepared.lowering), neuron_sites=[],
-                           model=job.prepared.network, max_values=10_000)
+        return Calibration(taps=ttfs.calibration_taps(_Exact.of(job).lowering), neuron_sites=[],
+                           model=_Exact.of(job).network, max_values=10_000)
 
     def rewrite(self, job: Job, stats: dict) -> dict:
         o: ttfs.TTFSOptions = job.options
-        ranges = ttfs.calibration_ranges(stats, job.prepared.lowering, o.range_margin)
+        ranges = ttfs.calibration_ranges(stats, _Exact.of(job).lowering, o.range_margin)
         spiking = ttfs.lower(job.graph, job.regions, o, default_opset(job.ann), ranges)
         return {"ttfs": {"sites": ttfs.describe(spiking), "constructions": spiking.constructions,
                          "float_nodes": spiking.float_nodes, "delta": o.delta, "precision": o.precision,

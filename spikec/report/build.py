@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,7 +55,7 @@ def _node_outputs(model: onnx.ModelProto) -> list[str]:
 def _fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | None, *, scatter: bool) -> dict:
     """One output against one reference: `spikec.evaluate.fidelity` per T, the reference's accuracy (a
     classifier output with labels) and, for a one-pass model's scatter plot, evenly spaced value pairs."""
-    result = {"per_t": fidelity(reference, steps, labels)}
+    result: dict[str, object] = {"per_t": fidelity(reference, steps, labels)}
     if labels is not None and reference.ndim == 2 and reference.shape[1] > 1:
         result["accuracy"] = float(np.mean(reference.argmax(1) == labels))
     if scatter:
@@ -158,7 +159,7 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
         section.add(snn_values)
 
     snn_steps = {name: np.concatenate(collected["SNN"][name], axis=1) for name in outputs}
-    fidelity_data = {label: {"model": os.fspath(paths[label]),
+    fidelity_data: dict[str, dict[str, Any]] = {label: {"model": os.fspath(paths[label]),
                              "outputs": {name: _fidelity(np.concatenate(collected[label][name]), snn_steps[name],
                                                          labels, scatter=not method.stepped) for name in outputs}}
                      for label in references}

@@ -12,7 +12,8 @@ their Table 3 operations, against the ANN's product MACs.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
+from typing import Any
 
 import onnx
 
@@ -68,7 +69,7 @@ NOT_COUNTED = ("Not counted, in either model: elementwise work (bias and residua
                "and data movement.")
 
 
-def spike_source(tensor: str, producer: Mapping[str, onnx.NodeProto], sources: Mapping[str, float], *,
+def spike_source(tensor: str, producer: Mapping[str, onnx.NodeProto], sources: Container[str], *,
                  through_accumulation: bool) -> str | None:
     """The spike tensor behind a product operand, through data movement, the spike's scaling by its
     threshold and TTFS decoding (still one event per spike); with ``through_accumulation`` also through
@@ -92,7 +93,7 @@ def _average(node: onnx.NodeProto) -> bool:
 
 
 def snn_work(model: onnx.ModelProto, shapes: graphinfo.Shapes, spikes: Mapping[str, float], steps: int,
-             claimed: Mapping[str, str], ann_nonlinear: Sequence[dict]) -> tuple[list[dict], dict[str, dict], float]:
+             claimed: Mapping[str, str], ann_nonlinear: Sequence[dict]) -> tuple[list[dict], dict[str, dict[str, float]], float]:
     """The SNN's products, the counts of the terms the graph decides (products, float nonlinear modules,
     compensation) and the event-driven ACs of its activation x activation products. ``spikes``: spikes
     per sample of every spike tensor; ``claimed``: product nodes a method counts itself, and in which term."""
@@ -107,7 +108,7 @@ def snn_work(model: onnx.ModelProto, shapes: graphinfo.Shapes, spikes: Mapping[s
         elif any(t in constants for t in operands):
             activation = next((t for t in operands if t not in constants), None)
             source = activation and spike_source(activation, producer, spikes, through_accumulation=False)
-            if source is not None:
+            if activation is not None and source is not None:
                 elements = shapes.elements(activation)
                 fan_out = None if product["macs"] is None or not elements else product["macs"] / elements
                 row.update(counted_as="spike_products", source=source, fan_out=fan_out,
@@ -116,16 +117,16 @@ def snn_work(model: onnx.ModelProto, shapes: graphinfo.Shapes, spikes: Mapping[s
         if "counted_as" not in row:
             row["counted_as"] = "float_products"
             float_macs += steps * (product["macs"] or 0)
-            sources = [spike_source(t, producer, spikes, through_accumulation=True) for t in operands]
+            a, b = (spike_source(t, producer, spikes, through_accumulation=True) for t in operands[:2])
             out = shapes.shapes.get(product["output"])
-            if all(sources) and product["op"] == "MatMul" and out and all(isinstance(d, int) for d in out[-2:]):
+            if a and b and product["op"] == "MatMul" and out and all(isinstance(d, int) for d in out[-2:]):
                 # ECMT Eq. 16 evaluated event-driven: a spike of A[m, k] adds S_B[k, :] (N ACs), one of B[k, n]
                 # adds S_A[:, k] (M ACs); the product of the two spike trains is neglected.
-                row["event_driven_acs"] = spikes[sources[0]] * out[-1] + spikes[sources[1]] * out[-2]
+                row["event_driven_acs"] = spikes[a] * out[-1] + spikes[b] * out[-2]
                 event_acs += row["event_driven_acs"]
         products.append(row)
-    accumulate = {"AC": 0, "MAC": 0}
-    compensate = {"AC": 0, "MAC": 0}
+    accumulate: dict[str, float] = {"AC": 0, "MAC": 0}
+    compensate: dict[str, float] = {"AC": 0, "MAC": 0}
     for node in model.graph.node:
         op = graphinfo.base_op(node) if node.domain == graphinfo.SPIKEC_DOMAIN else None
         if op not in ("ECAccumulate", "ECCompensate"):
@@ -140,7 +141,7 @@ def snn_work(model: onnx.ModelProto, shapes: graphinfo.Shapes, spikes: Mapping[s
             compensate["AC"] += elements
     kept = {n.name for n in model.graph.node}
     nonlinear = sum(r["elements"] or 0 for r in ann_nonlinear if r["region"] in kept)
-    counts = {"spike_products": {"AC": spike_acs}, "float_products": {"MAC": float_macs},
+    counts: dict[str, dict[str, float]] = {"spike_products": {"AC": spike_acs}, "float_products": {"MAC": float_macs},
               "nonlinear": {"MAC": steps * nonlinear}, "ec_accumulate": accumulate, "ec_compensate": compensate}
     return products, counts, event_acs
 
@@ -158,12 +159,12 @@ def energy(ann_products: Sequence[dict], ann_nonlinear: Sequence[dict], snn_prod
     (every term of TERMS; a term missing from ``counts`` is zero)."""
     ann_macs = sum(p["macs"] or 0 for p in ann_products)
     ann_nonlinear_ops = sum(r["elements"] or 0 for r in ann_nonlinear)
-    terms = []
+    terms: list[dict[str, Any]] = []
     for term, (ops, rule) in TERMS.items():
         acs, macs = float(counts.get(term, {}).get("AC", 0)), float(counts.get(term, {}).get("MAC", 0))
         terms.append({"term": term, "ops": ops, "rule": rule, "acs": acs, "macs": macs,
                       "energy_pj": acs * E_AC_PJ + macs * E_MAC_PJ})
-    ann_terms = [{"term": term, "ops": "MAC", "rule": ANN_RULES[term], "acs": 0.0, "macs": float(macs),
+    ann_terms: list[dict[str, Any]] = [{"term": term, "ops": "MAC", "rule": ANN_RULES[term], "acs": 0.0, "macs": float(macs),
                   "energy_pj": macs * E_MAC_PJ}
                  for term, macs in (("products", ann_macs), ("nonlinear", ann_nonlinear_ops))]
     ann_pj = sum(t["energy_pj"] for t in ann_terms)

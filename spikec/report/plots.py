@@ -147,7 +147,7 @@ def plot_firing(data: dict) -> bytes:
     fig, axes = figure(1, 1, (12, 4.8))
     ax = axes[0, 0]
     x = np.arange(len(sites))
-    colors = matplotlib.colormaps["tab20"].colors
+    colors = [matplotlib.colormaps["tab20"](i) for i in range(20)]
     legend: dict[str, object] = {}
     color_of: dict[str, tuple] = {}
     for i, site in enumerate(sites):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,7 +19,7 @@ from spikec.errors import SpikecError
 from spikec.runtime.metadata import SpikecMetadata
 
 # (file name without .png, alt text, function(data) -> PNG bytes drawing it from the report's data)
-Plot = tuple[str, str, Callable[[dict, Path], None]]
+Plot = tuple[str, str, Callable[[dict], bytes]]
 
 
 @dataclass

@@ -34,14 +34,13 @@ class _Probe:
     burst: int
     spikes: list[int] = field(init=False)  # per output
     bursts: np.ndarray = field(init=False)  # neuron-steps by spikes emitted, 0..burst
-    per_unit: np.ndarray | None = None  # UGO: spikes per hidden unit
+    per_unit: np.ndarray = field(init=False)  # UGO: spikes per hidden unit (empty for an encoder)
     elements: int = 0  # input elements seen, all steps
 
     def __post_init__(self):
         self.spikes = [0] * len(self.outputs)
         self.bursts = np.zeros(self.burst + 1, np.int64)
-        if self.ugo:
-            self.per_unit = np.zeros(self.units[0].size, np.int64)
+        self.per_unit = np.zeros(self.units[0].size if self.ugo else 0, np.int64)
 
     @property
     def ugo(self) -> bool:

@@ -162,7 +162,7 @@ class TTFSSection(Section):
         return rows
 
     def constructions(self) -> list[dict]:
-        shapes = {s["site"]: shape for s, shape in zip(self.ttfs["sites"], self.shapes)}
+        shapes = {s["site"]: shape for s, shape in zip(self.ttfs["sites"], self.shapes) if shape is not None}
         return table3(self.ttfs["constructions"], shapes)
 
     def finish(self) -> dict:
