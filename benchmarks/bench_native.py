@@ -155,26 +155,30 @@ def _compile_options(w: dict, method: str) -> dict:
 
 
 def ratios(w: dict, method: str, timesteps: list[int], args, log: Console) -> list[dict]:
-    """Portable against native on the unrolled SNN, interleaved: each repetition's ratio and the medians."""
+    """Portable against native on the unrolled SNN, for each T (TTFS: one pass, no T)."""
     rows = []
-    for t in (timesteps if method != "ttfs" else [None]):  # TTFS: one pass, no T
+    for t in (timesteps if method != "ttfs" else [None]):
         log.print(f"[dim]{w['name']} {method}: T={t} compile + time[/dim]")
-        model = spikec.compile(w["model"], w["calibration"], progress=False, **_compile_options(w, method),
-                               **({} if t is None else {"timesteps": t}))
-        portable = InferenceSession(model, _options(args.threads, args.spin), native=False)
-        fast = InferenceSession(model, _options(args.threads, args.spin), native=True)
-        assert fast.native, "native kernels not registered"
-        want, got = run(portable, w["batch"]), run(fast, w["batch"])
-        samples = interleaved_samples({"portable": lambda: run(portable, w["batch"]),
-                                       "native": lambda: run(fast, w["batch"])}, reps=args.reps, warmup=2,
-                                      min_sample_ms=30.0)
-        rows.append({"workload": f"{w['name']} ({len(next(iter(w['batch'].values())))})", "method": method, "T": t,
-                     "portable": statistics.median(samples["portable"]), "native": statistics.median(samples["native"]),
-                     "ratio": statistics.median(p / n for p, n in zip(samples["portable"], samples["native"])),
-                     "identical": all(np.array_equal(want[name], got[name]) for name in want)})
-        del portable, fast, model
-        gc.collect()
+        rows.append(_ratio_row(w, method, t, args))
+        gc.collect()  # the sessions of this T
     return rows
+
+
+def _ratio_row(w: dict, method: str, t: int | None, args) -> dict:
+    """Both sessions timed interleaved: each repetition's ratio and the medians."""
+    model = spikec.compile(w["model"], w["calibration"], progress=False, **_compile_options(w, method),
+                           **({} if t is None else {"timesteps": t}))
+    portable = InferenceSession(model, _options(args.threads, args.spin), native=False)
+    fast = InferenceSession(model, _options(args.threads, args.spin), native=True)
+    assert fast.native, "native kernels not registered"
+    batch = w["batch"]
+    want, got = run(portable, batch), run(fast, batch)
+    samples = interleaved_samples({"portable": lambda: run(portable, batch), "native": lambda: run(fast, batch)},
+                                  reps=args.reps, warmup=2, min_sample_ms=30.0)
+    return {"workload": f"{w['name']} ({len(next(iter(batch.values())))})", "method": method, "T": t,
+            "portable": statistics.median(samples["portable"]), "native": statistics.median(samples["native"]),
+            "ratio": statistics.median(p / n for p, n in zip(samples["portable"], samples["native"])),
+            "identical": all(np.array_equal(want[name], got[name]) for name in want)}
 
 
 def ratio_table(rows: list[dict]) -> Table:
