@@ -3,9 +3,12 @@
 For the digits ViT and MiniLM and each method (ecmt, spikezip, sta, ttfs), the unrolled model is
 compiled, then run in sessions with providers [PROVIDER, CPUExecutionProvider]:
 
-* placement: one profiled run; onnxruntime's profile names the provider of every node it ran (Scan
-  bodies included). Listed: nodes per provider, the op types that fell back to the CPU, and the
-  Memcpy nodes onnxruntime inserted between the device and the host.
+* placement: one profiled run; onnxruntime's profile names the provider of every node of the main
+  graph it ran. Listed: nodes per provider, the op types that fell back to the CPU, and the Memcpy
+  nodes onnxruntime inserted between the device and the host. A Scan's body runs within the Scan
+  node's event: its nodes are not in the profile. --log-placement has onnxruntime log at VERBOSE
+  (stderr) while the profiled session is created; its "Node placements" lines count the nodes per
+  provider with the Scan bodies' nodes, and name the op type of each node off the first provider.
 * timing: the ANN (for SpikeZIP-TF the QANN it converts) and the SNN, interleaved, median ms per batch,
   inputs fed from host memory as a user feeds them; SNN/(T x ANN) with T = 1 for TTFS (one pass).
 * agreement: the SNN's output against the same model on the CPU provider alone (ONNX functions, as
@@ -17,7 +20,7 @@ registers the CPU-only native kernels (runtime/session.py, docs/gpu.md), and wit
 the script runs the same graphs.
 
     python benchmarks/bench_gpu.py [--provider NAME] [--only digits-ViT|MiniLM] [--methods ecmt sta ...]
-        [--timesteps 8] [--samples N] [--calibration N] [--reps N] [--json PATH]
+        [--timesteps 8] [--samples N] [--calibration N] [--reps N] [--log-placement] [--json PATH]
 
 Without --provider it runs CUDAExecutionProvider and exits with status 2 where onnxruntime has none;
 --provider CPUExecutionProvider runs the same measurements on the CPU (to check the script itself).
@@ -69,11 +72,13 @@ def placement_summary(placement: Mapping[str, tuple[str, str]], provider: str) -
     return {"nodes": dict(per_provider), "fallback_ops": dict(elsewhere), "memcpy": dict(memcpy)}
 
 
-def profiled_placement(model: onnx.ModelProto | Path, providers: list[str], feeds: Mapping[str, np.ndarray]) -> dict:
-    """One run of ``model`` with profiling on; the placement its profile records."""
+def profiled_placement(model: onnx.ModelProto | Path, providers: list[str], feeds: Mapping[str, np.ndarray],
+                       log_placement: bool = False) -> dict:
+    """One run of ``model`` with profiling on; the placement its profile records. With ``log_placement``,
+    onnxruntime logs at VERBOSE, its node placement among those lines."""
     with tempfile.TemporaryDirectory(prefix="spikec-gpu-profile-") as tmp:
         options = ort.SessionOptions()
-        options.log_severity_level = 4
+        options.log_severity_level = 0 if log_placement else 4
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         session = InferenceSession(model, options, providers=providers, native=False)
@@ -124,7 +129,7 @@ def bench(w: dict, method: str, args, log: Console) -> dict:
     providers = list(dict.fromkeys([args.provider, CPU]))
     batch = w["batch"]
     log.print(f"[dim]{w['name']} {method}: profile, time, compare[/dim]")
-    placement = profiled_placement(snn_model, providers, batch)
+    placement = profiled_placement(snn_model, providers, batch, args.log_placement)
     summary = placement_summary(placement, args.provider)
     # for --json: every node that ran off the provider, by name
     summary["off_provider_nodes"] = {name: list(where) for name, where in placement.items() if where[1] != args.provider}
@@ -166,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="batch size timed and compared (default 64 images, 8 sentences)")
     parser.add_argument("--calibration", type=int, help="calibration samples (default 256 images, all sentences)")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--log-placement", action="store_true",
+                        help="onnxruntime logs at VERBOSE (stderr) for the profiled sessions: its 'Node placements' "
+                             "lines include the Scan bodies' nodes, which the profile does not")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows to PATH as JSON")
     args = parser.parse_args(argv)
     available = ort.get_available_providers()
