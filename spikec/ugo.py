@@ -1,9 +1,9 @@
 """STA's Universal Group Operators (seed 000, section 4.1 and appendix B): the spiking stand-ins for exp,
-GELU, inverse and inverse square root.
+GELU, inverse and inverse square root, and spikec's SiLU.
 
 A UGO is a 1-hidden-layer ReLU MLP x -> w2 . relu(w1 x + b1) + b2 (N hidden units) fitted to f on
 synthetic inputs, whose hidden layer then becomes N IF neurons. It depends on f alone, not on any
-model, so spikec ships the four fitted (spikec/data/ugo-<name>[-n<N>].npz, at the paper's N and at the
+model, so spikec ships them fitted (spikec/data/ugo-<name>[-n<N>].npz, at the paper's N and at the
 reference code's) and `spikec ugo train` refits them and prints the fit error.
 
 The fit is spikec's (`fit`): hinges at curvature-spread knots and output weights by least squares
@@ -47,6 +47,10 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
 
 
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x * 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
 @dataclass(frozen=True)
 class UGOSpec:
     name: str
@@ -78,6 +82,10 @@ SPECS: dict[str, UGOSpec] = {spec.name: spec for spec in (
     UGOSpec("inverse", lambda x: 1.0 / x, ((0.75, 3.0, 38.0), (0.25, 2.0, 75.0)), 16, 64, "huber+penalty", "sgd",
             ("multistep", (500, 800), 0.1)),
     UGOSpec("rsqrt", lambda x: 1.0 / np.sqrt(x), ((1.0, 0.01, 1.0),), 8, 8, "mse", "adam", ("cosine",)),
+    # Not in the paper: SiLU (LLaMA-family gated MLPs; quick_gelu is silu(1.702 x) / 1.702) on GELU's domain,
+    # size and recipe.
+    UGOSpec("silu", _silu, ((0.5, -25.0, 25.0), (0.5, -1.0, 1.0)), 32, 32, "huber+penalty", "sgd",
+            ("step", 100, 0.5)),
 )}
 
 
@@ -97,6 +105,10 @@ class UGO:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float64)
         return np.maximum(x[..., None] * self.w1 + self.b1, 0.0) @ self.w2 + self.b2
+
+    def scaled(self, factor: float) -> "UGO":
+        """x -> f(factor x) / factor: quick_gelu from SiLU's operator (the scalings fold into w1 and w2, b2)."""
+        return UGO(self.name, self.w1 * factor, self.b1, self.w2 / factor, self.b2 / factor)
 
     def thresholds(self) -> np.ndarray:
         """Per hidden neuron, the largest pre-activation over the domain (the affine pre-activation peaks
@@ -241,7 +253,7 @@ def _torch_function(name: str):
     import torch
 
     return {"exp": torch.exp, "gelu": torch.nn.functional.gelu, "inverse": torch.reciprocal,
-            "rsqrt": torch.rsqrt}[name]
+            "rsqrt": torch.rsqrt, "silu": torch.nn.functional.silu}[name]
 
 
 def spiking_error(ugo: UGO, timesteps: int, points: int = 2001) -> float:
