@@ -86,26 +86,31 @@ class BatchLayouts:
 _RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
 
-def fold_time_where_the_batch_is(graph: gs.Graph, layouts: BatchLayouts, counting_only: bool = False) -> int:
+def fold_time_where_the_batch_is(graph: gs.Graph, layouts: BatchLayouts) -> int:
     """Give every spikec op a batch-leading view of its inputs: a tensor whose batch sits on axis k is transposed
     to put it first (and back after the op); one whose batch is merged behind other axes is first reshaped as a
     related tensor with a batch axis of its own. Each op scans time over axis 0 and counts spikes per row of it,
-    so both need the batch there (``counting_only``: the stateful form, one step per run, only counts). Returns
-    how many ops were wrapped; refuses an op whose input's batch cannot be located, naming it."""
-    found = layouts.of_graph(graph)
-    wrappers = []  # all found on the graph as the rewrite left it, before any op is rewired
-    for node in [n for n in graph.nodes if n.domain == "spikec"]:
-        if counting_only and not (node.op in spec.OPS and spec.OPS[node.op].spike_count):
-            continue
-        # Onset(x, like): x at the first step's rows of like, whose layout counts
-        layout = found.get(id(node.inputs[1 if node.op == "Onset" else 0]))
-        if layout is not None and not layout.leading:
-            wrappers.append(_BatchLeading(graph, node, layout, found))
-    for wrapper in wrappers:
+    so both need the batch there. Returns how many ops were wrapped; refuses an op whose input's batch cannot be
+    located, naming it."""
+    wrappers = _batch_leading_views(graph, layouts, [n for n in graph.nodes if n.domain == "spikec"])
+    for wrapper in wrappers.values():
         wrapper.wrap()
     _cancel_transpose_pairs(graph)
     graph.toposort()
     return len(wrappers)
+
+
+def _batch_leading_views(graph: gs.Graph, layouts: BatchLayouts, nodes: list[gs.Node]) -> dict[int, "_BatchLeading"]:
+    """By node id, the views of the spikec ``nodes`` whose input is not batch-leading, all found on the graph as
+    the rewrite left it, before any op is rewired."""
+    found = layouts.of_graph(graph)
+    views = {}
+    for node in nodes:
+        # Onset(x, like): x at the first step's rows of like, whose layout counts
+        layout = found.get(id(node.inputs[1 if node.op == "Onset" else 0]))
+        if layout is not None and not layout.leading:
+            views[id(node)] = _BatchLeading(graph, node, layout, found)
+    return views
 
 
 class _Signature(NamedTuple):
@@ -183,12 +188,7 @@ class _BatchLeading:
             self.node.inputs[0] = self.add("Expand", [self.node.inputs[0], self.add(
                 "Shape", [self.data], f"{self.node.name}.like_shape")], f"{self.node.name}.broadcast")
         for i in range(len(op.inputs)):
-            tensor = self.node.inputs[i]
-            if self.view is not None:
-                tensor = self.view(tensor, f"{self.node.name}.in{i}")
-            self.node.inputs[i] = self.add("Transpose", [tensor], f"{self.node.name}.in{i}.batch_leading",
-                                           perm=self.perm)
-            self.node.inputs[i].shape = [None] * self.rank
+            self.node.inputs[i] = self.leading(self.node.inputs[i], f"{self.node.name}.in{i}")
         for i, name in enumerate(op.params):
             param = self.node.inputs[len(op.inputs) + i]
             if not self.channels_kept and name not in op.hidden and param.values.size > 1:
@@ -206,6 +206,14 @@ class _BatchLeading:
             back = self.add("Transpose", [inner], f"{out.name}.batch_back", perm=inverse)
             self.add("Reshape", [back, self.add("Shape", [self.data], f"{out.name}.merged_shape")],
                      f"{out.name}.batch_merged", out=out)
+
+    def leading(self, tensor: gs.Variable, name: str) -> gs.Variable:
+        """A tensor of the data's shape and layout, viewed batch-leading."""
+        if self.view is not None:
+            tensor = self.view(tensor, name)
+        viewed = self.add("Transpose", [tensor], f"{name}.batch_leading", perm=self.perm)
+        viewed.shape = [None] * self.rank
+        return viewed
 
     def related(self, found: dict[int, Layout]):
         """(relative, view): a tensor with a batch axis of its own that the data is a reshape of, and how to view a
@@ -294,10 +302,13 @@ def _batch_size(graph: gs.Graph) -> gs.Variable:
     return batch
 
 
-def _add_spike_counts(graph: gs.Graph, leading: list, name: str) -> None:
+def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
+                      views: dict[int, "_BatchLeading"] | None = None) -> None:
     """Output ``name``: spikes fired per row of ``leading`` + [B] (a shape prefix of constants and tensors),
     from each neuron's count output (its spikes per row of their leading axis: per sample and step, or
-    per head of one; fused into the neuron's pass by the native kernels)."""
+    per head of one; fused into the neuron's pass by the native kernels). A neuron whose input is not
+    batch-leading (``views``, the stateful form: its states keep its input's layout) is counted from its spikes
+    viewed batch-leading instead."""
     neurons = [n for n in graph.nodes if n.domain == "spikec" and spec.base_name(n.op) in NEURON_OPS]
     if not neurons:
         return
@@ -310,7 +321,13 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str) -> None:
             raise ValueError(f"spikec node {neuron.name}: {neuron.op} has no spike count output")
         spikes = neuron.outputs[0]
         per_row, rows, count = (gs.Variable(f"{spikes.name}.{s}", dtype=np.float32) for s in ("count", "rows", "total"))
-        neuron.outputs.append(per_row)
+        view = (views or {}).get(id(neuron))
+        if view is None:
+            neuron.outputs.append(per_row)
+        else:
+            codes = view.leading(view.add("Abs", [spikes], f"{spikes.name}.magnitude"), f"{spikes.name}.counted")
+            view.add("ReduceSum", [codes, _const(f"{spikes.name}.rest_axes", list(range(1, view.rank)))],
+                     f"{spikes.name}.per_row", out=per_row, keepdims=0)
         graph.nodes += [
             gs.Node("Reshape", f"count/{neuron.name}/rows", inputs=[per_row, target], outputs=[rows]),
             gs.Node("ReduceSum", f"count/{neuron.name}/sum", attrs={"keepdims": 0},
@@ -430,8 +447,8 @@ def state_rank(node: gs.Node) -> int:
 
 
 def emit_stateful(graph: gs.Graph, semantics: str = MEAN, layouts: BatchLayouts | None = None) -> gs.Graph:
-    if semantics == SUM:  # spikes are counted per row of each neuron's axis 0
-        fold_time_where_the_batch_is(graph, layouts or BatchLayouts(), counting_only=True)
+    neurons = [n for n in graph.nodes if n.domain == "spikec" and n.op in NEURON_OPS]
+    views = _batch_leading_views(graph, layouts or BatchLayouts(), neurons) if semantics == SUM else {}
     _add_rate_readouts(graph, semantics)
     time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
     if semantics == SUM:
@@ -455,7 +472,7 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN, layouts: BatchLayouts 
         state_inputs += states
         state_outputs += next_states
     if semantics == SUM:  # the count output comes after the next states
-        _add_spike_counts(graph, [_batch_size(graph)], SPIKES_OUTPUT)
+        _add_spike_counts(graph, [_batch_size(graph)], SPIKES_OUTPUT, views)
     graph.inputs = list(graph.inputs) + [time] + state_inputs
     graph.outputs = list(graph.outputs) + state_outputs
     graph.toposort()
