@@ -1,9 +1,11 @@
 """Recognize the Transformer building blocks in a canonicalized graph.
 
 `find_regions` returns one Region per recognized block. Composite blocks (attention op,
-layer norm, GELU, softmax) are matched first, then matmuls and residual adds over the nodes
-they left, so every node belongs to at most one region. The op sequences matched are the
-ones torch.onnx emits (TorchScript and dynamo exporters); tests/test_frontend.py exports each.
+layer norm and its RMS and L2 variants, GELU, other activations, softmax) are matched first, then
+matmuls, gated products and residual adds over the nodes they left, so every node belongs to at most
+one region. The op sequences matched are the ones torch.onnx emits (TorchScript and dynamo exporters);
+tests/test_frontend.py and tests/test_blocks.py export each. Activations are also recognized by the
+function they compute, whatever ops write them (ELEMENTWISE_FUNCTIONS).
 """
 
 from __future__ import annotations
@@ -375,7 +377,7 @@ def _match_rmsnorm_decomposed(var_node: gs.Node, ctx: _Context) -> Match:
     eps_nodes, sqrt = ([after], ctx.sole_consumer(after.outputs[0])) if eps else ([], after)
     root = sqrt.outputs[0] if _is(sqrt, "Sqrt") else None
     step = ctx.sole_consumer(root) if root is not None else None
-    if _is(step, "Div") and step.inputs == [x, root]:
+    if _is(step, "Div") and step.inputs[0] is x and step.inputs[1] is root:
         tail = [step]
     elif _is(step, "Reciprocal") or (_is(step, "Div") and step.inputs[1] is root and _close(_scalar(step.inputs[0]), 1.0)):
         mul = ctx.sole_consumer(step.outputs[0])
@@ -706,17 +708,24 @@ def _ordered(nodes: list[gs.Node], ctx: _Context) -> list[gs.Node]:
     return sorted(nodes, key=lambda n: ctx.order[id(n)])
 
 
-def _match_function(kind: str) -> Callable[[gs.Node, _Context], Match]:
-    def match(anchor: gs.Node, ctx: _Context) -> Match:
-        found = _function_of(anchor, ctx)
-        if found is None or ELEMENTWISE_FUNCTIONS[found[1]][0] != kind:
-            return None
-        nodes, name = found
-        return nodes, {"form": "function", **ELEMENTWISE_FUNCTIONS[name][1]}
-    match.__doc__ = f"""An elementwise {kind} recognized by the function it computes (ELEMENTWISE_FUNCTIONS): BLOOM's
-    GELU x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x))), CLIP's quick_gelu x * Sigmoid(1.702 x),
-    SiLU x * Sigmoid(x), HardSwish (the op, or x * Clip(x + 3, 0, 6) / 6), Sigmoid, Tanh, Relu."""
-    return match
+def _function_match(anchor: gs.Node, ctx: _Context, kind: str) -> Match:
+    found = _function_of(anchor, ctx)
+    if found is None or ELEMENTWISE_FUNCTIONS[found[1]][0] != kind:
+        return None
+    nodes, name = found
+    return nodes, {"form": "function", **ELEMENTWISE_FUNCTIONS[name][1]}
+
+
+def _match_gelu_function(anchor: gs.Node, ctx: _Context) -> Match:
+    """GELU written in forms the matchers above do not follow, by what it computes: BLOOM's
+    x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x)))."""
+    return _function_match(anchor, ctx, "gelu")
+
+
+def _match_activation(anchor: gs.Node, ctx: _Context) -> Match:
+    """An activation by what it computes (attrs["function"]): SiLU x * Sigmoid(x), CLIP's quick_gelu
+    x * Sigmoid(1.702 x), HardSwish (the op, or x * Clip(x + 3, 0, 6) / 6), HardSigmoid, Sigmoid, Tanh, Relu."""
+    return _function_match(anchor, ctx, "activation")
 
 
 def _match_act_mul(node: gs.Node, ctx: _Context) -> Match:
@@ -914,8 +923,8 @@ _MATCHERS: list[tuple[str, Callable[[gs.Node, _Context], Match]]] = [
     ("gelu", _match_gelu_op),
     ("gelu", _match_gelu_erf),
     ("gelu", _match_gelu_tanh),
-    ("gelu", _match_function("gelu")),
-    ("activation", _match_function("activation")),
+    ("gelu", _match_gelu_function),
+    ("activation", _match_activation),
     ("softmax", _match_softmax),
     ("weight_matmul", _match_weight_matmul),
     ("act_matmul", _match_act_matmul),
