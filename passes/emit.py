@@ -322,9 +322,8 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
         spikes = neuron.outputs[0]
         per_row, rows, count = (gs.Variable(f"{spikes.name}.{s}", dtype=np.float32) for s in ("count", "rows", "total"))
         view = (views or {}).get(id(neuron))
-        if view is None:
-            neuron.outputs.append(per_row)
-        else:
+        neuron.outputs.append(per_row if view is None else gs.Variable.empty())  # "": the op does not count
+        if view is not None:
             codes = view.leading(view.add("Abs", [spikes], f"{spikes.name}.magnitude"), f"{spikes.name}.counted")
             view.add("ReduceSum", [codes, _const(f"{spikes.name}.rest_axes", list(range(1, view.rank)))],
                      f"{spikes.name}.per_row", out=per_row, keepdims=0)
