@@ -37,6 +37,7 @@ _LINEAR_IN_EVERY_INPUT = {
     "Add", "Sub", "Neg", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
     "Concat", "Split", "Slice", "Gather", "GatherElements", "Expand", "Tile", "ReduceSum", "ReduceMean",
     "Pad", "Dropout", "SpaceToDepth", "DepthToSpace", "GlobalAveragePool", "AveragePool",
+    "Resize",  # interpolation weights depend on the sizes alone (MobileViT's fold back to the feature map)
 }
 # Bilinear ops: affine as long as at most one operand varies over time.
 _BILINEAR = {"Mul", "MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}

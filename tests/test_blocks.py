@@ -221,6 +221,29 @@ def test_batchnorm_between_linear_layers(tmp_path, method):
         assert "BatchNormalization" not in {op for c in report["compensated"] for op in c["ops"]}
 
 
+class Upsampled(nn.Module):
+    """MobileViT folds patches back into a feature map and resizes it: Resize is linear in its data."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.outer = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        h = F.interpolate(self.inner(x).transpose(1, 2), scale_factor=2.0, mode="linear")
+        return self.outer(F.gelu(h.transpose(1, 2)))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resize_is_linear(tmp_path, method):
+    path = _export(Upsampled(), _tokens(2, 0), tmp_path / "resize.onnx")
+    check_method(method, path, _tokens(32, 1), _tokens(8, 2), "y")
+    snn = spikec.compile(path, _tokens(32, 1), method=method, verify=False, progress=False)
+    report = _report(snn)
+    kept = report["ttfs"]["float_nodes"] if method == "ttfs" else report["compensated"]
+    assert "Resize" not in {op for entry in kept for op in entry.get("ops", [entry.get("op")])}
+
+
 def test_sta_gelu_near_zero(tmp_path):
     """GELU inputs within a few tenths of 0 (small-init models: Swin-v2, Starcoder2): the GELU UGO's fit had no
     slope between its innermost hinges and erred by as much as GELU itself there (STA cosine 0.88 on a tiny
