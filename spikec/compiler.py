@@ -262,9 +262,10 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
                                             if t and typed.get(t, onnx.TensorProto.FLOAT) in float_types)]))
     both = {k: np.concatenate([group_a[k], group_b[k]]) for k in feeds}
     alone = list(run_batches(ann, both, names, batch_size=batch, progress=False))  # A, then B
-    grown = onnx.ModelProto()
-    grown.CopyFrom(ann)
+    grown = ann
     if static:
+        grown = onnx.ModelProto()
+        grown.CopyFrom(ann)
         grown.graph.ClearField("value_info")
         for vi in grown.graph.input:
             if vi.name in feeds:
