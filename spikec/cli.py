@@ -243,7 +243,7 @@ def cmd_inspect(args) -> int:
         for row in info["neurons"]:
             count = counts.get(row["tensor"])
             thresholds = (f"+{_summary(row['theta_pos'])} / -{_summary(row['theta_neg'])}" if "theta_pos" in row
-                          else f"{row['threshold']:.4g}")
+                          else _summary(row["threshold"]))
             neurons.add_row(row["tensor"], "?" if count is None else str(count), neuron_label(row), thresholds,
                             ", ".join(row.get("consumers", [row.get("region", "")])))
         console.print(neurons)
