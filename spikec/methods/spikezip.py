@@ -43,7 +43,7 @@ def quantize_model(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], levels
     sites = ptq.quantizer_sites(find_regions(graph))
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to quantize")
-    stats = collect_statistics(ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=2_000_000,
+    stats = collect_statistics(ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=1_000_000,
                                progress=progress)
     tensors = graph.tensors()
     quantizers = {name: ptq.choose_quantizer(s, levels, per_channel=not per_tensor and
