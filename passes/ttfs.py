@@ -327,7 +327,8 @@ class Masking:
             self.keep = kept if self.keep is None else b.op("Mul", self.keep, kept)
             mask = b.op("Where", masked, b.const(step["fill_value"]), mask if mask is not None else b.const(0.0))
         row_max = b.reduce("ReduceMax", mask)
-        live = b.op("Greater", row_max, b.const(-np.inf))
+        # max > -inf, written against the lowest finite float32: a model's constants stay finite
+        live = b.op("GreaterOrEqual", row_max, b.const(np.finfo(np.float32).min))
         self.shift = b.op("Where", live, row_max, b.const(0.0))
         self.offsets = b.op("Sub", mask, self.shift)  # m' (-inf throughout a dead row)
         self.bias = b.op("Where", live, self.offsets, b.const(0.0))  # m', finite on dead rows

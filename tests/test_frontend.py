@@ -765,6 +765,7 @@ def _fixture_feeds(case: str) -> dict[str, np.ndarray]:
     return fixtures.random_inputs(name, batch=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FIXTURE_CASES)
 def test_fixture_models(case):
     build, expected, epsilon, input_shapes = FIXTURE_CASES[case]

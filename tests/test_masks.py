@@ -312,6 +312,7 @@ def hf_exported(tmp_path_factory):
     return export
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ecmt", "sta", "spikezip", "ttfs"])
 @pytest.mark.parametrize("name", list(HF_MODELS))
 def test_exported_transformer(hf_exported, name, method):
