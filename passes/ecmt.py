@@ -103,7 +103,7 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
         code, theta = mul.inputs
         scaled = mul.outputs[0]
         for consumer in list(scaled.outputs):
-            weight_index = _foldable_weight_index(consumer, scaled)
+            weight_index = foldable_weight_index(consumer, scaled)
             if weight_index is None:
                 continue
             weight = consumer.inputs[weight_index]
@@ -119,7 +119,7 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
     return folded
 
 
-def _foldable_weight_index(node: gs.Node, activation) -> int | None:
+def foldable_weight_index(node: gs.Node, activation) -> int | None:
     if node.op == "MatMul" and node.inputs[0] is activation and is_constant(node.inputs[1]) \
             and node.inputs[1].values.ndim == 2:
         return 1

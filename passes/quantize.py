@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spikec.passes.ecmt import PRODUCT_KINDS, product_operands
+from spikec.passes.ecmt import PRODUCT_KINDS, foldable_weight_index, product_operands
 from spikec.passes.patterns import Region
 from spikec.passes.timing import is_constant
 
@@ -141,9 +141,13 @@ def choose_quantizer(stats, levels: int, per_channel: bool) -> Quantizer:
 
 
 def channel_count(tensor: gs.Tensor) -> int | None:
-    """The static size of ``tensor``'s last axis, which a per-channel scale would follow; None if dynamic."""
+    """The static size of ``tensor``'s last axis, which a per-channel scale would follow; None if dynamic, or
+    where the SNN cannot carry a scale per channel: only a tensor every consumer of which multiplies it by a
+    constant weight folds its ST-BIF+ thresholds into that weight's rows (parallel normalization)."""
     shape = tensor.shape
-    return shape[-1] if shape and isinstance(shape[-1], int) and shape[-1] > 0 else None
+    static = shape[-1] if shape and isinstance(shape[-1], int) and shape[-1] > 0 else None
+    folds = tensor.outputs and all(foldable_weight_index(node, tensor) == 1 for node in tensor.outputs)
+    return static if folds else None
 
 
 def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Quantizer]) -> list[dict]:
