@@ -62,6 +62,12 @@ class Arch:
     submodule: str | None = None  # export this attribute of the model (Whisper's encoder)
     optimum_task: str = "feature-extraction"
     optimum_file: str = "model.onnx"  # the file of optimum's output directory that holds this model
+    optimum_shapes: tuple[tuple[str, int], ...] = ()  # main_export's dummy input shapes where its defaults misfit
+
+    @property
+    def model_key(self) -> str:
+        """Digest of what the torch model and its exports are made of (not of other tools' settings)."""
+        return _digest((self.model_cls, self.config_cls, self.config, self.inputs, self.outputs, self.submodule))
 
     @property
     def settings(self) -> dict:
@@ -169,15 +175,13 @@ _ARCH_LIST = [
          _cfg(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
               pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, use_cache=False),
-         "text-right", ("last_hidden_state", "encoder_last_hidden_state"), ort_model_type="bart",
-         optimum_file="encoder_model.onnx"),
+         "text-right", ("last_hidden_state", "encoder_last_hidden_state"), ort_model_type="bart"),
     # pre-LayerNorm BART
     Arch("mbart", "encoder-decoder", "MBartModel", "MBartConfig",
          _cfg(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
               pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, use_cache=False),
-         "text-right", ("last_hidden_state", "encoder_last_hidden_state"), ort_model_type="bart",
-         optimum_file="encoder_model.onnx"),
+         "text-right", ("last_hidden_state", "encoder_last_hidden_state"), ort_model_type="bart"),
     # RMSNorm (T5LayerNorm), gated GELU (T5 v1.1 / Flan-T5), bucketed relative position bias
     Arch("t5-encoder", "encoder-decoder", "T5EncoderModel", "T5Config",
          _cfg(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
@@ -215,7 +219,7 @@ _ARCH_LIST = [
               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
               max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
               decoder_start_token_id=1, use_cache=False), "mel", _LAST, ort_model_type="bart",
-         submodule="encoder", optimum_file="encoder_model.onnx"),
+         submodule="encoder", optimum_file="encoder_model.onnx", optimum_shapes=(("nb_max_frames", 32),)),
     # conv feature encoder with GroupNorm, grouped positional convolution (weight norm)
     Arch("wav2vec2", "audio", "Wav2Vec2Model", "Wav2Vec2Config",
          _cfg(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -397,13 +401,13 @@ def _default_dynamo_opset() -> int:
 
 
 def _export_path(arch: Arch, route: Route) -> Path:
-    key = dict(cfg=_digest(arch), route=route.name, rev=ZOO_REV, torch=_export_key())
+    key = dict(cfg=arch.model_key, route=route.name, rev=ZOO_REV, torch=_export_key())
     if route.exporter == "ort-optimizer":
         import onnxruntime
 
-        key["ort"] = onnxruntime.__version__
+        key.update(ort=onnxruntime.__version__, type=arch.ort_model_type)
     if route.exporter == "optimum":
-        key["optimum"] = _optimum_version()
+        key.update(optimum=_optimum_version(), opt=_digest((arch.optimum_task, arch.optimum_file, arch.optimum_shapes)))
     return _cache_path(f"zoo-{arch.name}", ".onnx", **key)
 
 
@@ -486,7 +490,7 @@ def optimum_export(arch: Arch, output: Path) -> None:
             config = getattr(transformers, arch.config_cls)(**arch.settings)
             getattr(transformers, arch.model_cls)(config).save_pretrained(f"{work}/model")
         main_export(f"{work}/model", f"{work}/onnx", task=arch.optimum_task, device="cpu", do_validation=False,
-                    no_post_process=True)
+                    no_post_process=True, **dict(arch.optimum_shapes))
         shutil.copyfile(f"{work}/onnx/{arch.optimum_file}", output)
 
 
