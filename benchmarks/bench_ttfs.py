@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import measure, print_table  # noqa: E402
 from examples import fixtures  # noqa: E402
-from spikec import ttfsreport  # noqa: E402
+from spikec.report import build_report  # noqa: E402
 from spikec.evaluate import cosine, run_dataset  # noqa: E402
 from spikec.runtime import InferenceSession, native, run  # noqa: E402
 
@@ -72,9 +72,11 @@ def bench(w: dict, out: Path, reps: int, log: Console) -> dict:
     if w["labels"] is not None:
         row["ann_accuracy"] = fixtures.accuracy(reference, w["labels"])
         row["snn_accuracy"] = fixtures.accuracy(got, w["labels"])
-    summary = ttfsreport.summary(w["model"], path, {k: v[:64] for k, v in w["evaluation"].items()})
-    row.update({"layers": summary["layers"], "spikes_per_neuron": summary["spikes_per_neuron"],
-                "clipped_sites": summary["clipped_sites"], "energy_ratio": summary["energy"]["snn_over_ann"]})
+    report = build_report(w["model"], path, {k: v[:64] for k, v in w["evaluation"].items()})
+    sites = report["sites"]
+    row.update({"layers": len(sites), "spikes_per_neuron": sum(s["spikes_per_sample"] for s in sites)
+                / sum(s["neurons"] for s in sites), "clipped_sites": report["section"]["clipped_sites"],
+                "energy_ratio": report["energy"]["ratio_paper_convention"]})
     row["timing"] = {}
     for size in w["batches"]:
         log.print(f"[dim]{w['name']}: timing batch {size}[/dim]")

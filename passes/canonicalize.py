@@ -10,12 +10,15 @@ The whole pipeline is deterministic: the same model gives byte-identical output.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from spikec.errors import SpikecError
+from spikec.passes.contrib import decompose as decompose_contrib_ops
 
 # Initializers up to this many elements keep their values for shape inference: data propagation
 # needs shape-like constants, never weights.
@@ -24,7 +27,8 @@ _SHAPE_CONSTANT_MAX_ELEMENTS = 1024
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Fold, name and batch-relax `model`; `model` itself is left untouched."""
-    graph = gs.import_onnx(fold_constants(model))
+    graph = gs.import_onnx(fold_constants(decompose_contrib_ops(model)))
+    inference_dropout(graph)
     name_nodes(graph)
     relax_batch_shapes(graph)
     squeeze_batch_constants(graph)
@@ -87,6 +91,33 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         model = infer_shapes(gs.export_onnx(graph))
         if len(graph.nodes) == before:
             return model
+
+
+def inference_dropout(graph: gs.Graph) -> gs.Graph:
+    """Every Dropout becomes what it is at inference, the identity (with its mask, where that is used:
+    all ones), and one warning names those that were in training mode.
+
+    A model exported without ``model.eval()`` keeps ``training_mode`` true: onnxruntime would then drop
+    values at random during calibration, so thresholds would be miscalibrated and two compiles of the
+    same model would differ."""
+    training = []
+    dropouts = [node for node in graph.nodes if node.op == "Dropout"]
+    for node in dropouts:
+        mode = node.inputs[2] if len(node.inputs) > 2 else None
+        if mode is not None and mode.name and not (isinstance(mode, gs.Constant) and not mode.values.any()):
+            training.append(node.name or node.outputs[0].name)
+        mask = node.outputs[1] if len(node.outputs) > 1 else None
+        if mask is None or (not mask.outputs and mask not in graph.outputs):
+            node.op, node.inputs, node.outputs, node.attrs = "Identity", node.inputs[:1], node.outputs[:1], {}
+        else:
+            node.inputs = node.inputs[:2]
+    if training:
+        warnings.warn(f"{len(training)} Dropout node(s) in training mode ('{training[0]}'{', ...' if len(training) > 1 else ''}: "
+                      f"the model was exported without model.eval()): treated as identity, as at inference",
+                      stacklevel=2)
+    if dropouts:
+        graph.cleanup()  # the ratios and modes they no longer read
+    return graph
 
 
 def name_nodes(graph: gs.Graph) -> gs.Graph:

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from spikec.passes.patterns import Region
-from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant
+from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant, refuse_float_in_regions
 
 # Region kinds whose operands are activations feeding a product.
 _WEIGHT_PRODUCT = "weight_matmul"
@@ -130,6 +130,7 @@ def _foldable_weight_index(node: gs.Node, activation) -> int | None:
 def rewrite(graph: gs.Graph, regions: list[Region], thresholds: dict[str, Thresholds], *, levels: int = 8,
             allow_float: frozenset[str] = frozenset()) -> dict:
     """Rewrite a canonicalized ANN graph into its ECMT SNN (generic spikec ops, no time structure yet)."""
+    refuse_float_in_regions(regions, set(allow_float))
     sites = neuron_sites(regions)
     neurons = insert_neurons(graph, sites, thresholds, levels)
     timing = convert_time(graph, regions, set(allow_float), MEAN)

@@ -14,6 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from spikec.errors import SpikecError
+from spikec.passes.contrib import onnxruntime_schemas
 
 MIN_OPSET = 13
 _IN_MEMORY = "<in-memory model>"
@@ -23,11 +24,13 @@ def load_model(
     src: str | Path | onnx.ModelProto,
     *,
     input_shapes: dict[str, list[int | str]] | None = None,
+    convert_with: str | None = None,
 ) -> onnx.ModelProto:
     """Return a checked copy of `src` (a path, or a ModelProto that is left untouched).
 
     `input_shapes` replaces the dims of the named graph inputs: ints are static, strings are
-    symbolic (e.g. {"input_ids": ["batch", 32]}).
+    symbolic (e.g. {"input_ids": ["batch", 32]}). `convert_with` names the method the model is loaded
+    to be converted with: then it must be an ANN spikec can convert (`check_convertible`).
     """
     if isinstance(src, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -39,16 +42,61 @@ def load_model(
         where = str(src)
         model = _read(Path(src))
     _check_tensors(model, where)
+    if convert_with is not None:
+        check_convertible(model, where, convert_with)
     if input_shapes:
         _override_input_shapes(model, input_shapes, where)
     return model
 
 
-def _read(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        raise SpikecError(f"{path}: no such file")
+_HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def check_convertible(model: onnx.ModelProto, where: str, method: str) -> None:
+    """Refuse, in one line, the inputs a conversion would turn into an invalid or a different model: a
+    spikec model (converting it again mixes two op sets of the same names), float16 (spikec's neurons
+    and calibration are float32), outputs no node computes (the time-stepped forms repeat the graph
+    inputs over time; TTFS drops such an output)."""
+    from spikec.graphinfo import metadata
+
+    meta = metadata(model)
+    if "spikec.method" in meta:
+        steps = "one pass" if meta.get("spikec.mode") == "ttfs" else f"T {meta.get('spikec.timesteps', '?')}"
+        raise SpikecError(f"{where}: already a spikec model (method {meta['spikec.method']}, {steps}); "
+                          f"convert the original ANN instead")
+    spiking = sorted({n.op_type for n in model.graph.node if n.domain == "spikec"})
+    if spiking:
+        raise SpikecError(f"{where}: already a spikec model (it runs spikec ops: {', '.join(spiking[:4])}); "
+                          f"convert the original ANN instead")
+    half = [f"'{vi.name}'" for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]
+            if vi.type.tensor_type.elem_type in _HALF_TYPES]
+    half += [f"'{t.name}'" for t in model.graph.initializer if t.data_type in _HALF_TYPES]
+    half += [f"node '{n.name or n.output[0]}'" for n in model.graph.node for a in n.attribute
+             if (a.name == "to" and a.i in _HALF_TYPES) or (a.type == onnx.AttributeProto.TENSOR
+                                                           and a.t.data_type in _HALF_TYPES)]
+    if half:
+        more = f" and {len(half) - 1} more" if len(half) > 1 else ""
+        raise SpikecError(f"{where}: {half[0]}{more} in float16/bfloat16; spikec calibrates and runs models in "
+                          f"float32: export the model in float32 (e.g. after model.float())")
+    computed = {o for n in model.graph.node for o in n.output}
+    for output in model.graph.output:
+        if output.name not in computed:
+            raise SpikecError(f"{where}: output '{output.name}' is not computed by any node (a graph input or "
+                              f"constant passed through), which a {method} conversion cannot keep as it is: drop "
+                              f"that output from the model")
+
+
+def check_input_file(path: str | os.PathLike, label: str) -> Path:
+    """``path`` if it is a regular file to read; a directory, FIFO or device is refused, not read (reading
+    a FIFO nobody writes would block for ever)."""
+    path = Path(path)
     if not path.is_file():
-        raise SpikecError(f"{path}: not a file")
+        raise SpikecError(f"{label}: {'not a file' if path.exists() else 'no such file'}")
+    return path
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    check_input_file(path, str(path))
     try:
         # External data is loaded only after the checks: a model over 2 GB cannot be serialized
         # back for the in-memory checker, so the checker reads it from its path instead.
@@ -62,7 +110,7 @@ def _read(path: Path) -> onnx.ModelProto:
     _run_checker(path, str(path))
     try:
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # missing, unreadable, or shorter than the tensors it should hold
         raise SpikecError(f"{path}: cannot read external data ({_one_line(exc)})") from exc
     return model
 
@@ -79,7 +127,8 @@ def _check_opset(model: onnx.ModelProto, where: str) -> None:
 
 def _run_checker(model: onnx.ModelProto | Path, where: str) -> None:
     try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else os.fspath(model))
+        with onnxruntime_schemas():  # what onnxruntime's optimizer writes (expanded by canonicalize)
+            onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else os.fspath(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise SpikecError(f"{where}: rejected by onnx.checker: {_one_line(exc)}") from exc
 
@@ -133,5 +182,5 @@ def _override_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."

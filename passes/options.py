@@ -72,10 +72,21 @@ def kind_of(options: type[Options], f: dataclasses.Field) -> str:
     return "int"
 
 
-def outputs_of(options: Options) -> list[tuple[str | os.PathLike, str]]:
-    """(path, what is written there) for every path ``options`` name for the command to write."""
-    return [(getattr(options, f.name), f.metadata["output"]) for f in dataclasses.fields(options)
-            if f.metadata.get("output") and getattr(options, f.name) is not None]
+class Output(typing.NamedTuple):
+    """A path an option names for the command to write."""
+    option: str
+    flag: str
+    path: str | os.PathLike
+    what: str  # what is written there
+
+    @property
+    def label(self) -> str:
+        return f"{self.what} output ({self.flag})"
+
+
+def outputs_of(options: Options) -> list[Output]:
+    return [Output(f.name, flags_of(f)[0], getattr(options, f.name), f.metadata["output"])
+            for f in dataclasses.fields(options) if f.metadata.get("output") and getattr(options, f.name) is not None]
 
 
 def _allowed(hint) -> tuple[set, bool]:

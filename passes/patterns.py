@@ -64,10 +64,19 @@ def describe(regions: list[Region]) -> list[dict]:
             "ops": [n.op for n in r.nodes],
             "inputs": [t.name for t in r.inputs],
             "outputs": [t.name for t in r.outputs],
-            "attrs": {k: v.name if isinstance(v, gs.Tensor) else v for k, v in r.attrs.items()},
+            "attrs": _named(r.attrs),
         }
         for r in regions
     ]
+
+
+def _named(value):
+    """``value`` with every tensor replaced by its name, through lists and dicts."""
+    if isinstance(value, gs.Tensor):
+        return value.name
+    if isinstance(value, dict):
+        return {k: _named(v) for k, v in value.items()}
+    return [_named(v) for v in value] if isinstance(value, list) else value
 
 
 class _Context:
@@ -437,11 +446,16 @@ def _gelu_tail(anchor: gs.Node, x: gs.Tensor, ctx: _Context) -> list[gs.Node] | 
 
 
 def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
-    """Softmax over the last axis, with its optional mask Add before and sdpa's NaN guard after.
+    """Softmax over the last axis, with the masks applied to its input and sdpa's NaN guard after.
 
-    Mask: Add(scores, mask) where the mask is not computed from a matmul (built from an
-    attention_mask input) or is a constant of 0 and large negative values (a folded causal
-    mask). NaN guard: Where(IsNaN(p), 0, p), which sdpa exports emit for fully masked rows.
+    Masks (attrs["masks"], innermost first; each mask is time-invariant: built from an attention_mask input
+    or from shapes, or a constant, never computed from a matmul), any chain of:
+    * additive, Add(scores, mask): a computed mask (0 / a large negative number, or any additive bias such
+      as ALiBi's), or a constant of 0 and large negative values (a folded causal mask);
+    * masked_fill, Where(condition, fill, scores) or Where(condition, scores, fill) with a scalar fill of
+      at most _MASK_MAX_NEGATIVE (DeBERTa's finfo.min): masked scores are replaced, not shifted, which a
+      fully masked row tells apart (uniform whatever the scores).
+    NaN guard: Where(IsNaN(p), 0, p), which sdpa exports emit for fully masked rows.
     """
     if softmax.op != "Softmax":
         return None
@@ -449,16 +463,31 @@ def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
     axis = softmax.attrs.get("axis", -1)
     if axis != -1 and (rank is None or axis != rank - 1):
         return None
-    nodes, mask = [softmax], None
-    add = _producer(softmax.inputs[0])
-    if _is(add, "Add") and ctx.sole_consumer(softmax.inputs[0]) is softmax:
-        for scores, candidate in (add.inputs, add.inputs[::-1]):
-            if id(scores) in ctx.from_matmul and _is_mask(candidate, ctx):
-                nodes.insert(0, add)
-                mask = candidate
-                break
+    nodes, scores, masks = [], softmax.inputs[0], []
+    while ctx.sole_consumer(scores) is (nodes[0] if nodes else softmax):
+        step = _mask_step(_producer(scores), ctx)
+        if step is None:
+            break
+        nodes.insert(0, _producer(scores))
+        scores, mask = step
+        masks.insert(0, mask)
     guard = _nan_guard(softmax, ctx)
-    return [*nodes, *guard], {"axis": -1, "mask": mask, "nan_guard": bool(guard)}
+    return [*nodes, softmax, *guard], {"axis": -1, "scores": scores, "masks": masks, "nan_guard": bool(guard)}
+
+
+def _mask_step(node: gs.Node | None, ctx: _Context) -> tuple[gs.Tensor, dict] | None:
+    """(the masked tensor, the mask) when ``node`` masks attention scores (see _match_softmax)."""
+    if _is(node, "Add"):
+        for scores, candidate in (node.inputs, node.inputs[::-1]):
+            if id(scores) in ctx.from_matmul and _is_mask(candidate, ctx):
+                return scores, {"form": "add", "mask": candidate}
+    if _is(node, "Where") and id(node.inputs[0]) not in ctx.from_matmul:
+        condition, when_true, when_false = node.inputs
+        for scores, fill, when in ((when_false, when_true, True), (when_true, when_false, False)):
+            value = _scalar(fill)
+            if id(scores) in ctx.from_matmul and value is not None and value <= _MASK_MAX_NEGATIVE:
+                return scores, {"form": "fill", "mask": condition, "fill_value": value, "fill_when": when}
+    return None
 
 
 def _is_mask(tensor: gs.Tensor, ctx: _Context) -> bool:

@@ -25,8 +25,8 @@ import onnx_graphsurgeon as gs
 from spikec.errors import SpikecError
 from spikec.passes.ecmt import fold_thresholds_into_weights
 from spikec.passes.patterns import Region
-from spikec.passes.timing import (SUM, accumulate, attach_neuron, convert_time, fresh_like, replace_uses,
-                                  spikec_node)
+from spikec.passes.timing import (SUM, accumulate, attach_neuron, convert_time, fresh_like, refuse_float_in_regions,
+                                  replace_uses, spikec_node)
 
 
 def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
@@ -63,6 +63,7 @@ def sesa(graph: gs.Graph, node: gs.Node, name: str) -> dict:
 
 def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[str] = frozenset()) -> dict:
     """Rewrite a canonicalized QANN graph into its SpikeZIP-TF SNN (generic spikec ops, no time structure yet)."""
+    refuse_float_in_regions(regions, set(allow_float))
     quantizers = [r for r in regions if r.kind == "quantizer"]
     if not quantizers:
         raise SpikecError("model has no activation quantizers (QuantizeLinear/DequantizeLinear pairs) to turn "

@@ -31,7 +31,9 @@ from spikec.calibrate import TapStats
 from spikec.passes.ecmt import product_operands
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
-from spikec.passes.timing import MEAN, SUM, accumulate, convert_time, fresh_like, is_constant, spikec_node
+from spikec.passes.ttfs import GraphBuilder, Masking
+from spikec.passes.timing import (MEAN, SUM, accumulate, convert_time, fresh_like, is_constant,
+                                  refuse_float_in_regions, spikec_node)
 
 # Eq. 33 / the reference code: candidate thresholds g x max, g in [0.53, 1] (95 points)
 MMSE_GRID = np.linspace(0.53, 1.0, 95)
@@ -200,48 +202,36 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
     """Appendix D.2 with the reference code's offset: shift by the first column (linear, it cancels),
     clamp into the exp UGO's domain, e = exp UGO, S = sum e, clamp k*S into the inverse UGO's domain
     (k = 75 / the calibration maximum of S: spikec's scaling, where the reference code renormalizes),
-    softmax = e * k * inverse(k S) by TCSA. The clamps are float ops, with expectation compensation."""
-    softmax = next(n for n in region.nodes if n.op == "Softmax")
-    scores, out = softmax.inputs[0], softmax.outputs[0]
+    softmax = e * k * inverse(k S) by TCSA. The clamps are float ops, with expectation compensation.
+    A mask takes TTFS's time-invariant terms (ttfs.Masking): the exp UGO sees the scores alone, and e is
+    weighted by e^m' (0 where masked), so a masked score never meets the clamp; a row masked everywhere
+    by -inf gives 0, as sdpa's guard does. ``stats`` are the unmasked scores' (a -inf mask makes the masked
+    ones unmeasurable): their sums bound the weighted ones, so k never pushes k*S above the domain."""
+    attrs = region.attrs
+    scores, out = attrs["scores"], region.outputs[0]
     prefix = f"{region.name}/SoftmaxUGO"
     sample = stats.sample.astype(np.float64)
     shifted_sample = np.clip(sample - sample[:, :1], *EXP_DOMAIN)
     sums = np.exp(shifted_sample).sum(axis=1)
     k = float(INVERSE_DOMAIN[1] / sums.max())
-    softmax.outputs.clear()
-
-    def variable(suffix: str) -> gs.Variable:
-        return gs.Variable(f"{prefix}.{suffix}", dtype=np.float32,
-                           shape=None if scores.shape is None else [None] * len(scores.shape))
-
-    def const(name: str, value) -> gs.Constant:
-        return gs.Constant(f"{prefix}.{name}", np.array(value, np.float32 if isinstance(value, float) else np.int64))
-
-    first, shifted, clamped, exps, total, scaled, bounded, inverse, factor = (
-        variable(s) for s in ("first", "shifted", "clamped", "exp", "sum", "sum_scaled", "sum_clamped", "inverse",
-                              "factor"))
-    graph.nodes += [
-        gs.Node("Slice", f"{prefix}/First", inputs=[scores, const("start", [0]), const("end", [1]), const("axes", [-1])],
-                outputs=[first]),
-        gs.Node("Sub", f"{prefix}/Shift", inputs=[scores, first], outputs=[shifted]),
-        gs.Node("Clip", f"{prefix}/ClampExp", inputs=[shifted, const("exp_low", EXP_DOMAIN[0]),
-                                                      const("exp_high", EXP_DOMAIN[1])], outputs=[clamped]),
-    ]
+    for node in region.nodes:  # mask, softmax and guard go; cleanup removes them
+        node.outputs.clear()
+    b = GraphBuilder(graph, prefix, graph.opset)
+    masking = Masking(b, attrs["masks"]) if attrs["masks"] else None
+    x = scores if masking is None else masking.scores(scores)
+    first = b.op("Slice", x, b.const([0], np.int64), b.const([1], np.int64), b.const([-1], np.int64))
+    clamped = b.op("Clip", b.op("Sub", x, first), b.const(EXP_DOMAIN[0]), b.const(EXP_DOMAIN[1]))
     exp_operator, inverse_operator = ugos.load("exp"), ugos.load("inverse")
+    exps = b.fresh("exp")
     theta_exp = _ugo(graph, f"{prefix}/Exp", clamped, exps, exp_operator, shifted_sample, timesteps, options)
-    graph.nodes += [
-        gs.Node("ReduceSum", f"{prefix}/Sum", attrs={"keepdims": 1}, inputs=[exps, const("sum_axes", [-1])],
-                outputs=[total]),
-        gs.Node("Mul", f"{prefix}/ScaleSum", inputs=[total, const("k", k)], outputs=[scaled]),
-        gs.Node("Clip", f"{prefix}/ClampInverse", inputs=[scaled, const("inv_low", INVERSE_DOMAIN[0]),
-                                                          const("inv_high", INVERSE_DOMAIN[1])], outputs=[bounded]),
-    ]
+    if masking is not None:
+        exps = b.op("Mul", exps, b.op("Exp", masking.log_weight(0.0)))
+    bounded = b.op("Clip", b.op("Mul", b.reduce("ReduceSum", exps), b.const(k)), b.const(INVERSE_DOMAIN[0]),
+                   b.const(INVERSE_DOMAIN[1]))
+    inverse = b.fresh("inverse")
     theta_inv = _ugo(graph, f"{prefix}/Inverse", bounded, inverse, inverse_operator,
                      np.clip(sums * k, *INVERSE_DOMAIN), timesteps, options)
-    graph.nodes += [
-        gs.Node("Mul", f"{prefix}/Unscale", inputs=[inverse, const("k_out", k)], outputs=[factor]),
-        gs.Node("Mul", f"{prefix}/Normalize", inputs=[exps, factor], outputs=[out]),
-    ]
+    b.op("Mul", exps, b.op("Mul", inverse, b.const(k)), out=out)
     return {"region": region.name, "operator": "softmax (exp, inverse)",
             "hidden": exp_operator.hidden + inverse_operator.hidden, "input": scores.name,
             "sum_scale": k, "theta": theta_exp.tolist() + theta_inv.tolist()}
@@ -273,19 +263,10 @@ def encoder_sites(regions: list[Region], skip: set[str]) -> dict[str, list[tuple
     return sites
 
 
-def _decomposable_softmax(regions: list[Region]) -> list[Region]:
-    """Softmax regions without sdpa's NaN guard (its IsNaN cannot take per-step values)."""
-    return [r for r in regions if r.kind == "softmax" and not r.attrs.get("nan_guard")]
-
-
-def _softmax_input(region: Region) -> gs.Tensor:
-    return next(n for n in region.nodes if n.op == "Softmax").inputs[0]
-
-
 def calibration_taps(regions: list[Region], options: STAOptions) -> list[str]:
     """The ANN tensors whose statistics rewrite() needs."""
     ugo_inputs = [r.inputs[0].name for r in regions if r.kind in ("gelu", "layernorm")] if options.ugo else []
-    ugo_inputs += [_softmax_input(r).name for r in _decomposable_softmax(regions)] \
+    ugo_inputs += [r.attrs["scores"].name for r in regions if r.kind == "softmax"] \
         if options.ugo and options.softmax_ugo else []
     skip = {r.outputs[0].name for r in regions if r.kind == "gelu"} if options.ugo else set()
     return list(dict.fromkeys([*encoder_sites(regions, skip), *ugo_inputs]))
@@ -302,10 +283,11 @@ def hidden_sizes(regions: list[Region], options: STAOptions) -> dict[str, int]:
 
 def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], timesteps: int,
             options: STAOptions = STAOptions(), *, allow_float: frozenset[str] = frozenset()) -> dict:
+    refuse_float_in_regions(regions, set(allow_float))
     opset = graph.opset
     gelus = [r for r in regions if r.kind == "gelu"] if options.ugo else []
     norms = [r for r in regions if r.kind == "layernorm" and r.attrs["axis"] == -1] if options.ugo else []
-    softmaxes = _decomposable_softmax(regions) if options.ugo and options.softmax_ugo else []
+    softmaxes = [r for r in regions if r.kind == "softmax"] if options.ugo and options.softmax_ugo else []
     ugo_outputs = {r.outputs[0].name for r in gelus}
     sites = encoder_sites(regions, ugo_outputs)
     tensors = graph.tensors()
@@ -319,7 +301,7 @@ def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], 
     decomposed = [(r, layernorm_ugo(graph, r, stats[r.inputs[0].name], timesteps, options, opset)) for r in norms]
     norms = [r for r, info in decomposed if info is not None]
     replaced += [info for _, info in decomposed if info is not None]
-    replaced += [softmax_ugo(graph, r, stats[_softmax_input(r).name], timesteps, options) for r in softmaxes]
+    replaced += [softmax_ugo(graph, r, stats[r.attrs["scores"].name], timesteps, options) for r in softmaxes]
     graph.cleanup()
     product = None if options.tcsa else functools.partial(naive_split, timesteps=timesteps)
     rewritten = {id(r) for r in [*gelus, *norms, *softmaxes]}

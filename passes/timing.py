@@ -88,20 +88,62 @@ def is_affine(node: gs.Node, varying: set[str]) -> bool:
     return False
 
 
-def unconvertible_nodes(graph: gs.Graph, varying: set[str], allow_float: set[str]) -> list[gs.Node]:
-    """Nodes with time-varying inputs that no expectation can be computed for, unless kept in float."""
-    return [n for n in graph.nodes
-            if n.op in _UNCONVERTIBLE and _varying_inputs(n, varying)
-            and n.op not in allow_float and n.name not in allow_float]
+Unit = tuple[str, str, list[gs.Node]]  # (name, region kind or "node", nodes): what convert_time converts as one
 
 
-def require_convertible(graph: gs.Graph, varying: set[str], allow_float: set[str]) -> None:
-    bad = unconvertible_nodes(graph, varying, allow_float)
+def kept_in_float(node: gs.Node, allow_float: set[str]) -> bool:
+    return node.op in allow_float or node.name in allow_float
+
+
+def unconvertible_nodes(units: list[Unit], varying: set[str], allow_float: set[str]) -> list[gs.Node]:
+    """Nodes with time-varying inputs that no expectation can be computed for, unless kept in float.
+
+    A recognized region is judged as it is converted: as a whole. Compensation runs its function on running
+    means (sums), so whatever its nodes compute inside (sdpa's IsNaN guard) is as convertible as the
+    function; only what leaves it must be float, to be averaged."""
+    bad = []
+    for _, kind, nodes in units:
+        if kind == "node":
+            node = nodes[0]
+            if node.op in _UNCONVERTIBLE and _varying_inputs(node, varying) and not kept_in_float(node, allow_float):
+                bad.append(node)
+            continue
+        inside = {id(n) for n in nodes}
+        bad += [n for n in nodes if any(_leaves(t, inside) and not _is_float(t) for t in n.outputs)
+                and any(_varying_inputs(m, varying) for m in nodes)]
+    return bad
+
+
+def _leaves(tensor: gs.Tensor, inside: set[int]) -> bool:
+    return not tensor.outputs or any(id(c) not in inside for c in tensor.outputs)
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is None or np.dtype(tensor.dtype).kind == "f"
+
+
+def require_convertible(units: list[Unit], varying: set[str], allow_float: set[str]) -> None:
+    bad = unconvertible_nodes(units, varying, allow_float)
     if bad:
         listing = ", ".join(f"{n.name} ({n.op})" for n in bad)
         raise SpikecError(
             f"cannot convert {len(bad)} node(s) whose inputs vary over time: {listing}; "
             f"keep them in floating point with --allow-float {','.join(sorted({n.op for n in bad}))}")
+
+
+def refuse_float_in_regions(regions: list, allow_float: set[str]) -> None:
+    """--allow-float keeps an op outside every recognized region in float (evaluated on per-step values).
+    Inside a region it would take the node, and with it the region, out of the conversion the method
+    gives the region (compensation, SESA, a UGO, a neuron): the SNN would silently drift from its ANN
+    (SpikeZIP-TF from its QANN). Refused, naming the entry, the node and the region."""
+    for region in regions:
+        for node in region.nodes:
+            entry = node.name if node.name in allow_float else node.op if node.op in allow_float else None
+            if entry is not None:
+                raise SpikecError(
+                    f"argument allow_float: {entry!r} names node {node.name} ({node.op}) of the recognized "
+                    f"{region.kind} region {region.name}, which is converted as a whole (nothing in it needs "
+                    f"float); keeping part of it in float would silently change that conversion: leave {entry!r} out")
 
 
 def spikec_node(op: str, name: str, inputs: list, outputs: list, **attrs) -> gs.Node:
@@ -273,13 +315,13 @@ def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantic
     semantics time-invariant tensors are gated to the first step where they add to per-step values."""
     graph.toposort()
     varying = varying_tensors(graph, neuron_outputs(graph))
-    require_convertible(graph, varying, allow_float)
     in_region = {id(n) for r in regions for n in r.nodes}
-    units = [(r.name, r.kind, r.nodes) for r in regions]
+    units: list[Unit] = [(r.name, r.kind, r.nodes) for r in regions]
     units += [(n.name, "node", [n]) for n in list(graph.nodes) if id(n) not in in_region and n.domain != "spikec"]
+    require_convertible(units, varying, allow_float)
     compensated, gated = [], 0
     for name, kind, nodes in units:
-        if any(n.op in allow_float or n.name in allow_float for n in nodes):
+        if kind == "node" and kept_in_float(nodes[0], allow_float):
             continue
         if all(is_affine(n, varying) for n in nodes):
             if semantics == SUM:

@@ -90,8 +90,8 @@ class Site:
 class GraphBuilder:
     """runtime.ttfs's builder interface over a graphsurgeon graph; remembers the nodes it made."""
 
-    def __init__(self, graph: gs.Graph, prefix: str):
-        self.graph, self.prefix, self.count = graph, prefix, 0
+    def __init__(self, graph: gs.Graph, prefix: str, opset: int):
+        self.graph, self.prefix, self.opset, self.count = graph, prefix, opset, 0
         self.created: set[int] = set()
 
     def fresh(self, hint: str) -> gs.Variable:
@@ -112,6 +112,12 @@ class GraphBuilder:
         self.count += 1
         return gs.Constant(f"{self.prefix}/const_{self.count}", np.asarray(value, dtype))
 
+    def reduce(self, op: str, data: gs.Variable) -> gs.Variable:
+        """``op`` over the last axis, keepdims (axes moved from attribute to input at opset 18)."""
+        if op == "ReduceSum" or self.opset >= 18:
+            return self.op(op, data, self.const([-1], np.int64), keepdims=1)
+        return self.op(op, data, axes=[-1], keepdims=1)
+
 
 Bounds = Callable[[], Window] | None
 
@@ -120,7 +126,7 @@ class Lowering:
     """Builds sites and their readers, exactly (calibration, ``ranges`` None) or as spikes."""
 
     def __init__(self, graph: gs.Graph, options: TTFSOptions, ranges: dict[str, Window] | None, opset: int):
-        self.graph, self.options, self.ranges, self.opset = graph, options, ranges, opset
+        self.graph, self.options, self.ranges = graph, options, ranges
         self.spiking = ranges is not None
         self.sites: dict[str, Site] = {}
         self.by_tensor: dict[int, Site] = {}
@@ -129,7 +135,7 @@ class Lowering:
         # the constructions and their sites, for the report's neuron and operation counts (Table 3)
         self.constructions: list[dict] = []
         self.float_nodes: list[dict] = []
-        self.b = GraphBuilder(graph, "ttfs")
+        self.b = GraphBuilder(graph, "ttfs", opset)
         self.delta = gs.Constant("ttfs.delta", np.asarray(options.delta, np.float32))
         self.tick = (gs.Constant("ttfs.tick", np.asarray(options.delta / options.precision, np.float32))
                      if options.precision else None)
@@ -143,8 +149,9 @@ class Lowering:
         ``bounds`` gives an analytic range (evaluated for the spiking graph only)."""
         site = Site(name, role, transform, potential, analytic=bounds is not None, floor=floor)
         self.sites[name] = site
-        if not self.spiking:
-            site.value = self.b.op("Identity", EMIT[transform].value(self.b, potential, []), out=out)
+        if not self.spiking:  # named after the site: a calibration error names the construction
+            site.value = self.b.op("Identity", EMIT[transform].value(self.b, potential, []),
+                                   out=out if out is not None else gs.Variable(name))
             self.readouts.add(site.value.name)
         else:
             site.window = bounds() if bounds is not None else self.ranges[name]
@@ -246,12 +253,6 @@ class Lowering:
         self.b.op("Cast", potential, to=onnx.TensorProto.FLOAT, out=out)
         return layer_one.name
 
-    def reduce(self, op: str, data: gs.Variable) -> gs.Variable:
-        """``op`` over the last axis, keepdims (axes moved from attribute to input at opset 18)."""
-        if op == "ReduceSum" or self.opset >= 18:
-            return self.b.op(op, data, self.b.const([-1], np.int64), keepdims=1)
-        return self.b.op(op, data, axes=[-1], keepdims=1)
-
 
 def _detach(region: Region) -> None:
     """The region's own nodes produce nothing any more (cleanup drops them); its tensors get new producers."""
@@ -266,9 +267,9 @@ def layernorm(lw: Lowering, region: Region) -> None:
     _detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(x)
-    mean = lw.emit(lw.reduce("ReduceMean", lw.receive(source)), f"{name}.mean", "LayerNorm mean")
+    mean = lw.emit(b.reduce("ReduceMean", lw.receive(source)), f"{name}.mean", "LayerNorm mean")
     centered = lw.emit(b.op("Sub", lw.receive(source), lw.receive(mean)), f"{name}.centered", "LayerNorm centering")
-    variance = lw.emit(lw.reduce("ReduceMean", lw.receive(centered, "Square")), f"{name}.variance",
+    variance = lw.emit(b.reduce("ReduceMean", lw.receive(centered, "Square")), f"{name}.variance",
                        "LayerNorm variance", floor=0.0)
     rsqrt = lw.emit(lw.receive(variance, "Rsqrt", (region.attrs["epsilon"],)), f"{name}.rsqrt", "LayerNorm rsqrt")
     if not lw.spiking:
@@ -297,32 +298,94 @@ def gelu(lw: Lowering, region: Region) -> None:
     lw.constructions.append({"kind": "activation", "name": region.name, "output": out.name})
 
 
+# The exact graph clips nothing, so the share of a mask carried in the shift (see Masking) may be anything;
+# this much keeps every shifted score that counts <= 0 and leaves finfo.min to the synaptic weight.
+EXACT_REACH = 1e30
+
+
+class Masking:
+    """A softmax's attention masks as time-invariant synaptic terms (masks are built from inputs alone).
+
+    The ANN computes softmax(z) with z from the scores x through the region's masks (x + m for an additive
+    one, where(masked, C, x) for a masked_fill), i.e. z = keep * x + m in float. Per row, r = max(m) is
+    subtracted: softmax is shift-invariant, and then m' = m - r <= 0 with 0 at the row's unmasked entries.
+    The scores are taken as (keep * x + r) - r, the ANN's own float rounding: a fully masked row of
+    finfo.min (or a fill) absorbs x and is uniform, as in the ANN, a row of -1e4 rounds x as the ANN does,
+    and an unmasked row (r = 0) keeps x bit for bit. A row masked everywhere by -inf (r = -inf; the ANN
+    gives NaN, sdpa's guard 0) gives 0: a constant input of 1 to its log-sum-exp neuron keeps that neuron
+    in range, and every weight e^m' is 0."""
+
+    def __init__(self, b: GraphBuilder, masks: list[dict]):
+        self.b = b
+        self.keep, mask = None, None
+        for step in masks:  # innermost first: z = keep * x + mask after each step
+            if step["form"] == "add":
+                mask = step["mask"] if mask is None else b.op("Add", mask, step["mask"])
+                continue
+            masked = step["mask"] if step["fill_when"] else b.op("Not", step["mask"])
+            kept = b.op("Cast", b.op("Not", masked), to=onnx.TensorProto.FLOAT)
+            self.keep = kept if self.keep is None else b.op("Mul", self.keep, kept)
+            mask = b.op("Where", masked, b.const(step["fill_value"]), mask if mask is not None else b.const(0.0))
+        row_max = b.reduce("ReduceMax", mask)
+        # max > -inf, written against the lowest finite float32: a model's constants stay finite
+        live = b.op("GreaterOrEqual", row_max, b.const(np.finfo(np.float32).min))
+        self.shift = b.op("Where", live, row_max, b.const(0.0))
+        self.offsets = b.op("Sub", mask, self.shift)  # m' (-inf throughout a dead row)
+        self.bias = b.op("Where", live, self.offsets, b.const(0.0))  # m', finite on dead rows
+        self.dead = b.op("Cast", b.op("Not", live), to=onnx.TensorProto.FLOAT)
+
+    def scores(self, x: gs.Variable) -> gs.Variable:
+        kept = x if self.keep is None else self.b.op("Mul", x, self.keep)
+        return self.b.op("Sub", self.b.op("Add", kept, self.shift), self.shift)
+
+    def potential_share(self, reach: float) -> gs.Variable:
+        """The part of m' the shifted potential carries: m' down to -reach (an additive bias such as
+        ALiBi's, exactly), the rest is a synaptic weight (log_weight)."""
+        return self.b.op("Max", self.bias, self.b.const(-reach))
+
+    def log_weight(self, reach: float) -> gs.Variable:
+        return self.b.op("Min", self.b.op("Add", self.offsets, self.b.const(reach)), self.b.const(0.0))
+
+
 def softmax(lw: Lowering, region: Region) -> None:
-    mask = region.attrs.get("mask")
-    scores = next(t for t in region.inputs if t is not mask)
-    out = region.outputs[0]
+    """C.2: the optional max neuron and subtraction layer, the log-sum-exp neuron, exp outputs in [0, 1].
+    A mask (Masking) enters the max and subtraction layers' potentials additively and the log-sum-exp
+    neuron as synaptic weights, so a masked position contributes nothing. The row maximum includes the
+    mask, so an unmasked score never lies above it; a masked one may, by up to the scores' span: that much
+    of the mask is carried in the subtraction layer's potential (its window is that much wider), the rest
+    in the weights, where clipping cannot reach it."""
+    attrs = region.attrs
+    scores, out = attrs["scores"], region.outputs[0]
     _detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(scores)
+    masking = Masking(b, attrs["masks"]) if attrs["masks"] else None
     count = scores.shape[-1] if scores.shape is not None and isinstance(scores.shape[-1], int) else None
     if lw.options.max_layer:
-        x = lw.receive(source)
-        top = lw.emit(lw.reduce("ReduceMax", b.op("Add", x, mask) if mask is not None else x), f"{name}.max",
+        reach = 0.0 if masking is None else \
+            (source.window.upper - source.window.lower if lw.spiking else EXACT_REACH)
+        x = lw.receive(source) if masking is None else masking.scores(lw.receive(source))
+        top = lw.emit(b.reduce("ReduceMax", x if masking is None else b.op("Add", x, masking.bias)), f"{name}.max",
                       "softmax max", bounds=lambda: source.window)
-        shifted = lw.emit(b.op("Sub", lw.receive(source), lw.receive(top)), f"{name}.shifted", "softmax subtraction",
-                          bounds=lambda: lw.window(source.window.lower - source.window.upper, 0.0))
+        shifted = x if masking is None else b.op("Add", x, masking.potential_share(reach))
+        shifted = lw.emit(b.op("Sub", shifted, lw.receive(top)), f"{name}.shifted", "softmax subtraction",
+                          bounds=lambda: lw.window(source.window.lower - source.window.upper - reach, 0.0))
         # sum_i e^(x_i - max) is in [1, n]
         lse_bounds = (lambda: lw.window(0.0, np.log(count))) if count and count > 1 else None
     else:  # max_i x_i <= log sum_i e^x_i <= max_i x_i + log n
-        shifted = source
+        reach = 0.0
+        shifted = source if masking is None else lw.emit(masking.scores(lw.receive(source)), f"{name}.masked",
+                                                         "softmax masked scores", bounds=lambda: source.window)
         lse_bounds = (lambda: lw.window(source.window.lower, source.window.upper + np.log(count))) if count else None
-    exps = lw.receive(shifted, "Exp")
-    if mask is not None:  # synaptic weights e^mask: 1 where attention is allowed, 0 where masked
-        exps = b.op("Mul", exps, b.op("Exp", mask))
-    lse = lw.emit(lw.reduce("ReduceSum", exps), f"{name}.logsumexp", "softmax log-sum-exp", "Log", bounds=lse_bounds)
-    potential = lw.receive(shifted)
-    if mask is not None:
-        potential = b.op("Add", potential, mask)
+    exps, potential = lw.receive(shifted, "Exp"), lw.receive(shifted)
+    total = None
+    if masking is not None:  # synaptic weights e^m': 1 where attention is allowed, 0 where masked
+        log_weight = masking.log_weight(reach)
+        exps = b.op("Mul", exps, b.op("Exp", log_weight))
+        total = b.op("Add", b.reduce("ReduceSum", exps), masking.dead)
+        potential = b.op("Add", potential, log_weight)
+    lse = lw.emit(total if total is not None else b.reduce("ReduceSum", exps), f"{name}.logsumexp",
+                  "softmax log-sum-exp", "Log", bounds=lse_bounds)
     lw.emit(b.op("Sub", potential, lw.receive(lse)), out.name, "softmax output", "Exp",
             bounds=lambda: lw.window(0.0, 1.0), out=out)
     lw.constructions.append({"kind": "softmax", "name": name, "output": out.name})

@@ -5,6 +5,7 @@ and a model whose record was tampered with fails with one line naming the file a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import onnx
@@ -45,33 +46,46 @@ class SpikecMetadata:
     @classmethod
     def read(cls, model: onnx.ModelProto, where: str = "<in-memory model>") -> SpikecMetadata | None:
         """The record of a spikec model, None for a model without one (an ANN)."""
-        props = {p.key: p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
-        if f"{PREFIX}method" not in props:
+        return cls.from_props({p.key: p.value for p in model.metadata_props}, where)
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], where: str) -> SpikecMetadata | None:
+        """The record from a model's metadata properties (a session's custom_metadata_map), checked: a
+        value spikec cannot have written (the file was edited) is a one-line SpikecError naming the key,
+        not a crash where it is first used. None where there is no spikec record."""
+        raw = {k: v for k, v in props.items() if k.startswith(PREFIX)}
+        if not raw:
             return None
 
-        def value(key: str, parse=None, default=None):
-            text = props.get(f"{PREFIX}{key}")
-            if text is None:
-                if default is not None:
-                    return default
-                raise SpikecError(f"{where}: spikec metadata lacks '{PREFIX}{key}'")
-            try:
-                return parse(text) if parse else text
-            except (ValueError, TypeError):
-                raise SpikecError(f"{where}: spikec metadata '{PREFIX}{key}' is invalid ({text[:60]!r})") from None
+        def refuse(key: str, expected: str):
+            shown = raw.get(PREFIX + key)
+            shown = "missing" if shown is None else repr(shown if len(shown) <= 40 else shown[:37] + "...")
+            raise SpikecError(f"model {where}: metadata {PREFIX}{key} is {shown}, expected {expected}; the file was "
+                              f"changed after spikec wrote it: compile it again")
 
-        mode, semantics = value("mode"), value("semantics")
-        for key, got, allowed in (("mode", mode, MODES), ("semantics", semantics, SEMANTICS)):
-            if got not in allowed:
-                raise SpikecError(f"{where}: spikec metadata '{PREFIX}{key}' is {got!r}, not one of {', '.join(allowed)}")
-        timesteps = value("timesteps", int)
-        if not 1 <= timesteps <= MAX_TIMESTEPS:
-            raise SpikecError(f"{where}: spikec metadata '{PREFIX}timesteps' is {timesteps}, not in 1..{MAX_TIMESTEPS}")
-        options, report = value("options", _json_object, {}), value("report", _json_object, {})
-        allow_float = value("allow_float", json.loads, [])
-        if not isinstance(allow_float, list) or not all(isinstance(a, str) for a in allow_float):
-            raise SpikecError(f"{where}: spikec metadata '{PREFIX}allow_float' is not a list of names")
-        return cls(value("method"), mode, semantics, timesteps, options, tuple(allow_float), report)
+        method = raw.get(PREFIX + "method", "")
+        if not method:
+            refuse("method", "a method name")
+        for key, allowed in (("mode", MODES), ("semantics", SEMANTICS)):
+            if raw.get(PREFIX + key) not in allowed:
+                refuse(key, "one of " + ", ".join(allowed))
+        steps = raw.get(PREFIX + "timesteps", "")
+        if not (steps.isascii() and steps.isdigit() and 1 <= int(steps) <= MAX_TIMESTEPS):
+            refuse("timesteps", f"an integer in 1..{MAX_TIMESTEPS}")
+        parsed = {}
+        for key, kind, default in (("options", dict, "{}"), ("report", dict, "{}"), ("allow_float", list, "[]")):
+            try:
+                parsed[key] = json.loads(raw.get(PREFIX + key, default))
+            except ValueError:
+                parsed[key] = None
+            if not isinstance(parsed[key], kind):
+                refuse(key, "a JSON object" if kind is dict else "a JSON list")
+        if not all(isinstance(name, str) for name in parsed["allow_float"]):
+            refuse("allow_float", "a JSON list of names")
+        if raw[PREFIX + "mode"] == "ttfs" and not isinstance(parsed["report"].get("ttfs"), dict):
+            refuse("report", "a JSON object with the ttfs sites")
+        return cls(method, raw[PREFIX + "mode"], raw[PREFIX + "semantics"], int(steps), parsed["options"],
+                   tuple(parsed["allow_float"]), parsed["report"])
 
 
 def _json_object(text: str) -> dict:

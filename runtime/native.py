@@ -42,6 +42,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from spikec.errors import SpikecError
+
 ENV_VAR = "SPIKEC_NATIVE_LIB"
 # Caps the vector ISA of the kernels' loops (runtime/kernels/isa.h), widest last; unset: the CPU's widest.
 ISA_ENV_VAR = "SPIKEC_KERNEL_ISA"
@@ -57,10 +59,15 @@ KERNEL_SOURCES = Path(__file__).resolve().parent / "kernels"
 
 
 def library_path() -> Path | None:
-    """The native library to use, or None where it is not built."""
+    """The native library to use, or None where it is not built. A ``SPIKEC_NATIVE_LIB`` that names no
+    file is an error: silently running the portable functions instead would hide the mistake."""
     if os.environ.get(ENV_VAR):
         path = Path(os.environ[ENV_VAR])
-        return path if path.is_file() else None
+        if not path.is_file():
+            problem = "is a directory" if path.is_dir() else "is not a file" if path.exists() else "does not exist"
+            raise SpikecError(f"environment variable {ENV_VAR}={path}: {problem}; name the built library "
+                              f"(`make native` writes build/{LIBRARY_NAME}) or unset it")
+        return path
     return next((path for path in (INSTALLED_PATH, SOURCE_TREE_PATH) if path.is_file()), None)
 
 
@@ -139,7 +146,7 @@ def register(options: ort.SessionOptions) -> bool:
         return True
     cap = os.environ.get(ISA_ENV_VAR)
     if cap and cap not in ISAS:
-        raise ValueError(f"{ISA_ENV_VAR}={cap!r}: expected one of {', '.join(ISAS)}")
+        raise SpikecError(f"environment variable {ISA_ENV_VAR}={cap!r}: expected one of {', '.join(ISAS)}")
     if not available():
         return False
     path = os.fspath(library_path())

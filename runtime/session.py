@@ -1,17 +1,37 @@
 """Running spikec models: one call for users, and the driver for stateful (one step per run) models."""
 from __future__ import annotations
 
-import json
+import logging
 import os
+import sys
 from collections.abc import Mapping
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from spikec.errors import SpikecError
 from spikec.runtime import fusion
 from spikec.runtime import native as native_kernels
+from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+
+
+# onnxruntime logs an error before it raises it: at FATAL only, the exception (which spikec turns into its
+# one-line error) is all that reaches the terminal.
+QUIET_LOG_SEVERITY = 4
+def quiet_options() -> ort.SessionOptions:
+    """Session options for every session spikec creates: onnxruntime's own log lines stay off the terminal."""
+    options = ort.SessionOptions()
+    options.log_severity_level = QUIET_LOG_SEVERITY
+    return options
+
+
+def check_timesteps(timesteps, argument: str = "timesteps") -> int:
+    if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) \
+            or not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise SpikecError(f"argument {argument}={timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
+    return int(timesteps)
 
 
 class InferenceSession(ort.InferenceSession):
@@ -24,7 +44,7 @@ class InferenceSession(ort.InferenceSession):
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
                  providers=None, native: bool = True, fuse: bool = True, **kwargs):
-        options = sess_options or ort.SessionOptions()
+        options = sess_options or quiet_options()
         if not native and native_kernels.registered(options):
             raise ValueError("native=False, but these session options already carry the native kernels")
         self.native = native and native_kernels.register(options)
@@ -36,28 +56,64 @@ class InferenceSession(ort.InferenceSession):
         kwargs.setdefault("disabled_optimizers", ["MatMulScaleFusion"])
         super().__init__(source, options, providers=providers or ["CPUExecutionProvider"], **kwargs)
         props = self.get_modelmeta().custom_metadata_map
-        self.spikec_metadata = {k: v for k, v in props.items() if k.startswith("spikec.")}
+        label = "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        self.spikec = SpikecMetadata.from_props(props, label)  # None for an ANN
+        if self.spikec is not None:
+            _say_path_once(self.native, native)
 
     @property
     def mode(self) -> str:
-        return self.spikec_metadata.get("spikec.mode", "ann")
+        return self.spikec.mode if self.spikec else "ann"
 
     @property
     def semantics(self) -> str:
-        return self.spikec_metadata.get("spikec.semantics", "mean")
+        return self.spikec.semantics if self.spikec else "mean"
 
     @property
     def timesteps(self) -> int:
-        return int(self.spikec_metadata.get("spikec.timesteps", "1"))
+        return self.spikec.timesteps if self.spikec else 1
 
     @property
     def report(self) -> dict:
-        return json.loads(self.spikec_metadata.get("spikec.report", "{}"))
+        return self.spikec.report if self.spikec else {}
+
+    def run(self, output_names, input_feed, run_options=None):
+        """onnxruntime's run; a stateful model's time step must be 1, 2, ...: at t = 0 the running means
+        divide by zero, and the model would answer NaN rather than fail."""
+        if TIME_INPUT in input_feed:
+            t = np.asarray(input_feed[TIME_INPUT], dtype=np.float64)
+            if t.size != 1 or not np.isfinite(t).all() or t.item() < 1 or t.item() != np.floor(t.item()):
+                raise SpikecError(f"input '{TIME_INPUT}' = {t.tolist()}: the time step is 1-based, a whole "
+                                  f"number 1, 2, ... (run_stateful feeds it)")
+        return super().run(output_names, input_feed, run_options)
 
     def model_outputs(self) -> list[str]:
         """The user-facing outputs: no per-step copies, no neuron state."""
         return [o.name for o in self.get_outputs()
                 if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)]
+
+
+_PATH_SAID = False
+
+
+def _say_path_once(native: bool, asked: bool) -> None:
+    """Once per process, which path runs the spikec ops: the native kernels, or the several times slower
+    ONNX functions and how to get the kernels. Logged (logger "spikec") and, for a person at a terminal,
+    printed on stderr; a pipe or a log file stays as it is."""
+    global _PATH_SAID
+    if _PATH_SAID:
+        return
+    _PATH_SAID = True
+    if native:
+        message = f"spikec ops run on the native kernels ({native_kernels.kernel_isa()}, {native_kernels.library_path()})"
+    elif not asked:
+        message = "spikec ops run as their ONNX functions (native=False)"
+    else:
+        message = ("spikec ops run as their ONNX functions, several times slower than the native kernels: none is "
+                   "built; reinstall spikec where a C++ compiler is available, or run `make native` in its source tree")
+    logging.getLogger("spikec").info(message)
+    if sys.stderr.isatty():
+        print(f"spikec: {message}", file=sys.stderr)
 
 
 def _fused(model: str | os.PathLike | onnx.ModelProto, native: bool) -> str | os.PathLike | onnx.ModelProto:
@@ -155,6 +211,7 @@ def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], tim
     sample fired: the network is quiet from then on and its outputs final (dynamic T, capped by
     ``timesteps``). With ``keep_states``, the neuron/compensation states after the last step are returned
     too, under their ``spikec.next_state.*`` names."""
+    check_timesteps(timesteps)
     if until_quiet and SPIKES_OUTPUT not in {o.name for o in session.get_outputs()}:
         raise ValueError(f"until_quiet: the model has no '{SPIKES_OUTPUT}' output (only sum-semantics models do)")
     stepper = Stepper(session, feeds)

@@ -19,9 +19,10 @@ count cover all data, while percentiles, mean/std and MMSE use a deterministic u
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,16 @@ from onnx.external_data_helper import load_external_data_for_model, uses_externa
 from tqdm import tqdm
 
 from spikec.errors import SpikecError
+from spikec.passes.loader import check_input_file
+from spikec.runtime.session import quiet_options
 
 __all__ = [
     "DEFAULT_MMSE_GRID",
     "TapStats",
     "collect_statistics",
     "load_inputs",
+    "naming_sources",
+    "read_npz",
     "run_batches",
 ]
 
@@ -56,10 +61,33 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# What the model and data of the running compile came from: the passes hand in-memory copies to
+# calibration, and an error there must name the user's files, not the exporter's graph name.
+_SOURCES: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("spikec_sources", default=None)
+
+
+def _source_label(source: object, what: str) -> str:
+    return f"{what} {os.fspath(source)}" if isinstance(source, (str, os.PathLike)) else f"{what} (in memory)"
+
+
+def naming_sources(function: Callable) -> Callable:
+    """Decorates ``function(model, calibration, ...)`` (compile, quantize): while it runs, calibration
+    errors on in-memory copies of the model name the file it came from, and the calibration data."""
+    @functools.wraps(function)
+    def named(model, calibration, *args, **kwargs):
+        token = _SOURCES.set((_source_label(model, "model"), _source_label(calibration, "calibration data")))
+        try:
+            return function(model, calibration, *args, **kwargs)
+        finally:
+            _SOURCES.reset(token)
+    return named
+
+
 def _load_model(model: ModelLike) -> tuple[onnx.ModelProto, Path | None, str]:
     """The model's graph (external weights not loaded), its file if it came from one, and a label for messages."""
     if isinstance(model, onnx.ModelProto):
-        return model, None, f"model '{model.graph.name or '<unnamed>'}'"
+        sources = _SOURCES.get()
+        return model, None, sources[0] if sources else "model (in memory)"
     path = Path(model)
     try:
         return onnx.load(str(path), load_external_data=False), path, str(path)
@@ -88,19 +116,29 @@ def _shape_str(dims: Sequence[onnx.TensorShapeProto.Dimension] | None) -> str:
     return "[" + ", ".join(_dim_str(d) for d in dims) + "]" if dims is not None else "[any rank]"
 
 
-def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive; anything else (no such file, not an archive, a member that is not
+    a valid .npy array, a pickled object array) is a SpikecError naming the file and the member."""
+    path = check_input_file(path, f"{what} {path}")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise SpikecError(f"{what} {path}: not a readable .npz archive ({_one_line(exc)})") from exc
+    except Exception as exc:  # numpy raises OSError, ValueError, EOFError, BadZipFile, ... for what it cannot read
+        raise SpikecError(f"{what} {path}: not a readable .npz archive ({_one_line(exc)})") from None
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise SpikecError(f"{what} {path}: is a single .npy array; expected an .npz archive keyed by model input name")
+    arrays = {}
     with loaded:
-        try:
-            return {key: loaded[key] for key in loaded.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            # Members are read lazily: corrupt entries and object (pickled) arrays fail only here.
-            raise SpikecError(f"{what} {path}: cannot read an array from the archive ({_one_line(exc)})") from exc
+        for key in loaded.files:
+            try:
+                # Members are read lazily: corrupt entries and object (pickled) arrays fail only here, with
+                # any of ValueError, EOFError, BadZipFile, SyntaxError, ...
+                value = loaded[key]
+            except Exception as exc:
+                raise SpikecError(f"{what} {path}: member '{key}' is not a valid .npy array ({_one_line(exc)})") from None
+            if not isinstance(value, np.ndarray):  # numpy returns a member without the .npy magic as raw bytes
+                raise SpikecError(f"{what} {path}: member '{key}' is not a .npy array")
+            arrays[key] = value
+    return arrays
 
 
 def _coerce_dtype(array: np.ndarray, expected: np.dtype, where: str) -> np.ndarray:
@@ -153,7 +191,7 @@ def load_inputs(
                 raise SpikecError(f"{what}: input '{key}': not an array ({_one_line(exc)})") from None
     else:
         source = f"{what} {path_or_dict}"
-        arrays = _read_npz(Path(path_or_dict), what)
+        arrays = read_npz(path_or_dict, what)
 
     expected = _graph_inputs(graph)
     if not expected:
@@ -226,9 +264,7 @@ def _check_outputs(graph: onnx.ModelProto, names: Sequence[str], label: str) -> 
 
 def _session(graph: onnx.ModelProto, path: Path | None, outputs: Sequence[str], label: str) -> ort.InferenceSession:
     """A CPU session whose outputs include `outputs`, created once per calibration run."""
-    session_options = ort.SessionOptions()
-    session_options.log_severity_level = 3  # errors only: graph-optimizer warnings are not the user's to act on
-    options = dict(sess_options=session_options, providers=["CPUExecutionProvider"])
+    options = dict(sess_options=quiet_options(), providers=["CPUExecutionProvider"])
     declared = {o.name for o in graph.graph.output}
     missing = [name for name in outputs if name not in declared]
     if path is None and any(uses_external_data(t) for t in graph.graph.initializer):
@@ -323,13 +359,16 @@ def _iterate(
             try:
                 values = session.run(names, batch)
             except Exception as exc:  # see _session
-                raise SpikecError(f"{label}: onnxruntime failed on samples {start}:{stop}: {_one_line(exc)}") from exc
+                sources = _SOURCES.get()
+                data = f" of the {sources[1]}" if sources else ""
+                raise SpikecError(f"{label}: onnxruntime failed on samples {start}:{stop}{data}: "
+                                  f"{_one_line(exc)}") from None
             bar.update(stop - start)
             yield dict(zip(names, values))
 
 
 def _check_percentile(p: float) -> float:
-    if not np.isscalar(p) or not 0 <= p <= 100:
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not 0 <= p <= 100:
         raise SpikecError(f"argument p={p!r}: expected a percentile in [0, 100]")
     return float(p)
 
@@ -407,7 +446,8 @@ class TapStats:
             q = np.asarray(quantize(x, thr if per_channel else thr[0]))
             if q.shape != x.shape:
                 raise SpikecError(f"tap '{self.name}': quantize returned shape {q.shape}, expected {x.shape}")
-            per_channel_error = np.square(q - x).sum(axis=0, dtype=np.float64)
+            # in float64: the square of a float32 error can overflow float32
+            per_channel_error = np.square(q.astype(np.float64) - x).sum(axis=0)
             errors[i] = per_channel_error if per_channel else per_channel_error.sum()
         best = np.where(live, grid[errors.argmin(axis=0)] * ref, 0).astype(np.float32)
         return best if per_channel else best[0]
@@ -516,7 +556,7 @@ class _TapAccumulator:
         self.reservoir[slot[winners]] = rest[source[winners]]
 
     def finish(self) -> TapStats:
-        if self.rows_seen == 0:
+        if self.rows_seen == 0 or self.shape is None:
             raise SpikecError(f"tap '{self.name}': produced no values (shape {self.shape})")
         sample = self.reservoir if self.reservoir is not None else np.concatenate(self.chunks)
         return TapStats(

@@ -4,22 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import warnings
 from collections import Counter
 
 import numpy as np
 
 from spikec.errors import SpikecError
-
-
-def _read_npz(path: str, what: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise SpikecError(f"{what} {path}: no such file") from None
-    except Exception as exc:  # numpy raises several types for a corrupt archive
-        raise SpikecError(f"{what} {path}: not a readable .npz ({type(exc).__name__})") from None
+from spikec.modelio import TERMINATING_SIGNALS
 
 
 def _input_shapes(specs: list[str] | None) -> dict[str, list[int | str]] | None:
@@ -39,12 +33,27 @@ def cmd_compile(args) -> int:
     from spikec.compiler import split_options
     from spikec.passes.options import outputs_of
 
+    from spikec.runtime.metadata import SpikecMetadata
+
     options = _compile_options(args)
-    compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape), **options)
-    for path, what in outputs_of(split_options(options)[1]):
-        print(f"wrote {path} ({what})")
+    snn = compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape), **options)
+    verification = SpikecMetadata.read(snn).report.get("verification")
+    if verification:
+        print(verification_line(verification))
+    for extra in outputs_of(split_options(options)[1]):
+        print(f"wrote {extra.path} ({extra.what})")
     print(f"wrote {args.output}")
     return 0
+
+
+def verification_line(verification: dict) -> str:
+    """What compile measured on held-out calibration samples, per output, in one line."""
+    samples = f"{verification['samples']} {'held-out ' if verification['held_out'] else ''}calibration sample" \
+              + ("s" if verification["samples"] != 1 else "")
+    measured = "; ".join(f"{name} cosine {m['cosine']:.4f}, relative max error {m['relative_max_error']:.2e}"
+                         for name, m in verification["outputs"].items())
+    when = f" at T={verification['timesteps']}" if verification["timesteps"] else ""
+    return f"verified on {samples} against the {verification['reference']}{when}: {measured}"
 
 
 def _add_compile_options(parser: argparse.ArgumentParser) -> None:
@@ -53,17 +62,18 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
     passed on are only those given, and a flag of another method can be refused."""
     from spikec.compiler import CompileOptions
     from spikec.methods import METHODS
-    from spikec.passes.options import flags_of, kind_of
+    from spikec.passes.options import Options, flags_of, kind_of
 
     actions: dict[str, argparse.Action] = {}
     fields: dict[str, tuple[str, list[str]]] = {}  # option -> (its flag, the methods it belongs to; [] = all)
-    groups = [("options of every method", None, CompileOptions)]
+    groups: list[tuple[str, str | None, type[Options]]] = [("options of every method", None, CompileOptions)]
     groups += [(f"{m.name}: {m.paper}", m.name, m.Options) for m in METHODS.values()]
     for title, owner, options in groups:
         group = parser.add_argument_group(title)
         for f in options.declared():
             if f.name in actions:  # the same option in another method (levels): one flag, its help per method
-                actions[f.name].help += f"; {owner}: {f.metadata['help']}" + \
+                assert owner is not None, "the options of every method come first and are distinct"
+                actions[f.name].help = (actions[f.name].help or "") + f"; {owner}: {f.metadata['help']}" + \
                     (f" [default {f.default}]" if f.default is not None else "")
                 fields[f.name][1].append(owner)
                 continue
@@ -109,17 +119,17 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from spikec import modelio
     from spikec.calibrate import load_inputs
     from spikec.evaluate import run_dataset
-    from spikec.modelio import check_output_path, save_arrays_atomic
 
-    check_output_path(args.output, args.model)
-    check_output_path(args.output, args.inputs, what="--inputs file")
+    reads = modelio.reads(models=[("input model", args.model)], files=[("--inputs file", args.inputs)])
+    modelio.check_outputs([("output", args.output)], reads)  # before the run, not after it
     session = _session(args.model)
     feeds = load_inputs(args.inputs, _user_inputs(args.model), what="inputs")
     outputs = run_dataset(session, feeds, batch_size=args.batch_size, timesteps=args.timesteps,
                           until_quiet=args.until_quiet, progress=not args.quiet)
-    save_arrays_atomic(outputs, args.output)
+    modelio.write([("output", args.output, outputs)], reads)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
     if SPIKES_STEPS in outputs:
         print(_equilibrium_line(outputs[SPIKES_STEPS]))
@@ -165,25 +175,27 @@ def _session(path: str):
 def inspect_model(path: str) -> dict:
     from spikec.graphinfo import summarize
     from spikec.passes.loader import load_model
+    from spikec.runtime.metadata import SpikecMetadata
 
     model = load_model(path)
     histogram = Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph.node)
-    meta = {p.key: p.value for p in model.metadata_props}
-    report = json.loads(meta.get("spikec.report", "{}"))
+    record = SpikecMetadata.read(model, path)
+    report = record.report if record else {}
     return {
         "model": path,
-        "method": meta.get("spikec.method"),
-        "mode": meta.get("spikec.mode"),
-        "timesteps": int(meta["spikec.timesteps"]) if "spikec.timesteps" in meta else None,
-        "options": json.loads(meta.get("spikec.options", "{}")),
+        "method": record and record.method,
+        "mode": record and record.mode,
+        "timesteps": record and record.timesteps,
+        "options": record.options if record else {},
         "ops": [{"domain": d, "op": o, "count": c} for (d, o), c in sorted(histogram.items())],
         "inputs": [i.name for i in model.graph.input],
         "outputs": [o.name for o in model.graph.output],
         "neurons": report.get("neurons", []),
         "compensated": report.get("compensated", []),
         "regions": report.get("regions", []),
+        "verification": report.get("verification"),
         # rewrites (original ops -> spikec ops), neuron counts per sample, ops left in float and why
-        **(summarize(model) if meta.get("spikec.method") != "ttfs" else
+        **(summarize(model) if record is None or record.mode != "ttfs" else
            {"ttfs": report["ttfs"], "rewrites": [], "float_ops": [], "neuron_counts": {}}),
     }
 
@@ -207,6 +219,8 @@ def cmd_inspect(args) -> int:
     passes = "one pass (time-to-first-spike)" if info["mode"] == "ttfs" else f"T={info['timesteps']}"
     console.print(f"[bold]{info['model']}[/bold]  method={info['method'] or 'none (ANN)'}  mode={info['mode']}  "
                   f"{passes}")
+    if info["verification"]:
+        console.print(verification_line(info["verification"]), markup=False)
     ops = Table(title="ops by domain")
     for column in ("domain", "op", "count"):
         ops.add_column(column)
@@ -260,11 +274,12 @@ def cmd_inspect(args) -> int:
 
 def _labels(path: str | None, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
     """--labels: a 'labels' array (or an archive's only array), one class index per sample of ``feeds``."""
+    from spikec.calibrate import read_npz
     from spikec.evaluate import check_labels
 
     if not path:
         return None
-    arrays = _read_npz(path, "labels")
+    arrays = read_npz(path, "labels")
     if "labels" not in arrays and len(arrays) != 1:
         raise SpikecError(f"labels {path}: expected a 'labels' array, got keys {sorted(arrays)}")
     return check_labels(arrays.get("labels", next(iter(arrays.values()), None)), len(next(iter(feeds.values()))),
@@ -297,56 +312,50 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from spikec import modelio
     from spikec.calibrate import load_inputs
-    from spikec.report import build_report, check_directory, write_report
+    from spikec.report import build_report, check_directory, report_files, write_report
 
-    check_directory(args.output)  # before the run, not after it
+    reads = modelio.reads(models=[("ANN", args.ann), ("SNN", args.snn), ("QANN", args.qann)],
+                          files=[("--inputs file", args.inputs), ("--labels file", args.labels)])
+    method = _method(args.snn)
+    if method is not None:  # before the run, not after it; an SNN that does not load is reported by the run
+        check_directory(args.output, report_files(method), reads, args.force)
     feeds = load_inputs(args.inputs, args.ann, what="inputs")
-    if _method(args.snn) == "ttfs":
-        return _report_ttfs(args, feeds)
-    data = build_report(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), batch_size=args.batch_size,
-                        progress=not args.quiet)
-    index = write_report(data, args.output)
+    data = build_report(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), qann=args.qann,
+                        batch_size=args.batch_size, progress=not args.quiet)
+    index = write_report(data, args.output, reads, args.force)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    for label, reference in data["fidelity"].items():
+        for name, output in reference["outputs"].items():
+            last = output["per_t"][-1]
+            print(f"{name} vs {label}" + (f" at T={last['t']}" if data["stepped"] else "")
+                  + f": cosine {last['cosine']:.4f}"
+                  + (f", accuracy {last['accuracy']:.4f} ({label} {output['accuracy']:.4f})"
+                     if "accuracy" in last else ""))
     energy = data["energy"]
-    for name, output in data["fidelity"].items():
-        last = output["per_t"][-1]
-        print(f"{name} at T={last['t']}: cosine {last['cosine']:.4f}"
-              + (f", accuracy {last['accuracy']:.4f} (ANN {output['ann_accuracy']:.4f})" if "accuracy" in last else ""))
     print(f"energy SNN/ANN {energy['ratio']:.3f} (papers' convention {energy['ratio_paper_convention']:.3f})")
     print(f"wrote {index} (plots, report.json)")
     return 0
 
 
 def _method(path: str) -> str | None:
+    """The method recorded in a spikec model's metadata; None where the file does not read as one (the
+    report itself then says what is wrong with it)."""
     import onnx
 
-    from spikec.graphinfo import metadata
+    from spikec import methods
+    from spikec.runtime.metadata import SpikecMetadata
 
+    if not os.path.isfile(path):
+        return None  # reading a FIFO would block
     try:
-        model = onnx.load(path, load_external_data=False)
+        record = SpikecMetadata.read(onnx.load(path, load_external_data=False), path)
     except Exception:
-        return None  # the report itself says what is wrong with the file
-    return metadata(model).get("spikec.method")
-
-
-def _report_ttfs(args, feeds: dict[str, np.ndarray]) -> int:
-    from spikec import ttfsreport
-
-    data = ttfsreport.build(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), batch_size=args.batch_size)
-    index = ttfsreport.write(data, args.output)
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    for name, f in data["fidelity"].items():
-        print(f"{name}: cosine {f['cosine']:.6f}, relative max error {f['relative_max_error']:.3g}"
-              + (f", accuracy {f['accuracy']:.4f} (ANN {f['ann_accuracy']:.4f})" if "accuracy" in f else ""))
-    print(f"{data['layers']} spiking layers, {data['spikes_per_neuron']:.3f} spikes per neuron, "
-          f"{data['clipped_sites']} site(s) clipped; energy SNN/ANN {data['energy']['snn_over_ann']:.3f} (Eq. 28)")
-    print(f"wrote {index} (report.json)")
-    return 0
+        return None
+    return record.method if record is not None and record.method in methods.METHODS else None
 
 
 def cmd_ugo_train(args) -> int:
@@ -355,7 +364,7 @@ def cmd_ugo_train(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from spikec import ugo
+    from spikec import modelio, ugo
 
     names = [args.only] if args.only else list(ugo.SPECS)
     for name in names:
@@ -364,30 +373,86 @@ def cmd_ugo_train(args) -> int:
     directory = Path(args.output_dir) if args.output_dir else ugo.DATA_DIR
     if not directory.is_dir():
         raise SpikecError(f"argument --output-dir {directory}: no such directory")
+    sizes = {name: [args.hidden] if args.hidden is not None else ugo.shipped_sizes(name) for name in names}
+    targets = {(name, hidden): directory / ugo.path_for(name, hidden).name for name in names for hidden in sizes[name]}
+    modelio.check_outputs([("output", path) for path in targets.values()])  # before the fits, not after them
     table = Table(title="UGO fits over each operator's domain (relative = mean |error| / max |f|)")
     for column in ("operator", "N", "fit", "mean relative", "max abs", "IF T=32", "IF T=64", "IF T=128", "weights"):
         table.add_column(column)
-    for name in names:
-        for hidden in ([args.hidden] if args.hidden else ugo.shipped_sizes(name)):
-            fits = [("spikec", ugo.fit(name, hidden))]
-            if args.paper:
-                fits.append(("paper recipe", ugo.train_paper(name, hidden, progress=not args.quiet)))
-            for kind, operator in fits:
-                error = ugo.fit_error(operator)
-                written = ""
-                if kind == "spikec":
-                    target = directory / ugo.path_for(name, hidden).name
-                    operator.save(target)
-                    written = str(target)
-                table.add_row(name, str(hidden), kind, f"{error['mean_relative']:.2e}", f"{error['max_abs']:.2e}",
-                              *[f"{ugo.spiking_error(operator, t):.2e}" for t in (32, 64, 128)], written)
+    refits = []
+    for (name, hidden), target in targets.items():
+        fits = [("spikec", ugo.fit(name, hidden))]
+        if args.paper:
+            fits.append(("paper recipe", ugo.train_paper(name, hidden, progress=not args.quiet)))
+        refits.append(("output", target, fits[0][1].arrays()))
+        for kind, operator in fits:
+            error = ugo.fit_error(operator)
+            table.add_row(name, str(hidden), kind, f"{error['mean_relative']:.2e}", f"{error['max_abs']:.2e}",
+                          *[f"{ugo.spiking_error(operator, t):.2e}" for t in (32, 64, 128)],
+                          str(target) if kind == "spikec" else "")
+    modelio.write(refits)  # all refits or none
     Console(width=200).print(table)
+    return 0
+
+
+def collect_info() -> dict:
+    """Versions, the native kernel library (where it is, whether it loads, its ISA, whether it was built from
+    the kernel sources this spikec has) and the registered methods."""
+    import importlib.metadata
+    import platform
+
+    from spikec.methods import METHODS
+    from spikec.runtime import native
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    path = native.library_path()
+    built, sources = (native.built_from(path) if path else None), native.source_digest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a stale library: said below, not as a warning
+        loads = native.available()
+    return {
+        "spikec": version("spikec"), "python": platform.python_version(), "machine": platform.machine(),
+        "packages": {p: version(p) for p in ("onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "torch")},
+        "native": {"library": os.fspath(path) if path else None, "loads": loads,
+                   "isa": native.kernel_isa() if loads else None, "built_from": built, "sources": sources,
+                   "matches_sources": built is not None and built == sources},
+        "methods": {name: method.paper for name, method in METHODS.items()},
+    }
+
+
+def cmd_info(args) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    lines = [f"spikec {info['spikec']} (Python {info['python']}, {info['machine']})",
+             "packages: " + ", ".join(f"{p} {v or 'not installed'}" for p, v in info["packages"].items())]
+    kernels = info["native"]
+    if kernels["library"] is None:
+        lines.append("native kernels: not built (reinstall where a C++ compiler is available, or `make native`); "
+                     "spikec ops run as their ONNX functions")
+    elif not kernels["matches_sources"]:
+        lines.append(f"native kernels: {kernels['library']} was built from other kernel sources: rebuild it with "
+                     f"`make native`; spikec ops run as their ONNX functions")
+    else:
+        lines.append(f"native kernels: {kernels['library']} ({kernels['isa']}, sources {kernels['sources']})")
+    lines += [f"method {name}: {paper}" for name, paper in info["methods"].items()]
+    print("\n".join(lines))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikec", description="Convert Transformer ANNs (ONNX) into spiking neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="versions, the native kernels and the methods of this installation")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("compile", help="convert an ANN ONNX model into an SNN")
     p.add_argument("model")
@@ -444,11 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="HTML report: fidelity vs T, per-layer error, firing rates, energy")
-    p.add_argument("ann")
-    p.add_argument("snn", help="a time-unrolled spikec model of the ANN")
+    p.add_argument("ann", help="the ANN the SNN was compiled from (spikezip: its quantized ANN, or see --qann)")
+    p.add_argument("snn", help="a spikec model of the ANN (stepped methods: time-unrolled)")
+    p.add_argument("--qann", help="spikezip: the quantized ANN the SNN is equivalent to (compile --save-qann); "
+                                  "the SNN is then measured against it and against ANN, the float model")
     p.add_argument("--inputs", required=True)
     p.add_argument("--labels", help=".npz with a 'labels' array for accuracy")
     p.add_argument("-o", "--output", required=True, help="directory for index.html, the PNG plots and report.json")
+    p.add_argument("--force", action="store_true", help="replace a report already in that directory")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="also print report.json")
     p.add_argument("--quiet", action="store_true")
@@ -456,23 +524,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """A termination signal, raised wherever Python is when it arrives, so that every cleanup (spikec.modelio
+    removes its temporaries) runs as it does for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    # A second signal while cleaning up takes the default action: the user insists. Whatever that leaves
+    # behind, the next spikec run writing into that directory removes (spikec.modelio).
+    for number in TERMINATING_SIGNALS:
+        if signal.getsignal(number) is _interrupt:
+            signal.signal(number, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"spikec: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import onnxruntime
 
-    # Errors only: onnxruntime's graph-optimizer warnings are not the user's to act on, and they would
-    # bury the one-line error this tool promises.
-    onnxruntime.set_default_logger_severity(3)
+    # onnxruntime logs an error before raising it: the one-line error this tool prints says it already.
+    onnxruntime.set_default_logger_severity(4)
+    # Signals the caller ignores (nohup, background jobs) stay ignored.
+    handlers = {number: signal.signal(number, _interrupt) for number in TERMINATING_SIGNALS
+                if signal.getsignal(number) not in (signal.SIG_IGN, None)
+                and threading.current_thread() is threading.main_thread()}
     try:
-        status = args.func(args)
-        sys.stdout.flush()  # a closed pipe must show up here, not in the interpreter's exit flush
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            # numpy's floating-point warnings: spikec.verify refuses a model whose values overflowed, naming
+            # the tensor; the warning itself names a line of spikec, which helps no user.
+            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero|underflow) encountered",
+                                    RuntimeWarning)
+            status = args.func(args)
+            sys.stdout.flush()  # a closed pipe must show up here, not in the interpreter's exit flush
         return status
     except SpikecError as exc:
         print(f"spikec: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("spikec: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        number = getattr(exc, "signum", signal.SIGINT)
+        print(f"spikec: interrupted ({signal.Signals(number).name})", file=sys.stderr)
+        return 128 + number
     except BrokenPipeError:
         # The reader went away (`spikec inspect --json | head -1`): not an error of ours. Point stdout at
         # devnull so that the interpreter's final flush does not raise again.
@@ -480,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell reports for a process killed by SIGPIPE
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

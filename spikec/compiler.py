@@ -3,28 +3,29 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
+from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from spikec import methods
-from spikec.calibrate import collect_statistics, load_inputs, run_batches
+from spikec import methods, modelio
+from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
 from spikec.methods.base import Job
 from spikec.methods.spikezip import DEFAULT_LEVELS, SpikeZIPOptions, quantize_model
-from spikec.modelio import check_output_path, save_model_atomic
 from spikec.passes import emit
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.options import Options, option, outputs_of
 from spikec.passes.patterns import describe
 from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
+from spikec.verify import HeldOut, verify
 
 MODES = ("unrolled", "stateful")
 
@@ -46,6 +47,9 @@ class CompileOptions(Options):
                                                    "of --batch-size) exceeds this (e.g. 8G; default 80%% of RAM)",
                                              flag="--memory-budget", metavar="BYTES")
     progress: bool = option(True, "progress bars on stderr", flag="--quiet")
+    verify: bool = option(True, "hold out some calibration samples and run the SNN on them before writing: "
+                                "refuse one that fails or answers inf/NaN, warn below the method's fidelity "
+                                "bound, record the fidelity in the model", flag="--no-verify")
 
     def check(self) -> None:
         method = methods.get(self.method)
@@ -67,7 +71,7 @@ def _quiet_graphsurgeon(function):
     return quiet
 
 
-def split_options(options: Mapping[str, object]) -> tuple[CompileOptions, Options]:
+def split_options(options: Mapping[str, Any]) -> tuple[CompileOptions, Options]:
     """The common and the method's options from keyword arguments; a keyword neither knows is an error
     naming the method's own options."""
     common_names = {f.name for f in CompileOptions.declared()}
@@ -88,6 +92,7 @@ def split_options(options: Mapping[str, object]) -> tuple[CompileOptions, Option
 
 
 @_quiet_graphsurgeon
+@naming_sources
 def compile(model: str | os.PathLike | onnx.ModelProto,
             calibration: str | os.PathLike | Mapping[str, np.ndarray],
             output: str | os.PathLike | None = None,
@@ -100,12 +105,16 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     data, never the evaluation set. If ``output`` is given the model is written there atomically."""
     common, method_options = split_options(options)
     method = methods.get(common.method)
-    for path in [output, *(path for path, _ in outputs_of(method_options))]:
-        if path is not None:
-            check_output_path(path, model if isinstance(model, (str, os.PathLike)) else None)
+    reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
+    outputs = [("output", output), *((extra.label, extra.path) for extra in outputs_of(method_options))]
+    modelio.check_outputs(outputs, reads)  # before the work, not after it
 
-    ann = canonicalize(load_model(model, input_shapes=input_shapes))
-    job = Job(ann, load_inputs(calibration, ann), common.timesteps, common.mode, common.batch_size, common.progress,
+    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name))
+    _check_allow_float(common.allow_float, ann)
+    feeds, held_out = load_inputs(calibration, ann), None
+    if common.verify:
+        feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
+    job = Job(ann, feeds, common.timesteps, common.mode, common.batch_size, common.progress,
               frozenset(common.allow_float), method_options)
     method.prepare(job)
     plan = method.calibration(job)
@@ -132,13 +141,83 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     record = SpikecMetadata(method.name, mode, method.semantics, timesteps, method_options.to_json(),
                             tuple(sorted(common.allow_float)), job.report)
     snn = emit.to_model(job.graph, job.ann, record.to_props())
-    if output is not None:
-        save_model_atomic(snn, output)
-    for extra, path in job.extra_outputs:
-        save_model_atomic(extra, path)
+    label = _label(model, method.name)
+    if held_out is not None:
+        job.report["verification"] = verify(snn, label, ann, HeldOut(
+            held_out[0], job.ann, method.reference, common.batch_size, held_out=held_out[1]))
+        _warn_below_bound(method, job.report["verification"])
+        record.write(snn)
+    else:
+        verify(snn, label, ann)
+    extras = [(extra.label, extra.path, job.extra_outputs[extra.option]) for extra in outputs_of(method_options)]
+    return _write(model, method.name, ann, reads, [("output", output, snn), *extras], verified=1)
+
+
+def split_held_out(feeds: Mapping[str, np.ndarray], batch: int | None = None
+                   ) -> tuple[dict[str, np.ndarray], tuple[dict, bool]]:
+    """(calibration samples, (held-out samples, whether they are held out)): one in eight samples, at most
+    32 and spread over the data, is kept from calibration to verify the SNN on; for a model with a static
+    ``batch``, as many more as keep the calibration samples a multiple of it. Where none can be spared
+    (a single sample), the calibration samples are verified on."""
+    count = len(next(iter(feeds.values())))
+    held = min(count // 8, 32)
+    while held and batch and (count - held) % batch:
+        held += 1
+    if held == 0 or held > count // 2:
+        return dict(feeds), (dict(feeds), False)
+    chosen = np.unique(np.linspace(0, count - 1, held).round().astype(np.int64))
+    kept = np.setdiff1d(np.arange(count), chosen)
+    return ({name: value[kept] for name, value in feeds.items()},
+            ({name: value[chosen] for name, value in feeds.items()}, True))
+
+
+def _warn_below_bound(method, verification: dict) -> None:
+    if method.bound is None:
+        return
+    for name, measured in verification["outputs"].items():
+        value = measured[method.bound.measure]
+        if not method.bound.met(value):
+            warnings.warn(f"output '{name}' on {verification['samples']} held-out calibration samples: "
+                          f"{method.bound.measure.replace('_', ' ')} {value:.4g} against the {verification['reference']}"
+                          + (f" at T={verification['timesteps']}" if verification["timesteps"] else "")
+                          + f", short of {method.name}'s bound ({method.bound}): "
+                          f"{method.advice}", FidelityWarning, stacklevel=5)  # the caller of compile
+
+
+class FidelityWarning(UserWarning):
+    """A compiled SNN below its method's fidelity bound on held-out data (it is still written)."""
+
+
+def _label(source, method: str) -> str:
+    return f"{os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<in-memory model>'} ({method})"
+
+
+def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
+           models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | None]],
+           verified: int = 0) -> onnx.ModelProto:
+    """Verify every model made (spikec.verify) but the first ``verified``, then write those given a path,
+    all or none; returns the first (the SNN)."""
+    for _, _, made in models[verified:]:
+        if made is not None:
+            verify(made, _label(source, method), ann)
+    modelio.write([(what, path, made) for what, path, made in models if path is not None and made is not None],
+                  reads)
+    snn = models[0][2]
+    assert snn is not None, "the first model is the one the command makes"
     return snn
 
 
+def _check_allow_float(names: Sequence[str], ann: onnx.ModelProto) -> None:
+    """Every --allow-float entry must name an op type or a node of the model: a misspelt one would
+    silently keep nothing in float."""
+    known = {n.op_type for n in ann.graph.node} | {n.name for n in ann.graph.node}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise SpikecError(f"argument allow_float: {', '.join(map(repr, unknown))} is neither an op type nor a "
+                          f"node name of the model (see `spikec inspect`)")
+
+
+@naming_sources
 def quantize(model: str | os.PathLike | onnx.ModelProto,
              calibration: str | os.PathLike | Mapping[str, np.ndarray],
              output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS,
@@ -148,14 +227,19 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
     common = CompileOptions(method="spikezip", batch_size=batch_size, progress=progress)
     options = SpikeZIPOptions(levels=levels)
-    if output is not None:
-        check_output_path(output, model if isinstance(model, (str, os.PathLike)) else None)
-    ann = canonicalize(load_model(model, input_shapes=input_shapes))
-    qann, _ = quantize_model(ann, load_inputs(calibration, ann), options.levels, batch_size=common.batch_size,
+    reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
+    modelio.check_outputs([("output", output)], reads)
+    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip"))
+    qann, _ = quantize_model(ann, load_inputs(calibration, ann), levels, batch_size=common.batch_size,
                              progress=common.progress)
-    if output is not None:
-        save_model_atomic(qann, output)
-    return qann
+    return _write(model, "quantize", ann, reads, [("output", output, qann)])
+
+
+def static_batch(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int | None:
+    """The batch size the model's inputs fix at axis 0, where they agree on one."""
+    static = {d[0].dim_value for vi in ann.graph.input if vi.name in feeds
+              for d in [vi.type.tensor_type.shape.dim] if len(d) and d[0].WhichOneof("value") == "dim_value"}
+    return static.pop() if len(static) == 1 else None
 
 
 def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
@@ -163,11 +247,9 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) ->
     beyond the batch axis (e.g. flat indices b*seq + s baked into a Gather for the attention mask);
     canonicalize relaxes the common places, and this check runs the ANN on the first B samples twice
     over: every output must be the batch-B output twice, or the model cannot be unrolled."""
-    static = {d[0].dim_value for vi in ann.graph.input if vi.name in feeds
-              for d in [vi.type.tensor_type.shape.dim] if len(d) and d[0].WhichOneof("value") == "dim_value"}
-    if len(static) != 1:
+    batch = static_batch(ann, feeds)
+    if batch is None:
         return
-    batch = static.pop()
     outputs = [o.name for o in ann.graph.output]
     first = {name: array[:batch] for name, array in feeds.items()}
     reference = next(run_batches(ann, first, outputs, batch_size=batch, progress=False))

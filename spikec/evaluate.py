@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from tqdm import tqdm
 
 from spikec.errors import SpikecError
+from spikec.passes.loader import _one_line, check_input_file
 from spikec.runtime.layout import NEXT_STATE_PREFIX, STEPS_SUFFIX
-from spikec.runtime.session import InferenceSession, equilibrium_steps, run, run_stateful
+from spikec.runtime.session import InferenceSession, check_timesteps, equilibrium_steps, run, run_stateful
 
 
 def _label(model: str | os.PathLike | onnx.ModelProto | InferenceSession) -> str:
@@ -26,15 +25,14 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | InferenceSession) 
     if isinstance(model, InferenceSession):
         return model
     label = _label(model)
-    if not isinstance(model, onnx.ModelProto) and not Path(model).is_file():
-        raise SpikecError(f"model {label}: no such file")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: graph-optimizer warnings are not the user's to act on
+    if not isinstance(model, onnx.ModelProto):
+        check_input_file(model, f"model {label}")
     try:
-        return InferenceSession(model, options)
+        return InferenceSession(model)
+    except SpikecError:
+        raise
     except Exception as exc:  # onnxruntime's exception types share no base class below Exception
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        raise SpikecError(f"model {label}: onnxruntime cannot load it ({text[:300]})") from None
+        raise SpikecError(f"model {label}: onnxruntime cannot load it ({_one_line(exc)})") from None
 
 
 def _check_run_arguments(session: InferenceSession, label: str, batch_size, timesteps) -> None:
@@ -42,11 +40,7 @@ def _check_run_arguments(session: InferenceSession, label: str, batch_size, time
         raise SpikecError(f"argument batch_size={batch_size!r}: expected a positive integer")
     if timesteps is None:
         return
-    from spikec.compiler import MAX_TIMESTEPS  # only here: running a model need not import the compiler
-
-    if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) \
-            or not 1 <= timesteps <= MAX_TIMESTEPS:
-        raise SpikecError(f"argument timesteps={timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
+    check_timesteps(timesteps)
     if session.mode != "stateful" and timesteps != session.timesteps:
         raise SpikecError(f"argument timesteps={timesteps}: model {label} is {session.mode} with T={session.timesteps} "
                           f"fixed; only a stateful model takes the number of steps at run time")
@@ -69,16 +63,48 @@ def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, f
     if missing:
         raise SpikecError(f"inputs: missing model input(s) {', '.join(sorted(missing))}")
     count = len(next(iter(feeds.values())))
+    static = _static_batch(session)
+    batch_size = static or batch_size
     chunks: dict[str, list[np.ndarray]] = {}
     starts = range(0, count, batch_size)
     # disable=None lets tqdm stay quiet when stderr is not a terminal (logs, CI).
     for start in tqdm(starts, desc="running", disable=None if progress else True, leave=False):
-        batch = {name: feeds[name][start:start + batch_size] for name in wanted}
-        for name, value in run(session, batch, timesteps, until_quiet).items():
-            chunks.setdefault(name, []).append(value)
+        stop = min(start + batch_size, count)
+        batch = {name: _padded(feeds[name][start:stop], static) for name in wanted}
+        try:
+            outputs = run(session, batch, timesteps, until_quiet)
+        except SpikecError:
+            raise
+        except Exception as exc:  # see open_session
+            raise SpikecError(f"model {_label(model)}: onnxruntime failed on samples {start}:{stop} "
+                              f"({_one_line(exc)})") from None
+        for name, value in outputs.items():
+            chunks.setdefault(name, []).append(_unpadded(name, value, stop - start, static))
     return {name: np.concatenate(_pad_steps(name, parts) if name.endswith(STEPS_SUFFIX) else parts,
                                  axis=1 if name.endswith(STEPS_SUFFIX) else 0)
             for name, parts in chunks.items()}
+
+
+def _static_batch(session: InferenceSession) -> int | None:
+    """The batch size a model was exported with, where its user inputs fix one (they must agree)."""
+    sizes = {i.shape[0] for i in session.get_inputs()
+             if not i.name.startswith("spikec.") and i.shape and isinstance(i.shape[0], int)}
+    if len(sizes) > 1:
+        raise SpikecError(f"model {_label(session)}: inputs have different static batch sizes {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+def _padded(values: np.ndarray, static: int | None) -> np.ndarray:
+    """A short last batch of a static-batch model, filled up with copies of its last sample."""
+    if static is None or len(values) == static:
+        return values
+    return np.concatenate([values, np.repeat(values[-1:], static - len(values), axis=0)])
+
+
+def _unpadded(name: str, value: np.ndarray, samples: int, static: int | None) -> np.ndarray:
+    if static is None or samples == static or value.ndim == 0:
+        return value
+    return value[:, :samples] if name.endswith(STEPS_SUFFIX) else value[:samples]
 
 
 def _pad_steps(name: str, parts: list[np.ndarray]) -> list[np.ndarray]:
@@ -132,7 +158,7 @@ def compare(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, 
         labels = check_labels(labels, len(next(iter(feeds.values()))))
     ann_out = run_dataset(ann_session, feeds, batch_size=batch_size, progress=progress)
     snn_out = run_dataset(snn_session, feeds, batch_size=batch_size, progress=progress)
-    result = {}
+    result: dict[str, dict[str, object]] = {}
     for name, reference in ann_out.items():
         if name + STEPS_SUFFIX in snn_out:
             steps = snn_out[name + STEPS_SUFFIX]

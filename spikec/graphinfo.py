@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,8 +94,8 @@ def sample_shapes(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]] | 
     """Shapes of every tensor with batch 1: graph inputs get [1, *inputs[name][1:]] where given (so data
     resolves symbolic dims such as a sequence length), else their declared dims with axis 0 set to 1.
     Stateful models get states of ones-shape, as the driver feeds them."""
-    meta = metadata(model)
-    rows = int(meta.get("spikec.timesteps", 1)) if meta.get("spikec.mode") == "unrolled" else 1
+    record = SpikecMetadata.read(model)
+    rows = record.timesteps if record and record.mode == "unrolled" else 1
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(model)
     graph = skeleton.graph
@@ -252,7 +251,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
 
 def mean_domain(nodes: Sequence[NodeInfo]) -> set[str]:
     """Tensors holding F of running means (their value at step t is already the estimate after t steps)."""
-    means = set()
+    means: set[str] = set()
     for n in nodes:
         if n.category == "ec_float" or (n.domain == SPIKEC_DOMAIN and n.op == "ECAccumulate"):
             means.update(n.outputs)
@@ -345,11 +344,11 @@ def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
 def summarize(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]] | None = None) -> dict:
     """What `spikec inspect` adds to the op histogram: rewrites, neuron counts, float ops and why.
     ``inputs`` (input name -> data shape) resolves symbolic dims for the neuron counts."""
-    meta = metadata(model)
-    if "spikec.method" not in meta:
+    record = SpikecMetadata.read(model)
+    if record is None:
         return {"rewrites": [], "neuron_counts": {"neuron_nodes": 0, "neurons_total": 0, "sites": []},
                 "float_ops": []}
-    report = json.loads(meta.get("spikec.report", "{}"))
+    report = record.report
     nodes = classify_nodes(model)
     return {"rewrites": rewrites(report, nodes),
             "neuron_counts": neuron_counts(report, nodes, sample_shapes(model, inputs)),

@@ -1,12 +1,10 @@
-"""Fetch intermediate tensors of an ANN and its time-unrolled SNN side by side, and read SNN tensors as
-estimates of the ANN's.
+"""Fetch intermediate tensors of ANNs and a spikec model side by side, and read the spikec model's tensors
+as estimates of the ANN's.
 
 Tensors are exposed with `spikec.calibrate.run_batches` (extra graph outputs on an in-memory copy; the
 model files are never modified). In a time-unrolled model every tensor downstream of the inputs holds
-all steps folded into the batch axis, ``[T*B, ...]`` step-major (passes/emit.py). Tensors that keep
-their ANN name carry per-step values (mean semantics: the estimate after t steps is their running mean)
-except inside expectation compensation, where F runs on running means and its value at step t is already
-the estimate after t steps (`spikec.graphinfo.mean_domain`).
+all steps folded into the batch axis, ``[T*B, ...]`` step-major (passes/emit.py). What the SNN makes of
+an ANN tensor after T steps depends on where the tensor sits (`Estimate`).
 """
 from __future__ import annotations
 
@@ -21,14 +19,22 @@ from spikec.calibrate import run_batches
 ModelLike = str | os.PathLike | onnx.ModelProto
 
 
-def paired_batches(ann: ModelLike, snn: ModelLike, feeds: Mapping[str, np.ndarray], ann_names: Sequence[str],
-                   snn_names: Sequence[str], *, batch_size: int = 32,
-                   progress: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """Run both models over the same batches; yield ({ann tensor: value}, {snn tensor: value})."""
-    ann_batches = run_batches(ann, feeds, ann_names, batch_size=batch_size, progress=progress, desc="ANN + SNN")
-    snn_batches = run_batches(snn, feeds, snn_names, batch_size=batch_size, progress=False)
-    for ann_values, snn_values in zip(ann_batches, snn_batches, strict=True):
-        yield ann_values, snn_values
+class Estimate:
+    """How an SNN tensor estimates the ANN tensor of its name after T steps."""
+    OUTPUT = "graph output (after T steps)"  # a rate readout: already the estimate
+    LAST = "last step"  # F of running means/sums, or a time-invariant tensor: its last step is the estimate
+    MEAN = "running mean"  # per-step values, mean semantics (ECMT, STA)
+    SUM = "running sum"  # per-step values, sum semantics (SpikeZIP-TF)
+    SINGLE = "one pass"  # TTFS: no time steps, the received value itself
+
+
+def side_by_side(models: Sequence[ModelLike], names: Sequence[Sequence[str]], feeds: Mapping[str, np.ndarray], *,
+                 batch_size: int = 32, progress: bool = False) -> Iterator[list[dict[str, np.ndarray]]]:
+    """Run every model over the same batches; yield one {tensor: value} per model and batch."""
+    runs = [run_batches(model, feeds, model_names, batch_size=batch_size, progress=progress and i == 0,
+                        desc="report") for i, (model, model_names) in enumerate(zip(models, names, strict=True))]
+    for values in zip(*runs, strict=True):
+        yield list(values)
 
 
 def per_step(value: np.ndarray, timesteps: int, rows: int) -> np.ndarray | None:
@@ -39,15 +45,15 @@ def per_step(value: np.ndarray, timesteps: int, rows: int) -> np.ndarray | None:
     return value.reshape(timesteps, rows, *value.shape[1:])
 
 
-def final_estimate(value: np.ndarray, reference_shape: Sequence[int], timesteps: int, *,
-                   running_mean: bool) -> np.ndarray | None:
-    """The SNN's estimate, after all T steps, of an ANN tensor of ``reference_shape``: the running mean over
-    T of per-step values, or the last step of a tensor that already holds means. A tensor shaped like the
-    reference (graph outputs ``y``) is already final. None where the shapes do not correspond."""
+def final_estimate(value: np.ndarray, reference_shape: Sequence[int], timesteps: int, kind: str) -> np.ndarray | None:
+    """The SNN's estimate, after all T steps, of an ANN tensor of ``reference_shape`` (see `Estimate`).
+    None where the shapes do not correspond."""
     reference_shape = tuple(reference_shape)
-    if value.shape == reference_shape and timesteps > 1:
-        return value
+    if kind in (Estimate.OUTPUT, Estimate.SINGLE):
+        return value if value.shape == reference_shape else None
     steps = per_step(value, timesteps, reference_shape[0]) if reference_shape else None
     if steps is None or steps.shape[1:] != reference_shape:
         return None
-    return steps.mean(axis=0, dtype=np.float64) if running_mean else steps[-1]
+    if kind == Estimate.LAST:
+        return steps[-1]
+    return steps.sum(axis=0, dtype=np.float64) / (timesteps if kind == Estimate.MEAN else 1)

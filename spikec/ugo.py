@@ -114,10 +114,9 @@ class UGO:
             count += spike
         return (count / timesteps * theta) @ self.w2 + self.b2
 
-    def save(self, path: Path) -> None:
-        from spikec.modelio import save_arrays_atomic
-
-        save_arrays_atomic({"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array(self.b2)}, path)
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The weights as ``load`` reads them back (an .npz for spikec.modelio.write)."""
+        return {"w1": self.w1, "b1": self.b1, "w2": self.w2, "b2": np.array(self.b2)}
 
 
 def path_for(name: str, hidden: int | None = None) -> Path:
@@ -199,7 +198,8 @@ def train_paper(name: str, hidden: int | None = None, *, seed: int = 0, epochs: 
     hidden = _hidden(spec, hidden)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(1, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)).double()
+    first, second = torch.nn.Linear(1, hidden).double(), torch.nn.Linear(hidden, 1).double()
+    net = torch.nn.Sequential(first, torch.nn.ReLU(), second)
     params = list(net.parameters())
     optimizer = torch.optim.SGD(params, lr=0.01) if spec.optimizer == "sgd" else torch.optim.Adam(params, lr=0.01)
     kind, *args = spec.schedule
@@ -207,7 +207,6 @@ def train_paper(name: str, hidden: int | None = None, *, seed: int = 0, epochs: 
                  "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, args[0], args[1]),
                  "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)}[kind]()
     largest = max(abs(v) for v in spec.domain)
-    first, second = net[0], net[2]
     for _ in tqdm(range(epochs), desc=f"UGO {name} N={hidden}", disable=None if progress else True, leave=False):
         for _ in range(STEPS_PER_EPOCH):
             x = torch.from_numpy(spec.sample(rng, BATCH))[:, None]

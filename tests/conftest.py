@@ -1,7 +1,11 @@
-import sys
-from pathlib import Path
+"""Fixtures shared by the test modules. The repository root is on sys.path through pytest's ``pythonpath``
+(pyproject.toml), so tests import the offline model/data zoo as ``from examples import fixtures``."""
+import pytest
 
-# Make the repo root importable so tests can do `from examples import fixtures`.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from examples import fixtures
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The digits split (x_train/y_train/x_test/y_test) the digits ViT was trained and is evaluated on."""
+    return fixtures.digits_data()

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import conformance
 
-pytestmark = pytest.mark.conformance
+pytestmark = [pytest.mark.conformance, pytest.mark.slow]
 
 _SDPA = "issue 18 class 1: sdpa's NaN guard Where(IsNaN(p), 0, p) is rejected before the softmax region sees it"
 _OPTIMIZED = ("issue 18 classes 1 and 3: the sdpa NaN guard, then onnxruntime's com.microsoft fused ops "

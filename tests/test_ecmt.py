@@ -11,10 +11,7 @@ from examples import fixtures
 from spikec.evaluate import cosine, run_dataset
 from spikec.runtime import InferenceSession, run_stateful
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return fixtures.digits_data()
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import pytest
 
 from examples import fixtures
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 
 def _run(path, feeds):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -121,6 +121,28 @@ class CausalSoftmax(nn.Module):
         return (q @ k.transpose(-1, -2) + self.bias).softmax(-1)
 
 
+class FilledSoftmax(nn.Module):
+    """DeBERTa's masked_fill(~mask, finfo.min) (``keep``: torch.where(mask, scores, finfo.min) instead),
+    then a padding mask added on top of a causal fill (``chain``)."""
+
+    def __init__(self, style="fill"):
+        super().__init__()
+        self.style = style
+
+    def forward(self, q, k, v, mask):
+        scores = q @ k.transpose(-1, -2)
+        allowed = mask[:, None, None, :].bool()
+        low = torch.finfo(torch.float32).min
+        if self.style == "fill":
+            scores = scores.masked_fill(~allowed, low)
+        elif self.style == "keep":
+            scores = torch.where(allowed, scores, low)
+        else:
+            causal = torch.ones(5, 5, dtype=torch.bool).tril()
+            scores = torch.where(causal, scores, low) + torch.where(allowed, 0.0, low)
+        return scores.softmax(-1) @ v
+
+
 class Sdpa(nn.Module):
     def forward(self, q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -173,6 +195,9 @@ CASES = {
     "masked_softmax": (MaskedSoftmax, _attention_inputs),
     "causal_softmax": (CausalSoftmax, lambda: _attention_inputs(with_mask=False)),
     "biased_softmax": (lambda: CausalSoftmax(bias=_x(5, 5)), lambda: _attention_inputs(with_mask=False)),
+    "filled_softmax": (FilledSoftmax, _attention_inputs),
+    "kept_softmax": (lambda: FilledSoftmax("keep"), _attention_inputs),
+    "chained_softmax": (lambda: FilledSoftmax("chain"), _attention_inputs),
     "sdpa": (Sdpa, _sdpa_inputs),
     "linear3d": (Linear, lambda: (_x(2, 5, D),)),
     "linear2d": (Linear, lambda: (_x(2, D),)),
@@ -351,8 +376,10 @@ def test_softmax_with_mask_add(export, exporter, opset):
     softmax = _only(regions, "softmax")
     assert [n.op for n in softmax.nodes] == ["Add", "Softmax"]
     assert softmax.attrs["axis"] == -1 and softmax.attrs["nan_guard"] is False
-    mask = softmax.attrs["mask"]
-    assert isinstance(mask, gs.Variable) and mask in softmax.inputs and len(softmax.inputs) == 2
+    (step,) = softmax.attrs["masks"]
+    mask = step["mask"]
+    assert step["form"] == "add" and isinstance(mask, gs.Variable) and mask in softmax.inputs
+    assert softmax.attrs["scores"] is softmax.nodes[0].inputs[0] and len(softmax.inputs) == 2
     assert mask.inputs[0].op == "Mul"  # (1 - mask) * finfo.min, built outside the region
     qk, pv = [r for r in regions if r.kind == "act_matmul"]
     assert qk.attrs == {"transposed_b": True} and pv.attrs == {"transposed_b": False}
@@ -360,12 +387,37 @@ def test_softmax_with_mask_add(export, exporter, opset):
     assert any(n.op == "Div" and id(n) not in claimed for n in graph.nodes), "the 1/sqrt(d) scale stays outside"
 
 
+@pytest.mark.parametrize(("case", "when"), [("filled_softmax", True), ("kept_softmax", False)])
+@pytest.mark.parametrize(("exporter", "opset"), [("torchscript", 17), ("dynamo", 18)])
+def test_softmax_with_masked_fill(export, exporter, opset, case, when):
+    """Where(condition, finfo.min, scores) replaces masked scores: the Where belongs to the region, so every
+    method sees the fill applied to its averaged (summed) scores, never to per-step ones."""
+    _, regions = _regions(export(case, exporter, opset))
+    softmax = _only(regions, "softmax")
+    assert [n.op for n in softmax.nodes] == ["Where", "Softmax"]
+    (step,) = softmax.attrs["masks"]
+    assert step["form"] == "fill" and step["fill_when"] is when
+    assert step["fill_value"] == pytest.approx(float(np.finfo(np.float32).min))
+    assert step["mask"].dtype == np.bool_ and step["mask"] in softmax.inputs
+    assert softmax.attrs["scores"].inputs[0].op == "MatMul"
+
+
+@pytest.mark.parametrize(("exporter", "opset"), [("torchscript", 17), ("dynamo", 18)])
+def test_softmax_with_a_chain_of_masks(export, exporter, opset):
+    _, regions = _regions(export("chained_softmax", exporter, opset))
+    softmax = _only(regions, "softmax")
+    assert [m["form"] for m in softmax.attrs["masks"]] == ["fill", "add"]
+    assert [n.op for n in softmax.nodes] == ["Where", "Add", "Softmax"]
+    assert softmax.attrs["scores"].inputs[0].op == "MatMul"
+
+
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_softmax_with_constant_causal_mask(export, exporter):
     _, regions = _regions(export("causal_softmax", exporter, 18 if exporter == "dynamo" else 17))
     softmax = _only(regions, "softmax")
     assert [n.op for n in softmax.nodes] == ["Add", "Softmax"]
-    assert isinstance(softmax.attrs["mask"], gs.Constant)
+    assert [m["form"] for m in softmax.attrs["masks"]] == ["add"]
+    assert isinstance(softmax.attrs["masks"][0]["mask"], gs.Constant)
     assert softmax.inputs == [softmax.nodes[0].inputs[0]]  # constants are not region inputs
 
 
@@ -373,7 +425,7 @@ def test_softmax_with_constant_causal_mask(export, exporter):
 def test_softmax_with_constant_bias_keeps_the_add_out(export, exporter):
     _, regions = _regions(export("biased_softmax", exporter, 18 if exporter == "dynamo" else 17))
     softmax = _only(regions, "softmax")
-    assert [n.op for n in softmax.nodes] == ["Softmax"] and softmax.attrs["mask"] is None
+    assert [n.op for n in softmax.nodes] == ["Softmax"] and softmax.attrs["masks"] == []
 
 
 @pytest.mark.parametrize(("exporter", "opset"), [("torchscript", 17), ("dynamo", 18)])
@@ -383,7 +435,7 @@ def test_sdpa_decomposition(export, exporter, opset):
     assert _kinds(regions) == {"act_matmul": 2, "softmax": 1}
     softmax = _only(regions, "softmax")
     assert [n.op for n in softmax.nodes] == ["Add", "Softmax", "IsNaN", "Where"]
-    assert softmax.attrs["nan_guard"] is True and isinstance(softmax.attrs["mask"], gs.Variable)
+    assert softmax.attrs["nan_guard"] is True and isinstance(softmax.attrs["masks"][0]["mask"], gs.Variable)
     assert softmax.outputs == [softmax.nodes[-1].outputs[0]]
     assert [r.attrs["transposed_b"] for r in regions if r.kind == "act_matmul"] == [True, False]
     claimed = {id(n) for r in regions for n in r.nodes}
@@ -436,7 +488,8 @@ def test_describe_is_json_and_names_tensors(export):
     summary = json.loads(json.dumps(describe(regions)))
     softmax = next(s for s in summary if s["kind"] == "softmax")
     assert softmax["ops"] == ["Add", "Softmax", "IsNaN", "Where"]
-    assert softmax["attrs"]["mask"] in softmax["inputs"]
+    assert softmax["attrs"]["masks"][0]["mask"] in softmax["inputs"]
+    assert softmax["attrs"]["scores"] in softmax["inputs"]
     assert softmax["name"] in softmax["nodes"]
 
 
@@ -712,6 +765,7 @@ def _fixture_feeds(case: str) -> dict[str, np.ndarray]:
     return fixtures.random_inputs(name, batch=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FIXTURE_CASES)
 def test_fixture_models(case):
     build, expected, epsilon, input_shapes = FIXTURE_CASES[case]

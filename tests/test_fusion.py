@@ -12,6 +12,8 @@ from examples import fixtures
 from spikec.evaluate import _with_outputs
 from spikec.runtime import InferenceSession, fusion, native, ops, run
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 
 def test_compose_refuses_ops_sharing_names():
     with pytest.raises(ValueError, match="theta_pos"):

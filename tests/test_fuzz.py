@@ -39,6 +39,8 @@ from examples import fixtures
 from spikec.calibrate import load_inputs
 from spikec.runtime import InferenceSession, run
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 T = 2
 EXAMPLES = int(os.environ.get("SPIKEC_FUZZ_EXAMPLES", "25"))
 FUZZ = settings(

@@ -1,4 +1,6 @@
 """`pip install` builds the native kernels where a C++ compiler is available (setup.py)."""
+import json
+import logging
 import os
 import platform
 import shutil
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from spikec.runtime import native
+
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
 REPO = Path(__file__).resolve().parents[1]
 CAN_BUILD = (platform.machine() in ("x86_64", "AMD64") and shutil.which(os.environ.get("CXX", "g++")) is not None
@@ -47,5 +51,35 @@ def test_a_wheel_ships_the_kernels_of_its_sources(tmp_path):
         names = set(archive.namelist())
         assert "spikec/runtime/libspikec_kernels.so" in names
         assert {"spikec/runtime/kernels/spikec_kernels.cc", "spikec/runtime/kernels/build.sh"} <= names
+        installed = {"spikec": "spikec", "passes": "spikec/passes", "runtime": "spikec/runtime"}
+        modules = {f"{installed[path.parts[0]]}/{'/'.join(path.parts[1:])}"
+                   for path in (Path(name) for name in files) if path.suffix == ".py" and path.parts[0] in installed}
+        assert modules <= names, f"the wheel lacks {sorted(modules - names)}"
         archive.extract("spikec/runtime/libspikec_kernels.so", tmp_path)
     assert native.built_from(tmp_path / "spikec/runtime/libspikec_kernels.so") == native.source_digest()
+
+
+@needs_compiler
+def test_info_reports_the_library_the_sessions_use(capsys):
+    from spikec.cli import main
+
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["native"]["loads"] and info["native"]["matches_sources"]
+    assert info["native"]["library"] == os.fspath(native.library_path()) and info["native"]["isa"] in native.ISAS
+    assert set(info["methods"]) >= {"ecmt", "spikezip", "sta", "ttfs"}
+
+
+def test_sessions_say_once_which_path_runs(caplog, monkeypatch):
+    import numpy as np
+
+    import spikec
+    from graphs import FEATURES, mlp
+    from spikec.runtime import InferenceSession, session
+
+    snn = spikec.compile(mlp(), {"x": np.ones((8, FEATURES), np.float32)}, verify=False, progress=False)
+    monkeypatch.setattr(session, "_PATH_SAID", False)
+    with caplog.at_level(logging.INFO, logger="spikec"):
+        InferenceSession(snn, native=False)
+        InferenceSession(snn)
+    assert [r.getMessage() for r in caplog.records] == ["spikec ops run as their ONNX functions (native=False)"]

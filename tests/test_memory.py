@@ -14,6 +14,8 @@ from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.runtime import InferenceSession, run
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 
 @pytest.fixture(scope="module")
 def vit():

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 
 import spikec
+from graphs import FEATURES, mlp
 from spikec import methods
 from spikec.cli import main
+from spikec.evaluate import run_dataset
 from spikec.methods import METHODS, Calibration, Job, Method
 from spikec.methods.base import MEAN
 from spikec.passes.options import Options, option
@@ -46,39 +47,29 @@ def echo():
     del METHODS["echo"]
 
 
-def _mlp() -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    w = onnx.numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
-                              "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [w])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_a_registered_method_compiles_and_runs(echo):
-    x = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)
-    snn = spikec.compile(_mlp(), {"x": x}, method="echo", timesteps=3, label="probe", progress=False)
+    x = np.random.default_rng(1).standard_normal((5, FEATURES)).astype(np.float32)
+    snn = spikec.compile(mlp(), {"x": x}, method="echo", timesteps=3, label="probe", progress=False)
     record = SpikecMetadata.read(snn)
     assert (record.method, record.mode, record.timesteps) == ("echo", "unrolled", 3)
     assert record.options == {"label": "probe", "gain": 1.0} and record.report["label"] == "probe"
     got = run(InferenceSession(snn), {"x": x}, 3)["y"]
-    np.testing.assert_allclose(got, np.maximum(x @ onnx.numpy_helper.to_array(_mlp().graph.initializer[0]), 0),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, run_dataset(mlp(), {"x": x})["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_its_options_validate_and_belong_to_it(echo):
-    x = np.zeros((2, 6), np.float32)
+    x = np.zeros((2, FEATURES), np.float32)
     with pytest.raises(spikec.SpikecError, match=r"gain=11: expected a number in \[0, 10\] for method echo"):
-        spikec.compile(_mlp(), {"x": x}, method="echo", gain=11, progress=False)
+        spikec.compile(mlp(), {"x": x}, method="echo", gain=11, progress=False)
     with pytest.raises(spikec.SpikecError, match=r"unknown compile option\(s\) for method echo: percentile "
                                                  r"\(an option of method ecmt\)"):
-        spikec.compile(_mlp(), {"x": x}, method="echo", percentile=90, progress=False)
+        spikec.compile(mlp(), {"x": x}, method="echo", percentile=90, progress=False)
 
 
 def test_the_cli_generates_its_flags(echo, tmp_path, capfd):
     model, calib, out = tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "snn.onnx"
-    onnx.save(_mlp(), model)
-    np.savez(calib, x=np.ones((4, 6), np.float32))
+    onnx.save(mlp(), model)
+    np.savez(calib, x=np.ones((4, FEATURES), np.float32))
     assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--method", "echo", "--label", "cli",
                  "--gain", "2", "--quiet"]) == 0
     assert SpikecMetadata.read(onnx.load(out)).options == {"label": "cli", "gain": 2.0}

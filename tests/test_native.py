@@ -13,6 +13,7 @@ import pytest
 import spikec
 from examples import fixtures
 from op_models import example_attributes, example_params, initial_states, one_node_model
+from spikec import SpikecError
 from spikec.runtime import InferenceSession, Stepper, native, ops, run_stateful, ttfs
 from spikec.runtime.session import next_state_name
 
@@ -143,8 +144,10 @@ def test_library_path_from_environment(monkeypatch, tmp_path):
     built = native.library_path()
     monkeypatch.setenv(native.ENV_VAR, os.fspath(built))
     assert native.library_path() == built
-    monkeypatch.setenv(native.ENV_VAR, os.fspath(tmp_path / "missing.so"))
-    assert native.library_path() is None and not native.available()
+    for wrong in (tmp_path / "missing.so", tmp_path):  # a mistake to report, not a reason to run portably
+        monkeypatch.setenv(native.ENV_VAR, os.fspath(wrong))
+        with pytest.raises(SpikecError, match=native.ENV_VAR):
+            native.available()
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +160,7 @@ def digits_models(tmp_path_factory):
     return out, {"pixels": data["x_test"][:64]}
 
 
+@pytest.mark.slow
 def test_digits_vit_native_equals_portable(digits_models):
     out, feeds = digits_models
     path = out / "unrolled.onnx"
@@ -168,6 +172,7 @@ def test_digits_vit_native_equals_portable(digits_models):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_digits_vit_stateful_native_equals_portable(digits_models):
     """InferenceSession keeps MatMulScaleFusion off (runtime/session.py), so the portable run computes
     the inlined step functions as written, and the native kernels must match it."""
@@ -179,6 +184,7 @@ def test_digits_vit_stateful_native_equals_portable(digits_models):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_stepper_updates_states_in_place_with_the_same_bits(digits_models):
     """Native steps write each state over its input (Stepper): the same bits as steps with fresh buffers
     and numpy states, and the state tensors keep their addresses from the second step on."""
@@ -250,6 +256,7 @@ def test_ttfs_kernels_match_functions(op_type, scalars):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_digits_vit_ttfs_native_equals_portable(tmp_path):
     data = fixtures.digits_data()
     path = tmp_path / "ttfs.onnx"
@@ -342,6 +349,7 @@ def test_the_kernels_run_the_vector_isa_asked_for():
 _NARROWER_ISAS = native.ISAS[:native.ISAS.index(native.kernel_isa())] if native.available() else ()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", _NARROWER_ISAS)
 def test_narrower_vector_isas_give_the_same_bits(isa):
     """This module's bit-equality tests again, in a fresh process whose kernels run the narrower ISA
@@ -356,5 +364,5 @@ def test_narrower_vector_isas_give_the_same_bits(isa):
 
 def test_an_unknown_vector_isa_is_refused(monkeypatch):
     monkeypatch.setenv(native.ISA_ENV_VAR, "sse9")
-    with pytest.raises(ValueError, match=f"{native.ISA_ENV_VAR}='sse9': expected one of baseline, avx2, avx512"):
+    with pytest.raises(SpikecError, match=f"{native.ISA_ENV_VAR}='sse9': expected one of baseline, avx2, avx512"):
         native.register(ort.SessionOptions())

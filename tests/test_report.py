@@ -1,5 +1,6 @@
-"""`spikec report` and `spikec inspect` on the digits ViT: every number checked against an independent
-recomputation (numpy on tensors fetched straight from onnxruntime, or by hand from the architecture)."""
+"""`spikec report` and `spikec inspect` on the digits ViT, converted by every method: every number checked
+against an independent recomputation (numpy on tensors fetched straight from onnxruntime, or by hand
+from the architecture)."""
 import json
 import shutil
 import subprocess
@@ -8,58 +9,125 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 import spikec
 from examples import fixtures
+from spikec import methods
 from spikec.cli import inspect_model, main
 from spikec.errors import SpikecError
-from spikec.evaluate import cosine
+from spikec.evaluate import cosine, fidelity
+from spikec.methods import Method
+from spikec.methods.ecmt import ECMT
+from spikec.report import build_report, energy, plots, write_report
+from spikec.report.section import Context
+from spikec.report.sta import STASection
+from spikec.runtime import equilibrium_steps
+from spikec.runtime.metadata import SpikecMetadata
+
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
 T = 4
+SPIKEZIP_T = 24  # past T_eq of these samples (measured 17-22)
 SAMPLES = 64
-PLOTS = ("fidelity", "layers", "firing", "levels", "energy")
+FEW = 32  # samples for the other methods' reports
 # digits ViT: 8x8 image, patch 2 -> 16 patches + CLS = 17 tokens, dim 64, 4 heads of 16, MLP 128, 4 blocks
 TOKENS, DIM, HEADS, MLP, BLOCKS, CLASSES = 17, 64, 4, 128, 4, 10
 HEAD_DIM = DIM // HEADS
+GELU_HIDDEN = 32  # STA's GELU UGO, the paper's size
+COMMON_PLOTS = ("fidelity", "layers", "firing", "energy")
+METHOD_PLOTS = {"ecmt": ("levels",), "spikezip": ("steps",), "sta": ("burst", "ugo"),
+                "ttfs": ("spike_times", "clipping")}
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return fixtures.digits_data()
-
-
-@pytest.fixture(scope="module")
-def made(digits, tmp_path_factory):
-    """The SNN (T=4), the evaluation data, and the report written by the CLI."""
+def root(digits, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
+    np.savez(root / "x.npz", pixels=digits["x_test"][:SAMPLES])
+    np.savez(root / "y.npz", labels=digits["y_test"][:SAMPLES])
+    np.savez(root / "x_few.npz", pixels=digits["x_test"][:FEW])
+    np.savez(root / "y_few.npz", labels=digits["y_test"][:FEW])
+    return root
+
+
+def _report(root, name, ann, snn, *extra, samples=FEW):
+    """The report written by the CLI, and its data."""
+    inputs, labels = ("x", "y") if samples == SAMPLES else ("x_few", "y_few")
+    out = root / f"report_{name}"
+    assert main(["report", str(ann), str(snn), "--inputs", str(root / f"{inputs}.npz"), "--labels",
+                 str(root / f"{labels}.npz"), "-o", str(out), "--quiet", *extra]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def made(digits, root):
+    """ECMT (T=4), reported on 64 samples."""
     ann = fixtures.digits_vit()
-    snn = root / "snn.onnx"
+    snn = root / "ecmt.onnx"
     spikec.compile(ann, {"pixels": digits["x_train"][:128]}, snn, timesteps=T, progress=False)
-    x, y = digits["x_test"][:SAMPLES], digits["y_test"][:SAMPLES]
-    np.savez(root / "x.npz", pixels=x)
-    np.savez(root / "y.npz", labels=y)
-    out = root / "report"
-    assert main(["report", str(ann), str(snn), "--inputs", str(root / "x.npz"), "--labels", str(root / "y.npz"),
-                 "-o", str(out), "--quiet"]) == 0
-    return {"ann": ann, "snn": snn, "x": x, "y": y, "out": out,
-            "data": json.loads((out / "report.json").read_text())}
+    out, data = _report(root, "ecmt", ann, snn, samples=SAMPLES)
+    return {"ann": ann, "snn": snn, "x": digits["x_test"][:SAMPLES], "y": digits["y_test"][:SAMPLES], "out": out,
+            "data": data}
 
 
-def fetch(model_path, names, feeds):
+@pytest.fixture(scope="module")
+def spikezip_made(digits, root):
+    """SpikeZIP-TF: a float ANN quantized by the compile (its QANN saved beside), reported with --qann."""
+    ann, snn, qann = fixtures.digits_vit(), root / "spikezip.onnx", root / "qann.onnx"
+    spikec.compile(ann, {"pixels": digits["x_train"][:128]}, snn, method="spikezip", timesteps=SPIKEZIP_T,
+                   save_qann=qann, progress=False)
+    out, data = _report(root, "spikezip", ann, snn, "--qann", str(qann))
+    return {"ann": ann, "qann": qann, "snn": snn, "x": digits["x_test"][:FEW], "out": out, "data": data}
+
+
+@pytest.fixture(scope="module")
+def sta_made(digits, root):
+    ann, snn = fixtures.digits_vit(), root / "sta.onnx"
+    # little calibration data: the GELU UGOs' threshold search dominates the compile
+    spikec.compile(ann, {"pixels": digits["x_train"][:16]}, snn, method="sta", timesteps=T, progress=False)
+    out, data = _report(root, "sta", ann, snn)
+    return {"ann": ann, "snn": snn, "x": digits["x_test"][:FEW], "out": out, "data": data}
+
+
+@pytest.fixture(scope="module")
+def ttfs_made(digits, root):
+    ann, snn = fixtures.digits_vit(), root / "ttfs.onnx"
+    spikec.compile(ann, {"pixels": digits["x_train"][:128]}, snn, method="ttfs", progress=False)
+    out, data = _report(root, "ttfs", ann, snn)
+    return {"ann": ann, "snn": snn, "x": digits["x_test"][:FEW], "out": out, "data": data}
+
+
+METHODS = {"ecmt": "made", "spikezip": "spikezip_made", "sta": "sta_made", "ttfs": "ttfs_made"}
+
+
+@pytest.fixture(params=list(METHODS))
+def any_made(request):
+    return request.param, request.getfixturevalue(METHODS[request.param])
+
+
+def fetch(model, names, feeds):
     """Intermediate tensors straight from onnxruntime: the names become extra outputs of a copy."""
-    model = onnx.load(model_path)
-    declared = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in declared)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    model = onnx.load(model) if not isinstance(model, onnx.ModelProto) else model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    declared = {o.name for o in copy.graph.output}
+    copy.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in declared)
+    session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
     return dict(zip(names, session.run(names, feeds)))
 
 
-def test_writes_html_json_and_nontrivial_plots(made):
+# ------------------------------------------------------------------ every method
+
+def test_every_method_writes_html_json_and_nontrivial_plots(any_made):
     import matplotlib.image
 
-    out = made["out"]
+    method, made = any_made
+    out, data = made["out"], made["data"]
+    assert data["method"] == method
     html = (out / "index.html").read_text()
-    for name in PLOTS:
+    names = (*COMMON_PLOTS, *METHOD_PLOTS[method])
+    assert sorted(p.stem for p in out.glob("*.png")) == sorted(names)
+    for name in names:
         png = out / f"{name}.png"
         assert png.stat().st_size > 10_000, name
         pixels = matplotlib.image.imread(png)[..., :3]
@@ -67,33 +135,60 @@ def test_writes_html_json_and_nontrivial_plots(made):
         colours = np.rint(pixels * 255).astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32)
         assert len(np.unique(colours)) > 20, name
         assert f'data-file="{name}.png"' in html
-    assert html.count('src="data:image/png;base64,') == len(PLOTS)  # self-contained
-    for text in ("Table 1", "TTFSFormer", "4.6 pJ", "0.9 pJ", "MTNeuron"):
+    assert html.count('src="data:image/png;base64,') == len(names)  # self-contained
+    for text in ("4.6 pJ", "0.9 pJ", "Table 1", "TTFSFormer", "top-1 agreement", "symlog"):
         assert text in html
+    assert data["classifier"] and not data["layers_skipped"]
 
+
+def test_every_method_counts_energy_by_the_same_terms(made, spikezip_made, sta_made, ttfs_made):
+    reports = [m["data"] for m in (made, spikezip_made, sta_made, ttfs_made)]
+    for data in reports:
+        e = data["energy"]
+        rules = [(k, rule) for k, (_, rule) in energy.TERMS.items()]
+        assert [(t["term"], t["rule"]) for t in e["snn"]["terms"]] == rules
+        # the same ANN: the same baseline for every method
+        assert e["ann"]["product_macs"] == 2_380_928
+        assert e["ann"]["energy_pj"] == reports[0]["energy"]["ann"]["energy_pj"]
+        snn_pj = sum(t["acs"] * 0.9 + t["macs"] * 4.6 for t in e["snn"]["terms"])
+        assert e["ratio"] == pytest.approx(snn_pj / e["ann"]["energy_pj"])
+        terms = {t["term"]: t for t in e["snn"]["terms"]}
+        paper_acs = (terms["spike_products"]["acs"] + terms["ttfs_constructions"]["acs"]
+                     + e["snn"]["act_act_event_driven_acs"])
+        assert e["ratio_paper_convention"] == pytest.approx(0.9 * paper_acs / (4.6 * e["ann"]["product_macs"]))
+        # spike-driven ACs are what the sites fired times the fan-out of the products they feed
+        spikes = {s["source"]: s["spikes_per_sample"] for s in data["sites"]}
+        fed = [p for p in e["snn"]["products"] if p["counted_as"] == "spike_products" and not p.get("claimed")]
+        assert fed and all(p["acs"] == pytest.approx(spikes[p["source"]] * p["fan_out"]) for p in fed)
+        assert not e["uncounted"]
+
+
+# ------------------------------------------------------------------ ECMT
 
 def test_fidelity_matches_numpy(made):
     feeds = {"pixels": made["x"]}
     ann = fetch(made["ann"], ["logits"], feeds)["logits"]
     steps = fetch(made["snn"], ["logits.steps"], feeds)["logits.steps"]
     assert steps.shape == (T, SAMPLES, CLASSES)
-    output = made["data"]["fidelity"]["logits"]
+    reference = made["data"]["fidelity"]["ANN"]
+    output = reference["outputs"]["logits"]
+    assert reference["model"] == str(made["ann"]) and made["data"]["references"] == ["ANN"]
     assert [r["t"] for r in output["per_t"]] == list(range(1, T + 1))
     for t, row in enumerate(output["per_t"]):
         assert row["cosine"] == pytest.approx(cosine(ann, steps[t]), abs=1e-6)
         assert row["top1_agreement"] == np.mean(steps[t].argmax(1) == ann.argmax(1))
         assert row["accuracy"] == np.mean(steps[t].argmax(1) == made["y"])
         assert row["max_abs_error"] == pytest.approx(np.abs(steps[t] - ann).max(), rel=1e-6)
-    assert output["ann_accuracy"] == np.mean(ann.argmax(1) == made["y"])
+    assert output["accuracy"] == np.mean(ann.argmax(1) == made["y"])
     assert output["per_t"][-1]["cosine"] > 0.95
 
 
 def test_firing_rates_match_numpy(made):
-    rows = {r["tensor"]: r for r in made["data"]["firing"]}
-    assert len(rows) == 4 * 8 + 1
+    rows = {r["site"]: r for r in made["data"]["sites"]}
+    assert len(rows) == 4 * 8 + 1 and {r["kind"] for r in rows.values()} == {"MTNeuron"}
     tensor = "/blocks.1/mlp/mlp.1/Mul_1_output_0"  # GELU output: the fc2 input neuron
     row = rows[tensor]
-    codes = fetch(made["snn"], [row["spikes_tensor"]], {"pixels": made["x"]})[row["spikes_tensor"]]
+    codes = fetch(made["snn"], [row["source"]], {"pixels": made["x"]})[row["source"]]
     assert codes.shape == (T * SAMPLES, TOKENS, MLP)
     assert row["neurons"] == TOKENS * MLP
     assert row["spikes_per_neuron_per_step"] == pytest.approx(np.count_nonzero(codes) / codes.size)
@@ -107,7 +202,8 @@ def test_firing_rates_match_numpy(made):
     np.testing.assert_allclose(negative, np.rint(negative), atol=1e-4)
     assert row["positive"] == np.bincount(np.rint(positive).astype(int), minlength=8).tolist()
     assert row["negative"] == np.bincount(np.rint(negative).astype(int), minlength=8).tolist()
-    levels = made["data"]["firing_levels"]
+    assert sum(row["split"].values()) == pytest.approx(row["spikes_per_sample"])
+    levels = made["data"]["section"]
     assert sum(levels["positive_fraction"]) + sum(levels["negative_fraction"]) == pytest.approx(1.0)
     # ECMT Fig. 6: most spikes use the base thresholds
     assert levels["positive_fraction"][0] + levels["negative_fraction"][0] > 0.5
@@ -115,11 +211,10 @@ def test_firing_rates_match_numpy(made):
 
 def test_per_layer_error_matches_numpy(made):
     layers = {r["tensor"]: r for r in made["data"]["layers"]}
-    assert not made["data"]["layers_skipped"]
     # an EC output (per-step increments: running mean) and a tensor inside EC (F of the means: last step)
     increments, inside = "/blocks.2/norm1/LayerNormalization_output_0", "/blocks.2/mlp/mlp.1/Erf_output_0"
     assert layers[increments]["estimate"] == "running mean"
-    assert layers[inside]["estimate"].startswith("last step")
+    assert layers[inside]["estimate"] == "last step"
     feeds = {"pixels": made["x"]}
     ann = fetch(made["ann"], [increments, inside], feeds)
     snn = fetch(made["snn"], [increments, inside], feeds)
@@ -132,7 +227,8 @@ def test_per_layer_error_matches_numpy(made):
         assert layers[name]["relative_max_error"] == pytest.approx(relative, rel=1e-4)
     # the time-invariant embedding is exact; the logits layer equals the output fidelity at T
     assert layers["/Add_output_0"]["relative_max_error"] == 0
-    assert layers["logits"]["cosine"] == pytest.approx(made["data"]["fidelity"]["logits"]["per_t"][-1]["cosine"])
+    assert layers["logits"]["cosine"] == pytest.approx(
+        made["data"]["fidelity"]["ANN"]["outputs"]["logits"]["per_t"][-1]["cosine"])
 
 
 def test_energy_counts_by_hand(made):
@@ -148,7 +244,7 @@ def test_energy_counts_by_hand(made):
     assert energy["ann"]["nonlinear_ops"] == layernorms + softmax + gelu
 
     # spike-driven products: every spike reaches (output features) weights, one AC each
-    firing = {r["tensor"]: r["spikes_per_sample"] for r in made["data"]["firing"]}
+    firing = {r["site"]: r["spikes_per_sample"] for r in made["data"]["sites"]}
     fan_out = {"norm1/LayerNormalization_output_0": 3 * DIM, "attn/Reshape_3_output_0": DIM,
                "norm2/LayerNormalization_output_0": MLP, "mlp/mlp.1/Mul_1_output_0": DIM}
     acs = sum(firing[f"/blocks.{b}/{t}"] * f for b in range(BLOCKS) for t, f in fan_out.items())
@@ -159,16 +255,239 @@ def test_energy_counts_by_hand(made):
     act_act = BLOCKS * 2 * HEADS * TOKENS * TOKENS * HEAD_DIM
     assert terms["float_products"]["macs"] == T * (act_act + patch_conv)
     assert terms["nonlinear"]["macs"] == T * energy["ann"]["nonlinear_ops"]
-    assert terms["neuron_updates"]["acs"] == T * made["data"]["model"]["neuron_counts"]["neurons_total"]
-    snn_pj = sum(t["acs"] * 0.9 + t["macs"] * 4.6 for t in terms.values())
-    ann_pj = 4.6 * (energy["ann"]["product_macs"] + energy["ann"]["nonlinear_ops"])
-    assert energy["ratio"] == pytest.approx(snn_pj / ann_pj)
+    neurons = sum(r["neurons"] for r in made["data"]["sites"])
+    assert neurons == made["data"]["model"]["neuron_counts"]["neurons_total"]
+    assert terms["neuron_updates"]["acs"] == T * neurons
+    # every EC element: running sum + division by t, and 2 MACs per compensated element
+    assert terms["ec_accumulate"]["acs"] == terms["ec_accumulate"]["macs"] > 0
+    assert terms["ec_compensate"]["macs"] > 0 and terms["ec_compensate"]["acs"] == 0
+    assert all(terms[t]["acs"] == terms[t]["macs"] == 0 for t in ("ugo_inputs", "ugo_readout", "ttfs_constructions"))
     event_acs = energy["snn"]["act_act_event_driven_acs"]
     assert energy["ratio_paper_convention"] == pytest.approx(0.9 * (acs + event_acs)
                                                              / (4.6 * energy["ann"]["product_macs"]))
     assert 0 < energy["ratio_paper_convention"] < energy["ratio"] < 1.5
-    assert not energy["uncounted"]
 
+
+# ------------------------------------------------------------------ SpikeZIP-TF
+
+def test_spikezip_fidelity_against_the_qann_and_the_float_ann(spikezip_made):
+    data = spikezip_made["data"]
+    assert data["references"] == ["QANN", "float ANN"] and data["layers_reference"] == "QANN"
+    feeds = {"pixels": spikezip_made["x"]}
+    steps = fetch(spikezip_made["snn"], ["logits.steps"], feeds)["logits.steps"]
+    for label, model in (("QANN", spikezip_made["qann"]), ("float ANN", spikezip_made["ann"])):
+        reference = fetch(model, ["logits"], feeds)["logits"]
+        assert data["fidelity"][label]["model"] == str(model)
+        got = data["fidelity"][label]["outputs"]["logits"]["per_t"]
+        want = fidelity(reference, steps)
+        assert len(got) == SPIKEZIP_T
+        for g, w in zip(got, want):
+            assert g["cosine"] == pytest.approx(w["cosine"], abs=1e-6)
+            assert g["top1_agreement"] == w["top1_agreement"]
+    # quiet by T: the SNN is its QANN up to float rounding at level boundaries, and only approximates the ANN
+    last = data["fidelity"]["QANN"]["outputs"]["logits"]["per_t"][-1]
+    assert last["cosine"] > 0.9999 and last["top1_agreement"] == 1.0
+    assert data["fidelity"]["float ANN"]["outputs"]["logits"]["per_t"][-1]["cosine"] < last["cosine"]
+    # per layer against the QANN: the logits are exact once quiet
+    layers = {r["tensor"]: r for r in data["layers"]}
+    assert layers["logits"]["estimate"] == "graph output (after T steps)"
+    assert layers["logits"]["cosine"] == pytest.approx(last["cosine"])
+    assert layers["/Add_output_0"]["estimate"] == "last step" and layers["/Add_output_0"]["relative_max_error"] == 0
+
+
+def test_spikezip_equilibrium_steps_and_spikes_per_layer(spikezip_made):
+    data = spikezip_made["data"]
+    feeds = {"pixels": spikezip_made["x"]}
+    site = next(s for s in data["sites"] if s["site"] == "/blocks.1/mlp/mlp.1/Mul_1_output_0")
+    fetched = fetch(spikezip_made["snn"], ["spikec.spikes.steps", site["source"]], feeds)
+    per_step = fetched["spikec.spikes.steps"]
+    assert per_step.shape == (SPIKEZIP_T, FEW)
+    section = data["section"]
+    assert section["t_eq"] == equilibrium_steps(per_step) and None not in section["t_eq"]
+    assert section["not_quiet"] == 0 and 10 <= section["max_t_eq"] < SPIKEZIP_T
+    assert sum(section["t_eq_histogram"]) == FEW
+    np.testing.assert_allclose(section["spikes_per_step"], per_step.mean(axis=1))
+    # ternary codes: a spike is a nonzero code, and a GELU output's ST-BIF+ neurons per element
+    codes = fetched[site["source"]]
+    assert set(np.unique(codes)) <= {-1.0, 0.0, 1.0} and site["kind"] == "STBIFNeuron"
+    assert site["neurons"] == TOKENS * MLP
+    assert site["spikes_per_sample"] == pytest.approx(np.count_nonzero(codes) / FEW)
+    # every spike of the model is some site's
+    assert sum(s["spikes_per_sample"] for s in data["sites"]) == pytest.approx(per_step.sum() / FEW)
+    assert len(data["sites"]) == len(SpikecMetadata.read(onnx.load(spikezip_made["snn"])).report["neurons"])
+    terms = {t["term"]: t for t in data["energy"]["snn"]["terms"]}
+    # sum semantics: running sums cost an AC, differences an AC; no division by t
+    assert terms["ec_accumulate"]["macs"] == 0 < terms["ec_accumulate"]["acs"]
+    assert terms["ec_compensate"]["macs"] == 0 < terms["ec_compensate"]["acs"]
+    assert terms["neuron_updates"]["acs"] == SPIKEZIP_T * sum(s["neurons"] for s in data["sites"])
+
+
+def test_spikezip_needs_its_qann(spikezip_made, made):
+    x = {"pixels": spikezip_made["x"][:4]}
+    with pytest.raises(SpikecError, match="no activation quantizers; pass the QANN with --qann"):
+        build_report(spikezip_made["ann"], spikezip_made["snn"], x)
+    assert build_report(spikezip_made["qann"], spikezip_made["snn"], x)["references"] == ["QANN"]  # the QANN as ANN
+    with pytest.raises(SpikecError, match="--qann: only a spikezip model"):
+        build_report(made["ann"], made["snn"], x, qann=spikezip_made["qann"])
+
+
+# ------------------------------------------------------------------ STA
+
+def test_sta_probes_fire_the_spikes_of_the_encoders_and_ugos(sta_made):
+    """The probes (IFNeuron ops fed what the X2X encoder's and the UGO's IF steps are fed) reproduce the
+    ops' outputs: x's spikes minus -x's are the encoder's output bit for bit, and w2 . hidden spikes + b2 is
+    the UGO's output."""
+    model = onnx.load(sta_made["snn"])
+    x = sta_made["x"][:8]
+    record = SpikecMetadata.read(model)
+    section = STASection(Context(model, record, T, len(x)))
+    probed = section.model(model)
+    encoder = next(p for p in section.probes if not p.ugo)
+    ugo = next(p for p in section.probes if p.ugo and "mlp" in p.node.name)
+    got = fetch(probed, [*encoder.outputs, encoder.node.output[0], *ugo.outputs, ugo.node.output[0]], {"pixels": x})
+    positive, negative = (got[o] for o in encoder.outputs)
+    np.testing.assert_array_equal(positive - negative, got[encoder.node.output[0]])
+    hidden = got[ugo.outputs[0]]
+    assert hidden.shape == (T * len(x), TOKENS, MLP, GELU_HIDDEN)
+    w2, b2 = (section.context.initializer(ugo.node.input[i]) for i in (4, 5))
+    np.testing.assert_allclose(hidden @ w2 + b2, got[ugo.node.output[0]], atol=1e-5)
+    # spike values are k spikes of theta/burst, k <= burst
+    theta = section.context.initializer(ugo.node.input[3])
+    k = np.abs(hidden) / (theta / 2)
+    np.testing.assert_allclose(k, np.rint(k), atol=1e-4)
+    assert k.max() == 2 and (k == 1).any()
+
+
+def test_sta_sites_bursts_ugos_and_layernorms(sta_made):
+    data = sta_made["data"]
+    record = SpikecMetadata.read(onnx.load(sta_made["snn"]))
+    kinds = [s["kind"] for s in data["sites"]]
+    encoders = len(record.report["encoders"])
+    assert kinds.count("X2XEncoder") == encoders and kinds.count("UGO gelu") == BLOCKS
+    assert kinds.count("UGO rsqrt") == len([u for u in record.report["ugos"] if u["operator"] == "rsqrt"])
+    for site in data["sites"]:
+        # every neuron-step emits 0..burst spikes; the histogram covers them all
+        assert sum(site["bursts"]) == site["neurons"] * T * FEW
+        assert sum(k * n for k, n in enumerate(site["bursts"])) == pytest.approx(site["spikes_per_sample"] * FEW)
+        assert site["spikes_per_neuron_per_step"] <= 2
+    gelu = next(s for s in data["sites"] if s["kind"] == "UGO gelu")
+    assert gelu["neurons"] == GELU_HIDDEN * TOKENS * MLP and gelu["hidden"] == GELU_HIDDEN
+    encoder = next(s for s in data["sites"] if s["site"] == "/blocks.0/norm1/LayerNormalization_output_0")
+    assert encoder["neurons"] == 2 * TOKENS * DIM and sum(encoder["split"].values()) == pytest.approx(
+        encoder["spikes_per_sample"])
+    section = data["section"]
+    assert section["burst"] == 2 and len(section["ugos"]) == kinds.count("UGO gelu") + kinds.count("UGO rsqrt")
+    assert all(len(u["spikes_per_unit_per_step"]) == u["hidden"] for u in section["ugos"])
+    floats = [n["region"] for n in section["layernorms"] if n["float"]]
+    assert len(section["layernorms"]) == 2 * BLOCKS + 1 and floats == record.report["layernorms_kept_float"]
+    terms = {t["term"]: t for t in data["energy"]["snn"]["terms"]}
+    ugo_neurons = sum(s["neurons"] for s in data["sites"] if s["kind"].startswith("UGO"))
+    assert terms["ugo_inputs"]["macs"] == T * ugo_neurons
+    # the GELU UGOs feed fc2 (their spikes count there); the rsqrt UGOs' outputs are read out
+    rsqrt = sum(s["spikes_per_sample"] for s in data["sites"] if s["kind"] == "UGO rsqrt")
+    assert terms["ugo_readout"]["acs"] == pytest.approx(rsqrt)
+    assert terms["neuron_updates"]["acs"] == T * sum(s["neurons"] for s in data["sites"])
+    # the float Softmax and LayerNorms: one MAC per element and step
+    softmax = BLOCKS * HEADS * TOKENS ** 2
+    assert terms["nonlinear"]["macs"] == T * (softmax + len(floats) * TOKENS * DIM)
+
+
+# ------------------------------------------------------------------ TTFS
+
+def test_ttfs_spike_times_clipping_depth_and_energy(ttfs_made):
+    data = ttfs_made["data"]
+    assert not data["stepped"] and data["timesteps"] == 1
+    output = data["fidelity"]["ANN"]["outputs"]["logits"]
+    assert len(output["per_t"]) == 1 and output["per_t"][0]["cosine"] > 0.9999
+    assert len(output["scatter"]["snn"]) == FEW * CLASSES
+    sites = {s["site"]: s for s in data["sites"]}
+    pixels = sites["pixels"]
+    x = ttfs_made["x"]
+    assert pixels["neurons"] == 64 and pixels["spikes_per_sample"] == pytest.approx((x > pixels["lower"]).sum() / FEW)
+    spikes = fetch(ttfs_made["snn"], [pixels["source"]], {"pixels": x})[pixels["source"]]
+    histogram = np.histogram(spikes[spikes < 1.0], bins=20, range=(0.0, 1.0))[0]  # delta = 1
+    assert pixels["spike_times"] == [*histogram.tolist(), int((spikes >= 1.0).sum())]
+    for site in data["sites"]:
+        assert site["spikes_per_neuron_per_step"] <= 1  # at most one spike per neuron
+        assert sum(site["spike_times"]) == site["neurons"] * FEW
+    section = data["section"]
+    assert section["clipped_sites"] == 0 and section["depth"] == 88
+    terms = {t["term"]: t for t in data["energy"]["snn"]["terms"]}
+    assert terms["ttfs_constructions"]["acs"] == sum(c["operations"] for c in section["constructions"])
+    assert terms["neuron_updates"]["acs"] == 0 and terms["ec_accumulate"]["acs"] == 0
+    # the patch embedding reads the pixels' spikes: one AC per spike and output feature it reaches
+    conv = next(p for p in data["energy"]["snn"]["products"] if p["node"] == "/patch_embed/Conv")
+    assert conv["source"] == pixels["source"] and conv["fan_out"] == DIM  # k=2 stride 2: each pixel in one patch
+    assert 0.15 < data["energy"]["ratio_paper_convention"] < 0.3  # TTFSFormer's ViTs: 0.21-0.22
+
+
+# ------------------------------------------------------------------ the page
+
+def _regressor():
+    """x [batch, 6] -> one value per sample: no classes, so no top-1 agreement."""
+    rng = np.random.default_rng(0)
+    weights = [onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("w1", (6, 8)), ("w2", (8, 1)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "regressor", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 1])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_top1_agreement_only_for_classifier_outputs(tmp_path):
+    x = np.random.default_rng(1).standard_normal((16, 6)).astype(np.float32)
+    ann, snn = tmp_path / "regressor.onnx", tmp_path / "snn.onnx"
+    onnx.save(_regressor(), ann)
+    spikec.compile(ann, {"x": x}, snn, timesteps=T, progress=False)
+    np.savez(tmp_path / "x.npz", x=x)
+    np.savez(tmp_path / "y.npz", labels=np.zeros(16, np.int64))
+    assert main(["report", str(ann), str(snn), "--inputs", str(tmp_path / "x.npz"), "--labels",
+                 str(tmp_path / "y.npz"), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert not data["classifier"]
+    rows = data["fidelity"]["ANN"]["outputs"]["y"]["per_t"]
+    assert all(set(r) == {"t", "cosine", "relative_max_error", "max_abs_error"} for r in rows)
+    assert "accuracy" not in data["fidelity"]["ANN"]["outputs"]["y"]
+    html = (tmp_path / "out" / "index.html").read_text()
+    assert "top-1" not in html and "accuracy" not in html
+
+
+class _PlainECMT(ECMT):
+    """ECMT registered under another name, with the default report section."""
+    name = "plain-ecmt"
+    report_section = Method.report_section
+
+
+def test_a_method_without_a_section_of_its_own_gets_the_common_report(tmp_path):
+    x = np.random.default_rng(2).standard_normal((16, 6)).astype(np.float32)
+    ann, snn = tmp_path / "regressor.onnx", tmp_path / "snn.onnx"
+    onnx.save(_regressor(), ann)
+    methods.register(_PlainECMT())
+    try:
+        spikec.compile(ann, {"x": x}, snn, method="plain-ecmt", timesteps=T, progress=False)
+        data = build_report(ann, snn, {"x": x})
+        write_report(data, tmp_path / "out")
+    finally:
+        del methods.METHODS["plain-ecmt"]
+    assert sorted(p.stem for p in (tmp_path / "out").glob("*.png")) == sorted(COMMON_PLOTS)
+    # the default section counts every MT neuron's nonzero codes: the input of each MatMul
+    codes = fetch(snn, [s["source"] for s in data["sites"]], {"x": x})
+    assert [s["site"] for s in data["sites"]] == ["x", "r"] and data["section"] == {}
+    for site in data["sites"]:
+        assert site["spikes_per_sample"] == np.count_nonzero(codes[site["source"]]) / len(x)
+
+
+def test_log_axes_are_not_dominated_by_zeros():
+    fig, axes = plots.figure(1, 2)
+    plots.log_axis(axes[0, 0], [0.0, 1e-6, 1e-3, 1.0])
+    plots.log_axis(axes[0, 1], [1e-6, 1e-3, 1.0])
+    assert axes[0, 0].get_yscale() == "symlog" and axes[0, 0].yaxis.get_transform().linthresh == 1e-6
+    assert axes[0, 1].get_yscale() == "log"
+    fig.clf()
+
+
+# ------------------------------------------------------------------ inspect, Netron, errors
 
 def test_inspect_lists_rewrites_neurons_and_float_ops(made, capsys):
     info = inspect_model(str(made["snn"]))
@@ -200,25 +519,26 @@ def test_converted_model_opens_as_is_in_netron(made):
     assert {a.name: onnx.helper.get_attribute_value(a) for a in neuron.attribute} == {"levels": 8, "timesteps": T}
 
 
-def test_report_needs_an_unrolled_model(made, tmp_path):
+def test_report_needs_an_unrolled_spikec_model(made, tmp_path):
     model = onnx.load(made["snn"])
     for prop in model.metadata_props:
         if prop.key == "spikec.mode":
             prop.value = "stateful"
     onnx.save(model, tmp_path / "stateful.onnx")
-    from spikec.report import build_report
-
     with pytest.raises(SpikecError, match="--mode unrolled"):
         build_report(made["ann"], tmp_path / "stateful.onnx", {"pixels": made["x"][:2]})
+    with pytest.raises(SpikecError, match="not a spikec model"):
+        build_report(made["ann"], made["ann"], {"pixels": made["x"][:2]})
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install -y chromium)")
-def test_html_renders_in_headless_chromium(made, tmp_path):
+def test_html_renders_in_headless_chromium(any_made, tmp_path):
     import matplotlib.image
 
+    _, made = any_made
     shot = tmp_path / "shot.png"
     result = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

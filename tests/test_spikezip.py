@@ -17,6 +17,8 @@ from spikec.errors import SpikecError
 from spikec.evaluate import quantizer_agreement, run_dataset
 from spikec.runtime import InferenceSession, equilibrium_steps, run_stateful
 
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
+
 RNG = np.random.default_rng(11)
 
 

@@ -9,10 +9,7 @@ import spikec
 from examples import fixtures
 from spikec.evaluate import cosine, run_dataset
 
-
-@pytest.fixture(scope="module")
-def digits():
-    return fixtures.digits_data()
+pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
 
 @pytest.fixture(scope="module")

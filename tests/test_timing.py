@@ -4,7 +4,11 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from spikec.passes.timing import hoist_accumulations, sink_compensations, spikec_node
+import spikec
+from spikec.errors import SpikecError
+from spikec.evaluate import cosine, run_dataset
+from spikec.passes.timing import (hoist_accumulations, sink_compensations, spikec_node, unconvertible_nodes,
+                                  varying_tensors)
 from spikec.runtime import InferenceSession, ops
 
 T, B = 3, 2
@@ -80,3 +84,73 @@ def _run_compensated(graph: gs.Graph, x: np.ndarray) -> np.ndarray:
     model.opset_import.append(onnx.helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION))
     model.functions.extend(ops.functions_for({"ECCompensate"}, 17))
     return InferenceSession(model, native=False).run(["y"], {"x": x})[0]
+
+
+# ----------------------------------------------------------------------------- convertibility, --allow-float
+
+def _guarded_attention() -> onnx.ModelProto:
+    """x [b, 4, 8] -> q = x W; p = Softmax(q q^T + where(keep, 0, -inf)) behind sdpa's guard
+    Where(IsNaN(p), 0, p); y = p q."""
+    helper = onnx.helper
+    weight = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32) / 3, "W")
+    zero = onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    low = onnx.numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf")
+    nodes = [helper.make_node("Where", ["keep", "zero", "minus_inf"], ["mask"], name="mask_values"),
+             helper.make_node("MatMul", ["x", "W"], ["q"], name="query"),
+             helper.make_node("Transpose", ["q"], ["k"], name="keys", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "k"], ["scores"], name="scores"),
+             helper.make_node("Add", ["scores", "mask"], ["masked"], name="mask"),
+             helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+             helper.make_node("IsNaN", ["p"], ["nan"], name="guard_test"),
+             helper.make_node("Where", ["nan", "zero", "p"], ["probs"], name="guard"),
+             helper.make_node("MatMul", ["probs", "q"], ["y"], name="values")]
+    graph = helper.make_graph(nodes, "guarded", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4, 8]),
+                                                 helper.make_tensor_value_info("keep", onnx.TensorProto.BOOL, ["b", 1, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4, 8])], [weight, zero, low])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _attention_feeds(samples: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keep = np.ones((samples, 1, 4), np.bool_)
+    keep[1::3, :, 3:] = False  # padded
+    keep[2::3] = False  # fully masked: NaN, which the guard turns into 0
+    return {"x": rng.standard_normal((samples, 4, 8)).astype(np.float32), "keep": keep}
+
+
+def test_a_region_is_judged_as_it_is_converted():
+    """The IsNaN of sdpa's guard cannot take per-step values on its own, but inside the softmax region it
+    is part of a function compensation evaluates on running means; only non-float outputs leaving a
+    region cannot be averaged."""
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(_guarded_attention()))
+    graph.toposort()
+    nodes = {n.name: n for n in graph.nodes}
+    softmax = [nodes[n] for n in ("mask", "softmax", "guard_test", "guard")]
+    varying = varying_tensors(graph, ["q"])
+    assert unconvertible_nodes([("softmax", "softmax", softmax)], varying, set()) == []
+    alone = [(n.name, "node", [n]) for n in softmax]
+    assert unconvertible_nodes(alone, varying, set()) == [nodes["guard_test"]]
+    assert unconvertible_nodes(alone, varying, {"IsNaN"}) == []
+    leaking = [("test", "softmax", [nodes["softmax"], nodes["guard_test"]])]  # its bool output leaves it
+    assert unconvertible_nodes(leaking, varying, set()) == [nodes["guard_test"]]
+
+
+@pytest.mark.parametrize("method", ["ecmt", "sta", "spikezip"])
+def test_sdpa_guard_converts_and_allow_float_cannot_split_a_region(method):
+    calib, feeds = _attention_feeds(30, 1), _attention_feeds(6, 2)
+    model = _guarded_attention()
+    source = spikec.quantize(model, calib, progress=False) if method == "spikezip" else model
+    snn = spikec.compile(source, calib, method=method, timesteps=64, progress=False)
+    want = run_dataset(InferenceSession(source) if method == "spikezip" else source, feeds)["y"]
+    got = run_dataset(snn, feeds)["y"]
+    assert np.all(want[2::3] == 0) and np.all(got[2::3] == 0)  # the guard's zeros, exactly
+    if method == "spikezip":
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    else:
+        attended = np.arange(len(want)) % 3 != 2
+        assert cosine(want[attended], got[attended]) > 0.99
+    for entry in ("IsNaN", "guard_test", "Softmax"):
+        with pytest.raises(SpikecError) as error:
+            spikec.compile(source, calib, method=method, timesteps=8, allow_float=(entry,), progress=False)
+        message = str(error.value)
+        assert "\n" not in message and f"'{entry}'" in message and "softmax region softmax" in message

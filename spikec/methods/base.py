@@ -1,16 +1,16 @@
 """What a conversion method is: its options, its time semantics and its steps in the compile template.
 
 spikec/compiler.py runs one fixed template for every method (load, canonicalize, recognize, prepare,
-memory check, calibrate, rewrite, emit, verify, save); a method fills in the steps that are its own. A
-method is one module under spikec/methods/ exporting a ``Method`` and one entry in the registry
-(spikec/methods/__init__.py).
+memory check, calibrate, rewrite, emit, verify, save); a method fills in the steps that are its own, and
+names its section of `spikec report` (spikec/report/). A method is one module under spikec/methods/
+exporting a ``Method`` and one entry in the registry (spikec/methods/__init__.py).
 """
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -19,6 +19,9 @@ import onnx_graphsurgeon as gs
 from spikec.calibrate import TapStats
 from spikec.passes.options import Options
 from spikec.passes.patterns import Region, find_regions
+
+if TYPE_CHECKING:
+    from spikec.report.section import Section
 
 # Time semantics (passes/timing.py); a method without time steps sends spike times between layers.
 MEAN, SUM, FIRST_SPIKE = "mean", "sum", "time-to-first-spike"
@@ -42,8 +45,9 @@ class Job:
     report: dict = field(default_factory=dict)
     # what the method's prepare step built for its later steps (TTFS: the ANN as its constructions' stages)
     prepared: object = None
-    # models written beside the SNN once it is verified (SpikeZIP-TF's QANN): (model, path)
-    extra_outputs: list[tuple[onnx.ModelProto, str | os.PathLike]] = field(default_factory=list)
+    # models written beside the SNN once all are verified, by the output option naming their path
+    # (SpikeZIP-TF's QANN: save_qann)
+    extra_outputs: dict[str, onnx.ModelProto] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.recognize(self.ann)
@@ -67,6 +71,20 @@ class Calibration:
     max_values: int = 2_000_000
 
 
+@dataclass(frozen=True)
+class Bound:
+    """What a method's SNN should reach on held-out data (a fidelity measure of spikec.evaluate): at least
+    ``limit`` for a similarity, at most ``limit`` for an error. Below it, compile warns."""
+    measure: str  # "cosine" or "relative_max_error"
+    limit: float
+
+    def met(self, value: float) -> bool:
+        return value >= self.limit if self.measure == "cosine" else value <= self.limit
+
+    def __str__(self) -> str:
+        return f"{self.measure.replace('_', ' ')} {'>=' if self.measure == 'cosine' else '<='} {self.limit:g}"
+
+
 class Method(ABC):
     """A conversion method. Subclasses set the class attributes and implement ``calibration`` and ``rewrite``."""
     name: str
@@ -74,6 +92,11 @@ class Method(ABC):
     Options: type[Options]
     semantics: str
     modes: tuple[str, ...] = ("unrolled", "stateful")
+    # what its SNN should reach against ``reference`` on held-out samples (None: no warning), and what to
+    # try where it does not
+    bound: Bound | None = None
+    advice = "raise --timesteps"
+    reference = "ANN"
 
     @property
     def stepped(self) -> bool:
@@ -91,3 +114,10 @@ class Method(ABC):
     def rewrite(self, job: Job, stats: dict[str, TapStats]) -> dict:
         """Rewrite ``job.graph`` into the SNN (spikec ops, no time structure yet); returns the report's
         method-specific part."""
+
+    def report_section(self) -> type[Section]:
+        """This method's section of `spikec report` (spikec/report/section.py). The default counts the
+        spikes of the model's neuron ops, a nonzero output being a spike."""
+        from spikec.report.section import Section
+
+        return Section

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spikec.errors import SpikecError
-from spikec.methods.base import MEAN, Calibration, Job, Method
+from spikec.methods.base import MEAN, Bound, Calibration, Job, Method
 from spikec.passes import ecmt
 from spikec.passes.options import Options, option
 
@@ -26,6 +26,8 @@ class ECMT(Method):
     paper = "Expectation Compensation + Multi-Threshold neurons (ACM MM 2024)"
     Options = ECMTOptions
     semantics = MEAN
+    bound = Bound("cosine", 0.99)
+    advice = "raise --timesteps, or try --per-channel and a lower --percentile"
 
     def calibration(self, job: Job) -> Calibration:
         sites = list(ecmt.neuron_sites(job.regions))
@@ -43,6 +45,11 @@ class ECMT(Method):
         report = ecmt.rewrite(job.graph, job.regions, thresholds, levels=o.levels, allow_float=job.allow_float)
         report["calibration"] = {name: s.to_json() for name, s in stats.items()}
         return report
+
+    def report_section(self):
+        from spikec.report.ecmt import ECMTSection
+
+        return ECMTSection
 
 
 METHOD = ECMT()

@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from spikec.calibrate import collect_statistics
 from spikec.errors import SpikecError
-from spikec.methods.base import SUM, Calibration, Job, Method
+from spikec.methods.base import SUM, Bound, Calibration, Job, Method
 from spikec.passes import quantize as ptq
 from spikec.passes import spikezip
 from spikec.passes.canonicalize import canonicalize
@@ -57,6 +57,10 @@ class SpikeZIP(Method):
     paper = "SpikeZIP-TF: equivalent conversion of a quantized ANN (ICML 2024)"
     Options = SpikeZIPOptions
     semantics = SUM
+    # equal to its QANN once no neuron fires any more (T_eq), up to float rounding at level boundaries
+    bound = Bound("relative_max_error", 1e-4)
+    advice = "raise --timesteps to the steps until no neuron fires (spikec run --until-quiet prints T_eq)"
+    reference = "QANN"
 
     def prepare(self, job: Job) -> None:
         o: SpikeZIPOptions = job.options
@@ -70,8 +74,7 @@ class SpikeZIP(Method):
         qann, job.report["quantization"] = quantize_model(
             job.ann, job.feeds, DEFAULT_LEVELS if o.levels is None else o.levels, batch_size=job.batch_size,
             progress=job.progress)
-        if o.save_qann is not None:
-            job.extra_outputs.append((qann, o.save_qann))
+        job.extra_outputs["save_qann"] = qann
         job.recognize(qann)
 
     def calibration(self, job: Job) -> Calibration:
@@ -81,6 +84,11 @@ class SpikeZIP(Method):
 
     def rewrite(self, job: Job, stats: dict) -> dict:
         return spikezip.rewrite(job.graph, job.regions, allow_float=job.allow_float)
+
+    def report_section(self):
+        from spikec.report.spikezip import SpikeZIPSection
+
+        return SpikeZIPSection
 
 
 METHOD = SpikeZIP()

@@ -3,7 +3,7 @@ against the T-step rate quantizer on the calibration data."""
 from __future__ import annotations
 
 from spikec.errors import SpikecError
-from spikec.methods.base import MEAN, Calibration, Job, Method
+from spikec.methods.base import MEAN, Bound, Calibration, Job, Method
 from spikec.passes import sta
 
 
@@ -12,6 +12,7 @@ class STA(Method):
     paper = "Spatio-Temporal Approximation (ICLR 2024)"
     Options = sta.STAOptions
     semantics = MEAN
+    bound = Bound("cosine", 0.97)
 
     def calibration(self, job: Job) -> Calibration:
         taps = sta.calibration_taps(job.regions, job.options)
@@ -22,6 +23,11 @@ class STA(Method):
 
     def rewrite(self, job: Job, stats: dict) -> dict:
         return sta.rewrite(job.graph, job.regions, stats, job.timesteps, job.options, allow_float=job.allow_float)
+
+    def report_section(self):
+        from spikec.report.sta import STASection
+
+        return STASection
 
 
 METHOD = STA()

@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from spikec.errors import SpikecError
-from spikec.methods.base import FIRST_SPIKE, Calibration, Job, Method
+from spikec.methods.base import FIRST_SPIKE, Bound, Calibration, Job, Method
 from spikec.passes import emit, ttfs
 from spikec.passes.patterns import find_regions
 from spikec.runtime.ops import default_opset
@@ -22,12 +22,19 @@ class _Exact(NamedTuple):
     lowering: ttfs.Lowering
     network: onnx.ModelProto
 
+    @staticmethod
+    def of(job: Job) -> _Exact:
+        assert isinstance(job.prepared, _Exact), "TTFS.prepare runs before calibration and rewrite"
+        return job.prepared
+
 
 class TTFS(Method):
     name = "ttfs"
     paper = "TTFSFormer: time-to-first-spike conversion, one spike per neuron (ICML 2025)"
     Options = ttfs.TTFSOptions
     semantics = FIRST_SPIKE
+    bound = Bound("relative_max_error", 1e-3)
+    advice = "widen the calibrated ranges (--margin) or calibrate on more samples"
     modes = ("unrolled",)
 
     def prepare(self, job: Job) -> None:
@@ -38,16 +45,21 @@ class TTFS(Method):
         job.prepared = _Exact(lowering, emit.to_model(exact_graph, job.ann, {}))
 
     def calibration(self, job: Job) -> Calibration:
-        return Calibration(taps=ttfs.calibration_taps(job.prepared.lowering), neuron_sites=[],
-                           model=job.prepared.network, max_values=10_000)
+        return Calibration(taps=ttfs.calibration_taps(_Exact.of(job).lowering), neuron_sites=[],
+                           model=_Exact.of(job).network, max_values=10_000)
 
     def rewrite(self, job: Job, stats: dict) -> dict:
         o: ttfs.TTFSOptions = job.options
-        ranges = ttfs.calibration_ranges(stats, job.prepared.lowering, o.range_margin)
+        ranges = ttfs.calibration_ranges(stats, _Exact.of(job).lowering, o.range_margin)
         spiking = ttfs.lower(job.graph, job.regions, o, default_opset(job.ann), ranges)
         return {"ttfs": {"sites": ttfs.describe(spiking), "constructions": spiking.constructions,
                          "float_nodes": spiking.float_nodes, "delta": o.delta, "precision": o.precision,
                          "margin": o.range_margin, "max_layer": o.max_layer}}
+
+    def report_section(self):
+        from spikec.report.ttfs import TTFSSection
+
+        return TTFSSection
 
 
 METHOD = TTFS()

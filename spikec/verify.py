@@ -1,0 +1,127 @@
+"""The last stage of a compile, before anything is written: exit status 0 means a valid model.
+
+Every model spikec returns or writes (an SNN, a quantized ANN) must pass onnx.checker's full check
+(strict type and shape inference, the model-local spikec functions included), load in an onnxruntime
+session with spikec's op library (runtime/session.py: native kernels where built, the fused chains),
+and hold no inf/NaN weight unless its ANN had one: folding thresholds or scales into weights can
+overflow float32, and such a model would run and answer garbage. A model that fails is refused with one
+line naming the cause: an invalid model is spikec's failure to convert that input, never the user's to
+discover later.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from spikec.errors import SpikecError
+from spikec.modelio import save_with_external_data
+from spikec.passes.loader import _one_line
+
+# protobuf cannot serialize 2 GiB or more: such models are checked from a file with external data.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _float_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    yield from ((f"weight '{t.name}'", t) for t in model.graph.initializer)
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                yield f"node '{node.name or node.output[0]}' ({node.op_type}) value", attribute.t
+
+
+def _non_finite(model: onnx.ModelProto) -> Iterator[tuple[str, int]]:
+    """(tensor, count of inf/NaN values) for every floating-point constant that holds some."""
+    for what, tensor in _float_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if not np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type), np.floating):
+            continue
+        values = onnx.numpy_helper.to_array(tensor)
+        bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+        if bad:
+            yield what, bad
+
+
+@contextlib.contextmanager
+def _loadable(model: onnx.ModelProto) -> Iterator[onnx.ModelProto | str]:
+    """The model itself, or a file holding it where protobuf cannot serialize it in one piece."""
+    if model.ByteSize() <= _PROTOBUF_LIMIT:
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="spikec-verify-") as directory:
+        path = Path(directory) / "model.onnx"
+        save_with_external_data(model, path, "model.onnx.data")
+        yield os.fspath(path)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Calibration samples the thresholds never saw, and what the SNN must reproduce on them."""
+    feeds: Mapping[str, np.ndarray]
+    reference: onnx.ModelProto  # the ANN; SpikeZIP-TF: the quantized ANN it is equivalent to
+    reference_name: str
+    batch_size: int
+    held_out: bool  # False where calibration had a single sample, which is then verified on
+
+
+def verify(model: onnx.ModelProto, label: str, ann: onnx.ModelProto | None = None,
+           held_out: HeldOut | None = None) -> dict | None:
+    """Check ``model`` and raise a SpikecError starting with ``label`` (the input the model was converted
+    from) where it is invalid. ``ann``: that input; an inf/NaN weight it did not have is refused. With
+    ``held_out``, the model also runs on those samples: a failure to run or an inf/NaN output where the
+    reference is finite is refused; the fidelity per output is returned (spikec.evaluate's measures)."""
+    from spikec.runtime.session import InferenceSession
+
+    if ann is None or next(_non_finite(ann), None) is None:
+        for what, count in _non_finite(model):
+            raise SpikecError(f"{label}: the converted model's {what} holds {count} inf/NaN value(s) where the "
+                              f"input's weights are finite (values overflow float32); nothing was written")
+    with _loadable(model) as loadable:
+        try:
+            onnx.checker.check_model(loadable, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+            raise SpikecError(f"{label}: the converted model fails onnx.checker ({_one_line(exc)}); "
+                              f"nothing was written") from None
+        try:
+            session = InferenceSession(loadable)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's exceptions share no base class below Exception
+            raise SpikecError(f"{label}: onnxruntime cannot load the converted model ({_one_line(exc)}); "
+                              f"nothing was written") from None
+        return None if held_out is None else _fidelity(session, held_out, label)
+
+
+def _fidelity(session, held_out: HeldOut, label: str) -> dict:
+    from spikec.evaluate import cosine, run_dataset
+
+    count = len(next(iter(held_out.feeds.values())))
+    try:
+        got = run_dataset(session, held_out.feeds, batch_size=held_out.batch_size)
+    except SpikecError as exc:
+        raise SpikecError(f"{label}: the converted model does not run on held-out calibration samples ({exc}); "
+                          f"nothing was written") from None
+    want = run_dataset(held_out.reference, held_out.feeds, batch_size=held_out.batch_size)
+    outputs = {}
+    for name, reference in want.items():
+        if name not in got:
+            continue
+        finite = np.isfinite(reference)
+        estimate = got[name].astype(np.float64)
+        broken = int(np.count_nonzero(~np.isfinite(estimate) & finite))
+        if broken:
+            raise SpikecError(f"{label}: the converted model outputs {broken} inf/NaN value(s) in '{name}' on "
+                              f"{count} held-out calibration sample(s) where the {held_out.reference_name} is "
+                              f"finite; nothing was written")
+        reference, estimate = np.where(finite, reference, 0.0), np.where(finite, estimate, 0.0)
+        error = float(np.max(np.abs(estimate - reference), initial=0.0))
+        scale = float(np.max(np.abs(reference), initial=0.0)) or 1.0
+        outputs[name] = {"cosine": cosine(reference, estimate), "relative_max_error": error / scale,
+                         "max_abs_error": error}
+    return {"samples": count, "held_out": held_out.held_out, "reference": held_out.reference_name,
+            "timesteps": None if session.mode == "ttfs" else session.timesteps, "outputs": outputs}
