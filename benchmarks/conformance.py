@@ -467,6 +467,21 @@ def render(result: dict) -> str:
                         "Failures by signature:\n\n" + groups_markdown(result["cells"])])
 
 
+def merge_runs(runs: Sequence[dict]) -> dict:
+    """One result of several runs (routes run one by one, failing cells run again after a fix): a cell of
+    a later run replaces the same cell of an earlier one."""
+    if len(runs) == 1:
+        return runs[0]
+    cells = {(c["arch"], c["route"], c["method"]): c for run in runs for c in run["cells"]}
+    methods = [m for m in METHODS if any(m in run["methods"] for run in runs)]
+    result = {**runs[-1], "date": " to ".join(sorted({runs[0]["date"], runs[-1]["date"]})),
+              "command": "; ".join(dict.fromkeys(run["command"] for run in runs)),
+              "wall_seconds": sum(run["wall_seconds"] for run in runs), "methods": methods,
+              "cells": list(cells.values())}
+    result["summary"] = summary(result["cells"])
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -478,11 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell")
     parser.add_argument("--json", help="write every cell and the summary here")
     parser.add_argument("--markdown", help="write the matrix, the summary and the failure groups here")
-    parser.add_argument("--render", metavar="JSON", help="run nothing: print (and --markdown) the report of an "
-                                                         "earlier --json")
+    parser.add_argument("--render", metavar="JSON", nargs="+",
+                        help="run nothing: print (and --markdown) the report of earlier --json runs (later runs' "
+                             "cells replace earlier ones')")
     args = parser.parse_args(argv)
     if args.render:
-        result = json.loads(Path(args.render).read_text())
+        result = merge_runs([json.loads(Path(path).read_text()) for path in args.render])
     else:
         methods = [m for m in args.methods.split(",") if m]
         only = args.only.split(",") if args.only else None
