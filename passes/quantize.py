@@ -1,7 +1,8 @@
 """Post-training quantization into a QANN: SpikeZIP-TF's pipeline step 1, without training.
 
 The paper quantizes by LSQ-QAT; here scales come from calibration data. Quantizers go before every
-activation operand of a MatMul/Gemm and after every product (after its bias), as in the reference
+activation operand of a MatMul/Gemm or of a gated MLP's act(gate) * up and after every product (after its
+bias), as in the reference
 code, which also leaves the attention scores Q K^T unquantized (the softmax output is quantized
 instead). A product output that reaches the next product through data movement only (the q/k/v
 projections' head reshapes) is quantized once. Each quantizer is per tensor,
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from spikec.passes.ecmt import product_operands
+from spikec.passes.ecmt import PRODUCT_KINDS, product_operands
 from spikec.passes.patterns import Region
 from spikec.passes.timing import is_constant, varying_tensors
 
@@ -49,7 +50,7 @@ def _feeds_softmax(tensor: gs.Tensor, softmax_inputs: set[str]) -> bool:
             continue
         seen.add(current.name)
         for consumer in current.outputs:
-            if consumer.op in _DATA_MOVEMENT | {"Mul", "Div", "Add", "Sub", "Where", "Cast"}:
+            if consumer.op in _DATA_MOVEMENT | {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Max"}:
                 frontier.extend(consumer.outputs)
     return False
 
@@ -76,7 +77,7 @@ def activation_tensors(graph: gs.Graph) -> set[str]:
 def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
     """Where quantizers go: see the module docstring; product operands that are no ``activations`` stay
     float (the product is then affine in its one activation operand)."""
-    products = [r for r in regions if r.kind in ("weight_matmul", "act_matmul")
+    products = [r for r in regions if r.kind in PRODUCT_KINDS
                 and any(node.inputs[index].name in activations for node, index in product_operands(r))]
     softmax_inputs = {t.name for r in regions if r.kind == "softmax" for t in r.inputs}
     after: dict[str, Site] = {}
