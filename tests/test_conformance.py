@@ -11,21 +11,8 @@ from benchmarks import conformance
 
 pytestmark = [pytest.mark.conformance, pytest.mark.slow]
 
-_SDPA = "issue 18 class 1: sdpa's NaN guard Where(IsNaN(p), 0, p) is rejected before the softmax region sees it"
-_OPTIMIZED = ("issue 18 classes 1 and 3: the sdpa NaN guard, then onnxruntime's com.microsoft fused ops "
-              "(SkipLayerNormalization, BiasGelu) kept float or unconverted")
-_LEFT_PADDING = ("issue 18 class 2: left padding gives causal attention fully masked rows; ttfs calibrates "
-                 "log(0) and names an internal tap")
-_SEQUENCE_FIRST = ("issue 18 class 4: nn.MultiheadAttention runs sequence-first inside, folding time into axis 0 "
-                   "mixes steps with the batch")
-KNOWN_FAILURES = {
-    **{("bert", "ts17", m): _SDPA for m in ("ecmt", "spikezip", "sta")},
-    **{("gpt2", "ts17", m): _SDPA for m in ("ecmt", "spikezip", "sta")},
-    ("gpt2", "ts17", "ttfs"): _LEFT_PADDING,
-    **{("bert", "ort-opt", m): _OPTIMIZED for m in ("ecmt", "spikezip", "sta")},
-    **{("torch-encoder", "ts17", m): _SEQUENCE_FIRST for m in ("ecmt", "spikezip")},
-    **{("torch-encoder-seqfirst", "ts17", m): _SEQUENCE_FIRST for m in ("ecmt", "spikezip", "sta")},
-}
+# (arch, route, method) -> the open issue-18 class it fails by; empty while every CI cell passes
+KNOWN_FAILURES: dict[tuple[str, str, str], str] = {}
 CELLS = [(arch, route, method) for arch, route in conformance.CI_TIER for method in conformance.METHODS]
 
 
