@@ -242,18 +242,31 @@ def _match_quantize_chain(floor: gs.Node, ctx: _Context) -> Match:
     add = _producer(floor.inputs[0])
     shifted = _with_scalar(add, "Add")
     div = _producer(shifted[0]) if shifted and _close(shifted[1], 0.5) else None
-    divided = _with_scalar(div, "Div")
+    divided = _with_channel_scale(div, "Div")
     clip = ctx.sole_consumer(floor.outputs[0])
     mul = ctx.sole_consumer(clip.outputs[0]) if _is(clip, "Clip") and len(clip.inputs) == 3 else None
-    scaled = _with_scalar(mul, "Mul")
-    if not divided or not scaled or scaled[1] != divided[1] or len(add.outputs[0].outputs) != 1 \
-            or len(div.outputs[0].outputs) != 1:
+    scaled = _with_channel_scale(mul, "Mul")
+    if not divided or not scaled or not np.array_equal(scaled[1], divided[1]) \
+            or len(add.outputs[0].outputs) != 1 or len(div.outputs[0].outputs) != 1:
         return None
     low, high = _scalar(clip.inputs[1]), _scalar(clip.inputs[2])
     if low is None or high is None:
         return None
-    return [div, add, floor, clip, mul], {"format": "spikec", "scale": divided[1], "low": int(low),
-                                          "high": int(high), "rounding": "half_up", "input": divided[0]}
+    scale = divided[1]
+    return [div, add, floor, clip, mul], {"format": "spikec", "scale": float(scale) if scale.ndim == 0 else scale,
+                                          "low": int(low), "high": int(high), "rounding": "half_up",
+                                          "input": divided[0]}
+
+
+def _with_channel_scale(node: gs.Node | None, op: str) -> tuple[gs.Tensor, np.ndarray] | None:
+    """(variable operand, scale) of a binary ``op`` whose second operand is a positive constant scale: a
+    scalar, or a 1-D vector over the variable's last axis (a per-channel quantizer)."""
+    if not _is(node, op) or len(node.inputs) != 2 or _const(node.inputs[0]) is not None:
+        return None
+    scale = _const(node.inputs[1])
+    if scale is None or scale.ndim > 1 or not (scale > 0).all():
+        return None
+    return node.inputs[0], (scale.reshape(()) if scale.size == 1 else scale.astype(np.float32))
 
 
 def _match_attention(node: gs.Node, ctx: _Context) -> Match:

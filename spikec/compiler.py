@@ -221,16 +221,16 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
              calibration: str | os.PathLike | Mapping[str, np.ndarray],
              output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS,
              input_shapes: Mapping[str, Sequence[int | str]] | None = None, batch_size: int = 32,
-             progress: bool = True) -> onnx.ModelProto:
+             progress: bool = True, per_tensor: bool = False) -> onnx.ModelProto:
     """The quantized ANN (QANN) that ``compile(method="spikezip", levels=levels)`` converts: an ONNX model
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
     common = CompileOptions(method="spikezip", batch_size=batch_size, progress=progress)
-    options = SpikeZIPOptions(levels=levels)
+    options = SpikeZIPOptions(levels=levels, per_tensor=per_tensor)
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
     ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip"))
     qann, _ = quantize_model(ann, load_inputs(calibration, ann), levels, batch_size=common.batch_size,
-                             progress=common.progress)
+                             progress=common.progress, per_tensor=options.per_tensor)
     return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 

@@ -149,6 +149,7 @@ class MLP(nn.Module):
         return self.down(self.activation(self.gate(x)) * self.up(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_activations_by_function(tmp_path, name, method):
@@ -159,6 +160,7 @@ def test_activations_by_function(tmp_path, name, method):
     check_method(method, path, _tokens(32, 1), _tokens(8, 2), "y")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("gating", ["swiglu", "geglu"])
 def test_gated_mlp(tmp_path, gating, method):
@@ -304,6 +306,7 @@ def layout_models(tmp_path_factory):
         torch.backends.mha.set_fastpath_enabled(True)
 
 
+@pytest.mark.slow
 def test_batch_layouts_of_multihead_attention(layout_models):
     """check_time_folding finds where every tensor holds the batch: [seq, batch, dim] on axis 1, the output
     projection's [seq * batch, dim] on axis 0 behind seq blocks."""
@@ -319,6 +322,7 @@ def test_batch_layouts_of_multihead_attention(layout_models):
     assert Layout(0, 1, 4) in by_op["Softmax"]  # the heads: [batch, heads, seq, seq]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("model", ["seq-first", "batch-first", "pooling-head"])
 def test_sequence_first_attention(layout_models, model, method):
@@ -328,6 +332,7 @@ def test_sequence_first_attention(layout_models, model, method):
     check_method(method, layout_models[model], _tokens(128, 1), _tokens(8, 2), "y")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ecmt", "spikezip"])
 def test_unrolled_equals_stateful_where_the_batch_is_not_first(layout_models, method):
     path = layout_models["pooling-head" if method == "spikezip" else "seq-first"]
@@ -395,6 +400,7 @@ def _masked_data(form: str, samples: int, seed: int) -> dict[str, np.ndarray]:
     return {**_tokens(samples, seed), "attention_mask": mask}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("form", list(MASKS))
 def test_mask_forms(tmp_path, form, method):
