@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 
 from spikec.passes.ecmt import PRODUCT_KINDS, foldable_weight_index, product_operands
 from spikec.passes.patterns import Region
-from spikec.passes.timing import is_constant
+from spikec.passes.timing import is_constant, varying_tensors
 
 # Ops that only move values: quantized values stay quantized through them.
 _DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Split",
@@ -73,8 +73,21 @@ def _source_through_movement(tensor: gs.Tensor) -> list[str]:
     return chain
 
 
-def quantizer_sites(regions: list[Region]) -> list[Site]:
-    products = [r for r in regions if r.kind in PRODUCT_KINDS]
+def activation_tensors(graph: gs.Graph) -> set[str]:
+    """Tensors computed from the data a sample carries: float inputs and table lookups (embeddings) and what
+    follows from them. What is computed from integer inputs by arithmetic only (positions cast to float:
+    rotary angles; masks) is not an activation: a quantizer there would round positions to a few levels."""
+    integer_lookups = [t.name for n in graph.nodes if n.op in ("Gather", "GatherElements", "GatherND")
+                       and not all(is_constant(t) for t in n.inputs) for t in n.outputs]
+    float_inputs = [t.name for t in graph.inputs if np.issubdtype(np.dtype(t.dtype or np.float32), np.floating)]
+    return varying_tensors(graph, float_inputs + integer_lookups)
+
+
+def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
+    """Where quantizers go: see the module docstring; product operands that are no ``activations`` stay
+    float (the product is then affine in its one activation operand)."""
+    products = [r for r in regions if r.kind in PRODUCT_KINDS
+                and any(node.inputs[index].name in activations for node, index in product_operands(r))]
     softmax_inputs = {t.name for r in regions if r.kind == "softmax" for t in r.inputs}
     after: dict[str, Site] = {}
     for region in products:
@@ -86,7 +99,8 @@ def quantizer_sites(regions: list[Region]) -> list[Site]:
     for region in products:
         for node, index in product_operands(region):
             tensor = node.inputs[index]
-            if is_constant(tensor) or any(name in after for name in _source_through_movement(tensor)):
+            if (is_constant(tensor) or tensor.name not in activations
+                    or any(name in after for name in _source_through_movement(tensor))):
                 continue
             before.setdefault(tensor.name, []).append((node, index))
     return [*after.values(), *(Site(name, tuple(consumers), "before") for name, consumers in before.items())]

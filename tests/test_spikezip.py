@@ -234,3 +234,42 @@ def test_random_transformers_reach_their_qann(name):
     assert None not in equilibrium_steps(got["spikec.spikes.steps"])
     for name_out, want in run_dataset(InferenceSession(qann), feeds).items():
         np.testing.assert_allclose(got[name_out], want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def _rotary_model() -> onnx.ModelProto:
+    """h = x W, rotated by angles = positions x inverse frequencies (LLaMA's rotary form: the positions, an
+    integer input, cast to float and multiplied by a frequency vector), then projected."""
+    frequencies = (1.0 / 100.0 ** (np.arange(4) / 4)).astype(np.float32)[None, :]
+    nodes = [helper.make_node("Cast", ["position_ids"], ["positions"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["positions", "last"], ["positions_column"]),
+             helper.make_node("MatMul", ["positions_column", "frequencies"], ["angles"]),
+             helper.make_node("Concat", ["angles", "angles"], ["angles_twice"], axis=-1),
+             helper.make_node("Cos", ["angles_twice"], ["cos"]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "cos"], ["rotated"]),
+             helper.make_node("MatMul", ["rotated", "w_out"], ["y"])]
+    initializers = [onnx.numpy_helper.from_array(frequencies, "frequencies"), _init("w", 8, 8), _init("w_out", 8, 8),
+                    onnx.numpy_helper.from_array(np.array([-1], np.int64), "last")]
+    graph = helper.make_graph(nodes, "rotary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 8]),
+                                                helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                                              ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 8])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_positions_cast_to_float_are_not_quantized(tmp_path):
+    """Quantizers go on activations: rotary angles computed from integer positions stay float (16 levels over
+    16 positions would merge neighbouring positions' angles), and the SNN still equals its QANN."""
+    feeds = {"x": RNG.standard_normal((24, 16, 8)).astype(np.float32),
+             "position_ids": np.tile(np.arange(16, dtype=np.int64), (24, 1))}
+    qann_path = tmp_path / "qann.onnx"
+    snn = spikec.compile(_rotary_model(), feeds, method="spikezip", timesteps=32, save_qann=str(qann_path),
+                         progress=False, verify=False)
+    report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])
+    quantized = {q["tensor"] for q in report["quantization"]}
+    assert quantized == {"x", "h", "rotated", "y"}
+    qann = onnx.load(str(qann_path))
+    assert not {"positions_column", "angles"} & {n.input[0] for n in qann.graph.node if n.op_type == "Div"}
+    held = {k: v[:8] for k, v in feeds.items()}
+    want = run_dataset(InferenceSession(str(qann_path)), held)["y"]
+    got = run_dataset(snn, held)["y"]
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))

@@ -40,7 +40,7 @@ def quantize_model(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], levels
     """The QANN of ``ann`` by post-training quantization, and the quantizers inserted: per channel of the
     last axis where its size is static, unless ``per_tensor``."""
     graph = gs.import_onnx(ann)
-    sites = ptq.quantizer_sites(find_regions(graph))
+    sites = ptq.quantizer_sites(find_regions(graph), ptq.activation_tensors(graph))
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to quantize")
     stats = collect_statistics(ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=1_000_000,
