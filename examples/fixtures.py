@@ -66,6 +66,7 @@ __all__ = [
     "digits_vit",
     "digits_vit_torch",
     "evaluation_sentences",
+    "unseen_sentences",
     "fixture_npz",
     "minilm",
     "minilm_inputs",
@@ -636,7 +637,7 @@ def _sentence_pool() -> tuple[str, ...]:
                         seen.setdefault(sent, None)
     pool = sorted(seen)  # canonical order, independent of module iteration quirks
     random.Random(0).shuffle(pool)
-    if len(pool) < _N_CALIBRATION + _N_EVALUATION:
+    if len(pool) < _N_CALIBRATION + 2 * _N_EVALUATION:  # evaluation and unseen sentences
         raise RuntimeError(f"only {len(pool)} sentences harvested from stdlib docstrings")
     return tuple(pool)
 
@@ -652,6 +653,12 @@ def evaluation_sentences() -> list[str]:
     evaluation = list(pool[_N_CALIBRATION : _N_CALIBRATION + _N_EVALUATION])
     assert not set(evaluation) & set(calibration_sentences()), "calibration/evaluation overlap"
     return evaluation
+
+
+def unseen_sentences() -> list[str]:
+    """64 English sentences in neither the calibration nor the evaluation set: what a new user's own
+    sentences are to defaults chosen on those two."""
+    return list(_sentence_pool()[_N_CALIBRATION + _N_EVALUATION : _N_CALIBRATION + 2 * _N_EVALUATION])
 
 
 # --------------------------------------------------------------------------
