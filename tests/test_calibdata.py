@@ -1,10 +1,10 @@
 """`spikec calib make`: calibration .npz files from a text file and a tokenizer, or from a Python function."""
 import numpy as np
 import pytest
+from test_cli import _fails
 
 from examples import fixtures
 from spikec.cli import main
-from test_cli import _fails
 
 
 @pytest.fixture(scope="module")
