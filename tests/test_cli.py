@@ -86,8 +86,9 @@ def unrolled(vit, data, work) -> Path:
     verified, wrote = proc.stdout.splitlines()
     assert verified.startswith("verified on 32 held-out calibration samples against the ANN at T=4: logits cosine ")
     assert wrote == f"wrote {out}"
-    # no onnxruntime optimizer chatter, no progress bar; T=4 is short of ECMT's bound, which compile says
-    assert proc.stderr.startswith("spikec: warning: output 'logits' on 32 held-out calibration samples: cosine ")
+    # no onnxruntime optimizer chatter, no progress bar, and with the default thresholds (p=90 per channel)
+    # T=4 already meets ECMT's bound: no warning
+    assert proc.stderr == ""
     assert proc.stderr.count("\n") == 1 and "ecmt's bound (cosine >= 0.99): raise --timesteps" in proc.stderr
     return out
 
