@@ -1,7 +1,8 @@
 """ECMT (Expectation Compensation + Multi-Threshold neurons, seed 001) as graph rewrites.
 
 * MT neurons sit before every activation x weight product and on both operands of every
-  activation x activation product (Algorithm 1, lines 9-11).
+  activation x activation product (Algorithm 1, lines 9-11): Q K^T and P V, and the elementwise
+  act(gate) * up of gated MLPs (SwiGLU, GeGLU).
 * Every op that is not affine in its time-varying inputs gets expectation compensation
   (Eq. 15); for an activation x activation MatMul this is the matrix-product EC of Eq. 16:
   t*(S_A/t)(S_B/t) - (t-1)*(S'_A/(t-1))(S'_B/(t-1)) = S_K(t)/t - S_K(t-1)/(t-1).
@@ -20,7 +21,8 @@ from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant,
 
 # Region kinds whose operands are activations feeding a product.
 _WEIGHT_PRODUCT = "weight_matmul"
-_ACTIVATION_PRODUCT = "act_matmul"
+_ACTIVATION_PRODUCTS = ("act_matmul", "act_mul")
+PRODUCT_KINDS = (_WEIGHT_PRODUCT, *_ACTIVATION_PRODUCTS)
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class Thresholds:
 
 def product_operands(region: Region) -> list[tuple[gs.Node, int]]:
     """(node, input index) of the activation operands a neuron must feed."""
-    node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
-    if region.kind == _ACTIVATION_PRODUCT:
+    node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm", "Mul"))
+    if region.kind in _ACTIVATION_PRODUCTS:
         return [(node, 0), (node, 1)]
     weight_index = region.attrs.get("weight_input_index", 1)
     return [(node, 1 - weight_index)]
@@ -66,7 +68,7 @@ def neuron_sites(regions: list[Region]) -> dict[str, list[tuple[gs.Node, int]]]:
     """Tensor name -> the product operands it feeds, for every tensor that gets an MT neuron."""
     sites: dict[str, list[tuple[gs.Node, int]]] = {}
     for region in regions:
-        if region.kind in (_WEIGHT_PRODUCT, _ACTIVATION_PRODUCT):
+        if region.kind in PRODUCT_KINDS:
             for node, index in product_operands(region):
                 tensor = node.inputs[index]
                 if not is_constant(tensor):

@@ -113,7 +113,7 @@ def cmd_quantize(args) -> int:
     from spikec.compiler import quantize
 
     quantize(args.model, args.calib, args.output, levels=args.levels, input_shapes=_input_shapes(args.input_shape),
-             batch_size=args.batch_size, progress=not args.quiet)
+             batch_size=args.batch_size, progress=not args.quiet, per_tensor=args.per_tensor)
     print(f"wrote {args.output}")
     return 0
 
@@ -277,7 +277,7 @@ def cmd_inspect(args) -> int:
         for row in info["neurons"]:
             count = counts.get(row["tensor"])
             thresholds = (f"+{_summary(row['theta_pos'])} / -{_summary(row['theta_neg'])}" if "theta_pos" in row
-                          else f"{row['threshold']:.4g}")
+                          else _summary(row["threshold"]))
             neurons.add_row(row["tensor"], "?" if count is None else str(count), neuron_label(row), thresholds,
                             ", ".join(row.get("consumers", [row.get("region", "")])))
         console.print(neurons)
@@ -498,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
     p.add_argument("--levels", type=int, default=16, help="quantization levels L")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one scale per tensor, not one per channel of the last axis")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")

@@ -507,8 +507,9 @@ def test_dropout_in_training_mode_is_identity_and_compiles_are_reproducible(work
 def test_onnxruntime_failures_are_one_line_naming_the_files(work):
     onnx.save(_embedding(), work / "embed.onnx")
     np.savez(work / "ids.npz", ids=np.full((4, 4), 50, np.int64))  # 10 embeddings: id 50 is out of range
+    # compile first runs the first sample alone, to find where each tensor holds the batch (check_time_folding)
     line = _refused(work, "compile", "embed.onnx", "-o", "out.onnx", "--calib", "ids.npz",
-                    culprits=("embed.onnx", "ids.npz", "samples 0:4"))
+                    culprits=("embed.onnx", "ids.npz", "samples 0:1"))
     assert "main_graph" not in line
     _refused(work, "run", "embed.onnx", "--inputs", "ids.npz", "-o", "out.npz", culprits=("embed.onnx", "samples 0:4"))
 

@@ -53,6 +53,35 @@ def _attention_model():
         onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half")], [("x", (5, 8))], (5, 8))
 
 
+def test_per_channel_scales_hold_an_outlier_channel():
+    """A LayerNorm whose gain makes one channel 50x the others (as BERT's do): one scale per tensor spends its
+    levels on that channel and rounds the rest to a level or two; per-channel scales (the default) keep
+    each channel's resolution, and the SNN, with one ST-BIF+ threshold per channel, still equals its QANN."""
+    gamma = np.ones(8, np.float32)  # the next weight's row 3 is 50x smaller: every channel counts as much
+    gamma[3] = 50.0
+    weight = _init("w", 8, 8)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * (gamma[:, None] ** -1), "w"))
+    model = _tiny([helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
+                   helper.make_node("MatMul", ["h", "w"], ["y"])],
+                  [onnx.numpy_helper.from_array(gamma, "gamma"), _init("beta", 8), weight],
+                  [("x", (5, 8))], (5, 8))
+    calib = {"x": RNG.standard_normal((64, 5, 8)).astype(np.float32)}
+    feeds = {"x": RNG.standard_normal((16, 5, 8)).astype(np.float32)}
+    exact = InferenceSession(model).run(["y"], feeds)[0]  # the float model
+    errors = {}
+    for per_tensor in (False, True):
+        qann = spikec.quantize(model, calib, levels=16, per_tensor=per_tensor, progress=False)
+        scale = next(onnx.numpy_helper.to_array(t) for t in qann.graph.initializer if t.name == "h.quant_scale")
+        assert scale.shape == (() if per_tensor else (8,))
+        want = InferenceSession(qann).run(["y"], feeds)[0]
+        errors[per_tensor] = np.sqrt(np.mean(np.square(want - exact)))
+        snn = spikec.compile(qann, calib, method="spikezip", timesteps=40, progress=False)
+        np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], want, atol=1e-4 * np.abs(want).max())
+    assert errors[False] < errors[True] / 4
+    with pytest.raises(SpikecError, match="per_tensor"):
+        spikec.compile(qann, calib, method="spikezip", per_tensor=True, progress=False)
+
+
 @pytest.mark.parametrize("build", [_sesa_model, _attention_model], ids=["sesa", "attention"])
 def test_tiny_graphs_equal_their_qann(build, tmp_path):
     """SESA against the quantized product; Spike-Softmax/LayerNorm (differences of accumulated inputs),
@@ -183,7 +212,9 @@ def test_minilm_with_ptq_equals_qann():
     qann = spikec.quantize(model, calib, levels=16, progress=False)
     stateful = spikec.compile(qann, calib, method="spikezip", timesteps=96, mode="stateful", progress=False)
     agreement = quantizer_agreement(qann, stateful, feeds)
-    _check_agreement(agreement, min_exact=0.6)
+    # every mismatch is a float flip at a level boundary; per-channel scales (more neurons, finer levels) make
+    # them likelier than per-tensor ones did (measured: 4 of 8 samples exact). Issue 21 §3 would remove them.
+    _check_agreement(agreement, min_exact=0.5)
     assert max(agreement["t_eq"]) < 64  # measured: 28-35
     want = InferenceSession(qann).run(["sentence_embedding"], feeds)[0]
     exact = np.array(agreement["exact"])

@@ -216,7 +216,7 @@ def test_minilm_with_32_calibration_sentences_holds_on_unseen_sentences():
     """Default ranges from 32 sentences hold on sentences neither calibration nor the project's evaluation
     set contains: nothing clips on the held-out ones at compile time, and the error stays small."""
     calib = fixtures.minilm_inputs(fixtures.calibration_sentences()[:32])
-    unseen = fixtures.minilm_inputs(fixtures.unseen_sentences())
+    unseen = fixtures.minilm_inputs(fixtures.heldout_sentences())
     snn = spikec.compile(fixtures.minilm(), calib, method="ttfs", progress=False)
     assert json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])["ttfs"]["clipped"] == {}
     ann = run_dataset(fixtures.minilm(), unseen)["sentence_embedding"]
