@@ -118,6 +118,26 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_calib_make(args) -> int:
+    from spikec import calibdata, modelio
+
+    files = [("text file", args.text)] if args.text else []
+    reads = modelio.reads(models=[("input model", args.model)], files=files)
+    modelio.check_outputs([("output", args.output)], reads)  # before the work, not after it
+    if args.text:
+        if args.tokenizer is None:
+            raise SpikecError("argument --text: needs --tokenizer DIR (a saved Hugging Face tokenizer)")
+        arrays = calibdata.from_text(args.model, args.text, args.tokenizer, max_length=args.max_length,
+                                     progress=not args.quiet)
+    else:
+        arrays = calibdata.from_callable(args.model, args.python)
+    modelio.write([("output", args.output, arrays)], reads)
+    count = len(next(iter(arrays.values())))
+    print(f"wrote {args.output}: {count} samples of " + ", ".join(
+        f"{name} {value.dtype} {list(value.shape[1:])}" for name, value in arrays.items()))
+    return 0
+
+
 def cmd_run(args) -> int:
     from spikec import modelio
     from spikec.calibrate import load_inputs
@@ -494,6 +514,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", metavar="DIR", help="where to write the weights (default: spikec's package data)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_ugo_train)
+
+    p = sub.add_parser("calib", help="calibration data for a model from text or a Python function")
+    calib_commands = p.add_subparsers(dest="calib_command", required=True)
+    p = calib_commands.add_parser("make", help="write the .npz compile --calib takes, checked against the model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", metavar="FILE", help="one sample per non-empty line, tokenized by --tokenizer")
+    source.add_argument("--python", metavar="MODULE:FUNCTION",
+                        help="a function (module or file.py) returning {input name: array, samples first}")
+    p.add_argument("--tokenizer", metavar="DIR", help="a saved Hugging Face tokenizer (offline)")
+    p.add_argument("--max-length", type=int, help="pad and truncate to this many tokens (default: the model's "
+                                                  "static sequence length)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_calib_make)
 
     p = sub.add_parser("inspect", help="show what a model contains and what spikec rewrote")
     p.add_argument("model")

@@ -115,7 +115,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     if common.verify:
         feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
     job = Job(ann, feeds, common.timesteps, common.mode, common.batch_size, common.progress,
-              frozenset(common.allow_float), method_options)
+              frozenset(common.allow_float), method_options,
+              held_out=held_out[0] if held_out is not None and held_out[1] else None)
     method.prepare(job)
     plan = method.calibration(job)
     if method.stepped:
