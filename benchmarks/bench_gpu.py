@@ -45,10 +45,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikec.runtime import InferenceSession, run  # noqa: E402
+
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import measure  # noqa: E402
 from examples import fixtures  # noqa: E402
-from spikec.runtime import InferenceSession, run  # noqa: E402
 
 CPU = "CPUExecutionProvider"
 METHODS = ("ecmt", "spikezip", "sta", "ttfs")

@@ -46,12 +46,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikec.runtime import InferenceSession, Stepper, native, run  # noqa: E402
+
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import measure as interleaved_samples  # noqa: E402
-from examples import fixtures  # noqa: E402
 from benchmarks.torch_reference import TorchStepSimulator  # noqa: E402
+from examples import fixtures  # noqa: E402
 from spikec.evaluate import cosine  # noqa: E402
-from spikec.runtime import InferenceSession, Stepper, native, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs one variant once in a fresh process and prints the growth of its peak resident set in MiB.

@@ -135,9 +135,10 @@ def _spikezip_reference(model_path: Path, qann_path: Path, held: dict, timesteps
     """SpikeZIP-TF's fidelity: max error to its QANN in units of the QANN's output scale, after the network
     is quiet; where it is not equal, the boundary-flip check of tests/test_spikezip.py (every disagreeing
     sample first disagrees within float rounding of a quantizer level boundary) on a stateful compile."""
+    from spikec.runtime import InferenceSession, equilibrium_steps
+
     import spikec
     from spikec.evaluate import quantizer_agreement, run_dataset
-    from spikec.runtime import InferenceSession, equilibrium_steps
 
     reference = run_dataset(InferenceSession(str(qann_path)), held)
     error = max(float(np.max(np.abs(outputs[n] - want)) / (float(np.max(np.abs(want))) or 1.0))

@@ -30,15 +30,21 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script (also from optimum's venv, where examples is no package)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples.fixtures import _atomic_write, _cache_path, _cached, _digest, _export_key, _export_onnx, \
-    _named_io_module  # noqa: E402
+from examples.fixtures import (
+    _atomic_write,
+    _cache_path,
+    _cached,
+    _digest,
+    _export_key,
+    _export_onnx,
+    _named_io_module,  # noqa: E402
+)
 
 # Bump when a builder or the post-processing below changes what an export contains.
 ZOO_REV = 1

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
 from spikec.passes.patterns import Region
 from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant, refuse_float_in_regions
 
@@ -32,7 +31,7 @@ class Thresholds:
     negative: np.ndarray
 
     @classmethod
-    def from_percentiles(cls, high, low) -> "Thresholds":
+    def from_percentiles(cls, high, low) -> Thresholds:
         """theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile (Algorithm 1, line 4).
 
         A side the data never reaches mirrors the other side, so both stay positive: with the
@@ -44,7 +43,7 @@ class Thresholds:
         return cls(np.where(pos > 0, pos, fallback).astype(np.float32),
                    np.where(neg > 0, neg, fallback).astype(np.float32))
 
-    def covering(self, high, low, levels: int, coverage: float) -> "Thresholds":
+    def covering(self, high, low, levels: int, coverage: float) -> Thresholds:
         """Raise theta so that the top level theta*2^(n-1) reaches ``coverage`` times the calibration
         extreme on each side. A percentile threshold far below the maximum (a sparse channel: its
         p-th percentile near zero, rare large values) leaves the neuron firing its top level at every

@@ -30,12 +30,12 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
-from spikec.errors import SpikecError
 from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, spikec_node, varying_tensors
 from spikec.runtime import ops as spec
 from spikec.runtime import ttfs as ttfs_ops
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+
+from spikec.errors import SpikecError
 
 
 class Layout(NamedTuple):
@@ -100,7 +100,7 @@ def fold_time_where_the_batch_is(graph: gs.Graph, layouts: BatchLayouts) -> int:
     return len(wrappers)
 
 
-def _batch_leading_views(graph: gs.Graph, layouts: BatchLayouts, nodes: list[gs.Node]) -> dict[int, "_BatchLeading"]:
+def _batch_leading_views(graph: gs.Graph, layouts: BatchLayouts, nodes: list[gs.Node]) -> dict[int, _BatchLeading]:
     """By node id, the views of the spikec ``nodes`` whose input is not batch-leading, all found on the graph as
     the rewrite left it, before any op is rewired."""
     found = layouts.of_graph(graph)
@@ -303,7 +303,7 @@ def _batch_size(graph: gs.Graph) -> gs.Variable:
 
 
 def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
-                      views: dict[int, "_BatchLeading"] | None = None) -> None:
+                      views: dict[int, _BatchLeading] | None = None) -> None:
     """Output ``name``: spikes fired per row of ``leading`` + [B] (a shape prefix of constants and tensors),
     from each neuron's count output (its spikes per row of their leading axis: per sample and step, or
     per head of one; fused into the neuron's pass by the native kernels). A neuron whose input is not

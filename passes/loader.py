@@ -12,9 +12,9 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from spikec.passes.contrib import MS, NCHWC, onnxruntime_schemas
 
 from spikec.errors import SpikecError
-from spikec.passes.contrib import MS, NCHWC, onnxruntime_schemas
 
 MIN_OPSET = 13
 _IN_MEMORY = "<in-memory model>"

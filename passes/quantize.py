@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
 from spikec.passes.ecmt import PRODUCT_KINDS, foldable_weight_index, product_operands
 from spikec.passes.patterns import Region
 from spikec.passes.timing import is_constant, varying_tensors
@@ -113,7 +112,7 @@ class Quantizer:
     high: int
 
     @classmethod
-    def for_levels(cls, low: int, high: int, clip: np.ndarray | float) -> "Quantizer":
+    def for_levels(cls, low: int, high: int, clip: np.ndarray | float) -> Quantizer:
         """Levels [low, high], the clip threshold mapped to the farther end (a channel calibration never saw
         away from zero gets scale 1: any positive scale quantizes its zeros exactly)."""
         clip = np.asarray(clip, np.float32)

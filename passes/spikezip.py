@@ -21,12 +21,20 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from spikec.errors import SpikecError
 from spikec.passes.ecmt import fold_thresholds_into_weights
 from spikec.passes.patterns import Region
-from spikec.passes.timing import (SUM, accumulate, attach_neuron, convert_time, fresh_like, refuse_float_in_regions,
-                                  replace_uses, spikec_node)
+from spikec.passes.timing import (
+    SUM,
+    accumulate,
+    attach_neuron,
+    convert_time,
+    fresh_like,
+    refuse_float_in_regions,
+    replace_uses,
+    spikec_node,
+)
+
+from spikec.errors import SpikecError
 
 
 def replace_quantizer(graph: gs.Graph, region: Region) -> dict:

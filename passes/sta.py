@@ -28,15 +28,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from spikec import ugo as ugos
-from spikec.calibrate import TapStats
 from spikec.passes.ecmt import product_operands
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
+from spikec.passes.timing import (
+    MEAN,
+    SUM,
+    accumulate,
+    convert_time,
+    fresh_like,
+    is_constant,
+    refuse_float_in_regions,
+    spikec_node,
+)
 from spikec.passes.ttfs import GraphBuilder, Masking
-from spikec.passes.timing import (MEAN, SUM, accumulate, convert_time, fresh_like, is_constant,
-                                  refuse_float_in_regions, spikec_node)
+
+from spikec import ugo as ugos
+from spikec.calibrate import TapStats
 
 # Eq. 33 / the reference code: candidate thresholds g x max, g in [0.53, 1] (95 points)
 MMSE_GRID = np.linspace(0.53, 1.0, 95)

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from spikec.runtime import ops as spec
 
 from spikec.errors import SpikecError
-from spikec.runtime import ops as spec
 
 MEAN, SUM = "mean", "sum"
 # ops whose outputs vary per step (a UGO emits the weighted sum of its hidden neurons' spikes)

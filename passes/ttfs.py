@@ -39,13 +39,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
-from spikec.errors import SpikecError
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
 from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant, replace_uses, varying_tensors
 from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
 
+from spikec.errors import SpikecError
 
 # Suffix of the extra graph output holding an output's relative spike times.
 SPIKE_TIMES = ".spike_times"

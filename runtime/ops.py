@@ -16,8 +16,8 @@ bodies only combine states with inputs through broadcasting arithmetic.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx

@@ -9,13 +9,12 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 import onnxruntime as ort
-
-from spikec.errors import SpikecError
 from spikec.runtime import fusion
 from spikec.runtime import native as native_kernels
-from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
 
+from spikec.errors import SpikecError
 
 # onnxruntime logs an error before it raises it: at FATAL only, the exception (which spikec turns into its
 # one-line error) is all that reaches the terminal.

@@ -32,7 +32,6 @@ def cmd_compile(args) -> int:
     from spikec.compiler import compile as compile_model
     from spikec.compiler import split_options
     from spikec.passes.options import outputs_of
-
     from spikec.runtime.metadata import SpikecMetadata
 
     options = _compile_options(args)

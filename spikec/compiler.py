@@ -4,9 +4,9 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx

@@ -75,7 +75,7 @@ class Shapes:
     def is_float(self, name: str) -> bool:
         return self.dtypes.get(name) in FLOAT_TYPES
 
-    def observe(self, values: Mapping[str, np.ndarray], batch: int) -> "Shapes":
+    def observe(self, values: Mapping[str, np.ndarray], batch: int) -> Shapes:
         """These shapes, with those of tensors actually computed for ``batch`` samples where inference
         left dims unknown (e.g. heads reshaped from a computed shape)."""
         shapes = dict(self.shapes)

@@ -109,7 +109,7 @@ class UGO:
         x = np.asarray(x, np.float64)
         return np.maximum(x[..., None] * self.w1 + self.b1, 0.0) @ self.w2 + self.b2
 
-    def scaled(self, factor: float) -> "UGO":
+    def scaled(self, factor: float) -> UGO:
         """x -> f(factor x) / factor: quick_gelu from SiLU's operator (the scalings fold into w1 and w2, b2)."""
         return UGO(self.name, self.w1 * factor, self.b1, self.w2 / factor, self.b2 / factor)
 

@@ -20,16 +20,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
-
-import spikec
-from spikec.compiler import check_time_folding
-from spikec.evaluate import cosine, run_dataset
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.emit import Layout
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import find_regions
 from test_masks import check_method
+from torch import nn
+
+import spikec
+from spikec.compiler import check_time_folding
+from spikec.evaluate import cosine, run_dataset
 
 METHODS = ["ecmt", "sta", "spikezip", "ttfs"]
 DIM, SEQ = 16, 6

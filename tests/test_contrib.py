@@ -14,17 +14,17 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from spikec.passes.canonicalize import canonicalize
+from spikec.passes.contrib import decompose
+from spikec.passes.loader import load_model
+from spikec.passes.patterns import find_regions
+from spikec.runtime import InferenceSession
 from torch import nn
 
 import spikec
 from examples import fixtures
 from spikec.errors import SpikecError
 from spikec.evaluate import cosine, run_dataset
-from spikec.passes.canonicalize import canonicalize
-from spikec.passes.contrib import decompose
-from spikec.passes.loader import load_model
-from spikec.passes.patterns import find_regions
-from spikec.runtime import InferenceSession
 
 MS = "com.microsoft"
 _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,

@@ -5,11 +5,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from spikec.runtime import InferenceSession, run_stateful
 
 import spikec
 from examples import fixtures
 from spikec.evaluate import cosine, run_dataset
-from spikec.runtime import InferenceSession, run_stateful
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from graphs import FEATURES, mlp
 from onnx import TensorProto, helper
+from spikec.runtime import InferenceSession, run_stateful
 
 import spikec
-from graphs import FEATURES, mlp
-from spikec.runtime import InferenceSession, run_stateful
 from spikec.verify import verify
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`

@@ -24,10 +24,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
-from torch import nn
-
-from examples import fixtures
-from spikec.errors import SpikecError
 from spikec.passes.canonicalize import (
     canonicalize,
     fold_constants,
@@ -37,6 +33,10 @@ from spikec.passes.canonicalize import (
 )
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
+from torch import nn
+
+from examples import fixtures
+from spikec.errors import SpikecError
 
 D = 16  # feature width of the toy modules
 

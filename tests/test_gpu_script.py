@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import onnxruntime as ort
 import pytest
+from spikec.runtime import InferenceSession, native, run
+from spikec.runtime.session import quiet_options
 
 import spikec
 from benchmarks import bench_gpu
-from spikec.runtime import InferenceSession, native, run
-from spikec.runtime.session import quiet_options
 from tests.graphs import mlp
 
 CPU = "CPUExecutionProvider"

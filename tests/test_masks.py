@@ -22,15 +22,15 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 import torch.nn.functional as F
+from spikec.passes.canonicalize import canonicalize
+from spikec.passes.loader import load_model
+from spikec.passes.patterns import find_regions
+from spikec.runtime import InferenceSession
 from torch import nn
 
 import spikec
 from examples import fixtures
 from spikec.evaluate import cosine, quantizer_agreement, run_dataset
-from spikec.passes.canonicalize import canonicalize
-from spikec.passes.loader import load_model
-from spikec.passes.patterns import find_regions
-from spikec.runtime import InferenceSession
 
 SEQ, DIM, HEADS = 6, 16, 2
 FINFO_MIN = torch.finfo(torch.float32).min

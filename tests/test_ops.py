@@ -2,10 +2,8 @@
 import numpy as np
 import onnx
 import pytest
-
 from op_models import example_attributes, example_params, initial_states, one_node_model
-from spikec.runtime import InferenceSession
-from spikec.runtime import ops
+from spikec.runtime import InferenceSession, ops
 
 T, B, C = 6, 3, 5
 

@@ -10,6 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from spikec.runtime import equilibrium_steps
+from spikec.runtime.metadata import SpikecMetadata
 
 import spikec
 from examples import fixtures
@@ -22,8 +24,6 @@ from spikec.methods.ecmt import ECMT
 from spikec.report import build_report, energy, plots, write_report
 from spikec.report.section import Context
 from spikec.report.sta import STASection
-from spikec.runtime import equilibrium_steps
-from spikec.runtime.metadata import SpikecMetadata
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 

@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from spikec.runtime import InferenceSession, equilibrium_steps, run_stateful
 
 import spikec
 from examples import fixtures
 from spikec.errors import SpikecError
 from spikec.evaluate import quantizer_agreement, run_dataset
-from spikec.runtime import InferenceSession, equilibrium_steps, run_stateful
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 

@@ -11,16 +11,16 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
+from spikec.runtime import ttfs
+from spikec.runtime.ttfs import EMIT, RECEIVE, ReceiveTransform, Window
 
 import spikec
 from examples import fixtures
-from spikec.report import build_report
-from spikec.report.ttfs import site_activity
 from spikec.cli import main
 from spikec.compiler import FidelityWarning
 from spikec.evaluate import cosine, run_dataset
-from spikec.runtime import ttfs
-from spikec.runtime.ttfs import EMIT, RECEIVE, ReceiveTransform, Window
+from spikec.report import build_report
+from spikec.report.ttfs import site_activity
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 

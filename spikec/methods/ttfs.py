@@ -80,7 +80,7 @@ class TTFS(Method):
         if clipped:
             from spikec.compiler import FidelityWarning
 
-            worst = sorted(clipped, key=clipped.get, reverse=True)
+            worst = sorted(clipped, key=lambda name: clipped[name], reverse=True)
             warnings.warn(f"{len(clipped)} of {len(taps)} TTFS ranges clip held-out calibration samples ("
                           + ", ".join(f"'{name}' {clipped[name]:.2%}" for name in worst[:3])
                           + (", ..." if len(worst) > 3 else "") + f"): raise --margin (now "
