@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from spikec.passes.ecmt import PRODUCT_KINDS, foldable_weight_index, product_operands
+from spikec.passes.ecmt import PRODUCT_KINDS, product_operands
 from spikec.passes.patterns import Region
 from spikec.passes.timing import is_constant, varying_tensors
 
@@ -155,12 +155,13 @@ def choose_quantizer(stats, levels: int, per_channel: bool) -> Quantizer:
 
 def channel_count(tensor: gs.Tensor) -> int | None:
     """The static size of ``tensor``'s last axis, which a per-channel scale would follow; None if dynamic, or
-    where the SNN cannot carry a scale per channel: only a tensor every consumer of which multiplies it by a
-    constant weight folds its ST-BIF+ thresholds into that weight's rows (parallel normalization)."""
+    where ``tensor`` is a Relu of a product's quantized output: its values already lie on that quantizer's grid,
+    and a second grid per channel lands on exact level ties of the first (scales in ratio 1:2, 1:1) that float
+    summation in the SNN rounds the other way (nn.TransformerEncoder's Relu MLP, tests/test_blocks.py)."""
     shape = tensor.shape
     static = shape[-1] if shape and isinstance(shape[-1], int) and shape[-1] > 0 else None
-    folds = tensor.outputs and all(foldable_weight_index(node, tensor) == 1 for node in tensor.outputs)
-    return static if folds else None
+    regridded = bool(tensor.inputs) and tensor.inputs[0].op == "Relu"
+    return None if regridded else static
 
 
 def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Quantizer]) -> list[dict]:
