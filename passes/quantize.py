@@ -148,7 +148,7 @@ def choose_quantizer(stats, levels: int, per_channel: bool) -> Quantizer:
                           per_channel=per_channel)
         quantizer = Quantizer.for_levels(low, high, clip)
         error = float(np.square(quantizer(stats.sample) - stats.sample).sum(dtype=np.float64))
-        if error < best_error:
+        if best is None or error < best_error:  # an overflowing error (inf) still leaves a quantizer
             best, best_error = quantizer, error
     return best
 
