@@ -39,10 +39,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikec.runtime import InferenceSession, run, run_stateful  # noqa: E402
+
 import spikec  # noqa: E402
 from examples import fixtures  # noqa: E402
 from spikec.evaluate import fidelity, run_dataset  # noqa: E402
-from spikec.runtime import InferenceSession, run, run_stateful  # noqa: E402
 
 
 @dataclass

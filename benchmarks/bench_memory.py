@@ -85,12 +85,12 @@ def _child(action: str, spec: str, timesteps: int, mode: str, out_dir: str) -> N
         result["output_bytes"] = sum(p.stat().st_size for p in Path(out_dir).iterdir())
     elif action == "estimate":
         import onnx_graphsurgeon as gs
-
-        from spikec import memory
         from spikec.passes import ecmt
         from spikec.passes.canonicalize import canonicalize
         from spikec.passes.loader import load_model
         from spikec.passes.patterns import find_regions
+
+        from spikec import memory
 
         ann = canonicalize(load_model(job["model"]))
         sites = ecmt.neuron_sites(find_regions(gs.import_onnx(ann)))  # as compile does

@@ -14,6 +14,13 @@ thread count). Peak memory: each variant runs once in a fresh process; the growt
 
     /work/venv/bin/python benchmarks/bench_native.py [--method ecmt|spikezip|sta] [--timesteps 4 8 16] [--reps N]
         [--threads N] [--spin run|always|never]
+
+With --ratios, only the unrolled SNN is timed, portable against native, for each of the methods given
+(several, or all: ECMT, SpikeZIP-TF, STA and TTFS, which has no T), and the table gives portable/native:
+the median over the repetitions of each repetition's ratio (the two timed back to back), which a shared
+machine's changing load moves less than it moves the times.
+
+    /work/venv/bin/python benchmarks/bench_native.py --ratios [--method all] [--timesteps 8] [--reps N]
 """
 from __future__ import annotations
 
@@ -39,12 +46,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikec.runtime import InferenceSession, Stepper, native, run  # noqa: E402
+
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import measure as interleaved_samples  # noqa: E402
-from examples import fixtures  # noqa: E402
 from benchmarks.torch_reference import TorchStepSimulator  # noqa: E402
+from examples import fixtures  # noqa: E402
 from spikec.evaluate import cosine  # noqa: E402
-from spikec.runtime import InferenceSession, Stepper, native, run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs one variant once in a fresh process and prints the growth of its peak resident set in MiB.
@@ -142,6 +150,48 @@ def step_call(session: InferenceSession, batch: Mapping[str, np.ndarray], warm_s
     return stepper.step
 
 
+def _compile_options(w: dict, method: str) -> dict:
+    """ECMT with the settings of tests/test_ecmt.py, the other methods with their defaults."""
+    return {**w["options"], "method": method} if method == "ecmt" else {"method": method}
+
+
+def ratios(w: dict, method: str, timesteps: list[int], args, log: Console) -> list[dict]:
+    """Portable against native on the unrolled SNN, for each T (TTFS: one pass, no T)."""
+    rows = []
+    for t in (timesteps if method != "ttfs" else [None]):
+        log.print(f"[dim]{w['name']} {method}: T={t} compile + time[/dim]")
+        rows.append(_ratio_row(w, method, t, args))
+        gc.collect()  # the sessions of this T
+    return rows
+
+
+def _ratio_row(w: dict, method: str, t: int | None, args) -> dict:
+    """Both sessions timed interleaved: each repetition's ratio and the medians."""
+    model = spikec.compile(w["model"], w["calibration"], progress=False, **_compile_options(w, method),
+                           **({} if t is None else {"timesteps": t}))
+    portable = InferenceSession(model, _options(args.threads, args.spin), native=False)
+    fast = InferenceSession(model, _options(args.threads, args.spin), native=True)
+    assert fast.native, "native kernels not registered"
+    batch = w["batch"]
+    want, got = run(portable, batch), run(fast, batch)
+    samples = interleaved_samples({"portable": lambda: run(portable, batch), "native": lambda: run(fast, batch)},
+                                  reps=args.reps, warmup=2, min_sample_ms=30.0)
+    return {"workload": f"{w['name']} ({len(next(iter(batch.values())))})", "method": method, "T": t,
+            "portable": statistics.median(samples["portable"]), "native": statistics.median(samples["native"]),
+            "ratio": statistics.median(p / n for p, n in zip(samples["portable"], samples["native"])),
+            "identical": all(np.array_equal(want[name], got[name]) for name in want)}
+
+
+def ratio_table(rows: list[dict]) -> Table:
+    t = Table(box=box.MARKDOWN, title="spikec: ONNX functions (portable) vs native kernels, unrolled SNN")
+    for h in ["workload (batch)", "method", "T", "portable ms", "native ms", "portable/native", "outputs identical"]:
+        t.add_column(h, justify="left" if h in ("workload (batch)", "method") else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(r["workload"], r["method"], "-" if r["T"] is None else str(r["T"]), f"{r['portable']:.1f}",
+                  f"{r['native']:.1f}", f"{r['ratio']:.2f}x", "yes" if r["identical"] else "no")
+    return t
+
+
 def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
     options = _options(args.threads, args.spin)
 
@@ -153,7 +203,7 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
 
     batch = w["batch"]
     ann = InferenceSession(w["model"], options, native=False)
-    compile_options = {**w["options"], "method": args.method} if args.method == "ecmt" else {"method": args.method}
+    compile_options = _compile_options(w, args.method)
     ann_peak = peak_mib("ann", w["model"], batch, 1, args.threads)
     rows = []
     for t in timesteps:
@@ -194,6 +244,9 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
         gc.collect()
     return rows
 
+
+# The methods the full comparison runs (T steps, a stateful form, the PyTorch loop)
+METHODS = ("ecmt", "spikezip", "sta")
 
 # How idle intra-op threads wait (--spin): "run": they spin while a run lasts and stop when it returns
 # (session.force_spinning_stop), so that the sessions timed in turn do not take each other's cores;
@@ -242,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="idle intra-op threads spin while a run lasts (default), always (onnxruntime's default) "
                              "or never")
     parser.add_argument("--only", choices=["digits-ViT", "MiniLM"], help="run one workload")
-    parser.add_argument("--method", choices=["ecmt", "spikezip", "sta"], default="ecmt",
-                        help="conversion method (ECMT uses the settings of tests/test_ecmt.py, the others defaults)")
+    parser.add_argument("--method", choices=[*METHODS, "ttfs", "all"], nargs="+", default=["ecmt"],
+                        help="conversion method (ECMT uses the settings of tests/test_ecmt.py, the others defaults); "
+                             "several, ttfs and all (every method) with --ratios only")
+    parser.add_argument("--ratios", action="store_true",
+                        help="time only the unrolled SNN, portable against native, for each method given")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows to PATH as JSON")
     args = parser.parse_args(argv)
     import torch
@@ -255,6 +311,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.print(f"[dim]library {native.library_path()}, onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
               f"intra-op threads {args.threads or 'default'}[/dim]")
+    methods = [*METHODS, "ttfs"] if "all" in args.method else list(dict.fromkeys(args.method))
+    if args.ratios:
+        rows = [row for w in workloads() if args.only in (None, w["name"])
+                for method in methods for row in ratios(w, method, args.timesteps, args, log)]
+        console.print(ratio_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+    if len(methods) != 1 or methods[0] not in METHODS:
+        parser.error("without --ratios: one method of " + ", ".join(METHODS))
+    args.method = methods[0]
     rows = []
     for w in workloads():
         if args.only in (None, w["name"]):

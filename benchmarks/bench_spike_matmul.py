@@ -25,8 +25,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_ecmt import measure  # noqa: E402
 from spikec.runtime import InferenceSession, ops  # noqa: E402
+
+from benchmarks.bench_ecmt import measure  # noqa: E402
 
 # (model, rows M of an unrolled batch, K, N)
 SHAPES = [("digits-ViT", 8704, 64, 64), ("digits-ViT", 8704, 64, 128), ("digits-ViT", 8704, 128, 64),

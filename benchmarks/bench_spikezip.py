@@ -31,11 +31,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikec.runtime import equilibrium_steps, run  # noqa: E402
+
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import kernels, measure, print_table, session  # noqa: E402
 from examples import fixtures  # noqa: E402
 from spikec.evaluate import cosine, run_dataset  # noqa: E402
-from spikec.runtime import equilibrium_steps, run  # noqa: E402
 
 LEVELS = 16
 

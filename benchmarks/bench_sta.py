@@ -23,11 +23,12 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikec.runtime import InferenceSession, run  # noqa: E402
+
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import measure, print_table  # noqa: E402
 from examples import fixtures  # noqa: E402
 from spikec.evaluate import cosine, run_dataset  # noqa: E402
-from spikec.runtime import InferenceSession, run  # noqa: E402
 
 VARIANTS = {
     "STA (all techniques)": {},

@@ -25,12 +25,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from spikec.runtime import InferenceSession, native, run  # noqa: E402
+
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import measure, print_table  # noqa: E402
 from examples import fixtures  # noqa: E402
-from spikec.report import build_report  # noqa: E402
 from spikec.evaluate import cosine, run_dataset  # noqa: E402
-from spikec.runtime import InferenceSession, native, run  # noqa: E402
+from spikec.report import build_report  # noqa: E402
 
 PRECISIONS = (64, 256, 1024, 4096)
 

@@ -617,15 +617,10 @@ def _docstrings(module) -> Iterator[str]:
                     yield inspect.getdoc(member) or ""
 
 
-@functools.lru_cache(maxsize=1)
-def _sentence_pool() -> tuple[str, ...]:
-    """Deterministic, deduplicated, shuffled pool of prose sentences (5..20 words).
-
-    Deterministic for a given Python version (docstrings change between
-    releases); no files or network involved.
-    """
+def _harvest(modules: Sequence[str]) -> list[str]:
+    """Prose sentences (5..20 words) of these modules' docstrings, deduplicated, in canonical order."""
     seen: dict[str, None] = {}  # insertion-ordered set
-    for mod_name in _SENTENCE_MODULES:
+    for mod_name in modules:
         for doc in _docstrings(importlib.import_module(mod_name)):
             # Paragraphs only: indented blocks / bullet lists are mostly code.
             for para in re.split(r"\n\s*\n", doc):
@@ -634,7 +629,17 @@ def _sentence_pool() -> tuple[str, ...]:
                 for sent in _SENTENCE_SPLIT.split(" ".join(para.split())):
                     if _PROSE.fullmatch(sent) and 5 <= len(sent.split()) <= _MAX_WORDS:
                         seen.setdefault(sent, None)
-    pool = sorted(seen)  # canonical order, independent of module iteration quirks
+    return sorted(seen)  # canonical order, independent of module iteration quirks
+
+
+@functools.lru_cache(maxsize=1)
+def _sentence_pool() -> tuple[str, ...]:
+    """Deterministic, deduplicated, shuffled pool of prose sentences (5..20 words).
+
+    Deterministic for a given Python version (docstrings change between
+    releases); no files or network involved.
+    """
+    pool = _harvest(_SENTENCE_MODULES)
     random.Random(0).shuffle(pool)
     if len(pool) < _N_CALIBRATION + _N_EVALUATION:
         raise RuntimeError(f"only {len(pool)} sentences harvested from stdlib docstrings")
@@ -652,6 +657,27 @@ def evaluation_sentences() -> list[str]:
     evaluation = list(pool[_N_CALIBRATION : _N_CALIBRATION + _N_EVALUATION])
     assert not set(evaluation) & set(calibration_sentences()), "calibration/evaluation overlap"
     return evaluation
+
+
+# Other modules' docstrings: a third pool, for claims that must hold on text neither calibration nor
+# the project's evaluation set has shaped (a method tuned on evaluation_sentences() is measured here).
+_HELDOUT_MODULES = (
+    "abc", "ast", "base64", "codecs", "copy", "doctest", "enum", "filecmp", "ftplib", "gettext", "glob",
+    "gzip", "hashlib", "imaplib", "locale", "lzma", "mimetypes", "numbers", "optparse", "pdb", "pkgutil",
+    "platform", "pprint", "pydoc", "sched", "selectors", "shelve", "shlex", "sqlite3", "ssl", "timeit",
+    "tokenize", "trace", "traceback", "types", "weakref", "zoneinfo",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def heldout_sentences() -> list[str]:
+    """64 English sentences from other modules than the calibration/evaluation pool (disjoint from both)."""
+    taken = set(_sentence_pool())
+    pool = [s for s in _harvest(_HELDOUT_MODULES) if s not in taken]
+    random.Random(1).shuffle(pool)
+    if len(pool) < _N_EVALUATION:
+        raise RuntimeError(f"only {len(pool)} held-out sentences harvested from stdlib docstrings")
+    return pool[:_N_EVALUATION]
 
 
 # --------------------------------------------------------------------------

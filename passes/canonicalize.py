@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
+from spikec.passes.contrib import decompose as decompose_contrib_ops
 
 from spikec import weights
 from spikec.errors import SpikecError
-from spikec.passes.contrib import decompose as decompose_contrib_ops
 
 # Initializers up to this many elements keep their values for shape inference: data propagation
 # needs shape-like constants, never weights.

@@ -1,7 +1,8 @@
 """ECMT (Expectation Compensation + Multi-Threshold neurons, seed 001) as graph rewrites.
 
 * MT neurons sit before every activation x weight product and on both operands of every
-  activation x activation product (Algorithm 1, lines 9-11).
+  activation x activation product (Algorithm 1, lines 9-11): Q K^T and P V, and the elementwise
+  act(gate) * up of gated MLPs (SwiGLU, GeGLU).
 * Every op that is not affine in its time-varying inputs gets expectation compensation
   (Eq. 15); for an activation x activation MatMul this is the matrix-product EC of Eq. 16:
   t*(S_A/t)(S_B/t) - (t-1)*(S'_A/(t-1))(S'_B/(t-1)) = S_K(t)/t - S_K(t-1)/(t-1).
@@ -14,13 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
 from spikec.passes.patterns import Region
 from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant, refuse_float_in_regions
 
 # Region kinds whose operands are activations feeding a product.
 _WEIGHT_PRODUCT = "weight_matmul"
-_ACTIVATION_PRODUCT = "act_matmul"
+_ACTIVATION_PRODUCTS = ("act_matmul", "act_mul")
+PRODUCT_KINDS = (_WEIGHT_PRODUCT, *_ACTIVATION_PRODUCTS)
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Thresholds:
     negative: np.ndarray
 
     @classmethod
-    def from_percentiles(cls, high, low) -> "Thresholds":
+    def from_percentiles(cls, high, low) -> Thresholds:
         """theta_1 = p-th percentile, theta_2 = -(100-p)-th percentile (Algorithm 1, line 4).
 
         A side the data never reaches mirrors the other side, so both stay positive: with the
@@ -42,7 +43,7 @@ class Thresholds:
         return cls(np.where(pos > 0, pos, fallback).astype(np.float32),
                    np.where(neg > 0, neg, fallback).astype(np.float32))
 
-    def covering(self, high, low, levels: int, coverage: float) -> "Thresholds":
+    def covering(self, high, low, levels: int, coverage: float) -> Thresholds:
         """Raise theta so that the top level theta*2^(n-1) reaches ``coverage`` times the calibration
         extreme on each side. A percentile threshold far below the maximum (a sparse channel: its
         p-th percentile near zero, rare large values) leaves the neuron firing its top level at every
@@ -55,8 +56,8 @@ class Thresholds:
 
 def product_operands(region: Region) -> list[tuple[gs.Node, int]]:
     """(node, input index) of the activation operands a neuron must feed."""
-    node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm"))
-    if region.kind == _ACTIVATION_PRODUCT:
+    node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm", "Mul"))
+    if region.kind in _ACTIVATION_PRODUCTS:
         return [(node, 0), (node, 1)]
     weight_index = region.attrs.get("weight_input_index", 1)
     return [(node, 1 - weight_index)]
@@ -66,7 +67,7 @@ def neuron_sites(regions: list[Region]) -> dict[str, list[tuple[gs.Node, int]]]:
     """Tensor name -> the product operands it feeds, for every tensor that gets an MT neuron."""
     sites: dict[str, list[tuple[gs.Node, int]]] = {}
     for region in regions:
-        if region.kind in (_WEIGHT_PRODUCT, _ACTIVATION_PRODUCT):
+        if region.kind in PRODUCT_KINDS:
             for node, index in product_operands(region):
                 tensor = node.inputs[index]
                 if not is_constant(tensor):
@@ -101,7 +102,7 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
         code, theta = mul.inputs
         scaled = mul.outputs[0]
         for consumer in list(scaled.outputs):
-            weight_index = _foldable_weight_index(consumer, scaled)
+            weight_index = foldable_weight_index(consumer, scaled)
             if weight_index is None:
                 continue
             weight = consumer.inputs[weight_index]
@@ -117,7 +118,7 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
     return folded
 
 
-def _foldable_weight_index(node: gs.Node, activation) -> int | None:
+def foldable_weight_index(node: gs.Node, activation) -> int | None:
     if node.op == "MatMul" and node.inputs[0] is activation and is_constant(node.inputs[1]) \
             and node.inputs[1].values.ndim == 2:
         return 1

@@ -23,15 +23,244 @@ outputs are final: the last step with spikes is its T_eq.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
-from spikec import weights
 from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, spikec_node, varying_tensors
 from spikec.runtime import ops as spec
 from spikec.runtime import ttfs as ttfs_ops
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+
+from spikec import weights
+from spikec.errors import SpikecError
+
+
+class Layout(NamedTuple):
+    """Where a tensor carries the batch (and, folded, the steps): axis ``axis`` of a rank-``rank`` tensor, read
+    as [outer, batch, rest]. (0, 1) is the layout the spikec ops scan: time-major rows of axis 0.
+    torch.nn.MultiheadAttention runs sequence-first: [seq, batch, dim] is (1, 1), the [seq * batch, dim] its
+    output projection reads is (0, seq)."""
+    axis: int
+    outer: int
+    rank: int
+
+    @property
+    def leading(self) -> bool:
+        return self.axis == 0 and self.outer == 1
+
+
+# A tensor whose batch is neither one axis nor a block of one (or that mixes samples): time cannot fold there.
+UNKNOWN_LAYOUT = Layout(-1, 0, 0)
+
+
+@dataclass
+class BatchLayouts:
+    """The ANN's batch layouts (compiler.check_time_folding): by graph input, and by node and output index, which
+    a rewrite keeps (it renames and re-wires tensors, never ANN nodes). Empty: every tensor batch-leading."""
+    inputs: dict[str, Layout] = field(default_factory=dict)
+    nodes: dict[str, tuple[Layout | None, ...]] = field(default_factory=dict)
+
+    def of_graph(self, graph: gs.Graph) -> dict[int, Layout]:
+        """Every tensor's layout in a rewritten graph (by id): the ANN's where the node is the ANN's, else its
+        first varying input's of the same rank (spikec ops, the rewrite's elementwise ops and last-axis
+        reductions keep the layout of what they read). Absent: no batch axis."""
+        found: dict[int, Layout] = {id(t): self.inputs[t.name] for t in graph.inputs if t.name in self.inputs}
+        for node in graph.nodes:
+            if node.name in self.nodes:
+                for tensor, layout in zip(node.outputs, self.nodes[node.name]):
+                    if layout is not None:
+                        found[id(tensor)] = layout
+                continue
+            inherited = next((found[id(t)] for t in node.inputs if id(t) in found), None)
+            for tensor in node.outputs:
+                if inherited is not None and (tensor.shape is None or len(tensor.shape) == inherited.rank):
+                    found[id(tensor)] = inherited
+        return found
+
+
+# Ops that only reshape (the flat order of the elements stays): a batch merged behind other axes is recovered
+# by viewing a tensor through them as the nearest one whose batch has an axis of its own.
+_RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def fold_time_where_the_batch_is(graph: gs.Graph, layouts: BatchLayouts) -> int:
+    """Give every spikec op a batch-leading view of its inputs: a tensor whose batch sits on axis k is transposed
+    to put it first (and back after the op); one whose batch is merged behind other axes is first reshaped as a
+    related tensor with a batch axis of its own. Each op scans time over axis 0 and counts spikes per row of it,
+    so both need the batch there. Returns how many ops were wrapped; refuses an op whose input's batch cannot be
+    located, naming it."""
+    wrappers = _batch_leading_views(graph, layouts, [n for n in graph.nodes if n.domain == "spikec"])
+    for wrapper in wrappers.values():
+        wrapper.wrap()
+    _cancel_transpose_pairs(graph)
+    graph.toposort()
+    return len(wrappers)
+
+
+def _batch_leading_views(graph: gs.Graph, layouts: BatchLayouts, nodes: list[gs.Node]) -> dict[int, _BatchLeading]:
+    """By node id, the views of the spikec ``nodes`` whose input is not batch-leading, all found on the graph as
+    the rewrite left it, before any op is rewired."""
+    found = layouts.of_graph(graph)
+    views = {}
+    for node in nodes:
+        # Onset(x, like): x at the first step's rows of like, whose layout counts
+        layout = found.get(id(node.inputs[1 if node.op == "Onset" else 0]))
+        if layout is not None and not layout.leading:
+            views[id(node)] = _BatchLeading(graph, node, layout, found)
+    return views
+
+
+class _Signature(NamedTuple):
+    inputs: tuple[str, ...]
+    params: tuple[str, ...]
+    outputs: tuple[str, ...]
+    hidden: tuple[str, ...] = ()
+
+
+_ONSET = _Signature(("x", "like"), (), ("y",))  # lowered by _lower_onsets, not in the op library
+
+
+class _BatchLeading:
+    """Rewires one spikec op to read and write batch-leading views of its tensors."""
+
+    def __init__(self, graph: gs.Graph, node: gs.Node, layout: Layout, found: dict[int, Layout]):
+        self.graph, self.node = graph, node
+        self.data = node.inputs[1 if node.op == "Onset" else 0]
+        if layout == UNKNOWN_LAYOUT:
+            self.refuse("is neither one axis nor a block of one")
+        self.view = None  # where the batch is merged: how to reshape a tensor of the data's shape to unmerge it
+        self.channels_kept = True
+        if layout.outer != 1:
+            related = self.related(found)
+            if related is None:
+                self.refuse(f"is merged behind other axes (axis {layout.axis}) and no reshape relates it to a tensor "
+                            f"with a batch axis of its own")
+            relative, as_relative = related
+            layout = found[id(relative)]
+            self.view, kept = self.keeping_channels(relative, layout, as_relative)
+            if kept is None:
+                self.channels_kept = False
+            else:
+                layout = Layout(layout.axis, 1, kept)
+        self.rank = layout.rank
+        self.perm = [layout.axis, *(a for a in range(layout.rank) if a != layout.axis)]
+
+    def keeping_channels(self, relative: gs.Tensor, layout: Layout, as_relative: Callable):
+        """(view, its rank): the relative's shape with the trailing dims that the data's last axis (its channels,
+        per-channel parameters' axis) spreads over merged back into one, when the batch stays before them;
+        else (the relative's own shape, None)."""
+        channels, shape = (self.data.shape or [None])[-1], relative.shape or []
+        for count in range(1, len(shape) - layout.axis):
+            dims = shape[-count:]
+            if not isinstance(channels, int) or not all(isinstance(d, int) for d in dims):
+                break
+            if int(np.prod(dims)) == channels:
+                keep = gs.Constant(f"{self.node.name}.view_shape_tail", np.array([channels], np.int64))
+                rank = len(shape) - count + 1
+
+                def view(x: gs.Variable, name: str, count=count) -> gs.Variable:
+                    unmerged = as_relative(x, name)
+                    head = self.add("Slice", [self.add("Shape", [unmerged], f"{name}.view_shape"),
+                                              gs.Constant(f"{name}.zero", np.array([0], np.int64)),
+                                              gs.Constant(f"{name}.head", np.array([-count], np.int64))],
+                                    f"{name}.view_head")
+                    return self.add("Reshape", [unmerged, self.add("Concat", [head, keep], f"{name}.view_target",
+                                                                   axis=0)], f"{name}.channels_last")
+                return view, rank
+        return as_relative, None
+
+    def refuse(self, why: str) -> None:
+        raise SpikecError(f"node {self.node.name}: the batch of its input '{self.data.name}' {why}, so time cannot be "
+                          f"folded into it; compile with --mode stateful")
+
+    def add(self, op: str, inputs: list, name: str, out: gs.Variable | None = None, **attrs) -> gs.Variable:
+        dtype = np.int64 if op == "Shape" else inputs[0].dtype or np.float32
+        out = out if out is not None else gs.Variable(name, dtype=dtype)
+        self.graph.nodes.append(gs.Node(op, f"{name}/{op}", attrs=attrs, inputs=inputs, outputs=[out]))
+        return out
+
+    def wrap(self) -> None:
+        op = spec.op_for(self.node.op) if self.node.op != "Onset" else _ONSET
+        if op is _ONSET:  # x broadcasts against like: viewed, it must have like's shape
+            self.node.inputs[0] = self.add("Expand", [self.node.inputs[0], self.add(
+                "Shape", [self.data], f"{self.node.name}.like_shape")], f"{self.node.name}.broadcast")
+        for i in range(len(op.inputs)):
+            self.node.inputs[i] = self.leading(self.node.inputs[i], f"{self.node.name}.in{i}")
+        for i, name in enumerate(op.params):
+            param = self.node.inputs[len(op.inputs) + i]
+            if not self.channels_kept and name not in op.hidden and param.values.size > 1:
+                self.refuse(f"is merged behind other axes and its per-channel parameter '{param.name}' cannot follow "
+                            f"it into a view with a batch axis")
+        if "rank" in self.node.attrs:  # Onset's
+            self.node.attrs["rank"] = self.rank
+        inverse = [int(i) for i in np.argsort(self.perm)]
+        for i, out in enumerate(list(self.node.outputs[:len(op.outputs)])):
+            inner = gs.Variable(f"{out.name}.batch_leading", dtype=out.dtype, shape=[None] * self.rank)
+            self.node.outputs[i] = inner
+            if self.view is None:
+                self.add("Transpose", [inner], f"{out.name}.batch_back", out=out, perm=inverse)
+                continue
+            back = self.add("Transpose", [inner], f"{out.name}.batch_back", perm=inverse)
+            self.add("Reshape", [back, self.add("Shape", [self.data], f"{out.name}.merged_shape")],
+                     f"{out.name}.batch_merged", out=out)
+
+    def leading(self, tensor: gs.Variable, name: str) -> gs.Variable:
+        """A tensor of the data's shape and layout, viewed batch-leading."""
+        if self.view is not None:
+            tensor = self.view(tensor, name)
+        viewed = self.add("Transpose", [tensor], f"{name}.batch_leading", perm=self.perm)
+        viewed.shape = [None] * self.rank
+        return viewed
+
+    def related(self, found: dict[int, Layout]):
+        """(relative, view): a tensor with a batch axis of its own that the data is a reshape of, and how to view a
+        tensor of the data's shape as it. Backwards through the reshapes that computed the data (the view is
+        Reshape(x, Shape(relative))), else forwards through the reshape that reads the op's output after its
+        elementwise followers (a neuron's spike value), cloned onto x."""
+        tensor = self.data
+        while tensor.inputs and (_same_shape_step(tensor.inputs[0]) or tensor.inputs[0].op in _RESHAPES):
+            producer = tensor.inputs[0]
+            tensor = next(t for t in producer.inputs if not isinstance(t, gs.Constant))
+            if found.get(id(tensor), UNKNOWN_LAYOUT).outer == 1:
+                relative = tensor
+                return relative, lambda x, name: self.add(
+                    "Reshape", [x, self.add("Shape", [relative], f"{name}.relative_shape")], f"{name}.unmerged")
+        follower = self.node
+        while len(follower.outputs[0].outputs) == 1:
+            follower = follower.outputs[0].outputs[0]
+            if follower.op in _RESHAPES and found.get(id(follower.outputs[0]), UNKNOWN_LAYOUT).outer == 1:
+                reshape = follower
+                return reshape.outputs[0], lambda x, name: self.add(
+                    reshape.op, [x, *reshape.inputs[1:]], f"{name}.unmerged", **dict(reshape.attrs))
+            if not _same_shape_step(follower):
+                break
+        return None
+
+
+def _same_shape_step(node: gs.Node) -> bool:
+    """A spikec op, or a Mul/Add by a constant (a neuron's spike value, a bias): its output has its input's shape."""
+    return node.domain == "spikec" or (node.op in ("Mul", "Add", "Identity")
+                                       and sum(not isinstance(t, gs.Constant) for t in node.inputs) == 1)
+
+
+def _cancel_transpose_pairs(graph: gs.Graph) -> None:
+    """Transpose(perm) read only by Transpose(inverse): wrapped ops in a row hand each other batch-leading
+    tensors, and the runtime fuses adjacent spikec ops (runtime/fusion.py) only without the pair between."""
+    for first in [n for n in graph.nodes if n.op == "Transpose"]:
+        readers = first.outputs[0].outputs
+        if len(readers) != 1 or readers[0].op != "Transpose" or first.outputs[0] in graph.outputs \
+                or readers[0].outputs[0] in graph.outputs:
+            continue
+        second = readers[0]
+        perm, back = first.attrs.get("perm"), second.attrs.get("perm")
+        if perm is None or back is None or [perm[i] for i in back] != list(range(len(perm))):
+            continue
+        replace_uses(second.outputs[0], first.inputs[0])
+    graph.cleanup()
 
 
 def _readout_sources(graph: gs.Graph) -> set[str]:
@@ -74,10 +303,13 @@ def _batch_size(graph: gs.Graph) -> gs.Variable:
     return batch
 
 
-def _add_spike_counts(graph: gs.Graph, leading: list, name: str) -> None:
+def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
+                      views: dict[int, _BatchLeading] | None = None) -> None:
     """Output ``name``: spikes fired per row of ``leading`` + [B] (a shape prefix of constants and tensors),
     from each neuron's count output (its spikes per row of their leading axis: per sample and step, or
-    per head of one; fused into the neuron's pass by the native kernels)."""
+    per head of one; fused into the neuron's pass by the native kernels). A neuron whose input is not
+    batch-leading (``views``, the stateful form: its states keep its input's layout) is counted from its spikes
+    viewed batch-leading instead."""
     neurons = [n for n in graph.nodes if n.domain == "spikec" and spec.base_name(n.op) in NEURON_OPS]
     if not neurons:
         return
@@ -90,7 +322,12 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str) -> None:
             raise ValueError(f"spikec node {neuron.name}: {neuron.op} has no spike count output")
         spikes = neuron.outputs[0]
         per_row, rows, count = (gs.Variable(f"{spikes.name}.{s}", dtype=np.float32) for s in ("count", "rows", "total"))
-        neuron.outputs.append(per_row)
+        view = (views or {}).get(id(neuron))
+        neuron.outputs.append(per_row if view is None else gs.Variable.empty())  # "": the op does not count
+        if view is not None:
+            codes = view.leading(view.add("Abs", [spikes], f"{spikes.name}.magnitude"), f"{spikes.name}.counted")
+            view.add("ReduceSum", [codes, _const(f"{spikes.name}.rest_axes", list(range(1, view.rank)))],
+                     f"{spikes.name}.per_row", out=per_row, keepdims=0)
         graph.nodes += [
             gs.Node("Reshape", f"count/{neuron.name}/rows", inputs=[per_row, target], outputs=[rows]),
             gs.Node("ReduceSum", f"count/{neuron.name}/sum", attrs={"keepdims": 0},
@@ -115,7 +352,9 @@ def _lower_onsets(graph: gs.Graph, first_step) -> None:
                             _const(f"{node.name}.zero", 0.0, np.float32)])
 
 
-def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN) -> gs.Graph:
+def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
+                  layouts: BatchLayouts | None = None) -> gs.Graph:
+    fold_time_where_the_batch_is(graph, layouts or BatchLayouts())
     _add_rate_readouts(graph, semantics)
     if any(i.shape and isinstance(i.shape[0], int) for i in graph.inputs):
         # A static batch B is written into the tensors' declared shapes, on whichever axis carries it
@@ -207,7 +446,9 @@ def state_rank(node: gs.Node) -> int:
     return len(shape) + spec.op_for(node.op).state_rank_offset
 
 
-def emit_stateful(graph: gs.Graph, semantics: str = MEAN) -> gs.Graph:
+def emit_stateful(graph: gs.Graph, semantics: str = MEAN, layouts: BatchLayouts | None = None) -> gs.Graph:
+    neurons = [n for n in graph.nodes if n.domain == "spikec" and n.op in NEURON_OPS]
+    views = _batch_leading_views(graph, layouts or BatchLayouts(), neurons) if semantics == SUM else {}
     _add_rate_readouts(graph, semantics)
     time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
     if semantics == SUM:
@@ -231,7 +472,7 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN) -> gs.Graph:
         state_inputs += states
         state_outputs += next_states
     if semantics == SUM:  # the count output comes after the next states
-        _add_spike_counts(graph, [_batch_size(graph)], SPIKES_OUTPUT)
+        _add_spike_counts(graph, [_batch_size(graph)], SPIKES_OUTPUT, views)
     graph.inputs = list(graph.inputs) + [time] + state_inputs
     graph.outputs = list(graph.outputs) + state_outputs
     graph.toposort()

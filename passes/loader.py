@@ -12,9 +12,9 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from spikec.passes.contrib import MS, NCHWC, onnxruntime_schemas
 
 from spikec.errors import SpikecError
-from spikec.passes.contrib import onnxruntime_schemas
 from spikec.weights import check_external
 
 MIN_OPSET = 13
@@ -43,6 +43,7 @@ def load_model(
         model.CopyFrom(src)
         where = _IN_MEMORY
         _check_opset(model, where)
+        _import_contrib_domains(model)
         _run_checker(model, where)
     else:
         where = str(src)
@@ -113,7 +114,8 @@ def _read(path: Path, map_weights: bool) -> onnx.ModelProto:
         # Protobuf parses many byte strings (the empty file included) into an empty message.
         raise SpikecError(f"{path}: not an ONNX model (no ir_version or graph)")
     _check_opset(model, str(path))
-    _run_checker(path, str(path))
+    # the in-memory copy holds no external data, so it is small enough to check wherever the file is not
+    _run_checker(model if _import_contrib_domains(model) else path, str(path))
     if map_weights:
         check_external(model, path.parent, str(path))
         return model
@@ -132,6 +134,16 @@ def _check_opset(model: onnx.ModelProto, where: str) -> None:
         raise SpikecError(
             f"{where}: opset {versions[0]} is below the minimum {MIN_OPSET}; re-export with opset_version>={MIN_OPSET}"
         )
+
+
+def _import_contrib_domains(model: onnx.ModelProto) -> bool:
+    """Add the opset import of onnxruntime's contrib domains where nodes use them without one (a model an
+    optimizer wrote with onnx.save, not with its own save, which adds it): onnxruntime runs such models,
+    assuming version 1, and the checker would refuse them. Says whether it added one."""
+    imported = {o.domain for o in model.opset_import}
+    missing = sorted({n.domain for n in model.graph.node if n.domain in (MS, NCHWC)} - imported)
+    model.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in missing)
+    return bool(missing)
 
 
 def _run_checker(model: onnx.ModelProto | Path, where: str) -> None:

@@ -1,9 +1,11 @@
 """Recognize the Transformer building blocks in a canonicalized graph.
 
 `find_regions` returns one Region per recognized block. Composite blocks (attention op,
-layer norm, GELU, softmax) are matched first, then matmuls and residual adds over the nodes
-they left, so every node belongs to at most one region. The op sequences matched are the
-ones torch.onnx emits (TorchScript and dynamo exporters); tests/test_frontend.py exports each.
+layer norm and its RMS and L2 variants, GELU, other activations, softmax) are matched first, then
+matmuls, gated products and residual adds over the nodes they left, so every node belongs to at most
+one region. The op sequences matched are the ones torch.onnx emits (TorchScript and dynamo exporters);
+tests/test_frontend.py and tests/test_blocks.py export each. Activations are also recognized by the
+function they compute, whatever ops write them (ELEMENTWISE_FUNCTIONS).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-KINDS = ("quantizer", "attention", "layernorm", "gelu", "softmax", "weight_matmul", "act_matmul", "residual_add")
+KINDS = ("quantizer", "attention", "layernorm", "gelu", "activation", "softmax", "weight_matmul", "act_matmul",
+         "act_mul", "residual_add")
 
 # An additive attention mask holds 0 where attention is allowed and a large negative number
 # elsewhere: -inf or finfo.min from torch/transformers, -1e4 in older code, -100 in Swin.
@@ -86,14 +89,25 @@ class _Context:
         self.order = {id(n): i for i, n in enumerate(graph.nodes)}
         self.graph_outputs = {id(t) for t in graph.outputs}
         self.claimed: set[int] = set()
+        self.opset = graph.opset
+        self.functions: dict[int, tuple[list[gs.Node], str] | None] = {}
         # Tensors whose values are computed from a matmul: attention scores are; masks, built from
         # an attention_mask input or from activation shapes (Swin's window mask), are not.
         self.from_matmul: set[int] = set()
+        # Tensors whose values depend on no input's values (weights an exporter left as Slice/Transpose of an
+        # initializer, as torch.nn.MultiheadAttention's split in-projection): products by them are weight products.
+        self.input_free: set[int] = set()
+        data = {id(t) for t in graph.inputs}
         for node in graph.nodes:
             if node.op in _SHAPE_OPS:
+                self.input_free.update(id(t) for t in node.outputs)
                 continue
             if node.op in _MATMUL_OPS or any(id(t) in self.from_matmul for t in node.inputs):
                 self.from_matmul.update(id(t) for t in node.outputs)
+            if any(id(t) in data for t in node.inputs):
+                data.update(id(t) for t in node.outputs)
+            else:
+                self.input_free.update(id(t) for t in node.outputs)
 
     def sole_consumer(self, tensor: gs.Tensor) -> gs.Node | None:
         """The one node reading `tensor`, if nothing else (graph outputs included) does."""
@@ -166,7 +180,7 @@ def _with_scalar(node: gs.Node | None, op: str) -> tuple[gs.Tensor, float] | Non
     a, b = node.inputs
     if _scalar(b) is not None and _const(a) is None:
         return a, _scalar(b)
-    if op in ("Add", "Mul") and _scalar(a) is not None and _const(b) is None:
+    if op in ("Add", "Mul", "Max", "Min") and _scalar(a) is not None and _const(b) is None:
         return b, _scalar(a)
     return None
 
@@ -228,18 +242,31 @@ def _match_quantize_chain(floor: gs.Node, ctx: _Context) -> Match:
     add = _producer(floor.inputs[0])
     shifted = _with_scalar(add, "Add")
     div = _producer(shifted[0]) if shifted and _close(shifted[1], 0.5) else None
-    divided = _with_scalar(div, "Div")
+    divided = _with_channel_scale(div, "Div")
     clip = ctx.sole_consumer(floor.outputs[0])
     mul = ctx.sole_consumer(clip.outputs[0]) if _is(clip, "Clip") and len(clip.inputs) == 3 else None
-    scaled = _with_scalar(mul, "Mul")
-    if not divided or not scaled or scaled[1] != divided[1] or len(add.outputs[0].outputs) != 1 \
-            or len(div.outputs[0].outputs) != 1:
+    scaled = _with_channel_scale(mul, "Mul")
+    if not divided or not scaled or not np.array_equal(scaled[1], divided[1]) \
+            or len(add.outputs[0].outputs) != 1 or len(div.outputs[0].outputs) != 1:
         return None
     low, high = _scalar(clip.inputs[1]), _scalar(clip.inputs[2])
     if low is None or high is None:
         return None
-    return [div, add, floor, clip, mul], {"format": "spikec", "scale": divided[1], "low": int(low),
-                                          "high": int(high), "rounding": "half_up", "input": divided[0]}
+    scale = divided[1]
+    return [div, add, floor, clip, mul], {"format": "spikec", "scale": float(scale) if scale.ndim == 0 else scale,
+                                          "low": int(low), "high": int(high), "rounding": "half_up",
+                                          "input": divided[0]}
+
+
+def _with_channel_scale(node: gs.Node | None, op: str) -> tuple[gs.Tensor, np.ndarray] | None:
+    """(variable operand, scale) of a binary ``op`` whose second operand is a positive constant scale: a
+    scalar, or a 1-D vector over the variable's last axis (a per-channel quantizer)."""
+    if not _is(node, op) or len(node.inputs) != 2 or _const(node.inputs[0]) is not None:
+        return None
+    scale = _const(node.inputs[1])
+    if scale is None or scale.ndim > 1 or not (scale > 0).all():
+        return None
+    return node.inputs[0], (scale.reshape(()) if scale.size == 1 else scale.astype(np.float32))
 
 
 def _match_attention(node: gs.Node, ctx: _Context) -> Match:
@@ -266,6 +293,8 @@ def _match_layernorm_op(node: gs.Node, ctx: _Context) -> Match:
         "epsilon": float(node.attrs.get("epsilon", 1e-5)),
         "axis": _negative_axis(int(node.attrs.get("axis", -1)), _rank(node.inputs[0])),
         "form": "op",
+        "center": True,
+        "reduction": "mean",
         "scale": scale,
         "bias": bias,
     }
@@ -301,29 +330,107 @@ def _match_layernorm_decomposed(mean_node: gs.Node, ctx: _Context) -> Match:
     nodes = [mean_node, *subs, square, var_node, *eps_nodes, sqrt, div]
     if any(not _among(c, nodes) for s in subs for c in s.outputs[0].outputs):
         return None
+    return _normalization(x, axes, nodes, eps[1] if eps else 0.0, "decomposed", True, "mean", ctx)
+
+
+def _normalization(x: gs.Tensor, axes: list[int], nodes: list[gs.Node], epsilon: float, form: str, center: bool,
+                   reduction: str, ctx: _Context) -> Match:
+    """A normalization of x over its last axes ending in nodes[-1], with the Mul(gamma) and Add(beta) after it
+    that hold constants of the normalized shape. attrs: y = (x - mean if center) * (reduce(x^2 or (x - mean)^2)
+    + epsilon)^(-1/2) [* scale] [+ bias], reduce = ReduceMean or ReduceSum over the last -axis axes."""
     rank = _rank(x)
     axis = -len(axes)
     if rank is not None and sorted(a % rank for a in axes) != list(range(rank - len(axes), rank)):
         return None
     normalized = x.shape[axis:] if x.shape is not None else None
-    scale = _affine_param(div, "Mul", normalized, ctx)
+    scale = _affine_param(nodes[-1], "Mul", normalized, ctx)
     if scale is not None:
         nodes.append(scale[0])
     bias = _affine_param(nodes[-1], "Add", normalized, ctx)
     if bias is not None:
         nodes.append(bias[0])
     return nodes, {
-        "epsilon": eps[1] if eps else 0.0,
+        "epsilon": epsilon,
         "axis": axis,
-        "form": "decomposed",
+        "form": form,
+        "center": center,
+        "reduction": reduction,
         "scale": scale[1] if scale else None,
         "bias": bias[1] if bias else None,
     }
 
 
-def _reduce_axes(node: gs.Node | None) -> list[int] | None:
-    """Axes of a keepdims ReduceMean (attribute before opset 18, input from 18 on)."""
-    if not _is(node, "ReduceMean") or not node.attrs.get("keepdims", 1):
+def _match_rmsnorm_op(node: gs.Node, ctx: _Context) -> Match:
+    """RMSNormalization (opset 23): x / sqrt(mean(x^2 over axes [axis, rank)) + epsilon) * scale."""
+    if node.op != "RMSNormalization" or not _default_domain(node):
+        return None
+    scale = _const_tensor(node.inputs[1])
+    rank = _rank(node.inputs[0])
+    if scale is None or rank is None:
+        return None
+    return [node], {"epsilon": float(node.attrs.get("epsilon", 1e-5)),
+                    "axis": int(node.attrs.get("axis", -1)) % rank - rank, "form": "op",
+                    "center": False, "reduction": "mean", "scale": scale, "bias": None}
+
+
+def _match_rmsnorm_decomposed(var_node: gs.Node, ctx: _Context) -> Match:
+    """RMSNorm as LLaMA, Mistral, Qwen2, Gemma and T5 export it (x * rsqrt(mean(x^2) + eps) * weight):
+
+    Pow(x, 2) or Mul(x, x) -> ReduceMean(last axes) -> Add(eps) -> Sqrt -> Div(1, .) or Reciprocal ->
+    Mul(x, .) [-> Mul(weight)], or Div(x, Sqrt(...)). x is often the Cast to float32 LLaMA writes; Gemma's
+    (1 + weight) reaches here folded into one constant."""
+    axes = _reduce_axes(var_node)
+    square = _producer(var_node.inputs[0]) if axes is not None else None
+    if square is None or ctx.sole_consumer(square.outputs[0]) is not var_node \
+            or not _is_square(square, square.inputs[0]):
+        return None
+    x = square.inputs[0]
+    after = ctx.sole_consumer(var_node.outputs[0])
+    eps = _with_scalar(after, "Add")
+    eps_nodes, sqrt = ([after], ctx.sole_consumer(after.outputs[0])) if eps else ([], after)
+    root = sqrt.outputs[0] if _is(sqrt, "Sqrt") else None
+    step = ctx.sole_consumer(root) if root is not None else None
+    if _is(step, "Div") and step.inputs[0] is x and step.inputs[1] is root:
+        tail = [step]
+    elif _is(step, "Reciprocal") or (_is(step, "Div") and step.inputs[1] is root and _close(_scalar(step.inputs[0]), 1.0)):
+        mul = ctx.sole_consumer(step.outputs[0])
+        if not _is(mul, "Mul") or _other_input(mul, step.outputs[0]) is not x:
+            return None
+        tail = [step, mul]
+    else:
+        return None
+    return _normalization(x, axes, [square, var_node, *eps_nodes, sqrt, *tail], eps[1] if eps else 0.0, "rms",
+                          False, "mean", ctx)
+
+
+def _match_l2_normalize(norm: gs.Node, ctx: _Context) -> Match:
+    """torch.nn.functional.normalize(x, dim=-1) (Swin-v2's cosine attention, sentence-transformers' Normalize):
+    ReduceL2(x, last axis) -> Clip(min=eps) or Max(., eps) -> [Expand] -> Div(x, .). Taken as
+    x * (sum(x^2) + eps^2)^(-1/2), which differs from x / max(|x|, eps) only for |x| within a few eps of 0."""
+    axes = _reduce_axes(norm, "ReduceL2")
+    clamp = ctx.sole_consumer(norm.outputs[0]) if axes is not None else None
+    if _is(clamp, "Clip") and len(clamp.inputs) >= 2 and (len(clamp.inputs) < 3 or not clamp.inputs[2].name):
+        eps = _scalar(clamp.inputs[1])
+    else:
+        floor = _with_scalar(clamp, "Max")
+        eps = floor[1] if floor else None
+    if eps is None or eps < 0:
+        return None
+    nodes, divisor = [norm, clamp], clamp.outputs[0]
+    expand = ctx.sole_consumer(divisor)
+    if _is(expand, "Expand") and expand.inputs[0] is divisor:
+        nodes.append(expand)
+        divisor = expand.outputs[0]
+    div = ctx.sole_consumer(divisor)
+    x = norm.inputs[0]
+    if not _is(div, "Div") or div.inputs[0] is not x or div.inputs[1] is not divisor:
+        return None
+    return _normalization(x, axes, [*nodes, div], eps * eps, "l2", False, "sum", ctx)
+
+
+def _reduce_axes(node: gs.Node | None, op: str = "ReduceMean") -> list[int] | None:
+    """Axes of a keepdims reduction ``op`` (attribute before opset 18, input from 18 on)."""
+    if not _is(node, op) or not node.attrs.get("keepdims", 1):
         return None
     if len(node.inputs) > 1:
         axes = _const(node.inputs[1])
@@ -445,6 +552,209 @@ def _gelu_tail(anchor: gs.Node, x: gs.Tensor, ctx: _Context) -> list[gs.Node] | 
     return None
 
 
+# ----------------------------------------------------------------------------- elementwise functions
+# An activation written as a small graph of elementwise ops (BLOOM's GELU, quick_gelu, SiLU, x * relu6(x + 3) / 6)
+# is recognized by what it computes, not by how it is written: the subgraph between one input x and one output
+# is evaluated on a grid of x and compared with these functions.
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf)(x)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _hardsigmoid(x: np.ndarray) -> np.ndarray:
+    return np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+
+
+# name -> (kind, attrs, f)
+ELEMENTWISE_FUNCTIONS: dict[str, tuple[str, dict, Callable[[np.ndarray], np.ndarray]]] = {
+    "gelu": ("gelu", {"approximate": "none"}, lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))),
+    "gelu_tanh": ("gelu", {"approximate": "tanh"},
+                  lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))),
+    "silu": ("activation", {"function": "silu"}, lambda x: x * _sigmoid(x)),
+    "quick_gelu": ("activation", {"function": "quick_gelu"}, lambda x: x * _sigmoid(1.702 * x)),
+    "sigmoid": ("activation", {"function": "sigmoid"}, _sigmoid),
+    "tanh": ("activation", {"function": "tanh"}, np.tanh),
+    "relu": ("activation", {"function": "relu"}, lambda x: np.maximum(x, 0.0)),
+    "hardsigmoid": ("activation", {"function": "hardsigmoid"}, _hardsigmoid),
+    "hardswish": ("activation", {"function": "hardswish"}, lambda x: x * _hardsigmoid(x)),
+}
+_FUNCTION_GRID = np.concatenate([np.linspace(-12.0, 12.0, 2401), [-60.0, -30.0, 30.0, 60.0]])
+_FUNCTION_TOLERANCE = 1e-5  # of max(1, |f|): float32 rounding, far below GELU's erf/tanh difference (3e-4)
+_MAX_FUNCTION_NODES = 24
+# Nonlinear ops an activation subgraph must contain (Relu and Clip alone are activations too).
+_FUNCTION_ANCHORS = frozenset({"Tanh", "Sigmoid", "Erf", "HardSigmoid", "HardSwish", "Softplus", "Relu", "Clip",
+                               "LeakyRelu", "Elu", "Selu", "Celu", "Mish"})
+_ELEMENTWISE = _FUNCTION_ANCHORS | {"Add", "Sub", "Mul", "Div", "Pow", "Min", "Max", "Neg", "Abs", "Sqrt", "Exp",
+                                    "Log", "Reciprocal", "Softsign", "Identity", "Cast"}
+
+
+def _elementwise(node: gs.Node, ctx: _Context) -> bool:
+    """An unclaimed elementwise op whose constant operands are scalars (a bias vector is no part of a function)."""
+    if node.op not in _ELEMENTWISE or not _default_domain(node) or id(node) in ctx.claimed:
+        return False
+    if node.op == "Cast" and node.attrs.get("to") != 1:
+        return False
+    return all(not t.name or _const(t) is None or _const(t).size == 1 for t in node.inputs)
+
+
+def _variables(node: gs.Node) -> list[gs.Tensor]:
+    return [t for t in node.inputs if t.name and _const(t) is None]
+
+
+def _cone(root: gs.Tensor, top: gs.Tensor, ctx: _Context) -> list[gs.Node] | None:
+    """The elementwise nodes computing ``top`` from ``root`` alone (``top`` is ``root``: none), or None when
+    ``top`` also depends on another tensor."""
+    if top is root:
+        return []
+    producer = _producer(top)
+    if producer is None or not _elementwise(producer, ctx):
+        return None
+    nodes = [producer]
+    for tensor in _variables(producer):
+        below = _cone(root, tensor, ctx)
+        if below is None or len(nodes) + len(below) > _MAX_FUNCTION_NODES:
+            return None
+        nodes += [n for n in below if not _among(n, nodes)]
+    return nodes
+
+
+def _roots(anchor: gs.Node, ctx: _Context) -> list[gs.Tensor]:
+    """Candidate inputs x of a function through ``anchor``: the tensors its elementwise ancestors read, nearest first."""
+    found, frontier = [], list(_variables(anchor))
+    while frontier and len(found) < _MAX_FUNCTION_NODES:
+        tensor = frontier.pop(0)
+        if any(tensor is t for t in found):
+            continue
+        found.append(tensor)
+        producer = _producer(tensor)
+        if producer is not None and _elementwise(producer, ctx):
+            frontier += _variables(producer)
+    return found
+
+
+def _extend(nodes: list[gs.Node], root: gs.Tensor, ctx: _Context) -> list[list[gs.Node]]:
+    """``nodes`` (ending in the node computing the function's current output) and each longer chain of single
+    readers after it that still computes a function of ``root`` alone (pulling in side branches such as the
+    0.5 * x of a GELU written (0.5 * x) * (1 + tanh(...))), shortest first."""
+    chains = [nodes]
+    while len(nodes) < _MAX_FUNCTION_NODES:
+        reader = ctx.sole_consumer(nodes[-1].outputs[0])
+        if reader is None or not _elementwise(reader, ctx):
+            break
+        side = []
+        for tensor in _variables(reader):
+            if tensor is root or any(tensor is t for n in nodes for t in n.outputs):
+                continue
+            branch = _cone(root, tensor, ctx)
+            if branch is None:
+                return chains
+            side += [n for n in branch if not _among(n, nodes) and not _among(n, side)]
+        nodes = [*nodes, *side, reader]
+        chains.append(nodes)
+    return chains
+
+
+def _closed(nodes: list[gs.Node], ctx: _Context) -> bool:
+    """Whether only the last node's output is read outside ``nodes``."""
+    return all(not (id(t) in ctx.graph_outputs or any(not _among(c, nodes) for c in t.outputs))
+               for n in nodes[:-1] for t in n.outputs)
+
+
+def _evaluate(nodes: list[gs.Node], root: gs.Tensor, x: np.ndarray, ctx: _Context) -> np.ndarray | None:
+    """The subgraph ``nodes`` (a function of ``root`` whose last node computes it) on the float32 values ``x``,
+    by onnxruntime."""
+    import onnx
+    import onnxruntime as ort
+
+    output = nodes[-1].outputs[0].name
+    nodes = _ordered(nodes, ctx)
+    constants = {t.name: _const(t) for n in nodes for t in n.inputs if t.name and _const(t) is not None}
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs], **n.attrs) for n in nodes],
+        "function", [onnx.helper.make_tensor_value_info(root.name, onnx.TensorProto.FLOAT, [None])],
+        [onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in constants.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", ctx.opset)])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {root.name: x.astype(np.float32)})[0]
+    except Exception:  # noqa: BLE001 - an op or attribute this check cannot evaluate: not a known function
+        return None
+
+
+def _function_of(anchor: gs.Node, ctx: _Context) -> tuple[list[gs.Node], str] | None:
+    """(nodes, name in ELEMENTWISE_FUNCTIONS) of the largest elementwise subgraph through ``anchor`` that computes
+    one of ELEMENTWISE_FUNCTIONS of one tensor, cached per anchor."""
+    if id(anchor) not in ctx.functions:
+        ctx.functions[id(anchor)] = _find_function(anchor, ctx)
+    return ctx.functions[id(anchor)]
+
+
+def _find_function(anchor: gs.Node, ctx: _Context) -> tuple[list[gs.Node], str] | None:
+    if anchor.op not in _FUNCTION_ANCHORS or not _elementwise(anchor, ctx):
+        return None
+    candidates = []
+    for root in _roots(anchor, ctx):
+        if root.dtype is not None and np.dtype(root.dtype) != np.float32:
+            continue
+        cone = _cone(root, anchor.outputs[0], ctx)
+        if cone is not None:
+            candidates += [(chain, root) for chain in _extend(_ordered(cone, ctx), root, ctx)]
+    for nodes, root in sorted(candidates, key=lambda c: -len(c[0])):
+        if not _closed(nodes, ctx):
+            continue
+        got = _evaluate(nodes, root, _FUNCTION_GRID, ctx)
+        if got is None or got.shape != _FUNCTION_GRID.shape:
+            continue
+        for name, (_, _, function) in ELEMENTWISE_FUNCTIONS.items():
+            want = function(_FUNCTION_GRID)
+            if np.all(np.abs(got - want) <= _FUNCTION_TOLERANCE * np.maximum(1.0, np.abs(want))):
+                return nodes, name
+    return None
+
+
+def _ordered(nodes: list[gs.Node], ctx: _Context) -> list[gs.Node]:
+    return sorted(nodes, key=lambda n: ctx.order[id(n)])
+
+
+def _function_match(anchor: gs.Node, ctx: _Context, kind: str) -> Match:
+    found = _function_of(anchor, ctx)
+    if found is None or ELEMENTWISE_FUNCTIONS[found[1]][0] != kind:
+        return None
+    nodes, name = found
+    return nodes, {"form": "function", **ELEMENTWISE_FUNCTIONS[name][1]}
+
+
+def _match_gelu_function(anchor: gs.Node, ctx: _Context) -> Match:
+    """GELU written in forms the matchers above do not follow, by what it computes: BLOOM's
+    x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x)))."""
+    return _function_match(anchor, ctx, "gelu")
+
+
+def _match_activation(anchor: gs.Node, ctx: _Context) -> Match:
+    """An activation by what it computes (attrs["function"]): SiLU x * Sigmoid(x), CLIP's quick_gelu
+    x * Sigmoid(1.702 x), HardSwish (the op, or x * Clip(x + 3, 0, 6) / 6), HardSigmoid, Sigmoid, Tanh, Relu."""
+    return _function_match(anchor, ctx, "activation")
+
+
+def _match_act_mul(node: gs.Node, ctx: _Context) -> Match:
+    """Elementwise Mul of two activations of equal shape computed from matmuls: the gated MLPs' act(gate) * up
+    (LLaMA/Mistral/Qwen2 SwiGLU, Gemma GeGLU). A Mul by something computed from the inputs alone (rotary
+    cos/sin, a padding mask) or by a constant is affine and not one."""
+    if node.op != "Mul" or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is b or not all(id(t) in ctx.from_matmul and _const(t) is None for t in (a, b)):
+        return None
+    if a.shape is not None and b.shape is not None and not _same_shape(a.shape, b.shape):
+        return None
+    return [node], {}
+
+
 def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
     """Softmax over the last axis, with the masks applied to its input and sdpa's NaN guard after.
 
@@ -452,9 +762,15 @@ def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
     or from shapes, or a constant, never computed from a matmul), any chain of:
     * additive, Add(scores, mask): a computed mask (0 / a large negative number, or any additive bias such
       as ALiBi's), or a constant of 0 and large negative values (a folded causal mask);
+    * subtractive, Sub(scores, mask): the same with the mask's sign flipped (scores - 1e4 * (1 - mask));
     * masked_fill, Where(condition, fill, scores) or Where(condition, scores, fill) with a scalar fill of
       at most _MASK_MAX_NEGATIVE (DeBERTa's finfo.min): masked scores are replaced, not shifted, which a
-      fully masked row tells apart (uniform whatever the scores).
+      fully masked row tells apart (uniform whatever the scores);
+    * clamp, Max(scores, c) with a scalar c of at most _MASK_MAX_NEGATIVE: OPT's guard against a mask
+      summed to -inf (finfo.min + finfo.min);
+    * reshape, a Reshape that keeps the last axis, between masks: Swin's window mask is added to the
+      scores viewed as [batch, windows, heads, N, N] and the sum viewed back as [batch * windows, heads, N, N].
+      A reshape with no mask above it stays outside the region.
     NaN guard: Where(IsNaN(p), 0, p), which sdpa exports emit for fully masked rows.
     """
     if softmax.op != "Softmax":
@@ -471,30 +787,45 @@ def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
         nodes.insert(0, _producer(scores))
         scores, mask = step
         masks.insert(0, mask)
+    while masks and masks[0]["form"] == "reshape":
+        scores = nodes.pop(0).outputs[0]
+        masks.pop(0)
     guard = _nan_guard(softmax, ctx)
     return [*nodes, softmax, *guard], {"axis": -1, "scores": scores, "masks": masks, "nan_guard": bool(guard)}
 
 
 def _mask_step(node: gs.Node | None, ctx: _Context) -> tuple[gs.Tensor, dict] | None:
     """(the masked tensor, the mask) when ``node`` masks attention scores (see _match_softmax)."""
-    if _is(node, "Add"):
-        for scores, candidate in (node.inputs, node.inputs[::-1]):
-            if id(scores) in ctx.from_matmul and _is_mask(candidate, ctx):
-                return scores, {"form": "add", "mask": candidate}
+    if _is(node, "Add", "Sub"):
+        orders = (node.inputs, node.inputs[::-1]) if node.op == "Add" else (node.inputs,)
+        for scores, candidate in orders:
+            if id(scores) in ctx.from_matmul and _is_mask(candidate, ctx, negated=node.op == "Sub"):
+                return scores, {"form": node.op.lower(), "mask": candidate}
     if _is(node, "Where") and id(node.inputs[0]) not in ctx.from_matmul:
         condition, when_true, when_false = node.inputs
         for scores, fill, when in ((when_false, when_true, True), (when_true, when_false, False)):
             value = _scalar(fill)
             if id(scores) in ctx.from_matmul and value is not None and value <= _MASK_MAX_NEGATIVE:
                 return scores, {"form": "fill", "mask": condition, "fill_value": value, "fill_when": when}
+    clamped = _with_scalar(node, "Max")
+    if clamped and id(clamped[0]) in ctx.from_matmul and clamped[1] <= _MASK_MAX_NEGATIVE:
+        return clamped[0], {"form": "clamp", "value": clamped[1]}
+    if _is(node, "Reshape") and id(node.inputs[0]) in ctx.from_matmul and _last_dim(node.inputs[0]) is not None \
+            and _last_dim(node.inputs[0]) == _last_dim(node.outputs[0]):
+        return node.inputs[0], {"form": "reshape", "shape": node.inputs[1]}
     return None
 
 
-def _is_mask(tensor: gs.Tensor, ctx: _Context) -> bool:
+def _last_dim(tensor: gs.Tensor) -> int | None:
+    last = tensor.shape[-1] if tensor.shape else None
+    return last if isinstance(last, int) else None
+
+
+def _is_mask(tensor: gs.Tensor, ctx: _Context, negated: bool = False) -> bool:
     value = _const(tensor)
     if value is None:
         return id(tensor) not in ctx.from_matmul
-    masked = value <= _MASK_MAX_NEGATIVE
+    masked = (-value if negated else value) <= _MASK_MAX_NEGATIVE
     return bool(masked.any() and np.all((value == 0) | masked))
 
 
@@ -516,11 +847,12 @@ def _nan_guard(softmax: gs.Node, ctx: _Context) -> list[gs.Node]:
 
 
 def _match_weight_matmul(node: gs.Node, ctx: _Context) -> Match:
-    """MatMul or Gemm with one constant operand, with the bias: Gemm's C, or MatMul's Add(bias)."""
+    """MatMul or Gemm with one constant operand (or one computed from constants alone), with the bias: Gemm's C,
+    or MatMul's Add(bias)."""
     if node.op not in ("MatMul", "Gemm"):
         return None
     a, b = node.inputs[0], node.inputs[1]
-    consts = [_const(a) is not None, _const(b) is not None]
+    consts = [_const(a) is not None or id(a) in ctx.input_free, _const(b) is not None or id(b) in ctx.input_free]
     if consts.count(True) != 1:
         return None
     index = consts.index(True)
@@ -541,7 +873,7 @@ def _match_weight_matmul(node: gs.Node, ctx: _Context) -> Match:
 
 def _match_act_matmul(node: gs.Node, ctx: _Context) -> Match:
     """MatMul of two activations (Q @ K^T, P @ V); the K transpose stays outside the region."""
-    if node.op != "MatMul" or any(_const(t) is not None for t in node.inputs):
+    if node.op != "MatMul" or any(_const(t) is not None or id(t) in ctx.input_free for t in node.inputs):
         return None
     return [node], {"transposed_b": _is_transposed(node.inputs[1])}
 
@@ -598,11 +930,17 @@ _MATCHERS: list[tuple[str, Callable[[gs.Node, _Context], Match]]] = [
     ("attention", _match_attention),
     ("layernorm", _match_layernorm_op),
     ("layernorm", _match_layernorm_decomposed),
+    ("layernorm", _match_rmsnorm_op),
+    ("layernorm", _match_rmsnorm_decomposed),
+    ("layernorm", _match_l2_normalize),
     ("gelu", _match_gelu_op),
     ("gelu", _match_gelu_erf),
     ("gelu", _match_gelu_tanh),
+    ("gelu", _match_gelu_function),
+    ("activation", _match_activation),
     ("softmax", _match_softmax),
     ("weight_matmul", _match_weight_matmul),
     ("act_matmul", _match_act_matmul),
+    ("act_mul", _match_act_mul),
     ("residual_add", _match_residual_add),
 ]

@@ -1,12 +1,22 @@
 """Post-training quantization into a QANN: SpikeZIP-TF's pipeline step 1, without training.
 
 The paper quantizes by LSQ-QAT; here scales come from calibration data. Quantizers go before every
-activation operand of a MatMul/Gemm and after every product (after its bias), as in the reference
+activation operand of a MatMul/Gemm or of a gated MLP's act(gate) * up and after every product (after its
+bias), as in the reference
 code, which also leaves the attention scores Q K^T unquantized (the softmax output is quantized
 instead). A product output that reaches the next product through data movement only (the q/k/v
-projections' head reshapes) is quantized once. Each quantizer is per tensor,
-clamp(floor(x/s + 1/2), low, high) * s (the reference code's LSQ forward), with L levels:
-[-L/2, L/2 - 1] for a tensor calibration saw negative, [0, L - 1] otherwise.
+projections' head reshapes) is quantized once. Each quantizer is
+clamp(floor(x/s + 1/2), low, high) * s (the reference code's LSQ forward), with L levels: [0, L - 1]
+for a tensor calibration never saw negative, otherwise [-L/2, L/2 - 1] or, when that has the larger
+error, L levels split between the signs in proportion to the tensor's range (GELU's outputs).
+
+The scale s is per channel (one value per index of the last axis, each clipped by its own MMSE search)
+wherever that axis has a static size, per tensor elsewhere (the attention probabilities, whose last axis
+is the sequence). Transformers' activations carry a few outlier channels (MiniLM's LayerNorm outputs and
+residual branches reach 100x their median): one scale for all channels leaves the others a level or two.
+The SNN carries a per-channel scale at no cost: it is the ST-BIF+ threshold per channel, folded into the
+next weight's rows. Moving the outliers into the weights first (SmoothQuant) would add nothing, since the
+weights stay in float: x/f quantized per tensor with scale s is x quantized with per-channel scale s*f.
 
 The quantizer is written with standard ops (Div, Add, Floor, Clip, Mul), so the QANN runs in stock
 onnxruntime; passes/patterns.py recognizes it (region kind "quantizer") as it recognizes QDQ pairs.
@@ -17,10 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from spikec.passes.ecmt import product_operands
+from spikec.passes.ecmt import PRODUCT_KINDS, product_operands
 from spikec.passes.patterns import Region
-from spikec.passes.timing import is_constant
+from spikec.passes.timing import is_constant, varying_tensors
 
 # Ops that only move values: quantized values stay quantized through them.
 _DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Split",
@@ -49,7 +58,7 @@ def _feeds_softmax(tensor: gs.Tensor, softmax_inputs: set[str]) -> bool:
             continue
         seen.add(current.name)
         for consumer in current.outputs:
-            if consumer.op in _DATA_MOVEMENT | {"Mul", "Div", "Add", "Sub", "Where", "Cast"}:
+            if consumer.op in _DATA_MOVEMENT | {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Max"}:
                 frontier.extend(consumer.outputs)
     return False
 
@@ -63,8 +72,21 @@ def _source_through_movement(tensor: gs.Tensor) -> list[str]:
     return chain
 
 
-def quantizer_sites(regions: list[Region]) -> list[Site]:
-    products = [r for r in regions if r.kind in ("weight_matmul", "act_matmul")]
+def activation_tensors(graph: gs.Graph) -> set[str]:
+    """Tensors computed from the data a sample carries: float inputs and table lookups (embeddings) and what
+    follows from them. What is computed from integer inputs by arithmetic only (positions cast to float:
+    rotary angles; masks) is not an activation: a quantizer there would round positions to a few levels."""
+    integer_lookups = [t.name for n in graph.nodes if n.op in ("Gather", "GatherElements", "GatherND")
+                       and not all(is_constant(t) for t in n.inputs) for t in n.outputs]
+    float_inputs = [t.name for t in graph.inputs if np.issubdtype(np.dtype(t.dtype or np.float32), np.floating)]
+    return varying_tensors(graph, float_inputs + integer_lookups)
+
+
+def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
+    """Where quantizers go: see the module docstring; product operands that are no ``activations`` stay
+    float (the product is then affine in its one activation operand)."""
+    products = [r for r in regions if r.kind in PRODUCT_KINDS
+                and any(node.inputs[index].name in activations for node, index in product_operands(r))]
     softmax_inputs = {t.name for r in regions if r.kind == "softmax" for t in r.inputs}
     after: dict[str, Site] = {}
     for region in products:
@@ -76,35 +98,70 @@ def quantizer_sites(regions: list[Region]) -> list[Site]:
     for region in products:
         for node, index in product_operands(region):
             tensor = node.inputs[index]
-            if is_constant(tensor) or any(name in after for name in _source_through_movement(tensor)):
+            if (is_constant(tensor) or tensor.name not in activations
+                    or any(name in after for name in _source_through_movement(tensor))):
                 continue
             before.setdefault(tensor.name, []).append((node, index))
     return [*after.values(), *(Site(name, tuple(consumers), "before") for name, consumers in before.items())]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Quantizer:
-    scale: float
+    scale: np.ndarray  # float32, () per tensor or [C] per channel of the last axis
     low: int
     high: int
 
     @classmethod
-    def for_levels(cls, levels: int, signed: bool, clip: float) -> "Quantizer":
-        """Levels [-L/2, L/2-1] (signed) or [0, L-1], the clip threshold mapped to the top level."""
-        low, high = (-(levels // 2), levels // 2 - 1) if signed else (0, levels - 1)
-        magnitude = -low if signed else high
-        return cls(float(np.float32(clip / magnitude)) if clip > 0 else 1.0, low, high)
+    def for_levels(cls, low: int, high: int, clip: np.ndarray | float) -> Quantizer:
+        """Levels [low, high], the clip threshold mapped to the farther end (a channel calibration never saw
+        away from zero gets scale 1: any positive scale quantizes its zeros exactly)."""
+        clip = np.asarray(clip, np.float32)
+        scale = np.where(clip > 0, clip / np.float32(max(-low, high)), np.float32(1)).astype(np.float32)
+        return cls(scale, low, high)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.ndim == 1
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        s = np.float32(self.scale)
-        return np.clip(np.floor(x / s + np.float32(0.5)), self.low, self.high) * s
+        return np.clip(np.floor(x / self.scale + np.float32(0.5)), self.low, self.high) * self.scale
 
 
-def choose_quantizer(stats, levels: int) -> Quantizer:
-    """The clip threshold (a SCALE_GRID fraction of the largest magnitude) with the least squared error."""
-    signed = bool(stats.min() < 0)
-    clip = stats.mmse(lambda x, thr: Quantizer.for_levels(levels, signed, float(thr))(x), grid=SCALE_GRID)
-    return Quantizer.for_levels(levels, signed, float(clip))
+def level_ranges(levels: int, low: float, high: float) -> list[tuple[int, int]]:
+    """Candidate splits of L consecutive integer levels between the signs: [0, L-1] for a tensor calibration
+    never saw negative; otherwise the halves [-L/2, L/2-1] (the reference code's) and, when the tensor's
+    range is lopsided, a split in its proportion (at least one level each side), which keeps most levels
+    for the positive side of a tensor with a small negative tail, such as GELU's output."""
+    if low >= 0:
+        return [(0, levels - 1)]
+    halves = (-(levels // 2), levels // 2 - 1)
+    negative = int(np.clip(np.rint(levels * -low / (high - low)), 1, levels - 2)) if high > 0 else levels - 1
+    return list(dict.fromkeys([halves, (-negative, levels - 1 - negative)]))
+
+
+def choose_quantizer(stats, levels: int, per_channel: bool) -> Quantizer:
+    """Of the level ranges of ``level_ranges``, each with its clip threshold (a SCALE_GRID fraction of the
+    largest magnitude, of each channel's own with ``per_channel``) of least squared error, the best."""
+    best, best_error = None, np.inf
+    for low, high in level_ranges(levels, float(stats.min()), float(stats.max())):
+        clip = stats.mmse(lambda x, thr: Quantizer.for_levels(low, high, thr)(x), grid=SCALE_GRID,
+                          per_channel=per_channel)
+        quantizer = Quantizer.for_levels(low, high, clip)
+        error = float(np.square(quantizer(stats.sample) - stats.sample).sum(dtype=np.float64))
+        if best is None or error < best_error:  # an overflowing error (inf) still leaves a quantizer
+            best, best_error = quantizer, error
+    return best
+
+
+def channel_count(tensor: gs.Tensor) -> int | None:
+    """The static size of ``tensor``'s last axis, which a per-channel scale would follow; None if dynamic, or
+    where ``tensor`` is a Relu of a product's quantized output: its values already lie on that quantizer's grid,
+    and a second grid per channel lands on exact level ties of the first (scales in ratio 1:2, 1:1) that float
+    summation in the SNN rounds the other way (nn.TransformerEncoder's Relu MLP, tests/test_blocks.py)."""
+    shape = tensor.shape
+    static = shape[-1] if shape and isinstance(shape[-1], int) and shape[-1] > 0 else None
+    regridded = bool(tensor.inputs) and tensor.inputs[0].op == "Relu"
+    return None if regridded else static
 
 
 def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Quantizer]) -> list[dict]:
@@ -114,7 +171,7 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
     for site in sites:
         tensor, q = tensors[site.tensor], quantizers[site.tensor]
         name = f"{site.tensor}/Quantize"
-        scale = gs.Constant(f"{site.tensor}.quant_scale", np.array(q.scale, np.float32))
+        scale = gs.Constant(f"{site.tensor}.quant_scale", q.scale)
 
         def variable(suffix: str) -> gs.Variable:
             return gs.Variable(f"{site.tensor}.{suffix}", dtype=np.float32, shape=tensor.shape)
@@ -142,6 +199,15 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
             graph.outputs = [quantized if t is tensor else t for t in graph.outputs]
             quantized.name, tensor.name = tensor.name, f"{tensor.name}.unquantized"
         graph.nodes.append(gs.Node("Mul", f"{name}/Mul", inputs=[clipped, scale], outputs=[quantized]))
-        report.append({"tensor": site.tensor, "role": site.role, "scale": q.scale, "low": q.low, "high": q.high})
+        report.append({"tensor": site.tensor, "role": site.role, **scale_summary(q.scale), "low": q.low,
+                       "high": q.high})
     graph.toposort()
     return report
+
+
+def scale_summary(scale: np.ndarray) -> dict:
+    """A quantizer's scale for a report: the value, or per channel its count and range."""
+    scale = np.asarray(scale)
+    if scale.ndim == 0 or scale.size == 1:
+        return {"scale": float(scale.reshape(-1)[0])}
+    return {"scale_channels": int(scale.size), "scale_min": float(scale.min()), "scale_max": float(scale.max())}

@@ -21,12 +21,20 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from spikec.errors import SpikecError
 from spikec.passes.ecmt import fold_thresholds_into_weights
 from spikec.passes.patterns import Region
-from spikec.passes.timing import (SUM, accumulate, attach_neuron, convert_time, fresh_like, refuse_float_in_regions,
-                                  replace_uses, spikec_node)
+from spikec.passes.timing import (
+    SUM,
+    accumulate,
+    attach_neuron,
+    convert_time,
+    fresh_like,
+    refuse_float_in_regions,
+    replace_uses,
+    spikec_node,
+)
+
+from spikec.errors import SpikecError
 
 
 def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
@@ -34,7 +42,7 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
     attrs = region.attrs
     source, quantized = attrs["input"], region.outputs[0]
     scaled = attach_neuron(graph, source, "STBIFNeuron",
-                           {"theta": np.float32(attrs["scale"]), "s_min": np.float32(attrs["low"]),
+                           {"theta": np.asarray(attrs["scale"], np.float32), "s_min": np.float32(attrs["low"]),
                             "s_max": np.float32(attrs["high"])}, "theta")
     replace_uses(quantized, scaled)
     if quantized in graph.outputs:
@@ -43,7 +51,7 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
     for node in region.nodes:  # left without consumers: cleanup removes them
         node.outputs.clear()
     return {"tensor": source.name, "node": f"{source.name}/STBIFNeuron", "region": region.name, "format": attrs["format"],
-            "threshold": attrs["scale"], "s_min": attrs["low"], "s_max": attrs["high"],
+            "threshold": np.asarray(attrs["scale"], np.float32).tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
             "rounding": attrs["rounding"]}
 
 

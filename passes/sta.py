@@ -1,7 +1,9 @@
 """STA (Spatio-Temporal Approximation, seed 000) as graph rewrites, mean semantics.
 
 * GELU becomes its universal group operator (spikec/ugo.py): h = w1 x + b1 per element and hidden
-  unit, N IF neurons, then w2 . spikes + b2. The UGO's output is a weighted sum of spikes.
+  unit, N IF neurons, then w2 . spikes + b2. The UGO's output is a weighted sum of spikes. SiLU and
+  quick_gelu get spikec's SiLU UGO; other activations (Sigmoid, Tanh, Relu, HardSwish) stay exact with
+  expectation compensation (activation_operator).
 * Every other activation input of a weight product gets an X2X encoder: IF neurons on x and on -x
   (relu(x) - relu(-x)), as the reference code encodes the LayerNorm and attention outputs.
 * Activation x activation products use TCSA (Def. 3), the expectation-compensated product; with
@@ -11,7 +13,8 @@
   switchable off; thresholds come from an MMSE grid search against the T-step rate quantizer
   (Eq. 33, the reference code's grid of 95 points in [0.53, 1] x max), per channel.
 * LayerNorm (over the last axis) is decomposed as appendix D.1 says: centering and averaging as
-  weighted additions, the two elementwise products by TCSA, 1/sqrt by the rsqrt UGO.
+  weighted additions, the two elementwise products by TCSA, 1/sqrt by the rsqrt UGO; RMSNorm and L2
+  normalization the same way without the centering. Gated MLPs' act(gate) * up is a TCSA product.
 * Softmax stays in float with expectation compensation by default, as the reference code runs it;
   ``softmax_ugo`` decomposes it as appendix D.2 says (exp and inverse UGOs between clamps). Measured on
   the digits ViT that costs 17 points of accuracy: with the first column as offset (the reference
@@ -25,15 +28,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-
-from spikec import ugo as ugos
-from spikec.calibrate import TapStats
 from spikec.passes.ecmt import product_operands
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
+from spikec.passes.timing import (
+    MEAN,
+    SUM,
+    accumulate,
+    convert_time,
+    fresh_like,
+    is_constant,
+    refuse_float_in_regions,
+    spikec_node,
+)
 from spikec.passes.ttfs import GraphBuilder, Masking
-from spikec.passes.timing import (MEAN, SUM, accumulate, convert_time, fresh_like, is_constant,
-                                  refuse_float_in_regions, spikec_node)
+
+from spikec import ugo as ugos
+from spikec.calibrate import TapStats
 
 # Eq. 33 / the reference code: candidate thresholds g x max, g in [0.53, 1] (95 points)
 MMSE_GRID = np.linspace(0.53, 1.0, 95)
@@ -118,15 +129,32 @@ def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operato
     return theta
 
 
-def gelu_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int, options: STAOptions) -> dict:
-    """Replace a GELU region by its UGO with a spiking hidden layer."""
-    operator = ugos.load("gelu", options.gelu_hidden)
+# quick_gelu(x) = silu(1.702 x) / 1.702
+QUICK_GELU_SCALE = 1.702
+
+
+def activation_operator(region: Region, options: STAOptions) -> ugos.UGO | None:
+    """The UGO standing in for a GELU or activation region: GELU (erf or tanh form) by GELU's, SiLU and quick_gelu
+    by SiLU's (spikec's; scaled for quick_gelu). Sigmoid, Tanh, Relu, HardSwish and HardSigmoid have none: they
+    stay exact, with expectation compensation."""
+    if not options.ugo:
+        return None
+    if region.kind == "gelu":
+        return ugos.load("gelu", options.gelu_hidden)
+    function = region.attrs.get("function") if region.kind == "activation" else None
+    return {"silu": lambda: ugos.load("silu"),
+            "quick_gelu": lambda: ugos.load("silu").scaled(QUICK_GELU_SCALE)}.get(function, lambda: None)()
+
+
+def activation_ugo(graph: gs.Graph, region: Region, operator: ugos.UGO, stats: TapStats, timesteps: int,
+                   options: STAOptions) -> dict:
+    """Replace a GELU or activation region by its UGO with a spiking hidden layer."""
     x, out = region.inputs[0], region.outputs[0]
-    for node in region.nodes:  # the GELU's own nodes go; cleanup removes them
+    for node in region.nodes:  # the activation's own nodes go; cleanup removes them
         node.outputs.clear()
     theta = _ugo(graph, f"{region.name}/UGO", x, out, operator, stats.sample, timesteps, options)
-    return {"region": region.name, "operator": "gelu", "hidden": operator.hidden, "input": x.name,
-            "theta": theta.tolist()}
+    return {"region": region.name, "operator": region.attrs.get("function", "gelu"), "hidden": operator.hidden,
+            "input": x.name, "theta": theta.tolist()}
 
 
 def layernorm_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int, options: STAOptions,
@@ -134,11 +162,15 @@ def layernorm_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: i
     """Appendix D.1: c = x - mean(x); var = mean(c * c) (a TCSA product); r = 1/sqrt(var + eps) by the rsqrt
     UGO; LN = gamma * (c * r) + beta (TCSA again). The UGO's domain is (0.01, 1]: var + eps is scaled by
     s = 1/(its calibration maximum) first and r by sqrt(s) after (spikec's; the reference code drops eps
-    and relies on the variance staying in the domain). A LayerNorm whose calibration variances span more than
+    and relies on the variance staying in the domain). RMSNorm is the same without the centering (c = x),
+    L2 normalization with a sum for the mean. A LayerNorm whose calibration variances span more than
 the domain's 100:1 stays float (returns None), as does one over more than the last axis."""
     x, out = region.inputs[0], region.outputs[0]
-    epsilon = region.attrs["epsilon"]
-    variance = stats.sample.astype(np.float64).var(axis=1) + epsilon  # the sample holds whole rows
+    epsilon, center = region.attrs["epsilon"], region.attrs["center"]
+    reduce_op = {"mean": "ReduceMean", "sum": "ReduceSum"}[region.attrs["reduction"]]
+    sample = stats.sample.astype(np.float64)  # the sample holds whole rows
+    squares = np.square(sample - sample.mean(axis=1, keepdims=True) if center else sample)
+    variance = (squares.mean(axis=1) if reduce_op == "ReduceMean" else squares.sum(axis=1)) + epsilon
     scale = float(1.0 / variance.max())
     low = ugos.SPECS["rsqrt"].domain[0]
     if (variance * scale).min() < low:
@@ -152,21 +184,23 @@ the domain's 100:1 stays float (returns None), as does one over more than the la
         return gs.Variable(f"{prefix}.{suffix}", dtype=np.float32,
                            shape=None if x.shape is None else [None] * len(x.shape))
 
-    def reduce_mean(name: str, data: gs.Variable, result: gs.Variable) -> gs.Node:
-        if opset >= 18:
-            return gs.Node("ReduceMean", f"{prefix}/{name}", attrs={"keepdims": 1},
+    def reduce(op: str, name: str, data: gs.Variable, result: gs.Variable) -> gs.Node:
+        if opset >= 18 or op == "ReduceSum":
+            return gs.Node(op, f"{prefix}/{name}", attrs={"keepdims": 1},
                            inputs=[data, gs.Constant(f"{prefix}.{name}.axes", np.array([-1], np.int64))], outputs=[result])
-        return gs.Node("ReduceMean", f"{prefix}/{name}", attrs={"axes": [-1], "keepdims": 1}, inputs=[data],
-                       outputs=[result])
+        return gs.Node(op, f"{prefix}/{name}", attrs={"axes": [-1], "keepdims": 1}, inputs=[data], outputs=[result])
 
     mean, centered, square, var, shifted, scaled, root_scaled, root, normalized = (
         variable(s) for s in ("mean", "centered", "square", "var", "var_eps", "var_scaled", "rsqrt_scaled", "rsqrt",
                               "normalized"))
+    if center:
+        graph.nodes += [reduce("ReduceMean", "Mean", x, mean),
+                        gs.Node("Sub", f"{prefix}/Center", inputs=[x, mean], outputs=[centered])]
+    else:
+        centered = x
     graph.nodes += [
-        reduce_mean("Mean", x, mean),
-        gs.Node("Sub", f"{prefix}/Center", inputs=[x, mean], outputs=[centered]),
         gs.Node("Mul", f"{prefix}/Square", inputs=[centered, centered], outputs=[square]),
-        reduce_mean("Variance", square, var),
+        reduce(reduce_op, "Variance", square, var),
         gs.Node("Add", f"{prefix}/Epsilon", inputs=[var, gs.Constant(f"{prefix}.eps", np.array(epsilon, np.float32))],
                 outputs=[shifted]),
         gs.Node("Mul", f"{prefix}/Scale", inputs=[shifted, gs.Constant(f"{prefix}.s", np.array(scale, np.float32))],
@@ -217,7 +251,7 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
     for node in region.nodes:  # mask, softmax and guard go; cleanup removes them
         node.outputs.clear()
     b = GraphBuilder(graph, prefix, graph.opset)
-    masking = Masking(b, attrs["masks"]) if attrs["masks"] else None
+    masking = Masking(b, attrs["masks"], scores) if attrs["masks"] else None
     x = scores if masking is None else masking.scores(scores)
     first = b.op("Slice", x, b.const([0], np.int64), b.const([1], np.int64), b.const([-1], np.int64))
     clamped = b.op("Clip", b.op("Sub", x, first), b.const(EXP_DOMAIN[0]), b.const(EXP_DOMAIN[1]))
@@ -265,27 +299,28 @@ def encoder_sites(regions: list[Region], skip: set[str]) -> dict[str, list[tuple
 
 def calibration_taps(regions: list[Region], options: STAOptions) -> list[str]:
     """The ANN tensors whose statistics rewrite() needs."""
-    ugo_inputs = [r.inputs[0].name for r in regions if r.kind in ("gelu", "layernorm")] if options.ugo else []
+    activations = [r for r in regions if activation_operator(r, options) is not None]
+    ugo_inputs = [r.inputs[0].name for r in activations]
+    ugo_inputs += [r.inputs[0].name for r in regions if r.kind == "layernorm"] if options.ugo else []
     ugo_inputs += [r.attrs["scores"].name for r in regions if r.kind == "softmax"] \
         if options.ugo and options.softmax_ugo else []
-    skip = {r.outputs[0].name for r in regions if r.kind == "gelu"} if options.ugo else set()
+    skip = {r.outputs[0].name for r in activations}
     return list(dict.fromkeys([*encoder_sites(regions, skip), *ugo_inputs]))
 
 
 def hidden_sizes(regions: list[Region], options: STAOptions) -> dict[str, int]:
-    """Per GELU input, the N hidden neurons its UGO keeps per element (their states dominate a stateful
-    STA model's memory; the rsqrt UGOs' are per LayerNorm row, small)."""
-    if not options.ugo:
-        return {}
-    hidden = ugos.load("gelu", options.gelu_hidden).hidden
-    return {r.inputs[0].name: hidden for r in regions if r.kind == "gelu"}
+    """Per GELU (or SiLU) input, the N hidden neurons its UGO keeps per element (their states dominate a
+    stateful STA model's memory; the rsqrt UGOs' are per LayerNorm row, small)."""
+    operators = [(r, activation_operator(r, options)) for r in regions]
+    return {r.inputs[0].name: operator.hidden for r, operator in operators if operator is not None}
 
 
 def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], timesteps: int,
             options: STAOptions = STAOptions(), *, allow_float: frozenset[str] = frozenset()) -> dict:
     refuse_float_in_regions(regions, set(allow_float))
     opset = graph.opset
-    gelus = [r for r in regions if r.kind == "gelu"] if options.ugo else []
+    activations = [(r, operator) for r in regions if (operator := activation_operator(r, options)) is not None]
+    gelus = [r for r, _ in activations]
     norms = [r for r in regions if r.kind == "layernorm" and r.attrs["axis"] == -1] if options.ugo else []
     softmaxes = [r for r in regions if r.kind == "softmax"] if options.ugo and options.softmax_ugo else []
     ugo_outputs = {r.outputs[0].name for r in gelus}
@@ -297,7 +332,8 @@ def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], 
         for node, index in operands:
             node.inputs[index] = encoded
         encoders.append({**info, "consumers": _consumers(operands)})
-    replaced = [gelu_ugo(graph, r, stats[r.inputs[0].name], timesteps, options) for r in gelus]
+    replaced = [activation_ugo(graph, r, operator, stats[r.inputs[0].name], timesteps, options)
+                for r, operator in activations]
     decomposed = [(r, layernorm_ugo(graph, r, stats[r.inputs[0].name], timesteps, options, opset)) for r in norms]
     norms = [r for r, info in decomposed if info is not None]
     replaced += [info for _, info in decomposed if info is not None]

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from spikec.runtime import ops as spec
 
 from spikec.errors import SpikecError
-from spikec.runtime import ops as spec
 
 MEAN, SUM = "mean", "sum"
 # ops whose outputs vary per step (a UGO emits the weighted sum of its hidden neurons' spikes)
@@ -37,9 +37,13 @@ _LINEAR_IN_EVERY_INPUT = {
     "Add", "Sub", "Neg", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
     "Concat", "Split", "Slice", "Gather", "GatherElements", "Expand", "Tile", "ReduceSum", "ReduceMean",
     "Pad", "Dropout", "SpaceToDepth", "DepthToSpace", "GlobalAveragePool", "AveragePool",
+    "Resize",  # interpolation weights depend on the sizes alone (MobileViT's fold back to the feature map)
 }
 # Bilinear ops: affine as long as at most one operand varies over time.
 _BILINEAR = {"Mul", "MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
+# Affine in their first input while the others (parameters) are fixed: inference-mode BatchNormalization is
+# x * scale / sqrt(var + eps) + (B - mean * scale / sqrt(var + eps)) per channel.
+_AFFINE_IN_FIRST = {"BatchNormalization"}
 # Ops whose output depends on the input's shape or type only.
 SHAPE_ONLY = {"Shape", "Size", "EyeLike", "ConstantOfShape"}
 # Ops that cannot be evaluated on running means: their outputs are not float or they hold control flow.
@@ -76,7 +80,7 @@ def is_affine(node: gs.Node, varying: set[str]) -> bool:
     if node.op in _LINEAR_IN_EVERY_INPUT:
         # Gather/Slice/Pad/Expand/Tile/Reshape index operands must not vary: only the data may.
         return node.op in {"Add", "Sub", "Concat"} or moving == [0]
-    if node.op == "Div":
+    if node.op == "Div" or node.op in _AFFINE_IN_FIRST:
         return moving == [0]
     if node.op == "Where":
         return 0 not in moving
@@ -277,6 +281,9 @@ def _gate_invariant_operands(graph: gs.Graph, node: gs.Node, varying: set[str]) 
     if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2].name:
         _split_conv_bias(graph, node)
         return 1
+    if node.op == "BatchNormalization":
+        _split_batchnorm(graph, node)
+        return 1
     gated = 0
     for index in _additive_inputs(node):
         if index >= len(node.inputs) or not node.inputs[index].name or index in moving:
@@ -305,6 +312,30 @@ def _split_conv_bias(graph: gs.Graph, conv: gs.Node) -> None:
     gate_to_first_step(graph, add, 1, rank, product)
 
 
+def _split_batchnorm(graph: gs.Graph, norm: gs.Node) -> None:
+    """BatchNormalization(x) -> Add(Mul(x, a), c) with a = scale / sqrt(var + eps) and c = B - mean * a per
+    channel (axis 1), c gated to the first step: the shift counts once in a sum, the scaling at every step."""
+    params = norm.inputs[1:5]
+    if len(params) != 4 or not all(is_constant(t) for t in params):
+        raise SpikecError(f"node {norm.name} (BatchNormalization): its scale, bias, mean and variance must be "
+                          f"constants to split it into a per-step scaling and a shift counted once")
+    scale, bias, mean, var = (t.values.astype(np.float64) for t in params)
+    rank = _rank_of(norm)
+    factor = scale / np.sqrt(var + float(norm.attrs.get("epsilon", 1e-5)))
+    channels = [-1] + [1] * (rank - 2)
+    out = norm.outputs[0]
+    scaled = fresh_like(out, ".scaled")
+    mul = gs.Node("Mul", f"{norm.name}/Scale", inputs=[norm.inputs[0], gs.Constant(
+        f"{norm.name}.factor", factor.reshape(channels).astype(np.float32))], outputs=[scaled])
+    add = gs.Node("Add", f"{norm.name}/Shift", inputs=[scaled, gs.Constant(
+        f"{norm.name}.shift", (bias - mean * factor).reshape(channels).astype(np.float32))], outputs=[out])
+    norm.outputs.clear()
+    graph.nodes += [mul, add]
+    gate_to_first_step(graph, add, 1, rank, scaled)
+
+
+# The product node each kind of unit rewrites with a ProductRewrite: elementwise for gated activations.
+_PRODUCT_OPS = {"act_matmul": "MatMul", "act_mul": "Mul", "node": "MatMul"}
 ProductRewrite = Callable[[gs.Graph, gs.Node, str], dict]
 
 
@@ -327,8 +358,8 @@ def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantic
             if semantics == SUM:
                 gated += sum(_gate_invariant_operands(graph, n, varying) for n in nodes)
             continue
-        products = [n for n in nodes if n.op == "MatMul" and len(_varying_inputs(n, varying)) == 2]
-        if product is not None and kind in ("act_matmul", "node") and len(nodes) == 1 and products:
+        products = [n for n in nodes if n.op == _PRODUCT_OPS.get(kind) and len(_varying_inputs(n, varying)) == 2]
+        if product is not None and len(nodes) == 1 and products:
             inserted = product(graph, nodes[0], name)
         else:
             inserted = compensate_region(graph, nodes, varying, name, semantics)

@@ -10,16 +10,18 @@ listed in the report) and the graph outputs (decoded).
 
 Constructions (section 4.3, appendix C):
 
-* GELU / SiLU: one neuron per element, kernel f' (Corollary 4.5).
+* GELU / SiLU / Sigmoid / Tanh / Relu: one neuron per element, kernel f' (Corollary 4.5); quick_gelu by
+  SiLU's on a scaled layer; HardSigmoid by a neuron's window clip, HardSwish by that and a product.
 * Softmax over the last axis: optional max neuron and subtraction layer (C.2 layer 0), the log-sum-exp
   neuron (Theorem 4.6), then exp(x_i - lse) by an exp output transform with range [0, 1] (Eq. 36). An
   additive attention mask enters the max and output neurons additively and the log-sum-exp neuron as its
   synaptic weights e^mask, so a masked position contributes nothing.
 * LayerNorm over the last axis: mean, centering, variance (kernel 2u), rsqrt (kernel re-derived from
-  Theorem 4.1), then the product with gamma and beta folded into layer II.
-* Activation x activation products (matmuls and the LayerNorm product): layer I log(x1 + c1) +
-  log(x2 + c2) with c = 1 - a per operand (4.3.4), layer II e^y - c2 x1 - c1 x2 - c1 c2, summed over the
-  contraction (C.1). Layer I's range follows from the operands' ranges, so it never clips: with float
+  Theorem 4.1), then the product with gamma and beta folded into layer II. RMSNorm and L2 normalization:
+  the same without the mean and centering.
+* Activation x activation products (matmuls, gated MLPs' act(gate) * up, the LayerNorm product): layer I
+  log(x1 + c1) + log(x2 + c2) with c = 1 - a per operand (4.3.4), layer II e^y - c2 x1 - c1 x2 - c1 c2,
+  summed over the contraction (C.1). Layer I's range follows from the operands' ranges, so it never clips: with float
   spike times layer II's potential is exactly x1 @ x2 and is computed as such; on a clock (time
   precision p) all M*K*N layer I neurons are simulated.
 
@@ -37,13 +39,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
-from spikec.errors import SpikecError
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
 from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant, replace_uses, varying_tensors
 from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
 
+from spikec.errors import SpikecError
 
 # Suffix of the extra graph output holding an output's relative spike times.
 SPIKE_TIMES = ".spike_times"
@@ -144,14 +145,21 @@ class Lowering:
         return Window(float(lower), float(upper), self.options.delta)
 
     def emit(self, potential: gs.Variable, name: str, role: str, transform: str = "Identity",
-             bounds: Bounds = None, out: gs.Variable | None = None, floor: float | None = None) -> Site:
+             bounds: Bounds = None, out: gs.Variable | None = None, floor: float | None = None,
+             clips: tuple[float, float] | None = None) -> Site:
         """A layer of neurons emitting ``potential``; ``out`` (if given) becomes its identity reading.
-        ``bounds`` gives an analytic range (evaluated for the spiking graph only)."""
+        ``bounds`` gives an analytic range (evaluated for the spiking graph only). ``clips``: the window
+        [lower, upper] is part of the function the layer computes (a neuron clips its potential to its
+        window: HardSigmoid is an identity neuron whose window is [0, 1]); the exact graph clips too."""
+        if clips is not None:
+            bounds = functools.partial(self.window, *clips)
         site = Site(name, role, transform, potential, analytic=bounds is not None, floor=floor)
         self.sites[name] = site
         if not self.spiking:  # named after the site: a calibration error names the construction
-            site.value = self.b.op("Identity", EMIT[transform].value(self.b, potential, []),
-                                   out=out if out is not None else gs.Variable(name))
+            value = EMIT[transform].value(self.b, potential, [])
+            if clips is not None:
+                value = self.b.op("Clip", value, self.b.const(clips[0]), self.b.const(clips[1]))
+            site.value = self.b.op("Identity", value, out=out if out is not None else gs.Variable(name))
             self.readouts.add(site.value.name)
         else:
             site.window = bounds() if bounds is not None else self.ranges[name]
@@ -267,9 +275,14 @@ def layernorm(lw: Lowering, region: Region) -> None:
     _detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(x)
-    mean = lw.emit(b.reduce("ReduceMean", lw.receive(source)), f"{name}.mean", "LayerNorm mean")
-    centered = lw.emit(b.op("Sub", lw.receive(source), lw.receive(mean)), f"{name}.centered", "LayerNorm centering")
-    variance = lw.emit(b.reduce("ReduceMean", lw.receive(centered, "Square")), f"{name}.variance",
+    if region.attrs["center"]:
+        mean = lw.emit(b.reduce("ReduceMean", lw.receive(source)), f"{name}.mean", "LayerNorm mean")
+        centered = lw.emit(b.op("Sub", lw.receive(source), lw.receive(mean)), f"{name}.centered",
+                           "LayerNorm centering")
+    else:  # RMSNorm, L2 normalization: "LayerNorm without the mean"
+        centered = source
+    reduce = {"mean": "ReduceMean", "sum": "ReduceSum"}[region.attrs["reduction"]]
+    variance = lw.emit(b.reduce(reduce, lw.receive(centered, "Square")), f"{name}.variance",
                        "LayerNorm variance", floor=0.0)
     rsqrt = lw.emit(lw.receive(variance, "Rsqrt", (region.attrs["epsilon"],)), f"{name}.rsqrt", "LayerNorm rsqrt")
     if not lw.spiking:
@@ -298,6 +311,49 @@ def gelu(lw: Lowering, region: Region) -> None:
     lw.constructions.append({"kind": "activation", "name": region.name, "output": out.name})
 
 
+# Activations whose function is an input transform: one neuron per element (Corollary 4.5).
+ACTIVATION_TRANSFORMS = {"silu": "Silu", "sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu"}
+QUICK_GELU_SCALE = 1.702  # quick_gelu(x) = silu(1.702 x) / 1.702
+
+
+def activation(lw: Lowering, region: Region) -> None:
+    """SiLU, Sigmoid, Tanh, Relu: one neuron per element with the function as its input transform. quick_gelu:
+    a layer emitting 1.702 x (the scaling is its weighted sum), read through SiLU, scaled back in the next
+    weighted sum. HardSigmoid: an identity neuron whose window is [0, 1] emitting x / 6 + 1/2 (the window's clip
+    is the function); HardSwish: x times that, by the product construction."""
+    x, out = region.inputs[0], region.outputs[0]
+    function = region.attrs["function"]
+    _detach(region)
+    b, name = lw.b, region.name
+    source = lw.site_of(x)
+    if function in ACTIVATION_TRANSFORMS:
+        transform = ACTIVATION_TRANSFORMS[function]
+        lw.emit(lw.receive(source, transform), out.name, transform, out=out)
+    elif function == "quick_gelu":
+        scaled = lw.emit(b.op("Mul", lw.receive(source), b.const(QUICK_GELU_SCALE)), f"{name}.scaled",
+                         "quick_gelu input", bounds=lambda: lw.window(QUICK_GELU_SCALE * source.window.lower,
+                                                                      QUICK_GELU_SCALE * source.window.upper))
+        lw.emit(b.op("Mul", lw.receive(scaled, "Silu"), b.const(1.0 / QUICK_GELU_SCALE)), out.name, "quick_gelu",
+                out=out)
+    else:
+        hard = lw.emit(b.op("Add", b.op("Mul", lw.receive(source), b.const(1.0 / 6.0)), b.const(0.5)),
+                       out.name if function == "hardsigmoid" else f"{name}.hardsigmoid", "HardSigmoid",
+                       clips=(0.0, 1.0), out=out if function == "hardsigmoid" else None)
+        if function == "hardswish":
+            lw.product(source, hard, name, out, contract=False)
+    lw.constructions.append({"kind": "activation", "name": name, "function": function, "output": out.name})
+
+
+def act_mul(lw: Lowering, region: Region) -> None:
+    """A gated MLP's act(gate) * up: the product construction, elementwise."""
+    node = region.nodes[0]
+    a, c = lw.site_of(node.inputs[0]), lw.site_of(node.inputs[1])
+    out = node.outputs[0]
+    node.outputs.clear()
+    layer_one = lw.product(a, c, node.name, out, contract=False)
+    lw.constructions.append({"kind": "product", "name": node.name, "operands": [a.name, c.name], "layer_one": layer_one})
+
+
 # The exact graph clips nothing, so the share of a mask carried in the shift (see Masking) may be anything;
 # this much keeps every shifted score that counts <= 0 and leaves finfo.min to the synaptic weight.
 EXACT_REACH = 1e30
@@ -307,7 +363,9 @@ class Masking:
     """A softmax's attention masks as time-invariant synaptic terms (masks are built from inputs alone).
 
     The ANN computes softmax(z) with z from the scores x through the region's masks (x + m for an additive
-    one, where(masked, C, x) for a masked_fill), i.e. z = keep * x + m in float. Per row, r = max(m) is
+    one, x - m for a subtractive one, where(masked, C, x) for a masked_fill, max(z, C) for OPT's clamp, and
+    reshapes between them, as Swin's window mask), i.e. z = keep * x + m in float, each term taken through
+    the reshapes as the ANN takes the sum. Per row, r = max(m) is
     subtracted: softmax is shift-invariant, and then m' = m - r <= 0 with 0 at the row's unmasked entries.
     The scores are taken as (keep * x + r) - r, the ANN's own float rounding: a fully masked row of
     finfo.min (or a fill) absorbs x and is uniform, as in the ANN, a row of -1e4 rounds x as the ANN does,
@@ -315,12 +373,25 @@ class Masking:
     gives NaN, sdpa's guard 0) gives 0: a constant input of 1 to its log-sum-exp neuron keeps that neuron
     in range, and every weight e^m' is 0."""
 
-    def __init__(self, b: GraphBuilder, masks: list[dict]):
+    def __init__(self, b: GraphBuilder, masks: list[dict], scores: gs.Tensor):
         self.b = b
         self.keep, mask = None, None
+        self.reshapes, shape = [], b.op("Shape", scores)
         for step in masks:  # innermost first: z = keep * x + mask after each step
-            if step["form"] == "add":
-                mask = step["mask"] if mask is None else b.op("Add", mask, step["mask"])
+            if step["form"] in ("add", "sub"):
+                mask = step["mask"] if mask is None and step["form"] == "add" else \
+                    b.op(step["form"].title(), mask if mask is not None else b.const(0.0), step["mask"])
+                continue
+            if step["form"] == "clamp":
+                mask = None if mask is None else b.op("Max", mask, b.const(step["value"]))
+                continue
+            if step["form"] == "reshape":  # the terms are broadcast: each is the full scores' shape first
+                def reshaped(term):
+                    return b.op("Reshape", b.op("Expand", term, shape), step["shape"])
+                mask = reshaped(mask if mask is not None else b.const(0.0))
+                self.keep = None if self.keep is None else reshaped(self.keep)
+                self.reshapes.append(step["shape"])
+                shape = b.op("Shape", mask)
                 continue
             masked = step["mask"] if step["fill_when"] else b.op("Not", step["mask"])
             kept = b.op("Cast", b.op("Not", masked), to=onnx.TensorProto.FLOAT)
@@ -335,6 +406,8 @@ class Masking:
         self.dead = b.op("Cast", b.op("Not", live), to=onnx.TensorProto.FLOAT)
 
     def scores(self, x: gs.Variable) -> gs.Variable:
+        for shape in self.reshapes:
+            x = self.b.op("Reshape", x, shape)
         kept = x if self.keep is None else self.b.op("Mul", x, self.keep)
         return self.b.op("Sub", self.b.op("Add", kept, self.shift), self.shift)
 
@@ -359,7 +432,7 @@ def softmax(lw: Lowering, region: Region) -> None:
     _detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(scores)
-    masking = Masking(b, attrs["masks"]) if attrs["masks"] else None
+    masking = Masking(b, attrs["masks"], scores) if attrs["masks"] else None
     count = scores.shape[-1] if scores.shape is not None and isinstance(scores.shape[-1], int) else None
     if lw.options.max_layer:
         reach = 0.0 if masking is None else \
@@ -404,7 +477,8 @@ def act_matmul(lw: Lowering, region: Region) -> None:
     lw.constructions.append({"kind": "matmul", "name": node.name, "operands": [a.name, c.name], "layer_one": layer_one})
 
 
-CONSTRUCTIONS = {"layernorm": layernorm, "gelu": gelu, "softmax": softmax, "act_matmul": act_matmul}
+CONSTRUCTIONS = {"layernorm": layernorm, "gelu": gelu, "activation": activation, "softmax": softmax,
+                 "act_matmul": act_matmul, "act_mul": act_mul}
 # Regions that are weighted sums: they stay as they are, between sites.
 PASSIVE = frozenset({"weight_matmul", "residual_add"})
 
@@ -438,25 +512,9 @@ def lower(graph: gs.Graph, regions: list[Region], options: TTFSOptions, opset: i
     return lw
 
 
-# Elementwise activations outside the recognized regions: one neuron per element, the activation as
-# its input transform (Theorem 4.1: "every activation function can be implemented in the input
-# transform stage").
-ACTIVATIONS = {"Relu": "Relu", "Tanh": "Tanh", "Sigmoid": "Sigmoid"}
-
-
-def _silu_product(node: gs.Node) -> gs.Node | None:
-    """The Mul of x * Sigmoid(x), when ``node`` is that Sigmoid and the Mul its only reader."""
-    readers = node.outputs[0].outputs
-    if node.op != "Sigmoid" or len(readers) != 1 or readers[0].op != "Mul":
-        return None
-    mul = readers[0]
-    return mul if {id(t) for t in mul.inputs} == {id(node.inputs[0]), id(node.outputs[0])} else None
-
-
 def _convert_remaining(lw: Lowering) -> list[dict]:
-    """Ops no region covers but that read received values: affine ones stay (weighted sums); elementwise
-    activations (SiLU = x * Sigmoid(x) included) become neurons; anything else (L2 normalization, a
-    pooler...) runs in float, its varying inputs decoded (made sites) and its outputs encoded."""
+    """Ops no region covers but that read received values: affine ones stay (weighted sums); anything else
+    runs in float, its varying inputs decoded (made sites) and its outputs encoded."""
     varying = set(lw.readouts)
     floated = []
     for node in list(lw.graph.nodes):
@@ -465,17 +523,6 @@ def _convert_remaining(lw: Lowering) -> list[dict]:
             continue
         if id(node) in lw.b.created or is_affine(node, varying):
             varying.update(t.name for t in node.outputs)
-            continue
-        silu = _silu_product(node)
-        if (node.op in ACTIVATIONS or silu is not None) and len(node.inputs) == 1:
-            out = (silu or node).outputs[0]
-            transform = "Silu" if silu is not None else ACTIVATIONS[node.op]
-            for detached in (node, silu):
-                if detached is not None:
-                    detached.outputs.clear()
-            lw.emit(lw.receive(lw.site_of(moving[0]), transform), out.name, transform, out=out)
-            lw.constructions.append({"kind": "activation", "name": node.name, "output": out.name})
-            varying.add(out.name)
             continue
         for tensor in moving:
             if tensor.name not in lw.readouts:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import onnx
-
 from spikec.runtime import ops
 
 

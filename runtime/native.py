@@ -90,7 +90,7 @@ def built_from(path: Path) -> str | None:
     return function().decode()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _loads(path: Path) -> bool:
     try:
         ort.SessionOptions().register_custom_ops_library(os.fspath(path))
@@ -106,7 +106,7 @@ def _loads(path: Path) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exported(path: Path, name: str, restype, argtypes: tuple = ()):
     """A C function the library exports besides its kernels."""
     function = getattr(ctypes.CDLL(os.fspath(path)), name)

@@ -16,8 +16,8 @@ bodies only combine states with inputs through broadcasting arithmetic.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -116,31 +116,47 @@ class SpikingOp:
 
 # ---------------------------------------------------------------- MT neuron (ECMT, Eq. 19-25)
 
+# Largest power of two <= r for r in [1/2, 2^127.5) from float arithmetic alone (ONNX has no frexp
+# and no bit cast): q = r * (2^23 + 1) rounds away every bit of r below its leading one, q * (1 - 2^-24)
+# rounds back to just under q, and their difference is that leading one, exact (Rump, Ogita and Oishi's
+# ufp). The 2^-30 scaling, exact too, keeps q finite for r up to float32's limit.
+_UFP_SCALE = 2.0 ** -30
+_UFP_SPLIT = (2.0 ** 23 + 1) * _UFP_SCALE
+_JUST_BELOW_ONE = 1.0 - 2.0 ** -24  # x * this: x's predecessor for a power of two x, no power of two lower else
+
+
 def _mt_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     levels = b.op("Cast", b.attr_int("levels"), to=TensorProto.FLOAT)
-    return {"top_level": b.op("Pow", b.const(2.0), b.op("Sub", levels, b.const(1.0)))}
+    top_level = b.op("Pow", b.const(2.0), b.op("Sub", levels, b.const(1.0)))
+    # ratios above the top level fire it: held below twice the top level (where its power of two would
+    # be the next level), still above it (a power of two strictly below the ratio is then still the top)
+    return {"top_level": top_level, "ratio_cap": b.op("Mul", top_level, b.const(1.5))}
 
 
 def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """Eq. 25 fires level k (lambda_k = theta*2^k) when lambda_k - theta/2 <= m < lambda_(k+1) - theta/2 on
     the positive side, and symmetrically (bounds strict the other way) on the negative side: the fired
     level is the largest power of two p <= |m|/theta + 1/2 (p < on the negative side), capped at 2^(n-1),
-    and nothing fires when p < 1. Computed in O(1) per value rather than by testing all 2n levels."""
+    and nothing fires when p < 1 (nor for a NaN membrane). Computed in O(1) per value rather than by
+    testing all 2n levels, and with selections written as arithmetic on 0/1 masks (exact: the thresholds
+    are positive and finite): onnxruntime's Where, Pow and Log cost many times an Add per element."""
     membrane = b.op("Add", env["v"], env["x"])
-    positive = b.op("GreaterOrEqual", membrane, b.const(0.0))
-    theta = b.op("Where", positive, env["theta_pos"], env["theta_neg"])
-    ratio = b.op("Add", b.op("Div", b.op("Abs", membrane), theta), b.const(0.5))
-    # 2^floor(log2 r) from logarithms can be off by one at exact powers of two: correct both ways.
-    guess = b.op("Pow", b.const(2.0), b.op("Floor", b.op("Div", b.op("Log", ratio), b.const(np.log(2.0)))))
-    doubled = b.op("Mul", guess, b.const(2.0))
-    guess = b.op("Where", b.op("LessOrEqual", doubled, ratio), doubled, guess)
-    power = b.op("Where", b.op("Greater", guess, ratio), b.op("Div", guess, b.const(2.0)), guess)
-    at_bound = b.op("And", b.op("Not", positive), b.op("Equal", power, ratio))
-    power = b.op("Where", at_bound, b.op("Div", power, b.const(2.0)), power)
-    level = b.op("Where", b.op("GreaterOrEqual", power, b.const(1.0)),
-                 b.op("Min", power, env["top_level"]), b.const(0.0))
-    signed = b.op("Where", positive, level, b.op("Neg", level))
-    emitted = b.op("Mul", signed, theta)
+    # |m|/theta + 1/2 for the side's theta, where the other side's ratio is below 1/2: the larger of the two
+    # sides. On the negative side times the factor that steps an exact power of two down one (the strict
+    # bound), no power of two lower else. A membrane so close to zero that the wrong side wins (both near
+    # 1/2) fires on neither.
+    above = b.op("Add", b.op("Div", membrane, env["theta_pos"]), b.const(0.5))
+    below = b.op("Mul", b.op("Sub", b.const(0.5), b.op("Div", membrane, env["theta_neg"])), b.const(_JUST_BELOW_ONE))
+    ratio = b.op("Min", b.op("Max", above, below), env["ratio_cap"])
+    split = b.op("Mul", ratio, b.const(_UFP_SPLIT))
+    power = b.op("Mul", b.op("Sub", split, b.op("Mul", split, b.const(_JUST_BELOW_ONE))), b.const(1.0 / _UFP_SCALE))
+    level = b.op("ThresholdedRelu", power, alpha=0.75)  # powers below 1 (and NaN) fire nothing
+    # the spike value per level: theta_pos where m >= 0, else (NaN too) -theta_neg; 2^127 - theta_neg
+    # rounds to 2^127, above any threshold
+    positive = b.op("Cast", b.op("GreaterOrEqual", membrane, b.const(0.0)), to=TensorProto.FLOAT)
+    signed_theta = b.op("Min", env["theta_pos"],
+                        b.op("Sub", b.op("Mul", positive, b.const(2.0 ** 127)), env["theta_neg"]))
+    emitted = b.op("Mul", level, signed_theta)
     # The emitted spike code is in units of theta_pos (parallel parameter normalization, Eq. 27-29):
     # positive levels are 2^k, negative levels -eta*2^k with eta = theta_neg/theta_pos.
     code = b.op("Div", emitted, env["theta_pos"])
@@ -174,8 +190,10 @@ def _stbif_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], di
     half = b.op("Mul", env["theta"], b.const(0.5))
     up = b.op("And", b.op("GreaterOrEqual", membrane, half), b.op("Less", env["tracer"], env["s_max"]))
     down = b.op("And", b.op("Less", membrane, b.op("Neg", half)), b.op("Greater", env["tracer"], env["s_min"]))
-    spike = b.op("Sub", b.op("Cast", up, to=TensorProto.FLOAT), b.op("Cast", down, to=TensorProto.FLOAT))
-    return ({"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)},
+    up, down = b.op("Cast", up, to=TensorProto.FLOAT), b.op("Cast", down, to=TensorProto.FLOAT)
+    spike = b.op("Sub", up, down)
+    # |spike|: up and down exclude each other (theta > 0); onnxruntime's Abs is slower than an Add
+    return ({"spikes": spike, COUNT_OUTPUT: b.op("Add", up, down)},
             {"v": b.op("Sub", membrane, b.op("Mul", spike, env["theta"])), "tracer": b.op("Add", env["tracer"], spike)})
 
 
@@ -213,7 +231,11 @@ def _if_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     reach = b.op("Max", membrane, lower)
     unit = b.op("Div", env["theta"], env["burst"])
     count = b.op("Min", b.op("Floor", b.op("Div", b.op("Abs", reach), unit)), env["burst"])
-    out = b.op("Mul", b.op("Mul", count, b.op("Sign", reach)), unit)
+    # Sign(reach) from two comparisons (onnxruntime's Sign costs several times as much); 0 for NaN where
+    # Sign gives NaN, but count is NaN there
+    sign = b.op("Sub", b.op("Cast", b.op("Greater", reach, b.const(0.0)), to=TensorProto.FLOAT),
+                b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT))
+    out = b.op("Mul", b.op("Mul", count, sign), unit)
     return {"spikes": out}, {"v": b.op("Sub", membrane, out), "emitted": b.op("Add", env["emitted"], out)}
 
 
@@ -468,48 +490,60 @@ def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     )
 
 
+# Elements of one step of one block of rows of an op with a hidden axis (UGO), in the unrolled form.
+# Its step body is a chain of elementwise nodes over [N, rows, C], each a pass over its operands: in
+# blocks small enough for these temporaries to stay in cache it runs several times faster, in blocks too
+# small the Scan's per-iteration cost takes over. Ops without a hidden axis gain nothing from blocks
+# that pays for padding their input and cropping their output.
+BLOCK_ELEMENTS = 2 ** 16
+
+
+def _ints(b: NodeBuilder, *values: int) -> str:
+    return b.const(list(values), np.int64)
+
+
 def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     """Scan the step over time. Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
-    per-channel parameters broadcast); states are [M, C], or [N, M, C] for an op with a hidden axis."""
+    per-channel parameters broadcast); states are [M, C], or [N, M, C] for an op with a hidden axis.
+    Rows are independent: for an op with a hidden axis an outer Scan takes them a block at a time
+    ([T, M, C] zero-padded to [T, blocks, rows per block, C]), each block through all T steps."""
     b = NodeBuilder()
     env = {name: name for name in op.params}
     env.update(op.prologue(b, env))
     timesteps = b.attr_int("timesteps")
-    steps = b.op("Unsqueeze", timesteps, b.const([0], np.int64))
-    channels = b.op("Slice", b.op("Shape", op.inputs[0]), b.const([-1], np.int64), b.const([2**62], np.int64))
-    time_major = b.op("Concat", steps, b.const([-1], np.int64), channels, axis=0)
+    steps = b.op("Unsqueeze", timesteps, _ints(b, 0))
+    channels = b.op("Slice", b.op("Shape", op.inputs[0]), _ints(b, -1), _ints(b, 2**62))
+    time_major = b.op("Concat", steps, _ints(b, -1), channels, axis=0)
     sequences = [b.op("Reshape", x, time_major) for x in op.inputs]
-    row_shape = b.op("Slice", b.op("Shape", sequences[0]), b.const([1], np.int64), b.const([2**62], np.int64))
-    if op.hidden:
-        row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
-    zeros = b.op("ConstantOfShape", row_shape,
-                 value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     one = b.const(1.0)
     times = b.op("Range", one, b.op("Add", b.op("Cast", timesteps, to=TensorProto.FLOAT), one), one)
-
-    body = NodeBuilder("step_")
-    body_env = dict(env)
-    body_env.update({name: f"{name}_in" for name in (*op.states, *op.inputs)})
-    body_env["t"] = "t_in"
-    outputs, next_states = op.step(body, body_env)
-    state_rank = 2 + op.state_rank_offset
-    # per step: the outputs, and each element's spike count (summed per row once the Scan is done)
+    # per step: the outputs, and each element's spike count (summed per row once the Scans are done)
     per_step = [*op.outputs, *([COUNT_OUTPUT] if op.spike_count else [])]
-    body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in per_step]
-    for src, dst in zip([next_states[s] for s in op.states] + [outputs[o] for o in per_step], body_outputs):
-        body.nodes.append(helper.make_node("Identity", [src], [dst]))
-    graph = helper.make_graph(
-        body.nodes, f"{op.name}_step",
-        [_value_info(f"{s}_in", state_rank) for s in op.states] + [_value_info(f"{x}_in", 2) for x in op.inputs]
-        + [_value_info("t_in", 0)],
-        [_value_info(f"{s}_out", state_rank) for s in op.states] + [_value_info(f"{o}_out", 2) for o in per_step],
-    )
-    scanned = b.op("Scan", *([zeros] * len(op.states)), *sequences, times,
-                   outputs=len(op.states) + len(per_step), body=graph,
-                   num_scan_inputs=len(op.inputs) + 1)
-    scanned = scanned if isinstance(scanned, list) else [scanned]
+    if op.hidden:
+        rows = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2))
+        per_row = b.op("Mul", channels, b.op("Shape", env[op.hidden[0]]))
+        blocks = b.op("Max", b.op("Div", b.op("Add", b.op("Mul", rows, per_row), _ints(b, BLOCK_ELEMENTS - 1)),
+                                  _ints(b, BLOCK_ELEMENTS)), _ints(b, 1))
+        block_rows = b.op("Div", b.op("Add", rows, b.op("Sub", blocks, _ints(b, 1))), blocks)
+        padding = b.op("Sub", b.op("Mul", blocks, block_rows), rows)
+        pads = b.op("Concat", _ints(b, 0, 0, 0, 0), padding, _ints(b, 0), axis=0)
+        blocked_shape = b.op("Concat", steps, blocks, block_rows, channels, axis=0)
+        blocked = [b.op("Reshape", b.op("Pad", x, pads), blocked_shape) for x in sequences]
+        block = NodeBuilder("block_")
+        scanned = _time_scan(block, op, env, [f"{x}_block" for x in op.inputs], times, per_step)
+        for src, name in zip(scanned, per_step):
+            block.nodes.append(helper.make_node("Identity", [src], [f"{name}_blocks"]))
+        block_graph = helper.make_graph(block.nodes, f"{op.name}_block",
+                                        [_value_info(f"{x}_block", 3) for x in op.inputs],
+                                        [_value_info(f"{name}_blocks", 3) for name in per_step])
+        results = b.op("Scan", *blocked, outputs=len(per_step), body=block_graph, num_scan_inputs=len(op.inputs),
+                       scan_input_axes=[1] * len(op.inputs), scan_output_axes=[1] * len(per_step))
+        results = results if isinstance(results, list) else [results]
+        scanned = [b.op("Slice", b.op("Reshape", r, time_major), _ints(b, 0), rows, _ints(b, 1)) for r in results]
+    else:
+        scanned = _time_scan(b, op, env, sequences, times, per_step)
     original_shape = b.op("Shape", op.inputs[0])
-    for name, seq in zip(op.outputs, scanned[len(op.states):]):
+    for name, seq in zip(op.outputs, scanned):
         b.nodes.append(helper.make_node("Reshape", [seq, original_shape], [name]))
     if op.spike_count:
         counts = b.op("Reshape", scanned[-1], original_shape)
@@ -517,6 +551,55 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, op.name, [*op.inputs, *op.params], result_names(op, step=False), b.nodes,
         [helper.make_opsetid("", opset)], attributes=[*op.attributes, "timesteps"],
+    )
+
+
+def _time_scan(b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: list[str], times: str,
+               per_step: list[str]) -> list[str]:
+    """The Scan of the step over the time axis of ``sequences`` ([T, rows, C]), states from zero; returns
+    the per-step outputs stacked ([T, rows, C])."""
+    row_shape = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2**62))
+    if op.hidden:
+        row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
+    zeros = b.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    scanned = b.op("Scan", *([zeros] * len(op.states)), *sequences, times,
+                   outputs=len(op.states) + len(per_step), body=_time_loop_body(op, env, per_step),
+                   num_scan_inputs=len(op.inputs) + 1)
+    scanned = scanned if isinstance(scanned, list) else [scanned]
+    return scanned[len(op.states):]
+
+
+def _name_results(b: NodeBuilder, sources: list[str], results: list[str]) -> None:
+    """Gives each source tensor a result name: renames the node output where a node of ``b`` produces it
+    (an Identity in a Scan body copies its tensor at every iteration), an Identity otherwise (a source that
+    is an input, or the source of an earlier result)."""
+    produced = {o for n in b.nodes for o in n.output}
+    renamed: dict[str, str] = {}
+    for src, dst in zip(sources, results):
+        if src in produced and src not in renamed:
+            renamed[src] = dst
+        else:
+            b.nodes.append(helper.make_node("Identity", [renamed.get(src, src)], [dst]))
+    for node in b.nodes:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+
+
+def _time_loop_body(op: SpikingOp, env: dict[str, str], per_step: list[str]) -> onnx.GraphProto:
+    """The body of the Scan over time: one step of a block, its states in and out."""
+    body = NodeBuilder("step_")
+    body_env = dict(env)
+    body_env.update({name: f"{name}_in" for name in (*op.states, *op.inputs)})
+    body_env["t"] = "t_in"
+    outputs, next_states = op.step(body, body_env)
+    state_rank = 2 + op.state_rank_offset
+    body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in per_step]
+    _name_results(body, [next_states[s] for s in op.states] + [outputs[o] for o in per_step], body_outputs)
+    return helper.make_graph(
+        body.nodes, f"{op.name}_step",
+        [_value_info(f"{s}_in", state_rank) for s in op.states] + [_value_info(f"{x}_in", 2) for x in op.inputs]
+        + [_value_info("t_in", 0)],
+        [_value_info(f"{s}_out", state_rank) for s in op.states] + [_value_info(f"{o}_out", 2) for o in per_step],
     )
 
 

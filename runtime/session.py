@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from spikec.runtime import fusion
+from spikec.runtime import native as native_kernels
+from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
 
 from spikec import weights
 from spikec.errors import SpikecError
-from spikec.runtime import fusion
-from spikec.runtime import native as native_kernels
-from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
-from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
-
 
 # onnxruntime logs an error before it raises it: at FATAL only, the exception (which spikec turns into its
 # one-line error) is all that reaches the terminal.
@@ -42,14 +41,22 @@ class InferenceSession(ort.InferenceSession):
     The spikec ops travel inside the model as ONNX functions, so stock onnxruntime runs them. Where the
     native kernels are built (runtime/native.py), they run instead, unless ``native=False``. Chains of
     spikec ops run as one op each (runtime/fusion.py, same results) and, natively, products of ternary
-    spike codes with weights as SpikeMatMuls (the same up to float rounding), unless ``fuse=False``."""
+    spike codes with weights as SpikeMatMuls (the same up to float rounding), unless ``fuse=False``.
+
+    The native kernels are CPU kernels: onnxruntime inlines a function only where no execution provider
+    has a kernel for it, so registering them would pin every spikec op of a GPU session to the CPU,
+    with copies to and from the device around each. With any provider other than the CPU's in
+    ``providers`` the session therefore runs the functions, which that provider can take (docs/gpu.md)."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
                  providers=None, native: bool = True, fuse: bool = True, **kwargs):
         options = sess_options or quiet_options()
-        if not native and native_kernels.registered(options):
-            raise ValueError("native=False, but these session options already carry the native kernels")
-        self.native = native and native_kernels.register(options)
+        providers = providers or ["CPUExecutionProvider"]
+        device = next((name for name in map(_provider_name, providers) if name != "CPUExecutionProvider"), None)
+        if (not native or device) and native_kernels.registered(options):
+            reason = f"provider {device}" if device else "native=False"
+            raise ValueError(f"{reason}, but these session options already carry the native (CPU) kernels")
+        self.native = native and not device and native_kernels.register(options)
         if isinstance(model, onnx.ModelProto) and any(weights.external_tensors(model)):
             # references to external data (a compile's models, whose weights stay mapped): resolved
             # against the compile's source directory
@@ -60,12 +67,12 @@ class InferenceSession(ort.InferenceSession):
         # theta_pos into the next MatMul; the re-rounded products flip spikes near level boundaries,
         # so the unrolled and stateful forms (fused differently) would stop agreeing.
         kwargs.setdefault("disabled_optimizers", ["MatMulScaleFusion"])
-        super().__init__(source, options, providers=providers or ["CPUExecutionProvider"], **kwargs)
+        super().__init__(source, options, providers=providers, **kwargs)
         props = self.get_modelmeta().custom_metadata_map
         label = "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
         self.spikec = SpikecMetadata.from_props(props, label)  # None for an ANN
         if self.spikec is not None:
-            _say_path_once(self.native, native)
+            _say_path_once(self.native, native, device)
 
     @property
     def mode(self) -> str:
@@ -102,7 +109,12 @@ class InferenceSession(ort.InferenceSession):
 _PATH_SAID = False
 
 
-def _say_path_once(native: bool, asked: bool) -> None:
+def _provider_name(provider: str | tuple[str, dict]) -> str:
+    """onnxruntime takes a provider as its name or as (name, options)."""
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def _say_path_once(native: bool, asked: bool, device: str | None = None) -> None:
     """Once per process, which path runs the spikec ops: the native kernels, or the several times slower
     ONNX functions and how to get the kernels. Logged (logger "spikec") and, for a person at a terminal,
     printed on stderr; a pipe or a log file stays as it is."""
@@ -112,6 +124,8 @@ def _say_path_once(native: bool, asked: bool) -> None:
     _PATH_SAID = True
     if native:
         message = f"spikec ops run on the native kernels ({native_kernels.kernel_isa()}, {native_kernels.library_path()})"
+    elif device:
+        message = f"spikec ops run as their ONNX functions, which {device} can take (the native kernels are CPU-only)"
     elif not asked:
         message = "spikec ops run as their ONNX functions (native=False)"
     else:

@@ -32,7 +32,6 @@ def cmd_compile(args) -> int:
     from spikec.compiler import compile as compile_model
     from spikec.compiler import split_options
     from spikec.passes.options import outputs_of
-
     from spikec.runtime.metadata import SpikecMetadata
 
     options = _compile_options(args)
@@ -113,8 +112,28 @@ def cmd_quantize(args) -> int:
     from spikec.compiler import quantize
 
     quantize(args.model, args.calib, args.output, levels=args.levels, input_shapes=_input_shapes(args.input_shape),
-             batch_size=args.batch_size, progress=not args.quiet)
+             batch_size=args.batch_size, progress=not args.quiet, per_tensor=args.per_tensor)
     print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_calib_make(args) -> int:
+    from spikec import calibdata, modelio
+
+    files = [("text file", args.text)] if args.text else []
+    reads = modelio.reads(models=[("input model", args.model)], files=files)
+    modelio.check_outputs([("output", args.output)], reads)  # before the work, not after it
+    if args.text:
+        if args.tokenizer is None:
+            raise SpikecError("argument --text: needs --tokenizer DIR (a saved Hugging Face tokenizer)")
+        arrays = calibdata.from_text(args.model, args.text, args.tokenizer, max_length=args.max_length,
+                                     progress=not args.quiet)
+    else:
+        arrays = calibdata.from_callable(args.model, args.python)
+    modelio.write([("output", args.output, arrays)], reads)
+    count = len(next(iter(arrays.values())))
+    print(f"wrote {args.output}: {count} samples of " + ", ".join(
+        f"{name} {value.dtype} {list(value.shape[1:])}" for name, value in arrays.items()))
     return 0
 
 
@@ -257,7 +276,7 @@ def cmd_inspect(args) -> int:
         for row in info["neurons"]:
             count = counts.get(row["tensor"])
             thresholds = (f"+{_summary(row['theta_pos'])} / -{_summary(row['theta_neg'])}" if "theta_pos" in row
-                          else f"{row['threshold']:.4g}")
+                          else _summary(row["threshold"]))
             neurons.add_row(row["tensor"], "?" if count is None else str(count), neuron_label(row), thresholds,
                             ", ".join(row.get("consumers", [row.get("region", "")])))
         console.print(neurons)
@@ -478,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
     p.add_argument("--levels", type=int, default=16, help="quantization levels L")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one scale per tensor, not one per channel of the last axis")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
@@ -492,6 +513,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", metavar="DIR", help="where to write the weights (default: spikec's package data)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_ugo_train)
+
+    p = sub.add_parser("calib", help="calibration data for a model from text or a Python function")
+    calib_commands = p.add_subparsers(dest="calib_command", required=True)
+    p = calib_commands.add_parser("make", help="write the .npz compile --calib takes, checked against the model")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", metavar="FILE", help="one sample per non-empty line, tokenized by --tokenizer")
+    source.add_argument("--python", metavar="MODULE:FUNCTION",
+                        help="a function (module or file.py) returning {input name: array, samples first}")
+    p.add_argument("--tokenizer", metavar="DIR", help="a saved Hugging Face tokenizer (offline)")
+    p.add_argument("--max-length", type=int, help="pad and truncate to this many tokens (default: the model's "
+                                                  "static sequence length)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_calib_make)
 
     p = sub.add_parser("inspect", help="show what a model contains and what spikec rewrote")
     p.add_argument("model")

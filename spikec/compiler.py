@@ -6,10 +6,10 @@ import functools
 import gc
 import os
 import warnings
-from typing import Any
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -131,12 +131,12 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
     if common.verify:
         feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
     job = Job(ann, feeds, common.timesteps, common.mode, common.batch_size, common.progress,
-              frozenset(common.allow_float), method_options)
+              frozenset(common.allow_float), method_options,
+              held_out=held_out[0] if held_out is not None and held_out[1] else None)
     method.prepare(job)
     plan = method.calibration(job)
     if method.stepped:
-        if common.mode == "unrolled":
-            check_time_folding(job.ann, job.feeds)
+        layouts = check_time_folding(job.ann, job.feeds, common.mode)
         # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
         check_budget(estimate_memory(job.ann, job.feeds, batch=common.batch_size, neuron_sites=plan.neuron_sites,
                                      hidden=plan.hidden),
@@ -154,9 +154,9 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
     else:
         mode, timesteps = common.mode, common.timesteps
         if mode == "unrolled":
-            emit.emit_unrolled(job.graph, timesteps, method.semantics)
+            emit.emit_unrolled(job.graph, timesteps, method.semantics, layouts)
         else:
-            emit.emit_stateful(job.graph, method.semantics)
+            emit.emit_stateful(job.graph, method.semantics, layouts)
     record = SpikecMetadata(method.name, mode, method.semantics, timesteps, method_options.to_json(),
                             tuple(sorted(common.allow_float)), job.report)
     graph, reference, report = job.graph, job.ann, job.report
@@ -272,17 +272,17 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
              calibration: str | os.PathLike | Mapping[str, np.ndarray],
              output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS,
              input_shapes: Mapping[str, Sequence[int | str]] | None = None, batch_size: int = 32,
-             progress: bool = True) -> onnx.ModelProto:
+             progress: bool = True, per_tensor: bool = False) -> onnx.ModelProto:
     """The quantized ANN (QANN) that ``compile(method="spikezip", levels=levels)`` converts: an ONNX model
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
     common = CompileOptions(method="spikezip", batch_size=batch_size, progress=progress)
-    options = SpikeZIPOptions(levels=levels)
+    options = SpikeZIPOptions(levels=levels, per_tensor=per_tensor)
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
         qann, _ = quantize_model(ann, load_inputs(calibration, ann), levels, batch_size=common.batch_size,
-                                 progress=common.progress)
+                                 progress=common.progress, per_tensor=options.per_tensor)
         return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 
@@ -293,39 +293,83 @@ def static_batch(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int |
     return static.pop() if len(static) == 1 else None
 
 
-def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
-    """The unrolled form runs the graph on T*B rows. A model exported with a static batch B can use B
-    beyond the batch axis (e.g. flat indices b*seq + s baked into a Gather for the attention mask);
-    canonicalize relaxes the common places, and this check runs the ANN on the first B samples twice
-    over: every output must be the batch-B output twice, or the model cannot be unrolled."""
-    batch = static_batch(ann, feeds)
-    if batch is None:
-        return
+def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mode: str) -> emit.BatchLayouts:
+    """Where every tensor of the ANN carries the batch, which is where a model folds time (passes/emit.py): the
+    unrolled form runs the graph on T*B rows, and every spikec op needs each element's steps. Runs the ANN on a
+    group of samples A, on a group B and on both together (A then B) and compares, tensor by tensor: the axis
+    that doubles holds the batch, and the rows of A, of B, or blocks of them (the batch merged behind other
+    axes, as torch.nn.MultiheadAttention's [seq * batch, dim]), tell where in it.
+
+    Refused for the unrolled form: a model exported with a static batch B that uses B beyond the batch axis
+    (e.g. flat indices b*seq + s baked into a Gather for the attention mask; canonicalize relaxes the common
+    places), or any model whose outputs do not keep each sample's rows on axis 0. The stateful form runs at B
+    and needs the layouts only to count each sample's spikes: where the model cannot run at 2B, it assumes
+    axis 0."""
+    static = static_batch(ann, feeds)
+    batch = static or 1
+    samples = min(len(v) for v in feeds.values())
+    group_a = {name: array[:batch] for name, array in feeds.items()}
+    group_b = {name: array[batch:2 * batch] for name, array in feeds.items()} if samples >= 2 * batch else group_a
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                   onnx.TensorProto.BFLOAT16}
+    typed = {vi.name: vi.type.tensor_type.elem_type for vi in [*ann.graph.value_info, *ann.graph.output]}
     outputs = [o.name for o in ann.graph.output]
-    first = {name: array[:batch] for name, array in feeds.items()}
-    reference = next(run_batches(ann, first, outputs, batch_size=batch, progress=False))
-    grown = onnx.ModelProto()
-    grown.CopyFrom(ann)
-    grown.graph.ClearField("value_info")
-    for vi in grown.graph.input:
-        if vi.name in feeds:
-            vi.type.tensor_type.shape.dim[0].dim_value = 2 * batch
-    for vi in grown.graph.output:
-        vi.type.tensor_type.ClearField("shape")
+    names = list(dict.fromkeys([*outputs, *(t for node in ann.graph.node for t in node.output
+                                            if t and typed.get(t, onnx.TensorProto.FLOAT) in float_types)]))
+    both = {k: np.concatenate([group_a[k], group_b[k]]) for k in feeds}
+    alone = list(run_batches(ann, both, names, batch_size=batch, progress=False))  # A, then B
+    grown = ann
+    if static:
+        grown = onnx.ModelProto()
+        grown.CopyFrom(ann)
+        grown.graph.ClearField("value_info")
+        for vi in grown.graph.input:
+            if vi.name in feeds:
+                vi.type.tensor_type.shape.dim[0].dim_value = 2 * batch
+        for vi in grown.graph.output:
+            vi.type.tensor_type.ClearField("shape")
     advice = (f"the model was exported with a static batch of {batch} and uses it beyond the batch axis, so "
               f"the time-unrolled form cannot fold T into the batch; re-export with a dynamic batch axis, "
-              f"or compile with --mode stateful")
+              f"or compile with --mode stateful") if static else \
+        "the time-unrolled form cannot fold T into the batch; compile with --mode stateful"
     try:
-        doubled = next(run_batches(grown, {k: np.concatenate([v, v]) for k, v in first.items()}, outputs,
-                                   batch_size=2 * batch, progress=False))
+        together = next(run_batches(grown, both, names, batch_size=2 * batch, progress=False))
     except SpikecError as exc:
-        raise SpikecError(f"{advice} (at batch {2 * batch}: {exc})") from None
-    for name in outputs:
-        want, got = reference[name], doubled[name]
-        if want.ndim == 0 or want.shape[0] != batch:
-            continue  # not a per-sample output
-        if got.shape != (2 * batch, *want.shape[1:]) or not (
-                np.allclose(got[:batch], want, rtol=1e-4, atol=1e-5, equal_nan=True)
-                and np.allclose(got[batch:], want, rtol=1e-4, atol=1e-5, equal_nan=True)):
-            raise SpikecError(f"{advice} (output '{name}' changes when the batch grows)")
+        if mode == "unrolled":
+            raise SpikecError(f"{advice} (at batch {2 * batch}: {exc})") from None
+        return emit.BatchLayouts()
+    layouts = {name: _batch_layout(alone[0][name], alone[1][name], together[name]) for name in names}
+    for name in outputs if mode == "unrolled" else ():
+        layout = layouts[name]
+        if layout is not None and layout.leading:
+            continue
+        if layout is None and not (alone[0][name].ndim and alone[0][name].shape[0] == batch):
+            continue  # not a per-sample output (one that should grow with the batch but does not is refused)
+        where = f"keeps the samples' rows on axis {layout.axis}, not on axis 0" \
+            if layout not in (None, emit.UNKNOWN_LAYOUT) and layout.outer == 1 else "changes when the batch grows"
+        raise SpikecError(f"{advice} (output '{name}' {where})")
+    return emit.BatchLayouts({name: emit.Layout(0, 1, array.ndim) for name, array in group_a.items()},
+                             {node.name: tuple(layouts.get(t) for t in node.output) for node in ann.graph.node})
 
+
+def _batch_layout(a: np.ndarray, b: np.ndarray, both: np.ndarray) -> emit.Layout | None:
+    """Where ``both`` (the tensor for samples A then B) holds the batch, given ``a`` and ``b`` (for A and B
+    alone): (axis, outer) with the axis read as [outer, batch, rest]; None where the tensor has no batch axis,
+    emit.UNKNOWN_LAYOUT where it is not one of these."""
+    if a.shape == both.shape:
+        return None
+    grown = [axis for axis, (x, y) in enumerate(zip(a.shape, both.shape)) if x != y]
+    if a.ndim != both.ndim or len(grown) != 1 or both.shape[grown[0]] != 2 * a.shape[grown[0]]:
+        return emit.UNKNOWN_LAYOUT
+    axis, size = grown[0], a.shape[grown[0]]
+    if not np.issubdtype(a.dtype, np.floating):
+        return emit.Layout(axis, 1, a.ndim)
+    scale = float(np.nanmax(np.abs(np.where(np.isfinite(both), both, 0)))) if both.size else 0.0
+    for outer in (o for o in range(1, size + 1) if size % o == 0):
+        split = both.reshape(*both.shape[:axis], outer, 2, size // outer, *both.shape[axis + 1:])
+        if all(np.allclose(np.take(split, half, axis=axis + 1), part.reshape(*part.shape[:axis], outer,
+                                                                               size // outer,
+                                                                               *part.shape[axis + 1:]),
+                           rtol=1e-3, atol=1e-4 * scale, equal_nan=True) for half, part in enumerate((a, b))):
+            return emit.Layout(axis, outer, a.ndim)
+    return emit.UNKNOWN_LAYOUT

@@ -201,10 +201,11 @@ def quantizer_agreement(qann: str | os.PathLike | onnx.ModelProto, snn: str | os
     for index, (neuron, x) in enumerate(zip(neurons, values)):
         levels = np.broadcast_to(result[f"{NEXT_STATE_PREFIX}{neuron['node']}.tracer"], x.shape)
         # The level the QANN really picks, in its float32 arithmetic and its rounding rule.
-        scaled = x.astype(np.float32) / np.float32(neuron["threshold"])
+        threshold = np.asarray(neuron["threshold"], np.float32)  # one value, or one per channel (last axis)
+        scaled = x.astype(np.float32) / threshold
         rounded = np.rint(scaled) if neuron["rounding"] == "half_even" else np.floor(scaled + np.float32(0.5))
         want = np.clip(rounded, neuron["s_min"], neuron["s_max"])
-        ratio = x.astype(np.float64) / np.float64(np.float32(neuron["threshold"]))
+        ratio = x.astype(np.float64) / threshold.astype(np.float64)
         bad = (levels != want).reshape(samples, -1)
         distance = np.abs(ratio - np.floor(ratio) - 0.5).reshape(samples, -1)
         for b in np.flatnonzero(bad.any(axis=1)):

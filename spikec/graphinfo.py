@@ -75,7 +75,7 @@ class Shapes:
     def is_float(self, name: str) -> bool:
         return self.dtypes.get(name) in FLOAT_TYPES
 
-    def observe(self, values: Mapping[str, np.ndarray], batch: int) -> "Shapes":
+    def observe(self, values: Mapping[str, np.ndarray], batch: int) -> Shapes:
         """These shapes, with those of tensors actually computed for ``batch`` samples where inference
         left dims unknown (e.g. heads reshaped from a computed shape)."""
         shapes = dict(self.shapes)
@@ -290,7 +290,9 @@ def neuron_label(neuron: dict) -> str:
     """One neuron site of a compile report, as the op and parameters it got."""
     if "levels" in neuron:
         return f"MTNeuron(levels={neuron['levels']})"
-    return f"STBIFNeuron(theta={neuron['threshold']:.4g}, tracer [{neuron['s_min']}, {neuron['s_max']}])"
+    theta = np.asarray(neuron["threshold"], np.float64)
+    shown = f"{theta.item():.4g}" if theta.size == 1 else f"[{theta.min():.3g} .. {theta.max():.3g}] x{theta.size}"
+    return f"STBIFNeuron(theta={shown}, tracer [{neuron['s_min']}, {neuron['s_max']}])"
 
 
 def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:

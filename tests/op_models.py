@@ -2,7 +2,6 @@
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
-
 from spikec.runtime import ops
 
 

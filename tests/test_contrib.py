@@ -14,17 +14,17 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from spikec.passes.canonicalize import canonicalize
+from spikec.passes.contrib import decompose
+from spikec.passes.loader import load_model
+from spikec.passes.patterns import find_regions
+from spikec.runtime import InferenceSession
 from torch import nn
 
 import spikec
 from examples import fixtures
 from spikec.errors import SpikecError
 from spikec.evaluate import cosine, run_dataset
-from spikec.passes.canonicalize import canonicalize
-from spikec.passes.contrib import decompose
-from spikec.passes.loader import load_model
-from spikec.passes.patterns import find_regions
-from spikec.runtime import InferenceSession
 
 MS = "com.microsoft"
 _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
@@ -379,6 +379,27 @@ def test_loader_accepts_onnxruntime_default_domain_ops_for_the_check_only():
     loaded = load_model(model)
     assert not onnx.defs.has("SimplifiedLayerNormalization")
     assert [n.op_type for n in canonicalize(loaded).graph.node].count("ReduceMean") == 1
+
+
+def test_loader_imports_the_contrib_domain_a_model_uses_without_importing_it(tmp_path):
+    """onnx.save of an optimizer's model (not the optimizer's own save) drops com.microsoft's opset import;
+    onnxruntime runs such a model, so spikec loads it too, and leaves the file as it was."""
+    _, f = _rng(9)
+    case = Case("FastGelu", {"x": f(2, 5, 8)}, {"b": f(8)}, ["x", "b"], ["y"])
+    model = case.model()
+    model.graph.output[0].type.tensor_type.shape.CopyFrom(model.graph.input[0].type.tensor_type.shape)
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 17))
+    with pytest.raises(onnx.checker.ValidationError, match="No opset import for domain 'com.microsoft'"):
+        onnx.checker.check_model(model)
+    path = tmp_path / "fused.onnx"
+    onnx.save(model, str(path))
+    written = path.read_bytes()
+    for source in (model, path):
+        loaded = load_model(source)
+        assert {(o.domain, o.version) for o in loaded.opset_import} == {("", 17), (MS, 1)}
+        _assert_close(_run(model, case.feeds), _run(_expanded(loaded), case.feeds))
+    assert path.read_bytes() == written and len(model.opset_import) == 1
 
 
 # ----------------------------------------------------------------------------- optimizer outputs

@@ -5,11 +5,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from spikec.runtime import InferenceSession, run_stateful
 
 import spikec
 from examples import fixtures
 from spikec.evaluate import cosine, run_dataset
-from spikec.runtime import InferenceSession, run_stateful
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
@@ -22,13 +22,13 @@ def digits_snn(digits, tmp_path_factory):
     return out
 
 
-def test_digits_vit_accuracy_within_one_point(digits, digits_snn):
+def test_digits_vit_accuracy_within_half_a_point(digits, digits_snn):
     ann = run_dataset(fixtures.digits_vit(), {"pixels": digits["x_test"]})["logits"]
     snn = run_dataset(digits_snn, {"pixels": digits["x_test"]})
     ann_accuracy = fixtures.accuracy(ann, digits["y_test"])
     snn_accuracy = fixtures.accuracy(snn["logits"], digits["y_test"])
     assert ann_accuracy >= 0.965
-    assert snn_accuracy >= ann_accuracy - 0.01
+    assert snn_accuracy >= ann_accuracy - 0.005  # default options; measured 0.2 points below the ANN
     steps = snn["logits.steps"]
     assert steps.shape == (8, len(digits["y_test"]), 10)
     np.testing.assert_array_equal(steps[-1], snn["logits"])
@@ -95,18 +95,21 @@ def test_time_semantics_input_and_bias_every_step(mode):
 
 
 def test_minilm_sentence_embeddings(tmp_path):
-    """Calibrated on one set of sentences, evaluated on a disjoint one. Step t of a T=16 model is the
-    T=t result (thresholds do not depend on T), so one run gives both T=8 and T=16."""
+    """With default options, calibrated on one set of sentences and evaluated on two disjoint ones (the
+    project's evaluation set, and sentences no default was chosen on). Step t of a T=16 model is the T=t
+    result (thresholds do not depend on T), so one run gives both T=8 and T=16."""
     calib = fixtures.minilm_inputs(fixtures.calibration_sentences())
-    evaluation = fixtures.minilm_inputs(fixtures.evaluation_sentences())
     out = tmp_path / "minilm.onnx"
-    spikec.compile(fixtures.minilm(), calib, out, timesteps=16, per_channel=True, percentile=90.0, progress=False)
-    ann = run_dataset(fixtures.minilm(), evaluation)["sentence_embedding"]
-    steps = run_dataset(out, evaluation, batch_size=16)["sentence_embedding.steps"]
-    similarity = [cosine(ann, s) for s in steps]
-    assert similarity[7] >= 0.99  # measured 0.9924 (0.9849 with coverage=0: thresholds from percentiles only)
-    assert similarity[15] >= 0.995  # measured 0.9981
-    assert similarity[15] > similarity[7] > similarity[3] > similarity[0]
+    spikec.compile(fixtures.minilm(), calib, out, timesteps=16, progress=False)
+    for sentences in (fixtures.evaluation_sentences(), fixtures.heldout_sentences()):
+        evaluation = fixtures.minilm_inputs(sentences)
+        ann = run_dataset(fixtures.minilm(), evaluation)["sentence_embedding"]
+        steps = run_dataset(out, evaluation, batch_size=16)["sentence_embedding.steps"]
+        similarity = [cosine(ann, s) for s in steps]
+        # measured 0.9921 on evaluation_sentences (p=99 per tensor, the paper's: 0.965 on other unseen ones)
+        assert similarity[7] >= 0.99
+        assert similarity[15] >= 0.995  # measured 0.9980 / 0.9981
+        assert similarity[15] > similarity[7] > similarity[3] > similarity[0]
 
 
 def test_thresholds_cover_the_calibration_maximum():

@@ -24,10 +24,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
-from torch import nn
-
-from examples import fixtures
-from spikec.errors import SpikecError
 from spikec.passes.canonicalize import (
     canonicalize,
     fold_constants,
@@ -37,6 +33,10 @@ from spikec.passes.canonicalize import (
 )
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
+from torch import nn
+
+from examples import fixtures
+from spikec.errors import SpikecError
 
 D = 16  # feature width of the toy modules
 
@@ -707,9 +707,14 @@ def test_load_external_data(model_file, tmp_path):
 VIT4 = {"layernorm": 9, "gelu": 4, "softmax": 4, "act_matmul": 8, "weight_matmul": 25, "residual_add": 8}
 # Embedding sums count as residual adds: word+token_type (token_type_ids is built with
 # zeros_like(input_ids), dynamic in batch) and, in TorchScript exports only, +position.
-MINILM = {"layernorm": 13, "gelu": 6, "softmax": 6, "act_matmul": 12, "weight_matmul": 36, "residual_add": 14}
-TINY_BERT = {"layernorm": 5, "gelu": 2, "softmax": 2, "act_matmul": 4, "weight_matmul": 13, "residual_add": 6}
-TINY_VIT = {"layernorm": 5, "gelu": 2, "softmax": 2, "act_matmul": 4, "weight_matmul": 13, "residual_add": 4}
+# MiniLM's last "layernorm" is the sentence embedding's L2 normalization; BERT-family models' pooler Tanh is an
+# activation.
+MINILM = {"layernorm": 14, "gelu": 6, "softmax": 6, "act_matmul": 12, "weight_matmul": 36, "residual_add": 14,
+          "activation": 1}
+TINY_BERT = {"layernorm": 5, "gelu": 2, "softmax": 2, "act_matmul": 4, "weight_matmul": 13, "residual_add": 6,
+             "activation": 1}
+TINY_VIT = {"layernorm": 5, "gelu": 2, "softmax": 2, "act_matmul": 4, "weight_matmul": 13, "residual_add": 4,
+            "activation": 1}
 TINY_GPT2 = {"layernorm": 5, "gelu": 2, "softmax": 2, "act_matmul": 4, "weight_matmul": 8, "residual_add": 4}
 TINY_SWIN = {"layernorm": 11, "gelu": 4, "softmax": 4, "act_matmul": 8, "weight_matmul": 25, "residual_add": 8}
 
@@ -732,7 +737,7 @@ FIXTURE_CASES = {  # case: (build, region counts, LayerNorm epsilon, input_shape
     ),
     "minilm-dynamo-23-sdpa": (
         lambda: fixtures.minilm(23, "dynamo", attn="sdpa"),
-        {"layernorm": 13, "gelu": 6, "attention": 6, "weight_matmul": 36, "residual_add": 13},
+        {"layernorm": 14, "gelu": 6, "attention": 6, "weight_matmul": 36, "residual_add": 13, "activation": 1},
         1e-12,
         None,
     ),
@@ -776,7 +781,7 @@ def test_fixture_models(case):
     if "softmax" in expected:  # every Q K^T product sees a transposed K
         assert sum(r.attrs["transposed_b"] for r in regions if r.kind == "act_matmul") == expected["softmax"]
     for r in regions:
-        if r.kind == "layernorm":
+        if r.kind == "layernorm" and r.attrs["form"] != "l2":
             assert r.attrs["epsilon"] == pytest.approx(epsilon, rel=1e-6), r.name
     feeds = _fixture_feeds(case)
     for got, want in zip(_run(canonical, feeds), _run(model, feeds)):

@@ -6,11 +6,11 @@ import collections
 import numpy as np
 import onnx
 import pytest
+from spikec.runtime import InferenceSession, fusion, native, ops, run
 
 import spikec
 from examples import fixtures
 from spikec.evaluate import _with_outputs
-from spikec.runtime import InferenceSession, fusion, native, ops, run
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 

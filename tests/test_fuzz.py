@@ -33,11 +33,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
+from spikec.runtime import InferenceSession, run
 
 import spikec
 from examples import fixtures
 from spikec.calibrate import load_inputs
-from spikec.runtime import InferenceSession, run
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
@@ -68,7 +68,7 @@ def _report_counts():
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(name: str) -> tuple[bytes, dict[str, np.ndarray]]:
     if name == "vit":
         path, feeds = fixtures.digits_vit(), {"pixels": fixtures.digits_data()["x_train"][:4]}

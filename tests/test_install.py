@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from spikec.runtime import native
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
@@ -72,10 +71,10 @@ def test_info_reports_the_library_the_sessions_use(capsys):
 
 def test_sessions_say_once_which_path_runs(caplog, monkeypatch):
     import numpy as np
-
-    import spikec
     from graphs import FEATURES, mlp
     from spikec.runtime import InferenceSession, session
+
+    import spikec
 
     snn = spikec.compile(mlp(), {"x": np.ones((8, FEATURES), np.float32)}, verify=False, progress=False)
     monkeypatch.setattr(session, "_PATH_SAID", False)

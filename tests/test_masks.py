@@ -22,15 +22,15 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 import torch.nn.functional as F
+from spikec.passes.canonicalize import canonicalize
+from spikec.passes.loader import load_model
+from spikec.passes.patterns import find_regions
+from spikec.runtime import InferenceSession
 from torch import nn
 
 import spikec
 from examples import fixtures
 from spikec.evaluate import cosine, quantizer_agreement, run_dataset
-from spikec.passes.canonicalize import canonicalize
-from spikec.passes.loader import load_model
-from spikec.passes.patterns import find_regions
-from spikec.runtime import InferenceSession
 
 SEQ, DIM, HEADS = 6, 16, 2
 FINFO_MIN = torch.finfo(torch.float32).min
@@ -174,8 +174,11 @@ def check_method(method: str, model, calib: dict, feeds: dict, output: str) -> d
         assert all(agreement["explained"]), agreement["first_mismatch"]
         # A fully masked row can be uniform: with 16 levels (scale 1/15 at a clip of 1) 1/6 and 1/2 are exact
         # level ties, which float rounding decides either way. A sample whose first token is present has none.
-        assert exact[feeds["attention_mask"][:, 0] == 1].all(), agreement["first_mismatch"]
-        error = float(np.abs(got[exact] - want[exact]).max() / np.abs(want).max())
+        if "attention_mask" in feeds:
+            assert exact[feeds["attention_mask"][:, 0] == 1].all(), agreement["first_mismatch"]
+        # A QANN may hold an exact level tie in every sample (HardSigmoid(0) = 1/2 is 7.5 levels at a scale of
+        # 1/15, and a quantized 0 reaches it): then every sample's flips are explained and none is exact.
+        error = float(np.abs(got[exact] - want[exact]).max() / np.abs(want).max()) if exact.any() else 0.0
         assert error <= 1e-4
         return {"qann_error": error, "exact_samples": float(exact.mean())}
     options = {"ecmt": dict(timesteps=16), "sta": dict(timesteps=32), "ttfs": {}}[method]

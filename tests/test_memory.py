@@ -12,14 +12,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx.external_data_helper import uses_external_data
+from spikec.passes.canonicalize import canonicalize
+from spikec.passes.loader import load_model
+from spikec.runtime import InferenceSession, run
 
 import spikec
 from examples import fixtures
 from spikec import memory, weights
 from spikec.cli import main
-from spikec.passes.canonicalize import canonicalize
-from spikec.passes.loader import load_model
-from spikec.runtime import InferenceSession, run
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
@@ -128,7 +128,6 @@ def test_cli_memory_budget(vit, tmp_path, capfd):
 def test_sta_ugo_states_count_n_per_element(vit):
     """An STA UGO keeps N hidden neurons' states per GELU element: the stateful estimate counts them."""
     import onnx_graphsurgeon as gs
-
     from spikec.passes import sta
     from spikec.passes.patterns import find_regions
 

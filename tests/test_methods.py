@@ -7,17 +7,17 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import pytest
+from graphs import FEATURES, mlp
+from spikec.passes.options import Options, option
+from spikec.runtime import InferenceSession, run
+from spikec.runtime.metadata import SpikecMetadata
 
 import spikec
-from graphs import FEATURES, mlp
 from spikec import methods
 from spikec.cli import main
 from spikec.evaluate import run_dataset
 from spikec.methods import METHODS, Calibration, Job, Method
 from spikec.methods.base import MEAN
-from spikec.passes.options import Options, option
-from spikec.runtime import InferenceSession, run
-from spikec.runtime.metadata import SpikecMetadata
 
 
 @dataclass(frozen=True)

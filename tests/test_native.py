@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from op_models import example_attributes, example_params, initial_states, one_node_model
+from spikec.runtime import InferenceSession, Stepper, native, ops, run_stateful, ttfs
+from spikec.runtime.session import next_state_name
 
 import spikec
 from examples import fixtures
-from op_models import example_attributes, example_params, initial_states, one_node_model
 from spikec import SpikecError
-from spikec.runtime import InferenceSession, Stepper, native, ops, run_stateful, ttfs
-from spikec.runtime.session import next_state_name
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason="native library not built (run `make native`)")

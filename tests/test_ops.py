@@ -2,10 +2,8 @@
 import numpy as np
 import onnx
 import pytest
-
 from op_models import example_attributes, example_params, initial_states, one_node_model
-from spikec.runtime import InferenceSession
-from spikec.runtime import ops
+from spikec.runtime import InferenceSession, ops
 
 T, B, C = 6, 3, 5
 
@@ -308,3 +306,25 @@ def test_spike_count_sums_spikes_per_leading_row(name, native):
         np.testing.assert_array_equal(values[0], spikes[t * B:(t + 1) * B])
         np.testing.assert_array_equal(values[-1], count[t * B:(t + 1) * B])
         states = dict(zip(op.states, values[1:]))
+
+
+@pytest.mark.parametrize("name", [n for n, op in ops.OPS.items() if op.hidden])
+def test_blocks_of_rows_give_the_bits_of_one_block(name, monkeypatch):
+    """An op with a hidden axis runs its rows in blocks (ops.BLOCK_ELEMENTS), the last zero-padded: the
+    same bits as all rows at once, NaN and infinities included."""
+    op = ops.OPS[name]
+    rng = np.random.default_rng(11)
+    params = example_params(op, rng, C, per_channel=True)
+    rows = 7
+    x = (rng.standard_normal((T, rows, C)) * 3).astype(np.float32)
+    x[1, 2, :3] = [np.nan, np.inf, -np.inf]
+    hidden = len(next(params[p] for p in op.hidden))
+    results = []
+    for block_elements in (2 * hidden * C, 2 ** 40):  # 2 rows per block: 4 blocks, 1 padding row; 1 block
+        monkeypatch.setattr(ops, "BLOCK_ELEMENTS", block_elements)
+        model = one_node_model(op.name, params, C, timesteps=T, **example_attributes(op))
+        results.append(InferenceSession(model, native=False).run(None, {op.inputs[0]: x.reshape(T * rows, C)}))
+    blocked, whole = results
+    assert blocked[0].shape == (T * rows, C) and np.isnan(blocked[0]).any() and np.isfinite(blocked[0]).sum() > C
+    for got, want in zip(blocked, whole):
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -10,6 +10,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
+from spikec.runtime import equilibrium_steps
+from spikec.runtime.metadata import SpikecMetadata
 
 import spikec
 from examples import fixtures
@@ -22,13 +24,11 @@ from spikec.methods.ecmt import ECMT
 from spikec.report import build_report, energy, plots, write_report
 from spikec.report.section import Context
 from spikec.report.sta import STASection
-from spikec.runtime import equilibrium_steps
-from spikec.runtime.metadata import SpikecMetadata
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
 T = 4
-SPIKEZIP_T = 24  # past T_eq of these samples (measured 17-22)
+SPIKEZIP_T = 32  # past T_eq of these samples (per-channel PTQ: measured up to 24)
 SAMPLES = 64
 FEW = 32  # samples for the other methods' reports
 # digits ViT: 8x8 image, patch 2 -> 16 patches + CLS = 17 tokens, dim 64, 4 heads of 16, MLP 128, 4 blocks
@@ -175,10 +175,12 @@ def test_fidelity_matches_numpy(made):
     assert reference["model"] == str(made["ann"]) and made["data"]["references"] == ["ANN"]
     assert [r["t"] for r in output["per_t"]] == list(range(1, T + 1))
     for t, row in enumerate(output["per_t"]):
-        assert row["cosine"] == pytest.approx(cosine(ann, steps[t]), abs=1e-6)
+        # the report runs in batches, this run all at once: MatMul rounds by batch shape, and a value at a
+        # threshold may flip a spike, so the numbers agree to a spike flip, not bit for bit
+        assert row["cosine"] == pytest.approx(cosine(ann, steps[t]), abs=1e-3)
         assert row["top1_agreement"] == np.mean(steps[t].argmax(1) == ann.argmax(1))
         assert row["accuracy"] == np.mean(steps[t].argmax(1) == made["y"])
-        assert row["max_abs_error"] == pytest.approx(np.abs(steps[t] - ann).max(), rel=1e-6)
+        assert row["max_abs_error"] == pytest.approx(np.abs(steps[t] - ann).max(), rel=0.05)
     assert output["accuracy"] == np.mean(ann.argmax(1) == made["y"])
     assert output["per_t"][-1]["cosine"] > 0.95
 
@@ -191,17 +193,17 @@ def test_firing_rates_match_numpy(made):
     codes = fetch(made["snn"], [row["source"]], {"pixels": made["x"]})[row["source"]]
     assert codes.shape == (T * SAMPLES, TOKENS, MLP)
     assert row["neurons"] == TOKENS * MLP
-    assert row["spikes_per_neuron_per_step"] == pytest.approx(np.count_nonzero(codes) / codes.size)
+    assert row["spikes_per_neuron_per_step"] == pytest.approx(np.count_nonzero(codes) / codes.size, rel=1e-3)  # flips
     assert 0.05 < row["spikes_per_neuron_per_step"] < 1.0
     # positive codes are 2^k; negative ones -(theta_neg/theta_pos) 2^k
     site = next(n for n in inspect_model(str(made["snn"]))["neurons"] if n["tensor"] == tensor)
-    ratio = site["theta_neg"] / site["theta_pos"]
+    ratio = np.broadcast_to(np.asarray(site["theta_neg"]) / np.asarray(site["theta_pos"]), codes.shape)  # per channel
     positive = np.log2(codes[codes > 0])
-    negative = np.log2(-codes[codes < 0] / ratio)
+    negative = np.log2(-codes[codes < 0] / ratio[codes < 0])
     np.testing.assert_allclose(positive, np.rint(positive), atol=1e-4)
     np.testing.assert_allclose(negative, np.rint(negative), atol=1e-4)
-    assert row["positive"] == np.bincount(np.rint(positive).astype(int), minlength=8).tolist()
-    assert row["negative"] == np.bincount(np.rint(negative).astype(int), minlength=8).tolist()
+    np.testing.assert_allclose(row["positive"], np.bincount(np.rint(positive).astype(int), minlength=8), rtol=1e-2, atol=2)
+    np.testing.assert_allclose(row["negative"], np.bincount(np.rint(negative).astype(int), minlength=8), rtol=1e-2, atol=2)
     assert sum(row["split"].values()) == pytest.approx(row["spikes_per_sample"])
     levels = made["data"]["section"]
     assert sum(levels["positive_fraction"]) + sum(levels["negative_fraction"]) == pytest.approx(1.0)

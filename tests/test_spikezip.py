@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from spikec.runtime import InferenceSession, equilibrium_steps, run_stateful
 
 import spikec
 from examples import fixtures
 from spikec.errors import SpikecError
 from spikec.evaluate import quantizer_agreement, run_dataset
-from spikec.runtime import InferenceSession, equilibrium_steps, run_stateful
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
@@ -51,6 +51,35 @@ def _attention_model():
         helper.make_node("MatMul", ["o", "wo"], ["proj"]), helper.make_node("Add", ["proj", "x"], ["y"]),
     ], [_init("gamma", 8, scale=1.0), _init("beta", 8), *[_init(f"w{n}", 8, 8) for n in "qkvo"],
         onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half")], [("x", (5, 8))], (5, 8))
+
+
+def test_per_channel_scales_hold_an_outlier_channel():
+    """A LayerNorm whose gain makes one channel 50x the others (as BERT's do): one scale per tensor spends its
+    levels on that channel and rounds the rest to a level or two; per-channel scales (the default) keep
+    each channel's resolution, and the SNN, with one ST-BIF+ threshold per channel, still equals its QANN."""
+    gamma = np.ones(8, np.float32)  # the next weight's row 3 is 50x smaller: every channel counts as much
+    gamma[3] = 50.0
+    weight = _init("w", 8, 8)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * (gamma[:, None] ** -1), "w"))
+    model = _tiny([helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
+                   helper.make_node("MatMul", ["h", "w"], ["y"])],
+                  [onnx.numpy_helper.from_array(gamma, "gamma"), _init("beta", 8), weight],
+                  [("x", (5, 8))], (5, 8))
+    calib = {"x": RNG.standard_normal((64, 5, 8)).astype(np.float32)}
+    feeds = {"x": RNG.standard_normal((16, 5, 8)).astype(np.float32)}
+    exact = InferenceSession(model).run(["y"], feeds)[0]  # the float model
+    errors = {}
+    for per_tensor in (False, True):
+        qann = spikec.quantize(model, calib, levels=16, per_tensor=per_tensor, progress=False)
+        scale = next(onnx.numpy_helper.to_array(t) for t in qann.graph.initializer if t.name == "h.quant_scale")
+        assert scale.shape == (() if per_tensor else (8,))
+        want = InferenceSession(qann).run(["y"], feeds)[0]
+        errors[per_tensor] = np.sqrt(np.mean(np.square(want - exact)))
+        snn = spikec.compile(qann, calib, method="spikezip", timesteps=40, progress=False)
+        np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], want, atol=1e-4 * np.abs(want).max())
+    assert errors[False] < errors[True] / 4
+    with pytest.raises(SpikecError, match="per_tensor"):
+        spikec.compile(qann, calib, method="spikezip", per_tensor=True, progress=False)
 
 
 @pytest.mark.parametrize("build", [_sesa_model, _attention_model], ids=["sesa", "attention"])
@@ -183,7 +212,9 @@ def test_minilm_with_ptq_equals_qann():
     qann = spikec.quantize(model, calib, levels=16, progress=False)
     stateful = spikec.compile(qann, calib, method="spikezip", timesteps=96, mode="stateful", progress=False)
     agreement = quantizer_agreement(qann, stateful, feeds)
-    _check_agreement(agreement, min_exact=0.6)
+    # every mismatch is a float flip at a level boundary; per-channel scales (more neurons, finer levels) make
+    # them likelier than per-tensor ones did (measured: 4 of 8 samples exact). Issue 21 §3 would remove them.
+    _check_agreement(agreement, min_exact=0.5)
     assert max(agreement["t_eq"]) < 64  # measured: 28-35
     want = InferenceSession(qann).run(["sentence_embedding"], feeds)[0]
     exact = np.array(agreement["exact"])
@@ -203,3 +234,42 @@ def test_random_transformers_reach_their_qann(name):
     assert None not in equilibrium_steps(got["spikec.spikes.steps"])
     for name_out, want in run_dataset(InferenceSession(qann), feeds).items():
         np.testing.assert_allclose(got[name_out], want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def _rotary_model() -> onnx.ModelProto:
+    """h = x W, rotated by angles = positions x inverse frequencies (LLaMA's rotary form: the positions, an
+    integer input, cast to float and multiplied by a frequency vector), then projected."""
+    frequencies = (1.0 / 100.0 ** (np.arange(4) / 4)).astype(np.float32)[None, :]
+    nodes = [helper.make_node("Cast", ["position_ids"], ["positions"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["positions", "last"], ["positions_column"]),
+             helper.make_node("MatMul", ["positions_column", "frequencies"], ["angles"]),
+             helper.make_node("Concat", ["angles", "angles"], ["angles_twice"], axis=-1),
+             helper.make_node("Cos", ["angles_twice"], ["cos"]),
+             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "cos"], ["rotated"]),
+             helper.make_node("MatMul", ["rotated", "w_out"], ["y"])]
+    initializers = [onnx.numpy_helper.from_array(frequencies, "frequencies"), _init("w", 8, 8), _init("w_out", 8, 8),
+                    onnx.numpy_helper.from_array(np.array([-1], np.int64), "last")]
+    graph = helper.make_graph(nodes, "rotary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 8]),
+                                                helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                                              ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 8])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_positions_cast_to_float_are_not_quantized(tmp_path):
+    """Quantizers go on activations: rotary angles computed from integer positions stay float (16 levels over
+    16 positions would merge neighbouring positions' angles), and the SNN still equals its QANN."""
+    feeds = {"x": RNG.standard_normal((24, 16, 8)).astype(np.float32),
+             "position_ids": np.tile(np.arange(16, dtype=np.int64), (24, 1))}
+    qann_path = tmp_path / "qann.onnx"
+    snn = spikec.compile(_rotary_model(), feeds, method="spikezip", timesteps=32, save_qann=str(qann_path),
+                         progress=False, verify=False)
+    report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])
+    quantized = {q["tensor"] for q in report["quantization"]}
+    assert quantized == {"x", "h", "rotated", "y"}
+    qann = onnx.load(str(qann_path))
+    assert not {"positions_column", "angles"} & {n.input[0] for n in qann.graph.node if n.op_type == "Div"}
+    held = {k: v[:8] for k, v in feeds.items()}
+    want = run_dataset(InferenceSession(str(qann_path)), held)["y"]
+    got = run_dataset(snn, held)["y"]
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))

@@ -26,9 +26,9 @@ def _accuracy_per_t(digits, **options):
 
 def test_digits_vit_accuracy(digits, ann_accuracy):
     model, accuracy = _accuracy_per_t(digits, timesteps=64)
-    # measured: 97.59 % at T=32 and T=64, equal to the ANN
+    # measured: 93.0 % at T=4, 97.59 % from T=7 on, equal to the ANN
     assert accuracy[31] >= ann_accuracy - 0.01 and accuracy[63] >= ann_accuracy - 0.01
-    assert accuracy[7] < accuracy[31]
+    assert accuracy[3] < accuracy[31]
     report = json.loads({p.key: p.value for p in model.metadata_props}["spikec.report"])
     # X2X encoders on qkv, projection and fc1 inputs of 4 blocks and the head's; fc2 reads the GELU UGO
     assert len(report["encoders"]) == 4 * 3 + 1

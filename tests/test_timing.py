@@ -3,13 +3,18 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from spikec.passes.timing import (
+    hoist_accumulations,
+    sink_compensations,
+    spikec_node,
+    unconvertible_nodes,
+    varying_tensors,
+)
+from spikec.runtime import InferenceSession, ops
 
 import spikec
 from spikec.errors import SpikecError
 from spikec.evaluate import cosine, run_dataset
-from spikec.passes.timing import (hoist_accumulations, sink_compensations, spikec_node, unconvertible_nodes,
-                                  varying_tensors)
-from spikec.runtime import InferenceSession, ops
 
 T, B = 3, 2
 

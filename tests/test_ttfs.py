@@ -11,15 +11,16 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
+from spikec.runtime import ttfs
+from spikec.runtime.ttfs import EMIT, RECEIVE, ReceiveTransform, Window
 
 import spikec
 from examples import fixtures
+from spikec.cli import main
+from spikec.compiler import FidelityWarning
+from spikec.evaluate import cosine, run_dataset
 from spikec.report import build_report
 from spikec.report.ttfs import site_activity
-from spikec.cli import main
-from spikec.evaluate import cosine, run_dataset
-from spikec.runtime import ttfs
-from spikec.runtime.ttfs import EMIT, RECEIVE, ReceiveTransform, Window
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
@@ -209,6 +210,28 @@ def test_minilm_sentence_embeddings():
     got = run_dataset(snn, evaluation)["sentence_embedding"]
     assert np.abs(got - ann).max() < 1e-3 * np.abs(ann).max()  # measured 8e-5
     assert cosine(ann, got) > 0.99999
+
+
+def test_minilm_with_32_calibration_sentences_holds_on_unseen_sentences():
+    """Default ranges from 32 sentences hold on sentences neither calibration nor the project's evaluation
+    set contains: nothing clips on the held-out ones at compile time, and the error stays small."""
+    calib = fixtures.minilm_inputs(fixtures.calibration_sentences()[:32])
+    unseen = fixtures.minilm_inputs(fixtures.heldout_sentences())
+    snn = spikec.compile(fixtures.minilm(), calib, method="ttfs", progress=False)
+    assert json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])["ttfs"]["clipped"] == {}
+    ann = run_dataset(fixtures.minilm(), unseen)["sentence_embedding"]
+    got = run_dataset(snn, unseen)["sentence_embedding"]
+    assert np.abs(got - ann).max() < 1e-3 * np.abs(ann).max()  # measured 4e-5
+
+
+def test_clipping_on_held_out_samples_is_reported_at_compile_time(digits):
+    """Ranges without margin from 64 images clip some of the held-out ones: compile names the ranges and
+    records each one's clipped share."""
+    with pytest.warns(FidelityWarning, match=r"TTFS ranges clip held-out calibration samples .*--margin"):
+        snn = spikec.compile(fixtures.digits_vit(), {"pixels": digits["x_train"][:64]}, method="ttfs", margin=0.0,
+                             progress=False)
+    clipped = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])["ttfs"]["clipped"]
+    assert clipped and all(0 < share < 0.5 for share in clipped.values())
 
 
 @pytest.mark.parametrize("export", [(17, "torchscript"), (18, "dynamo")], ids=["torchscript-17", "dynamo-18"])

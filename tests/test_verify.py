@@ -10,16 +10,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from graphs import FEATURES, mlp
+from spikec.passes.options import Options
+from spikec.runtime.metadata import SpikecMetadata
 
 import spikec
-from graphs import FEATURES, mlp
 from spikec import methods
 from spikec.cli import main
 from spikec.compiler import FidelityWarning, split_held_out
 from spikec.methods import METHODS, Calibration, Job, Method
 from spikec.methods.base import MEAN
-from spikec.passes.options import Options
-from spikec.runtime.metadata import SpikecMetadata
 
 
 def _samples(count: int) -> np.ndarray:

@@ -40,6 +40,9 @@ class Job:
     progress: bool
     allow_float: frozenset[str]
     options: Options
+    # samples kept from calibration to verify on (None where none could be spared): a method may measure
+    # on them what calibration cannot see, e.g. how much unseen data its ranges clip
+    held_out: Mapping[str, np.ndarray] | None = None
     graph: gs.Graph = field(init=False)
     regions: list[Region] = field(init=False)
     report: dict = field(default_factory=dict)

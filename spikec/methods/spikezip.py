@@ -28,21 +28,27 @@ DEFAULT_LEVELS = 16
 class SpikeZIPOptions(Options):
     levels: int | None = option(None, f"quantization levels L of a float model (default {DEFAULT_LEVELS}); a "
                                       "quantized model keeps its own", bounds=(2, 2**16))
+    per_tensor: bool = option(False, "a float model: one quantizer scale per tensor (hardware without "
+                                     "per-channel thresholds), not one per channel of the last axis")
     save_qann: str | os.PathLike | None = option(None, "a float model: also write the quantized ANN it is "
                                                        "equivalent to here", metavar="PATH",
                                                 output="the quantized ANN")
 
 
 def quantize_model(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], levels: int, *, batch_size: int,
-                   progress: bool) -> tuple[onnx.ModelProto, list[dict]]:
-    """The QANN of ``ann`` by post-training quantization, and the quantizers inserted."""
+                   progress: bool, per_tensor: bool = False) -> tuple[onnx.ModelProto, list[dict]]:
+    """The QANN of ``ann`` by post-training quantization, and the quantizers inserted: per channel of the
+    last axis where its size is static, unless ``per_tensor``."""
     graph = gs.import_onnx(ann)
-    sites = ptq.quantizer_sites(find_regions(graph))
+    sites = ptq.quantizer_sites(find_regions(graph), ptq.activation_tensors(graph))
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to quantize")
-    stats = collect_statistics(ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=200_000,
+    stats = collect_statistics(ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=1_000_000,
                                progress=progress)
-    quantizers = {name: ptq.choose_quantizer(s, levels) for name, s in stats.items()}
+    tensors = graph.tensors()
+    quantizers = {name: ptq.choose_quantizer(s, levels, per_channel=not per_tensor and
+                                             ptq.channel_count(tensors[name]) == s.channels)
+                  for name, s in stats.items()}
     inserted = ptq.insert_quantizers(graph, sites, quantizers)
     qann = gs.export_onnx(graph, do_type_check=False)
     del qann.opset_import[:]
@@ -68,12 +74,15 @@ class SpikeZIP(Method):
             if o.levels is not None:
                 raise SpikecError("argument levels: the model is already quantized (it has QuantizeLinear/"
                                   "DequantizeLinear pairs); leave levels out")
+            if o.per_tensor:
+                raise SpikecError("argument per_tensor: the model is already quantized; its quantizers keep their "
+                                  "scales")
             if o.save_qann is not None:
                 raise SpikecError("argument save_qann: the model is already quantized; it is its own QANN")
             return
         qann, job.report["quantization"] = quantize_model(
             job.ann, job.feeds, DEFAULT_LEVELS if o.levels is None else o.levels, batch_size=job.batch_size,
-            progress=job.progress)
+            progress=job.progress, per_tensor=o.per_tensor)
         job.extra_outputs["save_qann"] = qann
         job.recognize(qann)
 

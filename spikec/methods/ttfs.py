@@ -5,11 +5,14 @@ calibrated for every site's range; then the same walk (passes/ttfs.py) builds th
 those ranges."""
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from spikec.calibrate import run_batches
 from spikec.errors import SpikecError
 from spikec.methods.base import FIRST_SPIKE, Bound, Calibration, Job, Method
 from spikec.passes import emit, ttfs
@@ -51,10 +54,39 @@ class TTFS(Method):
     def rewrite(self, job: Job, stats: dict) -> dict:
         o: ttfs.TTFSOptions = job.options
         ranges = ttfs.calibration_ranges(stats, _Exact.of(job).lowering, o.range_margin)
+        clipped = self.clipped_on_held_out(job, ranges)
         spiking = ttfs.lower(job.graph, job.regions, o, default_opset(job.ann), ranges)
-        return {"ttfs": {"sites": ttfs.describe(spiking), "constructions": spiking.constructions,
+        return {"ttfs": {"clipped": clipped, "sites": ttfs.describe(spiking), "constructions": spiking.constructions,
                          "float_nodes": spiking.float_nodes, "delta": o.delta, "precision": o.precision,
                          "margin": o.range_margin, "max_layer": o.max_layer}}
+
+    def clipped_on_held_out(self, job: Job, ranges: dict) -> dict[str, float] | None:
+        """The share of each site's values on the held-out samples that its calibrated range clips
+        (sites that clip nothing left out; None without held-out samples). A value beyond the range
+        cannot be told from the range's end, so this is the loss calibration cannot show; it is
+        warned about, not fixed, since widening on these samples would leave none unseen to verify on."""
+        if job.held_out is None:
+            return None
+        exact = _Exact.of(job)
+        taps = {name: (exact.lowering.sites[name].tap or exact.lowering.sites[name].value).name for name in ranges}
+        outside, total = dict.fromkeys(taps, 0), dict.fromkeys(taps, 0)
+        for batch in run_batches(exact.network, job.held_out, sorted(set(taps.values())),
+                                 batch_size=job.batch_size, progress=False):
+            for name, tap in taps.items():
+                window = ranges[name]
+                outside[name] += int(np.count_nonzero((batch[tap] < window.lower) | (batch[tap] > window.upper)))
+                total[name] += batch[tap].size
+        clipped = {name: outside[name] / total[name] for name in taps if outside[name]}
+        if clipped:
+            from spikec.compiler import FidelityWarning
+
+            worst = sorted(clipped, key=lambda name: clipped[name], reverse=True)
+            warnings.warn(f"{len(clipped)} of {len(taps)} TTFS ranges clip held-out calibration samples ("
+                          + ", ".join(f"'{name}' {clipped[name]:.2%}" for name in worst[:3])
+                          + (", ..." if len(worst) > 3 else "") + f"): raise --margin (now "
+                          f"{job.options.range_margin:g}) or calibrate on more samples",
+                          FidelityWarning, stacklevel=2)
+        return clipped
 
     def report_section(self):
         from spikec.report.ttfs import TTFSSection
