@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 from spikec.passes.contrib import MS, NCHWC, onnxruntime_schemas
+from spikec.runtime.metadata import PREFIX
 
 from spikec.errors import SpikecError
 from spikec.weights import check_external
@@ -64,12 +65,10 @@ def check_convertible(model: onnx.ModelProto, where: str, method: str) -> None:
     spikec model (converting it again mixes two op sets of the same names), float16 (spikec's neurons
     and calibration are float32), outputs no node computes (the time-stepped forms repeat the graph
     inputs over time; TTFS drops such an output)."""
-    from spikec.graphinfo import metadata
-
-    meta = metadata(model)
-    if "spikec.method" in meta:
-        steps = "one pass" if meta.get("spikec.mode") == "ttfs" else f"T {meta.get('spikec.timesteps', '?')}"
-        raise SpikecError(f"{where}: already a spikec model (method {meta['spikec.method']}, {steps}); "
+    meta = {p.key.removeprefix(PREFIX): p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
+    if "method" in meta:
+        steps = "one pass" if meta.get("mode") == "ttfs" else f"T {meta.get('timesteps', '?')}"
+        raise SpikecError(f"{where}: already a spikec model (method {meta['method']}, {steps}); "
                           f"convert the original ANN instead")
     spiking = sorted({n.op_type for n in model.graph.node if n.domain == "spikec"})
     if spiking:

@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from spikec.passes.ecmt import product_operands
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
+from spikec.passes.stats import DEFAULT_MMSE_GRID, TapStats
 from spikec.passes.timing import (
     MEAN,
     SUM,
@@ -42,12 +43,8 @@ from spikec.passes.timing import (
     spikec_node,
 )
 from spikec.passes.ttfs import GraphBuilder, Masking
+from spikec.runtime import ugo as ugos
 
-from spikec import ugo as ugos
-from spikec.calibrate import TapStats
-
-# Eq. 33 / the reference code: candidate thresholds g x max, g in [0.53, 1] (95 points)
-MMSE_GRID = np.linspace(0.53, 1.0, 95)
 SAMPLE_VALUES = 100_000  # per UGO hidden layer: the MMSE search runs on a subsample
 
 
@@ -80,7 +77,7 @@ def _stats_of(name: str, sample: np.ndarray) -> TapStats:
 def mmse_thresholds(stats: TapStats, timesteps: int) -> np.ndarray:
     """Per channel; a channel that never goes positive gets the largest threshold of the others (it never
     fires either way)."""
-    theta = stats.mmse(rate_quantizer(timesteps), per_channel=True, grid=MMSE_GRID, reference="max")
+    theta = stats.mmse(rate_quantizer(timesteps), per_channel=True, grid=DEFAULT_MMSE_GRID, reference="max")
     fallback = theta.max() if (theta > 0).any() else np.float32(1.0)
     return np.where(theta > 0, theta, fallback).astype(np.float32)
 

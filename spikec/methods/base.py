@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from spikec.calibrate import TapStats
 from spikec.passes.options import Options
 from spikec.passes.patterns import Region, find_regions
+from spikec.passes.stats import TapStats
 
 if TYPE_CHECKING:
     from spikec.report.section import Section
