@@ -16,12 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 from spikec.passes.patterns import Region
+from spikec.passes.regions import PRODUCT_KINDS, Operands, operand_sites
 from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant, refuse_float_in_regions
-
-# Region kinds whose operands are activations feeding a product.
-_WEIGHT_PRODUCT = "weight_matmul"
-_ACTIVATION_PRODUCTS = ("act_matmul", "act_mul")
-PRODUCT_KINDS = (_WEIGHT_PRODUCT, *_ACTIVATION_PRODUCTS)
 
 
 @dataclass(frozen=True)
@@ -54,25 +50,9 @@ class Thresholds:
         return Thresholds(pos.astype(np.float32), neg.astype(np.float32))
 
 
-def product_operands(region: Region) -> list[tuple[gs.Node, int]]:
-    """(node, input index) of the activation operands a neuron must feed."""
-    node = next(n for n in region.nodes if n.op in ("MatMul", "Gemm", "Mul"))
-    if region.kind in _ACTIVATION_PRODUCTS:
-        return [(node, 0), (node, 1)]
-    weight_index = region.attrs.get("weight_input_index", 1)
-    return [(node, 1 - weight_index)]
-
-
-def neuron_sites(regions: list[Region]) -> dict[str, list[tuple[gs.Node, int]]]:
+def neuron_sites(regions: list[Region]) -> dict[str, Operands]:
     """Tensor name -> the product operands it feeds, for every tensor that gets an MT neuron."""
-    sites: dict[str, list[tuple[gs.Node, int]]] = {}
-    for region in regions:
-        if region.kind in PRODUCT_KINDS:
-            for node, index in product_operands(region):
-                tensor = node.inputs[index]
-                if not is_constant(tensor):
-                    sites.setdefault(tensor.name, []).append((node, index))
-    return sites
+    return operand_sites(regions, PRODUCT_KINDS)
 
 
 def insert_neurons(graph: gs.Graph, sites: dict[str, list[tuple[gs.Node, int]]],

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from spikec.passes.ecmt import PRODUCT_KINDS, product_operands
 from spikec.passes.patterns import Region
+from spikec.passes.regions import DATA_MOVEMENT, PRODUCT_KINDS, SELECTION, operand_sites, product_operands
 from spikec.passes.timing import is_constant, varying_tensors
 
-# Ops that only move values: quantized values stay quantized through them.
-_DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Split",
-                            "Slice", "Gather"})
+# Ops that only move or pick values: quantized values stay quantized through them.
+_DATA_MOVEMENT = DATA_MOVEMENT | SELECTION
 # Clipping thresholds tried, as fractions of the tensor's largest magnitude: outlier channels (MiniLM's
 # LayerNorm inputs reach 100x their median) make the best clip far below the maximum.
 SCALE_GRID = np.geomspace(1 / 256, 1.0, 97)
@@ -94,14 +93,8 @@ def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
         if region.kind == "act_matmul" and _feeds_softmax(output, softmax_inputs):
             continue
         after.setdefault(output.name, Site(output.name, None, "after"))
-    before: dict[str, list[tuple[gs.Node, int]]] = {}
-    for region in products:
-        for node, index in product_operands(region):
-            tensor = node.inputs[index]
-            if (is_constant(tensor) or tensor.name not in activations
-                    or any(name in after for name in _source_through_movement(tensor))):
-                continue
-            before.setdefault(tensor.name, []).append((node, index))
+    before = operand_sites(products, keep=lambda tensor: tensor.name in activations and not any(
+        name in after for name in _source_through_movement(tensor)))
     return [*after.values(), *(Site(name, tuple(consumers), "before") for name, consumers in before.items())]
 
 
@@ -142,14 +135,16 @@ def level_ranges(levels: int, low: float, high: float) -> list[tuple[int, int]]:
 def choose_quantizer(stats, levels: int, per_channel: bool) -> Quantizer:
     """Of the level ranges of ``level_ranges``, each with its clip threshold (a SCALE_GRID fraction of the
     largest magnitude, of each channel's own with ``per_channel``) of least squared error, the best."""
-    best, best_error = None, np.inf
+    best: Quantizer | None = None
+    best_error = np.inf
     for low, high in level_ranges(levels, float(stats.min()), float(stats.max())):
-        clip = stats.mmse(lambda x, thr: Quantizer.for_levels(low, high, thr)(x), grid=SCALE_GRID,
-                          per_channel=per_channel)
+        clip = stats.mmse(lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x),
+                          grid=SCALE_GRID, per_channel=per_channel)
         quantizer = Quantizer.for_levels(low, high, clip)
         error = float(np.square(quantizer(stats.sample) - stats.sample).sum(dtype=np.float64))
         if best is None or error < best_error:  # an overflowing error (inf) still leaves a quantizer
             best, best_error = quantizer, error
+    assert best is not None, "level_ranges gives at least one range"
     return best
 
 
@@ -173,7 +168,7 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
         name = f"{site.tensor}/Quantize"
         scale = gs.Constant(f"{site.tensor}.quant_scale", q.scale)
 
-        def variable(suffix: str) -> gs.Variable:
+        def variable(suffix: str, site=site, tensor=tensor) -> gs.Variable:
             return gs.Variable(f"{site.tensor}.{suffix}", dtype=np.float32, shape=tensor.shape)
 
         divided, shifted, floored, clipped, quantized = (variable(s) for s in

@@ -23,15 +23,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from spikec.passes.ecmt import fold_thresholds_into_weights
 from spikec.passes.patterns import Region
+from spikec.passes.regions import detach
 from spikec.passes.timing import (
     SUM,
-    accumulate,
     attach_neuron,
     convert_time,
-    fresh_like,
     refuse_float_in_regions,
     replace_uses,
-    spikec_node,
+    running_sum_product,
 )
 
 from spikec.errors import SpikecError
@@ -48,8 +47,7 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
     if quantized in graph.outputs:
         graph.outputs = [scaled if t is quantized else t for t in graph.outputs]
         scaled.name, quantized.name = quantized.name, f"{quantized.name}.qann"
-    for node in region.nodes:  # left without consumers: cleanup removes them
-        node.outputs.clear()
+    detach(region)
     return {"tensor": source.name, "node": f"{source.name}/STBIFNeuron", "region": region.name, "format": attrs["format"],
             "threshold": np.asarray(attrs["scale"], np.float32).tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
             "rounding": attrs["rounding"]}
@@ -59,14 +57,7 @@ def sesa(graph: gs.Graph, node: gs.Node, name: str) -> dict:
     """Spike-equivalent self-attention product (Eq. 4) in place of MatMul(A, B), telescoped:
     S_A(t) B_t + A_t S_B(t) - A_t B_t = S_A(t) S_B(t) - S_A(t-1) S_B(t-1), so one product of the running
     sums per step and an ECCompensate (sum semantics) stand for the paper's three products."""
-    a, b = node.inputs
-    out = node.outputs[0]
-    total_a, total_b = accumulate(graph, a, name, SUM), accumulate(graph, b, name, SUM)
-    product = fresh_like(out, ".sesa_product")
-    node.inputs[0], node.inputs[1] = total_a, total_b
-    node.outputs[0] = product
-    graph.nodes.append(spikec_node("ECCompensate", f"{name}/SESA", [product], [out], average=0))
-    return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": "SESA"}
+    return running_sum_product(graph, node, name, label="SESA", rewrite="SESA")
 
 
 def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[str] = frozenset()) -> dict:

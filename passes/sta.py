@@ -24,22 +24,21 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from spikec.passes.ecmt import product_operands
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
+from spikec.passes.regions import WEIGHT_PRODUCT, Operands, detach, operand_sites
 from spikec.passes.stats import DEFAULT_MMSE_GRID, TapStats
 from spikec.passes.timing import (
     MEAN,
-    SUM,
-    accumulate,
     convert_time,
     fresh_like,
-    is_constant,
     refuse_float_in_regions,
+    running_sum_product,
     spikec_node,
 )
 from spikec.passes.ttfs import GraphBuilder, Masking
@@ -60,7 +59,7 @@ class STAOptions(Options):
                                       "reference code runs it")
 
 
-def rate_quantizer(timesteps: int) -> callable:
+def rate_quantizer(timesteps: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """QT(z) = theta/T * clamp(floor(T z / theta), 0, T): what an IF neuron's rate makes of z."""
     def quantize(z: np.ndarray, theta: np.ndarray) -> np.ndarray:
         theta = np.asarray(theta, np.float64)
@@ -139,16 +138,18 @@ def activation_operator(region: Region, options: STAOptions) -> ugos.UGO | None:
     if region.kind == "gelu":
         return ugos.load("gelu", options.gelu_hidden)
     function = region.attrs.get("function") if region.kind == "activation" else None
-    return {"silu": lambda: ugos.load("silu"),
-            "quick_gelu": lambda: ugos.load("silu").scaled(QUICK_GELU_SCALE)}.get(function, lambda: None)()
+    if function == "silu":
+        return ugos.load("silu")
+    if function == "quick_gelu":
+        return ugos.load("silu").scaled(QUICK_GELU_SCALE)
+    return None
 
 
 def activation_ugo(graph: gs.Graph, region: Region, operator: ugos.UGO, stats: TapStats, timesteps: int,
                    options: STAOptions) -> dict:
     """Replace a GELU or activation region by its UGO with a spiking hidden layer."""
     x, out = region.inputs[0], region.outputs[0]
-    for node in region.nodes:  # the activation's own nodes go; cleanup removes them
-        node.outputs.clear()
+    detach(region)
     theta = _ugo(graph, f"{region.name}/UGO", x, out, operator, stats.sample, timesteps, options)
     return {"region": region.name, "operator": region.attrs.get("function", "gelu"), "hidden": operator.hidden,
             "input": x.name, "theta": theta.tolist()}
@@ -174,8 +175,7 @@ the domain's 100:1 stays float (returns None), as does one over more than the la
         # calibrated variances span more than the UGO's domain (100:1): some rows would fall outside it
         return None
     prefix = f"{region.name}/LayerNormUGO"
-    for node in region.nodes:
-        node.outputs.clear()
+    detach(region)
 
     def variable(suffix: str) -> gs.Variable:
         return gs.Variable(f"{prefix}.{suffix}", dtype=np.float32,
@@ -245,8 +245,7 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
     shifted_sample = np.clip(sample - sample[:, :1], *EXP_DOMAIN)
     sums = np.exp(shifted_sample).sum(axis=1)
     k = float(INVERSE_DOMAIN[1] / sums.max())
-    for node in region.nodes:  # mask, softmax and guard go; cleanup removes them
-        node.outputs.clear()
+    detach(region)  # mask, softmax and guard go
     b = GraphBuilder(graph, prefix, graph.opset)
     masking = Masking(b, attrs["masks"], scores) if attrs["masks"] else None
     x = scores if masking is None else masking.scores(scores)
@@ -271,27 +270,13 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
 def naive_split(graph: gs.Graph, node: gs.Node, name: str, timesteps: int) -> dict:
     """Def. 2: P(t) = (S_A(t) S_B(t) - S_A(t-1) S_B(t-1)) / T from running sums; its mean over T is the
     product of the means, but its steps grow with t."""
-    a, b = node.inputs
-    out = node.outputs[0]
-    product, increment = fresh_like(out, ".naive_product"), fresh_like(out, ".naive_increment")
-    node.inputs[0], node.inputs[1] = accumulate(graph, a, name, SUM), accumulate(graph, b, name, SUM)
-    node.outputs[0] = product
-    graph.nodes.append(spikec_node("ECCompensate", f"{name}/NaiveIncrement", [product], [increment], average=0))
-    graph.nodes.append(gs.Node("Mul", f"{name}/NaiveWeight",
-                               inputs=[increment, gs.Constant(f"{name}.one_over_t", np.array(1.0 / timesteps, np.float32))],
-                               outputs=[out]))
-    return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": "naive split (Def. 2)"}
+    return running_sum_product(graph, node, name, label="Naive", rewrite="naive split (Def. 2)",
+                               weight=1.0 / timesteps)
 
 
-def encoder_sites(regions: list[Region], skip: set[str]) -> dict[str, list[tuple[gs.Node, int]]]:
+def encoder_sites(regions: list[Region], skip: set[str]) -> dict[str, Operands]:
     """Activation inputs of weight products, except those a UGO already delivers as spikes."""
-    sites: dict[str, list[tuple[gs.Node, int]]] = {}
-    for region in (r for r in regions if r.kind == "weight_matmul"):
-        for node, index in product_operands(region):
-            tensor = node.inputs[index]
-            if not is_constant(tensor) and tensor.name not in skip:
-                sites.setdefault(tensor.name, []).append((node, index))
-    return sites
+    return operand_sites(regions, (WEIGHT_PRODUCT,), keep=lambda tensor: tensor.name not in skip)
 
 
 def calibration_taps(regions: list[Region], options: STAOptions) -> list[str]:

@@ -21,9 +21,11 @@ own way (SpikeZIP-TF's SESA).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TypeGuard
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from spikec.passes.regions import DATA_MOVEMENT
 from spikec.runtime import ops as spec
 
 from spikec.errors import SpikecError
@@ -200,6 +202,28 @@ def accumulate(graph: gs.Graph, tensor: gs.Variable, name: str, semantics: str) 
     return total
 
 
+def running_sum_product(graph: gs.Graph, node: gs.Node, name: str, *, label: str, rewrite: str,
+                        weight: float | None = None) -> dict:
+    """A product of two per-step operands, telescoped: P(t) = S_A(t) S_B(t) - S_A(t-1) S_B(t-1) from the
+    running sums (one product per step and an ECCompensate in sum semantics), times ``weight`` if given.
+    ``label`` names the nodes (and, lower-cased, the tensors); ``rewrite`` is the report's name for it."""
+    a, b = node.inputs
+    out = node.outputs[0]
+    tag = label.lower()
+    product = fresh_like(out, f".{tag}_product")
+    node.inputs[0], node.inputs[1] = accumulate(graph, a, name, SUM), accumulate(graph, b, name, SUM)
+    node.outputs[0] = product
+    if weight is None:
+        graph.nodes.append(spikec_node("ECCompensate", f"{name}/{label}", [product], [out], average=0))
+        return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": rewrite}
+    increment = fresh_like(out, f".{tag}_increment")
+    graph.nodes.append(spikec_node("ECCompensate", f"{name}/{label}", [product], [increment], average=0))
+    graph.nodes.append(gs.Node("Mul", f"{name}/{label}Weight",
+                               inputs=[increment, gs.Constant(f"{name}.weight", np.array(weight, np.float32))],
+                               outputs=[out]))
+    return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": rewrite}
+
+
 def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], name: str,
                       semantics: str = MEAN) -> dict:
     """Wrap ``nodes`` (a region evaluating one function F) in compensation.
@@ -217,7 +241,7 @@ def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], 
                 entering[tensor.name] = accumulate(graph, tensor, name, semantics)
             node.inputs[i] = entering[tensor.name]
     graph_outputs = {t.name for t in graph.outputs}
-    leaving = []
+    leaving: list[str] = []
     for node in nodes:
         for tensor in node.outputs:
             outside = [c for c in tensor.outputs if id(c) not in inside]
@@ -375,14 +399,13 @@ def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantic
     return {"compensated": compensated, "gated_to_first_step": gated}
 
 
-# Ops that move data without reordering the rows of the leading axis (a Transpose only if it keeps axis 0):
-# the per-step blocks of an unrolled tensor stay where they are, every element keeps its own series.
-_DATA_MOVEMENT = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"}
 
 
-def _moves_data_only(node: gs.Node | None, tensor: gs.Tensor) -> bool:
-    """Whether ``node`` only moves its data input ``tensor`` around, keeping every element's steps."""
-    if node is None or node.op not in _DATA_MOVEMENT or node.inputs[0] is not tensor:
+def _moves_data_only(node: gs.Node | None, tensor: gs.Tensor) -> TypeGuard[gs.Node]:
+    """Whether ``node`` only moves its data input ``tensor`` around, keeping every element's steps: not
+    reordering the rows of the leading axis (a Transpose only if it keeps axis 0), the per-step blocks of an
+    unrolled tensor stay where they are, every element keeps its own series."""
+    if node is None or node.op not in DATA_MOVEMENT or node.inputs[0] is not tensor:
         return False
     return node.op != "Transpose" or list(node.attrs.get("perm", [1]))[:1] == [0]
 

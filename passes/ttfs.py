@@ -41,6 +41,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
+from spikec.passes.regions import detach
 from spikec.passes.timing import SHAPE_ONLY, is_affine, is_constant, replace_uses, varying_tensors
 from spikec.runtime.ttfs import EMIT, RECEIVE, TICK_OP, Window
 
@@ -86,6 +87,29 @@ class Site:
     window: Window | None = None
     bounds: tuple[gs.Constant, gs.Constant] | None = None  # spiking graph: window as the ops' inputs
     receives: set = field(default_factory=set)
+
+    # What a site has once the graph of its phase is built: the exact graph (calibration) measures
+    # ``measured``, the spiking graph gives it a window, bounds and spikes.
+    @property
+    def measured(self) -> gs.Variable:
+        tensor = self.tap or self.value
+        assert tensor is not None, f"site {self.name}: not in an exact graph"
+        return tensor
+
+    @property
+    def span(self) -> Window:
+        assert self.window is not None, f"site {self.name}: not in a spiking graph"
+        return self.window
+
+    @property
+    def bound_inputs(self) -> tuple[gs.Constant, gs.Constant]:
+        assert self.bounds is not None, f"site {self.name}: not in a spiking graph"
+        return self.bounds
+
+    @property
+    def spike_times(self) -> gs.Variable:
+        assert self.spikes is not None, f"site {self.name}: not in a spiking graph"
+        return self.spikes
 
 
 class GraphBuilder:
@@ -162,7 +186,11 @@ class Lowering:
             site.value = self.b.op("Identity", value, out=out if out is not None else gs.Variable(name))
             self.readouts.add(site.value.name)
         else:
-            site.window = bounds() if bounds is not None else self.ranges[name]
+            if bounds is not None:
+                site.window = bounds()
+            else:
+                assert self.ranges is not None, "a spiking graph is built with the calibrated ranges"
+                site.window = self.ranges[name]
             site.bounds = (gs.Constant(f"{name}.lower", np.asarray(site.window.lower, np.float32)),
                            gs.Constant(f"{name}.upper", np.asarray(site.window.upper, np.float32)))
             spikes = gs.Variable(f"{name}.spikes", dtype=np.float32)
@@ -188,7 +216,7 @@ class Lowering:
                 return site.value
             value = self.b.op("Identity", RECEIVE[transform].value(self.b, site.value, param_constants), out=out)
         else:
-            value = self.b.op(RECEIVE[transform].op_type, site.spikes, *site.bounds, self.delta, *param_constants,
+            value = self.b.op(RECEIVE[transform].op_type, site.spike_times, *site.bound_inputs, self.delta, *param_constants,
                               out=out, domain="spikec")
         self.readouts.add(value.name)
         self.received.setdefault(key, value)
@@ -234,13 +262,13 @@ class Lowering:
             return None
         # On a clock every layer I spike time is rounded on its own: the construction runs as written, its
         # layer II sum accumulated in float64 against the cancellation above.
-        offset_a, offset_b = 1.0 - a.window.lower, 1.0 - b.window.lower
+        offset_a, offset_b = 1.0 - a.span.lower, 1.0 - b.span.lower
         log_a = self.receive(a, "Log", (offset_a,))
         log_b = self.receive(b, "Log", (offset_b,))
         if contract:  # [..., M, K, 1] + [..., 1, K, N]: one layer I neuron per (m, k, n)
             log_a = self.b.op("Unsqueeze", log_a, self.b.const([-1], np.int64))
             log_b = self.b.op("Unsqueeze", log_b, self.b.const([-3], np.int64))
-        top = float(np.log((a.window.upper + offset_a) * (b.window.upper + offset_b)))
+        top = float(np.log((a.span.upper + offset_a) * (b.span.upper + offset_b)))
         layer_one = self.emit(self.b.op("Add", log_a, log_b), f"{name}.log_product", "product layer I",
                               bounds=lambda: self.window(0.0, top))
         double = functools.partial(self.b.op, "Cast", to=onnx.TensorProto.DOUBLE)
@@ -262,17 +290,11 @@ class Lowering:
         return layer_one.name
 
 
-def _detach(region: Region) -> None:
-    """The region's own nodes produce nothing any more (cleanup drops them); its tensors get new producers."""
-    for node in region.nodes:
-        node.outputs.clear()
-
-
 def layernorm(lw: Lowering, region: Region) -> None:
     x, out = region.inputs[0], region.outputs[0]
     if region.attrs.get("axis", -1) != -1:
         raise SpikecError(f"node {region.name}: ttfs converts LayerNorm over the last axis only")
-    _detach(region)
+    detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(x)
     if region.attrs["center"]:
@@ -305,7 +327,7 @@ def layernorm(lw: Lowering, region: Region) -> None:
 
 def gelu(lw: Lowering, region: Region) -> None:
     x, out = region.inputs[0], region.outputs[0]
-    _detach(region)
+    detach(region)
     transform = "GeluTanh" if region.attrs.get("approximate") == "tanh" else "Gelu"
     lw.emit(lw.receive(lw.site_of(x), transform), out.name, transform, out=out)
     lw.constructions.append({"kind": "activation", "name": region.name, "output": out.name})
@@ -323,7 +345,7 @@ def activation(lw: Lowering, region: Region) -> None:
     is the function); HardSwish: x times that, by the product construction."""
     x, out = region.inputs[0], region.outputs[0]
     function = region.attrs["function"]
-    _detach(region)
+    detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(x)
     if function in ACTIVATION_TRANSFORMS:
@@ -331,8 +353,8 @@ def activation(lw: Lowering, region: Region) -> None:
         lw.emit(lw.receive(source, transform), out.name, transform, out=out)
     elif function == "quick_gelu":
         scaled = lw.emit(b.op("Mul", lw.receive(source), b.const(QUICK_GELU_SCALE)), f"{name}.scaled",
-                         "quick_gelu input", bounds=lambda: lw.window(QUICK_GELU_SCALE * source.window.lower,
-                                                                      QUICK_GELU_SCALE * source.window.upper))
+                         "quick_gelu input", bounds=lambda: lw.window(QUICK_GELU_SCALE * source.span.lower,
+                                                                      QUICK_GELU_SCALE * source.span.upper))
         lw.emit(b.op("Mul", lw.receive(scaled, "Silu"), b.const(1.0 / QUICK_GELU_SCALE)), out.name, "quick_gelu",
                 out=out)
     else:
@@ -386,8 +408,8 @@ class Masking:
                 mask = None if mask is None else b.op("Max", mask, b.const(step["value"]))
                 continue
             if step["form"] == "reshape":  # the terms are broadcast: each is the full scores' shape first
-                def reshaped(term):
-                    return b.op("Reshape", b.op("Expand", term, shape), step["shape"])
+                def reshaped(term, shape=shape, target=step["shape"]):
+                    return b.op("Reshape", b.op("Expand", term, shape), target)
                 mask = reshaped(mask if mask is not None else b.const(0.0))
                 self.keep = None if self.keep is None else reshaped(self.keep)
                 self.reshapes.append(step["shape"])
@@ -429,27 +451,27 @@ def softmax(lw: Lowering, region: Region) -> None:
     in the weights, where clipping cannot reach it."""
     attrs = region.attrs
     scores, out = attrs["scores"], region.outputs[0]
-    _detach(region)
+    detach(region)
     b, name = lw.b, region.name
     source = lw.site_of(scores)
     masking = Masking(b, attrs["masks"], scores) if attrs["masks"] else None
     count = scores.shape[-1] if scores.shape is not None and isinstance(scores.shape[-1], int) else None
     if lw.options.max_layer:
         reach = 0.0 if masking is None else \
-            (source.window.upper - source.window.lower if lw.spiking else EXACT_REACH)
+            (source.span.upper - source.span.lower if lw.spiking else EXACT_REACH)
         x = lw.receive(source) if masking is None else masking.scores(lw.receive(source))
         top = lw.emit(b.reduce("ReduceMax", x if masking is None else b.op("Add", x, masking.bias)), f"{name}.max",
-                      "softmax max", bounds=lambda: source.window)
+                      "softmax max", bounds=lambda: source.span)
         shifted = x if masking is None else b.op("Add", x, masking.potential_share(reach))
         shifted = lw.emit(b.op("Sub", shifted, lw.receive(top)), f"{name}.shifted", "softmax subtraction",
-                          bounds=lambda: lw.window(source.window.lower - source.window.upper - reach, 0.0))
+                          bounds=lambda: lw.window(source.span.lower - source.span.upper - reach, 0.0))
         # sum_i e^(x_i - max) is in [1, n]
         lse_bounds = (lambda: lw.window(0.0, np.log(count))) if count and count > 1 else None
     else:  # max_i x_i <= log sum_i e^x_i <= max_i x_i + log n
         reach = 0.0
         shifted = source if masking is None else lw.emit(masking.scores(lw.receive(source)), f"{name}.masked",
-                                                         "softmax masked scores", bounds=lambda: source.window)
-        lse_bounds = (lambda: lw.window(source.window.lower, source.window.upper + np.log(count))) if count else None
+                                                         "softmax masked scores", bounds=lambda: source.span)
+        lse_bounds = (lambda: lw.window(source.span.lower, source.span.upper + np.log(count))) if count else None
     exps, potential = lw.receive(shifted, "Exp"), lw.receive(shifted)
     total = None
     if masking is not None:  # synaptic weights e^m': 1 where attention is allowed, 0 where masked
@@ -542,7 +564,7 @@ def calibration_ranges(stats: dict, lw: Lowering, margin: float) -> dict[str, Wi
     for name, site in lw.sites.items():
         if site.analytic:
             continue
-        s = stats[(site.tap or site.value).name]
+        s = stats[site.measured.name]
         low, high = float(s.min()), float(s.max())
         span = max(high - low, 1e-3 * max(abs(low), abs(high), 1.0))
         low, high = low - margin * span, high + margin * span
@@ -553,11 +575,11 @@ def calibration_ranges(stats: dict, lw: Lowering, margin: float) -> dict[str, Wi
 
 
 def calibration_taps(lw: Lowering) -> list[str]:
-    return [(site.tap or site.value).name for site in lw.sites.values() if not site.analytic]
+    return [site.measured.name for site in lw.sites.values() if not site.analytic]
 
 
 def describe(lw: Lowering) -> list[dict]:
     return [{"site": s.name, "role": s.role, "emit": s.emit, "receives": sorted(s.receives),
-             "lower": s.window.lower, "upper": s.window.upper, "analytic": s.analytic,
-             "potential": s.potential.name, "spikes": s.spikes.name}
+             "lower": s.span.lower, "upper": s.span.upper, "analytic": s.analytic,
+             "potential": s.potential.name, "spikes": s.spike_times.name}
             for s in lw.sites.values()]

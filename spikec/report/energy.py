@@ -18,7 +18,7 @@ from typing import Any
 import onnx
 
 from spikec import graphinfo
-from spikec.passes.timing import _DATA_MOVEMENT
+from spikec.passes.regions import DATA_MOVEMENT
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -79,7 +79,7 @@ def spike_source(tensor: str, producer: Mapping[str, onnx.NodeProto], sources: C
         if node is None:
             return None
         op = graphinfo.base_op(node)
-        passes = (op in _DATA_MOVEMENT or node.name.endswith("/SpikeValue")
+        passes = (op in DATA_MOVEMENT or node.name.endswith("/SpikeValue")
                   or (node.domain == graphinfo.SPIKEC_DOMAIN and op.startswith("TTFSReceive"))
                   or (through_accumulation and node.domain == graphinfo.SPIKEC_DOMAIN and op == "ECAccumulate"))
         if not passes:
