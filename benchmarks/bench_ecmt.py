@@ -174,7 +174,7 @@ def bench(w: Workload, timesteps: list[int], stateful_t: int, args, log: Console
                 "ratio": ms["stateful"] / ms["snn"], "compile_s": stateful_compile_s,
                 "spikec_ops": kernels(stateful), "max_abs_diff_vs_unrolled": float(np.max(np.abs(got - want)))}
             del stateful, stateful_model
-        del snn, snn_model
+        snn = snn_model = None  # the timing lambdas close over these names: drop the sessions, keep the names
         gc.collect()
     return result
 

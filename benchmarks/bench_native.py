@@ -25,6 +25,7 @@ machine's changing load moves less than it moves the times.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import multiprocessing
@@ -136,7 +137,7 @@ def alone_in_fresh_process(model: Path, stateful: Path, batch: Mapping[str, np.n
 
 def _alone(model: Path, stateful: Path, batch: dict[str, np.ndarray], threads: int, reps: int) -> dict[str, float]:
     return alone_with_spinning({
-        "native_alone": lambda: (lambda session=InferenceSession(model, _options(threads, "always")): run(session, batch)),
+        "native_alone": lambda: functools.partial(run, InferenceSession(model, _options(threads, "always")), batch),
         "step_native_alone": lambda: step_call(InferenceSession(stateful, _options(threads, "always")), batch),
     }, reps=reps)
 
@@ -240,7 +241,8 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
                      for kind, form in (("portable", "model"), ("native", "model"), ("torch", "stateful"))}
         rows.append({"workload": f"{w['name']} ({len(next(iter(batch.values())))})", "T": t, **ms, "diff": diff, "spikes_diff": spikes_diff,
                      "cosine_torch": cosine_torch, "peak_ann": ann_peak, **{f"peak_{k}": v for k, v in peaks.items()}})
-        del portable, fast, model, stateful, simulator, step_portable, step_native
+        # the timing lambdas close over these names: drop the sessions, keep the names
+        portable = fast = model = stateful = simulator = step_portable = step_native = None
         gc.collect()
     return rows
 

@@ -660,7 +660,8 @@ def _attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     if past is not None:
         past_key = em("Gather", past, np.array(0, np.int64), axis=0)
         past_value = em("Gather", past, np.array(1, np.int64), axis=0)
-    qkv = _Heads(*projections, heads=heads, head_size=sizes[0] // heads, v_hidden=sizes[2])
+    query, key, value = projections
+    qkv = _Heads(query, key, value, heads=heads, head_size=sizes[0] // heads, v_hidden=sizes[2])
     key, value = _attention_core(em, node, qkv, scale=attrs["scale"], mask=mask,
                                  mask_filter=float(attrs["mask_filter_value"]), causal=bool(attrs["unidirectional"]),
                                  attention_bias=attention_bias, past_key=past_key, past_value=past_value,

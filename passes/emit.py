@@ -162,7 +162,7 @@ class _BatchLeading:
                 keep = gs.Constant(f"{self.node.name}.view_shape_tail", np.array([channels], np.int64))
                 rank = len(shape) - count + 1
 
-                def view(x: gs.Variable, name: str, count=count) -> gs.Variable:
+                def view(x: gs.Variable, name: str, count=count, keep=keep) -> gs.Variable:
                     unmerged = as_relative(x, name)
                     head = self.add("Slice", [self.add("Shape", [unmerged], f"{name}.view_shape"),
                                               gs.Constant(f"{name}.zero", np.array([0], np.int64)),
@@ -227,14 +227,14 @@ class _BatchLeading:
             tensor = next(t for t in producer.inputs if not isinstance(t, gs.Constant))
             if found.get(id(tensor), UNKNOWN_LAYOUT).outer == 1:
                 relative = tensor
-                return relative, lambda x, name: self.add(
+                return relative, lambda x, name, relative=relative: self.add(
                     "Reshape", [x, self.add("Shape", [relative], f"{name}.relative_shape")], f"{name}.unmerged")
         follower = self.node
         while len(follower.outputs[0].outputs) == 1:
             follower = follower.outputs[0].outputs[0]
             if follower.op in _RESHAPES and found.get(id(follower.outputs[0]), UNKNOWN_LAYOUT).outer == 1:
                 reshape = follower
-                return reshape.outputs[0], lambda x, name: self.add(
+                return reshape.outputs[0], lambda x, name, reshape=reshape: self.add(
                     reshape.op, [x, *reshape.inputs[1:]], f"{name}.unmerged", **dict(reshape.attrs))
             if not _same_shape_step(follower):
                 break

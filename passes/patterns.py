@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -165,7 +166,7 @@ def _default_domain(node: gs.Node) -> bool:
     return node.domain in (None, "", "ai.onnx")
 
 
-def _is(node: gs.Node | None, *ops: str) -> bool:
+def _is(node: gs.Node | None, *ops: str) -> TypeGuard[gs.Node]:
     return node is not None and node.op in ops
 
 
@@ -178,10 +179,11 @@ def _with_scalar(node: gs.Node | None, op: str) -> tuple[gs.Tensor, float] | Non
     if not _is(node, op) or len(node.inputs) != 2:
         return None
     a, b = node.inputs
-    if _scalar(b) is not None and _const(a) is None:
-        return a, _scalar(b)
-    if op in ("Add", "Mul", "Max", "Min") and _scalar(a) is not None and _const(b) is None:
-        return b, _scalar(a)
+    scalar_a, scalar_b = _scalar(a), _scalar(b)
+    if scalar_b is not None and _const(a) is None:
+        return a, scalar_b
+    if op in ("Add", "Mul", "Max", "Min") and scalar_a is not None and _const(b) is None:
+        return b, scalar_a
     return None
 
 
@@ -246,7 +248,7 @@ def _match_quantize_chain(floor: gs.Node, ctx: _Context) -> Match:
     clip = ctx.sole_consumer(floor.outputs[0])
     mul = ctx.sole_consumer(clip.outputs[0]) if _is(clip, "Clip") and len(clip.inputs) == 3 else None
     scaled = _with_channel_scale(mul, "Mul")
-    if not divided or not scaled or not np.array_equal(scaled[1], divided[1]) \
+    if not divided or not scaled or add is None or div is None or clip is None or not np.array_equal(scaled[1], divided[1]) \
             or len(add.outputs[0].outputs) != 1 or len(div.outputs[0].outputs) != 1:
         return None
     low, high = _scalar(clip.inputs[1]), _scalar(clip.inputs[2])
@@ -319,13 +321,14 @@ def _match_layernorm_decomposed(mean_node: gs.Node, ctx: _Context) -> Match:
         return None
     square = next((c for s in subs for c in s.outputs[0].outputs if _is_square(c, s.outputs[0])), None)
     var_node = ctx.sole_consumer(square.outputs[0]) if square else None
-    if _reduce_axes(var_node) != axes:
+    if var_node is None or _reduce_axes(var_node) != axes:
         return None
     after_var = ctx.sole_consumer(var_node.outputs[0])
     eps = _with_scalar(after_var, "Add")
-    eps_nodes, sqrt = ([after_var], ctx.sole_consumer(after_var.outputs[0])) if eps else ([], after_var)
+    eps_nodes, sqrt = ([after_var], ctx.sole_consumer(after_var.outputs[0])) if eps and after_var else ([], after_var)
     div = ctx.sole_consumer(sqrt.outputs[0]) if _is(sqrt, "Sqrt") else None
-    if not _is(div, "Div") or div.inputs[1] is not sqrt.outputs[0] or not _among(_producer(div.inputs[0]), subs):
+    if sqrt is None or not _is(div, "Div") or div.inputs[1] is not sqrt.outputs[0] \
+            or not _among(_producer(div.inputs[0]), subs):
         return None
     nodes = [mean_node, *subs, square, var_node, *eps_nodes, sqrt, div]
     if any(not _among(c, nodes) for s in subs for c in s.outputs[0].outputs):
@@ -380,14 +383,17 @@ def _match_rmsnorm_decomposed(var_node: gs.Node, ctx: _Context) -> Match:
     Mul(x, .) [-> Mul(weight)], or Div(x, Sqrt(...)). x is often the Cast to float32 LLaMA writes; Gemma's
     (1 + weight) reaches here folded into one constant."""
     axes = _reduce_axes(var_node)
+    variance = var_node.outputs[0]
     square = _producer(var_node.inputs[0]) if axes is not None else None
-    if square is None or ctx.sole_consumer(square.outputs[0]) is not var_node \
+    if square is None or axes is None or ctx.sole_consumer(square.outputs[0]) is not var_node \
             or not _is_square(square, square.inputs[0]):
         return None
     x = square.inputs[0]
-    after = ctx.sole_consumer(var_node.outputs[0])
+    after = ctx.sole_consumer(variance)
     eps = _with_scalar(after, "Add")
-    eps_nodes, sqrt = ([after], ctx.sole_consumer(after.outputs[0])) if eps else ([], after)
+    eps_nodes, sqrt = ([after], ctx.sole_consumer(after.outputs[0])) if eps and after else ([], after)
+    if sqrt is None:
+        return None
     root = sqrt.outputs[0] if _is(sqrt, "Sqrt") else None
     step = ctx.sole_consumer(root) if root is not None else None
     if _is(step, "Div") and step.inputs[0] is x and step.inputs[1] is root:
@@ -414,7 +420,7 @@ def _match_l2_normalize(norm: gs.Node, ctx: _Context) -> Match:
     else:
         floor = _with_scalar(clamp, "Max")
         eps = floor[1] if floor else None
-    if eps is None or eps < 0:
+    if eps is None or eps < 0 or axes is None or clamp is None:
         return None
     nodes, divisor = [norm, clamp], clamp.outputs[0]
     expand = ctx.sole_consumer(divisor)
@@ -478,6 +484,7 @@ def _match_gelu_erf(erf: gs.Node, ctx: _Context) -> Match:
         x = mul[0]
     else:
         return None
+    assert scaling is not None  # _with_scalar matched it
     if ctx.sole_consumer(scaling.outputs[0]) is not erf:
         return None
     tail = _gelu_tail(erf, x, ctx)
@@ -493,7 +500,8 @@ def _match_gelu_tanh(tanh: gs.Node, ctx: _Context) -> Match:
         return None
     outer = _producer(tanh.inputs[0])
     scaled = _with_scalar(outer, "Mul")
-    if not scaled or not _close(scaled[1], math.sqrt(2.0 / math.pi)) or ctx.sole_consumer(outer.outputs[0]) is not tanh:
+    if not scaled or outer is None or not _close(scaled[1], math.sqrt(2.0 / math.pi)) \
+            or ctx.sole_consumer(outer.outputs[0]) is not tanh:
         return None
     inner = _producer(scaled[0])
     if not _is(inner, "Add") or ctx.sole_consumer(inner.outputs[0]) is not outer:
@@ -505,7 +513,7 @@ def _match_gelu_tanh(tanh: gs.Node, ctx: _Context) -> Match:
             continue
         cube = _cube_nodes(coeff[0], x, ctx)
         tail = _gelu_tail(tanh, x, ctx) if cube else None
-        if tail:
+        if cube and tail:
             return [*cube, coeff_mul, inner, outer, tanh, *tail], {"form": "tanh", "approximate": "tanh"}
     return None
 
@@ -532,7 +540,7 @@ def _gelu_tail(anchor: gs.Node, x: gs.Tensor, ctx: _Context) -> list[gs.Node] | 
     """
     one_plus = ctx.sole_consumer(anchor.outputs[0])
     plus = _with_scalar(one_plus, "Add")
-    if not plus or not _close(plus[1], 1.0):
+    if not plus or one_plus is None or not _close(plus[1], 1.0):
         return None
     first = ctx.sole_consumer(one_plus.outputs[0])
     if not _is(first, "Mul"):
@@ -598,7 +606,7 @@ def _elementwise(node: gs.Node, ctx: _Context) -> bool:
         return False
     if node.op == "Cast" and node.attrs.get("to") != 1:
         return False
-    return all(not t.name or _const(t) is None or _const(t).size == 1 for t in node.inputs)
+    return all(not t.name or (value := _const(t)) is None or value.size == 1 for t in node.inputs)
 
 
 def _variables(node: gs.Node) -> list[gs.Tensor]:
@@ -624,7 +632,8 @@ def _cone(root: gs.Tensor, top: gs.Tensor, ctx: _Context) -> list[gs.Node] | Non
 
 def _roots(anchor: gs.Node, ctx: _Context) -> list[gs.Tensor]:
     """Candidate inputs x of a function through ``anchor``: the tensors its elementwise ancestors read, nearest first."""
-    found, frontier = [], list(_variables(anchor))
+    found: list[gs.Tensor] = []
+    frontier = list(_variables(anchor))
     while frontier and len(found) < _MAX_FUNCTION_NODES:
         tensor = frontier.pop(0)
         if any(tensor is t for t in found):
@@ -645,7 +654,7 @@ def _extend(nodes: list[gs.Node], root: gs.Tensor, ctx: _Context) -> list[list[g
         reader = ctx.sole_consumer(nodes[-1].outputs[0])
         if reader is None or not _elementwise(reader, ctx):
             break
-        side = []
+        side: list[gs.Tensor] = []
         for tensor in _variables(reader):
             if tensor is root or any(tensor is t for n in nodes for t in n.outputs):
                 continue
@@ -779,7 +788,9 @@ def _match_softmax(softmax: gs.Node, ctx: _Context) -> Match:
     axis = softmax.attrs.get("axis", -1)
     if axis != -1 and (rank is None or axis != rank - 1):
         return None
-    nodes, scores, masks = [], softmax.inputs[0], []
+    nodes: list[gs.Node] = []
+    masks: list[dict] = []
+    scores = softmax.inputs[0]
     while ctx.sole_consumer(scores) is (nodes[0] if nodes else softmax):
         step = _mask_step(_producer(scores), ctx)
         if step is None:
@@ -836,7 +847,8 @@ def _nan_guard(softmax: gs.Node, ctx: _Context) -> list[gs.Node]:
     isnan = next((c for c in probs.outputs if c.op == "IsNaN"), None)
     where = ctx.sole_consumer(isnan.outputs[0]) if isnan else None
     if (
-        not _is(where, "Where")
+        isnan is None
+        or not _is(where, "Where")
         or not _among(where, probs.outputs)
         or where.inputs[0] is not isnan.outputs[0]
         or _scalar(where.inputs[1]) != 0.0

@@ -75,7 +75,9 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
                     continue
                 middle = scale.input[0]
             first = producer.get(middle)
-            op1 = _spikec_op(first) if first is not None else None
+            if first is None:
+                continue
+            op1 = _spikec_op(first)
             if op1 is None or op1.name != first_name or id(first) in removed or id(first) in replaced \
                     or first.op_type.endswith("Step") != second.op_type.endswith("Step") \
                     or not only_read_by(middle, scale or second, shapes_ok=scale is None):

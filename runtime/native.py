@@ -147,9 +147,10 @@ def register(options: ort.SessionOptions) -> bool:
     cap = os.environ.get(ISA_ENV_VAR)
     if cap and cap not in ISAS:
         raise SpikecError(f"environment variable {ISA_ENV_VAR}={cap!r}: expected one of {', '.join(ISAS)}")
-    if not available():
+    library = library_path()
+    if library is None or not _loads(library):
         return False
-    path = os.fspath(library_path())
+    path = os.fspath(library)
     options.register_custom_ops_library(path)
     options.add_session_config_entry(CONFIG_KEY, path)
     return True

@@ -44,10 +44,13 @@ class NodeBuilder:
         self._count += 1
         return f"{self._scope}{hint}_{self._count}"
 
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
-        names = [self.fresh(op_type.lower()) for _ in range(outputs)]
+    def op(self, op_type: str, *inputs: str, **attrs) -> str:
+        return self.op_outputs(op_type, *inputs, count=1, **attrs)[0]
+
+    def op_outputs(self, op_type: str, *inputs: str, count: int, **attrs) -> list[str]:
+        names = [self.fresh(op_type.lower()) for _ in range(count)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
-        return names[0] if outputs == 1 else names
+        return names
 
     def const(self, value, dtype=np.float32) -> str:
         name = self.fresh("const")
@@ -536,9 +539,9 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
         block_graph = helper.make_graph(block.nodes, f"{op.name}_block",
                                         [_value_info(f"{x}_block", 3) for x in op.inputs],
                                         [_value_info(f"{name}_blocks", 3) for name in per_step])
-        results = b.op("Scan", *blocked, outputs=len(per_step), body=block_graph, num_scan_inputs=len(op.inputs),
-                       scan_input_axes=[1] * len(op.inputs), scan_output_axes=[1] * len(per_step))
-        results = results if isinstance(results, list) else [results]
+        results = b.op_outputs("Scan", *blocked, count=len(per_step), body=block_graph,
+                               num_scan_inputs=len(op.inputs), scan_input_axes=[1] * len(op.inputs),
+                               scan_output_axes=[1] * len(per_step))
         scanned = [b.op("Slice", b.op("Reshape", r, time_major), _ints(b, 0), rows, _ints(b, 1)) for r in results]
     else:
         scanned = _time_scan(b, op, env, sequences, times, per_step)
@@ -562,10 +565,9 @@ def _time_scan(b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: li
     if op.hidden:
         row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
     zeros = b.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    scanned = b.op("Scan", *([zeros] * len(op.states)), *sequences, times,
-                   outputs=len(op.states) + len(per_step), body=_time_loop_body(op, env, per_step),
-                   num_scan_inputs=len(op.inputs) + 1)
-    scanned = scanned if isinstance(scanned, list) else [scanned]
+    scanned = b.op_outputs("Scan", *([zeros] * len(op.states)), *sequences, times,
+                           count=len(op.states) + len(per_step), body=_time_loop_body(op, env, per_step),
+                           num_scan_inputs=len(op.inputs) + 1)
     return scanned[len(op.states):]
 
 

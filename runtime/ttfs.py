@@ -29,16 +29,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 from onnx import helper
 from spikec.runtime.ops import DOMAIN, NodeBuilder
 
-# (builder, x, params) -> f(x) as ONNX nodes. A builder has ``op(op_type, *inputs, **attrs)`` and
-# ``const(value)`` returning tensors: runtime.ops.NodeBuilder for function bodies (tensor names), the
-# TTFS pass's GraphBuilder for graphsurgeon graphs (tensors).
-ValueFn = Callable[[object, object, list], object]
+
+class Builder(Protocol):
+    """What a transform builds its nodes with: runtime.ops.NodeBuilder for function bodies (tensors are
+    names), the passes' GraphBuilder for graphsurgeon graphs (tensors are gs tensors)."""
+
+    def op(self, op_type: str, *inputs: Any, **attrs: Any) -> Any: ...
+
+    def const(self, value: Any, dtype: Any = ...) -> Any: ...
+
+
+# (builder, x, params) -> f(x) as ONNX nodes
+ValueFn = Callable[[Builder, Any, list], Any]
 
 
 @dataclass(frozen=True)
@@ -206,12 +215,12 @@ def simulate(spike_times: np.ndarray, weights: np.ndarray, inputs: Window, recei
     V >= theta. Returns the relative output spike times (delta when the neuron never fires). For tests and
     documentation: the ops compute the same in closed form."""
     transform, out = RECEIVE[receive] if isinstance(receive, str) else receive, EMIT[emit]
-    params = list(params)
+    values = list(params)
     dt = inputs.delta / steps
     potential = np.full(spike_times.shape[0], float(constant))
     for k in range(steps):
         elapsed = (k + 0.5) * dt - spike_times
-        eta = np.where(elapsed >= 0, transform.kernel(np.maximum(elapsed, 0) / inputs.tau + inputs.lower, params), 0.0)
+        eta = np.where(elapsed >= 0, transform.kernel(np.maximum(elapsed, 0) / inputs.tau + inputs.lower, values), 0.0)
         potential += dt / inputs.tau * (eta @ weights)
     theta = out.inverse(np.asarray(output.upper, np.float64))
     fired = np.where(potential >= theta, 0.0, np.nan)

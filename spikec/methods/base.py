@@ -108,6 +108,7 @@ class Method(ABC):
 
     def prepare(self, job: Job) -> None:
         """Turn the ANN into the model this method converts (default: the ANN as it is)."""
+        return None
 
     @abstractmethod
     def calibration(self, job: Job) -> Calibration:
