@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from spikec.passes.builder import GraphBuilder
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
 from spikec.passes.regions import WEIGHT_PRODUCT, Operands, detach, operand_sites
@@ -41,7 +42,7 @@ from spikec.passes.timing import (
     running_sum_product,
     spikec_node,
 )
-from spikec.passes.ttfs import GraphBuilder, Masking
+from spikec.passes.ttfs import Masking
 from spikec.runtime import ugo as ugos
 
 SAMPLE_VALUES = 100_000  # per UGO hidden layer: the MMSE search runs on a subsample
@@ -176,49 +177,20 @@ the domain's 100:1 stays float (returns None), as does one over more than the la
         return None
     prefix = f"{region.name}/LayerNormUGO"
     detach(region)
-
-    def variable(suffix: str) -> gs.Variable:
-        return gs.Variable(f"{prefix}.{suffix}", dtype=np.float32,
-                           shape=None if x.shape is None else [None] * len(x.shape))
-
-    def reduce(op: str, name: str, data: gs.Variable, result: gs.Variable) -> gs.Node:
-        if opset >= 18 or op == "ReduceSum":
-            return gs.Node(op, f"{prefix}/{name}", attrs={"keepdims": 1},
-                           inputs=[data, gs.Constant(f"{prefix}.{name}.axes", np.array([-1], np.int64))], outputs=[result])
-        return gs.Node(op, f"{prefix}/{name}", attrs={"axes": [-1], "keepdims": 1}, inputs=[data], outputs=[result])
-
-    mean, centered, square, var, shifted, scaled, root_scaled, root, normalized = (
-        variable(s) for s in ("mean", "centered", "square", "var", "var_eps", "var_scaled", "rsqrt_scaled", "rsqrt",
-                              "normalized"))
-    if center:
-        graph.nodes += [reduce("ReduceMean", "Mean", x, mean),
-                        gs.Node("Sub", f"{prefix}/Center", inputs=[x, mean], outputs=[centered])]
-    else:
-        centered = x
-    graph.nodes += [
-        gs.Node("Mul", f"{prefix}/Square", inputs=[centered, centered], outputs=[square]),
-        reduce(reduce_op, "Variance", square, var),
-        gs.Node("Add", f"{prefix}/Epsilon", inputs=[var, gs.Constant(f"{prefix}.eps", np.array(epsilon, np.float32))],
-                outputs=[shifted]),
-        gs.Node("Mul", f"{prefix}/Scale", inputs=[shifted, gs.Constant(f"{prefix}.s", np.array(scale, np.float32))],
-                outputs=[scaled]),
-    ]
+    b = GraphBuilder(graph, prefix, opset, like=x)
+    centered = b.op("Sub", x, b.reduce("ReduceMean", x)) if center else x
+    variance_eps = b.op("Add", b.reduce(reduce_op, b.op("Mul", centered, centered)), b.const(epsilon))
+    scaled = b.op("Mul", variance_eps, b.const(scale))
     operator = ugos.load("rsqrt")
+    root_scaled = b.fresh("rsqrt_scaled")
     theta = _ugo(graph, f"{prefix}/UGO", scaled, root_scaled, operator, variance * scale, timesteps, options)
-    graph.nodes += [
-        gs.Node("Mul", f"{prefix}/Unscale", inputs=[root_scaled, gs.Constant(f"{prefix}.sqrt_s",
-                                                                               np.array(np.sqrt(scale), np.float32))],
-                outputs=[root]),
-    ]
+    root = b.op("Mul", root_scaled, b.const(np.sqrt(scale)))
     gamma, beta = region.attrs["scale"], region.attrs["bias"]
-    product = normalized if gamma is not None or beta is not None else out
-    graph.nodes.append(gs.Node("Mul", f"{prefix}/Normalize", inputs=[centered, root], outputs=[product]))
+    normalized = b.op("Mul", centered, root, out=out if gamma is None and beta is None else None)
     if gamma is not None:
-        scaled_out = out if beta is None else variable("gamma")
-        graph.nodes.append(gs.Node("Mul", f"{prefix}/Gamma", inputs=[product, gamma], outputs=[scaled_out]))
-        product = scaled_out
+        normalized = b.op("Mul", normalized, gamma, out=out if beta is None else None)
     if beta is not None:
-        graph.nodes.append(gs.Node("Add", f"{prefix}/Beta", inputs=[product, beta], outputs=[out]))
+        b.op("Add", normalized, beta, out=out)
     return {"region": region.name, "operator": "rsqrt", "hidden": operator.hidden, "input": x.name,
             "variance_scale": scale,
             "theta": theta.tolist()}

@@ -25,8 +25,9 @@ from typing import TypeGuard
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from spikec.passes.builder import spikec_attributes
 from spikec.passes.regions import DATA_MOVEMENT
-from spikec.runtime import ops as spec
+from spikec.runtime.layout import spike_value_node
 
 from spikec.errors import SpikecError
 
@@ -153,9 +154,8 @@ def refuse_float_in_regions(regions: list, allow_float: set[str]) -> None:
 
 
 def spikec_node(op: str, name: str, inputs: list, outputs: list, **attrs) -> gs.Node:
-    # Function attributes carry no defaults: every attribute a function body references is set.
-    defaults = spec.OPS[op].attributes if op in spec.OPS else {}
-    return gs.Node(op=op, name=name, attrs={**defaults, **attrs}, inputs=inputs, outputs=outputs, domain="spikec")
+    return gs.Node(op=op, name=name, attrs=spikec_attributes(op, attrs), inputs=inputs, outputs=outputs,
+                   domain="spikec")
 
 
 def neuron_outputs(graph: gs.Graph) -> list[str]:
@@ -171,7 +171,7 @@ def attach_neuron(graph: gs.Graph, tensor: gs.Variable, op: str, params: dict[st
     spikes = fresh_like(tensor, ".spikes")
     scaled = fresh_like(tensor, ".spike_value")
     graph.nodes.append(spikec_node(op, node_name, [tensor, *constants.values()], [spikes], **attrs))
-    graph.nodes.append(gs.Node("Mul", f"{tensor.name}/SpikeValue", inputs=[spikes, constants[scale]],
+    graph.nodes.append(gs.Node("Mul", spike_value_node(tensor.name), inputs=[spikes, constants[scale]],
                                outputs=[scaled]))
     return scaled
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from spikec.passes.builder import GraphBuilder
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import Region
 from spikec.passes.regions import detach
@@ -110,38 +111,6 @@ class Site:
     def spike_times(self) -> gs.Variable:
         assert self.spikes is not None, f"site {self.name}: not in a spiking graph"
         return self.spikes
-
-
-class GraphBuilder:
-    """runtime.ttfs's builder interface over a graphsurgeon graph; remembers the nodes it made."""
-
-    def __init__(self, graph: gs.Graph, prefix: str, opset: int):
-        self.graph, self.prefix, self.opset, self.count = graph, prefix, opset, 0
-        self.created: set[int] = set()
-
-    def fresh(self, hint: str) -> gs.Variable:
-        self.count += 1
-        return gs.Variable(f"{self.prefix}/{hint}_{self.count}")  # types come from inference
-
-    def op(self, op_type: str, *inputs, out: gs.Variable | None = None, domain: str | None = None,
-           **attrs) -> gs.Variable:
-        out = out if out is not None else self.fresh(op_type)
-        node = gs.Node(op_type, f"{out.name}/{op_type}", attrs=attrs, inputs=list(inputs), outputs=[out])
-        if domain:
-            node.domain = domain
-        self.graph.nodes.append(node)
-        self.created.add(id(node))
-        return out
-
-    def const(self, value, dtype=np.float32) -> gs.Constant:
-        self.count += 1
-        return gs.Constant(f"{self.prefix}/const_{self.count}", np.asarray(value, dtype))
-
-    def reduce(self, op: str, data: gs.Variable) -> gs.Variable:
-        """``op`` over the last axis, keepdims (axes moved from attribute to input at opset 18)."""
-        if op == "ReduceSum" or self.opset >= 18:
-            return self.op(op, data, self.const([-1], np.int64), keepdims=1)
-        return self.op(op, data, axes=[-1], keepdims=1)
 
 
 Bounds = Callable[[], Window] | None

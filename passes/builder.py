@@ -1,0 +1,58 @@
+"""One way for a pass to add nodes to a graphsurgeon graph (see GraphBuilder)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from spikec.runtime import ops as spec
+
+
+class GraphBuilder:
+    """Nodes into a graphsurgeon graph, as runtime.ops.NodeBuilder builds function bodies: ``op`` makes a
+    node and returns its output, named ``<prefix>/<op>_<n>`` in creation order (deterministic); ``const``
+    a constant, ``reduce`` a last-axis reduction in the form of the graph's opset, ``spikec`` a spikec op
+    with its attribute defaults. It remembers the nodes it made (``created``). With ``like``, new tensors
+    are float32 of ``like``'s rank (what the time passes read before inference runs); else untyped."""
+
+    def __init__(self, graph: gs.Graph, prefix: str, opset: int | None = None, like: gs.Tensor | None = None):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+        self.opset = graph.opset if opset is None else opset
+        self.created: set[int] = set()
+        rank = None if like is None or like.shape is None else len(like.shape)
+        self._typed = like is not None
+        self._shape = None if rank is None else [None] * rank
+
+    def fresh(self, hint: str) -> gs.Variable:
+        self.count += 1
+        name = f"{self.prefix}/{hint}_{self.count}"
+        if self._typed:
+            return gs.Variable(name, dtype=np.float32, shape=self._shape)
+        return gs.Variable(name)  # types come from inference
+
+    def op(self, op_type: str, *inputs, out: gs.Variable | None = None, domain: str | None = None,
+           **attrs) -> gs.Variable:
+        out = out if out is not None else self.fresh(op_type)
+        node = gs.Node(op_type, f"{out.name}/{op_type}", attrs=attrs, inputs=list(inputs), outputs=[out])
+        if domain:
+            node.domain = domain
+        self.graph.nodes.append(node)
+        self.created.add(id(node))
+        return out
+
+    def const(self, value, dtype=np.float32) -> gs.Constant:
+        self.count += 1
+        return gs.Constant(f"{self.prefix}/const_{self.count}", np.asarray(value, dtype))
+
+    def reduce(self, op: str, data: gs.Variable) -> gs.Variable:
+        """``op`` over the last axis, keepdims (axes moved from attribute to input at opset 18)."""
+        if op == "ReduceSum" or self.opset >= 18:
+            return self.op(op, data, self.const([-1], np.int64), keepdims=1)
+        return self.op(op, data, axes=[-1], keepdims=1)
+
+    def spikec(self, op_type: str, *inputs, out: gs.Variable | None = None, **attrs) -> gs.Variable:
+        """A spikec op (runtime/ops.py), its attributes defaulted from the op library."""
+        return self.op(op_type, *inputs, out=out, domain="spikec", **spikec_attributes(op_type, attrs))
+
+
+def spikec_attributes(op_type: str, attrs: dict) -> dict:
+    # Function attributes carry no defaults: every attribute a function body references is set.
+    return {**(spec.OPS[op_type].attributes if op_type in spec.OPS else {}), **attrs}
