@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from spikec.passes.patterns import Region
 from spikec.passes.regions import PRODUCT_KINDS, Operands, operand_sites
 from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant, refuse_float_in_regions
+from spikec.runtime.layout import is_spike_value
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
     Only products with a constant right-hand weight are folded; activation x activation products
     keep the explicit Mul. Returns how many products were folded."""
     folded = 0
-    for mul in [n for n in graph.nodes if n.op == "Mul" and n.name.endswith("/SpikeValue")]:
+    for mul in [n for n in graph.nodes if n.op == "Mul" and is_spike_value(n.name)]:
         code, theta = mul.inputs
         scaled = mul.outputs[0]
         for consumer in list(scaled.outputs):

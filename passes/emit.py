@@ -33,7 +33,14 @@ import onnx_graphsurgeon as gs
 from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, spikec_node, varying_tensors
 from spikec.runtime import ops as spec
 from spikec.runtime import ttfs as ttfs_ops
-from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
+from spikec.runtime.layout import (
+    NEXT_STATE_PREFIX,
+    SPIKES_OUTPUT,
+    STATE_PREFIX,
+    STEPS_SUFFIX,
+    TIME_INPUT,
+    time_node,
+)
 
 from spikec import weights
 from spikec.errors import SpikecError
@@ -297,8 +304,8 @@ def _batch_size(graph: gs.Graph) -> gs.Variable:
     if source is None:
         raise ValueError("the model has no batched input to count spikes per sample")
     shape, batch = gs.Variable("spikec.batch_shape", dtype=np.int64), gs.Variable("spikec.batch", dtype=np.int64)
-    graph.nodes += [gs.Node("Shape", "time/batch_shape", inputs=[source], outputs=[shape]),
-                    gs.Node("Slice", "time/batch", inputs=[shape, _const("spikec.zero1", [0]), _const("spikec.one1", [1])],
+    graph.nodes += [gs.Node("Shape", time_node("batch_shape"), inputs=[source], outputs=[shape]),
+                    gs.Node("Slice", time_node("batch"), inputs=[shape, _const("spikec.zero1", [0]), _const("spikec.one1", [1])],
                             outputs=[batch])]
     return batch
 
@@ -372,7 +379,7 @@ def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
         replace_uses(graph_input, repeated)
         repeats = np.ones(len(graph_input.shape), np.int64)
         repeats[0] = timesteps
-        graph.nodes.append(gs.Node("Tile", f"time/{graph_input.name}",
+        graph.nodes.append(gs.Node("Tile", time_node(graph_input.name),
                                    inputs=[graph_input, gs.Constant(f"{graph_input.name}.time_repeats", repeats)],
                                    outputs=[repeated]))
     final_outputs, step_outputs = [], []
@@ -382,7 +389,7 @@ def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
         steps = _time_major(graph, unrolled, timesteps, output.name)
         steps.shape = None if output.shape is None else [timesteps, *output.shape]
         final = gs.Variable(output.name, dtype=output.dtype, shape=output.shape)
-        graph.nodes.append(gs.Node("Gather", f"time/{output.name}/last",
+        graph.nodes.append(gs.Node("Gather", time_node(f"{output.name}/last"),
                                    attrs={"axis": 0},
                                    inputs=[steps, gs.Constant(f"{output.name}.last_step", np.array(timesteps - 1, np.int64))],
                                    outputs=[final]))
@@ -427,14 +434,14 @@ def _time_major(graph: gs.Graph, tensor: gs.Variable, timesteps: int, name: str)
     target = gs.Variable(f"{name}.steps_shape", dtype=np.int64)
     steps = gs.Variable(f"{name}{STEPS_SUFFIX}", dtype=tensor.dtype)
     graph.nodes += [
-        gs.Node("Shape", f"time/{name}/shape", inputs=[tensor], outputs=[shape]),
-        gs.Node("Slice", f"time/{name}/rows", inputs=[shape, gs.Constant(f"{name}.one", np.array([1], np.int64)),
+        gs.Node("Shape", time_node(f"{name}/shape"), inputs=[tensor], outputs=[shape]),
+        gs.Node("Slice", time_node(f"{name}/rows"), inputs=[shape, gs.Constant(f"{name}.one", np.array([1], np.int64)),
                                                     gs.Constant(f"{name}.end", np.array([2**62], np.int64))],
                 outputs=[rest]),
-        gs.Node("Concat", f"time/{name}/target", attrs={"axis": 0},
+        gs.Node("Concat", time_node(f"{name}/target"), attrs={"axis": 0},
                 inputs=[gs.Constant(f"{name}.time_major", np.array([timesteps, -1], np.int64)), rest],
                 outputs=[target]),
-        gs.Node("Reshape", f"time/{name}/steps", inputs=[tensor, target], outputs=[steps]),
+        gs.Node("Reshape", time_node(f"{name}/steps"), inputs=[tensor, target], outputs=[steps]),
     ]
     return steps
 
@@ -453,7 +460,7 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN, layouts: BatchLayouts 
     time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
     if semantics == SUM:
         is_first = gs.Variable("spikec.first_step", dtype=bool, shape=[])
-        graph.nodes.append(gs.Node("Equal", "time/first_step", inputs=[time, _const("spikec.t1", 1.0, np.float32)],
+        graph.nodes.append(gs.Node("Equal", time_node("first_step"), inputs=[time, _const("spikec.t1", 1.0, np.float32)],
                                    outputs=[is_first]))
         _lower_onsets(graph, lambda rank, like: is_first)
     state_inputs, state_outputs = [], []

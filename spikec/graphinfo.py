@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from spikec.errors import SpikecError
 from spikec.passes.canonicalize import infer_shapes
 from spikec.passes.timing import NEURON_OPS, varying_tensors
-from spikec.runtime.layout import STATE_PREFIX
+from spikec.runtime.layout import STATE_PREFIX, is_spike_value, is_time_node
 from spikec.runtime.metadata import SpikecMetadata
 from spikec.runtime.ops import base_name
 
@@ -228,7 +228,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
             category = "spiking"
             if base_op(node) == "ECAccumulate":
                 means.update(t.name for t in node.outputs)
-        elif node.name.startswith("time/"):
+        elif is_time_node(node.name):
             category = "time"
         elif any(n in means for n in names):
             category = "ec_float"
@@ -242,7 +242,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
             category = "allow_float"
         else:
             category = "affine"
-            if node.op == "Mul" and node.name.endswith("/SpikeValue"):
+            if node.op == "Mul" and is_spike_value(node.name):
                 spike_values.update(t.name for t in node.outputs)
         result.append(NodeInfo(node.name, base_op(node), node.domain or "ai.onnx", category,
                                tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs)))

@@ -19,6 +19,7 @@ import onnx
 
 from spikec import graphinfo
 from spikec.passes.regions import DATA_MOVEMENT
+from spikec.runtime.layout import is_spike_value
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -79,7 +80,7 @@ def spike_source(tensor: str, producer: Mapping[str, onnx.NodeProto], sources: C
         if node is None:
             return None
         op = graphinfo.base_op(node)
-        passes = (op in DATA_MOVEMENT or node.name.endswith("/SpikeValue")
+        passes = (op in DATA_MOVEMENT or is_spike_value(node.name)
                   or (node.domain == graphinfo.SPIKEC_DOMAIN and op.startswith("TTFSReceive"))
                   or (through_accumulation and node.domain == graphinfo.SPIKEC_DOMAIN and op == "ECAccumulate"))
         if not passes:
