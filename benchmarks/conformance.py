@@ -72,7 +72,7 @@ STATUSES = {
     "pass": "compiles, runs, meets the bound",
     "n/a": "the route does not apply to the architecture (not counted)",
     "export failed": "the route could not export the architecture (not counted against spikec)",
-    "ANN fails": "the exported ANN does not run or outputs NaN/Inf on the evaluation set (not counted)",
+    "ANN fails": "the exported ANN does not run, outputs NaN/Inf or only zeros on the evaluation set (not counted)",
     "refused": "compile raised SpikecError (a one-line refusal)",
     "compiler crash": "compile raised another exception (a traceback)",
     "SNN crashes": "compile returned, the SNN does not run in onnxruntime (exit 0)",
@@ -189,6 +189,9 @@ def run_cell(arch_name: str, route_name: str, method: str, *, calibration_sample
         return done("ANN fails", _one_line(exc))
     if not _all_finite(ann):
         return done("ANN fails", "the ANN outputs NaN/Inf")
+    if not any(np.any(v) for v in ann.values()):
+        # every SNN would score cosine 0 (or a vacuous relative error 0) against it: nothing is measured
+        return done("ANN fails", "the ANN outputs only zeros")
     with tempfile.TemporaryDirectory() as work:
         options = {"method": method, "progress": False}
         if check.timesteps:
