@@ -313,7 +313,9 @@ def _export_all(arch_name: str, route_names: Sequence[str]) -> dict[str, str]:
 
 
 def run_matrix(pairs: Sequence[tuple[str, str]], methods: Sequence[str], *, jobs: int = 1, timeout: float = 900,
-               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> list[dict]:
+               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+               on_cells: Callable[[list[dict]], None] = lambda cells: None) -> list[dict]:
+    """Every cell of ``pairs`` x ``methods``; ``on_cells`` gets the cells finished so far after each one."""
     by_arch: dict[str, list[str]] = {}
     for arch, route in pairs:
         by_arch.setdefault(arch, []).append(route)
@@ -337,6 +339,7 @@ def run_matrix(pairs: Sequence[tuple[str, str]], methods: Sequence[str], *, jobs
         cells[key] = cell
         log(f"[{len(cells)}/{len(tasks)}] {key[0]} {key[1]} {key[2]}: {short(cell)}"
             + (f"  ({cell['detail'][:160]})" if cell["status"] != "pass" and cell["detail"] else ""))
+        on_cells(list(cells.values()))
 
     tasks = [_Task((a, r, m), run_cell, (a, r, m), {}, finished) for a, r in pairs for m in methods]
     run_isolated(tasks, jobs, timeout)
@@ -512,19 +515,29 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or args.jobs < 1:
             parser.error(f"unknown: {', '.join(unknown)}" if unknown else "--jobs must be >= 1")
         started = time.perf_counter()
-        cells = run_matrix(tier_pairs(args.tier, only, routes), methods, jobs=args.jobs, timeout=args.timeout)
         import onnxruntime
         import torch
         import transformers
 
-        result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                               "onnxruntime": onnxruntime.__version__},
-                  "command": " ".join(["python benchmarks/conformance.py",
-                                       *(argv if argv is not None else sys.argv[1:])]),
-                  "wall_seconds": round(time.perf_counter() - started), "methods": methods, "cells": cells}
-        result["summary"] = summary(cells)
+        def result_of(cells: list[dict]) -> dict:
+            return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
+                               f"{platform.release()}",
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "onnxruntime": onnxruntime.__version__},
+                    "command": " ".join(["python benchmarks/conformance.py",
+                                         *(argv if argv is not None else sys.argv[1:])]),
+                    "wall_seconds": round(time.perf_counter() - started), "methods": methods, "cells": cells,
+                    "summary": summary(cells)}
+
+        def checkpoint(cells: list[dict]) -> None:
+            # a run stopped before its end (a deadline, a crash of the driver) keeps the cells it finished
+            if args.json:
+                write_atomic(args.json, json.dumps(result_of(cells), indent=1))
+
+        cells = run_matrix(tier_pairs(args.tier, only, routes), methods, jobs=args.jobs, timeout=args.timeout,
+                           on_cells=checkpoint)
+        result = result_of(cells)
     report = render(result)
     print(report)
     if args.json and not args.render:
