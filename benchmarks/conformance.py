@@ -413,7 +413,10 @@ def summary(cells: Sequence[dict]) -> dict:
 
     per_method = {m: {"cells": sum(c["method"] == m for c in counted),
                       "pass": sum(c["method"] == m and c["status"] == "pass" for c in counted)} for m in METHODS}
-    return {"cells": len(cells), "counted": len(counted),
+    per_route = {r: {"cells": sum(c["route"] == r for c in counted),
+                     "pass": sum(c["route"] == r and c["status"] == "pass" for c in counted)}
+                 for r in dict.fromkeys(c["route"] for c in cells)}
+    return {"cells": len(cells), "counted": len(counted), "per_route": per_route,
             "not_counted": dict(Counter(c["status"] for c in cells if c["status"] in NOT_COUNTED)),
             "compile_percent": share(compiled), "run_percent": share(ran), "pass_percent": share(passed),
             "exit0_crash_or_nonfinite": sum(c["status"] in EXIT0_BROKEN for c in counted),
@@ -444,6 +447,8 @@ def summary_markdown(result: dict) -> str:
              f"{s['exit0_below_bound']}.",
              "Per method (pass / counted): " + ", ".join(f"{m} {v['pass']}/{v['cells']}"
                                                           for m, v in s["per_method"].items() if v["cells"]) + ".",
+             "Per route (pass / counted): " + ", ".join(f"{r} {v['pass']}/{v['cells']}"
+                                                         for r, v in s.get("per_route", {}).items()) + ".",
              "Bounds: " + "; ".join(f"{m}: {FIDELITY[m].describe()}" for m in result["methods"]) + "."]
     return "\n".join(lines)
 
