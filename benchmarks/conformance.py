@@ -72,7 +72,7 @@ STATUSES = {
     "pass": "compiles, runs, meets the bound",
     "n/a": "the route does not apply to the architecture (not counted)",
     "export failed": "the route could not export the architecture (not counted against spikec)",
-    "ANN fails": "the exported ANN does not run or outputs NaN/Inf on the evaluation set (not counted)",
+    "ANN fails": "the exported ANN does not run, outputs NaN/Inf or only zeros on the evaluation set (not counted)",
     "refused": "compile raised SpikecError (a one-line refusal)",
     "compiler crash": "compile raised another exception (a traceback)",
     "SNN crashes": "compile returned, the SNN does not run in onnxruntime (exit 0)",
@@ -189,6 +189,9 @@ def run_cell(arch_name: str, route_name: str, method: str, *, calibration_sample
         return done("ANN fails", _one_line(exc))
     if not _all_finite(ann):
         return done("ANN fails", "the ANN outputs NaN/Inf")
+    if not any(np.any(v) for v in ann.values()):
+        # every SNN would score cosine 0 (or a vacuous relative error 0) against it: nothing is measured
+        return done("ANN fails", "the ANN outputs only zeros")
     with tempfile.TemporaryDirectory() as work:
         options = {"method": method, "progress": False}
         if check.timesteps:
@@ -310,7 +313,9 @@ def _export_all(arch_name: str, route_names: Sequence[str]) -> dict[str, str]:
 
 
 def run_matrix(pairs: Sequence[tuple[str, str]], methods: Sequence[str], *, jobs: int = 1, timeout: float = 900,
-               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> list[dict]:
+               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+               on_cells: Callable[[list[dict]], None] = lambda cells: None) -> list[dict]:
+    """Every cell of ``pairs`` x ``methods``; ``on_cells`` gets the cells finished so far after each one."""
     by_arch: dict[str, list[str]] = {}
     for arch, route in pairs:
         by_arch.setdefault(arch, []).append(route)
@@ -334,6 +339,7 @@ def run_matrix(pairs: Sequence[tuple[str, str]], methods: Sequence[str], *, jobs
         cells[key] = cell
         log(f"[{len(cells)}/{len(tasks)}] {key[0]} {key[1]} {key[2]}: {short(cell)}"
             + (f"  ({cell['detail'][:160]})" if cell["status"] != "pass" and cell["detail"] else ""))
+        on_cells(list(cells.values()))
 
     tasks = [_Task((a, r, m), run_cell, (a, r, m), {}, finished) for a, r in pairs for m in methods]
     run_isolated(tasks, jobs, timeout)
@@ -407,7 +413,10 @@ def summary(cells: Sequence[dict]) -> dict:
 
     per_method = {m: {"cells": sum(c["method"] == m for c in counted),
                       "pass": sum(c["method"] == m and c["status"] == "pass" for c in counted)} for m in METHODS}
-    return {"cells": len(cells), "counted": len(counted),
+    per_route = {r: {"cells": sum(c["route"] == r for c in counted),
+                     "pass": sum(c["route"] == r and c["status"] == "pass" for c in counted)}
+                 for r in dict.fromkeys(c["route"] for c in cells)}
+    return {"cells": len(cells), "counted": len(counted), "per_route": per_route,
             "not_counted": dict(Counter(c["status"] for c in cells if c["status"] in NOT_COUNTED)),
             "compile_percent": share(compiled), "run_percent": share(ran), "pass_percent": share(passed),
             "exit0_crash_or_nonfinite": sum(c["status"] in EXIT0_BROKEN for c in counted),
@@ -438,6 +447,8 @@ def summary_markdown(result: dict) -> str:
              f"{s['exit0_below_bound']}.",
              "Per method (pass / counted): " + ", ".join(f"{m} {v['pass']}/{v['cells']}"
                                                           for m, v in s["per_method"].items() if v["cells"]) + ".",
+             "Per route (pass / counted): " + ", ".join(f"{r} {v['pass']}/{v['cells']}"
+                                                         for r, v in s.get("per_route", {}).items()) + ".",
              "Bounds: " + "; ".join(f"{m}: {FIDELITY[m].describe()}" for m in result["methods"]) + "."]
     return "\n".join(lines)
 
@@ -509,19 +520,29 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or args.jobs < 1:
             parser.error(f"unknown: {', '.join(unknown)}" if unknown else "--jobs must be >= 1")
         started = time.perf_counter()
-        cells = run_matrix(tier_pairs(args.tier, only, routes), methods, jobs=args.jobs, timeout=args.timeout)
         import onnxruntime
         import torch
         import transformers
 
-        result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-                  "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                               "onnxruntime": onnxruntime.__version__},
-                  "command": " ".join(["python benchmarks/conformance.py",
-                                       *(argv if argv is not None else sys.argv[1:])]),
-                  "wall_seconds": round(time.perf_counter() - started), "methods": methods, "cells": cells}
-        result["summary"] = summary(cells)
+        def result_of(cells: list[dict]) -> dict:
+            return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
+                               f"{platform.release()}",
+                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                 "onnxruntime": onnxruntime.__version__},
+                    "command": " ".join(["python benchmarks/conformance.py",
+                                         *(argv if argv is not None else sys.argv[1:])]),
+                    "wall_seconds": round(time.perf_counter() - started), "methods": methods, "cells": cells,
+                    "summary": summary(cells)}
+
+        def checkpoint(cells: list[dict]) -> None:
+            # a run stopped before its end (a deadline, a crash of the driver) keeps the cells it finished
+            if args.json:
+                write_atomic(args.json, json.dumps(result_of(cells), indent=1))
+
+        cells = run_matrix(tier_pairs(args.tier, only, routes), methods, jobs=args.jobs, timeout=args.timeout,
+                           on_cells=checkpoint)
+        result = result_of(cells)
     report = render(result)
     print(report)
     if args.json and not args.render:

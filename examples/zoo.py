@@ -51,7 +51,7 @@ ZOO_REV = 1
 SEQ, VOCAB = 16, 1000
 # Sample counts: calibration (thresholds, ranges) and a held-out evaluation set of other samples.
 CALIBRATION_SAMPLES, EVALUATION_SAMPLES = 32, 8
-CALIBRATION_SEED, EVALUATION_SEED, EXPORT_SEED = 1, 2, 0
+CALIBRATION_SEED, EVALUATION_SEED, EXPORT_SEED, STATS_SEED = 1, 2, 0, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +69,17 @@ class Arch:
     optimum_task: str = "feature-extraction"
     optimum_file: str = "model.onnx"  # the file of optimum's output directory that holds this model
     optimum_shapes: tuple[tuple[str, int], ...] = ()  # main_export's dummy input shapes where its defaults misfit
+    # random init leaves BatchNorm's running statistics at mean 0, variance 1, which no trained model has: each
+    # stage then shrinks the activations (MobileViT's outputs underflow to exact zeros), so these are measured
+    # on sample inputs first, as training would have set them
+    batchnorm_stats: bool = False
 
     @property
     def model_key(self) -> str:
         """Digest of what the torch model and its exports are made of (not of other tools' settings)."""
-        return _digest((self.model_cls, self.config_cls, self.config, self.inputs, self.outputs, self.submodule))
+        parts = (self.model_cls, self.config_cls, self.config, self.inputs, self.outputs, self.submodule)
+        # appended only where set, so the other architectures keep their cached exports
+        return _digest(parts + (("batchnorm_stats",) if self.batchnorm_stats else ()))
 
     @property
     def settings(self) -> dict:
@@ -208,11 +214,11 @@ _ARCH_LIST = [
     Arch("levit", "vision", "LevitModel", "LevitConfig",
          _cfg(image_size=64, num_channels=3, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 2, 2],
               depths=[1, 1, 1], key_dim=[8, 8, 8], drop_path_rate=0, mlp_ratio=[2, 2, 2],
-              attention_ratio=[2, 2, 2]), "image", _POOLED),
+              attention_ratio=[2, 2, 2]), "image", _POOLED, batchnorm_stats=True),
     # MobileNetV2 blocks (BatchNorm, SiLU) around transformer blocks on unfolded patches
     Arch("mobilevit", "vision", "MobileViTModel", "MobileViTConfig",
          _cfg(image_size=64, num_channels=3, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 48, 64, 96],
-              num_attention_heads=2, patch_size=2, mlp_ratio=2.0), "image", _POOLED),
+              num_attention_heads=2, patch_size=2, mlp_ratio=2.0), "image", _POOLED, batchnorm_stats=True),
     # attention-pooling head: torch.nn.MultiheadAttention (sequence-first inside)
     Arch("siglip-vision", "vision", "SiglipVisionModel", "SiglipVisionConfig", _cfg(**_VIT), "image", _POOLED,
          ort_model_type="clip"),
@@ -384,7 +390,25 @@ def build_model(arch: Arch, attention: str = "default"):
         model = getattr(transformers, arch.model_cls)(config).eval()
     if arch.submodule:
         model = getattr(model, arch.submodule)
+    if arch.batchnorm_stats:
+        _measure_batchnorm_stats(model, arch)
     return _named_io_module(model, list(sample_inputs(arch, 1, 0)), arch.outputs)
+
+
+def _measure_batchnorm_stats(model, arch: Arch) -> None:
+    """Running statistics of every BatchNorm from a pass over samples of a seed no evaluation uses (only the
+    BatchNorms run in training mode: dropout and the rest stay as evaluated)."""
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the pass
+        norm.train()
+    with torch.no_grad():
+        model(**{k: torch.from_numpy(v) for k, v in sample_inputs(arch, 64, STATS_SEED).items()})
+    for norm in norms:
+        norm.eval()
 
 
 def _dynamic_axes(arch: Arch, names) -> dict[str, dict[int, str]]:

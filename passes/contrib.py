@@ -84,7 +84,7 @@ def _is_contrib(domain: str | None, op: str, opset: int) -> bool:
     key = _key(domain, op)
     if key == ("", "LayerNormalization"):
         return opset < 17
-    return key in _SPECS or key in _REFUSED or domain == NCHWC
+    return key in _SPECS or domain == NCHWC
 
 
 def _key(domain: str | None, op: str) -> tuple[str, str]:
@@ -267,8 +267,8 @@ class _Spec:
 def _expand(graph: gs.Graph, node: gs.Node, names: set[str]) -> None:
     """Replace `node` by its expansion, or raise (_Postpone: nothing emitted yet)."""
     key = _key(node.domain, node.op)
-    if node.domain == NCHWC or key in _REFUSED:
-        raise _refuse(node, _REFUSED.get(key, _NCHWC_REFUSAL))
+    if node.domain == NCHWC:
+        raise _refuse(node, _NCHWC_REFUSAL)
     spec = _SPECS[key]
     unknown = sorted(set(node.attrs) - set(spec.attrs))
     if unknown:
@@ -772,14 +772,65 @@ def _rotary_embedding(em: _Emitter, node: gs.Node, attrs: dict) -> None:
         em("Reshape", embedded, np.array([0, 0, -1], np.int64), out=out)
 
 
+def _group_query_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
+    """Attention whose N query heads share KV heads in groups of N / kv_num_heads, causal, with a past
+    (B, kv heads, P, H) concatenated in front of the new keys. seqlens_k holds each row's total length
+    minus one: keys at or after it are masked. A prompt (no past) starts at position 0 in every row; with a
+    past, each row's queries end at its total length, as onnxruntime's kernel places them (the past must
+    then hold exactly the keys before the chunk: a longer shared buffer is not this layout)."""
+    graph = em.graph
+    query, key, value, past_key, past_value = node.inputs[0], _input(node, 1), _input(node, 2), _input(node, 3), \
+        _input(node, 4)
+    seqlens = node.inputs[5]
+    _check_float(node, query, key, value, past_key, past_value)
+    for name, default in (("do_rotary", 0), ("softcap", 0.0), ("local_window_size", -1), ("smooth_softmax", 0),
+                          ("qk_output", 0)):
+        if attrs[name] != default:
+            raise _refuse(node, f"{name}={attrs[name]} is not supported")
+    if key is None or value is None:
+        raise _refuse(node, "packed QKV is not supported (give key and value)")
+    if (past_key is None) != (past_value is None):
+        raise _refuse(node, "past_key and past_value must be given together")
+    heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
+    hidden = _static_dim(node, query, 2, "the query width")
+    if heads <= 0 or kv_heads <= 0 or hidden % heads or heads % kv_heads:
+        raise _refuse(node, f"num_heads={heads}, kv_num_heads={kv_heads} do not split the query width {hidden}")
+    head_size, group = hidden // heads, heads // kv_heads
+    present_key, present_value = _output(node, 1, graph), _output(node, 2, graph)
+    k, v = (_to_heads(em, t, kv_heads, head_size) for t in (key, value))
+    if past_key is not None:
+        k = em("Concat", past_key, k, axis=2, out=present_key)
+        v = em("Concat", past_value, v, axis=2, out=present_value)
+    else:
+        for tensor, present in ((k, present_key), (v, present_value)):
+            if present is not None:
+                em("Identity", tensor, out=present)
+    if group > 1:  # kv head h serves query heads h * group ... (h + 1) * group - 1
+        k, v = (em("Reshape", em("Tile", em("Unsqueeze", t, np.array([2], np.int64)),
+                                 np.array([1, 1, group, 1, 1], np.int64)),
+                   np.array([0, heads, -1, head_size], np.int64)) for t in (k, v))
+    q = _to_heads(em, query, heads, head_size)
+    scores = em("MatMul", q, em("Transpose", k, perm=[0, 1, 3, 2]))
+    factor = np.float32(attrs["scale"]) if attrs["scale"] else np.float32(1.0 / math.sqrt(head_size))
+    scores = em("Mul", scores, factor)
+    queries = em.dim(q, 2)
+    rows = em("Reshape", em("Range", np.int64(0), em.scalar(queries), np.int64(1)), np.array([1, 1, -1, 1], np.int64))
+    keys = em("Reshape", em("Range", np.int64(0), em.scalar(em.dim(k, 2)), np.int64(1)),
+              np.array([1, 1, 1, -1], np.int64))
+    lengths = em("Reshape", em("Add", em("Cast", seqlens, to=onnx.TensorProto.INT64), np.int64(1)),
+                 np.array([-1, 1, 1, 1], np.int64))
+    last = rows if past_key is None else em("Add", rows, em("Sub", lengths, queries))
+    hidden_keys = em("Or", em("Greater", keys, last), em("GreaterOrEqual", keys, lengths))
+    scores = em("Add", scores, em("Where", hidden_keys, np.float32(_LOWEST), np.float32(0.0)))
+    context = em("MatMul", em("Softmax", scores, axis=-1), v)
+    em("Reshape", em("Transpose", context, perm=[0, 2, 1, 3]), np.array([0, 0, hidden], np.int64),
+       out=_output(node, 0, graph))
+
+
 # ----------------------------------------------------------------------------- registry
 
 _NCHWC_REFUSAL = ("onnxruntime's NCHWc layout (optimization level 99) depends on the CPU that optimized the model; "
                   "optimize with opt_level <= 2")
-_REFUSED = {
-    # onnxruntime-genai's decoders: attention over a KV cache whose per-batch lengths select the keys
-    (MS, "GroupQueryAttention"): "KV-cache decoding attention is not supported; export the model without a KV cache",
-}
 
 _NORM_ATTRS = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
 _SPECS: dict[tuple[str, str], _Spec] = {
@@ -812,6 +863,10 @@ _SPECS: dict[tuple[str, str], _Spec] = {
     (MS, "MultiHeadAttention"): _Spec(_multi_head_attention, {"num_heads": 0, "scale": None,
                                                               "mask_filter_value": _MASK_FILTER,
                                                               "unidirectional": 0}, 10),
+    (MS, "GroupQueryAttention"): _Spec(_group_query_attention, {"num_heads": 0, "kv_num_heads": 0, "scale": None,
+                                                                "softcap": 0.0, "do_rotary": 0, "rotary_interleaved": 0,
+                                                                "local_window_size": -1, "smooth_softmax": 0,
+                                                                "qk_output": 0}, 7),
     (MS, "RotaryEmbedding"): _Spec(_rotary_embedding, {"num_heads": 0, "rotary_embedding_dim": 0, "interleaved": 0,
                                                        "is_packed_batching": 0, "scale": 1.0}, 4),
 }

@@ -5,6 +5,7 @@ must compile, run and meet its method's bound (FIDELITY).
 Cells that fail today carry ``xfail(strict=True)`` naming their issue-18 class: when the fix of a class is
 merged, its cells pass, strict xfail turns them into failures, and the marker comes off.
 """
+import numpy as np
 import pytest
 
 from benchmarks import conformance
@@ -30,3 +31,32 @@ def test_cell_meets_its_bound(arch, route, method):
 def test_known_failures_are_ci_cells():
     # a stale entry (a cell renamed or dropped from the tier) would silently stop guarding anything
     assert set(KNOWN_FAILURES) <= set(CELLS)
+
+
+def test_batchnorm_statistics_are_measured_before_export():
+    # random init leaves running mean 0 / variance 1: MobileViT's BatchNorm stages then shrink its outputs to
+    # exact zeros, and every cell of it measured nothing (cosine 0 for ECMT/STA, a vacuous TTFS error 0)
+    import torch
+
+    from examples import zoo
+
+    arch = zoo.ARCHS["mobilevit"]
+    model = zoo.build_model(arch)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(not m.training and not torch.allclose(m.running_var, torch.ones_like(m.running_var))
+                         for m in norms)
+    feeds = {k: torch.from_numpy(v) for k, v in zoo.sample_inputs(arch, 2, zoo.EVALUATION_SEED).items()}
+    with torch.no_grad():
+        outputs = model(*feeds.values())
+    assert all(float(o.abs().max()) > 1e-3 for o in outputs)
+
+
+def test_an_ann_of_only_zeros_is_not_counted(monkeypatch):
+    # a degenerate fixture is no finding about spikec: the cell says so instead of failing or passing it
+    import spikec.evaluate
+
+    monkeypatch.setattr(spikec.evaluate, "run_dataset",
+                        lambda model, feeds, **_: {"last_hidden_state": np.zeros((2, 3), np.float32)})
+    cell = conformance.run_cell("bert", "ts17", "ttfs", calibration_samples=2, evaluation_samples=2)
+    assert (cell["status"], cell["detail"]) == ("ANN fails", "the ANN outputs only zeros")
+    assert "ANN fails" in conformance.NOT_COUNTED

@@ -247,6 +247,33 @@ def _attention_cases() -> dict[str, Case]:
     return cases
 
 
+def _group_query_cases() -> dict[str, Case]:
+    _, f = _rng(8)
+    batch, seq, heads, kv_heads, head_size, past = 2, 5, 4, 2, 8, 3
+    gqa = {"num_heads": heads, "kv_num_heads": kv_heads}
+    new = {"q": f(batch, seq, heads * head_size), "k": f(batch, seq, kv_heads * head_size),
+           "v": f(batch, seq, kv_heads * head_size)}
+    step = {"q": f(batch, 1, heads * head_size), "k": f(batch, 1, kv_heads * head_size),
+            "v": f(batch, 1, kv_heads * head_size), "pk": f(batch, kv_heads, past, head_size),
+            "pv": f(batch, kv_heads, past, head_size)}
+    total = {"sl": np.array([past, past], np.int32), "t": np.array(past + 1, np.int32)}
+    return {
+        # right padding: the second row holds 3 tokens; its padded queries see the real keys up to them
+        "gqa-prompt-padded": Case("GroupQueryAttention", {**new, "sl": np.array([4, 2], np.int32),
+                                                          "t": np.array(seq, np.int32)}, {},
+                                  ["q", "k", "v", "", "", "sl", "t"], ["y", "pk_out", "pv_out"], gqa),
+        "gqa-decode-step-past-scale": Case("GroupQueryAttention", {**step, **total}, {},
+                                           ["q", "k", "v", "pk", "pv", "sl", "t"], ["y", "pk_out", "pv_out"],
+                                           {**gqa, "scale": 0.2}),
+        "gqa-one-kv-head-per-query-head": Case("GroupQueryAttention", {**new, "k": f(batch, seq, heads * head_size),
+                                                                      "v": f(batch, seq, heads * head_size),
+                                                                      "sl": np.array([4, 4], np.int32),
+                                                                      "t": np.array(seq, np.int32)}, {},
+                                               ["q", "k", "v", "", "", "sl", "t"], ["y"],
+                                               {"num_heads": heads, "kv_num_heads": heads}),
+    }
+
+
 def _rotary_cases() -> dict[str, Case]:
     rng, f = _rng(4)
     batch, seq, heads, head_size, cached = 2, 5, 3, 8, 16
@@ -265,7 +292,7 @@ def _rotary_cases() -> dict[str, Case]:
     return cases
 
 
-CASES = {**_norm_cases(), **_activation_cases(), **_attention_cases(), **_rotary_cases()}
+CASES = {**_norm_cases(), **_activation_cases(), **_attention_cases(), **_group_query_cases(), **_rotary_cases()}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -351,8 +378,11 @@ def test_what_cannot_be_expanded_exactly_is_refused_in_one_line():
              "past_present_share_buffer")
     _refused(Case("Attention", {"x": x}, attention, ["x", "w", "b"], ["y"], {"num_heads": 5}), "qkv_hidden_sizes")
     _refused(Case("MultiHeadAttention", {"q": f(2, 5, 2, 3, 4)}, {}, ["q"], ["y"], {"num_heads": 2}), "packed QKV")
-    _refused(Case("GroupQueryAttention", {"q": x}, {}, ["q"], ["y"], {"num_heads": 2, "kv_num_heads": 1}),
-             "KV-cache")
+    _refused(Case("GroupQueryAttention", {"q": x, "k": x, "v": x, "sl": np.array([4, 4], np.int32)}, {},
+                  ["q", "k", "v", "", "", "sl", "t"], ["y"], {"num_heads": 2, "kv_num_heads": 1, "do_rotary": 1}),
+             "do_rotary=1")
+    _refused(Case("GroupQueryAttention", {"q": x}, {}, ["q", "", "", "", "", "sl", "t"], ["y"],
+                  {"num_heads": 2, "kv_num_heads": 1}), "packed QKV")
     _refused(Case("SkipSimplifiedLayerNormalization", {"x": x, "s": x}, {"g": f(8)}, ["x", "s", "g"], ["y", "mean"]),
              "'mean' is not defined")
     _refused(Case("Gelu", {"x": x}, {}, ["x"], ["y"], {"approximate": "tanh"}), "attribute 'approximate'")
