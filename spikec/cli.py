@@ -274,14 +274,14 @@ def cmd_inspect(args) -> int:
         sites = Table(title=f"TTFS sites: {len(ttfs['sites'])} spiking layers, {timing}")
         # the loss the ranges' clipping would have cost: what the held-out samples showed before widening
         clipped = ttfs.get("clipped") or {}
-        for column in ("site", "role", "emit", "receives", "range [a, b]", "from", "held-out clipped"):
+        for column in ("site", "role", "emit", "receives", "range [a, b]", "from", "held-out clipped, past"):
             sites.add_column(column)
         for row in ttfs["sites"]:
             clip = clipped.get(row["site"])
             sites.add_row(row["site"], row["role"], row["emit"], " ".join(row["receives"]),
                           f"[{row['lower']:.4g}, {row['upper']:.4g}]", "construction" if row["analytic"] else "calibration",
-                          "" if clip is None else f"{clip['share']:.2%} by up to {clip['overshoot']:.2g} span; "
-                                                  f"widened from [{clip['from'][0]:.4g}, {clip['from'][1]:.4g}]")
+                          "" if clip is None else f"{clip['share']:.2%}, {clip['overshoot']:.2g} span past "
+                                                  f"[{clip['from'][0]:.4g}, {clip['from'][1]:.4g}]")
         console.print(sites)
         for row in ttfs["float_nodes"]:
             console.print(f"float (decoded, then encoded): {row['node']} ({row['op']})")

@@ -105,7 +105,7 @@ def test_image_folder_errors_are_one_line(tmp_path, digit_pixels, capfd, monkeyp
     folder, out = tmp_path / "images", tmp_path / "calib.npz"
     _write_digits(folder, digit_pixels[:2])
     model = str(fixtures.digits_vit())
-    base = ["calib", "make", model, "-o", str(out), "--images"]
+    base = ["calib", "make", model, "-o", str(out), "--quiet", "--images"]
     _fails(capfd, [*base, str(folder), "--resize", "16x16"], "image folder", "pixels")  # model fixes 8x8
     _fails(capfd, [*base, str(folder), "--resize", "8"], "resize=8", "HxW")
     _fails(capfd, [*base, str(folder), "--mean", "0.1,0.2"], "--mean", "2 values for 1 channel")
