@@ -28,10 +28,8 @@ def _input_shapes(specs: list[str] | None) -> dict[str, list[int | str]] | None:
     return shapes
 
 
-def _numbers(flag: str, spec: str | None, sep: str, kind: type) -> tuple | None:
+def _numbers(flag: str, spec: str, sep: str, kind: type) -> tuple:
     """``spec`` split at ``sep`` into numbers of ``kind`` (``--resize 224x224``, ``--mean 0.5,0.4,0.4``)."""
-    if spec is None:
-        return None
     try:
         return tuple(kind(part) for part in spec.split(sep))
     except ValueError:
@@ -139,7 +137,7 @@ def cmd_calib_make(args) -> int:
         arrays = calibdata.from_text(args.model, args.text, args.tokenizer, max_length=args.max_length,
                                      progress=not args.quiet)
     elif args.images:
-        arrays = calibdata.from_images(args.model, args.images, resize=_numbers("--resize", args.resize, "x", int),
+        arrays = calibdata.from_images(args.model, args.images, resize=args.resize and _numbers("--resize", args.resize, "x", int),
                                        resample=args.resample, scale=args.scale,
                                        mean=_numbers("--mean", args.mean, ",", float),
                                        std=_numbers("--std", args.std, ",", float), progress=not args.quiet)

@@ -410,8 +410,10 @@ def test_layernorm_construction(precision):
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 16])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 16])]
     constants = [onnx.numpy_helper.from_array(gamma, "gamma"), onnx.numpy_helper.from_array(beta, "beta")]
-    sample = lambda n: (rng.standard_normal((n, 5, 16)) * rng.uniform(0.2, 3, (n, 5, 1)) + rng.uniform(-1, 1, (n, 5, 1))
-                        ).astype(np.float32)  # noqa: E731
+    def sample(n):
+        return (rng.standard_normal((n, 5, 16)) * rng.uniform(0.2, 3, (n, 5, 1)) + rng.uniform(-1, 1, (n, 5, 1))
+                ).astype(np.float32)
+
     snn = _compile_graph(nodes, inputs, outputs, {"x": sample(256)}, constants, precision=precision)
     assert "LayerNormalization" not in {n.op_type for n in snn.graph.node}
     x = sample(32)

@@ -17,8 +17,8 @@ from spikec.errors import SpikecError
 from spikec.methods.base import FIRST_SPIKE, Bound, Calibration, Job, Method
 from spikec.passes import emit, ttfs
 from spikec.passes.patterns import find_regions
-from spikec.runtime.ttfs import Window
 from spikec.runtime.ops import default_opset
+from spikec.runtime.ttfs import Window
 
 
 class _Exact(NamedTuple):
