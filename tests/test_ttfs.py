@@ -214,14 +214,16 @@ def test_minilm_sentence_embeddings():
 
 def test_minilm_with_32_calibration_sentences_holds_on_unseen_sentences():
     """Default ranges from 32 sentences hold on sentences neither calibration nor the project's evaluation
-    set contains: nothing clips on the held-out ones at compile time, and the error stays small."""
+    set contains (docstrings of other modules, hand-written everyday ones): nothing clips on the held-out
+    ones at compile time, and the error stays small."""
     calib = fixtures.minilm_inputs(fixtures.calibration_sentences()[:32])
-    unseen = fixtures.minilm_inputs(fixtures.heldout_sentences())
     snn = spikec.compile(fixtures.minilm(), calib, method="ttfs", progress=False)
     assert json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])["ttfs"]["clipped"] == {}
-    ann = run_dataset(fixtures.minilm(), unseen)["sentence_embedding"]
-    got = run_dataset(snn, unseen)["sentence_embedding"]
-    assert np.abs(got - ann).max() < 1e-3 * np.abs(ann).max()  # measured 4e-5
+    for sentences in (fixtures.heldout_sentences(), fixtures.written_sentences()):
+        unseen = fixtures.minilm_inputs(sentences)
+        ann = run_dataset(fixtures.minilm(), unseen)["sentence_embedding"]
+        got = run_dataset(snn, unseen)["sentence_embedding"]
+        assert np.abs(got - ann).max() < 1e-3 * np.abs(ann).max()  # measured 4e-5, 5e-5
 
 
 def test_ranges_that_clip_held_out_samples_are_widened_and_reported(digits, tmp_path, capfd, monkeypatch):
