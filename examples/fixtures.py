@@ -74,6 +74,7 @@ __all__ = [
     "random_transformer",
     "bert_base_random",
     "write_npz",
+    "written_sentences",
 ]
 
 
@@ -678,6 +679,13 @@ def heldout_sentences() -> list[str]:
     if len(pool) < _N_EVALUATION:
         raise RuntimeError(f"only {len(pool)} held-out sentences harvested from stdlib docstrings")
     return pool[:_N_EVALUATION]
+
+
+def written_sentences() -> list[str]:
+    """64 hand-written everyday English sentences (examples/written_sentences.txt): text unlike the
+    docstring pools, for default-flag claims on data no calibration or default choice has seen."""
+    text = (Path(__file__).parent / "written_sentences.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Calibration data from what users hold: a text file and the model's tokenizer, or a Python function.
+"""Calibration data from what users hold: a text file and the model's tokenizer, an image folder, or a
+Python function.
 
 Compile takes an .npz keyed by the model's input names; this module builds one and checks it against the
 model with the same ``load_inputs`` compile uses, so a file it writes is one compile accepts.
@@ -75,6 +76,81 @@ def from_text(model, text: str | os.PathLike, tokenizer: str | os.PathLike, *, m
         raise SpikecError(f"tokenizer {tokenizer}: gives {sorted(produced)}, not the model's input "
                           f"'{missing[0]}'")
     return load_inputs({name: produced[name] for name in wanted}, model, what=f"text file {text}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+RESAMPLING = ("nearest", "box", "bilinear", "bicubic", "lanczos")
+
+
+def _image_input(graph, label: str) -> tuple[str, bool, int, tuple[int, int] | None]:
+    """The model's one image input: its name, whether channels come last, the channel count, and its static
+    height and width (None where either is symbolic)."""
+    candidates = []
+    for vi in _graph_inputs(graph):
+        dims = list(vi.type.tensor_type.shape.dim)
+        if len(dims) != 4:
+            continue
+        static = [d.dim_value if d.WhichOneof("value") == "dim_value" else None for d in dims]
+        # channels first unless axis 1 is no channel count (1 or 3) and the last axis is one
+        last = static[1] not in (1, 3) and static[3] in (1, 3)
+        channels = static[3] if last else static[1]
+        height, width = static[1:3] if last else static[2:4]
+        candidates.append((vi.name, last, channels, (height, width) if height and width else None))
+    if len(candidates) != 1:
+        raise SpikecError(f"{label}: an image folder feeds a model with one 4-D image input; it has "
+                          f"{len(candidates)}")
+    name, last, channels, size = candidates[0]
+    if channels not in (1, 3):
+        raise SpikecError(f"{label}: input '{name}' has {channels} channels on its channel axis; images give 1 or 3")
+    return name, last, channels, size
+
+
+def _per_channel(values: tuple[float, ...], channels: int, flag: str) -> np.ndarray:
+    if len(values) not in (1, channels):
+        raise SpikecError(f"argument {flag}: {len(values)} values for {channels} channel(s); give 1 or {channels}")
+    return np.broadcast_to(np.asarray(values, np.float64), (channels,))
+
+
+def from_images(model, folder: str | os.PathLike, *, resize: tuple[int, int] | None = None,
+                resample: str = "bilinear", scale: float = 1 / 255, mean: tuple[float, ...] = (0.0,),
+                std: tuple[float, ...] = (1.0,), progress: bool = True) -> dict[str, np.ndarray]:
+    """One sample per image file under ``folder`` (recursive, sorted by path), converted to the model's
+    channel count (grey or RGB), resized to ``resize`` (height, width; default the model's static size),
+    then ``(pixel * scale - mean) / std`` per channel, in the model's layout (channels first or last)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise SpikecError(f"image folder {folder}: not a directory")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SpikecError(f"image folder {folder}: holds no image file ({', '.join(IMAGE_SUFFIXES)})")
+    if resample not in RESAMPLING:
+        raise SpikecError(f"argument resample={resample!r}: expected one of {', '.join(RESAMPLING)}")
+    if std and min(abs(v) for v in std) == 0:
+        raise SpikecError("argument --std: a standard deviation of 0 divides by zero")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SpikecError("argument images: reading images needs the Pillow package (pip install pillow)") from None
+    graph, _, label = _load_model(model)
+    name, last, channels, size = _image_input(graph, label)
+    size = resize or size
+    if size is None:
+        raise SpikecError(f"{label}: input '{name}' has no static height and width; give --resize HxW")
+    if len(size) != 2 or min(size) < 1:
+        raise SpikecError(f"argument resize={'x'.join(map(str, size))}: expected two positive sizes, HxW")
+    offset, divisor = _per_channel(mean, channels, "--mean"), _per_channel(std, channels, "--std")
+    filter_ = getattr(Image.Resampling, resample.upper())
+    samples = np.empty((len(files), size[0], size[1], channels), np.float32)
+    for i, path in enumerate(tqdm(files, desc="reading images", unit="image", disable=not progress)):
+        try:
+            with Image.open(path) as image:
+                pixels = image.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), filter_)
+        except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, ValueError, ... for a bad file
+            raise SpikecError(f"image {path}: cannot read it ({_one_line(exc)})") from None
+        values = np.asarray(pixels, np.float64).reshape(size[0], size[1], channels)
+        samples[i] = (values * scale - offset) / divisor
+    arrays = {name: samples if last else samples.transpose(0, 3, 1, 2)}
+    return load_inputs(arrays, model, what=f"image folder {folder}")
 
 
 def from_callable(model, reference: str) -> dict[str, np.ndarray]:

@@ -28,6 +28,14 @@ def _input_shapes(specs: list[str] | None) -> dict[str, list[int | str]] | None:
     return shapes
 
 
+def _numbers(flag: str, spec: str, sep: str, kind: type) -> tuple:
+    """``spec`` split at ``sep`` into numbers of ``kind`` (``--resize 224x224``, ``--mean 0.5,0.4,0.4``)."""
+    try:
+        return tuple(kind(part) for part in spec.split(sep))
+    except ValueError:
+        raise SpikecError(f"argument {flag} {spec!r}: expected {kind.__name__}s separated by {sep!r}") from None
+
+
 def cmd_compile(args) -> int:
     from spikec.compiler import compile as compile_model
     from spikec.compiler import split_options
@@ -128,6 +136,11 @@ def cmd_calib_make(args) -> int:
             raise SpikecError("argument --text: needs --tokenizer DIR (a saved Hugging Face tokenizer)")
         arrays = calibdata.from_text(args.model, args.text, args.tokenizer, max_length=args.max_length,
                                      progress=not args.quiet)
+    elif args.images:
+        arrays = calibdata.from_images(args.model, args.images, resize=args.resize and _numbers("--resize", args.resize, "x", int),
+                                       resample=args.resample, scale=args.scale,
+                                       mean=_numbers("--mean", args.mean, ",", float),
+                                       std=_numbers("--std", args.std, ",", float), progress=not args.quiet)
     else:
         arrays = calibdata.from_callable(args.model, args.python)
     modelio.write([("output", args.output, arrays)], reads)
@@ -257,11 +270,16 @@ def cmd_inspect(args) -> int:
         ttfs = info["ttfs"]
         timing = f"time precision {ttfs['precision']}" if ttfs["precision"] else "float spike times"
         sites = Table(title=f"TTFS sites: {len(ttfs['sites'])} spiking layers, {timing}")
-        for column in ("site", "role", "emit", "receives", "range [a, b]", "from"):
+        # the loss the ranges' clipping would have cost: what the held-out samples showed before widening
+        clipped = ttfs.get("clipped") or {}
+        for column in ("site", "role", "emit", "receives", "range [a, b]", "from", "held-out clipped, past"):
             sites.add_column(column)
         for row in ttfs["sites"]:
+            clip = clipped.get(row["site"])
             sites.add_row(row["site"], row["role"], row["emit"], " ".join(row["receives"]),
-                          f"[{row['lower']:.4g}, {row['upper']:.4g}]", "construction" if row["analytic"] else "calibration")
+                          f"[{row['lower']:.4g}, {row['upper']:.4g}]", "construction" if row["analytic"] else "calibration",
+                          "" if clip is None else f"{clip['share']:.2%}, {clip['overshoot']:.2g} span past "
+                                                  f"[{clip['from'][0]:.4g}, {clip['from'][1]:.4g}]")
         console.print(sites)
         for row in ttfs["float_nodes"]:
             console.print(f"float (decoded, then encoded): {row['node']} ({row['op']})")
@@ -514,18 +532,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_ugo_train)
 
-    p = sub.add_parser("calib", help="calibration data for a model from text or a Python function")
+    p = sub.add_parser("calib", help="calibration data for a model from text, images or a Python function")
     calib_commands = p.add_subparsers(dest="calib_command", required=True)
     p = calib_commands.add_parser("make", help="write the .npz compile --calib takes, checked against the model")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", metavar="FILE", help="one sample per non-empty line, tokenized by --tokenizer")
+    source.add_argument("--images", metavar="DIR", help="one sample per image file under DIR (recursive, sorted), "
+                                                        "as --resize, --scale, --mean and --std say")
     source.add_argument("--python", metavar="MODULE:FUNCTION",
                         help="a function (module or file.py) returning {input name: array, samples first}")
     p.add_argument("--tokenizer", metavar="DIR", help="a saved Hugging Face tokenizer (offline)")
     p.add_argument("--max-length", type=int, help="pad and truncate to this many tokens (default: the model's "
                                                   "static sequence length)")
+    p.add_argument("--resize", metavar="HxW", help="image size (default: the model's static size)")
+    p.add_argument("--resample", default="bilinear", help="resize filter: nearest, box, bilinear (default), "
+                                                          "bicubic or lanczos")
+    p.add_argument("--scale", type=float, default=1 / 255, help="pixel values times this (default 1/255: 0..1)")
+    p.add_argument("--mean", default="0", metavar="M[,M,M]", help="subtracted after --scale, one value or one "
+                                                                  "per channel (default 0)")
+    p.add_argument("--std", default="1", metavar="S[,S,S]", help="divides after --mean, one value or one per "
+                                                                 "channel (default 1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calib_make)
 

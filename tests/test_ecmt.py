@@ -95,13 +95,13 @@ def test_time_semantics_input_and_bias_every_step(mode):
 
 
 def test_minilm_sentence_embeddings(tmp_path):
-    """With default options, calibrated on one set of sentences and evaluated on two disjoint ones (the
-    project's evaluation set, and sentences no default was chosen on). Step t of a T=16 model is the T=t
+    """With default options, calibrated on one set of sentences and evaluated on three disjoint ones (the
+    project's evaluation set, and docstring and hand-written sentences no default was chosen on). Step t of a T=16 model is the T=t
     result (thresholds do not depend on T), so one run gives both T=8 and T=16."""
     calib = fixtures.minilm_inputs(fixtures.calibration_sentences())
     out = tmp_path / "minilm.onnx"
     spikec.compile(fixtures.minilm(), calib, out, timesteps=16, progress=False)
-    for sentences in (fixtures.evaluation_sentences(), fixtures.heldout_sentences()):
+    for sentences in (fixtures.evaluation_sentences(), fixtures.heldout_sentences(), fixtures.written_sentences()):
         evaluation = fixtures.minilm_inputs(sentences)
         ann = run_dataset(fixtures.minilm(), evaluation)["sentence_embedding"]
         steps = run_dataset(out, evaluation, batch_size=16)["sentence_embedding.steps"]
