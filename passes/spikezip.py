@@ -16,6 +16,15 @@
 Equivalence holds up to float rounding: a quantizer whose input lands within rounding error of a
 level boundary may round the other way in the SNN. QDQ pairs round half to even, ST-BIF+ half up:
 they differ only on exact ties.
+
+Integer-exact mode (``integer``) removes that rounding: every neuron is an STBIFIntegerNeuron, whose
+membrane and tracer count in integer units of its threshold, and whose input current is the change of
+the level (rounded as the quantizer rounds) of the running total its quantizer reads. The synapses sum
+integer spikes (exact), and every op between neurons runs on those totals, tracer x theta, exactly as
+the QANN runs it on its levels: no per-step increments of float values, so nothing for float sums to
+round differently. Once quiet, each tracer is its quantizer's level and every tensor the QANN's, bit
+for bit. Weight products run on the totals too (the sum over steps of spikes x W equals tracer x W
+in integer arithmetic); a burst of up to ``burst`` spikes per step divides T_eq by about ``burst``.
 """
 from __future__ import annotations
 
@@ -29,9 +38,11 @@ from spikec.passes.timing import (
     attach_neuron,
     convert_time,
     fresh_like,
+    neuron_outputs,
     refuse_float_in_regions,
     replace_uses,
     spikec_node,
+    varying_tensors,
 )
 
 from spikec.errors import SpikecError
@@ -55,6 +66,47 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
             "rounding": attrs["rounding"]}
 
 
+def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> dict:
+    """The quantizer's consumers read the integer neuron's tracer (its spikes summed) times the scale:
+    DequantizeLinear's (q - z) * s once the tracer is the level."""
+    attrs = region.attrs
+    source, quantized = attrs["input"], region.outputs[0]
+    theta = np.asarray(attrs["scale"], np.float32)
+    params = {"theta": theta, "s_min": np.float32(attrs["low"]), "s_max": np.float32(attrs["high"])}
+    spikes = fresh_like(source, ".spikes")
+    graph.nodes.append(spikec_node("STBIFIntegerNeuron", f"{source.name}/STBIFIntegerNeuron",
+                                   [source, *(gs.Constant(f"{source.name}.{k}", np.asarray(v, np.float32))
+                                              for k, v in params.items())], [spikes],
+                                   burst=burst, half_even=int(attrs["rounding"] == "half_even")))
+    tracer = accumulate(graph, spikes, f"{source.name}/Tracer", SUM)
+    value = fresh_like(source, ".level_value")
+    graph.nodes.append(gs.Node("Mul", f"{source.name}/LevelValue", inputs=[tracer, gs.Constant(f"{source.name}.scale", theta)],
+                               outputs=[value]))
+    replace_uses(quantized, value)
+    if quantized in graph.outputs:
+        graph.outputs = [value if t is quantized else t for t in graph.outputs]
+        value.name, quantized.name = quantized.name, f"{quantized.name}.qann"
+    for node in region.nodes:
+        node.outputs.clear()
+    return {"tensor": source.name, "node": f"{source.name}/STBIFIntegerNeuron", "region": region.name,
+            "format": attrs["format"], "threshold": theta.tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
+            "rounding": attrs["rounding"], "burst": burst}
+
+
+def totals_as_increments(graph: gs.Graph) -> list[str]:
+    """In integer-exact mode every tensor is a running total; sum semantics wants a graph output's
+    per-step increments. Each time-varying output gets an ECCompensate, which the readout emit adds
+    cancels (passes/emit.py): the output is the total itself, not a float sum of its increments."""
+    varying = varying_tensors(graph, neuron_outputs(graph))
+    wrapped = []
+    for output in [t for t in graph.outputs if t.name in varying]:
+        total = fresh_like(output, ".total")
+        replace_uses(output, total, producer=True)
+        graph.nodes.append(spikec_node("ECCompensate", f"{output.name}/Increments", [total], [output], average=0))
+        wrapped.append(output.name)
+    return wrapped
+
+
 def sesa(graph: gs.Graph, node: gs.Node, name: str) -> dict:
     """Spike-equivalent self-attention product (Eq. 4) in place of MatMul(A, B), telescoped:
     S_A(t) B_t + A_t S_B(t) - A_t B_t = S_A(t) S_B(t) - S_A(t-1) S_B(t-1), so one product of the running
@@ -69,13 +121,22 @@ def sesa(graph: gs.Graph, node: gs.Node, name: str) -> dict:
     return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": "SESA"}
 
 
-def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[str] = frozenset()) -> dict:
-    """Rewrite a canonicalized QANN graph into its SpikeZIP-TF SNN (generic spikec ops, no time structure yet)."""
+def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[str] = frozenset(),
+            integer: bool = False, burst: int = 1) -> dict:
+    """Rewrite a canonicalized QANN graph into its SpikeZIP-TF SNN (generic spikec ops, no time structure
+    yet); with ``integer``, its integer-exact form with bursts of up to ``burst`` spikes."""
     refuse_float_in_regions(regions, set(allow_float))
     quantizers = [r for r in regions if r.kind == "quantizer"]
     if not quantizers:
         raise SpikecError("model has no activation quantizers (QuantizeLinear/DequantizeLinear pairs) to turn "
                           "into ST-BIF+ neurons; compile with --levels L to quantize it after training")
+    if integer:
+        neurons = [replace_quantizer_integer(graph, r, burst) for r in quantizers]
+        graph.cleanup()
+        outputs = totals_as_increments(graph)
+        graph.toposort()
+        return {"neurons": neurons, "integer": True, "burst": burst, "compensated": [], "gated_to_first_step": 0,
+                "ppn_folded_products": 0, "total_outputs": outputs}
     neurons = [replace_quantizer(graph, r) for r in quantizers]
     graph.cleanup()
     timing = convert_time(graph, [r for r in regions if r.kind != "quantizer"], set(allow_float), SUM,
