@@ -93,6 +93,51 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> di
             "rounding": attrs["rounding"], "burst": burst}
 
 
+def dequantize_weights(graph: gs.Graph) -> int:
+    """Fold every DequantizeLinear of constants (the QDQ model's int8/uint8 weights) into a float32 constant,
+    (q - z) * s as DequantizeLinear computes it. Left in the graph, onnxruntime fuses it with the MatMul
+    it feeds into a kernel that quantizes the other operand on the fly: a product the QANN does not have."""
+    folded = 0
+    for node in [n for n in graph.nodes if n.op == "DequantizeLinear" and n.domain in (None, "", "ai.onnx")]:
+        if not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
+            continue
+        q, scale = node.inputs[0].values, np.asarray(node.inputs[1].values, np.float32)
+        zero = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale)
+        if scale.ndim == 1 and q.ndim > 1:  # per axis
+            shape = [1] * q.ndim
+            shape[node.attrs.get("axis", 1)] = scale.size
+            scale, zero = scale.reshape(shape), np.asarray(zero).reshape(shape)
+        value = (q.astype(np.int32) - np.asarray(zero).astype(np.int32)).astype(np.float32) * scale
+        node.outputs[0].to_constant(value.astype(np.float32))
+        node.outputs.clear()
+        folded += 1
+    return folded
+
+
+def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
+    """The integer QANN that integer-exact mode equals: each quantizer written out as its definition,
+    clamp(round(x/s), low, high) * s (QuantizeLinear's rounding where it is one), and the weights
+    dequantized, so that onnxruntime runs these ops as they are, with none of its QDQ fusions (their
+    requantization rounds otherwise)."""
+    for region in [r for r in regions if r.kind == "quantizer"]:
+        attrs, name = region.attrs, region.attrs["input"].name
+        theta = gs.Constant(f"{name}.scale", np.asarray(attrs["scale"], np.float32))
+        steps = [("Div", [theta]), ("Round" if attrs["rounding"] == "half_even" else "Floor", []),
+                 ("Max", [gs.Constant(f"{name}.low", np.asarray(attrs["low"], np.float32))]),
+                 ("Min", [gs.Constant(f"{name}.high", np.asarray(attrs["high"], np.float32))]), ("Mul", [theta])]
+        if attrs["rounding"] != "half_even":
+            steps.insert(1, ("Add", [gs.Constant(f"{name}.half", np.asarray(0.5, np.float32))]))
+        quantized, value = region.outputs[0], attrs["input"]
+        for node in region.nodes:
+            node.outputs.clear()
+        for index, (op, operands) in enumerate(steps):
+            out = quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}")
+            graph.nodes.append(gs.Node(op, f"{name}/Level{index}", inputs=[value, *operands], outputs=[out]))
+            value = out
+    dequantize_weights(graph)
+    graph.cleanup().toposort()
+
+
 def totals_as_increments(graph: gs.Graph) -> list[str]:
     """In integer-exact mode every tensor is a running total; sum semantics wants a graph output's
     per-step increments. Each time-varying output gets an ECCompensate, which the readout emit adds
@@ -132,11 +177,12 @@ def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[st
                           "into ST-BIF+ neurons; compile with --levels L to quantize it after training")
     if integer:
         neurons = [replace_quantizer_integer(graph, r, burst) for r in quantizers]
+        weights = dequantize_weights(graph)
         graph.cleanup()
         outputs = totals_as_increments(graph)
         graph.toposort()
         return {"neurons": neurons, "integer": True, "burst": burst, "compensated": [], "gated_to_first_step": 0,
-                "ppn_folded_products": 0, "total_outputs": outputs}
+                "ppn_folded_products": 0, "total_outputs": outputs, "dequantized_weights": weights}
     neurons = [replace_quantizer(graph, r) for r in quantizers]
     graph.cleanup()
     timing = convert_time(graph, [r for r in regions if r.kind != "quantizer"], set(allow_float), SUM,

@@ -68,6 +68,19 @@ def quantize_model(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], levels
     return canonicalize(qann), inserted
 
 
+def integer_qann(qann: onnx.ModelProto) -> onnx.ModelProto:
+    """The QANN as integer-exact mode computes it (passes/spikezip.py quantizers_as_levels): the model an
+    integer-exact SNN equals bit for bit once quiet."""
+    model = canonicalize(qann)
+    graph = gs.import_onnx(model)
+    spikezip.quantizers_as_levels(graph, find_regions(graph))
+    result = gs.export_onnx(graph, do_type_check=False)
+    del result.opset_import[:]
+    result.opset_import.extend(model.opset_import)
+    result.ir_version = model.ir_version
+    return result
+
+
 class SpikeZIP(Method):
     name = "spikezip"
     paper = "SpikeZIP-TF: equivalent conversion of a quantized ANN (ICML 2024)"
