@@ -118,7 +118,7 @@ def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
     """The integer QANN that integer-exact mode equals: each quantizer written out as its definition,
     clamp(round(x/s), low, high) * s (QuantizeLinear's rounding where it is one), and the weights
     dequantized, so that onnxruntime runs these ops as they are, with none of its QDQ fusions (their
-    requantization rounds otherwise)."""
+    requantization rounds otherwise). Leaves the graph sorted."""
     for region in [r for r in regions if r.kind == "quantizer"]:
         attrs, name = region.attrs, region.attrs["input"].name
         theta = gs.Constant(f"{name}.scale", np.asarray(attrs["scale"], np.float32))
@@ -141,7 +141,8 @@ def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
 def totals_as_increments(graph: gs.Graph) -> list[str]:
     """In integer-exact mode every tensor is a running total; sum semantics wants a graph output's
     per-step increments. Each time-varying output gets an ECCompensate, which the readout emit adds
-    cancels (passes/emit.py): the output is the total itself, not a float sum of its increments."""
+    cancels (passes/emit.py): the output is the total itself, not a float sum of its increments.
+    Expects a sorted graph."""
     varying = varying_tensors(graph, neuron_outputs(graph))
     wrapped = []
     for output in [t for t in graph.outputs if t.name in varying]:
@@ -176,13 +177,15 @@ def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[st
         raise SpikecError("model has no activation quantizers (QuantizeLinear/DequantizeLinear pairs) to turn "
                           "into ST-BIF+ neurons; compile with --levels L to quantize it after training")
     if integer:
-        neurons = [replace_quantizer_integer(graph, r, burst) for r in quantizers]
-        weights = dequantize_weights(graph)
-        graph.cleanup()
+        # a quantizer of a tensor that no input varies (position embeddings) has one level for good: no
+        # neuron to fire it, and none whose spikes would count towards a sample
+        data = varying_tensors(graph, [t.name for t in graph.inputs])
+        neurons = [replace_quantizer_integer(graph, r, burst) for r in quantizers if r.attrs["input"].name in data]
+        quantizers_as_levels(graph, [r for r in quantizers if r.attrs["input"].name not in data])
         outputs = totals_as_increments(graph)
         graph.toposort()
         return {"neurons": neurons, "integer": True, "burst": burst, "compensated": [], "gated_to_first_step": 0,
-                "ppn_folded_products": 0, "total_outputs": outputs, "dequantized_weights": weights}
+                "ppn_folded_products": 0, "total_outputs": outputs}
     neurons = [replace_quantizer(graph, r) for r in quantizers]
     graph.cleanup()
     timing = convert_time(graph, [r for r in regions if r.kind != "quantizer"], set(allow_float), SUM,
