@@ -287,9 +287,17 @@ def _add_rate_readouts(graph: gs.Graph, semantics: str) -> list[tuple[gs.Variabl
         if output.name not in varying or not _is_float(output):
             continue
         per_step = gs.Variable(f"{output.name}.per_step", dtype=output.dtype, shape=output.shape)
+        producer = output.inputs[0] if output.inputs else None
         replace_uses(output, per_step, producer=True)
-        graph.nodes.append(spikec_node("ECAccumulate", f"readout/{output.name}", [per_step], [output],
-                                       average=int(semantics == MEAN)))
+        if producer is not None and producer.domain == "spikec" and producer.op == "ECCompensate" \
+                and producer.attrs["average"] == int(semantics == MEAN):
+            # The running sum (mean) of a compensation's increments is the output of the function it
+            # compensates: read that, without the float rounding of summing the increments back up.
+            graph.nodes.append(gs.Node("Identity", f"readout/{output.name}", inputs=[producer.inputs[0]],
+                                       outputs=[output]))
+        else:
+            graph.nodes.append(spikec_node("ECAccumulate", f"readout/{output.name}", [per_step], [output],
+                                           average=int(semantics == MEAN)))
         pairs.append((output, per_step))
     return pairs
 

@@ -16,6 +16,15 @@
 Equivalence holds up to float rounding: a quantizer whose input lands within rounding error of a
 level boundary may round the other way in the SNN. QDQ pairs round half to even, ST-BIF+ half up:
 they differ only on exact ties.
+
+Integer-exact mode (``integer``) removes that rounding: every neuron is an STBIFIntegerNeuron, whose
+membrane and tracer count in integer units of its threshold, and whose input current is the change of
+the level (rounded as the quantizer rounds) of the running total its quantizer reads. The synapses sum
+integer spikes (exact), and every op between neurons runs on those totals, tracer x theta, exactly as
+the QANN runs it on its levels: no per-step increments of float values, so nothing for float sums to
+round differently. Once quiet, each tracer is its quantizer's level and every tensor the QANN's, bit
+for bit. Weight products run on the totals too (the sum over steps of spikes x W equals tracer x W
+in integer arithmetic); a burst of up to ``burst`` spikes per step divides T_eq by about ``burst``.
 """
 from __future__ import annotations
 
@@ -26,11 +35,16 @@ from spikec.passes.patterns import Region
 from spikec.passes.regions import detach
 from spikec.passes.timing import (
     SUM,
+    accumulate,
     attach_neuron,
     convert_time,
+    fresh_like,
+    neuron_outputs,
     refuse_float_in_regions,
     replace_uses,
     running_sum_product,
+    spikec_node,
+    varying_tensors,
 )
 
 from spikec.errors import SpikecError
@@ -53,6 +67,93 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
             "rounding": attrs["rounding"]}
 
 
+def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> dict:
+    """The quantizer's consumers read the integer neuron's tracer (its spikes summed) times the scale:
+    DequantizeLinear's (q - z) * s once the tracer is the level."""
+    attrs = region.attrs
+    source, quantized = attrs["input"], region.outputs[0]
+    theta = np.asarray(attrs["scale"], np.float32)
+    params = {"theta": theta, "s_min": np.float32(attrs["low"]), "s_max": np.float32(attrs["high"])}
+    spikes = fresh_like(source, ".spikes")
+    graph.nodes.append(spikec_node("STBIFIntegerNeuron", f"{source.name}/STBIFIntegerNeuron",
+                                   [source, *(gs.Constant(f"{source.name}.{k}", np.asarray(v, np.float32))
+                                              for k, v in params.items())], [spikes],
+                                   burst=burst, half_even=int(attrs["rounding"] == "half_even")))
+    tracer = accumulate(graph, spikes, f"{source.name}/Tracer", SUM)
+    value = fresh_like(source, ".level_value")
+    graph.nodes.append(gs.Node("Mul", f"{source.name}/LevelValue", inputs=[tracer, gs.Constant(f"{source.name}.scale", theta)],
+                               outputs=[value]))
+    replace_uses(quantized, value)
+    if quantized in graph.outputs:
+        graph.outputs = [value if t is quantized else t for t in graph.outputs]
+        value.name, quantized.name = quantized.name, f"{quantized.name}.qann"
+    for node in region.nodes:
+        node.outputs.clear()
+    return {"tensor": source.name, "node": f"{source.name}/STBIFIntegerNeuron", "region": region.name,
+            "format": attrs["format"], "threshold": theta.tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
+            "rounding": attrs["rounding"], "burst": burst}
+
+
+def dequantize_weights(graph: gs.Graph) -> int:
+    """Fold every DequantizeLinear of constants (the QDQ model's int8/uint8 weights) into a float32 constant,
+    (q - z) * s as DequantizeLinear computes it. Left in the graph, onnxruntime fuses it with the MatMul
+    it feeds into a kernel that quantizes the other operand on the fly: a product the QANN does not have."""
+    folded = 0
+    for node in [n for n in graph.nodes if n.op == "DequantizeLinear" and n.domain in (None, "", "ai.onnx")]:
+        if not all(isinstance(t, gs.Constant) for t in node.inputs if t.name):
+            continue
+        q, scale = node.inputs[0].values, np.asarray(node.inputs[1].values, np.float32)
+        zero = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale)
+        if scale.ndim == 1 and q.ndim > 1:  # per axis
+            shape = [1] * q.ndim
+            shape[node.attrs.get("axis", 1)] = scale.size
+            scale, zero = scale.reshape(shape), np.asarray(zero).reshape(shape)
+        value = (q.astype(np.int32) - np.asarray(zero).astype(np.int32)).astype(np.float32) * scale
+        node.outputs[0].to_constant(value.astype(np.float32))
+        node.outputs.clear()
+        folded += 1
+    return folded
+
+
+def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
+    """The integer QANN that integer-exact mode equals: each quantizer written out as its definition,
+    clamp(round(x/s), low, high) * s (QuantizeLinear's rounding where it is one), and the weights
+    dequantized, so that onnxruntime runs these ops as they are, with none of its QDQ fusions (their
+    requantization rounds otherwise). Leaves the graph sorted."""
+    for region in [r for r in regions if r.kind == "quantizer"]:
+        attrs, name = region.attrs, region.attrs["input"].name
+        theta = gs.Constant(f"{name}.scale", np.asarray(attrs["scale"], np.float32))
+        steps = [("Div", [theta]), ("Round" if attrs["rounding"] == "half_even" else "Floor", []),
+                 ("Max", [gs.Constant(f"{name}.low", np.asarray(attrs["low"], np.float32))]),
+                 ("Min", [gs.Constant(f"{name}.high", np.asarray(attrs["high"], np.float32))]), ("Mul", [theta])]
+        if attrs["rounding"] != "half_even":
+            steps.insert(1, ("Add", [gs.Constant(f"{name}.half", np.asarray(0.5, np.float32))]))
+        quantized, value = region.outputs[0], attrs["input"]
+        for node in region.nodes:
+            node.outputs.clear()
+        for index, (op, operands) in enumerate(steps):
+            out = quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}")
+            graph.nodes.append(gs.Node(op, f"{name}/Level{index}", inputs=[value, *operands], outputs=[out]))
+            value = out
+    dequantize_weights(graph)
+    graph.cleanup().toposort()
+
+
+def totals_as_increments(graph: gs.Graph) -> list[str]:
+    """In integer-exact mode every tensor is a running total; sum semantics wants a graph output's
+    per-step increments. Each time-varying output gets an ECCompensate, which the readout emit adds
+    cancels (passes/emit.py): the output is the total itself, not a float sum of its increments.
+    Expects a sorted graph."""
+    varying = varying_tensors(graph, neuron_outputs(graph))
+    wrapped = []
+    for output in [t for t in graph.outputs if t.name in varying]:
+        total = fresh_like(output, ".total")
+        replace_uses(output, total, producer=True)
+        graph.nodes.append(spikec_node("ECCompensate", f"{output.name}/Increments", [total], [output], average=0))
+        wrapped.append(output.name)
+    return wrapped
+
+
 def sesa(graph: gs.Graph, node: gs.Node, name: str) -> dict:
     """Spike-equivalent self-attention product (Eq. 4) in place of MatMul(A, B), telescoped:
     S_A(t) B_t + A_t S_B(t) - A_t B_t = S_A(t) S_B(t) - S_A(t-1) S_B(t-1), so one product of the running
@@ -60,13 +161,25 @@ def sesa(graph: gs.Graph, node: gs.Node, name: str) -> dict:
     return running_sum_product(graph, node, name, label="SESA", rewrite="SESA")
 
 
-def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[str] = frozenset()) -> dict:
-    """Rewrite a canonicalized QANN graph into its SpikeZIP-TF SNN (generic spikec ops, no time structure yet)."""
+def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[str] = frozenset(),
+            integer: bool = False, burst: int = 1) -> dict:
+    """Rewrite a canonicalized QANN graph into its SpikeZIP-TF SNN (generic spikec ops, no time structure
+    yet); with ``integer``, its integer-exact form with bursts of up to ``burst`` spikes."""
     refuse_float_in_regions(regions, set(allow_float))
     quantizers = [r for r in regions if r.kind == "quantizer"]
     if not quantizers:
         raise SpikecError("model has no activation quantizers (QuantizeLinear/DequantizeLinear pairs) to turn "
                           "into ST-BIF+ neurons; compile with --levels L to quantize it after training")
+    if integer:
+        # a quantizer of a tensor that no input varies (position embeddings) has one level for good: no
+        # neuron to fire it, and none whose spikes would count towards a sample
+        data = varying_tensors(graph, [t.name for t in graph.inputs])
+        neurons = [replace_quantizer_integer(graph, r, burst) for r in quantizers if r.attrs["input"].name in data]
+        quantizers_as_levels(graph, [r for r in quantizers if r.attrs["input"].name not in data])
+        outputs = totals_as_increments(graph)
+        graph.toposort()
+        return {"neurons": neurons, "integer": True, "burst": burst, "compensated": [], "gated_to_first_step": 0,
+                "ppn_folded_products": 0, "total_outputs": outputs}
     neurons = [replace_quantizer(graph, r) for r in quantizers]
     graph.cleanup()
     timing = convert_time(graph, [r for r in regions if r.kind != "quantizer"], set(allow_float), SUM,

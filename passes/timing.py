@@ -33,7 +33,7 @@ from spikec.errors import SpikecError
 
 MEAN, SUM = "mean", "sum"
 # ops whose outputs vary per step (a UGO emits the weighted sum of its hidden neurons' spikes)
-NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "IFNeuron", "X2XEncoder", "UGO"})
+NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "STBIFIntegerNeuron", "IFNeuron", "X2XEncoder", "UGO"})
 
 # Ops whose outputs are linear functions of each input, or pure data movement.
 _LINEAR_IN_EVERY_INPUT = {

@@ -218,6 +218,48 @@ ST_BIF_NEURON = SpikingOp(
 )
 
 
+# ------------------------------- integer ST-BIF+ neuron (SpikeZIP-TF, integer-exact mode, bursts)
+
+def _stbif_integer_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
+    return {"burst": b.op("Cast", b.attr_int("burst"), to=TensorProto.FLOAT),
+            "half_even": b.op("Cast", b.attr_int("half_even"), to=TensorProto.BOOL)}
+
+
+def _stbif_integer_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """ST-BIF+ in integer units of theta. Its input is the running total y(t) of what the quantizer reads;
+    its input current is the change of that total's level, r(t) - r(t-1) with r = clamp(round(y/theta))
+    rounded as the quantizer rounds (half to even: QuantizeLinear; half up: spikec's own), so the membrane
+    v and the tracer hold integers (exact in float32 below 2^24, and levels are at most 2^16). It fires
+    up to ``burst`` spikes of either sign per step, soft reset; v(t) = r(t) - tracer(t), so once quiet the
+    tracer is the quantizer's level exactly. Emits the spikes (integers in [-burst, burst])."""
+    scaled = b.op("Div", env["y"], env["theta"])
+    rounded = b.op("Where", env["half_even"], b.op("Round", scaled), b.op("Floor", b.op("Add", scaled, b.const(0.5))))
+    level = b.op("Min", b.op("Max", rounded, env["s_min"]), env["s_max"])
+    membrane = b.op("Add", env["v"], b.op("Sub", level, env["previous"]))
+    spike = b.op("Min", b.op("Max", membrane, b.op("Neg", env["burst"])), env["burst"])
+    return ({"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)},
+            {"previous": level, "v": b.op("Sub", membrane, spike), "tracer": b.op("Add", env["tracer"], spike)})
+
+
+ST_BIF_INTEGER_NEURON = SpikingOp(
+    name="STBIFIntegerNeuron",
+    summary=(
+        "ST-BIF+ neuron in integer units of theta (SpikeZIP-TF, integer-exact mode): reads the running total "
+        "y of the quantizer's input, integrates the change of its level clamp(round(y/theta), s_min, s_max) "
+        "(half to even where half_even=1, else half up), fires up to burst spikes of +-1 per step (soft "
+        "reset). Emits the spikes; their sum, the tracer, ends at the quantizer's level exactly."
+    ),
+    inputs=("y",),
+    params=("theta", "s_min", "s_max"),
+    states=("previous", "v", "tracer"),
+    outputs=("spikes",),
+    attributes={"burst": 1, "half_even": 1},
+    step=_stbif_integer_step,
+    prologue=_stbif_integer_prologue,
+    spike_count=True,
+)
+
+
 # ------------------------------------------------- IF neuron (STA: signed with memory, burst spikes)
 
 def _if_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
@@ -433,7 +475,7 @@ COMPOSITES = (_EC_MT, _EC_STBIF, compose(EC_COMPENSATE, X2X_ENCODER),
               compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"), compose(_EC_MT, EC_ACCUMULATE, scale="theta_pos"),
               compose(ST_BIF_NEURON, EC_ACCUMULATE, scale="theta"), compose(_EC_STBIF, EC_ACCUMULATE, scale="theta"))
 
-OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, IF_NEURON, X2X_ENCODER, UGO,
+OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, ST_BIF_INTEGER_NEURON, IF_NEURON, X2X_ENCODER, UGO,
                                                        EC_ACCUMULATE, EC_COMPENSATE, *COMPOSITES)}
 
 

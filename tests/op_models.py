@@ -29,7 +29,7 @@ def one_node_model(op_type: str, params: dict[str, np.ndarray], channels: int, *
 
 # Attribute values the op tests use: MT neurons with 4 levels, compensation in sum semantics (the
 # mean-semantics path is what the ECMT model tests exercise).
-EXAMPLE_ATTRIBUTES = {"levels": 4, "average": 0, "signed": 1, "burst": 2}
+EXAMPLE_ATTRIBUTES = {"levels": 4, "average": 0, "signed": 1, "burst": 2, "half_even": 1}
 
 
 def example_attributes(op: ops.SpikingOp) -> dict[str, int]:

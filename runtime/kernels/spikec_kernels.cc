@@ -140,6 +140,36 @@ struct STBIFNeuron {
   }
 };
 
+// onnxruntime's Min/Max: NaN in either operand gives NaN.
+inline float onnx_min(float a, float b) { return (a != a || b != b) ? a + b : (b < a ? b : a); }
+inline float onnx_max(float a, float b) { return (a != a || b != b) ? a + b : (b > a ? b : a); }
+
+// Integer ST-BIF+ neuron (runtime/ops.py _stbif_integer_step): y is the running total the quantizer
+// reads; the membrane integrates the change of its level, up to burst spikes of +-1 per step.
+struct STBIFIntegerNeuron {
+  static constexpr const char* kName = "STBIFIntegerNeuron";
+  static constexpr int kParams = 3;  // theta, s_min, s_max
+  static constexpr int kStates = 3;  // previous, v, tracer
+  static constexpr bool kSpikeCount = true;
+  float burst;
+  bool half_even;
+  explicit STBIFIntegerNeuron(const OrtKernelInfo* info)
+      : burst(static_cast<float>(int_attr(info, "burst", 1))), half_even(int_attr(info, "half_even", 1) != 0) {}
+  float step(float y, float* state, const float* p, float /*t*/, float& counted) const {
+    const float scaled = y / p[0];
+    // nearbyint rounds halves to even in the default rounding mode, as ONNX Round
+    const float rounded = half_even ? std::nearbyint(scaled) : std::floor(scaled + 0.5f);
+    const float level = onnx_min(onnx_max(rounded, p[1]), p[2]);
+    const float membrane = state[1] + (level - state[0]);
+    const float spike = onnx_min(onnx_max(membrane, -burst), burst);
+    state[0] = level;
+    state[1] = membrane - spike;
+    state[2] = state[2] + spike;
+    counted = std::fabs(spike);
+    return spike;
+  }
+};
+
 // STA's IF neuron (runtime/ops.py _if_step): spikes of theta/burst, up to burst per step; signed ones
 // only while the emitted total stays >= 0.
 struct IFNeuron {
@@ -633,6 +663,8 @@ struct Library {
   CustomOp<MTNeuron, true> mt_step;
   CustomOp<STBIFNeuron, false> stbif;
   CustomOp<STBIFNeuron, true> stbif_step;
+  CustomOp<STBIFIntegerNeuron, false> stbif_integer;
+  CustomOp<STBIFIntegerNeuron, true> stbif_integer_step;
   CustomOp<IFNeuron, false> if_neuron;
   CustomOp<IFNeuron, true> if_neuron_step;
   CustomOp<X2XEncoder, false> x2x;
@@ -661,7 +693,7 @@ struct Library {
 
   Library() {
     for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
-             &mt, &mt_step, &stbif, &stbif_step, &if_neuron, &if_neuron_step, &x2x, &x2x_step, &ugo, &ugo_step, &accumulate, &accumulate_step,
+             &mt, &mt_step, &stbif, &stbif_step, &stbif_integer, &stbif_integer_step, &if_neuron, &if_neuron_step, &x2x, &x2x_step, &ugo, &ugo_step, &accumulate, &accumulate_step,
              &compensate, &compensate_step, &compensate_mt, &compensate_mt_step, &compensate_stbif,
              &compensate_stbif_step, &compensate_x2x, &compensate_x2x_step, &mt_accumulate, &mt_accumulate_step,
              &compensate_mt_accumulate, &compensate_mt_accumulate_step, &stbif_accumulate, &stbif_accumulate_step,

@@ -30,9 +30,19 @@ class SpikeZIPOptions(Options):
                                       "quantized model keeps its own", bounds=(2, 2**16))
     per_tensor: bool = option(False, "a float model: one quantizer scale per tensor (hardware without "
                                      "per-channel thresholds), not one per channel of the last axis")
+    integer: bool = option(False, "integer-exact: membranes and tracers in integer units of each threshold, every "
+                                  "op between neurons on their totals, so that once quiet the SNN equals the QANN "
+                                  "bit for bit")
+    burst: int = option(1, "integer-exact: up to this many spikes per neuron per step (T_eq about 1/burst)",
+                        bounds=(1, 2**16))
     save_qann: str | os.PathLike | None = option(None, "a float model: also write the quantized ANN it is "
                                                        "equivalent to here", metavar="PATH",
                                                 output="the quantized ANN")
+
+    def check(self) -> None:
+        if self.burst != 1 and not self.integer:
+            raise SpikecError("argument burst: several spikes per step keep the SNN equal to its QANN in "
+                              "integer-exact mode only; add integer")
 
 
 def quantize_model(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], levels: int, *, batch_size: int,
@@ -56,6 +66,19 @@ def quantize_model(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], levels
     qann.ir_version = ann.ir_version
     qann.producer_name = "spikec (quantized ANN)"
     return canonicalize(qann), inserted
+
+
+def integer_qann(qann: onnx.ModelProto) -> onnx.ModelProto:
+    """The QANN as integer-exact mode computes it (passes/spikezip.py quantizers_as_levels): the model an
+    integer-exact SNN equals bit for bit once quiet."""
+    model = canonicalize(qann)
+    graph = gs.import_onnx(model)
+    spikezip.quantizers_as_levels(graph, find_regions(graph))
+    result = gs.export_onnx(graph, do_type_check=False)
+    del result.opset_import[:]
+    result.opset_import.extend(model.opset_import)
+    result.ir_version = model.ir_version
+    return result
 
 
 class SpikeZIP(Method):
@@ -92,7 +115,8 @@ class SpikeZIP(Method):
                                                  if r.kind == "quantizer"])
 
     def rewrite(self, job: Job, stats: dict) -> dict:
-        return spikezip.rewrite(job.graph, job.regions, allow_float=job.allow_float)
+        o: SpikeZIPOptions = job.options
+        return spikezip.rewrite(job.graph, job.regions, allow_float=job.allow_float, integer=o.integer, burst=o.burst)
 
     def report_section(self):
         from spikec.report.spikezip import SpikeZIPSection
