@@ -1,4 +1,4 @@
-"""spikec command line: compile, quantize, run, inspect, eval, report, ugo."""
+"""spikec command line: compile, quantize, finetune, run, inspect, eval, report, ugo."""
 from __future__ import annotations
 
 import argparse
@@ -122,6 +122,18 @@ def cmd_quantize(args) -> int:
     quantize(args.model, args.calib, args.output, levels=args.levels, input_shapes=_input_shapes(args.input_shape),
              batch_size=args.batch_size, progress=not args.quiet, per_tensor=args.per_tensor)
     print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from spikec.compiler import finetune
+
+    _, summary = finetune(args.model, args.calib, args.output, levels=args.levels,
+                          input_shapes=_input_shapes(args.input_shape), batch_size=args.batch_size,
+                          progress=not args.quiet, per_tensor=args.per_tensor, steps=args.steps,
+                          time_budget=args.time_budget, lr=args.lr, checkpoint=args.checkpoint)
+    print(f"distillation loss {summary['loss_before']:.4g} -> {summary['loss_after']:.4g} after {summary['steps']} "
+          f"steps; wrote {args.output}")
     return 0
 
 
@@ -521,6 +533,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("finetune", help="quantize, then fine-tune the QANN (LSQ, distilled from the float model; "
+                                        "needs torch)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (no labels)")
+    p.add_argument("--levels", type=int, default=16, help="quantization levels L")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one scale per tensor, not one per channel of the last axis")
+    p.add_argument("--steps", type=int, default=1000, help="training steps at most")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
+    p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the weights")
+    p.add_argument("--checkpoint", metavar="PATH", help="save progress here; an existing one is resumed")
+    p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("ugo", help="STA's universal group operators (exp, GELU, inverse, rsqrt)")
     ugo_commands = p.add_subparsers(dest="ugo_command", required=True)

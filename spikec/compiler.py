@@ -286,6 +286,36 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
         return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 
+def finetune(model: str | os.PathLike | onnx.ModelProto,
+             calibration: str | os.PathLike | Mapping[str, np.ndarray],
+             output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS,
+             input_shapes: Mapping[str, Sequence[int | str]] | None = None, batch_size: int = 16,
+             progress: bool = True, per_tensor: bool = False, steps: int = 1000, time_budget: float | None = None,
+             lr: float = 2e-5, scale_lr: float = 1e-3, checkpoint: str | os.PathLike | None = None,
+             ) -> tuple[onnx.ModelProto, dict]:
+    """The QANN of ``quantize``, then fine-tuned (spikec.finetune: LSQ steps distilling the float model's outputs
+    on the calibration data) for ``steps`` steps or ``time_budget`` seconds; returns it and the losses."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise SpikecError("spikec finetune needs PyTorch (pip install torch); quantize works without it")
+    from spikec import lsq as ft
+
+    reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
+    modelio.check_outputs([("output", output)], reads)
+    with weights.source(_directory(model)):
+        ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
+        feeds = load_inputs(calibration, ann)
+        qann, _ = quantize_model(ann, feeds, levels, batch_size=batch_size, progress=progress, per_tensor=per_tensor)
+        names = [o.name for o in ann.graph.output]
+        batches = list(run_batches(ann, feeds, names, batch_size=batch_size, progress=False))
+        targets = [np.concatenate([b[name] for b in batches]) for name in names]
+        tuned, summary = ft.finetune(qann, feeds, targets, steps=steps, time_budget=time_budget,
+                                     batch_size=batch_size, lr=lr, scale_lr=scale_lr, checkpoint=checkpoint,
+                                     progress=progress)
+        return _write(model, "finetune", ann, reads, [("output", output, tuned)]), summary
+
+
 def static_batch(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int | None:
     """The batch size the model's inputs fix at axis 0, where they agree on one."""
     static = {d[0].dim_value for vi in ann.graph.input if vi.name in feeds

@@ -1,0 +1,325 @@
+"""Fine-tuning a QANN from its ONNX graph: SpikeZIP-TF's step 1 (LSQ quantization-aware training with
+distillation) without the model's Python class.
+
+The QANN that post-training quantization writes (passes/quantize.py) is interpreted op by op in PyTorch
+(`GraphModule`): its float initializers become parameters, and every quantizer
+clamp(floor(x/s + 1/2), low, high) * s stays the graph's own Div/Add/Floor/Clip/Mul, with Floor's gradient
+passed straight through and s = exp(log s) a parameter: autograd then gives LSQ's step-size gradient, and
+the log keeps s positive with steps relative to its size. The student learns to reproduce the float ANN's
+outputs on the calibration data (no labels needed); the result is written back into the same graph, so
+`compile --method spikezip` converts it as it converts the PTQ model.
+
+torch is imported by this module only (spikec.finetune, the API, imports it on use): the rest of spikec runs without it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from tqdm import tqdm
+
+from spikec.errors import SpikecError
+
+SCALE_SUFFIX = ".quant_scale"
+# The quantizer's other constants (0.5, the clamp bounds) are part of its definition, not parameters.
+_FIXED_SUFFIXES = (".quant_half", ".quant_low", ".quant_high")
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _ste_floor(x: torch.Tensor) -> torch.Tensor:
+    """floor(x) forward, identity backward (the straight-through estimator of LSQ's rounding)."""
+    return x + (torch.floor(x) - x).detach() if x.is_floating_point() else x
+
+
+def _ints(t: torch.Tensor) -> list[int]:
+    return [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _reshape(x: torch.Tensor, shape: torch.Tensor, allowzero: int = 0) -> torch.Tensor:
+    dims = _ints(shape)
+    if not allowzero:
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+def _slice(x, starts, ends, axes=None, steps=None):
+    axes = _ints(axes) if axes is not None else list(range(len(_ints(starts))))
+    steps = _ints(steps) if steps is not None else [1] * len(axes)
+    index: list[slice] = [slice(None)] * x.dim()
+    for axis, start, end, step in zip(axes, _ints(starts), _ints(ends), steps, strict=True):
+        if step < 0:
+            raise NotImplementedError("Slice with negative steps")
+        size = x.shape[axis]
+        index[axis] = slice(max(min(start, size), -size), max(min(end, size), -size - 1), step)
+    return x[tuple(index)]
+
+
+def _gather(x, indices, axis=0):
+    axis = axis % x.dim()
+    idx = torch.where(indices < 0, indices + x.shape[axis], indices)
+    out = torch.index_select(x, axis, idx.reshape(-1))
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
+
+
+def _gemm(a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
+    y = alpha * ((a.T if transA else a) @ (b.T if transB else b))
+    return y if c is None else y + beta * c
+
+
+def _conv(x, w, b=None, group=1, pads=None, strides=None, dilations=None, auto_pad=b"NOTSET", **_):
+    if auto_pad not in (b"NOTSET", "NOTSET"):
+        raise NotImplementedError(f"Conv auto_pad={auto_pad!r}")
+    n = w.dim() - 2
+    pads = list(pads or [0] * 2 * n)
+    if pads[:n] != pads[n:]:
+        x, pads = F.pad(x, [p for i in reversed(range(n)) for p in (pads[i], pads[n + i])]), [0] * 2 * n
+    conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
+    return conv(x, w, b, stride=strides or 1, padding=pads[:n], dilation=dilations or 1, groups=group)
+
+
+def _layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5, **_):
+    shape = x.shape[axis % x.dim():]
+    return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape), epsilon)
+
+
+def _reduce(fn: Callable) -> Callable:
+    def reduce(x, axes=None, keepdims=1, noop_with_empty_axes=0):
+        dims = _ints(axes) if isinstance(axes, torch.Tensor) else list(axes) if axes is not None else []
+        if not dims:
+            if noop_with_empty_axes:
+                return x
+            dims = list(range(x.dim()))
+        return fn(x, dim=dims, keepdim=bool(keepdims))
+    return reduce
+
+
+_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
+           onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32,
+           onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.FLOAT16: torch.float16}
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+# Each op as torch computes it, with ONNX's input order and attribute names. What the transformers spikec
+# converts use; others are refused by name.
+_OPS: dict[str, Callable] = {
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul,
+    "Div": lambda a, b: torch.div(a, b, rounding_mode="trunc") if not a.is_floating_point() else a / b,
+    "Pow": torch.pow, "Sqrt": torch.sqrt, "Exp": torch.exp, "Erf": torch.erf, "Tanh": torch.tanh,
+    "Sigmoid": torch.sigmoid, "Relu": torch.relu, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal,
+    "Floor": _ste_floor, "MatMul": torch.matmul, "Gemm": _gemm, "Conv": _conv,
+    "Clip": lambda x, low=None, high=None: torch.clamp(x, low, high),
+    "Max": torch.maximum, "Min": torch.minimum,
+    "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "GreaterOrEqual": torch.ge, "LessOrEqual": torch.le, "Not": torch.logical_not, "And": torch.logical_and,
+    "Where": torch.where, "Identity": lambda x: x,
+    "Softmax": lambda x, axis=-1: torch.softmax(x, axis), "LayerNormalization": _layer_norm,
+    "Reshape": _reshape, "Flatten": lambda x, axis=1: x.reshape(math.prod(x.shape[:axis]), -1),
+    "Transpose": lambda x, perm=None: x.permute(*(perm if perm is not None else reversed(range(x.dim())))),
+    "Unsqueeze": lambda x, axes: _unsqueeze(x, _ints(axes)),
+    "Squeeze": lambda x, axes=None: x.squeeze() if axes is None else x.squeeze(tuple(_ints(axes))),
+    "Concat": lambda *xs, axis: torch.cat(xs, axis),
+    "Shape": lambda x, start=0, end=None: torch.tensor(list(x.shape)[start:end], dtype=torch.int64),
+    "Gather": _gather, "Slice": _slice,
+    "Expand": lambda x, shape: torch.broadcast_to(x, torch.broadcast_shapes(x.shape, tuple(_ints(shape)))),
+    "Cast": lambda x, to: x.to(_DTYPES[to]),
+    "ConstantOfShape": lambda shape, value=None: torch.full(
+        _ints(shape), 0.0 if value is None else numpy_helper.to_array(value).item(),
+        dtype=torch.float32 if value is None else _DTYPES[value.data_type]),
+    "Range": lambda start, limit, delta: torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),
+    "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
+    "ReduceMax": _reduce(torch.amax), "ReduceL2": _reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(
+        x, dim=dim, keepdim=keepdim)),
+}
+
+
+def _unsqueeze(x: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+def _key(name: str) -> str:
+    """A parameter name torch accepts (no dots), kept distinct for distinct ONNX names."""
+    return "p" + hashlib.sha1(name.encode()).hexdigest()[:16]
+
+
+class GraphModule(torch.nn.Module):
+    """An ONNX graph as a torch module: float initializers of more than one value and every quantizer scale
+    are parameters (the scales as their logs), the rest constants. ``forward`` takes the graph's inputs by
+    name and returns its outputs in order."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__()
+        graph = model.graph
+        self.model = model
+        self.constants: dict[str, torch.Tensor] = {}
+        self.trainable: dict[str, str] = {}  # ONNX initializer name -> parameter key
+        self.params = torch.nn.ParameterDict()
+        for init in graph.initializer:
+            array = numpy_helper.to_array(init)
+            if init.name.endswith(SCALE_SUFFIX):
+                self.params[_key(init.name)] = torch.nn.Parameter(torch.log(_tensor(array)))
+                self.trainable[init.name] = _key(init.name)
+            elif array.dtype == np.float32 and array.size > 1 and not init.name.endswith(_FIXED_SUFFIXES):
+                self.params[_key(init.name)] = torch.nn.Parameter(_tensor(array))
+                self.trainable[init.name] = _key(init.name)
+            else:
+                self.constants[init.name] = _tensor(array)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                continue
+            if node.op_type not in _OPS:
+                raise SpikecError(f"node '{node.name}': op {node.op_type} has no torch form for fine-tuning")
+        self.nodes = list(graph.node)
+        self.input_names = [i.name for i in graph.input if i.name not in self.constants and i.name not in self.trainable]
+        self.output_names = [o.name for o in graph.output]
+
+    def value(self, name: str) -> torch.Tensor:
+        """An initializer's current value as the graph uses it (a scale, not its log)."""
+        key = self.trainable.get(name)
+        if key is None:
+            return self.constants[name]
+        param = self.params[key]
+        return torch.exp(param) if name.endswith(SCALE_SUFFIX) else param
+
+    def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        env: dict[str, torch.Tensor] = dict(self.constants)
+        env.update({name: self.value(name) for name in self.trainable})
+        env.update(feeds)
+        for node in self.nodes:
+            attrs = _attrs(node)
+            if node.op_type == "Constant":
+                env[node.output[0]] = _tensor(numpy_helper.to_array(attrs["value"]))
+                continue
+            args = [env[name] if name else None for name in node.input]
+            while args and args[-1] is None:
+                args.pop()
+            try:
+                out = _OPS[node.op_type](*args, **attrs)
+            except (RuntimeError, NotImplementedError, TypeError, IndexError) as e:
+                raise SpikecError(f"node '{node.name}' ({node.op_type}): {str(e).splitlines()[0]}") from None
+            outs = out if isinstance(out, tuple) else (out,)
+            env.update(zip(node.output, outs, strict=False))
+        return [env[name] for name in self.output_names]
+
+    def export(self) -> onnx.ModelProto:
+        """The graph with its initializers replaced by the trained values."""
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        with torch.no_grad():
+            for init in model.graph.initializer:
+                if init.name in self.trainable:
+                    array = self.value(init.name).detach().numpy().astype(np.float32)
+                    init.CopyFrom(numpy_helper.from_array(array, init.name))
+        return model
+
+
+def _torch_feeds(feeds: Mapping[str, np.ndarray], index: np.ndarray | slice) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.ascontiguousarray(array[index])) for name, array in feeds.items()}
+
+
+def distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean squared error per output, relative to the teacher's mean square (scale-free; summed over outputs)."""
+    return sum((torch.mean(torch.square(s - t)) / torch.mean(torch.square(t)).clamp_min(1e-12)
+                for s, t in zip(student, teacher, strict=True)), torch.tensor(0.0))
+
+
+def evaluate_loss(module: GraphModule, feeds: Mapping[str, np.ndarray], targets: Sequence[np.ndarray],
+                  batch_size: int) -> float:
+    """The distillation loss over all samples (batch-weighted mean)."""
+    samples = len(next(iter(feeds.values())))
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, samples, batch_size):
+            index = slice(start, start + batch_size)
+            out = module(_torch_feeds(feeds, index))
+            total += float(distillation_loss(out, [torch.from_numpy(t[index]) for t in targets])) * \
+                len(targets[0][index])
+    return total / samples
+
+
+def _fingerprint(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> str:
+    """What a checkpoint must match to resume: the starting QANN and the data."""
+    h = hashlib.sha256(qann.SerializeToString(deterministic=True))
+    for name in sorted(feeds):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(feeds[name]).tobytes())
+    return h.hexdigest()
+
+
+def finetune(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], targets: Sequence[np.ndarray], *,
+             steps: int, time_budget: float | None = None, batch_size: int = 16, lr: float = 1e-4,
+             scale_lr: float = 1e-3, checkpoint: str | os.PathLike | None = None, seed: int = 0,
+             progress: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """Train ``qann``'s weights and quantizer scales to reproduce ``targets`` (the float ANN's outputs on
+    ``feeds``) for ``steps`` Adam steps or ``time_budget`` seconds, whichever ends first; resumes from
+    ``checkpoint`` where it holds a run of the same QANN and data, and saves to it every minute and at the end.
+    Returns the fine-tuned QANN and a summary (loss before/after, steps)."""
+    torch.manual_seed(seed)
+    module = GraphModule(qann)
+    scales = [module.params[k] for n, k in module.trainable.items() if n.endswith(SCALE_SUFFIX)]
+    others = [module.params[k] for n, k in module.trainable.items() if not n.endswith(SCALE_SUFFIX)]
+    optimizer = torch.optim.Adam([{"params": others, "lr": lr}, {"params": scales, "lr": scale_lr}])
+    fingerprint = _fingerprint(qann, feeds)
+    step = 0
+    loss_before = None
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.exists():
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+            raise SpikecError(f"argument checkpoint: {path}: cannot read it ({str(e).splitlines()[0]})") from None
+        if state.get("fingerprint") != fingerprint:
+            raise SpikecError(f"argument checkpoint: {path} is from another model, level count or data set")
+        module.params.load_state_dict(state["params"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, loss_before = state["step"], state["loss_before"]
+    if loss_before is None:
+        loss_before = evaluate_loss(module, feeds, targets, batch_size)
+    samples = len(targets[0])
+    batches = -(-samples // batch_size)  # per pass over the data, each pass in its own order
+    torch_targets = [torch.from_numpy(t) for t in targets]
+
+    def save() -> None:
+        if path is None:
+            return
+        temporary = path.with_name(path.name + ".tmp")
+        torch.save({"fingerprint": fingerprint, "params": module.params.state_dict(),
+                    "optimizer": optimizer.state_dict(), "step": step,
+                    "loss_before": loss_before}, temporary)
+        os.replace(temporary, path)
+
+    start = last_save = time.monotonic()
+    with tqdm(total=steps, initial=step, desc="fine-tuning", unit="step", disable=None if progress else True) as bar:
+        while step < steps and (time_budget is None or time.monotonic() - start < time_budget):
+            epoch, batch = divmod(step, batches)
+            order = np.random.default_rng([seed, epoch]).permutation(samples)
+            index = np.sort(order[batch * batch_size:(batch + 1) * batch_size])
+            loss = distillation_loss(module(_torch_feeds(feeds, index)), [t[index] for t in torch_targets])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+            if time.monotonic() - last_save > 60:
+                save()
+                last_save = time.monotonic()
+    save()
+    loss_after = evaluate_loss(module, feeds, targets, batch_size)
+    return module.export(), {"steps": step, "loss_before": loss_before, "loss_after": loss_after}
