@@ -495,6 +495,29 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from spikec.calibrate import load_inputs
+    from spikec.compiler import compile as compile_model
+    from spikec.tune import front, pick, split, tune
+
+    feeds = load_inputs(args.calib, args.model, what="calibration data")
+    points = tune(args.model, feeds, args.method, max_timesteps=args.max_timesteps, time_budget=args.time_budget,
+                  state=args.resume, progress=not args.quiet)
+    if not points:
+        raise SpikecError("--time-budget: spent before the first setting was evaluated")
+    best = front(points)
+    knobs = [k for k in best[0] if k not in ("method", "t", "cosine")]
+    print("Pareto front (validation cosine vs T):")
+    print("  ".join(["T", "cosine", *knobs]))
+    for p in best:
+        print("  ".join([str(p["t"]), f"{p['cosine']:.5f}", *(str(p[k]) for k in knobs)]))
+    chosen = pick(points, args.min_cosine)
+    print(f"chosen: T={chosen['t']} cosine={chosen['cosine']:.5f} " + " ".join(f"{k}={chosen[k]}" for k in knobs))
+    compile_model(args.model, split(feeds)[0], args.output, method=args.method, timesteps=chosen["t"],
+                  progress=not args.quiet, **{k: chosen[k] for k in knobs})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikec", description="Convert Transformer ANNs (ONNX) into spiking neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -510,6 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
     _add_compile_options(p)
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="search a method's knobs: Pareto front of fidelity vs T, compile the pick")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--calib", required=True, help=".npz keyed by input name; a quarter of it validates")
+    p.add_argument("--method", default="ecmt", help="ecmt or spikezip")
+    p.add_argument("--min-cosine", type=float, help="the lowest T whose validation cosine reaches this (else the knee)")
+    p.add_argument("--max-timesteps", type=int, default=8, help="the largest T searched (one run gives every smaller T)")
+    p.add_argument("--time-budget", type=float, help="seconds; no new setting starts after it (at least one is evaluated)")
+    p.add_argument("--resume", metavar="STATE.json", help="keep evaluated settings here and continue from them")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("run", help="run a model (ANN or SNN) on inputs and save its outputs")
     p.add_argument("model")
