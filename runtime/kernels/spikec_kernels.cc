@@ -176,12 +176,12 @@ struct IFNeuron {
   static constexpr const char* kName = "IFNeuron";
   static constexpr int kParams = 1;  // theta
   static constexpr int kStates = 2;  // v, emitted
-  float burst, sign_on;
+  float burst, minus_sign_on;  // -signed: ONNX Mul(emitted, -signed)
   explicit IFNeuron(const OrtKernelInfo* info)
-      : burst(static_cast<float>(int_attr(info, "burst", 2))), sign_on(static_cast<float>(int_attr(info, "signed", 1))) {}
+      : burst(static_cast<float>(int_attr(info, "burst", 2))), minus_sign_on(-static_cast<float>(int_attr(info, "signed", 1))) {}
   float step(float x, float* state, const float* p, float /*t*/) const {
     const float membrane = state[0] + x;
-    const float lower = -(sign_on * state[1]);
+    const float lower = state[1] * minus_sign_on;
     // ONNX Max(membrane, lower), NaN propagating: a NaN membrane is kept by this select, and lower is NaN
     // only when emitted is, which the step makes NaN only together with v, so with membrane. (The
     // two-sided NaN test this replaced kept the loop from vectorizing: 1.8x slower.)
