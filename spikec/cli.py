@@ -518,6 +518,16 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def add_quantize_arguments(p: argparse.ArgumentParser, calib_help: str) -> None:
+    """The arguments of spikec's PTQ, shared by quantize and finetune (which quantizes first)."""
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--calib", required=True, help=calib_help)
+    p.add_argument("--levels", type=int, default=16, help="quantization levels L")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one scale per tensor, not one per channel of the last axis")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikec", description="Convert Transformer ANNs (ONNX) into spiking neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -558,12 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("quantize", help="post-training quantization into the QANN that spikezip converts")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (held-out data)")
-    p.add_argument("--levels", type=int, default=16, help="quantization levels L")
-    p.add_argument("--per-tensor", action="store_true",
-                   help="one scale per tensor, not one per channel of the last axis")
+    add_quantize_arguments(p, calib_help=".npz keyed by input name, first axis = samples (held-out data)")
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
@@ -571,12 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="quantize, then fine-tune the QANN (LSQ, distilled from the float model; "
                                         "needs torch)")
-    p.add_argument("model")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--calib", required=True, help=".npz keyed by input name, first axis = samples (no labels)")
-    p.add_argument("--levels", type=int, default=16, help="quantization levels L")
-    p.add_argument("--per-tensor", action="store_true",
-                   help="one scale per tensor, not one per channel of the last axis")
+    add_quantize_arguments(p, calib_help=".npz keyed by input name, first axis = samples (no labels)")
     p.add_argument("--steps", type=int, default=1000, help="training steps at most")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the weights")

@@ -9,3 +9,21 @@ from examples import fixtures
 def digits():
     """The digits split (x_train/y_train/x_test/y_test) the digits ViT was trained and is evaluated on."""
     return fixtures.digits_data()
+
+
+@pytest.fixture(scope="session")
+def digits_qdq(digits, tmp_path_factory):
+    """The digits ViT statically quantized by onnxruntime (QDQ: uint8 activations with zero points, int8
+    weights, MatMul/Gemm quantized where SpikeZIP-TF places its quantizers), calibrated on 256 images."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    batches = iter([{"pixels": digits["x_train"][i:i + 32]} for i in range(0, 256, 32)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            return next(batches, None)
+
+    qdq = tmp_path_factory.mktemp("qdq") / "qdq.onnx"
+    quantize_static(str(fixtures.digits_vit()), str(qdq), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["MatMul", "Gemm"])
+    return qdq

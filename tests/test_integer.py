@@ -106,20 +106,10 @@ def test_digits_vit_integer_mode_equals_integer_qann():
 
 
 @pytest.mark.slow
-def test_onnxruntime_qdq_digits_vit_integer_mode(tmp_path):
+def test_onnxruntime_qdq_digits_vit_integer_mode(digits_qdq):
     """onnxruntime's uint8 QDQ model (zero points, int8 weights, halves rounded to even): bit for bit."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     data = fixtures.digits_data()
-    batches = iter([{"pixels": data["x_train"][i:i + 32]} for i in range(0, 256, 32)])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            return next(batches, None)
-
-    qdq = tmp_path / "qdq.onnx"
-    quantize_static(str(fixtures.digits_vit()), str(qdq), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul", "Gemm"])
+    qdq = digits_qdq
     feeds = {"pixels": data["x_test"][:16]}
     want = InferenceSession(integer_qann(onnx.load(qdq))).run(["logits"], feeds)[0]
     snn = spikec.compile(qdq, {"pixels": data["x_train"][:8]}, method="spikezip", timesteps=200, mode="stateful",

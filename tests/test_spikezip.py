@@ -174,21 +174,11 @@ def test_dynamic_timesteps_stop_when_quiet(digits_qann):
     assert len(capped["logits.steps"]) == 5 and None in equilibrium_steps(capped["spikec.spikes.steps"])
 
 
-def test_onnxruntime_qdq_model(tmp_path):
+def test_onnxruntime_qdq_model(digits_qdq):
     """A QDQ model from onnxruntime.quantization's static quantization (uint8 activations with zero
     points, int8 weights, MatMul/Gemm quantized as SpikeZIP-TF places them)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     data = fixtures.digits_data()
-    batches = iter([{"pixels": data["x_train"][i:i + 32]} for i in range(0, 256, 32)])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            return next(batches, None)
-
-    qdq = tmp_path / "qdq.onnx"
-    quantize_static(str(fixtures.digits_vit()), str(qdq), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul", "Gemm"])
+    qdq = digits_qdq
     calib = {"pixels": data["x_train"][:64]}
     with pytest.raises(SpikecError, match="already quantized"):
         spikec.compile(qdq, calib, method="spikezip", levels=16, progress=False)
