@@ -50,18 +50,25 @@ from spikec.passes.timing import (
 from spikec.errors import SpikecError
 
 
+def take_over(graph: gs.Graph, region: Region, replacement: gs.Variable) -> None:
+    """``replacement`` stands for the quantizer's output wherever it is read, as a graph output under its
+    name too, and the quantizer's own nodes go."""
+    quantized = region.outputs[0]
+    replace_uses(quantized, replacement)
+    if quantized in graph.outputs:
+        graph.outputs = [replacement if t is quantized else t for t in graph.outputs]
+        replacement.name, quantized.name = quantized.name, f"{quantized.name}.qann"
+    detach(region)
+
+
 def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
     """The quantizer's consumers read ST-BIF+ spikes * scale instead."""
     attrs = region.attrs
-    source, quantized = attrs["input"], region.outputs[0]
+    source = attrs["input"]
     scaled = attach_neuron(graph, source, "STBIFNeuron",
                            {"theta": np.asarray(attrs["scale"], np.float32), "s_min": np.float32(attrs["low"]),
                             "s_max": np.float32(attrs["high"])}, "theta")
-    replace_uses(quantized, scaled)
-    if quantized in graph.outputs:
-        graph.outputs = [scaled if t is quantized else t for t in graph.outputs]
-        scaled.name, quantized.name = quantized.name, f"{quantized.name}.qann"
-    detach(region)
+    take_over(graph, region, scaled)
     return {"tensor": source.name, "node": f"{source.name}/STBIFNeuron", "region": region.name, "format": attrs["format"],
             "threshold": np.asarray(attrs["scale"], np.float32).tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
             "rounding": attrs["rounding"]}
@@ -71,7 +78,7 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> di
     """The quantizer's consumers read the integer neuron's tracer (its spikes summed) times the scale:
     DequantizeLinear's (q - z) * s once the tracer is the level."""
     attrs = region.attrs
-    source, quantized = attrs["input"], region.outputs[0]
+    source = attrs["input"]
     theta = np.asarray(attrs["scale"], np.float32)
     params = {"theta": theta, "s_min": np.float32(attrs["low"]), "s_max": np.float32(attrs["high"])}
     spikes = fresh_like(source, ".spikes")
@@ -83,12 +90,7 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> di
     value = fresh_like(source, ".level_value")
     graph.nodes.append(gs.Node("Mul", f"{source.name}/LevelValue", inputs=[tracer, gs.Constant(f"{source.name}.scale", theta)],
                                outputs=[value]))
-    replace_uses(quantized, value)
-    if quantized in graph.outputs:
-        graph.outputs = [value if t is quantized else t for t in graph.outputs]
-        value.name, quantized.name = quantized.name, f"{quantized.name}.qann"
-    for node in region.nodes:
-        node.outputs.clear()
+    take_over(graph, region, value)
     return {"tensor": source.name, "node": f"{source.name}/STBIFIntegerNeuron", "region": region.name,
             "format": attrs["format"], "threshold": theta.tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
             "rounding": attrs["rounding"], "burst": burst}
@@ -129,8 +131,7 @@ def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
         if attrs["rounding"] != "half_even":
             steps.insert(1, ("Add", [gs.Constant(f"{name}.half", np.asarray(0.5, np.float32))]))
         quantized, value = region.outputs[0], attrs["input"]
-        for node in region.nodes:
-            node.outputs.clear()
+        detach(region)
         for index, (op, operands) in enumerate(steps):
             out = quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}")
             graph.nodes.append(gs.Node(op, f"{name}/Level{index}", inputs=[value, *operands], outputs=[out]))
