@@ -310,7 +310,7 @@ def test_spike_count_sums_spikes_per_leading_row(name, native):
 
 @pytest.mark.parametrize("name", [n for n, op in ops.OPS.items() if op.hidden])
 def test_blocks_of_rows_give_the_bits_of_one_block(name, monkeypatch):
-    """An op with a hidden axis runs its rows in blocks (ops.BLOCK_ELEMENTS), the last zero-padded: the
+    """An op with a hidden axis runs its elements in blocks (ops.BLOCK_ELEMENTS), the last zero-padded: the
     same bits as all rows at once, NaN and infinities included."""
     op = ops.OPS[name]
     rng = np.random.default_rng(11)
@@ -320,7 +320,7 @@ def test_blocks_of_rows_give_the_bits_of_one_block(name, monkeypatch):
     x[1, 2, :3] = [np.nan, np.inf, -np.inf]
     hidden = len(next(params[p] for p in op.hidden))
     results = []
-    for block_elements in (2 * hidden * C, 2 ** 40):  # 2 rows per block: 4 blocks, 1 padding row; 1 block
+    for block_elements in (2 * hidden * C, 2 ** 40):  # 2 rows of elements per block: 4 blocks, 1 row padded; 1 block
         monkeypatch.setattr(ops, "BLOCK_ELEMENTS", block_elements)
         model = one_node_model(op.name, params, C, timesteps=T, **example_attributes(op))
         results.append(InferenceSession(model, native=False).run(None, {op.inputs[0]: x.reshape(T * rows, C)}))
