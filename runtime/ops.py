@@ -277,10 +277,11 @@ def _if_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     reach = b.op("Max", membrane, lower)
     unit = b.op("Div", env["theta"], env["burst"])
     count = b.op("Min", b.op("Floor", b.op("Div", b.op("Abs", reach), unit)), env["burst"])
-    # Sign(reach) from two comparisons (onnxruntime's Sign costs several times as much); 0 for NaN where
-    # Sign gives NaN, but count is NaN there
-    sign = b.op("Sub", b.op("Cast", b.op("Greater", reach, b.const(0.0)), to=TensorProto.FLOAT),
-                b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT))
+    # Sign(reach) where count is nonzero, from one comparison (onnxruntime's Sign costs several times as
+    # much): 1 - 2*[reach < 0]. It is +1 at zero where Sign gives 0, but count is 0 there (+0 either way),
+    # and count is NaN where Sign gives NaN. (A Where between -unit and unit measured slower.)
+    sign = b.op("Add", b.op("Mul", b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT),
+                            b.const(-2.0)), b.const(1.0))
     out = b.op("Mul", b.op("Mul", count, sign), unit)
     return {"spikes": out}, {"v": b.op("Sub", membrane, out), "emitted": b.op("Add", env["emitted"], out)}
 
@@ -616,18 +617,60 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     )
 
 
+# Per-channel parameters of ops without a hidden axis are expanded to a step's [rows, C] before the
+# Scan where C is below this: onnxruntime broadcasts [rows, C] against [C] one row of C values at a time,
+# which for the digits ViT's 16-17 channel attention tensors costs over twice the same-shape op, while
+# from a few hundred channels on the extra operand read costs more than the rows' overhead.
+EXPAND_BELOW_CHANNELS = 128
+
+
 def _time_scan(b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: list[str], times: str,
                per_step: list[str]) -> list[str]:
     """The Scan of the step over the time axis of ``sequences`` ([T, rows, C]), states from zero; returns
-    the per-step outputs stacked ([T, rows, C])."""
+    the per-step outputs stacked ([T, rows, C]). What the step computes from parameters alone runs once,
+    before the Scan."""
     row_shape = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2**62))
-    if op.hidden:
+    body = _time_loop_body(op, env, per_step)
+    invariant, expanded = _hoist(body, {env[p] for p in op.params}, set(env.values()))
+    b.nodes.extend(invariant)
+    if not op.hidden:
+        channels = b.op("Slice", row_shape, _ints(b, -1), _ints(b, 2**62))
+        small = b.op("Less", channels, _ints(b, EXPAND_BELOW_CHANNELS))
+        for name in expanded:
+            # one value stays one value; [C] becomes [rows, C] for few channels, [1, C] else
+            vector = b.op("And", small, b.op("Greater", b.op("Reshape", b.op("Size", name), _ints(b, 1)), _ints(b, 1)))
+            target = b.op("Where", vector, row_shape, _ints(b, 1, 1))
+            full = b.op("Expand", name, target)
+            for node in body.node:
+                node.input[:] = [full if i == name else i for i in node.input]
+    else:
         row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
     zeros = b.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     scanned = b.op_outputs("Scan", *([zeros] * len(op.states)), *sequences, times,
-                           count=len(op.states) + len(per_step), body=_time_loop_body(op, env, per_step),
+                           count=len(op.states) + len(per_step), body=body,
                            num_scan_inputs=len(op.inputs) + 1)
     return scanned[len(op.states):]
+
+
+def _hoist(body: onnx.GraphProto, params: set[str], outer: set[str]) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Moves the nodes of a Scan body that read only ``outer`` names (parameters and what the prologue
+    derived) or constants out of it (onnxruntime folds them only where the parameters are initializers).
+    Returns the moved nodes, and the outer tensors that depend on ``params`` and that the body reads."""
+    invariant, per_channel = set(outer), set(params)
+    moved, kept = [], []
+    for node in body.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        if all(i in invariant for i in node.input if i):
+            moved.append(copy)
+            invariant.update(node.output)
+            if any(i in per_channel for i in node.input):
+                per_channel.update(node.output)
+        else:
+            kept.append(copy)
+    del body.node[:]
+    body.node.extend(kept)
+    return moved, list(dict.fromkeys(i for n in kept for i in n.input if i in per_channel))
 
 
 def _name_results(b: NodeBuilder, sources: list[str], results: list[str]) -> None:
