@@ -150,7 +150,7 @@ class STASection(Section):
 
     def _regions(self) -> dict[str, tuple[str, str]]:
         """UGO node -> (the region it stands in, the operator it approximates), from the compile report."""
-        ugos = self.context.record.report.get("ugos", [])
+        ugos = self.context.record.report.ugos or []
         result = {}
         for probe in (p for p in self.probes if p.ugo):
             entry = next(u for u in ugos if probe.node.name.startswith(u["region"] + "/"))
@@ -187,10 +187,10 @@ class STASection(Section):
                  "hidden": p.per_unit.size,
                  "spikes_per_unit_per_step": (p.per_unit / (p.elements or 1)).tolist()}
                 for p in self.probes if p.ugo]
-        kept_float = set(report.get("layernorms_kept_float", []))
-        decomposed = {u["region"] for u in report.get("ugos", []) if u["operator"] == "rsqrt"}
+        kept_float = set(report.layernorms_kept_float or [])
+        decomposed = {u["region"] for u in report.ugos or [] if u["operator"] == "rsqrt"}
         layernorms = []
-        for region in (r for r in report.get("regions", []) if r["kind"] == "layernorm"):
+        for region in (r for r in report.regions or [] if r["kind"] == "layernorm"):
             if region["name"] in decomposed:
                 status = "decomposed (appendix D.1): rsqrt UGO, TCSA products"
             elif region["name"] in kept_float:
