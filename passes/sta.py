@@ -40,7 +40,6 @@ from spikec.passes.timing import (
     fresh_like,
     refuse_float_in_regions,
     running_sum_product,
-    spikec_node,
 )
 from spikec.passes.ttfs import Masking
 from spikec.runtime import ugo as ugos
@@ -91,12 +90,11 @@ def x2x_encoder(graph: gs.Graph, tensor: gs.Variable, stats: TapStats, timesteps
                 options: STAOptions) -> tuple[gs.Variable, dict]:
     """relu(x) - relu(-x) by two IF neurons, one spikec X2XEncoder op: spikes(x) - spikes(-x)."""
     theta_pos, theta_neg = mmse_thresholds(stats, timesteps), mmse_thresholds(_negated(stats), timesteps)
-    encoded = fresh_like(tensor, ".x2x")
     node_name = f"{tensor.name}/X2X"
-    graph.nodes.append(spikec_node("X2XEncoder", node_name,
-                                   [tensor, gs.Constant(f"{node_name}.theta_pos", theta_pos),
-                                    gs.Constant(f"{node_name}.theta_neg", theta_neg)],
-                                   [encoded], signed=int(options.signed), burst=int(options.burst)))
+    b = GraphBuilder(graph, node_name)
+    encoded = b.spikec("X2XEncoder", tensor, b.const(theta_pos, None, name=f"{node_name}.theta_pos"),
+                       b.const(theta_neg, None, name=f"{node_name}.theta_neg"), out=fresh_like(tensor, ".x2x"),
+                       name=node_name, signed=int(options.signed), burst=int(options.burst))
     return encoded, {"tensor": tensor.name, "encoder": "X2X", "theta_pos": theta_pos.tolist(),
                      "theta_neg": theta_neg.tolist()}
 
@@ -116,13 +114,10 @@ def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operato
     hidden_sample = values[:, None].astype(np.float64) * operator.w1 + operator.b1
     theta = mmse_thresholds(_stats_of(f"{x.name}.ugo_hidden", hidden_sample), timesteps)
 
-    def weight(name: str, value) -> gs.Constant:
-        return gs.Constant(f"{prefix}.{name}", np.asarray(value, np.float32))
-
-    graph.nodes.append(spikec_node(
-        "UGO", prefix, [x, weight("w1", operator.w1), weight("b1", operator.b1), weight("theta", theta),
-                        weight("w2", operator.w2), weight("b2", operator.b2)],
-        [out], signed=int(options.signed), burst=int(options.burst)))
+    b = GraphBuilder(graph, prefix)
+    weights = [b.const(value, name=f"{prefix}.{name}") for name, value in
+               (("w1", operator.w1), ("b1", operator.b1), ("theta", theta), ("w2", operator.w2), ("b2", operator.b2))]
+    b.spikec("UGO", x, *weights, out=out, name=prefix, signed=int(options.signed), burst=int(options.burst))
     return theta
 
 
