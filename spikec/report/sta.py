@@ -16,10 +16,12 @@ import onnx
 from onnx import helper
 
 from spikec import graphinfo
+from spikec.errors import SpikecError
 from spikec.report import plots
 from spikec.report.page import table
 from spikec.report.section import Context, Section, site_row
 from spikec.runtime import ops
+from spikec.runtime.layout import UGO_EXP, UGO_INVERSE, ugo_role
 
 
 @dataclass
@@ -150,14 +152,16 @@ class STASection(Section):
 
     def _regions(self) -> dict[str, tuple[str, str]]:
         """UGO node -> (the region it stands in, the operator it approximates), from the compile report."""
-        ugos = self.context.record.report.ugos or []
+        operators = {u["region"]: u["operator"] for u in self.context.record.report.ugos or []}
         result = {}
         for probe in (p for p in self.probes if p.ugo):
-            entry = next(u for u in ugos if probe.node.name.startswith(u["region"] + "/"))
-            operator = entry["operator"]
-            if operator.startswith("softmax"):  # one region, two UGOs
-                operator = "exp" if probe.node.name.endswith("/Exp") else "inverse"
-            result[probe.node.name] = (entry["region"], operator)
+            role = ugo_role(probe.node.name)
+            if role is None or role[0] not in operators:
+                raise SpikecError(f"UGO node {probe.node.name}: no UGO region of the compile report made it; the "
+                                  f"model was changed after spikec wrote it")
+            region, part = role
+            # a softmax region has two UGOs, each its own operator
+            result[probe.node.name] = (region, {UGO_EXP: "exp", UGO_INVERSE: "inverse"}.get(part, operators[region]))
         return result
 
     def sites(self) -> list[dict]:
