@@ -32,12 +32,17 @@ class GraphBuilder:
            domain: str | None = None, **attrs) -> gs.Variable:
         """``name`` names the node where a pass's readers know it by name (default ``<output>/<op>``)."""
         out = out if out is not None else self.fresh(op_type)
-        node = gs.Node(op_type, name or f"{out.name}/{op_type}", attrs=attrs, inputs=list(inputs), outputs=[out])
+        self.node(op_type, inputs, [out], name or f"{out.name}/{op_type}", domain=domain, **attrs)
+        return out
+
+    def node(self, op_type: str, inputs, outputs, name: str, *, domain: str | None = None, **attrs) -> gs.Node:
+        """A node with the given outputs (several, or empty ones for optional outputs left out)."""
+        node = gs.Node(op_type, name, attrs=attrs, inputs=list(inputs), outputs=list(outputs))
         if domain:
             node.domain = domain
         self.graph.nodes.append(node)
         self.created.add(id(node))
-        return out
+        return node
 
     def const(self, value, dtype=np.float32, name: str | None = None) -> gs.Constant:
         """A constant of ``value`` as ``dtype`` (None: its own), named ``name`` or ``<prefix>/const_<n>``."""
