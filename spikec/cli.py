@@ -471,6 +471,7 @@ def collect_info() -> dict:
                    "isa": native.kernel_isa() if loads else None, "built_from": built, "sources": sources,
                    "matches_sources": built is not None and built == sources},
         "methods": {name: method.paper for name, method in METHODS.items()},
+        "default_timesteps": {name: method.default_timesteps for name, method in METHODS.items() if method.stepped},
     }
 
 
@@ -490,7 +491,9 @@ def cmd_info(args) -> int:
                      f"`make native`; spikec ops run as their ONNX functions")
     else:
         lines.append(f"native kernels: {kernels['library']} ({kernels['isa']}, sources {kernels['sources']})")
-    lines += [f"method {name}: {paper}" for name, paper in info["methods"].items()]
+    lines += [f"method {name}: {paper}" + (f"; default T={info['default_timesteps'][name]}"
+                                            if name in info["default_timesteps"] else "; one pass, no T")
+              for name, paper in info["methods"].items()]
     print("\n".join(lines))
     return 0
 

@@ -7,7 +7,7 @@ import gc
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,11 @@ MODES = ("unrolled", "stateful")
 class CompileOptions(Options):
     """What every method shares; each method adds its own Options (spikec/methods/)."""
     method: str = option("ecmt", "the conversion method", flag="--method")
-    timesteps: int = option(8, "T: time steps of the unrolled model, the default T of a stateful one",
-                            bounds=(1, MAX_TIMESTEPS), flag=("--timesteps", "-T"))
+    # None: the method's own default_timesteps (ECMT's few steps would leave STA or SpikeZIP-TF far from
+    # their ANN); resolved by split_options, so downstream a compile always holds an int
+    timesteps: int | None = option(None, "T: time steps of the unrolled model, the default T of a stateful one "
+                                         "(default: the method's, see spikec info)",
+                                   bounds=(1, MAX_TIMESTEPS), flag=("--timesteps", "-T"))
     mode: str = option("unrolled", "unrolled: T steps folded into the batch, one run; stateful: one run per "
                                    "step, neuron states carried between runs", flag="--mode")
     allow_float: tuple[str, ...] = option((), "comma-separated op types or node names to keep in floating point",
@@ -86,6 +89,8 @@ def split_options(options: Mapping[str, Any]) -> tuple[CompileOptions, Options]:
     common_names = {f.name for f in CompileOptions.declared()}
     common = CompileOptions(**{k: v for k, v in options.items() if k in common_names})
     method = methods.get(common.method)
+    if common.timesteps is None:
+        common = replace(common, timesteps=method.default_timesteps)
     own = {f.name for f in method.Options.declared()}
     unknown = sorted(set(options) - common_names - own)
     if unknown:

@@ -76,3 +76,22 @@ def test_the_cli_generates_its_flags(echo, tmp_path, capfd):
     capfd.readouterr()
     assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--label", "x"]) == 2
     assert capfd.readouterr().err == "spikec: error: argument --label: an option of method echo, not of ecmt\n"
+
+
+def test_time_steps_default_to_the_methods_own(echo):
+    """Without --timesteps each method gets its own T: ECMT's 8 would leave STA's IF rate code and SpikeZIP-TF's
+    sum code far from their references."""
+    x = np.random.default_rng(2).standard_normal((8, FEATURES)).astype(np.float32)
+    Echo.default_timesteps = 5
+    try:
+        record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method="echo", progress=False))
+        assert record.timesteps == 5
+    finally:
+        del Echo.default_timesteps
+    expected = {"ecmt": 8, "sta": 64, "spikezip": 64}
+    for name, steps in expected.items():
+        assert METHODS[name].default_timesteps == steps
+        record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method=name, verify=False, progress=False))
+        assert record.timesteps == steps
+    explicit = spikec.compile(mlp(), {"x": x}, method="sta", timesteps=3, verify=False, progress=False)
+    assert SpikecMetadata.read(explicit).timesteps == 3

@@ -101,6 +101,8 @@ class Method(ABC):
     bound: Bound | None = None
     advice = "raise --timesteps"
     reference = "ANN"
+    # T where --timesteps is not given (methods without time steps ignore it)
+    default_timesteps = 8
 
     @property
     def stepped(self) -> bool:

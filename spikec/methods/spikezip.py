@@ -90,6 +90,9 @@ class SpikeZIP(Method):
     bound = Bound("relative_max_error", 1e-4)
     advice = "raise --timesteps to the steps until no neuron fires (spikec run --until-quiet prints T_eq)"
     reference = "QANN"
+    # T_eq of a 16-level PTQ model of a BERT-sized encoder is some 50 steps; QDQ models of 256 levels need
+    # hundreds and are told so by the verification warning
+    default_timesteps = 64
 
     def prepare(self, job: Job) -> None:
         o: SpikeZIPOptions = job.options

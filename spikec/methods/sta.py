@@ -13,6 +13,7 @@ class STA(Method):
     Options = sta.STAOptions
     semantics = MEAN
     bound = Bound("cosine", 0.97)
+    default_timesteps = 64  # the paper's T; rate codes of IF neurons need many more steps than ECMT's
 
     def calibration(self, job: Job) -> Calibration:
         taps = sta.calibration_taps(job.regions, job.options)
