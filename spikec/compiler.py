@@ -130,12 +130,14 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
 
 def _compile(model, calibration, output, input_shapes, common: CompileOptions, method, method_options: Options,
              reads: list[modelio.Read]) -> onnx.ModelProto:
+    steps = common.timesteps
+    assert steps is not None, "split_options sets the method's default"
     ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name, map_weights=True))
     _check_allow_float(common.allow_float, ann)
     feeds, held_out = load_inputs(calibration, ann), None
     if common.verify:
         feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
-    job = Job(ann, feeds, common.timesteps, common.mode, common.batch_size, common.progress,
+    job = Job(ann, feeds, steps, common.mode, common.batch_size, common.progress,
               frozenset(common.allow_float), method_options,
               held_out=held_out[0] if held_out is not None and held_out[1] else None)
     method.prepare(job)
@@ -145,7 +147,7 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
         # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
         check_budget(estimate_memory(job.ann, job.feeds, batch=common.batch_size, neuron_sites=plan.neuron_sites,
                                      hidden=plan.hidden),
-                     mode=common.mode, timesteps=common.timesteps, budget=parse_budget(common.memory_budget))
+                     mode=common.mode, timesteps=steps, budget=parse_budget(common.memory_budget))
     stats = collect_statistics(plan.model or job.ann, job.feeds, plan.taps, batch_size=common.batch_size,
                                max_values=plan.max_values, progress=common.progress,
                                checkpoint=common.calibration_checkpoint,
@@ -157,7 +159,7 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
     if not method.stepped:
         mode, timesteps = "ttfs", 1
     else:
-        mode, timesteps = common.mode, common.timesteps
+        mode, timesteps = common.mode, steps
         if mode == "unrolled":
             emit.emit_unrolled(job.graph, timesteps, method.semantics, layouts)
         else:
