@@ -28,19 +28,28 @@ class GraphBuilder:
             return gs.Variable(name, dtype=np.float32, shape=self._shape)
         return gs.Variable(name)  # types come from inference
 
-    def op(self, op_type: str, *inputs, out: gs.Variable | None = None, domain: str | None = None,
-           **attrs) -> gs.Variable:
+    def op(self, op_type: str, *inputs, out: gs.Variable | None = None, name: str | None = None,
+           domain: str | None = None, **attrs) -> gs.Variable:
+        """``name`` names the node where a pass's readers know it by name (default ``<output>/<op>``)."""
         out = out if out is not None else self.fresh(op_type)
-        node = gs.Node(op_type, f"{out.name}/{op_type}", attrs=attrs, inputs=list(inputs), outputs=[out])
+        self.node(op_type, inputs, [out], name or f"{out.name}/{op_type}", domain=domain, **attrs)
+        return out
+
+    def node(self, op_type: str, inputs, outputs, name: str, *, domain: str | None = None, **attrs) -> gs.Node:
+        """A node with the given outputs (several, or empty ones for optional outputs left out)."""
+        node = gs.Node(op_type, name, attrs=attrs, inputs=list(inputs), outputs=list(outputs))
         if domain:
             node.domain = domain
         self.graph.nodes.append(node)
         self.created.add(id(node))
-        return out
+        return node
 
-    def const(self, value, dtype=np.float32) -> gs.Constant:
-        self.count += 1
-        return gs.Constant(f"{self.prefix}/const_{self.count}", np.asarray(value, dtype))
+    def const(self, value, dtype=np.float32, name: str | None = None) -> gs.Constant:
+        """A constant of ``value`` as ``dtype`` (None: its own), named ``name`` or ``<prefix>/const_<n>``."""
+        if name is None:
+            self.count += 1
+            name = f"{self.prefix}/const_{self.count}"
+        return gs.Constant(name, np.asarray(value, dtype))
 
     def reduce(self, op: str, data: gs.Variable) -> gs.Variable:
         """``op`` over the last axis, keepdims (axes moved from attribute to input at opset 18)."""
@@ -48,9 +57,10 @@ class GraphBuilder:
             return self.op(op, data, self.const([-1], np.int64), keepdims=1)
         return self.op(op, data, axes=[-1], keepdims=1)
 
-    def spikec(self, op_type: str, *inputs, out: gs.Variable | None = None, **attrs) -> gs.Variable:
+    def spikec(self, op_type: str, *inputs, out: gs.Variable | None = None, name: str | None = None,
+               **attrs) -> gs.Variable:
         """A spikec op (runtime/ops.py), its attributes defaulted from the op library."""
-        return self.op(op_type, *inputs, out=out, domain="spikec", **spikec_attributes(op_type, attrs))
+        return self.op(op_type, *inputs, out=out, name=name, domain="spikec", **spikec_attributes(op_type, attrs))
 
 
 def spikec_attributes(op_type: str, attrs: dict) -> dict:

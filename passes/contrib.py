@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from spikec.passes.builder import GraphBuilder
 
 from spikec.errors import SpikecError
 
@@ -159,6 +160,7 @@ class _Emitter:
         self.graph, self.node, self.names = graph, node, names
         self.opset = graph.opset
         self.prefix = node.name
+        self.b = GraphBuilder(graph, node.name)
 
     def _name(self, base: str) -> str:
         name, k = f"{self.prefix}/{base}", 0
@@ -174,15 +176,14 @@ class _Emitter:
         array = np.asarray(value)
         if array.dtype == np.float64:
             array = array.astype(np.float32)
-        return gs.Constant(self._name("const"), array)
+        return self.b.const(array, None, name=self._name("const"))
 
     def __call__(self, op: str, *inputs, out: gs.Variable | None = None, **attrs) -> gs.Variable:
         """Emit one node (None leaves an optional input out); returns its output."""
         name = self._name(op)
         result = out if out is not None else gs.Variable(self._name(f"{op}_output"))
         tensors = [gs.Variable.empty() if i is None else self.tensor(i) for i in inputs]
-        self.graph.nodes.append(gs.Node(op, name, attrs, inputs=tensors, outputs=[result]))
-        return result
+        return self.b.op(op, *tensors, out=result, name=name, **attrs)
 
     def node_with_outputs(self, op: str, inputs: list, outputs: list[gs.Variable | None], **attrs) -> None:
         """A node with several optional outputs: None leaves an output out."""
@@ -191,7 +192,7 @@ class _Emitter:
         for trimmed in (tensors, results):
             while trimmed and trimmed[-1].is_empty():
                 trimmed.pop()
-        self.graph.nodes.append(gs.Node(op, self._name(op), attrs, inputs=tensors, outputs=results))
+        self.b.node(op, tensors, results, self._name(op), **attrs)
 
     def reduce_mean(self, x, axes: list[int], out=None):
         if self.opset >= 18:

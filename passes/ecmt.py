@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from spikec.passes.builder import GraphBuilder
 from spikec.passes.patterns import Region
 from spikec.passes.regions import PRODUCT_KINDS, Operands, operand_sites
 from spikec.passes.timing import MEAN, attach_neuron, convert_time, is_constant, refuse_float_in_regions
@@ -79,6 +80,7 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
     Only products with a constant right-hand weight are folded; activation x activation products
     keep the explicit Mul. Returns how many products were folded."""
     folded = 0
+    builder = GraphBuilder(graph, "ppn")
     for mul in [n for n in graph.nodes if n.op == "Mul" and is_spike_value(n.name)]:
         code, theta = mul.inputs
         scaled = mul.outputs[0]
@@ -91,8 +93,8 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
             scale = theta.values.reshape(-1)
             # theta scales the rows of W (x @ W) or the columns of W^T (Gemm transB=1).
             factor = scale[None, :] if transposed else scale[:, None]
-            consumer.inputs[weight_index] = gs.Constant(f"{weight.name}.ppn.{consumer.name}",
-                                                        (weight.values * factor).astype(weight.values.dtype))
+            consumer.inputs[weight_index] = builder.const(weight.values * factor, weight.values.dtype,
+                                                          name=f"{weight.name}.ppn.{consumer.name}")
             consumer.inputs[0 if weight_index == 1 else 1] = code
             folded += 1
     graph.cleanup()

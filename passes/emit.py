@@ -30,7 +30,8 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, spikec_node, varying_tensors
+from spikec.passes.builder import GraphBuilder
+from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, varying_tensors
 from spikec.runtime import ops as spec
 from spikec.runtime import ttfs as ttfs_ops
 from spikec.runtime.layout import (
@@ -135,7 +136,7 @@ class _BatchLeading:
     """Rewires one spikec op to read and write batch-leading views of its tensors."""
 
     def __init__(self, graph: gs.Graph, node: gs.Node, layout: Layout, found: dict[int, Layout]):
-        self.graph, self.node = graph, node
+        self.graph, self.node, self.b = graph, node, GraphBuilder(graph, node.name)
         self.data = node.inputs[1 if node.op == "Onset" else 0]
         if layout == UNKNOWN_LAYOUT:
             self.refuse("is neither one axis nor a block of one")
@@ -166,14 +167,14 @@ class _BatchLeading:
             if not isinstance(channels, int) or not all(isinstance(d, int) for d in dims):
                 break
             if int(np.prod(dims)) == channels:
-                keep = gs.Constant(f"{self.node.name}.view_shape_tail", np.array([channels], np.int64))
+                keep = self.b.const([channels], np.int64, name=f"{self.node.name}.view_shape_tail")
                 rank = len(shape) - count + 1
 
                 def view(x: gs.Variable, name: str, count=count, keep=keep) -> gs.Variable:
                     unmerged = as_relative(x, name)
                     head = self.add("Slice", [self.add("Shape", [unmerged], f"{name}.view_shape"),
-                                              gs.Constant(f"{name}.zero", np.array([0], np.int64)),
-                                              gs.Constant(f"{name}.head", np.array([-count], np.int64))],
+                                              self.b.const([0], np.int64, name=f"{name}.zero"),
+                                              self.b.const([-count], np.int64, name=f"{name}.head")],
                                     f"{name}.view_head")
                     return self.add("Reshape", [unmerged, self.add("Concat", [head, keep], f"{name}.view_target",
                                                                    axis=0)], f"{name}.channels_last")
@@ -186,9 +187,8 @@ class _BatchLeading:
 
     def add(self, op: str, inputs: list, name: str, out: gs.Variable | None = None, **attrs) -> gs.Variable:
         dtype = np.int64 if op == "Shape" else inputs[0].dtype or np.float32
-        out = out if out is not None else gs.Variable(name, dtype=dtype)
-        self.graph.nodes.append(gs.Node(op, f"{name}/{op}", attrs=attrs, inputs=inputs, outputs=[out]))
-        return out
+        return self.b.op(op, *inputs, out=out if out is not None else gs.Variable(name, dtype=dtype),
+                         name=f"{name}/{op}", **attrs)
 
     def wrap(self) -> None:
         op = spec.op_for(self.node.op) if self.node.op != "Onset" else _ONSET
@@ -281,6 +281,7 @@ def _is_float(tensor: gs.Variable) -> bool:
 def _add_rate_readouts(graph: gs.Graph, semantics: str) -> list[tuple[gs.Variable, gs.Variable]]:
     """Route each time-varying output through a running mean (or sum); returns (readout, original output) pairs."""
     varying = _readout_sources(graph)
+    b = GraphBuilder(graph, "readout")
     pairs = []
     for output in list(graph.outputs):
         # Outputs that cannot be averaged (indices from an op kept in float) report their last step.
@@ -293,11 +294,10 @@ def _add_rate_readouts(graph: gs.Graph, semantics: str) -> list[tuple[gs.Variabl
                 and producer.attrs["average"] == int(semantics == MEAN):
             # The running sum (mean) of a compensation's increments is the output of the function it
             # compensates: read that, without the float rounding of summing the increments back up.
-            graph.nodes.append(gs.Node("Identity", f"readout/{output.name}", inputs=[producer.inputs[0]],
-                                       outputs=[output]))
+            b.op("Identity", producer.inputs[0], out=output, name=f"readout/{output.name}")
         else:
-            graph.nodes.append(spikec_node("ECAccumulate", f"readout/{output.name}", [per_step], [output],
-                                           average=int(semantics == MEAN)))
+            b.spikec("ECAccumulate", per_step, out=output, name=f"readout/{output.name}",
+                     average=int(semantics == MEAN))
         pairs.append((output, per_step))
     return pairs
 
@@ -311,11 +311,10 @@ def _batch_size(graph: gs.Graph) -> gs.Variable:
     source = next((i for i in graph.inputs if i.shape), None)
     if source is None:
         raise ValueError("the model has no batched input to count spikes per sample")
-    shape, batch = gs.Variable("spikec.batch_shape", dtype=np.int64), gs.Variable("spikec.batch", dtype=np.int64)
-    graph.nodes += [gs.Node("Shape", time_node("batch_shape"), inputs=[source], outputs=[shape]),
-                    gs.Node("Slice", time_node("batch"), inputs=[shape, _const("spikec.zero1", [0]), _const("spikec.one1", [1])],
-                            outputs=[batch])]
-    return batch
+    b = GraphBuilder(graph, "spikec")
+    shape = b.op("Shape", source, out=gs.Variable("spikec.batch_shape", dtype=np.int64), name=time_node("batch_shape"))
+    return b.op("Slice", shape, _const("spikec.zero1", [0]), _const("spikec.one1", [1]),
+                out=gs.Variable("spikec.batch", dtype=np.int64), name=time_node("batch"))
 
 
 def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
@@ -328,9 +327,9 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
     neurons = [n for n in graph.nodes if n.domain == "spikec" and spec.base_name(n.op) in NEURON_OPS]
     if not neurons:
         return
-    target = gs.Variable(f"{name}.shape", dtype=np.int64)
-    graph.nodes.append(gs.Node("Concat", f"count/{name}/shape", attrs={"axis": 0},
-                               inputs=[*leading, _const(f"{name}.rest", [-1])], outputs=[target]))
+    b = GraphBuilder(graph, f"count/{name}")
+    target = b.op("Concat", *leading, _const(f"{name}.rest", [-1]), out=gs.Variable(f"{name}.shape", dtype=np.int64),
+                  name=f"count/{name}/shape", axis=0)
     counts = []
     for neuron in neurons:
         if not spec.op_for(neuron.op).spike_count:
@@ -343,16 +342,12 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
             codes = view.leading(view.add("Abs", [spikes], f"{spikes.name}.magnitude"), f"{spikes.name}.counted")
             view.add("ReduceSum", [codes, _const(f"{spikes.name}.rest_axes", list(range(1, view.rank)))],
                      f"{spikes.name}.per_row", out=per_row, keepdims=0)
-        graph.nodes += [
-            gs.Node("Reshape", f"count/{neuron.name}/rows", inputs=[per_row, target], outputs=[rows]),
-            gs.Node("ReduceSum", f"count/{neuron.name}/sum", attrs={"keepdims": 0},
-                    inputs=[rows, _const(f"{name}.axis", [len(leading)])], outputs=[count]),
-        ]
-        counts.append(count)
+        b.op("Reshape", per_row, target, out=rows, name=f"count/{neuron.name}/rows")
+        counts.append(b.op("ReduceSum", rows, _const(f"{name}.axis", [len(leading)]), out=count,
+                           name=f"count/{neuron.name}/sum", keepdims=0))
     total = gs.Variable(name, dtype=np.float32, shape=[d.values.item() if isinstance(d, gs.Constant) else None
                                                       for d in leading])
-    graph.nodes.append(gs.Node("Sum", f"count/{name}", inputs=counts, outputs=[total]))
-    graph.outputs.append(total)
+    graph.outputs.append(b.op("Sum", *counts, out=total, name=f"count/{name}"))
 
 
 def _lower_onsets(graph: gs.Graph, first_step) -> None:
@@ -382,26 +377,23 @@ def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
     for node in graph.nodes:
         if node.domain == "spikec":
             node.attrs["timesteps"] = timesteps
+    b = GraphBuilder(graph, "time")
     for graph_input in graph.inputs:
         repeated = gs.Variable(f"{graph_input.name}.repeated", dtype=graph_input.dtype)
         replace_uses(graph_input, repeated)
         repeats = np.ones(len(graph_input.shape), np.int64)
         repeats[0] = timesteps
-        graph.nodes.append(gs.Node("Tile", time_node(graph_input.name),
-                                   inputs=[graph_input, gs.Constant(f"{graph_input.name}.time_repeats", repeats)],
-                                   outputs=[repeated]))
+        b.op("Tile", graph_input, b.const(repeats, None, name=f"{graph_input.name}.time_repeats"), out=repeated,
+             name=time_node(graph_input.name))
     final_outputs, step_outputs = [], []
     for output in graph.outputs:
         unrolled = gs.Variable(f"{output.name}.unrolled", dtype=output.dtype)
         replace_uses(output, unrolled, producer=True)
         steps = _time_major(graph, unrolled, timesteps, output.name)
         steps.shape = None if output.shape is None else [timesteps, *output.shape]
-        final = gs.Variable(output.name, dtype=output.dtype, shape=output.shape)
-        graph.nodes.append(gs.Node("Gather", time_node(f"{output.name}/last"),
-                                   attrs={"axis": 0},
-                                   inputs=[steps, gs.Constant(f"{output.name}.last_step", np.array(timesteps - 1, np.int64))],
-                                   outputs=[final]))
-        final_outputs.append(final)
+        final_outputs.append(b.op("Gather", steps, _const(f"{output.name}.last_step", timesteps - 1),
+                                  out=gs.Variable(output.name, dtype=output.dtype, shape=output.shape),
+                                  name=time_node(f"{output.name}/last"), axis=0))
         step_outputs.append(steps)
     graph.outputs = final_outputs + step_outputs
     if semantics == SUM:
@@ -412,22 +404,18 @@ def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
             if (like.name, rank) in masks:
                 return masks[like.name, rank]
             prefix = f"{like.name}.first_step{rank}"
-            shape, count, per_step, index, first, mask = (gs.Variable(f"{prefix}.{s}", dtype=d) for s, d in (
-                ("shape", np.int64), ("count", np.int64), ("per_step", np.int64), ("index", np.int64),
-                ("first", bool), ("mask", bool)))
-            graph.nodes += [
-                gs.Node("Shape", f"{prefix}/shape", inputs=[like], outputs=[shape]),
-                gs.Node("Gather", f"{prefix}/count", inputs=[shape, _const(f"{prefix}.axis0", 0)], outputs=[count]),
-                gs.Node("Div", f"{prefix}/per_step", inputs=[count, _const(f"{prefix}.t", timesteps)],
-                        outputs=[per_step]),
-                gs.Node("Range", f"{prefix}/index", inputs=[_const(f"{prefix}.start", 0), count,
-                                                           _const(f"{prefix}.step", 1)], outputs=[index]),
-                gs.Node("Less", f"{prefix}/first", inputs=[index, per_step], outputs=[first]),
-                gs.Node("Reshape", f"{prefix}/mask", inputs=[first, _const(f"{prefix}.mask_shape", [-1] + [1] * (rank - 1))],
-                        outputs=[mask]),
-            ]
-            masks[like.name, rank] = mask
-            return mask
+
+            def step(op: str, *inputs, to: str, dtype=np.int64) -> gs.Variable:
+                return b.op(op, *inputs, out=gs.Variable(f"{prefix}.{to}", dtype=dtype), name=f"{prefix}/{to}")
+
+            shape = step("Shape", like, to="shape")
+            count = step("Gather", shape, _const(f"{prefix}.axis0", 0), to="count")
+            per_step = step("Div", count, _const(f"{prefix}.t", timesteps), to="per_step")
+            index = step("Range", _const(f"{prefix}.start", 0), count, _const(f"{prefix}.step", 1), to="index")
+            first = step("Less", index, per_step, to="first", dtype=bool)
+            masks[like.name, rank] = step("Reshape", first, _const(f"{prefix}.mask_shape", [-1] + [1] * (rank - 1)),
+                                          to="mask", dtype=bool)
+            return masks[like.name, rank]
         _lower_onsets(graph, first_step)
         spikes = SPIKES_OUTPUT + STEPS_SUFFIX
         _add_spike_counts(graph, [_const("spikec.timesteps", [timesteps]), _batch_size(graph)], spikes)
@@ -437,21 +425,18 @@ def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
 
 def _time_major(graph: gs.Graph, tensor: gs.Variable, timesteps: int, name: str) -> gs.Variable:
     """[T*B, ...] -> [T, B, ...] named ``<name>.steps``."""
-    shape = gs.Variable(f"{name}.unrolled_shape", dtype=np.int64)
-    rest = gs.Variable(f"{name}.row_shape", dtype=np.int64)
-    target = gs.Variable(f"{name}.steps_shape", dtype=np.int64)
-    steps = gs.Variable(f"{name}{STEPS_SUFFIX}", dtype=tensor.dtype)
-    graph.nodes += [
-        gs.Node("Shape", time_node(f"{name}/shape"), inputs=[tensor], outputs=[shape]),
-        gs.Node("Slice", time_node(f"{name}/rows"), inputs=[shape, gs.Constant(f"{name}.one", np.array([1], np.int64)),
-                                                    gs.Constant(f"{name}.end", np.array([2**62], np.int64))],
-                outputs=[rest]),
-        gs.Node("Concat", time_node(f"{name}/target"), attrs={"axis": 0},
-                inputs=[gs.Constant(f"{name}.time_major", np.array([timesteps, -1], np.int64)), rest],
-                outputs=[target]),
-        gs.Node("Reshape", time_node(f"{name}/steps"), inputs=[tensor, target], outputs=[steps]),
-    ]
-    return steps
+    b = GraphBuilder(graph, name)
+
+    def shape(suffix: str) -> gs.Variable:
+        return gs.Variable(f"{name}.{suffix}", dtype=np.int64)
+
+    unrolled = b.op("Shape", tensor, out=shape("unrolled_shape"), name=time_node(f"{name}/shape"))
+    rest = b.op("Slice", unrolled, _const(f"{name}.one", [1]), _const(f"{name}.end", [2**62]), out=shape("row_shape"),
+                name=time_node(f"{name}/rows"))
+    target = b.op("Concat", _const(f"{name}.time_major", [timesteps, -1]), rest, out=shape("steps_shape"),
+                  name=time_node(f"{name}/target"), axis=0)
+    return b.op("Reshape", tensor, target, out=gs.Variable(f"{name}{STEPS_SUFFIX}", dtype=tensor.dtype),
+                name=time_node(f"{name}/steps"))
 
 
 def state_rank(node: gs.Node) -> int:
@@ -467,9 +452,9 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN, layouts: BatchLayouts 
     _add_rate_readouts(graph, semantics)
     time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
     if semantics == SUM:
-        is_first = gs.Variable("spikec.first_step", dtype=bool, shape=[])
-        graph.nodes.append(gs.Node("Equal", time_node("first_step"), inputs=[time, _const("spikec.t1", 1.0, np.float32)],
-                                   outputs=[is_first]))
+        is_first = GraphBuilder(graph, "spikec").op("Equal", time, _const("spikec.t1", 1.0, np.float32),
+                                                    out=gs.Variable("spikec.first_step", dtype=bool, shape=[]),
+                                                    name=time_node("first_step"))
         _lower_onsets(graph, lambda rank, like: is_first)
     state_inputs, state_outputs = [], []
     for node in [n for n in graph.nodes if n.domain == "spikec"]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from spikec.passes.builder import GraphBuilder
 from spikec.passes.patterns import Region
 from spikec.passes.regions import DATA_MOVEMENT, PRODUCT_KINDS, SELECTION, operand_sites, product_operands
 from spikec.passes.timing import is_constant, varying_tensors
@@ -162,29 +163,25 @@ def channel_count(tensor: gs.Tensor) -> int | None:
 def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Quantizer]) -> list[dict]:
     """Write each site's quantizer into the graph as Div -> Add(0.5) -> Floor -> Clip -> Mul."""
     tensors = graph.tensors()
+    b = GraphBuilder(graph, "quantize")
     report = []
     for site in sites:
         tensor, q = tensors[site.tensor], quantizers[site.tensor]
         name = f"{site.tensor}/Quantize"
-        scale = gs.Constant(f"{site.tensor}.quant_scale", q.scale)
 
         def variable(suffix: str, site=site, tensor=tensor) -> gs.Variable:
             return gs.Variable(f"{site.tensor}.{suffix}", dtype=np.float32, shape=tensor.shape)
 
-        divided, shifted, floored, clipped, quantized = (variable(s) for s in
-                                                         ("quant_div", "quant_shift", "quant_floor", "quant_clip",
-                                                          "quantized"))
-        graph.nodes += [
-            gs.Node("Div", f"{name}/Div", inputs=[tensor, scale], outputs=[divided]),
-            gs.Node("Add", f"{name}/Add", inputs=[divided, gs.Constant(f"{site.tensor}.quant_half",
-                                                                       np.array(0.5, np.float32))],
-                    outputs=[shifted]),
-            gs.Node("Floor", f"{name}/Floor", inputs=[shifted], outputs=[floored]),
-            gs.Node("Clip", f"{name}/Clip", inputs=[floored,
-                                                    gs.Constant(f"{site.tensor}.quant_low", np.array(q.low, np.float32)),
-                                                    gs.Constant(f"{site.tensor}.quant_high", np.array(q.high, np.float32))],
-                    outputs=[clipped]),
-        ]
+        def const(suffix: str, value, site=site) -> gs.Constant:
+            return b.const(value, None if suffix == "quant_scale" else np.float32, name=f"{site.tensor}.{suffix}")
+
+        scale = const("quant_scale", q.scale)
+        divided = b.op("Div", tensor, scale, out=variable("quant_div"), name=f"{name}/Div")
+        shifted = b.op("Add", divided, const("quant_half", 0.5), out=variable("quant_shift"), name=f"{name}/Add")
+        floored = b.op("Floor", shifted, out=variable("quant_floor"), name=f"{name}/Floor")
+        clipped = b.op("Clip", floored, const("quant_low", q.low), const("quant_high", q.high),
+                       out=variable("quant_clip"), name=f"{name}/Clip")
+        quantized = variable("quantized")
         consumers = site.consumers if site.consumers is not None else \
             [(c, i) for c in list(tensor.outputs) if c.name != f"{name}/Div" for i, t in enumerate(c.inputs)
              if t is tensor]
@@ -193,7 +190,7 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
         if site.consumers is None and tensor in graph.outputs:
             graph.outputs = [quantized if t is tensor else t for t in graph.outputs]
             quantized.name, tensor.name = tensor.name, f"{tensor.name}.unquantized"
-        graph.nodes.append(gs.Node("Mul", f"{name}/Mul", inputs=[clipped, scale], outputs=[quantized]))
+        b.op("Mul", clipped, scale, out=quantized, name=f"{name}/Mul")
         report.append({"tensor": site.tensor, "role": site.role, **scale_summary(q.scale), "low": q.low,
                        "high": q.high})
     graph.toposort()

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from spikec.passes.builder import GraphBuilder
 from spikec.passes.ecmt import fold_thresholds_into_weights
 from spikec.passes.patterns import Region
 from spikec.passes.regions import detach
@@ -43,7 +44,6 @@ from spikec.passes.timing import (
     refuse_float_in_regions,
     replace_uses,
     running_sum_product,
-    spikec_node,
     varying_tensors,
 )
 
@@ -81,15 +81,13 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> di
     source = attrs["input"]
     theta = np.asarray(attrs["scale"], np.float32)
     params = {"theta": theta, "s_min": np.float32(attrs["low"]), "s_max": np.float32(attrs["high"])}
-    spikes = fresh_like(source, ".spikes")
-    graph.nodes.append(spikec_node("STBIFIntegerNeuron", f"{source.name}/STBIFIntegerNeuron",
-                                   [source, *(gs.Constant(f"{source.name}.{k}", np.asarray(v, np.float32))
-                                              for k, v in params.items())], [spikes],
-                                   burst=burst, half_even=int(attrs["rounding"] == "half_even")))
+    b = GraphBuilder(graph, source.name)
+    spikes = b.spikec("STBIFIntegerNeuron", source, *(b.const(v, name=f"{source.name}.{k}") for k, v in params.items()),
+                      out=fresh_like(source, ".spikes"), name=f"{source.name}/STBIFIntegerNeuron", burst=burst,
+                      half_even=int(attrs["rounding"] == "half_even"))
     tracer = accumulate(graph, spikes, f"{source.name}/Tracer", SUM)
-    value = fresh_like(source, ".level_value")
-    graph.nodes.append(gs.Node("Mul", f"{source.name}/LevelValue", inputs=[tracer, gs.Constant(f"{source.name}.scale", theta)],
-                               outputs=[value]))
+    value = b.op("Mul", tracer, b.const(theta, None, name=f"{source.name}.scale"),
+                 out=fresh_like(source, ".level_value"), name=f"{source.name}/LevelValue")
     take_over(graph, region, value)
     return {"tensor": source.name, "node": f"{source.name}/STBIFIntegerNeuron", "region": region.name,
             "format": attrs["format"], "threshold": theta.tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
@@ -124,18 +122,18 @@ def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
     requantization rounds otherwise). Leaves the graph sorted."""
     for region in [r for r in regions if r.kind == "quantizer"]:
         attrs, name = region.attrs, region.attrs["input"].name
-        theta = gs.Constant(f"{name}.scale", np.asarray(attrs["scale"], np.float32))
+        b = GraphBuilder(graph, name)
+        theta = b.const(attrs["scale"], name=f"{name}.scale")
         steps = [("Div", [theta]), ("Round" if attrs["rounding"] == "half_even" else "Floor", []),
-                 ("Max", [gs.Constant(f"{name}.low", np.asarray(attrs["low"], np.float32))]),
-                 ("Min", [gs.Constant(f"{name}.high", np.asarray(attrs["high"], np.float32))]), ("Mul", [theta])]
+                 ("Max", [b.const(attrs["low"], name=f"{name}.low")]),
+                 ("Min", [b.const(attrs["high"], name=f"{name}.high")]), ("Mul", [theta])]
         if attrs["rounding"] != "half_even":
-            steps.insert(1, ("Add", [gs.Constant(f"{name}.half", np.asarray(0.5, np.float32))]))
+            steps.insert(1, ("Add", [b.const(0.5, name=f"{name}.half")]))
         quantized, value = region.outputs[0], attrs["input"]
         detach(region)
         for index, (op, operands) in enumerate(steps):
-            out = quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}")
-            graph.nodes.append(gs.Node(op, f"{name}/Level{index}", inputs=[value, *operands], outputs=[out]))
-            value = out
+            value = b.op(op, value, *operands, name=f"{name}/Level{index}",
+                         out=quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}"))
     dequantize_weights(graph)
     graph.cleanup().toposort()
 
@@ -150,7 +148,8 @@ def totals_as_increments(graph: gs.Graph) -> list[str]:
     for output in [t for t in graph.outputs if t.name in varying]:
         total = fresh_like(output, ".total")
         replace_uses(output, total, producer=True)
-        graph.nodes.append(spikec_node("ECCompensate", f"{output.name}/Increments", [total], [output], average=0))
+        GraphBuilder(graph, output.name).spikec("ECCompensate", total, out=output, name=f"{output.name}/Increments",
+                                                average=0)
         wrapped.append(output.name)
     return wrapped
 

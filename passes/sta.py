@@ -40,10 +40,10 @@ from spikec.passes.timing import (
     fresh_like,
     refuse_float_in_regions,
     running_sum_product,
-    spikec_node,
 )
 from spikec.passes.ttfs import Masking
 from spikec.runtime import ugo as ugos
+from spikec.runtime.layout import UGO_ACTIVATION, UGO_EXP, UGO_INVERSE, UGO_RSQRT, ugo_node
 
 SAMPLE_VALUES = 100_000  # per UGO hidden layer: the MMSE search runs on a subsample
 
@@ -91,12 +91,11 @@ def x2x_encoder(graph: gs.Graph, tensor: gs.Variable, stats: TapStats, timesteps
                 options: STAOptions) -> tuple[gs.Variable, dict]:
     """relu(x) - relu(-x) by two IF neurons, one spikec X2XEncoder op: spikes(x) - spikes(-x)."""
     theta_pos, theta_neg = mmse_thresholds(stats, timesteps), mmse_thresholds(_negated(stats), timesteps)
-    encoded = fresh_like(tensor, ".x2x")
     node_name = f"{tensor.name}/X2X"
-    graph.nodes.append(spikec_node("X2XEncoder", node_name,
-                                   [tensor, gs.Constant(f"{node_name}.theta_pos", theta_pos),
-                                    gs.Constant(f"{node_name}.theta_neg", theta_neg)],
-                                   [encoded], signed=int(options.signed), burst=int(options.burst)))
+    b = GraphBuilder(graph, node_name)
+    encoded = b.spikec("X2XEncoder", tensor, b.const(theta_pos, None, name=f"{node_name}.theta_pos"),
+                       b.const(theta_neg, None, name=f"{node_name}.theta_neg"), out=fresh_like(tensor, ".x2x"),
+                       name=node_name, signed=int(options.signed), burst=int(options.burst))
     return encoded, {"tensor": tensor.name, "encoder": "X2X", "theta_pos": theta_pos.tolist(),
                      "theta_neg": theta_neg.tolist()}
 
@@ -116,13 +115,10 @@ def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operato
     hidden_sample = values[:, None].astype(np.float64) * operator.w1 + operator.b1
     theta = mmse_thresholds(_stats_of(f"{x.name}.ugo_hidden", hidden_sample), timesteps)
 
-    def weight(name: str, value) -> gs.Constant:
-        return gs.Constant(f"{prefix}.{name}", np.asarray(value, np.float32))
-
-    graph.nodes.append(spikec_node(
-        "UGO", prefix, [x, weight("w1", operator.w1), weight("b1", operator.b1), weight("theta", theta),
-                        weight("w2", operator.w2), weight("b2", operator.b2)],
-        [out], signed=int(options.signed), burst=int(options.burst)))
+    b = GraphBuilder(graph, prefix)
+    weights = [b.const(value, name=f"{prefix}.{name}") for name, value in
+               (("w1", operator.w1), ("b1", operator.b1), ("theta", theta), ("w2", operator.w2), ("b2", operator.b2))]
+    b.spikec("UGO", x, *weights, out=out, name=prefix, signed=int(options.signed), burst=int(options.burst))
     return theta
 
 
@@ -151,7 +147,7 @@ def activation_ugo(graph: gs.Graph, region: Region, operator: ugos.UGO, stats: T
     """Replace a GELU or activation region by its UGO with a spiking hidden layer."""
     x, out = region.inputs[0], region.outputs[0]
     detach(region)
-    theta = _ugo(graph, f"{region.name}/UGO", x, out, operator, stats.sample, timesteps, options)
+    theta = _ugo(graph, ugo_node(region.name, UGO_ACTIVATION), x, out, operator, stats.sample, timesteps, options)
     return {"region": region.name, "operator": region.attrs.get("function", "gelu"), "hidden": operator.hidden,
             "input": x.name, "theta": theta.tolist()}
 
@@ -183,7 +179,7 @@ the domain's 100:1 stays float (returns None), as does one over more than the la
     scaled = b.op("Mul", variance_eps, b.const(scale))
     operator = ugos.load("rsqrt")
     root_scaled = b.fresh("rsqrt_scaled")
-    theta = _ugo(graph, f"{prefix}/UGO", scaled, root_scaled, operator, variance * scale, timesteps, options)
+    theta = _ugo(graph, ugo_node(region.name, UGO_RSQRT), scaled, root_scaled, operator, variance * scale, timesteps, options)
     root = b.op("Mul", root_scaled, b.const(np.sqrt(scale)))
     gamma, beta = region.attrs["scale"], region.attrs["bias"]
     normalized = b.op("Mul", centered, root, out=out if gamma is None and beta is None else None)
@@ -225,13 +221,13 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
     clamped = b.op("Clip", b.op("Sub", x, first), b.const(EXP_DOMAIN[0]), b.const(EXP_DOMAIN[1]))
     exp_operator, inverse_operator = ugos.load("exp"), ugos.load("inverse")
     exps = b.fresh("exp")
-    theta_exp = _ugo(graph, f"{prefix}/Exp", clamped, exps, exp_operator, shifted_sample, timesteps, options)
+    theta_exp = _ugo(graph, ugo_node(region.name, UGO_EXP), clamped, exps, exp_operator, shifted_sample, timesteps, options)
     if masking is not None:
         exps = b.op("Mul", exps, b.op("Exp", masking.log_weight(0.0)))
     bounded = b.op("Clip", b.op("Mul", b.reduce("ReduceSum", exps), b.const(k)), b.const(INVERSE_DOMAIN[0]),
                    b.const(INVERSE_DOMAIN[1]))
     inverse = b.fresh("inverse")
-    theta_inv = _ugo(graph, f"{prefix}/Inverse", bounded, inverse, inverse_operator,
+    theta_inv = _ugo(graph, ugo_node(region.name, UGO_INVERSE), bounded, inverse, inverse_operator,
                      np.clip(sums * k, *INVERSE_DOMAIN), timesteps, options)
     b.op("Mul", exps, b.op("Mul", inverse, b.const(k)), out=out)
     return {"region": region.name, "operator": "softmax (exp, inverse)",

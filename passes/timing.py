@@ -25,7 +25,7 @@ from typing import TypeGuard
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from spikec.passes.builder import spikec_attributes
+from spikec.passes.builder import GraphBuilder, spikec_attributes
 from spikec.passes.regions import DATA_MOVEMENT
 from spikec.runtime.layout import spike_value_node
 
@@ -166,14 +166,12 @@ def attach_neuron(graph: gs.Graph, tensor: gs.Variable, op: str, params: dict[st
                   **attrs) -> gs.Variable:
     """A neuron ``op`` reading ``tensor``; returns its spike value, code * params[scale], which
     fold_thresholds_into_weights may later fold into the weights that read it."""
-    node_name = f"{tensor.name}/{op}"
-    constants = {k: gs.Constant(f"{tensor.name}.{k}", np.asarray(v, np.float32)) for k, v in params.items()}
-    spikes = fresh_like(tensor, ".spikes")
-    scaled = fresh_like(tensor, ".spike_value")
-    graph.nodes.append(spikec_node(op, node_name, [tensor, *constants.values()], [spikes], **attrs))
-    graph.nodes.append(gs.Node("Mul", spike_value_node(tensor.name), inputs=[spikes, constants[scale]],
-                               outputs=[scaled]))
-    return scaled
+    b = GraphBuilder(graph, tensor.name)
+    constants = {k: b.const(v, name=f"{tensor.name}.{k}") for k, v in params.items()}
+    spikes = b.spikec(op, tensor, *constants.values(), out=fresh_like(tensor, ".spikes"), name=f"{tensor.name}/{op}",
+                      **attrs)
+    return b.op("Mul", spikes, constants[scale], out=fresh_like(tensor, ".spike_value"),
+                name=spike_value_node(tensor.name))
 
 
 def replace_uses(tensor: gs.Tensor, replacement: gs.Tensor, *, producer: bool = False) -> None:
@@ -196,10 +194,8 @@ def fresh_like(tensor: gs.Variable, suffix: str) -> gs.Variable:
 
 def accumulate(graph: gs.Graph, tensor: gs.Variable, name: str, semantics: str) -> gs.Variable:
     """Running mean (mean semantics) or running sum (sum semantics) of a per-step tensor."""
-    total = fresh_like(tensor, f".ec_{semantics}.{name}")
-    graph.nodes.append(spikec_node("ECAccumulate", f"{name}/ECAccumulate.{tensor.name}", [tensor], [total],
-                                   average=int(semantics == MEAN)))
-    return total
+    return GraphBuilder(graph, name).spikec("ECAccumulate", tensor, out=fresh_like(tensor, f".ec_{semantics}.{name}"),
+                                            name=f"{name}/ECAccumulate.{tensor.name}", average=int(semantics == MEAN))
 
 
 def running_sum_product(graph: gs.Graph, node: gs.Node, name: str, *, label: str, rewrite: str,
@@ -213,14 +209,12 @@ def running_sum_product(graph: gs.Graph, node: gs.Node, name: str, *, label: str
     product = fresh_like(out, f".{tag}_product")
     node.inputs[0], node.inputs[1] = accumulate(graph, a, name, SUM), accumulate(graph, b, name, SUM)
     node.outputs[0] = product
-    if weight is None:
-        graph.nodes.append(spikec_node("ECCompensate", f"{name}/{label}", [product], [out], average=0))
-        return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": rewrite}
-    increment = fresh_like(out, f".{tag}_increment")
-    graph.nodes.append(spikec_node("ECCompensate", f"{name}/{label}", [product], [increment], average=0))
-    graph.nodes.append(gs.Node("Mul", f"{name}/{label}Weight",
-                               inputs=[increment, gs.Constant(f"{name}.weight", np.array(weight, np.float32))],
-                               outputs=[out]))
+    builder = GraphBuilder(graph, name)
+    increment = out if weight is None else fresh_like(out, f".{tag}_increment")
+    builder.spikec("ECCompensate", product, out=increment, name=f"{name}/{label}", average=0)
+    if weight is not None:
+        builder.op("Mul", increment, builder.const(weight, name=f"{name}.weight"), out=out,
+                   name=f"{name}/{label}Weight")
     return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": rewrite}
 
 
@@ -241,6 +235,7 @@ def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], 
                 entering[tensor.name] = accumulate(graph, tensor, name, semantics)
             node.inputs[i] = entering[tensor.name]
     graph_outputs = {t.name for t in graph.outputs}
+    builder = GraphBuilder(graph, name)
     leaving: list[str] = []
     for node in nodes:
         for tensor in node.outputs:
@@ -253,8 +248,8 @@ def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], 
                     if t is tensor:
                         consumer.inputs[i] = increment
             graph.outputs = [increment if t is tensor else t for t in graph.outputs]
-            graph.nodes.append(spikec_node("ECCompensate", f"{name}/ECCompensate{len(leaving)}",
-                                           [tensor], [increment], average=int(semantics == MEAN)))
+            builder.spikec("ECCompensate", tensor, out=increment, name=f"{name}/ECCompensate{len(leaving)}",
+                           average=int(semantics == MEAN))
             # Downstream sees the compensated increments under the original name (graph outputs keep
             # theirs); F's output on the running means is the expectation.
             tensor.name, increment.name = increment.name, tensor.name
@@ -289,7 +284,7 @@ def gate_to_first_step(graph: gs.Graph, node: gs.Node, index: int, rank: int, li
     # The rank is known (neuron states need it); the leading axis may grow to the steps' rows.
     shape = [None, *tensor.shape[1:]] if tensor.shape is not None and len(tensor.shape) == rank else None
     gated = gs.Variable(f"{tensor.name}.onset.{node.name}", dtype=tensor.dtype or np.float32, shape=shape)
-    graph.nodes.append(spikec_node("Onset", f"{node.name}/Onset{index}", [tensor, like], [gated], rank=rank))
+    GraphBuilder(graph, node.name).spikec("Onset", tensor, like, out=gated, name=f"{node.name}/Onset{index}", rank=rank)
     node.inputs[index] = gated
 
 
@@ -323,17 +318,15 @@ def _split_conv_bias(graph: gs.Graph, conv: gs.Node) -> None:
     bias = conv.inputs[2]
     out = conv.outputs[0]
     rank = _rank_of(conv)
-    shaped = gs.Variable(f"{bias.name}.channels.{conv.name}", dtype=bias.dtype or np.float32)
+    b = GraphBuilder(graph, conv.name)
+    shaped = b.op("Reshape", bias, b.const([-1] + [1] * (rank - 2), np.int64, name=f"{conv.name}.bias_shape"),
+                  out=gs.Variable(f"{bias.name}.channels.{conv.name}", dtype=bias.dtype or np.float32),
+                  name=f"{conv.name}/BiasShape")
     product = fresh_like(out, ".unbiased")
-    graph.nodes.append(gs.Node("Reshape", f"{conv.name}/BiasShape",
-                               inputs=[bias, gs.Constant(f"{conv.name}.bias_shape",
-                                                         np.array([-1] + [1] * (rank - 2), np.int64))],
-                               outputs=[shaped]))
     del conv.inputs[2]
     conv.outputs[0] = product
-    add = gs.Node("Add", f"{conv.name}/Bias", inputs=[product, shaped], outputs=[out])
-    graph.nodes.append(add)
-    gate_to_first_step(graph, add, 1, rank, product)
+    b.op("Add", product, shaped, out=out, name=f"{conv.name}/Bias")
+    gate_to_first_step(graph, out.inputs[0], 1, rank, product)
 
 
 def _split_batchnorm(graph: gs.Graph, norm: gs.Node) -> None:
@@ -348,14 +341,13 @@ def _split_batchnorm(graph: gs.Graph, norm: gs.Node) -> None:
     factor = scale / np.sqrt(var + float(norm.attrs.get("epsilon", 1e-5)))
     channels = [-1] + [1] * (rank - 2)
     out = norm.outputs[0]
-    scaled = fresh_like(out, ".scaled")
-    mul = gs.Node("Mul", f"{norm.name}/Scale", inputs=[norm.inputs[0], gs.Constant(
-        f"{norm.name}.factor", factor.reshape(channels).astype(np.float32))], outputs=[scaled])
-    add = gs.Node("Add", f"{norm.name}/Shift", inputs=[scaled, gs.Constant(
-        f"{norm.name}.shift", (bias - mean * factor).reshape(channels).astype(np.float32))], outputs=[out])
+    b = GraphBuilder(graph, norm.name)
+    scaled = b.op("Mul", norm.inputs[0], b.const(factor.reshape(channels), name=f"{norm.name}.factor"),
+                  out=fresh_like(out, ".scaled"), name=f"{norm.name}/Scale")
+    b.op("Add", scaled, b.const((bias - mean * factor).reshape(channels), name=f"{norm.name}.shift"), out=out,
+         name=f"{norm.name}/Shift")
     norm.outputs.clear()
-    graph.nodes += [mul, add]
-    gate_to_first_step(graph, add, 1, rank, scaled)
+    gate_to_first_step(graph, out.inputs[0], 1, rank, scaled)
 
 
 # The product node each kind of unit rewrites with a ProductRewrite: elementwise for gated activations.

@@ -130,9 +130,8 @@ class Lowering:
         self.constructions: list[dict] = []
         self.float_nodes: list[dict] = []
         self.b = GraphBuilder(graph, "ttfs", opset)
-        self.delta = gs.Constant("ttfs.delta", np.asarray(options.delta, np.float32))
-        self.tick = (gs.Constant("ttfs.tick", np.asarray(options.delta / options.precision, np.float32))
-                     if options.precision else None)
+        self.delta = self.b.const(options.delta, name="ttfs.delta")
+        self.tick = self.b.const(options.delta / options.precision, name="ttfs.tick") if options.precision else None
 
     def window(self, lower: float, upper: float) -> Window:
         return Window(float(lower), float(upper), self.options.delta)
@@ -160,8 +159,8 @@ class Lowering:
             else:
                 assert self.ranges is not None, "a spiking graph is built with the calibrated ranges"
                 site.window = self.ranges[name]
-            site.bounds = (gs.Constant(f"{name}.lower", np.asarray(site.window.lower, np.float32)),
-                           gs.Constant(f"{name}.upper", np.asarray(site.window.upper, np.float32)))
+            site.bounds = (self.b.const(site.window.lower, name=f"{name}.lower"),
+                           self.b.const(site.window.upper, name=f"{name}.upper"))
             spikes = gs.Variable(f"{name}.spikes", dtype=np.float32)
             site.spikes = self.b.op(EMIT[transform].op_type, potential, *site.bounds, self.delta, domain="spikec",
                                     out=spikes if self.tick is None else None)

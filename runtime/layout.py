@@ -19,6 +19,21 @@ def is_spike_value(node_name: str) -> bool:
     return node_name.endswith(_SPIKE_VALUE)
 
 
+# STA's UGO nodes: the region a UGO stands in, and which of the region's UGOs it is (a softmax has two).
+UGO_ACTIVATION, UGO_RSQRT, UGO_EXP, UGO_INVERSE = "UGO", "LayerNormUGO/UGO", "SoftmaxUGO/Exp", "SoftmaxUGO/Inverse"
+_UGO_PARTS = (UGO_RSQRT, UGO_EXP, UGO_INVERSE, UGO_ACTIVATION)  # the longer first: UGO_RSQRT ends as UGO_ACTIVATION
+
+
+def ugo_node(region: str, part: str) -> str:
+    return f"{region}/{part}"
+
+
+def ugo_role(node_name: str) -> tuple[str, str] | None:
+    """(region, part) of a UGO node made by ugo_node; None for any other name."""
+    part = next((p for p in _UGO_PARTS if node_name.endswith("/" + p)), None)
+    return None if part is None else (node_name[:-len(part) - 1], part)
+
+
 def time_node(name: str) -> str:
     return _TIME + name
 

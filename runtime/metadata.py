@@ -5,8 +5,9 @@ and a model whose record was tampered with fails with one line naming the file a
 from __future__ import annotations
 
 import json
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import onnx
 
@@ -19,6 +20,55 @@ SEMANTICS = ("mean", "sum", "time-to-first-spike")
 MAX_TIMESTEPS = 2**24
 
 
+@dataclass
+class CompileReport:
+    """What a compile did, as ``spikec.report`` records it: each step's part, typed. A field left None was
+    not reported (the method has no such part) and is absent from the JSON; keys a method reports beyond
+    these (its own counts and flags) are kept in ``extra`` and written as they are, so the JSON is one
+    object of the known keys and the extras (the schema of docs/architecture.md)."""
+    semantics: str | None = None  # the method's time semantics (SEMANTICS)
+    regions: list[dict] | None = None  # recognized regions (passes/patterns.describe)
+    neurons: list[dict] | None = None  # neuron sites: tensor, node, and the neuron's parameters
+    compensated: list[dict] | None = None  # regions run in float on accumulated values (passes/timing.py)
+    encoders: list[dict] | None = None  # STA's X2X encoder sites
+    ugos: list[dict] | None = None  # STA's UGO replacements, by region
+    layernorms_kept_float: list[str] | None = None  # STA: LayerNorm regions no UGO replaced
+    ttfs: dict | None = None  # TTFS: sites, constructions, clipping, float nodes
+    quantization: list[dict] | None = None  # SpikeZIP-TF: the quantizers its prepare step inserted
+    calibration: dict | None = None  # ECMT: the calibration statistics the thresholds came from
+    verification: dict | None = None  # the held-out run (spikec/verify.py)
+    extra: dict[str, typing.Any] = field(default_factory=dict)
+
+    @classmethod
+    def known(cls) -> dict[str, type]:
+        """The typed keys and the JSON type each holds (from the annotations: ``list[dict] | None`` holds a list)."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: typing.get_origin(kind) or kind for f in fields(cls) if f.name != "extra"
+                for kind in [typing.get_args(hints[f.name])[0]]}
+
+    def update(self, part: Mapping[str, typing.Any]) -> None:
+        """Take in a step's part (e.g. a method's rewrite result): typed keys to their fields, the rest to extra."""
+        known = self.known()
+        for key, value in part.items():
+            if key in known:
+                setattr(self, key, value)
+            else:
+                self.extra[key] = value
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, typing.Any]) -> CompileReport:
+        """The report from its JSON object; a typed key holding the wrong JSON type is a ValueError naming it."""
+        report = cls()
+        for key, kind in cls.known().items():
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                raise ValueError(key)
+        report.update(data)
+        return report
+
+    def to_json(self) -> dict[str, typing.Any]:
+        return {**self.extra, **{key: value for key in self.known() if (value := getattr(self, key)) is not None}}
+
+
 @dataclass(frozen=True)
 class SpikecMetadata:
     method: str
@@ -27,14 +77,14 @@ class SpikecMetadata:
     timesteps: int  # T of an unrolled model; the default T of a stateful one; 1 for ttfs
     options: dict  # the method's options (its Options.to_json())
     allow_float: tuple[str, ...] = ()  # op types and node names kept in floating point
-    report: dict = field(default_factory=dict)  # what the compile did (spikec.report)
+    report: CompileReport = field(default_factory=CompileReport)  # what the compile did (spikec.report)
 
     def to_props(self) -> dict[str, str]:
         return {f"{PREFIX}method": self.method, f"{PREFIX}mode": self.mode, f"{PREFIX}semantics": self.semantics,
                 f"{PREFIX}timesteps": str(self.timesteps),
                 f"{PREFIX}options": json.dumps(self.options, sort_keys=True),
                 f"{PREFIX}allow_float": json.dumps(sorted(self.allow_float)),
-                f"{PREFIX}report": json.dumps(self.report, sort_keys=True, default=_json_default)}
+                f"{PREFIX}report": json.dumps(self.report.to_json(), sort_keys=True, default=_json_default)}
 
     def write(self, model: onnx.ModelProto) -> None:
         """Set this record on ``model``, replacing any spikec record it had (properties sorted by key)."""
@@ -82,10 +132,14 @@ class SpikecMetadata:
                 refuse(key, "a JSON object" if kind is dict else "a JSON list")
         if not all(isinstance(name, str) for name in parsed["allow_float"]):
             refuse("allow_float", "a JSON list of names")
-        if raw[PREFIX + "mode"] == "ttfs" and not isinstance(parsed["report"].get("ttfs"), dict):
+        try:
+            report = CompileReport.from_json(parsed["report"])
+        except ValueError as exc:
+            refuse("report", f"a JSON object whose {exc} is a JSON {CompileReport.known()[str(exc)].__name__}")
+        if raw[PREFIX + "mode"] == "ttfs" and report.ttfs is None:
             refuse("report", "a JSON object with the ttfs sites")
         return cls(method, raw[PREFIX + "mode"], raw[PREFIX + "semantics"], int(steps), parsed["options"],
-                   tuple(parsed["allow_float"]), parsed["report"])
+                   tuple(parsed["allow_float"]), report)
 
 
 def _json_object(text: str) -> dict:

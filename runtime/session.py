@@ -13,7 +13,7 @@ import onnxruntime as ort
 from spikec.runtime import fusion
 from spikec.runtime import native as native_kernels
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
-from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
+from spikec.runtime.metadata import MAX_TIMESTEPS, CompileReport, SpikecMetadata
 
 from spikec import weights
 from spikec.errors import SpikecError
@@ -87,8 +87,8 @@ class InferenceSession(ort.InferenceSession):
         return self.spikec.timesteps if self.spikec else 1
 
     @property
-    def report(self) -> dict:
-        return self.spikec.report if self.spikec else {}
+    def report(self) -> CompileReport:
+        return self.spikec.report if self.spikec else CompileReport()
 
     def run(self, output_names, input_feed, run_options=None):
         """onnxruntime's run; a stateful model's time step must be 1, 2, ...: at t = 0 the running means

@@ -44,7 +44,7 @@ def cmd_compile(args) -> int:
 
     options = _compile_options(args)
     snn = compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape), **options)
-    verification = SpikecMetadata.read(snn).report.get("verification")
+    verification = SpikecMetadata.read(snn).report.verification
     if verification:
         print(verification_line(verification))
     for extra in outputs_of(split_options(options)[1]):
@@ -219,12 +219,12 @@ def _session(path: str):
 def inspect_model(path: str) -> dict:
     from spikec.graphinfo import summarize
     from spikec.passes.loader import load_model
-    from spikec.runtime.metadata import SpikecMetadata
+    from spikec.runtime.metadata import CompileReport, SpikecMetadata
 
     model = load_model(path)
     histogram = Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph.node)
     record = SpikecMetadata.read(model, path)
-    report = record.report if record else {}
+    report = record.report if record else CompileReport()
     return {
         "model": path,
         "method": record and record.method,
@@ -234,13 +234,13 @@ def inspect_model(path: str) -> dict:
         "ops": [{"domain": d, "op": o, "count": c} for (d, o), c in sorted(histogram.items())],
         "inputs": [i.name for i in model.graph.input],
         "outputs": [o.name for o in model.graph.output],
-        "neurons": report.get("neurons", []),
-        "compensated": report.get("compensated", []),
-        "regions": report.get("regions", []),
-        "verification": report.get("verification"),
+        "neurons": report.neurons or [],
+        "compensated": report.compensated or [],
+        "regions": report.regions or [],
+        "verification": report.verification,
         # rewrites (original ops -> spikec ops), neuron counts per sample, ops left in float and why
         **(summarize(model) if record is None or record.mode != "ttfs" else
-           {"ttfs": report["ttfs"], "rewrites": [], "float_ops": [], "neuron_counts": {}}),
+           {"ttfs": report.ttfs, "rewrites": [], "float_ops": [], "neuron_counts": {}}),
     }
 
 

@@ -151,8 +151,8 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
                                workers=common.calibration_workers) if plan.taps else {}
     job.report.update(method.rewrite(job, stats))
     del stats, plan
-    job.report["regions"] = describe(job.regions)
-    job.report["semantics"] = method.semantics
+    job.report.regions = describe(job.regions)
+    job.report.semantics = method.semantics
     if not method.stepped:
         mode, timesteps = "ttfs", 1
     else:
@@ -179,9 +179,9 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
         if staged is not None:
             staged.save_references(snn)
         if held_out is not None:
-            report["verification"] = verify(snn if staged is None else staged.path, label, ann, HeldOut(
+            report.verification = verify(snn if staged is None else staged.path, label, ann, HeldOut(
                 held_out[0], reference, method.reference, common.batch_size, held_out=held_out[1]))
-            _warn_below_bound(method, report["verification"])
+            _warn_below_bound(method, report.verification)
             record.write(snn)
             if staged is not None:
                 staged.save_references(snn)

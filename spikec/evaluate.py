@@ -190,7 +190,7 @@ def quantizer_agreement(qann: str | os.PathLike | onnx.ModelProto, snn: str | os
     session = open_session(snn)
     if session.mode != "stateful" or session.semantics != "sum":
         raise SpikecError(f"model {_label(snn)}: expected a stateful SpikeZIP-TF model")
-    neurons = session.report.get("neurons", [])
+    neurons = session.report.neurons or []
     result = run_stateful(session, feeds, timesteps or session.timesteps, until_quiet=True, keep_states=True)
     qann_session = open_session(_with_outputs(qann, [n["tensor"] for n in neurons]))
     inputs = {i.name for i in qann_session.get_inputs()}

@@ -20,7 +20,7 @@ from spikec.errors import SpikecError
 from spikec.passes.canonicalize import infer_shapes
 from spikec.passes.timing import NEURON_OPS, varying_tensors
 from spikec.runtime.layout import STATE_PREFIX, is_spike_value, is_time_node
-from spikec.runtime.metadata import SpikecMetadata
+from spikec.runtime.metadata import CompileReport, SpikecMetadata
 from spikec.runtime.ops import base_name
 
 PRODUCT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -272,10 +272,10 @@ def float_ops(nodes: Sequence[NodeInfo]) -> list[dict]:
     return rows
 
 
-def neuron_counts(report: dict, nodes: Sequence[NodeInfo], shapes: Shapes) -> dict:
+def neuron_counts(report: CompileReport, nodes: Sequence[NodeInfo], shapes: Shapes) -> dict:
     """Per MT neuron site, the number of neurons (elements per sample of its input), and the totals."""
     sites = []
-    for neuron in report.get("neurons", []):
+    for neuron in report.neurons or []:
         sites.append({"tensor": neuron["tensor"], "node": neuron["node"],
                       "neurons": shapes.elements(neuron["tensor"])})
     counts = [s["neurons"] for s in sites]
@@ -295,26 +295,26 @@ def neuron_label(neuron: dict) -> str:
     return f"STBIFNeuron(theta={shown}, tracer [{neuron['s_min']}, {neuron['s_max']}])"
 
 
-def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
+def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
     """Every recognized region (and every compensated single node): original ops -> what spikec made of it."""
-    compensated = {c["region"]: c for c in report.get("compensated", [])}
-    label = {n["tensor"]: neuron_label(n) for n in report.get("neurons", [])}
+    compensated = {c["region"]: c for c in report.compensated or []}
+    label = {n["tensor"]: neuron_label(n) for n in report.neurons or []}
     fed_by: dict[str, list[str]] = {}
-    for neuron in report.get("neurons", []):
+    for neuron in report.neurons or []:
         # ECMT neurons feed products; a SpikeZIP-TF neuron stands where its quantizer region was
         for consumer in neuron.get("consumers", [neuron.get("region")]):
             fed_by.setdefault(consumer, []).append(neuron["tensor"])
-    for encoder in report.get("encoders", []):  # STA
+    for encoder in report.encoders or []:  # STA
         label[encoder["tensor"]] = "X2XEncoder (IF neurons on x and -x)"
         for consumer in encoder["consumers"]:
             fed_by.setdefault(consumer, []).append(encoder["tensor"])
-    ugo_of = {u["region"]: u for u in report.get("ugos", [])}
+    ugo_of = {u["region"]: u for u in report.ugos or []}
     category = {n.name: n.category for n in nodes}
     folded = {name for name, c in category.items() if c == "spike_product"}
     rows = []
-    units = [(r["name"], r["kind"], r["nodes"], r["ops"]) for r in report.get("regions", [])]
-    in_regions = {r["name"] for r in report.get("regions", [])}
-    units += [(c["region"], c["kind"], [c["region"]], c["ops"]) for c in report.get("compensated", [])
+    units = [(r["name"], r["kind"], r["nodes"], r["ops"]) for r in report.regions or []]
+    in_regions = {r["name"] for r in report.regions or []}
+    units += [(c["region"], c["kind"], [c["region"]], c["ops"]) for c in report.compensated or []
               if c["region"] not in in_regions]
     for name, kind, members, ops in units:
         spikec_ops = []
@@ -328,7 +328,7 @@ def rewrites(report: dict, nodes: Sequence[NodeInfo]) -> list[dict]:
                               + (", products by TCSA" if u["operator"] == "rsqrt" else ""))
         if name in compensated:
             c = compensated[name]
-            accumulated = "running sums" if report.get("semantics") == "sum" else "means"
+            accumulated = "running sums" if report.semantics == "sum" else "means"
             if c.get("rewrite") == "SESA":
                 spikec_ops.append(f"SESA: S_A S_B, ECAccumulate x2 ({accumulated}) -> MatMul -> ECCompensate")
             else:

@@ -447,7 +447,8 @@ def test_truncated_external_data_is_one_line(work):
 
 
 @pytest.mark.parametrize("key, value", [("spikec.timesteps", "-3"), ("spikec.timesteps", "two"),
-                                        ("spikec.report", "{not json"), ("spikec.mode", "sideways"),
+                                        ("spikec.report", "{not json"), ("spikec.report", '{"neurons": {}}'),
+                                        ("spikec.mode", "sideways"),
                                         ("spikec.options", "[1]")])
 def test_tampered_metadata_is_one_line(work, key, value):
     model = onnx.load(work / "snn.onnx")

@@ -52,7 +52,7 @@ def test_a_registered_method_compiles_and_runs(echo):
     snn = spikec.compile(mlp(), {"x": x}, method="echo", timesteps=3, label="probe", progress=False)
     record = SpikecMetadata.read(snn)
     assert (record.method, record.mode, record.timesteps) == ("echo", "unrolled", 3)
-    assert record.options == {"label": "probe", "gain": 1.0} and record.report["label"] == "probe"
+    assert record.options == {"label": "probe", "gain": 1.0} and record.report.extra["label"] == "probe"
     got = run(InferenceSession(snn), {"x": x}, 3)["y"]
     np.testing.assert_allclose(got, run_dataset(mlp(), {"x": x})["y"], rtol=1e-5, atol=1e-6)
 

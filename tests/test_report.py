@@ -316,7 +316,7 @@ def test_spikezip_equilibrium_steps_and_spikes_per_layer(spikezip_made):
     assert site["spikes_per_sample"] == pytest.approx(np.count_nonzero(codes) / FEW)
     # every spike of the model is some site's
     assert sum(s["spikes_per_sample"] for s in data["sites"]) == pytest.approx(per_step.sum() / FEW)
-    assert len(data["sites"]) == len(SpikecMetadata.read(onnx.load(spikezip_made["snn"])).report["neurons"])
+    assert len(data["sites"]) == len(SpikecMetadata.read(onnx.load(spikezip_made["snn"])).report.neurons)
     terms = {t["term"]: t for t in data["energy"]["snn"]["terms"]}
     # sum semantics: running sums cost an AC, differences an AC; no division by t
     assert terms["ec_accumulate"]["macs"] == 0 < terms["ec_accumulate"]["acs"]
@@ -364,9 +364,9 @@ def test_sta_sites_bursts_ugos_and_layernorms(sta_made):
     data = sta_made["data"]
     record = SpikecMetadata.read(onnx.load(sta_made["snn"]))
     kinds = [s["kind"] for s in data["sites"]]
-    encoders = len(record.report["encoders"])
+    encoders = len(record.report.encoders)
     assert kinds.count("X2XEncoder") == encoders and kinds.count("UGO gelu") == BLOCKS
-    assert kinds.count("UGO rsqrt") == len([u for u in record.report["ugos"] if u["operator"] == "rsqrt"])
+    assert kinds.count("UGO rsqrt") == len([u for u in record.report.ugos if u["operator"] == "rsqrt"])
     for site in data["sites"]:
         # every neuron-step emits 0..burst spikes; the histogram covers them all
         assert sum(site["bursts"]) == site["neurons"] * T * FEW
@@ -381,7 +381,7 @@ def test_sta_sites_bursts_ugos_and_layernorms(sta_made):
     assert section["burst"] == 2 and len(section["ugos"]) == kinds.count("UGO gelu") + kinds.count("UGO rsqrt")
     assert all(len(u["spikes_per_unit_per_step"]) == u["hidden"] for u in section["ugos"])
     floats = [n["region"] for n in section["layernorms"] if n["float"]]
-    assert len(section["layernorms"]) == 2 * BLOCKS + 1 and floats == record.report["layernorms_kept_float"]
+    assert len(section["layernorms"]) == 2 * BLOCKS + 1 and floats == record.report.layernorms_kept_float
     terms = {t["term"]: t for t in data["energy"]["snn"]["terms"]}
     ugo_neurons = sum(s["neurons"] for s in data["sites"] if s["kind"].startswith("UGO"))
     assert terms["ugo_inputs"]["macs"] == T * ugo_neurons

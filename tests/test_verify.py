@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from graphs import FEATURES, mlp
 from spikec.passes.options import Options
-from spikec.runtime.metadata import SpikecMetadata
+from spikec.runtime.metadata import CompileReport, SpikecMetadata
 
 import spikec
 from spikec import methods
@@ -66,7 +66,7 @@ def test_an_snn_answering_nan_is_refused_and_not_written(broken, tmp_path):
     assert not out.exists()
     # --no-verify skips the run: the model is valid, and written
     spikec.compile(mlp(), {"x": _samples(16)}, out, method="sqrt", verify=False, progress=False)
-    assert out.exists() and "verification" not in SpikecMetadata.read(onnx.load(out)).report
+    assert out.exists() and SpikecMetadata.read(onnx.load(out)).report.verification is None
 
 
 def test_fidelity_is_measured_recorded_and_shown(tmp_path, capfd):
@@ -75,7 +75,7 @@ def test_fidelity_is_measured_recorded_and_shown(tmp_path, capfd):
     np.savez(calib, x=_samples(24))
     assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "-T", "16", "--quiet"]) == 0
     stdout, stderr = capfd.readouterr()
-    verification = SpikecMetadata.read(onnx.load(out)).report["verification"]
+    verification = SpikecMetadata.read(onnx.load(out)).report.verification
     assert (verification["samples"], verification["held_out"], verification["reference"],
             verification["timesteps"]) == (3, True, "ANN", 16)
     cosine = verification["outputs"]["y"]["cosine"]
@@ -106,3 +106,14 @@ def test_held_out_samples_are_spread_and_never_calibrated_on():
     kept, (held, apart) = split_held_out({"x": feeds["x"][:1]})  # nothing to spare: verified on what it saw
     assert not apart and kept["x"].tolist() == held["x"].tolist() == [[0.0]]
     assert len(split_held_out({"x": np.zeros((1000, 1))})[1][0]["x"]) == 32
+
+
+def test_the_compile_report_round_trips_its_json():
+    """The typed report writes back the JSON it was read from: typed keys and a method's own keys alike."""
+    written = {"semantics": "sum", "neurons": [{"tensor": "a", "node": "a/STBIFNeuron"}], "ppn_folded_products": 3,
+               "verification": {"samples": 2}}
+    report = CompileReport.from_json(written)
+    assert report.neurons == written["neurons"] and report.extra == {"ppn_folded_products": 3}
+    assert report.to_json() == written and report.encoders is None
+    with pytest.raises(ValueError, match="ugos"):
+        CompileReport.from_json({"ugos": {"region": "x"}})

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from spikec.passes.options import Options
 from spikec.passes.patterns import Region, find_regions
 from spikec.passes.stats import TapStats
+from spikec.runtime.metadata import CompileReport
 
 if TYPE_CHECKING:
     from spikec.report.section import Section
@@ -45,7 +46,7 @@ class Job:
     held_out: Mapping[str, np.ndarray] | None = None
     graph: gs.Graph = field(init=False)
     regions: list[Region] = field(init=False)
-    report: dict = field(default_factory=dict)
+    report: CompileReport = field(default_factory=CompileReport)
     # what the method's prepare step built for its later steps (TTFS: the ANN as its constructions' stages)
     prepared: object = None
     # models written beside the SNN once all are verified, by the output option naming their path
@@ -119,7 +120,7 @@ class Method(ABC):
     @abstractmethod
     def rewrite(self, job: Job, stats: dict[str, TapStats]) -> dict:
         """Rewrite ``job.graph`` into the SNN (spikec ops, no time structure yet); returns the report's
-        method-specific part."""
+        method-specific part (CompileReport.update takes it in)."""
 
     def report_section(self) -> type[Section]:
         """This method's section of `spikec report` (spikec/report/section.py). The default counts the

@@ -106,7 +106,7 @@ class SpikeZIP(Method):
             if o.save_qann is not None:
                 raise SpikecError("argument save_qann: the model is already quantized; it is its own QANN")
             return
-        qann, job.report["quantization"] = quantize_model(
+        qann, job.report.quantization = quantize_model(
             job.ann, job.feeds, DEFAULT_LEVELS if o.levels is None else o.levels, batch_size=job.batch_size,
             progress=job.progress, per_tensor=o.per_tensor)
         job.extra_outputs["save_qann"] = qann

@@ -54,7 +54,7 @@ class ECMTSection(Section):
         spikes_of = {node.name: name for name, node in self.neurons.items()}
         self.levels = {spikes_of[n["node"]]: _Levels(n["levels"], np.asarray(n["theta_neg"], np.float64)
                                                      / np.asarray(n["theta_pos"], np.float64))
-                       for n in context.record.report.get("neurons", [])}
+                       for n in context.record.report.neurons or []}
 
     def add(self, values: Mapping[str, np.ndarray]) -> None:
         super().add(values)

@@ -60,7 +60,7 @@ class Section:
                  and graphinfo.base_op(n) in SPIKE_CODE_OPS]
         self.neurons = {n.output[0]: n for n in nodes}
         # the tensor each neuron stands on, as the compile report names it (its input may be gated)
-        self.tensor = {n["node"]: n["tensor"] for n in context.record.report.get("neurons", [])}
+        self.tensor = {n["node"]: n["tensor"] for n in context.record.report.neurons or []}
         self.spikes = dict.fromkeys(self.neurons, 0)
         self.values = dict.fromkeys(self.neurons, 0)
 

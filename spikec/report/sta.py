@@ -16,10 +16,12 @@ import onnx
 from onnx import helper
 
 from spikec import graphinfo
+from spikec.errors import SpikecError
 from spikec.report import plots
 from spikec.report.page import table
 from spikec.report.section import Context, Section, site_row
 from spikec.runtime import ops
+from spikec.runtime.layout import UGO_EXP, UGO_INVERSE, ugo_role
 
 
 @dataclass
@@ -150,14 +152,16 @@ class STASection(Section):
 
     def _regions(self) -> dict[str, tuple[str, str]]:
         """UGO node -> (the region it stands in, the operator it approximates), from the compile report."""
-        ugos = self.context.record.report.get("ugos", [])
+        operators = {u["region"]: u["operator"] for u in self.context.record.report.ugos or []}
         result = {}
         for probe in (p for p in self.probes if p.ugo):
-            entry = next(u for u in ugos if probe.node.name.startswith(u["region"] + "/"))
-            operator = entry["operator"]
-            if operator.startswith("softmax"):  # one region, two UGOs
-                operator = "exp" if probe.node.name.endswith("/Exp") else "inverse"
-            result[probe.node.name] = (entry["region"], operator)
+            role = ugo_role(probe.node.name)
+            if role is None or role[0] not in operators:
+                raise SpikecError(f"UGO node {probe.node.name}: no UGO region of the compile report made it; the "
+                                  f"model was changed after spikec wrote it")
+            region, part = role
+            # a softmax region has two UGOs, each its own operator
+            result[probe.node.name] = (region, {UGO_EXP: "exp", UGO_INVERSE: "inverse"}.get(part, operators[region]))
         return result
 
     def sites(self) -> list[dict]:
@@ -187,10 +191,10 @@ class STASection(Section):
                  "hidden": p.per_unit.size,
                  "spikes_per_unit_per_step": (p.per_unit / (p.elements or 1)).tolist()}
                 for p in self.probes if p.ugo]
-        kept_float = set(report.get("layernorms_kept_float", []))
-        decomposed = {u["region"] for u in report.get("ugos", []) if u["operator"] == "rsqrt"}
+        kept_float = set(report.layernorms_kept_float or [])
+        decomposed = {u["region"] for u in report.ugos or [] if u["operator"] == "rsqrt"}
         layernorms = []
-        for region in (r for r in report.get("regions", []) if r["kind"] == "layernorm"):
+        for region in (r for r in report.regions or [] if r["kind"] == "layernorm"):
             if region["name"] in decomposed:
                 status = "decomposed (appendix D.1): rsqrt UGO, TCSA products"
             elif region["name"] in kept_float:

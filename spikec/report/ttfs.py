@@ -121,7 +121,7 @@ class TTFSSection(Section):
 
     def __init__(self, context: Context):
         super().__init__(context)
-        self.ttfs = context.record.report["ttfs"]
+        self.ttfs = context.record.report.ttfs
         count = len(self.ttfs["sites"])
         self.histograms = np.zeros((count, TIME_BINS + 1), np.int64)  # the last column: no spike
         self.below, self.above = np.zeros(count, np.int64), np.zeros(count, np.int64)
