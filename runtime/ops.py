@@ -277,10 +277,11 @@ def _if_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     reach = b.op("Max", membrane, lower)
     unit = b.op("Div", env["theta"], env["burst"])
     count = b.op("Min", b.op("Floor", b.op("Div", b.op("Abs", reach), unit)), env["burst"])
-    # Sign(reach) from two comparisons (onnxruntime's Sign costs several times as much); 0 for NaN where
-    # Sign gives NaN, but count is NaN there
-    sign = b.op("Sub", b.op("Cast", b.op("Greater", reach, b.const(0.0)), to=TensorProto.FLOAT),
-                b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT))
+    # Sign(reach) where count is nonzero, from one comparison (onnxruntime's Sign costs several times as
+    # much): 1 - 2*[reach < 0]. It is +1 at zero where Sign gives 0, but count is 0 there (+0 either way),
+    # and count is NaN where Sign gives NaN. (A Where between -unit and unit measured slower.)
+    sign = b.op("Add", b.op("Mul", b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT),
+                            b.const(-2.0)), b.const(1.0))
     out = b.op("Mul", b.op("Mul", count, sign), unit)
     return {"spikes": out}, {"v": b.op("Sub", membrane, out), "emitted": b.op("Add", env["emitted"], out)}
 
@@ -536,11 +537,13 @@ def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     )
 
 
-# Elements of one step of one block of rows of an op with a hidden axis (UGO), in the unrolled form.
-# Its step body is a chain of elementwise nodes over [N, rows, C], each a pass over its operands: in
-# blocks small enough for these temporaries to stay in cache it runs several times faster, in blocks too
-# small the Scan's per-iteration cost takes over. Ops without a hidden axis gain nothing from blocks
-# that pays for padding their input and cropping their output.
+# Neuron updates (elements times hidden units) of one step of one block of elements of an op with a hidden
+# axis (UGO), in the unrolled form. Its step body is a chain of elementwise nodes over [N, 1, elements],
+# each a pass over its operands: in blocks small enough for these temporaries to stay in cache it runs
+# several times faster, in blocks too small the Scan's per-iteration cost takes over. Blocks of elements,
+# not of rows: a row of MiniLM's MLP (1536 channels x 32 units) is most of a block, and whole rows padded
+# the last block by up to a block. Ops without a hidden axis gain nothing from blocks that pays for
+# padding their input and cropping their output.
 BLOCK_ELEMENTS = 2 ** 16
 
 
@@ -551,8 +554,9 @@ def _ints(b: NodeBuilder, *values: int) -> str:
 def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     """Scan the step over time. Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
     per-channel parameters broadcast); states are [M, C], or [N, M, C] for an op with a hidden axis.
-    Rows are independent: for an op with a hidden axis an outer Scan takes them a block at a time
-    ([T, M, C] zero-padded to [T, blocks, rows per block, C]), each block through all T steps."""
+    Elements are independent: for an op with a hidden axis an outer Scan takes them a block at a time
+    ([T, M*C] zero-padded to [T, blocks, 1, elements per block], its other parameters broadcast to the
+    input's elements and blocked alike), each block through all T steps."""
     b = NodeBuilder()
     env = {name: name for name in op.params}
     env.update(op.prologue(b, env))
@@ -566,26 +570,39 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     # per step: the outputs, and each element's spike count (summed per row once the Scans are done)
     per_step = [*op.outputs, *([COUNT_OUTPUT] if op.spike_count else [])]
     if op.hidden:
-        rows = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2))
-        per_row = b.op("Mul", channels, b.op("Shape", env[op.hidden[0]]))
-        blocks = b.op("Max", b.op("Div", b.op("Add", b.op("Mul", rows, per_row), _ints(b, BLOCK_ELEMENTS - 1)),
-                                  _ints(b, BLOCK_ELEMENTS)), _ints(b, 1))
-        block_rows = b.op("Div", b.op("Add", rows, b.op("Sub", blocks, _ints(b, 1))), blocks)
-        padding = b.op("Sub", b.op("Mul", blocks, block_rows), rows)
-        pads = b.op("Concat", _ints(b, 0, 0, 0, 0), padding, _ints(b, 0), axis=0)
-        blocked_shape = b.op("Concat", steps, blocks, block_rows, channels, axis=0)
-        blocked = [b.op("Reshape", b.op("Pad", x, pads), blocked_shape) for x in sequences]
+        row = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 3))
+        elements = b.op("ReduceProd", row, keepdims=1)
+        per_block = b.op("Max", b.op("Div", _ints(b, BLOCK_ELEMENTS), b.op("Shape", env[op.hidden[0]])), _ints(b, 1))
+        blocks = b.op("Max", b.op("Div", b.op("Add", elements, b.op("Sub", per_block, _ints(b, 1))), per_block),
+                      _ints(b, 1))
+        per_block = b.op("Div", b.op("Add", elements, b.op("Sub", blocks, _ints(b, 1))), blocks)
+        padding = b.op("Sub", b.op("Mul", blocks, per_block), elements)
+        block_shape = b.op("Concat", blocks, _ints(b, 1), per_block, axis=0)
+
+        def blocked(x: str, leading: list[str]) -> str:
+            """x flattened past its leading axes, zero-padded, viewed as [*leading, blocks, 1, per_block]."""
+            flat = b.op("Reshape", x, b.op("Concat", *leading, _ints(b, -1), axis=0))
+            pads = b.op("Concat", _ints(b, *[0] * (len(leading) + 1)), *[_ints(b, 0)] * len(leading), padding,
+                        axis=0)
+            return b.op("Reshape", b.op("Pad", flat, pads), b.op("Concat", *leading, block_shape, axis=0))
+
+        others = [p for p in op.params if p not in op.hidden]
+        block_inputs = [blocked(x, [steps]) for x in sequences]
+        block_inputs += [blocked(b.op("Expand", env[p], row), []) for p in others]
         block = NodeBuilder("block_")
-        scanned = _time_scan(block, op, env, [f"{x}_block" for x in op.inputs], times, per_step)
+        block_env = {**env, **{p: f"{p}_block" for p in others}}
+        scanned = _time_scan(block, op, block_env, [f"{x}_block" for x in op.inputs], times, per_step)
         for src, name in zip(scanned, per_step):
             block.nodes.append(helper.make_node("Identity", [src], [f"{name}_blocks"]))
         block_graph = helper.make_graph(block.nodes, f"{op.name}_block",
-                                        [_value_info(f"{x}_block", 3) for x in op.inputs],
+                                        [_value_info(f"{x}_block", 3) for x in op.inputs]
+                                        + [_value_info(f"{p}_block", 2) for p in others],
                                         [_value_info(f"{name}_blocks", 3) for name in per_step])
-        results = b.op_outputs("Scan", *blocked, count=len(per_step), body=block_graph,
-                               num_scan_inputs=len(op.inputs), scan_input_axes=[1] * len(op.inputs),
+        results = b.op_outputs("Scan", *block_inputs, count=len(per_step), body=block_graph,
+                               num_scan_inputs=len(block_inputs), scan_input_axes=[1] * len(op.inputs) + [0] * len(others),
                                scan_output_axes=[1] * len(per_step))
-        scanned = [b.op("Slice", b.op("Reshape", r, time_major), _ints(b, 0), rows, _ints(b, 1)) for r in results]
+        scanned = [b.op("Slice", b.op("Reshape", r, b.op("Concat", steps, _ints(b, -1), axis=0)), _ints(b, 0),
+                        elements, _ints(b, 1)) for r in results]
     else:
         scanned = _time_scan(b, op, env, sequences, times, per_step)
     original_shape = b.op("Shape", op.inputs[0])
@@ -600,18 +617,60 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     )
 
 
+# Per-channel parameters of ops without a hidden axis are expanded to a step's [rows, C] before the
+# Scan where C is below this: onnxruntime broadcasts [rows, C] against [C] one row of C values at a time,
+# which for the digits ViT's 16-17 channel attention tensors costs over twice the same-shape op, while
+# from a few hundred channels on the extra operand read costs more than the rows' overhead.
+EXPAND_BELOW_CHANNELS = 128
+
+
 def _time_scan(b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: list[str], times: str,
                per_step: list[str]) -> list[str]:
     """The Scan of the step over the time axis of ``sequences`` ([T, rows, C]), states from zero; returns
-    the per-step outputs stacked ([T, rows, C])."""
+    the per-step outputs stacked ([T, rows, C]). What the step computes from parameters alone runs once,
+    before the Scan."""
     row_shape = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2**62))
-    if op.hidden:
+    body = _time_loop_body(op, env, per_step)
+    invariant, expanded = _hoist(body, {env[p] for p in op.params}, set(env.values()))
+    b.nodes.extend(invariant)
+    if not op.hidden:
+        channels = b.op("Slice", row_shape, _ints(b, -1), _ints(b, 2**62))
+        small = b.op("Less", channels, _ints(b, EXPAND_BELOW_CHANNELS))
+        for name in expanded:
+            # one value stays one value; [C] becomes [rows, C] for few channels, [1, C] else
+            vector = b.op("And", small, b.op("Greater", b.op("Reshape", b.op("Size", name), _ints(b, 1)), _ints(b, 1)))
+            target = b.op("Where", vector, row_shape, _ints(b, 1, 1))
+            full = b.op("Expand", name, target)
+            for node in body.node:
+                node.input[:] = [full if i == name else i for i in node.input]
+    else:
         row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
     zeros = b.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     scanned = b.op_outputs("Scan", *([zeros] * len(op.states)), *sequences, times,
-                           count=len(op.states) + len(per_step), body=_time_loop_body(op, env, per_step),
+                           count=len(op.states) + len(per_step), body=body,
                            num_scan_inputs=len(op.inputs) + 1)
     return scanned[len(op.states):]
+
+
+def _hoist(body: onnx.GraphProto, params: set[str], outer: set[str]) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Moves the nodes of a Scan body that read only ``outer`` names (parameters and what the prologue
+    derived) or constants out of it (onnxruntime folds them only where the parameters are initializers).
+    Returns the moved nodes, and the outer tensors that depend on ``params`` and that the body reads."""
+    invariant, per_channel = set(outer), set(params)
+    moved, kept = [], []
+    for node in body.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        if all(i in invariant for i in node.input if i):
+            moved.append(copy)
+            invariant.update(node.output)
+            if any(i in per_channel for i in node.input):
+                per_channel.update(node.output)
+        else:
+            kept.append(copy)
+    del body.node[:]
+    body.node.extend(kept)
+    return moved, list(dict.fromkeys(i for n in kept for i in n.input if i in per_channel))
 
 
 def _name_results(b: NodeBuilder, sources: list[str], results: list[str]) -> None:

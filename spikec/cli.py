@@ -521,6 +521,57 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _per_method_steps(text: str | None) -> dict[str, int]:
+    """--timesteps ecmt=8,sta=32"""
+    steps: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise SpikecError(f"argument --timesteps: {item!r} is not METHOD=T with T a positive integer")
+        steps[name.strip()] = int(value)
+    return steps
+
+
+def cmd_compare(args) -> int:
+    from spikec.calibrate import load_inputs
+    from spikec.compare import compare_methods
+
+    feeds = load_inputs(args.calib, args.model, what="calibration data")
+    names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    result = compare_methods(args.model, feeds, labels=_labels(args.labels, feeds),
+                             **({"names": names} if names else {}), timesteps=_per_method_steps(args.timesteps),
+                             batch_size=args.batch_size, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    rows = result["methods"]
+    accuracy = any("accuracy" in r for r in rows)
+    header = ["method", "T", "cosine", "rel.max.err", *(["accuracy(ANN)"] if accuracy else []), "T@cos0.99",
+              "energy", "energy(paper)", "spikes/neuron/step", "time"]
+    table = [header]
+    for r in rows:
+        if "error" in r:
+            table.append([r["method"], "-", f"fails: {r['error']}"])
+            continue
+        table.append([r["method"], str(r["timesteps"] or "1 pass"), f"{r['cosine']:.5f}",
+                      f"{r['relative_max_error']:.3g}",
+                      *([f"{100 * r['accuracy']:.2f}%({100 * r['ann_accuracy']:.2f}%)" if "accuracy" in r else "-"]
+                        if accuracy else []),
+                      str(r["t_at_min_cosine"] or "-"), f"{r['energy_ratio']:.3g}", f"{r['energy_ratio_paper']:.3g}",
+                      f"{r['spikes_per_neuron_per_step']:.3g}", f"{r['time_ratio']:.3g}"])
+    widths = [max(len(line[i]) for line in table if i < len(line) and len(line) == len(header))
+              for i in range(len(header))]
+    print(f"{result['model']}: {result['fit_samples']} samples calibrate, {result['validation_samples']} validate; "
+          f"energy and time as SNN/ANN")
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
+    pick = result["recommendation"]
+    print(f"recommended: {pick['method']} ({pick['reason']}; rule: docs/compare.md)")
+    return 0
+
+
 def add_quantize_arguments(p: argparse.ArgumentParser, calib_help: str) -> None:
     """The arguments of spikec's PTQ, shared by quantize and finetune (which quantizes first)."""
     p.add_argument("model")
@@ -558,6 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="STATE.json", help="keep evaluated settings here and continue from them")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("compare", help="every method on the same model and data: fidelity, energy, spikes, "
+                                       "simulation time; which method to use")
+    p.add_argument("model")
+    p.add_argument("--calib", required=True, help=".npz keyed by input name; a quarter of it validates")
+    p.add_argument("--labels", help=".npz with a 'labels' array (one per calibration sample) for accuracy")
+    p.add_argument("--methods", help="comma-separated methods (default: all)")
+    p.add_argument("--timesteps", metavar="METHOD=T,...", help="T per method (default: each method's own)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("run", help="run a model (ANN or SNN) on inputs and save its outputs")
     p.add_argument("model")

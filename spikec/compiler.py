@@ -7,7 +7,7 @@ import gc
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class CompileOptions(Options):
     """What every method shares; each method adds its own Options (spikec/methods/)."""
     method: str = option("ecmt", "the conversion method", flag="--method")
     # None: the method's own default_timesteps (ECMT's few steps would leave STA or SpikeZIP-TF far from
-    # their ANN); resolved by split_options, so downstream a compile always holds an int
+    # their ANN)
     timesteps: int | None = option(None, "T: time steps of the unrolled model, the default T of a stateful one "
                                          "(default: the method's, see spikec info)",
                                    bounds=(1, MAX_TIMESTEPS), flag=("--timesteps", "-T"))
@@ -89,8 +89,6 @@ def split_options(options: Mapping[str, Any]) -> tuple[CompileOptions, Options]:
     common_names = {f.name for f in CompileOptions.declared()}
     common = CompileOptions(**{k: v for k, v in options.items() if k in common_names})
     method = methods.get(common.method)
-    if common.timesteps is None:
-        common = replace(common, timesteps=method.default_timesteps)
     own = {f.name for f in method.Options.declared()}
     unknown = sorted(set(options) - common_names - own)
     if unknown:
@@ -135,7 +133,8 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
     feeds, held_out = load_inputs(calibration, ann), None
     if common.verify:
         feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
-    job = Job(ann, feeds, common.timesteps, common.mode, common.batch_size, common.progress,
+    steps = common.timesteps if common.timesteps is not None else method.default_timesteps
+    job = Job(ann, feeds, steps, common.mode, common.batch_size, common.progress,
               frozenset(common.allow_float), method_options,
               held_out=held_out[0] if held_out is not None and held_out[1] else None)
     method.prepare(job)
@@ -145,7 +144,7 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
         # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
         check_budget(estimate_memory(job.ann, job.feeds, batch=common.batch_size, neuron_sites=plan.neuron_sites,
                                      hidden=plan.hidden),
-                     mode=common.mode, timesteps=common.timesteps, budget=parse_budget(common.memory_budget))
+                     mode=common.mode, timesteps=steps, budget=parse_budget(common.memory_budget))
     stats = collect_statistics(plan.model or job.ann, job.feeds, plan.taps, batch_size=common.batch_size,
                                max_values=plan.max_values, progress=common.progress,
                                checkpoint=common.calibration_checkpoint,
@@ -157,7 +156,7 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
     if not method.stepped:
         mode, timesteps = "ttfs", 1
     else:
-        mode, timesteps = common.mode, common.timesteps
+        mode, timesteps = common.mode, steps
         if mode == "unrolled":
             emit.emit_unrolled(job.graph, timesteps, method.semantics, layouts)
         else:

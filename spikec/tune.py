@@ -31,11 +31,10 @@ def settings(method: str) -> list[dict]:
 
 
 def split(feeds: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
-    """(fit, validation): every fourth sample validates, so both parts span the data."""
-    count = len(next(iter(feeds.values())))
-    if count < 4:
-        raise SpikecError(f"calibration data: {count} samples, tune needs at least 4 (fit and validation)")
-    valid = np.arange(count) % 4 == 3
+    """(fit, validation) by spikec.compare.validation_mask."""
+    from spikec.compare import validation_mask
+
+    valid = validation_mask(len(next(iter(feeds.values()))))
     return ({k: v[~valid] for k, v in feeds.items()}, {k: v[valid] for k, v in feeds.items()})
 
 

@@ -310,7 +310,7 @@ def test_spike_count_sums_spikes_per_leading_row(name, native):
 
 @pytest.mark.parametrize("name", [n for n, op in ops.OPS.items() if op.hidden])
 def test_blocks_of_rows_give_the_bits_of_one_block(name, monkeypatch):
-    """An op with a hidden axis runs its rows in blocks (ops.BLOCK_ELEMENTS), the last zero-padded: the
+    """An op with a hidden axis runs its elements in blocks (ops.BLOCK_ELEMENTS), the last zero-padded: the
     same bits as all rows at once, NaN and infinities included."""
     op = ops.OPS[name]
     rng = np.random.default_rng(11)
@@ -320,11 +320,32 @@ def test_blocks_of_rows_give_the_bits_of_one_block(name, monkeypatch):
     x[1, 2, :3] = [np.nan, np.inf, -np.inf]
     hidden = len(next(params[p] for p in op.hidden))
     results = []
-    for block_elements in (2 * hidden * C, 2 ** 40):  # 2 rows per block: 4 blocks, 1 padding row; 1 block
+    for block_elements in (2 * hidden * C, 2 ** 40):  # 2 rows of elements per block: 4 blocks, 1 row padded; 1 block
         monkeypatch.setattr(ops, "BLOCK_ELEMENTS", block_elements)
         model = one_node_model(op.name, params, C, timesteps=T, **example_attributes(op))
         results.append(InferenceSession(model, native=False).run(None, {op.inputs[0]: x.reshape(T * rows, C)}))
     blocked, whole = results
     assert blocked[0].shape == (T * rows, C) and np.isnan(blocked[0]).any() and np.isfinite(blocked[0]).sum() > C
     for got, want in zip(blocked, whole):
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", [n for n, op in ops.OPS.items() if not op.hidden and op.params])
+def test_expanded_parameters_give_the_bits_of_broadcast_ones(name, monkeypatch):
+    """Per-channel parameters of few channels are expanded to the step's shape before the time Scan
+    (ops.EXPAND_BELOW_CHANNELS), what the step derives from them hoisted with them: the same bits as
+    broadcasting them at every step, NaN and infinities included."""
+    op = ops.OPS[name]
+    rng = np.random.default_rng(13)
+    params = example_params(op, rng, C, per_channel=True)
+    x = (rng.standard_normal((T, B, C)) * 3).astype(np.float32)
+    x[1, 2, :3] = [np.nan, np.inf, -np.inf]
+    results = []
+    for below in (C + 1, 0):  # expanded; broadcast
+        monkeypatch.setattr(ops, "EXPAND_BELOW_CHANNELS", below)
+        model = one_node_model(op.name, params, C, timesteps=T, **example_attributes(op))
+        results.append(InferenceSession(model, native=False, fuse=False).run(None, {op.inputs[0]: x.reshape(T * B, C)}))
+    expanded, broadcast = results
+    assert np.count_nonzero(np.nan_to_num(expanded[0])) > C  # the op fires: the comparison is not of zeros
+    for got, want in zip(expanded, broadcast):
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

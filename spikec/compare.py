@@ -1,0 +1,148 @@
+"""Which method? Every method on the same model and data, side by side (`spikec compare`, issue 20).
+
+Each method compiles from the fit part of the calibration data with its defaults (T: the method's own
+unless given) and is measured on the validation part by the report's one pass (spikec/report/build.py):
+fidelity against the float ANN at every T, the one energy model, spikes per neuron and step. Simulation
+time is measured here, the ANN's and every SNN's over the same validation samples in this process, so
+their ratios compare like with like.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from spikec import methods
+from spikec.errors import SpikecError
+
+# the fidelity a method must reach on validation to be recommended (cosine to the float ANN; with labels,
+# accuracy at most this many points below the ANN's)
+RECOMMEND_MIN_COSINE = 0.99
+RECOMMEND_MAX_ACCURACY_DROP = 0.5
+
+
+def validation_mask(count: int) -> np.ndarray:
+    """Every fourth sample validates, so both parts span the data (shared with `spikec tune`)."""
+    if count < 4:
+        raise SpikecError(f"calibration data: {count} samples, at least 4 are needed (fit and validation)")
+    return np.arange(count) % 4 == 3
+
+
+def _seconds_per_sample(model: str | os.PathLike, feeds: Mapping[str, np.ndarray], batch_size: int) -> float:
+    """Wall time of one pass over ``feeds`` after a warm-up batch (session creation and first-run
+    allocations are not simulation)."""
+    from spikec.evaluate import open_session, run_dataset
+
+    session = open_session(model)
+    run_dataset(session, {k: v[:batch_size] for k, v in feeds.items()}, batch_size=batch_size)
+    start = time.perf_counter()
+    run_dataset(session, feeds, batch_size=batch_size)
+    return (time.perf_counter() - start) / len(next(iter(feeds.values())))
+
+
+def _first_t(per_t: Sequence[dict], key: str, bound: float) -> int | None:
+    """The first T from which the measure stays at or above ``bound`` (None: never)."""
+    reached = None
+    for row in per_t:
+        if row.get(key) is not None and row[key] >= bound:
+            reached = reached or row["t"]
+        else:
+            reached = None
+    return reached
+
+
+def _row(method: str, report: dict, labels: np.ndarray | None, snn_seconds: float, ann_seconds: float,
+         compile_seconds: float) -> dict:
+    reference = "float ANN" if "float ANN" in report["fidelity"] else "ANN"
+    outputs = report["fidelity"][reference]["outputs"]
+    # the worst output decides, as in tune: a model is as faithful as its least faithful output
+    name = min(outputs, key=lambda o: outputs[o]["per_t"][-1]["cosine"])
+    per_t = outputs[name]["per_t"]
+    sites = report["sites"]
+    neuron_steps = sum(s["neurons"] for s in sites) * report["timesteps"]
+    row = {
+        "method": method, "output": name, "timesteps": report["timesteps"] if report["stepped"] else None,
+        "cosine": per_t[-1]["cosine"], "relative_max_error": per_t[-1]["relative_max_error"],
+        "t_at_min_cosine": _first_t(per_t, "cosine", RECOMMEND_MIN_COSINE) if report["stepped"] else None,
+        "energy_ratio": report["energy"]["ratio"], "energy_ratio_paper": report["energy"]["ratio_paper_convention"],
+        "spikes_per_neuron_per_step": sum(s["spikes_per_sample"] for s in sites) / neuron_steps if neuron_steps else 0.0,
+        "seconds_per_sample": snn_seconds, "time_ratio": snn_seconds / ann_seconds,
+        "compile_seconds": compile_seconds, "per_t": per_t,
+    }
+    if labels is not None and "accuracy" in per_t[-1]:
+        row["accuracy"], row["ann_accuracy"] = per_t[-1]["accuracy"], outputs[name]["accuracy"]
+    if "QANN" in report["fidelity"]:
+        row["qann_relative_max_error"] = report["fidelity"]["QANN"]["outputs"][name]["per_t"][-1]["relative_max_error"]
+    return row
+
+
+def compare_methods(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, labels: np.ndarray | None = None,
+                    names: Sequence[str] = tuple(methods.METHODS), timesteps: Mapping[str, int] | None = None,
+                    batch_size: int = 32, progress: bool = True) -> dict:
+    """Compile ``ann`` with each method of ``names`` on the fit part of ``feeds`` and measure it on the
+    validation part. A method that cannot convert the model gets a row with its one-line error."""
+    from spikec.compiler import compile as compile_model
+    from spikec.report import build_report
+
+    unknown = sorted(set(names) - set(methods.METHODS))
+    if unknown:
+        raise SpikecError(f"--methods: unknown method {unknown[0]!r} (known: {', '.join(methods.METHODS)})")
+    timesteps = dict(timesteps or {})
+    for name in timesteps:
+        if name not in names or not methods.get(name).stepped:
+            raise SpikecError(f"--timesteps {name}=...: {name} is not a compared method with time steps")
+    valid = validation_mask(len(next(iter(feeds.values()))))
+    fit, validation = {k: v[~valid] for k, v in feeds.items()}, {k: v[valid] for k, v in feeds.items()}
+    valid_labels = labels[valid] if labels is not None else None
+    ann_seconds = _seconds_per_sample(ann, validation, batch_size)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(names, start=1):
+            if progress:
+                print(f"compare {i}/{len(names)}: {name}", flush=True)
+            snn, qann = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.qann.onnx"
+            extra: dict[str, object] = {"timesteps": timesteps[name]} if name in timesteps else {}
+            if name == "spikezip":
+                extra["save_qann"] = qann
+            start = time.perf_counter()
+            try:
+                compile_model(ann, fit, snn, method=name, verify=False, progress=False, batch_size=batch_size,
+                              **extra)
+            except SpikecError as exc:
+                rows.append({"method": name, "error": str(exc)})
+                continue
+            compile_seconds = time.perf_counter() - start
+            report = build_report(ann, snn, validation, labels=valid_labels,
+                                  qann=qann if name == "spikezip" and qann.exists() else None, batch_size=batch_size)
+            rows.append(_row(name, report, valid_labels, _seconds_per_sample(snn, validation, batch_size),
+                             ann_seconds, compile_seconds))
+    return {"model": os.fspath(ann), "fit_samples": int((~valid).sum()), "validation_samples": int(valid.sum()),
+            "ann_seconds_per_sample": ann_seconds, "methods": rows, "recommendation": recommend(rows)}
+
+
+def recommend(rows: Sequence[dict]) -> dict:
+    """The rule docs/compare.md states: among the methods faithful enough (cosine to the float ANN at
+    least RECOMMEND_MIN_COSINE; with labels, accuracy at most RECOMMEND_MAX_ACCURACY_DROP points below
+    the ANN's), the lowest estimated energy, then the fewest steps; where none is, the most faithful."""
+    measured = [r for r in rows if "error" not in r]
+    if not measured:
+        return {"method": None, "reason": "no method converted the model"}
+
+    def faithful(r: dict) -> bool:
+        if "accuracy" in r:
+            return 100 * (r["ann_accuracy"] - r["accuracy"]) <= RECOMMEND_MAX_ACCURACY_DROP
+        return r["cosine"] >= RECOMMEND_MIN_COSINE
+
+    good = [r for r in measured if faithful(r)]
+    if good:
+        best = min(good, key=lambda r: (r["energy_ratio"] if r["energy_ratio"] is not None else float("inf"),
+                                        r["timesteps"] or 1))
+        return {"method": best["method"], "reason": "the lowest estimated energy of the methods that reach the "
+                                                    "fidelity bound"}
+    best = max(measured, key=lambda r: r.get("accuracy", r["cosine"]))
+    return {"method": best["method"], "reason": "no method reaches the fidelity bound: the most faithful one "
+                                                "(raise its T, or tune it)"}
