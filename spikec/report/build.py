@@ -20,6 +20,14 @@ from spikec.runtime.metadata import SpikecMetadata
 
 # output values kept for a TTFS model's fidelity scatter plot
 SCATTER_VALUES = 2000
+# The report fetches every layer's tensor of the unrolled run, T steps of each: beyond this T the batch
+# shrinks in proportion, so a batch holds no more rows than batch_size samples at this T (MiniLM at T=64
+# with 32 samples a batch asked for over 20 GB)
+STEPS_PER_FULL_BATCH = 8
+
+
+def run_batch_size(batch_size: int, steps: int) -> int:
+    return max(1, batch_size * STEPS_PER_FULL_BATCH // steps) if steps > STEPS_PER_FULL_BATCH else batch_size
 
 
 @dataclass
@@ -137,7 +145,8 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     names.append(list(dict.fromkeys([*layers, *section.tensors(), *map(readout, outputs), *snn_counted])))
     collected: dict[str, dict[str, list]] = {label: {o: [] for o in outputs} for label in [*references, "SNN"]}
     models = [*paths.values(), snn if run_model is snn_model else run_model]
-    for batch, values in enumerate(side_by_side(models, names, feeds, batch_size=batch_size, progress=progress)):
+    for batch, values in enumerate(side_by_side(models, names, feeds, batch_size=run_batch_size(batch_size, steps),
+                                                  progress=progress)):
         reference_values, snn_values = values[0], values[-1]
         if batch == 0:
             rows = len(reference_values[outputs[0]])
