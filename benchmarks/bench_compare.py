@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import onnxruntime  # noqa: E402
+
 from examples import fixtures  # noqa: E402
 from spikec.compare import compare_methods  # noqa: E402
 
@@ -57,6 +59,7 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--only", choices=["minilm", "digits"])
     args = parser.parse_args()
+    onnxruntime.set_default_logger_severity(3)  # graph-optimizer notes on the ANN are not results
     print(f"{platform.machine()} {platform.processor() or ''}, Python {platform.python_version()}, onnxruntime "
           f"{version('onnxruntime')}, spikec {version('spikec')}")
     results = {}
