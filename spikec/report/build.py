@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ import onnx
 from spikec import graphinfo, methods
 from spikec.errors import SpikecError
 from spikec.evaluate import check_labels, cosine, fidelity
+from spikec.memory import default_budget
 from spikec.probe import Estimate, final_estimate, side_by_side
 from spikec.report import energy
 from spikec.report.section import Context
@@ -20,14 +21,25 @@ from spikec.runtime.metadata import SpikecMetadata
 
 # output values kept for a TTFS model's fidelity scatter plot
 SCATTER_VALUES = 2000
-# The report fetches every layer's tensor of the unrolled run, T steps of each: beyond this T the batch
-# shrinks in proportion, so a batch holds no more rows than batch_size samples at this T (MiniLM at T=64
-# with 32 samples a batch asked for over 20 GB)
-STEPS_PER_FULL_BATCH = 8
+# The report fetches every layer's tensor of a batch at once (of the unrolled SNN, T steps of each): the
+# batch is cut so that they take at most this share of the memory budget (MiniLM's STA model at T=64 with
+# 32 samples a batch asked for over 20 GB); the rest is onnxruntime's own working memory.
+FETCH_SHARE_OF_BUDGET = 0.25
 
 
-def run_batch_size(batch_size: int, steps: int) -> int:
-    return max(1, batch_size * STEPS_PER_FULL_BATCH // steps) if steps > STEPS_PER_FULL_BATCH else batch_size
+def fetch_batch_size(batch_size: int, shapes: Sequence[tuple[graphinfo.Shapes, Sequence[str]]]) -> int:
+    """The largest batch up to ``batch_size`` whose fetched tensors (per model: its shapes and the names
+    fetched) fit FETCH_SHARE_OF_BUDGET of the memory budget; a tensor of unknown size counts as the
+    largest known one."""
+    budget = default_budget()
+    per_sample = 0
+    for model_shapes, names in shapes:
+        sizes = [model_shapes.elements(name) for name in names]
+        largest = max((n for n in sizes if n is not None), default=1)
+        per_sample += sum(largest if n is None else n for n in sizes) * model_shapes.rows * 4
+    if budget is None or per_sample == 0:
+        return batch_size
+    return max(1, min(batch_size, int(budget * FETCH_SHARE_OF_BUDGET) // per_sample))
 
 
 @dataclass
@@ -145,8 +157,8 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     names.append(list(dict.fromkeys([*layers, *section.tensors(), *map(readout, outputs), *snn_counted])))
     collected: dict[str, dict[str, list]] = {label: {o: [] for o in outputs} for label in [*references, "SNN"]}
     models = [*paths.values(), snn if run_model is snn_model else run_model]
-    for batch, values in enumerate(side_by_side(models, names, feeds, batch_size=run_batch_size(batch_size, steps),
-                                                  progress=progress)):
+    run_batch = fetch_batch_size(batch_size, [*((ann_shapes, n) for n in names[:-1]), (snn_shapes, names[-1])])
+    for batch, values in enumerate(side_by_side(models, names, feeds, batch_size=run_batch, progress=progress)):
         reference_values, snn_values = values[0], values[-1]
         if batch == 0:
             rows = len(reference_values[outputs[0]])
