@@ -556,3 +556,18 @@ def test_html_renders_in_headless_chromium(any_made, tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.shape[:2] == (2000, 1200)
     assert pixels.var() > 1e-3
+
+
+def test_the_report_batch_fits_its_fetched_tensors(monkeypatch):
+    """Each batch's fetched tensors (T rows per sample of an unrolled SNN) take at most a quarter of the budget."""
+    from spikec import graphinfo
+    from spikec.report import build
+
+    snn = graphinfo.Shapes({"a": (8, 1000), "b": (8, 3000), "c": None}, {}, rows=8)  # c: unknown, counts as b
+    ann = graphinfo.Shapes({"a": (1, 1000)}, {})
+    per_sample = (1000 + 3000 + 3000) * 8 * 4 + 1000 * 4
+    monkeypatch.setattr(build, "default_budget", lambda: 4 * per_sample * 5)
+    assert build.fetch_batch_size(32, [(ann, ["a"]), (snn, ["a", "b", "c"])]) == 5
+    assert build.fetch_batch_size(3, [(ann, ["a"]), (snn, ["a", "b", "c"])]) == 3
+    monkeypatch.setattr(build, "default_budget", lambda: 1)
+    assert build.fetch_batch_size(32, [(snn, ["b"])]) == 1  # never below one sample
