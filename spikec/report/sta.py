@@ -74,7 +74,37 @@ def _probe(node: onnx.NodeProto, context: Context) -> _Probe:
         outputs = [neuron(x, theta_pos, "positive"), neuron(f"{prefix}.negated", theta_neg, "negative")]
         thresholds = [theta_pos, theta_neg]
     units = [context.initializer(t).astype(np.float32) / burst for t in thresholds]
+    for out, unit in zip(outputs, units, strict=True):
+        _count(out, unit, attrs["burst"], hidden=graphinfo.base_op(node) == "UGO", nodes=nodes, constants=constants)
     return _Probe(node, nodes, constants, outputs, units, attrs["burst"])
+
+
+def _count(out: str, unit: np.ndarray, burst: int, *, hidden: bool, nodes: list, constants: list) -> None:
+    """Nodes that count ``out``'s spikes inside the run: k = round(|value| / unit) spikes per neuron and step
+    (ops.IF_NEURON), summed (``.spikes``), by k = 0..burst (``.bursts``), per hidden unit (``.per_unit``) and
+    the elements seen (``.size``). Fetching the spike values themselves would hold a UGO's T x N values per
+    input element at once: hundreds of MB per sentence and UGO for MiniLM at T=64."""
+    def const(suffix: str, value: np.ndarray) -> str:
+        constants.append(onnx.numpy_helper.from_array(value, f"{out}.const.{suffix}"))
+        return f"{out}.const.{suffix}"
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], f"{output}/{op}", **attrs))
+        return output
+
+    k = node("Cast", [node("Round", [node("Div", [node("Abs", [out], f"{out}.abs"), const("unit", unit)],
+                                           f"{out}.units")], f"{out}.k_float")], f"{out}.k", to=onnx.TensorProto.INT64)
+    node("ReduceSum", [k], f"{out}.spikes", keepdims=0)
+    one = const("one", np.array([1], np.int64))
+    counts = [node("Reshape", [node("ReduceSum", [node("Cast", [node("Equal", [k, const(f"k{j}", np.array(j, np.int64))],
+                                                                   f"{out}.is{j}")], f"{out}.n{j}", to=onnx.TensorProto.INT64)],
+                                    f"{out}.sum{j}", keepdims=1), one], f"{out}.count{j}")
+              for j in range(burst + 1)]
+    node("Concat", counts, f"{out}.bursts", axis=0)
+    node("Size", [out], f"{out}.size")
+    if hidden:
+        rows = node("Reshape", [k, const("rows", np.array([-1, unit.size], np.int64))], f"{out}.rows")
+        node("ReduceSum", [rows, const("axis0", np.array([0], np.int64))], f"{out}.per_unit", keepdims=0)
 
 
 def _plot_burst(data: dict) -> bytes:
@@ -137,18 +167,17 @@ class STASection(Section):
         return probed
 
     def tensors(self) -> list[str]:
-        return [o for p in self.probes for o in p.outputs]
+        return [f"{o}.{count}" for p in self.probes for o in p.outputs
+                for count in ("spikes", "bursts", "size", *(("per_unit",) if p.ugo else ()))]
 
     def add(self, values: Mapping[str, np.ndarray]) -> None:
         for probe in self.probes:
-            for i, (name, unit) in enumerate(zip(probe.outputs, probe.units)):
-                # a step's spike value is k spikes of theta/burst each (ops.IF_NEURON)
-                k = np.rint(np.abs(values[name]) / unit).astype(np.int64)
-                probe.spikes[i] += int(k.sum())
-                probe.bursts += np.bincount(k.ravel(), minlength=probe.burst + 1)
+            for i, name in enumerate(probe.outputs):
+                probe.spikes[i] += int(values[f"{name}.spikes"])
+                probe.bursts += values[f"{name}.bursts"]
                 if probe.ugo:
-                    probe.per_unit += k.reshape(-1, k.shape[-1]).sum(axis=0)
-            probe.elements += values[probe.outputs[0]].size // (probe.per_unit.size if probe.ugo else 1)
+                    probe.per_unit += values[f"{name}.per_unit"]
+            probe.elements += int(values[f"{probe.outputs[0]}.size"]) // (probe.per_unit.size if probe.ugo else 1)
 
     def _regions(self) -> dict[str, tuple[str, str]]:
         """UGO node -> (the region it stands in, the operator it approximates), from the compile report."""
