@@ -77,7 +77,7 @@ def pick(points: Sequence[dict], min_cosine: float | None, *, max_energy: float 
     ``max_energy``, ``max_timesteps``), the one least in ``minimize`` (energy: the fewest spikes and
     operations the error bound allows; timesteps: the lowest latency), then in the other, then the most
     faithful. With only ``max_energy``: the most faithful point within it. Without constraints: the knee
-    of the cosine vs ``minimize`` front (the largest cosine gain per unit spent)."""
+    of the cosine vs ``minimize`` front."""
     if minimize not in OBJECTIVES:
         raise SpikecError(f"--minimize {minimize}: one of {', '.join(OBJECTIVES)}")
     cost = (lambda p: (_energy(p), p["t"])) if minimize == "energy" else (lambda p: (p["t"], _energy(p)))
@@ -105,8 +105,14 @@ def pick(points: Sequence[dict], min_cosine: float | None, *, max_energy: float 
             curve.append(p)
     if len(curve) < 3:
         return curve[-1]
-    gains = [(b["cosine"] - a["cosine"]) / max(cost(b)[0] - cost(a)[0], 1e-12) for a, b in zip(curve, curve[1:])]
-    return curve[int(np.argmax(gains)) + 1]
+    # the point farthest above the chord from the cheapest to the most faithful point, both axes scaled to
+    # [0, 1]: where spending more starts to buy little fidelity
+    x = np.array([cost(p)[0] for p in curve], np.float64)
+    y = np.array([p["cosine"] for p in curve], np.float64)
+    if not np.isfinite(x).all() or x[-1] == x[0]:
+        return curve[-1]
+    x, y = (x - x[0]) / (x[-1] - x[0]), (y - y[0]) / (y[-1] - y[0])
+    return curve[int(np.argmax(y - x))]
 
 
 def _key(method: str, knobs: dict, t: int) -> str:
@@ -122,9 +128,8 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
     from tqdm import tqdm
 
     from spikec import methods
+    from spikec.compare import measure
     from spikec.compare import points as report_points
-    from spikec.compiler import compile as compile_model
-    from spikec.report import build_report
 
     fit, valid = split(feeds)
     done: dict[str, list[dict]] = {}
@@ -133,6 +138,8 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
             done = json.loads(Path(state).read_text())
         except (OSError, ValueError) as exc:
             raise SpikecError(f"--resume {state}: not a tune state file ({exc})") from None
+        # settings measured before tune estimated energy are measured again
+        done = {key: rows for key, rows in done.items() if all("energy" in row for row in rows)}
     stepped = methods.get(method).stepped if method in methods.METHODS else True
     todo = settings(method, max_timesteps)
     start = time.monotonic()
@@ -146,11 +153,9 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
                 bar.update()
                 continue
             bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in knobs.items()))
-            snn = Path(tmp) / "snn.onnx"
             options = {"timesteps": max_timesteps, **knobs} if stepped else dict(knobs)
-            compile_model(ann, fit, snn, method=method, progress=False, verify=False, batch_size=batch_size,
-                          calibration_checkpoint=checkpoint, **options)
-            report = build_report(ann, snn, valid, batch_size=batch_size, energy_per_t=True)
+            _, report = measure(ann, fit, valid, method, tmp, batch_size=batch_size, calibration_checkpoint=checkpoint,
+                                **options)
             done[key] = [{k: p[k] for k in ("t", "cosine", "energy", "energy_paper")} for p in report_points(report)]
             if state is not None:
                 partial = Path(f"{state}.partial")  # an interrupt never leaves a half-written state file
@@ -166,13 +171,15 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
 def plot(points: Sequence[dict], chosen: dict, path: str | os.PathLike) -> Path:
     """Cosine vs energy of every point, the front's points ringed and the chosen one marked, the colour
     saying T: a PNG where matplotlib is importable, else an SVG drawn here. Returns the path written
-    (``path`` with the suffix of the format)."""
+    (``path`` ending in .png or .svg)."""
     best = front(points)
     shown = [p for p in points if p.get("energy") is not None]
+    base = Path(path)
+    base = base.with_suffix("") if base.suffix in (".png", ".svg") else base
     try:
         import matplotlib
     except ImportError:
-        out = Path(path).with_suffix(".svg")
+        out = base.with_name(base.name + ".svg")
         partial = out.with_name(out.name + ".partial")
         partial.write_text(_svg(shown, best, chosen))
         os.replace(partial, out)
@@ -190,7 +197,7 @@ def plot(points: Sequence[dict], chosen: dict, path: str | os.PathLike) -> Path:
     ax.set(xlabel="energy estimate SNN/ANN", ylabel="validation cosine (worst output)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    out = Path(path).with_suffix(".png")
+    out = base.with_name(base.name + ".png")
     partial = out.with_name(out.name + ".partial")
     fig.savefig(partial, dpi=100, format="png")
     plt.close(fig)
