@@ -512,8 +512,6 @@ def cmd_tune(args) -> int:
     if not points:
         raise SpikecError("--time-budget: spent before the first setting was evaluated")
     best = front(points)
-    chosen = pick(points, args.min_cosine, max_energy=args.max_energy, max_timesteps=args.max_timesteps,
-                  minimize=args.minimize)
     knobs = [k for k in best[0] if k not in ("method", "t", "cosine", "energy", "energy_paper")]
     print("Pareto front (validation cosine up, energy estimate SNN/ANN down, T down):")
     rows = [["T", "cosine", "energy", "energy(paper)", *knobs]]
@@ -522,10 +520,16 @@ def cmd_tune(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    figure = args.plot or Path(args.output).with_name(Path(args.output).stem + ".front")
+    try:
+        chosen = pick(points, args.min_cosine, max_energy=args.max_energy, max_timesteps=args.max_timesteps,
+                      minimize=args.minimize)
+    except SpikecError:
+        print(f"plot: {plot(points, None, figure)}")  # the front shows why nothing meets the constraints
+        raise
     print(f"chosen: T={chosen['t']} cosine={chosen['cosine']:.5f} energy={chosen['energy']:.3f} "
           + " ".join(f"{k}={chosen[k]}" for k in knobs))
-    figure = plot(points, chosen, args.plot or Path(args.output).with_name(Path(args.output).stem + ".front"))
-    print(f"plot: {figure}")
+    print(f"plot: {plot(points, chosen, figure)}")
     options = {k: chosen[k] for k in knobs}
     if methods.get(args.method).stepped:
         options["timesteps"] = chosen["t"]

@@ -20,12 +20,14 @@ import numpy as np
 from spikec.errors import SpikecError
 
 # The knobs searched per method; ECMT's and SpikeZIP-TF's T come from the per-step outputs of one run at
-# --max-timesteps, STA's "timesteps" are fractions of it (STA compiles per T).
+# --max-timesteps, STA's "timesteps" are fractions of it (STA compiles per T). Each knob's default first: a
+# time budget spent early has measured the defaults' neighbourhood.
 KNOBS: dict[str, dict[str, Sequence]] = {
-    "ecmt": {"percentile": (90.0, 99.0, 99.9), "per_channel": (True, False), "levels": (4, 8)},
+    "ecmt": {"percentile": (90.0, 99.0, 99.9), "per_channel": (True, False), "levels": (8, 4),
+             "coverage": (1.0, 0.0)},
     "spikezip": {"levels": (8, 16, 32)},
-    "sta": {"timesteps": (0.5, 1.0), "burst": (1, 2, 4), "gelu_hidden": (32, 64)},
-    "ttfs": {"margin": (0.25, 0.5, 1.0), "precision": (0, 64, 256)},
+    "sta": {"timesteps": (1.0, 0.5), "burst": (2, 4, 1), "gelu_hidden": (32, 64)},
+    "ttfs": {"precision": (0, 256, 64), "margin": (1.0, 0.5, 0.25)},
 }
 # what a tuned point may be picked for
 OBJECTIVES = ("energy", "timesteps")
@@ -168,8 +170,8 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
             for key, rows in done.items() if json.loads(key)["method"] == method for row in rows]
 
 
-def plot(points: Sequence[dict], chosen: dict, path: str | os.PathLike) -> Path:
-    """Cosine vs energy of every point, the front's points ringed and the chosen one marked, the colour
+def plot(points: Sequence[dict], chosen: dict | None, path: str | os.PathLike) -> Path:
+    """Cosine vs energy of every point, the front's points ringed and the chosen one (if any) marked, the colour
     saying T: a PNG where matplotlib is importable, else an SVG drawn here. Returns the path written
     (``path`` ending in .png or .svg)."""
     best = front(points)
@@ -193,7 +195,8 @@ def plot(points: Sequence[dict], chosen: dict, path: str | os.PathLike) -> Path:
     fig.colorbar(dots, label="T")
     ax.scatter([p["energy"] for p in best if p in shown], [p["cosine"] for p in best if p in shown],
                facecolors="none", edgecolors="black", s=60, label="Pareto front")
-    ax.scatter([chosen["energy"]], [chosen["cosine"]], marker="*", color="red", s=180, label="chosen")
+    if chosen is not None:
+        ax.scatter([chosen["energy"]], [chosen["cosine"]], marker="*", color="red", s=180, label="chosen")
     ax.set(xlabel="energy estimate SNN/ANN", ylabel="validation cosine (worst output)")
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -205,7 +208,7 @@ def plot(points: Sequence[dict], chosen: dict, path: str | os.PathLike) -> Path:
     return out
 
 
-def _svg(points: Sequence[dict], best: Sequence[dict], chosen: dict) -> str:
+def _svg(points: Sequence[dict], best: Sequence[dict], chosen: dict | None) -> str:
     width, height, left, right, top, bottom = 640, 420, 70, 90, 20, 50
     xs, ys = [p["energy"] for p in points], [p["cosine"] for p in points]
     x0, x1 = min(xs), max(xs)
@@ -240,7 +243,7 @@ def _svg(points: Sequence[dict], best: Sequence[dict], chosen: dict) -> str:
     for p in (p for p in best if p in points):
         x, y = at(p)
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="none" stroke="black"/>')
-    if chosen in points:
+    if chosen is not None and chosen in points:
         x, y = at(chosen)
         parts.append(f'<text x="{x:.1f}" y="{y + 6:.1f}" text-anchor="middle" fill="red" font-size="20">★</text>')
     legend = width - right + 12

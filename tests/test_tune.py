@@ -32,7 +32,7 @@ def test_front_and_pick_on_known_points():
 
 
 def test_settings_per_method():
-    assert len(settings("ecmt")) == 12 and len(settings("ttfs")) == 9
+    assert len(settings("ecmt")) == 24 and len(settings("ttfs")) == 9
     sta = settings("sta", 64)
     assert {s["timesteps"] for s in sta} == {32, 64} and {s["burst"] for s in sta} == {1, 2, 4}
     with pytest.raises(SpikecError, match="--method bogus"):
@@ -87,7 +87,7 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
     chosen = dict(item.split("=") for item in text.split("chosen: ")[1].splitlines()[0].split())
     assert float(chosen["energy"]) <= 0.5 and float(chosen["cosine"]) >= 0.95 and int(chosen["T"]) <= 3
     state = json.loads((tmp_path / "state.json").read_text())
-    assert len(state) == 12
+    assert len(state) == 24
     within = [r["cosine"] for rows in state.values() for r in rows if r["energy"] <= 0.5]
     assert float(chosen["cosine"]) == pytest.approx(max(within), abs=1e-5)
     assert (tmp_path / "tuned.front.png").exists() or (tmp_path / "tuned.front.svg").exists()
