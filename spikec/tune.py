@@ -166,8 +166,10 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
             bar.update()
             if time_budget is not None and time.monotonic() - start > time_budget:
                 break  # checked after a setting, so every run evaluates at least one
+    # the settings of this search only: a state file may hold other methods' and other searches' too
+    searched = {_key(method, knobs, max_timesteps if stepped else 1) for knobs in todo}
     return [{"method": method, **{k: v for k, v in json.loads(key).items() if k not in ("method", "t")}, **row}
-            for key, rows in done.items() if json.loads(key)["method"] == method for row in rows]
+            for key, rows in done.items() if key in searched for row in rows]
 
 
 def plot(points: Sequence[dict], chosen: dict | None, path: str | os.PathLike) -> Path:
