@@ -499,25 +499,41 @@ def cmd_info(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from pathlib import Path
+
+    from spikec import methods
     from spikec.calibrate import load_inputs
     from spikec.compiler import compile as compile_model
-    from spikec.tune import front, pick, split, tune
+    from spikec.tune import front, pick, plot, split, tune
 
     feeds = load_inputs(args.calib, args.model, what="calibration data")
     points = tune(args.model, feeds, args.method, max_timesteps=args.max_timesteps, time_budget=args.time_budget,
-                  state=args.resume, progress=not args.quiet)
+                  state=args.resume, progress=not args.quiet, batch_size=args.batch_size)
     if not points:
         raise SpikecError("--time-budget: spent before the first setting was evaluated")
     best = front(points)
-    knobs = [k for k in best[0] if k not in ("method", "t", "cosine")]
-    print("Pareto front (validation cosine vs T):")
-    print("  ".join(["T", "cosine", *knobs]))
-    for p in best:
-        print("  ".join([str(p["t"]), f"{p['cosine']:.5f}", *(str(p[k]) for k in knobs)]))
-    chosen = pick(points, args.min_cosine)
-    print(f"chosen: T={chosen['t']} cosine={chosen['cosine']:.5f} " + " ".join(f"{k}={chosen[k]}" for k in knobs))
-    compile_model(args.model, split(feeds)[0], args.output, method=args.method, timesteps=chosen["t"],
-                  progress=not args.quiet, **{k: chosen[k] for k in knobs})
+    knobs = [k for k in best[0] if k not in ("method", "t", "cosine", "energy", "energy_paper")]
+    print("Pareto front (validation cosine up, energy estimate SNN/ANN down, T down):")
+    rows = [["T", "cosine", "energy", "energy(paper)", *knobs]]
+    rows += [[str(p["t"]), f"{p['cosine']:.5f}", f"{p['energy']:.3f}", f"{p['energy_paper']:.3f}",
+              *(str(p[k]) for k in knobs)] for p in best]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    figure = args.plot or Path(args.output).with_name(Path(args.output).stem + ".front")
+    try:
+        chosen = pick(points, args.min_cosine, max_energy=args.max_energy, max_timesteps=args.max_timesteps,
+                      minimize=args.minimize)
+    except SpikecError:
+        print(f"plot: {plot(points, None, figure)}")  # the front shows why nothing meets the constraints
+        raise
+    print(f"chosen: T={chosen['t']} cosine={chosen['cosine']:.5f} energy={chosen['energy']:.3f} "
+          + " ".join(f"{k}={chosen[k]}" for k in knobs))
+    print(f"plot: {plot(points, chosen, figure)}")
+    options = {k: chosen[k] for k in knobs}
+    if methods.get(args.method).stepped:
+        options["timesteps"] = chosen["t"]
+    compile_model(args.model, split(feeds)[0], args.output, method=args.method, progress=not args.quiet, **options)
     return 0
 
 
@@ -598,15 +614,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_options(p)
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("tune", help="search a method's knobs: Pareto front of fidelity vs T, compile the pick")
+    p = sub.add_parser("tune", help="search a method's knobs: Pareto front of fidelity vs energy vs T, compile the pick")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--calib", required=True, help=".npz keyed by input name; a quarter of it validates")
-    p.add_argument("--method", default="ecmt", help="ecmt or spikezip")
-    p.add_argument("--min-cosine", type=float, help="the lowest T whose validation cosine reaches this (else the knee)")
-    p.add_argument("--max-timesteps", type=int, default=8, help="the largest T searched (one run gives every smaller T)")
+    p.add_argument("--method", default="ecmt", help="ecmt, spikezip, sta or ttfs")
+    p.add_argument("--min-cosine", type=float, help="the validation cosine the pick must reach (else the knee)")
+    p.add_argument("--max-energy", type=float, help="the largest energy estimate SNN/ANN the pick may have")
+    p.add_argument("--max-timesteps", type=int, default=8,
+                   help="the largest T searched and picked (one run gives every smaller T; STA: T and T/2)")
+    p.add_argument("--minimize", default="energy", choices=("energy", "timesteps"),
+                   help="what the pick spends least of among the settings reaching --min-cosine")
+    p.add_argument("--plot", metavar="PATH", help="the front's plot (.png with matplotlib, else .svg; default: "
+                                                 "next to the output)")
     p.add_argument("--time-budget", type=float, help="seconds; no new setting starts after it (at least one is evaluated)")
     p.add_argument("--resume", metavar="STATE.json", help="keep evaluated settings here and continue from them")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_tune)
 

@@ -55,6 +55,26 @@ def _first_t(per_t: Sequence[dict], key: str, bound: float) -> int | None:
     return reached
 
 
+def points(report: dict) -> list[dict]:
+    """The report's fidelity/energy/latency points: every T whose energy the run's per-step spike counts
+    give (build_report's ``energy_per_t``), the cosine of the worst output at that T (a model is as
+    faithful as its least faithful output). A one-pass model is one point at T=1."""
+    reference = "float ANN" if "float ANN" in report["fidelity"] else next(iter(report["fidelity"]))
+    outputs = report["fidelity"][reference]["outputs"].values()
+    energy = {e["t"]: e for e in report.get("energy_per_t") or []}
+    energy.setdefault(report["timesteps"], {"ratio": report["energy"]["ratio"],
+                                            "ratio_paper_convention": report["energy"]["ratio_paper_convention"]})
+    rows = []
+    for t, e in sorted(energy.items()):
+        row = {"t": t, "cosine": min(o["per_t"][t - 1]["cosine"] for o in outputs), "energy": e["ratio"],
+               "energy_paper": e["ratio_paper_convention"]}
+        accuracies = [o["per_t"][t - 1]["accuracy"] for o in outputs if "accuracy" in o["per_t"][t - 1]]
+        if accuracies:
+            row["accuracy"] = min(accuracies)
+        rows.append(row)
+    return rows
+
+
 def _row(method: str, report: dict, labels: np.ndarray | None, snn_seconds: float, ann_seconds: float,
          compile_seconds: float) -> dict:
     reference = "float ANN" if "float ANN" in report["fidelity"] else "ANN"
@@ -72,6 +92,8 @@ def _row(method: str, report: dict, labels: np.ndarray | None, snn_seconds: floa
         "spikes_per_neuron_per_step": sum(s["spikes_per_sample"] for s in sites) / neuron_steps if neuron_steps else 0.0,
         "seconds_per_sample": snn_seconds, "time_ratio": snn_seconds / ann_seconds,
         "compile_seconds": compile_seconds, "per_t": per_t,
+        # energy vs T where the per-step spike counts give it (STA's thresholds depend on T: its T only)
+        "energy_per_t": [{"t": p["t"], "energy": p["energy"]} for p in points(report)],
     }
     if labels is not None and "accuracy" in per_t[-1]:
         row["accuracy"], row["ann_accuracy"] = per_t[-1]["accuracy"], outputs[name]["accuracy"]
@@ -80,13 +102,32 @@ def _row(method: str, report: dict, labels: np.ndarray | None, snn_seconds: floa
     return row
 
 
+def measure(ann: str | os.PathLike, fit: Mapping[str, np.ndarray], validation: Mapping[str, np.ndarray], method: str,
+            directory: str | os.PathLike, *, labels: np.ndarray | None = None, batch_size: int = 32,
+            **options) -> tuple[Path, dict]:
+    """Compile ``ann`` with ``method`` and ``options`` from ``fit`` into ``directory`` and measure it on
+    ``validation`` by the report's one pass, with the energy of every T its spike counts give (compare and
+    tune both measure this way). A conversion error raises SpikecError before anything is measured.
+    The report's "seconds" is the time the measurement took."""
+    from spikec.compiler import compile as compile_model
+    from spikec.report import build_report
+
+    snn, qann = Path(directory) / f"{method}.onnx", Path(directory) / f"{method}.qann.onnx"
+    if method == "spikezip":  # measured against the float ANN and the QANN it equals
+        options["save_qann"] = qann
+    compile_model(ann, fit, snn, method=method, verify=False, progress=False, batch_size=batch_size, **options)
+    start = time.perf_counter()
+    report = build_report(ann, snn, validation, labels=labels, qann=qann if method == "spikezip" else None,
+                          batch_size=batch_size, energy_per_t=True)
+    report["seconds"] = time.perf_counter() - start
+    return snn, report
+
+
 def compare_methods(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, labels: np.ndarray | None = None,
                     names: Sequence[str] = tuple(methods.METHODS), timesteps: Mapping[str, int] | None = None,
                     batch_size: int = 32, progress: bool = True) -> dict:
     """Compile ``ann`` with each method of ``names`` on the fit part of ``feeds`` and measure it on the
     validation part. A method that cannot convert the model gets a row with its one-line error."""
-    from spikec.compiler import compile as compile_model
-    from spikec.report import build_report
 
     unknown = sorted(set(names) - set(methods.METHODS))
     if unknown:
@@ -104,22 +145,17 @@ def compare_methods(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, 
         for i, name in enumerate(names, start=1):
             if progress:
                 print(f"compare {i}/{len(names)}: {name}", flush=True)
-            snn, qann = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.qann.onnx"
             extra: dict[str, object] = {"timesteps": timesteps[name]} if name in timesteps else {}
-            if name == "spikezip":
-                extra["save_qann"] = qann
             start = time.perf_counter()
             try:
-                compile_model(ann, fit, snn, method=name, verify=False, progress=False, batch_size=batch_size,
-                              **extra)
+                snn, report = measure(ann, fit, validation, name, tmp, labels=valid_labels, batch_size=batch_size,
+                                      **extra)
             except SpikecError as exc:
                 rows.append({"method": name, "error": str(exc)})
                 continue
             compile_seconds = time.perf_counter() - start
-            report = build_report(ann, snn, validation, labels=valid_labels,
-                                  qann=qann if name == "spikezip" and qann.exists() else None, batch_size=batch_size)
             rows.append(_row(name, report, valid_labels, _seconds_per_sample(snn, validation, batch_size),
-                             ann_seconds, compile_seconds))
+                             ann_seconds, compile_seconds - report["seconds"]))
     return {"model": os.fspath(ann), "fit_samples": int((~valid).sum()), "validation_samples": int(valid.sum()),
             "ann_seconds_per_sample": ann_seconds, "methods": rows, "recommendation": recommend(rows)}
 

@@ -1,7 +1,10 @@
-"""Search a method's knobs for the settings on the fidelity/latency front (issue 20).
+"""Search a method's knobs for the settings on the fidelity/energy/latency front (issue 20).
 
-One compile per knob setting at the largest T: the unrolled model's per-step outputs give the fidelity of
-every smaller T from the same run, so T is never a search axis of its own."""
+One compile per knob setting at the largest T, measured by the report's one pass (spikec.compare.points):
+the unrolled model's per-step outputs and spike counts give the fidelity and the energy of every smaller T
+from the same run, so T is no search axis of ECMT's or SpikeZIP-TF's. STA's thresholds depend on T, so its
+T is a knob; TTFS has no T. The settings share one calibration run where the knobs leave the calibration
+unchanged: the first compile's calibration checkpoint is the statistics of the others."""
 from __future__ import annotations
 
 import itertools
@@ -16,18 +19,32 @@ import numpy as np
 
 from spikec.errors import SpikecError
 
-# The knobs searched per method; T comes from the per-step outputs of one run at --max-timesteps.
+# The knobs searched per method; ECMT's and SpikeZIP-TF's T come from the per-step outputs of one run at
+# --max-timesteps, STA's "timesteps" are fractions of it (STA compiles per T). Each knob's default first: a
+# time budget spent early has measured the defaults' neighbourhood.
 KNOBS: dict[str, dict[str, Sequence]] = {
-    "ecmt": {"percentile": (90.0, 99.0, 99.9), "per_channel": (True, False), "levels": (4, 8)},
+    "ecmt": {"percentile": (90.0, 99.0, 99.9), "per_channel": (True, False), "levels": (8, 4),
+             "coverage": (1.0, 0.0)},
     "spikezip": {"levels": (8, 16, 32)},
+    "sta": {"timesteps": (1.0, 0.5), "burst": (2, 4, 1), "gelu_hidden": (32, 64)},
+    "ttfs": {"precision": (0, 256, 64), "margin": (1.0, 0.5, 0.25)},
 }
+# what a tuned point may be picked for
+OBJECTIVES = ("energy", "timesteps")
 
 
-def settings(method: str) -> list[dict]:
+def settings(method: str, max_timesteps: int = 8) -> list[dict]:
     if method not in KNOBS:
         raise SpikecError(f"--method {method}: tune searches {', '.join(sorted(KNOBS))}")
     names = list(KNOBS[method])
-    return [dict(zip(names, values)) for values in itertools.product(*(KNOBS[method][n] for n in names))]
+    result = []
+    for values in itertools.product(*(KNOBS[method][n] for n in names)):
+        knobs = dict(zip(names, values))
+        if "timesteps" in knobs:
+            knobs["timesteps"] = max(1, int(round(knobs["timesteps"] * max_timesteps)))
+        if knobs not in result:
+            result.append(knobs)
+    return result
 
 
 def split(feeds: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
@@ -38,27 +55,66 @@ def split(feeds: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
     return ({k: v[~valid] for k, v in feeds.items()}, {k: v[valid] for k, v in feeds.items()})
 
 
+def _energy(p: dict) -> float:
+    return p["energy"] if p.get("energy") is not None else float("inf")
+
+
 def front(points: Sequence[dict]) -> list[dict]:
-    """The points no other point beats on both cosine (higher) and T (lower), sorted by T."""
+    """The points no other point beats on cosine (higher), energy (lower) and T (lower), sorted by T and
+    energy (of equal points the first). A point without an energy estimate is beaten on energy by any
+    point with one."""
+    def key(p: dict) -> tuple[float, float, float]:
+        return (-p["cosine"], _energy(p), p["t"])
+
     def dominated(p: dict) -> bool:
-        return any(q["cosine"] >= p["cosine"] and q["t"] <= p["t"]
-                   and (q["cosine"] > p["cosine"] or q["t"] < p["t"]) for q in points)
-    return sorted((p for p in points if not dominated(p)), key=lambda p: (p["t"], -p["cosine"]))
+        a = key(p)
+        return any(all(x <= y for x, y in zip(key(q), a)) and key(q) != a for q in points)
+    kept = {key(p): p for p in reversed(points) if not dominated(p)}  # of equal points, the first
+    return sorted(kept.values(), key=lambda p: (p["t"], _energy(p), -p["cosine"]))
 
 
-def pick(points: Sequence[dict], min_cosine: float | None) -> dict:
-    """The lowest-T point meeting ``min_cosine``; without a bound, the knee (largest cosine gain per step)."""
-    best = front(points)
+def pick(points: Sequence[dict], min_cosine: float | None, *, max_energy: float | None = None,
+         max_timesteps: int | None = None, minimize: str = "energy") -> dict:
+    """The point the user's constraints pick. With ``min_cosine``: of the points reaching it (within
+    ``max_energy``, ``max_timesteps``), the one least in ``minimize`` (energy: the fewest spikes and
+    operations the error bound allows; timesteps: the lowest latency), then in the other, then the most
+    faithful. With only ``max_energy``: the most faithful point within it. Without constraints: the knee
+    of the cosine vs ``minimize`` front."""
+    if minimize not in OBJECTIVES:
+        raise SpikecError(f"--minimize {minimize}: one of {', '.join(OBJECTIVES)}")
+    cost = (lambda p: (_energy(p), p["t"])) if minimize == "energy" else (lambda p: (p["t"], _energy(p)))
+    ok = [p for p in front(points) if (max_energy is None or _energy(p) <= max_energy)
+          and (max_timesteps is None or p["t"] <= max_timesteps)]
+    if not ok:
+        bound = " and ".join(text for text, given in ((f"--max-energy {max_energy}", max_energy is not None),
+                                                       (f"--max-timesteps {max_timesteps}", max_timesteps is not None))
+                             if given)
+        raise SpikecError(f"{bound}: no setting is within it (lowest energy {min(map(_energy, points)):.3g}, "
+                          f"lowest T {min(p['t'] for p in points)})")
     if min_cosine is not None:
-        ok = [p for p in best if p["cosine"] >= min_cosine]
-        if not ok:
-            raise SpikecError(f"--min-cosine {min_cosine}: no setting reaches it (best cosine "
-                              f"{max(p['cosine'] for p in best):.5f} at T={best[-1]['t']})")
-        return ok[0]
-    if len(best) < 3:
-        return best[-1]
-    gains = [(b["cosine"] - a["cosine"]) / (b["t"] - a["t"]) for a, b in zip(best, best[1:])]
-    return best[int(np.argmax(gains)) + 1]
+        reach = [p for p in ok if p["cosine"] >= min_cosine]
+        if not reach:
+            best = max(ok, key=lambda p: p["cosine"])
+            raise SpikecError(f"--min-cosine {min_cosine}: no setting reaches it within the bounds (best cosine "
+                              f"{best['cosine']:.5f} at T={best['t']}, energy {_energy(best):.3g})")
+        return min(reach, key=lambda p: (*cost(p), -p["cosine"]))
+    if max_energy is not None:
+        return max(ok, key=lambda p: (p["cosine"], -_energy(p), -p["t"]))
+    # the 2-D front of cosine vs the minimized quantity, cheapest first
+    curve: list[dict] = []
+    for p in sorted(ok, key=lambda p: (*cost(p), -p["cosine"])):
+        if not curve or p["cosine"] > curve[-1]["cosine"]:
+            curve.append(p)
+    if len(curve) < 3:
+        return curve[-1]
+    # the point farthest above the chord from the cheapest to the most faithful point, both axes scaled to
+    # [0, 1]: where spending more starts to buy little fidelity
+    x = np.array([cost(p)[0] for p in curve], np.float64)
+    y = np.array([p["cosine"] for p in curve], np.float64)
+    if not np.isfinite(x).all() or x[-1] == x[0]:
+        return curve[-1]
+    x, y = (x - x[0]) / (x[-1] - x[0]), (y - y[0]) / (y[-1] - y[0])
+    return curve[int(np.argmax(y - x))]
 
 
 def _key(method: str, knobs: dict, t: int) -> str:
@@ -66,12 +122,16 @@ def _key(method: str, knobs: dict, t: int) -> str:
 
 
 def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *, max_timesteps: int = 8,
-         time_budget: float | None = None, state: str | os.PathLike | None = None,
-         progress: bool = True) -> list[dict]:
-    """Every (setting, T) point evaluated on the validation part; ``state`` keeps the evaluated settings so
-    a rerun continues where the last stopped (time budget or interrupt)."""
-    from spikec.compiler import compile as compile_model
-    from spikec.evaluate import compare
+         time_budget: float | None = None, state: str | os.PathLike | None = None, progress: bool = True,
+         batch_size: int = 32) -> list[dict]:
+    """Every (setting, T) point evaluated on the validation part: cosine of the worst output, the energy
+    estimate SNN/ANN (all work; ``energy_paper``: the papers' convention) and T. ``state`` keeps the
+    evaluated settings so a rerun continues where the last stopped (time budget or interrupt)."""
+    from tqdm import tqdm
+
+    from spikec import methods
+    from spikec.compare import measure
+    from spikec.compare import points as report_points
 
     fit, valid = split(feeds)
     done: dict[str, list[dict]] = {}
@@ -80,27 +140,119 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
             done = json.loads(Path(state).read_text())
         except (OSError, ValueError) as exc:
             raise SpikecError(f"--resume {state}: not a tune state file ({exc})") from None
+        # settings measured before tune estimated energy are measured again
+        done = {key: rows for key, rows in done.items() if all("energy" in row for row in rows)}
+    stepped = methods.get(method).stepped if method in methods.METHODS else True
+    todo = settings(method, max_timesteps)
     start = time.monotonic()
-    todo = settings(method)
-    for i, knobs in enumerate(todo, start=1):
-        key = _key(method, knobs, max_timesteps)
-        if key in done:
-            continue
-        if progress:
-            print(f"tune {i}/{len(todo)} {knobs}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            snn = Path(tmp) / "snn.onnx"
-            compile_model(ann, fit, snn, method=method, timesteps=max_timesteps, progress=False, verify=False,
-                          **knobs)
-            result = compare(ann, snn, valid)
-        # The worst output decides: a setting is as good as its least faithful output.
-        per_t = [min(o["per_t"][t]["cosine"] for o in result.values()) for t in range(max_timesteps)]
-        done[key] = [{"t": t + 1, "cosine": c} for t, c in enumerate(per_t)]
-        if state is not None:
-            partial = Path(f"{state}.partial")  # an interrupt never leaves a half-written state file
-            partial.write_text(json.dumps(done))
-            os.replace(partial, state)
-        if time_budget is not None and time.monotonic() - start > time_budget:
-            break  # checked after a setting, so every run evaluates at least one
+    with tempfile.TemporaryDirectory() as tmp, \
+            tqdm(total=len(todo), desc=f"tune {method}", unit="setting", disable=None if progress else True) as bar:
+        # its fingerprint (graph, data, taps) decides whether a setting's calibration is the last one's
+        checkpoint = Path(tmp) / "calibration.npz"
+        for knobs in todo:
+            key = _key(method, knobs, max_timesteps if stepped else 1)
+            if key in done:
+                bar.update()
+                continue
+            bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in knobs.items()))
+            options = {"timesteps": max_timesteps, **knobs} if stepped else dict(knobs)
+            _, report = measure(ann, fit, valid, method, tmp, batch_size=batch_size, calibration_checkpoint=checkpoint,
+                                **options)
+            done[key] = [{k: p[k] for k in ("t", "cosine", "energy", "energy_paper")} for p in report_points(report)]
+            if state is not None:
+                partial = Path(f"{state}.partial")  # an interrupt never leaves a half-written state file
+                partial.write_text(json.dumps(done))
+                os.replace(partial, state)
+            bar.update()
+            if time_budget is not None and time.monotonic() - start > time_budget:
+                break  # checked after a setting, so every run evaluates at least one
+    # the settings of this search only: a state file may hold other methods' and other searches' too
+    searched = {_key(method, knobs, max_timesteps if stepped else 1) for knobs in todo}
     return [{"method": method, **{k: v for k, v in json.loads(key).items() if k not in ("method", "t")}, **row}
-            for key, rows in done.items() if json.loads(key)["method"] == method for row in rows]
+            for key, rows in done.items() if key in searched for row in rows]
+
+
+def plot(points: Sequence[dict], chosen: dict | None, path: str | os.PathLike) -> Path:
+    """Cosine vs energy of every point, the front's points ringed and the chosen one (if any) marked, the colour
+    saying T: a PNG where matplotlib is importable, else an SVG drawn here. Returns the path written
+    (``path`` ending in .png or .svg)."""
+    best = front(points)
+    shown = [p for p in points if p.get("energy") is not None]
+    base = Path(path)
+    base = base.with_suffix("") if base.suffix in (".png", ".svg") else base
+    try:
+        import matplotlib
+    except ImportError:
+        out = base.with_name(base.name + ".svg")
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(_svg(shown, best, chosen))
+        os.replace(partial, out)
+        return out
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dots = ax.scatter([p["energy"] for p in shown], [p["cosine"] for p in shown], c=[p["t"] for p in shown],
+                      cmap="viridis", s=18)
+    fig.colorbar(dots, label="T")
+    ax.scatter([p["energy"] for p in best if p in shown], [p["cosine"] for p in best if p in shown],
+               facecolors="none", edgecolors="black", s=60, label="Pareto front")
+    if chosen is not None:
+        ax.scatter([chosen["energy"]], [chosen["cosine"]], marker="*", color="red", s=180, label="chosen")
+    ax.set(xlabel="energy estimate SNN/ANN", ylabel="validation cosine (worst output)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out = base.with_name(base.name + ".png")
+    partial = out.with_name(out.name + ".partial")
+    fig.savefig(partial, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(partial, out)
+    return out
+
+
+def _svg(points: Sequence[dict], best: Sequence[dict], chosen: dict | None) -> str:
+    width, height, left, right, top, bottom = 640, 420, 70, 90, 20, 50
+    xs, ys = [p["energy"] for p in points], [p["cosine"] for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
+    t_max = max(p["t"] for p in points)
+
+    def at(p: dict) -> tuple[float, float]:
+        return (left + (p["energy"] - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (p["cosine"] - y0) / (y1 - y0) * (height - top - bottom))
+
+    def colour(t: int) -> str:  # dark blue (T=1) to yellow (the largest T)
+        f = (t - 1) / max(t_max - 1, 1)
+        return f"rgb({int(40 + 210 * f)},{int(40 + 190 * f)},{int(140 - 100 * f)})"
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
+             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>']
+    for i in range(5):
+        f = i / 4
+        x, y = left + f * (width - left - right), height - bottom - f * (height - top - bottom)
+        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{x0 + f * (x1 - x0):.3g}'
+                     f'</text><text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{y0 + f * (y1 - y0):.4f}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">energy estimate '
+                 f'SNN/ANN</text><text x="16" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 16 {(top + height - bottom) / 2})">validation cosine (worst output)</text>')
+    for p in points:
+        x, y = at(p)
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour(p["t"])}"><title>T={p["t"]} cosine='
+                     f'{p["cosine"]:.5f} energy={p["energy"]:.3g}</title></circle>')
+    for p in (p for p in best if p in points):
+        x, y = at(p)
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="none" stroke="black"/>')
+    if chosen is not None and chosen in points:
+        x, y = at(chosen)
+        parts.append(f'<text x="{x:.1f}" y="{y + 6:.1f}" text-anchor="middle" fill="red" font-size="20">★</text>')
+    legend = width - right + 12
+    parts.append(f'<text x="{legend}" y="{top + 10}">T</text>')
+    for i, t in enumerate(sorted({p["t"] for p in points})[:16]):
+        parts.append(f'<circle cx="{legend + 4}" cy="{top + 26 + 16 * i}" r="4" fill="{colour(t)}"/>'
+                     f'<text x="{legend + 14}" y="{top + 30 + 16 * i}">{t}</text>')
+    parts.append(f'<text x="{legend}" y="{height - bottom - 20}">○ front</text>'
+                 f'<text x="{legend}" y="{height - bottom - 4}" fill="red">★ chosen</text></svg>')
+    return "\n".join(parts)

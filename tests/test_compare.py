@@ -1,11 +1,13 @@
 """spikec compare: every method on one model and data, measured side by side, and the recommendation rule."""
 
+import json
+
 import numpy as np
 import pytest
 
 from examples import fixtures
 from spikec.cli import main
-from spikec.compare import compare_methods, recommend
+from spikec.compare import recommend
 
 
 def _row(method, cosine, energy, timesteps=8, **more):
@@ -26,10 +28,12 @@ def test_recommendation_rule():
 
 
 @pytest.mark.slow
-def test_compare_digits_vit_every_method(digits):
-    feeds, labels = {"pixels": digits["x_test"][:48]}, digits["y_test"][:48]
-    result = compare_methods(fixtures.digits_vit(), feeds, labels=labels,
-                             timesteps={"ecmt": 4, "spikezip": 48, "sta": 8}, progress=False)
+def test_compare_digits_vit_every_method(digits, tmp_path, capfd):
+    np.savez(tmp_path / "calib.npz", pixels=digits["x_test"][:48])
+    np.savez(tmp_path / "labels.npz", labels=digits["y_test"][:48])
+    assert main(["compare", str(fixtures.digits_vit()), "--calib", str(tmp_path / "calib.npz"), "--labels",
+                 str(tmp_path / "labels.npz"), "--timesteps", "ecmt=4,spikezip=48,sta=8", "--quiet", "--json"]) == 0
+    result = json.loads(capfd.readouterr().out)
     assert (result["fit_samples"], result["validation_samples"]) == (36, 12)
     rows = {r["method"]: r for r in result["methods"]}
     assert list(rows) == ["ecmt", "spikezip", "sta", "ttfs"] and not any("error" in r for r in rows.values())
@@ -43,6 +47,12 @@ def test_compare_digits_vit_every_method(digits):
         assert r["energy_ratio"] > 0 and r["seconds_per_sample"] > 0 and r["time_ratio"] > 0
     assert 0 < rows["ecmt"]["spikes_per_neuron_per_step"] <= 1
     assert rows["ttfs"]["spikes_per_neuron_per_step"] == pytest.approx(1.0, abs=1e-3)  # one spike per neuron
+    # energy vs T: every T of ECMT and SpikeZIP-TF from one run, rising with T; STA's thresholds depend on
+    # its T, so only that one
+    assert [len(rows[m]["energy_per_t"]) for m in rows] == [4, 48, 1, 1]
+    for m in ("ecmt", "spikezip"):
+        energy = [e["energy"] for e in rows[m]["energy_per_t"]]
+        assert all(a < b for a, b in zip(energy, energy[1:])) and energy[-1] == pytest.approx(rows[m]["energy_ratio"])
     # TTFS's one spike per neuron costs the least on this model, and it is faithful
     assert result["recommendation"]["method"] == "ttfs"
 

@@ -91,5 +91,6 @@ def test_random_transformers_convert(name):
     for output, reference in run_dataset(path, feeds).items():
         steps = got[output + ".steps"]
         assert np.isfinite(steps).all()
-        # measured 0.93-0.998 (DeiT's tanh pooler is the lowest)
-        assert cosine(reference, steps[-1]) > 0.9 and cosine(reference, steps[-1]) > cosine(reference, steps[3])
+        # measured 0.93-0.998 (DeiT's tanh pooler is the lowest); with burst spikes of 4 BERT's is 0.9999
+        # from step 4 on, so the steps improve on the first one
+        assert cosine(reference, steps[-1]) > 0.9 and cosine(reference, steps[-1]) > cosine(reference, steps[0])

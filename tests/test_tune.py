@@ -1,21 +1,52 @@
-"""spikec tune: front, constraint and resume on the digits ViT."""
+"""spikec tune: the fidelity/energy/T front, the pick, the plot, resume, and the CLI on the digits ViT."""
 import json
+import sys
 
+import numpy as np
 import pytest
 
 from examples import fixtures
+from spikec.cli import main
 from spikec.errors import SpikecError
-from spikec.tune import front, pick, tune
+from spikec.tune import front, pick, plot, settings, tune
+
+POINTS = [{"t": 1, "cosine": 0.5, "energy": 0.1}, {"t": 2, "cosine": 0.9, "energy": 0.3},
+          {"t": 2, "cosine": 0.8, "energy": 0.35}, {"t": 3, "cosine": 0.95, "energy": 0.5},
+          {"t": 4, "cosine": 0.94, "energy": 0.7}, {"t": 8, "cosine": 0.999, "energy": 1.2},
+          {"t": 8, "cosine": 0.96, "energy": 0.45}]  # a setting firing less: more steps, less energy
 
 
 def test_front_and_pick_on_known_points():
-    points = [{"t": 1, "cosine": 0.5}, {"t": 2, "cosine": 0.9}, {"t": 2, "cosine": 0.8},
-              {"t": 3, "cosine": 0.95}, {"t": 4, "cosine": 0.94}, {"t": 8, "cosine": 0.999}]
-    assert [(p["t"], p["cosine"]) for p in front(points)] == [(1, 0.5), (2, 0.9), (3, 0.95), (8, 0.999)]
-    assert pick(points, 0.95)["t"] == 3
-    assert pick(points, None)["t"] == 2  # the largest gain per step: 0.5 -> 0.9
+    # (2, 0.8) and (4, 0.94) are beaten on all three axes; (8, 0.96, 0.45) is the cheapest above 0.95
+    assert [(p["t"], p["cosine"]) for p in front(POINTS)] == [(1, 0.5), (2, 0.9), (3, 0.95), (8, 0.96), (8, 0.999)]
+    assert pick(POINTS, 0.95, minimize="timesteps")["t"] == 3
+    # minimizing energy under the same error bound takes the quiet setting's 8 steps
+    assert (pick(POINTS, 0.955)["t"], pick(POINTS, 0.955)["energy"]) == (8, 0.45)
+    assert pick(POINTS, 0.9, max_timesteps=2)["t"] == 2
+    assert pick(POINTS, None, max_energy=0.46)["cosine"] == 0.96  # the most faithful within the energy
+    assert pick(POINTS, None)["cosine"] == 0.9  # the knee: past it, energy buys little cosine
     with pytest.raises(SpikecError, match="no setting reaches"):
-        pick(points, 0.9999)
+        pick(POINTS, 0.9999)
+    with pytest.raises(SpikecError, match="--max-energy 0.05"):
+        pick(POINTS, 0.9, max_energy=0.05)
+
+
+def test_settings_per_method():
+    assert len(settings("ecmt")) == 24 and len(settings("ttfs")) == 9
+    sta = settings("sta", 64)
+    assert {s["timesteps"] for s in sta} == {32, 64} and {s["burst"] for s in sta} == {1, 2, 4}
+    with pytest.raises(SpikecError, match="--method bogus"):
+        settings("bogus")
+
+
+def test_plot_svg_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: the SVG drawn here
+    out = plot(POINTS, POINTS[3], tmp_path / "front.png")
+    assert out.suffix == ".svg" and not (tmp_path / "front.png").exists()
+    svg = out.read_text()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
+    assert svg.count("<title>") == len(POINTS) and "T=3 cosine=0.95000 energy=0.5" in svg
+    assert svg.count('r="7"') == len(front(POINTS))  # the front's points ringed
 
 
 @pytest.mark.slow
@@ -27,9 +58,43 @@ def test_tune_digits_vit_front_constraint_resume(tmp_path, digits):
     assert len(json.loads(state.read_text())) == 1  # the budget stopped it after one setting
     points = tune(fixtures.digits_vit(), feeds, "spikezip", max_timesteps=6, state=state, progress=False)
     assert len(points) == 3 * 6 and all(p in points for p in first)
+    for levels in (8, 16, 32):  # more steps cost more: every step adds neuron updates
+        energy = [p["energy"] for p in points if p["levels"] == levels]
+        assert all(0 < a < b for a, b in zip(energy, energy[1:]))
     best = front(points)
     for p in best:  # non-dominated
-        assert not any(q["cosine"] > p["cosine"] and q["t"] <= p["t"] for q in points)
+        assert not any(q["cosine"] > p["cosine"] and q["t"] <= p["t"] and q["energy"] <= p["energy"] for q in points)
     chosen = pick(points, 0.9)
     assert chosen["cosine"] >= 0.9
-    assert all(p["t"] >= chosen["t"] for p in points if p["cosine"] >= 0.9)
+    assert all(p["energy"] >= chosen["energy"] for p in points if p["cosine"] >= 0.9)
+
+
+@pytest.mark.slow
+def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
+    """ECMT on the digits ViT: the prefix T's energy is exact (a model compiled for that T measures the
+    same), and --max-energy picks the most faithful setting within it."""
+    from spikec.compare import measure
+    from spikec.tune import split
+
+    feeds = {"pixels": digits["x_test"][:48]}
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **feeds)
+    out = tmp_path / "tuned.onnx"
+    argv = ["tune", str(fixtures.digits_vit()), "--calib", str(calib), "--method", "ecmt", "--max-timesteps", "3",
+            "--max-energy", "0.5", "--resume", str(tmp_path / "state.json"), "--quiet", "-o", str(out)]
+    assert main(argv) == 0
+    text = capfd.readouterr().out
+    chosen = dict(item.split("=") for item in text.split("chosen: ")[1].splitlines()[0].split())
+    assert float(chosen["energy"]) <= 0.5 and float(chosen["cosine"]) >= 0.95 and int(chosen["T"]) <= 3
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert len(state) == 24
+    within = [r["cosine"] for rows in state.values() for r in rows if r["energy"] <= 0.5]
+    assert float(chosen["cosine"]) == pytest.approx(max(within), abs=1e-5)
+    assert (tmp_path / "tuned.front.png").exists() or (tmp_path / "tuned.front.svg").exists()
+    assert out.exists()
+    # the chosen setting compiled for its own T measures the energy the unrolled run gave its prefix
+    fit, valid = split(feeds)
+    knobs = {"percentile": float(chosen["percentile"]), "per_channel": chosen["per_channel"] == "True",
+             "levels": int(chosen["levels"])}
+    _, report = measure(fixtures.digits_vit(), fit, valid, "ecmt", tmp_path, timesteps=int(chosen["T"]), **knobs)
+    assert report["energy"]["ratio"] == pytest.approx(float(chosen["energy"]), abs=1e-3)

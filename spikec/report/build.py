@@ -87,10 +87,12 @@ def _fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | Non
 
 def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, np.ndarray] | str | os.PathLike,
                  *, labels: np.ndarray | None = None, qann: str | os.PathLike | None = None, batch_size: int = 32,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, energy_per_t: bool = False) -> dict:
     """Every number the report shows, as a JSON-serializable dict. ``ann`` is the model the SNN was
     compiled from; for a SpikeZIP-TF SNN the quantized ANN it is equivalent to is ``qann`` (then ``ann``
-    is the float ANN) or ``ann`` itself."""
+    is the float ANN) or ``ann`` itself. With ``energy_per_t``, "energy_per_t" holds the energy ratios of
+    every T up to the SNN's that the per-step spike counts give (all for ECMT and SpikeZIP-TF; STA: its T).
+    """
     from spikec.calibrate import load_inputs
     from spikec.passes.canonicalize import canonicalize
 
@@ -194,10 +196,22 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
                   for name in layers if name not in skipped]
 
     nonlinear_elements = graphinfo.nonlinear_elements(nonlinear, ann_shapes)
-    snn_products, counts, event_acs = energy.snn_work(
-        snn_model, snn_shapes, {s["source"]: s["spikes_per_sample"] for s in sites}, steps,
-        section.claimed_products(), nonlinear_elements)
-    energy.merge(counts, section.energy_counts(sites, snn_products))
+    ann_products = graphinfo.product_macs(ann_canonical, ann_shapes)
+
+    def energy_of(run_sites: list[dict], run_steps: int) -> dict:
+        snn_products, counts, event_acs = energy.snn_work(
+            snn_model, snn_shapes, {s["source"]: s["spikes_per_sample"] for s in run_sites}, run_steps,
+            section.claimed_products(), nonlinear_elements)
+        energy.merge(counts, section.energy_counts(run_sites, snn_products, run_steps))
+        return energy.energy(ann_products, nonlinear_elements, snn_products, counts, event_acs, run_steps)
+
+    extra: dict[str, Any] = {}
+    if energy_per_t:
+        # the first t steps of the unrolled run are what a model compiled for T = t computes
+        until = [(t, section.sites_until(t)) for t in range(1, steps + 1)]
+        extra["energy_per_t"] = [{"t": t, "ratio": e["ratio"], "ratio_paper_convention": e["ratio_paper_convention"]}
+                                 for t, run_sites in until if run_sites is not None
+                                 for e in [energy_of(run_sites, t)]]
     return {
         "ann": os.fspath(ann), "snn": os.fspath(snn), "samples": samples, "timesteps": steps,
         "stepped": method.stepped, "method": record.method, "paper": method.paper, "mode": record.mode,
@@ -209,8 +223,7 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
         "layers": layer_rows,
         "layers_skipped": [{"tensor": t, "reason": r} for t, r in skipped.items()],
         "sites": sites,
-        "energy": energy.energy(graphinfo.product_macs(ann_canonical, ann_shapes), nonlinear_elements, snn_products,
-                                counts, event_acs, steps),
+        "energy": energy_of(sites, steps), **extra,
         "model": graphinfo.summarize(snn_model, sample) if method.stepped else None,
         "section": section.finish(),
     }

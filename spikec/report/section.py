@@ -53,6 +53,8 @@ class Section:
     """The default section: the spikes of every neuron op of SPIKE_CODE_OPS."""
     title = "Spiking neurons"
     plots: tuple[Plot, ...] = ()
+    # whether every site's spikes are the per-step counts of this class's add (sites_until)
+    counts_per_step = True
 
     def __init__(self, context: Context):
         self.context = context
@@ -61,7 +63,8 @@ class Section:
         self.neurons = {n.output[0]: n for n in nodes}
         # the tensor each neuron stands on, as the compile report names it (its input may be gated)
         self.tensor = {n["node"]: n["tensor"] for n in context.record.report.neurons or []}
-        self.spikes = dict.fromkeys(self.neurons, 0)
+        # spikes per step (the unrolled layout is step-major), so the energy of every T <= steps is exact
+        self.spikes = {name: np.zeros(context.steps, np.int64) for name in self.neurons}
         self.values = dict.fromkeys(self.neurons, 0)
 
     @classmethod
@@ -81,23 +84,35 @@ class Section:
 
     def add(self, values: Mapping[str, np.ndarray]) -> None:
         for name in self.neurons:
-            self.spikes[name] += int(np.count_nonzero(values[name]))
-            self.values[name] += values[name].size
+            value = values[name]
+            self.spikes[name] += np.count_nonzero(value.reshape(self.context.steps, -1), axis=1)
+            self.values[name] += value.size
 
     def sites(self) -> list[dict]:
+        return self._sites(self.context.steps)
+
+    def _sites(self, steps: int) -> list[dict]:
         c = self.context
         return [site_row(self.tensor.get(node.name, node.input[0]), graphinfo.base_op(node), node.name, name,
-                         self.values[name] // (c.steps * c.samples), self.spikes[name], c.samples, c.steps)
+                         self.values[name] // (c.steps * c.samples), int(self.spikes[name][:steps].sum()), c.samples,
+                         steps)
                 for name, node in self.neurons.items()]
+
+    def sites_until(self, steps: int) -> list[dict] | None:
+        """The sites as a model run for the first ``steps`` steps only would fire (energy of a smaller T
+        from the same run); None where the section counts spikes over all steps only."""
+        if steps == self.context.steps:
+            return self.sites()
+        return self._sites(steps) if self.counts_per_step else None
 
     def finish(self) -> dict:
         """The section's numbers (data["section"]) beyond the sites."""
         return {}
 
-    def energy_counts(self, sites: list[dict], products: list[dict]) -> dict[str, dict[str, float]]:
-        """Counts of the energy terms the section decides (energy.TERMS); ``products`` are the SNN's product
-        nodes as the energy model counted them."""
-        return {"neuron_updates": {"AC": self.context.steps * sum(s["neurons"] for s in sites)}}
+    def energy_counts(self, sites: list[dict], products: list[dict], steps: int) -> dict[str, dict[str, float]]:
+        """Counts of the energy terms the section decides (energy.TERMS) over ``steps`` steps; ``products``
+        are the SNN's product nodes as the energy model counted them."""
+        return {"neuron_updates": {"AC": steps * sum(s["neurons"] for s in sites)}}
 
     def claimed_products(self) -> dict[str, str]:
         """SNN product nodes this method counts itself (in energy_counts), and the term they go to."""

@@ -150,6 +150,7 @@ def _plot_ugo(data: dict) -> bytes:
 class STASection(Section):
     title = "X2X encoders, UGOs and burst spikes (STA)"
     plots = (("burst", "burst usage per site", _plot_burst), ("ugo", "firing per UGO hidden unit", _plot_ugo))
+    counts_per_step = False  # the probes count over all steps
 
     def __init__(self, context: Context):
         super().__init__(context)
@@ -235,12 +236,12 @@ class STASection(Section):
             layernorms.append({"region": region["name"], "status": status, "float": region["name"] not in decomposed})
         return {"burst": int(c.record.options.get("burst", 1)), "ugos": ugos, "layernorms": layernorms}
 
-    def energy_counts(self, sites: list[dict], products: list[dict]) -> dict[str, dict[str, float]]:
-        counts = super().energy_counts(sites, products)
+    def energy_counts(self, sites: list[dict], products: list[dict], steps: int) -> dict[str, dict[str, float]]:
+        counts = super().energy_counts(sites, products, steps)
         ugo_sites = [s for s in sites if s["kind"].startswith("UGO")]
         feeding = {p.get("source") for p in products if p["counted_as"] == "spike_products"}
         spikes = sum(s["spikes_per_sample"] for s in ugo_sites if s["source"] not in feeding)
-        counts["ugo_inputs"] = {"MAC": self.context.steps * sum(s["neurons"] for s in ugo_sites)}
+        counts["ugo_inputs"] = {"MAC": steps * sum(s["neurons"] for s in ugo_sites)}
         counts["ugo_readout"] = {"AC": spikes}
         return counts
 

@@ -118,6 +118,7 @@ class TTFSSection(Section):
     title = "Spike times, clipping, constructions and depth (TTFSFormer)"
     plots = (("spike_times", "spike-time histograms per site", _plot_spike_times),
              ("clipping", "clipping per site", _plot_clipping))
+    counts_per_step = False  # one pass: there is no smaller T
 
     def __init__(self, context: Context):
         super().__init__(context)
@@ -171,7 +172,7 @@ class TTFSSection(Section):
                 "float_nodes": self.ttfs["float_nodes"], "time_bins": TIME_BINS,
                 "clipped_sites": int(np.count_nonzero(self.below + self.above))}
 
-    def energy_counts(self, sites: list[dict], products: list[dict]) -> dict[str, dict[str, float]]:
+    def energy_counts(self, sites: list[dict], products: list[dict], steps: int) -> dict[str, dict[str, float]]:
         layer_two = [p for p in products if p.get("claimed") and p["counted_as"] == "spike_products"]
         for p in layer_two:
             p["acs"] = p["macs"]
