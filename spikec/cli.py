@@ -520,7 +520,7 @@ def cmd_tune(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    figure = args.plot or Path(args.output).with_name(Path(args.output).stem + ".front")
+    figure = args.plot or Path(args.output).with_name(Path(args.output).stem + ".front.png")
     try:
         chosen = pick(points, args.min_cosine, max_energy=args.max_energy, max_timesteps=args.max_timesteps,
                       minimize=args.minimize)
@@ -625,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the largest T searched and picked (one run gives every smaller T; STA: T and T/2)")
     p.add_argument("--minimize", default="energy", choices=("energy", "timesteps"),
                    help="what the pick spends least of among the settings reaching --min-cosine")
-    p.add_argument("--plot", metavar="PATH", help="the front's plot (.png with matplotlib, else .svg; default: "
+    p.add_argument("--plot", metavar="PATH", help="the front's plot, a PNG (default: "
                                                  "next to the output)")
     p.add_argument("--time-budget", type=float, help="seconds; no new setting starts after it (at least one is evaluated)")
     p.add_argument("--resume", metavar="STATE.json", help="keep evaluated settings here and continue from them")

@@ -174,24 +174,13 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
 
 def plot(points: Sequence[dict], chosen: dict | None, path: str | os.PathLike) -> Path:
     """Cosine vs energy of every point, the front's points ringed and the chosen one (if any) marked, the colour
-    saying T: a PNG where matplotlib is importable, else an SVG drawn here. Returns the path written
-    (``path`` ending in .png or .svg)."""
+    saying T, written to ``path`` as a PNG. Returns the path written."""
+    from spikec.report.plots import figure, png
+
     best = front(points)
     shown = [p for p in points if p.get("energy") is not None]
-    base = Path(path)
-    base = base.with_suffix("") if base.suffix in (".png", ".svg") else base
-    try:
-        import matplotlib
-    except ImportError:
-        out = base.with_name(base.name + ".svg")
-        partial = out.with_name(out.name + ".partial")
-        partial.write_text(_svg(shown, best, chosen))
-        os.replace(partial, out)
-        return out
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = figure(size=(7, 4.5))
+    ax = axes[0][0]
     dots = ax.scatter([p["energy"] for p in shown], [p["cosine"] for p in shown], c=[p["t"] for p in shown],
                       cmap="viridis", s=18)
     fig.colorbar(dots, label="T")
@@ -201,58 +190,8 @@ def plot(points: Sequence[dict], chosen: dict | None, path: str | os.PathLike) -
         ax.scatter([chosen["energy"]], [chosen["cosine"]], marker="*", color="red", s=180, label="chosen")
     ax.set(xlabel="energy estimate SNN/ANN", ylabel="validation cosine (worst output)")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    out = base.with_name(base.name + ".png")
-    partial = out.with_name(out.name + ".partial")
-    fig.savefig(partial, dpi=100, format="png")
-    plt.close(fig)
+    out = Path(path)
+    partial = out.with_name(out.name + ".partial")  # an interrupt never leaves a half-written plot
+    partial.write_bytes(png(fig))
     os.replace(partial, out)
     return out
-
-
-def _svg(points: Sequence[dict], best: Sequence[dict], chosen: dict | None) -> str:
-    width, height, left, right, top, bottom = 640, 420, 70, 90, 20, 50
-    xs, ys = [p["energy"] for p in points], [p["cosine"] for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
-    t_max = max(p["t"] for p in points)
-
-    def at(p: dict) -> tuple[float, float]:
-        return (left + (p["energy"] - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (p["cosine"] - y0) / (y1 - y0) * (height - top - bottom))
-
-    def colour(t: int) -> str:  # dark blue (T=1) to yellow (the largest T)
-        f = (t - 1) / max(t_max - 1, 1)
-        return f"rgb({int(40 + 210 * f)},{int(40 + 190 * f)},{int(140 - 100 * f)})"
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="12"><rect width="100%" height="100%" fill="white"/>',
-             f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>']
-    for i in range(5):
-        f = i / 4
-        x, y = left + f * (width - left - right), height - bottom - f * (height - top - bottom)
-        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{x0 + f * (x1 - x0):.3g}'
-                     f'</text><text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{y0 + f * (y1 - y0):.4f}</text>')
-    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">energy estimate '
-                 f'SNN/ANN</text><text x="16" y="{(top + height - bottom) / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 16 {(top + height - bottom) / 2})">validation cosine (worst output)</text>')
-    for p in points:
-        x, y = at(p)
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colour(p["t"])}"><title>T={p["t"]} cosine='
-                     f'{p["cosine"]:.5f} energy={p["energy"]:.3g}</title></circle>')
-    for p in (p for p in best if p in points):
-        x, y = at(p)
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="none" stroke="black"/>')
-    if chosen is not None and chosen in points:
-        x, y = at(chosen)
-        parts.append(f'<text x="{x:.1f}" y="{y + 6:.1f}" text-anchor="middle" fill="red" font-size="20">★</text>')
-    legend = width - right + 12
-    parts.append(f'<text x="{legend}" y="{top + 10}">T</text>')
-    for i, t in enumerate(sorted({p["t"] for p in points})[:16]):
-        parts.append(f'<circle cx="{legend + 4}" cy="{top + 26 + 16 * i}" r="4" fill="{colour(t)}"/>'
-                     f'<text x="{legend + 14}" y="{top + 30 + 16 * i}">{t}</text>')
-    parts.append(f'<text x="{legend}" y="{height - bottom - 20}">○ front</text>'
-                 f'<text x="{legend}" y="{height - bottom - 4}" fill="red">★ chosen</text></svg>')
-    return "\n".join(parts)

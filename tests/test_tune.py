@@ -1,6 +1,5 @@
 """spikec tune: the fidelity/energy/T front, the pick, the plot, resume, and the CLI on the digits ViT."""
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -39,14 +38,10 @@ def test_settings_per_method():
         settings("bogus")
 
 
-def test_plot_svg_without_matplotlib(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: the SVG drawn here
+def test_plot_writes_png_atomically(tmp_path):
     out = plot(POINTS, POINTS[3], tmp_path / "front.png")
-    assert out.suffix == ".svg" and not (tmp_path / "front.png").exists()
-    svg = out.read_text()
-    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
-    assert svg.count("<title>") == len(POINTS) and "T=3 cosine=0.95000 energy=0.5" in svg
-    assert svg.count('r="7"') == len(front(POINTS))  # the front's points ringed
+    assert out == tmp_path / "front.png" and out.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["front.png"]  # no partial file left
 
 
 @pytest.mark.slow
@@ -90,7 +85,7 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
     assert len(state) == 24
     within = [r["cosine"] for rows in state.values() for r in rows if r["energy"] <= 0.5]
     assert float(chosen["cosine"]) == pytest.approx(max(within), abs=1e-5)
-    assert (tmp_path / "tuned.front.png").exists() or (tmp_path / "tuned.front.svg").exists()
+    assert (tmp_path / "tuned.front.png").read_bytes().startswith(b"\x89PNG")
     assert out.exists()
     # the chosen setting compiled for its own T measures the energy the unrolled run gave its prefix
     fit, valid = split(feeds)
