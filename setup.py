@@ -6,6 +6,7 @@ SPIKEC_NO_NATIVE set) prints one notice and the install goes on with the portabl
 builds them later. An editable install builds into build/, where the source tree's runtime looks; a
 regular install ships the library inside the package.
 """
+
 import os
 import platform
 import shutil
@@ -21,8 +22,11 @@ LIBRARY = "libspikec_kernels.so"
 
 
 def _notice(reason: str) -> None:
-    print(f"spikec: native kernels not built ({reason}); spikec runs its portable ONNX functions, "
-          f"several times slower: run `make native` in {ROOT} to build them", file=sys.stderr)
+    print(
+        f"spikec: native kernels not built ({reason}); spikec runs its portable ONNX functions, "
+        f"several times slower: run `make native` in {ROOT} to build them",
+        file=sys.stderr,
+    )
 
 
 def build_kernels() -> Path | None:

@@ -7,6 +7,7 @@ default options and T, printed as the tables of docs/compare.md.
 
     python benchmarks/bench_compare.py [--json PATH] [--only minilm|digits]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,19 +30,27 @@ def workloads() -> dict:
     return {
         # STA left out: its report probes every UGO's hidden neurons at every step, hundreds of MB per
         # sentence and UGO at T=64, more than this machine holds (docs/compare.md)
-        "minilm": lambda: compare_methods(fixtures.minilm(), fixtures.minilm_inputs(fixtures.calibration_sentences()),
-                                          names=("ecmt", "spikezip", "ttfs"), progress=False),
-        "digits": lambda: compare_methods(fixtures.digits_vit(), {"pixels": digits["x_test"]},
-                                          labels=digits["y_test"], progress=False),
+        "minilm": lambda: compare_methods(
+            fixtures.minilm(),
+            fixtures.minilm_inputs(fixtures.calibration_sentences()),
+            names=("ecmt", "spikezip", "ttfs"),
+            progress=False,
+        ),
+        "digits": lambda: compare_methods(
+            fixtures.digits_vit(), {"pixels": digits["x_test"]}, labels=digits["y_test"], progress=False
+        ),
     }
 
 
 def table(result: dict) -> str:
     rows = result["methods"]
     accuracy = any("accuracy" in r for r in rows)
-    lines = ["| method | T | cosine | rel. max error | " + ("accuracy (ANN) | " if accuracy else "")
-             + "T to cosine 0.99 | energy SNN/ANN | (papers' convention) | spikes/neuron/step | time SNN/ANN |",
-             "|---" * (10 if accuracy else 9) + "|"]
+    lines = [
+        "| method | T | cosine | rel. max error | "
+        + ("accuracy (ANN) | " if accuracy else "")
+        + "T to cosine 0.99 | energy SNN/ANN | (papers' convention) | spikes/neuron/step | time SNN/ANN |",
+        "|---" * (10 if accuracy else 9) + "|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | fails: {r['error']} |")
@@ -49,8 +58,13 @@ def table(result: dict) -> str:
         cells = [r["method"], str(r["timesteps"] or "1 pass"), f"{r['cosine']:.4f}", f"{r['relative_max_error']:.2g}"]
         if accuracy:
             cells.append(f"{100 * r['accuracy']:.2f} % ({100 * r['ann_accuracy']:.2f} %)")
-        cells += [str(r["t_at_min_cosine"] or "-"), f"{r['energy_ratio']:.2f}", f"{r['energy_ratio_paper']:.2f}",
-                  f"{r['spikes_per_neuron_per_step']:.3f}", f"{r['time_ratio']:.1f}"]
+        cells += [
+            str(r["t_at_min_cosine"] or "-"),
+            f"{r['energy_ratio']:.2f}",
+            f"{r['energy_ratio_paper']:.2f}",
+            f"{r['spikes_per_neuron_per_step']:.3f}",
+            f"{r['time_ratio']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nrecommended: **{result['recommendation']['method']}** ({result['recommendation']['reason']})")
     return "\n".join(lines)
@@ -62,15 +76,19 @@ def main() -> int:
     parser.add_argument("--only", choices=["minilm", "digits"])
     args = parser.parse_args()
     onnxruntime.set_default_logger_severity(3)  # graph-optimizer notes on the ANN are not results
-    print(f"{platform.machine()} {platform.processor() or ''}, Python {platform.python_version()}, onnxruntime "
-          f"{version('onnxruntime')}, spikec {version('spikec')}")
+    print(
+        f"{platform.machine()} {platform.processor() or ''}, Python {platform.python_version()}, onnxruntime "
+        f"{version('onnxruntime')}, spikec {version('spikec')}"
+    )
     results = {}
     for name, run in workloads().items():
         if args.only and name != args.only:
             continue
         results[name] = run()
-        print(f"\n## {name}: {results[name]['fit_samples']} samples calibrate, "
-              f"{results[name]['validation_samples']} validate\n")
+        print(
+            f"\n## {name}: {results[name]['fit_samples']} samples calibrate, "
+            f"{results[name]['validation_samples']} validate\n"
+        )
         print(table(results[name]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

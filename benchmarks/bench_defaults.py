@@ -10,6 +10,7 @@ or default choice has seen.
 
     python benchmarks/bench_defaults.py [--json PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def minilm_claim(method: str, options: dict, measure: str) -> float:
 def digits_claim(method: str, options: dict) -> float:
     data = fixtures.digits_data()
     test = {"pixels": data["x_test"]}
-    snn = spikec.compile(fixtures.digits_vit(), {"pixels": data["x_train"][:256]}, method=method, progress=False,
-                         **options)
+    snn = spikec.compile(
+        fixtures.digits_vit(), {"pixels": data["x_train"][:256]}, method=method, progress=False, **options
+    )
     ann = fixtures.accuracy(run_dataset(fixtures.digits_vit(), test)["logits"], data["y_test"])
     return 100 * (fixtures.accuracy(run_dataset(snn, test)["logits"], data["y_test"]) - ann)
 
@@ -67,12 +69,25 @@ def main() -> None:
         start = time.perf_counter()
         value = digits_claim(method, options) if what.startswith("digits") else minilm_claim(method, options, measure)
         met = value <= bound if measure == "relative max error" else value >= bound
-        rows.append({"claim": what, "measure": measure, "value": value, "bound": bound, "met": met,
-                     "seconds": time.perf_counter() - start})
-        print(f"{what:40s} {measure:24s} {value:10.4g}  bound {bound:g}  {'met' if met else 'MISSED'}  "
-              f"({rows[-1]['seconds']:.0f} s)", flush=True)
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"python {platform.python_version()}, spikec {version('spikec')}")
+        rows.append(
+            {
+                "claim": what,
+                "measure": measure,
+                "value": value,
+                "bound": bound,
+                "met": met,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        print(
+            f"{what:40s} {measure:24s} {value:10.4g}  bound {bound:g}  {'met' if met else 'MISSED'}  "
+            f"({rows[-1]['seconds']:.0f} s)",
+            flush=True,
+        )
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"python {platform.python_version()}, spikec {version('spikec')}"
+    )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     sys.exit(0 if all(row["met"] for row in rows) else 1)

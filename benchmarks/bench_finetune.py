@@ -6,6 +6,7 @@ the float model's. Fine-tuning runs for --time-budget seconds of CPU (torch thre
 
     python benchmarks/bench_finetune.py [--levels 32 16] [--time-budget 480] [--threads 1] [--json PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,17 +49,36 @@ def main() -> None:
     for levels in args.levels:
         ptq = spikec.quantize(model, calib, levels=levels, progress=False)
         start = time.monotonic()
-        tuned, summary = spikec.finetune(model, calib, levels=levels, steps=10**6, time_budget=args.time_budget,
-                                         lr=args.lr, progress=False)
-        rows.append({"levels": levels, "ptq_cosine": fidelity(ptq), "finetune_cosine": fidelity(tuned),
-                     "finetune_seconds": round(time.monotonic() - start), **summary})
-        print(f"L={levels}: PTQ {rows[-1]['ptq_cosine']:.4f}  fine-tuned {rows[-1]['finetune_cosine']:.4f} "
-              f"({summary['steps']} steps, {rows[-1]['finetune_seconds']} s, distillation loss "
-              f"{summary['loss_before']:.4g} -> {summary['loss_after']:.4g})", flush=True)
+        tuned, summary = spikec.finetune(
+            model, calib, levels=levels, steps=10**6, time_budget=args.time_budget, lr=args.lr, progress=False
+        )
+        rows.append(
+            {
+                "levels": levels,
+                "ptq_cosine": fidelity(ptq),
+                "finetune_cosine": fidelity(tuned),
+                "finetune_seconds": round(time.monotonic() - start),
+                **summary,
+            }
+        )
+        print(
+            f"L={levels}: PTQ {rows[-1]['ptq_cosine']:.4f}  fine-tuned {rows[-1]['finetune_cosine']:.4f} "
+            f"({summary['steps']} steps, {rows[-1]['finetune_seconds']} s, distillation loss "
+            f"{summary['loss_before']:.4g} -> {summary['loss_after']:.4g})",
+            flush=True,
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                               "threads": args.threads, "time_budget": args.time_budget,
-                                               "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": platform.processor() or platform.machine(),
+                    "threads": args.threads,
+                    "time_budget": args.time_budget,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ the script runs the same graphs.
 Without --provider it runs CUDAExecutionProvider and exits with status 2 where onnxruntime has none;
 --provider CPUExecutionProvider runs the same measurements on the CPU (to check the script itself).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,11 @@ MEMCPY_OPS = ("MemcpyFromHost", "MemcpyToHost")
 def node_placement(profile: str | Path) -> dict[str, tuple[str, str]]:
     """Node name -> (op type, provider) of every node an onnxruntime profile recorded a kernel run for."""
     events = json.loads(Path(profile).read_text())
-    return {event["name"].removesuffix("_kernel_time"): (event["args"]["op_name"], event["args"]["provider"])
-            for event in events
-            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and "provider" in event.get("args", {})}
+    return {
+        event["name"].removesuffix("_kernel_time"): (event["args"]["op_name"], event["args"]["provider"])
+        for event in events
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and "provider" in event.get("args", {})
+    }
 
 
 def placement_summary(placement: Mapping[str, tuple[str, str]], provider: str) -> dict:
@@ -73,8 +76,9 @@ def placement_summary(placement: Mapping[str, tuple[str, str]], provider: str) -
     return {"nodes": dict(per_provider), "fallback_ops": dict(elsewhere), "memcpy": dict(memcpy)}
 
 
-def profiled_placement(model: onnx.ModelProto | Path, providers: list[str], feeds: Mapping[str, np.ndarray],
-                       log_placement: bool = False) -> dict:
+def profiled_placement(
+    model: onnx.ModelProto | Path, providers: list[str], feeds: Mapping[str, np.ndarray], log_placement: bool = False
+) -> dict:
     """One run of ``model`` with profiling on; the placement its profile records. With ``log_placement``,
     onnxruntime logs at VERBOSE, its node placement among those lines."""
     with tempfile.TemporaryDirectory(prefix="spikec-gpu-profile-") as tmp:
@@ -91,13 +95,22 @@ def workloads(samples: int | None, calibration: int | None) -> list[dict]:
     digits = fixtures.digits_data()
     sentences = fixtures.calibration_sentences()
     return [
-        {"name": "digits-ViT", "model": fixtures.digits_vit(), "output": "logits", "options": {},
-         "calibration": {"pixels": digits["x_train"][:calibration or 256]},
-         "batch": {"pixels": digits["x_test"][:samples or 64]}},
-        {"name": "MiniLM", "model": fixtures.minilm(), "output": "sentence_embedding",
-         "options": {"per_channel": True, "percentile": 90.0},
-         "calibration": fixtures.minilm_inputs(sentences[:calibration or len(sentences)], seq_len=32),
-         "batch": fixtures.minilm_inputs(fixtures.evaluation_sentences()[:samples or 8], seq_len=32)},
+        {
+            "name": "digits-ViT",
+            "model": fixtures.digits_vit(),
+            "output": "logits",
+            "options": {},
+            "calibration": {"pixels": digits["x_train"][: calibration or 256]},
+            "batch": {"pixels": digits["x_test"][: samples or 64]},
+        },
+        {
+            "name": "MiniLM",
+            "model": fixtures.minilm(),
+            "output": "sentence_embedding",
+            "options": {"per_channel": True, "percentile": 90.0},
+            "calibration": fixtures.minilm_inputs(sentences[: calibration or len(sentences)], seq_len=32),
+            "batch": fixtures.minilm_inputs(fixtures.evaluation_sentences()[: samples or 8], seq_len=32),
+        },
     ]
 
 
@@ -133,28 +146,60 @@ def bench(w: dict, method: str, args, log: Console) -> dict:
     placement = profiled_placement(snn_model, providers, batch, args.log_placement)
     summary = placement_summary(placement, args.provider)
     # for --json: every node that ran off the provider, by name
-    summary["off_provider_nodes"] = {name: list(where) for name, where in placement.items() if where[1] != args.provider}
+    summary["off_provider_nodes"] = {
+        name: list(where) for name, where in placement.items() if where[1] != args.provider
+    }
     ann = InferenceSession(ann_model, providers=providers, native=False)
     snn = InferenceSession(snn_model, providers=providers, native=False)
     cpu = InferenceSession(snn_model, providers=[CPU], native=False)
     diff, spikes_changed = agreement(run(snn, batch), run(cpu, batch), w["output"])
     samples = measure({"ann": lambda: run(ann, batch), "snn": lambda: run(snn, batch)}, reps=args.reps, warmup=2)
     ms = {name: statistics.median(values) for name, values in samples.items()}
-    return {"workload": w["name"], "method": method, "batch": len(next(iter(batch.values()))), "T": steps,
-            "provider": args.provider, "ann_ms": ms["ann"], "snn_ms": ms["snn"],
-            "ratio": ms["snn"] / (steps * ms["ann"]), "diff_vs_cpu": diff, "spikes_changed_vs_cpu": spikes_changed,
-            **summary}
+    return {
+        "workload": w["name"],
+        "method": method,
+        "batch": len(next(iter(batch.values()))),
+        "T": steps,
+        "provider": args.provider,
+        "ann_ms": ms["ann"],
+        "snn_ms": ms["snn"],
+        "ratio": ms["snn"] / (steps * ms["ann"]),
+        "diff_vs_cpu": diff,
+        "spikes_changed_vs_cpu": spikes_changed,
+        **summary,
+    }
 
 
 def table(rows: list[dict]) -> Table:
     t = Table(box=box.MARKDOWN, title=f"spikec on {rows[0]['provider']}: unrolled models, ms per batch (median)")
-    for heading in ("workload (batch)", "method", "T", "ANN", "SNN", "SNN/(TxANN)", "nodes per provider",
-                    "ran elsewhere (op: nodes)", "Memcpy", "max |diff| / max |CPU|", "spikes changed"):
+    for heading in (
+        "workload (batch)",
+        "method",
+        "T",
+        "ANN",
+        "SNN",
+        "SNN/(TxANN)",
+        "nodes per provider",
+        "ran elsewhere (op: nodes)",
+        "Memcpy",
+        "max |diff| / max |CPU|",
+        "spikes changed",
+    ):
         t.add_column(heading, justify="left" if heading in ("workload (batch)", "method") else "right", no_wrap=True)
     for r in rows:
-        t.add_row(f"{r['workload']} ({r['batch']})", r["method"], str(r["T"]), f"{r['ann_ms']:.2f}",
-                  f"{r['snn_ms']:.1f}", f"{r['ratio']:.2f}", _counts(r["nodes"]), _counts(r["fallback_ops"]) or "none",
-                  _counts(r["memcpy"]) or "none", f"{r['diff_vs_cpu']:.1e}", f"{r['spikes_changed_vs_cpu']:.1e}")
+        t.add_row(
+            f"{r['workload']} ({r['batch']})",
+            r["method"],
+            str(r["T"]),
+            f"{r['ann_ms']:.2f}",
+            f"{r['snn_ms']:.1f}",
+            f"{r['ratio']:.2f}",
+            _counts(r["nodes"]),
+            _counts(r["fallback_ops"]) or "none",
+            _counts(r["memcpy"]) or "none",
+            f"{r['diff_vs_cpu']:.1e}",
+            f"{r['spikes_changed_vs_cpu']:.1e}",
+        )
     return t
 
 
@@ -164,40 +209,58 @@ def _counts(counter: Mapping[str, int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--provider", help="execution provider to place the models on (default CUDAExecutionProvider; "
-                                           "CPUExecutionProvider checks the script without a GPU)")
+    parser.add_argument(
+        "--provider",
+        help="execution provider to place the models on (default CUDAExecutionProvider; "
+        "CPUExecutionProvider checks the script without a GPU)",
+    )
     parser.add_argument("--only", choices=["digits-ViT", "MiniLM"], help="run one workload")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--timesteps", type=int, default=8, help="T of the stepped methods (not ttfs)")
     parser.add_argument("--samples", type=int, help="batch size timed and compared (default 64 images, 8 sentences)")
     parser.add_argument("--calibration", type=int, help="calibration samples (default 256 images, all sentences)")
     parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--log-placement", action="store_true",
-                        help="onnxruntime logs at VERBOSE (stderr) for the profiled sessions: its 'Node placements' "
-                             "lines include the Scan bodies' nodes, which the profile does not")
+    parser.add_argument(
+        "--log-placement",
+        action="store_true",
+        help="onnxruntime logs at VERBOSE (stderr) for the profiled sessions: its 'Node placements' "
+        "lines include the Scan bodies' nodes, which the profile does not",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the rows to PATH as JSON")
     args = parser.parse_args(argv)
     available = ort.get_available_providers()
     if args.provider is None:
         if "CUDAExecutionProvider" not in available:
-            print(f"bench_gpu: onnxruntime {ort.__version__} has no CUDAExecutionProvider (it has {', '.join(available)}): "
-                  f"install onnxruntime-gpu on a CUDA machine, or pass --provider CPUExecutionProvider", file=sys.stderr)
+            print(
+                f"bench_gpu: onnxruntime {ort.__version__} has no CUDAExecutionProvider (it has {', '.join(available)}): "
+                f"install onnxruntime-gpu on a CUDA machine, or pass --provider CPUExecutionProvider",
+                file=sys.stderr,
+            )
             return 2
         args.provider = "CUDAExecutionProvider"
     elif args.provider not in available:
-        print(f"bench_gpu: argument --provider={args.provider}: not among onnxruntime's ({', '.join(available)})",
-              file=sys.stderr)
+        print(
+            f"bench_gpu: argument --provider={args.provider}: not among onnxruntime's ({', '.join(available)})",
+            file=sys.stderr,
+        )
         return 2
     console, log = Console(width=400), Console(stderr=True)
     log.print(f"[dim]onnxruntime {ort.__version__}, providers {available}, device {ort.get_device()}[/dim]")
-    rows = [bench(w, method, args, log) for w in workloads(args.samples, args.calibration)
-            if args.only in (None, w["name"]) for method in args.methods]
+    rows = [
+        bench(w, method, args, log)
+        for w in workloads(args.samples, args.calibration)
+        if args.only in (None, w["name"])
+        for method in args.methods
+    ]
     console.print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
-    console.print("SNN/(TxANN): SNN time over T ANN runs (T = 1 for ttfs; for spikezip the ANN is its QANN). "
-                  "Ran elsewhere: op types of the nodes the profile places off the provider (Memcpy apart). "
-                  "Diff and spikes changed: against the same SNN on the CPU provider alone.", highlight=False)
+    console.print(
+        "SNN/(TxANN): SNN time over T ANN runs (T = 1 for ttfs; for spikezip the ANN is its QANN). "
+        "Ran elsewhere: op types of the nodes the profile places off the provider (Memcpy apart). "
+        "Diff and spikes changed: against the same SNN on the CPU provider alone.",
+        highlight=False,
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ per mode and k, T_eq (max / mean), the samples whose output equals the integer Q
 
     python benchmarks/bench_integer.py [--samples N] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,25 +37,30 @@ def main(argv: list[str] | None = None) -> int:
     options.intra_op_num_threads = args.threads
     data = fixtures.digits_data()
     calib = {"pixels": data["x_train"][:256]}
-    feeds = {"pixels": data["x_test"][:args.samples]}
+    feeds = {"pixels": data["x_test"][: args.samples]}
     qann = spikec.quantize(fixtures.digits_vit(), calib, levels=16, progress=False)
     want = InferenceSession(integer_qann(qann), options).run(["logits"], feeds)[0]
-    print(f"digits ViT, L=16, {args.samples} test images, stateful until quiet (cap {CAP}), "
-          f"onnxruntime {ort.__version__}, {args.threads} threads")
+    print(
+        f"digits ViT, L=16, {args.samples} test images, stateful until quiet (cap {CAP}), "
+        f"onnxruntime {ort.__version__}, {args.threads} threads"
+    )
     print("| mode | k | T_eq max / mean | samples = integer QANN (bit for bit) | max abs error | ms per sample |")
     print("|---|---|---|---|---|---|")
     for integer, burst in ((False, 1), (True, 1), (True, 2), (True, 4)):
-        snn = spikec.compile(qann, calib, method="spikezip", timesteps=CAP, mode="stateful", integer=integer,
-                             burst=burst, progress=False)
+        snn = spikec.compile(
+            qann, calib, method="spikezip", timesteps=CAP, mode="stateful", integer=integer, burst=burst, progress=False
+        )
         session = InferenceSession(snn, options)
         start = time.perf_counter()
         got = run_stateful(session, feeds, CAP, until_quiet=True)
         seconds = time.perf_counter() - start
         steps = [s or CAP for s in equilibrium_steps(got["spikec.spikes.steps"])]
         equal = (got["logits"] == want).all(axis=1)
-        print(f"| {'integer' if integer else 'float'} | {burst} | {max(steps)} / {np.mean(steps):.1f} | "
-              f"{equal.sum()} of {len(equal)} | {np.abs(got['logits'] - want).max():.2g} | "
-              f"{1000 * seconds / len(equal):.1f} |")
+        print(
+            f"| {'integer' if integer else 'float'} | {burst} | {max(steps)} / {np.mean(steps):.1f} | "
+            f"{equal.sum()} of {len(equal)} | {np.abs(got['logits'] - want).max():.2g} | "
+            f"{1000 * seconds / len(equal):.1f} |"
+        )
     return 0
 
 

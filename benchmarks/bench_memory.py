@@ -18,6 +18,7 @@ batch of 32: what `compile` compares with --memory-budget.
 
 Runs offline (fixtures are built and cached under .cache/fixtures first, outside the measurement).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,19 @@ def _workload(name: str):
     from examples import fixtures
 
     if name == "minilm":
-        return fixtures.minilm(), fixtures.minilm_inputs(fixtures.calibration_sentences()), \
-            {"per_channel": True, "percentile": 90.0}
+        return (
+            fixtures.minilm(),
+            fixtures.minilm_inputs(fixtures.calibration_sentences()),
+            {"per_channel": True, "percentile": 90.0},
+        )
     if name == "bert-base":
         rng = np.random.default_rng(0)
         n, seq = 128, 32
         lengths = rng.integers(8, seq + 1, size=n)
-        feeds = {"input_ids": rng.integers(1, 30522, size=(n, seq), dtype=np.int64),
-                 "attention_mask": (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)}
+        feeds = {
+            "input_ids": rng.integers(1, 30522, size=(n, seq), dtype=np.int64),
+            "attention_mask": (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64),
+        }
         return fixtures.bert_base_random(), feeds, {}
     raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
 
@@ -79,8 +85,16 @@ def _child(action: str, spec: str, timesteps: int, mode: str, out_dir: str) -> N
     result = {}
     if action == "compile":
         start = time.perf_counter()
-        spikec.compile(job["model"], feeds, os.path.join(out_dir, "snn.onnx"), timesteps=timesteps, mode=mode,
-                       progress=False, memory_budget=2**50, **job["options"])
+        spikec.compile(
+            job["model"],
+            feeds,
+            os.path.join(out_dir, "snn.onnx"),
+            timesteps=timesteps,
+            mode=mode,
+            progress=False,
+            memory_budget=2**50,
+            **job["options"],
+        )
         result["compile_s"] = time.perf_counter() - start
         result["output_bytes"] = sum(p.stat().st_size for p in Path(out_dir).iterdir())
     elif action == "estimate":
@@ -111,8 +125,9 @@ def _run_child(action: str, spec: str, timesteps: int = 0, mode: str = "unrolled
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 or not stdout.strip():
-        raise SystemExit(f"child {action} {mode} T={timesteps} failed with exit status {proc.returncode}:\n"
-                         f"{stderr[-3000:]}")
+        raise SystemExit(
+            f"child {action} {mode} T={timesteps} failed with exit status {proc.returncode}:\n{stderr[-3000:]}"
+        )
     result = json.loads(stdout.strip().splitlines()[-1])
     result["peak_rss"] = usage.ru_maxrss * 1024  # Linux reports KiB
     return result
@@ -149,20 +164,48 @@ def main() -> None:
                 for timesteps in args.timesteps:
                     console.print(f"compiling {name} T={timesteps} {mode} ...")
                     result = _run_child("compile", spec, timesteps, mode)
-                    rows.append({"model": name, "model_bytes": Path(job["model"]).stat().st_size, "mode": mode,
-                                 "timesteps": timesteps, "baseline_rss": baseline, **result,
-                                 "compile_rss": result["peak_rss"] - baseline,
-                                 "run_estimate_batch32": _run_child("estimate", spec, timesteps, mode)["estimate"]})
-    table = Table(title=f"spikec compile: peak memory and time ({platform.processor() or platform.machine()}, "
-                        f"{os.cpu_count()} CPUs, {format_bytes(physical_memory() or 0)} RAM)")
-    for column in ("model", "ONNX size", "mode", "T", "peak RSS", "import baseline", "compile (peak - baseline)",
-                   "compile time", "output size", "run estimate (batch 32)"):
+                    rows.append(
+                        {
+                            "model": name,
+                            "model_bytes": Path(job["model"]).stat().st_size,
+                            "mode": mode,
+                            "timesteps": timesteps,
+                            "baseline_rss": baseline,
+                            **result,
+                            "compile_rss": result["peak_rss"] - baseline,
+                            "run_estimate_batch32": _run_child("estimate", spec, timesteps, mode)["estimate"],
+                        }
+                    )
+    table = Table(
+        title=f"spikec compile: peak memory and time ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {format_bytes(physical_memory() or 0)} RAM)"
+    )
+    for column in (
+        "model",
+        "ONNX size",
+        "mode",
+        "T",
+        "peak RSS",
+        "import baseline",
+        "compile (peak - baseline)",
+        "compile time",
+        "output size",
+        "run estimate (batch 32)",
+    ):
         table.add_column(column, justify="left" if column in ("model", "mode") else "right")
     for r in rows:
-        table.add_row(r["model"], format_bytes(r["model_bytes"]), r["mode"], str(r["timesteps"]),
-                      format_bytes(r["peak_rss"]), format_bytes(r["baseline_rss"]), format_bytes(r["compile_rss"]),
-                      f"{r['compile_s']:.1f} s", format_bytes(r["output_bytes"]),
-                      format_bytes(r["run_estimate_batch32"]))
+        table.add_row(
+            r["model"],
+            format_bytes(r["model_bytes"]),
+            r["mode"],
+            str(r["timesteps"]),
+            format_bytes(r["peak_rss"]),
+            format_bytes(r["baseline_rss"]),
+            format_bytes(r["compile_rss"]),
+            f"{r['compile_s']:.1f} s",
+            format_bytes(r["output_bytes"]),
+            format_bytes(r["run_estimate_batch32"]),
+        )
     Console(width=200).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -8,6 +8,7 @@ built (`make native`). spike_matmul.cc's cost model (dense_threshold) was fitted
 
     /work/venv/bin/python benchmarks/bench_spike_matmul.py [--threads N] [--reps N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,15 @@ from spikec.runtime import InferenceSession, ops  # noqa: E402
 from benchmarks.bench_ecmt import measure  # noqa: E402
 
 # (model, rows M of an unrolled batch, K, N)
-SHAPES = [("digits-ViT", 8704, 64, 64), ("digits-ViT", 8704, 64, 128), ("digits-ViT", 8704, 128, 64),
-          ("MiniLM", 4096, 384, 384), ("MiniLM", 4096, 384, 1536), ("MiniLM", 4096, 1536, 384),
-          ("MiniLM step", 256, 384, 1536)]
+SHAPES = [
+    ("digits-ViT", 8704, 64, 64),
+    ("digits-ViT", 8704, 64, 128),
+    ("digits-ViT", 8704, 128, 64),
+    ("MiniLM", 4096, 384, 384),
+    ("MiniLM", 4096, 384, 1536),
+    ("MiniLM", 4096, 1536, 384),
+    ("MiniLM step", 256, 384, 1536),
+]
 DENSITIES = [0.02, 0.05, 0.1, 0.2, 0.3, 0.4]
 
 
@@ -40,11 +47,15 @@ def model(weight: np.ndarray, dense_above: float | None) -> onnx.ModelProto:
     attrs = {} if dense_above is None else {"dense_above": dense_above}
     k, n = weight.shape
     graph = helper.make_graph(
-        [helper.make_node(ops.SPIKE_MATMUL, ["x", "w"], ["y"], domain=ops.DOMAIN, **attrs)], "spike_matmul",
+        [helper.make_node(ops.SPIKE_MATMUL, ["x", "w"], ["y"], domain=ops.DOMAIN, **attrs)],
+        "spike_matmul",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])], [onnx.numpy_helper.from_array(weight, "w")])
-    result = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                     helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    result = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)]
+    )
     result.functions.extend(ops.functions_for({ops.SPIKE_MATMUL}, 17))
     return result
 
@@ -58,16 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     options.intra_op_num_threads = args.threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     rng = np.random.default_rng(0)
-    table = Table(title=f"SpikeMatMul, ms per call ({args.threads} threads): rows / MatMul / the kernel's choice "
-                  "(MatMul / rows)",
-                  box=box.MARKDOWN)
+    table = Table(
+        title=f"SpikeMatMul, ms per call ({args.threads} threads): rows / MatMul / the kernel's choice (MatMul / rows)",
+        box=box.MARKDOWN,
+    )
     table.add_column("shape (M x K x N)")
     for density in DENSITIES:
         table.add_column(f"density {density}", justify="right")
     for name, m, k, n in SHAPES:
         weight = rng.standard_normal((k, n)).astype(np.float32)
-        sessions = {key: InferenceSession(model(weight, above), options, fuse=False)
-                    for key, above in (("rows", 1.0), ("matmul", 0.0), ("auto", None))}
+        sessions = {
+            key: InferenceSession(model(weight, above), options, fuse=False)
+            for key, above in (("rows", 1.0), ("matmul", 0.0), ("auto", None))
+        }
         if not sessions["rows"].native:
             raise SystemExit("native library not built: run `make native`")
         cells = []

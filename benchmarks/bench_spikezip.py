@@ -13,6 +13,7 @@ Below it: how far the QANN itself is from the float ANN.
 
     /work/venv/bin/python benchmarks/bench_spikezip.py [--quick] [--json PATH] [--reps N] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,21 +45,37 @@ LEVELS = 16
 def workloads() -> list[dict]:
     digits = fixtures.digits_data()
     return [
-        {"name": "digits-ViT", "model": fixtures.digits_vit(), "calibration": {"pixels": digits["x_train"][:256]},
-         "evaluation": {"pixels": digits["x_test"]}, "labels": digits["y_test"], "batch_size": 32,
-         "output": "logits", "timesteps": [8, 16, 24, 32]},
-        {"name": "MiniLM", "model": fixtures.minilm(),
-         "calibration": fixtures.minilm_inputs(fixtures.calibration_sentences(), seq_len=32),
-         "evaluation": fixtures.minilm_inputs(fixtures.evaluation_sentences(), seq_len=32), "labels": None,
-         "batch_size": 8, "output": "sentence_embedding", "timesteps": [16, 32, 48]},
+        {
+            "name": "digits-ViT",
+            "model": fixtures.digits_vit(),
+            "calibration": {"pixels": digits["x_train"][:256]},
+            "evaluation": {"pixels": digits["x_test"]},
+            "labels": digits["y_test"],
+            "batch_size": 32,
+            "output": "logits",
+            "timesteps": [8, 16, 24, 32],
+        },
+        {
+            "name": "MiniLM",
+            "model": fixtures.minilm(),
+            "calibration": fixtures.minilm_inputs(fixtures.calibration_sentences(), seq_len=32),
+            "evaluation": fixtures.minilm_inputs(fixtures.evaluation_sentences(), seq_len=32),
+            "labels": None,
+            "batch_size": 8,
+            "output": "sentence_embedding",
+            "timesteps": [16, 32, 48],
+        },
     ]
 
 
 def agreement(reference: np.ndarray, out: np.ndarray, labels) -> dict:
     scale = float(np.abs(reference).max()) or 1.0
     per_sample = np.abs(out - reference).reshape(len(out), -1).max(axis=1)
-    scores = {"exact_samples": float(np.mean(per_sample <= 1e-4 * scale)),
-              "relative_max_error": float(per_sample.max() / scale), "cosine": cosine(reference, out)}
+    scores = {
+        "exact_samples": float(np.mean(per_sample <= 1e-4 * scale)),
+        "relative_max_error": float(per_sample.max() / scale),
+        "cosine": cosine(reference, out),
+    }
     if reference.ndim == 2 and reference.shape[1] > 1:
         scores["top1_agreement"] = float(np.mean(out.argmax(1) == reference.argmax(1)))
         if labels is not None:
@@ -72,29 +89,43 @@ def bench(w: dict, args, log: Console) -> dict:
     qann = spikec.quantize(w["model"], w["calibration"], levels=LEVELS, progress=False)
     quantize_s = time.perf_counter() - start
     ann, quantized = session(w["model"], args), session(qann, args)
-    batch = {k: v[:w["batch_size"]] for k, v in w["evaluation"].items()}
+    batch = {k: v[: w["batch_size"]] for k, v in w["evaluation"].items()}
     reference = run_dataset(quantized, w["evaluation"], batch_size=w["batch_size"])[w["output"]]
     float_out = run_dataset(ann, w["evaluation"], batch_size=w["batch_size"])[w["output"]]
-    result = {"batch_size": w["batch_size"], "levels": LEVELS, "quantize_s": quantize_s,
-              "qann_vs_ann": agreement(float_out, reference, w["labels"]), "rows": []}
+    result = {
+        "batch_size": w["batch_size"],
+        "levels": LEVELS,
+        "quantize_s": quantize_s,
+        "qann_vs_ann": agreement(float_out, reference, w["labels"]),
+        "rows": [],
+    }
     for t in timesteps:
         log.print(f"[dim]{w['name']}: T={t}[/dim]")
         start = time.perf_counter()
         snn_model = spikec.compile(qann, w["calibration"], method="spikezip", timesteps=t, progress=False)
         compile_s = time.perf_counter() - start
         snn = session(snn_model, args)
-        samples = measure({"qann": lambda: run(quantized, batch), "snn": lambda: run(snn, batch)},
-                          reps=args.reps, warmup=1)
+        samples = measure(
+            {"qann": lambda: run(quantized, batch), "snn": lambda: run(snn, batch)}, reps=args.reps, warmup=1
+        )
         ms = {k: statistics.median(v) for k, v in samples.items()}
         out = run_dataset(snn, w["evaluation"], batch_size=w["batch_size"])
         t_eq = equilibrium_steps(out["spikec.spikes.steps"])
         reached = [x for x in t_eq if x is not None]
-        result["rows"].append({
-            "timesteps": t, "qann_ms": ms["qann"], "snn_ms": ms["snn"], "ratio": ms["snn"] / (t * ms["qann"]),
-            "compile_s": compile_s, "spikec_ops": kernels(snn),
-            "fidelity": agreement(reference, out[w["output"]], w["labels"]),
-            "t_eq_reached": len(reached) / len(t_eq), "t_eq_max": max(reached, default=None),
-            "t_eq_mean": float(np.mean(reached)) if reached else None})
+        result["rows"].append(
+            {
+                "timesteps": t,
+                "qann_ms": ms["qann"],
+                "snn_ms": ms["snn"],
+                "ratio": ms["snn"] / (t * ms["qann"]),
+                "compile_s": compile_s,
+                "spikec_ops": kernels(snn),
+                "fidelity": agreement(reference, out[w["output"]], w["labels"]),
+                "t_eq_reached": len(reached) / len(t_eq),
+                "t_eq_max": max(reached, default=None),
+                "t_eq_mean": float(np.mean(reached)) if reached else None,
+            }
+        )
     return result
 
 
@@ -120,28 +151,50 @@ def main(argv: list[str] | None = None) -> int:
     results = {w["name"]: bench(w, args, log) for w in loads}
 
     table = Table(box=box.MARKDOWN)
-    for heading in ("workload (batch)", "T", "QANN ms", "SNN ms", "SNN / (T x QANN)", "compile s",
-                    "samples = QANN", "max err / scale", "SNN vs QANN", "T_eq reached", "T_eq max / mean"):
-        table.add_column(heading, justify="left" if heading.startswith(("workload", "SNN vs")) else "right",
-                         no_wrap=True)
+    for heading in (
+        "workload (batch)",
+        "T",
+        "QANN ms",
+        "SNN ms",
+        "SNN / (T x QANN)",
+        "compile s",
+        "samples = QANN",
+        "max err / scale",
+        "SNN vs QANN",
+        "T_eq reached",
+        "T_eq max / mean",
+    ):
+        table.add_column(
+            heading, justify="left" if heading.startswith(("workload", "SNN vs")) else "right", no_wrap=True
+        )
     for name, r in results.items():
         for row in r["rows"]:
             f = row["fidelity"]
-            table.add_row(f"{name} ({r['batch_size']})", str(row["timesteps"]), f"{row['qann_ms']:.1f}",
-                          f"{row['snn_ms']:.1f}", f"{row['ratio']:.2f}", f"{row['compile_s']:.1f}",
-                          f"{100 * f['exact_samples']:.1f} %", f"{f['relative_max_error']:.1e}", describe(f),
-                          f"{100 * row['t_eq_reached']:.0f} %",
-                          "-" if row["t_eq_max"] is None else f"{row['t_eq_max']} / {row['t_eq_mean']:.1f}")
+            table.add_row(
+                f"{name} ({r['batch_size']})",
+                str(row["timesteps"]),
+                f"{row['qann_ms']:.1f}",
+                f"{row['snn_ms']:.1f}",
+                f"{row['ratio']:.2f}",
+                f"{row['compile_s']:.1f}",
+                f"{100 * f['exact_samples']:.1f} %",
+                f"{f['relative_max_error']:.1e}",
+                describe(f),
+                f"{100 * row['t_eq_reached']:.0f} %",
+                "-" if row["t_eq_max"] is None else f"{row['t_eq_max']} / {row['t_eq_mean']:.1f}",
+            )
     quant = Table(box=box.MARKDOWN)
     for heading in ("workload", "levels", "quantize s", "QANN vs float ANN"):
         quant.add_column(heading, no_wrap=True)
     for name, r in results.items():
         quant.add_row(name, str(r["levels"]), f"{r['quantize_s']:.1f}", describe(r["qann_vs_ann"]))
     ops = " / ".join(sorted({row["spikec_ops"] for r in results.values() for row in r["rows"]}))
-    out.print(f"spikec SpikeZIP-TF benchmark{' (--quick)' if args.quick else ''}: onnxruntime {ort.__version__}, "
-              f"intra_op_num_threads={args.threads}, spikec ops as {ops}; {os.cpu_count()} CPUs. Times: median of "
-              f"{args.reps} interleaved repetitions on one batch; fidelity over the whole evaluation set against "
-              f"the QANN (run with spikec.runtime.InferenceSession).")
+    out.print(
+        f"spikec SpikeZIP-TF benchmark{' (--quick)' if args.quick else ''}: onnxruntime {ort.__version__}, "
+        f"intra_op_num_threads={args.threads}, spikec ops as {ops}; {os.cpu_count()} CPUs. Times: median of "
+        f"{args.reps} interleaved repetitions on one batch; fidelity over the whole evaluation set against "
+        f"the QANN (run with spikec.runtime.InferenceSession)."
+    )
     out.print()
     print_table(out, table)
     out.print()

@@ -8,6 +8,7 @@ ablation), MiniLM cosine versus T, and the time ratio SNN / (T x ANN).
 
     /work/venv/bin/python benchmarks/bench_sta.py [--quick] [--json PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,26 @@ def digits_rows(timesteps: int, report_t: list[int], log: Console) -> tuple[floa
     for name, options in VARIANTS.items():
         log.print(f"[dim]digits-ViT: {name}[/dim]")
         start = time.perf_counter()
-        model = spikec.compile(fixtures.digits_vit(), calib, method="sta", timesteps=timesteps, progress=False,
-                               **options)
+        model = spikec.compile(
+            fixtures.digits_vit(), calib, method="sta", timesteps=timesteps, progress=False, **options
+        )
         compile_s = time.perf_counter() - start
         snn = InferenceSession(model)
         steps = run_dataset(snn, test, batch_size=16)["logits.steps"]
-        ms = {k: statistics.median(v) for k, v in measure({"ann": lambda: run(ann, batch),
-                                                            "snn": lambda: run(snn, batch)}, reps=3, warmup=1).items()}
-        rows.append({"variant": name, "accuracy": {t: fixtures.accuracy(steps[t - 1], data["y_test"]) for t in report_t},
-                     "ratio": ms["snn"] / (timesteps * ms["ann"]), "compile_s": compile_s})
+        ms = {
+            k: statistics.median(v)
+            for k, v in measure(
+                {"ann": lambda: run(ann, batch), "snn": lambda: run(snn, batch)}, reps=3, warmup=1
+            ).items()
+        }
+        rows.append(
+            {
+                "variant": name,
+                "accuracy": {t: fixtures.accuracy(steps[t - 1], data["y_test"]) for t in report_t},
+                "ratio": ms["snn"] / (timesteps * ms["ann"]),
+                "compile_s": compile_s,
+            }
+        )
     return ann_accuracy, rows
 
 
@@ -89,15 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column(f"SNN / (T x ANN) at T={digits_t[-1]}", justify="right")
     table.add_column("compile s", justify="right")
     for row in rows:
-        table.add_row(row["variant"], *[f"{100 * row['accuracy'][t]:.2f} %" for t in digits_t],
-                      f"{row['ratio']:.2f}", f"{row['compile_s']:.1f}")
+        table.add_row(
+            row["variant"],
+            *[f"{100 * row['accuracy'][t]:.2f} %" for t in digits_t],
+            f"{row['ratio']:.2f}",
+            f"{row['compile_s']:.1f}",
+        )
     cos = Table(box=box.MARKDOWN)
     cos.add_column("MiniLM (16 sentences)")
     for t in minilm_t:
         cos.add_column(f"T={t}", justify="right")
     cos.add_row("cosine vs ANN", *[f"{minilm[t]:.4f}" for t in minilm_t])
-    out.print(f"spikec STA benchmark: digits-ViT ANN accuracy {100 * ann_accuracy:.2f} % (540 test images); "
-              f"thresholds searched for T={digits_t[-1]}, accuracy read at every T from one run.")
+    out.print(
+        f"spikec STA benchmark: digits-ViT ANN accuracy {100 * ann_accuracy:.2f} % (540 test images); "
+        f"thresholds searched for T={digits_t[-1]}, accuracy read at every T from one run."
+    )
     out.print()
     print_table(out, table)
     out.print()

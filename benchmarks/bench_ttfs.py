@@ -9,6 +9,7 @@ digits-ViT accuracy against the time precision p (Fig. 4).
 
     /work/venv/bin/python benchmarks/bench_ttfs.py [--quick] [--json PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,24 @@ def workloads() -> list[dict]:
     calib = fixtures.minilm_inputs(fixtures.calibration_sentences(), seq_len=32)
     evaluation = fixtures.minilm_inputs(fixtures.evaluation_sentences(), seq_len=32)
     return [
-        {"name": "digits-ViT", "model": fixtures.digits_vit(), "calibration": {"pixels": digits["x_train"][:256]},
-         "evaluation": {"pixels": digits["x_test"]}, "labels": digits["y_test"], "output": "logits",
-         "batches": (8, 64)},
-        {"name": "MiniLM", "model": fixtures.minilm(), "calibration": calib, "evaluation": evaluation,
-         "labels": None, "output": "sentence_embedding", "batches": (8,)},
+        {
+            "name": "digits-ViT",
+            "model": fixtures.digits_vit(),
+            "calibration": {"pixels": digits["x_train"][:256]},
+            "evaluation": {"pixels": digits["x_test"]},
+            "labels": digits["y_test"],
+            "output": "logits",
+            "batches": (8, 64),
+        },
+        {
+            "name": "MiniLM",
+            "model": fixtures.minilm(),
+            "calibration": calib,
+            "evaluation": evaluation,
+            "labels": None,
+            "output": "sentence_embedding",
+            "batches": (8,),
+        },
     ]
 
 
@@ -67,17 +81,25 @@ def bench(w: dict, out: Path, reps: int, log: Console) -> dict:
     ann = InferenceSession(w["model"])
     reference = run_dataset(ann, w["evaluation"])[w["output"]]
     got = run_dataset(InferenceSession(path), w["evaluation"])[w["output"]]
-    row = {"workload": w["name"], "compile_s": compile_s,
-           "relative_max_error": float(np.abs(got - reference).max() / np.abs(reference).max()),
-           "cosine": cosine(reference, got)}
+    row = {
+        "workload": w["name"],
+        "compile_s": compile_s,
+        "relative_max_error": float(np.abs(got - reference).max() / np.abs(reference).max()),
+        "cosine": cosine(reference, got),
+    }
     if w["labels"] is not None:
         row["ann_accuracy"] = fixtures.accuracy(reference, w["labels"])
         row["snn_accuracy"] = fixtures.accuracy(got, w["labels"])
     report = build_report(w["model"], path, {k: v[:64] for k, v in w["evaluation"].items()})
     sites = report["sites"]
-    row.update({"layers": len(sites), "spikes_per_neuron": sum(s["spikes_per_sample"] for s in sites)
-                / sum(s["neurons"] for s in sites), "clipped_sites": report["section"]["clipped_sites"],
-                "energy_ratio": report["energy"]["ratio_paper_convention"]})
+    row.update(
+        {
+            "layers": len(sites),
+            "spikes_per_neuron": sum(s["spikes_per_sample"] for s in sites) / sum(s["neurons"] for s in sites),
+            "clipped_sites": report["section"]["clipped_sites"],
+            "energy_ratio": report["energy"]["ratio_paper_convention"],
+        }
+    )
     row["timing"] = {}
     for size in w["batches"]:
         log.print(f"[dim]{w['name']}: timing batch {size}[/dim]")
@@ -98,8 +120,13 @@ def precision_sweep(out: Path, precisions, reps: int, log: Console) -> list[dict
         spikec.compile(fixtures.digits_vit(), calib, path, method="ttfs", precision=p, progress=False)
         logits = run_dataset(InferenceSession(path), test)["logits"]
         ms = timings(ann, path, batch, reps)
-        rows.append({"precision": p, "accuracy": fixtures.accuracy(logits, data["y_test"]),
-                     "ratio": ms.get("native", ms["portable"]) / ms["ann"]})
+        rows.append(
+            {
+                "precision": p,
+                "accuracy": fixtures.accuracy(logits, data["y_test"]),
+                "ratio": ms.get("native", ms["portable"]) / ms["ann"],
+            }
+        )
     return rows
 
 
@@ -117,21 +144,44 @@ def main(argv: list[str] | None = None) -> int:
     sweep = precision_sweep(out, PRECISIONS[2:] if args.quick else PRECISIONS, reps, log)
 
     table = Table(title="TTFS, float spike times", box=box.MARKDOWN)
-    for column in ("workload", "rel. max error", "cosine", "accuracy SNN / ANN", "layers", "spikes/neuron",
-                   "E_SNN/E_ANN", "batch", "ANN ms", "SNN portable ms", "SNN native ms", "portable/ANN", "native/ANN"):
+    for column in (
+        "workload",
+        "rel. max error",
+        "cosine",
+        "accuracy SNN / ANN",
+        "layers",
+        "spikes/neuron",
+        "E_SNN/E_ANN",
+        "batch",
+        "ANN ms",
+        "SNN portable ms",
+        "SNN native ms",
+        "portable/ANN",
+        "native/ANN",
+    ):
         table.add_column(column)
     for r in rows:
         for size, ms in r["timing"].items():
             accuracy = f"{r['snn_accuracy']:.4f} / {r['ann_accuracy']:.4f}" if "ann_accuracy" in r else "—"
-            table.add_row(r["workload"], f"{r['relative_max_error']:.2e}", f"{r['cosine']:.6f}", accuracy,
-                          str(r["layers"]), f"{r['spikes_per_neuron']:.3f}", f"{r['energy_ratio']:.3f}", str(size),
-                          f"{ms['ann']:.2f}", f"{ms['portable']:.2f}",
-                          f"{ms['native']:.2f}" if "native" in ms else "not built",
-                          f"{ms['portable'] / ms['ann']:.2f}",
-                          f"{ms['native'] / ms['ann']:.2f}" if "native" in ms else "—")
+            table.add_row(
+                r["workload"],
+                f"{r['relative_max_error']:.2e}",
+                f"{r['cosine']:.6f}",
+                accuracy,
+                str(r["layers"]),
+                f"{r['spikes_per_neuron']:.3f}",
+                f"{r['energy_ratio']:.3f}",
+                str(size),
+                f"{ms['ann']:.2f}",
+                f"{ms['portable']:.2f}",
+                f"{ms['native']:.2f}" if "native" in ms else "not built",
+                f"{ms['portable'] / ms['ann']:.2f}",
+                f"{ms['native'] / ms['ann']:.2f}" if "native" in ms else "—",
+            )
     print_table(console, table)
-    sweep_table = Table(title="digits-ViT against time precision p (spike times on a clock of delta/p)",
-                        box=box.MARKDOWN)
+    sweep_table = Table(
+        title="digits-ViT against time precision p (spike times on a clock of delta/p)", box=box.MARKDOWN
+    )
     for column in ("p", "accuracy", "SNN/ANN time (batch 8)"):
         sweep_table.add_column(column)
     ann_accuracy = rows[0]["ann_accuracy"]

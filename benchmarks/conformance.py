@@ -14,6 +14,7 @@ of one cannot stop the matrix.
 Exports are cached under SPIKEC_CACHE (examples/zoo.py); SPIKEC_OPTIMUM_PYTHON enables the optimum route.
 The matrix goes to stdout, progress to stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ METHODS = ("ecmt", "spikezip", "sta", "ttfs")
 @dataclasses.dataclass(frozen=True)
 class Fidelity:
     """How a method's cell is judged: ``metric`` of the SNN against its reference must meet ``bound``."""
+
     timesteps: int | None  # T the SNN is compiled for (None: ttfs has no time steps)
     metric: str
     bound: float
@@ -86,8 +88,7 @@ EXIT0_BROKEN = ("SNN crashes", "non-finite")
 
 # (architecture, route) pairs of the CI tier (a few minutes on 2 cores): an sdpa text encoder, a causal decoder
 # with left padding, a ViT, an onnxruntime-optimized graph, a sequence-first torch encoder
-CI_TIER = (("bert", "ts17"), ("gpt2", "ts17"), ("vit", "ts17"), ("bert", "ort-opt"),
-           ("torch-encoder-seqfirst", "ts17"))
+CI_TIER = (("bert", "ts17"), ("gpt2", "ts17"), ("vit", "ts17"), ("bert", "ort-opt"), ("torch-encoder-seqfirst", "ts17"))
 # products of two activations are converted (EC, TCSA, SESA) where the compile report lists them as nodes
 _PRODUCTS = {"Mul", "MatMul", "Einsum", "Gemm"}
 
@@ -123,15 +124,19 @@ def stayed_float(report: dict) -> dict[str, int]:
     converted generically (one node between expectation compensations, not a recognized region; products
     of two activations excepted, which EC/TCSA/SESA convert), STA's LayerNorms kept float, and ttfs's
     float nodes (decoded, run in float, encoded)."""
-    ops = Counter(unit["ops"][0] for unit in report.get("compensated", [])
-                  if unit["kind"] == "node" and unit["ops"][0] not in _PRODUCTS)
+    ops = Counter(
+        unit["ops"][0]
+        for unit in report.get("compensated", [])
+        if unit["kind"] == "node" and unit["ops"][0] not in _PRODUCTS
+    )
     ops.update({"LayerNorm (kept)": len(report.get("layernorms_kept_float", []))})
     ops.update(node["op"] for node in report.get("ttfs", {}).get("float_nodes", []))
     return dict(sorted((op, n) for op, n in ops.items() if n))
 
 
-def _spikezip_reference(model_path: Path, qann_path: Path, held: dict, timesteps: int,
-                        calibration: dict, outputs: dict) -> tuple[float, str]:
+def _spikezip_reference(
+    model_path: Path, qann_path: Path, held: dict, timesteps: int, calibration: dict, outputs: dict
+) -> tuple[float, str]:
     """SpikeZIP-TF's fidelity: max error to its QANN in units of the QANN's output scale, after the network
     is quiet; where it is not equal, the boundary-flip check of tests/test_spikezip.py (every disagreeing
     sample first disagrees within float rounding of a quantizer level boundary) on a stateful compile."""
@@ -141,22 +146,32 @@ def _spikezip_reference(model_path: Path, qann_path: Path, held: dict, timesteps
     from spikec.evaluate import quantizer_agreement, run_dataset
 
     reference = run_dataset(InferenceSession(str(qann_path)), held)
-    error = max(float(np.max(np.abs(outputs[n] - want)) / (float(np.max(np.abs(want))) or 1.0))
-                for n, want in reference.items() if n in outputs)
+    error = max(
+        float(np.max(np.abs(outputs[n] - want)) / (float(np.max(np.abs(want))) or 1.0))
+        for n, want in reference.items()
+        if n in outputs
+    )
     if None in equilibrium_steps(outputs["spikec.spikes.steps"]):
         return error, f"not quiet at T={timesteps}"
     if error <= FIDELITY["spikezip"].bound:
         return error, "equal to the QANN"
-    stateful = spikec.compile(model_path, calibration, method="spikezip", timesteps=timesteps, mode="stateful",
-                              progress=False)
+    stateful = spikec.compile(
+        model_path, calibration, method="spikezip", timesteps=timesteps, mode="stateful", progress=False
+    )
     agreement = quantizer_agreement(qann_path, stateful, held)
     if all(agreement["explained"]):
         return error, f"equal up to boundary flips ({agreement['exact'].count(False)} sample(s))"
     return error, "differs beyond boundary flips"
 
 
-def run_cell(arch_name: str, route_name: str, method: str, *, calibration_samples: int = zoo.CALIBRATION_SAMPLES,
-             evaluation_samples: int = zoo.EVALUATION_SAMPLES) -> dict:
+def run_cell(
+    arch_name: str,
+    route_name: str,
+    method: str,
+    *,
+    calibration_samples: int = zoo.CALIBRATION_SAMPLES,
+    evaluation_samples: int = zoo.EVALUATION_SAMPLES,
+) -> dict:
     """Export (cached), compile with default flags, run and judge one cell; never raises for what the
     cell finds (its status says it)."""
     import spikec
@@ -165,8 +180,16 @@ def run_cell(arch_name: str, route_name: str, method: str, *, calibration_sample
     from spikec.graphinfo import metadata
 
     arch, route, check = zoo.ARCHS[arch_name], zoo.ROUTES[route_name], FIDELITY[method]
-    cell = {"arch": arch_name, "route": route_name, "method": method, "status": None, "detail": "",
-            "value": None, "stayed_float": {}, "seconds": {}}
+    cell = {
+        "arch": arch_name,
+        "route": route_name,
+        "method": method,
+        "status": None,
+        "detail": "",
+        "value": None,
+        "stayed_float": {},
+        "seconds": {},
+    }
     started = time.perf_counter()
 
     def done(status: str, detail: str = "") -> dict:
@@ -222,8 +245,11 @@ def run_cell(arch_name: str, route_name: str, method: str, *, calibration_sample
             except Exception as exc:  # noqa: BLE001
                 return done("SNN crashes", f"QANN or the flip check: {_one_line(exc)}")
         elif method == "ttfs":
-            value = max(float(np.max(np.abs(outputs[n] - want)) / (float(np.max(np.abs(want))) or 1.0))
-                        for n, want in ann.items() if n in outputs)
+            value = max(
+                float(np.max(np.abs(outputs[n] - want)) / (float(np.max(np.abs(want))) or 1.0))
+                for n, want in ann.items()
+                if n in outputs
+            )
             note = ""
         else:
             value, note = min(cosine(want, outputs[n]) for n, want in ann.items() if n in outputs), ""
@@ -250,8 +276,9 @@ def _context():
     # A forkserver with the compiler and onnxruntime imported: each task forks from it (no re-import, no
     # torch in the server, so exporters' thread pools never leak into a fork).
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["numpy", "onnx", "onnxruntime", "spikec.compiler", "spikec.evaluate",
-                                    "examples.zoo"])
+    context.set_forkserver_preload(
+        ["numpy", "onnx", "onnxruntime", "spikec.compiler", "spikec.evaluate", "examples.zoo"]
+    )
     return context
 
 
@@ -273,8 +300,7 @@ def run_isolated(tasks: Sequence[_Task], jobs: int, timeout: float) -> None:
         while pending and len(running) < jobs:
             task = pending.pop(0)
             receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_child, args=(send, task.function, task.args, task.kwargs),
-                                      daemon=True)
+            process = context.Process(target=_child, args=(send, task.function, task.args, task.kwargs), daemon=True)
             process.start()
             send.close()
             running.append((task, process, receive, time.monotonic()))
@@ -312,33 +338,59 @@ def _export_all(arch_name: str, route_names: Sequence[str]) -> dict[str, str]:
     return result
 
 
-def run_matrix(pairs: Sequence[tuple[str, str]], methods: Sequence[str], *, jobs: int = 1, timeout: float = 900,
-               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
-               on_cells: Callable[[list[dict]], None] = lambda cells: None) -> list[dict]:
+def run_matrix(
+    pairs: Sequence[tuple[str, str]],
+    methods: Sequence[str],
+    *,
+    jobs: int = 1,
+    timeout: float = 900,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    on_cells: Callable[[list[dict]], None] = lambda cells: None,
+) -> list[dict]:
     """Every cell of ``pairs`` x ``methods``; ``on_cells`` gets the cells finished so far after each one."""
     by_arch: dict[str, list[str]] = {}
     for arch, route in pairs:
         by_arch.setdefault(arch, []).append(route)
 
     def exported(key, kind, value):
-        log(f"exports {key[0]}: " + (", ".join(f"{r} {'ok' if not v.startswith('export failed') else v}"
-                                               for r, v in value.items()) if kind == "ok" else f"{kind} {value}"))
+        log(
+            f"exports {key[0]}: "
+            + (
+                ", ".join(f"{r} {'ok' if not v.startswith('export failed') else v}" for r, v in value.items())
+                if kind == "ok"
+                else f"{kind} {value}"
+            )
+        )
 
-    run_isolated([_Task((arch,), _export_all, (arch, routes), {}, exported) for arch, routes in by_arch.items()],
-                 jobs, timeout)
+    run_isolated(
+        [_Task((arch,), _export_all, (arch, routes), {}, exported) for arch, routes in by_arch.items()], jobs, timeout
+    )
     cells: dict[tuple, dict] = {}
 
     def finished(key, kind, value):
         if kind == "ok":
             cell = value
         else:
-            detail = value.strip().splitlines()[-1] if kind == "error" else (
-                f"exit code {value}" if kind == "worker died" else f"after {timeout:g} s")
-            cell = {"arch": key[0], "route": key[1], "method": key[2], "status": kind if kind != "error"
-                    else "compiler crash", "detail": detail, "value": None, "stayed_float": {}, "seconds": {}}
+            detail = (
+                value.strip().splitlines()[-1]
+                if kind == "error"
+                else (f"exit code {value}" if kind == "worker died" else f"after {timeout:g} s")
+            )
+            cell = {
+                "arch": key[0],
+                "route": key[1],
+                "method": key[2],
+                "status": kind if kind != "error" else "compiler crash",
+                "detail": detail,
+                "value": None,
+                "stayed_float": {},
+                "seconds": {},
+            }
         cells[key] = cell
-        log(f"[{len(cells)}/{len(tasks)}] {key[0]} {key[1]} {key[2]}: {short(cell)}"
-            + (f"  ({cell['detail'][:160]})" if cell["status"] != "pass" and cell["detail"] else ""))
+        log(
+            f"[{len(cells)}/{len(tasks)}] {key[0]} {key[1]} {key[2]}: {short(cell)}"
+            + (f"  ({cell['detail'][:160]})" if cell["status"] != "pass" and cell["detail"] else "")
+        )
         on_cells(list(cells.values()))
 
     tasks = [_Task((a, r, m), run_cell, (a, r, m), {}, finished) for a, r in pairs for m in methods]
@@ -375,12 +427,18 @@ def short(cell: dict) -> str:
 
 
 # A refusal's or crash's distinguishing words, for the table (the full message is in --json and the groups)
-_TAGS = [(r"\bIsNaN\b", "IsNaN"), (r"com\.microsoft|SkipLayerNorm|BiasGelu|FastGelu|EmbedLayerNorm|Attention\b",
-                                    "com.microsoft op"),
-         (r"log\(0\)|-inf|Log\b", "log(0)"), (r"static batch|batch grows", "time folding"),
-         (r"memory", "memory"), (r"shape|Shape|broadcast", "shapes"), (r"[Ll]ayer[Nn]orm", "LayerNorm"),
-         (r"nothing to quantize|no MatMul", "nothing to convert"), (r"\bWhere\b", "Where"),
-         (r"\(([A-Z][A-Za-z]+)\)", None)]
+_TAGS = [
+    (r"\bIsNaN\b", "IsNaN"),
+    (r"com\.microsoft|SkipLayerNorm|BiasGelu|FastGelu|EmbedLayerNorm|Attention\b", "com.microsoft op"),
+    (r"log\(0\)|-inf|Log\b", "log(0)"),
+    (r"static batch|batch grows", "time folding"),
+    (r"memory", "memory"),
+    (r"shape|Shape|broadcast", "shapes"),
+    (r"[Ll]ayer[Nn]orm", "LayerNorm"),
+    (r"nothing to quantize|no MatMul", "nothing to convert"),
+    (r"\bWhere\b", "Where"),
+    (r"\(([A-Z][A-Za-z]+)\)", None),
+]
 
 
 def tag(detail: str) -> str:
@@ -411,45 +469,71 @@ def summary(cells: Sequence[dict]) -> dict:
     def share(part):
         return round(100 * len(part) / len(counted), 1) if counted else 0.0
 
-    per_method = {m: {"cells": sum(c["method"] == m for c in counted),
-                      "pass": sum(c["method"] == m and c["status"] == "pass" for c in counted)} for m in METHODS}
-    per_route = {r: {"cells": sum(c["route"] == r for c in counted),
-                     "pass": sum(c["route"] == r and c["status"] == "pass" for c in counted)}
-                 for r in dict.fromkeys(c["route"] for c in cells)}
-    return {"cells": len(cells), "counted": len(counted), "per_route": per_route,
-            "not_counted": dict(Counter(c["status"] for c in cells if c["status"] in NOT_COUNTED)),
-            "compile_percent": share(compiled), "run_percent": share(ran), "pass_percent": share(passed),
-            "exit0_crash_or_nonfinite": sum(c["status"] in EXIT0_BROKEN for c in counted),
-            "exit0_below_bound": sum(c["status"] == "below bound" for c in counted),
-            "statuses": dict(Counter(c["status"] for c in cells)), "per_method": per_method,
-            "seconds": round(sum(c["seconds"].get("total", 0) for c in cells), 1)}
+    per_method = {
+        m: {
+            "cells": sum(c["method"] == m for c in counted),
+            "pass": sum(c["method"] == m and c["status"] == "pass" for c in counted),
+        }
+        for m in METHODS
+    }
+    per_route = {
+        r: {
+            "cells": sum(c["route"] == r for c in counted),
+            "pass": sum(c["route"] == r and c["status"] == "pass" for c in counted),
+        }
+        for r in dict.fromkeys(c["route"] for c in cells)
+    }
+    return {
+        "cells": len(cells),
+        "counted": len(counted),
+        "per_route": per_route,
+        "not_counted": dict(Counter(c["status"] for c in cells if c["status"] in NOT_COUNTED)),
+        "compile_percent": share(compiled),
+        "run_percent": share(ran),
+        "pass_percent": share(passed),
+        "exit0_crash_or_nonfinite": sum(c["status"] in EXIT0_BROKEN for c in counted),
+        "exit0_below_bound": sum(c["status"] == "below bound" for c in counted),
+        "statuses": dict(Counter(c["status"] for c in cells)),
+        "per_method": per_method,
+        "seconds": round(sum(c["seconds"].get("total", 0) for c in cells), 1),
+    }
 
 
 def matrix_markdown(cells: Sequence[dict], methods: Sequence[str]) -> str:
     rows = {}
     for cell in cells:
         rows.setdefault((cell["arch"], cell["route"]), {})[cell["method"]] = cell
-    lines = ["| architecture | route | " + " | ".join(methods) + " | stayed float |",
-             "|---|---|" + "---|" * len(methods) + "---|"]
+    lines = [
+        "| architecture | route | " + " | ".join(methods) + " | stayed float |",
+        "|---|---|" + "---|" * len(methods) + "---|",
+    ]
     for (arch, route), by_method in rows.items():
         floated = sorted({op for c in by_method.values() for op in c["stayed_float"]})
-        lines.append(f"| {arch} | {route} | " + " | ".join(short(by_method[m]) if m in by_method else ""
-                                                            for m in methods) + f" | {', '.join(floated)} |")
+        lines.append(
+            f"| {arch} | {route} | "
+            + " | ".join(short(by_method[m]) if m in by_method else "" for m in methods)
+            + f" | {', '.join(floated)} |"
+        )
     return "\n".join(lines)
 
 
 def summary_markdown(result: dict) -> str:
     s = result["summary"]
-    lines = [f"Cells: {s['cells']}, counted {s['counted']} (not counted: "
-             + (", ".join(f"{k} {v}" for k, v in s["not_counted"].items()) or "none") + ").",
-             f"Compile: {s['compile_percent']} %, run: {s['run_percent']} %, meet the bound: {s['pass_percent']} %.",
-             f"Exit 0 with a crashing or non-finite SNN: {s['exit0_crash_or_nonfinite']}; exit 0 below the bound: "
-             f"{s['exit0_below_bound']}.",
-             "Per method (pass / counted): " + ", ".join(f"{m} {v['pass']}/{v['cells']}"
-                                                          for m, v in s["per_method"].items() if v["cells"]) + ".",
-             "Per route (pass / counted): " + ", ".join(f"{r} {v['pass']}/{v['cells']}"
-                                                         for r, v in s.get("per_route", {}).items()) + ".",
-             "Bounds: " + "; ".join(f"{m}: {FIDELITY[m].describe()}" for m in result["methods"]) + "."]
+    lines = [
+        f"Cells: {s['cells']}, counted {s['counted']} (not counted: "
+        + (", ".join(f"{k} {v}" for k, v in s["not_counted"].items()) or "none")
+        + ").",
+        f"Compile: {s['compile_percent']} %, run: {s['run_percent']} %, meet the bound: {s['pass_percent']} %.",
+        f"Exit 0 with a crashing or non-finite SNN: {s['exit0_crash_or_nonfinite']}; exit 0 below the bound: "
+        f"{s['exit0_below_bound']}.",
+        "Per method (pass / counted): "
+        + ", ".join(f"{m} {v['pass']}/{v['cells']}" for m, v in s["per_method"].items() if v["cells"])
+        + ".",
+        "Per route (pass / counted): "
+        + ", ".join(f"{r} {v['pass']}/{v['cells']}" for r, v in s.get("per_route", {}).items())
+        + ".",
+        "Bounds: " + "; ".join(f"{m}: {FIDELITY[m].describe()}" for m in result["methods"]) + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -460,8 +544,14 @@ def groups_markdown(cells: Sequence[dict]) -> str:
             groups.setdefault(signature(cell), []).append(cell)
     lines = []
     for sig, members in sorted(groups.items(), key=lambda item: -len(item[1])):
-        where = ", ".join(sorted({f"{c['arch']}/{c['route']}" + (f" ({_value_text(c)})" if c["value"] is not None
-                                                                   else "") for c in members}))
+        where = ", ".join(
+            sorted(
+                {
+                    f"{c['arch']}/{c['route']}" + (f" ({_value_text(c)})" if c["value"] is not None else "")
+                    for c in members
+                }
+            )
+        )
         lines.append(f"- **{len(members)}** {sig}\n  - {where}")
     return "\n".join(lines)
 
@@ -475,8 +565,13 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def render(result: dict) -> str:
-    return "\n\n".join([matrix_markdown(result["cells"], result["methods"]), summary_markdown(result),
-                        "Failures by signature:\n\n" + groups_markdown(result["cells"])])
+    return "\n\n".join(
+        [
+            matrix_markdown(result["cells"], result["methods"]),
+            summary_markdown(result),
+            "Failures by signature:\n\n" + groups_markdown(result["cells"]),
+        ]
+    )
 
 
 def merge_runs(runs: Sequence[dict]) -> dict:
@@ -486,17 +581,22 @@ def merge_runs(runs: Sequence[dict]) -> dict:
         return runs[0]
     cells = {(c["arch"], c["route"], c["method"]): c for run in runs for c in run["cells"]}
     methods = [m for m in METHODS if any(m in run["methods"] for run in runs)]
-    result = {**runs[-1], "date": " to ".join(sorted({runs[0]["date"], runs[-1]["date"]})),
-              "command": "; ".join(dict.fromkeys(run["command"] for run in runs)),
-              "wall_seconds": sum(run["wall_seconds"] for run in runs), "methods": methods,
-              "cells": list(cells.values())}
+    result = {
+        **runs[-1],
+        "date": " to ".join(sorted({runs[0]["date"], runs[-1]["date"]})),
+        "command": "; ".join(dict.fromkeys(run["command"] for run in runs)),
+        "wall_seconds": sum(run["wall_seconds"] for run in runs),
+        "methods": methods,
+        "cells": list(cells.values()),
+    }
     result["summary"] = summary(result["cells"])
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tier", choices=("ci", "full"), default="full")
     parser.add_argument("--only", help=f"comma-separated architectures ({', '.join(zoo.ARCHS)})")
     parser.add_argument("--routes", help=f"comma-separated routes ({', '.join(zoo.ROUTES)})")
@@ -505,9 +605,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell")
     parser.add_argument("--json", help="write every cell and the summary here")
     parser.add_argument("--markdown", help="write the matrix, the summary and the failure groups here")
-    parser.add_argument("--render", metavar="JSON", nargs="+",
-                        help="run nothing: print (and --markdown) the report of earlier --json runs (later runs' "
-                             "cells replace earlier ones')")
+    parser.add_argument(
+        "--render",
+        metavar="JSON",
+        nargs="+",
+        help="run nothing: print (and --markdown) the report of earlier --json runs (later runs' "
+        "cells replace earlier ones')",
+    )
     args = parser.parse_args(argv)
     if args.render:
         result = merge_runs([json.loads(Path(path).read_text()) for path in args.render])
@@ -515,8 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in args.methods.split(",") if m]
         only = args.only.split(",") if args.only else None
         routes = args.routes.split(",") if args.routes else None
-        unknown = sorted(set(methods) - set(METHODS)) + sorted(set(only or ()) - set(zoo.ARCHS)) \
+        unknown = (
+            sorted(set(methods) - set(METHODS))
+            + sorted(set(only or ()) - set(zoo.ARCHS))
             + sorted(set(routes or ()) - set(zoo.ROUTES))
+        )
         if unknown or args.jobs < 1:
             parser.error(f"unknown: {', '.join(unknown)}" if unknown else "--jobs must be >= 1")
         started = time.perf_counter()
@@ -525,31 +632,42 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         def result_of(cells: list[dict]) -> dict:
-            return {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
-                               f"{platform.release()}",
-                    "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                                 "onnxruntime": onnxruntime.__version__},
-                    "command": " ".join(["python benchmarks/conformance.py",
-                                         *(argv if argv is not None else sys.argv[1:])]),
-                    "wall_seconds": round(time.perf_counter() - started), "methods": methods, "cells": cells,
-                    "summary": summary(cells)}
+            return {
+                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+                "versions": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "onnxruntime": onnxruntime.__version__,
+                },
+                "command": " ".join(
+                    ["python benchmarks/conformance.py", *(argv if argv is not None else sys.argv[1:])]
+                ),
+                "wall_seconds": round(time.perf_counter() - started),
+                "methods": methods,
+                "cells": cells,
+                "summary": summary(cells),
+            }
 
         def checkpoint(cells: list[dict]) -> None:
             # a run stopped before its end (a deadline, a crash of the driver) keeps the cells it finished
             if args.json:
                 write_atomic(args.json, json.dumps(result_of(cells), indent=1))
 
-        cells = run_matrix(tier_pairs(args.tier, only, routes), methods, jobs=args.jobs, timeout=args.timeout,
-                           on_cells=checkpoint)
+        cells = run_matrix(
+            tier_pairs(args.tier, only, routes), methods, jobs=args.jobs, timeout=args.timeout, on_cells=checkpoint
+        )
         result = result_of(cells)
     report = render(result)
     print(report)
     if args.json and not args.render:
         write_atomic(args.json, json.dumps(result, indent=1))
     if args.markdown:
-        write_atomic(args.markdown, f"Measured {result['date']} on {result['machine']} ({result['command']}, "
-                                    f"{result['wall_seconds']} s).\n\n" + report + "\n")
+        write_atomic(
+            args.markdown,
+            f"Measured {result['date']} on {result['machine']} ({result['command']}, "
+            f"{result['wall_seconds']} s).\n\n" + report + "\n",
+        )
     return 0
 
 

@@ -11,6 +11,7 @@ onnxruntime's.
     simulator = TorchStepSimulator(onnx.load("snn_stateful.onnx"))
     outputs = simulator.run({"pixels": images}, timesteps=8)   # {"logits": [B, 10], "logits.steps": [T, B, 10]}
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,9 @@ def _mt_step(x, v, theta_pos, theta_neg, t, levels):
     mantissa, exponent = torch.frexp(ratio)  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
     power = torch.ldexp(torch.ones_like(ratio), exponent - 1)
     power = torch.where(~positive & (mantissa == 0.5), power / 2, power)
-    level = torch.where((ratio >= 1) & (power >= 1), torch.clamp(power, max=2.0 ** (levels - 1)),
-                        torch.zeros_like(ratio))
+    level = torch.where(
+        (ratio >= 1) & (power >= 1), torch.clamp(power, max=2.0 ** (levels - 1)), torch.zeros_like(ratio)
+    )
     emitted = torch.where(positive, level, -level) * theta
     return emitted / theta_pos, membrane - emitted
 
@@ -121,8 +123,9 @@ def _spikec(op: str, attrs: dict, args: list):
     if op == "UGOStep":  # the reference code's UGO module: a Linear expansion, IF neurons, a Linear sum
         x, v, emitted, w1, b1, theta, w2, b2, t = args
         w1, b1, theta, w2 = (p.reshape(-1, *[1] * x.dim()) for p in (w1, b1, theta, w2))  # states [N, *x.shape]
-        spikes, v, emitted = _if_step(x.unsqueeze(0) * w1 + b1, v, emitted, theta, t, float(attrs["signed"]),
-                                      float(attrs["burst"]))
+        spikes, v, emitted = _if_step(
+            x.unsqueeze(0) * w1 + b1, v, emitted, theta, t, float(attrs["signed"]), float(attrs["burst"])
+        )
         return (spikes * w2).sum(0) + b2, v, emitted
     if op == "ECAccumulateStep":
         x, total, t = args
@@ -184,22 +187,26 @@ _OPS: dict[str, Callable] = {
     "Transpose": lambda a, x: x.permute(*(a.get("perm") or reversed(range(x.dim())))),
     "Unsqueeze": lambda a, x, axes: _unsqueeze(x, _ints(axes)),
     "Squeeze": lambda a, x, axes=None: x.squeeze() if axes is None else x.squeeze(tuple(_ints(axes))),
-    "Flatten": lambda a, x: x.reshape(math.prod(x.shape[:a.get("axis", 1)]), -1),
+    "Flatten": lambda a, x: x.reshape(math.prod(x.shape[: a.get("axis", 1)]), -1),
     "Concat": lambda a, *xs: torch.cat(xs, dim=a["axis"]),
     "Gather": lambda a, x, i: _gather(x, i, a.get("axis", 0) % x.dim()),
     "Slice": lambda a, x, *rest: _slice(x, *rest),
     "Expand": lambda a, x, shape: x * torch.ones(_ints(shape), dtype=x.dtype),
     "ConstantOfShape": lambda a, shape: torch.full(
-        _ints(shape), numpy_helper.to_array(a["value"]).item() if "value" in a else 0.0,
-        dtype=_DTYPES[a["value"].data_type] if "value" in a else torch.float32),
+        _ints(shape),
+        numpy_helper.to_array(a["value"]).item() if "value" in a else 0.0,
+        dtype=_DTYPES[a["value"].data_type] if "value" in a else torch.float32,
+    ),
     "Range": lambda a, start, limit, delta: torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),
-    "ReduceSum": lambda a, x, axes=None: _reduce(torch.sum, x, None if axes is None else _ints(axes), a.get("keepdims", 1),
-                                                 a.get("noop_with_empty_axes", 0)),
-    "ReduceMean": lambda a, x, axes=None: _reduce(torch.mean, x, a.get("axes", None if axes is None else _ints(axes)),
-                                                  a.get("keepdims", 1)),
-    "ReduceL2": lambda a, x, axes=None: torch.sqrt(_reduce(torch.sum, x * x, a.get("axes", None if axes is None
-                                                                                      else _ints(axes)),
-                                                           a.get("keepdims", 1))),
+    "ReduceSum": lambda a, x, axes=None: _reduce(
+        torch.sum, x, None if axes is None else _ints(axes), a.get("keepdims", 1), a.get("noop_with_empty_axes", 0)
+    ),
+    "ReduceMean": lambda a, x, axes=None: _reduce(
+        torch.mean, x, a.get("axes", None if axes is None else _ints(axes)), a.get("keepdims", 1)
+    ),
+    "ReduceL2": lambda a, x, axes=None: torch.sqrt(
+        _reduce(torch.sum, x * x, a.get("axes", None if axes is None else _ints(axes)), a.get("keepdims", 1))
+    ),
     "Sum": lambda a, *xs: sum(xs[1:], xs[0]),
 }
 
@@ -207,7 +214,7 @@ _OPS: dict[str, Callable] = {
 def _gather(x, indices, axis):
     indices = torch.where(indices < 0, indices + x.shape[axis], indices)
     picked = torch.index_select(x, axis, indices.reshape(-1))
-    return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
+    return picked.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :]))
 
 
 def _unsqueeze(x, axes):
@@ -230,11 +237,15 @@ class TorchStepSimulator:
             if node.op_type == "Constant":
                 self.constants[node.output[0]] = torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())
                 continue
-            run = (lambda a, *xs, op=node.op_type: _spikec(op, a, list(xs))) if node.domain == "spikec" \
+            run = (
+                (lambda a, *xs, op=node.op_type: _spikec(op, a, list(xs)))
+                if node.domain == "spikec"
                 else _OPS[node.op_type]
+            )
             self.nodes.append((run, attrs, list(node.input), list(node.output)))
-        self.states = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input
-                       if i.name.startswith(STATE_PREFIX)}
+        self.states = {
+            i.name: len(i.type.tensor_type.shape.dim) for i in graph.input if i.name.startswith(STATE_PREFIX)
+        }
         self.outputs = [o.name for o in graph.output if not o.name.startswith(NEXT_STATE_PREFIX)]
 
     @torch.inference_mode()
@@ -252,7 +263,7 @@ class TorchStepSimulator:
                     env[names_out[0]] = result
             for name in self.outputs:
                 history[name].append(env[name])
-            states = {name: env[NEXT_STATE_PREFIX + name[len(STATE_PREFIX):]] for name in states}
+            states = {name: env[NEXT_STATE_PREFIX + name[len(STATE_PREFIX) :]] for name in states}
         result = {}
         for name, steps in history.items():
             result[name] = steps[-1].numpy()

@@ -8,6 +8,7 @@ runs in one pass and takes no ``--timesteps``):
     spikec eval digits_vit.onnx digits_snn.onnx --inputs digits-eval.npz --labels digits-eval-labels.npz
     spikec inspect digits_snn.onnx
 """
+
 import argparse
 import shlex
 import sys
@@ -38,6 +39,13 @@ if __name__ == "__main__":
     snn = out / "digits_snn.onnx"
     timing = [] if args.method == "ttfs" else ["--timesteps", args.timesteps]
     spikec("compile", ann, "-o", snn, "--method", args.method, *timing, "--calib", fixtures.fixture_npz("digits-calib"))
-    spikec("eval", ann, snn, "--inputs", fixtures.fixture_npz("digits-eval"),
-           "--labels", fixtures.fixture_npz("digits-eval-labels"))
+    spikec(
+        "eval",
+        ann,
+        snn,
+        "--inputs",
+        fixtures.fixture_npz("digits-eval"),
+        "--labels",
+        fixtures.fixture_npz("digits-eval-labels"),
+    )
     spikec("inspect", snn)

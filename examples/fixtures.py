@@ -200,8 +200,7 @@ def _export_onnx(
             # e.g. input_ids and attention_mask share "batch"/"seq".
             dims: dict[str, object] = {}
             shapes = tuple(
-                {ax: dims.setdefault(n, torch.export.Dim(n)) for ax, n in dynamic_axes.get(i, {}).items()}
-                or None
+                {ax: dims.setdefault(n, torch.export.Dim(n)) for ax, n in dynamic_axes.get(i, {}).items()} or None
                 for i in input_names
             )
             # dynamic_shapes mirrors forward's signature: a `*tensors` forward
@@ -375,9 +374,7 @@ def _tiny_vit(r: _ViTRecipe):
             self.norm1 = nn.LayerNorm(dim)
             self.attn = Attention(dim, heads)
             self.norm2 = nn.LayerNorm(dim)
-            self.mlp = nn.Sequential(
-                nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim)
-            )
+            self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
 
         def forward(self, x):
             x = x + self.attn(self.norm1(x))
@@ -824,8 +821,12 @@ def bert_base_random(opset: int = 17, exporter: Exporter = "torchscript") -> Pat
     _check_exporter(exporter)
     path = _cache_path("bert_base", ".onnx", cfg=_digest(_BERT_BASE), opset=opset, exp=exporter, torch=_export_key())
     example = {k: torch.from_numpy(v) for k, v in random_inputs("bert").items()}
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-            "last_hidden_state": {0: "batch", 1: "seq"}, "pooler_output": {0: "batch"}}
+    axes = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "seq"},
+        "last_hidden_state": {0: "batch", 1: "seq"},
+        "pooler_output": {0: "batch"},
+    }
     return _cached(
         path,
         lambda tmp: _export_onnx(_random_model(_BERT_BASE), example, _BERT_BASE.outputs, axes, opset, exporter, tmp),

@@ -19,6 +19,7 @@ Without it the route's cells read "export failed (optimum not installed ...)".
 ``python examples/zoo.py [--only NAME] [--routes R,...]`` builds (or finds) every export and prints a
 line per export; ``python examples/zoo.py optimum-export NAME OUT`` is what the optimum venv runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ CALIBRATION_SEED, EVALUATION_SEED, EXPORT_SEED, STATS_SEED = 1, 2, 0, 3
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """One architecture of the zoo. ``config`` is hashable so that it keys the cache."""
+
     name: str
     family: str  # text encoder, decoder, encoder-decoder, vision, audio, torch
     model_cls: str  # a transformers class, or "TransformerEncoder" (torch.nn)
@@ -103,102 +105,352 @@ def _cfg(**settings) -> tuple[tuple[str, object], ...]:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items()))
 
 
-_TEXT = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-             max_position_embeddings=64)
+_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+)
 _DECODER = dict(_TEXT, pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False)
-_VIT = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=128)
-_SWIN = dict(image_size=32, patch_size=2, num_channels=3, embed_dim=32, depths=[2, 2], num_heads=[2, 4],
-             window_size=4, mlp_ratio=2.0)
+_VIT = dict(
+    image_size=32,
+    patch_size=4,
+    num_channels=3,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+)
+_SWIN = dict(
+    image_size=32,
+    patch_size=2,
+    num_channels=3,
+    embed_dim=32,
+    depths=[2, 2],
+    num_heads=[2, 4],
+    window_size=4,
+    mlp_ratio=2.0,
+)
 _LAST, _POOLED = ("last_hidden_state",), ("last_hidden_state", "pooler_output")
 
 _ARCH_LIST = [
     # text encoders, right padding
     Arch("bert", "text encoder", "BertModel", "BertConfig", _cfg(**_TEXT), "text-right", _POOLED),
-    Arch("roberta", "text encoder", "RobertaModel", "RobertaConfig",
-         _cfg(**_TEXT, pad_token_id=1, bos_token_id=0, eos_token_id=2), "text-right", _POOLED),
-    Arch("distilbert", "text encoder", "DistilBertModel", "DistilBertConfig",
-         _cfg(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64),
-         "text-right", _LAST),
-    Arch("albert", "text encoder", "AlbertModel", "AlbertConfig", _cfg(**_TEXT, embedding_size=32), "text-right",
-         _POOLED),
-    Arch("electra", "text encoder", "ElectraModel", "ElectraConfig", _cfg(**_TEXT, embedding_size=32), "text-right",
-         _LAST),
+    Arch(
+        "roberta",
+        "text encoder",
+        "RobertaModel",
+        "RobertaConfig",
+        _cfg(**_TEXT, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+        "text-right",
+        _POOLED,
+    ),
+    Arch(
+        "distilbert",
+        "text encoder",
+        "DistilBertModel",
+        "DistilBertConfig",
+        _cfg(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64),
+        "text-right",
+        _LAST,
+    ),
+    Arch(
+        "albert", "text encoder", "AlbertModel", "AlbertConfig", _cfg(**_TEXT, embedding_size=32), "text-right", _POOLED
+    ),
+    Arch(
+        "electra",
+        "text encoder",
+        "ElectraModel",
+        "ElectraConfig",
+        _cfg(**_TEXT, embedding_size=32),
+        "text-right",
+        _LAST,
+    ),
     # NoNorm (an elementwise affine in place of LayerNorm), bottlenecks, ReLU
-    Arch("mobilebert", "text encoder", "MobileBertModel", "MobileBertConfig",
-         _cfg(**dict(_TEXT, intermediate_size=64), embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32,
-              num_feedforward_networks=2), "text-right", _POOLED),
+    Arch(
+        "mobilebert",
+        "text encoder",
+        "MobileBertModel",
+        "MobileBertConfig",
+        _cfg(
+            **dict(_TEXT, intermediate_size=64),
+            embedding_size=32,
+            intra_bottleneck_size=32,
+            true_hidden_size=32,
+            num_feedforward_networks=2,
+        ),
+        "text-right",
+        _POOLED,
+    ),
     # disentangled relative attention, masked_fill masks (as DeBERTa-v3 is configured)
-    Arch("deberta-v2", "text encoder", "DebertaV2Model", "DebertaV2Config",
-         _cfg(**_TEXT, relative_attention=True, position_buckets=16, max_relative_positions=32,
-              pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True,
-              position_biased_input=False), "text-right", _LAST),
+    Arch(
+        "deberta-v2",
+        "text encoder",
+        "DebertaV2Model",
+        "DebertaV2Config",
+        _cfg(
+            **_TEXT,
+            relative_attention=True,
+            position_buckets=16,
+            max_relative_positions=32,
+            pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            position_biased_input=False,
+        ),
+        "text-right",
+        _LAST,
+    ),
     # rotary, GeGLU, no biases, alternating global and sliding-window (local) attention
-    Arch("modernbert", "text encoder", "ModernBertModel", "ModernBertConfig",
-         _cfg(**dict(_TEXT, num_hidden_layers=3), local_attention=8, global_attn_every_n_layers=2, pad_token_id=0,
-              bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2), "text-right", _LAST),
+    Arch(
+        "modernbert",
+        "text encoder",
+        "ModernBertModel",
+        "ModernBertConfig",
+        _cfg(
+            **dict(_TEXT, num_hidden_layers=3),
+            local_attention=8,
+            global_attn_every_n_layers=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+        ),
+        "text-right",
+        _LAST,
+    ),
     # causal mask and padding mask together, quick_gelu; pooled at the EOS token (ArgMax over input ids)
-    Arch("clip-text", "text encoder", "CLIPTextModel", "CLIPTextConfig",
-         _cfg(**dict(_TEXT, max_position_embeddings=32), pad_token_id=0, bos_token_id=1, eos_token_id=2),
-         "text-right", _POOLED, ort_model_type="clip"),
+    Arch(
+        "clip-text",
+        "text encoder",
+        "CLIPTextModel",
+        "CLIPTextConfig",
+        _cfg(**dict(_TEXT, max_position_embeddings=32), pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "text-right",
+        _POOLED,
+        ort_model_type="clip",
+    ),
     # decoders, left padding (the layout of generation batches)
-    Arch("gpt2", "decoder", "GPT2Model", "GPT2Config",
-         _cfg(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False, bos_token_id=1,
-              eos_token_id=2, pad_token_id=0), "text-left", _LAST, ort_model_type="gpt2"),
+    Arch(
+        "gpt2",
+        "decoder",
+        "GPT2Model",
+        "GPT2Config",
+        _cfg(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            use_cache=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        "text-left",
+        _LAST,
+        ort_model_type="gpt2",
+    ),
     # learned positions offset by the mask's cumulative sum (left padding aware), ReLU
-    Arch("opt", "decoder", "OPTModel", "OPTConfig",
-         _cfg(**{k: v for k, v in _DECODER.items() if k != "intermediate_size"}, ffn_dim=128,
-              word_embed_proj_dim=64), "text-left", _LAST),
+    Arch(
+        "opt",
+        "decoder",
+        "OPTModel",
+        "OPTConfig",
+        _cfg(**{k: v for k, v in _DECODER.items() if k != "intermediate_size"}, ffn_dim=128, word_embed_proj_dim=64),
+        "text-left",
+        _LAST,
+    ),
     # parallel residual, partial rotary
-    Arch("gpt-neox", "decoder", "GPTNeoXModel", "GPTNeoXConfig", _cfg(**_DECODER, rotary_pct=0.25,
-                                                                      use_parallel_residual=True),
-         "text-left", _LAST, ort_model_type="gpt_neox"),
-    Arch("gptj", "decoder", "GPTJModel", "GPTJConfig",
-         _cfg(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8, use_cache=False,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0), "text-left", _LAST),
+    Arch(
+        "gpt-neox",
+        "decoder",
+        "GPTNeoXModel",
+        "GPTNeoXConfig",
+        _cfg(**_DECODER, rotary_pct=0.25, use_parallel_residual=True),
+        "text-left",
+        _LAST,
+        ort_model_type="gpt_neox",
+    ),
+    Arch(
+        "gptj",
+        "decoder",
+        "GPTJModel",
+        "GPTJConfig",
+        _cfg(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            rotary_dim=8,
+            use_cache=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        "text-left",
+        _LAST,
+    ),
     # parallel attention and MLP, multi-query attention, no biases
-    Arch("falcon", "decoder", "FalconModel", "FalconConfig",
-         _cfg(**{k: v for k, v in _DECODER.items() if k not in ("intermediate_size", "max_position_embeddings")},
-              new_decoder_architecture=False, parallel_attn=True, multi_query=True, alibi=False, bias=False),
-         "text-left", _LAST),
+    Arch(
+        "falcon",
+        "decoder",
+        "FalconModel",
+        "FalconConfig",
+        _cfg(
+            **{k: v for k, v in _DECODER.items() if k not in ("intermediate_size", "max_position_embeddings")},
+            new_decoder_architecture=False,
+            parallel_attn=True,
+            multi_query=True,
+            alibi=False,
+            bias=False,
+        ),
+        "text-left",
+        _LAST,
+    ),
     # parallel residual, partial rotary, gelu_new (the optimizer's model_type "phi" takes dynamo exports only)
     Arch("phi", "decoder", "PhiModel", "PhiConfig", _cfg(**_DECODER, partial_rotary_factor=0.5), "text-left", _LAST),
     # RMSNorm, SwiGLU, grouped-query attention, rotary
-    Arch("qwen2", "decoder", "Qwen2Model", "Qwen2Config", _cfg(**_DECODER, num_key_value_heads=2), "text-left",
-         _LAST),
+    Arch("qwen2", "decoder", "Qwen2Model", "Qwen2Config", _cfg(**_DECODER, num_key_value_heads=2), "text-left", _LAST),
     # RMSNorm with (1 + w), GeGLU (tanh GELU), multi-query, scaled embeddings
-    Arch("gemma", "decoder", "GemmaModel", "GemmaConfig", _cfg(**_DECODER, num_key_value_heads=1, head_dim=16),
-         "text-left", _LAST),
+    Arch(
+        "gemma",
+        "decoder",
+        "GemmaModel",
+        "GemmaConfig",
+        _cfg(**_DECODER, num_key_value_heads=1, head_dim=16),
+        "text-left",
+        _LAST,
+    ),
     # LayerNorm with SwiGLU, partial rotary
-    Arch("stablelm", "decoder", "StableLmModel", "StableLmConfig", _cfg(**_DECODER, partial_rotary_factor=0.25,
-                                                                          num_key_value_heads=4), "text-left", _LAST),
+    Arch(
+        "stablelm",
+        "decoder",
+        "StableLmModel",
+        "StableLmConfig",
+        _cfg(**_DECODER, partial_rotary_factor=0.25, num_key_value_heads=4),
+        "text-left",
+        _LAST,
+    ),
     # LayerNorm with biases, tanh GELU MLP, sliding window
-    Arch("starcoder2", "decoder", "Starcoder2Model", "Starcoder2Config",
-         _cfg(**_DECODER, num_key_value_heads=2, sliding_window=8), "text-left", _LAST),
-    Arch("mistral", "decoder", "MistralModel", "MistralConfig",
-         _cfg(**_DECODER, num_key_value_heads=2, sliding_window=8), "text-left", _LAST),
+    Arch(
+        "starcoder2",
+        "decoder",
+        "Starcoder2Model",
+        "Starcoder2Config",
+        _cfg(**_DECODER, num_key_value_heads=2, sliding_window=8),
+        "text-left",
+        _LAST,
+    ),
+    Arch(
+        "mistral",
+        "decoder",
+        "MistralModel",
+        "MistralConfig",
+        _cfg(**_DECODER, num_key_value_heads=2, sliding_window=8),
+        "text-left",
+        _LAST,
+    ),
     Arch("llama", "decoder", "LlamaModel", "LlamaConfig", _cfg(**_DECODER), "text-left", _LAST),
     # ALiBi position biases, BLOOM's own tanh GELU form
-    Arch("bloom", "decoder", "BloomModel", "BloomConfig",
-         _cfg(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, use_cache=False, bos_token_id=1,
-              eos_token_id=2, pad_token_id=0), "text-left", _LAST),
+    Arch(
+        "bloom",
+        "decoder",
+        "BloomModel",
+        "BloomConfig",
+        _cfg(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            n_layer=2,
+            n_head=4,
+            use_cache=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        "text-left",
+        _LAST,
+    ),
     # encoder-decoder: the decoder reads the shifted input ids (teacher forcing), cross-attends the encoder
-    Arch("bart", "encoder-decoder", "BartModel", "BartConfig",
-         _cfg(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-              decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-              pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, use_cache=False),
-         "text-right", ("last_hidden_state", "encoder_last_hidden_state"), ort_model_type="bart"),
+    Arch(
+        "bart",
+        "encoder-decoder",
+        "BartModel",
+        "BartConfig",
+        _cfg(
+            vocab_size=VOCAB,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            use_cache=False,
+        ),
+        "text-right",
+        ("last_hidden_state", "encoder_last_hidden_state"),
+        ort_model_type="bart",
+    ),
     # pre-LayerNorm BART
-    Arch("mbart", "encoder-decoder", "MBartModel", "MBartConfig",
-         _cfg(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-              decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-              pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, use_cache=False),
-         "text-right", ("last_hidden_state", "encoder_last_hidden_state"), ort_model_type="bart"),
+    Arch(
+        "mbart",
+        "encoder-decoder",
+        "MBartModel",
+        "MBartConfig",
+        _cfg(
+            vocab_size=VOCAB,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            use_cache=False,
+        ),
+        "text-right",
+        ("last_hidden_state", "encoder_last_hidden_state"),
+        ort_model_type="bart",
+    ),
     # RMSNorm (T5LayerNorm), gated GELU (T5 v1.1 / Flan-T5), bucketed relative position bias
-    Arch("t5-encoder", "encoder-decoder", "T5EncoderModel", "T5Config",
-         _cfg(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-              relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-              decoder_start_token_id=0, use_cache=False), "text-right", _LAST, ort_model_type="t5"),
+    Arch(
+        "t5-encoder",
+        "encoder-decoder",
+        "T5EncoderModel",
+        "T5Config",
+        _cfg(
+            vocab_size=VOCAB,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            use_cache=False,
+        ),
+        "text-right",
+        _LAST,
+        ort_model_type="t5",
+    ),
     # vision
     Arch("vit", "vision", "ViTModel", "ViTConfig", _cfg(**_VIT), "image", _POOLED, ort_model_type="vit"),
     Arch("deit", "vision", "DeiTModel", "DeiTConfig", _cfg(**_VIT), "image", _POOLED, ort_model_type="vit"),
@@ -207,44 +459,161 @@ _ARCH_LIST = [
     # scaled cosine attention, log-spaced continuous position bias (an MLP), post-norm
     Arch("swinv2", "vision", "Swinv2Model", "Swinv2Config", _cfg(**_SWIN), "image", _POOLED, ort_model_type="swin"),
     # relative position bias, layer scale, mean pooling
-    Arch("beit", "vision", "BeitModel", "BeitConfig",
-         _cfg(**_VIT, use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1),
-         "image", _POOLED, ort_model_type="vit"),
+    Arch(
+        "beit",
+        "vision",
+        "BeitModel",
+        "BeitConfig",
+        _cfg(**_VIT, use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1),
+        "image",
+        _POOLED,
+        ort_model_type="vit",
+    ),
     # conv stem, BatchNorm after every linear, HardSwish, attention biases, subsampling attention
-    Arch("levit", "vision", "LevitModel", "LevitConfig",
-         _cfg(image_size=64, num_channels=3, hidden_sizes=[32, 48, 64], num_attention_heads=[2, 2, 2],
-              depths=[1, 1, 1], key_dim=[8, 8, 8], drop_path_rate=0, mlp_ratio=[2, 2, 2],
-              attention_ratio=[2, 2, 2]), "image", _POOLED, batchnorm_stats=True),
+    Arch(
+        "levit",
+        "vision",
+        "LevitModel",
+        "LevitConfig",
+        _cfg(
+            image_size=64,
+            num_channels=3,
+            hidden_sizes=[32, 48, 64],
+            num_attention_heads=[2, 2, 2],
+            depths=[1, 1, 1],
+            key_dim=[8, 8, 8],
+            drop_path_rate=0,
+            mlp_ratio=[2, 2, 2],
+            attention_ratio=[2, 2, 2],
+        ),
+        "image",
+        _POOLED,
+        batchnorm_stats=True,
+    ),
     # MobileNetV2 blocks (BatchNorm, SiLU) around transformer blocks on unfolded patches
-    Arch("mobilevit", "vision", "MobileViTModel", "MobileViTConfig",
-         _cfg(image_size=64, num_channels=3, hidden_sizes=[32, 48, 64], neck_hidden_sizes=[8, 16, 24, 32, 48, 64, 96],
-              num_attention_heads=2, patch_size=2, mlp_ratio=2.0), "image", _POOLED, batchnorm_stats=True),
+    Arch(
+        "mobilevit",
+        "vision",
+        "MobileViTModel",
+        "MobileViTConfig",
+        _cfg(
+            image_size=64,
+            num_channels=3,
+            hidden_sizes=[32, 48, 64],
+            neck_hidden_sizes=[8, 16, 24, 32, 48, 64, 96],
+            num_attention_heads=2,
+            patch_size=2,
+            mlp_ratio=2.0,
+        ),
+        "image",
+        _POOLED,
+        batchnorm_stats=True,
+    ),
     # attention-pooling head: torch.nn.MultiheadAttention (sequence-first inside)
-    Arch("siglip-vision", "vision", "SiglipVisionModel", "SiglipVisionConfig", _cfg(**_VIT), "image", _POOLED,
-         ort_model_type="clip"),
+    Arch(
+        "siglip-vision",
+        "vision",
+        "SiglipVisionModel",
+        "SiglipVisionConfig",
+        _cfg(**_VIT),
+        "image",
+        _POOLED,
+        ort_model_type="clip",
+    ),
     # pre-LayerNorm, quick_gelu
-    Arch("clip-vision", "vision", "CLIPVisionModel", "CLIPVisionConfig", _cfg(**_VIT), "image", _POOLED,
-         ort_model_type="clip"),
+    Arch(
+        "clip-vision",
+        "vision",
+        "CLIPVisionModel",
+        "CLIPVisionConfig",
+        _cfg(**_VIT),
+        "image",
+        _POOLED,
+        ort_model_type="clip",
+    ),
     # audio: Whisper's encoder (Conv1d stem, GELU) on log-mel features; wav2vec2 on raw waveforms
-    Arch("whisper-encoder", "audio", "WhisperModel", "WhisperConfig",
-         _cfg(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
-              decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
-              max_source_positions=16, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-              decoder_start_token_id=1, use_cache=False), "mel", _LAST, ort_model_type="bart",
-         submodule="encoder", optimum_file="encoder_model.onnx", optimum_shapes=(("nb_max_frames", 32),)),
+    Arch(
+        "whisper-encoder",
+        "audio",
+        "WhisperModel",
+        "WhisperConfig",
+        _cfg(
+            vocab_size=VOCAB,
+            d_model=64,
+            encoder_layers=2,
+            decoder_layers=1,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=128,
+            decoder_ffn_dim=128,
+            num_mel_bins=16,
+            max_source_positions=16,
+            max_target_positions=16,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=1,
+            use_cache=False,
+        ),
+        "mel",
+        _LAST,
+        ort_model_type="bart",
+        submodule="encoder",
+        optimum_file="encoder_model.onnx",
+        optimum_shapes=(("nb_max_frames", 32),),
+    ),
     # conv feature encoder with GroupNorm, grouped positional convolution (weight norm)
-    Arch("wav2vec2", "audio", "Wav2Vec2Model", "Wav2Vec2Config",
-         _cfg(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-              conv_dim=[32, 32, 32], conv_stride=[5, 2, 2], conv_kernel=[10, 3, 3], num_conv_pos_embeddings=16,
-              num_conv_pos_embedding_groups=4, feat_extract_norm="group", do_stable_layer_norm=False,
-              mask_time_prob=0.0), "wave", _LAST),
+    Arch(
+        "wav2vec2",
+        "audio",
+        "Wav2Vec2Model",
+        "Wav2Vec2Config",
+        _cfg(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            conv_dim=[32, 32, 32],
+            conv_stride=[5, 2, 2],
+            conv_kernel=[10, 3, 3],
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=4,
+            feat_extract_norm="group",
+            do_stable_layer_norm=False,
+            mask_time_prob=0.0,
+        ),
+        "wave",
+        _LAST,
+    ),
     # plain torch: nn.TransformerEncoder over given embeddings with a key padding mask
-    Arch("torch-encoder", "torch", "TransformerEncoder", "TransformerEncoderLayer",
-         _cfg(d_model=64, nhead=4, dim_feedforward=128, num_layers=2, batch_first=True, norm_first=True,
-              activation="gelu"), "embeddings", ("hidden",)),
-    Arch("torch-encoder-seqfirst", "torch", "TransformerEncoder", "TransformerEncoderLayer",
-         _cfg(d_model=64, nhead=4, dim_feedforward=128, num_layers=2, batch_first=False, norm_first=False,
-              activation="relu"), "embeddings", ("hidden",)),
+    Arch(
+        "torch-encoder",
+        "torch",
+        "TransformerEncoder",
+        "TransformerEncoderLayer",
+        _cfg(
+            d_model=64, nhead=4, dim_feedforward=128, num_layers=2, batch_first=True, norm_first=True, activation="gelu"
+        ),
+        "embeddings",
+        ("hidden",),
+    ),
+    Arch(
+        "torch-encoder-seqfirst",
+        "torch",
+        "TransformerEncoder",
+        "TransformerEncoderLayer",
+        _cfg(
+            d_model=64,
+            nhead=4,
+            dim_feedforward=128,
+            num_layers=2,
+            batch_first=False,
+            norm_first=False,
+            activation="relu",
+        ),
+        "embeddings",
+        ("hidden",),
+    ),
 ]
 ARCHS: dict[str, Arch] = {a.name: a for a in _ARCH_LIST}
 
@@ -253,6 +622,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in _ARCH_LIST}
 class Route:
     """One way to get an ONNX file: an exporter at an opset with an attention implementation, or a tool
     applied to another route's export."""
+
     name: str
     exporter: str  # torchscript, dynamo, ort-optimizer, optimum
     opset: int | None = None  # None: the exporter's default
@@ -268,14 +638,17 @@ class Route:
         return f"{self.exporter} exporter, opset {opset}, {self.attention} attention"
 
 
-ROUTES: dict[str, Route] = {r.name: r for r in [
-    Route("ts14", "torchscript", 14),
-    Route("ts17", "torchscript", 17),
-    Route("ts17-eager", "torchscript", 17, attention="eager"),
-    Route("dynamo", "dynamo"),
-    Route("ort-opt", "ort-optimizer", base="ts17"),
-    Route("optimum", "optimum"),
-]}
+ROUTES: dict[str, Route] = {
+    r.name: r
+    for r in [
+        Route("ts14", "torchscript", 14),
+        Route("ts17", "torchscript", 17),
+        Route("ts17-eager", "torchscript", 17, attention="eager"),
+        Route("dynamo", "dynamo"),
+        Route("ort-opt", "ort-optimizer", base="ts17"),
+        Route("optimum", "optimum"),
+    ]
+}
 
 
 class ExportFailed(Exception):
@@ -325,8 +698,10 @@ def sample_inputs(arch: Arch, count: int, seed: int) -> dict[str, np.ndarray]:
         return {"input_values": (0.1 * rng.standard_normal((count, 1600))).astype(np.float32)}
     if arch.inputs == "embeddings":
         lengths = _lengths(rng, count)
-        return {"embeddings": rng.standard_normal((count, SEQ, arch.setting("d_model")), dtype=np.float32),
-                "attention_mask": (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)}
+        return {
+            "embeddings": rng.standard_normal((count, SEQ, arch.setting("d_model")), dtype=np.float32),
+            "attention_mask": (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64),
+        }
     raise ValueError(f"unknown input kind {arch.inputs!r}")
 
 
@@ -363,8 +738,9 @@ def _torch_encoder(arch: Arch):
     class Encoder(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(**settings, dropout=0.0),
-                                                       layers, enable_nested_tensor=False)
+            self.encoder = torch.nn.TransformerEncoder(
+                torch.nn.TransformerEncoderLayer(**settings, dropout=0.0), layers, enable_nested_tensor=False
+            )
 
         def forward(self, embeddings, attention_mask):
             x = embeddings if batch_first else embeddings.transpose(0, 1)
@@ -417,8 +793,9 @@ def _dynamic_axes(arch: Arch, names) -> dict[str, dict[int, str]]:
     text = arch.inputs.startswith("text") or arch.inputs == "embeddings"
     axes = {}
     for name in names:
-        sequence = text and (name in ("input_ids", "attention_mask", "embeddings") or name.endswith("hidden_state")
-                             or name == "hidden")
+        sequence = text and (
+            name in ("input_ids", "attention_mask", "embeddings") or name.endswith("hidden_state") or name == "hidden"
+        )
         axes[name] = {0: "batch", 1: "seq"} if sequence else {0: "batch"}
     return axes
 
@@ -459,8 +836,9 @@ def _torch_export(arch: Arch, route: Route, path: Path) -> None:
 
 def _num_heads_and_hidden(arch: Arch) -> tuple[int, int]:
     """What the optimizer's attention fusion needs (0 = let it detect, where heads differ per stage)."""
-    heads = arch.setting("num_attention_heads", "n_head", "n_heads", "encoder_attention_heads", "num_heads", "nhead",
-                         default=0)
+    heads = arch.setting(
+        "num_attention_heads", "n_head", "n_heads", "encoder_attention_heads", "num_heads", "nhead", default=0
+    )
     hidden = arch.setting("hidden_size", "n_embd", "d_model", "dim", "embed_dim", default=0)
     return (heads, hidden) if isinstance(heads, int) and isinstance(hidden, int) and heads and hidden else (0, 0)
 
@@ -472,8 +850,9 @@ def _ort_optimize(arch: Arch, route: Route, path: Path) -> None:
     heads, hidden = _num_heads_and_hidden(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimized = optimize_model(str(export(arch, ROUTES[route.base])), model_type=arch.ort_model_type,
-                                   num_heads=heads, hidden_size=hidden)
+        optimized = optimize_model(
+            str(export(arch, ROUTES[route.base])), model_type=arch.ort_model_type, num_heads=heads, hidden_size=hidden
+        )
     onnx.save_model(optimized.model, str(path))
 
 
@@ -496,10 +875,16 @@ def _optimum_version() -> str:
 def _optimum_export(arch: Arch, route: Route, path: Path) -> None:
     python = _optimum_python()
     if python is None or _optimum_version() == "none":
-        raise ExportFailed("optimum not installed: set SPIKEC_OPTIMUM_PYTHON to the python of a venv with "
-                           "optimum-onnx (docs/conformance.md)")
-    done = subprocess.run([python, str(Path(__file__).resolve()), "optimum-export", arch.name, str(path)],
-                          capture_output=True, text=True, timeout=900)
+        raise ExportFailed(
+            "optimum not installed: set SPIKEC_OPTIMUM_PYTHON to the python of a venv with "
+            "optimum-onnx (docs/conformance.md)"
+        )
+    done = subprocess.run(
+        [python, str(Path(__file__).resolve()), "optimum-export", arch.name, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
         raise ExportFailed(f"optimum: {lines[-1] if lines else f'exit {done.returncode}'}")
@@ -519,13 +904,24 @@ def optimum_export(arch: Arch, output: Path) -> None:
             torch.manual_seed(0)
             config = getattr(transformers, arch.config_cls)(**arch.settings)
             getattr(transformers, arch.model_cls)(config).save_pretrained(f"{work}/model")
-        main_export(f"{work}/model", f"{work}/onnx", task=arch.optimum_task, device="cpu", do_validation=False,
-                    no_post_process=True, **dict(arch.optimum_shapes))
+        main_export(
+            f"{work}/model",
+            f"{work}/onnx",
+            task=arch.optimum_task,
+            device="cpu",
+            do_validation=False,
+            no_post_process=True,
+            **dict(arch.optimum_shapes),
+        )
         shutil.copyfile(f"{work}/onnx/{arch.optimum_file}", output)
 
 
-_EXPORTERS = {"torchscript": _torch_export, "dynamo": _torch_export, "ort-optimizer": _ort_optimize,
-              "optimum": _optimum_export}
+_EXPORTERS = {
+    "torchscript": _torch_export,
+    "dynamo": _torch_export,
+    "ort-optimizer": _ort_optimize,
+    "optimum": _optimum_export,
+}
 
 
 def export(arch: Arch, route: Route) -> Path:

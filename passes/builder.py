@@ -1,4 +1,5 @@
 """One way for a pass to add nodes to a graphsurgeon graph (see GraphBuilder)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,15 @@ class GraphBuilder:
             return gs.Variable(name, dtype=np.float32, shape=self._shape)
         return gs.Variable(name)  # types come from inference
 
-    def op(self, op_type: str, *inputs, out: gs.Variable | None = None, name: str | None = None,
-           domain: str | None = None, **attrs) -> gs.Variable:
+    def op(
+        self,
+        op_type: str,
+        *inputs,
+        out: gs.Variable | None = None,
+        name: str | None = None,
+        domain: str | None = None,
+        **attrs,
+    ) -> gs.Variable:
         """``name`` names the node where a pass's readers know it by name (default ``<output>/<op>``)."""
         out = out if out is not None else self.fresh(op_type)
         self.node(op_type, inputs, [out], name or f"{out.name}/{op_type}", domain=domain, **attrs)
@@ -57,8 +65,9 @@ class GraphBuilder:
             return self.op(op, data, self.const([-1], np.int64), keepdims=1)
         return self.op(op, data, axes=[-1], keepdims=1)
 
-    def spikec(self, op_type: str, *inputs, out: gs.Variable | None = None, name: str | None = None,
-               **attrs) -> gs.Variable:
+    def spikec(
+        self, op_type: str, *inputs, out: gs.Variable | None = None, name: str | None = None, **attrs
+    ) -> gs.Variable:
         """A spikec op (runtime/ops.py), its attributes defaulted from the op library."""
         return self.op(op_type, *inputs, out=out, name=name, domain="spikec", **spikec_attributes(op_type, attrs))
 

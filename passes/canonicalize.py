@@ -114,9 +114,11 @@ def inference_dropout(graph: gs.Graph) -> gs.Graph:
         else:
             node.inputs = node.inputs[:2]
     if training:
-        warnings.warn(f"{len(training)} Dropout node(s) in training mode ('{training[0]}'{', ...' if len(training) > 1 else ''}: "
-                      f"the model was exported without model.eval()): treated as identity, as at inference",
-                      stacklevel=2)
+        warnings.warn(
+            f"{len(training)} Dropout node(s) in training mode ('{training[0]}'{', ...' if len(training) > 1 else ''}: "
+            f"the model was exported without model.eval()): treated as identity, as at inference",
+            stacklevel=2,
+        )
     if dropouts:
         graph.cleanup()  # the ratios and modes they no longer read
     return graph
@@ -225,7 +227,11 @@ def squeeze_batch_constants(graph: gs.Graph) -> gs.Graph:
         if not any(isinstance(t, gs.Variable) and _batched(t, batch, rank) for t in node.inputs):
             continue
         for i, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and _batched(tensor, batch, rank) and (tensor.values == tensor.values[:1]).all():
+            if (
+                isinstance(tensor, gs.Constant)
+                and _batched(tensor, batch, rank)
+                and (tensor.values == tensor.values[:1]).all()
+            ):
                 if tensor.name not in squeezed:
                     squeezed[tensor.name] = gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(tensor.values[:1]))
                 node.inputs[i] = squeezed[tensor.name]
@@ -266,13 +272,29 @@ def expand_batch_constants(graph: gs.Graph) -> gs.Graph:
             expanded = gs.Variable(f"{prefix}.expanded", dtype=tensor.values.dtype)
             graph.nodes += [
                 gs.Node("Shape", f"{prefix}/Shape", inputs=[rows], outputs=[shape]),
-                gs.Node("Slice", f"{prefix}/Slice", outputs=[count],
-                        inputs=[shape, gs.Constant(f"{prefix}.start", np.array([0], np.int64)),
-                                gs.Constant(f"{prefix}.end", np.array([1], np.int64))]),
-                gs.Node("Concat", f"{prefix}/Concat", attrs={"axis": 0}, outputs=[target],
-                        inputs=[count, gs.Constant(f"{prefix}.ones", np.ones(rank - 1, np.int64))]),
-                gs.Node("Expand", f"{prefix}/Expand", outputs=[expanded],
-                        inputs=[gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(tensor.values[:1])), target]),
+                gs.Node(
+                    "Slice",
+                    f"{prefix}/Slice",
+                    outputs=[count],
+                    inputs=[
+                        shape,
+                        gs.Constant(f"{prefix}.start", np.array([0], np.int64)),
+                        gs.Constant(f"{prefix}.end", np.array([1], np.int64)),
+                    ],
+                ),
+                gs.Node(
+                    "Concat",
+                    f"{prefix}/Concat",
+                    attrs={"axis": 0},
+                    outputs=[target],
+                    inputs=[count, gs.Constant(f"{prefix}.ones", np.ones(rank - 1, np.int64))],
+                ),
+                gs.Node(
+                    "Expand",
+                    f"{prefix}/Expand",
+                    outputs=[expanded],
+                    inputs=[gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(tensor.values[:1])), target],
+                ),
             ]
             node.inputs[i] = expanded
     graph.cleanup()

@@ -128,21 +128,42 @@ def _ort_default_domain_schemas() -> list[onnx.defs.OpSchema]:
     param, option = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.FormalParameterOption
     attr, kind = onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
     floats = ["tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"]
-    constraints = [("T", floats, ""), ("U", ["tensor(float)", "tensor(double)", "tensor(bfloat16)"], ""),
-                   ("V", floats, "")]
-    attributes = [attr("axis", kind.INT, "", required=False), attr("epsilon", kind.FLOAT, "", required=False),
-                  attr("stash_type", kind.INT, "", required=False)]
+    constraints = [
+        ("T", floats, ""),
+        ("U", ["tensor(float)", "tensor(double)", "tensor(bfloat16)"], ""),
+        ("V", floats, ""),
+    ]
+    attributes = [
+        attr("axis", kind.INT, "", required=False),
+        attr("epsilon", kind.FLOAT, "", required=False),
+        attr("stash_type", kind.INT, "", required=False),
+    ]
     optional = option.Optional
     return [
-        onnx.defs.OpSchema("SimplifiedLayerNormalization", "", 1, doc="onnxruntime", type_constraints=constraints,
-                           inputs=[param("X", "T"), param("scale", "V")],
-                           outputs=[param("Y", "V"), param("inv_std_var", "U", param_option=optional)],
-                           attributes=attributes),
-        onnx.defs.OpSchema("LayerNormalization", "", 1, doc="onnxruntime", type_constraints=constraints,
-                           inputs=[param("X", "T"), param("Scale", "V"), param("B", "V", param_option=optional)],
-                           outputs=[param("Y", "V"), param("Mean", "U", param_option=optional),
-                                    param("InvStdDev", "U", param_option=optional)],
-                           attributes=attributes),
+        onnx.defs.OpSchema(
+            "SimplifiedLayerNormalization",
+            "",
+            1,
+            doc="onnxruntime",
+            type_constraints=constraints,
+            inputs=[param("X", "T"), param("scale", "V")],
+            outputs=[param("Y", "V"), param("inv_std_var", "U", param_option=optional)],
+            attributes=attributes,
+        ),
+        onnx.defs.OpSchema(
+            "LayerNormalization",
+            "",
+            1,
+            doc="onnxruntime",
+            type_constraints=constraints,
+            inputs=[param("X", "T"), param("Scale", "V"), param("B", "V", param_option=optional)],
+            outputs=[
+                param("Y", "V"),
+                param("Mean", "U", param_option=optional),
+                param("InvStdDev", "U", param_option=optional),
+            ],
+            attributes=attributes,
+        ),
     ]
 
 
@@ -274,7 +295,7 @@ def _expand(graph: gs.Graph, node: gs.Node, names: set[str]) -> None:
     unknown = sorted(set(node.attrs) - set(spec.attrs))
     if unknown:
         raise _refuse(node, f"attribute {unknown[0]!r} is not supported")
-    extra = [t.name for t in node.inputs[spec.inputs:] if not t.is_empty()]
+    extra = [t.name for t in node.inputs[spec.inputs :] if not t.is_empty()]
     if extra:
         raise _refuse(node, f"input '{extra[0]}' is not supported")
     attrs = {**spec.attrs, **node.attrs}
@@ -292,13 +313,29 @@ def _expand(graph: gs.Graph, node: gs.Node, names: set[str]) -> None:
 # ----------------------------------------------------------------------------- normalization
 
 
-def _layer_norm(em: _Emitter, x, scale, bias, epsilon: float, axis: int, rank: int | None,
-                out: gs.Variable | None, mean: gs.Variable | None = None, inv_std: gs.Variable | None = None) -> None:
+def _layer_norm(
+    em: _Emitter,
+    x,
+    scale,
+    bias,
+    epsilon: float,
+    axis: int,
+    rank: int | None,
+    out: gs.Variable | None,
+    mean: gs.Variable | None = None,
+    inv_std: gs.Variable | None = None,
+) -> None:
     """LayerNormalization over axes axis..-1: the op from opset 17, before it the chain the TorchScript
     exporter writes for nn.LayerNorm (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add)."""
     if em.opset >= 17:
-        em.node_with_outputs("LayerNormalization", [x, scale, bias], [out, mean, inv_std], axis=axis,
-                             epsilon=float(epsilon), stash_type=1)
+        em.node_with_outputs(
+            "LayerNormalization",
+            [x, scale, bias],
+            [out, mean, inv_std],
+            axis=axis,
+            epsilon=float(epsilon),
+            stash_type=1,
+        )
         return
     axes = _normalized_axes(em.node, axis, rank)
     average = em.reduce_mean(x, axes, out=mean)
@@ -314,8 +351,16 @@ def _layer_norm(em: _Emitter, x, scale, bias, epsilon: float, axis: int, rank: i
         em("Add", em("Mul", normalized, scale), bias, out=out)
 
 
-def _rms_norm(em: _Emitter, x, scale, epsilon: float, axis: int, rank: int | None, out: gs.Variable | None,
-              inv_std: gs.Variable | None = None) -> None:
+def _rms_norm(
+    em: _Emitter,
+    x,
+    scale,
+    epsilon: float,
+    axis: int,
+    rank: int | None,
+    out: gs.Variable | None,
+    inv_std: gs.Variable | None = None,
+) -> None:
     """x / sqrt(mean(x^2) + eps) * scale as transformers' RMSNorm exports it: Pow, ReduceMean, Add, Sqrt,
     Div(1, .), Mul(x, .), Mul(weight, .)."""
     axes = _normalized_axes(em.node, axis, rank)
@@ -338,8 +383,18 @@ def _layer_norm_v1(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     _check_float(node, x, scale, bias)
     _check_stash(node, attrs)
     rank = _rank(x) if attrs["axis"] >= 0 else None
-    _layer_norm(em, x, scale, bias, attrs["epsilon"], attrs["axis"], rank, _output(node, 0, em.graph),
-                _output(node, 1, em.graph), _output(node, 2, em.graph))
+    _layer_norm(
+        em,
+        x,
+        scale,
+        bias,
+        attrs["epsilon"],
+        attrs["axis"],
+        rank,
+        _output(node, 0, em.graph),
+        _output(node, 1, em.graph),
+        _output(node, 2, em.graph),
+    )
 
 
 def _simplified_layer_norm(em: _Emitter, node: gs.Node, attrs: dict) -> None:
@@ -347,8 +402,9 @@ def _simplified_layer_norm(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     _check_float(node, x, scale)
     _check_stash(node, attrs)
     rank = _rank(x) if attrs["axis"] >= 0 else None
-    _rms_norm(em, x, scale, attrs["epsilon"], attrs["axis"], rank, _output(node, 0, em.graph),
-              _output(node, 1, em.graph))
+    _rms_norm(
+        em, x, scale, attrs["epsilon"], attrs["axis"], rank, _output(node, 0, em.graph), _output(node, 1, em.graph)
+    )
 
 
 def _check_stash(node: gs.Node, attrs: dict) -> None:
@@ -394,8 +450,12 @@ def _embed_layer_norm(em: _Emitter, node: gs.Node, attrs: dict) -> None:
         raise _refuse(node, f"mask_index_type {attrs['mask_index_type']} is not supported")
     if position_ids is None:
         position_ids = em("Range", np.int64(0), em.scalar(em.dim(ids, 1)), np.int64(1))
-    total = em("Add", em("Gather", words, ids, axis=0), em("Gather", positions, position_ids, axis=0),
-               out=None if segments is not None else _output(node, 2, graph))
+    total = em(
+        "Add",
+        em("Gather", words, ids, axis=0),
+        em("Gather", positions, position_ids, axis=0),
+        out=None if segments is not None else _output(node, 2, graph),
+    )
     if segments is not None:
         total = em("Add", total, em("Gather", segment_table, segments, axis=0), out=_output(node, 2, graph))
     _layer_norm(em, total, gamma, beta, attrs["epsilon"], -1, None, _output(node, 0, graph))
@@ -497,8 +557,14 @@ def _fused_matmul(em: _Emitter, node: gs.Node, attrs: dict) -> None:
 
 
 # onnxruntime's fused activations and the attributes that parameterize them, in order
-_ACTIVATIONS = {"Relu": (), "Tanh": (), "Sigmoid": (), "LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta"),
-                "Clip": ()}
+_ACTIVATIONS = {
+    "Relu": (),
+    "Tanh": (),
+    "Sigmoid": (),
+    "LeakyRelu": ("alpha",),
+    "HardSigmoid": ("alpha", "beta"),
+    "Clip": (),
+}
 
 
 def _activation(em: _Emitter, node: gs.Node, x, name: str, params: list[float], out) -> None:
@@ -518,8 +584,16 @@ def _activation(em: _Emitter, node: gs.Node, x, name: str, params: list[float], 
 def _fused_gemm(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     a, b, c = node.inputs[0], node.inputs[1], _input(node, 2)
     _check_float(node, a, b, c)
-    gemm = em("Gemm", a, b, c, alpha=float(attrs["alpha"]), beta=float(attrs["beta"]),
-              transA=int(attrs["transA"]), transB=int(attrs["transB"]))
+    gemm = em(
+        "Gemm",
+        a,
+        b,
+        c,
+        alpha=float(attrs["alpha"]),
+        beta=float(attrs["beta"]),
+        transA=int(attrs["transA"]),
+        transB=int(attrs["transB"]),
+    )
     params = [attrs[k] for k in ("activation_alpha", "activation_beta") if attrs[k] is not None]
     _activation(em, node, gemm, attrs["activation"], params, _output(node, 0, em.graph))
 
@@ -532,8 +606,9 @@ def _fused_conv(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     result = em("Conv", x, w, b, **conv_attrs)
     if z is not None:
         result = em("Add", result, z)
-    _activation(em, node, result, attrs["activation"], list(attrs["activation_params"] or []),
-                _output(node, 0, em.graph))
+    _activation(
+        em, node, result, attrs["activation"], list(attrs["activation_params"] or []), _output(node, 0, em.graph)
+    )
 
 
 # ----------------------------------------------------------------------------- attention
@@ -542,6 +617,7 @@ def _fused_conv(em: _Emitter, node: gs.Node, attrs: dict) -> None:
 @dataclass
 class _Heads:
     """Q, K, V in (batch, heads, sequence, head size) layout, with what the attention core needs."""
+
     query: gs.Tensor
     key: gs.Tensor
     value: gs.Tensor
@@ -556,9 +632,23 @@ def _to_heads(em: _Emitter, x, heads: int, head_size: int) -> gs.Variable:
     return em("Transpose", split, perm=[0, 2, 1, 3])
 
 
-def _attention_core(em: _Emitter, node: gs.Node, qkv: _Heads, *, scale: float | None, mask, mask_filter: float,
-                    causal: bool, attention_bias, past_key, past_value, out, present_key=None, present_value=None,
-                    scores_out=None) -> tuple[gs.Tensor, gs.Tensor]:
+def _attention_core(
+    em: _Emitter,
+    node: gs.Node,
+    qkv: _Heads,
+    *,
+    scale: float | None,
+    mask,
+    mask_filter: float,
+    causal: bool,
+    attention_bias,
+    past_key,
+    past_value,
+    out,
+    present_key=None,
+    present_value=None,
+    scores_out=None,
+) -> tuple[gs.Tensor, gs.Tensor]:
     """softmax(scale * Q K^T + mask) V over (B, N, S, H) heads, merged back to (B, S, N*Hv).
 
     The mask is additive, as onnxruntime builds it: masked keys get mask_filter_value, and with
@@ -585,8 +675,7 @@ def _attention_core(em: _Emitter, node: gs.Node, qkv: _Heads, *, scale: float | 
     return key, value
 
 
-def _additive_mask(em: _Emitter, node: gs.Node, qkv: _Heads, key, mask, mask_filter: float, causal: bool,
-                   past_length):
+def _additive_mask(em: _Emitter, node: gs.Node, qkv: _Heads, key, mask, mask_filter: float, causal: bool, past_length):
     """The mask onnxruntime's PrepareMask builds, broadcastable to (B, N, S, T), or None."""
     additive = None
     total = em.dim(key, 2)  # T: past + new keys
@@ -607,8 +696,11 @@ def _additive_mask(em: _Emitter, node: gs.Node, qkv: _Heads, key, mask, mask_fil
         rows = em("Unsqueeze", em("Range", np.int64(0), queries, np.int64(1)), np.array([1], np.int64))
         keys = em("Range", np.int64(0), em.scalar(total), np.int64(1))
         key_positions = em("Unsqueeze", keys, np.array([0], np.int64))
-        future = em("And", em("Greater", key_positions, em("Add", rows, past_length)),
-                    em("Less", rows, em("Sub", queries, np.int64(1))))
+        future = em(
+            "And",
+            em("Greater", key_positions, em("Add", rows, past_length)),
+            em("Less", rows, em("Sub", queries, np.int64(1))),
+        )
         additive = em("Where", future, np.float32(_LOWEST), np.float32(0.0) if additive is None else additive)
     return additive
 
@@ -624,8 +716,11 @@ def _mask_from_lengths(em: _Emitter, mask, total, mask_filter: float, batch) -> 
     starts = em("Where", has_starts, em.slice(padded, batch, doubled, 0), np.zeros((), np.int64))
     positions = em("Unsqueeze", em("Range", np.int64(0), em.scalar(total), np.int64(1)), np.array([0], np.int64))
     column = np.array([1], np.int64)
-    outside = em("Or", em("GreaterOrEqual", positions, em("Unsqueeze", ends, column)),
-                 em("Less", positions, em("Unsqueeze", starts, column)))
+    outside = em(
+        "Or",
+        em("GreaterOrEqual", positions, em("Unsqueeze", ends, column)),
+        em("Less", positions, em("Unsqueeze", starts, column)),
+    )
     additive = em("Where", outside, np.float32(mask_filter), np.float32(0.0))
     return em("Unsqueeze", additive, np.array([1, 2], np.int64))
 
@@ -647,8 +742,11 @@ def _attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     width = _static_dim(node, weight, 1, "the merged QKV weight width")
     sizes = [int(s) for s in attrs["qkv_hidden_sizes"]] if attrs["qkv_hidden_sizes"] else [width // 3] * 3
     if len(sizes) != 3 or sum(sizes) != width or sizes[0] != sizes[1] or any(s % heads or s <= 0 for s in sizes):
-        raise _refuse(node, f"qkv_hidden_sizes {sizes} do not split the weight width {width} into Q = K and V "
-                            f"hidden sizes divisible by num_heads={heads}")
+        raise _refuse(
+            node,
+            f"qkv_hidden_sizes {sizes} do not split the weight width {width} into Q = K and V "
+            f"hidden sizes divisible by num_heads={heads}",
+        )
     offsets = np.cumsum([0, *sizes])
     projections = []
     for index in range(3):
@@ -663,10 +761,19 @@ def _attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
         past_value = em("Gather", past, np.array(1, np.int64), axis=0)
     query, key, value = projections
     qkv = _Heads(query, key, value, heads=heads, head_size=sizes[0] // heads, v_hidden=sizes[2])
-    key, value = _attention_core(em, node, qkv, scale=attrs["scale"], mask=mask,
-                                 mask_filter=float(attrs["mask_filter_value"]), causal=bool(attrs["unidirectional"]),
-                                 attention_bias=attention_bias, past_key=past_key, past_value=past_value,
-                                 out=_output(node, 0, graph))
+    key, value = _attention_core(
+        em,
+        node,
+        qkv,
+        scale=attrs["scale"],
+        mask=mask,
+        mask_filter=float(attrs["mask_filter_value"]),
+        causal=bool(attrs["unidirectional"]),
+        attention_bias=attention_bias,
+        past_key=past_key,
+        past_value=past_value,
+        out=_output(node, 0, graph),
+    )
     present = _output(node, 1, graph)
     if present is not None:
         stacked = [em("Unsqueeze", t, np.array([0], np.int64)) for t in (key, value)]
@@ -683,8 +790,9 @@ def _multi_head_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     if _input(node, 8) is not None or _input(node, 9) is not None:
         raise _refuse(node, "past_sequence_length / cache_indirection are not supported")
     if key is None or value is None or _rank(query) != 3:
-        raise _refuse(node, "packed QKV/KV layouts are not supported "
-                            "(onnxruntime's CPU kernel does not implement them)")
+        raise _refuse(
+            node, "packed QKV/KV layouts are not supported (onnxruntime's CPU kernel does not implement them)"
+        )
     if (past_key is None) != (past_value is None):
         raise _refuse(node, "past_key and past_value must be given together")
     heads = int(attrs["num_heads"])
@@ -694,8 +802,11 @@ def _multi_head_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
         raise _refuse(node, "key and value must both be 3D (B, L, D) or both 4D (B, N, L, H)")
     if key_rank == 4 and (bias is not None or past_key is not None):
         raise _refuse(node, "4D key/value take no bias and no past")
-    v_hidden = _static_dim(node, value, 2, "the value width") if value_rank == 3 else \
-        heads * _static_dim(node, value, 3, "the value head size")
+    v_hidden = (
+        _static_dim(node, value, 2, "the value width")
+        if value_rank == 3
+        else heads * _static_dim(node, value, 3, "the value head size")
+    )
     if hidden % heads or v_hidden % heads:
         raise _refuse(node, f"hidden sizes {hidden}/{v_hidden} are not divisible by num_heads={heads}")
     head_size = hidden // heads
@@ -709,10 +820,22 @@ def _multi_head_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     else:
         k, v = key, value
     qkv = _Heads(q, k, v, heads=heads, head_size=head_size, v_hidden=v_hidden)
-    _attention_core(em, node, qkv, scale=attrs["scale"], mask=mask, mask_filter=float(attrs["mask_filter_value"]),
-                    causal=bool(attrs["unidirectional"]), attention_bias=attention_bias, past_key=past_key,
-                    past_value=past_value, out=_output(node, 0, graph), present_key=_output(node, 1, graph),
-                    present_value=_output(node, 2, graph), scores_out=_output(node, 3, graph))
+    _attention_core(
+        em,
+        node,
+        qkv,
+        scale=attrs["scale"],
+        mask=mask,
+        mask_filter=float(attrs["mask_filter_value"]),
+        causal=bool(attrs["unidirectional"]),
+        attention_bias=attention_bias,
+        past_key=past_key,
+        past_value=past_value,
+        out=_output(node, 0, graph),
+        present_key=_output(node, 1, graph),
+        present_value=_output(node, 2, graph),
+        scores_out=_output(node, 3, graph),
+    )
     if past_key is None:
         for index, tensor in ((1, k), (2, v)):
             present = _output(node, index, graph)
@@ -743,23 +866,33 @@ def _rotary_embedding(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     else:
         head_size = rotary
     if rotary != 2 * half or rotary > head_size:
-        raise _refuse(node, f"rotary_embedding_dim {rotary} does not match the cos_cache width {half} "
-                            f"and head size {head_size}")
+        raise _refuse(
+            node, f"rotary_embedding_dim {rotary} does not match the cos_cache width {half} and head size {head_size}"
+        )
     if _rank(position_ids) == 1:  # one offset: positions offset, offset + 1, ...
         steps = em("Range", np.int64(0), em.scalar(em.dim(x, 2 if rank == 4 else 1)), np.int64(1))
         position_ids = em("Unsqueeze", em("Add", steps, em.scalar(position_ids)), np.array([0], np.int64))
     heads_axis = np.array([1 if rank == 4 else 2], np.int64)
-    angles = [em("Unsqueeze", em("Gather", cache, position_ids, axis=0), heads_axis)
-              for cache in (cos_cache, sin_cache)]
+    angles = [
+        em("Unsqueeze", em("Gather", cache, position_ids, axis=0), heads_axis) for cache in (cos_cache, sin_cache)
+    ]
     split = x if rank == 4 else em("Reshape", x, np.array([0, 0, -1, head_size], np.int64))
     rotated = em.slice(split, 0, rotary, -1) if rotary < head_size else split
     if attrs["interleaved"]:
-        cos, sin = (em("Reshape", em("Concat", *[em("Unsqueeze", a, np.array([-1], np.int64))] * 2, axis=-1),
-                       np.array([0, 0, 0, rotary], np.int64)) for a in angles)
-        pairs = [em("Unsqueeze", em.slice(rotated, start, rotary, -1, step=2), np.array([-1], np.int64))
-                 for start in (0, 1)]
-        turned = em("Reshape", em("Concat", em("Neg", pairs[1]), pairs[0], axis=-1),
-                    np.array([0, 0, 0, rotary], np.int64))
+        cos, sin = (
+            em(
+                "Reshape",
+                em("Concat", *[em("Unsqueeze", a, np.array([-1], np.int64))] * 2, axis=-1),
+                np.array([0, 0, 0, rotary], np.int64),
+            )
+            for a in angles
+        )
+        pairs = [
+            em("Unsqueeze", em.slice(rotated, start, rotary, -1, step=2), np.array([-1], np.int64)) for start in (0, 1)
+        ]
+        turned = em(
+            "Reshape", em("Concat", em("Neg", pairs[1]), pairs[0], axis=-1), np.array([0, 0, 0, rotary], np.int64)
+        )
     else:
         cos, sin = (em("Concat", a, a, axis=-1) for a in angles)
         turned = em("Concat", em("Neg", em.slice(rotated, half, rotary, -1)), em.slice(rotated, 0, half, -1), axis=-1)
@@ -780,12 +913,22 @@ def _group_query_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
     past, each row's queries end at its total length, as onnxruntime's kernel places them (the past must
     then hold exactly the keys before the chunk: a longer shared buffer is not this layout)."""
     graph = em.graph
-    query, key, value, past_key, past_value = node.inputs[0], _input(node, 1), _input(node, 2), _input(node, 3), \
-        _input(node, 4)
+    query, key, value, past_key, past_value = (
+        node.inputs[0],
+        _input(node, 1),
+        _input(node, 2),
+        _input(node, 3),
+        _input(node, 4),
+    )
     seqlens = node.inputs[5]
     _check_float(node, query, key, value, past_key, past_value)
-    for name, default in (("do_rotary", 0), ("softcap", 0.0), ("local_window_size", -1), ("smooth_softmax", 0),
-                          ("qk_output", 0)):
+    for name, default in (
+        ("do_rotary", 0),
+        ("softcap", 0.0),
+        ("local_window_size", -1),
+        ("smooth_softmax", 0),
+        ("qk_output", 0),
+    ):
         if attrs[name] != default:
             raise _refuse(node, f"{name}={attrs[name]} is not supported")
     if key is None or value is None:
@@ -807,40 +950,57 @@ def _group_query_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
             if present is not None:
                 em("Identity", tensor, out=present)
     if group > 1:  # kv head h serves query heads h * group ... (h + 1) * group - 1
-        k, v = (em("Reshape", em("Tile", em("Unsqueeze", t, np.array([2], np.int64)),
-                                 np.array([1, 1, group, 1, 1], np.int64)),
-                   np.array([0, heads, -1, head_size], np.int64)) for t in (k, v))
+        k, v = (
+            em(
+                "Reshape",
+                em("Tile", em("Unsqueeze", t, np.array([2], np.int64)), np.array([1, 1, group, 1, 1], np.int64)),
+                np.array([0, heads, -1, head_size], np.int64),
+            )
+            for t in (k, v)
+        )
     q = _to_heads(em, query, heads, head_size)
     scores = em("MatMul", q, em("Transpose", k, perm=[0, 1, 3, 2]))
     factor = np.float32(attrs["scale"]) if attrs["scale"] else np.float32(1.0 / math.sqrt(head_size))
     scores = em("Mul", scores, factor)
     queries = em.dim(q, 2)
     rows = em("Reshape", em("Range", np.int64(0), em.scalar(queries), np.int64(1)), np.array([1, 1, -1, 1], np.int64))
-    keys = em("Reshape", em("Range", np.int64(0), em.scalar(em.dim(k, 2)), np.int64(1)),
-              np.array([1, 1, 1, -1], np.int64))
-    lengths = em("Reshape", em("Add", em("Cast", seqlens, to=onnx.TensorProto.INT64), np.int64(1)),
-                 np.array([-1, 1, 1, 1], np.int64))
+    keys = em(
+        "Reshape", em("Range", np.int64(0), em.scalar(em.dim(k, 2)), np.int64(1)), np.array([1, 1, 1, -1], np.int64)
+    )
+    lengths = em(
+        "Reshape",
+        em("Add", em("Cast", seqlens, to=onnx.TensorProto.INT64), np.int64(1)),
+        np.array([-1, 1, 1, 1], np.int64),
+    )
     last = rows if past_key is None else em("Add", rows, em("Sub", lengths, queries))
     hidden_keys = em("Or", em("Greater", keys, last), em("GreaterOrEqual", keys, lengths))
     scores = em("Add", scores, em("Where", hidden_keys, np.float32(_LOWEST), np.float32(0.0)))
     context = em("MatMul", em("Softmax", scores, axis=-1), v)
-    em("Reshape", em("Transpose", context, perm=[0, 2, 1, 3]), np.array([0, 0, hidden], np.int64),
-       out=_output(node, 0, graph))
+    em(
+        "Reshape",
+        em("Transpose", context, perm=[0, 2, 1, 3]),
+        np.array([0, 0, hidden], np.int64),
+        out=_output(node, 0, graph),
+    )
 
 
 # ----------------------------------------------------------------------------- registry
 
-_NCHWC_REFUSAL = ("onnxruntime's NCHWc layout (optimization level 99) depends on the CPU that optimized the model; "
-                  "optimize with opt_level <= 2")
+_NCHWC_REFUSAL = (
+    "onnxruntime's NCHWc layout (optimization level 99) depends on the CPU that optimized the model; "
+    "optimize with opt_level <= 2"
+)
 
 _NORM_ATTRS = {"axis": -1, "epsilon": 1e-5, "stash_type": 1}
 _SPECS: dict[tuple[str, str], _Spec] = {
     ("", "LayerNormalization"): _Spec(_layer_norm_v1, _NORM_ATTRS, 3),
     ("", "SimplifiedLayerNormalization"): _Spec(_simplified_layer_norm, _NORM_ATTRS, 2),
-    (MS, "SkipLayerNormalization"): _Spec(lambda em, n, a: _skip_layer_norm(em, n, a, simplified=False),
-                                          {"epsilon": 1e-12}, 5),
-    (MS, "SkipSimplifiedLayerNormalization"): _Spec(lambda em, n, a: _skip_layer_norm(em, n, a, simplified=True),
-                                                    {"epsilon": 1e-12}, 4),
+    (MS, "SkipLayerNormalization"): _Spec(
+        lambda em, n, a: _skip_layer_norm(em, n, a, simplified=False), {"epsilon": 1e-12}, 5
+    ),
+    (MS, "SkipSimplifiedLayerNormalization"): _Spec(
+        lambda em, n, a: _skip_layer_norm(em, n, a, simplified=True), {"epsilon": 1e-12}, 4
+    ),
     (MS, "EmbedLayerNormalization"): _Spec(_embed_layer_norm, {"epsilon": 1e-12, "mask_index_type": 1}, 9),
     (MS, "Gelu"): _Spec(_gelu, {}, 1),
     (MS, "BiasGelu"): _Spec(_gelu, {}, 2),
@@ -849,25 +1009,75 @@ _SPECS: dict[tuple[str, str], _Spec] = {
     (MS, "BiasAdd"): _Spec(_bias_add, {}, 3),
     (MS, "BiasSplitGelu"): _Spec(_bias_split_gelu, {}, 2),
     (MS, "GemmFastGelu"): _Spec(_gemm_fast_gelu, {}, 3),
-    (MS, "FusedMatMul"): _Spec(_fused_matmul, {"alpha": 1.0, "transA": 0, "transB": 0, "transBatchA": 0,
-                                               "transBatchB": 0}, 2),
+    (MS, "FusedMatMul"): _Spec(
+        _fused_matmul, {"alpha": 1.0, "transA": 0, "transB": 0, "transBatchA": 0, "transBatchB": 0}, 2
+    ),
     (MS, "TransposeMatMul"): _Spec(_fused_matmul, {"alpha": 1.0, "transA": 0, "transB": 0}, 2),
-    (MS, "FusedGemm"): _Spec(_fused_gemm, {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0, "activation": None,
-                                           "activation_alpha": None, "activation_beta": None,
-                                           "activation_gamma": None}, 3),
-    (MS, "FusedConv"): _Spec(_fused_conv, {"activation": None, "activation_params": None, "auto_pad": None,
-                                           "dilations": None, "group": None, "kernel_shape": None, "pads": None,
-                                           "strides": None}, 4),
-    (MS, "Attention"): _Spec(_attention, {"num_heads": 0, "qkv_hidden_sizes": None, "scale": None,
-                                          "mask_filter_value": _MASK_FILTER, "unidirectional": 0, "do_rotary": 0,
-                                          "rotary_embedding_dim": 0, "past_present_share_buffer": 0}, 7),
-    (MS, "MultiHeadAttention"): _Spec(_multi_head_attention, {"num_heads": 0, "scale": None,
-                                                              "mask_filter_value": _MASK_FILTER,
-                                                              "unidirectional": 0}, 10),
-    (MS, "GroupQueryAttention"): _Spec(_group_query_attention, {"num_heads": 0, "kv_num_heads": 0, "scale": None,
-                                                                "softcap": 0.0, "do_rotary": 0, "rotary_interleaved": 0,
-                                                                "local_window_size": -1, "smooth_softmax": 0,
-                                                                "qk_output": 0}, 7),
-    (MS, "RotaryEmbedding"): _Spec(_rotary_embedding, {"num_heads": 0, "rotary_embedding_dim": 0, "interleaved": 0,
-                                                       "is_packed_batching": 0, "scale": 1.0}, 4),
+    (MS, "FusedGemm"): _Spec(
+        _fused_gemm,
+        {
+            "alpha": 1.0,
+            "beta": 1.0,
+            "transA": 0,
+            "transB": 0,
+            "activation": None,
+            "activation_alpha": None,
+            "activation_beta": None,
+            "activation_gamma": None,
+        },
+        3,
+    ),
+    (MS, "FusedConv"): _Spec(
+        _fused_conv,
+        {
+            "activation": None,
+            "activation_params": None,
+            "auto_pad": None,
+            "dilations": None,
+            "group": None,
+            "kernel_shape": None,
+            "pads": None,
+            "strides": None,
+        },
+        4,
+    ),
+    (MS, "Attention"): _Spec(
+        _attention,
+        {
+            "num_heads": 0,
+            "qkv_hidden_sizes": None,
+            "scale": None,
+            "mask_filter_value": _MASK_FILTER,
+            "unidirectional": 0,
+            "do_rotary": 0,
+            "rotary_embedding_dim": 0,
+            "past_present_share_buffer": 0,
+        },
+        7,
+    ),
+    (MS, "MultiHeadAttention"): _Spec(
+        _multi_head_attention,
+        {"num_heads": 0, "scale": None, "mask_filter_value": _MASK_FILTER, "unidirectional": 0},
+        10,
+    ),
+    (MS, "GroupQueryAttention"): _Spec(
+        _group_query_attention,
+        {
+            "num_heads": 0,
+            "kv_num_heads": 0,
+            "scale": None,
+            "softcap": 0.0,
+            "do_rotary": 0,
+            "rotary_interleaved": 0,
+            "local_window_size": -1,
+            "smooth_softmax": 0,
+            "qk_output": 0,
+        },
+        7,
+    ),
+    (MS, "RotaryEmbedding"): _Spec(
+        _rotary_embedding,
+        {"num_heads": 0, "rotary_embedding_dim": 0, "interleaved": 0, "is_packed_batching": 0, "scale": 1.0},
+        4,
+    ),
 }

@@ -9,6 +9,7 @@
 * Parallel parameter normalization (Eq. 27): neurons emit spike codes in units of their base
   threshold theta_1; the threshold is folded into the following weights.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from spikec.runtime.layout import is_spike_value
 @dataclass(frozen=True)
 class Thresholds:
     """Base thresholds of one MT neuron: theta_1 (positive) and theta_2 (negative side), scalar or per channel."""
+
     positive: np.ndarray
     negative: np.ndarray
 
@@ -38,8 +40,9 @@ class Thresholds:
         neg = np.maximum(-np.asarray(low, np.float32), 0)
         pos, neg = np.where(pos > 0, pos, neg), np.where(neg > 0, neg, pos)
         fallback = np.float32(1.0)  # a tensor that is identically zero
-        return cls(np.where(pos > 0, pos, fallback).astype(np.float32),
-                   np.where(neg > 0, neg, fallback).astype(np.float32))
+        return cls(
+            np.where(pos > 0, pos, fallback).astype(np.float32), np.where(neg > 0, neg, fallback).astype(np.float32)
+        )
 
     def covering(self, high, low, levels: int, coverage: float) -> Thresholds:
         """Raise theta so that the top level theta*2^(n-1) reaches ``coverage`` times the calibration
@@ -57,20 +60,34 @@ def neuron_sites(regions: list[Region]) -> dict[str, Operands]:
     return operand_sites(regions, PRODUCT_KINDS)
 
 
-def insert_neurons(graph: gs.Graph, sites: dict[str, list[tuple[gs.Node, int]]],
-                   thresholds: dict[str, Thresholds], levels: int) -> list[dict]:
+def insert_neurons(
+    graph: gs.Graph, sites: dict[str, list[tuple[gs.Node, int]]], thresholds: dict[str, Thresholds], levels: int
+) -> list[dict]:
     """An MT neuron per site tensor, shared by all the products it feeds; they read code * theta_1."""
     report = []
     tensors = graph.tensors()
     for name, operands in sites.items():
         theta = thresholds[name]
-        scaled = attach_neuron(graph, tensors[name], "MTNeuron",
-                               {"theta_pos": theta.positive, "theta_neg": theta.negative}, "theta_pos", levels=levels)
+        scaled = attach_neuron(
+            graph,
+            tensors[name],
+            "MTNeuron",
+            {"theta_pos": theta.positive, "theta_neg": theta.negative},
+            "theta_pos",
+            levels=levels,
+        )
         for node, index in operands:
             node.inputs[index] = scaled
-        report.append({"tensor": name, "node": f"{name}/MTNeuron", "levels": levels,
-                       "theta_pos": theta.positive.tolist(), "theta_neg": theta.negative.tolist(),
-                       "consumers": sorted({node.name for node, _ in operands})})
+        report.append(
+            {
+                "tensor": name,
+                "node": f"{name}/MTNeuron",
+                "levels": levels,
+                "theta_pos": theta.positive.tolist(),
+                "theta_neg": theta.negative.tolist(),
+                "consumers": sorted({node.name for node, _ in operands}),
+            }
+        )
     return report
 
 
@@ -93,8 +110,9 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
             scale = theta.values.reshape(-1)
             # theta scales the rows of W (x @ W) or the columns of W^T (Gemm transB=1).
             factor = scale[None, :] if transposed else scale[:, None]
-            consumer.inputs[weight_index] = builder.const(weight.values * factor, weight.values.dtype,
-                                                          name=f"{weight.name}.ppn.{consumer.name}")
+            consumer.inputs[weight_index] = builder.const(
+                weight.values * factor, weight.values.dtype, name=f"{weight.name}.ppn.{consumer.name}"
+            )
             consumer.inputs[0 if weight_index == 1 else 1] = code
             folded += 1
     graph.cleanup()
@@ -102,17 +120,32 @@ def fold_thresholds_into_weights(graph: gs.Graph) -> int:
 
 
 def foldable_weight_index(node: gs.Node, activation) -> int | None:
-    if node.op == "MatMul" and node.inputs[0] is activation and is_constant(node.inputs[1]) \
-            and node.inputs[1].values.ndim == 2:
+    if (
+        node.op == "MatMul"
+        and node.inputs[0] is activation
+        and is_constant(node.inputs[1])
+        and node.inputs[1].values.ndim == 2
+    ):
         return 1
-    if node.op == "Gemm" and node.inputs[0] is activation and is_constant(node.inputs[1]) \
-            and not node.attrs.get("transA", 0) and node.attrs.get("alpha", 1.0) == 1.0:
+    if (
+        node.op == "Gemm"
+        and node.inputs[0] is activation
+        and is_constant(node.inputs[1])
+        and not node.attrs.get("transA", 0)
+        and node.attrs.get("alpha", 1.0) == 1.0
+    ):
         return 1
     return None
 
 
-def rewrite(graph: gs.Graph, regions: list[Region], thresholds: dict[str, Thresholds], *, levels: int = 8,
-            allow_float: frozenset[str] = frozenset()) -> dict:
+def rewrite(
+    graph: gs.Graph,
+    regions: list[Region],
+    thresholds: dict[str, Thresholds],
+    *,
+    levels: int = 8,
+    allow_float: frozenset[str] = frozenset(),
+) -> dict:
     """Rewrite a canonicalized ANN graph into its ECMT SNN (generic spikec ops, no time structure yet)."""
     refuse_float_in_regions(regions, set(allow_float))
     sites = neuron_sites(regions)

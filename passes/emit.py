@@ -21,6 +21,7 @@ sample fired at each step: ``spikec.spikes.steps`` [T, B] (unrolled) or ``spikec
 (stateful). Once a sample fires nothing at a step after the first, it never fires again and its
 outputs are final: the last step with spikes is its T_eq.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class Layout(NamedTuple):
     as [outer, batch, rest]. (0, 1) is the layout the spikec ops scan: time-major rows of axis 0.
     torch.nn.MultiheadAttention runs sequence-first: [seq, batch, dim] is (1, 1), the [seq * batch, dim] its
     output projection reads is (0, seq)."""
+
     axis: int
     outer: int
     rank: int
@@ -69,6 +71,7 @@ UNKNOWN_LAYOUT = Layout(-1, 0, 0)
 class BatchLayouts:
     """The ANN's batch layouts (compiler.check_time_folding): by graph input, and by node and output index, which
     a rewrite keeps (it renames and re-wires tensors, never ANN nodes). Empty: every tensor batch-leading."""
+
     inputs: dict[str, Layout] = field(default_factory=dict)
     nodes: dict[str, tuple[Layout | None, ...]] = field(default_factory=dict)
 
@@ -145,8 +148,10 @@ class _BatchLeading:
         if layout.outer != 1:
             related = self.related(found)
             if related is None:
-                self.refuse(f"is merged behind other axes (axis {layout.axis}) and no reshape relates it to a tensor "
-                            f"with a batch axis of its own")
+                self.refuse(
+                    f"is merged behind other axes (axis {layout.axis}) and no reshape relates it to a tensor "
+                    f"with a batch axis of its own"
+                )
             relative, as_relative = related
             layout = found[id(relative)]
             self.view, kept = self.keeping_channels(relative, layout, as_relative)
@@ -172,48 +177,69 @@ class _BatchLeading:
 
                 def view(x: gs.Variable, name: str, count=count, keep=keep) -> gs.Variable:
                     unmerged = as_relative(x, name)
-                    head = self.add("Slice", [self.add("Shape", [unmerged], f"{name}.view_shape"),
-                                              self.b.const([0], np.int64, name=f"{name}.zero"),
-                                              self.b.const([-count], np.int64, name=f"{name}.head")],
-                                    f"{name}.view_head")
-                    return self.add("Reshape", [unmerged, self.add("Concat", [head, keep], f"{name}.view_target",
-                                                                   axis=0)], f"{name}.channels_last")
+                    head = self.add(
+                        "Slice",
+                        [
+                            self.add("Shape", [unmerged], f"{name}.view_shape"),
+                            self.b.const([0], np.int64, name=f"{name}.zero"),
+                            self.b.const([-count], np.int64, name=f"{name}.head"),
+                        ],
+                        f"{name}.view_head",
+                    )
+                    return self.add(
+                        "Reshape",
+                        [unmerged, self.add("Concat", [head, keep], f"{name}.view_target", axis=0)],
+                        f"{name}.channels_last",
+                    )
+
                 return view, rank
         return as_relative, None
 
     def refuse(self, why: str) -> None:
-        raise SpikecError(f"node {self.node.name}: the batch of its input '{self.data.name}' {why}, so time cannot be "
-                          f"folded into it; compile with --mode stateful")
+        raise SpikecError(
+            f"node {self.node.name}: the batch of its input '{self.data.name}' {why}, so time cannot be "
+            f"folded into it; compile with --mode stateful"
+        )
 
     def add(self, op: str, inputs: list, name: str, out: gs.Variable | None = None, **attrs) -> gs.Variable:
         dtype = np.int64 if op == "Shape" else inputs[0].dtype or np.float32
-        return self.b.op(op, *inputs, out=out if out is not None else gs.Variable(name, dtype=dtype),
-                         name=f"{name}/{op}", **attrs)
+        return self.b.op(
+            op, *inputs, out=out if out is not None else gs.Variable(name, dtype=dtype), name=f"{name}/{op}", **attrs
+        )
 
     def wrap(self) -> None:
         op = spec.op_for(self.node.op) if self.node.op != "Onset" else _ONSET
         if op is _ONSET:  # x broadcasts against like: viewed, it must have like's shape
-            self.node.inputs[0] = self.add("Expand", [self.node.inputs[0], self.add(
-                "Shape", [self.data], f"{self.node.name}.like_shape")], f"{self.node.name}.broadcast")
+            self.node.inputs[0] = self.add(
+                "Expand",
+                [self.node.inputs[0], self.add("Shape", [self.data], f"{self.node.name}.like_shape")],
+                f"{self.node.name}.broadcast",
+            )
         for i in range(len(op.inputs)):
             self.node.inputs[i] = self.leading(self.node.inputs[i], f"{self.node.name}.in{i}")
         for i, name in enumerate(op.params):
             param = self.node.inputs[len(op.inputs) + i]
             if not self.channels_kept and name not in op.hidden and param.values.size > 1:
-                self.refuse(f"is merged behind other axes and its per-channel parameter '{param.name}' cannot follow "
-                            f"it into a view with a batch axis")
+                self.refuse(
+                    f"is merged behind other axes and its per-channel parameter '{param.name}' cannot follow "
+                    f"it into a view with a batch axis"
+                )
         if "rank" in self.node.attrs:  # Onset's
             self.node.attrs["rank"] = self.rank
         inverse = [int(i) for i in np.argsort(self.perm)]
-        for i, out in enumerate(list(self.node.outputs[:len(op.outputs)])):
+        for i, out in enumerate(list(self.node.outputs[: len(op.outputs)])):
             inner = gs.Variable(f"{out.name}.batch_leading", dtype=out.dtype, shape=[None] * self.rank)
             self.node.outputs[i] = inner
             if self.view is None:
                 self.add("Transpose", [inner], f"{out.name}.batch_back", out=out, perm=inverse)
                 continue
             back = self.add("Transpose", [inner], f"{out.name}.batch_back", perm=inverse)
-            self.add("Reshape", [back, self.add("Shape", [self.data], f"{out.name}.merged_shape")],
-                     f"{out.name}.batch_merged", out=out)
+            self.add(
+                "Reshape",
+                [back, self.add("Shape", [self.data], f"{out.name}.merged_shape")],
+                f"{out.name}.batch_merged",
+                out=out,
+            )
 
     def leading(self, tensor: gs.Variable, name: str) -> gs.Variable:
         """A tensor of the data's shape and layout, viewed batch-leading."""
@@ -235,14 +261,16 @@ class _BatchLeading:
             if found.get(id(tensor), UNKNOWN_LAYOUT).outer == 1:
                 relative = tensor
                 return relative, lambda x, name, relative=relative: self.add(
-                    "Reshape", [x, self.add("Shape", [relative], f"{name}.relative_shape")], f"{name}.unmerged")
+                    "Reshape", [x, self.add("Shape", [relative], f"{name}.relative_shape")], f"{name}.unmerged"
+                )
         follower = self.node
         while len(follower.outputs[0].outputs) == 1:
             follower = follower.outputs[0].outputs[0]
             if follower.op in _RESHAPES and found.get(id(follower.outputs[0]), UNKNOWN_LAYOUT).outer == 1:
                 reshape = follower
                 return reshape.outputs[0], lambda x, name, reshape=reshape: self.add(
-                    reshape.op, [x, *reshape.inputs[1:]], f"{name}.unmerged", **dict(reshape.attrs))
+                    reshape.op, [x, *reshape.inputs[1:]], f"{name}.unmerged", **dict(reshape.attrs)
+                )
             if not _same_shape_step(follower):
                 break
         return None
@@ -250,8 +278,9 @@ class _BatchLeading:
 
 def _same_shape_step(node: gs.Node) -> bool:
     """A spikec op, or a Mul/Add by a constant (a neuron's spike value, a bias): its output has its input's shape."""
-    return node.domain == "spikec" or (node.op in ("Mul", "Add", "Identity")
-                                       and sum(not isinstance(t, gs.Constant) for t in node.inputs) == 1)
+    return node.domain == "spikec" or (
+        node.op in ("Mul", "Add", "Identity") and sum(not isinstance(t, gs.Constant) for t in node.inputs) == 1
+    )
 
 
 def _cancel_transpose_pairs(graph: gs.Graph) -> None:
@@ -259,8 +288,12 @@ def _cancel_transpose_pairs(graph: gs.Graph) -> None:
     tensors, and the runtime fuses adjacent spikec ops (runtime/fusion.py) only without the pair between."""
     for first in [n for n in graph.nodes if n.op == "Transpose"]:
         readers = first.outputs[0].outputs
-        if len(readers) != 1 or readers[0].op != "Transpose" or first.outputs[0] in graph.outputs \
-                or readers[0].outputs[0] in graph.outputs:
+        if (
+            len(readers) != 1
+            or readers[0].op != "Transpose"
+            or first.outputs[0] in graph.outputs
+            or readers[0].outputs[0] in graph.outputs
+        ):
             continue
         second = readers[0]
         perm, back = first.attrs.get("perm"), second.attrs.get("perm")
@@ -290,14 +323,19 @@ def _add_rate_readouts(graph: gs.Graph, semantics: str) -> list[tuple[gs.Variabl
         per_step = gs.Variable(f"{output.name}.per_step", dtype=output.dtype, shape=output.shape)
         producer = output.inputs[0] if output.inputs else None
         replace_uses(output, per_step, producer=True)
-        if producer is not None and producer.domain == "spikec" and producer.op == "ECCompensate" \
-                and producer.attrs["average"] == int(semantics == MEAN):
+        if (
+            producer is not None
+            and producer.domain == "spikec"
+            and producer.op == "ECCompensate"
+            and producer.attrs["average"] == int(semantics == MEAN)
+        ):
             # The running sum (mean) of a compensation's increments is the output of the function it
             # compensates: read that, without the float rounding of summing the increments back up.
             b.op("Identity", producer.inputs[0], out=output, name=f"readout/{output.name}")
         else:
-            b.spikec("ECAccumulate", per_step, out=output, name=f"readout/{output.name}",
-                     average=int(semantics == MEAN))
+            b.spikec(
+                "ECAccumulate", per_step, out=output, name=f"readout/{output.name}", average=int(semantics == MEAN)
+            )
         pairs.append((output, per_step))
     return pairs
 
@@ -313,12 +351,17 @@ def _batch_size(graph: gs.Graph) -> gs.Variable:
         raise ValueError("the model has no batched input to count spikes per sample")
     b = GraphBuilder(graph, "spikec")
     shape = b.op("Shape", source, out=gs.Variable("spikec.batch_shape", dtype=np.int64), name=time_node("batch_shape"))
-    return b.op("Slice", shape, _const("spikec.zero1", [0]), _const("spikec.one1", [1]),
-                out=gs.Variable("spikec.batch", dtype=np.int64), name=time_node("batch"))
+    return b.op(
+        "Slice",
+        shape,
+        _const("spikec.zero1", [0]),
+        _const("spikec.one1", [1]),
+        out=gs.Variable("spikec.batch", dtype=np.int64),
+        name=time_node("batch"),
+    )
 
 
-def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
-                      views: dict[int, _BatchLeading] | None = None) -> None:
+def _add_spike_counts(graph: gs.Graph, leading: list, name: str, views: dict[int, _BatchLeading] | None = None) -> None:
     """Output ``name``: spikes fired per row of ``leading`` + [B] (a shape prefix of constants and tensors),
     from each neuron's count output (its spikes per row of their leading axis: per sample and step, or
     per head of one; fused into the neuron's pass by the native kernels). A neuron whose input is not
@@ -328,8 +371,14 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
     if not neurons:
         return
     b = GraphBuilder(graph, f"count/{name}")
-    target = b.op("Concat", *leading, _const(f"{name}.rest", [-1]), out=gs.Variable(f"{name}.shape", dtype=np.int64),
-                  name=f"count/{name}/shape", axis=0)
+    target = b.op(
+        "Concat",
+        *leading,
+        _const(f"{name}.rest", [-1]),
+        out=gs.Variable(f"{name}.shape", dtype=np.int64),
+        name=f"count/{name}/shape",
+        axis=0,
+    )
     counts = []
     for neuron in neurons:
         if not spec.op_for(neuron.op).spike_count:
@@ -340,13 +389,27 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str,
         neuron.outputs.append(per_row if view is None else gs.Variable.empty())  # "": the op does not count
         if view is not None:
             codes = view.leading(view.add("Abs", [spikes], f"{spikes.name}.magnitude"), f"{spikes.name}.counted")
-            view.add("ReduceSum", [codes, _const(f"{spikes.name}.rest_axes", list(range(1, view.rank)))],
-                     f"{spikes.name}.per_row", out=per_row, keepdims=0)
+            view.add(
+                "ReduceSum",
+                [codes, _const(f"{spikes.name}.rest_axes", list(range(1, view.rank)))],
+                f"{spikes.name}.per_row",
+                out=per_row,
+                keepdims=0,
+            )
         b.op("Reshape", per_row, target, out=rows, name=f"count/{neuron.name}/rows")
-        counts.append(b.op("ReduceSum", rows, _const(f"{name}.axis", [len(leading)]), out=count,
-                           name=f"count/{neuron.name}/sum", keepdims=0))
-    total = gs.Variable(name, dtype=np.float32, shape=[d.values.item() if isinstance(d, gs.Constant) else None
-                                                      for d in leading])
+        counts.append(
+            b.op(
+                "ReduceSum",
+                rows,
+                _const(f"{name}.axis", [len(leading)]),
+                out=count,
+                name=f"count/{neuron.name}/sum",
+                keepdims=0,
+            )
+        )
+    total = gs.Variable(
+        name, dtype=np.float32, shape=[d.values.item() if isinstance(d, gs.Constant) else None for d in leading]
+    )
     graph.outputs.append(b.op("Sum", *counts, out=total, name=f"count/{name}"))
 
 
@@ -358,12 +421,12 @@ def _lower_onsets(graph: gs.Graph, first_step) -> None:
         node.op, node.domain = "Where", None
         node.attrs.clear()
         node.inputs.clear()
-        node.inputs.extend([first_step(rank, like), data,
-                            _const(f"{node.name}.zero", 0.0, np.float32)])
+        node.inputs.extend([first_step(rank, like), data, _const(f"{node.name}.zero", 0.0, np.float32)])
 
 
-def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
-                  layouts: BatchLayouts | None = None) -> gs.Graph:
+def emit_unrolled(
+    graph: gs.Graph, timesteps: int, semantics: str = MEAN, layouts: BatchLayouts | None = None
+) -> gs.Graph:
     fold_time_where_the_batch_is(graph, layouts or BatchLayouts())
     _add_rate_readouts(graph, semantics)
     if any(i.shape and isinstance(i.shape[0], int) for i in graph.inputs):
@@ -383,17 +446,29 @@ def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
         replace_uses(graph_input, repeated)
         repeats = np.ones(len(graph_input.shape), np.int64)
         repeats[0] = timesteps
-        b.op("Tile", graph_input, b.const(repeats, None, name=f"{graph_input.name}.time_repeats"), out=repeated,
-             name=time_node(graph_input.name))
+        b.op(
+            "Tile",
+            graph_input,
+            b.const(repeats, None, name=f"{graph_input.name}.time_repeats"),
+            out=repeated,
+            name=time_node(graph_input.name),
+        )
     final_outputs, step_outputs = [], []
     for output in graph.outputs:
         unrolled = gs.Variable(f"{output.name}.unrolled", dtype=output.dtype)
         replace_uses(output, unrolled, producer=True)
         steps = _time_major(graph, unrolled, timesteps, output.name)
         steps.shape = None if output.shape is None else [timesteps, *output.shape]
-        final_outputs.append(b.op("Gather", steps, _const(f"{output.name}.last_step", timesteps - 1),
-                                  out=gs.Variable(output.name, dtype=output.dtype, shape=output.shape),
-                                  name=time_node(f"{output.name}/last"), axis=0))
+        final_outputs.append(
+            b.op(
+                "Gather",
+                steps,
+                _const(f"{output.name}.last_step", timesteps - 1),
+                out=gs.Variable(output.name, dtype=output.dtype, shape=output.shape),
+                name=time_node(f"{output.name}/last"),
+                axis=0,
+            )
+        )
         step_outputs.append(steps)
     graph.outputs = final_outputs + step_outputs
     if semantics == SUM:
@@ -413,9 +488,11 @@ def emit_unrolled(graph: gs.Graph, timesteps: int, semantics: str = MEAN,
             per_step = step("Div", count, _const(f"{prefix}.t", timesteps), to="per_step")
             index = step("Range", _const(f"{prefix}.start", 0), count, _const(f"{prefix}.step", 1), to="index")
             first = step("Less", index, per_step, to="first", dtype=bool)
-            masks[like.name, rank] = step("Reshape", first, _const(f"{prefix}.mask_shape", [-1] + [1] * (rank - 1)),
-                                          to="mask", dtype=bool)
+            masks[like.name, rank] = step(
+                "Reshape", first, _const(f"{prefix}.mask_shape", [-1] + [1] * (rank - 1)), to="mask", dtype=bool
+            )
             return masks[like.name, rank]
+
         _lower_onsets(graph, first_step)
         spikes = SPIKES_OUTPUT + STEPS_SUFFIX
         _add_spike_counts(graph, [_const("spikec.timesteps", [timesteps]), _batch_size(graph)], spikes)
@@ -431,12 +508,29 @@ def _time_major(graph: gs.Graph, tensor: gs.Variable, timesteps: int, name: str)
         return gs.Variable(f"{name}.{suffix}", dtype=np.int64)
 
     unrolled = b.op("Shape", tensor, out=shape("unrolled_shape"), name=time_node(f"{name}/shape"))
-    rest = b.op("Slice", unrolled, _const(f"{name}.one", [1]), _const(f"{name}.end", [2**62]), out=shape("row_shape"),
-                name=time_node(f"{name}/rows"))
-    target = b.op("Concat", _const(f"{name}.time_major", [timesteps, -1]), rest, out=shape("steps_shape"),
-                  name=time_node(f"{name}/target"), axis=0)
-    return b.op("Reshape", tensor, target, out=gs.Variable(f"{name}{STEPS_SUFFIX}", dtype=tensor.dtype),
-                name=time_node(f"{name}/steps"))
+    rest = b.op(
+        "Slice",
+        unrolled,
+        _const(f"{name}.one", [1]),
+        _const(f"{name}.end", [2**62]),
+        out=shape("row_shape"),
+        name=time_node(f"{name}/rows"),
+    )
+    target = b.op(
+        "Concat",
+        _const(f"{name}.time_major", [timesteps, -1]),
+        rest,
+        out=shape("steps_shape"),
+        name=time_node(f"{name}/target"),
+        axis=0,
+    )
+    return b.op(
+        "Reshape",
+        tensor,
+        target,
+        out=gs.Variable(f"{name}{STEPS_SUFFIX}", dtype=tensor.dtype),
+        name=time_node(f"{name}/steps"),
+    )
 
 
 def state_rank(node: gs.Node) -> int:
@@ -452,19 +546,25 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN, layouts: BatchLayouts 
     _add_rate_readouts(graph, semantics)
     time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
     if semantics == SUM:
-        is_first = GraphBuilder(graph, "spikec").op("Equal", time, _const("spikec.t1", 1.0, np.float32),
-                                                    out=gs.Variable("spikec.first_step", dtype=bool, shape=[]),
-                                                    name=time_node("first_step"))
+        is_first = GraphBuilder(graph, "spikec").op(
+            "Equal",
+            time,
+            _const("spikec.t1", 1.0, np.float32),
+            out=gs.Variable("spikec.first_step", dtype=bool, shape=[]),
+            name=time_node("first_step"),
+        )
         _lower_onsets(graph, lambda rank, like: is_first)
     state_inputs, state_outputs = [], []
     for node in [n for n in graph.nodes if n.domain == "spikec"]:
         op = spec.op_for(node.op)
         rank = state_rank(node)
-        data, params = node.inputs[:len(op.inputs)], node.inputs[len(op.inputs):]
-        states = [gs.Variable(f"{STATE_PREFIX}{node.name}.{s}", dtype=np.float32, shape=[None] * rank)
-                  for s in op.states]
-        next_states = [gs.Variable(f"{NEXT_STATE_PREFIX}{node.name}.{s}", dtype=np.float32,
-                                   shape=[None] * rank) for s in op.states]
+        data, params = node.inputs[: len(op.inputs)], node.inputs[len(op.inputs) :]
+        states = [
+            gs.Variable(f"{STATE_PREFIX}{node.name}.{s}", dtype=np.float32, shape=[None] * rank) for s in op.states
+        ]
+        next_states = [
+            gs.Variable(f"{NEXT_STATE_PREFIX}{node.name}.{s}", dtype=np.float32, shape=[None] * rank) for s in op.states
+        ]
         node.op = op.step_name
         node.inputs.clear()
         node.inputs.extend([*data, *states, *params, time])
@@ -479,8 +579,9 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN, layouts: BatchLayouts 
     return graph
 
 
-def to_model(graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str],
-             data: weights.DataFile | None = None) -> onnx.ModelProto:
+def to_model(
+    graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str], data: weights.DataFile | None = None
+) -> onnx.ModelProto:
     """Export with the spikec function bodies, the template's opsets and the given metadata. With ``data``,
     the weights are written there first, one by one (spikec.weights.externalize), and the model references
     them: no weight is held twice, and new ones (folded thresholds) are released as they are written."""

@@ -68,28 +68,42 @@ def check_convertible(model: onnx.ModelProto, where: str, method: str) -> None:
     meta = {p.key.removeprefix(PREFIX): p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     if "method" in meta:
         steps = "one pass" if meta.get("mode") == "ttfs" else f"T {meta.get('timesteps', '?')}"
-        raise SpikecError(f"{where}: already a spikec model (method {meta['method']}, {steps}); "
-                          f"convert the original ANN instead")
+        raise SpikecError(
+            f"{where}: already a spikec model (method {meta['method']}, {steps}); convert the original ANN instead"
+        )
     spiking = sorted({n.op_type for n in model.graph.node if n.domain == "spikec"})
     if spiking:
-        raise SpikecError(f"{where}: already a spikec model (it runs spikec ops: {', '.join(spiking[:4])}); "
-                          f"convert the original ANN instead")
-    half = [f"'{vi.name}'" for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]
-            if vi.type.tensor_type.elem_type in _HALF_TYPES]
+        raise SpikecError(
+            f"{where}: already a spikec model (it runs spikec ops: {', '.join(spiking[:4])}); "
+            f"convert the original ANN instead"
+        )
+    half = [
+        f"'{vi.name}'"
+        for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]
+        if vi.type.tensor_type.elem_type in _HALF_TYPES
+    ]
     half += [f"'{t.name}'" for t in model.graph.initializer if t.data_type in _HALF_TYPES]
-    half += [f"node '{n.name or n.output[0]}'" for n in model.graph.node for a in n.attribute
-             if (a.name == "to" and a.i in _HALF_TYPES) or (a.type == onnx.AttributeProto.TENSOR
-                                                           and a.t.data_type in _HALF_TYPES)]
+    half += [
+        f"node '{n.name or n.output[0]}'"
+        for n in model.graph.node
+        for a in n.attribute
+        if (a.name == "to" and a.i in _HALF_TYPES)
+        or (a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _HALF_TYPES)
+    ]
     if half:
         more = f" and {len(half) - 1} more" if len(half) > 1 else ""
-        raise SpikecError(f"{where}: {half[0]}{more} in float16/bfloat16; spikec calibrates and runs models in "
-                          f"float32: export the model in float32 (e.g. after model.float())")
+        raise SpikecError(
+            f"{where}: {half[0]}{more} in float16/bfloat16; spikec calibrates and runs models in "
+            f"float32: export the model in float32 (e.g. after model.float())"
+        )
     computed = {o for n in model.graph.node for o in n.output}
     for output in model.graph.output:
         if output.name not in computed:
-            raise SpikecError(f"{where}: output '{output.name}' is not computed by any node (a graph input or "
-                              f"constant passed through), which a {method} conversion cannot keep as it is: drop "
-                              f"that output from the model")
+            raise SpikecError(
+                f"{where}: output '{output.name}' is not computed by any node (a graph input or "
+                f"constant passed through), which a {method} conversion cannot keep as it is: drop "
+                f"that output from the model"
+            )
 
 
 def check_input_file(path: str | os.PathLike, label: str) -> Path:
@@ -159,8 +173,12 @@ def _check_tensors(model: onnx.ModelProto, where: str) -> None:
     onnx.checker does not compare raw_data's length with the dims, and a mismatch would surface much
     later as a numpy error deep inside a pass."""
     tensors = [(f"initializer '{t.name}'", t) for t in model.graph.initializer]
-    tensors += [(f"node '{n.name or n.output[0]}' ({n.op_type}) attribute '{a.name}'", a.t)
-                for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    tensors += [
+        (f"node '{n.name or n.output[0]}' ({n.op_type}) attribute '{a.name}'", a.t)
+        for n in model.graph.node
+        for a in n.attribute
+        if a.type == onnx.AttributeProto.TENSOR
+    ]
     for what, tensor in tensors:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             continue  # not loaded (a ModelProto with external data): the calibration session reports it
@@ -169,11 +187,15 @@ def _check_tensors(model: onnx.ModelProto, where: str) -> None:
         try:
             values = onnx.numpy_helper.to_array(tensor)
         except Exception as exc:  # numpy/onnx raise ValueError, TypeError, KeyError for unreadable data
-            raise SpikecError(f"{where}: {what} ({onnx.TensorProto.DataType.Name(tensor.data_type)} "
-                              f"{list(tensor.dims)}) has unreadable data ({_one_line(exc)})") from None
+            raise SpikecError(
+                f"{where}: {what} ({onnx.TensorProto.DataType.Name(tensor.data_type)} "
+                f"{list(tensor.dims)}) has unreadable data ({_one_line(exc)})"
+            ) from None
         if values.size != math.prod(tensor.dims):
-            raise SpikecError(f"{where}: {what} holds {values.size} values, its dims {list(tensor.dims)} "
-                              f"need {math.prod(tensor.dims)}")
+            raise SpikecError(
+                f"{where}: {what} holds {values.size} values, its dims {list(tensor.dims)} "
+                f"need {math.prod(tensor.dims)}"
+            )
 
 
 def _override_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int | str]], where: str) -> None:
@@ -185,7 +207,9 @@ def _override_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[
             raise SpikecError(f"{where}: input_shapes names unknown input '{name}' (inputs: {', '.join(inputs)})")
         shape = inputs[name].type.tensor_type.shape
         if shape.dim and len(shape.dim) != len(dims):
-            raise SpikecError(f"{where}: input_shapes['{name}'] has rank {len(dims)}, the model input has rank {len(shape.dim)}")
+            raise SpikecError(
+                f"{where}: input_shapes['{name}'] has rank {len(dims)}, the model input has rank {len(shape.dim)}"
+            )
         shape.ClearField("dim")
         for d in dims:
             if isinstance(d, str) and d:

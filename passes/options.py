@@ -5,6 +5,7 @@ The compiler builds them from keyword arguments, the CLI generates its argument 
 fields (spikec/cli.py), and a model records them in its metadata: the API, the CLI and the record
 cannot drift apart. Validation runs on construction, so an Options object that exists is valid.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,16 +21,33 @@ import numpy as np
 from spikec.errors import SpikecError
 
 
-def option(default, help: str, *, bounds: tuple[float, float] | None = None, open_low: bool = False,
-           flag: str | tuple[str, ...] | None = None, metavar: str | None = None, output: str | None = None):
+def option(
+    default,
+    help: str,
+    *,
+    bounds: tuple[float, float] | None = None,
+    open_low: bool = False,
+    flag: str | tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    output: str | None = None,
+):
     """A field of an Options dataclass.
 
     ``bounds`` (inclusive; ``open_low`` excludes the lower one) apply to numbers. ``flag`` names the CLI
     flag (a tuple: with its aliases); by default ``--name-with-dashes``, and for a boolean that defaults
     to True, ``--no-name``. ``output`` says what the command writes to the path the value names (such a
     path is checked like ``-o``)."""
-    return field(default=default, metadata={"help": help, "bounds": bounds, "open_low": open_low, "flag": flag,
-                                            "metavar": metavar, "output": output})
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "bounds": bounds,
+            "open_low": open_low,
+            "flag": flag,
+            "metavar": metavar,
+            "output": output,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -50,8 +68,10 @@ class Options:
         return iter(dataclasses.fields(cls))
 
     def to_json(self) -> dict:
-        return {f.name: os.fspath(v) if isinstance(v := getattr(self, f.name), os.PathLike) else v
-                for f in dataclasses.fields(self)}
+        return {
+            f.name: os.fspath(v) if isinstance(v := getattr(self, f.name), os.PathLike) else v
+            for f in dataclasses.fields(self)
+        }
 
 
 def flags_of(f: dataclasses.Field) -> tuple[str, ...]:
@@ -74,6 +94,7 @@ def kind_of(options: type[Options], f: dataclasses.Field) -> str:
 
 class Output(typing.NamedTuple):
     """A path an option names for the command to write."""
+
     option: str
     flag: str
     path: str | os.PathLike
@@ -85,8 +106,11 @@ class Output(typing.NamedTuple):
 
 
 def outputs_of(options: Options) -> list[Output]:
-    return [Output(f.name, flags_of(f)[0], getattr(options, f.name), f.metadata["output"])
-            for f in dataclasses.fields(options) if f.metadata.get("output") and getattr(options, f.name) is not None]
+    return [
+        Output(f.name, flags_of(f)[0], getattr(options, f.name), f.metadata["output"])
+        for f in dataclasses.fields(options)
+        if f.metadata.get("output") and getattr(options, f.name) is not None
+    ]
 
 
 def _allowed(hint) -> tuple[set, bool]:
@@ -131,8 +155,9 @@ def _check(owner: Options, name: str, value, hint, metadata) -> None:
     if metadata.get("bounds") is not None:
         low, high = metadata["bounds"]
         if (value <= low if metadata.get("open_low") else value < low) or value > high:
-            raise SpikecError(f"argument {name}={value!r}: expected {'a number' if float in kinds else 'an integer'}"
-                              f"{where}")
+            raise SpikecError(
+                f"argument {name}={value!r}: expected {'a number' if float in kinds else 'an integer'}{where}"
+            )
 
 
 def _number(value: float) -> str:

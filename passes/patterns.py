@@ -18,8 +18,18 @@ from typing import TypeGuard
 import numpy as np
 import onnx_graphsurgeon as gs
 
-KINDS = ("quantizer", "attention", "layernorm", "gelu", "activation", "softmax", "weight_matmul", "act_matmul",
-         "act_mul", "residual_add")
+KINDS = (
+    "quantizer",
+    "attention",
+    "layernorm",
+    "gelu",
+    "activation",
+    "softmax",
+    "weight_matmul",
+    "act_matmul",
+    "act_mul",
+    "residual_add",
+)
 
 # An additive attention mask holds 0 where attention is allowed and a large negative number
 # elsewhere: -inf or finfo.min from torch/transformers, -1e4 in older code, -100 in Swin.
@@ -208,8 +218,12 @@ Match = tuple[list[gs.Node], dict] | None
 
 
 # Integer ranges of the zero-point types QuantizeLinear/DequantizeLinear pairs use.
-_QDQ_RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255),
-               np.dtype(np.int16): (-32768, 32767), np.dtype(np.uint16): (0, 65535)}
+_QDQ_RANGES = {
+    np.dtype(np.int8): (-128, 127),
+    np.dtype(np.uint8): (0, 255),
+    np.dtype(np.int16): (-32768, 32767),
+    np.dtype(np.uint16): (0, 65535),
+}
 
 
 def _match_qdq(quantize: gs.Node, ctx: _Context) -> Match:
@@ -227,13 +241,22 @@ def _match_qdq(quantize: gs.Node, ctx: _Context) -> Match:
         return None
     dq_zero = dequantize.inputs[2] if len(dequantize.inputs) > 2 and dequantize.inputs[2].name else None
     dq_zero_value = _const(dq_zero) if dq_zero is not None else np.zeros((), zero_value.dtype)
-    if _scalar(dequantize.inputs[1]) != scale or dq_zero_value is None \
-            or dq_zero_value.reshape(-1)[0] != zero_value.reshape(-1)[0]:
+    if (
+        _scalar(dequantize.inputs[1]) != scale
+        or dq_zero_value is None
+        or dq_zero_value.reshape(-1)[0] != zero_value.reshape(-1)[0]
+    ):
         return None
     qmin, qmax = _QDQ_RANGES[zero_value.dtype]
     z = int(zero_value.reshape(-1)[0])
-    return [quantize, dequantize], {"format": "qdq", "scale": scale, "low": qmin - z, "high": qmax - z,
-                                    "rounding": "half_even", "input": quantize.inputs[0]}
+    return [quantize, dequantize], {
+        "format": "qdq",
+        "scale": scale,
+        "low": qmin - z,
+        "high": qmax - z,
+        "rounding": "half_even",
+        "input": quantize.inputs[0],
+    }
 
 
 def _match_quantize_chain(floor: gs.Node, ctx: _Context) -> Match:
@@ -248,16 +271,29 @@ def _match_quantize_chain(floor: gs.Node, ctx: _Context) -> Match:
     clip = ctx.sole_consumer(floor.outputs[0])
     mul = ctx.sole_consumer(clip.outputs[0]) if _is(clip, "Clip") and len(clip.inputs) == 3 else None
     scaled = _with_channel_scale(mul, "Mul")
-    if not divided or not scaled or add is None or div is None or clip is None or not np.array_equal(scaled[1], divided[1]) \
-            or len(add.outputs[0].outputs) != 1 or len(div.outputs[0].outputs) != 1:
+    if (
+        not divided
+        or not scaled
+        or add is None
+        or div is None
+        or clip is None
+        or not np.array_equal(scaled[1], divided[1])
+        or len(add.outputs[0].outputs) != 1
+        or len(div.outputs[0].outputs) != 1
+    ):
         return None
     low, high = _scalar(clip.inputs[1]), _scalar(clip.inputs[2])
     if low is None or high is None:
         return None
     scale = divided[1]
-    return [div, add, floor, clip, mul], {"format": "spikec", "scale": float(scale) if scale.ndim == 0 else scale,
-                                          "low": int(low), "high": int(high), "rounding": "half_up",
-                                          "input": divided[0]}
+    return [div, add, floor, clip, mul], {
+        "format": "spikec",
+        "scale": float(scale) if scale.ndim == 0 else scale,
+        "low": int(low),
+        "high": int(high),
+        "rounding": "half_up",
+        "input": divided[0],
+    }
 
 
 def _with_channel_scale(node: gs.Node | None, op: str) -> tuple[gs.Tensor, np.ndarray] | None:
@@ -327,8 +363,12 @@ def _match_layernorm_decomposed(mean_node: gs.Node, ctx: _Context) -> Match:
     eps = _with_scalar(after_var, "Add")
     eps_nodes, sqrt = ([after_var], ctx.sole_consumer(after_var.outputs[0])) if eps and after_var else ([], after_var)
     div = ctx.sole_consumer(sqrt.outputs[0]) if _is(sqrt, "Sqrt") else None
-    if sqrt is None or not _is(div, "Div") or div.inputs[1] is not sqrt.outputs[0] \
-            or not _among(_producer(div.inputs[0]), subs):
+    if (
+        sqrt is None
+        or not _is(div, "Div")
+        or div.inputs[1] is not sqrt.outputs[0]
+        or not _among(_producer(div.inputs[0]), subs)
+    ):
         return None
     nodes = [mean_node, *subs, square, var_node, *eps_nodes, sqrt, div]
     if any(not _among(c, nodes) for s in subs for c in s.outputs[0].outputs):
@@ -336,8 +376,16 @@ def _match_layernorm_decomposed(mean_node: gs.Node, ctx: _Context) -> Match:
     return _normalization(x, axes, nodes, eps[1] if eps else 0.0, "decomposed", True, "mean", ctx)
 
 
-def _normalization(x: gs.Tensor, axes: list[int], nodes: list[gs.Node], epsilon: float, form: str, center: bool,
-                   reduction: str, ctx: _Context) -> Match:
+def _normalization(
+    x: gs.Tensor,
+    axes: list[int],
+    nodes: list[gs.Node],
+    epsilon: float,
+    form: str,
+    center: bool,
+    reduction: str,
+    ctx: _Context,
+) -> Match:
     """A normalization of x over its last axes ending in nodes[-1], with the Mul(gamma) and Add(beta) after it
     that hold constants of the normalized shape. attrs: y = (x - mean if center) * (reduce(x^2 or (x - mean)^2)
     + epsilon)^(-1/2) [* scale] [+ bias], reduce = ReduceMean or ReduceSum over the last -axis axes."""
@@ -371,9 +419,15 @@ def _match_rmsnorm_op(node: gs.Node, ctx: _Context) -> Match:
     rank = _rank(node.inputs[0])
     if scale is None or rank is None:
         return None
-    return [node], {"epsilon": float(node.attrs.get("epsilon", 1e-5)),
-                    "axis": int(node.attrs.get("axis", -1)) % rank - rank, "form": "op",
-                    "center": False, "reduction": "mean", "scale": scale, "bias": None}
+    return [node], {
+        "epsilon": float(node.attrs.get("epsilon", 1e-5)),
+        "axis": int(node.attrs.get("axis", -1)) % rank - rank,
+        "form": "op",
+        "center": False,
+        "reduction": "mean",
+        "scale": scale,
+        "bias": None,
+    }
 
 
 def _match_rmsnorm_decomposed(var_node: gs.Node, ctx: _Context) -> Match:
@@ -385,8 +439,12 @@ def _match_rmsnorm_decomposed(var_node: gs.Node, ctx: _Context) -> Match:
     axes = _reduce_axes(var_node)
     variance = var_node.outputs[0]
     square = _producer(var_node.inputs[0]) if axes is not None else None
-    if square is None or axes is None or ctx.sole_consumer(square.outputs[0]) is not var_node \
-            or not _is_square(square, square.inputs[0]):
+    if (
+        square is None
+        or axes is None
+        or ctx.sole_consumer(square.outputs[0]) is not var_node
+        or not _is_square(square, square.inputs[0])
+    ):
         return None
     x = square.inputs[0]
     after = ctx.sole_consumer(variance)
@@ -398,15 +456,18 @@ def _match_rmsnorm_decomposed(var_node: gs.Node, ctx: _Context) -> Match:
     step = ctx.sole_consumer(root) if root is not None else None
     if _is(step, "Div") and step.inputs[0] is x and step.inputs[1] is root:
         tail = [step]
-    elif _is(step, "Reciprocal") or (_is(step, "Div") and step.inputs[1] is root and _close(_scalar(step.inputs[0]), 1.0)):
+    elif _is(step, "Reciprocal") or (
+        _is(step, "Div") and step.inputs[1] is root and _close(_scalar(step.inputs[0]), 1.0)
+    ):
         mul = ctx.sole_consumer(step.outputs[0])
         if not _is(mul, "Mul") or _other_input(mul, step.outputs[0]) is not x:
             return None
         tail = [step, mul]
     else:
         return None
-    return _normalization(x, axes, [square, var_node, *eps_nodes, sqrt, *tail], eps[1] if eps else 0.0, "rms",
-                          False, "mean", ctx)
+    return _normalization(
+        x, axes, [square, var_node, *eps_nodes, sqrt, *tail], eps[1] if eps else 0.0, "rms", False, "mean", ctx
+    )
 
 
 def _match_l2_normalize(norm: gs.Node, ctx: _Context) -> Match:
@@ -500,8 +561,12 @@ def _match_gelu_tanh(tanh: gs.Node, ctx: _Context) -> Match:
         return None
     outer = _producer(tanh.inputs[0])
     scaled = _with_scalar(outer, "Mul")
-    if not scaled or outer is None or not _close(scaled[1], math.sqrt(2.0 / math.pi)) \
-            or ctx.sole_consumer(outer.outputs[0]) is not tanh:
+    if (
+        not scaled
+        or outer is None
+        or not _close(scaled[1], math.sqrt(2.0 / math.pi))
+        or ctx.sole_consumer(outer.outputs[0]) is not tanh
+    ):
         return None
     inner = _producer(scaled[0])
     if not _is(inner, "Add") or ctx.sole_consumer(inner.outputs[0]) is not outer:
@@ -528,7 +593,12 @@ def _cube_nodes(tensor: gs.Tensor, x: gs.Tensor, ctx: _Context) -> list[gs.Node]
     if not _is(node, "Mul") or x not in node.inputs:
         return None
     square = _producer(_other_input(node, x))
-    if _is(square, "Mul") and square.inputs[0] is x and square.inputs[1] is x and ctx.sole_consumer(square.outputs[0]) is node:
+    if (
+        _is(square, "Mul")
+        and square.inputs[0] is x
+        and square.inputs[1] is x
+        and ctx.sole_consumer(square.outputs[0]) is node
+    ):
         return [square, node]
     return None
 
@@ -565,6 +635,7 @@ def _gelu_tail(anchor: gs.Node, x: gs.Tensor, ctx: _Context) -> list[gs.Node] | 
 # is recognized by what it computes, not by how it is written: the subgraph between one input x and one output
 # is evaluated on a grid of x and compared with these functions.
 
+
 def _erf(x: np.ndarray) -> np.ndarray:
     return np.vectorize(math.erf)(x)
 
@@ -580,8 +651,11 @@ def _hardsigmoid(x: np.ndarray) -> np.ndarray:
 # name -> (kind, attrs, f)
 ELEMENTWISE_FUNCTIONS: dict[str, tuple[str, dict, Callable[[np.ndarray], np.ndarray]]] = {
     "gelu": ("gelu", {"approximate": "none"}, lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))),
-    "gelu_tanh": ("gelu", {"approximate": "tanh"},
-                  lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))),
+    "gelu_tanh": (
+        "gelu",
+        {"approximate": "tanh"},
+        lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
+    ),
     "silu": ("activation", {"function": "silu"}, lambda x: x * _sigmoid(x)),
     "quick_gelu": ("activation", {"function": "quick_gelu"}, lambda x: x * _sigmoid(1.702 * x)),
     "sigmoid": ("activation", {"function": "sigmoid"}, _sigmoid),
@@ -594,10 +668,41 @@ _FUNCTION_GRID = np.concatenate([np.linspace(-12.0, 12.0, 2401), [-60.0, -30.0, 
 _FUNCTION_TOLERANCE = 1e-5  # of max(1, |f|): float32 rounding, far below GELU's erf/tanh difference (3e-4)
 _MAX_FUNCTION_NODES = 24
 # Nonlinear ops an activation subgraph must contain (Relu and Clip alone are activations too).
-_FUNCTION_ANCHORS = frozenset({"Tanh", "Sigmoid", "Erf", "HardSigmoid", "HardSwish", "Softplus", "Relu", "Clip",
-                               "LeakyRelu", "Elu", "Selu", "Celu", "Mish"})
-_ELEMENTWISE = _FUNCTION_ANCHORS | {"Add", "Sub", "Mul", "Div", "Pow", "Min", "Max", "Neg", "Abs", "Sqrt", "Exp",
-                                    "Log", "Reciprocal", "Softsign", "Identity", "Cast"}
+_FUNCTION_ANCHORS = frozenset(
+    {
+        "Tanh",
+        "Sigmoid",
+        "Erf",
+        "HardSigmoid",
+        "HardSwish",
+        "Softplus",
+        "Relu",
+        "Clip",
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Mish",
+    }
+)
+_ELEMENTWISE = _FUNCTION_ANCHORS | {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Min",
+    "Max",
+    "Neg",
+    "Abs",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Reciprocal",
+    "Softsign",
+    "Identity",
+    "Cast",
+}
 
 
 def _elementwise(node: gs.Node, ctx: _Context) -> bool:
@@ -669,8 +774,11 @@ def _extend(nodes: list[gs.Node], root: gs.Tensor, ctx: _Context) -> list[list[g
 
 def _closed(nodes: list[gs.Node], ctx: _Context) -> bool:
     """Whether only the last node's output is read outside ``nodes``."""
-    return all(not (id(t) in ctx.graph_outputs or any(not _among(c, nodes) for c in t.outputs))
-               for n in nodes[:-1] for t in n.outputs)
+    return all(
+        not (id(t) in ctx.graph_outputs or any(not _among(c, nodes) for c in t.outputs))
+        for n in nodes[:-1]
+        for t in n.outputs
+    )
 
 
 def _evaluate(nodes: list[gs.Node], root: gs.Tensor, x: np.ndarray, ctx: _Context) -> np.ndarray | None:
@@ -683,10 +791,15 @@ def _evaluate(nodes: list[gs.Node], root: gs.Tensor, x: np.ndarray, ctx: _Contex
     nodes = _ordered(nodes, ctx)
     constants = {t.name: _const(t) for n in nodes for t in n.inputs if t.name and _const(t) is not None}
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs], **n.attrs) for n in nodes],
-        "function", [onnx.helper.make_tensor_value_info(root.name, onnx.TensorProto.FLOAT, [None])],
+        [
+            onnx.helper.make_node(n.op, [t.name for t in n.inputs], [t.name for t in n.outputs], **n.attrs)
+            for n in nodes
+        ],
+        "function",
+        [onnx.helper.make_tensor_value_info(root.name, onnx.TensorProto.FLOAT, [None])],
         [onnx.helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in constants.items()])
+        [onnx.numpy_helper.from_array(np.asarray(v), name) for name, v in constants.items()],
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", ctx.opset)])
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -821,8 +934,12 @@ def _mask_step(node: gs.Node | None, ctx: _Context) -> tuple[gs.Tensor, dict] | 
     clamped = _with_scalar(node, "Max")
     if clamped and id(clamped[0]) in ctx.from_matmul and clamped[1] <= _MASK_MAX_NEGATIVE:
         return clamped[0], {"form": "clamp", "value": clamped[1]}
-    if _is(node, "Reshape") and id(node.inputs[0]) in ctx.from_matmul and _last_dim(node.inputs[0]) is not None \
-            and _last_dim(node.inputs[0]) == _last_dim(node.outputs[0]):
+    if (
+        _is(node, "Reshape")
+        and id(node.inputs[0]) in ctx.from_matmul
+        and _last_dim(node.inputs[0]) is not None
+        and _last_dim(node.inputs[0]) == _last_dim(node.outputs[0])
+    ):
         return node.inputs[0], {"form": "reshape", "shape": node.inputs[1]}
     return None
 

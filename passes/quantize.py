@@ -21,6 +21,7 @@ weights stay in float: x/f quantized per tensor with scale s is x quantized with
 The quantizer is written with standard ops (Div, Add, Floor, Clip, Mul), so the QANN runs in stock
 onnxruntime; passes/patterns.py recognizes it (region kind "quantizer") as it recognizes QDQ pairs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,8 +77,12 @@ def activation_tensors(graph: gs.Graph) -> set[str]:
     """Tensors computed from the data a sample carries: float inputs and table lookups (embeddings) and what
     follows from them. What is computed from integer inputs by arithmetic only (positions cast to float:
     rotary angles; masks) is not an activation: a quantizer there would round positions to a few levels."""
-    integer_lookups = [t.name for n in graph.nodes if n.op in ("Gather", "GatherElements", "GatherND")
-                       and not all(is_constant(t) for t in n.inputs) for t in n.outputs]
+    integer_lookups = [
+        t.name
+        for n in graph.nodes
+        if n.op in ("Gather", "GatherElements", "GatherND") and not all(is_constant(t) for t in n.inputs)
+        for t in n.outputs
+    ]
     float_inputs = [t.name for t in graph.inputs if np.issubdtype(np.dtype(t.dtype or np.float32), np.floating)]
     return varying_tensors(graph, float_inputs + integer_lookups)
 
@@ -85,8 +90,12 @@ def activation_tensors(graph: gs.Graph) -> set[str]:
 def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
     """Where quantizers go: see the module docstring; product operands that are no ``activations`` stay
     float (the product is then affine in its one activation operand)."""
-    products = [r for r in regions if r.kind in PRODUCT_KINDS
-                and any(node.inputs[index].name in activations for node, index in product_operands(r))]
+    products = [
+        r
+        for r in regions
+        if r.kind in PRODUCT_KINDS
+        and any(node.inputs[index].name in activations for node, index in product_operands(r))
+    ]
     softmax_inputs = {t.name for r in regions if r.kind == "softmax" for t in r.inputs}
     after: dict[str, Site] = {}
     for region in products:
@@ -94,8 +103,12 @@ def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
         if region.kind == "act_matmul" and _feeds_softmax(output, softmax_inputs):
             continue
         after.setdefault(output.name, Site(output.name, None, "after"))
-    before = operand_sites(products, keep=lambda tensor: tensor.name in activations and not any(
-        name in after for name in _source_through_movement(tensor)))
+    before = operand_sites(
+        products,
+        keep=lambda tensor: (
+            tensor.name in activations and not any(name in after for name in _source_through_movement(tensor))
+        ),
+    )
     return [*after.values(), *(Site(name, tuple(consumers), "before") for name, consumers in before.items())]
 
 
@@ -139,8 +152,11 @@ def choose_quantizer(stats, levels: int, per_channel: bool) -> Quantizer:
     best: Quantizer | None = None
     best_error = np.inf
     for low, high in level_ranges(levels, float(stats.min()), float(stats.max())):
-        clip = stats.mmse(lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x),
-                          grid=SCALE_GRID, per_channel=per_channel)
+        clip = stats.mmse(
+            lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x),
+            grid=SCALE_GRID,
+            per_channel=per_channel,
+        )
         quantizer = Quantizer.for_levels(low, high, clip)
         error = float(np.square(quantizer(stats.sample) - stats.sample).sum(dtype=np.float64))
         if best is None or error < best_error:  # an overflowing error (inf) still leaves a quantizer
@@ -179,20 +195,35 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
         divided = b.op("Div", tensor, scale, out=variable("quant_div"), name=f"{name}/Div")
         shifted = b.op("Add", divided, const("quant_half", 0.5), out=variable("quant_shift"), name=f"{name}/Add")
         floored = b.op("Floor", shifted, out=variable("quant_floor"), name=f"{name}/Floor")
-        clipped = b.op("Clip", floored, const("quant_low", q.low), const("quant_high", q.high),
-                       out=variable("quant_clip"), name=f"{name}/Clip")
+        clipped = b.op(
+            "Clip",
+            floored,
+            const("quant_low", q.low),
+            const("quant_high", q.high),
+            out=variable("quant_clip"),
+            name=f"{name}/Clip",
+        )
         quantized = variable("quantized")
-        consumers = site.consumers if site.consumers is not None else \
-            [(c, i) for c in list(tensor.outputs) if c.name != f"{name}/Div" for i, t in enumerate(c.inputs)
-             if t is tensor]
+        consumers = (
+            site.consumers
+            if site.consumers is not None
+            else [
+                (c, i)
+                for c in list(tensor.outputs)
+                if c.name != f"{name}/Div"
+                for i, t in enumerate(c.inputs)
+                if t is tensor
+            ]
+        )
         for node, index in consumers:
             node.inputs[index] = quantized
         if site.consumers is None and tensor in graph.outputs:
             graph.outputs = [quantized if t is tensor else t for t in graph.outputs]
             quantized.name, tensor.name = tensor.name, f"{tensor.name}.unquantized"
         b.op("Mul", clipped, scale, out=quantized, name=f"{name}/Mul")
-        report.append({"tensor": site.tensor, "role": site.role, **scale_summary(q.scale), "low": q.low,
-                       "high": q.high})
+        report.append(
+            {"tensor": site.tensor, "role": site.role, **scale_summary(q.scale), "low": q.low, "high": q.high}
+        )
     graph.toposort()
     return report
 

@@ -1,6 +1,7 @@
 """What the method passes share about recognized regions: which activation operands feed a product, the
 tensors that need a neuron, encoder or quantizer in front of those operands, and detaching a region whose
 computation a pass builds anew."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
@@ -31,8 +32,9 @@ def product_operands(region: Region) -> Operands:
     return [(node, 1 - weight_index)]
 
 
-def operand_sites(regions: Iterable[Region], kinds: Collection[str] = PRODUCT_KINDS,
-                  keep: Callable[[gs.Tensor], bool] | None = None) -> dict[str, Operands]:
+def operand_sites(
+    regions: Iterable[Region], kinds: Collection[str] = PRODUCT_KINDS, keep: Callable[[gs.Tensor], bool] | None = None
+) -> dict[str, Operands]:
     """Tensor name -> the product operands it feeds, over the products of ``kinds`` in ``regions``: every
     operand that is no constant (and that ``keep`` keeps), in region order."""
     sites: dict[str, Operands] = {}

@@ -26,6 +26,7 @@ round differently. Once quiet, each tracer is its quantizer's level and every te
 for bit. Weight products run on the totals too (the sum over steps of spikes x W equals tracer x W
 in integer arithmetic); a burst of up to ``burst`` spikes per step divides T_eq by about ``burst``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,13 +66,28 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
     """The quantizer's consumers read ST-BIF+ spikes * scale instead."""
     attrs = region.attrs
     source = attrs["input"]
-    scaled = attach_neuron(graph, source, "STBIFNeuron",
-                           {"theta": np.asarray(attrs["scale"], np.float32), "s_min": np.float32(attrs["low"]),
-                            "s_max": np.float32(attrs["high"])}, "theta")
+    scaled = attach_neuron(
+        graph,
+        source,
+        "STBIFNeuron",
+        {
+            "theta": np.asarray(attrs["scale"], np.float32),
+            "s_min": np.float32(attrs["low"]),
+            "s_max": np.float32(attrs["high"]),
+        },
+        "theta",
+    )
     take_over(graph, region, scaled)
-    return {"tensor": source.name, "node": f"{source.name}/STBIFNeuron", "region": region.name, "format": attrs["format"],
-            "threshold": np.asarray(attrs["scale"], np.float32).tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
-            "rounding": attrs["rounding"]}
+    return {
+        "tensor": source.name,
+        "node": f"{source.name}/STBIFNeuron",
+        "region": region.name,
+        "format": attrs["format"],
+        "threshold": np.asarray(attrs["scale"], np.float32).tolist(),
+        "s_min": attrs["low"],
+        "s_max": attrs["high"],
+        "rounding": attrs["rounding"],
+    }
 
 
 def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> dict:
@@ -82,16 +98,35 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> di
     theta = np.asarray(attrs["scale"], np.float32)
     params = {"theta": theta, "s_min": np.float32(attrs["low"]), "s_max": np.float32(attrs["high"])}
     b = GraphBuilder(graph, source.name)
-    spikes = b.spikec("STBIFIntegerNeuron", source, *(b.const(v, name=f"{source.name}.{k}") for k, v in params.items()),
-                      out=fresh_like(source, ".spikes"), name=f"{source.name}/STBIFIntegerNeuron", burst=burst,
-                      half_even=int(attrs["rounding"] == "half_even"))
+    spikes = b.spikec(
+        "STBIFIntegerNeuron",
+        source,
+        *(b.const(v, name=f"{source.name}.{k}") for k, v in params.items()),
+        out=fresh_like(source, ".spikes"),
+        name=f"{source.name}/STBIFIntegerNeuron",
+        burst=burst,
+        half_even=int(attrs["rounding"] == "half_even"),
+    )
     tracer = accumulate(graph, spikes, f"{source.name}/Tracer", SUM)
-    value = b.op("Mul", tracer, b.const(theta, None, name=f"{source.name}.scale"),
-                 out=fresh_like(source, ".level_value"), name=f"{source.name}/LevelValue")
+    value = b.op(
+        "Mul",
+        tracer,
+        b.const(theta, None, name=f"{source.name}.scale"),
+        out=fresh_like(source, ".level_value"),
+        name=f"{source.name}/LevelValue",
+    )
     take_over(graph, region, value)
-    return {"tensor": source.name, "node": f"{source.name}/STBIFIntegerNeuron", "region": region.name,
-            "format": attrs["format"], "threshold": theta.tolist(), "s_min": attrs["low"], "s_max": attrs["high"],
-            "rounding": attrs["rounding"], "burst": burst}
+    return {
+        "tensor": source.name,
+        "node": f"{source.name}/STBIFIntegerNeuron",
+        "region": region.name,
+        "format": attrs["format"],
+        "threshold": theta.tolist(),
+        "s_min": attrs["low"],
+        "s_max": attrs["high"],
+        "rounding": attrs["rounding"],
+        "burst": burst,
+    }
 
 
 def dequantize_weights(graph: gs.Graph) -> int:
@@ -124,16 +159,25 @@ def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
         attrs, name = region.attrs, region.attrs["input"].name
         b = GraphBuilder(graph, name)
         theta = b.const(attrs["scale"], name=f"{name}.scale")
-        steps = [("Div", [theta]), ("Round" if attrs["rounding"] == "half_even" else "Floor", []),
-                 ("Max", [b.const(attrs["low"], name=f"{name}.low")]),
-                 ("Min", [b.const(attrs["high"], name=f"{name}.high")]), ("Mul", [theta])]
+        steps = [
+            ("Div", [theta]),
+            ("Round" if attrs["rounding"] == "half_even" else "Floor", []),
+            ("Max", [b.const(attrs["low"], name=f"{name}.low")]),
+            ("Min", [b.const(attrs["high"], name=f"{name}.high")]),
+            ("Mul", [theta]),
+        ]
         if attrs["rounding"] != "half_even":
             steps.insert(1, ("Add", [b.const(0.5, name=f"{name}.half")]))
         quantized, value = region.outputs[0], attrs["input"]
         detach(region)
         for index, (op, operands) in enumerate(steps):
-            value = b.op(op, value, *operands, name=f"{name}/Level{index}",
-                         out=quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}"))
+            value = b.op(
+                op,
+                value,
+                *operands,
+                name=f"{name}/Level{index}",
+                out=quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}"),
+            )
     dequantize_weights(graph)
     graph.cleanup().toposort()
 
@@ -148,8 +192,9 @@ def totals_as_increments(graph: gs.Graph) -> list[str]:
     for output in [t for t in graph.outputs if t.name in varying]:
         total = fresh_like(output, ".total")
         replace_uses(output, total, producer=True)
-        GraphBuilder(graph, output.name).spikec("ECCompensate", total, out=output, name=f"{output.name}/Increments",
-                                                average=0)
+        GraphBuilder(graph, output.name).spikec(
+            "ECCompensate", total, out=output, name=f"{output.name}/Increments", average=0
+        )
         wrapped.append(output.name)
     return wrapped
 
@@ -161,15 +206,23 @@ def sesa(graph: gs.Graph, node: gs.Node, name: str) -> dict:
     return running_sum_product(graph, node, name, label="SESA", rewrite="SESA")
 
 
-def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[str] = frozenset(),
-            integer: bool = False, burst: int = 1) -> dict:
+def rewrite(
+    graph: gs.Graph,
+    regions: list[Region],
+    *,
+    allow_float: frozenset[str] = frozenset(),
+    integer: bool = False,
+    burst: int = 1,
+) -> dict:
     """Rewrite a canonicalized QANN graph into its SpikeZIP-TF SNN (generic spikec ops, no time structure
     yet); with ``integer``, its integer-exact form with bursts of up to ``burst`` spikes."""
     refuse_float_in_regions(regions, set(allow_float))
     quantizers = [r for r in regions if r.kind == "quantizer"]
     if not quantizers:
-        raise SpikecError("model has no activation quantizers (QuantizeLinear/DequantizeLinear pairs) to turn "
-                          "into ST-BIF+ neurons; compile with --levels L to quantize it after training")
+        raise SpikecError(
+            "model has no activation quantizers (QuantizeLinear/DequantizeLinear pairs) to turn "
+            "into ST-BIF+ neurons; compile with --levels L to quantize it after training"
+        )
     if integer:
         # a quantizer of a tensor that no input varies (position embeddings) has one level for good: no
         # neuron to fire it, and none whose spikes would count towards a sample
@@ -178,12 +231,22 @@ def rewrite(graph: gs.Graph, regions: list[Region], *, allow_float: frozenset[st
         quantizers_as_levels(graph, [r for r in quantizers if r.attrs["input"].name not in data])
         outputs = totals_as_increments(graph)
         graph.toposort()
-        return {"neurons": neurons, "integer": True, "burst": burst, "compensated": [], "gated_to_first_step": 0,
-                "ppn_folded_products": 0, "total_outputs": outputs}
+        return {
+            "neurons": neurons,
+            "integer": True,
+            "burst": burst,
+            "compensated": [],
+            "gated_to_first_step": 0,
+            "ppn_folded_products": 0,
+            "total_outputs": outputs,
+        }
     neurons = [replace_quantizer(graph, r) for r in quantizers]
     graph.cleanup()
-    timing = convert_time(graph, [r for r in regions if r.kind != "quantizer"], set(allow_float), SUM,
-                          product=sesa)
+    timing = convert_time(graph, [r for r in regions if r.kind != "quantizer"], set(allow_float), SUM, product=sesa)
     folded = fold_thresholds_into_weights(graph)
-    return {"neurons": neurons, "compensated": timing["compensated"],
-            "gated_to_first_step": timing["gated_to_first_step"], "ppn_folded_products": folded}
+    return {
+        "neurons": neurons,
+        "compensated": timing["compensated"],
+        "gated_to_first_step": timing["gated_to_first_step"],
+        "ppn_folded_products": folded,
+    }

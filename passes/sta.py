@@ -21,6 +21,7 @@
   code's), 1.3 % of the shifted scores exceed the exp UGO's domain top (3) and the clamp flattens
   exactly the peaks softmax exists to keep.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,24 +55,38 @@ class STAOptions(Options):
     tcsa: bool = option(True, "activation products by TCSA (off: the naive temporal split of Def. 2)")
     signed: bool = option(True, "signed IF neurons with memory (off: no negative spikes)")
     burst: int = option(2, "burst spikes per step (1: plain IF)", bounds=(1, 64))
-    gelu_hidden: int | None = option(None, "GELU UGO size N (shipped: 32, the paper's, and 64, the reference "
-                                           "code's; default the paper's)", bounds=(1, 4096), metavar="N")
-    softmax_ugo: bool = option(False, "Softmax by exp/inverse UGOs (appendix D.2) instead of float, as the "
-                                      "reference code runs it")
+    gelu_hidden: int | None = option(
+        None,
+        "GELU UGO size N (shipped: 32, the paper's, and 64, the reference code's; default the paper's)",
+        bounds=(1, 4096),
+        metavar="N",
+    )
+    softmax_ugo: bool = option(
+        False, "Softmax by exp/inverse UGOs (appendix D.2) instead of float, as the reference code runs it"
+    )
 
 
 def rate_quantizer(timesteps: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """QT(z) = theta/T * clamp(floor(T z / theta), 0, T): what an IF neuron's rate makes of z."""
+
     def quantize(z: np.ndarray, theta: np.ndarray) -> np.ndarray:
         theta = np.asarray(theta, np.float64)
         return theta / timesteps * np.clip(np.floor(timesteps * z / theta), 0, timesteps)
+
     return quantize
 
 
 def _stats_of(name: str, sample: np.ndarray) -> TapStats:
     """TapStats over a [rows, channels] sample (the MMSE search needs only sample, min and max)."""
-    return TapStats(name, (None, sample.shape[1]), 1, int(sample.size), sample.astype(np.float32),
-                    sample.min(axis=0).astype(np.float32), sample.max(axis=0).astype(np.float32))
+    return TapStats(
+        name,
+        (None, sample.shape[1]),
+        1,
+        int(sample.size),
+        sample.astype(np.float32),
+        sample.min(axis=0).astype(np.float32),
+        sample.max(axis=0).astype(np.float32),
+    )
 
 
 def mmse_thresholds(stats: TapStats, timesteps: int) -> np.ndarray:
@@ -83,29 +98,56 @@ def mmse_thresholds(stats: TapStats, timesteps: int) -> np.ndarray:
 
 
 def _negated(stats: TapStats) -> TapStats:
-    return TapStats(stats.name + ".negated", stats.shape, stats.channel_axis, stats.count, -stats.sample,
-                    -stats.channel_max, -stats.channel_min)
+    return TapStats(
+        stats.name + ".negated",
+        stats.shape,
+        stats.channel_axis,
+        stats.count,
+        -stats.sample,
+        -stats.channel_max,
+        -stats.channel_min,
+    )
 
 
-def x2x_encoder(graph: gs.Graph, tensor: gs.Variable, stats: TapStats, timesteps: int,
-                options: STAOptions) -> tuple[gs.Variable, dict]:
+def x2x_encoder(
+    graph: gs.Graph, tensor: gs.Variable, stats: TapStats, timesteps: int, options: STAOptions
+) -> tuple[gs.Variable, dict]:
     """relu(x) - relu(-x) by two IF neurons, one spikec X2XEncoder op: spikes(x) - spikes(-x)."""
     theta_pos, theta_neg = mmse_thresholds(stats, timesteps), mmse_thresholds(_negated(stats), timesteps)
     node_name = f"{tensor.name}/X2X"
     b = GraphBuilder(graph, node_name)
-    encoded = b.spikec("X2XEncoder", tensor, b.const(theta_pos, None, name=f"{node_name}.theta_pos"),
-                       b.const(theta_neg, None, name=f"{node_name}.theta_neg"), out=fresh_like(tensor, ".x2x"),
-                       name=node_name, signed=int(options.signed), burst=int(options.burst))
-    return encoded, {"tensor": tensor.name, "encoder": "X2X", "theta_pos": theta_pos.tolist(),
-                     "theta_neg": theta_neg.tolist()}
+    encoded = b.spikec(
+        "X2XEncoder",
+        tensor,
+        b.const(theta_pos, None, name=f"{node_name}.theta_pos"),
+        b.const(theta_neg, None, name=f"{node_name}.theta_neg"),
+        out=fresh_like(tensor, ".x2x"),
+        name=node_name,
+        signed=int(options.signed),
+        burst=int(options.burst),
+    )
+    return encoded, {
+        "tensor": tensor.name,
+        "encoder": "X2X",
+        "theta_pos": theta_pos.tolist(),
+        "theta_neg": theta_neg.tolist(),
+    }
 
 
 def _consumers(operands: list[tuple[gs.Node, int]]) -> list[str]:
     return sorted({node.name for node, _ in operands})
 
 
-def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operator: ugos.UGO,
-         inputs: np.ndarray, timesteps: int, options: STAOptions) -> np.ndarray:
+def _ugo(
+    graph: gs.Graph,
+    prefix: str,
+    x: gs.Variable,
+    out: gs.Variable,
+    operator: ugos.UGO,
+    inputs: np.ndarray,
+    timesteps: int,
+    options: STAOptions,
+) -> np.ndarray:
     """out = w2 . IF(w1 x + b1) + b2 elementwise, one spikec UGO op (its N hidden neurons are its state,
     never a tensor of the graph); the hidden thresholds by MMSE over the hidden pre-activations of
     ``inputs`` (a sample of x). Returns the thresholds."""
@@ -116,8 +158,16 @@ def _ugo(graph: gs.Graph, prefix: str, x: gs.Variable, out: gs.Variable, operato
     theta = mmse_thresholds(_stats_of(f"{x.name}.ugo_hidden", hidden_sample), timesteps)
 
     b = GraphBuilder(graph, prefix)
-    weights = [b.const(value, name=f"{prefix}.{name}") for name, value in
-               (("w1", operator.w1), ("b1", operator.b1), ("theta", theta), ("w2", operator.w2), ("b2", operator.b2))]
+    weights = [
+        b.const(value, name=f"{prefix}.{name}")
+        for name, value in (
+            ("w1", operator.w1),
+            ("b1", operator.b1),
+            ("theta", theta),
+            ("w2", operator.w2),
+            ("b2", operator.b2),
+        )
+    ]
     b.spikec("UGO", x, *weights, out=out, name=prefix, signed=int(options.signed), burst=int(options.burst))
     return theta
 
@@ -142,24 +192,31 @@ def activation_operator(region: Region, options: STAOptions) -> ugos.UGO | None:
     return None
 
 
-def activation_ugo(graph: gs.Graph, region: Region, operator: ugos.UGO, stats: TapStats, timesteps: int,
-                   options: STAOptions) -> dict:
+def activation_ugo(
+    graph: gs.Graph, region: Region, operator: ugos.UGO, stats: TapStats, timesteps: int, options: STAOptions
+) -> dict:
     """Replace a GELU or activation region by its UGO with a spiking hidden layer."""
     x, out = region.inputs[0], region.outputs[0]
     detach(region)
     theta = _ugo(graph, ugo_node(region.name, UGO_ACTIVATION), x, out, operator, stats.sample, timesteps, options)
-    return {"region": region.name, "operator": region.attrs.get("function", "gelu"), "hidden": operator.hidden,
-            "input": x.name, "theta": theta.tolist()}
+    return {
+        "region": region.name,
+        "operator": region.attrs.get("function", "gelu"),
+        "hidden": operator.hidden,
+        "input": x.name,
+        "theta": theta.tolist(),
+    }
 
 
-def layernorm_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int, options: STAOptions,
-                  opset: int) -> dict | None:
+def layernorm_ugo(
+    graph: gs.Graph, region: Region, stats: TapStats, timesteps: int, options: STAOptions, opset: int
+) -> dict | None:
     """Appendix D.1: c = x - mean(x); var = mean(c * c) (a TCSA product); r = 1/sqrt(var + eps) by the rsqrt
-    UGO; LN = gamma * (c * r) + beta (TCSA again). The UGO's domain is (0.01, 1]: var + eps is scaled by
-    s = 1/(its calibration maximum) first and r by sqrt(s) after (spikec's; the reference code drops eps
-    and relies on the variance staying in the domain). RMSNorm is the same without the centering (c = x),
-    L2 normalization with a sum for the mean. A LayerNorm whose calibration variances span more than
-the domain's 100:1 stays float (returns None), as does one over more than the last axis."""
+        UGO; LN = gamma * (c * r) + beta (TCSA again). The UGO's domain is (0.01, 1]: var + eps is scaled by
+        s = 1/(its calibration maximum) first and r by sqrt(s) after (spikec's; the reference code drops eps
+        and relies on the variance staying in the domain). RMSNorm is the same without the centering (c = x),
+        L2 normalization with a sum for the mean. A LayerNorm whose calibration variances span more than
+    the domain's 100:1 stays float (returns None), as does one over more than the last axis."""
     x, out = region.inputs[0], region.outputs[0]
     epsilon, center = region.attrs["epsilon"], region.attrs["center"]
     reduce_op = {"mean": "ReduceMean", "sum": "ReduceSum"}[region.attrs["reduction"]]
@@ -179,7 +236,9 @@ the domain's 100:1 stays float (returns None), as does one over more than the la
     scaled = b.op("Mul", variance_eps, b.const(scale))
     operator = ugos.load("rsqrt")
     root_scaled = b.fresh("rsqrt_scaled")
-    theta = _ugo(graph, ugo_node(region.name, UGO_RSQRT), scaled, root_scaled, operator, variance * scale, timesteps, options)
+    theta = _ugo(
+        graph, ugo_node(region.name, UGO_RSQRT), scaled, root_scaled, operator, variance * scale, timesteps, options
+    )
     root = b.op("Mul", root_scaled, b.const(np.sqrt(scale)))
     gamma, beta = region.attrs["scale"], region.attrs["bias"]
     normalized = b.op("Mul", centered, root, out=out if gamma is None and beta is None else None)
@@ -187,9 +246,14 @@ the domain's 100:1 stays float (returns None), as does one over more than the la
         normalized = b.op("Mul", normalized, gamma, out=out if beta is None else None)
     if beta is not None:
         b.op("Add", normalized, beta, out=out)
-    return {"region": region.name, "operator": "rsqrt", "hidden": operator.hidden, "input": x.name,
-            "variance_scale": scale,
-            "theta": theta.tolist()}
+    return {
+        "region": region.name,
+        "operator": "rsqrt",
+        "hidden": operator.hidden,
+        "input": x.name,
+        "variance_scale": scale,
+        "theta": theta.tolist(),
+    }
 
 
 # Table 3's domains of the exp and inverse UGOs
@@ -221,25 +285,43 @@ def softmax_ugo(graph: gs.Graph, region: Region, stats: TapStats, timesteps: int
     clamped = b.op("Clip", b.op("Sub", x, first), b.const(EXP_DOMAIN[0]), b.const(EXP_DOMAIN[1]))
     exp_operator, inverse_operator = ugos.load("exp"), ugos.load("inverse")
     exps = b.fresh("exp")
-    theta_exp = _ugo(graph, ugo_node(region.name, UGO_EXP), clamped, exps, exp_operator, shifted_sample, timesteps, options)
+    theta_exp = _ugo(
+        graph, ugo_node(region.name, UGO_EXP), clamped, exps, exp_operator, shifted_sample, timesteps, options
+    )
     if masking is not None:
         exps = b.op("Mul", exps, b.op("Exp", masking.log_weight(0.0)))
-    bounded = b.op("Clip", b.op("Mul", b.reduce("ReduceSum", exps), b.const(k)), b.const(INVERSE_DOMAIN[0]),
-                   b.const(INVERSE_DOMAIN[1]))
+    bounded = b.op(
+        "Clip",
+        b.op("Mul", b.reduce("ReduceSum", exps), b.const(k)),
+        b.const(INVERSE_DOMAIN[0]),
+        b.const(INVERSE_DOMAIN[1]),
+    )
     inverse = b.fresh("inverse")
-    theta_inv = _ugo(graph, ugo_node(region.name, UGO_INVERSE), bounded, inverse, inverse_operator,
-                     np.clip(sums * k, *INVERSE_DOMAIN), timesteps, options)
+    theta_inv = _ugo(
+        graph,
+        ugo_node(region.name, UGO_INVERSE),
+        bounded,
+        inverse,
+        inverse_operator,
+        np.clip(sums * k, *INVERSE_DOMAIN),
+        timesteps,
+        options,
+    )
     b.op("Mul", exps, b.op("Mul", inverse, b.const(k)), out=out)
-    return {"region": region.name, "operator": "softmax (exp, inverse)",
-            "hidden": exp_operator.hidden + inverse_operator.hidden, "input": scores.name,
-            "sum_scale": k, "theta": theta_exp.tolist() + theta_inv.tolist()}
+    return {
+        "region": region.name,
+        "operator": "softmax (exp, inverse)",
+        "hidden": exp_operator.hidden + inverse_operator.hidden,
+        "input": scores.name,
+        "sum_scale": k,
+        "theta": theta_exp.tolist() + theta_inv.tolist(),
+    }
 
 
 def naive_split(graph: gs.Graph, node: gs.Node, name: str, timesteps: int) -> dict:
     """Def. 2: P(t) = (S_A(t) S_B(t) - S_A(t-1) S_B(t-1)) / T from running sums; its mean over T is the
     product of the means, but its steps grow with t."""
-    return running_sum_product(graph, node, name, label="Naive", rewrite="naive split (Def. 2)",
-                               weight=1.0 / timesteps)
+    return running_sum_product(graph, node, name, label="Naive", rewrite="naive split (Def. 2)", weight=1.0 / timesteps)
 
 
 def encoder_sites(regions: list[Region], skip: set[str]) -> dict[str, Operands]:
@@ -252,8 +334,9 @@ def calibration_taps(regions: list[Region], options: STAOptions) -> list[str]:
     activations = [r for r in regions if activation_operator(r, options) is not None]
     ugo_inputs = [r.inputs[0].name for r in activations]
     ugo_inputs += [r.inputs[0].name for r in regions if r.kind == "layernorm"] if options.ugo else []
-    ugo_inputs += [r.attrs["scores"].name for r in regions if r.kind == "softmax"] \
-        if options.ugo and options.softmax_ugo else []
+    ugo_inputs += (
+        [r.attrs["scores"].name for r in regions if r.kind == "softmax"] if options.ugo and options.softmax_ugo else []
+    )
     skip = {r.outputs[0].name for r in activations}
     return list(dict.fromkeys([*encoder_sites(regions, skip), *ugo_inputs]))
 
@@ -265,8 +348,15 @@ def hidden_sizes(regions: list[Region], options: STAOptions) -> dict[str, int]:
     return {r.inputs[0].name: operator.hidden for r, operator in operators if operator is not None}
 
 
-def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], timesteps: int,
-            options: STAOptions = STAOptions(), *, allow_float: frozenset[str] = frozenset()) -> dict:
+def rewrite(
+    graph: gs.Graph,
+    regions: list[Region],
+    stats: dict[str, TapStats],
+    timesteps: int,
+    options: STAOptions = STAOptions(),
+    *,
+    allow_float: frozenset[str] = frozenset(),
+) -> dict:
     refuse_float_in_regions(regions, set(allow_float))
     opset = graph.opset
     activations = [(r, operator) for r in regions if (operator := activation_operator(r, options)) is not None]
@@ -282,8 +372,9 @@ def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], 
         for node, index in operands:
             node.inputs[index] = encoded
         encoders.append({**info, "consumers": _consumers(operands)})
-    replaced = [activation_ugo(graph, r, operator, stats[r.inputs[0].name], timesteps, options)
-                for r, operator in activations]
+    replaced = [
+        activation_ugo(graph, r, operator, stats[r.inputs[0].name], timesteps, options) for r, operator in activations
+    ]
     decomposed = [(r, layernorm_ugo(graph, r, stats[r.inputs[0].name], timesteps, options, opset)) for r in norms]
     norms = [r for r, info in decomposed if info is not None]
     replaced += [info for _, info in decomposed if info is not None]
@@ -291,8 +382,14 @@ def rewrite(graph: gs.Graph, regions: list[Region], stats: dict[str, TapStats], 
     graph.cleanup()
     product = None if options.tcsa else functools.partial(naive_split, timesteps=timesteps)
     rewritten = {id(r) for r in [*gelus, *norms, *softmaxes]}
-    timing = convert_time(graph, [r for r in regions if id(r) not in rewritten], set(allow_float), MEAN,
-                          product=product)
-    return {"neurons": [], "encoders": encoders, "ugos": replaced, "compensated": timing["compensated"],
-            "layernorms_kept_float": [r.name for r, info in decomposed if info is None],
-            "options": options.to_json()}
+    timing = convert_time(
+        graph, [r for r in regions if id(r) not in rewritten], set(allow_float), MEAN, product=product
+    )
+    return {
+        "neurons": [],
+        "encoders": encoders,
+        "ugos": replaced,
+        "compensated": timing["compensated"],
+        "layernorms_kept_float": [r.name for r, info in decomposed if info is None],
+        "options": options.to_json(),
+    }

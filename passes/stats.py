@@ -120,11 +120,14 @@ class TapStats:
         data), else a uniform sample of all rows of that size: how many rows come from each side is
         hypergeometric in the rows each saw, and which ones uniform within its sample, drawn with a seed
         fixed by the row counts (the same merge gives the same sample)."""
-        if (other.name, other.channel_axis, other.channels) != (self.name, self.channel_axis, self.channels) \
-                or len(other.shape) != len(self.shape):
-            raise SpikecError(f"tap '{self.name}': cannot merge statistics of '{other.name}' (channel axis "
-                              f"{other.channel_axis}, {other.channels} channels, shape {list(other.shape)}) into "
-                              f"channel axis {self.channel_axis}, {self.channels} channels, shape {list(self.shape)}")
+        if (other.name, other.channel_axis, other.channels) != (self.name, self.channel_axis, self.channels) or len(
+            other.shape
+        ) != len(self.shape):
+            raise SpikecError(
+                f"tap '{self.name}': cannot merge statistics of '{other.name}' (channel axis "
+                f"{other.channel_axis}, {other.channels} channels, shape {list(other.shape)}) into "
+                f"channel axis {self.channel_axis}, {self.channels} channels, shape {list(self.shape)}"
+            )
         capacity = max(1, check_positive_int(max_values, "max_values") // self.channels)
         rows = self.rows + other.rows
         whole = len(self.sample) == self.rows and len(other.sample) == other.rows
@@ -133,10 +136,13 @@ class TapStats:
         else:
             rng = np.random.default_rng([SAMPLE_SEED, self.rows, other.rows])
             size = min(capacity, rows)
-            mine = int(np.clip(rng.hypergeometric(self.rows, other.rows, size), size - len(other.sample),
-                               len(self.sample)))
-            picks = [np.sort(rng.choice(len(part.sample), count, replace=False))
-                     for part, count in ((self, mine), (other, size - mine))]
+            mine = int(
+                np.clip(rng.hypergeometric(self.rows, other.rows, size), size - len(other.sample), len(self.sample))
+            )
+            picks = [
+                np.sort(rng.choice(len(part.sample), count, replace=False))
+                for part, count in ((self, mine), (other, size - mine))
+            ]
             sample = np.concatenate([self.sample[picks[0]], other.sample[picks[1]]])
         return TapStats(
             name=self.name,

@@ -18,6 +18,7 @@ runs in float on those, and ECCompensate turns F's outputs back into per-step in
 (t*Y(t) - (t-1)*Y(t-1), or Y(t) - Y(t-1)). A method may rewrite activation x activation products its
 own way (SpikeZIP-TF's SESA).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -37,9 +38,30 @@ NEURON_OPS = frozenset({"MTNeuron", "STBIFNeuron", "STBIFIntegerNeuron", "IFNeur
 
 # Ops whose outputs are linear functions of each input, or pure data movement.
 _LINEAR_IN_EVERY_INPUT = {
-    "Add", "Sub", "Neg", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
-    "Concat", "Split", "Slice", "Gather", "GatherElements", "Expand", "Tile", "ReduceSum", "ReduceMean",
-    "Pad", "Dropout", "SpaceToDepth", "DepthToSpace", "GlobalAveragePool", "AveragePool",
+    "Add",
+    "Sub",
+    "Neg",
+    "Identity",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Concat",
+    "Split",
+    "Slice",
+    "Gather",
+    "GatherElements",
+    "Expand",
+    "Tile",
+    "ReduceSum",
+    "ReduceMean",
+    "Pad",
+    "Dropout",
+    "SpaceToDepth",
+    "DepthToSpace",
+    "GlobalAveragePool",
+    "AveragePool",
     "Resize",  # interpolation weights depend on the sizes alone (MobileViT's fold back to the feature map)
 }
 # Bilinear ops: affine as long as at most one operand varies over time.
@@ -50,10 +72,35 @@ _AFFINE_IN_FIRST = {"BatchNormalization"}
 # Ops whose output depends on the input's shape or type only.
 SHAPE_ONLY = {"Shape", "Size", "EyeLike", "ConstantOfShape"}
 # Ops that cannot be evaluated on running means: their outputs are not float or they hold control flow.
-_UNCONVERTIBLE = {"If", "Loop", "Scan", "ArgMax", "ArgMin", "TopK", "NonZero", "Unique", "Equal", "Greater",
-                  "GreaterOrEqual", "Less", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf",
-                  "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-                  "Bernoulli", "NonMaxSuppression", "StringNormalizer"}
+_UNCONVERTIBLE = {
+    "If",
+    "Loop",
+    "Scan",
+    "ArgMax",
+    "ArgMin",
+    "TopK",
+    "NonZero",
+    "Unique",
+    "Equal",
+    "Greater",
+    "GreaterOrEqual",
+    "Less",
+    "LessOrEqual",
+    "Not",
+    "And",
+    "Or",
+    "Xor",
+    "IsNaN",
+    "IsInf",
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "NonMaxSuppression",
+    "StringNormalizer",
+}
 
 
 def is_constant(tensor) -> bool:
@@ -116,8 +163,12 @@ def unconvertible_nodes(units: list[Unit], varying: set[str], allow_float: set[s
                 bad.append(node)
             continue
         inside = {id(n) for n in nodes}
-        bad += [n for n in nodes if any(_leaves(t, inside) and not _is_float(t) for t in n.outputs)
-                and any(_varying_inputs(m, varying) for m in nodes)]
+        bad += [
+            n
+            for n in nodes
+            if any(_leaves(t, inside) and not _is_float(t) for t in n.outputs)
+            and any(_varying_inputs(m, varying) for m in nodes)
+        ]
     return bad
 
 
@@ -135,7 +186,8 @@ def require_convertible(units: list[Unit], varying: set[str], allow_float: set[s
         listing = ", ".join(f"{n.name} ({n.op})" for n in bad)
         raise SpikecError(
             f"cannot convert {len(bad)} node(s) whose inputs vary over time: {listing}; "
-            f"keep them in floating point with --allow-float {','.join(sorted({n.op for n in bad}))}")
+            f"keep them in floating point with --allow-float {','.join(sorted({n.op for n in bad}))}"
+        )
 
 
 def refuse_float_in_regions(regions: list, allow_float: set[str]) -> None:
@@ -150,28 +202,33 @@ def refuse_float_in_regions(regions: list, allow_float: set[str]) -> None:
                 raise SpikecError(
                     f"argument allow_float: {entry!r} names node {node.name} ({node.op}) of the recognized "
                     f"{region.kind} region {region.name}, which is converted as a whole (nothing in it needs "
-                    f"float); keeping part of it in float would silently change that conversion: leave {entry!r} out")
+                    f"float); keeping part of it in float would silently change that conversion: leave {entry!r} out"
+                )
 
 
 def spikec_node(op: str, name: str, inputs: list, outputs: list, **attrs) -> gs.Node:
-    return gs.Node(op=op, name=name, attrs=spikec_attributes(op, attrs), inputs=inputs, outputs=outputs,
-                   domain="spikec")
+    return gs.Node(
+        op=op, name=name, attrs=spikec_attributes(op, attrs), inputs=inputs, outputs=outputs, domain="spikec"
+    )
 
 
 def neuron_outputs(graph: gs.Graph) -> list[str]:
     return [n.outputs[0].name for n in graph.nodes if n.domain == "spikec" and n.op in NEURON_OPS]
 
 
-def attach_neuron(graph: gs.Graph, tensor: gs.Variable, op: str, params: dict[str, np.ndarray], scale: str,
-                  **attrs) -> gs.Variable:
+def attach_neuron(
+    graph: gs.Graph, tensor: gs.Variable, op: str, params: dict[str, np.ndarray], scale: str, **attrs
+) -> gs.Variable:
     """A neuron ``op`` reading ``tensor``; returns its spike value, code * params[scale], which
     fold_thresholds_into_weights may later fold into the weights that read it."""
     b = GraphBuilder(graph, tensor.name)
     constants = {k: b.const(v, name=f"{tensor.name}.{k}") for k, v in params.items()}
-    spikes = b.spikec(op, tensor, *constants.values(), out=fresh_like(tensor, ".spikes"), name=f"{tensor.name}/{op}",
-                      **attrs)
-    return b.op("Mul", spikes, constants[scale], out=fresh_like(tensor, ".spike_value"),
-                name=spike_value_node(tensor.name))
+    spikes = b.spikec(
+        op, tensor, *constants.values(), out=fresh_like(tensor, ".spikes"), name=f"{tensor.name}/{op}", **attrs
+    )
+    return b.op(
+        "Mul", spikes, constants[scale], out=fresh_like(tensor, ".spike_value"), name=spike_value_node(tensor.name)
+    )
 
 
 def replace_uses(tensor: gs.Tensor, replacement: gs.Tensor, *, producer: bool = False) -> None:
@@ -194,12 +251,18 @@ def fresh_like(tensor: gs.Variable, suffix: str) -> gs.Variable:
 
 def accumulate(graph: gs.Graph, tensor: gs.Variable, name: str, semantics: str) -> gs.Variable:
     """Running mean (mean semantics) or running sum (sum semantics) of a per-step tensor."""
-    return GraphBuilder(graph, name).spikec("ECAccumulate", tensor, out=fresh_like(tensor, f".ec_{semantics}.{name}"),
-                                            name=f"{name}/ECAccumulate.{tensor.name}", average=int(semantics == MEAN))
+    return GraphBuilder(graph, name).spikec(
+        "ECAccumulate",
+        tensor,
+        out=fresh_like(tensor, f".ec_{semantics}.{name}"),
+        name=f"{name}/ECAccumulate.{tensor.name}",
+        average=int(semantics == MEAN),
+    )
 
 
-def running_sum_product(graph: gs.Graph, node: gs.Node, name: str, *, label: str, rewrite: str,
-                        weight: float | None = None) -> dict:
+def running_sum_product(
+    graph: gs.Graph, node: gs.Node, name: str, *, label: str, rewrite: str, weight: float | None = None
+) -> dict:
     """A product of two per-step operands, telescoped: P(t) = S_A(t) S_B(t) - S_A(t-1) S_B(t-1) from the
     running sums (one product per step and an ECCompensate in sum semantics), times ``weight`` if given.
     ``label`` names the nodes (and, lower-cased, the tensors); ``rewrite`` is the report's name for it."""
@@ -213,13 +276,15 @@ def running_sum_product(graph: gs.Graph, node: gs.Node, name: str, *, label: str
     increment = out if weight is None else fresh_like(out, f".{tag}_increment")
     builder.spikec("ECCompensate", product, out=increment, name=f"{name}/{label}", average=0)
     if weight is not None:
-        builder.op("Mul", increment, builder.const(weight, name=f"{name}.weight"), out=out,
-                   name=f"{name}/{label}Weight")
+        builder.op(
+            "Mul", increment, builder.const(weight, name=f"{name}.weight"), out=out, name=f"{name}/{label}Weight"
+        )
     return {"inputs": [a.name, b.name], "outputs": [out.name], "rewrite": rewrite}
 
 
-def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], name: str,
-                      semantics: str = MEAN) -> dict:
+def compensate_region(
+    graph: gs.Graph, nodes: list[gs.Node], varying: set[str], name: str, semantics: str = MEAN
+) -> dict:
     """Wrap ``nodes`` (a region evaluating one function F) in compensation.
 
     Returns a description of what was inserted, for reports."""
@@ -248,8 +313,13 @@ def compensate_region(graph: gs.Graph, nodes: list[gs.Node], varying: set[str], 
                     if t is tensor:
                         consumer.inputs[i] = increment
             graph.outputs = [increment if t is tensor else t for t in graph.outputs]
-            builder.spikec("ECCompensate", tensor, out=increment, name=f"{name}/ECCompensate{len(leaving)}",
-                           average=int(semantics == MEAN))
+            builder.spikec(
+                "ECCompensate",
+                tensor,
+                out=increment,
+                name=f"{name}/ECCompensate{len(leaving)}",
+                average=int(semantics == MEAN),
+            )
             # Downstream sees the compensated increments under the original name (graph outputs keep
             # theirs); F's output on the running means is the expectation.
             tensor.name, increment.name = increment.name, tensor.name
@@ -295,8 +365,10 @@ def _gate_invariant_operands(graph: gs.Graph, node: gs.Node, varying: set[str]) 
     if node.op == "Pad" and len(node.inputs) > 2 and node.inputs[2].name and 0 in moving:
         value = node.inputs[2].values if is_constant(node.inputs[2]) else None
         if value is None or np.any(value != 0):
-            raise SpikecError(f"node {node.name} (Pad): a non-zero pad value would be added at every step; "
-                              f"sum semantics needs it once")
+            raise SpikecError(
+                f"node {node.name} (Pad): a non-zero pad value would be added at every step; "
+                f"sum semantics needs it once"
+            )
     if node.op in ("Conv", "ConvTranspose") and len(node.inputs) > 2 and node.inputs[2].name:
         _split_conv_bias(graph, node)
         return 1
@@ -319,9 +391,13 @@ def _split_conv_bias(graph: gs.Graph, conv: gs.Node) -> None:
     out = conv.outputs[0]
     rank = _rank_of(conv)
     b = GraphBuilder(graph, conv.name)
-    shaped = b.op("Reshape", bias, b.const([-1] + [1] * (rank - 2), np.int64, name=f"{conv.name}.bias_shape"),
-                  out=gs.Variable(f"{bias.name}.channels.{conv.name}", dtype=bias.dtype or np.float32),
-                  name=f"{conv.name}/BiasShape")
+    shaped = b.op(
+        "Reshape",
+        bias,
+        b.const([-1] + [1] * (rank - 2), np.int64, name=f"{conv.name}.bias_shape"),
+        out=gs.Variable(f"{bias.name}.channels.{conv.name}", dtype=bias.dtype or np.float32),
+        name=f"{conv.name}/BiasShape",
+    )
     product = fresh_like(out, ".unbiased")
     del conv.inputs[2]
     conv.outputs[0] = product
@@ -334,18 +410,30 @@ def _split_batchnorm(graph: gs.Graph, norm: gs.Node) -> None:
     channel (axis 1), c gated to the first step: the shift counts once in a sum, the scaling at every step."""
     params = norm.inputs[1:5]
     if len(params) != 4 or not all(is_constant(t) for t in params):
-        raise SpikecError(f"node {norm.name} (BatchNormalization): its scale, bias, mean and variance must be "
-                          f"constants to split it into a per-step scaling and a shift counted once")
+        raise SpikecError(
+            f"node {norm.name} (BatchNormalization): its scale, bias, mean and variance must be "
+            f"constants to split it into a per-step scaling and a shift counted once"
+        )
     scale, bias, mean, var = (t.values.astype(np.float64) for t in params)
     rank = _rank_of(norm)
     factor = scale / np.sqrt(var + float(norm.attrs.get("epsilon", 1e-5)))
     channels = [-1] + [1] * (rank - 2)
     out = norm.outputs[0]
     b = GraphBuilder(graph, norm.name)
-    scaled = b.op("Mul", norm.inputs[0], b.const(factor.reshape(channels), name=f"{norm.name}.factor"),
-                  out=fresh_like(out, ".scaled"), name=f"{norm.name}/Scale")
-    b.op("Add", scaled, b.const((bias - mean * factor).reshape(channels), name=f"{norm.name}.shift"), out=out,
-         name=f"{norm.name}/Shift")
+    scaled = b.op(
+        "Mul",
+        norm.inputs[0],
+        b.const(factor.reshape(channels), name=f"{norm.name}.factor"),
+        out=fresh_like(out, ".scaled"),
+        name=f"{norm.name}/Scale",
+    )
+    b.op(
+        "Add",
+        scaled,
+        b.const((bias - mean * factor).reshape(channels), name=f"{norm.name}.shift"),
+        out=out,
+        name=f"{norm.name}/Shift",
+    )
     norm.outputs.clear()
     gate_to_first_step(graph, out.inputs[0], 1, rank, scaled)
 
@@ -355,8 +443,9 @@ _PRODUCT_OPS = {"act_matmul": "MatMul", "act_mul": "Mul", "node": "MatMul"}
 ProductRewrite = Callable[[gs.Graph, gs.Node, str], dict]
 
 
-def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantics: str,
-                 product: ProductRewrite | None = None) -> dict:
+def convert_time(
+    graph: gs.Graph, regions: list, allow_float: set[str], semantics: str, product: ProductRewrite | None = None
+) -> dict:
     """Give every op downstream of a neuron its per-step form: affine ops run as they are, other regions
     are compensated (``product`` rewrites activation x activation MatMuls instead, if given), and in sum
     semantics time-invariant tensors are gated to the first step where they add to per-step values."""
@@ -391,8 +480,6 @@ def convert_time(graph: gs.Graph, regions: list, allow_float: set[str], semantic
     return {"compensated": compensated, "gated_to_first_step": gated}
 
 
-
-
 def _moves_data_only(node: gs.Node | None, tensor: gs.Tensor) -> TypeGuard[gs.Node]:
     """Whether ``node`` only moves its data input ``tensor`` around, keeping every element's steps: not
     reordering the rows of the leading axis (a Transpose only if it keeps axis 0), the per-step blocks of an
@@ -414,12 +501,17 @@ def hoist_accumulations(graph: gs.Graph) -> int:
         for acc in [n for n in graph.nodes if n.domain == "spikec" and n.op == "ECAccumulate"]:
             moving = acc.inputs[0]
             mover = moving.inputs[0] if len(moving.inputs) == 1 else None
-            if len(moving.outputs) != 1 or moving in graph.outputs or mover is None \
-                    or not _moves_data_only(mover, mover.inputs[0]):
+            if (
+                len(moving.outputs) != 1
+                or moving in graph.outputs
+                or mover is None
+                or not _moves_data_only(mover, mover.inputs[0])
+            ):
                 continue
             data, total = mover.inputs[0], acc.outputs[0]
-            hoisted = gs.Variable(f"{total.name}.before.{mover.name}", dtype=total.dtype or np.float32,
-                                  shape=data.shape)
+            hoisted = gs.Variable(
+                f"{total.name}.before.{mover.name}", dtype=total.dtype or np.float32, shape=data.shape
+            )
             acc.inputs[0], acc.outputs[0] = data, hoisted
             mover.inputs[0], mover.outputs[0] = hoisted, total
             moves += 1
@@ -442,8 +534,9 @@ def sink_compensations(graph: gs.Graph) -> int:
             if increments in graph.outputs or not _moves_data_only(mover, increments):
                 continue
             function_out, moved_out = comp.inputs[0], mover.outputs[0]
-            sunk = gs.Variable(f"{moved_out.name}.before.{comp.name}", dtype=moved_out.dtype or np.float32,
-                               shape=moved_out.shape)
+            sunk = gs.Variable(
+                f"{moved_out.name}.before.{comp.name}", dtype=moved_out.dtype or np.float32, shape=moved_out.shape
+            )
             mover.inputs[0], mover.outputs[0] = function_out, sunk
             comp.inputs[0], comp.outputs[0] = sunk, moved_out
             moves += 1

@@ -30,6 +30,7 @@ float (the ANN decomposed into the constructions' stages, Algorithm 1's calibrat
 value is an ordinary tensor), and the *spiking* one, with each site's range [a, b] from that calibration
 plus a margin, or from its construction's analytic bounds.
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,11 +55,16 @@ SPIKE_TIMES = ".spike_times"
 
 @dataclass(frozen=True)
 class TTFSOptions(Options):
-    margin: float | None = option(None, "each calibrated range [a, b] widens by this fraction of its span per "
-                                        "side (default: 1 with float spike times, 0.25 with --precision)",
-                                  bounds=(0, 10), metavar="M")
-    precision: int = option(0, "time precision p: spike times on a grid of delta/p (0: float spike times)",
-                            bounds=(0, 2**24), metavar="P")
+    margin: float | None = option(
+        None,
+        "each calibrated range [a, b] widens by this fraction of its span per "
+        "side (default: 1 with float spike times, 0.25 with --precision)",
+        bounds=(0, 10),
+        metavar="M",
+    )
+    precision: int = option(
+        0, "time precision p: spike times on a grid of delta/p (0: float spike times)", bounds=(0, 2**24), metavar="P"
+    )
     max_layer: bool = option(True, "softmax subtracts the row maximum first (appendix C.2, layer 0)")
 
     # the time step: every layer's emitting window
@@ -77,13 +83,13 @@ class TTFSOptions(Options):
 @dataclass
 class Site:
     name: str
-    role: str             # what the neurons compute, for the report
-    emit: str             # output transform
+    role: str  # what the neurons compute, for the report
+    emit: str  # output transform
     potential: gs.Variable
-    analytic: bool        # range from the construction (else calibrated)
+    analytic: bool  # range from the construction (else calibrated)
     floor: float | None = None  # a calibrated range never reaches below this (variance >= 0)
     tap: gs.Variable | None = None  # exact graph: what calibration measures, where not the value itself
-    value: gs.Variable | None = None   # exact graph: the represented value
+    value: gs.Variable | None = None  # exact graph: the represented value
     spikes: gs.Variable | None = None  # spiking graph: relative spike times
     window: Window | None = None
     bounds: tuple[gs.Constant, gs.Constant] | None = None  # spiking graph: window as the ops' inputs
@@ -136,9 +142,17 @@ class Lowering:
     def window(self, lower: float, upper: float) -> Window:
         return Window(float(lower), float(upper), self.options.delta)
 
-    def emit(self, potential: gs.Variable, name: str, role: str, transform: str = "Identity",
-             bounds: Bounds = None, out: gs.Variable | None = None, floor: float | None = None,
-             clips: tuple[float, float] | None = None) -> Site:
+    def emit(
+        self,
+        potential: gs.Variable,
+        name: str,
+        role: str,
+        transform: str = "Identity",
+        bounds: Bounds = None,
+        out: gs.Variable | None = None,
+        floor: float | None = None,
+        clips: tuple[float, float] | None = None,
+    ) -> Site:
         """A layer of neurons emitting ``potential``; ``out`` (if given) becomes its identity reading.
         ``bounds`` gives an analytic range (evaluated for the spiking graph only). ``clips``: the window
         [lower, upper] is part of the function the layer computes (a neuron clips its potential to its
@@ -159,11 +173,19 @@ class Lowering:
             else:
                 assert self.ranges is not None, "a spiking graph is built with the calibrated ranges"
                 site.window = self.ranges[name]
-            site.bounds = (self.b.const(site.window.lower, name=f"{name}.lower"),
-                           self.b.const(site.window.upper, name=f"{name}.upper"))
+            site.bounds = (
+                self.b.const(site.window.lower, name=f"{name}.lower"),
+                self.b.const(site.window.upper, name=f"{name}.upper"),
+            )
             spikes = gs.Variable(f"{name}.spikes", dtype=np.float32)
-            site.spikes = self.b.op(EMIT[transform].op_type, potential, *site.bounds, self.delta, domain="spikec",
-                                    out=spikes if self.tick is None else None)
+            site.spikes = self.b.op(
+                EMIT[transform].op_type,
+                potential,
+                *site.bounds,
+                self.delta,
+                domain="spikec",
+                out=spikes if self.tick is None else None,
+            )
             if self.tick is not None:
                 site.spikes = self.b.op(TICK_OP, site.spikes, self.delta, self.tick, out=spikes, domain="spikec")
             if out is not None:
@@ -172,8 +194,9 @@ class Lowering:
             self.by_tensor[id(out)] = site
         return site
 
-    def receive(self, site: Site, transform: str = "Identity", params: tuple[float, ...] = (),
-                out: gs.Variable | None = None) -> gs.Variable:
+    def receive(
+        self, site: Site, transform: str = "Identity", params: tuple[float, ...] = (), out: gs.Variable | None = None
+    ) -> gs.Variable:
         site.receives.add(transform)
         key = (site.name, transform, tuple(params))
         if out is None and key in self.received:  # one reading per kernel serves every reader
@@ -184,8 +207,15 @@ class Lowering:
                 return site.value
             value = self.b.op("Identity", RECEIVE[transform].value(self.b, site.value, param_constants), out=out)
         else:
-            value = self.b.op(RECEIVE[transform].op_type, site.spike_times, *site.bound_inputs, self.delta, *param_constants,
-                              out=out, domain="spikec")
+            value = self.b.op(
+                RECEIVE[transform].op_type,
+                site.spike_times,
+                *site.bound_inputs,
+                self.delta,
+                *param_constants,
+                out=out,
+                domain="spikec",
+            )
         self.readouts.add(value.name)
         self.received.setdefault(key, value)
         return value
@@ -237,21 +267,31 @@ class Lowering:
             log_a = self.b.op("Unsqueeze", log_a, self.b.const([-1], np.int64))
             log_b = self.b.op("Unsqueeze", log_b, self.b.const([-3], np.int64))
         top = float(np.log((a.span.upper + offset_a) * (b.span.upper + offset_b)))
-        layer_one = self.emit(self.b.op("Add", log_a, log_b), f"{name}.log_product", "product layer I",
-                              bounds=lambda: self.window(0.0, top))
+        layer_one = self.emit(
+            self.b.op("Add", log_a, log_b),
+            f"{name}.log_product",
+            "product layer I",
+            bounds=lambda: self.window(0.0, top),
+        )
         double = functools.partial(self.b.op, "Cast", to=onnx.TensorProto.DOUBLE)
         shifted = double(self.receive(layer_one, "Exp"))  # (x1 + c1)(x2 + c2), up to the spike time's tick
         x1, x2 = double(x1), double(x2)
         if contract:
             shifted = self.b.op("ReduceSum", shifted, self.b.const([-2], np.int64), keepdims=0)
-            count = self.b.op("Cast", self.b.op("Gather", self.b.op("Shape", x1), self.b.const(-1, np.int64)),
-                              to=onnx.TensorProto.DOUBLE)
+            count = self.b.op(
+                "Cast",
+                self.b.op("Gather", self.b.op("Shape", x1), self.b.const(-1, np.int64)),
+                to=onnx.TensorProto.DOUBLE,
+            )
             x1 = self.b.op("ReduceSum", x1, self.b.const([-1], np.int64), keepdims=1)
             x2 = self.b.op("ReduceSum", x2, self.b.const([-2], np.int64), keepdims=1)
         else:
             count = self.b.const(1.0, np.float64)
-        correction = self.b.op("Add", self.b.op("Mul", x1, self.b.const(offset_b, np.float64)),
-                               self.b.op("Mul", x2, self.b.const(offset_a, np.float64)))
+        correction = self.b.op(
+            "Add",
+            self.b.op("Mul", x1, self.b.const(offset_b, np.float64)),
+            self.b.op("Mul", x2, self.b.const(offset_a, np.float64)),
+        )
         constant = self.b.op("Mul", count, self.b.const(offset_a * offset_b, np.float64))
         potential = self.b.op("Sub", self.b.op("Sub", shifted, correction), constant)
         self.b.op("Cast", potential, to=onnx.TensorProto.FLOAT, out=out)
@@ -267,13 +307,13 @@ def layernorm(lw: Lowering, region: Region) -> None:
     source = lw.site_of(x)
     if region.attrs["center"]:
         mean = lw.emit(b.reduce("ReduceMean", lw.receive(source)), f"{name}.mean", "LayerNorm mean")
-        centered = lw.emit(b.op("Sub", lw.receive(source), lw.receive(mean)), f"{name}.centered",
-                           "LayerNorm centering")
+        centered = lw.emit(b.op("Sub", lw.receive(source), lw.receive(mean)), f"{name}.centered", "LayerNorm centering")
     else:  # RMSNorm, L2 normalization: "LayerNorm without the mean"
         centered = source
     reduce = {"mean": "ReduceMean", "sum": "ReduceSum"}[region.attrs["reduction"]]
-    variance = lw.emit(b.reduce(reduce, lw.receive(centered, "Square")), f"{name}.variance",
-                       "LayerNorm variance", floor=0.0)
+    variance = lw.emit(
+        b.reduce(reduce, lw.receive(centered, "Square")), f"{name}.variance", "LayerNorm variance", floor=0.0
+    )
     rsqrt = lw.emit(lw.receive(variance, "Rsqrt", (region.attrs["epsilon"],)), f"{name}.rsqrt", "LayerNorm rsqrt")
     if not lw.spiking:
         # A row of equal values (an untrained class token) normalizes to beta whatever its rsqrt, which is
@@ -281,7 +321,9 @@ def layernorm(lw: Lowering, region: Region) -> None:
         # other row its precision. Rows with a variance under 1e-6 of the batch's largest are left out
         # (they take the batch's smallest rsqrt); the spiking graph clips theirs at b, harmlessly.
         variances, values = lw.receive(variance), rsqrt.value
-        relevant = b.op("GreaterOrEqual", variances, b.op("Mul", b.op("ReduceMax", variances, keepdims=0), b.const(1e-6)))
+        relevant = b.op(
+            "GreaterOrEqual", variances, b.op("Mul", b.op("ReduceMax", variances, keepdims=0), b.const(1e-6))
+        )
         rsqrt.tap = b.op("Where", relevant, values, b.op("ReduceMin", values, keepdims=0))
     normalized = b.fresh("normalized")
     lw.product(centered, rsqrt, f"{name}.normalize", normalized, contract=False)
@@ -320,15 +362,23 @@ def activation(lw: Lowering, region: Region) -> None:
         transform = ACTIVATION_TRANSFORMS[function]
         lw.emit(lw.receive(source, transform), out.name, transform, out=out)
     elif function == "quick_gelu":
-        scaled = lw.emit(b.op("Mul", lw.receive(source), b.const(QUICK_GELU_SCALE)), f"{name}.scaled",
-                         "quick_gelu input", bounds=lambda: lw.window(QUICK_GELU_SCALE * source.span.lower,
-                                                                      QUICK_GELU_SCALE * source.span.upper))
-        lw.emit(b.op("Mul", lw.receive(scaled, "Silu"), b.const(1.0 / QUICK_GELU_SCALE)), out.name, "quick_gelu",
-                out=out)
+        scaled = lw.emit(
+            b.op("Mul", lw.receive(source), b.const(QUICK_GELU_SCALE)),
+            f"{name}.scaled",
+            "quick_gelu input",
+            bounds=lambda: lw.window(QUICK_GELU_SCALE * source.span.lower, QUICK_GELU_SCALE * source.span.upper),
+        )
+        lw.emit(
+            b.op("Mul", lw.receive(scaled, "Silu"), b.const(1.0 / QUICK_GELU_SCALE)), out.name, "quick_gelu", out=out
+        )
     else:
-        hard = lw.emit(b.op("Add", b.op("Mul", lw.receive(source), b.const(1.0 / 6.0)), b.const(0.5)),
-                       out.name if function == "hardsigmoid" else f"{name}.hardsigmoid", "HardSigmoid",
-                       clips=(0.0, 1.0), out=out if function == "hardsigmoid" else None)
+        hard = lw.emit(
+            b.op("Add", b.op("Mul", lw.receive(source), b.const(1.0 / 6.0)), b.const(0.5)),
+            out.name if function == "hardsigmoid" else f"{name}.hardsigmoid",
+            "HardSigmoid",
+            clips=(0.0, 1.0),
+            out=out if function == "hardsigmoid" else None,
+        )
         if function == "hardswish":
             lw.product(source, hard, name, out, contract=False)
     lw.constructions.append({"kind": "activation", "name": name, "function": function, "output": out.name})
@@ -341,7 +391,9 @@ def act_mul(lw: Lowering, region: Region) -> None:
     out = node.outputs[0]
     node.outputs.clear()
     layer_one = lw.product(a, c, node.name, out, contract=False)
-    lw.constructions.append({"kind": "product", "name": node.name, "operands": [a.name, c.name], "layer_one": layer_one})
+    lw.constructions.append(
+        {"kind": "product", "name": node.name, "operands": [a.name, c.name], "layer_one": layer_one}
+    )
 
 
 # The exact graph clips nothing, so the share of a mask carried in the shift (see Masking) may be anything;
@@ -369,15 +421,20 @@ class Masking:
         self.reshapes, shape = [], b.op("Shape", scores)
         for step in masks:  # innermost first: z = keep * x + mask after each step
             if step["form"] in ("add", "sub"):
-                mask = step["mask"] if mask is None and step["form"] == "add" else \
-                    b.op(step["form"].title(), mask if mask is not None else b.const(0.0), step["mask"])
+                mask = (
+                    step["mask"]
+                    if mask is None and step["form"] == "add"
+                    else b.op(step["form"].title(), mask if mask is not None else b.const(0.0), step["mask"])
+                )
                 continue
             if step["form"] == "clamp":
                 mask = None if mask is None else b.op("Max", mask, b.const(step["value"]))
                 continue
             if step["form"] == "reshape":  # the terms are broadcast: each is the full scores' shape first
+
                 def reshaped(term, shape=shape, target=step["shape"]):
                     return b.op("Reshape", b.op("Expand", term, shape), target)
+
                 mask = reshaped(mask if mask is not None else b.const(0.0))
                 self.keep = None if self.keep is None else reshaped(self.keep)
                 self.reshapes.append(step["shape"])
@@ -425,20 +482,35 @@ def softmax(lw: Lowering, region: Region) -> None:
     masking = Masking(b, attrs["masks"], scores) if attrs["masks"] else None
     count = scores.shape[-1] if scores.shape is not None and isinstance(scores.shape[-1], int) else None
     if lw.options.max_layer:
-        reach = 0.0 if masking is None else \
-            (source.span.upper - source.span.lower if lw.spiking else EXACT_REACH)
+        reach = 0.0 if masking is None else (source.span.upper - source.span.lower if lw.spiking else EXACT_REACH)
         x = lw.receive(source) if masking is None else masking.scores(lw.receive(source))
-        top = lw.emit(b.reduce("ReduceMax", x if masking is None else b.op("Add", x, masking.bias)), f"{name}.max",
-                      "softmax max", bounds=lambda: source.span)
+        top = lw.emit(
+            b.reduce("ReduceMax", x if masking is None else b.op("Add", x, masking.bias)),
+            f"{name}.max",
+            "softmax max",
+            bounds=lambda: source.span,
+        )
         shifted = x if masking is None else b.op("Add", x, masking.potential_share(reach))
-        shifted = lw.emit(b.op("Sub", shifted, lw.receive(top)), f"{name}.shifted", "softmax subtraction",
-                          bounds=lambda: lw.window(source.span.lower - source.span.upper - reach, 0.0))
+        shifted = lw.emit(
+            b.op("Sub", shifted, lw.receive(top)),
+            f"{name}.shifted",
+            "softmax subtraction",
+            bounds=lambda: lw.window(source.span.lower - source.span.upper - reach, 0.0),
+        )
         # sum_i e^(x_i - max) is in [1, n]
         lse_bounds = (lambda: lw.window(0.0, np.log(count))) if count and count > 1 else None
     else:  # max_i x_i <= log sum_i e^x_i <= max_i x_i + log n
         reach = 0.0
-        shifted = source if masking is None else lw.emit(masking.scores(lw.receive(source)), f"{name}.masked",
-                                                         "softmax masked scores", bounds=lambda: source.span)
+        shifted = (
+            source
+            if masking is None
+            else lw.emit(
+                masking.scores(lw.receive(source)),
+                f"{name}.masked",
+                "softmax masked scores",
+                bounds=lambda: source.span,
+            )
+        )
         lse_bounds = (lambda: lw.window(source.span.lower, source.span.upper + np.log(count))) if count else None
     exps, potential = lw.receive(shifted, "Exp"), lw.receive(shifted)
     total = None
@@ -447,10 +519,21 @@ def softmax(lw: Lowering, region: Region) -> None:
         exps = b.op("Mul", exps, b.op("Exp", log_weight))
         total = b.op("Add", b.reduce("ReduceSum", exps), masking.dead)
         potential = b.op("Add", potential, log_weight)
-    lse = lw.emit(total if total is not None else b.reduce("ReduceSum", exps), f"{name}.logsumexp",
-                  "softmax log-sum-exp", "Log", bounds=lse_bounds)
-    lw.emit(b.op("Sub", potential, lw.receive(lse)), out.name, "softmax output", "Exp",
-            bounds=lambda: lw.window(0.0, 1.0), out=out)
+    lse = lw.emit(
+        total if total is not None else b.reduce("ReduceSum", exps),
+        f"{name}.logsumexp",
+        "softmax log-sum-exp",
+        "Log",
+        bounds=lse_bounds,
+    )
+    lw.emit(
+        b.op("Sub", potential, lw.receive(lse)),
+        out.name,
+        "softmax output",
+        "Exp",
+        bounds=lambda: lw.window(0.0, 1.0),
+        out=out,
+    )
     lw.constructions.append({"kind": "softmax", "name": name, "output": out.name})
 
 
@@ -467,14 +550,21 @@ def act_matmul(lw: Lowering, region: Region) -> None:
     lw.constructions.append({"kind": "matmul", "name": node.name, "operands": [a.name, c.name], "layer_one": layer_one})
 
 
-CONSTRUCTIONS = {"layernorm": layernorm, "gelu": gelu, "activation": activation, "softmax": softmax,
-                 "act_matmul": act_matmul, "act_mul": act_mul}
+CONSTRUCTIONS = {
+    "layernorm": layernorm,
+    "gelu": gelu,
+    "activation": activation,
+    "softmax": softmax,
+    "act_matmul": act_matmul,
+    "act_mul": act_mul,
+}
 # Regions that are weighted sums: they stay as they are, between sites.
 PASSIVE = frozenset({"weight_matmul", "residual_add"})
 
 
-def lower(graph: gs.Graph, regions: list[Region], options: TTFSOptions, opset: int,
-          ranges: dict[str, Window] | None = None) -> Lowering:
+def lower(
+    graph: gs.Graph, regions: list[Region], options: TTFSOptions, opset: int, ranges: dict[str, Window] | None = None
+) -> Lowering:
     """Rewrite ``graph`` in place: exactly (``ranges`` None: the calibration network) or as spikes."""
     lw = Lowering(graph, options, ranges, opset)
     for tensor in list(graph.inputs):
@@ -484,9 +574,16 @@ def lower(graph: gs.Graph, regions: list[Region], options: TTFSOptions, opset: i
         if region.kind in CONSTRUCTIONS:
             CONSTRUCTIONS[region.kind](lw, region)
         elif region.kind not in PASSIVE:
-            raise SpikecError(f"node {region.name}: ttfs cannot convert a {region.kind} region"
-                              + (" (the model is quantized; ttfs converts float models)" if region.kind == "quantizer"
-                                 else " (re-export with the attention decomposed)" if region.kind == "attention" else ""))
+            raise SpikecError(
+                f"node {region.name}: ttfs cannot convert a {region.kind} region"
+                + (
+                    " (the model is quantized; ttfs converts float models)"
+                    if region.kind == "quantizer"
+                    else " (re-export with the attention decomposed)"
+                    if region.kind == "attention"
+                    else ""
+                )
+            )
     if not lw.spiking:  # calibration-only tensors read by nothing else: outputs, so cleanup keeps them
         graph.outputs.extend(site.tap for site in lw.sites.values() if site.tap is not None)
     graph.cleanup().toposort()
@@ -547,7 +644,17 @@ def calibration_taps(lw: Lowering) -> list[str]:
 
 
 def describe(lw: Lowering) -> list[dict]:
-    return [{"site": s.name, "role": s.role, "emit": s.emit, "receives": sorted(s.receives),
-             "lower": s.span.lower, "upper": s.span.upper, "analytic": s.analytic,
-             "potential": s.potential.name, "spikes": s.spike_times.name}
-            for s in lw.sites.values()]
+    return [
+        {
+            "site": s.name,
+            "role": s.role,
+            "emit": s.emit,
+            "receives": sorted(s.receives),
+            "lower": s.span.lower,
+            "upper": s.span.upper,
+            "analytic": s.analytic,
+            "potential": s.potential.name,
+            "spikes": s.spike_times.name,
+        }
+        for s in lw.sites.values()
+    ]

@@ -12,6 +12,7 @@ Products of a ternary neuron's spike codes with a weight matrix become SpikeMatM
 (``spike_matmuls``): the same MatMul as a function, while the native kernel's cost follows the firing
 rate (SpikeZIP-TF's codes are 70-99 % zeros).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,18 +24,18 @@ from spikec.runtime import ops
 def _split(node: onnx.NodeProto, op: ops.SpikingOp) -> tuple[list[str], list[str], list[str], list[str]]:
     """(data, states, params, time) inputs of a spikec node in either form."""
     inputs = list(node.input)
-    data, rest = inputs[:len(op.inputs)], inputs[len(op.inputs):]
+    data, rest = inputs[: len(op.inputs)], inputs[len(op.inputs) :]
     if not node.op_type.endswith("Step"):
         return data, [], rest, []
-    states, rest = rest[:len(op.states)], rest[len(op.states):]
-    return data, states, rest[:len(op.params)], rest[len(op.params):]
+    states, rest = rest[: len(op.states)], rest[len(op.states) :]
+    return data, states, rest[: len(op.params)], rest[len(op.params) :]
 
 
 def _split_outputs(node: onnx.NodeProto, op: ops.SpikingOp) -> tuple[list[str], list[str], list[str]]:
     """(outputs, next states, count if the node has it) of a spikec node in either form."""
     outputs = list(node.output)
     known = len(op.outputs) + (len(op.states) if node.op_type.endswith("Step") else 0)
-    return outputs[:len(op.outputs)], outputs[len(op.outputs):known], outputs[known:]
+    return outputs[: len(op.outputs)], outputs[len(op.outputs) : known], outputs[known:]
 
 
 def _spikec_op(node: onnx.NodeProto) -> ops.SpikingOp | None:
@@ -78,9 +79,14 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
             if first is None:
                 continue
             op1 = _spikec_op(first)
-            if op1 is None or op1.name != first_name or id(first) in removed or id(first) in replaced \
-                    or first.op_type.endswith("Step") != second.op_type.endswith("Step") \
-                    or not only_read_by(middle, scale or second, shapes_ok=scale is None):
+            if (
+                op1 is None
+                or op1.name != first_name
+                or id(first) in removed
+                or id(first) in replaced
+                or first.op_type.endswith("Step") != second.op_type.endswith("Step")
+                or not only_read_by(middle, scale or second, shapes_ok=scale is None)
+            ):
                 continue
             data1, states1, params1, time1 = _split(first, op1)
             data2, states2, params2, _ = _split(second, op2)
@@ -95,8 +101,12 @@ def fuse(model: onnx.ModelProto) -> onnx.ModelProto:
             attributes.update({a.name: a for a in second.attribute})
             step = first.op_type.endswith("Step")
             fused = onnx.helper.make_node(
-                composite.step_name if step else composite.name, [*data1, *states1, *states2, *params1, *params2, *time1],
-                [*outputs2, *next1, *next2, *count], name=second.name, domain=ops.DOMAIN)
+                composite.step_name if step else composite.name,
+                [*data1, *states1, *states2, *params1, *params2, *time1],
+                [*outputs2, *next1, *next2, *count],
+                name=second.name,
+                domain=ops.DOMAIN,
+            )
             fused.attribute.extend(attributes.values())
             replaced[id(first)] = fused
             removed.add(id(second))
@@ -125,15 +135,23 @@ def spike_matmuls(model: onnx.ModelProto, pays: Callable[[int, int], bool]) -> o
     """A copy of ``model`` whose MatMuls of ternary spike codes (``SpikingOp.ternary``) with a 2-D float
     initializer W [K, N] for which ``pays(K, N)`` are SpikeMatMul nodes, or ``model`` itself if it has none."""
     graph = model.graph
-    weights = {t.name: list(t.dims) for t in graph.initializer
-               if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
+    weights = {
+        t.name: list(t.dims) for t in graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
+    }
     ternary = set()
     for node in graph.node:
         op = _spikec_op(node)
         if op is not None and op.ternary:
             ternary.add(node.output[0])
-    chosen = [i for i, n in enumerate(graph.node) if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
-              and n.input[0] in ternary and n.input[1] in weights and pays(*weights[n.input[1]])]
+    chosen = [
+        i
+        for i, n in enumerate(graph.node)
+        if n.op_type == "MatMul"
+        and n.domain in ("", "ai.onnx")
+        and n.input[0] in ternary
+        and n.input[1] in weights
+        and pays(*weights[n.input[1]])
+    ]
     if not chosen:
         return model
     result = onnx.ModelProto()

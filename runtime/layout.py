@@ -1,4 +1,5 @@
 """Names that tie emitted models to the drivers that run them (documented in passes/emit.py)."""
+
 TIME_INPUT = "spikec.t"
 STATE_PREFIX = "spikec.state."
 NEXT_STATE_PREFIX = "spikec.next_state."
@@ -31,7 +32,7 @@ def ugo_node(region: str, part: str) -> str:
 def ugo_role(node_name: str) -> tuple[str, str] | None:
     """(region, part) of a UGO node made by ugo_node; None for any other name."""
     part = next((p for p in _UGO_PARTS if node_name.endswith("/" + p)), None)
-    return None if part is None else (node_name[:-len(part) - 1], part)
+    return None if part is None else (node_name[: -len(part) - 1], part)
 
 
 def time_node(name: str) -> str:

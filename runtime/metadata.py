@@ -2,6 +2,7 @@
 
 One record type, written and read here only: key names, types and their validation live in one place,
 and a model whose record was tampered with fails with one line naming the file and the key."""
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ class CompileReport:
     not reported (the method has no such part) and is absent from the JSON; keys a method reports beyond
     these (its own counts and flags) are kept in ``extra`` and written as they are, so the JSON is one
     object of the known keys and the extras (the schema of docs/architecture.md)."""
+
     semantics: str | None = None  # the method's time semantics (SEMANTICS)
     regions: list[dict] | None = None  # recognized regions (passes/patterns.describe)
     neurons: list[dict] | None = None  # neuron sites: tensor, node, and the neuron's parameters
@@ -43,8 +45,12 @@ class CompileReport:
     def known(cls) -> dict[str, type]:
         """The typed keys and the JSON type each holds (from the annotations: ``list[dict] | None`` holds a list)."""
         hints = typing.get_type_hints(cls)
-        return {f.name: typing.get_origin(kind) or kind for f in fields(cls) if f.name != "extra"
-                for kind in [typing.get_args(hints[f.name])[0]]}
+        return {
+            f.name: typing.get_origin(kind) or kind
+            for f in fields(cls)
+            if f.name != "extra"
+            for kind in [typing.get_args(hints[f.name])[0]]
+        }
 
     def update(self, part: Mapping[str, typing.Any]) -> None:
         """Take in a step's part (e.g. a method's rewrite result): typed keys to their fields, the rest to extra."""
@@ -80,11 +86,15 @@ class SpikecMetadata:
     report: CompileReport = field(default_factory=CompileReport)  # what the compile did (spikec.report)
 
     def to_props(self) -> dict[str, str]:
-        return {f"{PREFIX}method": self.method, f"{PREFIX}mode": self.mode, f"{PREFIX}semantics": self.semantics,
-                f"{PREFIX}timesteps": str(self.timesteps),
-                f"{PREFIX}options": json.dumps(self.options, sort_keys=True),
-                f"{PREFIX}allow_float": json.dumps(sorted(self.allow_float)),
-                f"{PREFIX}report": json.dumps(self.report.to_json(), sort_keys=True, default=_json_default)}
+        return {
+            f"{PREFIX}method": self.method,
+            f"{PREFIX}mode": self.mode,
+            f"{PREFIX}semantics": self.semantics,
+            f"{PREFIX}timesteps": str(self.timesteps),
+            f"{PREFIX}options": json.dumps(self.options, sort_keys=True),
+            f"{PREFIX}allow_float": json.dumps(sorted(self.allow_float)),
+            f"{PREFIX}report": json.dumps(self.report.to_json(), sort_keys=True, default=_json_default),
+        }
 
     def write(self, model: onnx.ModelProto) -> None:
         """Set this record on ``model``, replacing any spikec record it had (properties sorted by key)."""
@@ -110,8 +120,10 @@ class SpikecMetadata:
         def refuse(key: str, expected: str):
             shown = raw.get(PREFIX + key)
             shown = "missing" if shown is None else repr(shown if len(shown) <= 40 else shown[:37] + "...")
-            raise SpikecError(f"model {where}: metadata {PREFIX}{key} is {shown}, expected {expected}; the file was "
-                              f"changed after spikec wrote it: compile it again")
+            raise SpikecError(
+                f"model {where}: metadata {PREFIX}{key} is {shown}, expected {expected}; the file was "
+                f"changed after spikec wrote it: compile it again"
+            )
 
         method = raw.get(PREFIX + "method", "")
         if not method:
@@ -138,8 +150,15 @@ class SpikecMetadata:
             refuse("report", f"a JSON object whose {exc} is a JSON {CompileReport.known()[str(exc)].__name__}")
         if raw[PREFIX + "mode"] == "ttfs" and report.ttfs is None:
             refuse("report", "a JSON object with the ttfs sites")
-        return cls(method, raw[PREFIX + "mode"], raw[PREFIX + "semantics"], int(steps), parsed["options"],
-                   tuple(parsed["allow_float"]), report)
+        return cls(
+            method,
+            raw[PREFIX + "mode"],
+            raw[PREFIX + "semantics"],
+            int(steps),
+            parsed["options"],
+            tuple(parsed["allow_float"]),
+            report,
+        )
 
 
 def _json_object(text: str) -> dict:

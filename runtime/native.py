@@ -31,6 +31,7 @@ library built from other sources than runtime/kernels/ holds is refused (with a 
 its kernels would not be the ops' current definition, and run_stateful's in-place steps rely on every
 step op of a model having its kernel.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -65,8 +66,10 @@ def library_path() -> Path | None:
         path = Path(os.environ[ENV_VAR])
         if not path.is_file():
             problem = "is a directory" if path.is_dir() else "is not a file" if path.exists() else "does not exist"
-            raise SpikecError(f"environment variable {ENV_VAR}={path}: {problem}; name the built library "
-                              f"(`make native` writes build/{LIBRARY_NAME}) or unset it")
+            raise SpikecError(
+                f"environment variable {ENV_VAR}={path}: {problem}; name the built library "
+                f"(`make native` writes build/{LIBRARY_NAME}) or unset it"
+            )
         return path
     return next((path for path in (INSTALLED_PATH, SOURCE_TREE_PATH) if path.is_file()), None)
 
@@ -95,13 +98,20 @@ def _loads(path: Path) -> bool:
     try:
         ort.SessionOptions().register_custom_ops_library(os.fspath(path))
     except Exception as error:  # a foreign build: fall back to the portable functions
-        warnings.warn(f"spikec native library {path} does not load ({error}); using the ONNX functions",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"spikec native library {path} does not load ({error}); using the ONNX functions",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
     expected = source_digest()
     if expected is not None and built_from(path) != expected:
-        warnings.warn(f"spikec native library {path} was built from other kernel sources than {KERNEL_SOURCES}: "
-                      "rebuild it with `make native`; using the ONNX functions", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"spikec native library {path} was built from other kernel sources than {KERNEL_SOURCES}: "
+            "rebuild it with `make native`; using the ONNX functions",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
     return True
 
@@ -117,8 +127,13 @@ def _exported(path: Path, name: str, restype, argtypes: tuple = ()):
 def spike_matmul_pays(k: int, n: int) -> bool:
     """Whether the library's SpikeMatMul kernel can beat MatMul on a [k, n] weight at some firing rate
     (its own threshold, spike_matmul.cc); False without the library."""
-    return available() and _exported(library_path(), "SpikecSpikeMatMulThreshold", ctypes.c_float,
-                                     (ctypes.c_int64, ctypes.c_int64))(k, n) > 0.0
+    return (
+        available()
+        and _exported(library_path(), "SpikecSpikeMatMulThreshold", ctypes.c_float, (ctypes.c_int64, ctypes.c_int64))(
+            k, n
+        )
+        > 0.0
+    )
 
 
 def kernel_isa() -> str | None:

@@ -14,6 +14,7 @@ state after step t). Everything else is derived from that definition:
 States start at zero. A stateful model accepts a scalar zero for every state at t=1: the step
 bodies only combine states with inputs through broadcasting arithmetic.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -123,9 +124,9 @@ class SpikingOp:
 # and no bit cast): q = r * (2^23 + 1) rounds away every bit of r below its leading one, q * (1 - 2^-24)
 # rounds back to just under q, and their difference is that leading one, exact (Rump, Ogita and Oishi's
 # ufp). The 2^-30 scaling, exact too, keeps q finite for r up to float32's limit.
-_UFP_SCALE = 2.0 ** -30
-_UFP_SPLIT = (2.0 ** 23 + 1) * _UFP_SCALE
-_JUST_BELOW_ONE = 1.0 - 2.0 ** -24  # x * this: x's predecessor for a power of two x, no power of two lower else
+_UFP_SCALE = 2.0**-30
+_UFP_SPLIT = (2.0**23 + 1) * _UFP_SCALE
+_JUST_BELOW_ONE = 1.0 - 2.0**-24  # x * this: x's predecessor for a power of two x, no power of two lower else
 
 
 def _mt_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
@@ -157,8 +158,9 @@ def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     # the spike value per level: theta_pos where m >= 0, else (NaN too) -theta_neg; 2^127 - theta_neg
     # rounds to 2^127, above any threshold
     positive = b.op("Cast", b.op("GreaterOrEqual", membrane, b.const(0.0)), to=TensorProto.FLOAT)
-    signed_theta = b.op("Min", env["theta_pos"],
-                        b.op("Sub", b.op("Mul", positive, b.const(2.0 ** 127)), env["theta_neg"]))
+    signed_theta = b.op(
+        "Min", env["theta_pos"], b.op("Sub", b.op("Mul", positive, b.const(2.0**127)), env["theta_neg"])
+    )
     emitted = b.op("Mul", level, signed_theta)
     # The emitted spike code is in units of theta_pos (parallel parameter normalization, Eq. 27-29):
     # positive levels are 2^k, negative levels -eta*2^k with eta = theta_neg/theta_pos.
@@ -185,6 +187,7 @@ MT_NEURON = SpikingOp(
 
 # ------------------------------------------------------------ ST-BIF+ neuron (SpikeZIP-TF, Eq. 1)
 
+
 def _stbif_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """Eq. 1 with the reference code's initial membrane V_0 = theta/2. States start at zero, so the state
     ``v`` holds V - theta/2: V + x >= theta becomes v + x >= theta/2 and V + x < 0 becomes v + x < -theta/2.
@@ -196,8 +199,10 @@ def _stbif_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], di
     up, down = b.op("Cast", up, to=TensorProto.FLOAT), b.op("Cast", down, to=TensorProto.FLOAT)
     spike = b.op("Sub", up, down)
     # |spike|: up and down exclude each other (theta > 0); onnxruntime's Abs is slower than an Add
-    return ({"spikes": spike, COUNT_OUTPUT: b.op("Add", up, down)},
-            {"v": b.op("Sub", membrane, b.op("Mul", spike, env["theta"])), "tracer": b.op("Add", env["tracer"], spike)})
+    return (
+        {"spikes": spike, COUNT_OUTPUT: b.op("Add", up, down)},
+        {"v": b.op("Sub", membrane, b.op("Mul", spike, env["theta"])), "tracer": b.op("Add", env["tracer"], spike)},
+    )
 
 
 ST_BIF_NEURON = SpikingOp(
@@ -220,9 +225,12 @@ ST_BIF_NEURON = SpikingOp(
 
 # ------------------------------- integer ST-BIF+ neuron (SpikeZIP-TF, integer-exact mode, bursts)
 
+
 def _stbif_integer_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
-    return {"burst": b.op("Cast", b.attr_int("burst"), to=TensorProto.FLOAT),
-            "half_even": b.op("Cast", b.attr_int("half_even"), to=TensorProto.BOOL)}
+    return {
+        "burst": b.op("Cast", b.attr_int("burst"), to=TensorProto.FLOAT),
+        "half_even": b.op("Cast", b.attr_int("half_even"), to=TensorProto.BOOL),
+    }
 
 
 def _stbif_integer_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -237,8 +245,10 @@ def _stbif_integer_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, 
     level = b.op("Min", b.op("Max", rounded, env["s_min"]), env["s_max"])
     membrane = b.op("Add", env["v"], b.op("Sub", level, env["previous"]))
     spike = b.op("Min", b.op("Max", membrane, b.op("Neg", env["burst"])), env["burst"])
-    return ({"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)},
-            {"previous": level, "v": b.op("Sub", membrane, spike), "tracer": b.op("Add", env["tracer"], spike)})
+    return (
+        {"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)},
+        {"previous": level, "v": b.op("Sub", membrane, spike), "tracer": b.op("Add", env["tracer"], spike)},
+    )
 
 
 ST_BIF_INTEGER_NEURON = SpikingOp(
@@ -262,6 +272,7 @@ ST_BIF_INTEGER_NEURON = SpikingOp(
 
 # ------------------------------------------------- IF neuron (STA: signed with memory, burst spikes)
 
+
 def _if_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     burst = b.op("Cast", b.attr_int("burst"), to=TensorProto.FLOAT)
     # -signed: Mul(emitted, -signed) is -(signed * emitted) bit for bit, one pass instead of two
@@ -280,8 +291,11 @@ def _if_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     # Sign(reach) where count is nonzero, from one comparison (onnxruntime's Sign costs several times as
     # much): 1 - 2*[reach < 0]. It is +1 at zero where Sign gives 0, but count is 0 there (+0 either way),
     # and count is NaN where Sign gives NaN. (A Where between -unit and unit measured slower.)
-    sign = b.op("Add", b.op("Mul", b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT),
-                            b.const(-2.0)), b.const(1.0))
+    sign = b.op(
+        "Add",
+        b.op("Mul", b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT), b.const(-2.0)),
+        b.const(1.0),
+    )
     out = b.op("Mul", b.op("Mul", count, sign), unit)
     return {"spikes": out}, {"v": b.op("Sub", membrane, out), "emitted": b.op("Add", env["emitted"], out)}
 
@@ -305,16 +319,32 @@ IF_NEURON = SpikingOp(
 
 # ------------------------------------------------ X2X encoder (STA): IF neurons on x and on -x
 
+
 def _x2x_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """relu(x) - relu(-x) in spikes, as the reference code encodes LayerNorm and attention outputs: one
     IFNeuron step on x (theta_pos), one on -x (theta_neg), their spike values subtracted."""
-    positive, positive_states = _if_step(b, {**env, "theta": env["theta_pos"], "v": env["v_pos"],
-                                             "emitted": env["emitted_pos"]})
-    negative, negative_states = _if_step(b, {**env, "x": b.op("Neg", env["x"]), "theta": env["theta_neg"],
-                                             "v": env["v_neg"], "emitted": env["emitted_neg"]})
-    return ({"spikes": b.op("Sub", positive["spikes"], negative["spikes"])},
-            {"v_pos": positive_states["v"], "emitted_pos": positive_states["emitted"],
-             "v_neg": negative_states["v"], "emitted_neg": negative_states["emitted"]})
+    positive, positive_states = _if_step(
+        b, {**env, "theta": env["theta_pos"], "v": env["v_pos"], "emitted": env["emitted_pos"]}
+    )
+    negative, negative_states = _if_step(
+        b,
+        {
+            **env,
+            "x": b.op("Neg", env["x"]),
+            "theta": env["theta_neg"],
+            "v": env["v_neg"],
+            "emitted": env["emitted_neg"],
+        },
+    )
+    return (
+        {"spikes": b.op("Sub", positive["spikes"], negative["spikes"])},
+        {
+            "v_pos": positive_states["v"],
+            "emitted_pos": positive_states["emitted"],
+            "v_neg": negative_states["v"],
+            "emitted_neg": negative_states["emitted"],
+        },
+    )
 
 
 X2X_ENCODER = SpikingOp(
@@ -335,13 +365,17 @@ X2X_ENCODER = SpikingOp(
 
 # ------------------------------- universal group operator (STA, Def. 4), its hidden layer spiking
 
+
 def _ugo_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """y = sum_j w2_j * IF_j(w1_j x + b1_j) + b2 per element, the N hidden units IF neurons as IFNeuron's
     step. The hidden axis comes first, [N, *x.shape]: a stateful step then reads each hidden unit's
     states for a block of elements contiguously. The sum runs over j in order (CumSum's running sum, its
     last entry), which a kernel can repeat exactly; a MatMul's order is the library's."""
-    ones = b.op("ConstantOfShape", b.op("Shape", b.op("Shape", env["x"])),
-                value=helper.make_tensor("one", TensorProto.INT64, [1], [1]))
+    ones = b.op(
+        "ConstantOfShape",
+        b.op("Shape", b.op("Shape", env["x"])),
+        value=helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+    )
     along_hidden = b.op("Concat", b.const([-1], np.int64), ones, axis=0)  # [N, 1, ..., 1]
 
     def per_unit(name: str) -> str:
@@ -378,6 +412,7 @@ UGO = SpikingOp(
 # outputs are turned into increments t*Y(t) - (t-1)*Y(t-1)); 0 = sum semantics (SpikeZIP-TF: F sees
 # running sums, its outputs are differenced Y(t) - Y(t-1)). Both divide or multiply by w(t) = t or 1.
 
+
 def _weight_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     return {"average": b.op("Cast", b.attr_int("average"), to=TensorProto.FLOAT)}
 
@@ -399,8 +434,10 @@ def _compensate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str
 
 EC_ACCUMULATE = SpikingOp(
     name="ECAccumulate",
-    summary=("Running mean S(t)/t (average=1, ECMT EC Eq. 15) or running sum S(t) (average=0, SpikeZIP-TF "
-             "Eq. 5) of its input: what the compensated function F is evaluated on."),
+    summary=(
+        "Running mean S(t)/t (average=1, ECMT EC Eq. 15) or running sum S(t) (average=0, SpikeZIP-TF "
+        "Eq. 5) of its input: what the compensated function F is evaluated on."
+    ),
     inputs=("x",),
     params=(),
     states=("sum",),
@@ -427,8 +464,8 @@ EC_COMPENSATE = SpikingOp(
 )
 
 
-
 # ------------------------------------------------------------------------ chains of ops as one op
+
 
 def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> SpikingOp:
     """``second`` reading ``first``'s output (times ``first``'s parameter ``scale``, as a neuron's spike value
@@ -437,8 +474,11 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
     a session's copy of a model; saved models keep the separate ops (reports read the tensors between)."""
     if first.hidden or second.hidden:
         raise ValueError(f"cannot compose {first.name} and {second.name}: states with a hidden axis")
-    shared = (set(first.states) & set(second.states)) | (set(first.params) & set(second.params)) \
+    shared = (
+        (set(first.states) & set(second.states))
+        | (set(first.params) & set(second.params))
         | {a for a in set(first.attributes) & set(second.attributes) if first.attributes[a] != second.attributes[a]}
+    )
     if first.spike_count and second.spike_count:
         shared.add(COUNT_OUTPUT)
     if shared:
@@ -460,11 +500,21 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
 
     return SpikingOp(
         name=f"{first.name}_{second.name}",
-        summary=f"{first.name} then {second.name}" + (f" on its output times {scale}" if scale else "") + ", in one pass.",
-        inputs=first.inputs, params=first.params + second.params, states=first.states + second.states,
-        outputs=second.outputs, attributes={**first.attributes, **second.attributes}, step=step, prologue=prologue,
-        chain=(first.name, second.name), chain_scale=scale, spike_count=first.spike_count or second.spike_count,
-        ternary=second.ternary)
+        summary=f"{first.name} then {second.name}"
+        + (f" on its output times {scale}" if scale else "")
+        + ", in one pass.",
+        inputs=first.inputs,
+        params=first.params + second.params,
+        states=first.states + second.states,
+        outputs=second.outputs,
+        attributes={**first.attributes, **second.attributes},
+        step=step,
+        prologue=prologue,
+        chain=(first.name, second.name),
+        chain_scale=scale,
+        spike_count=first.spike_count or second.spike_count,
+        ternary=second.ternary,
+    )
 
 
 # The chains spiking graphs are made of: a compensated function's increments feeding a neuron (every
@@ -473,12 +523,30 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
 # runtime/kernels/spikec_kernels.cc composes the same pairs.
 _EC_MT = compose(EC_COMPENSATE, MT_NEURON)
 _EC_STBIF = compose(EC_COMPENSATE, ST_BIF_NEURON)
-COMPOSITES = (_EC_MT, _EC_STBIF, compose(EC_COMPENSATE, X2X_ENCODER),
-              compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"), compose(_EC_MT, EC_ACCUMULATE, scale="theta_pos"),
-              compose(ST_BIF_NEURON, EC_ACCUMULATE, scale="theta"), compose(_EC_STBIF, EC_ACCUMULATE, scale="theta"))
+COMPOSITES = (
+    _EC_MT,
+    _EC_STBIF,
+    compose(EC_COMPENSATE, X2X_ENCODER),
+    compose(MT_NEURON, EC_ACCUMULATE, scale="theta_pos"),
+    compose(_EC_MT, EC_ACCUMULATE, scale="theta_pos"),
+    compose(ST_BIF_NEURON, EC_ACCUMULATE, scale="theta"),
+    compose(_EC_STBIF, EC_ACCUMULATE, scale="theta"),
+)
 
-OPS: dict[str, SpikingOp] = {op.name: op for op in (MT_NEURON, ST_BIF_NEURON, ST_BIF_INTEGER_NEURON, IF_NEURON, X2X_ENCODER, UGO,
-                                                       EC_ACCUMULATE, EC_COMPENSATE, *COMPOSITES)}
+OPS: dict[str, SpikingOp] = {
+    op.name: op
+    for op in (
+        MT_NEURON,
+        ST_BIF_NEURON,
+        ST_BIF_INTEGER_NEURON,
+        IF_NEURON,
+        X2X_ENCODER,
+        UGO,
+        EC_ACCUMULATE,
+        EC_COMPENSATE,
+        *COMPOSITES,
+    )
+}
 
 
 # ----------------------------------------------------------------- products of spikes and weights
@@ -496,13 +564,20 @@ SPIKE_MATMUL_SUMMARY = (
 
 def spike_matmul_function(opset: int) -> onnx.FunctionProto:
     """SpikeMatMul's portable body: the MatMul it stands for."""
-    return helper.make_function(DOMAIN, SPIKE_MATMUL, ["spikes", "weight"], ["y"],
-                                [helper.make_node("MatMul", ["spikes", "weight"], ["y"])],
-                                [helper.make_opsetid("", opset)], attributes=["dense_above"],
-                                doc_string=SPIKE_MATMUL_SUMMARY)
+    return helper.make_function(
+        DOMAIN,
+        SPIKE_MATMUL,
+        ["spikes", "weight"],
+        ["y"],
+        [helper.make_node("MatMul", ["spikes", "weight"], ["y"])],
+        [helper.make_opsetid("", opset)],
+        attributes=["dense_above"],
+        doc_string=SPIKE_MATMUL_SUMMARY,
+    )
 
 
 # ------------------------------------------------------------------------ function derivation
+
 
 def _value_info(name: str, rank: int | None = None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, None if rank is None else [None] * rank)
@@ -510,8 +585,12 @@ def _value_info(name: str, rank: int | None = None) -> onnx.ValueInfoProto:
 
 def _count_per_row(b: NodeBuilder, counts: str) -> str:
     """COUNT_OUTPUT: the step's per-element spike counts summed over every axis but the first."""
-    rows = b.op("Concat", b.op("Slice", b.op("Shape", counts), b.const([0], np.int64), b.const([1], np.int64)),
-                b.const([-1], np.int64), axis=0)
+    rows = b.op(
+        "Concat",
+        b.op("Slice", b.op("Shape", counts), b.const([0], np.int64), b.const([1], np.int64)),
+        b.const([-1], np.int64),
+        axis=0,
+    )
     return b.op("ReduceSum", b.op("Reshape", counts, rows), b.const([1], np.int64), keepdims=0)
 
 
@@ -532,8 +611,13 @@ def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     for src, dst in zip(produced, result_names(op, step=True)):
         b.nodes.append(helper.make_node("Identity", [src], [dst]))
     return helper.make_function(
-        DOMAIN, op.step_name, [*op.inputs, *op.states, *op.params, "t"], result_names(op, step=True), b.nodes,
-        [helper.make_opsetid("", opset)], attributes=list(op.attributes),
+        DOMAIN,
+        op.step_name,
+        [*op.inputs, *op.states, *op.params, "t"],
+        result_names(op, step=True),
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=list(op.attributes),
     )
 
 
@@ -544,7 +628,7 @@ def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
 # not of rows: a row of MiniLM's MLP (1536 channels x 32 units) is most of a block, and whole rows padded
 # the last block by up to a block. Ops without a hidden axis gain nothing from blocks that pays for
 # padding their input and cropping their output.
-BLOCK_ELEMENTS = 2 ** 16
+BLOCK_ELEMENTS = 2**16
 
 
 def _ints(b: NodeBuilder, *values: int) -> str:
@@ -573,8 +657,9 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
         row = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 3))
         elements = b.op("ReduceProd", row, keepdims=1)
         per_block = b.op("Max", b.op("Div", _ints(b, BLOCK_ELEMENTS), b.op("Shape", env[op.hidden[0]])), _ints(b, 1))
-        blocks = b.op("Max", b.op("Div", b.op("Add", elements, b.op("Sub", per_block, _ints(b, 1))), per_block),
-                      _ints(b, 1))
+        blocks = b.op(
+            "Max", b.op("Div", b.op("Add", elements, b.op("Sub", per_block, _ints(b, 1))), per_block), _ints(b, 1)
+        )
         per_block = b.op("Div", b.op("Add", elements, b.op("Sub", blocks, _ints(b, 1))), blocks)
         padding = b.op("Sub", b.op("Mul", blocks, per_block), elements)
         block_shape = b.op("Concat", blocks, _ints(b, 1), per_block, axis=0)
@@ -582,8 +667,7 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
         def blocked(x: str, leading: list[str]) -> str:
             """x flattened past its leading axes, zero-padded, viewed as [*leading, blocks, 1, per_block]."""
             flat = b.op("Reshape", x, b.op("Concat", *leading, _ints(b, -1), axis=0))
-            pads = b.op("Concat", _ints(b, *[0] * (len(leading) + 1)), *[_ints(b, 0)] * len(leading), padding,
-                        axis=0)
+            pads = b.op("Concat", _ints(b, *[0] * (len(leading) + 1)), *[_ints(b, 0)] * len(leading), padding, axis=0)
             return b.op("Reshape", b.op("Pad", flat, pads), b.op("Concat", *leading, block_shape, axis=0))
 
         others = [p for p in op.params if p not in op.hidden]
@@ -594,15 +678,31 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
         scanned = _time_scan(block, op, block_env, [f"{x}_block" for x in op.inputs], times, per_step)
         for src, name in zip(scanned, per_step):
             block.nodes.append(helper.make_node("Identity", [src], [f"{name}_blocks"]))
-        block_graph = helper.make_graph(block.nodes, f"{op.name}_block",
-                                        [_value_info(f"{x}_block", 3) for x in op.inputs]
-                                        + [_value_info(f"{p}_block", 2) for p in others],
-                                        [_value_info(f"{name}_blocks", 3) for name in per_step])
-        results = b.op_outputs("Scan", *block_inputs, count=len(per_step), body=block_graph,
-                               num_scan_inputs=len(block_inputs), scan_input_axes=[1] * len(op.inputs) + [0] * len(others),
-                               scan_output_axes=[1] * len(per_step))
-        scanned = [b.op("Slice", b.op("Reshape", r, b.op("Concat", steps, _ints(b, -1), axis=0)), _ints(b, 0),
-                        elements, _ints(b, 1)) for r in results]
+        block_graph = helper.make_graph(
+            block.nodes,
+            f"{op.name}_block",
+            [_value_info(f"{x}_block", 3) for x in op.inputs] + [_value_info(f"{p}_block", 2) for p in others],
+            [_value_info(f"{name}_blocks", 3) for name in per_step],
+        )
+        results = b.op_outputs(
+            "Scan",
+            *block_inputs,
+            count=len(per_step),
+            body=block_graph,
+            num_scan_inputs=len(block_inputs),
+            scan_input_axes=[1] * len(op.inputs) + [0] * len(others),
+            scan_output_axes=[1] * len(per_step),
+        )
+        scanned = [
+            b.op(
+                "Slice",
+                b.op("Reshape", r, b.op("Concat", steps, _ints(b, -1), axis=0)),
+                _ints(b, 0),
+                elements,
+                _ints(b, 1),
+            )
+            for r in results
+        ]
     else:
         scanned = _time_scan(b, op, env, sequences, times, per_step)
     original_shape = b.op("Shape", op.inputs[0])
@@ -612,8 +712,13 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
         counts = b.op("Reshape", scanned[-1], original_shape)
         b.nodes.append(helper.make_node("Identity", [_count_per_row(b, counts)], [COUNT_OUTPUT]))
     return helper.make_function(
-        DOMAIN, op.name, [*op.inputs, *op.params], result_names(op, step=False), b.nodes,
-        [helper.make_opsetid("", opset)], attributes=[*op.attributes, "timesteps"],
+        DOMAIN,
+        op.name,
+        [*op.inputs, *op.params],
+        result_names(op, step=False),
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=[*op.attributes, "timesteps"],
     )
 
 
@@ -624,8 +729,9 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
 EXPAND_BELOW_CHANNELS = 128
 
 
-def _time_scan(b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: list[str], times: str,
-               per_step: list[str]) -> list[str]:
+def _time_scan(
+    b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: list[str], times: str, per_step: list[str]
+) -> list[str]:
     """The Scan of the step over the time axis of ``sequences`` ([T, rows, C]), states from zero; returns
     the per-step outputs stacked ([T, rows, C]). What the step computes from parameters alone runs once,
     before the Scan."""
@@ -646,10 +752,16 @@ def _time_scan(b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: li
     else:
         row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
     zeros = b.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    scanned = b.op_outputs("Scan", *([zeros] * len(op.states)), *sequences, times,
-                           count=len(op.states) + len(per_step), body=body,
-                           num_scan_inputs=len(op.inputs) + 1)
-    return scanned[len(op.states):]
+    scanned = b.op_outputs(
+        "Scan",
+        *([zeros] * len(op.states)),
+        *sequences,
+        times,
+        count=len(op.states) + len(per_step),
+        body=body,
+        num_scan_inputs=len(op.inputs) + 1,
+    )
+    return scanned[len(op.states) :]
 
 
 def _hoist(body: onnx.GraphProto, params: set[str], outer: set[str]) -> tuple[list[onnx.NodeProto], list[str]]:
@@ -700,8 +812,10 @@ def _time_loop_body(op: SpikingOp, env: dict[str, str], per_step: list[str]) -> 
     body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in per_step]
     _name_results(body, [next_states[s] for s in op.states] + [outputs[o] for o in per_step], body_outputs)
     return helper.make_graph(
-        body.nodes, f"{op.name}_step",
-        [_value_info(f"{s}_in", state_rank) for s in op.states] + [_value_info(f"{x}_in", 2) for x in op.inputs]
+        body.nodes,
+        f"{op.name}_step",
+        [_value_info(f"{s}_in", state_rank) for s in op.states]
+        + [_value_info(f"{x}_in", 2) for x in op.inputs]
         + [_value_info("t_in", 0)],
         [_value_info(f"{s}_out", state_rank) for s in op.states] + [_value_info(f"{o}_out", 2) for o in per_step],
     )

@@ -1,4 +1,5 @@
 """Running spikec models: one call for users, and the driver for stateful (one step per run) models."""
+
 from __future__ import annotations
 
 import logging
@@ -21,6 +22,8 @@ from spikec.errors import SpikecError
 # onnxruntime logs an error before it raises it: at FATAL only, the exception (which spikec turns into its
 # one-line error) is all that reaches the terminal.
 QUIET_LOG_SEVERITY = 4
+
+
 def quiet_options() -> ort.SessionOptions:
     """Session options for every session spikec creates: onnxruntime's own log lines stay off the terminal."""
     options = ort.SessionOptions()
@@ -29,8 +32,11 @@ def quiet_options() -> ort.SessionOptions:
 
 
 def check_timesteps(timesteps, argument: str = "timesteps") -> int:
-    if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) \
-            or not 1 <= timesteps <= MAX_TIMESTEPS:
+    if (
+        isinstance(timesteps, bool)
+        or not isinstance(timesteps, (int, np.integer))
+        or not 1 <= timesteps <= MAX_TIMESTEPS
+    ):
         raise SpikecError(f"argument {argument}={timesteps!r}: expected an integer in 1..{MAX_TIMESTEPS}")
     return int(timesteps)
 
@@ -48,8 +54,15 @@ class InferenceSession(ort.InferenceSession):
     with copies to and from the device around each. With any provider other than the CPU's in
     ``providers`` the session therefore runs the functions, which that provider can take (docs/gpu.md)."""
 
-    def __init__(self, model: str | os.PathLike | onnx.ModelProto, sess_options: ort.SessionOptions | None = None,
-                 providers=None, native: bool = True, fuse: bool = True, **kwargs):
+    def __init__(
+        self,
+        model: str | os.PathLike | onnx.ModelProto,
+        sess_options: ort.SessionOptions | None = None,
+        providers=None,
+        native: bool = True,
+        fuse: bool = True,
+        **kwargs,
+    ):
         options = sess_options or quiet_options()
         providers = providers or ["CPUExecutionProvider"]
         device = next((name for name in map(_provider_name, providers) if name != "CPUExecutionProvider"), None)
@@ -96,14 +109,19 @@ class InferenceSession(ort.InferenceSession):
         if TIME_INPUT in input_feed:
             t = np.asarray(input_feed[TIME_INPUT], dtype=np.float64)
             if t.size != 1 or not np.isfinite(t).all() or t.item() < 1 or t.item() != np.floor(t.item()):
-                raise SpikecError(f"input '{TIME_INPUT}' = {t.tolist()}: the time step is 1-based, a whole "
-                                  f"number 1, 2, ... (run_stateful feeds it)")
+                raise SpikecError(
+                    f"input '{TIME_INPUT}' = {t.tolist()}: the time step is 1-based, a whole "
+                    f"number 1, 2, ... (run_stateful feeds it)"
+                )
         return super().run(output_names, input_feed, run_options)
 
     def model_outputs(self) -> list[str]:
         """The user-facing outputs: no per-step copies, no neuron state."""
-        return [o.name for o in self.get_outputs()
-                if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)]
+        return [
+            o.name
+            for o in self.get_outputs()
+            if not o.name.endswith(STEPS_SUFFIX) and not o.name.startswith(NEXT_STATE_PREFIX)
+        ]
 
 
 _PATH_SAID = False
@@ -123,21 +141,26 @@ def _say_path_once(native: bool, asked: bool, device: str | None = None) -> None
         return
     _PATH_SAID = True
     if native:
-        message = f"spikec ops run on the native kernels ({native_kernels.kernel_isa()}, {native_kernels.library_path()})"
+        message = (
+            f"spikec ops run on the native kernels ({native_kernels.kernel_isa()}, {native_kernels.library_path()})"
+        )
     elif device:
         message = f"spikec ops run as their ONNX functions, which {device} can take (the native kernels are CPU-only)"
     elif not asked:
         message = "spikec ops run as their ONNX functions (native=False)"
     else:
-        message = ("spikec ops run as their ONNX functions, several times slower than the native kernels: none is "
-                   "built; reinstall spikec where a C++ compiler is available, or run `make native` in its source tree")
+        message = (
+            "spikec ops run as their ONNX functions, several times slower than the native kernels: none is "
+            "built; reinstall spikec where a C++ compiler is available, or run `make native` in its source tree"
+        )
     logging.getLogger("spikec").info(message)
     if sys.stderr.isatty():
         print(f"spikec: {message}", file=sys.stderr)
 
 
-def _fused(model: str | os.PathLike | onnx.ModelProto, native: bool,
-           options: ort.SessionOptions) -> str | os.PathLike | onnx.ModelProto:
+def _fused(
+    model: str | os.PathLike | onnx.ModelProto, native: bool, options: ort.SessionOptions
+) -> str | os.PathLike | onnx.ModelProto:
     """The model with its spikec chains fused and, natively, its products of spike codes as SpikeMatMuls
     where the kernel can beat MatMul (as a function SpikeMatMul is the MatMul: portably nothing to gain).
     A file with external data is fused as its graph with references: ``options`` then point onnxruntime
@@ -178,8 +201,11 @@ class Stepper:
         for name, value in self._feeds.items():
             self.binding.bind_cpu_input(name, value)
         self.outputs = session.model_outputs()
-        self.states = {i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros([1] * len(i.shape), np.float32))
-                       for i in session.get_inputs() if i.name.startswith(STATE_PREFIX)}
+        self.states = {
+            i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros([1] * len(i.shape), np.float32))
+            for i in session.get_inputs()
+            if i.name.startswith(STATE_PREFIX)
+        }
         self._time = np.zeros((), np.float32)  # bound by address once, updated in place
         self.binding.bind_cpu_input(TIME_INPUT, self._time)
         # From step 2 on, natively, every state is its own successor and every output is written into
@@ -207,9 +233,9 @@ class Stepper:
         if in_place and self._output_values is not None:
             return {name: value.numpy().copy() for name, value in zip(self.outputs, self._output_values)}
         values = self.binding.get_outputs()  # in the order first bound: outputs, then next states
-        self.states = dict(zip(self.states, values[len(self.outputs):]))
+        self.states = dict(zip(self.states, values[len(self.outputs) :]))
         if in_place:
-            self._output_values = values[:len(self.outputs)]
+            self._output_values = values[: len(self.outputs)]
             for name, value in zip(self.outputs, self._output_values):
                 self.binding.bind_ortvalue_output(name, value)
         # a copy: an output buffer bound again is overwritten by the next step
@@ -221,11 +247,16 @@ class Stepper:
 
 
 def next_state_name(state: str) -> str:
-    return NEXT_STATE_PREFIX + state[len(STATE_PREFIX):]
+    return NEXT_STATE_PREFIX + state[len(STATE_PREFIX) :]
 
 
-def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int,
-                 until_quiet: bool = False, keep_states: bool = False) -> dict[str, np.ndarray]:
+def run_stateful(
+    session: InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    timesteps: int,
+    until_quiet: bool = False,
+    keep_states: bool = False,
+) -> dict[str, np.ndarray]:
     """Drive a stateful model for ``timesteps`` steps (a Stepper), presenting ``feeds`` at every step.
 
     Returns, per model output ``y``, ``y`` (after the last step) and ``y.steps`` ([T, B, ...], the output
@@ -253,8 +284,9 @@ def run_stateful(session: InferenceSession, feeds: Mapping[str, np.ndarray], tim
     return result
 
 
-def run(session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int | None = None,
-        until_quiet: bool = False) -> dict[str, np.ndarray]:
+def run(
+    session: InferenceSession, feeds: Mapping[str, np.ndarray], timesteps: int | None = None, until_quiet: bool = False
+) -> dict[str, np.ndarray]:
     """Run a spikec model of either mode (or a plain ANN) and return every user-facing output by name,
     with ``y.steps`` for spiking models."""
     if session.mode == "stateful":

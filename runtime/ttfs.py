@@ -24,6 +24,7 @@ Every transform is given twice, by design: ``value`` (the ONNX closed form the o
 ``kernel`` / ``slope_at_inverse`` (the dynamics, in numpy, that ``simulate`` integrates). Their agreement
 is the theorem, and tests/test_ttfs.py checks it for every transform over its whole input range.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,6 +54,7 @@ ValueFn = Callable[[Builder, Any, list], Any]
 @dataclass(frozen=True)
 class ReceiveTransform:
     """An input transform: the synapse contributes w * f(x)."""
+
     name: str
     summary: str
     value: ValueFn  # f(x) as ONNX nodes; params are extra scalar inputs
@@ -67,6 +69,7 @@ class ReceiveTransform:
 @dataclass(frozen=True)
 class EmitTransform:
     """An output transform: the spike represents clip(h(V), a, b)."""
+
     name: str
     summary: str
     value: ValueFn  # h(V) as ONNX nodes
@@ -106,40 +109,86 @@ def _sigmoid(u):
     return 1.0 / (1.0 + np.exp(-u))
 
 
-RECEIVE = {t.name: t for t in (
-    ReceiveTransform("Identity", "x (Corollary 4.2: a Heaviside kernel)",
-                     lambda b, x, p: b.op("Identity", x), lambda u, p: np.ones_like(u)),
-    ReceiveTransform("Relu", "max(x, 0)", lambda b, x, p: b.op("Relu", x), lambda u, p: (u > 0).astype(u.dtype)),
-    ReceiveTransform("Gelu", "x Phi(x), the erf form (Corollary 4.5)", _gelu,
-                     lambda u, p: 0.5 * (1 + _erf(u / np.sqrt(2))) + u * np.exp(-u**2 / 2) / np.sqrt(2 * np.pi)),
-    ReceiveTransform("GeluTanh", "the tanh approximation of GELU", _gelu_tanh, _gelu_tanh_kernel),
-    ReceiveTransform("Silu", "x sigmoid(x) (Corollary 4.5, Eq. 16)", lambda b, x, p: b.op("Mul", x, b.op("Sigmoid", x)),
-                     lambda u, p: _sigmoid(u) * (u + 1 - u * _sigmoid(u))),
-    ReceiveTransform("Tanh", "tanh(x) (a pooler's activation)", lambda b, x, p: b.op("Tanh", x),
-                     lambda u, p: 1 - np.tanh(u) ** 2),
-    ReceiveTransform("Sigmoid", "sigmoid(x)", lambda b, x, p: b.op("Sigmoid", x),
-                     lambda u, p: _sigmoid(u) * (1 - _sigmoid(u))),
-    ReceiveTransform("Exp", "e^x (Theorem 4.6; product layer II, Eq. 26)", lambda b, x, p: b.op("Exp", x),
-                     lambda u, p: np.exp(u)),
-    ReceiveTransform("Square", "x^2 (the variance neuron, Eq. 22)", lambda b, x, p: b.op("Mul", x, x),
-                     lambda u, p: 2 * u),
-    # Eq. 23 prints eta = +1/2 (s/tau + a)^(-3/2): the derivative of (x + eps)^(-1/2) is negative and
-    # eps belongs inside, as C = 1/(d sqrt(a + eps)) already has it. Re-derived from Theorem 4.1:
-    ReceiveTransform("Rsqrt", "(x + epsilon)^(-1/2) (the LayerNorm rsqrt neuron, Eq. 23 corrected)",
-                     lambda b, x, p: b.op("Reciprocal", b.op("Sqrt", b.op("Add", x, p[0]))),
-                     lambda u, p: -0.5 * (u + p[0]) ** -1.5, ("epsilon",)),
-    ReceiveTransform("Log", "log(x + c) (product layer I, Eq. 24)", lambda b, x, p: b.op("Log", b.op("Add", x, p[0])),
-                     lambda u, p: 1.0 / (u + p[0]), ("offset",)),
-)}
+RECEIVE = {
+    t.name: t
+    for t in (
+        ReceiveTransform(
+            "Identity",
+            "x (Corollary 4.2: a Heaviside kernel)",
+            lambda b, x, p: b.op("Identity", x),
+            lambda u, p: np.ones_like(u),
+        ),
+        ReceiveTransform("Relu", "max(x, 0)", lambda b, x, p: b.op("Relu", x), lambda u, p: (u > 0).astype(u.dtype)),
+        ReceiveTransform(
+            "Gelu",
+            "x Phi(x), the erf form (Corollary 4.5)",
+            _gelu,
+            lambda u, p: 0.5 * (1 + _erf(u / np.sqrt(2))) + u * np.exp(-(u**2) / 2) / np.sqrt(2 * np.pi),
+        ),
+        ReceiveTransform("GeluTanh", "the tanh approximation of GELU", _gelu_tanh, _gelu_tanh_kernel),
+        ReceiveTransform(
+            "Silu",
+            "x sigmoid(x) (Corollary 4.5, Eq. 16)",
+            lambda b, x, p: b.op("Mul", x, b.op("Sigmoid", x)),
+            lambda u, p: _sigmoid(u) * (u + 1 - u * _sigmoid(u)),
+        ),
+        ReceiveTransform(
+            "Tanh", "tanh(x) (a pooler's activation)", lambda b, x, p: b.op("Tanh", x), lambda u, p: 1 - np.tanh(u) ** 2
+        ),
+        ReceiveTransform(
+            "Sigmoid", "sigmoid(x)", lambda b, x, p: b.op("Sigmoid", x), lambda u, p: _sigmoid(u) * (1 - _sigmoid(u))
+        ),
+        ReceiveTransform(
+            "Exp", "e^x (Theorem 4.6; product layer II, Eq. 26)", lambda b, x, p: b.op("Exp", x), lambda u, p: np.exp(u)
+        ),
+        ReceiveTransform(
+            "Square", "x^2 (the variance neuron, Eq. 22)", lambda b, x, p: b.op("Mul", x, x), lambda u, p: 2 * u
+        ),
+        # Eq. 23 prints eta = +1/2 (s/tau + a)^(-3/2): the derivative of (x + eps)^(-1/2) is negative and
+        # eps belongs inside, as C = 1/(d sqrt(a + eps)) already has it. Re-derived from Theorem 4.1:
+        ReceiveTransform(
+            "Rsqrt",
+            "(x + epsilon)^(-1/2) (the LayerNorm rsqrt neuron, Eq. 23 corrected)",
+            lambda b, x, p: b.op("Reciprocal", b.op("Sqrt", b.op("Add", x, p[0]))),
+            lambda u, p: -0.5 * (u + p[0]) ** -1.5,
+            ("epsilon",),
+        ),
+        ReceiveTransform(
+            "Log",
+            "log(x + c) (product layer I, Eq. 24)",
+            lambda b, x, p: b.op("Log", b.op("Add", x, p[0])),
+            lambda u, p: 1.0 / (u + p[0]),
+            ("offset",),
+        ),
+    )
+}
 
-EMIT = {t.name: t for t in (
-    EmitTransform("Identity", "clip(V, a, b) (Corollary 4.4: psi = 1/tau, theta = b)",
-                  lambda b, v, p: b.op("Identity", v), lambda y: y, lambda y: np.ones_like(y)),
-    EmitTransform("Log", "clip(log V, a, b) (the log-sum-exp neuron, Theorem 4.6)",
-                  lambda b, v, p: b.op("Log", v), np.exp, lambda y: np.exp(-y)),
-    EmitTransform("Exp", "clip(e^V, a, b) (the softmax output layer, Eq. 36)",
-                  lambda b, v, p: b.op("Exp", v), np.log, lambda y: y),
-)}
+EMIT = {
+    t.name: t
+    for t in (
+        EmitTransform(
+            "Identity",
+            "clip(V, a, b) (Corollary 4.4: psi = 1/tau, theta = b)",
+            lambda b, v, p: b.op("Identity", v),
+            lambda y: y,
+            lambda y: np.ones_like(y),
+        ),
+        EmitTransform(
+            "Log",
+            "clip(log V, a, b) (the log-sum-exp neuron, Theorem 4.6)",
+            lambda b, v, p: b.op("Log", v),
+            np.exp,
+            lambda y: np.exp(-y),
+        ),
+        EmitTransform(
+            "Exp",
+            "clip(e^V, a, b) (the softmax output layer, Eq. 36)",
+            lambda b, v, p: b.op("Exp", v),
+            np.log,
+            lambda y: y,
+        ),
+    )
+}
 
 # Scalar inputs every TTFS neuron op takes after its data input: the layer's range and window length.
 RANGE_INPUTS = ("lower", "upper", "delta")
@@ -154,8 +203,14 @@ def receive_function(transform: ReceiveTransform, opset: int) -> onnx.FunctionPr
     b = NodeBuilder()
     value = b.op("Sub", "upper", b.op("Div", "u", _tau(b)))
     b.nodes.append(helper.make_node("Identity", [transform.value(b, value, list(transform.params))], ["y"]))
-    return helper.make_function(DOMAIN, transform.op_type, ["u", *RANGE_INPUTS, *transform.params], ["y"], b.nodes,
-                                [helper.make_opsetid("", opset)])
+    return helper.make_function(
+        DOMAIN,
+        transform.op_type,
+        ["u", *RANGE_INPUTS, *transform.params],
+        ["y"],
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+    )
 
 
 def emit_function(transform: EmitTransform, opset: int) -> onnx.FunctionProto:
@@ -163,8 +218,9 @@ def emit_function(transform: EmitTransform, opset: int) -> onnx.FunctionProto:
     b = NodeBuilder()
     represented = b.op("Max", b.op("Min", transform.value(b, "v", []), "upper"), "lower")
     b.nodes.append(helper.make_node("Mul", [_tau(b), b.op("Sub", "upper", represented)], ["u"]))
-    return helper.make_function(DOMAIN, transform.op_type, ["v", *RANGE_INPUTS], ["u"], b.nodes,
-                                [helper.make_opsetid("", opset)])
+    return helper.make_function(
+        DOMAIN, transform.op_type, ["v", *RANGE_INPUTS], ["u"], b.nodes, [helper.make_opsetid("", opset)]
+    )
 
 
 TICK_OP = "TTFSTick"
@@ -176,8 +232,9 @@ def tick_function(opset: int) -> onnx.FunctionProto:
     b = NodeBuilder()
     ticked = b.op("Mul", b.op("Ceil", b.op("Div", "u", "tick")), "tick")
     b.nodes.append(helper.make_node("Min", [ticked, "delta"], ["y"]))
-    return helper.make_function(DOMAIN, TICK_OP, ["u", "delta", "tick"], ["y"], b.nodes,
-                                [helper.make_opsetid("", opset)])
+    return helper.make_function(
+        DOMAIN, TICK_OP, ["u", "delta", "tick"], ["y"], b.nodes, [helper.make_opsetid("", opset)]
+    )
 
 
 def functions_for(op_types: set[str], opset: int) -> list[onnx.FunctionProto]:
@@ -188,9 +245,11 @@ def functions_for(op_types: set[str], opset: int) -> list[onnx.FunctionProto]:
 
 # ---------------------------------------------------------------- reference dynamics
 
+
 @dataclass(frozen=True)
 class Window:
     """A layer's range and window: value x <-> relative spike time u = tau (b - x)."""
+
     lower: float
     upper: float
     delta: float = 1.0
@@ -206,8 +265,17 @@ class Window:
         return self.upper - u / self.tau
 
 
-def simulate(spike_times: np.ndarray, weights: np.ndarray, inputs: Window, receive: str | ReceiveTransform, emit: str,
-             output: Window, constant: float, params: tuple[float, ...] = (), steps: int = 20000) -> np.ndarray:
+def simulate(
+    spike_times: np.ndarray,
+    weights: np.ndarray,
+    inputs: Window,
+    receive: str | ReceiveTransform,
+    emit: str,
+    output: Window,
+    constant: float,
+    params: tuple[float, ...] = (),
+    steps: int = 20000,
+) -> np.ndarray:
     """Integrate Eq. 6 by the midpoint rule: one neuron per row of ``spike_times`` [neurons, synapses]
     (relative to the inputs' emitting window, which is this layer's receiving window), with ``weights``
     [synapses]. Receiving: dV/dt = (1/tau_in) (sum_j w_j eta(t - t_j) + C); ``constant`` is what C

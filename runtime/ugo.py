@@ -1,6 +1,7 @@
 """The weights of STA's Universal Group Operators, which the UGO op (runtime/ops.py) runs: each a 1-hidden-layer
 ReLU MLP x -> w2 . relu(w1 x + b1) + b2 fitted to one function over its domain (spikec.ugo fits them;
 spikec ships them fitted in spikec/data). The passes load them to build a model; the driver fits them."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,11 +31,11 @@ class UGOSpec:
     name: str
     function: Callable[[np.ndarray], np.ndarray]
     mixture: tuple[tuple[float, float, float], ...]  # (probability, low, high) of uniform components
-    hidden: int            # N of the paper's Table 3
+    hidden: int  # N of the paper's Table 3
     reference_hidden: int  # N in the reference code's shipped weights
-    loss: str              # "huber", "huber+penalty" or "mse"
-    optimizer: str         # "sgd" or "adam", lr 0.01
-    schedule: tuple        # ("multistep", milestones, gamma) | ("step", size, gamma) | ("cosine",)
+    loss: str  # "huber", "huber+penalty" or "mse"
+    optimizer: str  # "sgd" or "adam", lr 0.01
+    schedule: tuple  # ("multistep", milestones, gamma) | ("step", size, gamma) | ("cosine",)
     # fit() minimizes the relative error: the operator scales (LayerNorm's 1/sqrt(var), softmax's 1/sum)
     relative: bool = False
 
@@ -50,25 +51,49 @@ class UGOSpec:
         return rng.uniform(lows, highs)
 
 
-SPECS: dict[str, UGOSpec] = {spec.name: spec for spec in (
-    UGOSpec("exp", np.exp, ((0.5, -35.0, 3.0), (0.5, -12.0, 2.0)), 32, 32, "huber", "sgd",
-            ("multistep", (500, 800), 0.5)),
-    UGOSpec("gelu", _gelu, ((0.5, -25.0, 25.0), (0.5, -1.0, 1.0)), 32, 64, "huber+penalty", "sgd",
-            ("step", 100, 0.5)),
-    UGOSpec("inverse", lambda x: 1.0 / x, ((0.75, 3.0, 38.0), (0.25, 2.0, 75.0)), 16, 64, "huber+penalty", "sgd",
-            ("multistep", (500, 800), 0.1), relative=True),
-    UGOSpec("rsqrt", lambda x: 1.0 / np.sqrt(x), ((1.0, 0.01, 1.0),), 8, 8, "mse", "adam", ("cosine",),
-            relative=True),
-    # Not in the paper: SiLU (LLaMA-family gated MLPs; quick_gelu is silu(1.702 x) / 1.702) on GELU's domain,
-    # size and recipe.
-    UGOSpec("silu", _silu, ((0.5, -25.0, 25.0), (0.5, -1.0, 1.0)), 32, 32, "huber+penalty", "sgd",
-            ("step", 100, 0.5)),
-)}
+SPECS: dict[str, UGOSpec] = {
+    spec.name: spec
+    for spec in (
+        UGOSpec(
+            "exp",
+            np.exp,
+            ((0.5, -35.0, 3.0), (0.5, -12.0, 2.0)),
+            32,
+            32,
+            "huber",
+            "sgd",
+            ("multistep", (500, 800), 0.5),
+        ),
+        UGOSpec(
+            "gelu", _gelu, ((0.5, -25.0, 25.0), (0.5, -1.0, 1.0)), 32, 64, "huber+penalty", "sgd", ("step", 100, 0.5)
+        ),
+        UGOSpec(
+            "inverse",
+            lambda x: 1.0 / x,
+            ((0.75, 3.0, 38.0), (0.25, 2.0, 75.0)),
+            16,
+            64,
+            "huber+penalty",
+            "sgd",
+            ("multistep", (500, 800), 0.1),
+            relative=True,
+        ),
+        UGOSpec(
+            "rsqrt", lambda x: 1.0 / np.sqrt(x), ((1.0, 0.01, 1.0),), 8, 8, "mse", "adam", ("cosine",), relative=True
+        ),
+        # Not in the paper: SiLU (LLaMA-family gated MLPs; quick_gelu is silu(1.702 x) / 1.702) on GELU's domain,
+        # size and recipe.
+        UGOSpec(
+            "silu", _silu, ((0.5, -25.0, 25.0), (0.5, -1.0, 1.0)), 32, 32, "huber+penalty", "sgd", ("step", 100, 0.5)
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
 class UGO:
     """Trained weights of one operator: x -> w2 . relu(w1 x + b1) + b2."""
+
     name: str
     w1: np.ndarray
     b1: np.ndarray
@@ -121,8 +146,10 @@ def path_for(name: str, hidden: int | None = None) -> Path:
 def load(name: str, hidden: int | None = None) -> UGO:
     path = path_for(name, hidden)
     if not path.is_file():
-        raise SpikecError(f"UGO '{name}' with N={hidden}: no weights at {path}; train them with "
-                          f"`spikec ugo train --only {name} --hidden {hidden}`")
+        raise SpikecError(
+            f"UGO '{name}' with N={hidden}: no weights at {path}; train them with "
+            f"`spikec ugo train --only {name} --hidden {hidden}`"
+        )
     with np.load(path) as data:
         return UGO(name, data["w1"], data["b1"], data["w2"], float(data["b2"]))
 

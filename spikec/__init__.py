@@ -1,4 +1,5 @@
 """spikec: compile Transformer ANNs (ONNX) into spiking neural networks that run in onnxruntime."""
+
 from spikec.errors import SpikecError
 
 __all__ = ["SpikecError", "compile", "finetune", "quantize"]

@@ -4,6 +4,7 @@ Python function.
 Compile takes an .npz keyed by the model's input names; this module builds one and checks it against the
 model with the same ``load_inputs`` compile uses, so a file it writes is one compile accepts.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,15 +30,25 @@ def _sequence_length(graph, label: str, max_length: int | None) -> int:
         if max_length < 1:
             raise SpikecError(f"argument max_length={max_length}: expected a positive integer")
         return max_length
-    static = {dims[1].dim_value for vi in _graph_inputs(graph) for dims in [vi.type.tensor_type.shape.dim]
-              if len(dims) > 1 and dims[1].WhichOneof("value") == "dim_value"}
+    static = {
+        dims[1].dim_value
+        for vi in _graph_inputs(graph)
+        for dims in [vi.type.tensor_type.shape.dim]
+        if len(dims) > 1 and dims[1].WhichOneof("value") == "dim_value"
+    }
     if len(static) != 1:
         raise SpikecError(f"{label}: the model's inputs fix no single sequence length; give --max-length")
     return static.pop()
 
 
-def from_text(model, text: str | os.PathLike, tokenizer: str | os.PathLike, *, max_length: int | None = None,
-              progress: bool = True) -> dict[str, np.ndarray]:
+def from_text(
+    model,
+    text: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    *,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """One sample per non-empty line of ``text``, tokenized by the Hugging Face tokenizer saved in the
     directory ``tokenizer`` (offline), padded and truncated to ``max_length`` (default: the model's static
     sequence length); the model inputs are taken from the tokenizer's outputs of the same name."""
@@ -55,8 +66,9 @@ def from_text(model, text: str | os.PathLike, tokenizer: str | os.PathLike, *, m
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise SpikecError("argument tokenizer: reading a tokenizer needs the transformers package "
-                          "(pip install transformers)") from None
+        raise SpikecError(
+            "argument tokenizer: reading a tokenizer needs the transformers package (pip install transformers)"
+        ) from None
     try:
         encode = AutoTokenizer.from_pretrained(os.fspath(tokenizer), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad directory
@@ -64,8 +76,13 @@ def from_text(model, text: str | os.PathLike, tokenizer: str | os.PathLike, *, m
     parts: dict[str, list[np.ndarray]] = {}
     with tqdm(total=len(lines), desc="tokenizing", unit="line", disable=not progress) as bar:
         for start in range(0, len(lines), _CHUNK):
-            encoded = encode(lines[start:start + _CHUNK], padding="max_length", truncation=True, max_length=length,
-                             return_tensors="np")
+            encoded = encode(
+                lines[start : start + _CHUNK],
+                padding="max_length",
+                truncation=True,
+                max_length=length,
+                return_tensors="np",
+            )
             for name, values in encoded.items():
                 parts.setdefault(name, []).append(np.asarray(values))
             bar.update(min(_CHUNK, len(lines) - start))
@@ -73,8 +90,7 @@ def from_text(model, text: str | os.PathLike, tokenizer: str | os.PathLike, *, m
     wanted = [vi.name for vi in _graph_inputs(graph)]
     missing = [name for name in wanted if name not in produced]
     if missing:
-        raise SpikecError(f"tokenizer {tokenizer}: gives {sorted(produced)}, not the model's input "
-                          f"'{missing[0]}'")
+        raise SpikecError(f"tokenizer {tokenizer}: gives {sorted(produced)}, not the model's input '{missing[0]}'")
     return load_inputs({name: produced[name] for name in wanted}, model, what=f"text file {text}")
 
 
@@ -97,8 +113,7 @@ def _image_input(graph, label: str) -> tuple[str, bool, int, tuple[int, int] | N
         height, width = static[1:3] if last else static[2:4]
         candidates.append((vi.name, last, channels, (height, width) if height and width else None))
     if len(candidates) != 1:
-        raise SpikecError(f"{label}: an image folder feeds a model with one 4-D image input; it has "
-                          f"{len(candidates)}")
+        raise SpikecError(f"{label}: an image folder feeds a model with one 4-D image input; it has {len(candidates)}")
     name, last, channels, size = candidates[0]
     if channels not in (1, 3):
         raise SpikecError(f"{label}: input '{name}' has {channels} channels on its channel axis; images give 1 or 3")
@@ -111,9 +126,17 @@ def _per_channel(values: tuple[float, ...], channels: int, flag: str) -> np.ndar
     return np.broadcast_to(np.asarray(values, np.float64), (channels,))
 
 
-def from_images(model, folder: str | os.PathLike, *, resize: tuple[int, int] | None = None,
-                resample: str = "bilinear", scale: float = 1 / 255, mean: tuple[float, ...] = (0.0,),
-                std: tuple[float, ...] = (1.0,), progress: bool = True) -> dict[str, np.ndarray]:
+def from_images(
+    model,
+    folder: str | os.PathLike,
+    *,
+    resize: tuple[int, int] | None = None,
+    resample: str = "bilinear",
+    scale: float = 1 / 255,
+    mean: tuple[float, ...] = (0.0,),
+    std: tuple[float, ...] = (1.0,),
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """One sample per image file under ``folder`` (recursive, sorted by path), converted to the model's
     channel count (grey or RGB), resized to ``resize`` (height, width; default the model's static size),
     then ``(pixel * scale - mean) / std`` per channel, in the model's layout (channels first or last)."""
@@ -172,14 +195,18 @@ def from_callable(model, reference: str) -> dict[str, np.ndarray]:
     except SpikecError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's module may raise anything on import
-        raise SpikecError(f"argument python={reference!r}: cannot load it ({type(exc).__name__}: "
-                          f"{_one_line(exc)})") from None
+        raise SpikecError(
+            f"argument python={reference!r}: cannot load it ({type(exc).__name__}: {_one_line(exc)})"
+        ) from None
     try:
         arrays = function()
     except Exception as exc:  # noqa: BLE001 - the user's function may raise anything
-        raise SpikecError(f"argument python={reference!r}: the function raised {type(exc).__name__}: "
-                          f"{_one_line(exc)}") from None
+        raise SpikecError(
+            f"argument python={reference!r}: the function raised {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
     if not isinstance(arrays, Mapping):
-        raise SpikecError(f"argument python={reference!r}: returned {type(arrays).__name__}; expected a "
-                          f"mapping of input name to array")
+        raise SpikecError(
+            f"argument python={reference!r}: returned {type(arrays).__name__}; expected a "
+            f"mapping of input name to array"
+        )
     return load_inputs(arrays, model, what=f"the arrays {reference} returned")

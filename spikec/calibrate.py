@@ -78,6 +78,7 @@ def _source_label(source: object, what: str) -> str:
 def naming_sources(function: Callable) -> Callable:
     """Decorates ``function(model, calibration, ...)`` (compile, quantize): while it runs, calibration
     errors on in-memory copies of the model name the file it came from, and the calibration data."""
+
     @functools.wraps(function)
     def named(model, calibration, *args, **kwargs):
         token = _SOURCES.set((_source_label(model, "model"), _source_label(calibration, "calibration data")))
@@ -85,6 +86,7 @@ def naming_sources(function: Callable) -> Callable:
             return function(model, calibration, *args, **kwargs)
         finally:
             _SOURCES.reset(token)
+
     return named
 
 
@@ -139,7 +141,9 @@ def read_npz(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]:
                 # any of ValueError, EOFError, BadZipFile, SyntaxError, ...
                 value = loaded[key]
             except Exception as exc:
-                raise SpikecError(f"{what} {path}: member '{key}' is not a valid .npy array ({_one_line(exc)})") from None
+                raise SpikecError(
+                    f"{what} {path}: member '{key}' is not a valid .npy array ({_one_line(exc)})"
+                ) from None
             if not isinstance(value, np.ndarray):  # numpy returns a member without the .npy magic as raw bytes
                 raise SpikecError(f"{what} {path}: member '{key}' is not a .npy array")
             arrays[key] = value
@@ -282,14 +286,21 @@ def _session(graph: onnx.ModelProto, path: Path | None, outputs: Sequence[str], 
         # ORT accepts an output with no type; a declared type is reused when shape inference left one.
         model.graph.output.extend(known.get(name, onnx.ValueInfoProto(name=name)) for name in missing)
         if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
-            return ort.InferenceSession(model.SerializeToString(),
-                                        **{**options, "sess_options": weights.session_options(quiet_options(), directory)})
+            return ort.InferenceSession(
+                model.SerializeToString(),
+                **{**options, "sess_options": weights.session_options(quiet_options(), directory)},
+            )
         # Protobuf cannot serialise >2 GB held in memory: go through a file with the weights stored beside it.
         # ORT reads (or maps) the weights while creating the session, so the directory can go right after.
         with tempfile.TemporaryDirectory(prefix="spikec-calib-", ignore_cleanup_errors=True) as tmp:
             file = os.path.join(tmp, "model.onnx")
-            onnx.save_model(weights.load_all(model, directory), file, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location="model.data")
+            onnx.save_model(
+                weights.load_all(model, directory),
+                file,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location="model.data",
+            )
             return ort.InferenceSession(file, **options)
     except SpikecError:
         raise
@@ -354,17 +365,28 @@ class _Run:
         self.batch_size = _batch_size(graph, self.feeds, batch_size, self.label)
         self.session = _session(graph, path, self.names, self.label)
 
-    def batches(self, start: int = 0, progress: bool = True, desc: str = "calibrating",
-                on_batch: Callable[[int], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def batches(
+        self,
+        start: int = 0,
+        progress: bool = True,
+        desc: str = "calibrating",
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
         """{name: array} per batch, from sample ``start`` on; a progress bar with the time left (over all
         samples, those before ``start`` counted as done), or ``on_batch(samples)`` after each batch."""
         return _iterate(self, start, progress, desc, on_batch)
 
 
-def _iterate(run: _Run, start: int, progress: bool, desc: str,
-             on_batch: Callable[[int], None] | None) -> Iterator[dict[str, np.ndarray]]:
-    with tqdm(total=run.samples, initial=start, desc=desc, unit="sample",
-              disable=None if progress and on_batch is None else True) as bar:
+def _iterate(
+    run: _Run, start: int, progress: bool, desc: str, on_batch: Callable[[int], None] | None
+) -> Iterator[dict[str, np.ndarray]]:
+    with tqdm(
+        total=run.samples,
+        initial=start,
+        desc=desc,
+        unit="sample",
+        disable=None if progress and on_batch is None else True,
+    ) as bar:
         for begin in range(start, run.samples, run.batch_size):
             stop = min(begin + run.batch_size, run.samples)
             batch = {name: array[begin:stop] for name, array in run.feeds.items()}
@@ -373,8 +395,9 @@ def _iterate(run: _Run, start: int, progress: bool, desc: str,
             except Exception as exc:  # see _session
                 sources = _SOURCES.get()
                 data = f" of the {sources[1]}" if sources else ""
-                raise SpikecError(f"{run.label}: onnxruntime failed on samples {begin}:{stop}{data}: "
-                                  f"{_one_line(exc)}") from None
+                raise SpikecError(
+                    f"{run.label}: onnxruntime failed on samples {begin}:{stop}{data}: {_one_line(exc)}"
+                ) from None
             bar.update(stop - begin)
             if on_batch is not None:
                 on_batch(stop - begin)
@@ -490,9 +513,15 @@ class _TapAccumulator:
 
     def state(self, prefix: str) -> tuple[dict, dict[str, np.ndarray]]:
         """(JSON-able settings, arrays) from which `restore` rebuilds this accumulator exactly."""
-        meta = {"name": self.name, "axis": self.axis, "capacity": self.capacity, "shape": self.shape,
-                "rows_seen": self.rows_seen, "filling": self.reservoir is None,
-                "rng": self.rng.bit_generator.state}
+        meta = {
+            "name": self.name,
+            "axis": self.axis,
+            "capacity": self.capacity,
+            "shape": self.shape,
+            "rows_seen": self.rows_seen,
+            "filling": self.reservoir is None,
+            "rng": self.rng.bit_generator.state,
+        }
         if self.rows_seen == 0:
             return meta, {}
         return meta, {f"{prefix}.min": self.cmin, f"{prefix}.max": self.cmax, f"{prefix}.sample": self._kept()}
@@ -507,8 +536,9 @@ class _TapAccumulator:
             self.chunks, self.reservoir = ([sample], None) if meta["filling"] else ([], sample)
 
 
-def _fingerprint(graph: onnx.ModelProto, feeds: Mapping[str, np.ndarray], taps: Sequence[str],
-                 settings: Mapping[str, object]) -> str:
+def _fingerprint(
+    graph: onnx.ModelProto, feeds: Mapping[str, np.ndarray], taps: Sequence[str], settings: Mapping[str, object]
+) -> str:
     """What a checkpoint's statistics depend on: the graph (nodes; initializers by content, or by file
     reference where external), the taps, the data and the settings."""
     digest = hashlib.sha256(json.dumps([list(taps), dict(settings)], sort_keys=True).encode())
@@ -546,8 +576,10 @@ class _Checkpoint:
                 accumulator.restore(meta["taps"][name], arrays, str(index))
             return int(meta["next_sample"])
         except (KeyError, ValueError, TypeError) as exc:
-            raise SpikecError(f"calibration checkpoint {self.path}: not a spikec calibration checkpoint "
-                              f"({_one_line(exc)}); remove it or name another file") from None
+            raise SpikecError(
+                f"calibration checkpoint {self.path}: not a spikec calibration checkpoint "
+                f"({_one_line(exc)}); remove it or name another file"
+            ) from None
 
     def save(self, accumulators: Mapping[str, _TapAccumulator], next_sample: int, force: bool = False) -> None:
         if not force and time.monotonic() - self.saved_at < self.every:
@@ -598,17 +630,46 @@ def collect_statistics(
     if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
         raise SpikecError(f"argument channel_axis={channel_axis!r}: expected an integer axis")
     if workers > 1:
-        return _collect_in_processes(model, inputs, names, workers, progress, checkpoint,
-                                     dict(batch_size=batch_size, channel_axis=int(channel_axis),
-                                          max_values=max_values, checkpoint_every=checkpoint_every))
-    return _collect(model, inputs, names, batch_size=batch_size, channel_axis=int(channel_axis),
-                    max_values=max_values, progress=progress, checkpoint=checkpoint,
-                    checkpoint_every=checkpoint_every)
+        return _collect_in_processes(
+            model,
+            inputs,
+            names,
+            workers,
+            progress,
+            checkpoint,
+            dict(
+                batch_size=batch_size,
+                channel_axis=int(channel_axis),
+                max_values=max_values,
+                checkpoint_every=checkpoint_every,
+            ),
+        )
+    return _collect(
+        model,
+        inputs,
+        names,
+        batch_size=batch_size,
+        channel_axis=int(channel_axis),
+        max_values=max_values,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+    )
 
 
-def _collect(model: ModelLike, inputs, names: list[str], *, batch_size: int, channel_axis: int, max_values: int,
-             progress: bool, checkpoint, checkpoint_every: float,
-             on_batch: Callable[[int], None] | None = None) -> dict[str, TapStats]:
+def _collect(
+    model: ModelLike,
+    inputs,
+    names: list[str],
+    *,
+    batch_size: int,
+    channel_axis: int,
+    max_values: int,
+    progress: bool,
+    checkpoint,
+    checkpoint_every: float,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, TapStats]:
     run = _Run(model, inputs, names, batch_size)
     accumulators = {name: _TapAccumulator(name, channel_axis, max_values) for name in names}
     saver, start = None, 0
@@ -632,8 +693,9 @@ def _collect(model: ModelLike, inputs, names: list[str], *, batch_size: int, cha
     return {name: acc.finish() for name, acc in accumulators.items()}
 
 
-def _collect_in_processes(model: ModelLike, inputs, names: list[str], workers: int, progress: bool, checkpoint,
-                          settings: dict) -> dict[str, TapStats]:
+def _collect_in_processes(
+    model: ModelLike, inputs, names: list[str], workers: int, progress: bool, checkpoint, settings: dict
+) -> dict[str, TapStats]:
     """collect_statistics over ``workers`` processes, each on a contiguous share of the samples (whole
     batches), with a checkpoint of its own (``<checkpoint>.<i>-of-<n>``); one progress
     bar over all samples."""
@@ -649,14 +711,29 @@ def _collect_in_processes(model: ModelLike, inputs, names: list[str], workers: i
     shares = [(begin, stop) for begin, stop in zip(bounds, bounds[1:]) if stop > begin]
     context = multiprocessing.get_context("spawn")
     jobs = []
-    with context.Manager() as manager, context.Pool(len(shares), initializer=_quiet_worker) as pool, \
-            tqdm(total=samples, desc="calibrating", unit="sample", disable=None if progress else True) as bar:
+    with (
+        context.Manager() as manager,
+        context.Pool(len(shares), initializer=_quiet_worker) as pool,
+        tqdm(total=samples, desc="calibrating", unit="sample", disable=None if progress else True) as bar,
+    ):
         done = manager.Queue()
         for index, (begin, stop) in enumerate(shares):
             part = None if checkpoint is None else f"{os.fspath(checkpoint)}.{index + 1}-of-{len(shares)}"
-            jobs.append(pool.apply_async(_collect_share, (
-                path if path is not None else graph, {k: v[begin:stop] for k, v in feeds.items()}, names,
-                settings, part, done, weights.source_directory(), _SOURCES.get())))
+            jobs.append(
+                pool.apply_async(
+                    _collect_share,
+                    (
+                        path if path is not None else graph,
+                        {k: v[begin:stop] for k, v in feeds.items()},
+                        names,
+                        settings,
+                        part,
+                        done,
+                        weights.source_directory(),
+                        _SOURCES.get(),
+                    ),
+                )
+            )
         try:
             while not all(job.ready() for job in jobs):
                 try:
@@ -687,7 +764,6 @@ def _collect_share(model, feeds, names, settings, checkpoint, done, directory, s
     token = _SOURCES.set(sources)
     try:
         with weights.source(directory):
-            return _collect(model, feeds, names, progress=False, checkpoint=checkpoint, on_batch=done.put,
-                            **settings)
+            return _collect(model, feeds, names, progress=False, checkpoint=checkpoint, on_batch=done.put, **settings)
     finally:
         _SOURCES.reset(token)

@@ -1,4 +1,5 @@
 """spikec command line: compile, quantize, finetune, run, inspect, eval, report, ugo."""
+
 from __future__ import annotations
 
 import argparse
@@ -55,10 +56,13 @@ def cmd_compile(args) -> int:
 
 def verification_line(verification: dict) -> str:
     """What compile measured on held-out calibration samples, per output, in one line."""
-    samples = f"{verification['samples']} {'held-out ' if verification['held_out'] else ''}calibration sample" \
-              + ("s" if verification["samples"] != 1 else "")
-    measured = "; ".join(f"{name} cosine {m['cosine']:.4f}, relative max error {m['relative_max_error']:.2e}"
-                         for name, m in verification["outputs"].items())
+    samples = f"{verification['samples']} {'held-out ' if verification['held_out'] else ''}calibration sample" + (
+        "s" if verification["samples"] != 1 else ""
+    )
+    measured = "; ".join(
+        f"{name} cosine {m['cosine']:.4f}, relative max error {m['relative_max_error']:.2e}"
+        for name, m in verification["outputs"].items()
+    )
     when = f" at T={verification['timesteps']}" if verification["timesteps"] else ""
     return f"verified on {samples} against the {verification['reference']}{when}: {measured}"
 
@@ -80,13 +84,21 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
         for f in options.declared():
             if f.name in actions:  # the same option in another method (levels): one flag, its help per method
                 assert owner is not None, "the options of every method come first and are distinct"
-                actions[f.name].help = (actions[f.name].help or "") + f"; {owner}: {f.metadata['help']}" + \
-                    (f" [default {f.default}]" if f.default is not None else "")
+                actions[f.name].help = (
+                    (actions[f.name].help or "")
+                    + f"; {owner}: {f.metadata['help']}"
+                    + (f" [default {f.default}]" if f.default is not None else "")
+                )
                 fields[f.name][1].append(owner)
                 continue
             kind = kind_of(options, f)
-            default = ("on by default, the flag turns it off" if f.default is True else None if kind == "bool"
-                       or f.default in (None, ()) else f"default {f.default}")
+            default = (
+                "on by default, the flag turns it off"
+                if f.default is True
+                else None
+                if kind == "bool" or f.default in (None, ())
+                else f"default {f.default}"
+            )
             text = f.metadata["help"] + (f" [{default}]" if default else "")
             kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{owner}: {text}" if owner else text}
             if kind == "bool":
@@ -119,8 +131,16 @@ def _compile_options(args) -> dict:
 def cmd_quantize(args) -> int:
     from spikec.compiler import quantize
 
-    quantize(args.model, args.calib, args.output, levels=args.levels, input_shapes=_input_shapes(args.input_shape),
-             batch_size=args.batch_size, progress=not args.quiet, per_tensor=args.per_tensor)
+    quantize(
+        args.model,
+        args.calib,
+        args.output,
+        levels=args.levels,
+        input_shapes=_input_shapes(args.input_shape),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        per_tensor=args.per_tensor,
+    )
     print(f"wrote {args.output}")
     return 0
 
@@ -128,12 +148,24 @@ def cmd_quantize(args) -> int:
 def cmd_finetune(args) -> int:
     from spikec.compiler import finetune
 
-    _, summary = finetune(args.model, args.calib, args.output, levels=args.levels,
-                          input_shapes=_input_shapes(args.input_shape), batch_size=args.batch_size,
-                          progress=not args.quiet, per_tensor=args.per_tensor, steps=args.steps,
-                          time_budget=args.time_budget, lr=args.lr, checkpoint=args.checkpoint)
-    print(f"distillation loss {summary['loss_before']:.4g} -> {summary['loss_after']:.4g} after {summary['steps']} "
-          f"steps; wrote {args.output}")
+    _, summary = finetune(
+        args.model,
+        args.calib,
+        args.output,
+        levels=args.levels,
+        input_shapes=_input_shapes(args.input_shape),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        per_tensor=args.per_tensor,
+        steps=args.steps,
+        time_budget=args.time_budget,
+        lr=args.lr,
+        checkpoint=args.checkpoint,
+    )
+    print(
+        f"distillation loss {summary['loss_before']:.4g} -> {summary['loss_after']:.4g} after {summary['steps']} "
+        f"steps; wrote {args.output}"
+    )
     return 0
 
 
@@ -146,19 +178,28 @@ def cmd_calib_make(args) -> int:
     if args.text:
         if args.tokenizer is None:
             raise SpikecError("argument --text: needs --tokenizer DIR (a saved Hugging Face tokenizer)")
-        arrays = calibdata.from_text(args.model, args.text, args.tokenizer, max_length=args.max_length,
-                                     progress=not args.quiet)
+        arrays = calibdata.from_text(
+            args.model, args.text, args.tokenizer, max_length=args.max_length, progress=not args.quiet
+        )
     elif args.images:
-        arrays = calibdata.from_images(args.model, args.images, resize=args.resize and _numbers("--resize", args.resize, "x", int),
-                                       resample=args.resample, scale=args.scale,
-                                       mean=_numbers("--mean", args.mean, ",", float),
-                                       std=_numbers("--std", args.std, ",", float), progress=not args.quiet)
+        arrays = calibdata.from_images(
+            args.model,
+            args.images,
+            resize=args.resize and _numbers("--resize", args.resize, "x", int),
+            resample=args.resample,
+            scale=args.scale,
+            mean=_numbers("--mean", args.mean, ",", float),
+            std=_numbers("--std", args.std, ",", float),
+            progress=not args.quiet,
+        )
     else:
         arrays = calibdata.from_callable(args.model, args.python)
     modelio.write([("output", args.output, arrays)], reads)
     count = len(next(iter(arrays.values())))
-    print(f"wrote {args.output}: {count} samples of " + ", ".join(
-        f"{name} {value.dtype} {list(value.shape[1:])}" for name, value in arrays.items()))
+    print(
+        f"wrote {args.output}: {count} samples of "
+        + ", ".join(f"{name} {value.dtype} {list(value.shape[1:])}" for name, value in arrays.items())
+    )
     return 0
 
 
@@ -171,8 +212,14 @@ def cmd_run(args) -> int:
     modelio.check_outputs([("output", args.output)], reads)  # before the run, not after it
     session = _session(args.model)
     feeds = load_inputs(args.inputs, _user_inputs(args.model), what="inputs")
-    outputs = run_dataset(session, feeds, batch_size=args.batch_size, timesteps=args.timesteps,
-                          until_quiet=args.until_quiet, progress=not args.quiet)
+    outputs = run_dataset(
+        session,
+        feeds,
+        batch_size=args.batch_size,
+        timesteps=args.timesteps,
+        until_quiet=args.until_quiet,
+        progress=not args.quiet,
+    )
     modelio.write([("output", args.output, outputs)], reads)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in outputs.items()))
     if SPIKES_STEPS in outputs:
@@ -239,8 +286,11 @@ def inspect_model(path: str) -> dict:
         "regions": report.regions or [],
         "verification": report.verification,
         # rewrites (original ops -> spikec ops), neuron counts per sample, ops left in float and why
-        **(summarize(model) if record is None or record.mode != "ttfs" else
-           {"ttfs": report.ttfs, "rewrites": [], "float_ops": [], "neuron_counts": {}}),
+        **(
+            summarize(model)
+            if record is None or record.mode != "ttfs"
+            else {"ttfs": report.ttfs, "rewrites": [], "float_ops": [], "neuron_counts": {}}
+        ),
     }
 
 
@@ -261,8 +311,9 @@ def cmd_inspect(args) -> int:
 
     console = Console()
     passes = "one pass (time-to-first-spike)" if info["mode"] == "ttfs" else f"T={info['timesteps']}"
-    console.print(f"[bold]{info['model']}[/bold]  method={info['method'] or 'none (ANN)'}  mode={info['mode']}  "
-                  f"{passes}")
+    console.print(
+        f"[bold]{info['model']}[/bold]  method={info['method'] or 'none (ANN)'}  mode={info['mode']}  {passes}"
+    )
     if info["verification"]:
         console.print(verification_line(info["verification"]), markup=False)
     ops = Table(title="ops by domain")
@@ -288,10 +339,18 @@ def cmd_inspect(args) -> int:
             sites.add_column(column)
         for row in ttfs["sites"]:
             clip = clipped.get(row["site"])
-            sites.add_row(row["site"], row["role"], row["emit"], " ".join(row["receives"]),
-                          f"[{row['lower']:.4g}, {row['upper']:.4g}]", "construction" if row["analytic"] else "calibration",
-                          "" if clip is None else f"{clip['share']:.2%}, {clip['overshoot']:.2g} span past "
-                                                  f"[{clip['from'][0]:.4g}, {clip['from'][1]:.4g}]")
+            sites.add_row(
+                row["site"],
+                row["role"],
+                row["emit"],
+                " ".join(row["receives"]),
+                f"[{row['lower']:.4g}, {row['upper']:.4g}]",
+                "construction" if row["analytic"] else "calibration",
+                ""
+                if clip is None
+                else f"{clip['share']:.2%}, {clip['overshoot']:.2g} span past "
+                f"[{clip['from'][0]:.4g}, {clip['from'][1]:.4g}]",
+            )
         console.print(sites)
         for row in ttfs["float_nodes"]:
             console.print(f"float (decoded, then encoded): {row['node']} ({row['op']})")
@@ -299,24 +358,38 @@ def cmd_inspect(args) -> int:
         from spikec.graphinfo import neuron_label
 
         counts = {site["tensor"]: site["neurons"] for site in info["neuron_counts"]["sites"]}
-        neurons = Table(title=f"neurons: {info['neuron_counts']['neuron_nodes']} neuron nodes, "
-                              f"{info['neuron_counts']['neurons_total'] or '?'} neurons per sample")
+        neurons = Table(
+            title=f"neurons: {info['neuron_counts']['neuron_nodes']} neuron nodes, "
+            f"{info['neuron_counts']['neurons_total'] or '?'} neurons per sample"
+        )
         for column in ("input tensor", "neurons", "neuron", "thresholds", "feeds"):
             neurons.add_column(column)
         for row in info["neurons"]:
             count = counts.get(row["tensor"])
-            thresholds = (f"+{_summary(row['theta_pos'])} / -{_summary(row['theta_neg'])}" if "theta_pos" in row
-                          else _summary(row["threshold"]))
-            neurons.add_row(row["tensor"], "?" if count is None else str(count), neuron_label(row), thresholds,
-                            ", ".join(row.get("consumers", [row.get("region", "")])))
+            thresholds = (
+                f"+{_summary(row['theta_pos'])} / -{_summary(row['theta_neg'])}"
+                if "theta_pos" in row
+                else _summary(row["threshold"])
+            )
+            neurons.add_row(
+                row["tensor"],
+                "?" if count is None else str(count),
+                neuron_label(row),
+                thresholds,
+                ", ".join(row.get("consumers", [row.get("region", "")])),
+            )
         console.print(neurons)
     if info["float_ops"]:
         floats = Table(title="ops outside the spikec op set, and why")
         for column in ("category", "nodes", "ops", "why"):
             floats.add_column(column)
         for row in info["float_ops"]:
-            floats.add_row(row["category"], str(row["nodes"]),
-                           ", ".join(f"{op} x{count}" for op, count in row["ops"].items()), row["reason"])
+            floats.add_row(
+                row["category"],
+                str(row["nodes"]),
+                ", ".join(f"{op} x{count}" for op, count in row["ops"].items()),
+                row["reason"],
+            )
         console.print(floats)
     return 0
 
@@ -331,8 +404,9 @@ def _labels(path: str | None, feeds: dict[str, np.ndarray]) -> np.ndarray | None
     arrays = read_npz(path, "labels")
     if "labels" not in arrays and len(arrays) != 1:
         raise SpikecError(f"labels {path}: expected a 'labels' array, got keys {sorted(arrays)}")
-    return check_labels(arrays.get("labels", next(iter(arrays.values()), None)), len(next(iter(feeds.values()))),
-                        f"labels {path}")
+    return check_labels(
+        arrays.get("labels", next(iter(arrays.values()), None)), len(next(iter(feeds.values()))), f"labels {path}"
+    )
 
 
 def cmd_eval(args) -> int:
@@ -340,8 +414,14 @@ def cmd_eval(args) -> int:
     from spikec.evaluate import compare
 
     feeds = load_inputs(args.inputs, args.ann, what="inputs")
-    result = compare(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), batch_size=args.batch_size,
-                     progress=not args.quiet)
+    result = compare(
+        args.ann,
+        args.snn,
+        feeds,
+        labels=_labels(args.labels, feeds),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -349,8 +429,10 @@ def cmd_eval(args) -> int:
     from rich.table import Table
 
     for name, data in result.items():
-        table = Table(title=f"{name}: SNN vs ANN" + (f" (ANN accuracy {data['ann_accuracy']:.4f})"
-                                                       if "ann_accuracy" in data else ""))
+        table = Table(
+            title=f"{name}: SNN vs ANN"
+            + (f" (ANN accuracy {data['ann_accuracy']:.4f})" if "ann_accuracy" in data else "")
+        )
         columns = list(data["per_t"][0])
         for column in columns:
             table.add_column(column)
@@ -365,14 +447,23 @@ def cmd_report(args) -> int:
     from spikec.calibrate import load_inputs
     from spikec.report import build_report, check_directory, report_files, write_report
 
-    reads = modelio.reads(models=[("ANN", args.ann), ("SNN", args.snn), ("QANN", args.qann)],
-                          files=[("--inputs file", args.inputs), ("--labels file", args.labels)])
+    reads = modelio.reads(
+        models=[("ANN", args.ann), ("SNN", args.snn), ("QANN", args.qann)],
+        files=[("--inputs file", args.inputs), ("--labels file", args.labels)],
+    )
     method = _method(args.snn)
     if method is not None:  # before the run, not after it; an SNN that does not load is reported by the run
         check_directory(args.output, report_files(method), reads, args.force)
     feeds = load_inputs(args.inputs, args.ann, what="inputs")
-    data = build_report(args.ann, args.snn, feeds, labels=_labels(args.labels, feeds), qann=args.qann,
-                        batch_size=args.batch_size, progress=not args.quiet)
+    data = build_report(
+        args.ann,
+        args.snn,
+        feeds,
+        labels=_labels(args.labels, feeds),
+        qann=args.qann,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     index = write_report(data, args.output, reads, args.force)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -380,10 +471,16 @@ def cmd_report(args) -> int:
     for label, reference in data["fidelity"].items():
         for name, output in reference["outputs"].items():
             last = output["per_t"][-1]
-            print(f"{name} vs {label}" + (f" at T={last['t']}" if data["stepped"] else "")
-                  + f": cosine {last['cosine']:.4f}"
-                  + (f", accuracy {last['accuracy']:.4f} ({label} {output['accuracy']:.4f})"
-                     if "accuracy" in last else ""))
+            print(
+                f"{name} vs {label}"
+                + (f" at T={last['t']}" if data["stepped"] else "")
+                + f": cosine {last['cosine']:.4f}"
+                + (
+                    f", accuracy {last['accuracy']:.4f} ({label} {output['accuracy']:.4f})"
+                    if "accuracy" in last
+                    else ""
+                )
+            )
     energy = data["energy"]
     print(f"energy SNN/ANN {energy['ratio']:.3f} (papers' convention {energy['ratio_paper_convention']:.3f})")
     print(f"wrote {index} (plots, report.json)")
@@ -436,9 +533,15 @@ def cmd_ugo_train(args) -> int:
         refits.append(("output", target, fits[0][1].arrays()))
         for kind, operator in fits:
             error = ugo.fit_error(operator)
-            table.add_row(name, str(hidden), kind, f"{error['mean_relative']:.2e}", f"{error['max_abs']:.2e}",
-                          *[f"{ugo.spiking_error(operator, t):.2e}" for t in (32, 64, 128)],
-                          str(target) if kind == "spikec" else "")
+            table.add_row(
+                name,
+                str(hidden),
+                kind,
+                f"{error['mean_relative']:.2e}",
+                f"{error['max_abs']:.2e}",
+                *[f"{ugo.spiking_error(operator, t):.2e}" for t in (32, 64, 128)],
+                str(target) if kind == "spikec" else "",
+            )
     modelio.write(refits)  # all refits or none
     Console(width=200).print(table)
     return 0
@@ -465,11 +568,18 @@ def collect_info() -> dict:
         warnings.simplefilter("ignore")  # a stale library: said below, not as a warning
         loads = native.available()
     return {
-        "spikec": version("spikec"), "python": platform.python_version(), "machine": platform.machine(),
+        "spikec": version("spikec"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
         "packages": {p: version(p) for p in ("onnx", "onnxruntime", "onnx-graphsurgeon", "numpy", "torch")},
-        "native": {"library": os.fspath(path) if path else None, "loads": loads,
-                   "isa": native.kernel_isa() if loads else None, "built_from": built, "sources": sources,
-                   "matches_sources": built is not None and built == sources},
+        "native": {
+            "library": os.fspath(path) if path else None,
+            "loads": loads,
+            "isa": native.kernel_isa() if loads else None,
+            "built_from": built,
+            "sources": sources,
+            "matches_sources": built is not None and built == sources,
+        },
         "methods": {name: method.paper for name, method in METHODS.items()},
         "default_timesteps": {name: method.default_timesteps for name, method in METHODS.items() if method.stepped},
     }
@@ -480,20 +590,32 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    lines = [f"spikec {info['spikec']} (Python {info['python']}, {info['machine']})",
-             "packages: " + ", ".join(f"{p} {v or 'not installed'}" for p, v in info["packages"].items())]
+    lines = [
+        f"spikec {info['spikec']} (Python {info['python']}, {info['machine']})",
+        "packages: " + ", ".join(f"{p} {v or 'not installed'}" for p, v in info["packages"].items()),
+    ]
     kernels = info["native"]
     if kernels["library"] is None:
-        lines.append("native kernels: not built (reinstall where a C++ compiler is available, or `make native`); "
-                     "spikec ops run as their ONNX functions")
+        lines.append(
+            "native kernels: not built (reinstall where a C++ compiler is available, or `make native`); "
+            "spikec ops run as their ONNX functions"
+        )
     elif not kernels["matches_sources"]:
-        lines.append(f"native kernels: {kernels['library']} was built from other kernel sources: rebuild it with "
-                     f"`make native`; spikec ops run as their ONNX functions")
+        lines.append(
+            f"native kernels: {kernels['library']} was built from other kernel sources: rebuild it with "
+            f"`make native`; spikec ops run as their ONNX functions"
+        )
     else:
         lines.append(f"native kernels: {kernels['library']} ({kernels['isa']}, sources {kernels['sources']})")
-    lines += [f"method {name}: {paper}" + (f"; default T={info['default_timesteps'][name]}"
-                                            if name in info["default_timesteps"] else "; one pass, no T")
-              for name, paper in info["methods"].items()]
+    lines += [
+        f"method {name}: {paper}"
+        + (
+            f"; default T={info['default_timesteps'][name]}"
+            if name in info["default_timesteps"]
+            else "; one pass, no T"
+        )
+        for name, paper in info["methods"].items()
+    ]
     print("\n".join(lines))
     return 0
 
@@ -507,28 +629,51 @@ def cmd_tune(args) -> int:
     from spikec.tune import front, pick, plot, split, tune
 
     feeds = load_inputs(args.calib, args.model, what="calibration data")
-    points = tune(args.model, feeds, args.method, max_timesteps=args.max_timesteps, time_budget=args.time_budget,
-                  state=args.resume, progress=not args.quiet, batch_size=args.batch_size)
+    points = tune(
+        args.model,
+        feeds,
+        args.method,
+        max_timesteps=args.max_timesteps,
+        time_budget=args.time_budget,
+        state=args.resume,
+        progress=not args.quiet,
+        batch_size=args.batch_size,
+    )
     if not points:
         raise SpikecError("--time-budget: spent before the first setting was evaluated")
     best = front(points)
     knobs = [k for k in best[0] if k not in ("method", "t", "cosine", "energy", "energy_paper")]
     print("Pareto front (validation cosine up, energy estimate SNN/ANN down, T down):")
     rows = [["T", "cosine", "energy", "energy(paper)", *knobs]]
-    rows += [[str(p["t"]), f"{p['cosine']:.5f}", f"{p['energy']:.3f}", f"{p['energy_paper']:.3f}",
-              *(str(p[k]) for k in knobs)] for p in best]
+    rows += [
+        [
+            str(p["t"]),
+            f"{p['cosine']:.5f}",
+            f"{p['energy']:.3f}",
+            f"{p['energy_paper']:.3f}",
+            *(str(p[k]) for k in knobs),
+        ]
+        for p in best
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
     figure = args.plot or Path(args.output).with_name(Path(args.output).stem + ".front.png")
     try:
-        chosen = pick(points, args.min_cosine, max_energy=args.max_energy, max_timesteps=args.max_timesteps,
-                      minimize=args.minimize)
+        chosen = pick(
+            points,
+            args.min_cosine,
+            max_energy=args.max_energy,
+            max_timesteps=args.max_timesteps,
+            minimize=args.minimize,
+        )
     except SpikecError:
         print(f"plot: {plot(points, None, figure)}")  # the front shows why nothing meets the constraints
         raise
-    print(f"chosen: T={chosen['t']} cosine={chosen['cosine']:.5f} energy={chosen['energy']:.3f} "
-          + " ".join(f"{k}={chosen[k]}" for k in knobs))
+    print(
+        f"chosen: T={chosen['t']} cosine={chosen['cosine']:.5f} energy={chosen['energy']:.3f} "
+        + " ".join(f"{k}={chosen[k]}" for k in knobs)
+    )
     print(f"plot: {plot(points, chosen, figure)}")
     options = {k: chosen[k] for k in knobs}
     if methods.get(args.method).stepped:
@@ -556,31 +701,62 @@ def cmd_compare(args) -> int:
 
     feeds = load_inputs(args.calib, args.model, what="calibration data")
     names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    result = compare_methods(args.model, feeds, labels=_labels(args.labels, feeds),
-                             **({"names": names} if names else {}), timesteps=_per_method_steps(args.timesteps),
-                             batch_size=args.batch_size, progress=not args.quiet)
+    result = compare_methods(
+        args.model,
+        feeds,
+        labels=_labels(args.labels, feeds),
+        **({"names": names} if names else {}),
+        timesteps=_per_method_steps(args.timesteps),
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     rows = result["methods"]
     accuracy = any("accuracy" in r for r in rows)
-    header = ["method", "T", "cosine", "rel.max.err", *(["accuracy(ANN)"] if accuracy else []), "T@cos0.99",
-              "energy", "energy(paper)", "spikes/neuron/step", "time"]
+    header = [
+        "method",
+        "T",
+        "cosine",
+        "rel.max.err",
+        *(["accuracy(ANN)"] if accuracy else []),
+        "T@cos0.99",
+        "energy",
+        "energy(paper)",
+        "spikes/neuron/step",
+        "time",
+    ]
     table = [header]
     for r in rows:
         if "error" in r:
             table.append([r["method"], "-", f"fails: {r['error']}"])
             continue
-        table.append([r["method"], str(r["timesteps"] or "1 pass"), f"{r['cosine']:.5f}",
-                      f"{r['relative_max_error']:.3g}",
-                      *([f"{100 * r['accuracy']:.2f}%({100 * r['ann_accuracy']:.2f}%)" if "accuracy" in r else "-"]
-                        if accuracy else []),
-                      str(r["t_at_min_cosine"] or "-"), f"{r['energy_ratio']:.3g}", f"{r['energy_ratio_paper']:.3g}",
-                      f"{r['spikes_per_neuron_per_step']:.3g}", f"{r['time_ratio']:.3g}"])
-    widths = [max(len(line[i]) for line in table if i < len(line) and len(line) == len(header))
-              for i in range(len(header))]
-    print(f"{result['model']}: {result['fit_samples']} samples calibrate, {result['validation_samples']} validate; "
-          f"energy and time as SNN/ANN")
+        table.append(
+            [
+                r["method"],
+                str(r["timesteps"] or "1 pass"),
+                f"{r['cosine']:.5f}",
+                f"{r['relative_max_error']:.3g}",
+                *(
+                    [f"{100 * r['accuracy']:.2f}%({100 * r['ann_accuracy']:.2f}%)" if "accuracy" in r else "-"]
+                    if accuracy
+                    else []
+                ),
+                str(r["t_at_min_cosine"] or "-"),
+                f"{r['energy_ratio']:.3g}",
+                f"{r['energy_ratio_paper']:.3g}",
+                f"{r['spikes_per_neuron_per_step']:.3g}",
+                f"{r['time_ratio']:.3g}",
+            ]
+        )
+    widths = [
+        max(len(line[i]) for line in table if i < len(line) and len(line) == len(header)) for i in range(len(header))
+    ]
+    print(
+        f"{result['model']}: {result['fit_samples']} samples calibrate, {result['validation_samples']} validate; "
+        f"energy and time as SNN/ANN"
+    )
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False)).rstrip())
     pick = result["recommendation"]
@@ -594,12 +770,15 @@ def add_quantize_arguments(p: argparse.ArgumentParser, calib_help: str) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--calib", required=True, help=calib_help)
     p.add_argument("--levels", type=int, default=16, help="quantization levels L")
-    p.add_argument("--per-tensor", action="store_true",
-                   help="one scale per tensor, not one per channel of the last axis")
+    p.add_argument(
+        "--per-tensor", action="store_true", help="one scale per tensor, not one per channel of the last axis"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spikec", description="Convert Transformer ANNs (ONNX) into spiking neural networks.")
+    parser = argparse.ArgumentParser(
+        prog="spikec", description="Convert Transformer ANNs (ONNX) into spiking neural networks."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="versions, the native kernels and the methods of this installation")
@@ -614,27 +793,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_options(p)
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("tune", help="search a method's knobs: Pareto front of fidelity vs energy vs T, compile the pick")
+    p = sub.add_parser(
+        "tune", help="search a method's knobs: Pareto front of fidelity vs energy vs T, compile the pick"
+    )
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--calib", required=True, help=".npz keyed by input name; a quarter of it validates")
     p.add_argument("--method", default="ecmt", help="ecmt, spikezip, sta or ttfs")
     p.add_argument("--min-cosine", type=float, help="the validation cosine the pick must reach (else the knee)")
     p.add_argument("--max-energy", type=float, help="the largest energy estimate SNN/ANN the pick may have")
-    p.add_argument("--max-timesteps", type=int, default=8,
-                   help="the largest T searched and picked (one run gives every smaller T; STA: T and T/2)")
-    p.add_argument("--minimize", default="energy", choices=("energy", "timesteps"),
-                   help="what the pick spends least of among the settings reaching --min-cosine")
-    p.add_argument("--plot", metavar="PATH", help="the front's plot, a PNG (default: "
-                                                 "next to the output)")
-    p.add_argument("--time-budget", type=float, help="seconds; no new setting starts after it (at least one is evaluated)")
+    p.add_argument(
+        "--max-timesteps",
+        type=int,
+        default=8,
+        help="the largest T searched and picked (one run gives every smaller T; STA: T and T/2)",
+    )
+    p.add_argument(
+        "--minimize",
+        default="energy",
+        choices=("energy", "timesteps"),
+        help="what the pick spends least of among the settings reaching --min-cosine",
+    )
+    p.add_argument("--plot", metavar="PATH", help="the front's plot, a PNG (default: next to the output)")
+    p.add_argument(
+        "--time-budget", type=float, help="seconds; no new setting starts after it (at least one is evaluated)"
+    )
     p.add_argument("--resume", metavar="STATE.json", help="keep evaluated settings here and continue from them")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("compare", help="every method on the same model and data: fidelity, energy, spikes, "
-                                       "simulation time; which method to use")
+    p = sub.add_parser(
+        "compare",
+        help="every method on the same model and data: fidelity, energy, spikes, simulation time; which method to use",
+    )
     p.add_argument("model")
     p.add_argument("--calib", required=True, help=".npz keyed by input name; a quarter of it validates")
     p.add_argument("--labels", help=".npz with a 'labels' array (one per calibration sample) for accuracy")
@@ -650,8 +842,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", required=True)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--timesteps", "-T", type=int, default=None, help="steps for a stateful model")
-    p.add_argument("--until-quiet", action="store_true",
-                   help="stateful spikezip model: stop once no neuron fires (dynamic T, capped by --timesteps)")
+    p.add_argument(
+        "--until-quiet",
+        action="store_true",
+        help="stateful spikezip model: stop once no neuron fires (dynamic T, capped by --timesteps)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
@@ -663,8 +858,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("finetune", help="quantize, then fine-tune the QANN (LSQ, distilled from the float model; "
-                                        "needs torch)")
+    p = sub.add_parser(
+        "finetune", help="quantize, then fine-tune the QANN (LSQ, distilled from the float model; needs torch)"
+    )
     add_quantize_arguments(p, calib_help=".npz keyed by input name, first axis = samples (no labels)")
     p.add_argument("--steps", type=int, default=1000, help="training steps at most")
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
@@ -679,7 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
     ugo_commands = p.add_subparsers(dest="ugo_command", required=True)
     p = ugo_commands.add_parser("train", help="refit the operators, save their weights, print the fit errors")
     p.add_argument("--only", metavar="NAME", help="one operator: exp, gelu, inverse or rsqrt")
-    p.add_argument("--hidden", type=int, metavar="N", help="hidden size (default: the paper's and the reference code's)")
+    p.add_argument(
+        "--hidden", type=int, metavar="N", help="hidden size (default: the paper's and the reference code's)"
+    )
     p.add_argument("--paper", action="store_true", help="also run the paper's training recipe (torch) to compare")
     p.add_argument("--output-dir", metavar="DIR", help="where to write the weights (default: spikec's package data)")
     p.add_argument("--quiet", action="store_true")
@@ -692,21 +890,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", metavar="FILE", help="one sample per non-empty line, tokenized by --tokenizer")
-    source.add_argument("--images", metavar="DIR", help="one sample per image file under DIR (recursive, sorted), "
-                                                        "as --resize, --scale, --mean and --std say")
-    source.add_argument("--python", metavar="MODULE:FUNCTION",
-                        help="a function (module or file.py) returning {input name: array, samples first}")
+    source.add_argument(
+        "--images",
+        metavar="DIR",
+        help="one sample per image file under DIR (recursive, sorted), as --resize, --scale, --mean and --std say",
+    )
+    source.add_argument(
+        "--python",
+        metavar="MODULE:FUNCTION",
+        help="a function (module or file.py) returning {input name: array, samples first}",
+    )
     p.add_argument("--tokenizer", metavar="DIR", help="a saved Hugging Face tokenizer (offline)")
-    p.add_argument("--max-length", type=int, help="pad and truncate to this many tokens (default: the model's "
-                                                  "static sequence length)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="pad and truncate to this many tokens (default: the model's static sequence length)",
+    )
     p.add_argument("--resize", metavar="HxW", help="image size (default: the model's static size)")
-    p.add_argument("--resample", default="bilinear", help="resize filter: nearest, box, bilinear (default), "
-                                                          "bicubic or lanczos")
+    p.add_argument(
+        "--resample", default="bilinear", help="resize filter: nearest, box, bilinear (default), bicubic or lanczos"
+    )
     p.add_argument("--scale", type=float, default=1 / 255, help="pixel values times this (default 1/255: 0..1)")
-    p.add_argument("--mean", default="0", metavar="M[,M,M]", help="subtracted after --scale, one value or one "
-                                                                  "per channel (default 0)")
-    p.add_argument("--std", default="1", metavar="S[,S,S]", help="divides after --mean, one value or one per "
-                                                                 "channel (default 1)")
+    p.add_argument(
+        "--mean",
+        default="0",
+        metavar="M[,M,M]",
+        help="subtracted after --scale, one value or one per channel (default 0)",
+    )
+    p.add_argument(
+        "--std", default="1", metavar="S[,S,S]", help="divides after --mean, one value or one per channel (default 1)"
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calib_make)
 
@@ -728,8 +941,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML report: fidelity vs T, per-layer error, firing rates, energy")
     p.add_argument("ann", help="the ANN the SNN was compiled from (spikezip: its quantized ANN, or see --qann)")
     p.add_argument("snn", help="a spikec model of the ANN (stepped methods: time-unrolled)")
-    p.add_argument("--qann", help="spikezip: the quantized ANN the SNN is equivalent to (compile --save-qann); "
-                                  "the SNN is then measured against it and against ANN, the float model")
+    p.add_argument(
+        "--qann",
+        help="spikezip: the quantized ANN the SNN is equivalent to (compile --save-qann); "
+        "the SNN is then measured against it and against ANN, the float model",
+    )
     p.add_argument("--inputs", required=True)
     p.add_argument("--labels", help=".npz with a 'labels' array for accuracy")
     p.add_argument("-o", "--output", required=True, help="directory for index.html, the PNG plots and report.json")
@@ -770,16 +986,20 @@ def main(argv: list[str] | None = None) -> int:
     # onnxruntime logs an error before raising it: the one-line error this tool prints says it already.
     onnxruntime.set_default_logger_severity(4)
     # Signals the caller ignores (nohup, background jobs) stay ignored.
-    handlers = {number: signal.signal(number, _interrupt) for number in TERMINATING_SIGNALS
-                if signal.getsignal(number) not in (signal.SIG_IGN, None)
-                and threading.current_thread() is threading.main_thread()}
+    handlers = {
+        number: signal.signal(number, _interrupt)
+        for number in TERMINATING_SIGNALS
+        if signal.getsignal(number) not in (signal.SIG_IGN, None)
+        and threading.current_thread() is threading.main_thread()
+    }
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             # numpy's floating-point warnings: spikec.verify refuses a model whose values overflowed, naming
             # the tensor; the warning itself names a line of spikec, which helps no user.
-            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero|underflow) encountered",
-                                    RuntimeWarning)
+            warnings.filterwarnings(
+                "ignore", r"(overflow|invalid value|divide by zero|underflow) encountered", RuntimeWarning
+            )
             status = args.func(args)
             sys.stdout.flush()  # a closed pipe must show up here, not in the interpreter's exit flush
         return status

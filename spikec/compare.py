@@ -6,6 +6,7 @@ fidelity against the float ANN at every T, the one energy model, spikes per neur
 time is measured here, the ANN's and every SNN's over the same validation samples in this process, so
 their ratios compare like with like.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,12 +63,18 @@ def points(report: dict) -> list[dict]:
     reference = "float ANN" if "float ANN" in report["fidelity"] else next(iter(report["fidelity"]))
     outputs = report["fidelity"][reference]["outputs"].values()
     energy = {e["t"]: e for e in report.get("energy_per_t") or []}
-    energy.setdefault(report["timesteps"], {"ratio": report["energy"]["ratio"],
-                                            "ratio_paper_convention": report["energy"]["ratio_paper_convention"]})
+    energy.setdefault(
+        report["timesteps"],
+        {"ratio": report["energy"]["ratio"], "ratio_paper_convention": report["energy"]["ratio_paper_convention"]},
+    )
     rows = []
     for t, e in sorted(energy.items()):
-        row = {"t": t, "cosine": min(o["per_t"][t - 1]["cosine"] for o in outputs), "energy": e["ratio"],
-               "energy_paper": e["ratio_paper_convention"]}
+        row = {
+            "t": t,
+            "cosine": min(o["per_t"][t - 1]["cosine"] for o in outputs),
+            "energy": e["ratio"],
+            "energy_paper": e["ratio_paper_convention"],
+        }
         accuracies = [o["per_t"][t - 1]["accuracy"] for o in outputs if "accuracy" in o["per_t"][t - 1]]
         if accuracies:
             row["accuracy"] = min(accuracies)
@@ -75,8 +82,9 @@ def points(report: dict) -> list[dict]:
     return rows
 
 
-def _row(method: str, report: dict, labels: np.ndarray | None, snn_seconds: float, ann_seconds: float,
-         compile_seconds: float) -> dict:
+def _row(
+    method: str, report: dict, labels: np.ndarray | None, snn_seconds: float, ann_seconds: float, compile_seconds: float
+) -> dict:
     reference = "float ANN" if "float ANN" in report["fidelity"] else "ANN"
     outputs = report["fidelity"][reference]["outputs"]
     # the worst output decides, as in tune: a model is as faithful as its least faithful output
@@ -85,13 +93,21 @@ def _row(method: str, report: dict, labels: np.ndarray | None, snn_seconds: floa
     sites = report["sites"]
     neuron_steps = sum(s["neurons"] for s in sites) * report["timesteps"]
     row = {
-        "method": method, "output": name, "timesteps": report["timesteps"] if report["stepped"] else None,
-        "cosine": per_t[-1]["cosine"], "relative_max_error": per_t[-1]["relative_max_error"],
+        "method": method,
+        "output": name,
+        "timesteps": report["timesteps"] if report["stepped"] else None,
+        "cosine": per_t[-1]["cosine"],
+        "relative_max_error": per_t[-1]["relative_max_error"],
         "t_at_min_cosine": _first_t(per_t, "cosine", RECOMMEND_MIN_COSINE) if report["stepped"] else None,
-        "energy_ratio": report["energy"]["ratio"], "energy_ratio_paper": report["energy"]["ratio_paper_convention"],
-        "spikes_per_neuron_per_step": sum(s["spikes_per_sample"] for s in sites) / neuron_steps if neuron_steps else 0.0,
-        "seconds_per_sample": snn_seconds, "time_ratio": snn_seconds / ann_seconds,
-        "compile_seconds": compile_seconds, "per_t": per_t,
+        "energy_ratio": report["energy"]["ratio"],
+        "energy_ratio_paper": report["energy"]["ratio_paper_convention"],
+        "spikes_per_neuron_per_step": sum(s["spikes_per_sample"] for s in sites) / neuron_steps
+        if neuron_steps
+        else 0.0,
+        "seconds_per_sample": snn_seconds,
+        "time_ratio": snn_seconds / ann_seconds,
+        "compile_seconds": compile_seconds,
+        "per_t": per_t,
         # energy vs T where the per-step spike counts give it (STA's thresholds depend on T: its T only)
         "energy_per_t": [{"t": p["t"], "energy": p["energy"]} for p in points(report)],
     }
@@ -102,9 +118,17 @@ def _row(method: str, report: dict, labels: np.ndarray | None, snn_seconds: floa
     return row
 
 
-def measure(ann: str | os.PathLike, fit: Mapping[str, np.ndarray], validation: Mapping[str, np.ndarray], method: str,
-            directory: str | os.PathLike, *, labels: np.ndarray | None = None, batch_size: int = 32,
-            **options) -> tuple[Path, dict]:
+def measure(
+    ann: str | os.PathLike,
+    fit: Mapping[str, np.ndarray],
+    validation: Mapping[str, np.ndarray],
+    method: str,
+    directory: str | os.PathLike,
+    *,
+    labels: np.ndarray | None = None,
+    batch_size: int = 32,
+    **options,
+) -> tuple[Path, dict]:
     """Compile ``ann`` with ``method`` and ``options`` from ``fit`` into ``directory`` and measure it on
     ``validation`` by the report's one pass, with the energy of every T its spike counts give (compare and
     tune both measure this way). A conversion error raises SpikecError before anything is measured.
@@ -117,15 +141,29 @@ def measure(ann: str | os.PathLike, fit: Mapping[str, np.ndarray], validation: M
         options["save_qann"] = qann
     compile_model(ann, fit, snn, method=method, verify=False, progress=False, batch_size=batch_size, **options)
     start = time.perf_counter()
-    report = build_report(ann, snn, validation, labels=labels, qann=qann if method == "spikezip" else None,
-                          batch_size=batch_size, energy_per_t=True)
+    report = build_report(
+        ann,
+        snn,
+        validation,
+        labels=labels,
+        qann=qann if method == "spikezip" else None,
+        batch_size=batch_size,
+        energy_per_t=True,
+    )
     report["seconds"] = time.perf_counter() - start
     return snn, report
 
 
-def compare_methods(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, labels: np.ndarray | None = None,
-                    names: Sequence[str] = tuple(methods.METHODS), timesteps: Mapping[str, int] | None = None,
-                    batch_size: int = 32, progress: bool = True) -> dict:
+def compare_methods(
+    ann: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    labels: np.ndarray | None = None,
+    names: Sequence[str] = tuple(methods.METHODS),
+    timesteps: Mapping[str, int] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict:
     """Compile ``ann`` with each method of ``names`` on the fit part of ``feeds`` and measure it on the
     validation part. A method that cannot convert the model gets a row with its one-line error."""
 
@@ -148,16 +186,31 @@ def compare_methods(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], *, 
             extra: dict[str, object] = {"timesteps": timesteps[name]} if name in timesteps else {}
             start = time.perf_counter()
             try:
-                snn, report = measure(ann, fit, validation, name, tmp, labels=valid_labels, batch_size=batch_size,
-                                      **extra)
+                snn, report = measure(
+                    ann, fit, validation, name, tmp, labels=valid_labels, batch_size=batch_size, **extra
+                )
             except SpikecError as exc:
                 rows.append({"method": name, "error": str(exc)})
                 continue
             compile_seconds = time.perf_counter() - start
-            rows.append(_row(name, report, valid_labels, _seconds_per_sample(snn, validation, batch_size),
-                             ann_seconds, compile_seconds - report["seconds"]))
-    return {"model": os.fspath(ann), "fit_samples": int((~valid).sum()), "validation_samples": int(valid.sum()),
-            "ann_seconds_per_sample": ann_seconds, "methods": rows, "recommendation": recommend(rows)}
+            rows.append(
+                _row(
+                    name,
+                    report,
+                    valid_labels,
+                    _seconds_per_sample(snn, validation, batch_size),
+                    ann_seconds,
+                    compile_seconds - report["seconds"],
+                )
+            )
+    return {
+        "model": os.fspath(ann),
+        "fit_samples": int((~valid).sum()),
+        "validation_samples": int(valid.sum()),
+        "ann_seconds_per_sample": ann_seconds,
+        "methods": rows,
+        "recommendation": recommend(rows),
+    }
 
 
 def recommend(rows: Sequence[dict]) -> dict:
@@ -175,10 +228,16 @@ def recommend(rows: Sequence[dict]) -> dict:
 
     good = [r for r in measured if faithful(r)]
     if good:
-        best = min(good, key=lambda r: (r["energy_ratio"] if r["energy_ratio"] is not None else float("inf"),
-                                        r["timesteps"] or 1))
-        return {"method": best["method"], "reason": "the lowest estimated energy of the methods that reach the "
-                                                    "fidelity bound"}
+        best = min(
+            good,
+            key=lambda r: (r["energy_ratio"] if r["energy_ratio"] is not None else float("inf"), r["timesteps"] or 1),
+        )
+        return {
+            "method": best["method"],
+            "reason": "the lowest estimated energy of the methods that reach the fidelity bound",
+        }
     best = max(measured, key=lambda r: r.get("accuracy", r["cosine"]))
-    return {"method": best["method"], "reason": "no method reaches the fidelity bound: the most faithful one "
-                                                "(raise its T, or tune it)"}
+    return {
+        "method": best["method"],
+        "reason": "no method reaches the fidelity bound: the most faithful one (raise its T, or tune it)",
+    }

@@ -1,4 +1,5 @@
 """The compile pipeline: import -> canonicalize -> calibrate -> rewrite -> emit -> save."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,38 +37,68 @@ MODES = ("unrolled", "stateful")
 @dataclass(frozen=True)
 class CompileOptions(Options):
     """What every method shares; each method adds its own Options (spikec/methods/)."""
+
     method: str = option("ecmt", "the conversion method", flag="--method")
     # None: the method's own default_timesteps (ECMT's few steps would leave STA or SpikeZIP-TF far from
     # their ANN)
-    timesteps: int | None = option(None, "T: time steps of the unrolled model, the default T of a stateful one "
-                                         "(default: the method's, see spikec info)",
-                                   bounds=(1, MAX_TIMESTEPS), flag=("--timesteps", "-T"))
-    mode: str = option("unrolled", "unrolled: T steps folded into the batch, one run; stateful: one run per "
-                                   "step, neuron states carried between runs", flag="--mode")
-    allow_float: tuple[str, ...] = option((), "comma-separated op types or node names to keep in floating point",
-                                          flag="--allow-float", metavar="OPS")
-    batch_size: int = option(32, "samples per calibration run (and per run of the memory estimate)",
-                             bounds=(1, 2**31), flag="--batch-size")
+    timesteps: int | None = option(
+        None,
+        "T: time steps of the unrolled model, the default T of a stateful one (default: the method's, see spikec info)",
+        bounds=(1, MAX_TIMESTEPS),
+        flag=("--timesteps", "-T"),
+    )
+    mode: str = option(
+        "unrolled",
+        "unrolled: T steps folded into the batch, one run; stateful: one run per "
+        "step, neuron states carried between runs",
+        flag="--mode",
+    )
+    allow_float: tuple[str, ...] = option(
+        (), "comma-separated op types or node names to keep in floating point", flag="--allow-float", metavar="OPS"
+    )
+    batch_size: int = option(
+        32, "samples per calibration run (and per run of the memory estimate)", bounds=(1, 2**31), flag="--batch-size"
+    )
     # None = 80 % of physical RAM; see spikec/memory.py
-    memory_budget: int | str | None = option(None, "refuse an unrolled model whose estimated run memory (a batch "
-                                                   "of --batch-size) exceeds this (e.g. 8G; default 80%% of RAM)",
-                                             flag="--memory-budget", metavar="BYTES")
+    memory_budget: int | str | None = option(
+        None,
+        "refuse an unrolled model whose estimated run memory (a batch "
+        "of --batch-size) exceeds this (e.g. 8G; default 80%% of RAM)",
+        flag="--memory-budget",
+        metavar="BYTES",
+    )
     progress: bool = option(True, "progress bars on stderr", flag="--quiet")
     calibration_checkpoint: str | os.PathLike | None = option(
-        None, "save the calibration statistics here as they are gathered (.npz); a compile of the same model, "
-              "data and settings resumes from them", flag="--calib-checkpoint", metavar="PATH",
-        output="the calibration checkpoint")
-    calibration_workers: int = option(1, "calibrate in this many processes (each holds its own copy of the weights)",
-                                      bounds=(1, 256), flag="--calib-workers", metavar="N")
-    verify: bool = option(True, "hold out some calibration samples and run the SNN on them before writing: "
-                                "refuse one that fails or answers inf/NaN, warn below the method's fidelity "
-                                "bound, record the fidelity in the model", flag="--no-verify")
+        None,
+        "save the calibration statistics here as they are gathered (.npz); a compile of the same model, "
+        "data and settings resumes from them",
+        flag="--calib-checkpoint",
+        metavar="PATH",
+        output="the calibration checkpoint",
+    )
+    calibration_workers: int = option(
+        1,
+        "calibrate in this many processes (each holds its own copy of the weights)",
+        bounds=(1, 256),
+        flag="--calib-workers",
+        metavar="N",
+    )
+    verify: bool = option(
+        True,
+        "hold out some calibration samples and run the SNN on them before writing: "
+        "refuse one that fails or answers inf/NaN, warn below the method's fidelity "
+        "bound, record the fidelity in the model",
+        flag="--no-verify",
+    )
 
     def check(self) -> None:
         method = methods.get(self.method)
         if self.mode not in method.modes:
-            detail = ("a ttfs model runs all layers in one pass; it has no stateful form" if not method.stepped
-                      else f"choose one of {', '.join(method.modes)}")
+            detail = (
+                "a ttfs model runs all layers in one pass; it has no stateful form"
+                if not method.stepped
+                else f"choose one of {', '.join(method.modes)}"
+            )
             raise SpikecError(f"argument mode={self.mode!r}: {detail}")
         parse_budget(self.memory_budget)
 
@@ -76,10 +107,12 @@ def _quiet_graphsurgeon(function):
     """graphsurgeon prints warnings to stdout (types it cannot map, subgraphs it cannot fold) and goes on:
     not the user's to act on, and the CLI's stdout carries results only. What is really wrong with a
     model is reported as one SpikecError line."""
+
     @functools.wraps(function)
     def quiet(*args, **kwargs):
         with G_LOGGER.suppress(G_LOGGER.CRITICAL):
             return function(*args, **kwargs)
+
     return quiet
 
 
@@ -92,11 +125,16 @@ def split_options(options: Mapping[str, Any]) -> tuple[CompileOptions, Options]:
     own = {f.name for f in method.Options.declared()}
     unknown = sorted(set(options) - common_names - own)
     if unknown:
-        others = [name for name, m in methods.METHODS.items() if name != method.name
-                  and set(unknown) <= {f.name for f in m.Options.declared()}]
+        others = [
+            name
+            for name, m in methods.METHODS.items()
+            if name != method.name and set(unknown) <= {f.name for f in m.Options.declared()}
+        ]
         hint = f" (an option of method {others[0]})" if others else ""
-        raise SpikecError(f"unknown compile option(s) for method {method.name}: {', '.join(unknown)}{hint}; its "
-                          f"options: {', '.join(sorted(own)) or 'none'}")
+        raise SpikecError(
+            f"unknown compile option(s) for method {method.name}: {', '.join(unknown)}{hint}; its "
+            f"options: {', '.join(sorted(own)) or 'none'}"
+        )
     try:
         return common, method.Options(**{k: v for k, v in options.items() if k in own})
     except SpikecError as exc:
@@ -105,11 +143,14 @@ def split_options(options: Mapping[str, Any]) -> tuple[CompileOptions, Options]:
 
 @_quiet_graphsurgeon
 @naming_sources
-def compile(model: str | os.PathLike | onnx.ModelProto,
-            calibration: str | os.PathLike | Mapping[str, np.ndarray],
-            output: str | os.PathLike | None = None,
-            *, input_shapes: Mapping[str, Sequence[int | str]] | None = None,
-            **options) -> onnx.ModelProto:
+def compile(
+    model: str | os.PathLike | onnx.ModelProto,
+    calibration: str | os.PathLike | Mapping[str, np.ndarray],
+    output: str | os.PathLike | None = None,
+    *,
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    **options,
+) -> onnx.ModelProto:
     """Convert an ANN ONNX model into a spiking model. ``options`` are the fields of CompileOptions and of
     the chosen method's Options (spikec/methods/).
 
@@ -118,37 +159,70 @@ def compile(model: str | os.PathLike | onnx.ModelProto,
     common, method_options = split_options(options)
     method = methods.get(common.method)
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
-    outputs = [("output", output), *((extra.label, extra.path)
-                                     for extra in [*outputs_of(common), *outputs_of(method_options)])]
+    outputs = [
+        ("output", output),
+        *((extra.label, extra.path) for extra in [*outputs_of(common), *outputs_of(method_options)]),
+    ]
     modelio.check_outputs(outputs, reads)  # before the work, not after it
 
     with weights.source(_directory(model)):
         return _compile(model, calibration, output, input_shapes, common, method, method_options, reads)
 
 
-def _compile(model, calibration, output, input_shapes, common: CompileOptions, method, method_options: Options,
-             reads: list[modelio.Read]) -> onnx.ModelProto:
+def _compile(
+    model,
+    calibration,
+    output,
+    input_shapes,
+    common: CompileOptions,
+    method,
+    method_options: Options,
+    reads: list[modelio.Read],
+) -> onnx.ModelProto:
     ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name, map_weights=True))
     _check_allow_float(common.allow_float, ann)
     feeds, held_out = load_inputs(calibration, ann), None
     if common.verify:
         feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
     steps = common.timesteps if common.timesteps is not None else method.default_timesteps
-    job = Job(ann, feeds, steps, common.mode, common.batch_size, common.progress,
-              frozenset(common.allow_float), method_options,
-              held_out=held_out[0] if held_out is not None and held_out[1] else None)
+    job = Job(
+        ann,
+        feeds,
+        steps,
+        common.mode,
+        common.batch_size,
+        common.progress,
+        frozenset(common.allow_float),
+        method_options,
+        held_out=held_out[0] if held_out is not None and held_out[1] else None,
+    )
     method.prepare(job)
     plan = method.calibration(job)
     if method.stepped:
         layouts = check_time_folding(job.ann, job.feeds, common.mode)
         # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
-        check_budget(estimate_memory(job.ann, job.feeds, batch=common.batch_size, neuron_sites=plan.neuron_sites,
-                                     hidden=plan.hidden),
-                     mode=common.mode, timesteps=steps, budget=parse_budget(common.memory_budget))
-    stats = collect_statistics(plan.model or job.ann, job.feeds, plan.taps, batch_size=common.batch_size,
-                               max_values=plan.max_values, progress=common.progress,
-                               checkpoint=common.calibration_checkpoint,
-                               workers=common.calibration_workers) if plan.taps else {}
+        check_budget(
+            estimate_memory(
+                job.ann, job.feeds, batch=common.batch_size, neuron_sites=plan.neuron_sites, hidden=plan.hidden
+            ),
+            mode=common.mode,
+            timesteps=steps,
+            budget=parse_budget(common.memory_budget),
+        )
+    stats = (
+        collect_statistics(
+            plan.model or job.ann,
+            job.feeds,
+            plan.taps,
+            batch_size=common.batch_size,
+            max_values=plan.max_values,
+            progress=common.progress,
+            checkpoint=common.calibration_checkpoint,
+            workers=common.calibration_workers,
+        )
+        if plan.taps
+        else {}
+    )
     job.report.update(method.rewrite(job, stats))
     del stats, plan
     job.report.regions = describe(job.regions)
@@ -161,8 +235,15 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
             emit.emit_unrolled(job.graph, timesteps, method.semantics, layouts)
         else:
             emit.emit_stateful(job.graph, method.semantics, layouts)
-    record = SpikecMetadata(method.name, mode, method.semantics, timesteps, method_options.to_json(),
-                            tuple(sorted(common.allow_float)), job.report)
+    record = SpikecMetadata(
+        method.name,
+        mode,
+        method.semantics,
+        timesteps,
+        method_options.to_json(),
+        tuple(sorted(common.allow_float)),
+        job.report,
+    )
     graph, reference, report = job.graph, job.ann, job.report
     extras = [(extra.label, extra.path, job.extra_outputs[extra.option]) for extra in outputs_of(method_options)]
     del job  # its regions hold the ANN's replaced weights, mapped: released before the SNN is verified
@@ -179,8 +260,12 @@ def _compile(model, calibration, output, input_shapes, common: CompileOptions, m
         if staged is not None:
             staged.save_references(snn)
         if held_out is not None:
-            report.verification = verify(snn if staged is None else staged.path, label, ann, HeldOut(
-                held_out[0], reference, method.reference, common.batch_size, held_out=held_out[1]))
+            report.verification = verify(
+                snn if staged is None else staged.path,
+                label,
+                ann,
+                HeldOut(held_out[0], reference, method.reference, common.batch_size, held_out=held_out[1]),
+            )
             _warn_below_bound(method, report.verification)
             record.write(snn)
             if staged is not None:
@@ -195,8 +280,9 @@ def _directory(model: str | os.PathLike | onnx.ModelProto) -> Path | None:
     return Path(model).parent if isinstance(model, (str, os.PathLike)) else None
 
 
-def split_held_out(feeds: Mapping[str, np.ndarray], batch: int | None = None
-                   ) -> tuple[dict[str, np.ndarray], tuple[dict, bool]]:
+def split_held_out(
+    feeds: Mapping[str, np.ndarray], batch: int | None = None
+) -> tuple[dict[str, np.ndarray], tuple[dict, bool]]:
     """(calibration samples, (held-out samples, whether they are held out)): one in eight samples, at most
     32 and spread over the data, is kept from calibration to verify the SNN on; for a model with a static
     ``batch``, as many more as keep the calibration samples a multiple of it. Where none can be spared
@@ -209,8 +295,10 @@ def split_held_out(feeds: Mapping[str, np.ndarray], batch: int | None = None
         return dict(feeds), (dict(feeds), False)
     chosen = np.unique(np.linspace(0, count - 1, held).round().astype(np.int64))
     kept = np.setdiff1d(np.arange(count), chosen)
-    return ({name: value[kept] for name, value in feeds.items()},
-            ({name: value[chosen] for name, value in feeds.items()}, True))
+    return (
+        {name: value[kept] for name, value in feeds.items()},
+        ({name: value[chosen] for name, value in feeds.items()}, True),
+    )
 
 
 def _warn_below_bound(method, verification: dict) -> None:
@@ -219,11 +307,15 @@ def _warn_below_bound(method, verification: dict) -> None:
     for name, measured in verification["outputs"].items():
         value = measured[method.bound.measure]
         if not method.bound.met(value):
-            warnings.warn(f"output '{name}' on {verification['samples']} held-out calibration samples: "
-                          f"{method.bound.measure.replace('_', ' ')} {value:.4g} against the {verification['reference']}"
-                          + (f" at T={verification['timesteps']}" if verification["timesteps"] else "")
-                          + f", short of {method.name}'s bound ({method.bound}): "
-                          f"{method.advice}", FidelityWarning, stacklevel=5)  # the caller of compile
+            warnings.warn(
+                f"output '{name}' on {verification['samples']} held-out calibration samples: "
+                f"{method.bound.measure.replace('_', ' ')} {value:.4g} against the {verification['reference']}"
+                + (f" at T={verification['timesteps']}" if verification["timesteps"] else "")
+                + f", short of {method.name}'s bound ({method.bound}): "
+                f"{method.advice}",
+                FidelityWarning,
+                stacklevel=5,
+            )  # the caller of compile
 
 
 class FidelityWarning(UserWarning):
@@ -234,16 +326,20 @@ def _label(source, method: str) -> str:
     return f"{os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<in-memory model>'} ({method})"
 
 
-def _write(source, method: str, ann: onnx.ModelProto, reads: list[modelio.Read],
-           models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | modelio.Staged | None]],
-           verified: int = 0) -> onnx.ModelProto:
+def _write(
+    source,
+    method: str,
+    ann: onnx.ModelProto,
+    reads: list[modelio.Read],
+    models: list[tuple[str, str | os.PathLike | None, onnx.ModelProto | modelio.Staged | None]],
+    verified: int = 0,
+) -> onnx.ModelProto:
     """Verify every model made (spikec.verify) but the first ``verified``, then write those given a path,
     all or none; returns the first (the SNN) as `_returned` says."""
     for _, _, made in models[verified:]:
         if made is not None:
             verify(made.path if isinstance(made, modelio.Staged) else made, _label(source, method), ann)
-    modelio.write([(what, path, made) for what, path, made in models if path is not None and made is not None],
-                  reads)
+    modelio.write([(what, path, made) for what, path, made in models if path is not None and made is not None], reads)
     path, snn = models[0][1:]
     assert snn is not None, "the first model is the one the command makes"
     return _returned(path, snn)
@@ -267,16 +363,24 @@ def _check_allow_float(names: Sequence[str], ann: onnx.ModelProto) -> None:
     known = {n.op_type for n in ann.graph.node} | {n.name for n in ann.graph.node}
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise SpikecError(f"argument allow_float: {', '.join(map(repr, unknown))} is neither an op type nor a "
-                          f"node name of the model (see `spikec inspect`)")
+        raise SpikecError(
+            f"argument allow_float: {', '.join(map(repr, unknown))} is neither an op type nor a "
+            f"node name of the model (see `spikec inspect`)"
+        )
 
 
 @naming_sources
-def quantize(model: str | os.PathLike | onnx.ModelProto,
-             calibration: str | os.PathLike | Mapping[str, np.ndarray],
-             output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS,
-             input_shapes: Mapping[str, Sequence[int | str]] | None = None, batch_size: int = 32,
-             progress: bool = True, per_tensor: bool = False) -> onnx.ModelProto:
+def quantize(
+    model: str | os.PathLike | onnx.ModelProto,
+    calibration: str | os.PathLike | Mapping[str, np.ndarray],
+    output: str | os.PathLike | None = None,
+    *,
+    levels: int = DEFAULT_LEVELS,
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    per_tensor: bool = False,
+) -> onnx.ModelProto:
     """The quantized ANN (QANN) that ``compile(method="spikezip", levels=levels)`` converts: an ONNX model
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
     common = CompileOptions(method="spikezip", batch_size=batch_size, progress=progress)
@@ -285,18 +389,33 @@ def quantize(model: str | os.PathLike | onnx.ModelProto,
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
-        qann, _ = quantize_model(ann, load_inputs(calibration, ann), levels, batch_size=common.batch_size,
-                                 progress=common.progress, per_tensor=options.per_tensor)
+        qann, _ = quantize_model(
+            ann,
+            load_inputs(calibration, ann),
+            levels,
+            batch_size=common.batch_size,
+            progress=common.progress,
+            per_tensor=options.per_tensor,
+        )
         return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 
-def finetune(model: str | os.PathLike | onnx.ModelProto,
-             calibration: str | os.PathLike | Mapping[str, np.ndarray],
-             output: str | os.PathLike | None = None, *, levels: int = DEFAULT_LEVELS,
-             input_shapes: Mapping[str, Sequence[int | str]] | None = None, batch_size: int = 16,
-             progress: bool = True, per_tensor: bool = False, steps: int = 1000, time_budget: float | None = None,
-             lr: float = 2e-5, scale_lr: float = 1e-3, checkpoint: str | os.PathLike | None = None,
-             ) -> tuple[onnx.ModelProto, dict]:
+def finetune(
+    model: str | os.PathLike | onnx.ModelProto,
+    calibration: str | os.PathLike | Mapping[str, np.ndarray],
+    output: str | os.PathLike | None = None,
+    *,
+    levels: int = DEFAULT_LEVELS,
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    per_tensor: bool = False,
+    steps: int = 1000,
+    time_budget: float | None = None,
+    lr: float = 2e-5,
+    scale_lr: float = 1e-3,
+    checkpoint: str | os.PathLike | None = None,
+) -> tuple[onnx.ModelProto, dict]:
     """The QANN of ``quantize``, then fine-tuned (spikec.finetune: LSQ steps distilling the float model's outputs
     on the calibration data) for ``steps`` steps or ``time_budget`` seconds; returns it and the losses."""
     import importlib.util
@@ -314,16 +433,30 @@ def finetune(model: str | os.PathLike | onnx.ModelProto,
         names = [o.name for o in ann.graph.output]
         batches = list(run_batches(ann, feeds, names, batch_size=batch_size, progress=False))
         targets = [np.concatenate([b[name] for b in batches]) for name in names]
-        tuned, summary = ft.finetune(qann, feeds, targets, steps=steps, time_budget=time_budget,
-                                     batch_size=batch_size, lr=lr, scale_lr=scale_lr, checkpoint=checkpoint,
-                                     progress=progress)
+        tuned, summary = ft.finetune(
+            qann,
+            feeds,
+            targets,
+            steps=steps,
+            time_budget=time_budget,
+            batch_size=batch_size,
+            lr=lr,
+            scale_lr=scale_lr,
+            checkpoint=checkpoint,
+            progress=progress,
+        )
         return _write(model, "finetune", ann, reads, [("output", output, tuned)]), summary
 
 
 def static_batch(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int | None:
     """The batch size the model's inputs fix at axis 0, where they agree on one."""
-    static = {d[0].dim_value for vi in ann.graph.input if vi.name in feeds
-              for d in [vi.type.tensor_type.shape.dim] if len(d) and d[0].WhichOneof("value") == "dim_value"}
+    static = {
+        d[0].dim_value
+        for vi in ann.graph.input
+        if vi.name in feeds
+        for d in [vi.type.tensor_type.shape.dim]
+        if len(d) and d[0].WhichOneof("value") == "dim_value"
+    }
     return static.pop() if len(static) == 1 else None
 
 
@@ -343,13 +476,23 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
     batch = static or 1
     samples = min(len(v) for v in feeds.values())
     group_a = {name: array[:batch] for name, array in feeds.items()}
-    group_b = {name: array[batch:2 * batch] for name, array in feeds.items()} if samples >= 2 * batch else group_a
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                   onnx.TensorProto.BFLOAT16}
+    group_b = {name: array[batch : 2 * batch] for name, array in feeds.items()} if samples >= 2 * batch else group_a
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     typed = {vi.name: vi.type.tensor_type.elem_type for vi in [*ann.graph.value_info, *ann.graph.output]}
     outputs = [o.name for o in ann.graph.output]
-    names = list(dict.fromkeys([*outputs, *(t for node in ann.graph.node for t in node.output
-                                            if t and typed.get(t, onnx.TensorProto.FLOAT) in float_types)]))
+    names = list(
+        dict.fromkeys(
+            [
+                *outputs,
+                *(
+                    t
+                    for node in ann.graph.node
+                    for t in node.output
+                    if t and typed.get(t, onnx.TensorProto.FLOAT) in float_types
+                ),
+            ]
+        )
+    )
     both = {k: np.concatenate([group_a[k], group_b[k]]) for k in feeds}
     alone = list(run_batches(ann, both, names, batch_size=batch, progress=False))  # A, then B
     grown = ann
@@ -362,10 +505,15 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
                 vi.type.tensor_type.shape.dim[0].dim_value = 2 * batch
         for vi in grown.graph.output:
             vi.type.tensor_type.ClearField("shape")
-    advice = (f"the model was exported with a static batch of {batch} and uses it beyond the batch axis, so "
-              f"the time-unrolled form cannot fold T into the batch; re-export with a dynamic batch axis, "
-              f"or compile with --mode stateful") if static else \
-        "the time-unrolled form cannot fold T into the batch; compile with --mode stateful"
+    advice = (
+        (
+            f"the model was exported with a static batch of {batch} and uses it beyond the batch axis, so "
+            f"the time-unrolled form cannot fold T into the batch; re-export with a dynamic batch axis, "
+            f"or compile with --mode stateful"
+        )
+        if static
+        else "the time-unrolled form cannot fold T into the batch; compile with --mode stateful"
+    )
     try:
         together = next(run_batches(grown, both, names, batch_size=2 * batch, progress=False))
     except SpikecError as exc:
@@ -379,11 +527,16 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
             continue
         if layout is None and not (alone[0][name].ndim and alone[0][name].shape[0] == batch):
             continue  # not a per-sample output (one that should grow with the batch but does not is refused)
-        where = f"keeps the samples' rows on axis {layout.axis}, not on axis 0" \
-            if layout not in (None, emit.UNKNOWN_LAYOUT) and layout.outer == 1 else "changes when the batch grows"
+        where = (
+            f"keeps the samples' rows on axis {layout.axis}, not on axis 0"
+            if layout not in (None, emit.UNKNOWN_LAYOUT) and layout.outer == 1
+            else "changes when the batch grows"
+        )
         raise SpikecError(f"{advice} (output '{name}' {where})")
-    return emit.BatchLayouts({name: emit.Layout(0, 1, array.ndim) for name, array in group_a.items()},
-                             {node.name: tuple(layouts.get(t) for t in node.output) for node in ann.graph.node})
+    return emit.BatchLayouts(
+        {name: emit.Layout(0, 1, array.ndim) for name, array in group_a.items()},
+        {node.name: tuple(layouts.get(t) for t in node.output) for node in ann.graph.node},
+    )
 
 
 def _batch_layout(a: np.ndarray, b: np.ndarray, both: np.ndarray) -> emit.Layout | None:
@@ -400,10 +553,16 @@ def _batch_layout(a: np.ndarray, b: np.ndarray, both: np.ndarray) -> emit.Layout
         return emit.Layout(axis, 1, a.ndim)
     scale = float(np.nanmax(np.abs(np.where(np.isfinite(both), both, 0)))) if both.size else 0.0
     for outer in (o for o in range(1, size + 1) if size % o == 0):
-        split = both.reshape(*both.shape[:axis], outer, 2, size // outer, *both.shape[axis + 1:])
-        if all(np.allclose(np.take(split, half, axis=axis + 1), part.reshape(*part.shape[:axis], outer,
-                                                                               size // outer,
-                                                                               *part.shape[axis + 1:]),
-                           rtol=1e-3, atol=1e-4 * scale, equal_nan=True) for half, part in enumerate((a, b))):
+        split = both.reshape(*both.shape[:axis], outer, 2, size // outer, *both.shape[axis + 1 :])
+        if all(
+            np.allclose(
+                np.take(split, half, axis=axis + 1),
+                part.reshape(*part.shape[:axis], outer, size // outer, *part.shape[axis + 1 :]),
+                rtol=1e-3,
+                atol=1e-4 * scale,
+                equal_nan=True,
+            )
+            for half, part in enumerate((a, b))
+        ):
             return emit.Layout(axis, outer, a.ndim)
     return emit.UNKNOWN_LAYOUT

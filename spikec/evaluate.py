@@ -1,4 +1,5 @@
 """Running models over datasets in batches, and fidelity of an SNN against its ANN per time step."""
+
 from __future__ import annotations
 
 import os
@@ -42,13 +43,21 @@ def _check_run_arguments(session: InferenceSession, label: str, batch_size, time
         return
     check_timesteps(timesteps)
     if session.mode != "stateful" and timesteps != session.timesteps:
-        raise SpikecError(f"argument timesteps={timesteps}: model {label} is {session.mode} with T={session.timesteps} "
-                          f"fixed; only a stateful model takes the number of steps at run time")
+        raise SpikecError(
+            f"argument timesteps={timesteps}: model {label} is {session.mode} with T={session.timesteps} "
+            f"fixed; only a stateful model takes the number of steps at run time"
+        )
 
 
-def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, feeds: Mapping[str, np.ndarray],
-                *, batch_size: int = 32, timesteps: int | None = None, until_quiet: bool = False,
-                progress: bool = False) -> dict[str, np.ndarray]:
+def run_dataset(
+    model: str | os.PathLike | onnx.ModelProto | InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    batch_size: int = 32,
+    timesteps: int | None = None,
+    until_quiet: bool = False,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
     """Run any model (ANN or spikec, either mode) over all samples; ``y.steps`` outputs are [T, N, ...].
 
     ``until_quiet`` (stateful sum-semantics models) stops each batch once it is quiet; its steps are then
@@ -56,8 +65,9 @@ def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, f
     session = open_session(model)
     _check_run_arguments(session, _label(model), batch_size, timesteps)
     if until_quiet and not (session.mode == "stateful" and session.semantics == "sum"):
-        raise SpikecError(f"argument until_quiet: model {_label(model)} is not a stateful sum-semantics "
-                          f"(spikezip) model")
+        raise SpikecError(
+            f"argument until_quiet: model {_label(model)} is not a stateful sum-semantics (spikezip) model"
+        )
     wanted = {i.name for i in session.get_inputs() if not i.name.startswith("spikec.")}
     missing = wanted - set(feeds)
     if missing:
@@ -76,19 +86,27 @@ def run_dataset(model: str | os.PathLike | onnx.ModelProto | InferenceSession, f
         except SpikecError:
             raise
         except Exception as exc:  # see open_session
-            raise SpikecError(f"model {_label(model)}: onnxruntime failed on samples {start}:{stop} "
-                              f"({_one_line(exc)})") from None
+            raise SpikecError(
+                f"model {_label(model)}: onnxruntime failed on samples {start}:{stop} ({_one_line(exc)})"
+            ) from None
         for name, value in outputs.items():
             chunks.setdefault(name, []).append(_unpadded(name, value, stop - start, static))
-    return {name: np.concatenate(_pad_steps(name, parts) if name.endswith(STEPS_SUFFIX) else parts,
-                                 axis=1 if name.endswith(STEPS_SUFFIX) else 0)
-            for name, parts in chunks.items()}
+    return {
+        name: np.concatenate(
+            _pad_steps(name, parts) if name.endswith(STEPS_SUFFIX) else parts,
+            axis=1 if name.endswith(STEPS_SUFFIX) else 0,
+        )
+        for name, parts in chunks.items()
+    }
 
 
 def _static_batch(session: InferenceSession) -> int | None:
     """The batch size a model was exported with, where its user inputs fix one (they must agree)."""
-    sizes = {i.shape[0] for i in session.get_inputs()
-             if not i.name.startswith("spikec.") and i.shape and isinstance(i.shape[0], int)}
+    sizes = {
+        i.shape[0]
+        for i in session.get_inputs()
+        if not i.name.startswith("spikec.") and i.shape and isinstance(i.shape[0], int)
+    }
     if len(sizes) > 1:
         raise SpikecError(f"model {_label(session)}: inputs have different static batch sizes {sorted(sizes)}")
     return sizes.pop() if sizes else None
@@ -110,8 +128,12 @@ def _unpadded(name: str, value: np.ndarray, samples: int, static: int | None) ->
 def _pad_steps(name: str, parts: list[np.ndarray]) -> list[np.ndarray]:
     longest = max(len(p) for p in parts)
     spikes = name.startswith("spikec.spikes")
-    return [np.concatenate([p, np.zeros_like(p[-1:]).repeat(longest - len(p), 0) if spikes
-                            else p[-1:].repeat(longest - len(p), 0)]) for p in parts]
+    return [
+        np.concatenate(
+            [p, np.zeros_like(p[-1:]).repeat(longest - len(p), 0) if spikes else p[-1:].repeat(longest - len(p), 0)]
+        )
+        for p in parts
+    ]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -127,9 +149,12 @@ def fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | None
     scale = float(np.max(np.abs(reference))) or 1.0
     rows = []
     for t, out in enumerate(steps, start=1):
-        row = {"t": t, "max_abs_error": float(np.max(np.abs(out - reference))),
-               "relative_max_error": float(np.max(np.abs(out - reference)) / scale),
-               "cosine": cosine(reference, out)}
+        row = {
+            "t": t,
+            "max_abs_error": float(np.max(np.abs(out - reference))),
+            "relative_max_error": float(np.max(np.abs(out - reference)) / scale),
+            "cosine": cosine(reference, out),
+        }
         if reference.ndim == 2 and reference.shape[1] > 1:
             row["top1_agreement"] = float(np.mean(out.argmax(1) == reference.argmax(1)))
             if labels is not None:
@@ -142,13 +167,22 @@ def check_labels(labels, count: int, source: str = "labels") -> np.ndarray:
     """Labels must be one integer class index per sample."""
     labels = np.asarray(labels)
     if labels.shape != (count,) or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
-        raise SpikecError(f"{source}: expected {count} integer class indices (shape [{count}]), "
-                          f"got {labels.dtype} shape {list(labels.shape)}")
+        raise SpikecError(
+            f"{source}: expected {count} integer class indices (shape [{count}]), "
+            f"got {labels.dtype} shape {list(labels.shape)}"
+        )
     return labels
 
 
-def compare(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, np.ndarray], *,
-            labels: np.ndarray | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+def compare(
+    ann: str | os.PathLike,
+    snn: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    labels: np.ndarray | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
     """Fidelity of every SNN output against the ANN output of the same name, for every T."""
     # Open both first: a missing or non-spikec SNN fails before the ANN has run over the whole set.
     ann_session, snn_session = open_session(ann), open_session(snn)
@@ -174,9 +208,13 @@ def compare(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, 
     return result
 
 
-def quantizer_agreement(qann: str | os.PathLike | onnx.ModelProto, snn: str | os.PathLike | onnx.ModelProto,
-                        feeds: Mapping[str, np.ndarray], timesteps: int | None = None,
-                        boundary_tolerance: float = 1e-3) -> dict:
+def quantizer_agreement(
+    qann: str | os.PathLike | onnx.ModelProto,
+    snn: str | os.PathLike | onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    timesteps: int | None = None,
+    boundary_tolerance: float = 1e-3,
+) -> dict:
     """SpikeZIP-TF equivalence, neuron by neuron: run a *stateful* SpikeZIP-TF model until quiet (at most
     ``timesteps`` steps) and compare each ST-BIF+ neuron's spike tracer with the level the QANN's
     quantizer picks on the same inputs (clamp(round(x/s)) in float32, halves rounded as the QANN does:
@@ -217,16 +255,20 @@ def quantizer_agreement(qann: str | os.PathLike | onnx.ModelProto, snn: str | os
         "t_eq": equilibrium_steps(spikes) if spikes is not None else [],
         "exact": [b is None for b in first_bad],
         "explained": [b is None or b[1] <= boundary_tolerance for b in first_bad],
-        "first_mismatch": [None if b is None else {"neuron": neurons[b[0]]["tensor"], "boundary_distance": b[1]}
-                           for b in first_bad],
+        "first_mismatch": [
+            None if b is None else {"neuron": neurons[b[0]]["tensor"], "boundary_distance": b[1]} for b in first_bad
+        ],
         "neurons": rows,
         "outputs": {name: result[name] for name in session.model_outputs() if name in result},
     }
 
 
 def _with_outputs(model: str | os.PathLike | onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    copy = onnx.load(os.fspath(model)) if not isinstance(model, onnx.ModelProto) else onnx.ModelProto.FromString(
-        model.SerializeToString())
+    copy = (
+        onnx.load(os.fspath(model))
+        if not isinstance(model, onnx.ModelProto)
+        else onnx.ModelProto.FromString(model.SerializeToString())
+    )
     present = {o.name for o in copy.graph.output}
     copy.graph.output.extend(onnx.helper.make_value_info(n, onnx.TypeProto()) for n in names if n not in present)
     return copy

@@ -6,6 +6,7 @@
 * `classify_nodes`: what each node of a spikec model is for, and why an op stays in floating point;
 * `rewrites`: every recognized region with the spikec ops the conversion put around it.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -24,8 +25,9 @@ from spikec.runtime.metadata import CompileReport, SpikecMetadata
 from spikec.runtime.ops import base_name
 
 PRODUCT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                         onnx.TensorProto.BFLOAT16})
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
 # Region kinds the ECMT paper's Table 3 counts at one operation per output element.
 NONLINEAR_KINDS = ("layernorm", "gelu", "softmax")
 SPIKEC_DOMAIN = "spikec"
@@ -33,9 +35,9 @@ SPIKEC_DOMAIN = "spikec"
 # Why a node of a spikec model runs as it does (classify_nodes).
 CATEGORIES = {
     "spike_product": "activation x weight product fed by spike codes: accumulate-only (AC) on event-driven "
-                     "hardware; runs as a float MatMul in onnxruntime",
+    "hardware; runs as a float MatMul in onnxruntime",
     "ec_float": "expectation compensation keeps F in floating point, evaluated on the running means "
-                "(ECMT design; activation x activation products included)",
+    "(ECMT design; activation x activation products included)",
     "allow_float": "kept in floating point by --allow-float: evaluated on per-step values, not averaged",
     "affine": "affine in its time-varying inputs: commutes with the running mean, runs on per-step values",
     "time_invariant": "depends on inputs and constants only: identical at every step",
@@ -58,6 +60,7 @@ def metadata(model: onnx.ModelProto) -> dict[str, str]:
 @dataclass(frozen=True)
 class Shapes:
     """Tensor shapes inferred for one sample. A time-unrolled model carries ``rows`` = T rows per sample."""
+
     shapes: dict[str, tuple | None]
     dtypes: dict[str, int]
     rows: int = 1
@@ -127,8 +130,11 @@ def sample_shapes(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]] | 
     for vi in _value_infos(inferred):
         tensor = vi.type.tensor_type
         dtypes[vi.name] = tensor.elem_type
-        shapes[vi.name] = tuple(d.dim_value if d.WhichOneof("value") == "dim_value" else None
-                                for d in tensor.shape.dim) if tensor.HasField("shape") else None
+        shapes[vi.name] = (
+            tuple(d.dim_value if d.WhichOneof("value") == "dim_value" else None for d in tensor.shape.dim)
+            if tensor.HasField("shape")
+            else None
+        )
     for t in model.graph.initializer:
         dtypes[t.name], shapes[t.name] = t.data_type, tuple(t.dims)
     return Shapes(shapes, dtypes, rows)
@@ -160,9 +166,17 @@ def node_macs(node: onnx.NodeProto, shapes: Shapes) -> int | None:
 
 def product_macs(model: onnx.ModelProto, shapes: Shapes) -> list[dict]:
     """Every product node: name, op, MACs per sample (per step), and its input's elements."""
-    return [{"node": n.name, "op": n.op_type, "macs": node_macs(n, shapes),
-             "inputs": list(n.input[:2]), "output": n.output[0]}
-            for n in model.graph.node if n.op_type in PRODUCT_OPS]
+    return [
+        {
+            "node": n.name,
+            "op": n.op_type,
+            "macs": node_macs(n, shapes),
+            "inputs": list(n.input[:2]),
+            "output": n.output[0],
+        }
+        for n in model.graph.node
+        if n.op_type in PRODUCT_OPS
+    ]
 
 
 def nonlinear_regions(model: onnx.ModelProto) -> list[dict]:
@@ -171,14 +185,19 @@ def nonlinear_regions(model: onnx.ModelProto) -> list[dict]:
 
     graph = gs.import_onnx(model)
     graph.toposort()
-    return [{"region": r["name"], "kind": r["kind"], "outputs": r["outputs"]}
-            for r in describe(find_regions(graph)) if r["kind"] in NONLINEAR_KINDS]
+    return [
+        {"region": r["name"], "kind": r["kind"], "outputs": r["outputs"]}
+        for r in describe(find_regions(graph))
+        if r["kind"] in NONLINEAR_KINDS
+    ]
 
 
 def nonlinear_elements(regions: Sequence[dict], shapes: Shapes) -> list[dict]:
     """`nonlinear_regions` with their output elements per sample."""
-    return [{"region": r["region"], "kind": r["kind"],
-             "elements": _sum_or_none(shapes.elements(o) for o in r["outputs"])} for r in regions]
+    return [
+        {"region": r["region"], "kind": r["kind"], "elements": _sum_or_none(shapes.elements(o) for o in r["outputs"])}
+        for r in regions
+    ]
 
 
 def counted_tensors(model: onnx.ModelProto, regions: Sequence[dict] = ()) -> list[str]:
@@ -186,8 +205,11 @@ def counted_tensors(model: onnx.ModelProto, regions: Sequence[dict] = ()) -> lis
     the outputs of ``regions``."""
     constants = {t.name for t in model.graph.initializer}
     names = [t for n in model.graph.node if n.op_type in PRODUCT_OPS for t in [*n.input[:2], n.output[0]]]
-    names += [n.input[0] for n in model.graph.node
-              if n.domain == SPIKEC_DOMAIN and base_op(n) in ("ECAccumulate", "ECCompensate")]
+    names += [
+        n.input[0]
+        for n in model.graph.node
+        if n.domain == SPIKEC_DOMAIN and base_op(n) in ("ECAccumulate", "ECCompensate")
+    ]
     names += [o for r in regions for o in r["outputs"]]
     return [t for t in dict.fromkeys(names) if t and t not in constants]
 
@@ -233,8 +255,11 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
         elif any(n in means for n in names):
             category = "ec_float"
             means.update(t.name for t in node.outputs)
-        elif node.op in PRODUCT_OPS and any(n in spikes or n in spike_values for n in names) \
-                and any(isinstance(t, gs.Constant) for t in node.inputs):
+        elif (
+            node.op in PRODUCT_OPS
+            and any(n in spikes or n in spike_values for n in names)
+            and any(isinstance(t, gs.Constant) for t in node.inputs)
+        ):
             category = "spike_product"
         elif not any(t.name in varying for t in node.outputs):  # shape-only ops of varying tensors too
             category = "time_invariant"
@@ -244,8 +269,16 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
             category = "affine"
             if node.op == "Mul" and is_spike_value(node.name):
                 spike_values.update(t.name for t in node.outputs)
-        result.append(NodeInfo(node.name, base_op(node), node.domain or "ai.onnx", category,
-                               tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs)))
+        result.append(
+            NodeInfo(
+                node.name,
+                base_op(node),
+                node.domain or "ai.onnx",
+                category,
+                tuple(t.name for t in node.inputs),
+                tuple(t.name for t in node.outputs),
+            )
+        )
     return result
 
 
@@ -266,9 +299,15 @@ def float_ops(nodes: Sequence[NodeInfo]) -> list[dict]:
         if category == "spiking" or not members:
             continue
         ops = Counter(n.op for n in members)
-        rows.append({"category": category, "reason": reason, "nodes": len(members),
-                     "ops": dict(sorted(ops.items())),
-                     "node_names": [n.name for n in members]})
+        rows.append(
+            {
+                "category": category,
+                "reason": reason,
+                "nodes": len(members),
+                "ops": dict(sorted(ops.items())),
+                "node_names": [n.name for n in members],
+            }
+        )
     return rows
 
 
@@ -276,8 +315,7 @@ def neuron_counts(report: CompileReport, nodes: Sequence[NodeInfo], shapes: Shap
     """Per MT neuron site, the number of neurons (elements per sample of its input), and the totals."""
     sites = []
     for neuron in report.neurons or []:
-        sites.append({"tensor": neuron["tensor"], "node": neuron["node"],
-                      "neurons": shapes.elements(neuron["tensor"])})
+        sites.append({"tensor": neuron["tensor"], "node": neuron["node"], "neurons": shapes.elements(neuron["tensor"])})
     counts = [s["neurons"] for s in sites]
     return {
         "neuron_nodes": sum(1 for n in nodes if n.domain == SPIKEC_DOMAIN and n.op in NEURON_OPS),
@@ -314,8 +352,11 @@ def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
     rows = []
     units = [(r["name"], r["kind"], r["nodes"], r["ops"]) for r in report.regions or []]
     in_regions = {r["name"] for r in report.regions or []}
-    units += [(c["region"], c["kind"], [c["region"]], c["ops"]) for c in report.compensated or []
-              if c["region"] not in in_regions]
+    units += [
+        (c["region"], c["kind"], [c["region"]], c["ops"])
+        for c in report.compensated or []
+        if c["region"] not in in_regions
+    ]
     for name, kind, members, ops in units:
         spikec_ops = []
         for tensor in sorted({t for m in members for t in fed_by.get(m, [])}):
@@ -324,21 +365,29 @@ def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
             spikec_ops.append("thresholds folded into weights (PPN)")
         if name in ugo_of:
             u = ugo_of[name]
-            spikec_ops.append(f"UGO({u['operator']}, N={u['hidden']}): N IF neurons per element, one spikec UGO op"
-                              + (", products by TCSA" if u["operator"] == "rsqrt" else ""))
+            spikec_ops.append(
+                f"UGO({u['operator']}, N={u['hidden']}): N IF neurons per element, one spikec UGO op"
+                + (", products by TCSA" if u["operator"] == "rsqrt" else "")
+            )
         if name in compensated:
             c = compensated[name]
             accumulated = "running sums" if report.semantics == "sum" else "means"
             if c.get("rewrite") == "SESA":
                 spikec_ops.append(f"SESA: S_A S_B, ECAccumulate x2 ({accumulated}) -> MatMul -> ECCompensate")
             else:
-                spikec_ops.append(f"ECAccumulate x{len(c['inputs'])} -> {'/'.join(ops)} in float on {accumulated} "
-                                  f"-> ECCompensate x{len(c['outputs'])}")
+                spikec_ops.append(
+                    f"ECAccumulate x{len(c['inputs'])} -> {'/'.join(ops)} in float on {accumulated} "
+                    f"-> ECCompensate x{len(c['outputs'])}"
+                )
         if not spikec_ops:
             kept = {category.get(m) for m in members} - {None}
-            spikec_ops = ["kept in float (--allow-float)" if "allow_float" in kept
-                          else "unchanged: time-invariant, identical at every step" if kept == {"time_invariant"}
-                          else "unchanged: affine, runs on per-step values"]
+            spikec_ops = [
+                "kept in float (--allow-float)"
+                if "allow_float" in kept
+                else "unchanged: time-invariant, identical at every step"
+                if kept == {"time_invariant"}
+                else "unchanged: affine, runs on per-step values"
+            ]
         rows.append({"region": name, "kind": kind, "original_ops": list(ops), "spikec_ops": spikec_ops})
     return rows
 
@@ -348,10 +397,11 @@ def summarize(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]] | None
     ``inputs`` (input name -> data shape) resolves symbolic dims for the neuron counts."""
     record = SpikecMetadata.read(model)
     if record is None:
-        return {"rewrites": [], "neuron_counts": {"neuron_nodes": 0, "neurons_total": 0, "sites": []},
-                "float_ops": []}
+        return {"rewrites": [], "neuron_counts": {"neuron_nodes": 0, "neurons_total": 0, "sites": []}, "float_ops": []}
     report = record.report
     nodes = classify_nodes(model)
-    return {"rewrites": rewrites(report, nodes),
-            "neuron_counts": neuron_counts(report, nodes, sample_shapes(model, inputs)),
-            "float_ops": float_ops(nodes)}
+    return {
+        "rewrites": rewrites(report, nodes),
+        "neuron_counts": neuron_counts(report, nodes, sample_shapes(model, inputs)),
+        "float_ops": float_ops(nodes),
+    }

@@ -11,6 +11,7 @@ outputs on the calibration data (no labels needed); the result is written back i
 
 torch is imported by this module only (spikec.finetune, the API, imports it on use): the rest of spikec runs without it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,7 +71,7 @@ def _gather(x, indices, axis=0):
     axis = axis % x.dim()
     idx = torch.where(indices < 0, indices + x.shape[axis], indices)
     out = torch.index_select(x, axis, idx.reshape(-1))
-    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1:]))
+    return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
 
 
 def _gemm(a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
@@ -90,7 +91,7 @@ def _conv(x, w, b=None, group=1, pads=None, strides=None, dilations=None, auto_p
 
 
 def _layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5, **_):
-    shape = x.shape[axis % x.dim():]
+    shape = x.shape[axis % x.dim() :]
     return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape), epsilon)
 
 
@@ -102,12 +103,18 @@ def _reduce(fn: Callable) -> Callable:
                 return x
             dims = list(range(x.dim()))
         return fn(x, dim=dims, keepdim=bool(keepdims))
+
     return reduce
 
 
-_DTYPES = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
-           onnx.TensorProto.INT64: torch.int64, onnx.TensorProto.INT32: torch.int32,
-           onnx.TensorProto.BOOL: torch.bool, onnx.TensorProto.FLOAT16: torch.float16}
+_DTYPES = {
+    onnx.TensorProto.FLOAT: torch.float32,
+    onnx.TensorProto.DOUBLE: torch.float64,
+    onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.BOOL: torch.bool,
+    onnx.TensorProto.FLOAT16: torch.float16,
+}
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -117,32 +124,59 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 # Each op as torch computes it, with ONNX's input order and attribute names. What the transformers spikec
 # converts use; others are refused by name.
 _OPS: dict[str, Callable] = {
-    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul,
+    "Add": torch.add,
+    "Sub": torch.sub,
+    "Mul": torch.mul,
     "Div": lambda a, b: torch.div(a, b, rounding_mode="trunc") if not a.is_floating_point() else a / b,
-    "Pow": torch.pow, "Sqrt": torch.sqrt, "Exp": torch.exp, "Erf": torch.erf, "Tanh": torch.tanh,
-    "Sigmoid": torch.sigmoid, "Relu": torch.relu, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal,
-    "Floor": _ste_floor, "MatMul": torch.matmul, "Gemm": _gemm, "Conv": _conv,
+    "Pow": torch.pow,
+    "Sqrt": torch.sqrt,
+    "Exp": torch.exp,
+    "Erf": torch.erf,
+    "Tanh": torch.tanh,
+    "Sigmoid": torch.sigmoid,
+    "Relu": torch.relu,
+    "Neg": torch.neg,
+    "Abs": torch.abs,
+    "Reciprocal": torch.reciprocal,
+    "Floor": _ste_floor,
+    "MatMul": torch.matmul,
+    "Gemm": _gemm,
+    "Conv": _conv,
     "Clip": lambda x, low=None, high=None: torch.clamp(x, low, high),
-    "Max": torch.maximum, "Min": torch.minimum,
-    "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "GreaterOrEqual": torch.ge, "LessOrEqual": torch.le, "Not": torch.logical_not, "And": torch.logical_and,
-    "Where": torch.where, "Identity": lambda x: x,
-    "Softmax": lambda x, axis=-1: torch.softmax(x, axis), "LayerNormalization": _layer_norm,
-    "Reshape": _reshape, "Flatten": lambda x, axis=1: x.reshape(math.prod(x.shape[:axis]), -1),
+    "Max": torch.maximum,
+    "Min": torch.minimum,
+    "Equal": torch.eq,
+    "Less": torch.lt,
+    "Greater": torch.gt,
+    "GreaterOrEqual": torch.ge,
+    "LessOrEqual": torch.le,
+    "Not": torch.logical_not,
+    "And": torch.logical_and,
+    "Where": torch.where,
+    "Identity": lambda x: x,
+    "Softmax": lambda x, axis=-1: torch.softmax(x, axis),
+    "LayerNormalization": _layer_norm,
+    "Reshape": _reshape,
+    "Flatten": lambda x, axis=1: x.reshape(math.prod(x.shape[:axis]), -1),
     "Transpose": lambda x, perm=None: x.permute(*(perm if perm is not None else reversed(range(x.dim())))),
     "Unsqueeze": lambda x, axes: _unsqueeze(x, _ints(axes)),
     "Squeeze": lambda x, axes=None: x.squeeze() if axes is None else x.squeeze(tuple(_ints(axes))),
     "Concat": lambda *xs, axis: torch.cat(xs, axis),
     "Shape": lambda x, start=0, end=None: torch.tensor(list(x.shape)[start:end], dtype=torch.int64),
-    "Gather": _gather, "Slice": _slice,
+    "Gather": _gather,
+    "Slice": _slice,
     "Expand": lambda x, shape: torch.broadcast_to(x, torch.broadcast_shapes(x.shape, tuple(_ints(shape)))),
     "Cast": lambda x, to: x.to(_DTYPES[to]),
     "ConstantOfShape": lambda shape, value=None: torch.full(
-        _ints(shape), 0.0 if value is None else numpy_helper.to_array(value).item(),
-        dtype=torch.float32 if value is None else _DTYPES[value.data_type]),
+        _ints(shape),
+        0.0 if value is None else numpy_helper.to_array(value).item(),
+        dtype=torch.float32 if value is None else _DTYPES[value.data_type],
+    ),
     "Range": lambda start, limit, delta: torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype),
-    "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
-    "ReduceMax": _reduce(torch.amax), "ReduceL2": _reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(
-        x, dim=dim, keepdim=keepdim)),
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
+    "ReduceMax": _reduce(torch.amax),
+    "ReduceL2": _reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)),
 }
 
 
@@ -186,7 +220,9 @@ class GraphModule(torch.nn.Module):
             if node.op_type not in _OPS:
                 raise SpikecError(f"node '{node.name}': op {node.op_type} has no torch form for fine-tuning")
         self.nodes = list(graph.node)
-        self.input_names = [i.name for i in graph.input if i.name not in self.constants and i.name not in self.trainable]
+        self.input_names = [
+            i.name for i in graph.input if i.name not in self.constants and i.name not in self.trainable
+        ]
         self.output_names = [o.name for o in graph.output]
 
     def value(self, name: str) -> torch.Tensor:
@@ -235,12 +271,18 @@ def _torch_feeds(feeds: Mapping[str, np.ndarray], index: np.ndarray | slice) -> 
 
 def distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean squared error per output, relative to the teacher's mean square (scale-free; summed over outputs)."""
-    return sum((torch.mean(torch.square(s - t)) / torch.mean(torch.square(t)).clamp_min(1e-12)
-                for s, t in zip(student, teacher, strict=True)), torch.tensor(0.0))
+    return sum(
+        (
+            torch.mean(torch.square(s - t)) / torch.mean(torch.square(t)).clamp_min(1e-12)
+            for s, t in zip(student, teacher, strict=True)
+        ),
+        torch.tensor(0.0),
+    )
 
 
-def evaluate_loss(module: GraphModule, feeds: Mapping[str, np.ndarray], targets: Sequence[np.ndarray],
-                  batch_size: int) -> float:
+def evaluate_loss(
+    module: GraphModule, feeds: Mapping[str, np.ndarray], targets: Sequence[np.ndarray], batch_size: int
+) -> float:
     """The distillation loss over all samples (batch-weighted mean)."""
     samples = len(next(iter(feeds.values())))
     total = 0.0
@@ -248,8 +290,9 @@ def evaluate_loss(module: GraphModule, feeds: Mapping[str, np.ndarray], targets:
         for start in range(0, samples, batch_size):
             index = slice(start, start + batch_size)
             out = module(_torch_feeds(feeds, index))
-            total += float(distillation_loss(out, [torch.from_numpy(t[index]) for t in targets])) * \
-                len(targets[0][index])
+            total += float(distillation_loss(out, [torch.from_numpy(t[index]) for t in targets])) * len(
+                targets[0][index]
+            )
     return total / samples
 
 
@@ -262,10 +305,20 @@ def _fingerprint(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def finetune(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], targets: Sequence[np.ndarray], *,
-             steps: int, time_budget: float | None = None, batch_size: int = 16, lr: float = 1e-4,
-             scale_lr: float = 1e-3, checkpoint: str | os.PathLike | None = None, seed: int = 0,
-             progress: bool = True) -> tuple[onnx.ModelProto, dict]:
+def finetune(
+    qann: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    targets: Sequence[np.ndarray],
+    *,
+    steps: int,
+    time_budget: float | None = None,
+    batch_size: int = 16,
+    lr: float = 1e-4,
+    scale_lr: float = 1e-3,
+    checkpoint: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[onnx.ModelProto, dict]:
     """Train ``qann``'s weights and quantizer scales to reproduce ``targets`` (the float ANN's outputs on
     ``feeds``) for ``steps`` Adam steps or ``time_budget`` seconds, whichever ends first; resumes from
     ``checkpoint`` where it holds a run of the same QANN and data, and saves to it every minute and at the end.
@@ -299,9 +352,16 @@ def finetune(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], targets: Se
         if path is None:
             return
         temporary = path.with_name(path.name + ".tmp")
-        torch.save({"fingerprint": fingerprint, "params": module.params.state_dict(),
-                    "optimizer": optimizer.state_dict(), "step": step,
-                    "loss_before": loss_before}, temporary)
+        torch.save(
+            {
+                "fingerprint": fingerprint,
+                "params": module.params.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "loss_before": loss_before,
+            },
+            temporary,
+        )
         os.replace(temporary, path)
 
     start = last_save = time.monotonic()
@@ -309,7 +369,7 @@ def finetune(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], targets: Se
         while step < steps and (time_budget is None or time.monotonic() - start < time_budget):
             epoch, batch = divmod(step, batches)
             order = np.random.default_rng([seed, epoch]).permutation(samples)
-            index = np.sort(order[batch * batch_size:(batch + 1) * batch_size])
+            index = np.sort(order[batch * batch_size : (batch + 1) * batch_size])
             loss = distillation_loss(module(_torch_feeds(feeds, index)), [t[index] for t in torch_targets])
             optimizer.zero_grad()
             loss.backward()

@@ -30,6 +30,7 @@ against an estimate of 5.5 GiB. Not included: onnxruntime's transient memory whi
 (graph optimization of the inlined spikec functions), which does not grow with T: about 0.3 GiB for the
 digits ViT and 1.1 GiB for MiniLM, and it dominates for small T.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,22 @@ from spikec.errors import SpikecError
 
 DEFAULT_BUDGET_FRACTION = 0.8
 
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 10**3, "KIB": 2**10, "M": 2**20, "MB": 10**6, "MIB": 2**20,
-          "G": 2**30, "GB": 10**9, "GIB": 2**30, "T": 2**40, "TB": 10**12, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 2**10,
+    "KB": 10**3,
+    "KIB": 2**10,
+    "M": 2**20,
+    "MB": 10**6,
+    "MIB": 2**20,
+    "G": 2**30,
+    "GB": 10**9,
+    "GIB": 2**30,
+    "T": 2**40,
+    "TB": 10**12,
+    "TIB": 2**40,
+}
 
 
 def physical_memory() -> int | None:
@@ -87,8 +102,9 @@ def parse_budget(value: int | float | str | None) -> int | None:
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
         if not match or match.group(2).upper() not in _UNITS:
-            raise SpikecError(f"argument memory_budget={value!r}: expected bytes, optionally with a unit "
-                              f"(e.g. 512M, 8G, 8GiB)")
+            raise SpikecError(
+                f"argument memory_budget={value!r}: expected bytes, optionally with a unit (e.g. 512M, 8G, 8GiB)"
+            )
         number = float(match.group(1)) * _UNITS[match.group(2).upper()]
     else:
         raise SpikecError(f"argument memory_budget={value!r}: expected bytes (an int) or a string like '8G'")
@@ -108,11 +124,11 @@ def format_bytes(n: float) -> str:
 @dataclass(frozen=True)
 class MemoryEstimate:
     batch: int
-    weights: int          # initializer bytes
-    live: int             # A: peak live activation bytes of one step
-    largest: int          # S: the largest float activation of one step
-    body: int             # nodes of the largest spikec step body
-    states: int           # stateful neuron/EC state bytes (in + out)
+    weights: int  # initializer bytes
+    live: int  # A: peak live activation bytes of one step
+    largest: int  # S: the largest float activation of one step
+    body: int  # nodes of the largest spikec step body
+    states: int  # stateful neuron/EC state bytes (in + out)
 
     def unrolled(self, timesteps: int) -> int:
         return self.weights + timesteps * (self.live + 2 * self.largest) + self.body * self.largest
@@ -190,8 +206,9 @@ def _tensor_sizes(inferred: onnx.ModelProto) -> tuple[dict[str, int | None], set
         if not tensor.HasField("shape") or any(d.WhichOneof("value") != "dim_value" for d in tensor.shape.dim):
             sizes.setdefault(vi.name, None)
             continue
-        sizes[vi.name] = int(np.prod([d.dim_value for d in tensor.shape.dim], dtype=np.float64)) \
-            * _itemsize(tensor.elem_type)
+        sizes[vi.name] = int(np.prod([d.dim_value for d in tensor.shape.dim], dtype=np.float64)) * _itemsize(
+            tensor.elem_type
+        )
     return sizes, floats
 
 
@@ -205,12 +222,20 @@ def _np_dtype(elem_type: int) -> np.dtype:
 def _step_body_nodes() -> int:
     from spikec.runtime import ops
 
-    return max(sum(1 for n in ops.step_function(op, ops.MIN_ONNX_OPSET).node if n.op_type != "Constant")
-               for op in ops.OPS.values())
+    return max(
+        sum(1 for n in ops.step_function(op, ops.MIN_ONNX_OPSET).node if n.op_type != "Constant")
+        for op in ops.OPS.values()
+    )
 
 
-def estimate(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, batch: int,
-             neuron_sites: Iterable[str] = (), hidden: Mapping[str, int] | None = None) -> MemoryEstimate:
+def estimate(
+    model: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    batch: int,
+    neuron_sites: Iterable[str] = (),
+    hidden: Mapping[str, int] | None = None,
+) -> MemoryEstimate:
     """Estimate the memory of running the compiled form of the canonicalized ANN `model` on batches of
     `batch` samples shaped like `feeds` (see the module docstring for the formula). ``hidden`` gives the
     sites whose neurons are N per element (an STA UGO's input: N)."""
@@ -253,8 +278,14 @@ def estimate(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, batch: 
                 current -= live.pop(name)
     largest = max((size(n) for n in sizes if n in floats and n not in constants), default=largest_known)
     states = 4 * sum(size(name) * (hidden or {}).get(name, 1) for name in set(neuron_sites))
-    return MemoryEstimate(batch=run_batch, weights=sum(_initializer_bytes(t) for t in model.graph.initializer),
-                          live=peak, largest=largest, body=_step_body_nodes(), states=states)
+    return MemoryEstimate(
+        batch=run_batch,
+        weights=sum(_initializer_bytes(t) for t in model.graph.initializer),
+        live=peak,
+        largest=largest,
+        body=_step_body_nodes(),
+        states=states,
+    )
 
 
 def check_budget(est: MemoryEstimate, *, mode: str, timesteps: int, budget: int | None) -> int:
@@ -269,5 +300,6 @@ def check_budget(est: MemoryEstimate, *, mode: str, timesteps: int, budget: int 
             f"to run a batch of {est.batch} (T={timesteps} x {format_bytes(est.live + 2 * est.largest)} of "
             f"activations per step), over the memory budget of {format_bytes(budget)} (memory_budget); "
             f"compile with --mode stateful (about {format_bytes(est.stateful())}, independent of T), "
-            f"or use a smaller --timesteps or --batch-size")
+            f"or use a smaller --timesteps or --batch-size"
+        )
     return need

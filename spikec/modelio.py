@@ -11,6 +11,7 @@
   file. A temporary that a killed process left behind (its pid is gone) is removed by the next write into
   that directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,6 +48,7 @@ Read = tuple[str, Path]
 
 # ------------------------------------------------------------------ what a command reads
 
+
 def _tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
     yield from graph.initializer
     for sparse in graph.sparse_initializer:
@@ -72,9 +74,13 @@ def model_files(path: Source) -> list[Path]:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - any unreadable file is the loader's to report
         return [path]
-    locations = {entry.value for tensor in _tensors(model.graph)
-                 if tensor.data_location == onnx.TensorProto.EXTERNAL
-                 for entry in tensor.external_data if entry.key == "location"}
+    locations = {
+        entry.value
+        for tensor in _tensors(model.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
     return [path, *(path.parent / location for location in sorted(locations))]
 
 
@@ -92,8 +98,12 @@ def reads(models: Sequence[tuple[str, object]] = (), files: Sequence[tuple[str, 
 
 # ------------------------------------------------------------------ checking an output path
 
-_SPECIAL = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-            (stat.S_ISSOCK, "a socket"))
+_SPECIAL = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _stat(path: Path, label: str) -> os.stat_result | None:
@@ -117,8 +127,9 @@ def _same_file(a: Path, a_stat: os.stat_result | None, b: Path) -> bool:
     return a_stat is not None and (a_stat.st_dev, a_stat.st_ino) == (b_stat.st_dev, b_stat.st_ino)
 
 
-def check_output(output: Source, reads: Sequence[Read] = (), *, what: str = "output",
-                 others: Sequence[Read] = ()) -> Path:
+def check_output(
+    output: Source, reads: Sequence[Read] = (), *, what: str = "output", others: Sequence[Read] = ()
+) -> Path:
     """``output`` if spikec may write it: not one of ``reads`` nor of ``others`` (the command's other
     outputs), not a directory or special file, in a writable directory."""
     text = os.fspath(output)
@@ -154,11 +165,14 @@ def check_outputs(outputs: Sequence[tuple[str, Source | None]], reads: Sequence[
     """Check every output a command will write (``(what, path)``; None = not written) against everything
     it reads and against each other, before any work is done."""
     given = [(what, path) for what, path in outputs if path is not None]
-    return [check_output(path, reads, what=what, others=[(w, Path(p)) for w, p in given[:index]])
-            for index, (what, path) in enumerate(given)]
+    return [
+        check_output(path, reads, what=what, others=[(w, Path(p)) for w, p in given[:index]])
+        for index, (what, path) in enumerate(given)
+    ]
 
 
 # ------------------------------------------------------------------ temporaries
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -205,6 +219,7 @@ def _sync(path: Path) -> None:
 
 # ------------------------------------------------------------------ writing
 
+
 def external_data(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is written with its weights beside it: it references external data (a model
     loaded with its weights mapped, spikec/weights.py, is written as it came) or protobuf cannot
@@ -222,8 +237,9 @@ class Staged:
             self.directory = Path(tempfile.mkdtemp(prefix="spikec-staged-"))
             name = "model.onnx"
         else:
-            self.data_destination = check_output(destination.with_name(destination.name + ".data"), reads,
-                                                 what=f"external data of {destination}")
+            self.data_destination = check_output(
+                destination.with_name(destination.name + ".data"), reads, what=f"external data of {destination}"
+            )
             self.directory = _temp_path(destination)
             self.directory.mkdir()
             name = destination.name
@@ -237,7 +253,10 @@ class Staged:
         written = _without_initializers(model)
         with weights.DataFile(self.data) as data:
             for tensor in model.graph.initializer:
-                if tensor.data_type != onnx.TensorProto.STRING and weights.nbytes_of(tensor) >= weights.EXTERNAL_MIN_BYTES:
+                if (
+                    tensor.data_type != onnx.TensorProto.STRING
+                    and weights.nbytes_of(tensor) >= weights.EXTERNAL_MIN_BYTES
+                ):
                     written.graph.initializer.append(data.add(tensor))
                 else:
                     written.graph.initializer.append(weights.inline(tensor))
@@ -292,14 +311,18 @@ Content = onnx.ModelProto | Staged | Mapping[str, np.ndarray] | bytes | str
 def _writer(content: onnx.ModelProto | Mapping[str, np.ndarray] | bytes | str) -> Callable[[Path], None]:
     if isinstance(content, (bytes, str)):
         data = content.encode("utf-8") if isinstance(content, str) else content
+
         def write_data(temp: Path) -> None:
             temp.write_bytes(data)
+
         return write_data
     if isinstance(content, Mapping):
+
         def write_arrays(temp: Path) -> None:
             # through a file object: np.savez appends .npz to a name without it
             with open(temp, "wb") as handle:
                 np.savez(handle, **content)
+
         return write_arrays
     return lambda temp: onnx.save_model(content, os.fspath(temp))
 

@@ -6,6 +6,7 @@ model files are never modified). In a time-unrolled model every tensor downstrea
 all steps folded into the batch axis, ``[T*B, ...]`` step-major (passes/emit.py). What the SNN makes of
 an ANN tensor after T steps depends on where the tensor sits (`Estimate`).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 
 class Estimate:
     """How an SNN tensor estimates the ANN tensor of its name after T steps."""
+
     OUTPUT = "graph output (after T steps)"  # a rate readout: already the estimate
     LAST = "last step"  # F of running means/sums, or a time-invariant tensor: its last step is the estimate
     MEAN = "running mean"  # per-step values, mean semantics (ECMT, STA)
@@ -28,11 +30,19 @@ class Estimate:
     SINGLE = "one pass"  # TTFS: no time steps, the received value itself
 
 
-def side_by_side(models: Sequence[ModelLike], names: Sequence[Sequence[str]], feeds: Mapping[str, np.ndarray], *,
-                 batch_size: int = 32, progress: bool = False) -> Iterator[list[dict[str, np.ndarray]]]:
+def side_by_side(
+    models: Sequence[ModelLike],
+    names: Sequence[Sequence[str]],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Iterator[list[dict[str, np.ndarray]]]:
     """Run every model over the same batches; yield one {tensor: value} per model and batch."""
-    runs = [run_batches(model, feeds, model_names, batch_size=batch_size, progress=progress and i == 0,
-                        desc="report") for i, (model, model_names) in enumerate(zip(models, names, strict=True))]
+    runs = [
+        run_batches(model, feeds, model_names, batch_size=batch_size, progress=progress and i == 0, desc="report")
+        for i, (model, model_names) in enumerate(zip(models, names, strict=True))
+    ]
     for values in zip(*runs, strict=True):
         yield list(values)
 

@@ -5,6 +5,7 @@ the unrolled model's per-step outputs and spike counts give the fidelity and the
 from the same run, so T is no search axis of ECMT's or SpikeZIP-TF's. STA's thresholds depend on T, so its
 T is a knob; TTFS has no T. The settings share one calibration run where the knobs leave the calibration
 unchanged: the first compile's calibration checkpoint is the statistics of the others."""
+
 from __future__ import annotations
 
 import itertools
@@ -23,8 +24,7 @@ from spikec.errors import SpikecError
 # --max-timesteps, STA's "timesteps" are fractions of it (STA compiles per T). Each knob's default first: a
 # time budget spent early has measured the defaults' neighbourhood.
 KNOBS: dict[str, dict[str, Sequence]] = {
-    "ecmt": {"percentile": (90.0, 99.0, 99.9), "per_channel": (True, False), "levels": (8, 4),
-             "coverage": (1.0, 0.0)},
+    "ecmt": {"percentile": (90.0, 99.0, 99.9), "per_channel": (True, False), "levels": (8, 4), "coverage": (1.0, 0.0)},
     "spikezip": {"levels": (8, 16, 32)},
     "sta": {"timesteps": (1.0, 0.5), "burst": (2, 4, 1), "gelu_hidden": (32, 64)},
     "ttfs": {"precision": (0, 256, 64), "margin": (1.0, 0.5, 0.25)},
@@ -63,18 +63,26 @@ def front(points: Sequence[dict]) -> list[dict]:
     """The points no other point beats on cosine (higher), energy (lower) and T (lower), sorted by T and
     energy (of equal points the first). A point without an energy estimate is beaten on energy by any
     point with one."""
+
     def key(p: dict) -> tuple[float, float, float]:
         return (-p["cosine"], _energy(p), p["t"])
 
     def dominated(p: dict) -> bool:
         a = key(p)
         return any(all(x <= y for x, y in zip(key(q), a)) and key(q) != a for q in points)
+
     kept = {key(p): p for p in reversed(points) if not dominated(p)}  # of equal points, the first
     return sorted(kept.values(), key=lambda p: (p["t"], _energy(p), -p["cosine"]))
 
 
-def pick(points: Sequence[dict], min_cosine: float | None, *, max_energy: float | None = None,
-         max_timesteps: int | None = None, minimize: str = "energy") -> dict:
+def pick(
+    points: Sequence[dict],
+    min_cosine: float | None,
+    *,
+    max_energy: float | None = None,
+    max_timesteps: int | None = None,
+    minimize: str = "energy",
+) -> dict:
     """The point the user's constraints pick. With ``min_cosine``: of the points reaching it (within
     ``max_energy``, ``max_timesteps``), the one least in ``minimize`` (energy: the fewest spikes and
     operations the error bound allows; timesteps: the lowest latency), then in the other, then the most
@@ -83,20 +91,32 @@ def pick(points: Sequence[dict], min_cosine: float | None, *, max_energy: float 
     if minimize not in OBJECTIVES:
         raise SpikecError(f"--minimize {minimize}: one of {', '.join(OBJECTIVES)}")
     cost = (lambda p: (_energy(p), p["t"])) if minimize == "energy" else (lambda p: (p["t"], _energy(p)))
-    ok = [p for p in front(points) if (max_energy is None or _energy(p) <= max_energy)
-          and (max_timesteps is None or p["t"] <= max_timesteps)]
+    ok = [
+        p
+        for p in front(points)
+        if (max_energy is None or _energy(p) <= max_energy) and (max_timesteps is None or p["t"] <= max_timesteps)
+    ]
     if not ok:
-        bound = " and ".join(text for text, given in ((f"--max-energy {max_energy}", max_energy is not None),
-                                                       (f"--max-timesteps {max_timesteps}", max_timesteps is not None))
-                             if given)
-        raise SpikecError(f"{bound}: no setting is within it (lowest energy {min(map(_energy, points)):.3g}, "
-                          f"lowest T {min(p['t'] for p in points)})")
+        bound = " and ".join(
+            text
+            for text, given in (
+                (f"--max-energy {max_energy}", max_energy is not None),
+                (f"--max-timesteps {max_timesteps}", max_timesteps is not None),
+            )
+            if given
+        )
+        raise SpikecError(
+            f"{bound}: no setting is within it (lowest energy {min(map(_energy, points)):.3g}, "
+            f"lowest T {min(p['t'] for p in points)})"
+        )
     if min_cosine is not None:
         reach = [p for p in ok if p["cosine"] >= min_cosine]
         if not reach:
             best = max(ok, key=lambda p: p["cosine"])
-            raise SpikecError(f"--min-cosine {min_cosine}: no setting reaches it within the bounds (best cosine "
-                              f"{best['cosine']:.5f} at T={best['t']}, energy {_energy(best):.3g})")
+            raise SpikecError(
+                f"--min-cosine {min_cosine}: no setting reaches it within the bounds (best cosine "
+                f"{best['cosine']:.5f} at T={best['t']}, energy {_energy(best):.3g})"
+            )
         return min(reach, key=lambda p: (*cost(p), -p["cosine"]))
     if max_energy is not None:
         return max(ok, key=lambda p: (p["cosine"], -_energy(p), -p["t"]))
@@ -121,9 +141,17 @@ def _key(method: str, knobs: dict, t: int) -> str:
     return json.dumps({"method": method, "t": t, **knobs}, sort_keys=True)
 
 
-def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *, max_timesteps: int = 8,
-         time_budget: float | None = None, state: str | os.PathLike | None = None, progress: bool = True,
-         batch_size: int = 32) -> list[dict]:
+def tune(
+    ann: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray],
+    method: str,
+    *,
+    max_timesteps: int = 8,
+    time_budget: float | None = None,
+    state: str | os.PathLike | None = None,
+    progress: bool = True,
+    batch_size: int = 32,
+) -> list[dict]:
     """Every (setting, T) point evaluated on the validation part: cosine of the worst output, the energy
     estimate SNN/ANN (all work; ``energy_paper``: the papers' convention) and T. ``state`` keeps the
     evaluated settings so a rerun continues where the last stopped (time budget or interrupt)."""
@@ -145,8 +173,10 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
     stepped = methods.get(method).stepped if method in methods.METHODS else True
     todo = settings(method, max_timesteps)
     start = time.monotonic()
-    with tempfile.TemporaryDirectory() as tmp, \
-            tqdm(total=len(todo), desc=f"tune {method}", unit="setting", disable=None if progress else True) as bar:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        tqdm(total=len(todo), desc=f"tune {method}", unit="setting", disable=None if progress else True) as bar,
+    ):
         # its fingerprint (graph, data, taps) decides whether a setting's calibration is the last one's
         checkpoint = Path(tmp) / "calibration.npz"
         for knobs in todo:
@@ -156,8 +186,9 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
                 continue
             bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in knobs.items()))
             options = {"timesteps": max_timesteps, **knobs} if stepped else dict(knobs)
-            _, report = measure(ann, fit, valid, method, tmp, batch_size=batch_size, calibration_checkpoint=checkpoint,
-                                **options)
+            _, report = measure(
+                ann, fit, valid, method, tmp, batch_size=batch_size, calibration_checkpoint=checkpoint, **options
+            )
             done[key] = [{k: p[k] for k in ("t", "cosine", "energy", "energy_paper")} for p in report_points(report)]
             if state is not None:
                 partial = Path(f"{state}.partial")  # an interrupt never leaves a half-written state file
@@ -168,8 +199,12 @@ def tune(ann: str | os.PathLike, feeds: Mapping[str, np.ndarray], method: str, *
                 break  # checked after a setting, so every run evaluates at least one
     # the settings of this search only: a state file may hold other methods' and other searches' too
     searched = {_key(method, knobs, max_timesteps if stepped else 1) for knobs in todo}
-    return [{"method": method, **{k: v for k, v in json.loads(key).items() if k not in ("method", "t")}, **row}
-            for key, rows in done.items() if key in searched for row in rows]
+    return [
+        {"method": method, **{k: v for k, v in json.loads(key).items() if k not in ("method", "t")}, **row}
+        for key, rows in done.items()
+        if key in searched
+        for row in rows
+    ]
 
 
 def plot(points: Sequence[dict], chosen: dict | None, path: str | os.PathLike) -> Path:
@@ -181,11 +216,18 @@ def plot(points: Sequence[dict], chosen: dict | None, path: str | os.PathLike) -
     shown = [p for p in points if p.get("energy") is not None]
     fig, axes = figure(size=(7, 4.5))
     ax = axes[0][0]
-    dots = ax.scatter([p["energy"] for p in shown], [p["cosine"] for p in shown], c=[p["t"] for p in shown],
-                      cmap="viridis", s=18)
+    dots = ax.scatter(
+        [p["energy"] for p in shown], [p["cosine"] for p in shown], c=[p["t"] for p in shown], cmap="viridis", s=18
+    )
     fig.colorbar(dots, label="T")
-    ax.scatter([p["energy"] for p in best if p in shown], [p["cosine"] for p in best if p in shown],
-               facecolors="none", edgecolors="black", s=60, label="Pareto front")
+    ax.scatter(
+        [p["energy"] for p in best if p in shown],
+        [p["cosine"] for p in best if p in shown],
+        facecolors="none",
+        edgecolors="black",
+        s=60,
+        label="Pareto front",
+    )
     if chosen is not None:
         ax.scatter([chosen["energy"]], [chosen["cosine"]], marker="*", color="red", s=180, label="chosen")
     ax.set(xlabel="energy estimate SNN/ANN", ylabel="validation cosine (worst output)")

@@ -18,6 +18,7 @@ every step (mean semantics): soft reset, V_0 = theta/2, threshold theta per neur
 pre-activation over the operator's domain (Li et al. 2021 calibrate on data; the domain is the data
 here), so a neuron's spike rate x theta is relu(pre-activation) quantized to theta/T.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,11 @@ def fit_error(ugo: UGO, points: int = 20001) -> dict[str, float]:
     x = np.linspace(low, high, points)
     want = SPECS[ugo.name].function(x)
     error = np.abs(ugo(x) - want)
-    return {"max_abs": float(error.max()), "mean_abs": float(error.mean()),
-            "mean_relative": float(error.mean() / np.abs(want).max())}
+    return {
+        "max_abs": float(error.max()),
+        "mean_abs": float(error.mean()),
+        "mean_relative": float(error.mean() / np.abs(want).max()),
+    }
 
 
 def fit(name: str, hidden: int | None = None, penalty: float = PENALTY_WEIGHT, points: int = 20001) -> UGO:
@@ -83,7 +87,7 @@ def fit(name: str, hidden: int | None = None, penalty: float = PENALTY_WEIGHT, p
     weight = np.sqrt(density)[:, None] / (np.abs(f)[:, None] if spec.relative else 1.0)
     a, y = features * weight, f * weight[:, 0]
     ridge = np.concatenate([penalty * theta, [0.0]])
-    solution = np.linalg.solve(a.T @ a + np.diag(ridge ** 2), a.T @ y)
+    solution = np.linalg.solve(a.T @ a + np.diag(ridge**2), a.T @ y)
     return UGO(name, w1, b1, solution[:-1], float(solution[-1]))
 
 
@@ -94,8 +98,9 @@ def _hidden(spec: UGOSpec, hidden: int | None) -> int:
     return int(hidden)
 
 
-def train_paper(name: str, hidden: int | None = None, *, seed: int = 0, epochs: int = EPOCHS,
-                progress: bool = False) -> UGO:
+def train_paper(
+    name: str, hidden: int | None = None, *, seed: int = 0, epochs: int = EPOCHS, progress: bool = False
+) -> UGO:
     """The paper's Table 3 recipe from a random start (see the module docstring for what it leaves open)."""
     import torch
     from tqdm import tqdm
@@ -109,35 +114,52 @@ def train_paper(name: str, hidden: int | None = None, *, seed: int = 0, epochs: 
     params = list(net.parameters())
     optimizer = torch.optim.SGD(params, lr=0.01) if spec.optimizer == "sgd" else torch.optim.Adam(params, lr=0.01)
     kind, *args = spec.schedule
-    scheduler = {"multistep": lambda: torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args[0]), args[1]),
-                 "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, args[0], args[1]),
-                 "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)}[kind]()
+    scheduler = {
+        "multistep": lambda: torch.optim.lr_scheduler.MultiStepLR(optimizer, list(args[0]), args[1]),
+        "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, args[0], args[1]),
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs),
+    }[kind]()
     largest = max(abs(v) for v in spec.domain)
     for _ in tqdm(range(epochs), desc=f"UGO {name} N={hidden}", disable=None if progress else True, leave=False):
         for _ in range(STEPS_PER_EPOCH):
             x = torch.from_numpy(spec.sample(rng, BATCH))[:, None]
             y = _torch_function(name)(x)
             out = net(x)
-            loss = torch.nn.functional.mse_loss(out, y) if spec.loss == "mse" \
-                else torch.nn.functional.huber_loss(out, y)
+            loss = (
+                torch.nn.functional.mse_loss(out, y) if spec.loss == "mse" else torch.nn.functional.huber_loss(out, y)
+            )
             if spec.loss == "huber+penalty":
                 # Eq. 3's quantization gap ||w1 |x|max + b1||_inf * ||w2||_1 (over T, a constant here)
-                loss = loss + PENALTY_WEIGHT * (first.weight[:, 0].abs() * largest + first.bias).max() \
+                loss = (
+                    loss
+                    + PENALTY_WEIGHT
+                    * (first.weight[:, 0].abs() * largest + first.bias).max()
                     * second.weight.abs().sum()
+                )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         scheduler.step()
-    return UGO(name, first.weight.detach().numpy()[:, 0].copy(), first.bias.detach().numpy().copy(),
-               second.weight.detach().numpy()[0].copy(), float(second.bias.detach().numpy()[0]))
+    return UGO(
+        name,
+        first.weight.detach().numpy()[:, 0].copy(),
+        first.bias.detach().numpy().copy(),
+        second.weight.detach().numpy()[0].copy(),
+        float(second.bias.detach().numpy()[0]),
+    )
 
 
 def _torch_function(name: str):
     """The same f as SPECS[name].function, on torch tensors (numpy's GELU goes through math.erf)."""
     import torch
 
-    return {"exp": torch.exp, "gelu": torch.nn.functional.gelu, "inverse": torch.reciprocal,
-            "rsqrt": torch.rsqrt, "silu": torch.nn.functional.silu}[name]
+    return {
+        "exp": torch.exp,
+        "gelu": torch.nn.functional.gelu,
+        "inverse": torch.reciprocal,
+        "rsqrt": torch.rsqrt,
+        "silu": torch.nn.functional.silu,
+    }[name]
 
 
 def spiking_error(ugo: UGO, timesteps: int, points: int = 2001) -> float:
@@ -155,5 +177,16 @@ def shipped_sizes(name: str) -> list[int]:
     return sorted({spec.hidden, spec.reference_hidden})
 
 
-__all__ = ["DATA_DIR", "SPECS", "UGO", "UGOSpec", "fit", "fit_error", "load", "path_for", "shipped_sizes", "spiking_error",
-           "train_paper"]
+__all__ = [
+    "DATA_DIR",
+    "SPECS",
+    "UGO",
+    "UGOSpec",
+    "fit",
+    "fit_error",
+    "load",
+    "path_for",
+    "shipped_sizes",
+    "spiking_error",
+    "train_paper",
+]

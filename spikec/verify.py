@@ -8,6 +8,7 @@ overflow float32, and such a model would run and answer garbage. A model that fa
 line naming the cause: an invalid model is spikec's failure to convert that input, never the user's to
 discover later.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,6 +70,7 @@ def _loadable(model: onnx.ModelProto | Path) -> Iterator[onnx.ModelProto | str]:
 @dataclass(frozen=True)
 class HeldOut:
     """Calibration samples the thresholds never saw, and what the SNN must reproduce on them."""
+
     feeds: Mapping[str, np.ndarray]
     reference: onnx.ModelProto  # the ANN; SpikeZIP-TF: the quantized ANN it is equivalent to
     reference_name: str
@@ -76,8 +78,12 @@ class HeldOut:
     held_out: bool  # False where calibration had a single sample, which is then verified on
 
 
-def verify(model: onnx.ModelProto | str | os.PathLike, label: str, ann: onnx.ModelProto | None = None,
-           held_out: HeldOut | None = None) -> dict | None:
+def verify(
+    model: onnx.ModelProto | str | os.PathLike,
+    label: str,
+    ann: onnx.ModelProto | None = None,
+    held_out: HeldOut | None = None,
+) -> dict | None:
     """Check ``model`` (a ModelProto, or a file: one written with external data) and raise a SpikecError
     starting with ``label`` (the input the model was converted from) where it is invalid. ``ann``: that
     input; an inf/NaN weight it did not have is refused. With ``held_out``, the model also runs on those
@@ -94,12 +100,13 @@ def verify(model: onnx.ModelProto | str | os.PathLike, label: str, ann: onnx.Mod
         proto, directory = onnx.load(model, load_external_data=False), model.parent
     for what, count in _non_finite(proto, directory):
         if ann is None or next(_non_finite(ann, weights.source_directory()), None) is None:
-            raise SpikecError(f"{label}: the converted model's {what} holds {count} inf/NaN value(s) where the "
-                              f"input's weights are finite (values overflow float32); nothing was written")
+            raise SpikecError(
+                f"{label}: the converted model's {what} holds {count} inf/NaN value(s) where the "
+                f"input's weights are finite (values overflow float32); nothing was written"
+            )
         break
     # the reference first: one session, with its weights, at a time
-    want = None if held_out is None else run_dataset(held_out.reference, held_out.feeds,
-                                                     batch_size=held_out.batch_size)
+    want = None if held_out is None else run_dataset(held_out.reference, held_out.feeds, batch_size=held_out.batch_size)
     options = quiet_options()
     if held_out is None:  # only loading is checked: the weights stay mapped, not packed for running
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -107,13 +114,15 @@ def verify(model: onnx.ModelProto | str | os.PathLike, label: str, ann: onnx.Mod
         try:
             onnx.checker.check_model(loadable, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
-            raise SpikecError(f"{label}: the converted model fails onnx.checker ({_one_line(exc)}); "
-                              f"nothing was written") from None
+            raise SpikecError(
+                f"{label}: the converted model fails onnx.checker ({_one_line(exc)}); nothing was written"
+            ) from None
         try:
             session = InferenceSession(loadable, options)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's exceptions share no base class below Exception
-            raise SpikecError(f"{label}: onnxruntime cannot load the converted model ({_one_line(exc)}); "
-                              f"nothing was written") from None
+            raise SpikecError(
+                f"{label}: onnxruntime cannot load the converted model ({_one_line(exc)}); nothing was written"
+            ) from None
         return None if held_out is None or want is None else _fidelity(session, held_out, want, label)
 
 
@@ -124,8 +133,9 @@ def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: st
     try:
         got = run_dataset(session, held_out.feeds, batch_size=held_out.batch_size)
     except SpikecError as exc:
-        raise SpikecError(f"{label}: the converted model does not run on held-out calibration samples ({exc}); "
-                          f"nothing was written") from None
+        raise SpikecError(
+            f"{label}: the converted model does not run on held-out calibration samples ({exc}); nothing was written"
+        ) from None
     outputs = {}
     for name, reference in want.items():
         if name not in got:
@@ -134,13 +144,23 @@ def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: st
         estimate = got[name].astype(np.float64)
         broken = int(np.count_nonzero(~np.isfinite(estimate) & finite))
         if broken:
-            raise SpikecError(f"{label}: the converted model outputs {broken} inf/NaN value(s) in '{name}' on "
-                              f"{count} held-out calibration sample(s) where the {held_out.reference_name} is "
-                              f"finite; nothing was written")
+            raise SpikecError(
+                f"{label}: the converted model outputs {broken} inf/NaN value(s) in '{name}' on "
+                f"{count} held-out calibration sample(s) where the {held_out.reference_name} is "
+                f"finite; nothing was written"
+            )
         reference, estimate = np.where(finite, reference, 0.0), np.where(finite, estimate, 0.0)
         error = float(np.max(np.abs(estimate - reference), initial=0.0))
         scale = float(np.max(np.abs(reference), initial=0.0)) or 1.0
-        outputs[name] = {"cosine": cosine(reference, estimate), "relative_max_error": error / scale,
-                         "max_abs_error": error}
-    return {"samples": count, "held_out": held_out.held_out, "reference": held_out.reference_name,
-            "timesteps": None if session.mode == "ttfs" else session.timesteps, "outputs": outputs}
+        outputs[name] = {
+            "cosine": cosine(reference, estimate),
+            "relative_max_error": error / scale,
+            "max_abs_error": error,
+        }
+    return {
+        "samples": count,
+        "held_out": held_out.held_out,
+        "reference": held_out.reference_name,
+        "timesteps": None if session.mode == "ttfs" else session.timesteps,
+        "outputs": outputs,
+    }

@@ -18,6 +18,7 @@ resolves them where it needs values:
 The graphsurgeon hooks are installed when this module is imported (the loader imports it); reading
 resolves references only inside `source`, elsewhere graphsurgeon behaves as it does.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,8 +76,7 @@ def external_span(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     except ValueError:
         raise SpikecError(f"tensor '{tensor.name}': external data offset/length are not integers") from None
     if "location" not in entries or offset < 0 or declared < need:
-        raise SpikecError(f"tensor '{tensor.name}': external data entry {entries} does not hold its "
-                          f"{need} bytes")
+        raise SpikecError(f"tensor '{tensor.name}': external data entry {entries} does not hold its {need} bytes")
     return entries["location"], offset, need
 
 
@@ -96,12 +96,15 @@ def check_external(model: onnx.ModelProto, directory: Path, label: str) -> None:
             if os.path.isabs(location) or ".." in Path(location).parts:
                 raise SpikecError(f"{label}: external data location '{location}' leaves the model's directory")
             if not path.is_file():
-                raise SpikecError(f"{label}: cannot read external data ({path}: "
-                                  f"{'not a file' if path.exists() else 'no such file'})")
+                raise SpikecError(
+                    f"{label}: cannot read external data ({path}: {'not a file' if path.exists() else 'no such file'})"
+                )
             sizes[location] = path.stat().st_size
         if offset + length > sizes[location]:
-            raise SpikecError(f"{label}: cannot read external data ({directory / location} holds "
-                              f"{sizes[location]} bytes; tensor '{tensor.name}' needs bytes {offset}..{offset + length})")
+            raise SpikecError(
+                f"{label}: cannot read external data ({directory / location} holds "
+                f"{sizes[location]} bytes; tensor '{tensor.name}' needs bytes {offset}..{offset + length})"
+            )
 
 
 class MappedArray(np.ndarray):
@@ -128,10 +131,13 @@ def map_tensor(tensor: onnx.TensorProto, directory: Path) -> MappedArray:
         mapped = np.empty(shape, dtype).view(MappedArray)
     else:
         try:
-            mapped = np.memmap(directory / location, dtype=dtype, mode="r", offset=offset, shape=shape).view(MappedArray)
+            mapped = np.memmap(directory / location, dtype=dtype, mode="r", offset=offset, shape=shape).view(
+                MappedArray
+            )
         except (OSError, ValueError) as exc:
-            raise SpikecError(f"tensor '{tensor.name}': cannot map external data {directory / location} "
-                              f"({exc})") from None
+            raise SpikecError(
+                f"tensor '{tensor.name}': cannot map external data {directory / location} ({exc})"
+            ) from None
     mapped.reference = tensor
     return mapped
 
@@ -218,8 +224,9 @@ class DataFile:
             self._file.write(data.reshape(-1).data.cast("B"))
             length = data.nbytes
         self._offset = start + length
-        reference = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
-                                     data_location=onnx.TensorProto.EXTERNAL)
+        reference = onnx.TensorProto(
+            name=tensor.name, data_type=tensor.data_type, dims=tensor.dims, data_location=onnx.TensorProto.EXTERNAL
+        )
         for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(length))):
             reference.external_data.add(key=key, value=value)
         return reference
@@ -235,8 +242,9 @@ class DataFile:
             while copied < length:
                 count = min(_COPY_CHUNK, length - copied)
                 try:  # in the kernel: the bytes never pass through this process's memory
-                    done = os.copy_file_range(source_file.fileno(), self._file.fileno(), count,
-                                              offset + copied, self._offset + copied)
+                    done = os.copy_file_range(
+                        source_file.fileno(), self._file.fileno(), count, offset + copied, self._offset + copied
+                    )
                 except OSError:  # another file system, or no such call: read in chunks
                     done = 0
                 if done == 0:
@@ -252,8 +260,11 @@ def externalize(graph: gs.Graph, data: DataFile, min_bytes: int = EXTERNAL_MIN_B
     a reference to what was written: the arrays it held (new weights) are then free, and exporting the
     graph copies no weight. Smaller constants that reference a source file are read in."""
     for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, SparseValues) \
-                or tensor.dtype in (None, np.object_, np.str_):
+        if (
+            not isinstance(tensor, gs.Constant)
+            or isinstance(tensor._values, SparseValues)
+            or tensor.dtype in (None, np.object_, np.str_)
+        ):
             continue  # strings have no raw form
         values = tensor._values
         if values.nbytes < min_bytes:
@@ -264,8 +275,9 @@ def externalize(graph: gs.Graph, data: DataFile, min_bytes: int = EXTERNAL_MIN_B
         if isinstance(values, LazyValues):
             reference = data.add(values.tensor)
         else:
-            described = onnx.TensorProto(name=tensor.name, dims=values.shape,
-                                         data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
+            described = onnx.TensorProto(
+                name=tensor.name, dims=values.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+            )
             reference = data.add(described, values)
         reference.name = tensor.name
         tensor._values = LazyValues(reference)
@@ -285,8 +297,9 @@ def read_foldable(graph: gs.Graph) -> None:
 
 def _references(values) -> bool:
     """Whether a Constant's values are still a reference to a file (unread, or mapped and unchanged)."""
-    return (isinstance(values, LazyValues) and uses_external_data(values.tensor)) or \
-        (isinstance(values, MappedArray) and values.reference is not None)
+    return (isinstance(values, LazyValues) and uses_external_data(values.tensor)) or (
+        isinstance(values, MappedArray) and values.reference is not None
+    )
 
 
 # ------------------------------------------------------------------ graphsurgeon, resolving references

@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules. The repository root is on sys.path through pytest's ``pythonpath``
 (pyproject.toml), so tests import the offline model/data zoo as ``from examples import fixtures``."""
+
 import pytest
 
 from examples import fixtures
@@ -17,13 +18,18 @@ def digits_qdq(digits, tmp_path_factory):
     weights, MatMul/Gemm quantized where SpikeZIP-TF places its quantizers), calibrated on 256 images."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
-    batches = iter([{"pixels": digits["x_train"][i:i + 32]} for i in range(0, 256, 32)])
+    batches = iter([{"pixels": digits["x_train"][i : i + 32]} for i in range(0, 256, 32)])
 
     class Reader(CalibrationDataReader):
         def get_next(self):
             return next(batches, None)
 
     qdq = tmp_path_factory.mktemp("qdq") / "qdq.onnx"
-    quantize_static(str(fixtures.digits_vit()), str(qdq), Reader(), quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_static(
+        str(fixtures.digits_vit()),
+        str(qdq),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"],
+    )
     return qdq

@@ -1,4 +1,5 @@
 """Small hand-built models the tests share: each builds in microseconds and converts with every method."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,27 +9,43 @@ from onnx import TensorProto, helper
 FEATURES, HIDDEN = 16, 64
 
 
-def mlp(*, dropout_training: bool = False, batch: int | str = "batch", dtype: int = TensorProto.FLOAT,
-         passthrough: bool = False, scale2: float = 0.3) -> onnx.ModelProto:
+def mlp(
+    *,
+    dropout_training: bool = False,
+    batch: int | str = "batch",
+    dtype: int = TensorProto.FLOAT,
+    passthrough: bool = False,
+    scale2: float = 0.3,
+) -> onnx.ModelProto:
     """x [batch, 16] -> MatMul -> Add -> Relu [-> Dropout] -> MatMul -> y [batch, 16] (fixed weights)."""
     rng = np.random.default_rng(5)
     numpy_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
-    inits = [onnx.numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(numpy_type), name)
-             for name, shape, scale in (("w1", (FEATURES, HIDDEN), 0.3), ("b1", (HIDDEN,), 0.1),
-                                        ("w2", (HIDDEN, FEATURES), scale2))]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
-             helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
-             helper.make_node("Relu", ["h1"], ["h"], name="relu")]
+    inits = [
+        onnx.numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(numpy_type), name)
+        for name, shape, scale in (
+            ("w1", (FEATURES, HIDDEN), 0.3),
+            ("b1", (HIDDEN,), 0.1),
+            ("w2", (HIDDEN, FEATURES), scale2),
+        )
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
+        helper.make_node("Relu", ["h1"], ["h"], name="relu"),
+    ]
     hidden = "h"
     if dropout_training:
         nodes.append(helper.make_node("Dropout", ["h", "ratio", "training"], ["hd"], name="drop"))
-        inits += [onnx.numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
-                  onnx.numpy_helper.from_array(np.array(True), "training")]
+        inits += [
+            onnx.numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+            onnx.numpy_helper.from_array(np.array(True), "training"),
+        ]
         hidden = "hd"
     nodes.append(helper.make_node("MatMul", [hidden, "w2"], ["y"], name="fc2"))
     outputs = [helper.make_tensor_value_info("y", dtype, [batch, FEATURES])]
     if passthrough:
         outputs.append(helper.make_tensor_value_info("x", dtype, [batch, FEATURES]))
-    graph = helper.make_graph(nodes, "main_graph", [helper.make_tensor_value_info("x", dtype, [batch, FEATURES])],
-                              outputs, inits)
+    graph = helper.make_graph(
+        nodes, "main_graph", [helper.make_tensor_value_info("x", dtype, [batch, FEATURES])], outputs, inits
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -1,4 +1,5 @@
 """One-node models of a spikec op, in the op's own signature (shared by the op and native-kernel tests)."""
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -19,12 +20,18 @@ def one_node_model(op_type: str, params: dict[str, np.ndarray], channels: int, *
     graph_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, state_shape) for n in states]
     graph_inputs += [helper.make_tensor_value_info("t", TensorProto.FLOAT, [])] if step else []
     output_shapes = [[None, channels]] * len(op.outputs) + [state_shape] * len(states) + [[None]] * op.spike_count
-    graph = helper.make_graph([node], "g", graph_inputs,
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape)
-                               for o, shape in zip(outputs, output_shapes)],
-                              [onnx.numpy_helper.from_array(v, k) for k, v in params.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
-                             functions=ops.functions_for({op_type}, 17))
+    graph = helper.make_graph(
+        [node],
+        "g",
+        graph_inputs,
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in zip(outputs, output_shapes)],
+        [onnx.numpy_helper.from_array(v, k) for k, v in params.items()],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ops.DOMAIN, 1)],
+        functions=ops.functions_for({op_type}, 17),
+    )
 
 
 # Attribute values the op tests use: MT neurons with 4 levels, compensation in sum semantics (the
@@ -45,7 +52,9 @@ def initial_states(op: ops.SpikingOp) -> dict[str, np.ndarray]:
     return {s: np.zeros([1] * (2 + op.state_rank_offset), np.float32) for s in op.states}
 
 
-def example_params(op: ops.SpikingOp, rng: np.random.Generator, channels: int, per_channel: bool) -> dict[str, np.ndarray]:
+def example_params(
+    op: ops.SpikingOp, rng: np.random.Generator, channels: int, per_channel: bool
+) -> dict[str, np.ndarray]:
     """Valid parameters of ``op``: positive thresholds, integer tracer bounds around zero, weights and
     biases of both signs."""
     values = {}

@@ -7,6 +7,7 @@ GELU inputs near 0 (STA's UGO), and the mask forms tests/test_masks.py does not 
 reshaped window mask). Bounds as tests/test_masks.py's check_method: ECMT cosine >= 0.99 at T=16, STA >= 0.97 at
 T=32, TTFS max error <= 1e-3 of scale, SpikeZIP-TF equal to its QANN (1e-4 of scale) with boundary flips explained.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,16 @@ def _export(module: nn.Module, example: dict[str, np.ndarray], path, opset: int 
     names = list(example)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), tuple(torch.from_numpy(v) for v in example.values()), str(path),
-                          dynamo=False, opset_version=opset, input_names=names, output_names=["y"],
-                          dynamic_axes={n: {0: "batch"} for n in [*names, "y"]})
+        torch.onnx.export(
+            module.eval(),
+            tuple(torch.from_numpy(v) for v in example.values()),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=["y"],
+            dynamic_axes={n: {0: "batch"} for n in [*names, "y"]},
+        )
     return str(path)
 
 
@@ -86,8 +94,11 @@ class Norm(nn.Module):
 def test_normalizations(tmp_path, form, method):
     path = _export(Norm(form), _tokens(2, 0), tmp_path / f"{form}.onnx")
     (norm,) = [r for r in _regions(path) if r.kind == "layernorm"]
-    assert (norm.attrs["center"], norm.attrs["reduction"], norm.attrs["form"]) == \
-        (False, "sum" if form == "l2" else "mean", "l2" if form == "l2" else "rms")
+    assert (norm.attrs["center"], norm.attrs["reduction"], norm.attrs["form"]) == (
+        False,
+        "sum" if form == "l2" else "mean",
+        "l2" if form == "l2" else "rms",
+    )
     assert norm.attrs["scale"] is not None
     check_method(method, path, _tokens(32, 1), _tokens(8, 2), "y")
 
@@ -97,12 +108,18 @@ def _rms_op_model(path) -> str:
     rng = np.random.default_rng(0)
     weights = [numpy_helper.from_array(rng.standard_normal((DIM, DIM)).astype(np.float32) / 4, f"w{i}") for i in (1, 2)]
     scale = numpy_helper.from_array(rng.uniform(0.5, 1.5, DIM).astype(np.float32), "scale")
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]),
-             helper.make_node("RMSNormalization", ["h", "scale"], ["n"], axis=-1, epsilon=1e-6),
-             helper.make_node("MatMul", ["n", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SEQ, DIM])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SEQ, DIM])],
-                              [*weights, scale])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("RMSNormalization", ["h", "scale"], ["n"], axis=-1, epsilon=1e-6),
+        helper.make_node("MatMul", ["n", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rms",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SEQ, DIM])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SEQ, DIM])],
+        [*weights, scale],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 10
     onnx.save(model, str(path))
@@ -120,8 +137,11 @@ def test_rms_normalization_op(tmp_path, method):
 # ----------------------------------------------------------------------------- activations
 
 ACTIVATIONS = {  # name -> (the activation as torch writes it, region kind, attrs it must carry)
-    "bloom-gelu": (lambda x: x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))), "gelu",
-                   {"approximate": "tanh"}),
+    "bloom-gelu": (
+        lambda x: x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))),
+        "gelu",
+        {"approximate": "tanh"},
+    ),
     "quick-gelu": (lambda x: x * torch.sigmoid(1.702 * x), "activation", {"function": "quick_gelu"}),
     "silu": (F.silu, "activation", {"function": "silu"}),
     "hardswish-op": (F.hardswish, "activation", {"function": "hardswish"}),
@@ -218,8 +238,7 @@ def test_batchnorm_between_linear_layers(tmp_path, method):
     assert "BatchNormalization" in {n.op_type for n in onnx.load(path).graph.node}
     check_method(method, path, _tokens(32, 1), _tokens(8, 2), "y")
     if method == "ecmt":
-        report = _report(spikec.compile(path, _tokens(32, 1), method="ecmt", timesteps=4, verify=False,
-                                        progress=False))
+        report = _report(spikec.compile(path, _tokens(32, 1), method="ecmt", timesteps=4, verify=False, progress=False))
         assert "BatchNormalization" not in {op for c in report["compensated"] for op in c["ops"]}
 
 
@@ -299,9 +318,11 @@ def layout_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     torch.backends.mha.set_fastpath_enabled(False)  # the fast path's fused op has no ONNX export
     try:
-        return {"seq-first": _export(Encoder(False), _tokens(2, 0), root / "seq_first.onnx"),
-                "batch-first": _export(Encoder(True), _tokens(2, 0), root / "batch_first.onnx"),
-                "pooling-head": _export(PoolingHead(), _tokens(2, 0), root / "head.onnx")}
+        return {
+            "seq-first": _export(Encoder(False), _tokens(2, 0), root / "seq_first.onnx"),
+            "batch-first": _export(Encoder(True), _tokens(2, 0), root / "batch_first.onnx"),
+            "pooling-head": _export(PoolingHead(), _tokens(2, 0), root / "head.onnx"),
+        }
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
 
@@ -347,8 +368,11 @@ def test_unrolled_equals_stateful_where_the_batch_is_not_first(layout_models, me
 
 def test_output_not_batch_first_is_refused_unrolled(tmp_path):
     path = _export(Encoder(False, seq_first_output=True), _tokens(2, 0), tmp_path / "seq_out.onnx")
-    with pytest.raises(spikec.SpikecError, match=r"--mode stateful \(output 'y' keeps the samples' rows on axis 1, "
-                                                 r"not on axis 0\)"):
+    with pytest.raises(
+        spikec.SpikecError,
+        match=r"--mode stateful \(output 'y' keeps the samples' rows on axis 1, "
+        r"not on axis 0\)",
+    ):
         spikec.compile(path, _tokens(16, 1), method="ecmt", timesteps=4, progress=False)
     snn = spikec.compile(path, _tokens(16, 1), method="ecmt", timesteps=4, mode="stateful", progress=False)
     assert np.isfinite(run_dataset(snn, _tokens(2, 2), timesteps=4)["y"]).all()
@@ -395,8 +419,8 @@ def _masked_data(form: str, samples: int, seed: int) -> dict[str, np.ndarray]:
     if form == "window":
         return _tokens(samples, seed)
     mask = np.ones((samples, SEQ), np.int64)
-    mask[1::3, SEQ - 2:] = 0
-    mask[2::3, :SEQ // 2] = 0
+    mask[1::3, SEQ - 2 :] = 0
+    mask[2::3, : SEQ // 2] = 0
     return {**_tokens(samples, seed), "attention_mask": mask}
 
 

@@ -1,4 +1,5 @@
 """`spikec calib make`: calibration .npz files from a text file and a tokenizer, or from a Python function."""
+
 import numpy as np
 import pytest
 from test_cli import _fails
@@ -16,8 +17,20 @@ def test_text_and_tokenizer_give_the_inputs_the_tokenizer_gives(tmp_path, senten
     text = tmp_path / "sentences.txt"
     text.write_text("\n".join(sentences[:20]) + "\n\n" + "\n".join(sentences[20:]) + "\n")  # blank lines skipped
     out = tmp_path / "calib.npz"
-    argv = ["calib", "make", str(fixtures.minilm()), "-o", str(out), "--text", str(text),
-            "--tokenizer", str(fixtures._minilm_dir()), "--max-length", "32", "--quiet"]
+    argv = [
+        "calib",
+        "make",
+        str(fixtures.minilm()),
+        "-o",
+        str(out),
+        "--text",
+        str(text),
+        "--tokenizer",
+        str(fixtures._minilm_dir()),
+        "--max-length",
+        "32",
+        "--quiet",
+    ]
     assert main(argv) == 0
     assert "40 samples of input_ids int64 [32], attention_mask int64 [32]" in capfd.readouterr().out
     want = fixtures.minilm_inputs(sentences, seq_len=32)
@@ -31,23 +44,54 @@ def test_a_dynamic_sequence_axis_needs_a_length(tmp_path, sentences, capfd):
     text = tmp_path / "sentences.txt"
     text.write_text("\n".join(sentences))
     out = tmp_path / "calib.npz"
-    _fails(capfd, ["calib", "make", str(fixtures.minilm()), "-o", str(out), "--text", str(text),
-                   "--tokenizer", str(fixtures._minilm_dir())], "--max-length")
-    _fails(capfd, ["calib", "make", str(fixtures.minilm()), "-o", str(out), "--text", str(text),
-                   "--tokenizer", str(tmp_path / "none"), "--max-length", "8"], "tokenizer", "not a directory")
+    _fails(
+        capfd,
+        [
+            "calib",
+            "make",
+            str(fixtures.minilm()),
+            "-o",
+            str(out),
+            "--text",
+            str(text),
+            "--tokenizer",
+            str(fixtures._minilm_dir()),
+        ],
+        "--max-length",
+    )
+    _fails(
+        capfd,
+        [
+            "calib",
+            "make",
+            str(fixtures.minilm()),
+            "-o",
+            str(out),
+            "--text",
+            str(text),
+            "--tokenizer",
+            str(tmp_path / "none"),
+            "--max-length",
+            "8",
+        ],
+        "tokenizer",
+        "not a directory",
+    )
     _fails(capfd, ["calib", "make", str(fixtures.minilm()), "-o", str(out), "--text", str(text)], "--tokenizer")
     assert not out.exists()
 
 
 def test_python_function(tmp_path, digits, capfd):
     source = tmp_path / "images.py"
-    source.write_text("import numpy as np\n"
-                      "def pixels():\n"
-                      "    return {'pixels': np.linspace(-1, 1, 3 * 64).reshape(3, 1, 8, 8)}\n"
-                      "def misnamed():\n"
-                      "    return {'image': np.zeros((3, 1, 8, 8), np.float32)}\n"
-                      "def broken():\n"
-                      "    raise ValueError('no images here')\n")
+    source.write_text(
+        "import numpy as np\n"
+        "def pixels():\n"
+        "    return {'pixels': np.linspace(-1, 1, 3 * 64).reshape(3, 1, 8, 8)}\n"
+        "def misnamed():\n"
+        "    return {'image': np.zeros((3, 1, 8, 8), np.float32)}\n"
+        "def broken():\n"
+        "    raise ValueError('no images here')\n"
+    )
     out = tmp_path / "calib.npz"
     assert main(["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--python", f"{source}:pixels"]) == 0
     with np.load(out) as got:
@@ -55,12 +99,21 @@ def test_python_function(tmp_path, digits, capfd):
         np.testing.assert_allclose(got["pixels"].ravel(), np.linspace(-1, 1, 3 * 64), rtol=1e-6)
     assert "wrote" in capfd.readouterr().out
     out.unlink()
-    _fails(capfd, ["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--python", f"{source}:misnamed"],
-           "unexpected key 'image'")
-    _fails(capfd, ["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--python", f"{source}:broken"],
-           "ValueError: no images here")
-    _fails(capfd, ["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--python", f"{source}:absent"],
-           "cannot load it")
+    _fails(
+        capfd,
+        ["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--python", f"{source}:misnamed"],
+        "unexpected key 'image'",
+    )
+    _fails(
+        capfd,
+        ["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--python", f"{source}:broken"],
+        "ValueError: no images here",
+    )
+    _fails(
+        capfd,
+        ["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--python", f"{source}:absent"],
+        "cannot load it",
+    )
     assert not out.exists()
 
 
@@ -90,8 +143,27 @@ def test_image_folder_resized_and_normalized_as_the_spec_says(tmp_path, digit_pi
     _write_digits(tmp_path / "images", digit_pixels, upsample=2)
     (tmp_path / "images" / "notes.txt").write_text("not an image")  # skipped: not an image suffix
     out = tmp_path / "calib.npz"
-    assert main(["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--images", str(tmp_path / "images"),
-                 "--resample", "box", "--mean", "0.3", "--std", "0.4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "calib",
+                "make",
+                str(fixtures.digits_vit()),
+                "-o",
+                str(out),
+                "--images",
+                str(tmp_path / "images"),
+                "--resample",
+                "box",
+                "--mean",
+                "0.3",
+                "--std",
+                "0.4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "12 samples of pixels float32 [1, 8, 8]" in capfd.readouterr().out
     order = sorted(range(12), key=lambda i: (i % 3, i))  # class0/000, class0/003, ..., class1/001, ...
     want = (digit_pixels[order][:, None] / 255 - 0.3) / 0.4
@@ -116,8 +188,9 @@ def test_image_folder_errors_are_one_line(tmp_path, digit_pixels, capfd, monkeyp
     _fails(capfd, [*base, str(tmp_path / "empty")], "holds no image file")
     (folder / "class0" / "broken.png").write_bytes(b"not a png")
     _fails(capfd, [*base, str(folder)], "broken.png", "cannot read it")
-    _fails(capfd, ["calib", "make", str(fixtures.minilm()), "-o", str(out), "--images", str(folder)],
-           "one 4-D image input")
+    _fails(
+        capfd, ["calib", "make", str(fixtures.minilm()), "-o", str(out), "--images", str(folder)], "one 4-D image input"
+    )
     monkeypatch.setitem(__import__("sys").modules, "PIL", None)  # Pillow not installed
     _fails(capfd, [*base, str(folder)], "needs the Pillow package")
     assert not out.exists()

@@ -276,8 +276,10 @@ def _same(a, b):
 
 def _parts(model, data, cuts, **kwargs):
     bounds = [0, *cuts, len(data["x"])]
-    return [collect_statistics(model, {k: v[a:b] for k, v in data.items()}, ["h"], progress=False, **kwargs)["h"]
-            for a, b in zip(bounds, bounds[1:])]
+    return [
+        collect_statistics(model, {k: v[a:b] for k, v in data.items()}, ["h"], progress=False, **kwargs)["h"]
+        for a, b in zip(bounds, bounds[1:])
+    ]
 
 
 def test_merged_statistics_equal_one_pass_within_the_budget():
@@ -330,7 +332,9 @@ def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         collect_statistics(model, data, ["h", "y"], checkpoint=checkpoint, checkpoint_every=0, **settings)
     starts = []
-    monkeypatch.setattr(calibrate, "_iterate", lambda run, start, *args: starts.append(start) or iterate(run, start, *args))
+    monkeypatch.setattr(
+        calibrate, "_iterate", lambda run, start, *args: starts.append(start) or iterate(run, start, *args)
+    )
     resumed = collect_statistics(model, data, ["h", "y"], checkpoint=checkpoint, checkpoint_every=0, **settings)
     assert starts == [80]  # after the five batches that were summarised
     for name in one:
@@ -362,15 +366,16 @@ def test_compile_with_a_checkpoint_and_workers_writes_the_same_model(tmp_path, m
     model, data = make_mlp(), {"x": mlp_data(n=64)["x"], "ids": mlp_data(n=64)["ids"]}
     plain = spikec.compile(model, data, tmp_path / "plain.onnx", timesteps=4, progress=False)
     checkpoint = tmp_path / "calib.npz"
-    spikec.compile(model, data, tmp_path / "first.onnx", timesteps=4, progress=False,
-                   calibration_checkpoint=checkpoint)
+    spikec.compile(model, data, tmp_path / "first.onnx", timesteps=4, progress=False, calibration_checkpoint=checkpoint)
     assert checkpoint.is_file()
     starts = []
     iterate = calibrate._iterate
-    monkeypatch.setattr(calibrate, "_iterate",
-                        lambda run, start, *a: starts.append((run.samples, start)) or iterate(run, start, *a))
-    spikec.compile(model, data, tmp_path / "resumed.onnx", timesteps=4, progress=False,
-                   calibration_checkpoint=checkpoint)
+    monkeypatch.setattr(
+        calibrate, "_iterate", lambda run, start, *a: starts.append((run.samples, start)) or iterate(run, start, *a)
+    )
+    spikec.compile(
+        model, data, tmp_path / "resumed.onnx", timesteps=4, progress=False, calibration_checkpoint=checkpoint
+    )
     # the pass over all 56 calibration samples (8 held out) resumes at their end; the time-folding check's
     # runs on two batches start afresh
     assert [start for samples, start in starts if samples == 56] == [56]

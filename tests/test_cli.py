@@ -4,6 +4,7 @@ Contract: bad input is rejected with exactly one stderr line ``spikec: error: ..
 and exit code 2, never a traceback; outputs are written atomically, the input model is never modified
 and no partial file is left behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,13 @@ T = 4
 
 def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """``python -m spikec.cli`` in a fresh process: what a user's shell sees, C-level logging included."""
-    return subprocess.run([sys.executable, "-m", "spikec.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or REPO_ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "spikec.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO_ROOT,
+        timeout=120,
+    )
 
 
 def _assert_one_error_line(err: str, *culprits: str) -> str:
@@ -68,8 +74,11 @@ def vit() -> Path:
 
 @pytest.fixture(scope="module")
 def data():
-    return {"calib": fixtures.fixture_npz("digits-calib"), "eval": fixtures.fixture_npz("digits-eval"),
-            "labels": fixtures.fixture_npz("digits-eval-labels")}
+    return {
+        "calib": fixtures.fixture_npz("digits-calib"),
+        "eval": fixtures.fixture_npz("digits-eval"),
+        "labels": fixtures.fixture_npz("digits-eval-labels"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +197,29 @@ def test_inspect_table(unrolled, capfd, monkeypatch):
 
 def test_stateful_run_matches_unrolled(vit, data, run_output, tmp_path, capfd):
     stateful = tmp_path / "stateful.onnx"
-    assert main(["compile", str(vit), "-o", str(stateful), "-T", str(T), "--mode", "stateful",
-                 "--calib", str(data["calib"]), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(vit),
+                "-o",
+                str(stateful),
+                "-T",
+                str(T),
+                "--mode",
+                "stateful",
+                "--calib",
+                str(data["calib"]),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "stateful.npz"
-    assert main(["run", str(stateful), "--inputs", str(data["eval"]), "-o", str(out), "--timesteps", str(T),
-                 "--quiet"]) == 0
+    assert (
+        main(["run", str(stateful), "--inputs", str(data["eval"]), "-o", str(out), "--timesteps", str(T), "--quiet"])
+        == 0
+    )
     _, err = capfd.readouterr()
     assert err == ""  # the default thresholds meet the bound at T=4
     with np.load(out) as got:
@@ -267,9 +294,11 @@ def test_corrupt_model_file_subprocess(small, kind):
     bad = tmp / f"{kind}.onnx"
     raw = model.read_bytes()
     bad.write_bytes(raw[: len(raw) // 2] if kind == "truncated" else np.random.default_rng(0).bytes(4096))
-    for argv in (["compile", bad, "-o", tmp / "out.onnx", "--calib", calib],
-                 ["run", bad, "--inputs", calib, "-o", tmp / "out.npz"],
-                 ["inspect", bad]):
+    for argv in (
+        ["compile", bad, "-o", tmp / "out.onnx", "--calib", calib],
+        ["run", bad, "--inputs", calib, "-o", tmp / "out.npz"],
+        ["inspect", bad],
+    ):
         proc = _cli(*argv)
         assert proc.returncode == 2 and proc.stdout == "", argv
         _assert_one_error_line(proc.stderr, bad.name)
@@ -283,17 +312,25 @@ def test_eval_with_missing_snn_subprocess(small):
     _assert_one_error_line(proc.stderr, "missing-snn.onnx", "no such file")
 
 
-@pytest.mark.parametrize("arrays, culprits", [
-    ({}, ["'pixels'", "missing"]),
-    ({"pixels": "ok", "bogus": "ok"}, ["'bogus'"]),
-    ({"pixels": "nan"}, ["'pixels'", "NaN"]),
-    ({"pixels": "empty"}, ["'pixels'", "zero samples"]),
-    ({"pixels": "rank3"}, ["'pixels'", "rank 4"]),
-], ids=["missing-input", "extra-key", "nan", "zero-samples", "wrong-rank"])
+@pytest.mark.parametrize(
+    "arrays, culprits",
+    [
+        ({}, ["'pixels'", "missing"]),
+        ({"pixels": "ok", "bogus": "ok"}, ["'bogus'"]),
+        ({"pixels": "nan"}, ["'pixels'", "NaN"]),
+        ({"pixels": "empty"}, ["'pixels'", "zero samples"]),
+        ({"pixels": "rank3"}, ["'pixels'", "rank 4"]),
+    ],
+    ids=["missing-input", "extra-key", "nan", "zero-samples", "wrong-rank"],
+)
 def test_bad_calibration_npz(small, capfd, arrays, culprits):
     tmp, model, _, pixels = small
-    variants = {"ok": pixels, "nan": np.where(np.arange(pixels.size).reshape(pixels.shape) == 5, np.nan, pixels),
-                "empty": pixels[:0], "rank3": pixels[:, 0]}
+    variants = {
+        "ok": pixels,
+        "nan": np.where(np.arange(pixels.size).reshape(pixels.shape) == 5, np.nan, pixels),
+        "empty": pixels[:0],
+        "rank3": pixels[:, 0],
+    }
     bad = tmp / "bad-calib.npz"
     np.savez(bad, **{k: variants[v] for k, v in arrays.items()})
     before = _listing(tmp)
@@ -301,18 +338,22 @@ def test_bad_calibration_npz(small, capfd, arrays, culprits):
     assert _listing(tmp) == before
 
 
-@pytest.mark.parametrize("extra, culprits", [
-    (["--timesteps", "0"], ["timesteps=0"]),
-    (["--timesteps", "100000"], ["timesteps=100000"]),
-    (["--levels", "0"], ["levels=0"]),
-    (["--percentile", "10"], ["percentile"]),
-    (["--batch-size", "0"], ["batch_size=0"]),
-    (["--input-shape", "pixels"], ["--input-shape", "'pixels'"]),
-    (["--input-shape", "=1,2"], ["--input-shape"]),
-    (["--input-shape", "pixels=batch,1,8"], ["'pixels'", "rank"]),
-    (["--input-shape", "pixels=batch,1,8,0"], ["'pixels'", "dim 0"]),
-    (["--input-shape", "nope=1,1,8,8"], ["'nope'"]),
-], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
+@pytest.mark.parametrize(
+    "extra, culprits",
+    [
+        (["--timesteps", "0"], ["timesteps=0"]),
+        (["--timesteps", "100000"], ["timesteps=100000"]),
+        (["--levels", "0"], ["levels=0"]),
+        (["--percentile", "10"], ["percentile"]),
+        (["--batch-size", "0"], ["batch_size=0"]),
+        (["--input-shape", "pixels"], ["--input-shape", "'pixels'"]),
+        (["--input-shape", "=1,2"], ["--input-shape"]),
+        (["--input-shape", "pixels=batch,1,8"], ["'pixels'", "rank"]),
+        (["--input-shape", "pixels=batch,1,8,0"], ["'pixels'", "dim 0"]),
+        (["--input-shape", "nope=1,1,8,8"], ["'nope'"]),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None,
+)
 def test_bad_compile_arguments(small, capfd, extra, culprits):
     tmp, model, calib, _ = small
     before = _listing(tmp)
@@ -341,7 +382,9 @@ def test_run_errors(unrolled, small, capfd):
     out = tmp / "out.npz"
     np.savez(tmp / "no-pixels.npz")
     before = _listing(tmp)
-    _fails(capfd, ["run", unrolled, "--inputs", tmp / "no-pixels.npz", "-o", out], "no-pixels.npz", "'pixels'", "missing")
+    _fails(
+        capfd, ["run", unrolled, "--inputs", tmp / "no-pixels.npz", "-o", out], "no-pixels.npz", "'pixels'", "missing"
+    )
     _fails(capfd, ["run", unrolled, "--inputs", tmp / "absent.npz", "-o", out], "absent.npz")
     _fails(capfd, ["run", tmp / "absent.onnx", "--inputs", calib, "-o", out], "absent.onnx")
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--batch-size", "0"], "batch_size=0")
@@ -360,13 +403,19 @@ def test_eval_errors(unrolled, small, capfd):
     # an ANN where the SNN should be: named, before anything runs
     _fails(capfd, ["eval", model, model, "--inputs", calib], "vit.onnx", "not a spikec model")
     np.savez(tmp / "bad-labels.npz", labels=np.zeros((len(pixels), 1), np.int64))
-    _fails(capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "bad-labels.npz"],
-           "bad-labels.npz", f"shape [{len(pixels)}]")
+    _fails(
+        capfd,
+        ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "bad-labels.npz"],
+        "bad-labels.npz",
+        f"shape [{len(pixels)}]",
+    )
     np.savez(tmp / "empty-labels.npz")
-    _fails(capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "empty-labels.npz"],
-           "empty-labels.npz")
-    _fails(capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "absent-labels.npz"],
-           "absent-labels.npz")
+    _fails(
+        capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "empty-labels.npz"], "empty-labels.npz"
+    )
+    _fails(
+        capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "absent-labels.npz"], "absent-labels.npz"
+    )
 
 
 def test_levels_zero_rejected_by_the_api():
@@ -376,8 +425,12 @@ def test_levels_zero_rejected_by_the_api():
 
 def test_inspect_into_a_closed_pipe(unrolled):
     """`spikec inspect --json | head -1`: the reader goes away early; no BrokenPipeError traceback."""
-    proc = subprocess.Popen([sys.executable, "-m", "spikec.cli", "inspect", str(unrolled), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spikec.cli", "inspect", str(unrolled), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
     assert proc.stdout.readline().strip() == b"{"
     proc.stdout.close()  # more than a pipe buffer (64 KiB) is still to come: the next write fails
     err = proc.stderr.read().decode()
@@ -393,8 +446,30 @@ def test_inspect_into_a_closed_pipe(unrolled):
 def test_spikezip_cli_flow(small, data, capfd):
     tmp, model, calib, _ = small
     qann, snn = tmp / "qann.onnx", tmp / "zip.onnx"
-    assert main(["compile", str(model), "-o", str(snn), "--method", "spikezip", "--levels", "8", "--mode", "stateful",
-                 "-T", "64", "--calib", str(calib), "--save-qann", str(qann), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(model),
+                "-o",
+                str(snn),
+                "--method",
+                "spikezip",
+                "--levels",
+                "8",
+                "--mode",
+                "stateful",
+                "-T",
+                "64",
+                "--calib",
+                str(calib),
+                "--save-qann",
+                str(qann),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out, err = capfd.readouterr()
     verified, *wrote = out.splitlines()
     assert wrote == [f"wrote {qann} (the quantized ANN)", f"wrote {snn}"]
@@ -402,16 +477,52 @@ def test_spikezip_cli_flow(small, data, capfd):
     assert err == ""
     # `spikec quantize` writes the QANN compile makes from all the calibration data (verification holds
     # some samples out of the quantization too)
-    assert main(["quantize", str(model), "-o", str(tmp / "q2.onnx"), "--levels", "8", "--calib", str(calib),
-                 "--quiet"]) == 0
-    assert main(["compile", str(model), "-o", str(tmp / "zip2.onnx"), "--method", "spikezip", "--levels", "8",
-                 "--calib", str(calib), "--save-qann", str(tmp / "q3.onnx"), "--no-verify", "--quiet"]) == 0
+    assert (
+        main(["quantize", str(model), "-o", str(tmp / "q2.onnx"), "--levels", "8", "--calib", str(calib), "--quiet"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "compile",
+                str(model),
+                "-o",
+                str(tmp / "zip2.onnx"),
+                "--method",
+                "spikezip",
+                "--levels",
+                "8",
+                "--calib",
+                str(calib),
+                "--save-qann",
+                str(tmp / "q3.onnx"),
+                "--no-verify",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capfd.readouterr()
     assert onnx.load(tmp / "q2.onnx").graph == onnx.load(tmp / "q3.onnx").graph
 
     result = tmp / "run.npz"
-    assert main(["run", str(snn), "--inputs", str(data["eval"]), "-o", str(result), "--until-quiet",
-                 "--batch-size", "128", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(snn),
+                "--inputs",
+                str(data["eval"]),
+                "-o",
+                str(result),
+                "--until-quiet",
+                "--batch-size",
+                "128",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out, _ = capfd.readouterr()
     assert "T_eq (steps until no neuron fires): 540 of 540 samples quiet, max " in out
     with np.load(result) as arrays:
@@ -420,8 +531,10 @@ def test_spikezip_cli_flow(small, data, capfd):
     assert len(steps) < 64 and steps.shape[1:] == (540, 10)
     np.testing.assert_array_equal(steps[-1], logits)
 
-    assert main(["eval", str(qann), str(snn), "--inputs", str(data["eval"]), "--json", "--quiet",
-                 "--batch-size", "540"]) == 0
+    assert (
+        main(["eval", str(qann), str(snn), "--inputs", str(data["eval"]), "--json", "--quiet", "--batch-size", "540"])
+        == 0
+    )
     per_t = json.loads(capfd.readouterr().out)["logits"]["per_t"]
     assert per_t[-1]["top1_agreement"] >= 0.99 and per_t[0]["top1_agreement"] < 0.9
 
@@ -436,14 +549,27 @@ def test_spikezip_cli_flow(small, data, capfd):
 
 def test_spikezip_cli_errors(small, capfd):
     tmp, model, calib, _ = small
-    _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "spikezip", "--levels", "1"],
-           "levels=1", "spikezip")
-    _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--save-qann", tmp / "q.onnx"],
-           "--save-qann", "spikezip", "not of ecmt")
+    _fails(
+        capfd,
+        ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "spikezip", "--levels", "1"],
+        "levels=1",
+        "spikezip",
+    )
+    _fails(
+        capfd,
+        ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--save-qann", tmp / "q.onnx"],
+        "--save-qann",
+        "spikezip",
+        "not of ecmt",
+    )
     # a SpikeZIP-TF model is reported against its QANN: a float ANN alone gets a pointer to --qann
     snn = tmp / "zip.onnx"
-    assert main(["compile", str(model), "-o", str(snn), "--method", "spikezip", "-T", "4", "--calib", str(calib),
-                 "--quiet"]) == 0
+    assert (
+        main(
+            ["compile", str(model), "-o", str(snn), "--method", "spikezip", "-T", "4", "--calib", str(calib), "--quiet"]
+        )
+        == 0
+    )
     capfd.readouterr()
     _fails(capfd, ["report", model, snn, "--inputs", calib, "-o", tmp / "r"], "--qann", "spikec quantize")
     _fails(capfd, ["run", snn, "--inputs", calib, "-o", tmp / "r.npz", "--until-quiet"], "until_quiet", "stateful")
@@ -452,24 +578,74 @@ def test_spikezip_cli_errors(small, capfd):
 def test_sta_switches_reach_the_compiler(small, capfd):
     tmp, model, calib, _ = small
     out = tmp / "sta.onnx"
-    assert main(["compile", str(model), "-o", str(out), "--method", "sta", "-T", "8", "--calib", str(calib),
-                 "--no-ugo", "--no-tcsa", "--no-signed", "--burst", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(model),
+                "-o",
+                str(out),
+                "--method",
+                "sta",
+                "-T",
+                "8",
+                "--calib",
+                str(calib),
+                "--no-ugo",
+                "--no-tcsa",
+                "--no-signed",
+                "--burst",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capfd.readouterr()
     snn = onnx.load(out)
     report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])
-    assert report["options"] == {"ugo": False, "tcsa": False, "signed": False, "burst": 1, "gelu_hidden": None,
-                                 "softmax_ugo": False}
+    assert report["options"] == {
+        "ugo": False,
+        "tcsa": False,
+        "signed": False,
+        "burst": 1,
+        "gelu_hidden": None,
+        "softmax_ugo": False,
+    }
     assert json.loads({p.key: p.value for p in snn.metadata_props}["spikec.options"]) == report["options"]
     neurons = [n for n in snn.graph.node if n.op_type == "X2XEncoder"]
     assert neurons and all({a.name: a.i for a in n.attribute}["signed"] == 0 for n in neurons)
     assert any("naive split" in c.get("rewrite", "") for c in report["compensated"])
-    _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "sta", "--burst", "0"],
-           "burst=0")
+    _fails(
+        capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "sta", "--burst", "0"], "burst=0"
+    )
     # UGO sizes are options; one without shipped weights says how to train it
-    _fails(capfd, ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "sta", "--gelu-hidden", "48"],
-           "N=48", "spikec ugo train")
-    assert main(["compile", str(model), "-o", str(out), "--method", "sta", "-T", "8", "--calib", str(calib),
-                 "--gelu-hidden", "64", "--quiet"]) == 0
+    _fails(
+        capfd,
+        ["compile", model, "-o", tmp / "o.onnx", "--calib", calib, "--method", "sta", "--gelu-hidden", "48"],
+        "N=48",
+        "spikec ugo train",
+    )
+    assert (
+        main(
+            [
+                "compile",
+                str(model),
+                "-o",
+                str(out),
+                "--method",
+                "sta",
+                "-T",
+                "8",
+                "--calib",
+                str(calib),
+                "--gelu-hidden",
+                "64",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capfd.readouterr()
     report = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["spikec.report"])
     assert {u["hidden"] for u in report["ugos"] if u["operator"] == "gelu"} == {64}

@@ -15,14 +15,20 @@ def _row(method, cosine, energy, timesteps=8, **more):
 
 
 def test_recommendation_rule():
-    rows = [_row("ecmt", 0.995, 0.9), _row("sta", 0.999, 3.0, 64), _row("ttfs", 0.98, 0.2, None),
-            {"method": "spikezip", "error": "node 'x': unsupported"}]
+    rows = [
+        _row("ecmt", 0.995, 0.9),
+        _row("sta", 0.999, 3.0, 64),
+        _row("ttfs", 0.98, 0.2, None),
+        {"method": "spikezip", "error": "node 'x': unsupported"},
+    ]
     # the lowest energy among the faithful: ttfs's lower energy does not count below the bound
     assert recommend(rows)["method"] == "ecmt"
     assert recommend([_row("ecmt", 0.9, 0.9), _row("sta", 0.95, 3.0)])["method"] == "sta"  # none faithful: the best
     # with labels, accuracy decides: half a point below the ANN is faithful, whatever the cosine
-    labelled = [_row("ecmt", 0.95, 0.9, accuracy=0.99, ann_accuracy=0.993), _row("sta", 0.999, 3.0, accuracy=0.97,
-                                                                                 ann_accuracy=0.993)]
+    labelled = [
+        _row("ecmt", 0.95, 0.9, accuracy=0.99, ann_accuracy=0.993),
+        _row("sta", 0.999, 3.0, accuracy=0.97, ann_accuracy=0.993),
+    ]
     assert recommend(labelled)["method"] == "ecmt"
     assert recommend([{"method": "ecmt", "error": "x"}])["method"] is None
 
@@ -31,8 +37,23 @@ def test_recommendation_rule():
 def test_compare_digits_vit_every_method(digits, tmp_path, capfd):
     np.savez(tmp_path / "calib.npz", pixels=digits["x_test"][:48])
     np.savez(tmp_path / "labels.npz", labels=digits["y_test"][:48])
-    assert main(["compare", str(fixtures.digits_vit()), "--calib", str(tmp_path / "calib.npz"), "--labels",
-                 str(tmp_path / "labels.npz"), "--timesteps", "ecmt=4,spikezip=48,sta=8", "--quiet", "--json"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                str(fixtures.digits_vit()),
+                "--calib",
+                str(tmp_path / "calib.npz"),
+                "--labels",
+                str(tmp_path / "labels.npz"),
+                "--timesteps",
+                "ecmt=4,spikezip=48,sta=8",
+                "--quiet",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capfd.readouterr().out)
     assert (result["fit_samples"], result["validation_samples"]) == (36, 12)
     rows = {r["method"]: r for r in result["methods"]}
@@ -61,8 +82,11 @@ def test_compare_cli_errors(tmp_path, capfd):
     calib = tmp_path / "calib.npz"
     np.savez(calib, pixels=np.zeros((8, 1, 8, 8), np.float32))
     model = str(fixtures.digits_vit())
-    for argv, culprit in [(["--methods", "ecmt,bogus"], "'bogus'"), (["--timesteps", "ttfs=4"], "ttfs"),
-                          (["--timesteps", "ecmt=0"], "'ecmt=0'")]:
+    for argv, culprit in [
+        (["--methods", "ecmt,bogus"], "'bogus'"),
+        (["--timesteps", "ttfs=4"], "ttfs"),
+        (["--timesteps", "ecmt=0"], "'ecmt=0'"),
+    ]:
         assert main(["compare", model, "--calib", str(calib), "--quiet", *argv]) == 2
         out, err = capfd.readouterr()
         assert out == "" and len(err.strip().splitlines()) == 1 and culprit in err, err

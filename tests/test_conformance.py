@@ -5,6 +5,7 @@ must compile, run and meet its method's bound (FIDELITY).
 Cells that fail today carry ``xfail(strict=True)`` naming their issue-18 class: when the fix of a class is
 merged, its cells pass, strict xfail turns them into failures, and the marker comes off.
 """
+
 import numpy as np
 import pytest
 
@@ -19,9 +20,15 @@ CELLS = [(arch, route, method) for arch, route in conformance.CI_TIER for method
 
 @pytest.mark.parametrize(
     ("arch", "route", "method"),
-    [pytest.param(*cell, id="-".join(cell),
-                  marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[cell])] if cell in KNOWN_FAILURES
-                  else []) for cell in CELLS])
+    [
+        pytest.param(
+            *cell,
+            id="-".join(cell),
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[cell])] if cell in KNOWN_FAILURES else [],
+        )
+        for cell in CELLS
+    ],
+)
 def test_cell_meets_its_bound(arch, route, method):
     cell = conformance.run_cell(arch, route, method)
     bound = conformance.FIDELITY[method].describe()
@@ -43,8 +50,9 @@ def test_batchnorm_statistics_are_measured_before_export():
     arch = zoo.ARCHS["mobilevit"]
     model = zoo.build_model(arch)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    assert norms and all(not m.training and not torch.allclose(m.running_var, torch.ones_like(m.running_var))
-                         for m in norms)
+    assert norms and all(
+        not m.training and not torch.allclose(m.running_var, torch.ones_like(m.running_var)) for m in norms
+    )
     feeds = {k: torch.from_numpy(v) for k, v in zoo.sample_inputs(arch, 2, zoo.EVALUATION_SEED).items()}
     with torch.no_grad():
         outputs = model(*feeds.values())
@@ -55,8 +63,9 @@ def test_an_ann_of_only_zeros_is_not_counted(monkeypatch):
     # a degenerate fixture is no finding about spikec: the cell says so instead of failing or passing it
     import spikec.evaluate
 
-    monkeypatch.setattr(spikec.evaluate, "run_dataset",
-                        lambda model, feeds, **_: {"last_hidden_state": np.zeros((2, 3), np.float32)})
+    monkeypatch.setattr(
+        spikec.evaluate, "run_dataset", lambda model, feeds, **_: {"last_hidden_state": np.zeros((2, 3), np.float32)}
+    )
     cell = conformance.run_cell("bert", "ts17", "ttfs", calibration_samples=2, evaluation_samples=2)
     assert (cell["status"], cell["detail"]) == ("ANN fails", "the ANN outputs only zeros")
     assert "ANN fails" in conformance.NOT_COUNTED

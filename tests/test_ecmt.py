@@ -1,4 +1,5 @@
 """ECMT end to end: conversion fidelity on real models, time semantics, unrolled == stateful."""
+
 import json
 
 import numpy as np
@@ -46,7 +47,12 @@ def test_digits_vit_structure(digits_snn):
     kinds = [r["kind"] for r in report["compensated"]]
     # block 0's first LayerNorm sees only the embedding, identical at every step: no compensation
     assert sorted(set(kinds)) == ["act_matmul", "gelu", "layernorm", "softmax"]
-    assert (kinds.count("layernorm"), kinds.count("gelu"), kinds.count("softmax"), kinds.count("act_matmul")) == (8, 4, 4, 8)
+    assert (kinds.count("layernorm"), kinds.count("gelu"), kinds.count("softmax"), kinds.count("act_matmul")) == (
+        8,
+        4,
+        4,
+        8,
+    )
     # parallel parameter normalization folded theta into every weight product fed by a neuron
     assert report["ppn_folded_products"] == 25
     onnx.checker.check_model(model)
@@ -55,8 +61,9 @@ def test_digits_vit_structure(digits_snn):
 def test_unrolled_equals_stateful(digits, tmp_path):
     calib = {"pixels": digits["x_train"][:128]}
     unrolled = spikec.compile(fixtures.digits_vit(), calib, tmp_path / "u.onnx", timesteps=5, progress=False)
-    stateful = spikec.compile(fixtures.digits_vit(), calib, tmp_path / "s.onnx", timesteps=5, mode="stateful",
-                              progress=False)
+    stateful = spikec.compile(
+        fixtures.digits_vit(), calib, tmp_path / "s.onnx", timesteps=5, mode="stateful", progress=False
+    )
     feeds = {"pixels": digits["x_test"][:16]}
     want = run_dataset(tmp_path / "u.onnx", feeds)["logits.steps"]
     session = InferenceSession(tmp_path / "s.onnx")
@@ -73,9 +80,15 @@ def _affine_model():
     w = onnx.numpy_helper.from_array(np.array([[1.0, 2.0], [0.5, -1.0]], np.float32), "W")
     b = onnx.numpy_helper.from_array(np.array([3.0, -2.0], np.float32), "b")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"], name="mm"), helper.make_node("Add", ["xw", "b"], ["y"], name="bias")],
-        "affine", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])], [w, b])
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"], name="mm"),
+            helper.make_node("Add", ["xw", "b"], ["y"], name="bias"),
+        ],
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        [w, b],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -121,8 +134,9 @@ def test_thresholds_cover_the_calibration_maximum():
     raised = base.covering(high=np.array([12.8, 2.0]), low=np.array([-1.0, -25.6]), levels=8, coverage=1.0)
     np.testing.assert_allclose(raised.positive, [0.1, 1.0])
     np.testing.assert_allclose(raised.negative, [0.5, 0.2])
-    np.testing.assert_array_equal(base.covering(np.array([12.8, 2.0]), np.array([-1.0, -25.6]), 8, 0.0).positive,
-                                  base.positive)
+    np.testing.assert_array_equal(
+        base.covering(np.array([12.8, 2.0]), np.array([-1.0, -25.6]), 8, 0.0).positive, base.positive
+    )
 
 
 @pytest.mark.parametrize("name", ["bert", "vit", "gpt2", "deit", "swin"])
@@ -146,11 +160,18 @@ def _argmax_model():
     """logits = x @ W, plus the argmax of the logits as an int64 output."""
     w = onnx.numpy_helper.from_array(np.array([[1.0, -1.0, 0.5], [0.5, 2.0, -1.0]], np.float32), "W")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["logits"], name="classifier"),
-         helper.make_node("ArgMax", ["logits"], ["label"], name="pick", axis=1, keepdims=0)],
-        "argmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
-         helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"])], [w])
+        [
+            helper.make_node("MatMul", ["x", "W"], ["logits"], name="classifier"),
+            helper.make_node("ArgMax", ["logits"], ["label"], name="pick", axis=1, keepdims=0),
+        ],
+        "argmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
+        ],
+        [w],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

@@ -8,6 +8,7 @@ what was there before (old outputs byte-identical), and every input byte-identic
 The models are a two-layer MLP (a few KB) and the SNN compiled from it, so that each process costs
 about a second, most of it imports.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,17 +43,24 @@ SAMPLES = 16
 
 # ------------------------------------------------------------------ models and data
 
+
 def _embedding() -> onnx.ModelProto:
     """ids [batch, 4] int64 -> Gather from 10 embeddings -> MatMul -> y: token ids out of range fail in
     onnxruntime, which logs the failure before raising it."""
     rng = np.random.default_rng(6)
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
-         helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")],
-        "main_graph", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+            helper.make_node("MatMul", ["e", "w"], ["y"], name="proj"),
+        ],
+        "main_graph",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8])],
-        [onnx.numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "table"),
-         onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+        [
+            onnx.numpy_helper.from_array(rng.standard_normal((10, 8)).astype(np.float32), "table"),
+            onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+        ],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -81,15 +89,22 @@ def work(tmp_path, made) -> Path:
 
 # ------------------------------------------------------------------ running and checking
 
+
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-            **extra}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]), **extra}
 
 
 def _cli(*args, cwd: Path, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
     quiet = [] if args[0] == "inspect" else ["--quiet"]  # no progress bars on stderr
-    return subprocess.run([sys.executable, "-m", "spikec.cli", *map(str, args), *quiet], capture_output=True,
-                          text=True, cwd=cwd, env=env or _env(), timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "spikec.cli", *map(str, args), *quiet],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env or _env(),
+        timeout=120,
+        **kwargs,
+    )
 
 
 def _snapshot(directory: Path) -> dict[str, str]:
@@ -127,6 +142,7 @@ def _refused(work: Path, *args, culprits=(), status: int = 2) -> str:
 
 # ------------------------------------------------------------------ 2. outputs are never inputs, nor special files
 
+
 def _link(work: Path, name: str, kind: str, target: str) -> str:
     if kind == "symlink":
         os.symlink(target, work / name)  # relative, as a user makes one
@@ -139,20 +155,56 @@ ALIASES = {
     # -o / --save-qann equal to something the command reads, spelled as it is or through a link
     "compile -o calib": (["compile", "mlp.onnx", "-o", "calib.npz", "--calib", "calib.npz"], "calibration data"),
     "compile -o ./model": (["compile", "mlp.onnx", "-o", "./mlp.onnx", "--calib", "calib.npz"], "input model"),
-    "compile -o symlink to calib": (["compile", "mlp.onnx", "-o", ("symlink", "calib.npz"), "--calib", "calib.npz"],
-                                    "calibration data"),
-    "compile -o hard link to calib": (["compile", "mlp.onnx", "-o", ("hardlink", "calib.npz"), "--calib", "calib.npz"],
-                                      "calibration data"),
-    "compile -o external data": (["compile", "ext.onnx", "-o", "ext.weights", "--calib", "calib.npz"],
-                                 "input model's external data"),
-    "compile -o hard link to external data": (["compile", "ext.onnx", "-o", ("hardlink", "ext.weights"), "--calib",
-                                               "calib.npz"], "input model's external data"),
-    "--save-qann calib": (["compile", "mlp.onnx", "-o", "zip.onnx", "--method", "spikezip", "--calib", "calib.npz",
-                           "--save-qann", "calib.npz"], "--save-qann"),
-    "--save-qann equal to -o": (["compile", "mlp.onnx", "-o", "zip.onnx", "--method", "spikezip", "--calib",
-                                 "calib.npz", "--save-qann", "zip.onnx"], "give each output its own path"),
-    "quantize -o symlink to model": (["quantize", "mlp.onnx", "-o", ("symlink", "mlp.onnx"), "--calib", "calib.npz"],
-                                     "input model"),
+    "compile -o symlink to calib": (
+        ["compile", "mlp.onnx", "-o", ("symlink", "calib.npz"), "--calib", "calib.npz"],
+        "calibration data",
+    ),
+    "compile -o hard link to calib": (
+        ["compile", "mlp.onnx", "-o", ("hardlink", "calib.npz"), "--calib", "calib.npz"],
+        "calibration data",
+    ),
+    "compile -o external data": (
+        ["compile", "ext.onnx", "-o", "ext.weights", "--calib", "calib.npz"],
+        "input model's external data",
+    ),
+    "compile -o hard link to external data": (
+        ["compile", "ext.onnx", "-o", ("hardlink", "ext.weights"), "--calib", "calib.npz"],
+        "input model's external data",
+    ),
+    "--save-qann calib": (
+        [
+            "compile",
+            "mlp.onnx",
+            "-o",
+            "zip.onnx",
+            "--method",
+            "spikezip",
+            "--calib",
+            "calib.npz",
+            "--save-qann",
+            "calib.npz",
+        ],
+        "--save-qann",
+    ),
+    "--save-qann equal to -o": (
+        [
+            "compile",
+            "mlp.onnx",
+            "-o",
+            "zip.onnx",
+            "--method",
+            "spikezip",
+            "--calib",
+            "calib.npz",
+            "--save-qann",
+            "zip.onnx",
+        ],
+        "give each output its own path",
+    ),
+    "quantize -o symlink to model": (
+        ["quantize", "mlp.onnx", "-o", ("symlink", "mlp.onnx"), "--calib", "calib.npz"],
+        "input model",
+    ),
     "run -o inputs": (["run", "snn.onnx", "--inputs", "calib.npz", "-o", ("hardlink", "calib.npz")], "--inputs file"),
     "run -o model": (["run", "snn.onnx", "--inputs", "calib.npz", "-o", "snn.onnx"], "input model"),
 }
@@ -168,8 +220,18 @@ def test_an_output_that_is_an_input_is_refused(work, case):
 def test_a_report_file_that_is_an_input_is_refused(work):
     (work / "report").mkdir()
     os.link(work / "calib.npz", work / "report" / "report.json")
-    _refused(work, "report", "mlp.onnx", "snn.onnx", "--inputs", "calib.npz", "-o", "report", "--force",
-             culprits=("report.json", "--inputs file"))
+    _refused(
+        work,
+        "report",
+        "mlp.onnx",
+        "snn.onnx",
+        "--inputs",
+        "calib.npz",
+        "-o",
+        "report",
+        "--force",
+        culprits=("report.json", "--inputs file"),
+    )
 
 
 def _special(work: Path, kind: str) -> str:
@@ -192,17 +254,24 @@ def _special(work: Path, kind: str) -> str:
 @pytest.mark.parametrize("command", ["compile", "run", "quantize"])
 def test_a_special_file_is_not_replaced(work, kind, what, command):
     target = _special(work, kind)
-    args = {"compile": ["compile", "mlp.onnx", "--calib", "calib.npz"],
-            "run": ["run", "snn.onnx", "--inputs", "calib.npz"],
-            "quantize": ["quantize", "mlp.onnx", "--calib", "calib.npz"]}[command]
+    args = {
+        "compile": ["compile", "mlp.onnx", "--calib", "calib.npz"],
+        "run": ["run", "snn.onnx", "--inputs", "calib.npz"],
+        "quantize": ["quantize", "mlp.onnx", "--calib", "calib.npz"],
+    }[command]
     _refused(work, *args, "-o", target, culprits=(target, what))
 
 
-@pytest.mark.parametrize("args", [["compile", "fifo", "-o", "out.onnx", "--calib", "calib.npz"],
-                                  ["compile", "mlp.onnx", "-o", "out.onnx", "--calib", "fifo"],
-                                  ["run", "snn.onnx", "--inputs", "fifo", "-o", "out.npz"],
-                                  ["report", "mlp.onnx", "fifo", "--inputs", "calib.npz", "-o", "report"]],
-                         ids=lambda a: f"{a[0]} {a[a.index('fifo') - 1] if a.index('fifo') > 1 else 'model'}")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compile", "fifo", "-o", "out.onnx", "--calib", "calib.npz"],
+        ["compile", "mlp.onnx", "-o", "out.onnx", "--calib", "fifo"],
+        ["run", "snn.onnx", "--inputs", "fifo", "-o", "out.npz"],
+        ["report", "mlp.onnx", "fifo", "--inputs", "calib.npz", "-o", "report"],
+    ],
+    ids=lambda a: f"{a[0]} {a[a.index('fifo') - 1] if a.index('fifo') > 1 else 'model'}",
+)
 def test_a_special_file_as_input_is_refused_not_read(work, args):
     """Reading a FIFO nobody writes would block for ever."""
     _special(work, "fifo")
@@ -217,8 +286,18 @@ def test_a_directory_is_not_an_output_file(work):
 
 @pytest.mark.parametrize("umask", [0o002, 0o077])
 def test_outputs_are_created_as_the_umask_says(work, umask):
-    proc = _cli("compile", "mlp.onnx", "-o", "out.onnx", "--calib", "calib.npz", "-T", "16", cwd=work,
-                preexec_fn=lambda: os.umask(umask))
+    proc = _cli(
+        "compile",
+        "mlp.onnx",
+        "-o",
+        "out.onnx",
+        "--calib",
+        "calib.npz",
+        "-T",
+        "16",
+        cwd=work,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert proc.returncode == 0, proc.stderr
     assert stat.S_IMODE((work / "out.onnx").stat().st_mode) == 0o666 & ~umask
 
@@ -245,7 +324,9 @@ def test_a_model_past_the_protobuf_limit_goes_with_its_weights_beside_it(work, m
     inputs = mlp()
     onnx.save(inputs, work / "in.onnx", save_as_external_data=True, location="other.onnx.data", size_threshold=0)
     with pytest.raises(spikec.SpikecError, match="other.onnx.data: is the input model's external data"):
-        modelio.write([("output", work / "other.onnx", model)], modelio.reads(models=[("input model", work / "in.onnx")]))
+        modelio.write(
+            [("output", work / "other.onnx", model)], modelio.reads(models=[("input model", work / "in.onnx")])
+        )
     assert not (work / "other.onnx").exists() and not any(".spikec-tmp-" in p.name for p in work.iterdir())
 
 
@@ -297,16 +378,25 @@ _PAUSED = textwrap.dedent("""
 
 # where a compile is when the signal comes: calibrating, verifying the model, and saving it (the
 # temporary is complete, about to be renamed)
-POINTS = {"calibration": ("spikec.calibrate", "_iterate", "0"), "verification": ("spikec.compiler", "verify", "0"),
-          "save": ("spikec.modelio", "_sync", "1")}
+POINTS = {
+    "calibration": ("spikec.calibrate", "_iterate", "0"),
+    "verification": ("spikec.compiler", "verify", "0"),
+    "save": ("spikec.modelio", "_sync", "1"),
+}
 
 
 def _paused_compile(work: Path, point: str, output: str = "out.onnx") -> tuple[subprocess.Popen, set[str]]:
     """A compile paused at ``point``; returns the process and the temporaries present while it waits."""
     marker = work.parent / f"{work.name}-marker"
     argv = ["compile", "mlp.onnx", "-o", output, "--calib", "calib.npz", "-T", "16", "--quiet"]
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSED, *POINTS[point], str(marker), *argv], cwd=work,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED, *POINTS[point], str(marker), *argv],
+        cwd=work,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()
@@ -349,8 +439,14 @@ def full_disk(tmp_path):
     else a file size limit (RLIMIT_FSIZE) on the process. Returns (directory, preexec_fn, the error)."""
     directory = tmp_path / "disk"
     directory.mkdir()
-    mounted = os.geteuid() == 0 and shutil.which("mount") is not None and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(directory)], capture_output=True).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and shutil.which("mount") is not None
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(directory)], capture_output=True
+        ).returncode
+        == 0
+    )
     (directory / "old.onnx").write_bytes(b"the previous output")
     if mounted:
         yield directory, None, os.strerror(errno.ENOSPC)
@@ -362,6 +458,7 @@ def full_disk(tmp_path):
 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+
     yield directory, limit_file_size, os.strerror(errno.EFBIG)
 
 
@@ -369,14 +466,20 @@ def full_disk(tmp_path):
 def test_a_full_disk_is_one_line_and_leaves_the_old_output(work, full_disk, command):
     directory, preexec, error = full_disk
     if command == "ttfs report":
-        assert _cli("compile", "mlp.onnx", "-o", "ttfs.onnx", "--calib", "calib.npz", "--method", "ttfs",
-                    cwd=work).returncode == 0
+        assert (
+            _cli(
+                "compile", "mlp.onnx", "-o", "ttfs.onnx", "--calib", "calib.npz", "--method", "ttfs", cwd=work
+            ).returncode
+            == 0
+        )
     target = directory / ("report" if "report" in command else "old.onnx")
-    args = {"compile": ["compile", "mlp.onnx", "--calib", "calib.npz", "-T", "16"],
-            "quantize": ["quantize", "mlp.onnx", "--calib", "calib.npz"],
-            "run": ["run", "snn.onnx", "--inputs", "calib.npz"],
-            "report": ["report", "mlp.onnx", "snn.onnx", "--inputs", "calib.npz"],
-            "ttfs report": ["report", "mlp.onnx", "ttfs.onnx", "--inputs", "calib.npz"]}[command]
+    args = {
+        "compile": ["compile", "mlp.onnx", "--calib", "calib.npz", "-T", "16"],
+        "quantize": ["quantize", "mlp.onnx", "--calib", "calib.npz"],
+        "run": ["run", "snn.onnx", "--inputs", "calib.npz"],
+        "report": ["report", "mlp.onnx", "snn.onnx", "--inputs", "calib.npz"],
+        "ttfs report": ["report", "mlp.onnx", "ttfs.onnx", "--inputs", "calib.npz"],
+    }[command]
     inputs, disk = _snapshot(work), _snapshot(directory)
     proc = _cli(*args, "-o", target, cwd=work, preexec_fn=preexec)
     _one_error_line(proc, 2, "cannot write", error, str(directory))
@@ -385,22 +488,47 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_output(work, full_disk, comm
 
 # ------------------------------------------------------------------ 4. exit 0 means a valid model
 
+
 def test_an_already_converted_model_is_refused(work):
     for method in ("ecmt", "spikezip", "sta", "ttfs"):
-        _refused(work, "compile", "snn.onnx", "-o", "again.onnx", "--calib", "calib.npz", "--method", method,
-                 culprits=("snn.onnx", "already a spikec model (method ecmt, T 16)"))
+        _refused(
+            work,
+            "compile",
+            "snn.onnx",
+            "-o",
+            "again.onnx",
+            "--calib",
+            "calib.npz",
+            "--method",
+            method,
+            culprits=("snn.onnx", "already a spikec model (method ecmt, T 16)"),
+        )
     _refused(work, "quantize", "snn.onnx", "-o", "q.onnx", "--calib", "calib.npz", culprits=("already a spikec model",))
 
 
-@pytest.mark.parametrize("model, culprits", [
-    (mlp(passthrough=True), ("output 'x'", "not computed by any node")),
-    (mlp(dtype=TensorProto.FLOAT16), ("float16", "float32")),
-], ids=["output-is-an-input", "float16"])
+@pytest.mark.parametrize(
+    "model, culprits",
+    [
+        (mlp(passthrough=True), ("output 'x'", "not computed by any node")),
+        (mlp(dtype=TensorProto.FLOAT16), ("float16", "float32")),
+    ],
+    ids=["output-is-an-input", "float16"],
+)
 def test_models_spikec_cannot_convert_are_refused(work, model, culprits):
     onnx.save(model, work / "odd.onnx")
     for method in ("ecmt", "ttfs"):  # time-stepped (repeats inputs) and one pass
-        _refused(work, "compile", "odd.onnx", "-o", "out.onnx", "--calib", "calib.npz", "--method", method,
-                 culprits=("odd.onnx", *culprits))
+        _refused(
+            work,
+            "compile",
+            "odd.onnx",
+            "-o",
+            "out.onnx",
+            "--calib",
+            "calib.npz",
+            "--method",
+            method,
+            culprits=("odd.onnx", *culprits),
+        )
 
 
 def test_verification_refuses_what_onnx_or_onnxruntime_reject():
@@ -421,12 +549,21 @@ def test_folded_weights_that_overflow_are_refused_naming_the_tensor(work):
     """ECMT folds theta_1 into the next weights (Eq. 27): near float32's limit that overflows."""
     onnx.save(mlp(scale2=5e37), work / "huge.onnx")
     np.savez(work / "loud.npz", x=_samples() * 100)
-    line = _refused(work, "compile", "huge.onnx", "-o", "out.onnx", "--calib", "loud.npz",
-                    culprits=("huge.onnx (ecmt)", "inf/NaN", "overflow float32"))
+    line = _refused(
+        work,
+        "compile",
+        "huge.onnx",
+        "-o",
+        "out.onnx",
+        "--calib",
+        "loud.npz",
+        culprits=("huge.onnx (ecmt)", "inf/NaN", "overflow float32"),
+    )
     assert "weight '" in line
 
 
 # ------------------------------------------------------------------ 5. one-line errors, not tracebacks
+
 
 def test_a_member_that_is_not_npy_is_one_line(work):
     import zipfile
@@ -446,16 +583,26 @@ def test_truncated_external_data_is_one_line(work):
     _refused(work, "run", "ext.onnx", "--inputs", "calib.npz", "-o", "out.npz", culprits=("ext.onnx",))
 
 
-@pytest.mark.parametrize("key, value", [("spikec.timesteps", "-3"), ("spikec.timesteps", "two"),
-                                        ("spikec.report", "{not json"), ("spikec.report", '{"neurons": {}}'),
-                                        ("spikec.mode", "sideways"),
-                                        ("spikec.options", "[1]")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("spikec.timesteps", "-3"),
+        ("spikec.timesteps", "two"),
+        ("spikec.report", "{not json"),
+        ("spikec.report", '{"neurons": {}}'),
+        ("spikec.mode", "sideways"),
+        ("spikec.options", "[1]"),
+    ],
+)
 def test_tampered_metadata_is_one_line(work, key, value):
     model = onnx.load(work / "snn.onnx")
     next(p for p in model.metadata_props if p.key == key).value = value
     onnx.save(model, work / "tampered.onnx")
-    for args in (["run", "tampered.onnx", "--inputs", "calib.npz", "-o", "out.npz"], ["inspect", "tampered.onnx"],
-                 ["eval", "mlp.onnx", "tampered.onnx", "--inputs", "calib.npz"]):
+    for args in (
+        ["run", "tampered.onnx", "--inputs", "calib.npz", "-o", "out.npz"],
+        ["inspect", "tampered.onnx"],
+        ["eval", "mlp.onnx", "tampered.onnx", "--inputs", "calib.npz"],
+    ):
         _refused(work, *args, culprits=("tampered.onnx", key))
 
 
@@ -463,14 +610,16 @@ def test_a_static_batch_model_runs_in_chunks_of_its_batch(work):
     onnx.save(mlp(batch=4), work / "static.onnx")
     proc = _cli("run", "static.onnx", "--inputs", "calib.npz", "-o", "out.npz", "--batch-size", "5", cwd=work)
     assert proc.returncode == 0, proc.stderr
-    x = np.load(work / "calib.npz")["x"][:SAMPLES - 2]
+    x = np.load(work / "calib.npz")["x"][: SAMPLES - 2]
     np.savez(work / "odd.npz", x=x)  # 14 samples: the last chunk is filled up and cut back
     assert _cli("run", "static.onnx", "--inputs", "odd.npz", "-o", "odd-out.npz", cwd=work).returncode == 0
     want = InferenceSession(mlp()).run(["y"], {"x": x})[0]
     np.testing.assert_allclose(np.load(work / "odd-out.npz")["y"], want, rtol=1e-5, atol=1e-6)
     with np.load(work / "out.npz") as out:
         assert out["y"].shape == (SAMPLES, FEATURES)
-    assert _cli("compile", "static.onnx", "-o", "snn4.onnx", "--calib", "calib.npz", "-T", "16", cwd=work).returncode == 0
+    assert (
+        _cli("compile", "static.onnx", "-o", "snn4.onnx", "--calib", "calib.npz", "-T", "16", cwd=work).returncode == 0
+    )
     proc = _cli("eval", "static.onnx", "snn4.onnx", "--inputs", "odd.npz", "--json", cwd=work)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["y"]["per_t"][-1]["cosine"] > 0.8
@@ -491,11 +640,26 @@ def test_stateful_time_must_start_at_one():
 
 # ------------------------------------------------------------------ 6. reproducible and quiet
 
+
 def test_dropout_in_training_mode_is_identity_and_compiles_are_reproducible(work):
     onnx.save(mlp(dropout_training=True), work / "train.onnx")
     for method in ("ecmt", "spikezip"):
-        results = [_cli("compile", "train.onnx", "-o", f"{method}-{i}.onnx", "--calib", "calib.npz", "--method",
-                        method, "-T", "16", cwd=work) for i in range(2)]
+        results = [
+            _cli(
+                "compile",
+                "train.onnx",
+                "-o",
+                f"{method}-{i}.onnx",
+                "--calib",
+                "calib.npz",
+                "--method",
+                method,
+                "-T",
+                "16",
+                cwd=work,
+            )
+            for i in range(2)
+        ]
         for proc in results:
             assert proc.returncode == 0, proc.stderr
             assert len(proc.stderr.splitlines()) == 1 and "Dropout" in proc.stderr and "identity" in proc.stderr
@@ -503,8 +667,10 @@ def test_dropout_in_training_mode_is_identity_and_compiles_are_reproducible(work
     # the same thresholds as the model without the Dropout
     plain = _cli("compile", "mlp.onnx", "-o", "plain.onnx", "--calib", "calib.npz", "-T", "16", cwd=work)
     assert plain.returncode == 0 and plain.stderr == ""
-    report = [json.loads({p.key: p.value for p in onnx.load(work / name).metadata_props}["spikec.report"])
-              for name in ("ecmt-0.onnx", "plain.onnx")]
+    report = [
+        json.loads({p.key: p.value for p in onnx.load(work / name).metadata_props}["spikec.report"])
+        for name in ("ecmt-0.onnx", "plain.onnx")
+    ]
     assert [n["theta_pos"] for n in report[0]["neurons"]] == [n["theta_pos"] for n in report[1]["neurons"]]
 
 
@@ -512,8 +678,16 @@ def test_onnxruntime_failures_are_one_line_naming_the_files(work):
     onnx.save(_embedding(), work / "embed.onnx")
     np.savez(work / "ids.npz", ids=np.full((4, 4), 50, np.int64))  # 10 embeddings: id 50 is out of range
     # compile first runs the first sample alone, to find where each tensor holds the batch (check_time_folding)
-    line = _refused(work, "compile", "embed.onnx", "-o", "out.onnx", "--calib", "ids.npz",
-                    culprits=("embed.onnx", "ids.npz", "samples 0:1"))
+    line = _refused(
+        work,
+        "compile",
+        "embed.onnx",
+        "-o",
+        "out.onnx",
+        "--calib",
+        "ids.npz",
+        culprits=("embed.onnx", "ids.npz", "samples 0:1"),
+    )
     assert "main_graph" not in line
     _refused(work, "run", "embed.onnx", "--inputs", "ids.npz", "-o", "out.npz", culprits=("embed.onnx", "samples 0:4"))
 
@@ -521,20 +695,44 @@ def test_onnxruntime_failures_are_one_line_naming_the_files(work):
 def test_numeric_warnings_do_not_reach_the_terminal(work):
     """SpikeZIP-TF's clip search squares quantization errors of values near float32's limit."""
     onnx.save(mlp(scale2=1e20), work / "loud.onnx")
-    proc = _cli("compile", "loud.onnx", "-o", "out.onnx", "--calib", "calib.npz", "--method", "spikezip", "-T", "64",
-                cwd=work)
+    proc = _cli(
+        "compile", "loud.onnx", "-o", "out.onnx", "--calib", "calib.npz", "--method", "spikezip", "-T", "64", cwd=work
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def test_invalid_values_are_errors(work):
     assert _cli("quantize", "mlp.onnx", "-o", "qann.onnx", "--calib", "calib.npz", cwd=work).returncode == 0
-    _refused(work, "compile", "qann.onnx", "-o", "zip.onnx", "--method", "spikezip", "--calib", "calib.npz",
-             "--save-qann", "again.onnx", culprits=("save_qann", "already quantized"))  # it would write nothing
+    _refused(
+        work,
+        "compile",
+        "qann.onnx",
+        "-o",
+        "zip.onnx",
+        "--method",
+        "spikezip",
+        "--calib",
+        "calib.npz",
+        "--save-qann",
+        "again.onnx",
+        culprits=("save_qann", "already quantized"),
+    )  # it would write nothing
     _refused(work, "ugo", "train", "--only", "exp", "--hidden", "0", "--output-dir", ".", culprits=("hidden size 0",))
-    _refused(work, "compile", "mlp.onnx", "-o", "out.onnx", "--calib", "calib.npz", "--allow-float", "Relu,Softmaks",
-             culprits=("'Softmaks'", "allow_float"))
+    _refused(
+        work,
+        "compile",
+        "mlp.onnx",
+        "-o",
+        "out.onnx",
+        "--calib",
+        "calib.npz",
+        "--allow-float",
+        "Relu,Softmaks",
+        culprits=("'Softmaks'", "allow_float"),
+    )
     before = _snapshot(work)
-    proc = _cli("run", "snn.onnx", "--inputs", "calib.npz", "-o", "out.npz", cwd=work,
-                env=_env(SPIKEC_NATIVE_LIB=str(work)))
+    proc = _cli(
+        "run", "snn.onnx", "--inputs", "calib.npz", "-o", "out.npz", cwd=work, env=_env(SPIKEC_NATIVE_LIB=str(work))
+    )
     assert "SPIKEC_NATIVE_LIB" in _one_error_line(proc, 2, "is a directory")
     assert _snapshot(work) == before

@@ -1,4 +1,5 @@
 """spikec finetune: the ONNX graph as a torch module, LSQ distillation, and the written QANN's conversion."""
+
 import subprocess
 import sys
 
@@ -29,19 +30,31 @@ def test_graph_module_equals_onnxruntime_on_the_float_digits_vit():
 
 def _mlp() -> onnx.ModelProto:
     """LayerNorm -> MatMul -> GELU (Erf form) -> MatMul: quantizers before and after both products."""
+
     def init(name, *shape):
         return onnx.numpy_helper.from_array((RNG.standard_normal(shape) * 0.5).astype(np.float32), name)
 
-    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1),
-             helper.make_node("MatMul", ["h", "w1"], ["u"]),
-             helper.make_node("Div", ["u", "sqrt2"], ["u2"]), helper.make_node("Erf", ["u2"], ["e"]),
-             helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["u", "e1"], ["ue"]),
-             helper.make_node("Mul", ["ue", "half"], ["a"]), helper.make_node("MatMul", ["a", "w2"], ["y"])]
-    consts = [onnx.numpy_helper.from_array(np.array(v, np.float32), n)
-              for n, v in (("sqrt2", np.sqrt(2)), ("one", 1.0), ("half", 0.5))]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 6])],
-                              [init("g", 8), init("b", 8), init("w1", 8, 16), init("w2", 16, 6), *consts])
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["h"], axis=-1),
+        helper.make_node("MatMul", ["h", "w1"], ["u"]),
+        helper.make_node("Div", ["u", "sqrt2"], ["u2"]),
+        helper.make_node("Erf", ["u2"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["e1"]),
+        helper.make_node("Mul", ["u", "e1"], ["ue"]),
+        helper.make_node("Mul", ["ue", "half"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["y"]),
+    ]
+    consts = [
+        onnx.numpy_helper.from_array(np.array(v, np.float32), n)
+        for n, v in (("sqrt2", np.sqrt(2)), ("one", 1.0), ("half", 0.5))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 6])],
+        [init("g", 8), init("b", 8), init("w1", 8, 16), init("w2", 16, 6), *consts],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -50,8 +63,9 @@ def test_finetune_lowers_the_loss_resumes_and_converts(tmp_path):
     model = _mlp()
     calib = {"x": RNG.standard_normal((64, 4, 8)).astype(np.float32)}
     checkpoint, out = tmp_path / "run.ckpt", tmp_path / "qann.onnx"
-    tuned, summary = spikec.finetune(model, calib, out, levels=4, steps=40, checkpoint=checkpoint, lr=1e-2,
-                                     progress=False)
+    tuned, summary = spikec.finetune(
+        model, calib, out, levels=4, steps=40, checkpoint=checkpoint, lr=1e-2, progress=False
+    )
     assert summary["steps"] == 40 and summary["loss_after"] < 0.8 * summary["loss_before"]
     # what the QANN writes is what the torch module trained: onnxruntime sees the same loss (up to the loss's
     # normalization per batch of 16 in training, over all 64 here)
@@ -69,19 +83,35 @@ def test_finetune_lowers_the_loss_resumes_and_converts(tmp_path):
     feeds = {"x": RNG.standard_normal((16, 4, 8)).astype(np.float32)}
     snn = spikec.compile(tuned, calib, method="spikezip", timesteps=24, progress=False)
     qann_out = InferenceSession(tuned).run(["y"], feeds)[0]
-    np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], qann_out,
-                               atol=1e-4 * np.abs(qann_out).max(), rtol=0)
+    np.testing.assert_allclose(
+        InferenceSession(snn).run(["y"], feeds)[0], qann_out, atol=1e-4 * np.abs(qann_out).max(), rtol=0
+    )
 
 
 def test_cli_finetune_without_torch_is_one_line(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(_mlp(), model)
     fixtures.write_npz(tmp_path / "c.npz", {"x": RNG.standard_normal((8, 4, 8)).astype(np.float32)})
-    code = ("import sys, importlib.util; sys.modules['torch'] = None; "
-            "importlib.util.find_spec = lambda name, *a: None if name == 'torch' else _find(name, *a); "
-            "from spikec.cli import main; sys.exit(main())")
+    code = (
+        "import sys, importlib.util; sys.modules['torch'] = None; "
+        "importlib.util.find_spec = lambda name, *a: None if name == 'torch' else _find(name, *a); "
+        "from spikec.cli import main; sys.exit(main())"
+    )
     code = "import importlib.util as u; _find = u.find_spec; " + code
-    proc = subprocess.run([sys.executable, "-c", code, "finetune", str(model), "--calib", str(tmp_path / "c.npz"),
-                           "-o", str(tmp_path / "o.onnx")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "finetune",
+            str(model),
+            "--calib",
+            str(tmp_path / "c.npz"),
+            "-o",
+            str(tmp_path / "o.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "needs PyTorch" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.onnx").exists()

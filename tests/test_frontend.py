@@ -223,7 +223,9 @@ def export(tmp_path_factory):
             names = [f"in{i}" for i in range(len(args))]
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(module, args, str(path), dynamo=exporter == "dynamo", opset_version=opset, input_names=names)
+                torch.onnx.export(
+                    module, args, str(path), dynamo=exporter == "dynamo", opset_version=opset, input_names=names
+                )
             cache[key] = path
         return cache[key]
 
@@ -290,7 +292,9 @@ def test_layernorm_decomposed_without_affine(export):
     assert ln.attrs["scale"] is None and ln.attrs["bias"] is None
 
 
-@pytest.mark.parametrize(("exporter", "expected"), [("torchscript", DECOMPOSED_LN), ("dynamo", [*DECOMPOSED_LN[:4], *DECOMPOSED_LN[5:]])])
+@pytest.mark.parametrize(
+    ("exporter", "expected"), [("torchscript", DECOMPOSED_LN), ("dynamo", [*DECOMPOSED_LN[:4], *DECOMPOSED_LN[5:]])]
+)
 def test_layernorm_handwritten(export, exporter, expected):
     """TorchScript CSEs the repeated (x - u); dynamo also drops the Add of eps=1e-12."""
     _, regions = _regions(export("layernorm_handwritten", exporter, 14 if exporter == "torchscript" else 18))
@@ -315,7 +319,9 @@ def test_layernorm_decomposed_with_two_subs():
         helper.make_node("Sqrt", ["ve"], ["std"]),
         helper.make_node("Div", ["d2", "std"], ["y"]),
     ]
-    model = helper.make_model(helper.make_graph(nodes, "ln", [x], [y], consts), opset_imports=[helper.make_opsetid("", 14)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "ln", [x], [y], consts), opset_imports=[helper.make_opsetid("", 14)]
+    )
     regions = find_regions(gs.import_onnx(canonicalize(model)))
     assert [(r.kind, len(r.nodes)) for r in regions] == [("layernorm", 8)]
     assert regions[0].attrs["epsilon"] == pytest.approx(1e-5, rel=1e-6)
@@ -594,7 +600,10 @@ def test_squeeze_batch_constants():
     assert graph.nodes[1].inputs[1] is distinct
 
 
-@pytest.mark.parametrize(("case", "exporter", "opset"), [("sdpa", "dynamo", 18), ("masked_softmax", "torchscript", 17), ("layernorm", "dynamo", 18)])
+@pytest.mark.parametrize(
+    ("case", "exporter", "opset"),
+    [("sdpa", "dynamo", 18), ("masked_softmax", "torchscript", 17), ("layernorm", "dynamo", 18)],
+)
 def test_canonical_static_batch_model_runs_at_a_multiple_of_the_batch(export, case, exporter, opset):
     """What time folding needs: the static-batch model still computes row by row at T*batch."""
     model = load_model(export(case, exporter, opset))
@@ -660,7 +669,9 @@ def test_load_checker_rejection(model_file):
 
 def test_load_old_opset(tmp_path):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]
+    )
     path = tmp_path / "old.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
     assert _raises(path, "opset 11").startswith(f"{path}: ")
@@ -709,12 +720,33 @@ VIT4 = {"layernorm": 9, "gelu": 4, "softmax": 4, "act_matmul": 8, "weight_matmul
 # zeros_like(input_ids), dynamic in batch) and, in TorchScript exports only, +position.
 # MiniLM's last "layernorm" is the sentence embedding's L2 normalization; BERT-family models' pooler Tanh is an
 # activation.
-MINILM = {"layernorm": 14, "gelu": 6, "softmax": 6, "act_matmul": 12, "weight_matmul": 36, "residual_add": 14,
-          "activation": 1}
-TINY_BERT = {"layernorm": 5, "gelu": 2, "softmax": 2, "act_matmul": 4, "weight_matmul": 13, "residual_add": 6,
-             "activation": 1}
-TINY_VIT = {"layernorm": 5, "gelu": 2, "softmax": 2, "act_matmul": 4, "weight_matmul": 13, "residual_add": 4,
-            "activation": 1}
+MINILM = {
+    "layernorm": 14,
+    "gelu": 6,
+    "softmax": 6,
+    "act_matmul": 12,
+    "weight_matmul": 36,
+    "residual_add": 14,
+    "activation": 1,
+}
+TINY_BERT = {
+    "layernorm": 5,
+    "gelu": 2,
+    "softmax": 2,
+    "act_matmul": 4,
+    "weight_matmul": 13,
+    "residual_add": 6,
+    "activation": 1,
+}
+TINY_VIT = {
+    "layernorm": 5,
+    "gelu": 2,
+    "softmax": 2,
+    "act_matmul": 4,
+    "weight_matmul": 13,
+    "residual_add": 4,
+    "activation": 1,
+}
 TINY_GPT2 = {"layernorm": 5, "gelu": 2, "softmax": 2, "act_matmul": 4, "weight_matmul": 8, "residual_add": 4}
 TINY_SWIN = {"layernorm": 11, "gelu": 4, "softmax": 4, "act_matmul": 8, "weight_matmul": 25, "residual_add": 8}
 
@@ -730,10 +762,16 @@ FIXTURE_CASES = {  # case: (build, region counts, LayerNorm epsilon, input_shape
     "minilm-torchscript-14-eager": (lambda: fixtures.minilm(14, "torchscript"), MINILM, 1e-12, None),
     "minilm-torchscript-17-sdpa": (lambda: fixtures.minilm(17, "torchscript", attn="sdpa"), MINILM, 1e-12, None),
     "minilm-dynamo-18-eager": (
-        lambda: fixtures.minilm(18, "dynamo", attn="eager"), MINILM | {"residual_add": 13}, 1e-12, None
+        lambda: fixtures.minilm(18, "dynamo", attn="eager"),
+        MINILM | {"residual_add": 13},
+        1e-12,
+        None,
     ),
     "minilm-dynamo-18-sdpa": (
-        lambda: fixtures.minilm(18, "dynamo", attn="sdpa"), MINILM | {"residual_add": 13}, 1e-12, None
+        lambda: fixtures.minilm(18, "dynamo", attn="sdpa"),
+        MINILM | {"residual_add": 13},
+        1e-12,
+        None,
     ),
     "minilm-dynamo-23-sdpa": (
         lambda: fixtures.minilm(23, "dynamo", attn="sdpa"),
@@ -749,7 +787,12 @@ FIXTURE_CASES = {  # case: (build, region counts, LayerNorm epsilon, input_shape
         {"input_ids": [2, 16], "attention_mask": [2, 16]},
     ),
     **{
-        f"{name}-torchscript-17": (lambda name=name: fixtures.random_transformer(name, 17, "torchscript"), counts, eps, None)
+        f"{name}-torchscript-17": (
+            lambda name=name: fixtures.random_transformer(name, 17, "torchscript"),
+            counts,
+            eps,
+            None,
+        )
         for name, counts, eps in [
             ("bert", TINY_BERT, 1e-12),
             ("vit", TINY_VIT, 1e-12),

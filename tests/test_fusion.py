@@ -1,4 +1,5 @@
 """Chains of spikec ops fused into one op in a session's copy of a model (runtime/fusion.py): the same bits."""
+
 from __future__ import annotations
 
 import collections
@@ -25,8 +26,14 @@ def digits_models(tmp_path_factory):
     data = fixtures.digits_data()
     out = tmp_path_factory.mktemp("fusion")
     for mode in ("unrolled", "stateful"):
-        spikec.compile(fixtures.digits_vit(), {"pixels": data["x_train"][:256]}, out / f"{mode}.onnx", timesteps=4,
-                       mode=mode, progress=False)
+        spikec.compile(
+            fixtures.digits_vit(),
+            {"pixels": data["x_train"][:256]},
+            out / f"{mode}.onnx",
+            timesteps=4,
+            mode=mode,
+            progress=False,
+        )
     return out, {"pixels": data["x_test"][:64]}
 
 
@@ -57,8 +64,10 @@ def spikezip_models():
     data = fixtures.digits_data()
     calib = {"pixels": data["x_train"][:256]}
     qann = spikec.quantize(fixtures.digits_vit(), calib, levels=16, progress=False)
-    models = {mode: spikec.compile(qann, calib, method="spikezip", timesteps=4, mode=mode, progress=False)
-              for mode in ("unrolled", "stateful")}
+    models = {
+        mode: spikec.compile(qann, calib, method="spikezip", timesteps=4, mode=mode, progress=False)
+        for mode in ("unrolled", "stateful")
+    }
     return models, {"pixels": data["x_test"][:32]}
 
 
@@ -69,8 +78,9 @@ def test_spikezip_chains_fuse_with_their_spike_counts(spikezip_models, mode, nat
     neuron's spike count (T_eq's input) out of the composite: outputs and counts keep their bits."""
     models, feeds = spikezip_models
     model = models[mode]
-    kinds = collections.Counter(ops.base_name(n.op_type) for n in fusion.fuse(model).graph.node
-                                if n.domain == ops.DOMAIN)
+    kinds = collections.Counter(
+        ops.base_name(n.op_type) for n in fusion.fuse(model).graph.node if n.domain == ops.DOMAIN
+    )
     # per block: the q, k, v and GELU input neurons (the accumulators hoisted above the heads' Reshape
     # and Transpose) and the softmax output's (compensated first), accumulated for the attention
     # products and the GELU; and the logits' neuron, accumulated for the readout

@@ -16,6 +16,7 @@ Time is bounded: each test runs SPIKEC_FUZZ_EXAMPLES cases (default 25) with T=2
 samples; cases are derandomized (the same on every run) unless SPIKEC_FUZZ_RANDOM=1. The number of cases
 run and how they ended is printed at the end of the module: ``pytest -s tests/test_fuzz.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -104,7 +105,7 @@ def _ann_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[n
 def _one_batch(feeds: dict[str, np.ndarray], model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The feeds cut to the model's static batch size, if it has one."""
     static = [d.dim_value for i in model.graph.input for d in i.type.tensor_type.shape.dim[:1] if d.dim_value]
-    return {k: v[:static[0]] for k, v in feeds.items()} if static else feeds
+    return {k: v[: static[0]] for k, v in feeds.items()} if static else feeds
 
 
 def _check(model: onnx.ModelProto, calibration, *, via_file: bool = False, kind: str) -> None:
@@ -142,8 +143,16 @@ def _check(model: onnx.ModelProto, calibration, *, via_file: bool = False, kind:
 # model mutations
 # --------------------------------------------------------------------------
 
-_DTYPES = [onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT64,
-           onnx.TensorProto.INT32, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL, onnx.TensorProto.STRING]
+_DTYPES = [
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.BOOL,
+    onnx.TensorProto.STRING,
+]
 _ODD_FLOATS = st.sampled_from([0.0, -1.0, 1e-12, 1e30, -1e30, float("nan"), float("inf"), 2.0])
 _ODD_INTS = st.one_of(st.integers(-4, 8), st.sampled_from([2**31, -(2**40), 2**62]))
 
@@ -154,8 +163,12 @@ def _drop_node(model, data):
 
 
 def _change_attribute(model, data):
-    candidates = [(i, j) for i, n in enumerate(model.graph.node) for j, a in enumerate(n.attribute)
-                  if a.type != onnx.AttributeProto.GRAPH]
+    candidates = [
+        (i, j)
+        for i, n in enumerate(model.graph.node)
+        for j, a in enumerate(n.attribute)
+        if a.type != onnx.AttributeProto.GRAPH
+    ]
     i, j = data.draw(st.sampled_from(candidates), label="node, attribute")
     attr = model.graph.node[i].attribute[j]
     kind = attr.type
@@ -182,8 +195,7 @@ def _change_attribute(model, data):
 
 def _change_input(model, data):
     constants = {t.name for t in model.graph.initializer}
-    graph_input = data.draw(st.sampled_from([i for i in model.graph.input if i.name not in constants]),
-                            label="input")
+    graph_input = data.draw(st.sampled_from([i for i in model.graph.input if i.name not in constants]), label="input")
     tensor = graph_input.type.tensor_type
     how = data.draw(st.sampled_from(["dtype", "add dim", "drop dim", "dim value", "no shape"]), label="how")
     if how == "dtype":
@@ -227,7 +239,7 @@ def _extreme_weights(model, data):
         return
     if how in ("nan", "inf"):
         flat = array.reshape(-1)
-        flat[:data.draw(st.sampled_from([1, flat.size]), label="how many")] = np.nan if how == "nan" else np.inf
+        flat[: data.draw(st.sampled_from([1, flat.size]), label="how many")] = np.nan if how == "nan" else np.inf
     else:
         array = array * {"zero": 0.0, "huge": 1e20, "tiny": 1e-30}[how]
     tensor.CopyFrom(numpy_helper.from_array(array.astype(np.float32), tensor.name))
@@ -246,8 +258,14 @@ def _dangle(model, data):
     node.input[j] = node.input[j] + ".dangling"
 
 
-MODEL_MUTATIONS = {"drop node": _drop_node, "attribute": _change_attribute, "input": _change_input,
-                   "initializer": _corrupt_initializer, "weights": _extreme_weights, "dangling input": _dangle}
+MODEL_MUTATIONS = {
+    "drop node": _drop_node,
+    "attribute": _change_attribute,
+    "input": _change_input,
+    "initializer": _corrupt_initializer,
+    "weights": _extreme_weights,
+    "dangling input": _dangle,
+}
 
 
 @pytest.mark.parametrize("name", ["vit", "bert"])
@@ -268,8 +286,24 @@ def test_mutated_model(name, data):
 
 
 def _cast(feeds, key, data):
-    dtype = data.draw(st.sampled_from([np.float16, np.float32, np.float64, np.int8, np.int32, np.int64,
-                                       np.uint8, np.bool_, np.complex64, np.str_, np.object_]), label="dtype")
+    dtype = data.draw(
+        st.sampled_from(
+            [
+                np.float16,
+                np.float32,
+                np.float64,
+                np.int8,
+                np.int32,
+                np.int64,
+                np.uint8,
+                np.bool_,
+                np.complex64,
+                np.str_,
+                np.object_,
+            ]
+        ),
+        label="dtype",
+    )
     feeds[key] = feeds[key].astype(dtype)
 
 
@@ -287,8 +321,9 @@ def _nonfinite(feeds, key, data):
     if not feeds[key].size:
         return
     array = feeds[key].astype(np.float32 if feeds[key].dtype.kind != "f" else feeds[key].dtype)
-    array.reshape(-1)[data.draw(st.integers(0, array.size - 1), label="at")] = \
-        data.draw(st.sampled_from([np.nan, np.inf, -np.inf]), label="value")
+    array.reshape(-1)[data.draw(st.integers(0, array.size - 1), label="at")] = data.draw(
+        st.sampled_from([np.nan, np.inf, -np.inf]), label="value"
+    )
     feeds[key] = array
 
 
@@ -342,13 +377,22 @@ def _not_array(feeds, key, data):
 
 
 def _layout(feeds, key, data):
-    feeds[key] = np.asfortranarray(feeds[key]) if data.draw(st.booleans(), label="fortran") \
-        else feeds[key][..., ::-1]
+    feeds[key] = np.asfortranarray(feeds[key]) if data.draw(st.booleans(), label="fortran") else feeds[key][..., ::-1]
 
 
-CALIBRATION_MUTATIONS = {"dtype": _cast, "rank": _rank, "nonfinite": _nonfinite, "empty": _empty,
-                         "extra key": _extra_key, "missing key": _missing_key, "sample count": _sample_count,
-                         "values": _values, "resize": _resize, "not an array": _not_array, "layout": _layout}
+CALIBRATION_MUTATIONS = {
+    "dtype": _cast,
+    "rank": _rank,
+    "nonfinite": _nonfinite,
+    "empty": _empty,
+    "extra key": _extra_key,
+    "missing key": _missing_key,
+    "sample count": _sample_count,
+    "values": _values,
+    "resize": _resize,
+    "not an array": _not_array,
+    "layout": _layout,
+}
 
 
 @pytest.mark.parametrize("name", ["vit", "bert"])
@@ -356,8 +400,9 @@ CALIBRATION_MUTATIONS = {"dtype": _cast, "rank": _rank, "nonfinite": _nonfinite,
 @given(data=st.data())
 def test_mutated_calibration(name, data):
     feeds = _feeds(name)
-    kinds = data.draw(st.lists(st.sampled_from(sorted(CALIBRATION_MUTATIONS)), min_size=1, max_size=2),
-                      label="mutations")
+    kinds = data.draw(
+        st.lists(st.sampled_from(sorted(CALIBRATION_MUTATIONS)), min_size=1, max_size=2), label="mutations"
+    )
     for kind in kinds:
         if not feeds:
             break
@@ -367,8 +412,7 @@ def test_mutated_calibration(name, data):
     via_npz = data.draw(st.booleans(), label="via npz")
     with tempfile.TemporaryDirectory(prefix="spikec-fuzz-") as tmp:
         calibration = feeds
-        if via_npz and all(isinstance(v, np.ndarray) and v.dtype != object for v in feeds.values()) \
-                and all(feeds):
+        if via_npz and all(isinstance(v, np.ndarray) and v.dtype != object for v in feeds.values()) and all(feeds):
             calibration = Path(tmp) / "calib.npz"
             np.savez(calibration, **feeds)
         _check(_model(name), calibration, kind=f"{name} calibration")

@@ -1,4 +1,5 @@
 """benchmarks/bench_gpu.py's placement parsing and the providers a spikec session hands onnxruntime, on the CPU."""
+
 from __future__ import annotations
 
 import json
@@ -38,20 +39,28 @@ def test_cpu_run_places_every_node_on_the_cpu(compiled_mlp):
 
 def test_placement_reads_fallbacks_and_copies(tmp_path):
     """A profile in onnxruntime's format with a device run: session events and fences carry no provider."""
+
     def node(name, op, provider):
         return {"cat": "Node", "name": f"{name}_kernel_time", "args": {"op_name": op, "provider": provider}}
-    events = [{"cat": "Session", "name": "model_run", "args": {}},
-              {"cat": "Node", "name": "mm_fence_before", "args": {"op_name": "MatMul"}},
-              node("mm", "MatMul", "CUDAExecutionProvider"), node("shape", "Shape", CPU),
-              node("range", "Range", CPU), node("copy_in", "MemcpyFromHost", "CUDAExecutionProvider"),
-              node("copy_out", "MemcpyToHost", "CUDAExecutionProvider")]
+
+    events = [
+        {"cat": "Session", "name": "model_run", "args": {}},
+        {"cat": "Node", "name": "mm_fence_before", "args": {"op_name": "MatMul"}},
+        node("mm", "MatMul", "CUDAExecutionProvider"),
+        node("shape", "Shape", CPU),
+        node("range", "Range", CPU),
+        node("copy_in", "MemcpyFromHost", "CUDAExecutionProvider"),
+        node("copy_out", "MemcpyToHost", "CUDAExecutionProvider"),
+    ]
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps(events))
     placement = bench_gpu.node_placement(profile)
     assert placement["mm"] == ("MatMul", "CUDAExecutionProvider") and len(placement) == 5
     assert bench_gpu.placement_summary(placement, "CUDAExecutionProvider") == {
-        "nodes": {"CUDAExecutionProvider": 3, CPU: 2}, "fallback_ops": {"Shape": 1, "Range": 1},
-        "memcpy": {"MemcpyFromHost": 1, "MemcpyToHost": 1}}
+        "nodes": {"CUDAExecutionProvider": 3, CPU: 2},
+        "fallback_ops": {"Shape": 1, "Range": 1},
+        "memcpy": {"MemcpyFromHost": 1, "MemcpyToHost": 1},
+    }
 
 
 def test_script_refuses_a_missing_provider(capsys):

@@ -1,6 +1,7 @@
 """SpikeZIP-TF integer-exact mode (issue 21 §3-4): integer ST-BIF+ neurons with bursts, every op between
 neurons on their totals; once quiet the SNN equals the integer QANN (spikec.methods.spikezip.integer_qann)
 bit for bit, on every sample."""
+
 import numpy as np
 import onnx
 import pytest
@@ -23,17 +24,32 @@ def _init(name, *shape, scale=0.5):
 
 def _attention_model() -> onnx.ModelProto:
     """LayerNorm -> q, k, v -> softmax(q k^T / 2) v -> projection + bias, with a residual."""
-    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
-             *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
-             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Mul", ["s", "half"], ["scaled"]),
-             helper.make_node("Softmax", ["scaled"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"]),
-             helper.make_node("MatMul", ["o", "wo"], ["proj"]), helper.make_node("Add", ["proj", "bo"], ["pb"]),
-             helper.make_node("Add", ["pb", "x"], ["y"])]
-    inits = [_init("gamma", 8, scale=1.0), _init("beta", 8), *[_init(f"w{n}", 8, 8) for n in "qkvo"], _init("bo", 8),
-             onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half")]
-    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 8])], inits)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
+        *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "half"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o"]),
+        helper.make_node("MatMul", ["o", "wo"], ["proj"]),
+        helper.make_node("Add", ["proj", "bo"], ["pb"]),
+        helper.make_node("Add", ["pb", "x"], ["y"]),
+    ]
+    inits = [
+        _init("gamma", 8, scale=1.0),
+        _init("beta", 8),
+        *[_init(f"w{n}", 8, 8) for n in "qkvo"],
+        _init("bo", 8),
+        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 8])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -68,8 +84,9 @@ def test_tiny_attention_equals_integer_qann_bit_for_bit(mode):
     want = InferenceSession(integer_qann(qann)).run(["y"], feeds)[0]
     t_eq = {}
     for burst in (1, 3):
-        snn = spikec.compile(qann, calib, method="spikezip", timesteps=48, mode=mode, integer=True, burst=burst,
-                             progress=False)
+        snn = spikec.compile(
+            qann, calib, method="spikezip", timesteps=48, mode=mode, integer=True, burst=burst, progress=False
+        )
         got = run_dataset(snn, feeds)
         t_eq[burst] = max(equilibrium_steps(got["spikec.spikes.steps"]))
         np.testing.assert_array_equal(got["y"], want)
@@ -95,8 +112,9 @@ def test_digits_vit_integer_mode_equals_integer_qann():
     want = InferenceSession(integer_qann(qann)).run(["logits"], feeds)[0]
     t_eq = {}
     for burst in (1, 2, 4):
-        snn = spikec.compile(qann, calib, method="spikezip", timesteps=40, mode="stateful", integer=True,
-                             burst=burst, progress=False)
+        snn = spikec.compile(
+            qann, calib, method="spikezip", timesteps=40, mode="stateful", integer=True, burst=burst, progress=False
+        )
         got = run_stateful(InferenceSession(snn), feeds, 40, until_quiet=True)
         steps = equilibrium_steps(got["spikec.spikes.steps"])
         assert None not in steps
@@ -112,8 +130,16 @@ def test_onnxruntime_qdq_digits_vit_integer_mode(digits_qdq):
     qdq = digits_qdq
     feeds = {"pixels": data["x_test"][:16]}
     want = InferenceSession(integer_qann(onnx.load(qdq))).run(["logits"], feeds)[0]
-    snn = spikec.compile(qdq, {"pixels": data["x_train"][:8]}, method="spikezip", timesteps=200, mode="stateful",
-                         integer=True, burst=8, progress=False)
+    snn = spikec.compile(
+        qdq,
+        {"pixels": data["x_train"][:8]},
+        method="spikezip",
+        timesteps=200,
+        mode="stateful",
+        integer=True,
+        burst=8,
+        progress=False,
+    )
     got = run_stateful(InferenceSession(snn), feeds, 200, until_quiet=True)
     assert None not in equilibrium_steps(got["spikec.spikes.steps"])
     assert max(equilibrium_steps(got["spikec.spikes.steps"])) < 60  # 256 levels: ~300 steps one spike at a time

@@ -11,6 +11,7 @@ Bounds: ECMT cosine >= 0.99 at T=16 and STA >= 0.97 at T=32 in every sample, TTF
 the output's scale, SpikeZIP-TF equal to its QANN (1e-4 of scale) in every sample where no quantizer input
 sits on a level boundary, and every such boundary flip explained (spikec.evaluate.quantizer_agreement).
 """
+
 from __future__ import annotations
 
 import json
@@ -115,8 +116,8 @@ FORMS = {
 def padding_mask(samples: int, length: int, fully_masked: bool = True) -> np.ndarray:
     """Rows cycle through unpadded, right-padded (a third), left-padded (half) and, if asked, fully masked."""
     mask = np.ones((samples, length), np.int64)
-    mask[1::4, length - length // 3:] = 0
-    mask[2::4, :length // 2] = 0
+    mask[1::4, length - length // 3 :] = 0
+    mask[2::4, : length // 2] = 0
     if fully_masked:
         mask[3::4] = 0
     return mask
@@ -124,8 +125,10 @@ def padding_mask(samples: int, length: int, fully_masked: bool = True) -> np.nda
 
 def attention_data(samples: int, seed: int, fully_masked: bool = True) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((samples, SEQ, DIM)).astype(np.float32),
-            "attention_mask": padding_mask(samples, SEQ, fully_masked)}
+    return {
+        "x": rng.standard_normal((samples, SEQ, DIM)).astype(np.float32),
+        "attention_mask": padding_mask(samples, SEQ, fully_masked),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +141,16 @@ def exported(tmp_path_factory):
             example = tuple(torch.from_numpy(a) for a in attention_data(2, 0).values())
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(MaskedAttention(**FORMS[name][0]).eval(), example, str(path), dynamo=False,
-                                  opset_version=17, input_names=["x", "attention_mask"], output_names=["y"],
-                                  dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("x", "attention_mask", "y")})
+                torch.onnx.export(
+                    MaskedAttention(**FORMS[name][0]).eval(),
+                    example,
+                    str(path),
+                    dynamo=False,
+                    opset_version=17,
+                    input_names=["x", "attention_mask"],
+                    output_names=["y"],
+                    dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("x", "attention_mask", "y")},
+                )
             cache[name] = path
         return cache[name]
 
@@ -205,9 +215,11 @@ def test_mask_form(exported, form, method):
     check_method(method, path, attention_data(32, 1, fully_masked), attention_data(8, 2, fully_masked), "y")
 
 
-
-@pytest.mark.parametrize("options", [dict(max_layer=False), dict(precision=2**20), dict(precision=2**20, max_layer=False)],
-                         ids=["no-max-layer", "clock", "clock-no-max-layer"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(max_layer=False), dict(precision=2**20), dict(precision=2**20, max_layer=False)],
+    ids=["no-max-layer", "clock", "clock-no-max-layer"],
+)
 @pytest.mark.parametrize("form", ["sdpa-bool", "fill-finfo-min", "add-1e4", "chain", "alibi"])
 def test_ttfs_softmax_variants_take_masks(exported, form, options):
     """Without the max layer a masked softmax gets its own masked-scores layer; on a clock of precision p
@@ -261,34 +273,68 @@ def test_sta_softmax_ugo_takes_masks(exported, form):
     assert np.all(np.isfinite(got))
     assert cosine(run_dataset(path, feeds)["y"], got) >= 0.99
 
+
 # Small transformers as their users export them: attention implementation (transformers' default sdpa, with
 # its NaN guard, or eager) x exporter. Decoders take left padding, so their first rows are fully masked.
 HF_MODELS = {
     "bert-sdpa-torchscript": ("BertModel", "BertConfig", dict(), "sdpa", "torchscript"),
     "bert-eager-dynamo": ("BertModel", "BertConfig", dict(), "eager", "dynamo"),
-    "gpt2-sdpa-torchscript": ("GPT2Model", "GPT2Config", dict(n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                                                               bos_token_id=0, eos_token_id=0), "sdpa", "torchscript"),
-    "llama-sdpa-torchscript": ("LlamaModel", "LlamaConfig", dict(num_key_value_heads=2, pad_token_id=0), "sdpa",
-                               "torchscript"),
-    "llama-eager-torchscript": ("LlamaModel", "LlamaConfig", dict(num_key_value_heads=2, pad_token_id=0), "eager",
-                                "torchscript"),
-    "llama-sdpa-dynamo": ("LlamaModel", "LlamaConfig", dict(num_key_value_heads=2, pad_token_id=0), "sdpa",
-                          "dynamo"),
-    "mistral-sdpa-torchscript": ("MistralModel", "MistralConfig", dict(num_key_value_heads=2, pad_token_id=0,
-                                                                         sliding_window=4), "sdpa", "torchscript"),
-    "mistral-eager-dynamo": ("MistralModel", "MistralConfig", dict(num_key_value_heads=2, pad_token_id=0,
-                                                                     sliding_window=4), "eager", "dynamo"),
+    "gpt2-sdpa-torchscript": (
+        "GPT2Model",
+        "GPT2Config",
+        dict(n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0),
+        "sdpa",
+        "torchscript",
+    ),
+    "llama-sdpa-torchscript": (
+        "LlamaModel",
+        "LlamaConfig",
+        dict(num_key_value_heads=2, pad_token_id=0),
+        "sdpa",
+        "torchscript",
+    ),
+    "llama-eager-torchscript": (
+        "LlamaModel",
+        "LlamaConfig",
+        dict(num_key_value_heads=2, pad_token_id=0),
+        "eager",
+        "torchscript",
+    ),
+    "llama-sdpa-dynamo": ("LlamaModel", "LlamaConfig", dict(num_key_value_heads=2, pad_token_id=0), "sdpa", "dynamo"),
+    "mistral-sdpa-torchscript": (
+        "MistralModel",
+        "MistralConfig",
+        dict(num_key_value_heads=2, pad_token_id=0, sliding_window=4),
+        "sdpa",
+        "torchscript",
+    ),
+    "mistral-eager-dynamo": (
+        "MistralModel",
+        "MistralConfig",
+        dict(num_key_value_heads=2, pad_token_id=0, sliding_window=4),
+        "eager",
+        "dynamo",
+    ),
     "deberta-v2-eager-torchscript": ("DebertaV2Model", "DebertaV2Config", dict(), "eager", "torchscript"),
 }
-_SMALL = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-              max_position_embeddings=64, use_cache=False)
+_SMALL = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    use_cache=False,
+)
 _TEXT_SEQ = 8
 
 
 def text_data(samples: int, seed: int, empty: bool = True) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"input_ids": rng.integers(1, 1000, (samples, _TEXT_SEQ)).astype(np.int64),
-            "attention_mask": padding_mask(samples, _TEXT_SEQ, empty)}
+    return {
+        "input_ids": rng.integers(1, 1000, (samples, _TEXT_SEQ)).astype(np.int64),
+        "attention_mask": padding_mask(samples, _TEXT_SEQ, empty),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -301,14 +347,21 @@ def hf_exported(tmp_path_factory):
             model_class, config_class, config, attention, exporter = HF_MODELS[name]
             settings = {**_SMALL, **config} if model_class != "GPT2Model" else {"vocab_size": 1000, **config}
             torch.manual_seed(0)
-            model = getattr(transformers, model_class)(getattr(transformers, config_class)(
-                **settings, attn_implementation=attention)).eval()
+            model = getattr(transformers, model_class)(
+                getattr(transformers, config_class)(**settings, attn_implementation=attention)
+            ).eval()
             names = ("input_ids", "attention_mask")
             axes = {n: {0: "batch", 1: "seq"} for n in (*names, "last_hidden_state")}
             path = root / f"{name}.onnx"
-            fixtures._export_onnx(fixtures._named_io_module(model, names, ("last_hidden_state",)),
-                                  {k: torch.from_numpy(v) for k, v in text_data(4, 0).items()},
-                                  ("last_hidden_state",), axes, 17 if exporter == "torchscript" else 18, exporter, path)
+            fixtures._export_onnx(
+                fixtures._named_io_module(model, names, ("last_hidden_state",)),
+                {k: torch.from_numpy(v) for k, v in text_data(4, 0).items()},
+                ("last_hidden_state",),
+                axes,
+                17 if exporter == "torchscript" else 18,
+                exporter,
+                path,
+            )
             cache[name] = path
         return cache[name]
 

@@ -1,5 +1,6 @@
 """The memory guard of the time-unrolled form (spikec/memory.py) and `--memory-budget`; compiling with the
 weights on disk (spikec/weights.py): external data in and out, and compile memory against the weights."""
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,14 @@ def test_tiny_budget_refuses_unrolled_and_names_stateful(vit):
         spikec.compile(model, feeds, timesteps=8, progress=False, memory_budget=64 * 2**10)
     message = str(info.value)
     assert "\n" not in message
-    for part in ("timesteps=8", "needs an estimated", "memory budget of 64 KiB", "--mode stateful",
-                 "--timesteps", "--batch-size"):
+    for part in (
+        "timesteps=8",
+        "needs an estimated",
+        "memory budget of 64 KiB",
+        "--mode stateful",
+        "--timesteps",
+        "--batch-size",
+    ):
         assert part in message, (part, message)
     # the same budget: the stateful form compiles (its memory does not grow with T) and runs
     snn = spikec.compile(model, feeds, timesteps=8, mode="stateful", progress=False, memory_budget=64 * 2**10)
@@ -80,8 +87,12 @@ def test_estimate_covers_the_real_activations(bert):
         data = {k: np.tile(v, (2, seq // v.shape[1] + 1))[:8, :seq] for k, v in feeds.items()}
         est = _estimate(model, data, batch=8)
         ann = onnx.load(model)
-        ann.graph.output.extend(onnx.ValueInfoProto(name=o) for n in ann.graph.node for o in n.output
-                                if o and o not in {x.name for x in ann.graph.output})
+        ann.graph.output.extend(
+            onnx.ValueInfoProto(name=o)
+            for n in ann.graph.node
+            for o in n.output
+            if o and o not in {x.name for x in ann.graph.output}
+        )
         session = ort.InferenceSession(ann.SerializeToString(), providers=["CPUExecutionProvider"])
         outputs = session.run(None, data)
         biggest = max(o.nbytes for o in outputs if isinstance(o, np.ndarray))
@@ -89,8 +100,17 @@ def test_estimate_covers_the_real_activations(bert):
         assert est.batch == 8
 
 
-@pytest.mark.parametrize("value, expected", [(1024, 1024), ("1K", 1024), ("1.5G", int(1.5 * 2**30)),
-                                             ("2GB", 2 * 10**9), ("8GiB", 8 * 2**30), ("3e9", 3 * 10**9)])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (1024, 1024),
+        ("1K", 1024),
+        ("1.5G", int(1.5 * 2**30)),
+        ("2GB", 2 * 10**9),
+        ("8GiB", 8 * 2**30),
+        ("3e9", 3 * 10**9),
+    ],
+)
 def test_parse_budget(value, expected):
     assert memory.parse_budget(value) == expected
 
@@ -111,17 +131,35 @@ def test_cli_memory_budget(vit, tmp_path, capfd):
     calib = tmp_path / "calib.npz"
     np.savez(calib, **feeds)
     out = tmp_path / "snn.onnx"
-    assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--memory-budget", "64K",
-                 "--quiet"]) == 2
+    assert (
+        main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--memory-budget", "64K", "--quiet"]) == 2
+    )
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("spikec: error: argument timesteps=8")
     assert "--mode stateful" in err and not out.exists()
-    assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--memory-budget", "lots",
-                 "--quiet"]) == 2
+    assert (
+        main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--memory-budget", "lots", "--quiet"]) == 2
+    )
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "memory_budget='lots'" in err
-    assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--memory-budget", "64K",
-                 "--mode", "stateful", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(model),
+                "-o",
+                str(out),
+                "--calib",
+                str(calib),
+                "--memory-budget",
+                "64K",
+                "--mode",
+                "stateful",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert out.exists()
 
 
@@ -144,6 +182,7 @@ def test_sta_ugo_states_count_n_per_element(vit):
 
 
 # ------------------------------------------------------------------ compiling with the weights on disk
+
 
 def _feeds(count: int = 16, width: int = graphs.FEATURES, seed: int = 0) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(seed).standard_normal((count, width)).astype(np.float32)}
@@ -182,7 +221,9 @@ def test_external_data_in_external_data_out(tmp_path, method):
     for name, values in expected.items():
         np.testing.assert_array_equal(got[name], values, err_msg=name)
     assert written.graph.node == in_memory.graph.node
-    np.testing.assert_array_equal(run(InferenceSession(output), feeds)["y"], run(InferenceSession(in_memory), feeds)["y"])
+    np.testing.assert_array_equal(
+        run(InferenceSession(output), feeds)["y"], run(InferenceSession(in_memory), feeds)["y"]
+    )
     whole = spikec.compile(source, feeds, **options)
     assert not any(uses_external_data(t) for t in whole.graph.initializer)
     assert _initializers(whole).keys() == expected.keys()
@@ -195,10 +236,15 @@ def test_a_weight_computed_from_external_data_is_folded_as_in_memory(tmp_path):
     in the model or in its external data: graphsurgeon folds in onnxruntime, where references do not reach."""
     rng = np.random.default_rng(0)
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), onnx.helper.make_node("MatMul", ["x", "Wt"], ["y"])],
-        "transposed", [onnx.helper.make_tensor_value_info("x", 1, ["batch", 64])],
+        [
+            onnx.helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]),
+            onnx.helper.make_node("MatMul", ["x", "Wt"], ["y"]),
+        ],
+        "transposed",
+        [onnx.helper.make_tensor_value_info("x", 1, ["batch", 64])],
         [onnx.helper.make_tensor_value_info("y", 1, ["batch", 32])],
-        [onnx.numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "W")])
+        [onnx.numpy_helper.from_array(rng.standard_normal((32, 64)).astype(np.float32), "W")],
+    )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     onnx.save(model, tmp_path / "inline.onnx")
     onnx.save(model, tmp_path / "external.onnx", save_as_external_data=True, location="w.data", size_threshold=0)
@@ -233,8 +279,9 @@ def test_a_model_past_the_size_limit_is_written_with_external_data(tmp_path, mon
     weight_bytes = sum(weights.nbytes_of(t) for t in graphs.mlp().graph.initializer if t.name in ("w1", "w2"))
     assert (tmp_path / "big.onnx.data").stat().st_size >= weight_bytes
     assert (tmp_path / "big.onnx").stat().st_size < (tmp_path / "small.onnx").stat().st_size - weight_bytes + 1024
-    np.testing.assert_array_equal(run(InferenceSession(tmp_path / "big.onnx"), feeds)["y"],
-                                  run(InferenceSession(small), feeds)["y"])
+    np.testing.assert_array_equal(
+        run(InferenceSession(tmp_path / "big.onnx"), feeds)["y"], run(InferenceSession(small), feeds)["y"]
+    )
 
 
 def test_mapped_weights_pass_graphsurgeon_as_references(tmp_path):
@@ -250,7 +297,7 @@ def test_mapped_weights_pass_graphsurgeon_as_references(tmp_path):
         values = w1.values
         assert isinstance(values, weights.MappedArray) and not values.flags.writeable
         np.testing.assert_array_equal(values, _initializers(graphs.mlp())["w1"])
-        graph.tensors()["w2"].values = values[:, :graphs.FEATURES] * 2  # a new weight, held in memory
+        graph.tensors()["w2"].values = values[:, : graphs.FEATURES] * 2  # a new weight, held in memory
         exported = {t.name: t for t in gs.export_onnx(graph).graph.initializer}
     assert uses_external_data(exported["w1"]) and not exported["w1"].raw_data
     assert not uses_external_data(exported["w2"]) and exported["w2"].data_location == onnx.TensorProto.DEFAULT
@@ -260,13 +307,23 @@ def _wide_mlp(width: int, layers: int) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes, inits, hidden = [], [], "x"
     for layer in range(layers):
-        inits.append(onnx.numpy_helper.from_array(
-            rng.standard_normal((width, width), dtype=np.float32) / np.float32(np.sqrt(width)), f"w{layer}"))
-        nodes += [onnx.helper.make_node("MatMul", [hidden, f"w{layer}"], [f"m{layer}"]),
-                  onnx.helper.make_node("Relu", [f"m{layer}"], [f"h{layer}"])]
+        inits.append(
+            onnx.numpy_helper.from_array(
+                rng.standard_normal((width, width), dtype=np.float32) / np.float32(np.sqrt(width)), f"w{layer}"
+            )
+        )
+        nodes += [
+            onnx.helper.make_node("MatMul", [hidden, f"w{layer}"], [f"m{layer}"]),
+            onnx.helper.make_node("Relu", [f"m{layer}"], [f"h{layer}"]),
+        ]
         hidden = f"h{layer}"
-    graph = onnx.helper.make_graph(nodes, "wide", [onnx.helper.make_tensor_value_info("x", 1, ["batch", width])],
-                                   [onnx.helper.make_tensor_value_info(hidden, 1, ["batch", width])], inits)
+    graph = onnx.helper.make_graph(
+        nodes,
+        "wide",
+        [onnx.helper.make_tensor_value_info("x", 1, ["batch", width])],
+        [onnx.helper.make_tensor_value_info(hidden, 1, ["batch", width])],
+        inits,
+    )
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
@@ -302,8 +359,9 @@ def test_compile_memory_stays_within_three_times_the_weights(tmp_path, method):
     for samples in (16, 256):
         np.savez(tmp_path / "calib.npz", **_feeds(samples, width))
         baseline = _peak_rss("-", str(tmp_path / "calib.npz"))
-        peaks.append(_peak_rss(str(source), str(tmp_path / "calib.npz"), str(tmp_path / f"snn{samples}.onnx"),
-                               method) - baseline)
+        peaks.append(
+            _peak_rss(str(source), str(tmp_path / "calib.npz"), str(tmp_path / f"snn{samples}.onnx"), method) - baseline
+        )
         assert (tmp_path / f"snn{samples}.onnx.data").stat().st_size >= weights_bytes
     assert max(peaks) <= 3 * weights_bytes, [p / weights_bytes for p in peaks]
     assert abs(peaks[1] - peaks[0]) < 0.25 * weights_bytes, [p / weights_bytes for p in peaks]

@@ -1,5 +1,6 @@
 """Adding a method is one module and one registry line (docs/architecture.md): a test method, registered
 here, compiles through the template, runs, and gets its own CLI flags from its Options."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class EchoOptions(Options):
 
 class Echo(Method):
     """The ANN at every step: no neurons, so every tensor is time-invariant and the rate readout is the ANN's."""
+
     name = "echo"
     paper = "none (a test of the method registry)"
     Options = EchoOptions
@@ -61,8 +63,11 @@ def test_its_options_validate_and_belong_to_it(echo):
     x = np.zeros((2, FEATURES), np.float32)
     with pytest.raises(spikec.SpikecError, match=r"gain=11: expected a number in \[0, 10\] for method echo"):
         spikec.compile(mlp(), {"x": x}, method="echo", gain=11, progress=False)
-    with pytest.raises(spikec.SpikecError, match=r"unknown compile option\(s\) for method echo: percentile "
-                                                 r"\(an option of method ecmt\)"):
+    with pytest.raises(
+        spikec.SpikecError,
+        match=r"unknown compile option\(s\) for method echo: percentile "
+        r"\(an option of method ecmt\)",
+    ):
         spikec.compile(mlp(), {"x": x}, method="echo", percentile=90, progress=False)
 
 
@@ -70,8 +75,26 @@ def test_the_cli_generates_its_flags(echo, tmp_path, capfd):
     model, calib, out = tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "snn.onnx"
     onnx.save(mlp(), model)
     np.savez(calib, x=np.ones((4, FEATURES), np.float32))
-    assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--method", "echo", "--label", "cli",
-                 "--gain", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(model),
+                "-o",
+                str(out),
+                "--calib",
+                str(calib),
+                "--method",
+                "echo",
+                "--label",
+                "cli",
+                "--gain",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert SpikecMetadata.read(onnx.load(out)).options == {"label": "cli", "gain": 2.0}
     capfd.readouterr()
     assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--label", "x"]) == 2

@@ -1,4 +1,5 @@
 """The native kernels (runtime/kernels/, `make native`) against the ONNX functions of runtime/ops.py."""
+
 import json
 import os
 import subprocess
@@ -17,8 +18,7 @@ import spikec
 from examples import fixtures
 from spikec import SpikecError
 
-pytestmark = pytest.mark.skipif(not native.available(),
-                                reason="native library not built (run `make native`)")
+pytestmark = pytest.mark.skipif(not native.available(), reason="native library not built (run `make native`)")
 
 T, B, C = 7, 6, 9
 
@@ -35,8 +35,10 @@ def _pair(model: onnx.ModelProto) -> tuple[InferenceSession, InferenceSession]:
 
 def _thetas(rng, per_channel: bool) -> dict[str, np.ndarray]:
     shape = (C,) if per_channel else ()
-    return {"theta_pos": rng.uniform(0.1, 1.0, shape).astype(np.float32),
-            "theta_neg": rng.uniform(0.1, 1.0, shape).astype(np.float32)}
+    return {
+        "theta_pos": rng.uniform(0.1, 1.0, shape).astype(np.float32),
+        "theta_neg": rng.uniform(0.1, 1.0, shape).astype(np.float32),
+    }
 
 
 def _inputs(rng, op: ops.SpikingOp, params: dict[str, np.ndarray]) -> np.ndarray:
@@ -48,8 +50,8 @@ def _inputs(rng, op: ops.SpikingOp, params: dict[str, np.ndarray]) -> np.ndarray
         pos = np.broadcast_to(params["theta_pos"], (C,))
         neg = np.broadcast_to(params["theta_neg"], (C,))
         for k in range(5):
-            x[0, k % B] = pos * np.float32(2.0 ** k - 0.5)
-            x[1, k % B] = -neg * np.float32(2.0 ** k - 0.5)
+            x[0, k % B] = pos * np.float32(2.0**k - 0.5)
+            x[1, k % B] = -neg * np.float32(2.0**k - 0.5)
     if "theta" in params and "theta" not in op.hidden:
         half = np.broadcast_to(params["theta"], (C,)) * np.float32(0.5)
         x[0, 0], x[0, 1] = half, -half
@@ -98,11 +100,12 @@ def test_mt_codes_are_levels():
     rng = np.random.default_rng(5)
     params = _thetas(rng, True)
     x = (rng.standard_normal((T * B, C)) * 3).astype(np.float32)
-    codes, = InferenceSession(_model("MTNeuron", params, levels=4, timesteps=T)).run(None, {"x": x})
+    (codes,) = InferenceSession(_model("MTNeuron", params, levels=4, timesteps=T)).run(None, {"x": x})
     eta = params["theta_neg"] / params["theta_pos"]
     levels = 2.0 ** np.arange(4)
-    ok = np.isin(codes, np.concatenate([[0.0], levels])) | np.isclose(
-        (-codes / eta)[..., None], levels, rtol=1e-6).any(-1)
+    ok = np.isin(codes, np.concatenate([[0.0], levels])) | np.isclose((-codes / eta)[..., None], levels, rtol=1e-6).any(
+        -1
+    )
     assert ok.all()
 
 
@@ -191,15 +194,20 @@ def test_stepper_updates_states_in_place_with_the_same_bits(digits_models):
     out, feeds = digits_models
     session = InferenceSession(out / "stateful.onnx")
     stepper = Stepper(session, feeds)
-    states = {i.name: np.zeros([1] * len(i.shape), np.float32) for i in session.get_inputs()
-              if i.name.startswith("spikec.state.")}
+    states = {
+        i.name: np.zeros([1] * len(i.shape), np.float32)
+        for i in session.get_inputs()
+        if i.name.startswith("spikec.state.")
+    }
     addresses = None
     returned, expected = [], []
     for t in range(1, 7):
         got = stepper.step()
-        values = session.run(stepper.outputs + [next_state_name(n) for n in states],
-                             {**feeds, "spikec.t": np.array(t, np.float32), **states})
-        states = dict(zip(states, values[len(stepper.outputs):]))
+        values = session.run(
+            stepper.outputs + [next_state_name(n) for n in states],
+            {**feeds, "spikec.t": np.array(t, np.float32), **states},
+        )
+        states = dict(zip(states, values[len(stepper.outputs) :]))
         for name, want in zip(stepper.outputs, values):
             np.testing.assert_array_equal(got[name], want)
         returned.append(got)
@@ -225,19 +233,29 @@ def test_stepper_updates_states_in_place_with_the_same_bits(digits_models):
 def _ttfs_model(op_type: str, scalars: dict[str, float]) -> onnx.ModelProto:
     inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in scalars.items()]
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node(op_type, ["x", *scalars], ["y"], domain="spikec")], op_type,
+        [onnx.helper.make_node(op_type, ["x", *scalars], ["y"], domain="spikec")],
+        op_type,
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])], inits)
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
-                                                        onnx.helper.make_opsetid("spikec", 1)],
-                                  functions=ttfs.functions_for({op_type}, 17))
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 3])],
+        inits,
+    )
+    return onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("spikec", 1)],
+        functions=ttfs.functions_for({op_type}, 17),
+    )
 
 
 # The TTFS ops with native kernels (runtime/kernels/ttfs_kernels.cc: those without transcendentals).
 _RANGE = {"lower": -3.0, "upper": 2.5, "delta": 1.0}
-_TTFS_CASES = [("TTFSReceiveIdentity", _RANGE), ("TTFSReceiveRelu", _RANGE), ("TTFSReceiveSquare", _RANGE),
-               ("TTFSReceiveRsqrt", {**_RANGE, "lower": 0.0, "epsilon": 1e-5}), ("TTFSEmitIdentity", _RANGE),
-               (ttfs.TICK_OP, {"delta": 1.0, "tick": 1.0 / 1024})]
+_TTFS_CASES = [
+    ("TTFSReceiveIdentity", _RANGE),
+    ("TTFSReceiveRelu", _RANGE),
+    ("TTFSReceiveSquare", _RANGE),
+    ("TTFSReceiveRsqrt", {**_RANGE, "lower": 0.0, "epsilon": 1e-5}),
+    ("TTFSEmitIdentity", _RANGE),
+    (ttfs.TICK_OP, {"delta": 1.0, "tick": 1.0 / 1024}),
+]
 
 
 @pytest.mark.parametrize("op_type, scalars", _TTFS_CASES, ids=[c[0] for c in _TTFS_CASES])
@@ -294,9 +312,15 @@ def _spike_matmul_model(k: int, n: int, weight: np.ndarray | None, dense_above: 
         initializers.append(onnx.numpy_helper.from_array(weight, "w"))
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node(ops.SPIKE_MATMUL, ["x", "w"], ["y"], domain=ops.DOMAIN, dense_above=dense_above)],
-        "spike_matmul", inputs, [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["a", "b", n])], initializers)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
-                                                         onnx.helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)])
+        "spike_matmul",
+        inputs,
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["a", "b", n])],
+        initializers,
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid(ops.DOMAIN, ops.DOMAIN_VERSION)],
+    )
     model.functions.extend(ops.functions_for({ops.SPIKE_MATMUL}, 17))
     onnx.checker.check_model(model)
     return model
@@ -346,7 +370,7 @@ def test_the_kernels_run_the_vector_isa_asked_for():
 
 
 # the kernels' loops are compiled once per vector ISA and this process runs the CPU's widest
-_NARROWER_ISAS = native.ISAS[:native.ISAS.index(native.kernel_isa())] if native.available() else ()
+_NARROWER_ISAS = native.ISAS[: native.ISAS.index(native.kernel_isa())] if native.available() else ()
 
 
 @pytest.mark.slow
@@ -355,9 +379,13 @@ def test_narrower_vector_isas_give_the_same_bits(isa):
     """This module's bit-equality tests again, in a fresh process whose kernels run the narrower ISA
     (chosen once per process)."""
     selected = "matches_function or is_the_matmul or any_thread_count or equals_portable or vector_isa_asked_for"
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
-                            env={**os.environ, native.ISA_ENV_VAR: isa}, cwd=Path(__file__).resolve().parents[1],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+        env={**os.environ, native.ISA_ENV_VAR: isa},
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "passed" in result.stdout.splitlines()[-1] and "skipped" not in result.stdout.splitlines()[-1]
 

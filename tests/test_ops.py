@@ -1,4 +1,5 @@
 """The spikec ops against independent numpy references written from the paper's equations."""
+
 import numpy as np
 import onnx
 import pytest
@@ -23,12 +24,12 @@ def mt_reference(x_steps, theta_pos, theta_neg, levels):
         m = v + x
         fired = np.zeros_like(m)
         for k in range(levels):
-            lo = theta_pos * (2 ** k) - theta_pos / 2
+            lo = theta_pos * (2**k) - theta_pos / 2
             hi = theta_pos * (2 ** (k + 1)) - theta_pos / 2 if k < levels - 1 else np.inf
-            fired = np.where((m >= lo) & (m < hi), theta_pos * 2 ** k, fired)
-            nlo = -theta_neg * (2 ** k) + theta_neg / 2
+            fired = np.where((m >= lo) & (m < hi), theta_pos * 2**k, fired)
+            nlo = -theta_neg * (2**k) + theta_neg / 2
             nhi = -theta_neg * (2 ** (k + 1)) + theta_neg / 2 if k < levels - 1 else -np.inf
-            fired = np.where((m < nlo) & (m >= nhi), -theta_neg * 2 ** k, fired)
+            fired = np.where((m < nlo) & (m >= nhi), -theta_neg * 2**k, fired)
         v = m - fired
         codes.append(fired / theta_pos)
     return np.stack(codes)
@@ -41,8 +42,7 @@ def test_mt_neuron_matches_equations(per_channel):
     x[0, 0, 0] = 1000.0  # beyond the top level: clipped at 2^(n-1), the rest stays in v
     theta_pos = (rng.uniform(0.2, 1.0, C) if per_channel else np.array(0.5)).astype(np.float32)
     theta_neg = (rng.uniform(0.2, 1.0, C) if per_channel else np.array(0.3)).astype(np.float32)
-    session = _session("MTNeuron", {"theta_pos": theta_pos, "theta_neg": theta_neg},
-                       levels=4, timesteps=T)
+    session = _session("MTNeuron", {"theta_pos": theta_pos, "theta_neg": theta_neg}, levels=4, timesteps=T)
     got = session.run(None, {"x": x.reshape(T * B, C)})[0].reshape(T, B, C)
     want = mt_reference(x.astype(np.float64), theta_pos, theta_neg, 4)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -59,8 +59,7 @@ def test_mt_neuron_rate_approaches_input():
     theta = np.array(0.25, np.float32)
     errors = []
     for steps in (2, 16):
-        session = _session("MTNeuron", {"theta_pos": theta, "theta_neg": theta},
-                           levels=8, timesteps=steps)
+        session = _session("MTNeuron", {"theta_pos": theta, "theta_neg": theta}, levels=8, timesteps=steps)
         codes = session.run(None, {"x": np.tile(x, (steps, 1))})[0].reshape(steps, B, C)
         errors.append(np.max(np.abs(codes.mean(0) * theta - x)))
     assert errors[1] <= theta / 2
@@ -105,9 +104,12 @@ def test_mt_neuron_level_boundaries_follow_eq25():
     bounds = theta * (2.0 ** np.arange(4) - 0.5)
     x = np.concatenate([bounds, -bounds, bounds - 1e-3, [0.0]]).astype(np.float32)
     x = np.pad(x, (0, (-len(x)) % C)).reshape(-1, C)
-    session = _session("MTNeuron", {"theta_pos": np.array(theta, np.float32),
-                                                       "theta_neg": np.array(theta, np.float32)},
-                       levels=4, timesteps=1)
+    session = _session(
+        "MTNeuron",
+        {"theta_pos": np.array(theta, np.float32), "theta_neg": np.array(theta, np.float32)},
+        levels=4,
+        timesteps=1,
+    )
     got = session.run(None, {"x": x})[0].ravel()[:13]
     np.testing.assert_array_equal(got[:4], [1, 2, 4, 8])
     np.testing.assert_array_equal(got[4:8], [0, -1, -2, -4])
@@ -146,7 +148,7 @@ def test_stbif_neuron_matches_eq1_and_ends_at_the_quantizer(per_channel):
     assert np.isin(got, [-1.0, 0.0, 1.0]).all()
     quantized = np.clip(np.floor(x.sum(0, dtype=np.float64) / theta + 0.5), s_min, s_max)
     np.testing.assert_array_equal(got.sum(0), quantized)
-    assert not got[4 + 2 * levels:].any()  # quiet well before the end: the count is final
+    assert not got[4 + 2 * levels :].any()  # quiet well before the end: the count is final
     assert (got.sum(0) == s_max).any() and (got.sum(0) == s_min).any()  # both clamps were exercised
 
 
@@ -227,8 +229,9 @@ def test_if_neuron_matches_the_reference_rules(signed, burst):
     x = (rng.standard_normal((steps, B, C)) * 0.6 + 0.2).astype(np.float32)
     session = _session("IFNeuron", {"theta": theta}, timesteps=steps, signed=signed, burst=burst)
     got = session.run(None, {"x": x.reshape(steps * B, C)})[0].reshape(steps, B, C)
-    np.testing.assert_allclose(got, if_reference(x.astype(np.float64), theta.astype(np.float64), signed, burst),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        got, if_reference(x.astype(np.float64), theta.astype(np.float64), signed, burst), atol=1e-6
+    )
     assert (np.abs(got) <= theta + 1e-6).all()  # at most theta per step, burst or not
     totals = np.cumsum(got, 0)
     assert (totals >= -1e-6).all()  # memory: never below zero in total
@@ -248,11 +251,13 @@ def test_x2x_encoder_is_if_neurons_on_x_and_minus_x():
     steps = 32
     theta_pos, theta_neg = (rng.uniform(0.5, 1.0, C).astype(np.float32) for _ in range(2))
     x = (rng.standard_normal((steps, B, C)) * 0.3 + rng.uniform(-0.4, 0.4, (1, B, C))).astype(np.float32)
-    session = _session("X2XEncoder", {"theta_pos": theta_pos, "theta_neg": theta_neg}, timesteps=steps,
-                       signed=1, burst=2)
+    session = _session(
+        "X2XEncoder", {"theta_pos": theta_pos, "theta_neg": theta_neg}, timesteps=steps, signed=1, burst=2
+    )
     got = session.run(None, {"x": x.reshape(steps * B, C)})[0].reshape(steps, B, C)
-    want = if_reference(x.astype(np.float64), theta_pos.astype(np.float64), 1, 2) \
-        - if_reference(-x.astype(np.float64), theta_neg.astype(np.float64), 1, 2)
+    want = if_reference(x.astype(np.float64), theta_pos.astype(np.float64), 1, 2) - if_reference(
+        -x.astype(np.float64), theta_neg.astype(np.float64), 1, 2
+    )
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert (got < 0).any() and (got > 0).any()
     error = np.abs(got.mean(0) - x.mean(0))
@@ -267,8 +272,13 @@ def test_ugo_is_if_neurons_on_the_hidden_layer():
     operator = ugos.load("gelu")
     steps = 64
     theta = np.maximum(operator.thresholds(), 1e-3).astype(np.float32)
-    params = {"w1": operator.w1.astype(np.float32), "b1": operator.b1.astype(np.float32), "theta": theta,
-              "w2": operator.w2.astype(np.float32), "b2": np.array(operator.b2, np.float32)}
+    params = {
+        "w1": operator.w1.astype(np.float32),
+        "b1": operator.b1.astype(np.float32),
+        "theta": theta,
+        "w2": operator.w2.astype(np.float32),
+        "b2": np.array(operator.b2, np.float32),
+    }
     x = np.linspace(-2.5, 2.5, B * C, dtype=np.float32).reshape(B, C)
     session = _session("UGO", params, timesteps=steps, signed=1, burst=2)
     got = session.run(None, {"x": np.tile(x, (steps, 1))})[0].reshape(steps, B, C)
@@ -297,14 +307,15 @@ def test_spike_count_sums_spikes_per_leading_row(name, native):
     np.testing.assert_array_equal(count, np.abs(spikes).sum(axis=1))
     unrolled.graph.node[0].output[-1] = ""  # not wanted (an ONNX function's node keeps all its outputs)
     unrolled.graph.output.pop()
-    np.testing.assert_array_equal(InferenceSession(unrolled, native=native).run(None, {op.inputs[0]: x.reshape(T * B, C)})[0],
-                                  spikes)
+    np.testing.assert_array_equal(
+        InferenceSession(unrolled, native=native).run(None, {op.inputs[0]: x.reshape(T * B, C)})[0], spikes
+    )
     step = InferenceSession(one_node_model(op.step_name, params, C, **attrs), native=native)
     states = initial_states(op)
     for t in range(T):
         values = step.run(None, {op.inputs[0]: x[t], "t": np.array(t + 1, np.float32), **states})
-        np.testing.assert_array_equal(values[0], spikes[t * B:(t + 1) * B])
-        np.testing.assert_array_equal(values[-1], count[t * B:(t + 1) * B])
+        np.testing.assert_array_equal(values[0], spikes[t * B : (t + 1) * B])
+        np.testing.assert_array_equal(values[-1], count[t * B : (t + 1) * B])
         states = dict(zip(op.states, values[1:]))
 
 
@@ -320,7 +331,7 @@ def test_blocks_of_rows_give_the_bits_of_one_block(name, monkeypatch):
     x[1, 2, :3] = [np.nan, np.inf, -np.inf]
     hidden = len(next(params[p] for p in op.hidden))
     results = []
-    for block_elements in (2 * hidden * C, 2 ** 40):  # 2 rows of elements per block: 4 blocks, 1 row padded; 1 block
+    for block_elements in (2 * hidden * C, 2**40):  # 2 rows of elements per block: 4 blocks, 1 row padded; 1 block
         monkeypatch.setattr(ops, "BLOCK_ELEMENTS", block_elements)
         model = one_node_model(op.name, params, C, timesteps=T, **example_attributes(op))
         results.append(InferenceSession(model, native=False).run(None, {op.inputs[0]: x.reshape(T * rows, C)}))

@@ -1,6 +1,7 @@
 """`spikec report` and `spikec inspect` on the digits ViT, converted by every method: every number checked
 against an independent recomputation (numpy on tensors fetched straight from onnxruntime, or by hand
 from the architecture)."""
+
 import json
 import shutil
 import subprocess
@@ -36,8 +37,12 @@ TOKENS, DIM, HEADS, MLP, BLOCKS, CLASSES = 17, 64, 4, 128, 4, 10
 HEAD_DIM = DIM // HEADS
 GELU_HIDDEN = 32  # STA's GELU UGO, the paper's size
 COMMON_PLOTS = ("fidelity", "layers", "firing", "energy")
-METHOD_PLOTS = {"ecmt": ("levels",), "spikezip": ("steps",), "sta": ("burst", "ugo"),
-                "ttfs": ("spike_times", "clipping")}
+METHOD_PLOTS = {
+    "ecmt": ("levels",),
+    "spikezip": ("steps",),
+    "sta": ("burst", "ugo"),
+    "ttfs": ("spike_times", "clipping"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +59,24 @@ def _report(root, name, ann, snn, *extra, samples=FEW):
     """The report written by the CLI, and its data."""
     inputs, labels = ("x", "y") if samples == SAMPLES else ("x_few", "y_few")
     out = root / f"report_{name}"
-    assert main(["report", str(ann), str(snn), "--inputs", str(root / f"{inputs}.npz"), "--labels",
-                 str(root / f"{labels}.npz"), "-o", str(out), "--quiet", *extra]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(ann),
+                str(snn),
+                "--inputs",
+                str(root / f"{inputs}.npz"),
+                "--labels",
+                str(root / f"{labels}.npz"),
+                "-o",
+                str(out),
+                "--quiet",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return out, json.loads((out / "report.json").read_text())
 
 
@@ -66,16 +87,29 @@ def made(digits, root):
     snn = root / "ecmt.onnx"
     spikec.compile(ann, {"pixels": digits["x_train"][:128]}, snn, timesteps=T, progress=False)
     out, data = _report(root, "ecmt", ann, snn, samples=SAMPLES)
-    return {"ann": ann, "snn": snn, "x": digits["x_test"][:SAMPLES], "y": digits["y_test"][:SAMPLES], "out": out,
-            "data": data}
+    return {
+        "ann": ann,
+        "snn": snn,
+        "x": digits["x_test"][:SAMPLES],
+        "y": digits["y_test"][:SAMPLES],
+        "out": out,
+        "data": data,
+    }
 
 
 @pytest.fixture(scope="module")
 def spikezip_made(digits, root):
     """SpikeZIP-TF: a float ANN quantized by the compile (its QANN saved beside), reported with --qann."""
     ann, snn, qann = fixtures.digits_vit(), root / "spikezip.onnx", root / "qann.onnx"
-    spikec.compile(ann, {"pixels": digits["x_train"][:128]}, snn, method="spikezip", timesteps=SPIKEZIP_T,
-                   save_qann=qann, progress=False)
+    spikec.compile(
+        ann,
+        {"pixels": digits["x_train"][:128]},
+        snn,
+        method="spikezip",
+        timesteps=SPIKEZIP_T,
+        save_qann=qann,
+        progress=False,
+    )
     out, data = _report(root, "spikezip", ann, snn, "--qann", str(qann))
     return {"ann": ann, "qann": qann, "snn": snn, "x": digits["x_test"][:FEW], "out": out, "data": data}
 
@@ -118,6 +152,7 @@ def fetch(model, names, feeds):
 
 # ------------------------------------------------------------------ every method
 
+
 def test_every_method_writes_html_json_and_nontrivial_plots(any_made):
     import matplotlib.image
 
@@ -153,8 +188,9 @@ def test_every_method_counts_energy_by_the_same_terms(made, spikezip_made, sta_m
         snn_pj = sum(t["acs"] * 0.9 + t["macs"] * 4.6 for t in e["snn"]["terms"])
         assert e["ratio"] == pytest.approx(snn_pj / e["ann"]["energy_pj"])
         terms = {t["term"]: t for t in e["snn"]["terms"]}
-        paper_acs = (terms["spike_products"]["acs"] + terms["ttfs_constructions"]["acs"]
-                     + e["snn"]["act_act_event_driven_acs"])
+        paper_acs = (
+            terms["spike_products"]["acs"] + terms["ttfs_constructions"]["acs"] + e["snn"]["act_act_event_driven_acs"]
+        )
         assert e["ratio_paper_convention"] == pytest.approx(0.9 * paper_acs / (4.6 * e["ann"]["product_macs"]))
         # spike-driven ACs are what the sites fired times the fan-out of the products they feed
         spikes = {s["source"]: s["spikes_per_sample"] for s in data["sites"]}
@@ -164,6 +200,7 @@ def test_every_method_counts_energy_by_the_same_terms(made, spikezip_made, sta_m
 
 
 # ------------------------------------------------------------------ ECMT
+
 
 def test_fidelity_matches_numpy(made):
     feeds = {"pixels": made["x"]}
@@ -202,8 +239,12 @@ def test_firing_rates_match_numpy(made):
     negative = np.log2(-codes[codes < 0] / ratio[codes < 0])
     np.testing.assert_allclose(positive, np.rint(positive), atol=1e-4)
     np.testing.assert_allclose(negative, np.rint(negative), atol=1e-4)
-    np.testing.assert_allclose(row["positive"], np.bincount(np.rint(positive).astype(int), minlength=8), rtol=1e-2, atol=2)
-    np.testing.assert_allclose(row["negative"], np.bincount(np.rint(negative).astype(int), minlength=8), rtol=1e-2, atol=2)
+    np.testing.assert_allclose(
+        row["positive"], np.bincount(np.rint(positive).astype(int), minlength=8), rtol=1e-2, atol=2
+    )
+    np.testing.assert_allclose(
+        row["negative"], np.bincount(np.rint(negative).astype(int), minlength=8), rtol=1e-2, atol=2
+    )
     assert sum(row["split"].values()) == pytest.approx(row["spikes_per_sample"])
     levels = made["data"]["section"]
     assert sum(levels["positive_fraction"]) + sum(levels["negative_fraction"]) == pytest.approx(1.0)
@@ -220,8 +261,10 @@ def test_per_layer_error_matches_numpy(made):
     feeds = {"pixels": made["x"]}
     ann = fetch(made["ann"], [increments, inside], feeds)
     snn = fetch(made["snn"], [increments, inside], feeds)
-    estimates = {increments: snn[increments].reshape(T, SAMPLES, TOKENS, DIM).mean(0),
-                 inside: snn[inside].reshape(T, SAMPLES, TOKENS, MLP)[-1]}
+    estimates = {
+        increments: snn[increments].reshape(T, SAMPLES, TOKENS, DIM).mean(0),
+        inside: snn[inside].reshape(T, SAMPLES, TOKENS, MLP)[-1],
+    }
     for name, estimate in estimates.items():
         reference = ann[name]
         assert layers[name]["cosine"] == pytest.approx(cosine(reference, estimate), abs=1e-5)
@@ -230,25 +273,32 @@ def test_per_layer_error_matches_numpy(made):
     # the time-invariant embedding is exact; the logits layer equals the output fidelity at T
     assert layers["/Add_output_0"]["relative_max_error"] == 0
     assert layers["logits"]["cosine"] == pytest.approx(
-        made["data"]["fidelity"]["ANN"]["outputs"]["logits"]["per_t"][-1]["cosine"])
+        made["data"]["fidelity"]["ANN"]["outputs"]["logits"]["per_t"][-1]["cosine"]
+    )
 
 
 def test_energy_counts_by_hand(made):
     energy = made["data"]["energy"]
-    per_block = (3 * TOKENS * DIM * DIM                    # q, k, v
-                 + 2 * HEADS * TOKENS * TOKENS * HEAD_DIM  # q k^T and attn v
-                 + TOKENS * DIM * DIM                      # proj
-                 + 2 * TOKENS * DIM * MLP)                 # fc1, fc2
-    patch_conv = DIM * 16 * 1 * 2 * 2                      # 1 -> 64 channels, k=2 stride 2, 4x4 outputs
-    head = DIM * CLASSES                                   # CLS token only
+    per_block = (
+        3 * TOKENS * DIM * DIM  # q, k, v
+        + 2 * HEADS * TOKENS * TOKENS * HEAD_DIM  # q k^T and attn v
+        + TOKENS * DIM * DIM  # proj
+        + 2 * TOKENS * DIM * MLP
+    )  # fc1, fc2
+    patch_conv = DIM * 16 * 1 * 2 * 2  # 1 -> 64 channels, k=2 stride 2, 4x4 outputs
+    head = DIM * CLASSES  # CLS token only
     assert energy["ann"]["product_macs"] == BLOCKS * per_block + patch_conv + head == 2_380_928
-    layernorms, softmax, gelu = (2 * BLOCKS + 1) * TOKENS * DIM, BLOCKS * HEADS * TOKENS ** 2, BLOCKS * TOKENS * MLP
+    layernorms, softmax, gelu = (2 * BLOCKS + 1) * TOKENS * DIM, BLOCKS * HEADS * TOKENS**2, BLOCKS * TOKENS * MLP
     assert energy["ann"]["nonlinear_ops"] == layernorms + softmax + gelu
 
     # spike-driven products: every spike reaches (output features) weights, one AC each
     firing = {r["site"]: r["spikes_per_sample"] for r in made["data"]["sites"]}
-    fan_out = {"norm1/LayerNormalization_output_0": 3 * DIM, "attn/Reshape_3_output_0": DIM,
-               "norm2/LayerNormalization_output_0": MLP, "mlp/mlp.1/Mul_1_output_0": DIM}
+    fan_out = {
+        "norm1/LayerNormalization_output_0": 3 * DIM,
+        "attn/Reshape_3_output_0": DIM,
+        "norm2/LayerNormalization_output_0": MLP,
+        "mlp/mlp.1/Mul_1_output_0": DIM,
+    }
     acs = sum(firing[f"/blocks.{b}/{t}"] * f for b in range(BLOCKS) for t, f in fan_out.items())
     acs += firing["/Gather_1_output_0"] * CLASSES
     terms = {t["term"]: t for t in energy["snn"]["terms"]}
@@ -265,12 +315,14 @@ def test_energy_counts_by_hand(made):
     assert terms["ec_compensate"]["macs"] > 0 and terms["ec_compensate"]["acs"] == 0
     assert all(terms[t]["acs"] == terms[t]["macs"] == 0 for t in ("ugo_inputs", "ugo_readout", "ttfs_constructions"))
     event_acs = energy["snn"]["act_act_event_driven_acs"]
-    assert energy["ratio_paper_convention"] == pytest.approx(0.9 * (acs + event_acs)
-                                                             / (4.6 * energy["ann"]["product_macs"]))
+    assert energy["ratio_paper_convention"] == pytest.approx(
+        0.9 * (acs + event_acs) / (4.6 * energy["ann"]["product_macs"])
+    )
     assert 0 < energy["ratio_paper_convention"] < energy["ratio"] < 1.5
 
 
 # ------------------------------------------------------------------ SpikeZIP-TF
+
 
 def test_spikezip_fidelity_against_the_qann_and_the_float_ann(spikezip_made):
     data = spikezip_made["data"]
@@ -335,6 +387,7 @@ def test_spikezip_needs_its_qann(spikezip_made, made):
 
 # ------------------------------------------------------------------ STA
 
+
 def test_sta_probes_fire_the_spikes_of_the_encoders_and_ugos(sta_made):
     """The probes (IFNeuron ops fed what the X2X encoder's and the UGO's IF steps are fed) reproduce the
     ops' outputs: x's spikes minus -x's are the encoder's output bit for bit, and w2 . hidden spikes + b2 is
@@ -376,7 +429,8 @@ def test_sta_sites_bursts_ugos_and_layernorms(sta_made):
     assert gelu["neurons"] == GELU_HIDDEN * TOKENS * MLP and gelu["hidden"] == GELU_HIDDEN
     encoder = next(s for s in data["sites"] if s["site"] == "/blocks.0/norm1/LayerNormalization_output_0")
     assert encoder["neurons"] == 2 * TOKENS * DIM and sum(encoder["split"].values()) == pytest.approx(
-        encoder["spikes_per_sample"])
+        encoder["spikes_per_sample"]
+    )
     section = data["section"]
     assert section["burst"] == 2 and len(section["ugos"]) == kinds.count("UGO gelu") + kinds.count("UGO rsqrt")
     assert all(len(u["spikes_per_unit_per_step"]) == u["hidden"] for u in section["ugos"])
@@ -390,11 +444,12 @@ def test_sta_sites_bursts_ugos_and_layernorms(sta_made):
     assert terms["ugo_readout"]["acs"] == pytest.approx(rsqrt)
     assert terms["neuron_updates"]["acs"] == T * sum(s["neurons"] for s in data["sites"])
     # the float Softmax and LayerNorms: one MAC per element and step
-    softmax = BLOCKS * HEADS * TOKENS ** 2
+    softmax = BLOCKS * HEADS * TOKENS**2
     assert terms["nonlinear"]["macs"] == T * (softmax + len(floats) * TOKENS * DIM)
 
 
 # ------------------------------------------------------------------ TTFS
+
 
 def test_ttfs_spike_times_clipping_depth_and_energy(ttfs_made):
     data = ttfs_made["data"]
@@ -425,15 +480,26 @@ def test_ttfs_spike_times_clipping_depth_and_energy(ttfs_made):
 
 # ------------------------------------------------------------------ the page
 
+
 def _regressor():
     """x [batch, 6] -> one value per sample: no classes, so no top-1 agreement."""
     rng = np.random.default_rng(0)
-    weights = [onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
-               for n, s in (("w1", (6, 8)), ("w2", (8, 1)))]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "regressor", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 1])], weights)
+    weights = [
+        onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+        for n, s in (("w1", (6, 8)), ("w2", (8, 1)))
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "regressor",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 1])],
+        weights,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -444,8 +510,23 @@ def test_top1_agreement_only_for_classifier_outputs(tmp_path):
     spikec.compile(ann, {"x": x}, snn, timesteps=T, progress=False)
     np.savez(tmp_path / "x.npz", x=x)
     np.savez(tmp_path / "y.npz", labels=np.zeros(16, np.int64))
-    assert main(["report", str(ann), str(snn), "--inputs", str(tmp_path / "x.npz"), "--labels",
-                 str(tmp_path / "y.npz"), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(ann),
+                str(snn),
+                "--inputs",
+                str(tmp_path / "x.npz"),
+                "--labels",
+                str(tmp_path / "y.npz"),
+                "-o",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     assert not data["classifier"]
     rows = data["fidelity"]["ANN"]["outputs"]["y"]["per_t"]
@@ -457,6 +538,7 @@ def test_top1_agreement_only_for_classifier_outputs(tmp_path):
 
 class _PlainECMT(ECMT):
     """ECMT registered under another name, with the default report section."""
+
     name = "plain-ecmt"
     report_section = Method.report_section
 
@@ -491,10 +573,11 @@ def test_log_axes_are_not_dominated_by_zeros():
 
 # ------------------------------------------------------------------ inspect, Netron, errors
 
+
 def test_inspect_lists_rewrites_neurons_and_float_ops(made, capsys):
     info = inspect_model(str(made["snn"]))
     counts = info["neuron_counts"]
-    per_block = 6 * TOKENS * DIM + HEADS * TOKENS ** 2 + TOKENS * MLP  # 6 x [17,64], softmax, GELU output
+    per_block = 6 * TOKENS * DIM + HEADS * TOKENS**2 + TOKENS * MLP  # 6 x [17,64], softmax, GELU output
     assert counts["neuron_nodes"] == len(counts["sites"]) == 33
     assert counts["neurons_total"] == BLOCKS * per_block + DIM
     float_ops = {r["category"]: r for r in info["float_ops"]}
@@ -543,15 +626,34 @@ def test_html_renders_in_headless_chromium(any_made, tmp_path):
     _, made = any_made
     shot = tmp_path / "shot.png"
     result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
-         "--enable-logging=stderr", "--v=0", (made["out"] / "index.html").resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,2000",
+            "--enable-logging=stderr",
+            "--v=0",
+            (made["out"] / "index.html").resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     # page errors, console messages (the report logs any image that fails to decode) and failed loads
-    problems = [line for line in result.stderr.splitlines()
-                if ":CONSOLE" in line or "Uncaught" in line or "Failed to load" in line or "net::ERR" in line]
+    problems = [
+        line
+        for line in result.stderr.splitlines()
+        if ":CONSOLE" in line or "Uncaught" in line or "Failed to load" in line or "net::ERR" in line
+    ]
     assert not problems, problems
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.shape[:2] == (2000, 1200)

@@ -4,6 +4,7 @@ The QANN runs through spikec.runtime.InferenceSession, which keeps onnxruntime's
 that fusion re-rounds x/s of a quantizer after a MatMul and flips levels near boundaries, so the
 default session and this one disagree about the QANN itself as much as a float flip in the SNN would.
 """
+
 import json
 
 import numpy as np
@@ -28,29 +29,52 @@ def _init(name, *shape, scale=0.5):
 
 def _tiny(nodes, initializers, inputs, output_shape) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *s]) for n, s in inputs],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", *output_shape])], initializers)
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *s]) for n, s in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", *output_shape])],
+        initializers,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _sesa_model():
     """Two activations multiplied (SESA), with a bias on one side (gated to the first step)."""
-    return _tiny([helper.make_node("MatMul", ["a", "wa"], ["qa"]), helper.make_node("Add", ["qa", "ba"], ["qb"]),
-                  helper.make_node("MatMul", ["qb", "b"], ["y"])],
-                 [_init("wa", 6, 6), _init("ba", 6)], [("a", (4, 6)), ("b", (6, 5))], (4, 5))
+    return _tiny(
+        [
+            helper.make_node("MatMul", ["a", "wa"], ["qa"]),
+            helper.make_node("Add", ["qa", "ba"], ["qb"]),
+            helper.make_node("MatMul", ["qb", "b"], ["y"]),
+        ],
+        [_init("wa", 6, 6), _init("ba", 6)],
+        [("a", (4, 6)), ("b", (6, 5))],
+        (4, 5),
+    )
 
 
 def _attention_model():
     """LayerNorm -> q, k, v -> softmax(q k^T / 2) v -> projection, with a residual."""
-    return _tiny([
-        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
-        *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Mul", ["s", "half"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"]),
-        helper.make_node("MatMul", ["o", "wo"], ["proj"]), helper.make_node("Add", ["proj", "x"], ["y"]),
-    ], [_init("gamma", 8, scale=1.0), _init("beta", 8), *[_init(f"w{n}", 8, 8) for n in "qkvo"],
-        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half")], [("x", (5, 8))], (5, 8))
+    return _tiny(
+        [
+            helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
+            *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
+            helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["q", "kt"], ["s"]),
+            helper.make_node("Mul", ["s", "half"], ["scaled"]),
+            helper.make_node("Softmax", ["scaled"], ["p"], axis=-1),
+            helper.make_node("MatMul", ["p", "v"], ["o"]),
+            helper.make_node("MatMul", ["o", "wo"], ["proj"]),
+            helper.make_node("Add", ["proj", "x"], ["y"]),
+        ],
+        [
+            _init("gamma", 8, scale=1.0),
+            _init("beta", 8),
+            *[_init(f"w{n}", 8, 8) for n in "qkvo"],
+            onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        ],
+        [("x", (5, 8))],
+        (5, 8),
+    )
 
 
 def test_per_channel_scales_hold_an_outlier_channel():
@@ -61,10 +85,15 @@ def test_per_channel_scales_hold_an_outlier_channel():
     gamma[3] = 50.0
     weight = _init("w", 8, 8)
     weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * (gamma[:, None] ** -1), "w"))
-    model = _tiny([helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
-                   helper.make_node("MatMul", ["h", "w"], ["y"])],
-                  [onnx.numpy_helper.from_array(gamma, "gamma"), _init("beta", 8), weight],
-                  [("x", (5, 8))], (5, 8))
+    model = _tiny(
+        [
+            helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
+            helper.make_node("MatMul", ["h", "w"], ["y"]),
+        ],
+        [onnx.numpy_helper.from_array(gamma, "gamma"), _init("beta", 8), weight],
+        [("x", (5, 8))],
+        (5, 8),
+    )
     calib = {"x": RNG.standard_normal((64, 5, 8)).astype(np.float32)}
     feeds = {"x": RNG.standard_normal((16, 5, 8)).astype(np.float32)}
     exact = InferenceSession(model).run(["y"], feeds)[0]  # the float model
@@ -94,8 +123,9 @@ def test_tiny_graphs_equal_their_qann(build, tmp_path):
     qann = spikec.quantize(model, calib, levels=8, progress=False)
     snn = spikec.compile(qann, calib, method="spikezip", timesteps=40, progress=False)
     onnx.checker.check_model(snn, full_check=True)
-    onnx.checker.check_model(spikec.compile(qann, calib, method="spikezip", mode="stateful", progress=False),
-                             full_check=True)
+    onnx.checker.check_model(
+        spikec.compile(qann, calib, method="spikezip", mode="stateful", progress=False), full_check=True
+    )
     want = InferenceSession(qann).run(["y"], feeds)[0]
     got = InferenceSession(snn).run(None, feeds)
     result = dict(zip([o.name for o in InferenceSession(snn).get_outputs()], got))
@@ -191,8 +221,9 @@ def test_onnxruntime_qdq_model(digits_qdq):
     _check_agreement(agreement, min_exact=0.5)
     want = InferenceSession(qdq).run(["logits"], feeds)[0]
     exact = np.array(agreement["exact"])
-    np.testing.assert_allclose(agreement["outputs"]["logits"][exact], want[exact], atol=1e-4 * np.abs(want).max(),
-                               rtol=0)
+    np.testing.assert_allclose(
+        agreement["outputs"]["logits"][exact], want[exact], atol=1e-4 * np.abs(want).max(), rtol=0
+    )
 
 
 def test_minilm_with_ptq_equals_qann():
@@ -230,30 +261,46 @@ def _rotary_model() -> onnx.ModelProto:
     """h = x W, rotated by angles = positions x inverse frequencies (LLaMA's rotary form: the positions, an
     integer input, cast to float and multiplied by a frequency vector), then projected."""
     frequencies = (1.0 / 100.0 ** (np.arange(4) / 4)).astype(np.float32)[None, :]
-    nodes = [helper.make_node("Cast", ["position_ids"], ["positions"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["positions", "last"], ["positions_column"]),
-             helper.make_node("MatMul", ["positions_column", "frequencies"], ["angles"]),
-             helper.make_node("Concat", ["angles", "angles"], ["angles_twice"], axis=-1),
-             helper.make_node("Cos", ["angles_twice"], ["cos"]),
-             helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "cos"], ["rotated"]),
-             helper.make_node("MatMul", ["rotated", "w_out"], ["y"])]
-    initializers = [onnx.numpy_helper.from_array(frequencies, "frequencies"), _init("w", 8, 8), _init("w_out", 8, 8),
-                    onnx.numpy_helper.from_array(np.array([-1], np.int64), "last")]
-    graph = helper.make_graph(nodes, "rotary", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 8]),
-                                                helper.make_tensor_value_info("position_ids", TensorProto.INT64,
-                                                                              ["batch", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 8])], initializers)
+    nodes = [
+        helper.make_node("Cast", ["position_ids"], ["positions"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["positions", "last"], ["positions_column"]),
+        helper.make_node("MatMul", ["positions_column", "frequencies"], ["angles"]),
+        helper.make_node("Concat", ["angles", "angles"], ["angles_twice"], axis=-1),
+        helper.make_node("Cos", ["angles_twice"], ["cos"]),
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Mul", ["h", "cos"], ["rotated"]),
+        helper.make_node("MatMul", ["rotated", "w_out"], ["y"]),
+    ]
+    initializers = [
+        onnx.numpy_helper.from_array(frequencies, "frequencies"),
+        _init("w", 8, 8),
+        _init("w_out", 8, 8),
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "last"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rotary",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 8]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", 16]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 8])],
+        initializers,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_positions_cast_to_float_are_not_quantized(tmp_path):
     """Quantizers go on activations: rotary angles computed from integer positions stay float (16 levels over
     16 positions would merge neighbouring positions' angles), and the SNN still equals its QANN."""
-    feeds = {"x": RNG.standard_normal((24, 16, 8)).astype(np.float32),
-             "position_ids": np.tile(np.arange(16, dtype=np.int64), (24, 1))}
+    feeds = {
+        "x": RNG.standard_normal((24, 16, 8)).astype(np.float32),
+        "position_ids": np.tile(np.arange(16, dtype=np.int64), (24, 1)),
+    }
     qann_path = tmp_path / "qann.onnx"
-    snn = spikec.compile(_rotary_model(), feeds, method="spikezip", timesteps=32, save_qann=str(qann_path),
-                         progress=False, verify=False)
+    snn = spikec.compile(
+        _rotary_model(), feeds, method="spikezip", timesteps=32, save_qann=str(qann_path), progress=False, verify=False
+    )
     report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])
     quantized = {q["tensor"] for q in report["quantization"]}
     assert quantized == {"x", "h", "rotated", "y"}

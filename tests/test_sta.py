@@ -1,4 +1,5 @@
 """STA end to end (passes/sta.py): digits-ViT accuracy vs T, MiniLM cosine vs T, structure, ablation."""
+
 import json
 
 import numpy as np
@@ -14,12 +15,15 @@ pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytes
 
 @pytest.fixture(scope="module")
 def ann_accuracy(digits):
-    return fixtures.accuracy(run_dataset(fixtures.digits_vit(), {"pixels": digits["x_test"]})["logits"], digits["y_test"])
+    return fixtures.accuracy(
+        run_dataset(fixtures.digits_vit(), {"pixels": digits["x_test"]})["logits"], digits["y_test"]
+    )
 
 
 def _accuracy_per_t(digits, **options):
-    model = spikec.compile(fixtures.digits_vit(), {"pixels": digits["x_train"][:256]}, method="sta",
-                           progress=False, **options)
+    model = spikec.compile(
+        fixtures.digits_vit(), {"pixels": digits["x_train"][:256]}, method="sta", progress=False, **options
+    )
     steps = run_dataset(model, {"pixels": digits["x_test"]}, batch_size=32)["logits.steps"]
     return model, [fixtures.accuracy(s, digits["y_test"]) for s in steps]
 

@@ -1,4 +1,5 @@
 """passes/timing.py's graph-level steps on their own."""
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -24,10 +25,13 @@ def _accumulated(perm: list[int], extra_reader: bool = False) -> gs.Graph:
     with the transposed tensor read by a second node too."""
     x = gs.Variable("x", np.float32, [T * B, 4, 6])
     heads, moved, y = (gs.Variable(n, np.float32) for n in ("heads", "moved", "y"))
-    nodes = [gs.Node("Reshape", "split", inputs=[x, gs.Constant("shape", np.array([T * B, 4, 2, 3], np.int64))],
-                     outputs=[heads]),
-             gs.Node("Transpose", "heads_first", attrs={"perm": perm}, inputs=[heads], outputs=[moved]),
-             spikec_node("ECAccumulate", "acc", [moved], [y], average=1, timesteps=T)]
+    nodes = [
+        gs.Node(
+            "Reshape", "split", inputs=[x, gs.Constant("shape", np.array([T * B, 4, 2, 3], np.int64))], outputs=[heads]
+        ),
+        gs.Node("Transpose", "heads_first", attrs={"perm": perm}, inputs=[heads], outputs=[moved]),
+        spikec_node("ECAccumulate", "acc", [moved], [y], average=1, timesteps=T),
+    ]
     outputs = [y]
     if extra_reader:
         doubled = gs.Variable("doubled", np.float32)
@@ -56,8 +60,11 @@ def test_accumulation_moves_above_data_movement_with_the_same_bits():
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("perm, extra_reader", [([1, 0, 2, 3], False), ([0, 2, 1, 3], True)],
-                         ids=["transpose_moves_the_steps", "moved_tensor_read_elsewhere"])
+@pytest.mark.parametrize(
+    "perm, extra_reader",
+    [([1, 0, 2, 3], False), ([0, 2, 1, 3], True)],
+    ids=["transpose_moves_the_steps", "moved_tensor_read_elsewhere"],
+)
 def test_accumulation_stays_where_moving_it_would_change_something(perm, extra_reader):
     graph = _accumulated(perm, extra_reader)
     assert hoist_accumulations(graph) == 0
@@ -66,14 +73,25 @@ def test_accumulation_stays_where_moving_it_would_change_something(perm, extra_r
 
 def test_compensation_moves_below_data_movement_with_the_same_bits():
     """x -> ECCompensate -> Transpose -> Reshape -> y becomes x -> Transpose -> Reshape -> ECCompensate."""
+
     def graph() -> gs.Graph:
         x = gs.Variable("x", np.float32, [T * B, 2, 4, 3])
         increments, moved, y = (gs.Variable(n, np.float32) for n in ("increments", "moved", "y"))
-        return gs.Graph(nodes=[
-            spikec_node("ECCompensate", "comp", [x], [increments], average=1, timesteps=T),
-            gs.Node("Transpose", "heads_back", attrs={"perm": [0, 2, 1, 3]}, inputs=[increments], outputs=[moved]),
-            gs.Node("Reshape", "merge", inputs=[moved, gs.Constant("shape", np.array([T * B, 4, 6], np.int64))],
-                    outputs=[y])], inputs=[x], outputs=[y], opset=17)
+        return gs.Graph(
+            nodes=[
+                spikec_node("ECCompensate", "comp", [x], [increments], average=1, timesteps=T),
+                gs.Node("Transpose", "heads_back", attrs={"perm": [0, 2, 1, 3]}, inputs=[increments], outputs=[moved]),
+                gs.Node(
+                    "Reshape",
+                    "merge",
+                    inputs=[moved, gs.Constant("shape", np.array([T * B, 4, 6], np.int64))],
+                    outputs=[y],
+                ),
+            ],
+            inputs=[x],
+            outputs=[y],
+            opset=17,
+        )
 
     values = np.random.default_rng(1).standard_normal((T * B, 2, 4, 3)).astype(np.float32)
     want = _run_compensated(graph(), values)
@@ -93,6 +111,7 @@ def _run_compensated(graph: gs.Graph, x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- convertibility, --allow-float
 
+
 def _guarded_attention() -> onnx.ModelProto:
     """x [b, 4, 8] -> q = x W; p = Softmax(q q^T + where(keep, 0, -inf)) behind sdpa's guard
     Where(IsNaN(p), 0, p); y = p q."""
@@ -100,18 +119,27 @@ def _guarded_attention() -> onnx.ModelProto:
     weight = onnx.numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32) / 3, "W")
     zero = onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero")
     low = onnx.numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf")
-    nodes = [helper.make_node("Where", ["keep", "zero", "minus_inf"], ["mask"], name="mask_values"),
-             helper.make_node("MatMul", ["x", "W"], ["q"], name="query"),
-             helper.make_node("Transpose", ["q"], ["k"], name="keys", perm=[0, 2, 1]),
-             helper.make_node("MatMul", ["q", "k"], ["scores"], name="scores"),
-             helper.make_node("Add", ["scores", "mask"], ["masked"], name="mask"),
-             helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
-             helper.make_node("IsNaN", ["p"], ["nan"], name="guard_test"),
-             helper.make_node("Where", ["nan", "zero", "p"], ["probs"], name="guard"),
-             helper.make_node("MatMul", ["probs", "q"], ["y"], name="values")]
-    graph = helper.make_graph(nodes, "guarded", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4, 8]),
-                                                 helper.make_tensor_value_info("keep", onnx.TensorProto.BOOL, ["b", 1, 4])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4, 8])], [weight, zero, low])
+    nodes = [
+        helper.make_node("Where", ["keep", "zero", "minus_inf"], ["mask"], name="mask_values"),
+        helper.make_node("MatMul", ["x", "W"], ["q"], name="query"),
+        helper.make_node("Transpose", ["q"], ["k"], name="keys", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "k"], ["scores"], name="scores"),
+        helper.make_node("Add", ["scores", "mask"], ["masked"], name="mask"),
+        helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+        helper.make_node("IsNaN", ["p"], ["nan"], name="guard_test"),
+        helper.make_node("Where", ["nan", "zero", "p"], ["probs"], name="guard"),
+        helper.make_node("MatMul", ["probs", "q"], ["y"], name="values"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "guarded",
+        [
+            helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4, 8]),
+            helper.make_tensor_value_info("keep", onnx.TensorProto.BOOL, ["b", 1, 4]),
+        ],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 4, 8])],
+        [weight, zero, low],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

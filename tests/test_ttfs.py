@@ -1,5 +1,6 @@
 """TTFSFormer (seed 003): each neuron construction against the dynamics it is defined by (Eq. 6
 integrated numerically) and the function it realizes, then whole models against their ANN."""
+
 from __future__ import annotations
 
 import json
@@ -52,16 +53,16 @@ OUTPUT = {"Identity": lambda v: v, "Log": np.log, "Exp": np.exp}
 CASES = [
     ("Identity", "Identity", Window(-2, 3), Window(-4, 5), (), 3),
     ("Relu", "Identity", Window(-2, 3), Window(-1, 4), (), 3),
-    ("Gelu", "Identity", Window(-4, 3), Window(-1, 6), (), 1),       # Corollary 4.5
+    ("Gelu", "Identity", Window(-4, 3), Window(-1, 6), (), 1),  # Corollary 4.5
     ("GeluTanh", "Identity", Window(-4, 3), Window(-1, 6), (), 1),
-    ("Silu", "Identity", Window(-4, 3), Window(-1, 6), (), 1),       # Eq. 16
+    ("Silu", "Identity", Window(-4, 3), Window(-1, 6), (), 1),  # Eq. 16
     ("Tanh", "Identity", Window(-3, 3), Window(-1, 1), (), 1),
     ("Sigmoid", "Identity", Window(-3, 3), Window(0, 1), (), 1),
-    ("Exp", "Log", Window(-4, 0), Window(-3, 2), (), 4),             # log-sum-exp, Theorem 4.6
-    ("Identity", "Exp", Window(-4, 0), Window(0, 1), (), 2),         # softmax output, Eq. 36
-    ("Square", "Identity", Window(-3, 2), Window(0, 9), (), 4),      # variance, Eq. 22
+    ("Exp", "Log", Window(-4, 0), Window(-3, 2), (), 4),  # log-sum-exp, Theorem 4.6
+    ("Identity", "Exp", Window(-4, 0), Window(0, 1), (), 2),  # softmax output, Eq. 36
+    ("Square", "Identity", Window(-3, 2), Window(0, 9), (), 4),  # variance, Eq. 22
     ("Rsqrt", "Identity", Window(0.1, 2), Window(0.5, 3.5), (1e-5,), 1),  # rsqrt, Eq. 23 re-derived
-    ("Log", "Identity", Window(-2, 3), Window(0, 4), (3.0,), 2),      # product layer I, Eq. 24
+    ("Log", "Identity", Window(-2, 3), Window(0, 4), (3.0,), 2),  # product layer I, Eq. 24
 ]
 
 
@@ -69,21 +70,48 @@ def _layer(receive: str, emit: str, inputs: Window, output: Window, params, weig
     """One TTFS layer: u [n, k] -> receive per synapse -> weighted sum -> emit (-> tick). Returns a function
     of the spike times giving (output spike times, received values)."""
     scalar = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
-    inits = [scalar("a_in", inputs.lower), scalar("b_in", inputs.upper), scalar("delta", inputs.delta),
-             scalar("a_out", output.lower), scalar("b_out", output.upper), scalar("w", weights), scalar("tick", tick)]
+    inits = [
+        scalar("a_in", inputs.lower),
+        scalar("b_in", inputs.upper),
+        scalar("delta", inputs.delta),
+        scalar("a_out", output.lower),
+        scalar("b_out", output.upper),
+        scalar("w", weights),
+        scalar("tick", tick),
+    ]
     inits += [scalar(f"p{i}", p) for i, p in enumerate(params)]
-    nodes = [helper.make_node(RECEIVE[receive].op_type, ["u", "a_in", "b_in", "delta", *[f"p{i}" for i in range(len(params))]],
-                              ["f"], domain="spikec"),
-             helper.make_node("MatMul", ["f", "w"], ["v"]),
-             helper.make_node(EMIT[emit].op_type, ["v", "a_out", "b_out", "delta"], ["crossing"], domain="spikec"),
-             helper.make_node(ttfs.TICK_OP if tick else "Identity", ["crossing", "delta", "tick"][: 3 if tick else 1],
-                              ["out"], domain="spikec" if tick else "")]
-    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", "k"])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"]),
-                               helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", "k"])], inits)
+    nodes = [
+        helper.make_node(
+            RECEIVE[receive].op_type,
+            ["u", "a_in", "b_in", "delta", *[f"p{i}" for i in range(len(params))]],
+            ["f"],
+            domain="spikec",
+        ),
+        helper.make_node("MatMul", ["f", "w"], ["v"]),
+        helper.make_node(EMIT[emit].op_type, ["v", "a_out", "b_out", "delta"], ["crossing"], domain="spikec"),
+        helper.make_node(
+            ttfs.TICK_OP if tick else "Identity",
+            ["crossing", "delta", "tick"][: 3 if tick else 1],
+            ["out"],
+            domain="spikec" if tick else "",
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "layer",
+        [helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", "k"])],
+        [
+            helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"]),
+            helper.make_tensor_value_info("f", TensorProto.FLOAT, ["n", "k"]),
+        ],
+        inits,
+    )
     ops = {RECEIVE[receive].op_type, EMIT[emit].op_type, ttfs.TICK_OP}
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("spikec", 1)],
-                              functions=ttfs.functions_for(ops, OPSET))
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("spikec", 1)],
+        functions=ttfs.functions_for(ops, OPSET),
+    )
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return lambda u: session.run(None, {"u": np.asarray(u, np.float32)})
@@ -113,8 +141,9 @@ def test_construction_matches_its_dynamics_and_function(case):
     np.testing.assert_allclose(output.decode(spikes), represented, rtol=1e-4, atol=1e-4)
     # the dynamics: Eq. 6 integrated, with C from f(a) (what the op reads at u = delta, i.e. x = a)
     f_of_a = float(layer(np.full((1, synapses), inputs.delta))[1][0, 0])
-    simulated = ttfs.simulate(u, weights, inputs, receive, emit, output, constant=weights.sum() * f_of_a,
-                              params=params, steps=4000)
+    simulated = ttfs.simulate(
+        u, weights, inputs, receive, emit, output, constant=weights.sum() * f_of_a, params=params, steps=4000
+    )
     # within a few integration steps (measured <= 4; the rsqrt kernel is steepest, at x = a)
     assert np.abs(simulated - spikes).max() < 6 * inputs.delta / 4000
 
@@ -125,7 +154,7 @@ def test_printed_rsqrt_kernel_is_not_rsqrt():
     inputs, output, eps = Window(0.1, 2.0), Window(0.0, 8.0), 1e-5
     u = np.linspace(0, 1, 9)[:, None]
     weights = np.ones(1)
-    printed = ReceiveTransform("Printed", "Eq. 23 as printed", RECEIVE["Rsqrt"].value, lambda v, p: 0.5 * v ** -1.5)
+    printed = ReceiveTransform("Printed", "Eq. 23 as printed", RECEIVE["Rsqrt"].value, lambda v, p: 0.5 * v**-1.5)
     constant = 1 / math.sqrt(inputs.lower + eps)  # d * C
     expected = output.encode(1 / np.sqrt(inputs.decode(u[:, 0]) + eps))
     ours = ttfs.simulate(u, weights, inputs, "Rsqrt", "Identity", output, constant, (eps,), steps=4000)
@@ -153,14 +182,16 @@ def test_spike_time_coding_and_clock():
 
 # ----------------------------------------------------------------------------------------- models
 
+
 @pytest.fixture(scope="module")
 def ann_logits(digits):
     return run_dataset(fixtures.digits_vit(), {"pixels": digits["x_test"]})["logits"]
 
 
 def _digits_snn(digits, **options):
-    return spikec.compile(fixtures.digits_vit(), {"pixels": digits["x_train"][:256]}, method="ttfs",
-                          progress=False, **options)
+    return spikec.compile(
+        fixtures.digits_vit(), {"pixels": digits["x_train"][:256]}, method="ttfs", progress=False, **options
+    )
 
 
 def test_digits_vit_float_spike_times_equal_the_ann(digits, ann_logits):
@@ -174,8 +205,10 @@ def test_digits_vit_float_spike_times_equal_the_ann(digits, ann_logits):
 
 def test_digits_vit_without_the_max_layer(digits, ann_logits):
     model = _digits_snn(digits, max_layer=False)
-    assert not any(s["role"] == "softmax max" for s in json.loads(
-        {p.key: p.value for p in model.metadata_props}["spikec.report"])["ttfs"]["sites"])
+    assert not any(
+        s["role"] == "softmax max"
+        for s in json.loads({p.key: p.value for p in model.metadata_props}["spikec.report"])["ttfs"]["sites"]
+    )
     logits = run_dataset(model, {"pixels": digits["x_test"]})["logits"]
     assert np.abs(logits - ann_logits).max() < 1e-3 * np.abs(ann_logits).max()
 
@@ -184,8 +217,12 @@ def test_digits_vit_accuracy_against_time_precision(digits, ann_logits):
     """Fig. 4's robustness study: spike times on a clock of delta/p. Measured 10.2 / 67.0 / 97.2 / 98.0 %
     at p = 64 / 256 / 1024 / 4096 (ANN 97.6 %)."""
     ann = fixtures.accuracy(ann_logits, digits["y_test"])
-    accuracy = {p: fixtures.accuracy(run_dataset(_digits_snn(digits, precision=p), {"pixels": digits["x_test"]})["logits"],
-                                     digits["y_test"]) for p in (64, 256, 1024, 4096)}
+    accuracy = {
+        p: fixtures.accuracy(
+            run_dataset(_digits_snn(digits, precision=p), {"pixels": digits["x_test"]})["logits"], digits["y_test"]
+        )
+        for p in (64, 256, 1024, 4096)
+    }
     assert accuracy[4096] >= ann - 0.01 and accuracy[1024] >= ann - 0.02
     assert accuracy[64] < accuracy[256] < accuracy[1024] - 0.1
 
@@ -232,8 +269,9 @@ def test_ranges_that_clip_held_out_samples_are_widened_and_reported(digits, tmp_
     it had, and inspect shows them."""
     out = tmp_path / "snn.onnx"
     with pytest.warns(FidelityWarning, match=r"TTFS ranges clip held-out calibration samples .*widened.*--margin"):
-        snn = spikec.compile(fixtures.digits_vit(), {"pixels": digits["x_train"][:64]}, out, method="ttfs",
-                             margin=0.0, progress=False)
+        snn = spikec.compile(
+            fixtures.digits_vit(), {"pixels": digits["x_train"][:64]}, out, method="ttfs", margin=0.0, progress=False
+        )
     report = json.loads({p.key: p.value for p in snn.metadata_props}["spikec.report"])["ttfs"]
     clipped, sites = report["clipped"], {site["site"]: site for site in report["sites"]}
     assert clipped and all(0 < c["share"] < 0.5 and c["overshoot"] > 0 for c in clipped.values())
@@ -268,10 +306,21 @@ def test_silu_becomes_one_neuron(tmp_path):
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4), torch.nn.Tanh())
     path = tmp_path / "mlp.onnx"
-    torch.onnx.export(mlp, (torch.randn(2, 8),), str(path), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+    torch.onnx.export(
+        mlp,
+        (torch.randn(2, 8),),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
     rng = np.random.default_rng(0)
-    calib, feeds = {"x": rng.standard_normal((64, 8)).astype(np.float32)}, {"x": rng.standard_normal((8, 8)).astype(np.float32)}
+    calib, feeds = (
+        {"x": rng.standard_normal((64, 8)).astype(np.float32)},
+        {"x": rng.standard_normal((8, 8)).astype(np.float32)},
+    )
     snn = spikec.compile(path, calib, method="ttfs", margin=1.0, progress=False)
     assert {n.op_type for n in snn.graph.node if n.domain == "spikec"} >= {"TTFSReceiveSilu", "TTFSReceiveTanh"}
     assert not {"Sigmoid", "Mul", "Tanh"} & {n.op_type for n in snn.graph.node}
@@ -288,7 +337,8 @@ def test_report_counts_spikes_clipping_and_table3(digits, tmp_path):
     assert all(s["spikes_per_sample"] <= s["neurons"] for s in data["sites"])  # at most one spike per neuron
     pixels = sites["pixels"]
     assert pixels["neurons"] == 64 and pixels["spikes_per_sample"] == pytest.approx(
-        (feeds["pixels"] > pixels["lower"]).sum() / 64)  # a pixel at a (0: black) never fires
+        (feeds["pixels"] > pixels["lower"]).sum() / 64
+    )  # a pixel at a (0: black) never fires
     by_kind = {}
     for c in data["section"]["constructions"]:
         by_kind.setdefault(c["kind"], []).append(c)
@@ -326,8 +376,24 @@ def test_cli_compile_inspect_report(digits, tmp_path, capsys):
     np.savez(inputs, pixels=digits["x_test"][:64])
     np.savez(labels, labels=digits["y_test"][:64])
     snn = tmp_path / "ttfs.onnx"
-    assert main(["compile", str(fixtures.digits_vit()), "-o", str(snn), "--calib", str(calib), "--method", "ttfs",
-                 "--precision", "1024", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(fixtures.digits_vit()),
+                "-o",
+                str(snn),
+                "--calib",
+                str(calib),
+                "--method",
+                "ttfs",
+                "--precision",
+                "1024",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     verified, wrote = capsys.readouterr().out.splitlines()
     assert verified.startswith("verified on 16 held-out calibration samples against the ANN: logits cosine ")
     assert wrote == f"wrote {snn}"
@@ -335,30 +401,64 @@ def test_cli_compile_inspect_report(digits, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "ttfs" and info["ttfs"]["precision"] == 1024
     assert any(o["op"] == "TTFSTick" for o in info["ops"])
-    assert main(["report", str(fixtures.digits_vit()), str(snn), "--inputs", str(inputs), "--labels", str(labels),
-                 "-o", str(tmp_path / "report"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(fixtures.digits_vit()),
+                str(snn),
+                "--inputs",
+                str(inputs),
+                "--labels",
+                str(labels),
+                "-o",
+                str(tmp_path / "report"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["fidelity"]["ANN"]["outputs"]["logits"]["per_t"][-1]["top1_agreement"] > 0.9
     assert (tmp_path / "report" / "index.html").read_text().count("<table>") >= 4
 
 
-@pytest.mark.parametrize("argv, culprit", [
-    (["--mode", "stateful"], "mode"),
-    (["--precision", "-1"], "precision"),
-    (["--margin", "-0.5"], "margin"),
-])
+@pytest.mark.parametrize(
+    "argv, culprit",
+    [
+        (["--mode", "stateful"], "mode"),
+        (["--precision", "-1"], "precision"),
+        (["--margin", "-0.5"], "margin"),
+    ],
+)
 def test_cli_rejects_bad_ttfs_options(digits, tmp_path, capfd, argv, culprit):
     calib = tmp_path / "calib.npz"
     np.savez(calib, pixels=digits["x_train"][:8])
     out = tmp_path / "never.onnx"
-    assert main(["compile", str(fixtures.digits_vit()), "-o", str(out), "--calib", str(calib), "--method", "ttfs",
-                 "--quiet", *argv]) == 2
+    assert (
+        main(
+            [
+                "compile",
+                str(fixtures.digits_vit()),
+                "-o",
+                str(out),
+                "--calib",
+                str(calib),
+                "--method",
+                "ttfs",
+                "--quiet",
+                *argv,
+            ]
+        )
+        == 2
+    )
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith("spikec: error: ") and culprit in err and "Traceback" not in err
     assert not out.exists()
 
 
 # ------------------------------------------------------------- constructions on their own, end to end
+
 
 def _compile_graph(nodes, inputs, outputs, calib, initializers=(), **options):
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
@@ -379,14 +479,18 @@ def test_softmax_construction_with_a_mask(precision, max_layer):
     span the calibrated range [-6, 6]. A masked position gets exactly 0."""
     rng = np.random.default_rng(1)
     fvalue = lambda name, v: onnx.numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
-    nodes = [helper.make_node("Cast", ["keep"], ["keep_f"], to=TensorProto.FLOAT),
-             helper.make_node("Sub", ["one", "keep_f"], ["masked"]),
-             helper.make_node("Mul", ["masked", "big"], ["mask"]),
-             helper.make_node("MatMul", ["x", "eye"], ["scores"]),  # scores come from a matmul, as attention's
-             helper.make_node("Add", ["scores", "mask"], ["masked_scores"]),
-             helper.make_node("Softmax", ["masked_scores"], ["y"], axis=-1)]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 9]),
-              helper.make_tensor_value_info("keep", TensorProto.INT64, ["b", 1, 9])]
+    nodes = [
+        helper.make_node("Cast", ["keep"], ["keep_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["one", "keep_f"], ["masked"]),
+        helper.make_node("Mul", ["masked", "big"], ["mask"]),
+        helper.make_node("MatMul", ["x", "eye"], ["scores"]),  # scores come from a matmul, as attention's
+        helper.make_node("Add", ["scores", "mask"], ["masked_scores"]),
+        helper.make_node("Softmax", ["masked_scores"], ["y"], axis=-1),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, 9]),
+        helper.make_tensor_value_info("keep", TensorProto.INT64, ["b", 1, 9]),
+    ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, 9])]
     constants = [fvalue("one", 1.0), fvalue("big", -1e9), fvalue("eye", np.eye(9))]
     calib = {"x": rng.uniform(-6, 6, (64, 3, 9)).astype(np.float32), "keep": np.ones((64, 1, 9), np.int64)}
@@ -412,9 +516,11 @@ def test_layernorm_construction(precision):
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 5, 16])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 5, 16])]
     constants = [onnx.numpy_helper.from_array(gamma, "gamma"), onnx.numpy_helper.from_array(beta, "beta")]
+
     def sample(n):
-        return (rng.standard_normal((n, 5, 16)) * rng.uniform(0.2, 3, (n, 5, 1)) + rng.uniform(-1, 1, (n, 5, 1))
-                ).astype(np.float32)
+        return (
+            rng.standard_normal((n, 5, 16)) * rng.uniform(0.2, 3, (n, 5, 1)) + rng.uniform(-1, 1, (n, 5, 1))
+        ).astype(np.float32)
 
     snn = _compile_graph(nodes, inputs, outputs, {"x": sample(256)}, constants, precision=precision)
     assert "LayerNormalization" not in {n.op_type for n in snn.graph.node}
@@ -430,11 +536,18 @@ def test_product_construction(precision):
     """x1 [b, 4, 6] @ x2 [b, 6, 5], both activations of different ranges."""
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("MatMul", ["x1", "x2"], ["y"])]
-    inputs = [helper.make_tensor_value_info("x1", TensorProto.FLOAT, ["b", 4, 6]),
-              helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["b", 6, 5])]
+    inputs = [
+        helper.make_tensor_value_info("x1", TensorProto.FLOAT, ["b", 4, 6]),
+        helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["b", 6, 5]),
+    ]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 5])]
-    sample = lambda n: {"x1": rng.uniform(-3, 1, (n, 4, 6)).astype(np.float32),  # noqa: E731
-                        "x2": rng.uniform(0, 5, (n, 6, 5)).astype(np.float32)}
+
+    def sample(n):
+        return {
+            "x1": rng.uniform(-3, 1, (n, 4, 6)).astype(np.float32),
+            "x2": rng.uniform(0, 5, (n, 6, 5)).astype(np.float32),
+        }
+
     snn = _compile_graph(nodes, inputs, outputs, sample(128), precision=precision)
     feeds = sample(16)
     got = run_dataset(snn, feeds)["y"]
@@ -446,8 +559,11 @@ def test_product_construction(precision):
         assert len(layer_one) == 1 and layer_one[0]["shape"] == [4, 6, 5]
 
 
-@pytest.mark.parametrize("variant", [{"opset": 18, "exporter": "dynamo"}, {"opset": 17, "attn": "sdpa"},
-                                     {"opset": 14}], ids=["dynamo-18", "sdpa-17", "torchscript-14"])
+@pytest.mark.parametrize(
+    "variant",
+    [{"opset": 18, "exporter": "dynamo"}, {"opset": 17, "attn": "sdpa"}, {"opset": 14}],
+    ids=["dynamo-18", "sdpa-17", "torchscript-14"],
+)
 def test_minilm_exports(variant):
     """The dynamo exporter's decomposed ops, sdpa's NaN guard after the softmax, opset 14."""
     model = fixtures.minilm(**variant)

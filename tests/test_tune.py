@@ -1,4 +1,5 @@
 """spikec tune: the fidelity/energy/T front, the pick, the plot, resume, and the CLI on the digits ViT."""
+
 import json
 
 import numpy as np
@@ -9,10 +10,15 @@ from spikec.cli import main
 from spikec.errors import SpikecError
 from spikec.tune import front, pick, plot, settings, tune
 
-POINTS = [{"t": 1, "cosine": 0.5, "energy": 0.1}, {"t": 2, "cosine": 0.9, "energy": 0.3},
-          {"t": 2, "cosine": 0.8, "energy": 0.35}, {"t": 3, "cosine": 0.95, "energy": 0.5},
-          {"t": 4, "cosine": 0.94, "energy": 0.7}, {"t": 8, "cosine": 0.999, "energy": 1.2},
-          {"t": 8, "cosine": 0.96, "energy": 0.45}]  # a setting firing less: more steps, less energy
+POINTS = [
+    {"t": 1, "cosine": 0.5, "energy": 0.1},
+    {"t": 2, "cosine": 0.9, "energy": 0.3},
+    {"t": 2, "cosine": 0.8, "energy": 0.35},
+    {"t": 3, "cosine": 0.95, "energy": 0.5},
+    {"t": 4, "cosine": 0.94, "energy": 0.7},
+    {"t": 8, "cosine": 0.999, "energy": 1.2},
+    {"t": 8, "cosine": 0.96, "energy": 0.45},
+]  # a setting firing less: more steps, less energy
 
 
 def test_front_and_pick_on_known_points():
@@ -48,8 +54,9 @@ def test_plot_writes_png_atomically(tmp_path):
 def test_tune_digits_vit_front_constraint_resume(tmp_path, digits):
     feeds = {"pixels": digits["x_test"][:64]}
     state = tmp_path / "state.json"
-    first = tune(fixtures.digits_vit(), feeds, "spikezip", max_timesteps=6, time_budget=0.0, state=state,
-                 progress=False)
+    first = tune(
+        fixtures.digits_vit(), feeds, "spikezip", max_timesteps=6, time_budget=0.0, state=state, progress=False
+    )
     assert len(json.loads(state.read_text())) == 1  # the budget stopped it after one setting
     points = tune(fixtures.digits_vit(), feeds, "spikezip", max_timesteps=6, state=state, progress=False)
     assert len(points) == 3 * 6 and all(p in points for p in first)
@@ -75,8 +82,23 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
     calib = tmp_path / "calib.npz"
     np.savez(calib, **feeds)
     out = tmp_path / "tuned.onnx"
-    argv = ["tune", str(fixtures.digits_vit()), "--calib", str(calib), "--method", "ecmt", "--max-timesteps", "3",
-            "--max-energy", "0.5", "--resume", str(tmp_path / "state.json"), "--quiet", "-o", str(out)]
+    argv = [
+        "tune",
+        str(fixtures.digits_vit()),
+        "--calib",
+        str(calib),
+        "--method",
+        "ecmt",
+        "--max-timesteps",
+        "3",
+        "--max-energy",
+        "0.5",
+        "--resume",
+        str(tmp_path / "state.json"),
+        "--quiet",
+        "-o",
+        str(out),
+    ]
     assert main(argv) == 0
     text = capfd.readouterr().out
     chosen = dict(item.split("=") for item in text.split("chosen: ")[1].splitlines()[0].split())
@@ -89,7 +111,10 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
     assert out.exists()
     # the chosen setting compiled for its own T measures the energy the unrolled run gave its prefix
     fit, valid = split(feeds)
-    knobs = {"percentile": float(chosen["percentile"]), "per_channel": chosen["per_channel"] == "True",
-             "levels": int(chosen["levels"])}
+    knobs = {
+        "percentile": float(chosen["percentile"]),
+        "per_channel": chosen["per_channel"] == "True",
+        "levels": int(chosen["levels"]),
+    }
     _, report = measure(fixtures.digits_vit(), fit, valid, "ecmt", tmp_path, timesteps=int(chosen["T"]), **knobs)
     assert report["energy"]["ratio"] == pytest.approx(float(chosen["energy"]), abs=1e-3)

@@ -1,4 +1,5 @@
 """STA's universal group operators: the shipped weights, their fit over each domain, their IF form."""
+
 import numpy as np
 import pytest
 
@@ -6,8 +7,14 @@ from spikec import ugo
 from spikec.cli import main
 
 # mean |error| / max |f| over the domain, float UGO and IF form at T=128 (measured: see docs/methods/sta.md)
-BOUNDS = {("exp", 32): (1e-4, 2e-4), ("gelu", 32): (1e-5, 2e-3), ("gelu", 64): (1e-5, 2e-3),
-          ("inverse", 16): (2e-3, 2e-3), ("inverse", 64): (1e-4, 3e-4), ("rsqrt", 8): (5e-3, 5e-3)}
+BOUNDS = {
+    ("exp", 32): (1e-4, 2e-4),
+    ("gelu", 32): (1e-5, 2e-3),
+    ("gelu", 64): (1e-5, 2e-3),
+    ("inverse", 16): (2e-3, 2e-3),
+    ("inverse", 64): (1e-4, 3e-4),
+    ("rsqrt", 8): (5e-3, 5e-3),
+}
 
 
 @pytest.mark.parametrize("name,hidden", sorted(BOUNDS))

@@ -1,6 +1,7 @@
 """Compile verifies what it emits on calibration samples it held out (issue 18): an SNN that fails or
 answers inf/NaN is refused, one below its method's bound is written with a warning, the fidelity is
 recorded in the model."""
+
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ class NoOptions(Options):
 class Sqrt(Method):
     """Takes the square root of the output: finite on the calibration data it saw (made non-negative
     below), NaN on anything negative."""
+
     name = "sqrt"
     paper = "none (a broken conversion)"
     Options = NoOptions
@@ -60,8 +62,11 @@ def broken():
 
 def test_an_snn_answering_nan_is_refused_and_not_written(broken, tmp_path):
     out = tmp_path / "snn.onnx"
-    with pytest.raises(spikec.SpikecError, match=r"outputs \d+ inf/NaN value\(s\) in 'y' on 2 held-out calibration "
-                                                 r"sample\(s\) where the ANN is finite; nothing was written"):
+    with pytest.raises(
+        spikec.SpikecError,
+        match=r"outputs \d+ inf/NaN value\(s\) in 'y' on 2 held-out calibration "
+        r"sample\(s\) where the ANN is finite; nothing was written",
+    ):
         spikec.compile(mlp(), {"x": _samples(16)}, out, method="sqrt", progress=False)
     assert not out.exists()
     # --no-verify skips the run: the model is valid, and written
@@ -76,22 +81,31 @@ def test_fidelity_is_measured_recorded_and_shown(tmp_path, capfd):
     assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "-T", "16", "--quiet"]) == 0
     stdout, stderr = capfd.readouterr()
     verification = SpikecMetadata.read(onnx.load(out)).report.verification
-    assert (verification["samples"], verification["held_out"], verification["reference"],
-            verification["timesteps"]) == (3, True, "ANN", 16)
+    assert (
+        verification["samples"],
+        verification["held_out"],
+        verification["reference"],
+        verification["timesteps"],
+    ) == (3, True, "ANN", 16)
     cosine = verification["outputs"]["y"]["cosine"]
     assert 0.99 <= cosine <= 1.0 and stderr == ""
-    assert stdout.splitlines()[0] == (f"verified on 3 held-out calibration samples against the ANN at T=16: y cosine "
-                                      f"{cosine:.4f}, relative max error "
-                                      f"{verification['outputs']['y']['relative_max_error']:.2e}")
+    assert stdout.splitlines()[0] == (
+        f"verified on 3 held-out calibration samples against the ANN at T=16: y cosine "
+        f"{cosine:.4f}, relative max error "
+        f"{verification['outputs']['y']['relative_max_error']:.2e}"
+    )
     assert main(["inspect", str(out), "--json"]) == 0
     assert json.loads(capfd.readouterr().out)["verification"] == verification
 
 
 def test_below_the_methods_bound_it_warns_and_writes(tmp_path):
     out = tmp_path / "snn.onnx"
-    with pytest.warns(FidelityWarning, match=r"output 'y' on 2 held-out calibration samples: cosine 0\.\d+ against "
-                                             r"the ANN at T=1, short of ecmt's bound \(cosine >= 0\.99\): raise "
-                                             r"--timesteps"):
+    with pytest.warns(
+        FidelityWarning,
+        match=r"output 'y' on 2 held-out calibration samples: cosine 0\.\d+ against "
+        r"the ANN at T=1, short of ecmt's bound \(cosine >= 0\.99\): raise "
+        r"--timesteps",
+    ):
         spikec.compile(mlp(), {"x": _samples(16)}, out, timesteps=1, progress=False)
     assert out.exists()
 
@@ -110,8 +124,12 @@ def test_held_out_samples_are_spread_and_never_calibrated_on():
 
 def test_the_compile_report_round_trips_its_json():
     """The typed report writes back the JSON it was read from: typed keys and a method's own keys alike."""
-    written = {"semantics": "sum", "neurons": [{"tensor": "a", "node": "a/STBIFNeuron"}], "ppn_folded_products": 3,
-               "verification": {"samples": 2}}
+    written = {
+        "semantics": "sum",
+        "neurons": [{"tensor": "a", "node": "a/STBIFNeuron"}],
+        "ppn_folded_products": 3,
+        "verification": {"samples": 2},
+    }
     report = CompileReport.from_json(written)
     assert report.neurons == written["neurons"] and report.extra == {"ppn_folded_products": 3}
     assert report.to_json() == written and report.encoders is None

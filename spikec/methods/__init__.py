@@ -1,4 +1,5 @@
 """The conversion methods: one module each, one line each in METHODS."""
+
 from __future__ import annotations
 
 from spikec.errors import SpikecError

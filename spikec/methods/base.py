@@ -5,6 +5,7 @@ memory check, calibrate, rewrite, emit, verify, save); a method fills in the ste
 names its section of `spikec report` (spikec/report/). A method is one module under spikec/methods/
 exporting a ``Method`` and one entry in the registry (spikec/methods/__init__.py).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -33,6 +34,7 @@ class Job:
     """One compile as it passes through the template: the ANN (replaced where a method prepares another,
     e.g. SpikeZIP-TF's quantized ANN), its graph and recognized regions, the calibration data, the
     common and the method's options, and the report the steps fill in."""
+
     ann: onnx.ModelProto
     feeds: Mapping[str, np.ndarray]
     timesteps: int
@@ -68,6 +70,7 @@ class Calibration:
     """What a method calibrates: statistics of ``taps`` on ``model`` (the job's ANN where None), each
     keeping at most ``max_values`` sampled values. ``neuron_sites`` (tensors that get neurons) and
     ``hidden`` (neurons per element where not one) size the memory estimate."""
+
     taps: list[str]
     neuron_sites: list[str]
     hidden: dict[str, int] = field(default_factory=dict)
@@ -79,6 +82,7 @@ class Calibration:
 class Bound:
     """What a method's SNN should reach on held-out data (a fidelity measure of spikec.evaluate): at least
     ``limit`` for a similarity, at most ``limit`` for an error. Below it, compile warns."""
+
     measure: str  # "cosine" or "relative_max_error"
     limit: float
 
@@ -91,6 +95,7 @@ class Bound:
 
 class Method(ABC):
     """A conversion method. Subclasses set the class attributes and implement ``calibration`` and ``rewrite``."""
+
     name: str
     paper: str
     Options: type[Options]

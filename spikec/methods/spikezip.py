@@ -1,6 +1,7 @@
 """SpikeZIP-TF (ICML 2024): an SNN equal to a quantized ANN (QANN). A model with activation quantizers
 (QDQ pairs, or spikec's own) is converted as it is; a float model is quantized first by post-training
 quantization (passes/quantize.py), the paper's step 1 without its training."""
+
 from __future__ import annotations
 
 import os
@@ -26,39 +27,65 @@ DEFAULT_LEVELS = 16
 
 @dataclass(frozen=True)
 class SpikeZIPOptions(Options):
-    levels: int | None = option(None, f"quantization levels L of a float model (default {DEFAULT_LEVELS}); a "
-                                      "quantized model keeps its own", bounds=(2, 2**16))
-    per_tensor: bool = option(False, "a float model: one quantizer scale per tensor (hardware without "
-                                     "per-channel thresholds), not one per channel of the last axis")
-    integer: bool = option(False, "integer-exact: membranes and tracers in integer units of each threshold, every "
-                                  "op between neurons on their totals, so that once quiet the SNN equals the QANN "
-                                  "bit for bit")
-    burst: int = option(1, "integer-exact: up to this many spikes per neuron per step (T_eq about 1/burst)",
-                        bounds=(1, 2**16))
-    save_qann: str | os.PathLike | None = option(None, "a float model: also write the quantized ANN it is "
-                                                       "equivalent to here", metavar="PATH",
-                                                output="the quantized ANN")
+    levels: int | None = option(
+        None,
+        f"quantization levels L of a float model (default {DEFAULT_LEVELS}); a quantized model keeps its own",
+        bounds=(2, 2**16),
+    )
+    per_tensor: bool = option(
+        False,
+        "a float model: one quantizer scale per tensor (hardware without "
+        "per-channel thresholds), not one per channel of the last axis",
+    )
+    integer: bool = option(
+        False,
+        "integer-exact: membranes and tracers in integer units of each threshold, every "
+        "op between neurons on their totals, so that once quiet the SNN equals the QANN "
+        "bit for bit",
+    )
+    burst: int = option(
+        1, "integer-exact: up to this many spikes per neuron per step (T_eq about 1/burst)", bounds=(1, 2**16)
+    )
+    save_qann: str | os.PathLike | None = option(
+        None,
+        "a float model: also write the quantized ANN it is equivalent to here",
+        metavar="PATH",
+        output="the quantized ANN",
+    )
 
     def check(self) -> None:
         if self.burst != 1 and not self.integer:
-            raise SpikecError("argument burst: several spikes per step keep the SNN equal to its QANN in "
-                              "integer-exact mode only; add integer")
+            raise SpikecError(
+                "argument burst: several spikes per step keep the SNN equal to its QANN in "
+                "integer-exact mode only; add integer"
+            )
 
 
-def quantize_model(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], levels: int, *, batch_size: int,
-                   progress: bool, per_tensor: bool = False) -> tuple[onnx.ModelProto, list[dict]]:
+def quantize_model(
+    ann: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    levels: int,
+    *,
+    batch_size: int,
+    progress: bool,
+    per_tensor: bool = False,
+) -> tuple[onnx.ModelProto, list[dict]]:
     """The QANN of ``ann`` by post-training quantization, and the quantizers inserted: per channel of the
     last axis where its size is static, unless ``per_tensor``."""
     graph = gs.import_onnx(ann)
     sites = ptq.quantizer_sites(find_regions(graph), ptq.activation_tensors(graph))
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to quantize")
-    stats = collect_statistics(ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=1_000_000,
-                               progress=progress)
+    stats = collect_statistics(
+        ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=1_000_000, progress=progress
+    )
     tensors = graph.tensors()
-    quantizers = {name: ptq.choose_quantizer(s, levels, per_channel=not per_tensor and
-                                             ptq.channel_count(tensors[name]) == s.channels)
-                  for name, s in stats.items()}
+    quantizers = {
+        name: ptq.choose_quantizer(
+            s, levels, per_channel=not per_tensor and ptq.channel_count(tensors[name]) == s.channels
+        )
+        for name, s in stats.items()
+    }
     inserted = ptq.insert_quantizers(graph, sites, quantizers)
     qann = gs.export_onnx(graph, do_type_check=False)
     del qann.opset_import[:]
@@ -98,24 +125,31 @@ class SpikeZIP(Method):
         o: SpikeZIPOptions = job.options
         if any(r.kind == "quantizer" for r in job.regions):
             if o.levels is not None:
-                raise SpikecError("argument levels: the model is already quantized (it has QuantizeLinear/"
-                                  "DequantizeLinear pairs); leave levels out")
+                raise SpikecError(
+                    "argument levels: the model is already quantized (it has QuantizeLinear/"
+                    "DequantizeLinear pairs); leave levels out"
+                )
             if o.per_tensor:
-                raise SpikecError("argument per_tensor: the model is already quantized; its quantizers keep their "
-                                  "scales")
+                raise SpikecError(
+                    "argument per_tensor: the model is already quantized; its quantizers keep their scales"
+                )
             if o.save_qann is not None:
                 raise SpikecError("argument save_qann: the model is already quantized; it is its own QANN")
             return
         qann, job.report.quantization = quantize_model(
-            job.ann, job.feeds, DEFAULT_LEVELS if o.levels is None else o.levels, batch_size=job.batch_size,
-            progress=job.progress, per_tensor=o.per_tensor)
+            job.ann,
+            job.feeds,
+            DEFAULT_LEVELS if o.levels is None else o.levels,
+            batch_size=job.batch_size,
+            progress=job.progress,
+            per_tensor=o.per_tensor,
+        )
         job.extra_outputs["save_qann"] = qann
         job.recognize(qann)
 
     def calibration(self, job: Job) -> Calibration:
         # thresholds are the quantizers' scales: nothing to measure, but the neurons' memory to estimate
-        return Calibration(taps=[], neuron_sites=[r.attrs["input"].name for r in job.regions
-                                                 if r.kind == "quantizer"])
+        return Calibration(taps=[], neuron_sites=[r.attrs["input"].name for r in job.regions if r.kind == "quantizer"])
 
     def rewrite(self, job: Job, stats: dict) -> dict:
         o: SpikeZIPOptions = job.options

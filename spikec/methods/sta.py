@@ -1,5 +1,6 @@
 """STA (Spatio-Temporal Approximation, ICLR 2024): passes/sta.py's rewrite, its IF thresholds by MMSE
 against the T-step rate quantizer on the calibration data."""
+
 from __future__ import annotations
 
 from spikec.errors import SpikecError
@@ -19,8 +20,9 @@ class STA(Method):
         taps = sta.calibration_taps(job.regions, job.options)
         if not taps:
             raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to convert")
-        return Calibration(taps=taps, neuron_sites=taps, hidden=sta.hidden_sizes(job.regions, job.options),
-                           max_values=100_000)
+        return Calibration(
+            taps=taps, neuron_sites=taps, hidden=sta.hidden_sizes(job.regions, job.options), max_values=100_000
+        )
 
     def rewrite(self, job: Job, stats: dict) -> dict:
         return sta.rewrite(job.graph, job.regions, stats, job.timesteps, job.options, allow_float=job.allow_float)

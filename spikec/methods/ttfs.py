@@ -3,6 +3,7 @@
 Algorithm 1: the ANN decomposed into the constructions' stages (every site an ordinary tensor) is
 calibrated for every site's range; then the same walk (passes/ttfs.py) builds the spiking graph with
 those ranges."""
+
 from __future__ import annotations
 
 import warnings
@@ -23,6 +24,7 @@ from spikec.runtime.ttfs import Window
 
 class _Exact(NamedTuple):
     """The ANN as the constructions' stages: the lowering (its sites) and the model that computes them."""
+
     lowering: ttfs.Lowering
     network: onnx.ModelProto
 
@@ -49,17 +51,30 @@ class TTFS(Method):
         job.prepared = _Exact(lowering, emit.to_model(exact_graph, job.ann, {}))
 
     def calibration(self, job: Job) -> Calibration:
-        return Calibration(taps=ttfs.calibration_taps(_Exact.of(job).lowering), neuron_sites=[],
-                           model=_Exact.of(job).network, max_values=10_000)
+        return Calibration(
+            taps=ttfs.calibration_taps(_Exact.of(job).lowering),
+            neuron_sites=[],
+            model=_Exact.of(job).network,
+            max_values=10_000,
+        )
 
     def rewrite(self, job: Job, stats: dict) -> dict:
         o: ttfs.TTFSOptions = job.options
         ranges = ttfs.calibration_ranges(stats, _Exact.of(job).lowering, o.range_margin)
         clipped = self.widen_to_held_out(job, ranges)
         spiking = ttfs.lower(job.graph, job.regions, o, default_opset(job.ann), ranges)
-        return {"ttfs": {"clipped": clipped, "sites": ttfs.describe(spiking), "constructions": spiking.constructions,
-                         "float_nodes": spiking.float_nodes, "delta": o.delta, "precision": o.precision,
-                         "margin": o.range_margin, "max_layer": o.max_layer}}
+        return {
+            "ttfs": {
+                "clipped": clipped,
+                "sites": ttfs.describe(spiking),
+                "constructions": spiking.constructions,
+                "float_nodes": spiking.float_nodes,
+                "delta": o.delta,
+                "precision": o.precision,
+                "margin": o.range_margin,
+                "max_layer": o.max_layer,
+            }
+        }
 
     def widen_to_held_out(self, job: Job, ranges: dict) -> dict[str, dict] | None:
         """Widen, in place, each calibrated range that clips the held-out samples (the calibration data's
@@ -78,8 +93,9 @@ class TTFS(Method):
         outside, total = dict.fromkeys(taps, 0), dict.fromkeys(taps, 0)
         low = {name: window.lower for name, window in ranges.items()}
         high = {name: window.upper for name, window in ranges.items()}
-        for batch in run_batches(exact.network, job.held_out, sorted(set(taps.values())),
-                                 batch_size=job.batch_size, progress=False):
+        for batch in run_batches(
+            exact.network, job.held_out, sorted(set(taps.values())), batch_size=job.batch_size, progress=False
+        ):
             for name, tap in taps.items():
                 window, values = ranges[name], batch[tap]
                 outside[name] += int(np.count_nonzero((values < window.lower) | (values > window.upper)))
@@ -90,20 +106,28 @@ class TTFS(Method):
             window, floor = ranges[name], exact.lowering.sites[name].floor
             span = window.upper - window.lower
             lower = 2 * low[name] - window.lower
-            ranges[name] = Window(lower if floor is None else max(lower, floor), 2 * high[name] - window.upper,
-                                  window.delta)
-            clipped[name] = {"share": outside[name] / total[name],
-                             "overshoot": max(window.lower - low[name], high[name] - window.upper) / span,
-                             "from": [window.lower, window.upper]}
+            ranges[name] = Window(
+                lower if floor is None else max(lower, floor), 2 * high[name] - window.upper, window.delta
+            )
+            clipped[name] = {
+                "share": outside[name] / total[name],
+                "overshoot": max(window.lower - low[name], high[name] - window.upper) / span,
+                "from": [window.lower, window.upper],
+            }
         if clipped:
             from spikec.compiler import FidelityWarning
 
             worst = sorted(clipped, key=lambda name: clipped[name]["share"], reverse=True)
-            warnings.warn(f"{len(clipped)} of {len(taps)} TTFS ranges clip held-out calibration samples ("
-                          + ", ".join(f"'{name}' {clipped[name]['share']:.2%}" for name in worst[:3])
-                          + (", ..." if len(worst) > 3 else "") + "), widened to cover them: unseen data may "
-                          f"reach further; raise --margin (now {job.options.range_margin:g}) or calibrate on "
-                          "more samples", FidelityWarning, stacklevel=2)
+            warnings.warn(
+                f"{len(clipped)} of {len(taps)} TTFS ranges clip held-out calibration samples ("
+                + ", ".join(f"'{name}' {clipped[name]['share']:.2%}" for name in worst[:3])
+                + (", ..." if len(worst) > 3 else "")
+                + "), widened to cover them: unseen data may "
+                f"reach further; raise --margin (now {job.options.range_margin:g}) or calibrate on "
+                "more samples",
+                FidelityWarning,
+                stacklevel=2,
+            )
         return clipped
 
     def report_section(self):

@@ -8,6 +8,7 @@ energy model (energy.py: the same terms and counting rules for every method). Ea
 section (``Method.report_section()``; spikec/report/<method>.py): ECMT's threshold levels, SpikeZIP-TF's
 equilibrium steps against its quantized ANN, STA's burst spikes and UGOs, TTFS's spike times and clipping.
 """
+
 from spikec.report.build import build_report
 from spikec.report.page import check_directory, report_files, write_report
 

@@ -1,4 +1,5 @@
 """The report's numbers: one pass over the data runs the reference models and the SNN side by side."""
+
 from __future__ import annotations
 
 import os
@@ -57,9 +58,11 @@ class _LayerError:
         self.rows += len(reference)
 
     def row(self) -> dict:
-        return {"max_abs_error": self.max_error,
-                "relative_max_error": self.max_error / self.max_reference if self.max_reference else self.max_error,
-                "cosine": self.cosine_sum / self.rows}
+        return {
+            "max_abs_error": self.max_error,
+            "relative_max_error": self.max_error / self.max_reference if self.max_reference else self.max_error,
+            "cosine": self.cosine_sum / self.rows,
+        }
 
 
 def load(path: str | os.PathLike, what: str) -> onnx.ModelProto:
@@ -80,14 +83,21 @@ def _fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | Non
         result["accuracy"] = float(np.mean(reference.argmax(1) == labels))
     if scatter:
         picked = np.linspace(0, reference.size - 1, min(reference.size, SCATTER_VALUES)).astype(np.int64)
-        result["scatter"] = {"reference": reference.ravel()[picked].tolist(),
-                             "snn": steps[-1].ravel()[picked].tolist()}
+        result["scatter"] = {"reference": reference.ravel()[picked].tolist(), "snn": steps[-1].ravel()[picked].tolist()}
     return result
 
 
-def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[str, np.ndarray] | str | os.PathLike,
-                 *, labels: np.ndarray | None = None, qann: str | os.PathLike | None = None, batch_size: int = 32,
-                 progress: bool = False, energy_per_t: bool = False) -> dict:
+def build_report(
+    ann: str | os.PathLike,
+    snn: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray] | str | os.PathLike,
+    *,
+    labels: np.ndarray | None = None,
+    qann: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    energy_per_t: bool = False,
+) -> dict:
     """Every number the report shows, as a JSON-serializable dict. ``ann`` is the model the SNN was
     compiled from; for a SpikeZIP-TF SNN the quantized ANN it is equivalent to is ``qann`` (then ``ann``
     is the float ANN) or ``ann`` itself. With ``energy_per_t``, "energy_per_t" holds the energy ratios of
@@ -101,12 +111,15 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     if record is None:
         raise SpikecError(f"SNN {snn}: not a spikec model (no spikec metadata); compile it with spikec first")
     if record.method not in methods.METHODS:
-        raise SpikecError(f"SNN {snn}: method {record.method!r} is not registered (known: "
-                          f"{', '.join(methods.METHODS)})")
+        raise SpikecError(
+            f"SNN {snn}: method {record.method!r} is not registered (known: {', '.join(methods.METHODS)})"
+        )
     method = methods.get(record.method)
     if method.stepped and record.mode != "unrolled":
-        raise SpikecError(f"SNN {snn}: report needs a time-unrolled spikec model (got mode {record.mode}); compile "
-                          f"with --mode unrolled")
+        raise SpikecError(
+            f"SNN {snn}: report needs a time-unrolled spikec model (got mode {record.mode}); compile "
+            f"with --mode unrolled"
+        )
     section_type = method.report_section()
     paths = section_type.references(ann, qann)
     references = {label: load(path, label) for label, path in paths.items()}
@@ -175,33 +188,57 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
             reference = reference_values[name]
             estimate = final_estimate(snn_values[name], reference.shape, steps, estimate_kind(name))
             if estimate is None:
-                skipped[name] = (f"SNN shape {list(snn_values[name].shape)} does not hold {steps} steps of "
-                                 f"the {primary_label}'s {list(reference.shape)}")
+                skipped[name] = (
+                    f"SNN shape {list(snn_values[name].shape)} does not hold {steps} steps of "
+                    f"the {primary_label}'s {list(reference.shape)}"
+                )
             else:
                 errors[name].add(reference, estimate)
         section.add(snn_values)
 
     snn_steps = {name: np.concatenate(collected["SNN"][name], axis=1) for name in outputs}
-    fidelity_data: dict[str, dict[str, Any]] = {label: {"model": os.fspath(paths[label]),
-                             "outputs": {name: _fidelity(np.concatenate(collected[label][name]), snn_steps[name],
-                                                         labels, scatter=not method.stepped) for name in outputs}}
-                     for label in references}
+    fidelity_data: dict[str, dict[str, Any]] = {
+        label: {
+            "model": os.fspath(paths[label]),
+            "outputs": {
+                name: _fidelity(
+                    np.concatenate(collected[label][name]), snn_steps[name], labels, scatter=not method.stepped
+                )
+                for name in outputs
+            },
+        }
+        for label in references
+    }
 
     sites = section.sites()
     site_tensors = {s["site"] for s in sites}
     ann_op = {o: n.op_type for n in primary.graph.node for o in n.output}
-    layer_rows = [{"tensor": name, "op": ann_op[name], "snn_producer": producer[name].op,
-                   "category": producer[name].category, "estimate": estimate_kind(name),
-                   "neuron_input": name in site_tensors, **errors[name].row()}
-                  for name in layers if name not in skipped]
+    layer_rows = [
+        {
+            "tensor": name,
+            "op": ann_op[name],
+            "snn_producer": producer[name].op,
+            "category": producer[name].category,
+            "estimate": estimate_kind(name),
+            "neuron_input": name in site_tensors,
+            **errors[name].row(),
+        }
+        for name in layers
+        if name not in skipped
+    ]
 
     nonlinear_elements = graphinfo.nonlinear_elements(nonlinear, ann_shapes)
     ann_products = graphinfo.product_macs(ann_canonical, ann_shapes)
 
     def energy_of(run_sites: list[dict], run_steps: int) -> dict:
         snn_products, counts, event_acs = energy.snn_work(
-            snn_model, snn_shapes, {s["source"]: s["spikes_per_sample"] for s in run_sites}, run_steps,
-            section.claimed_products(), nonlinear_elements)
+            snn_model,
+            snn_shapes,
+            {s["source"]: s["spikes_per_sample"] for s in run_sites},
+            run_steps,
+            section.claimed_products(),
+            nonlinear_elements,
+        )
         energy.merge(counts, section.energy_counts(run_sites, snn_products, run_steps))
         return energy.energy(ann_products, nonlinear_elements, snn_products, counts, event_acs, run_steps)
 
@@ -209,21 +246,34 @@ def build_report(ann: str | os.PathLike, snn: str | os.PathLike, feeds: Mapping[
     if energy_per_t:
         # the first t steps of the unrolled run are what a model compiled for T = t computes
         until = [(t, section.sites_until(t)) for t in range(1, steps + 1)]
-        extra["energy_per_t"] = [{"t": t, "ratio": e["ratio"], "ratio_paper_convention": e["ratio_paper_convention"]}
-                                 for t, run_sites in until if run_sites is not None
-                                 for e in [energy_of(run_sites, t)]]
+        extra["energy_per_t"] = [
+            {"t": t, "ratio": e["ratio"], "ratio_paper_convention": e["ratio_paper_convention"]}
+            for t, run_sites in until
+            if run_sites is not None
+            for e in [energy_of(run_sites, t)]
+        ]
     return {
-        "ann": os.fspath(ann), "snn": os.fspath(snn), "samples": samples, "timesteps": steps,
-        "stepped": method.stepped, "method": record.method, "paper": method.paper, "mode": record.mode,
-        "semantics": record.semantics, "options": record.options, "references": list(references),
-        "classifier": any(r["per_t"][0].get("top1_agreement") is not None
-                          for r in fidelity_data[primary_label]["outputs"].values()),
+        "ann": os.fspath(ann),
+        "snn": os.fspath(snn),
+        "samples": samples,
+        "timesteps": steps,
+        "stepped": method.stepped,
+        "method": record.method,
+        "paper": method.paper,
+        "mode": record.mode,
+        "semantics": record.semantics,
+        "options": record.options,
+        "references": list(references),
+        "classifier": any(
+            r["per_t"][0].get("top1_agreement") is not None for r in fidelity_data[primary_label]["outputs"].values()
+        ),
         "fidelity": fidelity_data,
         "layers_reference": primary_label,
         "layers": layer_rows,
         "layers_skipped": [{"tensor": t, "reason": r} for t, r in skipped.items()],
         "sites": sites,
-        "energy": energy_of(sites, steps), **extra,
+        "energy": energy_of(sites, steps),
+        **extra,
         "model": graphinfo.summarize(snn_model, sample) if method.stepped else None,
         "section": section.finish(),
     }

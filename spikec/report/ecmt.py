@@ -1,4 +1,5 @@
 """ECMT's report section: spikes per threshold level of the MT neurons (the paper's Fig. 6), by sign."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -14,6 +15,7 @@ from spikec.report.section import Context, Section
 @dataclass
 class _Levels:
     """Spike counts of one MT neuron site by level k (|code| = 2^k) and sign."""
+
     levels: int
     ratio: np.ndarray  # theta_neg / theta_pos: negative codes are -ratio * 2^k
     positive: np.ndarray = field(init=False)
@@ -52,9 +54,12 @@ class ECMTSection(Section):
     def __init__(self, context: Context):
         super().__init__(context)
         spikes_of = {node.name: name for name, node in self.neurons.items()}
-        self.levels = {spikes_of[n["node"]]: _Levels(n["levels"], np.asarray(n["theta_neg"], np.float64)
-                                                     / np.asarray(n["theta_pos"], np.float64))
-                       for n in context.record.report.neurons or []}
+        self.levels = {
+            spikes_of[n["node"]]: _Levels(
+                n["levels"], np.asarray(n["theta_neg"], np.float64) / np.asarray(n["theta_pos"], np.float64)
+            )
+            for n in context.record.report.neurons or []
+        }
 
     def add(self, values: Mapping[str, np.ndarray]) -> None:
         super().add(values)
@@ -66,31 +71,51 @@ class ECMTSection(Section):
         samples = self.context.samples
         for row in rows:
             levels = self.levels[row["source"]]
-            row.update(levels=levels.levels, positive=levels.positive.tolist(), negative=levels.negative.tolist(),
-                       split={"positive spikes (θ1·2^k)": int(levels.positive.sum()) / samples,
-                              "negative spikes (−θ2·2^k)": int(levels.negative.sum()) / samples})
+            row.update(
+                levels=levels.levels,
+                positive=levels.positive.tolist(),
+                negative=levels.negative.tolist(),
+                split={
+                    "positive spikes (θ1·2^k)": int(levels.positive.sum()) / samples,
+                    "negative spikes (−θ2·2^k)": int(levels.negative.sum()) / samples,
+                },
+            )
         return rows
 
     def finish(self) -> dict:
         """Spikes per threshold level over all neuron sites (ECMT Fig. 6)."""
         levels = max((f.levels for f in self.levels.values()), default=0)
-        positive = sum((np.pad(f.positive, (0, levels - f.levels)) for f in self.levels.values()),
-                       np.zeros(levels, np.int64))
-        negative = sum((np.pad(f.negative, (0, levels - f.levels)) for f in self.levels.values()),
-                       np.zeros(levels, np.int64))
+        positive = sum(
+            (np.pad(f.positive, (0, levels - f.levels)) for f in self.levels.values()), np.zeros(levels, np.int64)
+        )
+        negative = sum(
+            (np.pad(f.negative, (0, levels - f.levels)) for f in self.levels.values()), np.zeros(levels, np.int64)
+        )
         total = max(int(positive.sum() + negative.sum()), 1)
-        return {"levels": levels, "positive": positive.tolist(), "negative": negative.tolist(),
-                "positive_fraction": (positive / total).tolist(), "negative_fraction": (negative / total).tolist()}
+        return {
+            "levels": levels,
+            "positive": positive.tolist(),
+            "negative": negative.tolist(),
+            "positive_fraction": (positive / total).tolist(),
+            "negative_fraction": (negative / total).tolist(),
+        }
 
     @staticmethod
     def html(data: dict, img: Callable[..., str]) -> list[str]:
         lv = data["section"]
         total = sum(lv["positive"]) + sum(lv["negative"])
         base = (lv["positive"][0] + lv["negative"][0]) / total if total else 0.0
-        return [f"<p>Spikes per threshold level (|code| = 2^k; negative codes are −θ2/θ1·2^k): {base:.1%} of all "
-                f"spikes use the base thresholds θ1 / −θ2 (ECMT Fig. 6 reports the same clustering).</p>",
-                img("levels"),
-                "<details><summary>levels per MT neuron site</summary>" + table(
-                    ["neuron input", "+ levels k=0..", "− levels k=0.."],
-                    [[s["site"], " ".join(map(str, s["positive"])), " ".join(map(str, s["negative"]))]
-                     for s in data["sites"]]) + "</details>"]
+        return [
+            f"<p>Spikes per threshold level (|code| = 2^k; negative codes are −θ2/θ1·2^k): {base:.1%} of all "
+            f"spikes use the base thresholds θ1 / −θ2 (ECMT Fig. 6 reports the same clustering).</p>",
+            img("levels"),
+            "<details><summary>levels per MT neuron site</summary>"
+            + table(
+                ["neuron input", "+ levels k=0..", "− levels k=0.."],
+                [
+                    [s["site"], " ".join(map(str, s["positive"])), " ".join(map(str, s["negative"]))]
+                    for s in data["sites"]
+                ],
+            )
+            + "</details>",
+        ]

@@ -1,5 +1,6 @@
 """The report's plots: helpers every section uses and the plots every report has (fidelity, per-layer
 error, firing per site, energy). Each plot function draws from the report's data alone."""
+
 from __future__ import annotations
 
 import io
@@ -7,9 +8,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-LOG_NOTE = ("Log axes: where a series holds exact zeros (an exact layer, a step without spikes) the axis is "
-            "symlog, linear from 0 up to the smallest positive value and logarithmic above, so the zeros show at "
-            "0 and do not set the range.")
+LOG_NOTE = (
+    "Log axes: where a series holds exact zeros (an exact layer, a step without spikes) the axis is "
+    "symlog, linear from 0 up to the smallest positive value and logarithmic above, so the zeros show at "
+    "0 and do not set the range."
+)
 
 
 def figure(rows: int = 1, cols: int = 1, size=(10, 4)):
@@ -50,12 +53,11 @@ def empty(ax, text: str) -> None:
 
 
 def short(name: str, width: int = 40) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
 def site_ticks(ax, names: Sequence[str]) -> None:
-    ax.set_xticks(np.arange(len(names)), [short(n) for n in names], rotation=75,
-                  fontsize=7 if len(names) <= 50 else 5)
+    ax.set_xticks(np.arange(len(names)), [short(n) for n in names], rotation=75, fontsize=7 if len(names) <= 50 else 5)
 
 
 def plot_fidelity(data: dict) -> bytes:
@@ -66,8 +68,11 @@ def plot_fidelity(data: dict) -> bytes:
     references = data["fidelity"]
     rows = [r for ref in references.values() for o in ref["outputs"].values() for r in o["per_t"]]
     panels = [("cosine", "cosine similarity"), ("relative_max_error", "relative max error")]
-    panels += [(key, title) for key, title in (("top1_agreement", "top-1 agreement"), ("accuracy", "accuracy"))
-               if any(key in r for r in rows)]
+    panels += [
+        (key, title)
+        for key, title in (("top1_agreement", "top-1 agreement"), ("accuracy", "accuracy"))
+        if any(key in r for r in rows)
+    ]
     fig, axes = figure(1 + (len(panels) > 2), 2, (10, 3.4 * (1 + (len(panels) > 2))))
 
     def tag(label: str, name: str) -> str:
@@ -80,8 +85,12 @@ def plot_fidelity(data: dict) -> bytes:
         for label, prefix in lines:
             for name, output in references[label]["outputs"].items():
                 points = [r for r in output["per_t"] if key in r]
-                ax.plot([r["t"] for r in points], [r[key] for r in points], "o-",
-                        label=prefix + ("" if prefix == "SNN" else tag(label, name)))
+                ax.plot(
+                    [r["t"] for r in points],
+                    [r[key] for r in points],
+                    "o-",
+                    label=prefix + ("" if prefix == "SNN" else tag(label, name)),
+                )
                 plotted += [r[key] for r in points]
         if key == "accuracy":
             for label, reference in references.items():
@@ -93,7 +102,7 @@ def plot_fidelity(data: dict) -> bytes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(title=title, xlabel="time steps T")
         ax.legend(fontsize=8)
-    for ax in axes.ravel()[len(panels):]:
+    for ax in axes.ravel()[len(panels) :]:
         ax.axis("off")
     return png(fig)
 
@@ -109,8 +118,11 @@ def _plot_scatter(data: dict) -> bytes:
         low, high = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         ax.plot([low, high], [low, high], color="gray", lw=1, ls="--", label="SNN = ANN")
         row = output["per_t"][-1]
-        ax.set(title=f"{short(name)}: cosine {row['cosine']:.5f}, rel. max error {row['relative_max_error']:.2g}",
-               xlabel=f"{data['references'][0]} value", ylabel="SNN value")
+        ax.set(
+            title=f"{short(name)}: cosine {row['cosine']:.5f}, rel. max error {row['relative_max_error']:.2g}",
+            xlabel=f"{data['references'][0]} value",
+            ylabel="SNN value",
+        )
         ax.legend(fontsize=8)
     return png(fig)
 
@@ -119,8 +131,10 @@ def plot_layers(data: dict) -> bytes:
     rows = data["layers"]
     fig, axes = figure(2, 1, (12, 7))
     x = np.arange(len(rows))
-    for ax, key, title in ((axes[0, 0], "relative_max_error", "relative max error"),
-                           (axes[1, 0], "cosine", "cosine similarity")):
+    for ax, key, title in (
+        (axes[0, 0], "relative_max_error", "relative max error"),
+        (axes[1, 0], "cosine", "cosine similarity"),
+    ):
         values = np.array([r[key] for r in rows], np.float64)
         ax.plot(x, values, color="lightgray", lw=1)
         for kind, marker in zip(dict.fromkeys(r["estimate"] for r in rows), "os^vD"):
@@ -184,12 +198,18 @@ def plot_energy(data: dict) -> bytes:
                 bottom += term["energy_pj"] / 1e6
     t = f"T={data['timesteps']}" if data["stepped"] else "one pass"
     ax.set_xticks([0, 1], ["ANN", f"SNN ({t})"])
-    ax.set(ylabel="energy per sample (µJ)", title=f"estimated energy: SNN/ANN = {e['ratio']:.3f} "
-                                                    f"(papers' convention {e['ratio_paper_convention']:.3f})")
+    ax.set(
+        ylabel="energy per sample (µJ)",
+        title=f"estimated energy: SNN/ANN = {e['ratio']:.3f} (papers' convention {e['ratio_paper_convention']:.3f})",
+    )
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return png(fig)
 
 
 # (file name without .png, alt text, function(data) -> PNG bytes): every report's plots
-COMMON = (("fidelity", "output fidelity", plot_fidelity), ("layers", "per-layer error", plot_layers),
-          ("firing", "firing per site", plot_firing), ("energy", "estimated energy", plot_energy))
+COMMON = (
+    ("fidelity", "output fidelity", plot_fidelity),
+    ("layers", "per-layer error", plot_layers),
+    ("firing", "firing per site", plot_firing),
+    ("energy", "estimated energy", plot_energy),
+)

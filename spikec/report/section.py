@@ -5,6 +5,7 @@ report builds one instance per run, which accumulates over the batches.
 Every section reports its spiking *sites* (one row per neuron layer: neurons per sample, spikes per
 sample), from which the page draws the firing plot and the energy model counts spike-driven work.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,6 +26,7 @@ Plot = tuple[str, str, Callable[[dict], bytes]]
 @dataclass
 class Context:
     """What a section may read: the SNN, its record, the run's sizes."""
+
     snn: onnx.ModelProto
     record: SpikecMetadata
     steps: int  # time steps per sample (1 for a TTFS model)
@@ -34,14 +36,22 @@ class Context:
         return onnx.numpy_helper.to_array(next(t for t in self.snn.graph.initializer if t.name == name))
 
 
-def site_row(site: str, kind: str, node: str, source: str, neurons: int, spikes: float, samples: int, steps: int,
-             **extra) -> dict:
+def site_row(
+    site: str, kind: str, node: str, source: str, neurons: int, spikes: float, samples: int, steps: int, **extra
+) -> dict:
     """One spiking site: ``source`` is the tensor whose spikes reach the next products (energy model);
     ``extra`` may hold ``split``, the spikes per sample by kind (stacked in the firing plot)."""
     per_sample = spikes / samples
-    return {"site": site, "kind": kind, "node": node, "source": source, "neurons": int(neurons),
-            "spikes_per_sample": per_sample,
-            "spikes_per_neuron_per_step": per_sample / (neurons * steps) if neurons else 0.0, **extra}
+    return {
+        "site": site,
+        "kind": kind,
+        "node": node,
+        "source": source,
+        "neurons": int(neurons),
+        "spikes_per_sample": per_sample,
+        "spikes_per_neuron_per_step": per_sample / (neurons * steps) if neurons else 0.0,
+        **extra,
+    }
 
 
 # neuron ops whose output is one spike code per neuron and step, a nonzero code being one spike (an IF
@@ -51,6 +61,7 @@ SPIKE_CODE_OPS = ("MTNeuron", "STBIFNeuron")
 
 class Section:
     """The default section: the spikes of every neuron op of SPIKE_CODE_OPS."""
+
     title = "Spiking neurons"
     plots: tuple[Plot, ...] = ()
     # whether every site's spikes are the per-step counts of this class's add (sites_until)
@@ -58,8 +69,11 @@ class Section:
 
     def __init__(self, context: Context):
         self.context = context
-        nodes = [n for n in context.snn.graph.node if n.domain == graphinfo.SPIKEC_DOMAIN
-                 and graphinfo.base_op(n) in SPIKE_CODE_OPS]
+        nodes = [
+            n
+            for n in context.snn.graph.node
+            if n.domain == graphinfo.SPIKEC_DOMAIN and graphinfo.base_op(n) in SPIKE_CODE_OPS
+        ]
         self.neurons = {n.output[0]: n for n in nodes}
         # the tensor each neuron stands on, as the compile report names it (its input may be gated)
         self.tensor = {n["node"]: n["tensor"] for n in context.record.report.neurons or []}
@@ -93,10 +107,19 @@ class Section:
 
     def _sites(self, steps: int) -> list[dict]:
         c = self.context
-        return [site_row(self.tensor.get(node.name, node.input[0]), graphinfo.base_op(node), node.name, name,
-                         self.values[name] // (c.steps * c.samples), int(self.spikes[name][:steps].sum()), c.samples,
-                         steps)
-                for name, node in self.neurons.items()]
+        return [
+            site_row(
+                self.tensor.get(node.name, node.input[0]),
+                graphinfo.base_op(node),
+                node.name,
+                name,
+                self.values[name] // (c.steps * c.samples),
+                int(self.spikes[name][:steps].sum()),
+                c.samples,
+                steps,
+            )
+            for name, node in self.neurons.items()
+        ]
 
     def sites_until(self, steps: int) -> list[dict] | None:
         """The sites as a model run for the first ``steps`` steps only would fire (energy of a smaller T

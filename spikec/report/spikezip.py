@@ -1,5 +1,6 @@
 """SpikeZIP-TF's report section: the SNN against the quantized ANN (QANN) it is equivalent to, the steps
 until the network is quiet (T_eq) and the spikes per step."""
+
 from __future__ import annotations
 
 import os
@@ -60,9 +61,11 @@ class SpikeZIPSection(Section):
         if qann is not None:
             return {"QANN": qann, "float ANN": ann}
         if not is_quantized(ann):
-            raise SpikecError(f"ANN {ann}: a spikezip SNN is measured against the quantized ANN it is equivalent "
-                              f"to, and this model has no activation quantizers; pass the QANN with --qann (written "
-                              f"by `spikec compile --save-qann` or `spikec quantize`), or give it as ANN")
+            raise SpikecError(
+                f"ANN {ann}: a spikezip SNN is measured against the quantized ANN it is equivalent "
+                f"to, and this model has no activation quantizers; pass the QANN with --qann (written "
+                f"by `spikec compile --save-qann` or `spikec quantize`), or give it as ANN"
+            )
         return {"QANN": ann}
 
     def tensors(self) -> list[str]:
@@ -77,11 +80,14 @@ class SpikeZIPSection(Section):
         t_eq = equilibrium_steps(counts)
         reached = [t for t in t_eq if t is not None]
         steps = counts.shape[0]
-        return {"spikes_per_step": counts.mean(axis=1).tolist(), "t_eq": t_eq,
-                "t_eq_histogram": np.bincount(reached, minlength=steps + 1)[1:].tolist(),
-                "not_quiet": len(t_eq) - len(reached),
-                "mean_t_eq": float(np.mean(reached)) if reached else None,
-                "max_t_eq": max(reached) if reached else None}
+        return {
+            "spikes_per_step": counts.mean(axis=1).tolist(),
+            "t_eq": t_eq,
+            "t_eq_histogram": np.bincount(reached, minlength=steps + 1)[1:].tolist(),
+            "not_quiet": len(t_eq) - len(reached),
+            "mean_t_eq": float(np.mean(reached)) if reached else None,
+            "max_t_eq": max(reached) if reached else None,
+        }
 
     @staticmethod
     def html(data: dict, img: Callable[..., str]) -> list[str]:
@@ -89,10 +95,14 @@ class SpikeZIPSection(Section):
         steps = len(z["spikes_per_step"])
         quiet = len(z["t_eq"]) - z["not_quiet"]
         mean = f"mean T_eq {z['mean_t_eq']:.2f}, max {z['max_t_eq']}" if quiet else "no sample became quiet"
-        return [f"<p>{quiet} of {len(z['t_eq'])} samples became quiet within T={steps} ({mean}): after T_eq no "
-                f"neuron fires again and the outputs equal the QANN's (up to float rounding at level boundaries); "
-                f"{z['not_quiet']} still fired at step {steps}. A stateful model run until quiet "
-                f"(<code>spikec run --until-quiet</code>) stops there.</p>",
-                img("steps"),
-                note("Spike counts per ST-BIF+ site: the firing table above (spikes / sample). The energy below "
-                     "counts all T steps the unrolled model runs.")]
+        return [
+            f"<p>{quiet} of {len(z['t_eq'])} samples became quiet within T={steps} ({mean}): after T_eq no "
+            f"neuron fires again and the outputs equal the QANN's (up to float rounding at level boundaries); "
+            f"{z['not_quiet']} still fired at step {steps}. A stateful model run until quiet "
+            f"(<code>spikec run --until-quiet</code>) stops there.</p>",
+            img("steps"),
+            note(
+                "Spike counts per ST-BIF+ site: the firing table above (spikes / sample). The energy below "
+                "counts all T steps the unrolled model runs."
+            ),
+        ]

@@ -6,6 +6,7 @@ of its hidden spikes. The report runs a copy of the SNN with probes: IFNeuron op
 what the encoder's and the UGO's IF steps are fed (x and -x; w1_j x + b1_j), with the same thresholds
 and attributes, so they fire exactly the same spikes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ from spikec.runtime.layout import UGO_EXP, UGO_INVERSE, ugo_role
 class _Probe:
     """One X2X encoder (two IF neurons per element) or UGO (N hidden IF neurons per element), the probe
     nodes that fire its neurons' spikes, and what they fired."""
+
     node: onnx.NodeProto
     nodes: list[onnx.NodeProto]  # added to the report's copy of the SNN
     constants: list[onnx.TensorProto]
@@ -56,8 +58,9 @@ def _probe(node: onnx.NodeProto, context: Context) -> _Probe:
 
     def neuron(x: str, threshold: str, suffix: str) -> str:
         out = f"{prefix}.{suffix}"
-        nodes.append(helper.make_node("IFNeuron", [x, threshold], [out], f"{prefix}/{suffix}", domain=ops.DOMAIN,
-                                      **attrs))
+        nodes.append(
+            helper.make_node("IFNeuron", [x, threshold], [out], f"{prefix}/{suffix}", domain=ops.DOMAIN, **attrs)
+        )
         return out
 
     burst = np.float32(attrs["burst"])
@@ -65,8 +68,11 @@ def _probe(node: onnx.NodeProto, context: Context) -> _Probe:
         x, w1, b1, theta = node.input[:4]
         axis, hidden, scaled, shifted = (f"{prefix}.{s}" for s in ("axis", "x", "w1x", "w1x_b1"))
         constants.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), axis))
-        nodes += [helper.make_node("Unsqueeze", [x, axis], [hidden]), helper.make_node("Mul", [hidden, w1], [scaled]),
-                  helper.make_node("Add", [scaled, b1], [shifted])]
+        nodes += [
+            helper.make_node("Unsqueeze", [x, axis], [hidden]),
+            helper.make_node("Mul", [hidden, w1], [scaled]),
+            helper.make_node("Add", [scaled, b1], [shifted]),
+        ]
         outputs, thresholds = [neuron(shifted, theta, "hidden")], [theta]
     else:
         x, theta_pos, theta_neg = node.input[:3]
@@ -84,6 +90,7 @@ def _count(out: str, unit: np.ndarray, burst: int, *, hidden: bool, nodes: list,
     (ops.IF_NEURON), summed (``.spikes``), by k = 0..burst (``.bursts``), per hidden unit (``.per_unit``) and
     the elements seen (``.size``). Fetching the spike values themselves would hold a UGO's T x N values per
     input element at once: hundreds of MB per sentence and UGO for MiniLM at T=64."""
+
     def const(suffix: str, value: np.ndarray) -> str:
         constants.append(onnx.numpy_helper.from_array(value, f"{out}.const.{suffix}"))
         return f"{out}.const.{suffix}"
@@ -92,14 +99,43 @@ def _count(out: str, unit: np.ndarray, burst: int, *, hidden: bool, nodes: list,
         nodes.append(helper.make_node(op, inputs, [output], f"{output}/{op}", **attrs))
         return output
 
-    k = node("Cast", [node("Round", [node("Div", [node("Abs", [out], f"{out}.abs"), const("unit", unit)],
-                                           f"{out}.units")], f"{out}.k_float")], f"{out}.k", to=onnx.TensorProto.INT64)
+    k = node(
+        "Cast",
+        [
+            node(
+                "Round",
+                [node("Div", [node("Abs", [out], f"{out}.abs"), const("unit", unit)], f"{out}.units")],
+                f"{out}.k_float",
+            )
+        ],
+        f"{out}.k",
+        to=onnx.TensorProto.INT64,
+    )
     node("ReduceSum", [k], f"{out}.spikes", keepdims=0)
     one = const("one", np.array([1], np.int64))
-    counts = [node("Reshape", [node("ReduceSum", [node("Cast", [node("Equal", [k, const(f"k{j}", np.array(j, np.int64))],
-                                                                   f"{out}.is{j}")], f"{out}.n{j}", to=onnx.TensorProto.INT64)],
-                                    f"{out}.sum{j}", keepdims=1), one], f"{out}.count{j}")
-              for j in range(burst + 1)]
+    counts = [
+        node(
+            "Reshape",
+            [
+                node(
+                    "ReduceSum",
+                    [
+                        node(
+                            "Cast",
+                            [node("Equal", [k, const(f"k{j}", np.array(j, np.int64))], f"{out}.is{j}")],
+                            f"{out}.n{j}",
+                            to=onnx.TensorProto.INT64,
+                        )
+                    ],
+                    f"{out}.sum{j}",
+                    keepdims=1,
+                ),
+                one,
+            ],
+            f"{out}.count{j}",
+        )
+        for j in range(burst + 1)
+    ]
     node("Concat", counts, f"{out}.bursts", axis=0)
     node("Size", [out], f"{out}.size")
     if hidden:
@@ -123,8 +159,10 @@ def _plot_burst(data: dict) -> bytes:
         ax.legend(fontsize=8)
     else:
         plots.empty(ax, "no X2X encoder or UGO")
-    ax.set(title="burst usage: neuron-steps with a spike, by the number of spikes emitted",
-           ylabel="fraction of firing neuron-steps")
+    ax.set(
+        title="burst usage: neuron-steps with a spike, by the number of spikes emitted",
+        ylabel="fraction of firing neuron-steps",
+    )
     return plots.png(fig)
 
 
@@ -142,8 +180,7 @@ def _plot_ugo(data: dict) -> bytes:
         ax.legend(fontsize=7, ncol=2)
     else:
         plots.empty(ax, "no UGO (compiled with --no-ugo)")
-    ax.set(title="firing of each UGO's hidden IF neurons", xlabel="hidden unit j",
-           ylabel="spikes / neuron / step")
+    ax.set(title="firing of each UGO's hidden IF neurons", xlabel="hidden unit j", ylabel="spikes / neuron / step")
     return plots.png(fig)
 
 
@@ -154,8 +191,11 @@ class STASection(Section):
 
     def __init__(self, context: Context):
         super().__init__(context)
-        self.probes = [_probe(n, context) for n in context.snn.graph.node
-                       if n.domain == graphinfo.SPIKEC_DOMAIN and graphinfo.base_op(n) in ("X2XEncoder", "UGO")]
+        self.probes = [
+            _probe(n, context)
+            for n in context.snn.graph.node
+            if n.domain == graphinfo.SPIKEC_DOMAIN and graphinfo.base_op(n) in ("X2XEncoder", "UGO")
+        ]
 
     def model(self, snn: onnx.ModelProto) -> onnx.ModelProto:
         probed = onnx.ModelProto()
@@ -168,8 +208,12 @@ class STASection(Section):
         return probed
 
     def tensors(self) -> list[str]:
-        return [f"{o}.{count}" for p in self.probes for o in p.outputs
-                for count in ("spikes", "bursts", "size", *(("per_unit",) if p.ugo else ()))]
+        return [
+            f"{o}.{count}"
+            for p in self.probes
+            for o in p.outputs
+            for count in ("spikes", "bursts", "size", *(("per_unit",) if p.ugo else ()))
+        ]
 
     def add(self, values: Mapping[str, np.ndarray]) -> None:
         for probe in self.probes:
@@ -187,8 +231,10 @@ class STASection(Section):
         for probe in (p for p in self.probes if p.ugo):
             role = ugo_role(probe.node.name)
             if role is None or role[0] not in operators:
-                raise SpikecError(f"UGO node {probe.node.name}: no UGO region of the compile report made it; the "
-                                  f"model was changed after spikec wrote it")
+                raise SpikecError(
+                    f"UGO node {probe.node.name}: no UGO region of the compile report made it; the "
+                    f"model was changed after spikec wrote it"
+                )
             region, part = role
             # a softmax region has two UGOs, each its own operator
             result[probe.node.name] = (region, {UGO_EXP: "exp", UGO_INVERSE: "inverse"}.get(part, operators[region]))
@@ -202,25 +248,52 @@ class STASection(Section):
             per_step_elements = probe.elements // (c.steps * c.samples)
             if probe.ugo:
                 hidden = probe.per_unit.size
-                rows.append(site_row(probe.node.input[0], f"UGO {regions[probe.node.name][1]}", probe.node.name,
-                                     probe.node.output[0], hidden * per_step_elements, probe.spikes[0], c.samples,
-                                     c.steps, hidden=hidden, bursts=probe.bursts.tolist()))
+                rows.append(
+                    site_row(
+                        probe.node.input[0],
+                        f"UGO {regions[probe.node.name][1]}",
+                        probe.node.name,
+                        probe.node.output[0],
+                        hidden * per_step_elements,
+                        probe.spikes[0],
+                        c.samples,
+                        c.steps,
+                        hidden=hidden,
+                        bursts=probe.bursts.tolist(),
+                    )
+                )
             else:
-                rows.append(site_row(probe.node.input[0], "X2XEncoder", probe.node.name, probe.node.output[0],
-                                     2 * per_step_elements, sum(probe.spikes), c.samples, c.steps,
-                                     bursts=probe.bursts.tolist(),
-                                     split={"IF on x": probe.spikes[0] / c.samples,
-                                            "IF on −x": probe.spikes[1] / c.samples}))
+                rows.append(
+                    site_row(
+                        probe.node.input[0],
+                        "X2XEncoder",
+                        probe.node.name,
+                        probe.node.output[0],
+                        2 * per_step_elements,
+                        sum(probe.spikes),
+                        c.samples,
+                        c.steps,
+                        bursts=probe.bursts.tolist(),
+                        split={"IF on x": probe.spikes[0] / c.samples, "IF on −x": probe.spikes[1] / c.samples},
+                    )
+                )
         return rows
 
     def finish(self) -> dict:
         c = self.context
         report = c.record.report
         regions = self._regions()
-        ugos = [{"node": p.node.name, "region": regions[p.node.name][0], "operator": regions[p.node.name][1],
-                 "hidden": p.per_unit.size,
-                 "spikes_per_unit_per_step": (p.per_unit / (p.elements or 1)).tolist()}
-                for p in self.probes if p.ugo]
+        ugos = [
+            {
+                "node": p.node.name,
+                "region": regions[p.node.name][0],
+                "operator": regions[p.node.name][1],
+                "hidden": p.per_unit.size,
+                "spikes_per_unit_per_step": (p.per_unit / (p.elements or 1)).tolist(),
+            }
+            for p in self.probes
+            if p.ugo
+        ]
         kept_float = set(report.layernorms_kept_float or [])
         decomposed = {u["region"] for u in report.ugos or [] if u["operator"] == "rsqrt"}
         layernorms = []
@@ -253,16 +326,23 @@ class STASection(Section):
         multiple = sum(sum(x["bursts"][2:]) for x in sites)
         usage = f"{multiple / fired:.1%}" if fired else "none"
         floats = [n for n in s["layernorms"] if n["float"]]
-        return [f"<p>Burst spikes (at most {s['burst']} per neuron and step, each of θ/{s['burst']}): of the "
-                f"neuron-steps with a spike, {usage} emitted more than one. The spikes of the X2X encoders' IF "
-                f"neurons (on x and on −x) and of the UGOs' hidden IF neurons are read from probes: IFNeuron ops fed "
-                f"what those neurons are fed, with their thresholds.</p>",
-                img("burst"),
-                img("ugo"),
-                "<details><summary>UGOs</summary>" + table(
-                    ["UGO node", "in place of", "operator", "hidden neurons N", "spikes / hidden neuron / step (mean)"],
-                    [[u["node"], u["region"], u["operator"], u["hidden"], float(np.mean(u["spikes_per_unit_per_step"]))]
-                     for u in s["ugos"]]) + "</details>",
-                f"<p>LayerNorms: {len(s['layernorms']) - len(floats)} of {len(s['layernorms'])} decomposed into "
-                f"spiking operations; {len(floats)} stayed float (evaluated with expectation compensation).</p>",
-                table(["LayerNorm", "conversion"], [[n["region"], n["status"]] for n in s["layernorms"]])]
+        return [
+            f"<p>Burst spikes (at most {s['burst']} per neuron and step, each of θ/{s['burst']}): of the "
+            f"neuron-steps with a spike, {usage} emitted more than one. The spikes of the X2X encoders' IF "
+            f"neurons (on x and on −x) and of the UGOs' hidden IF neurons are read from probes: IFNeuron ops fed "
+            f"what those neurons are fed, with their thresholds.</p>",
+            img("burst"),
+            img("ugo"),
+            "<details><summary>UGOs</summary>"
+            + table(
+                ["UGO node", "in place of", "operator", "hidden neurons N", "spikes / hidden neuron / step (mean)"],
+                [
+                    [u["node"], u["region"], u["operator"], u["hidden"], float(np.mean(u["spikes_per_unit_per_step"]))]
+                    for u in s["ugos"]
+                ],
+            )
+            + "</details>",
+            f"<p>LayerNorms: {len(s['layernorms']) - len(floats)} of {len(s['layernorms'])} decomposed into "
+            f"spiking operations; {len(floats)} stayed float (evaluated with expectation compensation).</p>",
+            table(["LayerNorm", "conversion"], [[n["region"], n["status"]] for n in s["layernorms"]]),
+        ]

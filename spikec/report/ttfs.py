@@ -1,5 +1,6 @@
 """TTFSFormer's report section: spike times and clipping per site, the constructions' neurons and
 operations (the paper's Table 3, which the energy model counts), and the depth in windows."""
+
 from __future__ import annotations
 
 import os
@@ -48,15 +49,19 @@ def table3(constructions: list[dict], shapes: Mapping[str, list[int]]) -> list[d
         else:
             shape = shapes[c["output"]]
             count, width = int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
-            neurons, ops = {"softmax": (2 * (width + 1), 6 * width), "layernorm": (3 * width + 3, 9 * width + 1),
-                            "activation": (width, width)}[c["kind"]]
+            neurons, ops = {
+                "softmax": (2 * (width + 1), 6 * width),
+                "layernorm": (3 * width + 3, 9 * width + 1),
+                "activation": (width, width),
+            }[c["kind"]]
             neurons, ops = count * neurons, count * ops
         rows.append({**c, "neurons": int(neurons), "operations": int(ops)})
     return rows
 
 
-def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
-                  batch_size: int = 32) -> list[dict]:
+def site_activity(
+    snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, np.ndarray], *, batch_size: int = 32
+) -> list[dict]:
     """What every site of a TTFS model does on ``feeds`` (the report's site rows, without a reference
     model): neurons, spikes, spike times and clipping."""
     from spikec.calibrate import run_batches
@@ -65,8 +70,10 @@ def site_activity(snn: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, 
     model = snn if isinstance(snn, onnx.ModelProto) else load(snn, "SNN")
     record = SpikecMetadata.read(model)
     if record is None or record.method != "ttfs":
-        raise SpikecError(f"model {snn if not isinstance(snn, onnx.ModelProto) else '(in memory)'}: not a ttfs model "
-                          f"(compile it with --method ttfs)")
+        raise SpikecError(
+            f"model {snn if not isinstance(snn, onnx.ModelProto) else '(in memory)'}: not a ttfs model "
+            f"(compile it with --method ttfs)"
+        )
     section = TTFSSection(Context(model, record, 1, len(next(iter(feeds.values())))))
     for values in run_batches(model, feeds, section.tensors(), batch_size=batch_size, progress=False):
         section.add(values)
@@ -83,11 +90,17 @@ def _plot_spike_times(data: dict) -> bytes:
     ax = axes[0, 0]
     positive = fractions[fractions > 0]
     if positive.size:
-        shown = ax.imshow(np.ma.masked_equal(fractions, 0), aspect="auto", interpolation="nearest", cmap="viridis",
-                          norm=LogNorm(vmin=positive.min(), vmax=positive.max()))
+        shown = ax.imshow(
+            np.ma.masked_equal(fractions, 0),
+            aspect="auto",
+            interpolation="nearest",
+            cmap="viridis",
+            norm=LogNorm(vmin=positive.min(), vmax=positive.max()),
+        )
         fig.colorbar(shown, ax=ax, label="fraction of the site's neurons")
-        ax.set_yticks(np.arange(len(sites)), [plots.short(s["site"], 48) for s in sites],
-                      fontsize=6 if len(sites) <= 60 else 4)
+        ax.set_yticks(
+            np.arange(len(sites)), [plots.short(s["site"], 48) for s in sites], fontsize=6 if len(sites) <= 60 else 4
+        )
         ax.set_xticks([-0.5, bins / 2 - 0.5, bins], ["0", "δ/2", "no spike"])
     else:
         plots.empty(ax, "no spikes")
@@ -116,8 +129,10 @@ def _plot_clipping(data: dict) -> bytes:
 
 class TTFSSection(Section):
     title = "Spike times, clipping, constructions and depth (TTFSFormer)"
-    plots = (("spike_times", "spike-time histograms per site", _plot_spike_times),
-             ("clipping", "clipping per site", _plot_clipping))
+    plots = (
+        ("spike_times", "spike-time histograms per site", _plot_spike_times),
+        ("clipping", "clipping per site", _plot_clipping),
+    )
     counts_per_step = False  # one pass: there is no smaller T
 
     def __init__(self, context: Context):
@@ -153,13 +168,28 @@ class TTFSSection(Section):
         rows = []
         for i, site in enumerate(self.ttfs["sites"]):
             values = int(self.histograms[i].sum())
-            rows.append(site_row(site["site"], site["role"], producer[site["spikes"]], site["spikes"],
-                                 values // c.samples, values - int(self.histograms[i, -1]), c.samples, c.steps,
-                                 emit=site["emit"], receives=site["receives"], lower=site["lower"],
-                                 upper=site["upper"], analytic=site["analytic"], shape=self.shapes[i],
-                                 clipped_low=int(self.below[i]) / values, clipped_high=int(self.above[i]) / values,
-                                 clipped_values=int(self.below[i] + self.above[i]),
-                                 spike_times=self.histograms[i].tolist()))
+            rows.append(
+                site_row(
+                    site["site"],
+                    site["role"],
+                    producer[site["spikes"]],
+                    site["spikes"],
+                    values // c.samples,
+                    values - int(self.histograms[i, -1]),
+                    c.samples,
+                    c.steps,
+                    emit=site["emit"],
+                    receives=site["receives"],
+                    lower=site["lower"],
+                    upper=site["upper"],
+                    analytic=site["analytic"],
+                    shape=self.shapes[i],
+                    clipped_low=int(self.below[i]) / values,
+                    clipped_high=int(self.above[i]) / values,
+                    clipped_values=int(self.below[i] + self.above[i]),
+                    spike_times=self.histograms[i].tolist(),
+                )
+            )
         return rows
 
     def constructions(self) -> list[dict]:
@@ -167,18 +197,26 @@ class TTFSSection(Section):
         return table3(self.ttfs["constructions"], shapes)
 
     def finish(self) -> dict:
-        return {"delta": self.ttfs["delta"], "precision": self.ttfs["precision"], "margin": self.ttfs["margin"],
-                "depth": spiking_depth(self.context.snn), "constructions": self.constructions(),
-                "float_nodes": self.ttfs["float_nodes"], "time_bins": TIME_BINS,
-                "clipped_sites": int(np.count_nonzero(self.below + self.above))}
+        return {
+            "delta": self.ttfs["delta"],
+            "precision": self.ttfs["precision"],
+            "margin": self.ttfs["margin"],
+            "depth": spiking_depth(self.context.snn),
+            "constructions": self.constructions(),
+            "float_nodes": self.ttfs["float_nodes"],
+            "time_bins": TIME_BINS,
+            "clipped_sites": int(np.count_nonzero(self.below + self.above)),
+        }
 
     def energy_counts(self, sites: list[dict], products: list[dict], steps: int) -> dict[str, dict[str, float]]:
         layer_two = [p for p in products if p.get("claimed") and p["counted_as"] == "spike_products"]
         for p in layer_two:
             p["acs"] = p["macs"]
-        return {"neuron_updates": {"AC": 0},
-                "spike_products": {"AC": sum(p["macs"] or 0 for p in layer_two)},
-                "ttfs_constructions": {"AC": sum(c["operations"] for c in self.constructions())}}
+        return {
+            "neuron_updates": {"AC": 0},
+            "spike_products": {"AC": sum(p["macs"] or 0 for p in layer_two)},
+            "ttfs_constructions": {"AC": sum(c["operations"] for c in self.constructions())},
+        }
 
     def claimed_products(self) -> dict[str, str]:
         """Activation x activation products are matmul constructions, counted by Table 3. A weight product
@@ -201,23 +239,63 @@ class TTFSSection(Section):
     def html(data: dict, img: Callable[..., str]) -> list[str]:
         s = data["section"]
         precision = "float spike times" if not s["precision"] else f"a clock of {s['precision']} ticks per window"
-        return [f"<p>Depth: {s['depth']} windows δ = {s['delta']} from the input spikes to the last output spike "
-                f"(the longest chain of emitting layers); {precision}; range margin {s['margin']}. "
-                f"{s['clipped_sites']} of {len(data['sites'])} sites clipped a potential on these inputs.</p>",
-                img("spike_times"),
-                note("Spike times u = t − T_emit in each site's emitting window [0, δ), as fractions of the site's "
-                     "neurons, and the neurons that did not fire (their value is the range's lower end a). Color: "
-                     "log scale from the smallest nonzero fraction; empty cells are white."),
-                img("clipping"),
-                "<details><summary>all sites</summary>" + table(
-                    ["site", "role", "emit", "receives", "range [a, b]", "range from", "neurons", "spikes / sample",
-                     "below a", "above b", "values clipped"],
-                    [[x["site"], x["kind"], x["emit"], " ".join(x["receives"]), f"[{x['lower']:.4g}, {x['upper']:.4g}]",
-                      "construction" if x["analytic"] else "calibration", x["neurons"], x["spikes_per_sample"],
-                      x["clipped_low"], x["clipped_high"], x["clipped_values"]] for x in data["sites"]]) + "</details>",
-                "<h3>Constructions (Table 3)</h3>",
-                table(["construction", "kind", "neurons / sample", "operations / sample"],
-                      [[c["name"], c["kind"], c["neurons"], c["operations"]] for c in s["constructions"]]),
-                *([("<h3>Ops run in float between a decode and an encode</h3>"
-                    + table(["node", "op"], [[f["node"], f["op"]] for f in s["float_nodes"]]))]
-                  if s["float_nodes"] else [])]
+        return [
+            f"<p>Depth: {s['depth']} windows δ = {s['delta']} from the input spikes to the last output spike "
+            f"(the longest chain of emitting layers); {precision}; range margin {s['margin']}. "
+            f"{s['clipped_sites']} of {len(data['sites'])} sites clipped a potential on these inputs.</p>",
+            img("spike_times"),
+            note(
+                "Spike times u = t − T_emit in each site's emitting window [0, δ), as fractions of the site's "
+                "neurons, and the neurons that did not fire (their value is the range's lower end a). Color: "
+                "log scale from the smallest nonzero fraction; empty cells are white."
+            ),
+            img("clipping"),
+            "<details><summary>all sites</summary>"
+            + table(
+                [
+                    "site",
+                    "role",
+                    "emit",
+                    "receives",
+                    "range [a, b]",
+                    "range from",
+                    "neurons",
+                    "spikes / sample",
+                    "below a",
+                    "above b",
+                    "values clipped",
+                ],
+                [
+                    [
+                        x["site"],
+                        x["kind"],
+                        x["emit"],
+                        " ".join(x["receives"]),
+                        f"[{x['lower']:.4g}, {x['upper']:.4g}]",
+                        "construction" if x["analytic"] else "calibration",
+                        x["neurons"],
+                        x["spikes_per_sample"],
+                        x["clipped_low"],
+                        x["clipped_high"],
+                        x["clipped_values"],
+                    ]
+                    for x in data["sites"]
+                ],
+            )
+            + "</details>",
+            "<h3>Constructions (Table 3)</h3>",
+            table(
+                ["construction", "kind", "neurons / sample", "operations / sample"],
+                [[c["name"], c["kind"], c["neurons"], c["operations"]] for c in s["constructions"]],
+            ),
+            *(
+                [
+                    (
+                        "<h3>Ops run in float between a decode and an encode</h3>"
+                        + table(["node", "op"], [[f["node"], f["op"]] for f in s["float_nodes"]])
+                    )
+                ]
+                if s["float_nodes"]
+                else []
+            ),
+        ]
