@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
+from spikec.passes.builder import GraphBuilder
 from spikec.passes.contrib import decompose as decompose_contrib_ops
 
 from spikec import weights
@@ -266,36 +267,31 @@ def expand_batch_constants(graph: gs.Graph) -> gs.Graph:
             if not (tensor.values == tensor.values[:1]).all():
                 continue  # per-sample rows: only the stateful form can keep them (see check_time_folding)
             prefix = f"{node.name}/{tensor.name}.rows"
-            shape = gs.Variable(f"{prefix}.shape", dtype=np.int64)
-            count = gs.Variable(f"{prefix}.count", dtype=np.int64)
-            target = gs.Variable(f"{prefix}.target", dtype=np.int64)
-            expanded = gs.Variable(f"{prefix}.expanded", dtype=tensor.values.dtype)
-            graph.nodes += [
-                gs.Node("Shape", f"{prefix}/Shape", inputs=[rows], outputs=[shape]),
-                gs.Node(
-                    "Slice",
-                    f"{prefix}/Slice",
-                    outputs=[count],
-                    inputs=[
-                        shape,
-                        gs.Constant(f"{prefix}.start", np.array([0], np.int64)),
-                        gs.Constant(f"{prefix}.end", np.array([1], np.int64)),
-                    ],
-                ),
-                gs.Node(
-                    "Concat",
-                    f"{prefix}/Concat",
-                    attrs={"axis": 0},
-                    outputs=[target],
-                    inputs=[count, gs.Constant(f"{prefix}.ones", np.ones(rank - 1, np.int64))],
-                ),
-                gs.Node(
-                    "Expand",
-                    f"{prefix}/Expand",
-                    outputs=[expanded],
-                    inputs=[gs.Constant(f"{tensor.name}_row", np.ascontiguousarray(tensor.values[:1])), target],
-                ),
-            ]
+            b = GraphBuilder(graph, prefix)
+            shape = b.op("Shape", rows, out=gs.Variable(f"{prefix}.shape", dtype=np.int64), name=f"{prefix}/Shape")
+            count = b.op(
+                "Slice",
+                shape,
+                b.const([0], np.int64, name=f"{prefix}.start"),
+                b.const([1], np.int64, name=f"{prefix}.end"),
+                out=gs.Variable(f"{prefix}.count", dtype=np.int64),
+                name=f"{prefix}/Slice",
+            )
+            target = b.op(
+                "Concat",
+                count,
+                b.const(np.ones(rank - 1), np.int64, name=f"{prefix}.ones"),
+                out=gs.Variable(f"{prefix}.target", dtype=np.int64),
+                name=f"{prefix}/Concat",
+                axis=0,
+            )
+            expanded = b.op(
+                "Expand",
+                b.const(np.ascontiguousarray(tensor.values[:1]), None, name=f"{tensor.name}_row"),
+                target,
+                out=gs.Variable(f"{prefix}.expanded", dtype=tensor.values.dtype),
+                name=f"{prefix}/Expand",
+            )
             node.inputs[i] = expanded
     graph.cleanup()
     graph.toposort()

@@ -340,10 +340,6 @@ def _add_rate_readouts(graph: gs.Graph, semantics: str) -> list[tuple[gs.Variabl
     return pairs
 
 
-def _const(name: str, value, dtype=np.int64) -> gs.Constant:
-    return gs.Constant(name, np.array(value, dtype))
-
-
 def _batch_size(graph: gs.Graph) -> gs.Variable:
     """[1] int64: the batch size B of the first batched graph input (before time folding)."""
     source = next((i for i in graph.inputs if i.shape), None)
@@ -354,8 +350,8 @@ def _batch_size(graph: gs.Graph) -> gs.Variable:
     return b.op(
         "Slice",
         shape,
-        _const("spikec.zero1", [0]),
-        _const("spikec.one1", [1]),
+        b.const([0], np.int64, name="spikec.zero1"),
+        b.const([1], np.int64, name="spikec.one1"),
         out=gs.Variable("spikec.batch", dtype=np.int64),
         name=time_node("batch"),
     )
@@ -374,7 +370,7 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str, views: dict[int
     target = b.op(
         "Concat",
         *leading,
-        _const(f"{name}.rest", [-1]),
+        b.const([-1], np.int64, name=f"{name}.rest"),
         out=gs.Variable(f"{name}.shape", dtype=np.int64),
         name=f"count/{name}/shape",
         axis=0,
@@ -391,7 +387,7 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str, views: dict[int
             codes = view.leading(view.add("Abs", [spikes], f"{spikes.name}.magnitude"), f"{spikes.name}.counted")
             view.add(
                 "ReduceSum",
-                [codes, _const(f"{spikes.name}.rest_axes", list(range(1, view.rank)))],
+                [codes, b.const(list(range(1, view.rank)), np.int64, name=f"{spikes.name}.rest_axes")],
                 f"{spikes.name}.per_row",
                 out=per_row,
                 keepdims=0,
@@ -401,7 +397,7 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str, views: dict[int
             b.op(
                 "ReduceSum",
                 rows,
-                _const(f"{name}.axis", [len(leading)]),
+                b.const([len(leading)], np.int64, name=f"{name}.axis"),
                 out=count,
                 name=f"count/{neuron.name}/sum",
                 keepdims=0,
@@ -415,13 +411,14 @@ def _add_spike_counts(graph: gs.Graph, leading: list, name: str, views: dict[int
 
 def _lower_onsets(graph: gs.Graph, first_step) -> None:
     """Replace each Onset(x, like) by Where(first_step(rank, like), x, 0)."""
+    b = GraphBuilder(graph, "onset")
     for node in [n for n in graph.nodes if n.domain == "spikec" and n.op == "Onset"]:
         data, like = node.inputs
         rank = node.attrs["rank"]
         node.op, node.domain = "Where", None
         node.attrs.clear()
         node.inputs.clear()
-        node.inputs.extend([first_step(rank, like), data, _const(f"{node.name}.zero", 0.0, np.float32)])
+        node.inputs.extend([first_step(rank, like), data, b.const(0.0, np.float32, name=f"{node.name}.zero")])
 
 
 def emit_unrolled(
@@ -463,7 +460,7 @@ def emit_unrolled(
             b.op(
                 "Gather",
                 steps,
-                _const(f"{output.name}.last_step", timesteps - 1),
+                b.const(timesteps - 1, np.int64, name=f"{output.name}.last_step"),
                 out=gs.Variable(output.name, dtype=output.dtype, shape=output.shape),
                 name=time_node(f"{output.name}/last"),
                 axis=0,
@@ -484,18 +481,28 @@ def emit_unrolled(
                 return b.op(op, *inputs, out=gs.Variable(f"{prefix}.{to}", dtype=dtype), name=f"{prefix}/{to}")
 
             shape = step("Shape", like, to="shape")
-            count = step("Gather", shape, _const(f"{prefix}.axis0", 0), to="count")
-            per_step = step("Div", count, _const(f"{prefix}.t", timesteps), to="per_step")
-            index = step("Range", _const(f"{prefix}.start", 0), count, _const(f"{prefix}.step", 1), to="index")
+            count = step("Gather", shape, b.const(0, np.int64, name=f"{prefix}.axis0"), to="count")
+            per_step = step("Div", count, b.const(timesteps, np.int64, name=f"{prefix}.t"), to="per_step")
+            index = step(
+                "Range",
+                b.const(0, np.int64, name=f"{prefix}.start"),
+                count,
+                b.const(1, np.int64, name=f"{prefix}.step"),
+                to="index",
+            )
             first = step("Less", index, per_step, to="first", dtype=bool)
             masks[like.name, rank] = step(
-                "Reshape", first, _const(f"{prefix}.mask_shape", [-1] + [1] * (rank - 1)), to="mask", dtype=bool
+                "Reshape",
+                first,
+                b.const([-1] + [1] * (rank - 1), np.int64, name=f"{prefix}.mask_shape"),
+                to="mask",
+                dtype=bool,
             )
             return masks[like.name, rank]
 
         _lower_onsets(graph, first_step)
         spikes = SPIKES_OUTPUT + STEPS_SUFFIX
-        _add_spike_counts(graph, [_const("spikec.timesteps", [timesteps]), _batch_size(graph)], spikes)
+        _add_spike_counts(graph, [b.const([timesteps], np.int64, name="spikec.timesteps"), _batch_size(graph)], spikes)
     graph.toposort()
     return graph
 
@@ -511,14 +518,14 @@ def _time_major(graph: gs.Graph, tensor: gs.Variable, timesteps: int, name: str)
     rest = b.op(
         "Slice",
         unrolled,
-        _const(f"{name}.one", [1]),
-        _const(f"{name}.end", [2**62]),
+        b.const([1], np.int64, name=f"{name}.one"),
+        b.const([2**62], np.int64, name=f"{name}.end"),
         out=shape("row_shape"),
         name=time_node(f"{name}/rows"),
     )
     target = b.op(
         "Concat",
-        _const(f"{name}.time_major", [timesteps, -1]),
+        b.const([timesteps, -1], np.int64, name=f"{name}.time_major"),
         rest,
         out=shape("steps_shape"),
         name=time_node(f"{name}/target"),
@@ -546,10 +553,11 @@ def emit_stateful(graph: gs.Graph, semantics: str = MEAN, layouts: BatchLayouts 
     _add_rate_readouts(graph, semantics)
     time = gs.Variable(TIME_INPUT, dtype=np.float32, shape=[])
     if semantics == SUM:
-        is_first = GraphBuilder(graph, "spikec").op(
+        b = GraphBuilder(graph, "spikec")
+        is_first = b.op(
             "Equal",
             time,
-            _const("spikec.t1", 1.0, np.float32),
+            b.const(1.0, np.float32, name="spikec.t1"),
             out=gs.Variable("spikec.first_step", dtype=bool, shape=[]),
             name=time_node("first_step"),
         )
