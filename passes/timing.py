@@ -26,7 +26,7 @@ from typing import TypeGuard
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from spikec.passes.builder import GraphBuilder, spikec_attributes
+from spikec.passes.builder import GraphBuilder
 from spikec.passes.regions import DATA_MOVEMENT
 from spikec.runtime.layout import spike_value_node
 
@@ -204,12 +204,6 @@ def refuse_float_in_regions(regions: list, allow_float: set[str]) -> None:
                     f"{region.kind} region {region.name}, which is converted as a whole (nothing in it needs "
                     f"float); keeping part of it in float would silently change that conversion: leave {entry!r} out"
                 )
-
-
-def spikec_node(op: str, name: str, inputs: list, outputs: list, **attrs) -> gs.Node:
-    return gs.Node(
-        op=op, name=name, attrs=spikec_attributes(op, attrs), inputs=inputs, outputs=outputs, domain="spikec"
-    )
 
 
 def neuron_outputs(graph: gs.Graph) -> list[str]:
