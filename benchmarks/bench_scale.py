@@ -175,9 +175,10 @@ def _export(name: str, directory: Path) -> None:
     import onnx
     import torch
     import transformers
+    from spikec.runtime import weights
 
     from examples import fixtures
-    from spikec import modelio, weights
+    from spikec import modelio
 
     family, config = MODELS[name]
     outputs = ("logits",) if family == "llama" else ("last_hidden_state",)
@@ -233,8 +234,7 @@ def calibration(name: str) -> dict[str, np.ndarray]:
 
 def parameters(path: Path) -> int:
     import onnx
-
-    from spikec import weights
+    from spikec.runtime import weights
 
     model = onnx.load(path, load_external_data=False)
     return sum(int(np.prod(t.dims)) for t in model.graph.initializer if weights.nbytes_of(t) >= 1024)

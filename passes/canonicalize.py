@@ -18,8 +18,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 from spikec.passes.builder import GraphBuilder
 from spikec.passes.contrib import decompose as decompose_contrib_ops
+from spikec.runtime import weights
 
-from spikec import weights
 from spikec.errors import SpikecError
 
 # Initializers up to this many elements keep their values for shape inference: data propagation

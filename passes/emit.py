@@ -35,6 +35,7 @@ from spikec.passes.builder import GraphBuilder
 from spikec.passes.timing import MEAN, NEURON_OPS, SUM, replace_uses, varying_tensors
 from spikec.runtime import ops as spec
 from spikec.runtime import ttfs as ttfs_ops
+from spikec.runtime import weights
 from spikec.runtime.layout import (
     NEXT_STATE_PREFIX,
     SPIKES_OUTPUT,
@@ -44,7 +45,6 @@ from spikec.runtime.layout import (
     time_node,
 )
 
-from spikec import weights
 from spikec.errors import SpikecError
 
 
@@ -591,7 +591,7 @@ def to_model(
     graph: gs.Graph, template: onnx.ModelProto, metadata: dict[str, str], data: weights.DataFile | None = None
 ) -> onnx.ModelProto:
     """Export with the spikec function bodies, the template's opsets and the given metadata. With ``data``,
-    the weights are written there first, one by one (spikec.weights.externalize), and the model references
+    the weights are written there first, one by one (spikec.runtime.weights.externalize), and the model references
     them: no weight is held twice, and new ones (folded thresholds) are released as they are written."""
     opset = spec.default_opset(template)
     used = {n.op for n in graph.nodes if n.domain == "spikec"}

@@ -14,9 +14,9 @@ import onnx
 from google.protobuf.message import DecodeError
 from spikec.passes.contrib import MS, NCHWC, onnxruntime_schemas
 from spikec.runtime.metadata import PREFIX
+from spikec.runtime.weights import check_external
 
 from spikec.errors import SpikecError
-from spikec.weights import check_external
 
 MIN_OPSET = 13
 _IN_MEMORY = "<in-memory model>"
@@ -32,8 +32,8 @@ def load_model(
     """Return a checked copy of `src` (a path, or a ModelProto that is left untouched).
 
     External data is read into the model, unless `map_weights`: then the tensors stay references to their
-    files (checked to be there and long enough), to be resolved within ``spikec.weights.source(the model's
-    directory)`` (see spikec/weights.py).
+    files (checked to be there and long enough), to be resolved within ``spikec.runtime.weights.source(the model's
+    directory)`` (see runtime/weights.py).
 
     `input_shapes` replaces the dims of the named graph inputs: ints are static, strings are
     symbolic (e.g. {"input_ids": ["batch", 32]}). `convert_with` names the method the model is loaded

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from spikec.runtime import fusion
+from spikec.runtime import fusion, weights
 from spikec.runtime import native as native_kernels
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
 from spikec.runtime.metadata import MAX_TIMESTEPS, CompileReport, SpikecMetadata
 
-from spikec import weights
 from spikec.errors import SpikecError
 
 # onnxruntime logs an error before it raises it: at FATAL only, the exception (which spikec turns into its

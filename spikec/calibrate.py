@@ -41,10 +41,10 @@ import onnxruntime as ort
 from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
-from spikec import weights
 from spikec.errors import SpikecError
 from spikec.passes.loader import check_input_file
 from spikec.passes.stats import DEFAULT_MMSE_GRID, SAMPLE_SEED, TapStats, check_positive_int
+from spikec.runtime import weights
 from spikec.runtime.session import quiet_options
 
 __all__ = [
@@ -269,7 +269,7 @@ def _session(graph: onnx.ModelProto, path: Path | None, outputs: Sequence[str], 
     """A CPU session whose outputs include `outputs`, created once per calibration run.
 
     External weights stay in their files: onnxruntime maps them from the model's directory (the file's, or
-    for an in-memory model with references, the compile's ``spikec.weights.source``), so that exposing
+    for an in-memory model with references, the compile's ``spikec.runtime.weights.source``), so that exposing
     intermediate tensors copies the graph, not the weights."""
     options = dict(sess_options=quiet_options(), providers=["CPUExecutionProvider"])
     declared = {o.name for o in graph.graph.output}

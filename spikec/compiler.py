@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from spikec import methods, modelio, weights
+from spikec import methods, modelio
 from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
@@ -28,6 +28,7 @@ from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.options import Options, option, outputs_of
 from spikec.passes.patterns import describe
+from spikec.runtime import weights
 from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
 from spikec.verify import HeldOut, verify
 

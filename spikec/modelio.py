@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from spikec import weights
 from spikec.errors import SpikecError
+from spikec.runtime import weights
 
 # protobuf cannot serialize a message of 2 GiB or more: larger models keep their weights beside them.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -222,7 +222,7 @@ def _sync(path: Path) -> None:
 
 def external_data(model: onnx.ModelProto) -> bool:
     """Whether ``model`` is written with its weights beside it: it references external data (a model
-    loaded with its weights mapped, spikec/weights.py, is written as it came) or protobuf cannot
+    loaded with its weights mapped, runtime/weights.py, is written as it came) or protobuf cannot
     serialize it in one piece."""
     return any(weights.external_tensors(model)) or model.ByteSize() > _PROTOBUF_LIMIT
 
@@ -248,7 +248,7 @@ class Staged:
 
     def save(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Write ``model``: every tensor of at least weights.EXTERNAL_MIN_BYTES into NAME.data (from memory,
-        or from the file it references, spikec/weights.py), the rest into NAME; returns what NAME holds,
+        or from the file it references, runtime/weights.py), the rest into NAME; returns what NAME holds,
         the model with references (the caller's model is left as it is)."""
         written = _without_initializers(model)
         with weights.DataFile(self.data) as data:

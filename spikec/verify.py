@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from spikec import modelio, weights
+from spikec import modelio
 from spikec.errors import SpikecError
 from spikec.passes.loader import _one_line
+from spikec.runtime import weights
 
 # protobuf cannot serialize 2 GiB or more: such models are checked from a file with external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -89,7 +90,7 @@ def verify(
     input; an inf/NaN weight it did not have is refused. With ``held_out``, the model also runs on those
     samples: a failure to run or an inf/NaN output where the reference is finite is refused; the fidelity
     per output is returned (spikec.evaluate's measures). References to external data resolve against the
-    active spikec.weights.source (a file's against its directory)."""
+    active spikec.runtime.weights.source (a file's against its directory)."""
     from spikec.evaluate import run_dataset
     from spikec.runtime.session import InferenceSession, quiet_options
 

@@ -1,5 +1,5 @@
 """The memory guard of the time-unrolled form (spikec/memory.py) and `--memory-budget`; compiling with the
-weights on disk (spikec/weights.py): external data in and out, and compile memory against the weights."""
+weights on disk (runtime/weights.py): external data in and out, and compile memory against the weights."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pytest
 from onnx.external_data_helper import uses_external_data
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
-from spikec.runtime import InferenceSession, run
+from spikec.runtime import InferenceSession, run, weights
 
 import spikec
 from examples import fixtures
-from spikec import memory, weights
+from spikec import memory
 from spikec.cli import main
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
