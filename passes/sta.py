@@ -16,10 +16,10 @@
   weighted additions, the two elementwise products by TCSA, 1/sqrt by the rsqrt UGO; RMSNorm and L2
   normalization the same way without the centering. Gated MLPs' act(gate) * up is a TCSA product.
 * Softmax stays in float with expectation compensation by default, as the reference code runs it;
-  ``softmax_ugo`` decomposes it as appendix D.2 says (exp and inverse UGOs between clamps). Measured on
-  the digits ViT that costs 17 points of accuracy: with the first column as offset (the reference
-  code's), 1.3 % of the shifted scores exceed the exp UGO's domain top (3) and the clamp flattens
-  exactly the peaks softmax exists to keep.
+  ``softmax_ugo`` decomposes it as appendix D.2 says (exp and inverse UGOs between clamps). That loses
+  accuracy (docs/methods/sta.md): with the first column as offset (the reference code's), the largest
+  shifted scores exceed the exp UGO's domain top (3), and the clamp flattens exactly the peaks softmax
+  exists to keep.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ tensors between them, and a chain whose middle tensor is a graph output is left 
 
 Products of a ternary neuron's spike codes with a weight matrix become SpikeMatMul nodes
 (``spike_matmuls``): the same MatMul as a function, while the native kernel's cost follows the firing
-rate (SpikeZIP-TF's codes are 70-99 % zeros).
+rate (SpikeZIP-TF's codes are mostly zeros).
 """
 
 from __future__ import annotations

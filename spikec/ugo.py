@@ -62,7 +62,7 @@ def fit(name: str, hidden: int | None = None, penalty: float = PENALTY_WEIGHT, p
     fit would be flat there (GELU, of slope 1/2 at 0, erred by 0.025 at +-0.05): the knot of the two
     nearer the middle opens both ways (N - 1 knots, one of them twice), which gives every interval a slope.
     A ``relative`` operator (a scale: 1/sqrt, 1/x) is fitted for relative error, knots spread by the curvature
-    of log f (rsqrt's largest relative error fell from 5.5 % to 3.1 %, inverse's from 4.1 % to 1.3 %).
+    of log f, where a relative error grows fastest (docs/methods/sta.md gives the errors measured).
     ``penalty`` adds Eq. 3's quantization-gap idea as a ridge term on w2_i x threshold_i."""
     spec = spec_of(name)
     hidden = _hidden(spec, hidden)
