@@ -4,10 +4,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from spikec.passes.builder import spikec_attributes
 from spikec.passes.timing import (
     hoist_accumulations,
     sink_compensations,
-    spikec_node,
     unconvertible_nodes,
     varying_tensors,
 )
@@ -18,6 +18,10 @@ from spikec.errors import SpikecError
 from spikec.evaluate import cosine, run_dataset
 
 T, B = 3, 2
+
+
+def spikec_node(op: str, name: str, inputs: list, outputs: list, **attrs) -> gs.Node:
+    return gs.Node(op, name, attrs=spikec_attributes(op, attrs), inputs=inputs, outputs=outputs, domain="spikec")
 
 
 def _accumulated(perm: list[int], extra_reader: bool = False) -> gs.Graph:
