@@ -33,3 +33,12 @@ def digits_qdq(digits, tmp_path_factory):
         op_types_to_quantize=["MatMul", "Gemm"],
     )
     return qdq
+
+
+def pytest_collection_modifyitems(items):
+    # A dynamo export takes seconds per module where TorchScript takes a fraction of one: the edit loop
+    # (`-m "not slow"`) checks patterns on TorchScript exports, the full suite on both.
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("exporter") == "dynamo":
+            item.add_marker(pytest.mark.slow)

@@ -203,7 +203,11 @@ def check_method(method: str, model, calib: dict, feeds: dict, output: str) -> d
     return {"worst_sample_cosine": worst}
 
 
-@pytest.mark.parametrize("method", ["ecmt", "sta", "spikezip", "ttfs"])
+# every form with a stepped and the one-pass method in the edit loop, all four in the full suite
+@pytest.mark.parametrize(
+    "method",
+    ["ecmt", pytest.param("sta", marks=pytest.mark.slow), pytest.param("spikezip", marks=pytest.mark.slow), "ttfs"],
+)
 @pytest.mark.parametrize("form", list(FORMS))
 def test_mask_form(exported, form, method):
     path = exported(form)
