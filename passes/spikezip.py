@@ -24,7 +24,9 @@ integer spikes (exact), and every op between neurons runs on those totals, trace
 the QANN runs it on its levels: no per-step increments of float values, so nothing for float sums to
 round differently. Once quiet, each tracer is its quantizer's level and every tensor the QANN's, bit
 for bit. Weight products run on the totals too (the sum over steps of spikes x W equals tracer x W
-in integer arithmetic); a burst of up to ``burst`` spikes per step divides T_eq by about ``burst``.
+in integer arithmetic), in int32 where both operands are levels (a QDQ model's int8/uint8 weights, or
+attention's two quantized operands): MatMulInteger, as onnxruntime's integer kernels accumulate. A burst
+of up to ``burst`` spikes per step divides T_eq by about ``burst``.
 """
 
 from __future__ import annotations
@@ -224,33 +226,36 @@ def integer_products(graph: gs.Graph, levels: dict[str, Levels]) -> int:
     float32 MatMuls. Expects a sorted graph; returns the products rewritten."""
     _propagate_layout(graph, levels)
 
-    def narrow(level: Levels | None) -> bool:
-        return level is not None and level.low <= 0 <= level.high - level.low <= 255
+    def factored(level: Levels | None, per_column: bool) -> Levels | None:
+        """``level`` where it fits uint8 and its scale factors out of the sum (one, or one per column)."""
+        if level is None or not level.low <= 0 <= level.high - level.low <= 255:
+            return None
+        column = per_column and level.theta.size == np.prod(level.theta.shape[-1:])
+        return level if level.theta.size == 1 or column else None
 
     rewritten = 0
     for node in [n for n in graph.nodes if n.op == "MatMul"]:
-        left, right = (levels.get(t.name) for t in node.inputs)
+        left = factored(levels.get(node.inputs[0].name), per_column=False)
+        right = factored(levels.get(node.inputs[1].name), per_column=True)
         weight = _weight_levels(node.inputs[1])
-        if right is not None and not (narrow(right) and right.theta.size == np.prod(right.theta.shape[-1:])):
-            right = None
-        if not (narrow(left) and left.theta.size == 1) or (right is None and weight is None):
+        if left is None:
             continue
         if right is not None:
-            terms, largest = node.inputs[1].shape[-2] if node.inputs[1].shape else None, max(-right.low, right.high)
+            shape = node.inputs[1].shape
+            terms, largest = (shape[-2] if shape else None), max(-right.low, right.high)
+            scale = left.theta.reshape(()) * right.theta.reshape(-1)
+        elif weight is not None:
+            q, zero, column = weight
+            terms, largest = q.values.shape[0], int(np.abs(q.values.astype(np.int64) - zero.values).max())
+            scale = left.theta.reshape(()) * column
         else:
-            q, zero = (w.values.astype(np.int64) for w in weight[:2])
-            terms, largest = q.shape[0], int(np.abs(q - zero).max())
+            continue
         # a sum over a dynamic axis (P V's keys) is assumed shorter than 2^31 / 255^2 = 33,000 terms
         if isinstance(terms, int) and terms * max(-left.low, left.high) * largest >= 2**31:
             continue
         b = GraphBuilder(graph, node.name)
         a, a_zero = _as_uint8(b, left)
-        if right is not None:
-            other, other_zero = _as_uint8(b, right)
-            scale = left.theta.reshape(()) * right.theta.reshape(-1)
-        else:
-            other, other_zero, scale = weight
-            scale = left.theta.reshape(()) * scale
+        other, other_zero = _as_uint8(b, right) if right is not None else (q, zero)
         output = node.outputs[0]
         node.outputs.clear()
         acc = b.op("MatMulInteger", a, other, a_zero, other_zero, name=f"{node.name}/Integer")
