@@ -233,11 +233,13 @@ def integer_products(graph: gs.Graph, levels: dict[str, Levels]) -> int:
         column = per_column and level.theta.size == np.prod(level.theta.shape[-1:])
         return level if level.theta.size == 1 or column else None
 
-    rewritten = 0
+    rewritten, weights = 0, {}  # one uint8 copy of a weight that several products read
     for node in [n for n in graph.nodes if n.op == "MatMul"]:
         left = factored(levels.get(node.inputs[0].name), per_column=False)
         right = factored(levels.get(node.inputs[1].name), per_column=True)
-        weight = _weight_levels(node.inputs[1])
+        if node.inputs[1].name not in weights:
+            weights[node.inputs[1].name] = _weight_levels(node.inputs[1])
+        weight = weights[node.inputs[1].name]
         if left is None:
             continue
         if right is not None:
