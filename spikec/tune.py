@@ -26,7 +26,7 @@ from spikec.errors import SpikecError
 KNOBS: dict[str, dict[str, Sequence]] = {
     "ecmt": {"percentile": (90.0, 99.0, 99.9), "per_channel": (True, False), "levels": (8, 4), "coverage": (1.0, 0.0)},
     "spikezip": {"levels": (8, 16, 32)},
-    "sta": {"timesteps": (1.0, 0.5), "burst": (2, 4, 1), "gelu_hidden": (32, 64)},
+    "sta": {"timesteps": (1.0, 0.5), "burst": (8, 2, 1), "gelu_hidden": (32, 64)},
     "ttfs": {"precision": (0, 256, 64), "margin": (1.0, 0.5, 0.25)},
 }
 # what a tuned point may be picked for

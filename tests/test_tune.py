@@ -39,7 +39,7 @@ def test_front_and_pick_on_known_points():
 def test_settings_per_method():
     assert len(settings("ecmt")) == 24 and len(settings("ttfs")) == 9
     sta = settings("sta", 64)
-    assert {s["timesteps"] for s in sta} == {32, 64} and {s["burst"] for s in sta} == {1, 2, 4}
+    assert {s["timesteps"] for s in sta} == {32, 64} and {s["burst"] for s in sta} == {1, 2, 8}
     with pytest.raises(SpikecError, match="--method bogus"):
         settings("bogus")
 
