@@ -626,13 +626,15 @@ def cmd_tune(args) -> int:
     from spikec import methods
     from spikec.calibrate import load_inputs
     from spikec.compiler import compile as compile_model
-    from spikec.tune import front, pick, plot, split, tune
+    from spikec.tune import front, pick, plot, search_space, split, tune
 
+    space = search_space(args.method, args.knob or ())
     feeds = load_inputs(args.calib, args.model, what="calibration data")
     points = tune(
         args.model,
         feeds,
         args.method,
+        knobs=space,
         max_timesteps=args.max_timesteps,
         time_budget=args.time_budget,
         state=args.resume,
@@ -817,6 +819,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="the front's plot, a PNG (default: next to the output)")
     p.add_argument(
         "--time-budget", type=float, help="seconds; no new setting starts after it (at least one is evaluated)"
+    )
+    p.add_argument(
+        "--knob",
+        action="append",
+        metavar="NAME=V1,V2",
+        help="search these values of the method's option NAME instead of the default grid's (repeatable; "
+        "one value fixes it)",
     )
     p.add_argument("--resume", metavar="STATE.json", help="keep evaluated settings here and continue from them")
     p.add_argument("--batch-size", type=int, default=32)

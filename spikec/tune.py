@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +22,72 @@ from spikec.errors import SpikecError
 
 # The knobs searched per method; ECMT's and SpikeZIP-TF's T come from the per-step outputs of one run at
 # --max-timesteps, STA's "timesteps" are fractions of it (STA compiles per T). Each knob's default first: a
-# time budget spent early has measured the defaults' neighbourhood.
+# time budget spent early has measured the defaults' neighbourhood. The last knob varies fastest: ECMT's
+# energy objective (spikec/methods/ecmt.py) is tried at every setting before the next one.
 KNOBS: dict[str, dict[str, Sequence]] = {
-    "ecmt": {"percentile": (90.0, 99.0, 99.9), "per_channel": (True, False), "levels": (8, 4), "coverage": (1.0, 0.0)},
+    "ecmt": {
+        "percentile": (90.0, 99.0, 99.9),
+        "per_channel": (True, False),
+        "levels": (8, 4),
+        "coverage": (1.0, 0.0),
+        "energy_slack": (0.0, 1.0, 2.0),
+    },
     "spikezip": {"levels": (8, 16, 32)},
-    "sta": {"timesteps": (1.0, 0.5), "burst": (2, 4, 1), "gelu_hidden": (32, 64)},
+    "sta": {"timesteps": (1.0, 0.5), "burst": (8, 2, 1), "gelu_hidden": (32, 64)},
     "ttfs": {"precision": (0, 256, 64), "margin": (1.0, 0.5, 0.25)},
 }
 # what a tuned point may be picked for
 OBJECTIVES = ("energy", "timesteps")
 
 
-def settings(method: str, max_timesteps: int = 8) -> list[dict]:
+def search_space(method: str, given: Sequence[str] = ()) -> dict[str, tuple]:
+    """KNOBS[method] with each ``NAME=V1,V2,...`` of ``given`` (the command line's --knob) replacing that
+    knob's values, or adding an option of the method's the grid leaves at its default; values are
+    parsed as the option's type."""
+    from spikec import methods
+    from spikec.passes.options import kind_of
+
     if method not in KNOBS:
         raise SpikecError(f"--method {method}: tune searches {', '.join(sorted(KNOBS))}")
-    names = list(KNOBS[method])
+    space = {k: tuple(v) for k, v in KNOBS[method].items()}
+    options = methods.get(method).Options
+    fields = {f.name: f for f in options.declared()}
+    parse: dict[str, Callable[[str], object]] = {"int": int, "float": float, "str": str, "bool": _boolean}
+    for item in given:
+        name, _, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name not in fields or name == "timesteps" or not text.strip():
+            raise SpikecError(
+                f"--knob {item}: expected NAME=V1,V2,... with NAME an option of {method} "
+                f"({', '.join(n for n in fields if n != 'timesteps')}); T is --max-timesteps"
+            )
+        kind = kind_of(options, fields[name])
+        try:
+            space[name] = tuple(parse[kind](v.strip()) for v in text.split(",") if v.strip())
+        except (KeyError, ValueError):
+            raise SpikecError(f"--knob {item}: {name} takes {kind} values") from None
+    return space
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1")
+
+
+def settings(method: str, max_timesteps: int = 8, knobs: Mapping[str, Sequence] | None = None) -> list[dict]:
+    """Every combination of ``knobs`` (default KNOBS[method]), the last knob varying fastest."""
+    if method not in KNOBS:
+        raise SpikecError(f"--method {method}: tune searches {', '.join(sorted(KNOBS))}")
+    space = KNOBS[method] if knobs is None else knobs
+    names = list(space)
     result = []
-    for values in itertools.product(*(KNOBS[method][n] for n in names)):
-        knobs = dict(zip(names, values))
-        if "timesteps" in knobs:
-            knobs["timesteps"] = max(1, int(round(knobs["timesteps"] * max_timesteps)))
-        if knobs not in result:
-            result.append(knobs)
+    for values in itertools.product(*(space[n] for n in names)):
+        setting = dict(zip(names, values))
+        if "timesteps" in setting:
+            setting["timesteps"] = max(1, int(round(setting["timesteps"] * max_timesteps)))
+        if setting not in result:
+            result.append(setting)
     return result
 
 
@@ -151,10 +195,12 @@ def tune(
     state: str | os.PathLike | None = None,
     progress: bool = True,
     batch_size: int = 32,
+    knobs: Mapping[str, Sequence] | None = None,
 ) -> list[dict]:
     """Every (setting, T) point evaluated on the validation part: cosine of the worst output, the energy
     estimate SNN/ANN (all work; ``energy_paper``: the papers' convention) and T. ``state`` keeps the
-    evaluated settings so a rerun continues where the last stopped (time budget or interrupt)."""
+    evaluated settings so a rerun continues where the last stopped (time budget or interrupt). ``knobs``:
+    the search space (default KNOBS[method]; see search_space)."""
     from tqdm import tqdm
 
     from spikec import methods
@@ -171,7 +217,7 @@ def tune(
         # settings measured before tune estimated energy are measured again
         done = {key: rows for key, rows in done.items() if all("energy" in row for row in rows)}
     stepped = methods.get(method).stepped if method in methods.METHODS else True
-    todo = settings(method, max_timesteps)
+    todo = settings(method, max_timesteps, knobs)
     start = time.monotonic()
     with (
         tempfile.TemporaryDirectory() as tmp,

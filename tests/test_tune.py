@@ -8,7 +8,7 @@ import pytest
 from examples import fixtures
 from spikec.cli import main
 from spikec.errors import SpikecError
-from spikec.tune import front, pick, plot, settings, tune
+from spikec.tune import front, pick, plot, search_space, settings, tune
 
 POINTS = [
     {"t": 1, "cosine": 0.5, "energy": 0.1},
@@ -37,9 +37,15 @@ def test_front_and_pick_on_known_points():
 
 
 def test_settings_per_method():
-    assert len(settings("ecmt")) == 24 and len(settings("ttfs")) == 9
+    assert len(settings("ecmt")) == 72 and len(settings("ttfs")) == 9
+    space = search_space("ecmt", ["energy_slack=0,0.1", "per-channel=false", "levels=16"])
+    assert space["energy_slack"] == (0.0, 0.1) and space["per_channel"] == (False,) and space["levels"] == (16,)
+    assert len(settings("ecmt", knobs=space)) == 3 * 2 * 2
+    for bad in ("bogus=1", "timesteps=4", "levels=a", "per_channel=maybe", "levels="):
+        with pytest.raises(SpikecError, match="--knob"):
+            search_space("ecmt", [bad])
     sta = settings("sta", 64)
-    assert {s["timesteps"] for s in sta} == {32, 64} and {s["burst"] for s in sta} == {1, 2, 4}
+    assert {s["timesteps"] for s in sta} == {32, 64} and {s["burst"] for s in sta} == {1, 2, 8}
     with pytest.raises(SpikecError, match="--method bogus"):
         settings("bogus")
 
@@ -93,6 +99,10 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
         "3",
         "--max-energy",
         "0.5",
+        "--knob",
+        "coverage=1",
+        "--knob",
+        "energy_slack=0,1",
         "--resume",
         str(tmp_path / "state.json"),
         "--quiet",
@@ -105,8 +115,15 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
     assert float(chosen["energy"]) <= 0.5 and float(chosen["cosine"]) >= 0.95 and int(chosen["T"]) <= 3
     state = json.loads((tmp_path / "state.json").read_text())
     assert len(state) == 24
-    within = [r["cosine"] for rows in state.values() for r in rows if r["energy"] <= 0.5]
-    assert float(chosen["cosine"]) == pytest.approx(max(within), abs=1e-5)
+    # the energy objective spends less at every other setting and T; at the defaults the T=3 cosine stays
+    # within 0.02 (measured 0.992 -> 0.987, energy 0.71 -> 0.58)
+    for key, rows in state.items():
+        setting = json.loads(key)
+        if setting["energy_slack"] == 1.0:
+            base = state[json.dumps({**setting, "energy_slack": 0.0}, sort_keys=True)]
+            assert all(row["energy"] < ref["energy"] for row, ref in zip(rows, base))
+            if (setting["percentile"], setting["per_channel"], setting["levels"]) == (90.0, True, 8):
+                assert rows[-1]["cosine"] > base[-1]["cosine"] - 0.02
     assert (tmp_path / "tuned.front.png").read_bytes().startswith(b"\x89PNG")
     assert out.exists()
     # the chosen setting compiled for its own T measures the energy the unrolled run gave its prefix
@@ -115,6 +132,7 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
         "percentile": float(chosen["percentile"]),
         "per_channel": chosen["per_channel"] == "True",
         "levels": int(chosen["levels"]),
+        "energy_slack": float(chosen["energy_slack"]),
     }
     _, report = measure(fixtures.digits_vit(), fit, valid, "ecmt", tmp_path, timesteps=int(chosen["T"]), **knobs)
     assert report["energy"]["ratio"] == pytest.approx(float(chosen["energy"]), abs=1e-3)
