@@ -476,8 +476,8 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
     static = static_batch(ann, feeds)
     # Groups of two where the batch is dynamic: some exports fail at a batch of one (the dynamo exporter's
     # Squeeze without axes drops a batch axis of size 1) and run at any other.
-    batch = static or 2
     samples = min(len(v) for v in feeds.values())
+    batch = static or min(2, samples)
     group_a = {name: array[:batch] for name, array in feeds.items()}
     group_b = {name: array[batch : 2 * batch] for name, array in feeds.items()} if samples >= 2 * batch else group_a
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
