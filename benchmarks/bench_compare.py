@@ -28,8 +28,8 @@ from spikec.compare import compare_methods  # noqa: E402
 def workloads() -> dict:
     digits = fixtures.digits_data()
     return {
-        # STA left out: its report probes every UGO's hidden neurons at every step, hundreds of MB per
-        # sentence and UGO at T=64, more than this machine holds (docs/compare.md)
+        # STA left out: its one pass at T=64 fits in 10 GiB but did not finish in an hour on the shared
+        # 2-core machine (docs/compare.md)
         "minilm": lambda: compare_methods(
             fixtures.minilm(),
             fixtures.minilm_inputs(fixtures.calibration_sentences()),

@@ -122,7 +122,8 @@ def _all_finite(outputs: Mapping[str, np.ndarray]) -> bool:
 def stayed_float(report: dict) -> dict[str, int]:
     """Ops a method has no spiking form for and evaluates in floating point: the compile report's units
     converted generically (one node between expectation compensations, not a recognized region; products
-    of two activations excepted, which EC/TCSA/SESA convert), STA's LayerNorms kept float, and ttfs's
+    of two activations excepted, which EC/TCSA/SESA convert), STA's LayerNorms kept float and activations
+    kept exact (their UGO does not fit the site's inputs), and ttfs's
     float nodes (decoded, run in float, encoded)."""
     ops = Counter(
         unit["ops"][0]
@@ -130,6 +131,7 @@ def stayed_float(report: dict) -> dict[str, int]:
         if unit["kind"] == "node" and unit["ops"][0] not in _PRODUCTS
     )
     ops.update({"LayerNorm (kept)": len(report.get("layernorms_kept_float", []))})
+    ops.update({"activation (kept exact)": len(report.get("activations_kept_exact", []))})
     ops.update(node["op"] for node in report.get("ttfs", {}).get("float_nodes", []))
     return dict(sorted((op, n) for op, n in ops.items() if n))
 

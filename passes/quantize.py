@@ -18,6 +18,13 @@ The SNN carries a per-channel scale at no cost: it is the ST-BIF+ threshold per 
 next weight's rows. Moving the outliers into the weights first (SmoothQuant) would add nothing, since the
 weights stay in float: x/f quantized per tensor with scale s is x quantized with per-channel scale s*f.
 
+Bias correction: a quantizer's rounding and clipping shift its tensor's mean per channel, and a weight
+product carries that shift, E[q(x) - x] W, into every row of its output. Where a quantized operand reads
+a constant weight and the product adds a constant bias, the bias absorbs the shift measured on the
+calibration sample (Nagel et al., data-free quantization, with measured means). Only the bias changes,
+so the QANN stays a QANN the SNN equals. Correcting the outputs' quantizers too, or shifting biases by
+the QANN's measured drift (all upstream quantizers together), measured worse (docs/methods/spikezip.md).
+
 The quantizer is written with standard ops (Div, Add, Floor, Clip, Mul), so the QANN runs in stock
 onnxruntime; passes/patterns.py recognizes it (region kind "quantizer") as it recognizes QDQ pairs.
 """
@@ -226,6 +233,35 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
         )
     graph.toposort()
     return report
+
+
+def _bias_of(product: gs.Node) -> tuple[gs.Node, int] | None:
+    """The Add that is the only reader of MatMul ``product``'s output, and the index of its constant bias."""
+    readers = product.outputs[0].outputs
+    if len(readers) != 1 or readers[0].op != "Add":
+        return None
+    constant = [i for i, t in enumerate(readers[0].inputs) if isinstance(t, gs.Constant)]
+    return (readers[0], constant[0]) if len(constant) == 1 else None
+
+
+def correct_biases(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Quantizer], stats: dict) -> None:
+    """Bias correction (module docstring) of the products that read a "before" site's quantizer as
+    MatMul(x, W) + b with W a constant [C, N]."""
+    b = GraphBuilder(graph, "quantize")
+    for site in sites:
+        if site.role != "before" or site.consumers is None:
+            continue
+        sample = stats[site.tensor].sample
+        shift = (quantizers[site.tensor](sample) - sample).mean(axis=0, dtype=np.float64)
+        for node, index in site.consumers:
+            weight = node.inputs[1]
+            found = _bias_of(node) if node.op == "MatMul" and index == 0 else None
+            if found is None or not isinstance(weight, gs.Constant) or weight.values.shape[:-1] != shift.shape:
+                continue  # a batched (3-D) weight would not add one shift to every row
+            add, position = found
+            bias = add.inputs[position]
+            corrected_bias = bias.values - shift @ weight.values.astype(np.float64)
+            add.inputs[position] = b.const(corrected_bias, bias.values.dtype, name=f"{bias.name}.bias_corrected")
 
 
 def scale_summary(scale: np.ndarray) -> dict:

@@ -24,12 +24,17 @@ integer spikes (exact), and every op between neurons runs on those totals, trace
 the QANN runs it on its levels: no per-step increments of float values, so nothing for float sums to
 round differently. Once quiet, each tracer is its quantizer's level and every tensor the QANN's, bit
 for bit. Weight products run on the totals too (the sum over steps of spikes x W equals tracer x W
-in integer arithmetic); a burst of up to ``burst`` spikes per step divides T_eq by about ``burst``.
+in integer arithmetic), in int32 where both operands are levels (a QDQ model's int8/uint8 weights, or
+attention's two quantized operands): MatMulInteger, as onnxruntime's integer kernels accumulate. A burst
+of up to ``burst`` spikes per step divides T_eq by about ``burst``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from spikec.passes.builder import GraphBuilder
 from spikec.passes.ecmt import fold_thresholds_into_weights
@@ -90,9 +95,9 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
     }
 
 
-def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> dict:
+def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int, levels: dict[str, Levels]) -> dict:
     """The quantizer's consumers read the integer neuron's tracer (its spikes summed) times the scale:
-    DequantizeLinear's (q - z) * s once the tracer is the level."""
+    DequantizeLinear's (q - z) * s once the tracer is the level. The tracer goes into ``levels``."""
     attrs = region.attrs
     source = attrs["input"]
     theta = np.asarray(attrs["scale"], np.float32)
@@ -116,6 +121,7 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int) -> di
         name=f"{source.name}/LevelValue",
     )
     take_over(graph, region, value)
+    levels[value.name] = Levels(tracer, theta, int(attrs["low"]), int(attrs["high"]))
     return {
         "tensor": source.name,
         "node": f"{source.name}/STBIFIntegerNeuron",
@@ -150,11 +156,125 @@ def dequantize_weights(graph: gs.Graph) -> int:
     return folded
 
 
-def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
+@dataclass(frozen=True)
+class Levels:
+    """A tensor of integer levels in [low, high] (float32 values) whose value tensor is levels * theta."""
+
+    tensor: gs.Variable
+    theta: np.ndarray
+    low: int
+    high: int
+
+
+# Ops that only move, select or reshape elements: on levels * theta (one theta) they commute with the Mul.
+LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def _weight_levels(tensor: gs.Tensor) -> tuple[gs.Constant, gs.Constant, np.ndarray] | None:
+    """A MatMul's [K, N] weight as its DequantizeLinear's values and zero point as uint8 (int8 ones shifted
+    by 128: onnxruntime's uint8 x int8 kernels on AVX2 without VNNI add pairs of products in int16 with
+    saturation, uint8 x uint8 ones do not), and its scale (one, or one per column N: a scale per row K does
+    not factor out of the sum); None where it is anything else."""
+    node = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if (
+        node is None
+        or node.op != "DequantizeLinear"
+        or node.domain not in (None, "", "ai.onnx")
+        or not all(isinstance(t, gs.Constant) for t in node.inputs if t.name)
+    ):
+        return None
+    q, scale = node.inputs[0], np.asarray(node.inputs[1].values, np.float32)
+    if q.values.ndim != 2 or q.values.dtype not in (np.int8, np.uint8):
+        return None
+    if scale.size > 1 and (scale.ndim != 1 or node.attrs.get("axis", 1) % 2 != 1 or scale.size != q.values.shape[1]):
+        return None
+    zero = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(scale.shape)
+    shift = 128 if q.values.dtype == np.int8 else 0
+    return (
+        gs.Constant(f"{q.name}.uint8", (q.values.astype(np.int16) + shift).astype(np.uint8)),
+        gs.Constant(f"{q.name}.zero_uint8", np.asarray(np.asarray(zero).astype(np.int16) + shift, np.uint8)),
+        scale,
+    )
+
+
+def _as_uint8(b: GraphBuilder, level: Levels) -> tuple[gs.Variable, gs.Constant]:
+    """levels - low as uint8 (exact: 0..high-low <= 255) and the zero point -low that gives the levels back."""
+    shifted = b.op("Sub", level.tensor, b.const(level.low))
+    return b.op("Cast", shifted, to=onnx.TensorProto.UINT8), b.const(-level.low, np.uint8)
+
+
+def _propagate_layout(graph: gs.Graph, levels: dict[str, Levels]) -> None:
+    """A layout op of a level value is the same layout op of its levels times theta: its output becomes a
+    level value too, so that a product behind K's transpose or the heads' reshapes finds its levels."""
+    for node in [n for n in graph.nodes if n.op in LAYOUT_OPS]:  # in order: chains of layout ops follow
+        level, out = levels.get(node.inputs[0].name), node.outputs[0]
+        if level is None or level.theta.size != 1 or out.name in levels:
+            continue
+        b = GraphBuilder(graph, f"{out.name}/Levels")
+        moved = b.op(node.op, level.tensor, *node.inputs[1:], name=f"{out.name}/Levels{node.op}", **node.attrs)
+        levels[out.name] = Levels(moved, level.theta, level.low, level.high)
+
+
+def integer_products(graph: gs.Graph, levels: dict[str, Levels]) -> int:
+    """Every MatMul of a quantizer's levels by a QDQ model's int8/uint8 weight, or by another quantizer's
+    levels (attention's Q K^T and P V), accumulates in int32 as onnxruntime's MatMulInteger/QLinearMatMul
+    kernels do: MatMulInteger(levels - low as uint8, other operand, zero points) is exact, and one float32
+    Mul by the product of the scales turns it into the QANN's value. A float32 product of the dequantized
+    values would round its partial sums. The scales must factor out of the sum: the left operand's per
+    tensor, the right one's per tensor or per column (last axis); and the sum must fit int32. The others
+    (spikec's per-channel quantizers of a left operand, levels wider than uint8, float weights) keep
+    float32 MatMuls. Expects a sorted graph; returns the products rewritten."""
+    _propagate_layout(graph, levels)
+
+    def factored(level: Levels | None, per_column: bool) -> Levels | None:
+        """``level`` where it fits uint8 and its scale factors out of the sum (one, or one per column)."""
+        if level is None or not level.low <= 0 <= level.high - level.low <= 255:
+            return None
+        column = per_column and level.theta.size == np.prod(level.theta.shape[-1:])
+        return level if level.theta.size == 1 or column else None
+
+    rewritten, weights = 0, {}  # one uint8 copy of a weight that several products read
+    for node in [n for n in graph.nodes if n.op == "MatMul"]:
+        left = factored(levels.get(node.inputs[0].name), per_column=False)
+        right = factored(levels.get(node.inputs[1].name), per_column=True)
+        if node.inputs[1].name not in weights:
+            weights[node.inputs[1].name] = _weight_levels(node.inputs[1])
+        weight = weights[node.inputs[1].name]
+        if left is None:
+            continue
+        if right is not None:
+            shape = node.inputs[1].shape
+            terms, largest = (shape[-2] if shape else None), max(-right.low, right.high)
+            scale = left.theta.reshape(()) * right.theta.reshape(-1)
+        elif weight is not None:
+            q, zero, column = weight
+            terms, largest = q.values.shape[0], int(np.abs(q.values.astype(np.int64) - zero.values).max())
+            scale = left.theta.reshape(()) * column
+        else:
+            continue
+        # a sum over a dynamic axis (P V's keys) is assumed shorter than 2^31 / 255^2 = 33,000 terms
+        if isinstance(terms, int) and terms * max(-left.low, left.high) * largest >= 2**31:
+            continue
+        b = GraphBuilder(graph, node.name)
+        a, a_zero = _as_uint8(b, left)
+        other, other_zero = _as_uint8(b, right) if right is not None else (q, zero)
+        output = node.outputs[0]
+        node.outputs.clear()
+        acc = b.op("MatMulInteger", a, other, a_zero, other_zero, name=f"{node.name}/Integer")
+        wide = b.op("Cast", acc, to=onnx.TensorProto.FLOAT)
+        b.op("Mul", wide, b.const(scale), out=output, name=f"{node.name}/Scale")
+        rewritten += 1
+    return rewritten
+
+
+def quantizers_as_levels(graph: gs.Graph, regions: list[Region], levels: dict[str, Levels] | None = None) -> int:
     """The integer QANN that integer-exact mode equals: each quantizer written out as its definition,
-    clamp(round(x/s), low, high) * s (QuantizeLinear's rounding where it is one), and the weights
-    dequantized, so that onnxruntime runs these ops as they are, with none of its QDQ fusions (their
-    requantization rounds otherwise). Leaves the graph sorted."""
+    clamp(round(x/s), low, high) * s (QuantizeLinear's rounding where it is one), the products of levels
+    accumulated in integers (``integer_products``; ``levels``: level tensors besides these quantizers',
+    the integer neurons' tracers), and the other weights dequantized, so that onnxruntime runs these ops
+    as they are, with none of its QDQ fusions (their requantization rounds otherwise). Leaves the graph
+    sorted; returns the integer products."""
+    levels = dict(levels or {})
     for region in [r for r in regions if r.kind == "quantizer"]:
         attrs, name = region.attrs, region.attrs["input"].name
         b = GraphBuilder(graph, name)
@@ -171,6 +291,7 @@ def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
         quantized, value = region.outputs[0], attrs["input"]
         detach(region)
         for index, (op, operands) in enumerate(steps):
+            level = value
             value = b.op(
                 op,
                 value,
@@ -178,8 +299,14 @@ def quantizers_as_levels(graph: gs.Graph, regions: list[Region]) -> None:
                 name=f"{name}/Level{index}",
                 out=quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}"),
             )
+        levels[quantized.name] = Levels(
+            level, np.asarray(attrs["scale"], np.float32), int(attrs["low"]), int(attrs["high"])
+        )
+    graph.toposort()
+    products = integer_products(graph, levels)
     dequantize_weights(graph)
     graph.cleanup().toposort()
+    return products
 
 
 def totals_as_increments(graph: gs.Graph) -> list[str]:
@@ -227,8 +354,11 @@ def rewrite(
         # a quantizer of a tensor that no input varies (position embeddings) has one level for good: no
         # neuron to fire it, and none whose spikes would count towards a sample
         data = varying_tensors(graph, [t.name for t in graph.inputs])
-        neurons = [replace_quantizer_integer(graph, r, burst) for r in quantizers if r.attrs["input"].name in data]
-        quantizers_as_levels(graph, [r for r in quantizers if r.attrs["input"].name not in data])
+        levels: dict[str, Levels] = {}
+        neurons = [
+            replace_quantizer_integer(graph, r, burst, levels) for r in quantizers if r.attrs["input"].name in data
+        ]
+        products = quantizers_as_levels(graph, [r for r in quantizers if r.attrs["input"].name not in data], levels)
         outputs = totals_as_increments(graph)
         graph.toposort()
         return {
@@ -239,6 +369,7 @@ def rewrite(
             "gated_to_first_step": 0,
             "ppn_folded_products": 0,
             "total_outputs": outputs,
+            "integer_products": products,
         }
     neurons = [replace_quantizer(graph, r) for r in quantizers]
     graph.cleanup()

@@ -102,8 +102,10 @@ class TapStats:
             q = np.asarray(quantize(x, thr if per_channel else thr[0]))
             if q.shape != x.shape:
                 raise SpikecError(f"tap '{self.name}': quantize returned shape {q.shape}, expected {x.shape}")
-            # in float64: the square of a float32 error can overflow float32
-            per_channel_error = np.square(q.astype(np.float64) - x).sum(axis=0)
+            # in float64 (the square of a float32 error can overflow float32), in place where q already is
+            own = q.dtype == np.float64 and not np.may_share_memory(q, x)
+            error = np.subtract(q, x, dtype=np.float64, out=q if own else None)
+            per_channel_error = np.square(error, out=error).sum(axis=0)
             errors[i] = per_channel_error if per_channel else per_channel_error.sum()
         best = np.where(live, grid[errors.argmin(axis=0)] * ref, 0).astype(np.float32)
         return best if per_channel else best[0]

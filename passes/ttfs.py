@@ -624,14 +624,16 @@ def _convert_remaining(lw: Lowering) -> list[dict]:
 
 def calibration_ranges(stats: dict, lw: Lowering, margin: float) -> dict[str, Window]:
     """[min, max] of each calibrated site, widened by ``margin`` x span per side (appendix A.1: "nearly all
-    outputs lie within the range"); a constant tensor gets a tiny span."""
+    outputs lie within the range"); a constant tensor gets a span of 1e-3 of its magnitude (1e-3 if it is
+    zero). The floor is relative: an absolute one would spread a site of tiny values (BatchNorm-shrunk
+    activations) over a range far wider than they are, and float spike times would resolve them coarsely."""
     ranges = {}
     for name, site in lw.sites.items():
         if site.analytic:
             continue
         s = stats[site.measured.name]
         low, high = float(s.min()), float(s.max())
-        span = max(high - low, 1e-3 * max(abs(low), abs(high), 1.0))
+        span = max(high - low, 1e-3 * max(abs(low), abs(high))) or 1e-3
         low, high = low - margin * span, high + margin * span
         if site.floor is not None:
             low = max(low, site.floor)

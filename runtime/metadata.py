@@ -35,6 +35,7 @@ class CompileReport:
     encoders: list[dict] | None = None  # STA's X2X encoder sites
     ugos: list[dict] | None = None  # STA's UGO replacements, by region
     layernorms_kept_float: list[str] | None = None  # STA: LayerNorm regions no UGO replaced
+    activations_kept_exact: list[dict] | None = None  # STA: activations their UGO does not fit (region, errors)
     ttfs: dict | None = None  # TTFS: sites, constructions, clipping, float nodes
     quantization: list[dict] | None = None  # SpikeZIP-TF: the quantizers its prepare step inserted
     calibration: dict | None = None  # ECMT: the calibration statistics the thresholds came from

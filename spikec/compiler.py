@@ -474,7 +474,9 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
     and needs the layouts only to count each sample's spikes: where the model cannot run at 2B, it assumes
     axis 0."""
     static = static_batch(ann, feeds)
-    batch = static or 1
+    # Groups of two where the batch is dynamic: some exports fail at a batch of one (the dynamo exporter's
+    # Squeeze without axes drops a batch axis of size 1) and run at any other.
+    batch = static or 2
     samples = min(len(v) for v in feeds.values())
     group_a = {name: array[:batch] for name, array in feeds.items()}
     group_b = {name: array[batch : 2 * batch] for name, array in feeds.items()} if samples >= 2 * batch else group_a

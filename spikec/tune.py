@@ -33,7 +33,7 @@ KNOBS: dict[str, dict[str, Sequence]] = {
         "energy_slack": (0.0, 1.0, 2.0),
     },
     "spikezip": {"levels": (8, 16, 32)},
-    "sta": {"timesteps": (1.0, 0.5), "burst": (2, 4, 1), "gelu_hidden": (32, 64)},
+    "sta": {"timesteps": (1.0, 0.5), "burst": (8, 2, 1), "gelu_hidden": (32, 64)},
     "ttfs": {"precision": (0, 256, 64), "margin": (1.0, 0.5, 0.25)},
 }
 # what a tuned point may be picked for

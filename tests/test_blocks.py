@@ -366,6 +366,38 @@ def test_unrolled_equals_stateful_where_the_batch_is_not_first(layout_models, me
     np.testing.assert_allclose(unrolled["y.steps"], stateful["y.steps"], rtol=1e-4, atol=1e-5)
 
 
+def test_a_model_that_fails_at_a_batch_of_one_folds_time():
+    """The dynamo exporter's Squeeze without axes drops a batch axis of size 1 (mBART's dynamo export then
+    fails at batch 1 and runs at any other): the time-folding check runs groups of two samples, so the
+    unrolled compile does not refuse a model its user runs at every batch but one."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "one"], ["x1"]),
+        helper.make_node("Squeeze", ["x1"], ["x2"]),  # no axes: a batch of one goes too
+        helper.make_node("Unsqueeze", ["x2", "two"], ["x3"]),  # axis 2 of a rank-1 tensor: fails at batch 1
+        helper.make_node("Squeeze", ["x3", "two"], ["x4"]),
+        helper.make_node("MatMul", ["x4", "w"], ["y"]),
+    ]
+    constants = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([2], np.int64), "two"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3])],
+        constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    calib = {"x": rng.standard_normal((64, 4)).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((8, 4)).astype(np.float32)}
+    snn = spikec.compile(model, calib, method="ecmt", timesteps=16, progress=False)
+    assert cosine(run_dataset(model, feeds)["y"], run_dataset(snn, feeds)["y"]) > 0.99  # measured 0.9985
+
+
 def test_output_not_batch_first_is_refused_unrolled(tmp_path):
     path = _export(Encoder(False, seq_first_output=True), _tokens(2, 0), tmp_path / "seq_out.onnx")
     with pytest.raises(

@@ -73,25 +73,99 @@ def test_integer_neuron_ends_at_the_level_rounded_as_the_quantizer():
     assert want[0] == 2 and want[2] == -2  # 1.5 and -1.5 went to even, where half up gives 2 and -1
 
 
-@pytest.mark.parametrize("mode", ["unrolled", "stateful"])
-def test_tiny_attention_equals_integer_qann_bit_for_bit(mode):
+def _ops(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(n.op_type == op_type for n in model.graph.node)
+
+
+@pytest.mark.parametrize("mode,per_tensor", [("unrolled", False), ("stateful", False), ("stateful", True)])
+def test_tiny_attention_equals_integer_qann_bit_for_bit(mode, per_tensor):
     """SESA's products, Softmax, LayerNorm, bias and residual all on totals: once quiet the output is the
-    integer QANN's, every bit, for every sample; bursts of 3 reach it in about a third of the steps."""
+    integer QANN's, every bit, for every sample; bursts of 3 reach it in about a third of the steps. With
+    per-tensor scales Q K^T and P V (both operands levels) accumulate in int32, in the reference and the
+    SNN alike; per-channel scales of a left operand do not factor out of the sum, and stay float32."""
     model = _attention_model()
     calib = {"x": RNG.standard_normal((64, 5, 8)).astype(np.float32)}
     feeds = {"x": RNG.standard_normal((32, 5, 8)).astype(np.float32) * 1.5}
-    qann = spikec.quantize(model, calib, levels=32, progress=False)
-    want = InferenceSession(integer_qann(qann)).run(["y"], feeds)[0]
+    qann = spikec.quantize(model, calib, levels=32, per_tensor=per_tensor, progress=False)
+    reference = integer_qann(qann)
+    want = InferenceSession(reference).run(["y"], feeds)[0]
+    assert _ops(reference, "MatMulInteger") == (2 if per_tensor else 0)
     t_eq = {}
     for burst in (1, 3):
         snn = spikec.compile(
             qann, calib, method="spikezip", timesteps=48, mode=mode, integer=True, burst=burst, progress=False
         )
+        assert _ops(snn, "MatMulInteger") == _ops(reference, "MatMulInteger")
         got = run_dataset(snn, feeds)
         t_eq[burst] = max(equilibrium_steps(got["spikec.spikes.steps"]))
         np.testing.assert_array_equal(got["y"], want)
         assert np.abs(got["y.steps"][0] - want).max() > 0.1  # not there at the first step
     assert t_eq[1] >= 20 and t_eq[3] <= t_eq[1] / 2.5
+
+
+def _qdq_model() -> tuple[onnx.ModelProto, dict]:
+    """uint8 activations with zero points; a uint8 weight with a scale and a zero point per column, then an
+    int8 weight per tensor; a bias between. Returns the model and its constants."""
+    c = {
+        "sx": np.float32(0.02),
+        "zx": np.uint8(131),
+        "q1": RNG.integers(0, 256, (16, 12), dtype=np.uint8),
+        "s1": (RNG.random(12) * 0.01 + 0.002).astype(np.float32),
+        "z1": RNG.integers(100, 156, 12, dtype=np.uint8),
+        "b1": RNG.standard_normal(12).astype(np.float32),
+        "sh": np.float32(0.05),
+        "zh": np.uint8(97),
+        "q2": RNG.integers(-127, 128, (12, 8), dtype=np.int8),
+        "s2": np.float32(0.004),
+    }
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["w1"], axis=1),
+        helper.make_node("MatMul", ["xd", "w1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["h"]),
+        helper.make_node("QuantizeLinear", ["h", "sh", "zh"], ["hq"]),
+        helper.make_node("DequantizeLinear", ["hq", "sh", "zh"], ["hd"]),
+        helper.make_node("DequantizeLinear", ["q2", "s2"], ["w2"]),
+        helper.make_node("MatMul", ["hd", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 8])],
+        [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in c.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), c
+
+
+def test_qdq_products_accumulate_in_int32():
+    """Both products of levels by int8/uint8 weights are MatMulInteger in the reference and the SNN: the
+    reference is the integer arithmetic written out in numpy (int64 sums, one float32 scale per column),
+    bit for bit, and the SNN equals it once quiet."""
+    model, c = _qdq_model()
+    x = RNG.standard_normal((16, 3, 16)).astype(np.float32) * 1.5
+    reference = integer_qann(model)
+    assert _ops(reference, "MatMulInteger") == 2 and _ops(reference, "MatMul") == 0
+
+    def levels(v, scale, zero):
+        return np.clip(np.rint(v / scale), -int(zero), 255 - int(zero)).astype(np.int64)
+
+    def product(lv, scale, q, zero, s):
+        acc = lv @ (q.astype(np.int64) - np.asarray(zero, np.int64))
+        assert np.abs(acc).max() < 2**24  # exact in float32: the Cast below rounds nothing
+        return acc.astype(np.float32) * (scale * s)
+
+    h = product(levels(x, c["sx"], c["zx"]), c["sx"], c["q1"], c["z1"], c["s1"]) + c["b1"]
+    want = product(levels(h, c["sh"], c["zh"]), c["sh"], c["q2"], 0, c["s2"])
+    np.testing.assert_array_equal(InferenceSession(reference).run(["y"], {"x": x})[0], want)
+    snn = spikec.compile(
+        model, {"x": x[:8]}, method="spikezip", timesteps=100, mode="stateful", integer=True, burst=8, progress=False
+    )
+    assert _ops(snn, "MatMulInteger") == 2 and _ops(snn, "MatMul") == 0
+    got = run_stateful(InferenceSession(snn), {"x": x}, 100, until_quiet=True)
+    assert None not in equilibrium_steps(got["spikec.spikes.steps"])
+    np.testing.assert_array_equal(got["y"], want)
 
 
 def test_burst_needs_integer_mode():
@@ -125,7 +199,8 @@ def test_digits_vit_integer_mode_equals_integer_qann():
 
 @pytest.mark.slow
 def test_onnxruntime_qdq_digits_vit_integer_mode(digits_qdq):
-    """onnxruntime's uint8 QDQ model (zero points, int8 weights, halves rounded to even): bit for bit."""
+    """onnxruntime's uint8 QDQ model (zero points, int8 weights, halves rounded to even): bit for bit, every
+    product (the linear layers' and attention's) accumulated in int32."""
     data = fixtures.digits_data()
     qdq = digits_qdq
     feeds = {"pixels": data["x_test"][:16]}
@@ -140,6 +215,7 @@ def test_onnxruntime_qdq_digits_vit_integer_mode(digits_qdq):
         burst=8,
         progress=False,
     )
+    assert _ops(snn, "MatMul") == 0 and _ops(snn, "MatMulInteger") == 32
     got = run_stateful(InferenceSession(snn), feeds, 200, until_quiet=True)
     assert None not in equilibrium_steps(got["spikec.spikes.steps"])
     assert max(equilibrium_steps(got["spikec.spikes.steps"])) < 60  # 256 levels: ~300 steps one spike at a time

@@ -506,6 +506,30 @@ def test_softmax_construction_with_a_mask(precision, max_layer):
     assert np.abs(got - want).max() < (2e-6 if not precision else 5e-5)  # measured <= 8e-7 / 1.3e-5
 
 
+@pytest.mark.parametrize("scale", [1e-7, 1.0])
+def test_sites_of_tiny_values_keep_their_relative_precision(scale):
+    """A SiLU MLP whose activations are ~1e-7 (as BatchNorm-shrunk stages of random-init vision models):
+    each site's range follows the values' own span, not an absolute floor of 1e-3, so float spike times
+    resolve them as finely as unit-scale ones (an absolute floor cost 1.3e-3 relative error here)."""
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.standard_normal((8, 16)) / 3, rng.standard_normal((16, 4)) / 4
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Sigmoid", ["h"], ["s"]),
+        helper.make_node("Mul", ["h", "s"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["y"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])]
+    constants = [onnx.numpy_helper.from_array(w.astype(np.float32), n) for w, n in ((w1, "w1"), (w2, "w2"))]
+    calib = {"x": (rng.standard_normal((64, 8)) * scale).astype(np.float32)}
+    snn = _compile_graph(nodes, inputs, outputs, calib, constants)
+    x = rng.standard_normal((16, 8)) * scale
+    got = run_dataset(snn, {"x": x.astype(np.float32)})["y"]
+    want = (lambda h: (h / (1 + np.exp(-h))) @ w2)(x.astype(np.float32).astype(np.float64) @ w1)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5  # measured 8e-7 at both scales
+
+
 @pytest.mark.parametrize("precision", [0, 2**20])
 def test_layernorm_construction(precision):
     """LayerNormalization over 16 values with gamma, beta and eps: mean, centering, variance, rsqrt and

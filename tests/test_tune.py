@@ -45,7 +45,7 @@ def test_settings_per_method():
         with pytest.raises(SpikecError, match="--knob"):
             search_space("ecmt", [bad])
     sta = settings("sta", 64)
-    assert {s["timesteps"] for s in sta} == {32, 64} and {s["burst"] for s in sta} == {1, 2, 4}
+    assert {s["timesteps"] for s in sta} == {32, 64} and {s["burst"] for s in sta} == {1, 2, 8}
     with pytest.raises(SpikecError, match="--method bogus"):
         settings("bogus")
 

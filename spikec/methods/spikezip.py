@@ -69,9 +69,11 @@ def quantize_model(
     batch_size: int,
     progress: bool,
     per_tensor: bool = False,
+    bias_correction: bool = True,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """The QANN of ``ann`` by post-training quantization, and the quantizers inserted: per channel of the
-    last axis where its size is static, unless ``per_tensor``."""
+    last axis where its size is static, unless ``per_tensor``; products' biases corrected for their
+    quantized operands' mean shift unless not ``bias_correction`` (passes/quantize.py)."""
     graph = gs.import_onnx(ann)
     sites = ptq.quantizer_sites(find_regions(graph), ptq.activation_tensors(graph))
     if not sites:
@@ -86,6 +88,8 @@ def quantize_model(
         )
         for name, s in stats.items()
     }
+    if bias_correction:
+        ptq.correct_biases(graph, sites, quantizers, stats)
     inserted = ptq.insert_quantizers(graph, sites, quantizers)
     qann = gs.export_onnx(graph, do_type_check=False)
     del qann.opset_import[:]

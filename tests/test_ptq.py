@@ -1,0 +1,57 @@
+"""Built-in post-training quantization (passes/quantize.py): bias correction, and the QANN's fidelity on a
+pretrained model."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from spikec.runtime import InferenceSession
+
+import spikec
+from examples import fixtures
+from spikec.evaluate import cosine
+
+RNG = np.random.default_rng(5)
+
+
+def _affine_model(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 6])],
+        [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(bias, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bias_absorbs_the_operand_quantizers_mean_shift():
+    """A skewed operand (a long positive tail that the clip search cuts) quantized to 4 levels shifts its
+    mean; the product's bias becomes b - E[q(x) - x] W over the calibration data, and the SNN of that QANN
+    still equals it."""
+    weight = RNG.standard_normal((8, 6)).astype(np.float32)
+    bias = RNG.standard_normal(6).astype(np.float32)
+    model = _affine_model(weight, bias)
+    calib = {"x": np.exp(RNG.standard_normal((64, 5, 8))).astype(np.float32)}
+    qann = spikec.quantize(model, calib, levels=4, progress=False)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in qann.graph.initializer}
+    scale, low, high = values["x.quant_scale"], values["x.quant_low"], values["x.quant_high"]
+    x = calib["x"].reshape(-1, 8)
+    shift = (np.clip(np.floor(x / scale + np.float32(0.5)), low, high) * scale - x).mean(axis=0, dtype=np.float64)
+    assert np.abs(shift @ weight).max() > 0.05  # a shift worth correcting
+    np.testing.assert_allclose(values["b.bias_corrected"], bias - shift @ weight, rtol=0, atol=1e-5)
+    feeds = {"x": np.exp(RNG.standard_normal((8, 5, 8))).astype(np.float32)}
+    want = InferenceSession(qann).run(["y"], feeds)[0]
+    snn = spikec.compile(qann, calib, method="spikezip", timesteps=16, progress=False)
+    np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], want, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_minilm_qann_at_32_levels_stays_close_to_the_float_model():
+    """Pretrained MiniLM quantized on calibration sentences, measured on held-out ones (docs/methods/spikezip.md
+    has the table, benchmarks/bench_ptq.py regenerates it)."""
+    model = fixtures.minilm()
+    held = fixtures.minilm_inputs(fixtures.heldout_sentences())
+    qann = spikec.quantize(model, fixtures.minilm_inputs(fixtures.calibration_sentences()), levels=32, progress=False)
+    reference = InferenceSession(onnx.load(str(model))).run(["sentence_embedding"], held)[0]
+    assert cosine(InferenceSession(qann).run(["sentence_embedding"], held)[0], reference) > 0.96
