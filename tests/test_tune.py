@@ -72,9 +72,9 @@ def test_tune_digits_vit_front_constraint_resume(tmp_path, digits):
     best = front(points)
     for p in best:  # non-dominated
         assert not any(q["cosine"] > p["cosine"] and q["t"] <= p["t"] and q["energy"] <= p["energy"] for q in points)
-    chosen = pick(points, 0.9)
-    assert chosen["cosine"] >= 0.9
-    assert all(p["energy"] >= chosen["energy"] for p in points if p["cosine"] >= 0.9)
+    chosen = pick(points, 0.85)
+    assert chosen["cosine"] >= 0.85
+    assert all(p["energy"] >= chosen["energy"] for p in points if p["cosine"] >= 0.85)
 
 
 @pytest.mark.slow
