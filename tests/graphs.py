@@ -49,3 +49,21 @@ def mlp(
         nodes, "main_graph", [helper.make_tensor_value_info("x", dtype, [batch, FEATURES])], outputs, inits
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def silu_mlp(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
+    """x [b, K] -> MatMul w1 -> SiLU (x * Sigmoid(x), as exporters write it) -> MatMul w2 -> y [b, N]."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Sigmoid", ["h"], ["s"]),
+        helper.make_node("Mul", ["h", "s"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "silu_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", w2.shape[1]])],
+        [onnx.numpy_helper.from_array(w.astype(np.float32), n) for w, n in ((w1, "w1"), (w2, "w2"))],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

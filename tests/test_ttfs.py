@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import graphs
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -513,17 +514,8 @@ def test_sites_of_tiny_values_keep_their_relative_precision(scale):
     resolve them as finely as unit-scale ones (an absolute floor cost 1.3e-3 relative error here)."""
     rng = np.random.default_rng(3)
     w1, w2 = rng.standard_normal((8, 16)) / 3, rng.standard_normal((16, 4)) / 4
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Sigmoid", ["h"], ["s"]),
-        helper.make_node("Mul", ["h", "s"], ["a"]),
-        helper.make_node("MatMul", ["a", "w2"], ["y"]),
-    ]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])]
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])]
-    constants = [onnx.numpy_helper.from_array(w.astype(np.float32), n) for w, n in ((w1, "w1"), (w2, "w2"))]
     calib = {"x": (rng.standard_normal((64, 8)) * scale).astype(np.float32)}
-    snn = _compile_graph(nodes, inputs, outputs, calib, constants)
+    snn = spikec.compile(graphs.silu_mlp(w1, w2), calib, method="ttfs", progress=False)
     x = rng.standard_normal((16, 8)) * scale
     got = run_dataset(snn, {"x": x.astype(np.float32)})["y"]
     want = (lambda h: (h / (1 + np.exp(-h))) @ w2)(x.astype(np.float32).astype(np.float64) @ w1)

@@ -104,28 +104,14 @@ def test_an_activation_its_ugo_does_not_fit_stays_exact(scale):
     BatchNorm-shrunk stages) it is 100 times the outputs' span, and STA's SNN lost all fidelity (MobileViT
     cosine 0.03). Such an activation stays exact with expectation compensation; a unit-scale one keeps its
     UGO."""
-    import onnx
-    from onnx import TensorProto, helper
+    import graphs
 
     import spikec
     from spikec.evaluate import cosine, run_dataset
 
     rng = np.random.default_rng(0)
     w1, w2 = rng.standard_normal((8, 16)) / 3, rng.standard_normal((16, 4)) / 4
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Sigmoid", ["h"], ["s"]),
-        helper.make_node("Mul", ["h", "s"], ["a"]),
-        helper.make_node("MatMul", ["a", "w2"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
-        [onnx.numpy_helper.from_array(w.astype(np.float32), n) for w, n in ((w1, "w1"), (w2, "w2"))],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = graphs.silu_mlp(w1, w2)
     calib = {"x": (rng.standard_normal((64, 8)) * scale).astype(np.float32)}
     feeds = {"x": (rng.standard_normal((16, 8)) * scale).astype(np.float32)}
     snn = spikec.compile(model, calib, method="sta", timesteps=32, progress=False)
