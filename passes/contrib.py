@@ -636,11 +636,9 @@ def _attention_core(
     em: _Emitter,
     node: gs.Node,
     qkv: _Heads,
+    attrs: dict,
     *,
-    scale: float | None,
     mask,
-    mask_filter: float,
-    causal: bool,
     attention_bias,
     past_key,
     past_value,
@@ -651,8 +649,9 @@ def _attention_core(
 ) -> tuple[gs.Tensor, gs.Tensor]:
     """softmax(scale * Q K^T + mask) V over (B, N, S, H) heads, merged back to (B, S, N*Hv).
 
-    The mask is additive, as onnxruntime builds it: masked keys get mask_filter_value, and with
-    `causal` the keys after each query's position get the lowest float32 (written over the padding
+    ``attrs`` are the node's scale, mask_filter_value and unidirectional (Attention and MultiHeadAttention
+    share them). The mask is additive, as onnxruntime builds it: masked keys get mask_filter_value, and with
+    unidirectional set the keys after each query's position get the lowest float32 (written over the padding
     value, as the kernel does); attention_bias is added to it. Past keys/values are concatenated in
     front. Returns K and V with the past, for the present outputs."""
     key, value = qkv.key, qkv.value
@@ -661,9 +660,12 @@ def _attention_core(
         key = em("Concat", past_key, key, axis=2, out=present_key)
         value = em("Concat", past_value, value, axis=2, out=present_value)
     scores = em("MatMul", qkv.query, em("Transpose", key, perm=[0, 1, 3, 2]))
+    scale = attrs["scale"]
     factor = np.float32(1.0 / math.sqrt(qkv.head_size)) if not scale else np.float32(scale)
     scores = em("Mul", scores, factor)
-    additive = _additive_mask(em, node, qkv, key, mask, mask_filter, causal, past_length)
+    additive = _additive_mask(
+        em, node, qkv, key, mask, float(attrs["mask_filter_value"]), bool(attrs["unidirectional"]), past_length
+    )
     if attention_bias is not None:
         additive = attention_bias if additive is None else em("Add", attention_bias, additive)
     if additive is not None:
@@ -765,10 +767,8 @@ def _attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
         em,
         node,
         qkv,
-        scale=attrs["scale"],
+        attrs,
         mask=mask,
-        mask_filter=float(attrs["mask_filter_value"]),
-        causal=bool(attrs["unidirectional"]),
         attention_bias=attention_bias,
         past_key=past_key,
         past_value=past_value,
@@ -824,10 +824,8 @@ def _multi_head_attention(em: _Emitter, node: gs.Node, attrs: dict) -> None:
         em,
         node,
         qkv,
-        scale=attrs["scale"],
+        attrs,
         mask=mask,
-        mask_filter=float(attrs["mask_filter_value"]),
-        causal=bool(attrs["unidirectional"]),
         attention_bias=attention_bias,
         past_key=past_key,
         past_value=past_value,

@@ -128,19 +128,21 @@ def _compile_options(args) -> dict:
     return options
 
 
+def _quantize_options(args) -> dict:
+    """What `quantize` and `finetune` (which quantizes first) take alike."""
+    return {
+        "levels": args.levels,
+        "input_shapes": _input_shapes(args.input_shape),
+        "batch_size": args.batch_size,
+        "progress": not args.quiet,
+        "per_tensor": args.per_tensor,
+    }
+
+
 def cmd_quantize(args) -> int:
     from spikec.compiler import quantize
 
-    quantize(
-        args.model,
-        args.calib,
-        args.output,
-        levels=args.levels,
-        input_shapes=_input_shapes(args.input_shape),
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        per_tensor=args.per_tensor,
-    )
+    quantize(args.model, args.calib, args.output, **_quantize_options(args))
     print(f"wrote {args.output}")
     return 0
 
@@ -152,11 +154,7 @@ def cmd_finetune(args) -> int:
         args.model,
         args.calib,
         args.output,
-        levels=args.levels,
-        input_shapes=_input_shapes(args.input_shape),
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-        per_tensor=args.per_tensor,
+        **_quantize_options(args),
         steps=args.steps,
         time_budget=args.time_budget,
         lr=args.lr,

@@ -67,3 +67,39 @@ def silu_mlp(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
         [onnx.numpy_helper.from_array(w.astype(np.float32), n) for w, n in ((w1, "w1"), (w2, "w2"))],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def attention_block(rng: np.random.Generator, *, projection_bias: bool) -> onnx.ModelProto:
+    """x [batch, 5, 8] -> LayerNorm -> q, k, v -> softmax(q k^T / 2) v -> projection [+ bias] -> + x."""
+
+    def init(name: str, *shape: int, scale: float = 0.5) -> onnx.TensorProto:
+        return onnx.numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    projected = "pb" if projection_bias else "proj"
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
+        *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Mul", ["s", "half"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["o"]),
+        helper.make_node("MatMul", ["o", "wo"], ["proj"]),
+        *([helper.make_node("Add", ["proj", "bo"], ["pb"])] if projection_bias else []),
+        helper.make_node("Add", [projected, "x"], ["y"]),
+    ]
+    inits = [
+        init("gamma", 8, scale=1.0),
+        init("beta", 8),
+        *[init(f"w{n}", 8, 8) for n in "qkvo"],
+        *([init("bo", 8)] if projection_bias else []),
+        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention_block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -2,6 +2,7 @@
 neurons on their totals; once quiet the SNN equals the integer QANN (spikec.methods.spikezip.integer_qann)
 bit for bit, on every sample."""
 
+import graphs
 import numpy as np
 import onnx
 import pytest
@@ -18,39 +19,9 @@ from spikec.methods.spikezip import integer_qann
 RNG = np.random.default_rng(21)
 
 
-def _init(name, *shape, scale=0.5):
-    return onnx.numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
-
-
 def _attention_model() -> onnx.ModelProto:
     """LayerNorm -> q, k, v -> softmax(q k^T / 2) v -> projection + bias, with a residual."""
-    nodes = [
-        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
-        *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
-        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["q", "kt"], ["s"]),
-        helper.make_node("Mul", ["s", "half"], ["scaled"]),
-        helper.make_node("Softmax", ["scaled"], ["p"], axis=-1),
-        helper.make_node("MatMul", ["p", "v"], ["o"]),
-        helper.make_node("MatMul", ["o", "wo"], ["proj"]),
-        helper.make_node("Add", ["proj", "bo"], ["pb"]),
-        helper.make_node("Add", ["pb", "x"], ["y"]),
-    ]
-    inits = [
-        _init("gamma", 8, scale=1.0),
-        _init("beta", 8),
-        *[_init(f"w{n}", 8, 8) for n in "qkvo"],
-        _init("bo", 8),
-        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 8])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return graphs.attention_block(RNG, projection_bias=True)
 
 
 def test_integer_neuron_ends_at_the_level_rounded_as_the_quantizer():

@@ -7,6 +7,7 @@ default session and this one disagree about the QANN itself as much as a float f
 
 import json
 
+import graphs
 import numpy as np
 import onnx
 import pytest
@@ -52,29 +53,9 @@ def _sesa_model():
     )
 
 
-def _attention_model():
+def _attention_model() -> onnx.ModelProto:
     """LayerNorm -> q, k, v -> softmax(q k^T / 2) v -> projection, with a residual."""
-    return _tiny(
-        [
-            helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
-            *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
-            helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-            helper.make_node("MatMul", ["q", "kt"], ["s"]),
-            helper.make_node("Mul", ["s", "half"], ["scaled"]),
-            helper.make_node("Softmax", ["scaled"], ["p"], axis=-1),
-            helper.make_node("MatMul", ["p", "v"], ["o"]),
-            helper.make_node("MatMul", ["o", "wo"], ["proj"]),
-            helper.make_node("Add", ["proj", "x"], ["y"]),
-        ],
-        [
-            _init("gamma", 8, scale=1.0),
-            _init("beta", 8),
-            *[_init(f"w{n}", 8, 8) for n in "qkvo"],
-            onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
-        ],
-        [("x", (5, 8))],
-        (5, 8),
-    )
+    return graphs.attention_block(RNG, projection_bias=False)
 
 
 def test_per_channel_scales_hold_an_outlier_channel():
