@@ -400,7 +400,11 @@ def test_sta_probes_fire_the_spikes_of_the_encoders_and_ugos(sta_made):
     probed = section.model(model)
     encoder = next(p for p in section.probes if not p.ugo)
     ugo = next(p for p in section.probes if p.ugo and "mlp" in p.node.name)
-    got = fetch(probed, [*encoder.outputs, encoder.node.output[0], *ugo.outputs, ugo.node.output[0]], {"pixels": x})
+    counts = [f"{o}.{c}" for o in (*encoder.outputs, *ugo.outputs) for c in ("spikes", "bursts")]
+    counts.append(f"{ugo.outputs[0]}.per_unit")
+    got = fetch(
+        probed, [*encoder.outputs, encoder.node.output[0], *ugo.outputs, ugo.node.output[0], *counts], {"pixels": x}
+    )
     positive, negative = (got[o] for o in encoder.outputs)
     np.testing.assert_array_equal(positive - negative, got[encoder.node.output[0]])
     hidden = got[ugo.outputs[0]]
@@ -412,6 +416,14 @@ def test_sta_probes_fire_the_spikes_of_the_encoders_and_ugos(sta_made):
     k = np.abs(hidden) / (theta / ugo.burst)
     np.testing.assert_allclose(k, np.rint(k), atol=1e-4)
     assert 1 < k.max() <= ugo.burst and (k == 1).any()
+    # the counts made inside the run are those of the spikes themselves, exactly
+    for probe, unit in ((encoder, encoder.units[0]), (ugo, theta / ugo.burst)):
+        fired = np.rint(np.abs(got[probe.outputs[0]]) / unit).astype(np.int64)
+        assert got[f"{probe.outputs[0]}.spikes"] == fired.sum()
+        np.testing.assert_array_equal(
+            got[f"{probe.outputs[0]}.bursts"], np.bincount(fired.ravel(), minlength=probe.burst + 1)
+        )
+    np.testing.assert_array_equal(got[f"{ugo.outputs[0]}.per_unit"], fired.reshape(-1, GELU_HIDDEN).sum(0))
 
 
 def test_sta_sites_bursts_ugos_and_layernorms(sta_made):

@@ -89,7 +89,15 @@ def _count(out: str, unit: np.ndarray, burst: int, *, hidden: bool, nodes: list,
     """Nodes that count ``out``'s spikes inside the run: k = round(|value| / unit) spikes per neuron and step
     (ops.IF_NEURON), summed (``.spikes``), by k = 0..burst (``.bursts``), per hidden unit (``.per_unit``) and
     the elements seen (``.size``). Fetching the spike values themselves would hold a UGO's T x N values per
-    input element at once: hundreds of MB per sentence and UGO for MiniLM at T=64."""
+    input element at once: hundreds of MB per sentence and UGO for MiniLM at T=64.
+
+    A UGO's hidden layer is the largest tensor of an STA run (N values per element and step), so the count
+    makes few passes over it. Sums run in float32 over the channel axis first, where onnxruntime reduces
+    fastest and every partial sum (at most channels x burst) is an integer float32 holds exactly, then in
+    float64 over the rest, exact for any count a run can reach (int64 reductions run many times slower).
+    The histogram counts only the neuron-steps that fired, which Compress gathers in one pass (most fire
+    nothing; bin 0 is what is left).
+    """
 
     def const(suffix: str, value: np.ndarray) -> str:
         constants.append(onnx.numpy_helper.from_array(value, f"{out}.const.{suffix}"))
@@ -99,48 +107,63 @@ def _count(out: str, unit: np.ndarray, burst: int, *, hidden: bool, nodes: list,
         nodes.append(helper.make_node(op, inputs, [output], f"{output}/{op}", **attrs))
         return output
 
-    k = node(
-        "Cast",
-        [
-            node(
-                "Round",
-                [node("Div", [node("Abs", [out], f"{out}.abs"), const("unit", unit)], f"{out}.units")],
-                f"{out}.k_float",
-            )
-        ],
-        f"{out}.k",
-        to=onnx.TensorProto.INT64,
-    )
-    node("ReduceSum", [k], f"{out}.spikes", keepdims=0)
+    def total(x: str, name: str) -> str:
+        return node("Reshape", [node("ReduceSum", [x], f"{name}.sum", keepdims=0), one], name)
+
     one = const("one", np.array([1], np.int64))
+    k = node(
+        "Round", [node("Abs", [node("Div", [out, const("unit", unit)], f"{out}.units")], f"{out}.abs")], f"{out}.k"
+    )
+    # float32 partial sums over channels, float64 over the rest: per hidden unit [N] for a UGO
+    channels = node(
+        "ReduceSum", [k, const("channels", np.array([-2 if hidden else -1], np.int64))], f"{out}.per_row", keepdims=0
+    )
+    partial = node("Cast", [channels], f"{out}.per_row64", to=onnx.TensorProto.DOUBLE)
+    size = node("Cast", [node("Size", [out], f"{out}.size")], f"{out}.size64", to=onnx.TensorProto.DOUBLE)
+    if hidden:
+        rows = node("Reshape", [partial, const("rows", np.array([-1, unit.size], np.int64))], f"{out}.rows")
+        per_unit = node("ReduceSum", [rows, const("axis0", np.array([0], np.int64))], f"{out}.per_unit", keepdims=0)
+        node("ReduceSum", [per_unit], f"{out}.spikes", keepdims=0)
+    else:
+        node("ReduceSum", [partial], f"{out}.spikes", keepdims=0)
+    fired = node(
+        "Compress",
+        [
+            k,
+            node(
+                "Reshape",
+                [
+                    node("Greater", [k, const("zero", np.array(0, np.float32))], f"{out}.fires"),
+                    const("flat", np.array([-1], np.int64)),
+                ],
+                f"{out}.fires_flat",
+            ),
+        ],
+        f"{out}.fired",
+    )
     counts = [
-        node(
-            "Reshape",
-            [
-                node(
-                    "ReduceSum",
-                    [
-                        node(
-                            "Cast",
-                            [node("Equal", [k, const(f"k{j}", np.array(j, np.int64))], f"{out}.is{j}")],
-                            f"{out}.n{j}",
-                            to=onnx.TensorProto.INT64,
-                        )
-                    ],
-                    f"{out}.sum{j}",
-                    keepdims=1,
-                ),
-                one,
-            ],
+        total(
+            node(
+                "Cast",
+                [node("Equal", [fired, const(f"k{j}", np.array(j, np.float32))], f"{out}.is{j}")],
+                f"{out}.n{j}",
+                to=onnx.TensorProto.DOUBLE,
+            ),
             f"{out}.count{j}",
         )
-        for j in range(burst + 1)
+        for j in range(1, burst + 1)
     ]
-    node("Concat", counts, f"{out}.bursts", axis=0)
-    node("Size", [out], f"{out}.size")
-    if hidden:
-        rows = node("Reshape", [k, const("rows", np.array([-1, unit.size], np.int64))], f"{out}.rows")
-        node("ReduceSum", [rows, const("axis0", np.array([0], np.int64))], f"{out}.per_unit", keepdims=0)
+    silent = node(
+        "Sub",
+        [
+            size,
+            node(
+                "Cast", [node("Size", [fired], f"{out}.fired_size")], f"{out}.fired_size64", to=onnx.TensorProto.DOUBLE
+            ),
+        ],
+        f"{out}.silent",
+    )
+    node("Concat", [node("Reshape", [silent, one], f"{out}.count0"), *counts], f"{out}.bursts", axis=0)
 
 
 def _plot_burst(data: dict) -> bytes:
@@ -219,9 +242,9 @@ class STASection(Section):
         for probe in self.probes:
             for i, name in enumerate(probe.outputs):
                 probe.spikes[i] += int(values[f"{name}.spikes"])
-                probe.bursts += values[f"{name}.bursts"]
+                probe.bursts += values[f"{name}.bursts"].astype(np.int64)
                 if probe.ugo:
-                    probe.per_unit += values[f"{name}.per_unit"]
+                    probe.per_unit += values[f"{name}.per_unit"].astype(np.int64)
             probe.elements += int(values[f"{probe.outputs[0]}.size"]) // (probe.per_unit.size if probe.ugo else 1)
 
     def _regions(self) -> dict[str, tuple[str, str]]:
