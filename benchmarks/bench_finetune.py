@@ -1,10 +1,11 @@
 """The QANN's fidelity to the float model: built-in PTQ against PTQ + `spikec finetune`, per level count.
 
-Pretrained all-MiniLM-L6-v2 (seq 32), quantized and fine-tuned on calibration_sentences() (128), measured
-on heldout_sentences() (64, from other modules' docstrings): mean cosine of the QANN's sentence embedding to
+Pretrained all-MiniLM-L6-v2 (seq 32), quantized and fine-tuned on training_sentences(--sentences) (default:
+the 128 calibration sentences), measured on heldout_sentences() (64, from other modules' docstrings): mean cosine of the QANN's sentence embedding to
 the float model's. Fine-tuning runs for --time-budget seconds of CPU (torch threads: --threads).
 
-    python benchmarks/bench_finetune.py [--levels 32 16] [--time-budget 480] [--threads 1] [--json PATH]
+    python benchmarks/bench_finetune.py [--levels 32 16] [--time-budget 480] [--threads 1] [--sentences 128]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=480.0)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--sentences", type=int, default=128, help="fit on this many sentences (128: the calibration sentences)"
+    )
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = fixtures.minilm()
-    calib = fixtures.minilm_inputs(fixtures.calibration_sentences())
+    calib = fixtures.minilm_inputs(fixtures.training_sentences(args.sentences))
     held = fixtures.minilm_inputs(fixtures.heldout_sentences())
     reference = InferenceSession(onnx.load(str(model))).run(None, held)[0]
 
@@ -73,6 +77,7 @@ def main() -> None:
                 {
                     "machine": platform.processor() or platform.machine(),
                     "threads": args.threads,
+                    "sentences": args.sentences,
                     "time_budget": args.time_budget,
                     "rows": rows,
                 },

@@ -657,6 +657,17 @@ def evaluation_sentences() -> list[str]:
     return evaluation
 
 
+def training_sentences(count: int) -> list[str]:
+    """``count`` sentences to fit on (calibration_sentences() first, then pool sentences after the
+    evaluation set): for fine-tuning, which wants more text than calibration; disjoint from the
+    evaluation and held-out sentences."""
+    pool = _sentence_pool()
+    extra = list(pool[_N_CALIBRATION + _N_EVALUATION :])
+    if count > _N_CALIBRATION + len(extra):
+        raise RuntimeError(f"only {_N_CALIBRATION + len(extra)} training sentences harvested from stdlib docstrings")
+    return (calibration_sentences() + extra)[:count]
+
+
 # Other modules' docstrings: a third pool, for claims that must hold on text neither calibration nor
 # the project's evaluation set has shaped (a method tuned on evaluation_sentences() is measured here).
 _HELDOUT_MODULES = (
