@@ -621,12 +621,14 @@ def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     )
 
 
-# Neuron updates (elements times hidden units, if any) of one step of one block of rows, in the unrolled
-# form. A step body is a chain of elementwise nodes, each a pass over its operands: in blocks small enough
-# for these temporaries to stay in cache it runs several times faster, in blocks too small the Scans'
-# per-iteration cost takes over. The rows are split into a number of blocks that divides them (no padding,
-# no cropping), the smallest at or above what this bound asks for.
-BLOCK_UPDATES = 2**15
+# Neuron updates (elements times hidden units) of one step of one block of elements of an op with a hidden
+# axis (UGO), in the unrolled form. Its step body is a chain of elementwise nodes over [N, 1, elements],
+# each a pass over its operands: in blocks small enough for these temporaries to stay in cache it runs
+# several times faster, in blocks too small the Scan's per-iteration cost takes over. Blocks of elements,
+# not of rows: a row of MiniLM's MLP (1536 channels x 32 units) is most of a block, and whole rows padded
+# the last block by up to a block. Ops without a hidden axis gain nothing from blocks that pays for
+# padding their input and cropping their output.
+BLOCK_ELEMENTS = 2**16
 
 
 def _ints(b: NodeBuilder, *values: int) -> str:
@@ -634,65 +636,75 @@ def _ints(b: NodeBuilder, *values: int) -> str:
 
 
 def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
-    """Scan the step over time. Inputs [T*B, ..., C] are viewed as [T, rows, C] (C the last axis, so
-    per-channel parameters broadcast); states are [rows, C], or [N, rows, C] for an op with a hidden axis.
-    Rows are independent: an outer Scan takes them a block at a time ([T, blocks, rows per block, C]),
-    each block through all T steps."""
+    """Scan the step over time. Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
+    per-channel parameters broadcast); states are [M, C], or [N, M, C] for an op with a hidden axis.
+    Elements are independent: for an op with a hidden axis an outer Scan takes them a block at a time
+    ([T, M*C] zero-padded to [T, blocks, 1, elements per block], its other parameters broadcast to the
+    input's elements and blocked alike), each block through all T steps."""
     b = NodeBuilder()
     env = {name: name for name in op.params}
     env.update(op.prologue(b, env))
     timesteps = b.attr_int("timesteps")
     steps = b.op("Unsqueeze", timesteps, _ints(b, 0))
     channels = b.op("Slice", b.op("Shape", op.inputs[0]), _ints(b, -1), _ints(b, 2**62))
-    sequences = [b.op("Reshape", x, b.op("Concat", steps, _ints(b, -1), channels, axis=0)) for x in op.inputs]
+    time_major = b.op("Concat", steps, _ints(b, -1), channels, axis=0)
+    sequences = [b.op("Reshape", x, time_major) for x in op.inputs]
     one = b.const(1.0)
     times = b.op("Range", one, b.op("Add", b.op("Cast", timesteps, to=TensorProto.FLOAT), one), one)
     # per step: the outputs, and each element's spike count (summed per row once the Scans are done)
     per_step = [*op.outputs, *([COUNT_OUTPUT] if op.spike_count else [])]
+    if op.hidden:
+        row = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 3))
+        elements = b.op("ReduceProd", row, keepdims=1)
+        per_block = b.op("Max", b.op("Div", _ints(b, BLOCK_ELEMENTS), b.op("Shape", env[op.hidden[0]])), _ints(b, 1))
+        blocks = b.op(
+            "Max", b.op("Div", b.op("Add", elements, b.op("Sub", per_block, _ints(b, 1))), per_block), _ints(b, 1)
+        )
+        per_block = b.op("Div", b.op("Add", elements, b.op("Sub", blocks, _ints(b, 1))), blocks)
+        padding = b.op("Sub", b.op("Mul", blocks, per_block), elements)
+        block_shape = b.op("Concat", blocks, _ints(b, 1), per_block, axis=0)
 
-    rows = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2))
-    per_row = b.op("Mul", channels, b.op("Shape", env[op.hidden[0]])) if op.hidden else channels
-    wanted = b.op("Div", b.op("Add", b.op("Mul", rows, per_row), _ints(b, BLOCK_UPDATES - 1)), _ints(b, BLOCK_UPDATES))
-    wanted = b.op("Max", b.op("Min", wanted, rows), _ints(b, 1))
-    scalar = [_ints(b, 0)]
-    candidates = b.op(
-        "Range",
-        b.op("Squeeze", wanted, *scalar),
-        b.op("Squeeze", b.op("Add", b.op("Max", rows, _ints(b, 1)), _ints(b, 1)), *scalar),
-        b.const(1, np.int64),
-    )
-    divides = b.op("Cast", b.op("Equal", b.op("Mod", rows, candidates), _ints(b, 0)), to=TensorProto.FLOAT)
-    blocks = b.op("Gather", candidates, b.op("ArgMax", divides, keepdims=1), axis=0)
-    per_block = b.op("Div", rows, blocks)
-    block_rows = b.op("Concat", per_block, channels, axis=0)
+        def blocked(x: str, leading: list[str]) -> str:
+            """x flattened past its leading axes, zero-padded, viewed as [*leading, blocks, 1, per_block]."""
+            flat = b.op("Reshape", x, b.op("Concat", *leading, _ints(b, -1), axis=0))
+            pads = b.op("Concat", _ints(b, *[0] * (len(leading) + 1)), *[_ints(b, 0)] * len(leading), padding, axis=0)
+            return b.op("Reshape", b.op("Pad", flat, pads), b.op("Concat", *leading, block_shape, axis=0))
 
-    time_scan = _time_scan(b, op, env, times, per_step, block_rows)
-    block = NodeBuilder("block_")
-    block_results = time_scan(block, [f"{x}_block" for x in op.inputs])
-    block_graph = _graph(block, f"{op.name}_block", [f"{x}_block" for x in op.inputs], block_results, "blocks")
-    blocked = NodeBuilder("blocked_")
-    blocked_shape = blocked.op("Concat", steps, blocks, block_rows, axis=0)
-    blocked_results = blocked.op_outputs(
-        "Scan",
-        *[blocked.op("Reshape", x, blocked_shape) for x in sequences],
-        count=len(per_step),
-        body=block_graph,
-        num_scan_inputs=len(op.inputs),
-        scan_input_axes=[1] * len(op.inputs),
-        scan_output_axes=[1] * len(per_step),
-    )
-    sequence_shape = blocked.op("Shape", sequences[0])
-    blocked_results = [blocked.op("Reshape", r, sequence_shape) for r in blocked_results]
-    # one block: the time Scan on the whole input, without the block Scan's copies of its operands
-    whole = NodeBuilder("whole_")
-    whole_results = time_scan(whole, sequences)
-    scanned = b.op_outputs(
-        "If",
-        b.op("Squeeze", b.op("Greater", blocks, _ints(b, 1)), *scalar),
-        count=len(per_step),
-        then_branch=_graph(blocked, f"{op.name}_blocked", [], blocked_results, "blocked"),
-        else_branch=_graph(whole, f"{op.name}_whole", [], whole_results, "whole"),
-    )
+        others = [p for p in op.params if p not in op.hidden]
+        block_inputs = [blocked(x, [steps]) for x in sequences]
+        block_inputs += [blocked(b.op("Expand", env[p], row), []) for p in others]
+        block = NodeBuilder("block_")
+        block_env = {**env, **{p: f"{p}_block" for p in others}}
+        scanned = _time_scan(block, op, block_env, [f"{x}_block" for x in op.inputs], times, per_step)
+        for src, name in zip(scanned, per_step):
+            block.nodes.append(helper.make_node("Identity", [src], [f"{name}_blocks"]))
+        block_graph = helper.make_graph(
+            block.nodes,
+            f"{op.name}_block",
+            [_value_info(f"{x}_block", 3) for x in op.inputs] + [_value_info(f"{p}_block", 2) for p in others],
+            [_value_info(f"{name}_blocks", 3) for name in per_step],
+        )
+        results = b.op_outputs(
+            "Scan",
+            *block_inputs,
+            count=len(per_step),
+            body=block_graph,
+            num_scan_inputs=len(block_inputs),
+            scan_input_axes=[1] * len(op.inputs) + [0] * len(others),
+            scan_output_axes=[1] * len(per_step),
+        )
+        scanned = [
+            b.op(
+                "Slice",
+                b.op("Reshape", r, b.op("Concat", steps, _ints(b, -1), axis=0)),
+                _ints(b, 0),
+                elements,
+                _ints(b, 1),
+            )
+            for r in results
+        ]
+    else:
+        scanned = _time_scan(b, op, env, sequences, times, per_step)
     original_shape = b.op("Shape", op.inputs[0])
     for name, seq in zip(op.outputs, scanned):
         b.nodes.append(helper.make_node("Reshape", [seq, original_shape], [name]))
@@ -718,49 +730,38 @@ EXPAND_BELOW_CHANNELS = 128
 
 
 def _time_scan(
-    outer: NodeBuilder, op: SpikingOp, env: dict[str, str], times: str, per_step: list[str], row_shape: str
-) -> Callable[[NodeBuilder, list[str]], list[str]]:
-    """The Scan of the step over the time axis, states from zero, ``row_shape`` the [rows, C] of one step:
-    what the step computes from parameters alone, and the zero states, are added to ``outer`` once; the
-    result adds the Scan over ``sequences`` ([T, rows, C]) to a builder and returns the per-step outputs
-    stacked ([T, rows, C])."""
+    b: NodeBuilder, op: SpikingOp, env: dict[str, str], sequences: list[str], times: str, per_step: list[str]
+) -> list[str]:
+    """The Scan of the step over the time axis of ``sequences`` ([T, rows, C]), states from zero; returns
+    the per-step outputs stacked ([T, rows, C]). What the step computes from parameters alone runs once,
+    before the Scan."""
+    row_shape = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2**62))
     body = _time_loop_body(op, env, per_step)
     invariant, expanded = _hoist(body, {env[p] for p in op.params}, set(env.values()))
-    outer.nodes.extend(invariant)
+    b.nodes.extend(invariant)
     if not op.hidden:
-        channels = outer.op("Slice", row_shape, _ints(outer, -1), _ints(outer, 2**62))
-        small = outer.op("Less", channels, _ints(outer, EXPAND_BELOW_CHANNELS))
+        channels = b.op("Slice", row_shape, _ints(b, -1), _ints(b, 2**62))
+        small = b.op("Less", channels, _ints(b, EXPAND_BELOW_CHANNELS))
         for name in expanded:
             # one value stays one value; [C] becomes [rows, C] for few channels, [1, C] else
-            size = outer.op("Reshape", outer.op("Size", name), _ints(outer, 1))
-            vector = outer.op("And", small, outer.op("Greater", size, _ints(outer, 1)))
-            full = outer.op("Expand", name, outer.op("Where", vector, row_shape, _ints(outer, 1, 1)))
+            vector = b.op("And", small, b.op("Greater", b.op("Reshape", b.op("Size", name), _ints(b, 1)), _ints(b, 1)))
+            target = b.op("Where", vector, row_shape, _ints(b, 1, 1))
+            full = b.op("Expand", name, target)
             for node in body.node:
                 node.input[:] = [full if i == name else i for i in node.input]
     else:
-        row_shape = outer.op("Concat", outer.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
-    zeros = outer.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-
-    def scan(b: NodeBuilder, sequences: list[str]) -> list[str]:
-        scanned = b.op_outputs(
-            "Scan",
-            *([zeros] * len(op.states)),
-            *sequences,
-            times,
-            count=len(op.states) + len(per_step),
-            body=body,
-            num_scan_inputs=len(op.inputs) + 1,
-        )
-        return scanned[len(op.states) :]
-
-    return scan
-
-
-def _graph(b: NodeBuilder, name: str, inputs: list[str], results: list[str], suffix: str) -> onnx.GraphProto:
-    """A subgraph of ``b``'s nodes, its inputs and results rank 3 ([T, rows, C]), the results renamed."""
-    outputs = [b.fresh(suffix) for _ in results]
-    _name_results(b, results, outputs)
-    return helper.make_graph(b.nodes, name, [_value_info(x, 3) for x in inputs], [_value_info(o, 3) for o in outputs])
+        row_shape = b.op("Concat", b.op("Shape", env[op.hidden[0]]), row_shape, axis=0)
+    zeros = b.op("ConstantOfShape", row_shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    scanned = b.op_outputs(
+        "Scan",
+        *([zeros] * len(op.states)),
+        *sequences,
+        times,
+        count=len(op.states) + len(per_step),
+        body=body,
+        num_scan_inputs=len(op.inputs) + 1,
+    )
+    return scanned[len(op.states) :]
 
 
 def _hoist(body: onnx.GraphProto, params: set[str], outer: set[str]) -> tuple[list[onnx.NodeProto], list[str]]:
