@@ -34,7 +34,7 @@ class Thresholds:
     # The slope of the neurons' T-step mean over their input (least squares, per channel or scalar): Eq. 25
     # fires the largest power of two below the membrane (plus theta/2), so the residual left after T steps
     # leans towards the input's sign and the mean falls short of it by a fraction that grows as theta falls
-    # below the input (about 1 % at theta = half the 90th percentile, T=16). A shortfall at every site
+    # below the input (docs/methods/ecmt.md, "Mean gain"). A shortfall at every site
     # compounds through a deep network (LeViT: 12 residual blocks without normalization) where the bare
     # rounding error of each site does not. The spike value is code * theta_pos / gain.
     gain: np.ndarray | float = 1.0

@@ -70,9 +70,9 @@ def test_search_picks_the_factor_of_least_error(per_channel):
     # every factor measured on its own: the search (all at once) must pick each channel's (or the tensor's)
     errors = np.stack(
         [
-            np.square(
-                _means(x, ecmt.Thresholds(base.positive * np.float32(f), base.negative * np.float32(f))) - x
-            ).sum(axis=0)
+            np.square(_means(x, ecmt.Thresholds(base.positive * np.float32(f), base.negative * np.float32(f))) - x).sum(
+                axis=0
+            )
             for f in SEARCH_SCALES
         ]
     )

@@ -36,8 +36,8 @@ class ECMTOptions(Options):
     # Not in the paper: see least_error.
     threshold_search: bool = option(
         True,
-        "scale each site's thresholds (per channel with --per-channel) by the factor of 0.35-1.4 whose "
-        "neurons' 8-step means of the calibration sample err least",
+        "scale each site's thresholds (per channel with --per-channel) by the factor of 0.5-1.4 whose "
+        "neurons' 8-step means of the calibration sample err least (off: the percentile rule)",
     )
     # Not in the paper: see ecmt.Thresholds.gain.
     unbias: bool = option(True, "divide each neuron's spike value by the measured gain of its 8-step mean")
@@ -47,7 +47,7 @@ class ECMTOptions(Options):
         0.0,
         "energy objective: per site and sign, raise thresholds (up to x8) to fire least over 8 steps while "
         "the error of the neurons' 8-step means of the calibration sample grows by at most this fraction "
-        "of the percentile thresholds' (0: off)",
+        "of the thresholds' it starts from (0: off)",
         bounds=(0, 100),
     )
 
@@ -260,8 +260,7 @@ def sparsest(
     among those whose T-step means keep the relative RMS error within (1 + ``slack``) times the unscaled
     thresholds' (relative to it, the bound means the same at every T; the objective never lowers a
     threshold). Ties go to the smaller error. Returns the thresholds and what the search measured."""
-    rows = max(1, min(len(sample), SIMULATED_VALUES // sample.shape[1]))
-    x = sample[np.linspace(0, len(sample) - 1, rows).astype(np.int64)].astype(np.float32)
+    x = _rows(sample)
     pairs = [(a, b) for a in SCALES for b in SCALES]
     # every pair at once: the sample repeated along the channel axis, each copy with its pair's thresholds
     channels = x.shape[1]
