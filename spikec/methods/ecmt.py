@@ -39,8 +39,9 @@ class ECMTOptions(Options):
         "scale each site's thresholds (per channel with --per-channel) by the factor of 0.5-1.4 whose "
         "neurons' 8-step means of the calibration sample err least (off: the percentile rule)",
     )
-    # Not in the paper: see ecmt.Thresholds.gain.
-    unbias: bool = option(True, "divide each neuron's spike value by the measured gain of its 8-step mean")
+    # Not in the paper: see ecmt.Thresholds.gain. The one setting that depends on T: the shortfall falls as
+    # 1/T, and a gain measured at another T compounds its own error over a deep network's sites.
+    unbias: bool = option(True, "divide each neuron's spike value by the measured gain of its T-step mean")
     # Not in the paper: the spike products are most of the SNN's energy (docs/tune.md), and a percentile
     # threshold spends spikes on values that carry little of the signal (e.g. GELU's small negative side).
     energy_slack: float = option(
@@ -98,7 +99,7 @@ class ECMT(Method):
                 )
         if o.unbias:
             thresholds = {
-                name: unbiased(stats[name].sample, theta, o.levels, OBJECTIVE_STEPS)
+                name: unbiased(stats[name].sample, theta, o.levels, job.timesteps)
                 for name, theta in thresholds.items()
             }
         report = ecmt.rewrite(job.graph, job.regions, thresholds, levels=o.levels, allow_float=job.allow_float)
