@@ -99,8 +99,7 @@ class ECMT(Method):
                 )
         if o.unbias:
             thresholds = {
-                name: unbiased(stats[name].sample, theta, o.levels, job.timesteps)
-                for name, theta in thresholds.items()
+                name: unbiased(stats[name].sample, theta, o.levels, job.timesteps) for name, theta in thresholds.items()
             }
         report = ecmt.rewrite(job.graph, job.regions, thresholds, levels=o.levels, allow_float=job.allow_float)
         report["calibration"] = {name: s.to_json() for name, s in stats.items()}
