@@ -128,8 +128,9 @@ GAIN_BAND = (0.9, 1.1)
 SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 # values per site the objective simulates (whole rows of the calibration sample, evenly spaced)
 SIMULATED_VALUES = 2**15
-# the steps it simulates: ECMT's default T, whatever the model's, so that thresholds never depend on T and a
-# model compiled for T is the prefix of one compiled for more steps (spikec tune measures every T that way)
+# the steps the energy objective and the error search simulate: ECMT's default T, whatever the model's, so
+# that thresholds never depend on T (spikec tune reads every T as a prefix of one model; the mean gain, the
+# one part measured at the model's T, makes a prefix slightly less faithful than a model compiled for it)
 OBJECTIVE_STEPS = ECMT.default_timesteps
 
 
