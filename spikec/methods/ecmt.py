@@ -120,6 +120,7 @@ class ECMT(Method):
 # to 64 (Eq. 25 rounds a membrane far above theta to a power of two: what is left scales with the value,
 # not with theta).
 SEARCH_SCALES = (0.5, 0.7, 1.0, 1.4)
+SEARCH_TIE = 1e-3
 # A mean gain outside this band is no rounding bias but values the neurons do not resolve in the horizon
 # (far below theta): dividing by it would scale what they fire at a longer T; such channels keep gain 1.
 GAIN_BAND = (0.9, 1.1)
@@ -232,7 +233,12 @@ def least_error(
     errors = np.square(means - x).sum(axis=1)  # [K, C]
     if not per_channel:
         errors = errors.sum(axis=1, keepdims=True)
-    pick = errors.argmin(axis=0)
+    # Float noise (another batch size or BLAS, values 1e-7 apart) must not flip the choice between nearly
+    # equal candidates: those within SEARCH_TIE of the least error count as equal, and the factor nearest 1
+    # (the percentile rule) wins among them.
+    near = errors <= errors.min(axis=0) * (1 + SEARCH_TIE)
+    preference = np.argsort(np.abs(np.log(SEARCH_SCALES)), kind="stable")
+    pick = preference[near[preference].argmax(axis=0)]
     columns = np.arange(len(pick))
     best = candidates[int(pick[0])]
     if per_channel:
