@@ -8,6 +8,8 @@
   t*(S_A/t)(S_B/t) - (t-1)*(S'_A/(t-1))(S'_B/(t-1)) = S_K(t)/t - S_K(t-1)/(t-1).
 * Parallel parameter normalization (Eq. 27): neurons emit spike codes in units of their base
   threshold theta_1; the threshold is folded into the following weights.
+* Not in the paper: a neuron's spike value is divided by its measured mean gain (Thresholds.gain), which
+  PPN folds into the weights with theta_1.
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ class Thresholds:
 
     positive: np.ndarray
     negative: np.ndarray
+    # The slope of the neurons' T-step mean over their input (least squares, per channel or scalar): Eq. 25
+    # fires the largest power of two below the membrane (plus theta/2), so the residual left after T steps
+    # leans towards the input's sign and the mean falls short of it by a fraction that grows as theta falls
+    # below the input (docs/methods/ecmt.md, "Mean gain"). A shortfall at every site
+    # compounds through a deep network (LeViT: 12 residual blocks without normalization) where the bare
+    # rounding error of each site does not. The spike value is code * theta_pos / gain.
+    gain: np.ndarray | float = 1.0
 
     @classmethod
     def from_percentiles(cls, high, low) -> Thresholds:
@@ -68,12 +77,13 @@ def insert_neurons(
     tensors = graph.tensors()
     for name, operands in sites.items():
         theta = thresholds[name]
+        unbiased = np.all(np.asarray(theta.gain) == 1.0)
         scaled = attach_neuron(
             graph,
             tensors[name],
             "MTNeuron",
             {"theta_pos": theta.positive, "theta_neg": theta.negative},
-            "theta_pos",
+            "theta_pos" if unbiased else (theta.positive / theta.gain).astype(np.float32),
             levels=levels,
         )
         for node, index in operands:
@@ -85,6 +95,7 @@ def insert_neurons(
                 "levels": levels,
                 "theta_pos": theta.positive.tolist(),
                 "theta_neg": theta.negative.tolist(),
+                "gain": np.asarray(theta.gain, np.float64).tolist(),
                 "consumers": sorted({node.name for node, _ in operands}),
             }
         )

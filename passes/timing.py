@@ -211,18 +211,22 @@ def neuron_outputs(graph: gs.Graph) -> list[str]:
 
 
 def attach_neuron(
-    graph: gs.Graph, tensor: gs.Variable, op: str, params: dict[str, np.ndarray], scale: str, **attrs
+    graph: gs.Graph,
+    tensor: gs.Variable,
+    op: str,
+    params: dict[str, np.ndarray],
+    scale: str | np.ndarray,
+    **attrs,
 ) -> gs.Variable:
-    """A neuron ``op`` reading ``tensor``; returns its spike value, code * params[scale], which
-    fold_thresholds_into_weights may later fold into the weights that read it."""
+    """A neuron ``op`` reading ``tensor``; returns its spike value, code * ``scale`` (a param's name, or
+    values of its own), which fold_thresholds_into_weights may later fold into the weights that read it."""
     b = GraphBuilder(graph, tensor.name)
     constants = {k: b.const(v, name=f"{tensor.name}.{k}") for k, v in params.items()}
     spikes = b.spikec(
         op, tensor, *constants.values(), out=fresh_like(tensor, ".spikes"), name=f"{tensor.name}/{op}", **attrs
     )
-    return b.op(
-        "Mul", spikes, constants[scale], out=fresh_like(tensor, ".spike_value"), name=spike_value_node(tensor.name)
-    )
+    value = constants[scale] if isinstance(scale, str) else b.const(scale, name=f"{tensor.name}.spike_scale")
+    return b.op("Mul", spikes, value, out=fresh_like(tensor, ".spike_value"), name=spike_value_node(tensor.name))
 
 
 def replace_uses(tensor: gs.Tensor, replacement: gs.Tensor, *, producer: bool = False) -> None:
