@@ -33,9 +33,6 @@ def digits_models(tmp_path_factory):
             timesteps=4,
             mode=mode,
             progress=False,
-            # a neuron whose spike value is divided by its mean gain scales by a constant of its own, which
-            # the composites (the neuron's theta param) do not take: those chains stay apart
-            unbias=False,
         )
     return out, {"pixels": data["x_test"][:64]}
 

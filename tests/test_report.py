@@ -249,10 +249,8 @@ def test_firing_rates_match_numpy(made):
     assert sum(row["split"].values()) == pytest.approx(row["spikes_per_sample"])
     levels = made["data"]["section"]
     assert sum(levels["positive_fraction"]) + sum(levels["negative_fraction"]) == pytest.approx(1.0)
-    # ECMT Fig. 6: the base thresholds are the level used most (the paper's percentile thresholds: more than
-    # half the spikes; spikec's error search lowers thresholds, measured 0.50 of them on this model)
-    per_level = np.add(levels["positive_fraction"], levels["negative_fraction"])
-    assert per_level[0] == per_level.max() and per_level[0] > 0.4
+    # ECMT Fig. 6: most spikes use the base thresholds
+    assert levels["positive_fraction"][0] + levels["negative_fraction"][0] > 0.5
 
 
 def test_per_layer_error_matches_numpy(made):
