@@ -182,8 +182,12 @@ def _rows(sample: np.ndarray) -> np.ndarray:
     return sample[np.linspace(0, len(sample) - 1, rows).astype(np.int64)].astype(np.float32)
 
 
-def _means(x: np.ndarray, candidates: list[ecmt.Thresholds], levels: int, timesteps: int) -> np.ndarray:
-    """The neurons' ``timesteps``-step means of ``x`` [M, C] under each candidate's thresholds: [K, M, C]."""
+def _simulated(
+    x: np.ndarray, candidates: list[ecmt.Thresholds], levels: int, timesteps: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The neurons fed ``x`` [M, C] under each candidate's thresholds, all in one run (the sample repeated
+    along the channel axis, each copy with its candidate's thresholds): their spike codes [K, T, M, C] and
+    ``timesteps``-step means [K, M, C]."""
     channels = x.shape[1]
     tiled = ecmt.Thresholds(
         np.concatenate([np.broadcast_to(c.positive, (channels,)) for c in candidates]),
@@ -191,7 +195,11 @@ def _means(x: np.ndarray, candidates: list[ecmt.Thresholds], levels: int, timest
     )
     codes = mt_codes(np.tile(x, (1, len(candidates))), tiled, levels, timesteps)
     means = codes.mean(axis=0, dtype=np.float64) * tiled.positive
-    return means.reshape(len(x), len(candidates), channels).transpose(1, 0, 2)
+
+    def per_candidate(a: np.ndarray) -> np.ndarray:
+        return np.moveaxis(a.reshape(*a.shape[:-1], len(candidates), channels), -2, 0)
+
+    return per_candidate(codes), per_candidate(means)
 
 
 def _gains(x: np.ndarray, means: np.ndarray) -> np.ndarray:
@@ -204,7 +212,7 @@ def _gains(x: np.ndarray, means: np.ndarray) -> np.ndarray:
 def unbiased(sample: np.ndarray, thresholds: ecmt.Thresholds, levels: int, timesteps: int) -> ecmt.Thresholds:
     """``thresholds`` with the per-channel gain of their neurons' ``timesteps``-step means of the sample."""
     x = _rows(sample)
-    gain = _gains(x, _means(x, [thresholds], levels, timesteps)[0])
+    gain = _gains(x, _simulated(x, [thresholds], levels, timesteps)[1][0])
     return ecmt.Thresholds(thresholds.positive, thresholds.negative, gain.astype(np.float32))
 
 
@@ -228,7 +236,7 @@ def least_error(
         cover(ecmt.Thresholds(thresholds.positive * np.float32(f), thresholds.negative * np.float32(f)))
         for f in SEARCH_SCALES
     ]
-    means = _means(x, candidates, levels, timesteps)
+    _, means = _simulated(x, candidates, levels, timesteps)
     if unbias:
         means = means / _gains(x, means)[:, None, :]
     errors = np.square(means - x).sum(axis=1)  # [K, C]
@@ -270,21 +278,11 @@ def sparsest(
     threshold). Ties go to the smaller error. Returns the thresholds and what the search measured."""
     x = _rows(sample)
     pairs = [(a, b) for a in SCALES for b in SCALES]
-    # every pair at once: the sample repeated along the channel axis, each copy with its pair's thresholds
-    channels = x.shape[1]
-    tiled = ecmt.Thresholds(
-        np.concatenate([np.broadcast_to(thresholds.positive * a, (channels,)) for a, _ in pairs]),
-        np.concatenate([np.broadcast_to(thresholds.negative * b, (channels,)) for _, b in pairs]),
-    )
-    codes = mt_codes(np.tile(x, (1, len(pairs))), tiled, levels, timesteps)
-    means = codes.mean(axis=0, dtype=np.float64) * tiled.positive
+    candidates = [ecmt.Thresholds(thresholds.positive * a, thresholds.negative * b) for a, b in pairs]
+    codes, means = _simulated(x, candidates, levels, timesteps)
     signal = float(np.square(x, dtype=np.float64).sum())
-    spikes, errors = [], []
-    for i in range(len(pairs)):
-        part = slice(i * channels, (i + 1) * channels)
-        spikes.append(float(np.count_nonzero(codes[:, :, part])) / (timesteps * x.size))
-        residual = float(np.square(means[:, part] - x).sum())
-        errors.append(float(np.sqrt(residual / signal)) if signal > 0 else 0.0)
+    spikes = [float(np.count_nonzero(c)) / (timesteps * x.size) for c in codes]
+    errors = [float(np.sqrt(np.square(m - x).sum() / signal)) if signal > 0 else 0.0 for m in means]
     allowed = (1 + slack) * errors[0]
     best = min((i for i in range(len(pairs)) if errors[i] <= allowed), key=lambda i: (spikes[i], errors[i]))
     a, b = pairs[best]
