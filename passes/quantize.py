@@ -18,6 +18,16 @@ The SNN carries a per-channel scale at no cost: it is the ST-BIF+ threshold per 
 next weight's rows. Moving the outliers into the weights first (SmoothQuant) would add nothing, since the
 weights stay in float: x/f quantized per tensor with scale s is x quantized with per-channel scale s*f.
 
+Zero points: where every reader of a quantizer is MatMul(x, W) + b with W constant (the LayerNorm outputs
+before q/k/v and the MLP, the GELU outputs before the MLP's second product), a channel may count its
+levels from its mid-range c, quantizing x - c (Outlier Suppression+'s shift): LayerNorm's per-channel
+beta and GELU's one-sided range otherwise leave part of the levels on a side the channel never reaches.
+The products read the levels alone and their biases absorb c W, so in the SNN they still read spikes
+only; the neuron gets -c as input at the first step. Each quantizer keeps the zero point only where it
+lowers the calibration sample's error. Elsewhere (residual branches, attention operands) c would have
+to be added back where the next op reads it, unbiased by nothing downstream, and measured worse
+(docs/methods/spikezip.md).
+
 Bias correction: a quantizer's rounding and clipping shift its tensor's mean per channel, and a weight
 product carries that shift, E[q(x) - x] W, into every row of its output. Where a quantized operand reads
 a constant weight and the product adds a constant bias, the bias absorbs the shift measured on the
@@ -124,21 +134,25 @@ class Quantizer:
     scale: np.ndarray  # float32, () per tensor or [C] per channel of the last axis
     low: int
     high: int
+    offset: np.ndarray | None = None  # float32 [C]: a zero point per channel; the levels count x - offset
 
     @classmethod
-    def for_levels(cls, low: int, high: int, clip: np.ndarray | float) -> Quantizer:
+    def for_levels(cls, low: int, high: int, clip: np.ndarray | float, offset: np.ndarray | None = None) -> Quantizer:
         """Levels [low, high], the clip threshold mapped to the farther end (a channel calibration never saw
         away from zero gets scale 1: any positive scale quantizes its zeros exactly)."""
         clip = np.asarray(clip, np.float32)
         scale = np.where(clip > 0, clip / np.float32(max(-low, high)), np.float32(1)).astype(np.float32)
-        return cls(scale, low, high)
+        return cls(scale, low, high, offset)
 
     @property
     def per_channel(self) -> bool:
         return self.scale.ndim == 1
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.clip(np.floor(x / self.scale + np.float32(0.5)), self.low, self.high) * self.scale
+        if self.offset is None:
+            return np.clip(np.floor(x / self.scale + np.float32(0.5)), self.low, self.high) * self.scale
+        levels = np.clip(np.floor((x - self.offset) / self.scale + np.float32(0.5)), self.low, self.high)
+        return levels * self.scale + self.offset
 
 
 def level_ranges(levels: int, low: float, high: float) -> list[tuple[int, int]]:
@@ -153,21 +167,27 @@ def level_ranges(levels: int, low: float, high: float) -> list[tuple[int, int]]:
     return list(dict.fromkeys([halves, (-negative, levels - 1 - negative)]))
 
 
-def choose_quantizer(stats, levels: int, per_channel: bool) -> Quantizer:
+def choose_quantizer(stats, levels: int, per_channel: bool, zero_point: bool = False) -> Quantizer:
     """Of the level ranges of ``level_ranges``, each with its clip threshold (a SCALE_GRID fraction of the
-    largest magnitude, of each channel's own with ``per_channel``) of least squared error, the best."""
+    largest magnitude, of each channel's own with ``per_channel``) of least squared error, the best; with
+    ``zero_point`` (per channel only), also the same search on each channel centered on its mid-range."""
+    candidates = [(stats, None)]
+    if zero_point and per_channel:
+        middle = ((stats.channel_min + stats.channel_max) / 2).astype(np.float32)
+        candidates.append((stats.shifted(middle), middle))
     best: Quantizer | None = None
     best_error = np.inf
-    for low, high in level_ranges(levels, float(stats.min()), float(stats.max())):
-        clip = stats.mmse(
-            lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x),
-            grid=SCALE_GRID,
-            per_channel=per_channel,
-        )
-        quantizer = Quantizer.for_levels(low, high, clip)
-        error = float(np.square(quantizer(stats.sample) - stats.sample).sum(dtype=np.float64))
-        if best is None or error < best_error:  # an overflowing error (inf) still leaves a quantizer
-            best, best_error = quantizer, error
+    for seen, offset in candidates:
+        for low, high in level_ranges(levels, float(seen.min()), float(seen.max())):
+            clip = seen.mmse(
+                lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x),
+                grid=SCALE_GRID,
+                per_channel=per_channel,
+            )
+            quantizer = Quantizer.for_levels(low, high, clip, offset)
+            error = float(np.square(quantizer(stats.sample) - stats.sample).sum(dtype=np.float64))
+            if best is None or error < best_error:  # an overflowing error (inf) still leaves a quantizer
+                best, best_error = quantizer, error
     assert best is not None, "level_ranges gives at least one range"
     return best
 
@@ -199,7 +219,12 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
             return b.const(value, None if suffix == "quant_scale" else np.float32, name=f"{site.tensor}.{suffix}")
 
         scale = const("quant_scale", q.scale)
-        divided = b.op("Div", tensor, scale, out=variable("quant_div"), name=f"{name}/Div")
+        source = tensor
+        if q.offset is not None:
+            source = b.op(
+                "Sub", tensor, const("quant_offset", q.offset), out=variable("quant_centered"), name=f"{name}/Sub"
+            )
+        divided = b.op("Div", source, scale, out=variable("quant_div"), name=f"{name}/Div")
         shifted = b.op("Add", divided, const("quant_half", 0.5), out=variable("quant_shift"), name=f"{name}/Add")
         floored = b.op("Floor", shifted, out=variable("quant_floor"), name=f"{name}/Floor")
         clipped = b.op(
@@ -210,6 +235,16 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
             out=variable("quant_clip"),
             name=f"{name}/Clip",
         )
+        if q.offset is not None:
+            # every reader is MatMul(x, W) + b (choose_quantizer was asked for a zero point only there): the
+            # zero point goes into the biases, b + offset W, so the products read the levels alone (spikes
+            # in the SNN, nothing added at the first step)
+            readers = biased_products(site, len(q.offset))
+            assert readers is not None, f"zero point of {site.tensor} has a reader that is no biased MatMul"
+            for _, weight, add, position in readers:
+                bias = add.inputs[position]
+                folded = bias.values + q.offset.astype(np.float64) @ weight.values.astype(np.float64)
+                add.inputs[position] = b.const(folded, bias.values.dtype, name=f"{bias.name}.zero_point")
         quantized = variable("quantized")
         consumers = (
             site.consumers
@@ -229,7 +264,14 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
             quantized.name, tensor.name = tensor.name, f"{tensor.name}.unquantized"
         b.op("Mul", clipped, scale, out=quantized, name=f"{name}/Mul")
         report.append(
-            {"tensor": site.tensor, "role": site.role, **scale_summary(q.scale), "low": q.low, "high": q.high}
+            {
+                "tensor": site.tensor,
+                "role": site.role,
+                **scale_summary(q.scale),
+                "low": q.low,
+                "high": q.high,
+                **({} if q.offset is None else {"zero_point": True}),
+            }
         )
     graph.toposort()
     return report
@@ -244,6 +286,26 @@ def _bias_of(product: gs.Node) -> tuple[gs.Node, int] | None:
     return (readers[0], constant[0]) if len(constant) == 1 else None
 
 
+def _biased_product(node: gs.Node, index: int, channels: int) -> tuple[gs.Constant, gs.Node, int] | None:
+    """(W, the bias Add, the bias's input index) where ``node`` reads its operand ``index`` as MatMul(x, W) + b
+    with W a constant [channels, N]; None otherwise (a batched 3-D weight would not add one vector to every
+    row)."""
+    weight = node.inputs[1] if node.op == "MatMul" and index == 0 else None
+    found = _bias_of(node) if weight is not None else None
+    if found is None or not isinstance(weight, gs.Constant) or weight.values.shape[:-1] != (channels,):
+        return None
+    return weight, *found
+
+
+def biased_products(site: Site, channels: int) -> list[tuple[gs.Node, gs.Constant, gs.Node, int]] | None:
+    """Every reader of a "before" site's quantizer as (product, W, bias Add, index), or None unless all are
+    MatMul(x, W) + b (``_biased_product``)."""
+    if site.role != "before" or site.consumers is None:
+        return None
+    found = [(node, _biased_product(node, index, channels)) for node, index in site.consumers]
+    return [(node, *f) for node, f in found] if all(f is not None for _, f in found) else None
+
+
 def correct_biases(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Quantizer], stats: dict) -> None:
     """Bias correction (module docstring) of the products that read a "before" site's quantizer as
     MatMul(x, W) + b with W a constant [C, N]."""
@@ -254,11 +316,10 @@ def correct_biases(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Qua
         sample = stats[site.tensor].sample
         shift = (quantizers[site.tensor](sample) - sample).mean(axis=0, dtype=np.float64)
         for node, index in site.consumers:
-            weight = node.inputs[1]
-            found = _bias_of(node) if node.op == "MatMul" and index == 0 else None
-            if found is None or not isinstance(weight, gs.Constant) or weight.values.shape[:-1] != shift.shape:
-                continue  # a batched (3-D) weight would not add one shift to every row
-            add, position = found
+            found = _biased_product(node, index, len(shift))
+            if found is None:
+                continue
+            weight, add, position = found
             bias = add.inputs[position]
             corrected_bias = bias.values - shift @ weight.values.astype(np.float64)
             add.inputs[position] = b.const(corrected_bias, bias.values.dtype, name=f"{bias.name}.bias_corrected")

@@ -110,6 +110,19 @@ class TapStats:
         best = np.where(live, grid[errors.argmin(axis=0)] * ref, 0).astype(np.float32)
         return best if per_channel else best[0]
 
+    def shifted(self, offset: np.ndarray) -> TapStats:
+        """The statistics of x - ``offset`` (one value per channel): what a quantizer with that zero point sees."""
+        offset = np.asarray(offset, np.float32)
+        return TapStats(
+            self.name,
+            self.shape,
+            self.channel_axis,
+            self.count,
+            (self.sample - offset).astype(np.float32),
+            self.channel_min - offset,
+            self.channel_max - offset,
+        )
+
     @property
     def rows(self) -> int:
         """Rows of the channel axis seen (``count`` / channels)."""

