@@ -185,21 +185,15 @@ def _quantizer_class():
             negative = 0 if lo >= 0 else min(self.level - 1, max(1, round(self.level * -lo / (hi - lo))))
             self.sym = negative == self.level // 2
             self.neg_min.fill_(-negative)
-            self.pos_max.fill_(self.level - 1 - negative)
-            full = max(hi / max(self.level - 1 - negative, 1), -lo / negative if negative else 0.0, 1e-8)
-            best = min(
-                (
-                    float(
-                        torch.mean(
-                            (torch.clamp(torch.floor(x / s + 0.5), -negative, self.level - 1 - negative) * s - x) ** 2
-                        )
-                    ),
-                    s,
-                )
-                for s in (full * c for c in np.linspace(0.1, 1.0, 46))
-            )
+            high = self.level - 1 - negative
+            self.pos_max.fill_(high)
+            full = max(hi / max(high, 1), -lo / negative if negative else 0.0, 1e-8)
+
+            def error(scale: float) -> float:
+                return float(torch.mean((torch.clamp(torch.floor(x / scale + 0.5), -negative, high) * scale - x) ** 2))
+
             with torch.no_grad():
-                self.s.fill_(best[1])
+                self.s.fill_(min((full * c for c in np.linspace(0.1, 1.0, 46)), key=error))
 
     return Quantizer
 
@@ -266,10 +260,8 @@ def qvit(vit, levels: int, calibration: np.ndarray):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
             return self.head(self.norm(self.blocks(x))[:, 0])
 
-    import copy
-
+    # shares the ViT's modules: calibration sets only the quantizers, and the recipe converts a copy
     model = QViT().eval()
-    model = copy.deepcopy(model)  # the ViT's modules are shared above: keep the caller's untouched
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     for m in quantizers:
         m.observed = []
