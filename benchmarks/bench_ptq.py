@@ -47,7 +47,7 @@ def main() -> None:
         "+ zero points (default)": {},
     }
     if args.per_tensor:
-        settings["per tensor + bias correction"] = {"per_tensor": True}
+        settings["per tensor"] = {"per_tensor": True}
     rows = []
     for levels in args.levels:
         for label, kwargs in settings.items():

@@ -57,6 +57,18 @@ def test_bias_absorbs_the_operand_quantizers_mean_shift_and_zero_point():
     np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], want, atol=1e-4 * np.abs(want).max())
 
 
+def test_per_tensor_quantizers_keep_the_bias_and_no_zero_point():
+    """Per tensor, the clip cuts a skewed operand deep and its mean shift is no constant worth adding to every
+    row (MiniLM: far worse with it): the product keeps its bias, and zero points are per channel only."""
+    weight = RNG.standard_normal((8, 6)).astype(np.float32)
+    bias = RNG.standard_normal(6).astype(np.float32)
+    calib = {"x": np.exp(RNG.standard_normal((64, 5, 8))).astype(np.float32)}
+    qann = spikec.quantize(_affine_model(weight, bias), calib, levels=4, progress=False, per_tensor=True)
+    names = {t.name for t in qann.graph.initializer}
+    assert "x.quant_scale" in names and "x.quant_offset" not in names
+    np.testing.assert_array_equal(_bias_of_product(qann), bias)
+
+
 @pytest.mark.slow
 def test_minilm_qann_at_32_levels_stays_close_to_the_float_model():
     """Pretrained MiniLM quantized on calibration sentences, measured on held-out ones (docs/methods/spikezip.md
