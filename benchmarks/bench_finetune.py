@@ -5,7 +5,7 @@ the 128 calibration sentences), measured on heldout_sentences() (64, from other 
 the float model's. Fine-tuning runs for --time-budget seconds of CPU (torch threads: --threads).
 
     python benchmarks/bench_finetune.py [--levels 32 16] [--time-budget 480] [--threads 1] [--sentences 128]
-        [--json PATH]
+        [--zero-points] [--json PATH]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument(
         "--sentences", type=int, default=128, help="fit on this many sentences (128: the calibration sentences)"
     )
+    parser.add_argument("--zero-points", action="store_true", help="quantize with zero points (--zero-points)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -51,10 +52,17 @@ def main() -> None:
 
     rows = []
     for levels in args.levels:
-        ptq = spikec.quantize(model, calib, levels=levels, progress=False)
+        ptq = spikec.quantize(model, calib, levels=levels, zero_points=args.zero_points, progress=False)
         start = time.monotonic()
         tuned, summary = spikec.finetune(
-            model, calib, levels=levels, steps=10**6, time_budget=args.time_budget, lr=args.lr, progress=False
+            model,
+            calib,
+            levels=levels,
+            zero_points=args.zero_points,
+            steps=10**6,
+            time_budget=args.time_budget,
+            lr=args.lr,
+            progress=False,
         )
         rows.append(
             {

@@ -8,6 +8,7 @@ and the simulation time per sample, all in one run.
 
     python benchmarks/bench_integer.py [--model vit-ptq|vit-qdq|minilm-ptq|minilm-qdq] [--samples N]
         [--runs float:1,integer:1,integer:2,integer:4] [--cap STEPS] [--batch N] [--threads N] [--per-tensor]
+        [--zero-points]
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="samples simulated at once")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--per-tensor", action="store_true", help="spikec PTQ with one scale per tensor")
+    parser.add_argument("--zero-points", action="store_true", help="spikec PTQ with zero points (--zero-points)")
     args = parser.parse_args(argv)
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -82,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
             qann = onnx.load(qdq_model(float_model, calib, Path(tmp)))
             quantized = "onnxruntime uint8 QDQ (quantize_static)"
         else:
-            qann = spikec.quantize(float_model, calib, levels=LEVELS, per_tensor=args.per_tensor, progress=False)
+            qann = spikec.quantize(
+                float_model,
+                calib,
+                levels=LEVELS,
+                per_tensor=args.per_tensor,
+                zero_points=args.zero_points,
+                progress=False,
+            )
             quantized = f"spikec PTQ, L={LEVELS}, {'per tensor' if args.per_tensor else 'per channel'}"
+            quantized += ", zero points" if args.zero_points else ""
         output = qann.graph.output[0].name
         want = InferenceSession(integer_qann(qann), options).run([output], feeds)[0]
         own = ort.InferenceSession(qann.SerializeToString(), options).run([output], feeds)[0]

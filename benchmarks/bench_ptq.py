@@ -2,7 +2,7 @@
 
 Quantized on calibration_sentences() (128, seq 32), measured on heldout_sentences() (64, other modules'
 docstrings): mean cosine of the QANN's sentence embedding to the float model's, at each level count, for
-per-channel scales without and with bias correction, then with zero points too (the default) and, with
+per-channel scales without and with bias correction (the default), then with zero points too and, with
 --per-tensor, per-tensor scales.
 
     python benchmarks/bench_ptq.py [--levels 32 16] [--per-tensor] [--json PATH]
@@ -42,9 +42,9 @@ def main() -> None:
     held = fixtures.minilm_inputs(fixtures.heldout_sentences())
     reference = InferenceSession(onnx.load(str(model))).run(None, held)[0]
     settings = {
-        "per channel": {"bias_correction": False, "zero_points": False},
-        "per channel + bias correction": {"zero_points": False},
-        "+ zero points (default)": {},
+        "per channel": {"bias_correction": False},
+        "per channel + bias correction (default)": {},
+        "+ zero points (--zero-points)": {"zero_points": True},
     }
     if args.per_tensor:
         settings["per tensor"] = {"per_tensor": True}

@@ -11,7 +11,7 @@ SpikeZIP-TF has sum semantics: the output after T steps equals the QANN's once e
 (max abs error <= 1e-4 x output scale), accuracy or cosine against the QANN, and T_eq over the set.
 Below it: how far the QANN itself is from the float ANN.
 
-    /work/venv/bin/python benchmarks/bench_spikezip.py [--quick] [--json PATH] [--reps N] [--threads N]
+    /work/venv/bin/python benchmarks/bench_spikezip.py [--quick] [--json PATH] [--reps N] [--threads N] [--zero-points]
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def agreement(reference: np.ndarray, out: np.ndarray, labels) -> dict:
 def bench(w: dict, args, log: Console) -> dict:
     timesteps = w["timesteps"][:1] if args.quick else w["timesteps"]
     start = time.perf_counter()
-    qann = spikec.quantize(w["model"], w["calibration"], levels=LEVELS, progress=False)
+    qann = spikec.quantize(w["model"], w["calibration"], levels=LEVELS, zero_points=args.zero_points, progress=False)
     quantize_s = time.perf_counter() - start
     ann, quantized = session(w["model"], args), session(qann, args)
     batch = {k: v[: w["batch_size"]] for k, v in w["evaluation"].items()}
@@ -138,6 +138,7 @@ def describe(f: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: the first T only, 2 repetitions")
+    parser.add_argument("--zero-points", action="store_true", help="quantize with zero points (--zero-points)")
     parser.add_argument("--json", type=Path, metavar="PATH")
     parser.add_argument("--reps", type=int)
     parser.add_argument("--threads", type=int, default=2)

@@ -18,15 +18,17 @@ The SNN carries a per-channel scale at no cost: it is the ST-BIF+ threshold per 
 next weight's rows. Moving the outliers into the weights first (SmoothQuant) would add nothing, since the
 weights stay in float: x/f quantized per tensor with scale s is x quantized with per-channel scale s*f.
 
-Zero points: where every reader of a quantizer is MatMul(x, W) + b with W constant (the LayerNorm outputs
-before q/k/v and the MLP, the GELU outputs before the MLP's second product), a channel may count its
-levels from its mid-range c, quantizing x - c (Outlier Suppression+'s shift): LayerNorm's per-channel
-beta and GELU's one-sided range otherwise leave part of the levels on a side the channel never reaches.
-The products read the levels alone and their biases absorb c W, so in the SNN they still read spikes
-only; the neuron gets -c as input at the first step. Each quantizer keeps the zero point only where it
-lowers the calibration sample's error. Elsewhere (residual branches, attention operands) c would have
-to be added back where the next op reads it, unbiased by nothing downstream, and measured worse
-(docs/methods/spikezip.md).
+Zero points (opt-in): where every reader of a quantizer is MatMul(x, W) + b with W constant (the
+LayerNorm outputs before q/k/v and the MLP, the GELU outputs before the MLP's second product), a channel
+may count its levels from its mid-range c, quantizing x - c (Outlier Suppression+'s shift): LayerNorm's
+per-channel beta and GELU's one-sided range otherwise leave part of the levels on a side the channel
+never reaches. The products read the levels alone and their biases absorb c W, so in the SNN they still
+read spikes only; the neuron gets -c as input at the first step. Each quantizer keeps the zero point
+only where it lowers the calibration sample's error. The levels get finer, so the neurons emit more
+spikes, and a sparse tensor's many near-zero values (GELU's) now sit at a far level that each neuron
+first runs down to from the -c of the first step: T_eq grows. Hence not the default. Elsewhere
+(residual branches, attention operands) c would have to be added back where the next op reads it, with
+no bias downstream to absorb the mean error it carries, and measured worse (docs/methods/spikezip.md).
 
 Bias correction: a quantizer's rounding and clipping shift its tensor's mean per channel, and a weight
 product carries that shift, E[q(x) - x] W, into every row of its output. Where a per-channel quantized

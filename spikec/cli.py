@@ -136,6 +136,7 @@ def _quantize_options(args) -> dict:
         "batch_size": args.batch_size,
         "progress": not args.quiet,
         "per_tensor": args.per_tensor,
+        "zero_points": args.zero_points,
     }
 
 
@@ -772,6 +773,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser, calib_help: str) -> None:
     p.add_argument("--levels", type=int, default=16, help="quantization levels L")
     p.add_argument(
         "--per-tensor", action="store_true", help="one scale per tensor, not one per channel of the last axis"
+    )
+    p.add_argument(
+        "--zero-points",
+        action="store_true",
+        help="a zero point per channel where biased weight products read the quantizer (finer, more spikes)",
     )
 
 

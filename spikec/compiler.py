@@ -381,11 +381,12 @@ def quantize(
     batch_size: int = 32,
     progress: bool = True,
     per_tensor: bool = False,
+    zero_points: bool = False,
 ) -> onnx.ModelProto:
     """The quantized ANN (QANN) that ``compile(method="spikezip", levels=levels)`` converts: an ONNX model
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
     common = CompileOptions(method="spikezip", batch_size=batch_size, progress=progress)
-    options = SpikeZIPOptions(levels=levels, per_tensor=per_tensor)
+    options = SpikeZIPOptions(levels=levels, per_tensor=per_tensor, zero_points=zero_points)
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):
@@ -397,6 +398,7 @@ def quantize(
             batch_size=common.batch_size,
             progress=common.progress,
             per_tensor=options.per_tensor,
+            zero_points=options.zero_points,
         )
         return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
@@ -411,6 +413,7 @@ def finetune(
     batch_size: int = 16,
     progress: bool = True,
     per_tensor: bool = False,
+    zero_points: bool = False,
     steps: int = 1000,
     time_budget: float | None = None,
     lr: float = 2e-5,
@@ -430,7 +433,9 @@ def finetune(
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
         feeds = load_inputs(calibration, ann)
-        qann, _ = quantize_model(ann, feeds, levels, batch_size=batch_size, progress=progress, per_tensor=per_tensor)
+        qann, _ = quantize_model(
+            ann, feeds, levels, batch_size=batch_size, progress=progress, per_tensor=per_tensor, zero_points=zero_points
+        )
         names = [o.name for o in ann.graph.output]
         batches = list(run_batches(ann, feeds, names, batch_size=batch_size, progress=False))
         targets = [np.concatenate([b[name] for b in batches]) for name in names]

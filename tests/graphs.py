@@ -69,8 +69,8 @@ def silu_mlp(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def attention_block(rng: np.random.Generator, *, projection_bias: bool) -> onnx.ModelProto:
-    """x [batch, 5, 8] -> LayerNorm -> q, k, v -> softmax(q k^T / 2) v -> projection [+ bias] -> + x."""
+def attention_block(rng: np.random.Generator, *, projection_bias: bool, qkv_bias: bool = False) -> onnx.ModelProto:
+    """x [batch, 5, 8] -> LayerNorm -> q, k, v [+ biases] -> softmax(q k^T / 2) v -> projection [+ bias] -> + x."""
 
     def init(name: str, *shape: int, scale: float = 0.5) -> onnx.TensorProto:
         return onnx.numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
@@ -78,7 +78,8 @@ def attention_block(rng: np.random.Generator, *, projection_bias: bool) -> onnx.
     projected = "pb" if projection_bias else "proj"
     nodes = [
         helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
-        *[helper.make_node("MatMul", ["h", f"w{n}"], [n]) for n in "qkv"],
+        *[helper.make_node("MatMul", ["h", f"w{n}"], [f"{n}w" if qkv_bias else n]) for n in "qkv"],
+        *[helper.make_node("Add", [f"{n}w", f"b{n}"], [n]) for n in ("qkv" if qkv_bias else "")],
         helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
         helper.make_node("MatMul", ["q", "kt"], ["s"]),
         helper.make_node("Mul", ["s", "half"], ["scaled"]),
@@ -93,6 +94,7 @@ def attention_block(rng: np.random.Generator, *, projection_bias: bool) -> onnx.
         init("beta", 8),
         *[init(f"w{n}", 8, 8) for n in "qkvo"],
         *([init("bo", 8)] if projection_bias else []),
+        *[init(f"b{n}", 8) for n in ("qkv" if qkv_bias else "")],
         onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
     ]
     graph = helper.make_graph(

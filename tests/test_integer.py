@@ -19,9 +19,9 @@ from spikec.methods.spikezip import integer_qann
 RNG = np.random.default_rng(21)
 
 
-def _attention_model() -> onnx.ModelProto:
-    """LayerNorm -> q, k, v -> softmax(q k^T / 2) v -> projection + bias, with a residual."""
-    return graphs.attention_block(RNG, projection_bias=True)
+def _attention_model(qkv_bias: bool = False) -> onnx.ModelProto:
+    """LayerNorm -> q, k, v [+ biases] -> softmax(q k^T / 2) v -> projection + bias, with a residual."""
+    return graphs.attention_block(RNG, projection_bias=True, qkv_bias=qkv_bias)
 
 
 def test_integer_neuron_ends_at_the_level_rounded_as_the_quantizer():
@@ -48,16 +48,21 @@ def _ops(model: onnx.ModelProto, op_type: str) -> int:
     return sum(n.op_type == op_type for n in model.graph.node)
 
 
-@pytest.mark.parametrize("mode,per_tensor", [("unrolled", False), ("stateful", False), ("stateful", True)])
-def test_tiny_attention_equals_integer_qann_bit_for_bit(mode, per_tensor):
+@pytest.mark.parametrize(
+    "mode,per_tensor,zero_points",
+    [("unrolled", False, False), ("stateful", False, False), ("stateful", True, False), ("stateful", False, True)],
+)
+def test_tiny_attention_equals_integer_qann_bit_for_bit(mode, per_tensor, zero_points):
     """SESA's products, Softmax, LayerNorm, bias and residual all on totals: once quiet the output is the
     integer QANN's, every bit, for every sample; bursts of 3 reach it in about a third of the steps. With
     per-tensor scales Q K^T and P V (both operands levels) accumulate in int32, in the reference and the
-    SNN alike; per-channel scales of a left operand do not factor out of the sum, and stay float32."""
-    model = _attention_model()
+    SNN alike; per-channel scales of a left operand do not factor out of the sum, and stay float32. Zero
+    points (x - c quantized, c W in the biases) keep it exact: -c reaches the neuron at the first step."""
+    model = _attention_model(qkv_bias=zero_points)  # biases for the LayerNorm output's zero point to go into
     calib = {"x": RNG.standard_normal((64, 5, 8)).astype(np.float32)}
     feeds = {"x": RNG.standard_normal((32, 5, 8)).astype(np.float32) * 1.5}
-    qann = spikec.quantize(model, calib, levels=32, per_tensor=per_tensor, progress=False)
+    qann = spikec.quantize(model, calib, levels=32, per_tensor=per_tensor, zero_points=zero_points, progress=False)
+    assert any(t.name.endswith(".quant_offset") for t in qann.graph.initializer) == zero_points
     reference = integer_qann(qann)
     want = InferenceSession(reference).run(["y"], feeds)[0]
     assert _ops(reference, "MatMulInteger") == (2 if per_tensor else 0)

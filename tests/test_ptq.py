@@ -42,7 +42,7 @@ def test_bias_absorbs_the_operand_quantizers_mean_shift_and_zero_point():
     bias = RNG.standard_normal(6).astype(np.float32)
     model = _affine_model(weight, bias)
     calib = {"x": np.exp(RNG.standard_normal((64, 5, 8))).astype(np.float32)}
-    qann = spikec.quantize(model, calib, levels=4, progress=False)
+    qann = spikec.quantize(model, calib, levels=4, progress=False, zero_points=True)
     values = {t.name: onnx.numpy_helper.to_array(t) for t in qann.graph.initializer}
     scale, low, high, offset = (values[f"x.quant_{k}"] for k in ("scale", "low", "high", "offset"))
     x = calib["x"].reshape(-1, 8)
@@ -63,18 +63,22 @@ def test_per_tensor_quantizers_keep_the_bias_and_no_zero_point():
     weight = RNG.standard_normal((8, 6)).astype(np.float32)
     bias = RNG.standard_normal(6).astype(np.float32)
     calib = {"x": np.exp(RNG.standard_normal((64, 5, 8))).astype(np.float32)}
-    qann = spikec.quantize(_affine_model(weight, bias), calib, levels=4, progress=False, per_tensor=True)
+    qann = spikec.quantize(
+        _affine_model(weight, bias), calib, levels=4, progress=False, per_tensor=True, zero_points=True
+    )
     names = {t.name for t in qann.graph.initializer}
     assert "x.quant_scale" in names and "x.quant_offset" not in names
     np.testing.assert_array_equal(_bias_of_product(qann), bias)
 
 
 @pytest.mark.slow
-def test_minilm_qann_at_32_levels_stays_close_to_the_float_model():
+@pytest.mark.parametrize(("zero_points", "bound"), [(False, 0.96), (True, 0.975)])  # measured 0.9682, 0.9781
+def test_minilm_qann_at_32_levels_stays_close_to_the_float_model(zero_points, bound):
     """Pretrained MiniLM quantized on calibration sentences, measured on held-out ones (docs/methods/spikezip.md
     has the table, benchmarks/bench_ptq.py regenerates it)."""
     model = fixtures.minilm()
     held = fixtures.minilm_inputs(fixtures.heldout_sentences())
-    qann = spikec.quantize(model, fixtures.minilm_inputs(fixtures.calibration_sentences()), levels=32, progress=False)
+    calib = fixtures.minilm_inputs(fixtures.calibration_sentences())
+    qann = spikec.quantize(model, calib, levels=32, progress=False, zero_points=zero_points)
     reference = InferenceSession(onnx.load(str(model))).run(["sentence_embedding"], held)[0]
-    assert cosine(InferenceSession(qann).run(["sentence_embedding"], held)[0], reference) > 0.975
+    assert cosine(InferenceSession(qann).run(["sentence_embedding"], held)[0], reference) > bound

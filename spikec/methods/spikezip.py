@@ -37,6 +37,11 @@ class SpikeZIPOptions(Options):
         "a float model: one quantizer scale per tensor (hardware without "
         "per-channel thresholds), not one per channel of the last axis",
     )
+    zero_points: bool = option(
+        False,
+        "a float model: a zero point per channel (its mid-range) at quantizers read by biased weight "
+        "products, where it lowers the error (finer levels, more spikes, longer T_eq)",
+    )
     integer: bool = option(
         False,
         "integer-exact: membranes and tracers in integer units of each threshold, every "
@@ -70,12 +75,12 @@ def quantize_model(
     progress: bool,
     per_tensor: bool = False,
     bias_correction: bool = True,
-    zero_points: bool = True,
+    zero_points: bool = False,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """The QANN of ``ann`` by post-training quantization, and the quantizers inserted: per channel of the
     last axis where its size is static, unless ``per_tensor``; products' biases corrected for their
-    quantized operands' mean shift unless not ``bias_correction``; a zero point per channel where it
-    folds into the biases of the products reading it and lowers the error, unless not ``zero_points``
+    quantized operands' mean shift unless not ``bias_correction``; with ``zero_points``, a zero point per
+    channel where it folds into the biases of the products reading it and lowers the error
     (passes/quantize.py)."""
     graph = gs.import_onnx(ann)
     sites = ptq.quantizer_sites(find_regions(graph), ptq.activation_tensors(graph))
@@ -137,10 +142,11 @@ class SpikeZIP(Method):
                     "argument levels: the model is already quantized (it has QuantizeLinear/"
                     "DequantizeLinear pairs); leave levels out"
                 )
-            if o.per_tensor:
-                raise SpikecError(
-                    "argument per_tensor: the model is already quantized; its quantizers keep their scales"
-                )
+            for name in ("per_tensor", "zero_points"):
+                if getattr(o, name):
+                    raise SpikecError(
+                        f"argument {name}: the model is already quantized; its quantizers keep their scales"
+                    )
             if o.save_qann is not None:
                 raise SpikecError("argument save_qann: the model is already quantized; it is its own QANN")
             return
@@ -151,6 +157,7 @@ class SpikeZIP(Method):
             batch_size=job.batch_size,
             progress=job.progress,
             per_tensor=o.per_tensor,
+            zero_points=o.zero_points,
         )
         job.extra_outputs["save_qann"] = qann
         job.recognize(qann)
