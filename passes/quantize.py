@@ -304,8 +304,13 @@ def biased_products(site: Site, channels: int) -> list[tuple[gs.Node, gs.Constan
     MatMul(x, W) + b (``_biased_product``)."""
     if site.role != "before" or site.consumers is None:
         return None
-    found = [(node, _biased_product(node, index, channels)) for node, index in site.consumers]
-    return [(node, *f) for node, f in found] if all(f is not None for _, f in found) else None
+    readers = []
+    for node, index in site.consumers:
+        found = _biased_product(node, index, channels)
+        if found is None:
+            return None
+        readers.append((node, *found))
+    return readers
 
 
 def correct_biases(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Quantizer], stats: dict) -> None:
