@@ -151,10 +151,9 @@ class Quantizer:
         return self.scale.ndim == 1
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.offset is None:
-            return np.clip(np.floor(x / self.scale + np.float32(0.5)), self.low, self.high) * self.scale
-        levels = np.clip(np.floor((x - self.offset) / self.scale + np.float32(0.5)), self.low, self.high)
-        return levels * self.scale + self.offset
+        centered = x if self.offset is None else x - self.offset
+        quantized = np.clip(np.floor(centered / self.scale + np.float32(0.5)), self.low, self.high) * self.scale
+        return quantized if self.offset is None else quantized + self.offset
 
 
 def level_ranges(levels: int, low: float, high: float) -> list[tuple[int, int]]:

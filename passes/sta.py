@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -110,14 +110,12 @@ def mmse_thresholds(stats: TapStats, timesteps: int) -> np.ndarray:
 
 
 def _negated(stats: TapStats) -> TapStats:
-    return TapStats(
-        stats.name + ".negated",
-        stats.shape,
-        stats.channel_axis,
-        stats.count,
-        -stats.sample,
-        -stats.channel_max,
-        -stats.channel_min,
+    return replace(
+        stats,
+        name=stats.name + ".negated",
+        sample=-stats.sample,
+        channel_min=-stats.channel_max,
+        channel_max=-stats.channel_min,
     )
 
 

@@ -5,7 +5,7 @@ collects them; the passes read them, so they live here, below the driver."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -113,14 +113,11 @@ class TapStats:
     def shifted(self, offset: np.ndarray) -> TapStats:
         """The statistics of x - ``offset`` (one value per channel): what a quantizer with that zero point sees."""
         offset = np.asarray(offset, np.float32)
-        return TapStats(
-            self.name,
-            self.shape,
-            self.channel_axis,
-            self.count,
-            (self.sample - offset).astype(np.float32),
-            self.channel_min - offset,
-            self.channel_max - offset,
+        return replace(
+            self,
+            sample=(self.sample - offset).astype(np.float32),
+            channel_min=self.channel_min - offset,
+            channel_max=self.channel_max - offset,
         )
 
     @property
