@@ -140,6 +140,12 @@ def measure(
     return samples
 
 
+def median_ratio(samples: Mapping[str, list[float]], a: str, b: str) -> float:
+    """The median over repetitions of call ``a``'s time over call ``b``'s in the same repetition (of
+    ``measure``'s samples): a slow spell of the machine moves both, not the ratio."""
+    return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
+
+
 def relative_iqr(values: list[float]) -> float:
     """Interquartile range over median: how noisy a median is."""
     if len(values) < 2:

@@ -52,6 +52,7 @@ from spikec.runtime import InferenceSession, Stepper, native, run  # noqa: E402
 
 import spikec  # noqa: E402
 from benchmarks.bench_ecmt import measure as interleaved_samples  # noqa: E402
+from benchmarks.bench_ecmt import median_ratio  # noqa: E402
 from benchmarks.torch_reference import TorchStepSimulator  # noqa: E402
 from examples import fixtures  # noqa: E402
 from spikec.evaluate import cosine  # noqa: E402
@@ -165,8 +166,12 @@ def alone_in_fresh_process(model: Path, stateful: Path, batch: Mapping[str, np.n
 def _alone(model: Path, stateful: Path, batch: dict[str, np.ndarray], threads: int, reps: int) -> dict[str, float]:
     return alone_with_spinning(
         {
-            "native_alone": lambda: functools.partial(run, InferenceSession(model, _options(threads, "always")), batch),
-            "step_native_alone": lambda: step_call(InferenceSession(stateful, _options(threads, "always")), batch),
+            "native_alone": lambda: functools.partial(
+                run, InferenceSession(model, session_options(threads, "always")), batch
+            ),
+            "step_native_alone": lambda: step_call(
+                InferenceSession(stateful, session_options(threads, "always")), batch
+            ),
         },
         reps=reps,
     )
@@ -205,9 +210,7 @@ def _ratio_row(w: dict, method: str, t: int | None, args) -> dict:
         **_compile_options(w, method),
         **({} if t is None else {"timesteps": t}),
     )
-    portable = InferenceSession(model, _options(args.threads, args.spin), native=False)
-    fast = InferenceSession(model, _options(args.threads, args.spin), native=True)
-    assert fast.native, "native kernels not registered"
+    portable, fast = session_pair(model, args.threads, args.spin)
     batch = w["batch"]
     want, got = run(portable, batch), run(fast, batch)
     samples = interleaved_samples(
@@ -222,7 +225,7 @@ def _ratio_row(w: dict, method: str, t: int | None, args) -> dict:
         "T": t,
         "portable": statistics.median(samples["portable"]),
         "native": statistics.median(samples["native"]),
-        "ratio": statistics.median(p / n for p, n in zip(samples["portable"], samples["native"])),
+        "ratio": median_ratio(samples, "portable", "native"),
         "identical": all(np.array_equal(want[name], got[name]) for name in want),
     }
 
@@ -245,14 +248,7 @@ def ratio_table(rows: list[dict]) -> Table:
 
 
 def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
-    options = _options(args.threads, args.spin)
-
-    def sessions(model) -> tuple[InferenceSession, InferenceSession]:
-        portable = InferenceSession(model, options, native=False)
-        fast = InferenceSession(model, _options(args.threads, args.spin), native=True)  # registering marks the options
-        assert fast.native, "native kernels not registered"
-        return portable, fast
-
+    options = session_options(args.threads, args.spin)
     batch = w["batch"]
     ann = InferenceSession(w["model"], options, native=False)
     compile_options = _compile_options(w, args.method)
@@ -264,10 +260,10 @@ def bench(w: dict, timesteps: list[int], args, log: Console) -> list[dict]:
         stateful = spikec.compile(
             w["model"], w["calibration"], timesteps=t, mode="stateful", progress=False, **compile_options
         )
-        step_portable, step_native = (step_call(s, batch) for s in sessions(stateful))
+        step_portable, step_native = (step_call(s, batch) for s in session_pair(stateful, args.threads, args.spin))
         simulator = TorchStepSimulator(stateful)
         model = spikec.compile(w["model"], w["calibration"], timesteps=t, progress=False, **compile_options)
-        portable, fast = sessions(model)
+        portable, fast = session_pair(model, args.threads, args.spin)
         native_out = run(fast, batch)
         portable_out = run(portable, batch)
         # SpikeZIP-TF's SpikeMatMuls sum in another order than MatMul: the model output, relative to its
@@ -336,12 +332,21 @@ SPIN_CONFIG = {
 }
 
 
-def _options(threads: int, spin: str) -> ort.SessionOptions:
+def session_options(threads: int, spin: str) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     for key, value in SPIN_CONFIG[spin].items():
         options.add_session_config_entry(key, value)
     return options
+
+
+def session_pair(model, threads: int, spin: str) -> tuple[InferenceSession, InferenceSession]:
+    """The model with the portable ONNX functions and with the native kernels, each with its own options
+    (registering the kernels marks the options it is given)."""
+    portable = InferenceSession(model, session_options(threads, spin), native=False)
+    fast = InferenceSession(model, session_options(threads, spin), native=True)
+    assert fast.native, "native kernels not registered: run `make native`"
+    return portable, fast
 
 
 def table(rows: list[dict]) -> Table:

@@ -75,7 +75,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spikec.runtime import InferenceSession, equilibrium_steps, native, run  # noqa: E402
 
 import spikec  # noqa: E402
-from benchmarks.bench_ecmt import measure  # noqa: E402
+from benchmarks.bench_ecmt import measure, median_ratio  # noqa: E402
+from benchmarks.bench_native import session_options, session_pair  # noqa: E402
 from examples import fixtures  # noqa: E402
 from spikec.evaluate import cosine, run_dataset  # noqa: E402
 
@@ -366,19 +367,11 @@ def in_batches(fn: Callable[[np.ndarray], object], x: np.ndarray, size: int) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def _options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    # spinning pool threads of one session would take the 2 cores from the next call interleaved
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
 def spikec_sessions(model) -> dict[str, InferenceSession]:
-    fast = InferenceSession(model, _options(), native=True)
-    assert fast.native, "native kernels not registered: run `make native`"
-    return {"native": fast, "portable": InferenceSession(model, _options(), native=False)}
+    # pool threads that sleep between ops: spinning ones of one session would take the 2 cores from the
+    # next call interleaved
+    portable, native = session_pair(model, THREADS, "never")
+    return {"native": native, "portable": portable}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,16 +404,12 @@ def timing(sj: SJModel, sessions: Mapping[str, InferenceSession], batch: np.ndar
     samples = measure(calls, reps=reps, warmup=1, min_sample_ms=30.0)
     fast = min(("sj_multi", "sj_single"), key=lambda name: statistics.median(samples[name]))
     ms = {name: statistics.median(v) / len(batch) for name, v in samples.items()}
-
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
-
     return {
         **{f"{name}_ms_per_sample": v for name, v in ms.items()},
         "sj_mode": "multi-step" if fast == "sj_multi" else "single-step",
-        "native_over_sj": ratio("native", fast),
-        "portable_over_sj": ratio("portable", fast),
-        "portable_over_native": ratio("portable", "native"),
+        "native_over_sj": median_ratio(samples, "native", fast),
+        "portable_over_sj": median_ratio(samples, "portable", fast),
+        "portable_over_native": median_ratio(samples, "portable", "native"),
     }
 
 
@@ -440,7 +429,7 @@ def spikezip(data: dict, vit, ann_onnx, args, log: Console) -> dict:
     log.print(f"[dim]SpikeZIP-TF: spikec quantize + compile, T={t}[/dim]")
     spikec_qann = spikec.quantize(ann_onnx, {"pixels": calibration}, levels=args.levels, progress=False)
     snn_model = spikec.compile(spikec_qann, {"pixels": calibration}, method="spikezip", timesteps=t, progress=False)
-    qann_session = InferenceSession(spikec_qann, _options(), native=False)
+    qann_session = InferenceSession(spikec_qann, session_options(THREADS, "never"), native=False)
     spikec_qann_out = run_dataset(qann_session, {"pixels": x}, batch_size=135)["logits"]
     sessions = spikec_sessions(snn_model)
     out = run_dataset(sessions["native"], {"pixels": x}, batch_size=135)
