@@ -19,7 +19,7 @@ def _stats(x: np.ndarray) -> TapStats:
 def test_encoders_pass_held_out_inputs_beyond_few_calibrated_rows(samples, bound):
     """Channels of different scales, 32 calibration samples (24 once verify holds some out): each channel's own
     MMSE threshold sat at or below its few calibrated values and clipped held-out ones (measured cosine 0.9885;
-    0.99958 from 256 samples). Pooled over channels with headroom: 0.9991 and 0.99996."""
+    0.99958 from 256 samples)."""
     model = graphs.mlp()
     rng = np.random.default_rng(0)
     scales = np.exp(rng.uniform(-1, 1, graphs.FEATURES))
@@ -29,13 +29,13 @@ def test_encoders_pass_held_out_inputs_beyond_few_calibrated_rows(samples, bound
     assert cosine(run_dataset(model, held)["y"], run_dataset(snn, held)["y"]) > bound
 
 
-def test_encoder_thresholds_scale_with_each_channel_and_skip_dead_ones():
-    """The pooled multiple is one per site, so each channel's threshold is proportional to its RMS; a channel that
-    is never positive gets the largest threshold (it never fires)."""
-    x = np.random.default_rng(1).standard_normal((512, 3)).astype(np.float32) * np.float32([1.0, 4.0, 1.0])
-    x[:, 2] = -np.abs(x[:, 2])
-    theta = sta.encoder_thresholds(_stats(x), 32)
+def test_encoder_thresholds_lift_channels_to_the_sites_multiple_and_keep_outliers():
+    """Channels of one shape at different scales get the site's multiple of their RMS with headroom, above their
+    own MMSE threshold; a channel of rare large outliers keeps its own, larger threshold (a multiple pooled over
+    it would have coarsened every channel: MiniLM lost 0.07 of cosine at burst 2)."""
+    x = np.random.default_rng(1).standard_normal((512, 4)).astype(np.float32) * np.float32([1.0, 4.0, 1.0, 0.1])
+    x[::256, 3] = 20.0
+    own, theta = sta.mmse_thresholds(_stats(x), 32), sta.encoder_thresholds(_stats(x), 32)
     assert theta[1] / theta[0] == pytest.approx(4.0, rel=0.1)
-    assert theta[2] == theta.max()
-    # headroom over the channel's calibrated maximum, where the per-channel search stays at or below it
-    assert theta[0] > x[:, 0].max() >= sta.mmse_thresholds(_stats(x), 32)[0]
+    assert (theta[:3] > own[:3]).all() and theta[0] > x[:, 0].max()
+    assert theta[3] == own[3] and theta[0] < 1.6 * own[0]
