@@ -12,8 +12,8 @@
   weighted 1/T) for the ablation.
 * IF neurons are signed with memory (Eq. 34) and fire burst spikes (Gamma=8, rho=1/8; the paper's 2), each
   switchable off; thresholds come from an MMSE grid search against the T-step rate quantizer
-  (Eq. 33, the reference code's grid of 95 points in [0.53, 1] x max): per hidden unit for UGOs; for X2X
-  encoders one multiple per site of each channel's RMS, all channels pooled, with headroom
+  (Eq. 33, the reference code's grid of 95 points in [0.53, 1] x max): per hidden unit for UGOs; per channel
+  for X2X encoders, lifted to the site's typical multiple of the channel's RMS with headroom
   (encoder_thresholds).
 * LayerNorm (over the last axis) is decomposed as appendix D.1 says: centering and averaging as
   weighted additions, the two elementwise products by TCSA, 1/sqrt by the rsqrt UGO; RMSNorm and L2
