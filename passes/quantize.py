@@ -123,8 +123,8 @@ def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
     ]
     softmax_inputs = {t.name for r in regions if r.kind == "softmax" for t in r.inputs}
     operands = {node.inputs[index].name for r in products for node, index in product_operands(r)}
-    quantized_activation = {
-        id(node): r
+    quantized_activation_nodes = {
+        id(node)
         for r in regions
         if r.kind in _ACTIVATION_KINDS and r.outputs and all(t.name in operands for t in r.outputs)
         for node in r.nodes
@@ -134,7 +134,7 @@ def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
         output = region.outputs[0] if region.outputs else product_operands(region)[0][0].outputs[0]
         if region.kind == "act_matmul" and _feeds_softmax(output, softmax_inputs):
             continue
-        if output.outputs and all(id(reader) in quantized_activation for reader in output.outputs):
+        if output.outputs and all(id(reader) in quantized_activation_nodes for reader in output.outputs):
             continue
         after.setdefault(output.name, Site(output.name, None, "after"))
     before = operand_sites(
