@@ -889,7 +889,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also distill every LayerNorm's output, W times their mean error (0: outputs only)",
     )
     p.add_argument(
-        "--qdrop", type=float, default=0.0, metavar="P", help="QDrop: in training, each quantized value is float with probability P"
+        "--qdrop",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="QDrop: in training, each quantized value is float with probability P",
     )
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
     p.add_argument("--batch-size", type=int, default=16)
