@@ -41,7 +41,7 @@ def main() -> None:
     )
     parser.add_argument("--zero-points", action="store_true", help="quantize with zero points (--zero-points)")
     parser.add_argument(
-        "--hidden-weight", type=float, default=0.0, help="distill every LayerNorm's output too (spikec finetune)"
+        "--hidden-weight", type=float, default=4.0, help="weight of every LayerNorm's output (0: outputs only)"
     )
     parser.add_argument("--qdrop", type=float, default=0.0, help="QDrop probability (spikec finetune)")
     parser.add_argument("--json", metavar="PATH")

@@ -884,9 +884,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hidden-weight",
         type=float,
-        default=0.0,
+        default=4.0,
         metavar="W",
-        help="also distill every LayerNorm's output, W times their mean error (0: outputs only)",
+        help="also distill every LayerNorm's output, W times their mean error (default 4; 0: outputs only)",
     )
     p.add_argument(
         "--qdrop",

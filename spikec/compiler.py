@@ -419,12 +419,12 @@ def finetune(
     lr: float = 2e-5,
     scale_lr: float = 1e-3,
     checkpoint: str | os.PathLike | None = None,
-    hidden_weight: float = 0.0,
+    hidden_weight: float = 4.0,
     qdrop: float = 0.0,
 ) -> tuple[onnx.ModelProto, dict]:
     """The QANN of ``quantize``, then fine-tuned (spikec.finetune: LSQ steps distilling the float model's outputs
     on the calibration data) for ``steps`` steps or ``time_budget`` seconds; returns it and the losses.
-    ``hidden_weight`` > 0 also distills the hidden states (every normalization's output, spikec.lsq.hidden_states)
+    ``hidden_weight`` > 0 (the default) also distills the hidden states (every normalization's output, spikec.lsq.hidden_states)
     with that weight on their mean error; ``qdrop`` is QDrop's probability (spikec.lsq.finetune)."""
     import importlib.util
 

@@ -141,7 +141,7 @@ def test_hidden_state_distillation_fits_the_layernorm_output(tmp_path):
     assert errors[4.0] < 0.9 * _hidden_error(model, ptq, calib, "h") and errors[4.0] < 0.6 * errors[0.0]
     # a checkpoint of the output-only loss is not resumed with hidden states in the loss
     checkpoint = tmp_path / "run.ckpt"
-    spikec.finetune(model, calib, levels=4, steps=2, checkpoint=checkpoint, progress=False)
+    spikec.finetune(model, calib, levels=4, steps=2, checkpoint=checkpoint, hidden_weight=0.0, progress=False)
     with pytest.raises(SpikecError, match="checkpoint: .* another model"):
         spikec.finetune(model, calib, levels=4, steps=4, checkpoint=checkpoint, hidden_weight=1.0, progress=False)
 
