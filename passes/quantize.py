@@ -5,7 +5,11 @@ activation operand of a MatMul/Gemm or of a gated MLP's act(gate) * up and after
 bias), as in the reference
 code, which also leaves the attention scores Q K^T unquantized (the softmax output is quantized
 instead). A product output that reaches the next product through data movement only (the q/k/v
-projections' head reshapes) is quantized once. Each quantizer is
+projections' head reshapes) is quantized once. A product output that only an elementwise activation reads
+(the MLP's first product before its GELU, a gate before its SiLU) is not quantized when the activation's
+output is (as a product operand): one neuron layer between the MLP's two products, as the reference code's
+one quantizer in front of its ReLU; the activation reads the product's running sum in the SNN, as the
+softmax reads Q K^T's. Each quantizer is
 clamp(floor(x/s + 1/2), low, high) * s (the reference code's LSQ forward), with L levels: [0, L - 1]
 for a tensor calibration never saw negative, otherwise [-L/2, L/2 - 1] or, when that has the larger
 error, L levels split between the signs in proportion to the tensor's range (GELU's outputs).
@@ -54,6 +58,8 @@ from spikec.passes.timing import is_constant, varying_tensors
 
 # Ops that only move or pick values: quantized values stay quantized through them.
 _DATA_MOVEMENT = DATA_MOVEMENT | SELECTION
+# Elementwise activations (GELU, ReLU, SiLU, ...): evaluated in float on running sums in the SNN.
+_ACTIVATION_KINDS = ("gelu", "activation")
 # Clipping thresholds tried, as fractions of the tensor's largest magnitude: outlier channels (MiniLM's
 # LayerNorm inputs reach 100x their median) make the best clip far below the maximum.
 SCALE_GRID = np.geomspace(1 / 256, 1.0, 97)
@@ -116,10 +122,19 @@ def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
         and any(node.inputs[index].name in activations for node, index in product_operands(r))
     ]
     softmax_inputs = {t.name for r in regions if r.kind == "softmax" for t in r.inputs}
+    operands = {node.inputs[index].name for r in products for node, index in product_operands(r)}
+    quantized_activation_nodes = {
+        id(node)
+        for r in regions
+        if r.kind in _ACTIVATION_KINDS and r.outputs and all(t.name in operands for t in r.outputs)
+        for node in r.nodes
+    }
     after: dict[str, Site] = {}
     for region in products:
         output = region.outputs[0] if region.outputs else product_operands(region)[0][0].outputs[0]
         if region.kind == "act_matmul" and _feeds_softmax(output, softmax_inputs):
+            continue
+        if output.outputs and all(id(reader) in quantized_activation_nodes for reader in output.outputs):
             continue
         after.setdefault(output.name, Site(output.name, None, "after"))
     before = operand_sites(

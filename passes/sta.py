@@ -12,7 +12,9 @@
   weighted 1/T) for the ablation.
 * IF neurons are signed with memory (Eq. 34) and fire burst spikes (Gamma=8, rho=1/8; the paper's 2), each
   switchable off; thresholds come from an MMSE grid search against the T-step rate quantizer
-  (Eq. 33, the reference code's grid of 95 points in [0.53, 1] x max), per channel.
+  (Eq. 33, the reference code's grid of 95 points in [0.53, 1] x max): per hidden unit for UGOs; per channel
+  for X2X encoders, lifted to the site's typical multiple of the channel's RMS with headroom
+  (encoder_thresholds).
 * LayerNorm (over the last axis) is decomposed as appendix D.1 says: centering and averaging as
   weighted additions, the two elementwise products by TCSA, 1/sqrt by the rsqrt UGO; RMSNorm and L2
   normalization the same way without the centering. Gated MLPs' act(gate) * up is a TCSA product.
@@ -52,6 +54,9 @@ SAMPLE_VALUES = 100_000  # per UGO hidden layer: the MMSE search runs on a subsa
 # the activation stays exact. Measured: the zoo's GELU/SiLU/quick_gelu sites stay below 0.002; MobileViT's
 # BatchNorm-shrunk stages (inputs ~1e-5 against a fit error ~1e-3) reach 150.
 UGO_FIT_TOLERANCE = 0.01
+# X2X encoder thresholds over the site's typical multiple of a channel's RMS (encoder_thresholds). Measured at
+# T=32 (docs/methods/sta.md): without it LeViT and MobileViT clip held-out values; 2 loses on MobileViT.
+ENCODER_HEADROOM = 1.5
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,25 @@ def mmse_thresholds(stats: TapStats, timesteps: int) -> np.ndarray:
     return np.where(theta > 0, theta, fallback).astype(np.float32)
 
 
+def encoder_thresholds(stats: TapStats, timesteps: int) -> np.ndarray:
+    """Per channel c: the larger of its own MMSE threshold (mmse_thresholds) and ENCODER_HEADROOM * g * rms_c,
+    with rms_c the root mean square of the channel's positive part and g the site's median over channels of
+    own threshold / rms_c. An encoder's IF neuron passes at most theta per step, so a held-out value above its
+    channel's calibrated range is clipped; a channel's own maximum over few calibration rows (a late stage of
+    a conv-stem model sees a few tokens per image) says little about that range, the site's other channels
+    say more, and the headroom covers what calibration did not see (docs/methods/sta.md). A channel of
+    outliers keeps its own threshold: a multiple pooled over channels would be its, and cost every other
+    channel its resolution."""
+    own = mmse_thresholds(stats, timesteps)
+    sample = stats.sample.astype(np.float64)
+    rms = np.sqrt(np.square(np.maximum(sample, 0.0)).mean(axis=0)) if len(sample) else np.zeros(stats.channels)
+    live = (rms > 0) & (stats.channel_max > 0)
+    if not live.any():
+        return own
+    multiple = float(np.median(own[live] / rms[live]))
+    return np.where(live, np.maximum(own, ENCODER_HEADROOM * multiple * rms), own).astype(np.float32)
+
+
 def _negated(stats: TapStats) -> TapStats:
     return replace(
         stats,
@@ -123,7 +147,7 @@ def x2x_encoder(
     graph: gs.Graph, tensor: gs.Variable, stats: TapStats, timesteps: int, options: STAOptions
 ) -> tuple[gs.Variable, dict]:
     """relu(x) - relu(-x) by two IF neurons, one spikec X2XEncoder op: spikes(x) - spikes(-x)."""
-    theta_pos, theta_neg = mmse_thresholds(stats, timesteps), mmse_thresholds(_negated(stats), timesteps)
+    theta_pos, theta_neg = encoder_thresholds(stats, timesteps), encoder_thresholds(_negated(stats), timesteps)
     node_name = f"{tensor.name}/X2X"
     b = GraphBuilder(graph, node_name)
     encoded = b.spikec(

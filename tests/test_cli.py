@@ -541,7 +541,7 @@ def test_spikezip_cli_flow(small, data, capfd):
     assert main(["inspect", str(snn), "--json"]) == 0
     info = json.loads(capfd.readouterr().out)
     spiking = {row["op"]: row["count"] for row in info["ops"] if row["domain"] == "spikec"}
-    assert spiking["STBIFNeuronStep"] == len(info["neurons"]) == info["neuron_counts"]["neuron_nodes"] == 46
+    assert spiking["STBIFNeuronStep"] == len(info["neurons"]) == info["neuron_counts"]["neuron_nodes"] == 42
     labels = {op for row in info["rewrites"] for op in row["spikec_ops"]}
     assert any(op.startswith("STBIFNeuron(theta=") and "tracer [-4, 3]" in op for op in labels)
     assert any(op.startswith("SESA:") for op in labels)

@@ -1,6 +1,7 @@
 """Built-in post-training quantization (passes/quantize.py): bias correction, and the QANN's fidelity on a
 pretrained model."""
 
+import graphs
 import numpy as np
 import onnx
 import pytest
@@ -72,7 +73,7 @@ def test_per_tensor_quantizers_keep_the_bias_and_no_zero_point():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("zero_points", "bound"), [(False, 0.96), (True, 0.975)])  # measured 0.9682, 0.9781
+@pytest.mark.parametrize(("zero_points", "bound"), [(False, 0.965), (True, 0.975)])  # measured 0.9724, 0.9810
 def test_minilm_qann_at_32_levels_stays_close_to_the_float_model(zero_points, bound):
     """Pretrained MiniLM quantized on calibration sentences, measured on held-out ones (docs/methods/spikezip.md
     has the table, benchmarks/bench_ptq.py regenerates it)."""
@@ -82,3 +83,30 @@ def test_minilm_qann_at_32_levels_stays_close_to_the_float_model(zero_points, bo
     qann = spikec.quantize(model, calib, levels=32, progress=False, zero_points=zero_points)
     reference = InferenceSession(onnx.load(str(model))).run(["sentence_embedding"], held)[0]
     assert cosine(InferenceSession(qann).run(["sentence_embedding"], held)[0], reference) > bound
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_one_quantizer_between_an_mlps_products(activation):
+    """The first product's output, read only by the activation, is not quantized: the activation's output
+    is (the second product's operand), so one neuron layer sits between the products, as the reference
+    code's one quantizer in front of its ReLU (after a ReLU its levels are unsigned). The SNN still equals
+    the QANN."""
+    rng = np.random.default_rng(2)
+    if activation == "relu":
+        model, hidden_in, hidden_out = graphs.mlp(), "h1", "h"
+    else:
+        w1, w2 = rng.standard_normal((16, 32)) * 0.3, rng.standard_normal((32, 16)) * 0.3
+        model, hidden_in, hidden_out = graphs.silu_mlp(w1, w2), "h", "a"
+    calib = {"x": rng.standard_normal((64, 16)).astype(np.float32)}
+    qann = spikec.quantize(model, calib, levels=8, progress=False)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in qann.graph.initializer}
+    assert sorted(n[: -len(".quant_scale")] for n in values if n.endswith(".quant_scale")) == sorted(
+        ["x", hidden_out, "y"]
+    )
+    assert f"{hidden_in}.quant_scale" not in values
+    if activation == "relu":
+        assert values[f"{hidden_out}.quant_low"].min() == 0  # unsigned: the quantizer is the ReLU
+    feeds = {"x": rng.standard_normal((16, 16)).astype(np.float32)}
+    want = InferenceSession(qann).run(["y"], feeds)[0]
+    snn = spikec.compile(qann, calib, method="spikezip", timesteps=32, progress=False)
+    np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], want, atol=1e-4 * np.abs(want).max())
