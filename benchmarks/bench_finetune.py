@@ -4,8 +4,8 @@ Pretrained all-MiniLM-L6-v2 (seq 32), quantized and fine-tuned on training_sente
 the 128 calibration sentences), measured on heldout_sentences() (64, from other modules' docstrings): mean cosine of the QANN's sentence embedding to
 the float model's. Fine-tuning runs for --time-budget seconds of CPU (torch threads: --threads).
 
-    python benchmarks/bench_finetune.py [--levels 32 16] [--time-budget 480] [--threads 1] [--sentences 128]
-        [--zero-points] [--json PATH]
+    python benchmarks/bench_finetune.py [--levels 32 16] [--time-budget 480] [--steps N] [--threads 1] [--sentences 128]
+        [--zero-points] [--hidden-weight W] [--qdrop P] [--json PATH]
 """
 
 from __future__ import annotations
@@ -33,12 +33,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, nargs="+", default=[32, 16])
     parser.add_argument("--time-budget", type=float, default=480.0)
+    parser.add_argument("--steps", type=int, default=10**6, help="training steps at most (load-independent runs)")
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--sentences", type=int, default=128, help="fit on this many sentences (128: the calibration sentences)"
     )
     parser.add_argument("--zero-points", action="store_true", help="quantize with zero points (--zero-points)")
+    parser.add_argument(
+        "--hidden-weight", type=float, default=4.0, help="weight of every LayerNorm's output (0: outputs only)"
+    )
+    parser.add_argument("--qdrop", type=float, default=0.0, help="QDrop probability (spikec finetune)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,9 +64,11 @@ def main() -> None:
             calib,
             levels=levels,
             zero_points=args.zero_points,
-            steps=10**6,
+            steps=args.steps,
             time_budget=args.time_budget,
             lr=args.lr,
+            hidden_weight=args.hidden_weight,
+            qdrop=args.qdrop,
             progress=False,
         )
         rows.append(
@@ -87,6 +94,9 @@ def main() -> None:
                     "threads": args.threads,
                     "sentences": args.sentences,
                     "time_budget": args.time_budget,
+                    "zero_points": args.zero_points,
+                    "hidden_weight": args.hidden_weight,
+                    "qdrop": args.qdrop,
                     "rows": rows,
                 },
                 indent=1,

@@ -160,6 +160,8 @@ def cmd_finetune(args) -> int:
         time_budget=args.time_budget,
         lr=args.lr,
         checkpoint=args.checkpoint,
+        hidden_weight=args.hidden_weight,
+        qdrop=args.qdrop,
     )
     print(
         f"distillation loss {summary['loss_before']:.4g} -> {summary['loss_after']:.4g} after {summary['steps']} "
@@ -879,6 +881,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the weights")
     p.add_argument("--checkpoint", metavar="PATH", help="save progress here; an existing one is resumed")
+    p.add_argument(
+        "--hidden-weight",
+        type=float,
+        default=4.0,
+        metavar="W",
+        help="also distill every LayerNorm's output, W times their mean error (default 4; 0: outputs only)",
+    )
+    p.add_argument(
+        "--qdrop",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="QDrop: in training, each quantized value is float with probability P",
+    )
     p.add_argument("--input-shape", action="append", metavar="NAME=DIMS", help="override an input's dims")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--quiet", action="store_true")

@@ -419,9 +419,13 @@ def finetune(
     lr: float = 2e-5,
     scale_lr: float = 1e-3,
     checkpoint: str | os.PathLike | None = None,
+    hidden_weight: float = 4.0,
+    qdrop: float = 0.0,
 ) -> tuple[onnx.ModelProto, dict]:
     """The QANN of ``quantize``, then fine-tuned (spikec.finetune: LSQ steps distilling the float model's outputs
-    on the calibration data) for ``steps`` steps or ``time_budget`` seconds; returns it and the losses."""
+    on the calibration data) for ``steps`` steps or ``time_budget`` seconds; returns it and the losses.
+    ``hidden_weight`` > 0 (the default) also distills the hidden states (every normalization's output, spikec.lsq.hidden_states)
+    with that weight on their mean error; ``qdrop`` is QDrop's probability (spikec.lsq.finetune)."""
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
@@ -437,12 +441,16 @@ def finetune(
             ann, feeds, levels, batch_size=batch_size, progress=progress, per_tensor=per_tensor, zero_points=zero_points
         )
         names = [o.name for o in ann.graph.output]
-        batches = list(run_batches(ann, feeds, names, batch_size=batch_size, progress=False))
+        hidden = ft.hidden_states(ann) if hidden_weight > 0 else []
+        batches = list(run_batches(ann, feeds, names + hidden, batch_size=batch_size, progress=False))
         targets = [np.concatenate([b[name] for b in batches]) for name in names]
         tuned, summary = ft.finetune(
             qann,
             feeds,
             targets,
+            hidden={name: np.concatenate([b[name] for b in batches]) for name in hidden},
+            hidden_weight=hidden_weight,
+            qdrop=qdrop,
             steps=steps,
             time_budget=time_budget,
             batch_size=batch_size,

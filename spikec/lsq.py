@@ -220,6 +220,17 @@ class GraphModule(torch.nn.Module):
             if node.op_type not in _OPS:
                 raise SpikecError(f"node '{node.name}': op {node.op_type} has no torch form for fine-tuning")
         self.nodes = list(graph.node)
+        # QDrop: each quantizer's output (its Mul by the scale) may be replaced by the quantizer's float input
+        # (the Div's dividend: after the zero point's Sub where there is one, so both sides live on one grid)
+        dividends = {
+            n.input[1]: n.input[0] for n in self.nodes if n.op_type == "Div" and n.input[1].endswith(SCALE_SUFFIX)
+        }
+        self.float_inputs = {
+            n.output[0]: dividends[n.input[1]]
+            for n in self.nodes
+            if n.op_type == "Mul" and len(n.input) == 2 and n.input[1] in dividends
+        }
+        self.qdrop = 0.0
         self.input_names = [
             i.name for i in graph.input if i.name not in self.constants and i.name not in self.trainable
         ]
@@ -233,7 +244,10 @@ class GraphModule(torch.nn.Module):
         param = self.params[key]
         return torch.exp(param) if name.endswith(SCALE_SUFFIX) else param
 
-    def forward(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feeds: Mapping[str, torch.Tensor], extra: Sequence[str] = ()) -> list[torch.Tensor]:
+        """The graph's outputs, then the tensors named in ``extra``. In training mode with ``qdrop`` > 0, each
+        element of a quantizer's output is its float input instead with probability ``qdrop`` (QDrop)."""
+        drop = self.qdrop if self.training else 0.0
         env: dict[str, torch.Tensor] = dict(self.constants)
         env.update({name: self.value(name) for name in self.trainable})
         env.update(feeds)
@@ -251,7 +265,11 @@ class GraphModule(torch.nn.Module):
                 raise SpikecError(f"node '{node.name}' ({node.op_type}): {str(e).splitlines()[0]}") from None
             outs = out if isinstance(out, tuple) else (out,)
             env.update(zip(node.output, outs, strict=False))
-        return [env[name] for name in self.output_names]
+            source = self.float_inputs.get(node.output[0]) if drop else None
+            if source is not None:
+                keep = torch.rand_like(out) >= drop
+                env[node.output[0]] = torch.where(keep, out, env[source])
+        return [env[name] for name in [*self.output_names, *extra]]
 
     def export(self) -> onnx.ModelProto:
         """The graph with its initializers replaced by the trained values."""
@@ -269,21 +287,53 @@ def _torch_feeds(feeds: Mapping[str, np.ndarray], index: np.ndarray | slice) -> 
     return {name: torch.from_numpy(np.ascontiguousarray(array[index])) for name, array in feeds.items()}
 
 
+def relative_errors(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Mean squared error per tensor, relative to the teacher's mean square (scale-free)."""
+    return [
+        torch.mean(torch.square(s - t)) / torch.mean(torch.square(t)).clamp_min(1e-12)
+        for s, t in zip(student, teacher, strict=True)
+    ]
+
+
 def distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean squared error per output, relative to the teacher's mean square (scale-free; summed over outputs)."""
-    return sum(
-        (
-            torch.mean(torch.square(s - t)) / torch.mean(torch.square(t)).clamp_min(1e-12)
-            for s, t in zip(student, teacher, strict=True)
-        ),
-        torch.tensor(0.0),
-    )
+    """The relative errors of the outputs, summed."""
+    return sum(relative_errors(student, teacher), torch.tensor(0.0))
+
+
+def training_loss(
+    student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], outputs: int, hidden_weight: float
+) -> torch.Tensor:
+    """The distillation loss of the first ``outputs`` tensors plus ``hidden_weight`` times the mean relative
+    error of the rest (the hidden states: each layer gets its own target, as TernaryBERT's distillation
+    does, so an early layer's error is corrected where it arises rather than through every layer after it)."""
+    errors = relative_errors(student, teacher)
+    loss = sum(errors[:outputs], torch.tensor(0.0))
+    if len(errors) > outputs:
+        loss = loss + hidden_weight * sum(errors[outputs:]) / (len(errors) - outputs)
+    return loss
+
+
+def hidden_states(model: onnx.ModelProto) -> list[str]:
+    """The tensors that intermediate distillation matches: the output of every normalization (LayerNorm,
+    RMSNorm) that is no graph output. In a post-LN transformer (BERT) these are the residual stream after
+    each attention and MLP block; in a pre-LN one, each block's normalized input."""
+    from spikec.graphinfo import nonlinear_regions
+
+    outputs = {o.name for o in model.graph.output}
+    return [
+        name
+        for region in nonlinear_regions(model)
+        if region["kind"] == "layernorm"
+        for name in region["outputs"]
+        if name not in outputs
+    ]
 
 
 def evaluate_loss(
     module: GraphModule, feeds: Mapping[str, np.ndarray], targets: Sequence[np.ndarray], batch_size: int
 ) -> float:
-    """The distillation loss over all samples (batch-weighted mean)."""
+    """The distillation loss over all samples (batch-weighted mean), without QDrop."""
+    module.eval()
     samples = len(next(iter(feeds.values())))
     total = 0.0
     with torch.no_grad():
@@ -296,9 +346,10 @@ def evaluate_loss(
     return total / samples
 
 
-def _fingerprint(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> str:
-    """What a checkpoint must match to resume: the starting QANN and the data."""
+def _fingerprint(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], settings: Mapping[str, object]) -> str:
+    """What a checkpoint must match to resume: the starting QANN, the data and the loss's settings."""
     h = hashlib.sha256(qann.SerializeToString(deterministic=True))
+    h.update(repr(sorted(settings.items())).encode())
     for name in sorted(feeds):
         h.update(name.encode())
         h.update(np.ascontiguousarray(feeds[name]).tobytes())
@@ -311,6 +362,9 @@ def finetune(
     targets: Sequence[np.ndarray],
     *,
     steps: int,
+    hidden: Mapping[str, np.ndarray] | None = None,
+    hidden_weight: float = 1.0,
+    qdrop: float = 0.0,
     time_budget: float | None = None,
     batch_size: int = 16,
     lr: float = 1e-4,
@@ -321,14 +375,30 @@ def finetune(
 ) -> tuple[onnx.ModelProto, dict]:
     """Train ``qann``'s weights and quantizer scales to reproduce ``targets`` (the float ANN's outputs on
     ``feeds``) for ``steps`` Adam steps or ``time_budget`` seconds, whichever ends first; resumes from
-    ``checkpoint`` where it holds a run of the same QANN and data, and saves to it every minute and at the end.
-    Returns the fine-tuned QANN and a summary (loss before/after, steps)."""
+    ``checkpoint`` where it holds a run of the same QANN, data and settings, and saves to it every minute and
+    at the end. ``hidden`` maps tensor names of the QANN to the float ANN's values there (see hidden_states):
+    their mean relative error joins the loss with weight ``hidden_weight``. ``qdrop`` > 0 trains with QDrop
+    (each quantizer's output element replaced by its float input with that probability; the QANN written is
+    unchanged in structure). Returns the fine-tuned QANN and a summary (output distillation loss before/after,
+    steps)."""
+    if not 0.0 <= qdrop < 1.0:
+        raise SpikecError(f"argument qdrop: {qdrop} is no probability in [0, 1)")
+    if hidden_weight < 0 or not math.isfinite(hidden_weight):
+        raise SpikecError(f"argument hidden_weight: {hidden_weight} is not a finite weight >= 0")
+    hidden = dict(hidden or {})
     torch.manual_seed(seed)
     module = GraphModule(qann)
+    module.qdrop = qdrop
+    known = {t for n in qann.graph.node for t in n.output}
+    missing = [name for name in hidden if name not in known]
+    if missing:
+        raise SpikecError(f"hidden state '{missing[0]}' is no tensor of the QANN")
     scales = [module.params[k] for n, k in module.trainable.items() if n.endswith(SCALE_SUFFIX)]
     others = [module.params[k] for n, k in module.trainable.items() if not n.endswith(SCALE_SUFFIX)]
     optimizer = torch.optim.Adam([{"params": others, "lr": lr}, {"params": scales, "lr": scale_lr}])
-    fingerprint = _fingerprint(qann, feeds)
+    fingerprint = _fingerprint(
+        qann, feeds, {"hidden": sorted(hidden), "hidden_weight": hidden_weight if hidden else 0.0, "qdrop": qdrop}
+    )
     step = 0
     loss_before = None
     path = Path(checkpoint) if checkpoint is not None else None
@@ -346,7 +416,8 @@ def finetune(
         loss_before = evaluate_loss(module, feeds, targets, batch_size)
     samples = len(targets[0])
     batches = -(-samples // batch_size)  # per pass over the data, each pass in its own order
-    torch_targets = [torch.from_numpy(t) for t in targets]
+    torch_targets = [torch.from_numpy(t) for t in [*targets, *hidden.values()]]
+    extra = list(hidden)
 
     def save() -> None:
         if path is None:
@@ -370,7 +441,9 @@ def finetune(
             epoch, batch = divmod(step, batches)
             order = np.random.default_rng([seed, epoch]).permutation(samples)
             index = np.sort(order[batch * batch_size : (batch + 1) * batch_size])
-            loss = distillation_loss(module(_torch_feeds(feeds, index)), [t[index] for t in torch_targets])
+            module.train()
+            student = module(_torch_feeds(feeds, index), extra)
+            loss = training_loss(student, [t[index] for t in torch_targets], len(targets), hidden_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -14,7 +14,7 @@ from examples import fixtures
 from spikec.errors import SpikecError
 
 torch = pytest.importorskip("torch")
-from spikec.lsq import GraphModule, _torch_feeds  # noqa: E402
+from spikec.lsq import GraphModule, _torch_feeds, hidden_states  # noqa: E402
 
 RNG = np.random.default_rng(5)
 
@@ -29,7 +29,8 @@ def test_graph_module_equals_onnxruntime_on_the_float_digits_vit():
 
 
 def _mlp() -> onnx.ModelProto:
-    """LayerNorm -> MatMul -> GELU (Erf form) -> MatMul: quantizers before and after both products."""
+    """LayerNorm -> MatMul -> GELU (Erf form) -> MatMul: quantizers at the LayerNorm output, the GELU output (the
+    one between the products) and the second product's output."""
 
     def init(name, *shape):
         return onnx.numpy_helper.from_array((RNG.standard_normal(shape) * 0.5).astype(np.float32), name)
@@ -86,6 +87,96 @@ def test_finetune_lowers_the_loss_resumes_and_converts(tmp_path):
     np.testing.assert_allclose(
         InferenceSession(snn).run(["y"], feeds)[0], qann_out, atol=1e-4 * np.abs(qann_out).max(), rtol=0
     )
+
+
+def _residual_block() -> onnx.ModelProto:
+    """x + (x W1 + b1) -> LayerNorm -> W2: a hidden state (the LayerNorm's output) between quantized products."""
+
+    def init(name, *shape):
+        return onnx.numpy_helper.from_array((RNG.standard_normal(shape) * 0.5).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["u"]),
+        helper.make_node("Add", ["u", "b1"], ["ub"]),
+        helper.make_node("Add", ["x", "ub"], ["r"]),
+        helper.make_node("LayerNormalization", ["r", "g", "b"], ["h"], axis=-1),
+        helper.make_node("MatMul", ["h", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 6])],
+        [init("w1", 8, 8), init("b1", 8), init("g", 8), init("b", 8), init("w2", 8, 6)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _hidden_error(model: onnx.ModelProto, qann: onnx.ModelProto, feeds: dict, name: str) -> float:
+    """The QANN's relative squared error at tensor ``name`` against the float model's."""
+
+    def at(m):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        return InferenceSession(m).run([name], feeds)[0]
+
+    want = at(model)
+    return float(np.mean(np.square(at(qann) - want)) / np.mean(np.square(want)))
+
+
+@pytest.mark.slow
+def test_hidden_state_distillation_fits_the_layernorm_output(tmp_path):
+    model = _residual_block()
+    assert hidden_states(model) == ["h"]
+    calib = {"x": RNG.standard_normal((64, 4, 8)).astype(np.float32)}
+    ptq = spikec.quantize(model, calib, levels=4, progress=False)
+    errors = {}
+    for weight in (0.0, 4.0):
+        tuned, summary = spikec.finetune(
+            model, calib, levels=4, steps=60, lr=1e-2, hidden_weight=weight, progress=False
+        )
+        assert summary["loss_after"] < summary["loss_before"]
+        errors[weight] = _hidden_error(model, tuned, calib, "h")
+    # the outputs' loss alone lets the hidden state drift from the float one (its error grows past PTQ's);
+    # the hidden state's own target brings it closer than PTQ had it
+    assert errors[4.0] < 0.9 * _hidden_error(model, ptq, calib, "h") and errors[4.0] < 0.6 * errors[0.0]
+    # a checkpoint of the output-only loss is not resumed with hidden states in the loss
+    checkpoint = tmp_path / "run.ckpt"
+    spikec.finetune(model, calib, levels=4, steps=2, checkpoint=checkpoint, hidden_weight=0.0, progress=False)
+    with pytest.raises(SpikecError, match="checkpoint: .* another model"):
+        spikec.finetune(model, calib, levels=4, steps=4, checkpoint=checkpoint, hidden_weight=1.0, progress=False)
+
+
+@pytest.mark.slow
+def test_qdrop_replaces_quantized_values_by_float_ones_in_training_only():
+    model = _mlp()
+    calib = {"x": RNG.standard_normal((64, 4, 8)).astype(np.float32)}
+    qann = spikec.quantize(model, calib, levels=4, progress=False)
+    module = GraphModule(qann)
+    assert len(module.float_inputs) == sum(n.op_type == "Floor" for n in qann.graph.node) == 3
+    feeds = _torch_feeds(calib, slice(None))
+    want = InferenceSession(model).run(None, calib)[0]
+    quantized = InferenceSession(qann).run(None, calib)[0]
+    module.qdrop = 1.0  # every quantizer dropped: the float model
+    with torch.no_grad():
+        np.testing.assert_allclose(module(feeds)[0].numpy(), want, atol=1e-4 * np.abs(want).max(), rtol=0)
+        module.eval()  # QDrop is for training only
+        np.testing.assert_allclose(module(feeds)[0].numpy(), quantized, atol=1e-4 * np.abs(want).max(), rtol=0)
+        module.train()
+        module.qdrop = 0.5
+        name = next(iter(module.float_inputs))
+        mixed, float_input = module(feeds, [name, module.float_inputs[name]])[1:]
+        kept = torch.isclose(mixed, float_input, atol=0, rtol=0).float().mean().item()
+    assert 0.4 < kept < 0.6
+    tuned, summary = spikec.finetune(model, calib, levels=4, steps=40, lr=1e-2, qdrop=0.5, progress=False)
+    # training with half the values float still fits the quantized model (0.71-0.81 of the loss over 8 draws
+    # of model and data)
+    assert summary["loss_after"] < 0.9 * summary["loss_before"]
+    assert [(n.op_type, list(n.input)) for n in tuned.graph.node] == [
+        (n.op_type, list(n.input)) for n in qann.graph.node
+    ]
+    with pytest.raises(SpikecError, match="argument qdrop"):
+        spikec.finetune(model, calib, levels=4, steps=1, qdrop=1.0, progress=False)
 
 
 def test_cli_finetune_without_torch_is_one_line(tmp_path):
