@@ -412,10 +412,11 @@ class _TapAccumulator:
     continues the same sequence.
     """
 
-    def __init__(self, name: str, channel_axis: int, max_values: int):
+    def __init__(self, name: str, channel_axis: int, max_values: int, token_axes: Sequence[int] = ()):
         self.name = name
         self.requested_axis = channel_axis
         self.max_values = max_values
+        self.token_axes = tuple(token_axes)  # see _token_axes
         # Set from the first batch:
         self.axis = 0
         self.capacity = 0  # rows kept
@@ -426,8 +427,12 @@ class _TapAccumulator:
         self.reservoir: np.ndarray | None = None
         self.rng = np.random.default_rng(SAMPLE_SEED)
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Summarise the batch ``x``; ``valid`` ([batch, seq] booleans) leaves out the rows at padded positions
+        of the token axes."""
         rows = self._rows(x)
+        if valid is not None and (keep := self._valid_rows(x, valid)) is not None:
+            rows = rows[keep]
         if not len(rows):
             return
         bmin, bmax = rows.min(axis=0), rows.max(axis=0)
@@ -467,6 +472,20 @@ class _TapAccumulator:
         self.shape = [s if s == n else None for s, n in zip(self.shape, x.shape)]
         channels = x.shape[self.axis]
         return np.moveaxis(x, self.axis, -1).reshape(-1, channels).astype(np.float32, copy=False)
+
+    def _valid_rows(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+        """Which of x's rows (as _rows orders them) lie at valid positions of every token axis other than the
+        channel axis (probabilities over padded keys are channels: they stay); None to keep them all."""
+        row_axes = [i for i in range(x.ndim) if i != self.axis]
+        token = [i for i in self.token_axes if i != self.axis]
+        if not token or row_axes[0] != 0 or x.shape[0] != len(valid):
+            return None
+        keep = np.ones([x.shape[i] for i in row_axes], bool)
+        for axis in token:
+            shape = [1] * len(row_axes)
+            shape[0], shape[row_axes.index(axis)] = valid.shape
+            keep &= valid.reshape(shape)
+        return keep.reshape(-1)
 
     def _sample(self, rows: np.ndarray) -> None:
         fill = max(0, min(len(rows), self.capacity - self.rows_seen))
@@ -608,6 +627,7 @@ def collect_statistics(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
     workers: int = 1,
+    padding_mask: str | None = None,
 ) -> dict[str, TapStats]:
     """Run calibration and return `TapStats` for each tap (a float tensor of the top-level graph).
 
@@ -621,6 +641,10 @@ def collect_statistics(
     uninterrupted run, bit for bit (a complete checkpoint is the result: nothing is run again).
     ``workers``: processes that each calibrate a contiguous share of the samples (each with its own
     session: as many copies of the weights), merged in order with `TapStats.merge`.
+    ``padding_mask``: the graph input that marks padded positions with 0 ([batch, seq] booleans or integers,
+    see passes/patterns.padding_mask_input). Rows at padded positions influence no output a mask governs,
+    so they are left out of each tap whose token axes `_token_axes` finds; where it finds none (a static
+    sequence axis, a tap that mixes positions) every row counts, as without a mask.
     """
     names = list(dict.fromkeys(taps))
     if not names:
@@ -642,6 +666,7 @@ def collect_statistics(
                 channel_axis=int(channel_axis),
                 max_values=max_values,
                 checkpoint_every=checkpoint_every,
+                padding_mask=padding_mask,
             ),
         )
     return _collect(
@@ -654,7 +679,51 @@ def collect_statistics(
         progress=progress,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
+        padding_mask=padding_mask,
     )
+
+
+def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:
+    """Per tap, the axes that run along the sequence axis of the input ``mask`` ([batch, seq]): those whose
+    size follows the sequence length when the first samples run once at full length and once one shorter
+    (every input whose axis 1 is dynamic and of the mask's length is shortened). A tap qualifies when its
+    axis 0 is the batch and its other changed axes changed exactly with the sequence; none does where the
+    sequence axis is static or the shorter run fails (a model that needs a multiple of a window size)."""
+    values = run.feeds.get(mask)
+    inputs = {vi.name: _dims(vi) for vi in _graph_inputs(run.graph)}
+    if values is None or values.ndim != 2 or values.dtype.kind not in "biu" or values.shape[1] < 2:
+        return {}
+    length = values.shape[1]
+    shortened = [
+        name
+        for name, array in run.feeds.items()
+        if array.ndim >= 2
+        and array.shape[1] == length
+        and (dims := inputs.get(name)) is not None
+        and dims[1].WhichOneof("value") != "dim_value"
+    ]
+    if mask not in shortened:
+        return {}
+    count = min(run.samples, _batch_size(run.graph, run.feeds, 2, run.label))
+    full = {name: array[:count] for name, array in run.feeds.items()}
+    short = {name: array[:, : length - 1] if name in shortened else array for name, array in full.items()}
+    try:
+        long_shapes = [v.shape for v in run.session.run(run.names, full)]
+        short_shapes = [v.shape for v in run.session.run(run.names, short)]
+    except Exception:  # see _session; a model that cannot run shorter is calibrated on every row
+        return {}
+    axes = {}
+    for name, long, brief in zip(run.names, long_shapes, short_shapes):
+        changed = [i for i, (a, b) in enumerate(zip(long, brief)) if a != b]
+        if (
+            len(long) == len(brief)
+            and changed
+            and long[0] == count
+            and 0 not in changed
+            and all(long[i] == length and brief[i] == length - 1 for i in changed)
+        ):
+            axes[name] = tuple(changed)
+    return axes
 
 
 def _collect(
@@ -668,13 +737,20 @@ def _collect(
     progress: bool,
     checkpoint,
     checkpoint_every: float,
+    padding_mask: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, TapStats]:
     run = _Run(model, inputs, names, batch_size)
-    accumulators = {name: _TapAccumulator(name, channel_axis, max_values) for name in names}
+    token_axes = _token_axes(run, padding_mask) if padding_mask is not None else {}
+    accumulators = {name: _TapAccumulator(name, channel_axis, max_values, token_axes.get(name, ())) for name in names}
     saver, start = None, 0
     if checkpoint is not None:
-        settings = {"batch_size": run.batch_size, "channel_axis": channel_axis, "max_values": max_values}
+        settings = {
+            "batch_size": run.batch_size,
+            "channel_axis": channel_axis,
+            "max_values": max_values,
+            "padding_mask": padding_mask,
+        }
         reads = [] if not isinstance(model, (str, os.PathLike)) else [("input model", Path(model))]
         reads += [("calibration data", Path(inputs))] if isinstance(inputs, (str, os.PathLike)) else []
         saver = _Checkpoint(checkpoint, _fingerprint(run.graph, run.feeds, names, settings), checkpoint_every, reads)
@@ -683,9 +759,11 @@ def _collect(
             on_batch(start)
     done = start
     for batch in run.batches(start, progress=progress, on_batch=on_batch):
+        stop = min(done + run.batch_size, run.samples)
+        valid = run.feeds[padding_mask][done:stop] != 0 if token_axes else None
         for name, value in batch.items():
-            accumulators[name].add(value)
-        done = min(done + run.batch_size, run.samples)
+            accumulators[name].add(value, valid)
+        done = stop
         if saver is not None and done < run.samples:
             saver.save(accumulators, done)
     if saver is not None and start < run.samples:
