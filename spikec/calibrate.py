@@ -642,9 +642,9 @@ def collect_statistics(
     ``workers``: processes that each calibrate a contiguous share of the samples (each with its own
     session: as many copies of the weights), merged in order with `TapStats.merge`.
     ``padding_mask``: the graph input that marks padded positions with 0 ([batch, seq] booleans or integers,
-    see passes/patterns.padding_mask_input). Rows at padded positions influence no output a mask governs,
-    so they are left out of each tap whose token axes `_token_axes` finds; where it finds none (a static
-    sequence axis, a tap that mixes positions) every row counts, as without a mask.
+    see passes/patterns.padding_mask_input). Where padded positions reach none of the model's outputs, their
+    rows are left out of each tap whose token axes `_token_axes` finds; elsewhere (outputs along the
+    sequence, a static sequence axis, a tap that mixes positions) every row counts, as without a mask.
     """
     names = list(dict.fromkeys(taps))
     if not names:
@@ -684,11 +684,15 @@ def collect_statistics(
 
 
 def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:
-    """Per tap, the axes that run along the sequence axis of the input ``mask`` ([batch, seq]): those whose
-    size follows the sequence length when the first samples run once at full length and once one shorter
-    (every input whose axis 1 is dynamic and of the mask's length is shortened). A tap qualifies when its
-    axis 0 is the batch and its other changed axes changed exactly with the sequence; none does where the
-    sequence axis is static or the shorter run fails (a model that needs a multiple of a window size)."""
+    """Per tap, the axes that run along the sequence axis of the input ``mask`` ([batch, seq], 0 at padded
+    positions), where padded positions reach no output of the model; {} where they may.
+
+    Samples padded at one end run at full length and with that padded position cut off (from every input
+    whose axis 1 is dynamic and of the mask's length). The padded positions reach no output when the model's
+    outputs keep their shapes and values (a sentence embedding pooled under the mask, a class token's logits):
+    outputs along the sequence (last_hidden_state, a decoder's logits) have padded positions of their own,
+    which verification compares. A tap's token axes are those that shrank by the cut, with the batch leading;
+    a static sequence axis, no sample padded at an end, or a model that cannot run shorter give {}."""
     values = run.feeds.get(mask)
     inputs = {vi.name: _dims(vi) for vi in _graph_inputs(run.graph)}
     if values is None or values.ndim != 2 or values.dtype.kind not in "biu" or values.shape[1] < 2:
@@ -702,25 +706,38 @@ def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:
         and (dims := inputs.get(name)) is not None
         and dims[1].WhichOneof("value") != "dim_value"
     ]
-    if mask not in shortened:
-        return {}
     count = min(run.samples, _batch_size(run.graph, run.feeds, 2, run.label))
-    full = {name: array[:count] for name, array in run.feeds.items()}
-    short = {name: array[:, : length - 1] if name in shortened else array for name, array in full.items()}
+    cut = next(
+        ((end, kept) for end, kept in ((-1, slice(None, -1)), (0, slice(1, None))) if not values[:, end].all()), None
+    )
+    if mask not in shortened or cut is None:
+        return {}
+    # a static batch size may need more samples than are padded there: repeat them
+    samples = np.resize(np.flatnonzero(values[:, cut[0]] == 0), count)
+    full = {name: array[samples] for name, array in run.feeds.items()}
+    short = {name: array[:, cut[1]] if name in shortened else array for name, array in full.items()}
+    outputs = [o.name for o in run.graph.graph.output]
+    fetched = list(dict.fromkeys([*outputs, *run.names]))
     try:
-        long_shapes = [v.shape for v in run.session.run(run.names, full)]
-        short_shapes = [v.shape for v in run.session.run(run.names, short)]
+        long = dict(zip(fetched, run.session.run(fetched, full)))
+        brief = dict(zip(fetched, run.session.run(fetched, short)))
     except Exception:  # see _session; a model that cannot run shorter is calibrated on every row
         return {}
+    for name in outputs:
+        scale = float(np.abs(long[name]).max()) if np.issubdtype(long[name].dtype, np.floating) else 0.0
+        # float32 sums over a different number of (masked, zero) terms round differently
+        if long[name].shape != brief[name].shape or not np.allclose(long[name], brief[name], rtol=0, atol=1e-4 * scale):
+            return {}
     axes = {}
-    for name, long, brief in zip(run.names, long_shapes, short_shapes):
-        changed = [i for i, (a, b) in enumerate(zip(long, brief)) if a != b]
+    for name in run.names:
+        before, after = long[name].shape, brief[name].shape
+        changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
         if (
-            len(long) == len(brief)
+            len(before) == len(after)
             and changed
-            and long[0] == count
+            and before[0] == count
             and 0 not in changed
-            and all(long[i] == length and brief[i] == length - 1 for i in changed)
+            and all(before[i] == length and after[i] == length - 1 for i in changed)
         ):
             axes[name] = tuple(changed)
     return axes
