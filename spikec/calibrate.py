@@ -707,13 +707,13 @@ def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:
         and dims[1].WhichOneof("value") != "dim_value"
     ]
     count = min(run.samples, _batch_size(run.graph, run.feeds, 2, run.label))
-    cut = next(
-        ((end, kept) for end, kept in ((-1, slice(None, -1)), (0, slice(1, None))) if not values[:, end].all()), None
-    )
+    # samples with a token left: a fully masked one's outputs may be NaN, or anything
+    padded = {end: np.flatnonzero((values[:, end] == 0) & values.any(axis=1)) for end in (-1, 0)}
+    cut = next(((end, kept) for end, kept in ((-1, slice(None, -1)), (0, slice(1, None))) if len(padded[end])), None)
     if mask not in shortened or cut is None:
         return {}
     # a static batch size may need more samples than are padded there: repeat them
-    samples = np.resize(np.flatnonzero(values[:, cut[0]] == 0), count)
+    samples = np.resize(padded[cut[0]], count)
     full = {name: array[samples] for name, array in run.feeds.items()}
     short = {name: array[:, cut[1]] if name in shortened else array for name, array in full.items()}
     outputs = [o.name for o in run.graph.graph.output]
@@ -724,9 +724,7 @@ def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:
     except Exception:  # see _session; a model that cannot run shorter is calibrated on every row
         return {}
     for name in outputs:
-        scale = float(np.abs(long[name]).max()) if np.issubdtype(long[name].dtype, np.floating) else 0.0
-        # float32 sums over a different number of (masked, zero) terms round differently
-        if long[name].shape != brief[name].shape or not np.allclose(long[name], brief[name], rtol=0, atol=1e-4 * scale):
+        if not _same_output(long[name], brief[name]):
             return {}
     axes = {}
     for name in run.names:
@@ -741,6 +739,16 @@ def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:
         ):
             axes[name] = tuple(changed)
     return axes
+
+
+def _same_output(full: np.ndarray, short: np.ndarray) -> bool:
+    if full.shape != short.shape:
+        return False
+    if not np.issubdtype(full.dtype, np.floating):
+        return bool(np.array_equal(full, short))
+    # float32 sums over a different number of (masked, zero) terms round differently
+    scale = float(np.abs(np.nan_to_num(full, posinf=0, neginf=0)).max(initial=0))
+    return bool(np.allclose(full, short, rtol=0, atol=1e-4 * scale, equal_nan=True))
 
 
 def _collect(
