@@ -767,6 +767,7 @@ def _collect(
 ) -> dict[str, TapStats]:
     run = _Run(model, inputs, names, batch_size)
     token_axes = _token_axes(run, padding_mask) if padding_mask is not None else {}
+    unpadded = run.feeds[padding_mask] != 0 if padding_mask is not None and token_axes else None
     accumulators = {name: _TapAccumulator(name, channel_axis, max_values, token_axes.get(name, ())) for name in names}
     saver, start = None, 0
     if checkpoint is not None:
@@ -785,9 +786,8 @@ def _collect(
     done = start
     for batch in run.batches(start, progress=progress, on_batch=on_batch):
         stop = min(done + run.batch_size, run.samples)
-        valid = run.feeds[padding_mask][done:stop] != 0 if token_axes else None
         for name, value in batch.items():
-            accumulators[name].add(value, valid)
+            accumulators[name].add(value, None if unpadded is None else unpadded[done:stop])
         done = stop
         if saver is not None and done < run.samples:
             saver.save(accumulators, done)
