@@ -844,6 +844,10 @@ def _collect_in_processes(
                 except queues.Empty:
                     pass
             parts = [job.get() for job in jobs]
+            # workers that end on the queue's sentinel: Pool.__exit__'s terminate() alone drains the task
+            # queue under its read lock and relies on SIGTERM to end a worker waiting for that lock
+            pool.close()
+            pool.join()
         except BaseException:
             pool.terminate()
             raise
@@ -856,11 +860,12 @@ def _collect_in_processes(
 
 
 def _quiet_worker() -> None:
-    """Workers leave signals to the parent, which ends them: no second report of an interrupt."""
+    """Workers leave Ctrl-C (sent to the whole process group) to the parent: no second report of an
+    interrupt. SIGTERM keeps its default action: it is how the parent's Pool.terminate() ends them, and a
+    worker that ignored it could block terminate() for ever."""
     import signal
 
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(number, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _collect_share(model, feeds, names, settings, checkpoint, done, directory, sources) -> dict[str, TapStats]:

@@ -358,6 +358,24 @@ def test_calibration_in_processes_merges_to_one_pass(tmp_path):
         _same(parallel[name], one[name])
 
 
+def test_calibration_workers_end_when_the_pool_is_terminated():
+    """Pool.terminate() ends its workers by SIGTERM (and holds the task queue's lock while it waits for them):
+    a worker that ignored SIGTERM made it wait until the worker's task ended, or for ever when the worker
+    waited for that lock."""
+    import multiprocessing
+    import time
+
+    from spikec.calibrate import _quiet_worker
+
+    with multiprocessing.get_context("spawn").Pool(1, initializer=_quiet_worker) as pool:
+        busy = pool.apply_async(time.sleep, (120,))
+        with pytest.raises(multiprocessing.TimeoutError):
+            busy.get(timeout=2)  # the worker is started and inside its task
+        began = time.monotonic()
+        pool.terminate()
+        assert time.monotonic() - began < 60
+
+
 @pytest.mark.filterwarnings("ignore::spikec.compiler.FidelityWarning")
 def test_compile_with_a_checkpoint_and_workers_writes_the_same_model(tmp_path, monkeypatch):
     import spikec
