@@ -944,6 +944,34 @@ def _mask_step(node: gs.Node | None, ctx: _Context) -> tuple[gs.Tensor, dict] | 
     return None
 
 
+def padding_mask_input(regions: list[Region]) -> str | None:
+    """The graph input the softmax regions' masks are computed from, where there is exactly one and it is a
+    [batch, seq] tensor of booleans or integers: a key-padding mask such as transformers' attention_mask,
+    0 at padded positions. None where the masks read no input (causal or window masks alone), several, or
+    a float one (an additive mask, whose zeros are the positions kept)."""
+    sources: dict[str, gs.Variable] = {}
+    seen: set[int] = set()
+    pending = [m["mask"] for r in regions if r.kind == "softmax" for m in r.attrs["masks"] if "mask" in m]
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in seen or isinstance(tensor, gs.Constant):
+            continue
+        seen.add(id(tensor))
+        if not tensor.inputs:
+            sources[tensor.name] = tensor
+        for node in tensor.inputs:
+            # a mask sized from input_ids' shape does not depend on its values
+            if node.op not in _SHAPE_OPS:
+                pending.extend(node.inputs)
+    if len(sources) != 1:
+        return None
+    (source,) = sources.values()
+    dtype = np.dtype(source.dtype) if source.dtype is not None else None
+    if dtype is None or dtype.kind not in "biu" or source.shape is None or len(source.shape) != 2:
+        return None
+    return source.name
+
+
 def _last_dim(tensor: gs.Tensor) -> int | None:
     last = tensor.shape[-1] if tensor.shape else None
     return last if isinstance(last, int) else None

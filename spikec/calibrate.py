@@ -412,10 +412,11 @@ class _TapAccumulator:
     continues the same sequence.
     """
 
-    def __init__(self, name: str, channel_axis: int, max_values: int):
+    def __init__(self, name: str, channel_axis: int, max_values: int, token_axes: Sequence[int] = ()):
         self.name = name
         self.requested_axis = channel_axis
         self.max_values = max_values
+        self.token_axes = tuple(token_axes)  # see _token_axes
         # Set from the first batch:
         self.axis = 0
         self.capacity = 0  # rows kept
@@ -426,8 +427,12 @@ class _TapAccumulator:
         self.reservoir: np.ndarray | None = None
         self.rng = np.random.default_rng(SAMPLE_SEED)
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Summarise the batch ``x``; ``valid`` ([batch, seq] booleans) leaves out the rows at padded positions
+        of the token axes."""
         rows = self._rows(x)
+        if valid is not None and (keep := self._valid_rows(x, valid)) is not None:
+            rows = rows[keep]
         if not len(rows):
             return
         bmin, bmax = rows.min(axis=0), rows.max(axis=0)
@@ -467,6 +472,20 @@ class _TapAccumulator:
         self.shape = [s if s == n else None for s, n in zip(self.shape, x.shape)]
         channels = x.shape[self.axis]
         return np.moveaxis(x, self.axis, -1).reshape(-1, channels).astype(np.float32, copy=False)
+
+    def _valid_rows(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray | None:
+        """Which of x's rows (as _rows orders them) lie at valid positions of every token axis other than the
+        channel axis (probabilities over padded keys are channels: they stay); None to keep them all."""
+        row_axes = [i for i in range(x.ndim) if i != self.axis]
+        token = [i for i in self.token_axes if i != self.axis]
+        if not token or row_axes[0] != 0 or x.shape[0] != len(valid):
+            return None
+        keep = np.ones([x.shape[i] for i in row_axes], bool)
+        for axis in token:
+            shape = [1] * len(row_axes)
+            shape[0], shape[row_axes.index(axis)] = valid.shape
+            keep &= valid.reshape(shape)
+        return keep.reshape(-1)
 
     def _sample(self, rows: np.ndarray) -> None:
         fill = max(0, min(len(rows), self.capacity - self.rows_seen))
@@ -608,6 +627,7 @@ def collect_statistics(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: float = 60.0,
     workers: int = 1,
+    padding_mask: str | None = None,
 ) -> dict[str, TapStats]:
     """Run calibration and return `TapStats` for each tap (a float tensor of the top-level graph).
 
@@ -621,6 +641,10 @@ def collect_statistics(
     uninterrupted run, bit for bit (a complete checkpoint is the result: nothing is run again).
     ``workers``: processes that each calibrate a contiguous share of the samples (each with its own
     session: as many copies of the weights), merged in order with `TapStats.merge`.
+    ``padding_mask``: the graph input that marks padded positions with 0 ([batch, seq] booleans or integers,
+    see passes/patterns.padding_mask_input). Where padded positions reach none of the model's outputs, their
+    rows are left out of each tap whose token axes `_token_axes` finds; elsewhere (outputs along the
+    sequence, a static sequence axis, a tap that mixes positions) every row counts, as without a mask.
     """
     names = list(dict.fromkeys(taps))
     if not names:
@@ -642,6 +666,7 @@ def collect_statistics(
                 channel_axis=int(channel_axis),
                 max_values=max_values,
                 checkpoint_every=checkpoint_every,
+                padding_mask=padding_mask,
             ),
         )
     return _collect(
@@ -654,7 +679,76 @@ def collect_statistics(
         progress=progress,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
+        padding_mask=padding_mask,
     )
+
+
+def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:
+    """Per tap, the axes that run along the sequence axis of the input ``mask`` ([batch, seq], 0 at padded
+    positions), where padded positions reach no output of the model; {} where they may.
+
+    Samples padded at one end run at full length and with that padded position cut off (from every input
+    whose axis 1 is dynamic and of the mask's length). The padded positions reach no output when the model's
+    outputs keep their shapes and values (a sentence embedding pooled under the mask, a class token's logits):
+    outputs along the sequence (last_hidden_state, a decoder's logits) have padded positions of their own,
+    which verification compares. A tap's token axes are those that shrank by the cut, with the batch leading;
+    a static sequence axis, no sample padded at an end, or a model that cannot run shorter give {}."""
+    values = run.feeds.get(mask)
+    inputs = {vi.name: _dims(vi) for vi in _graph_inputs(run.graph)}
+    if values is None or values.ndim != 2 or values.dtype.kind not in "biu" or values.shape[1] < 2:
+        return {}
+    length = values.shape[1]
+    shortened = [
+        name
+        for name, array in run.feeds.items()
+        if array.ndim >= 2
+        and array.shape[1] == length
+        and (dims := inputs.get(name)) is not None
+        and dims[1].WhichOneof("value") != "dim_value"
+    ]
+    count = min(run.samples, _batch_size(run.graph, run.feeds, 2, run.label))
+    # samples with a token left: a fully masked one's outputs may be NaN, or anything
+    padded = {end: np.flatnonzero((values[:, end] == 0) & values.any(axis=1)) for end in (-1, 0)}
+    cut = next(((end, kept) for end, kept in ((-1, slice(None, -1)), (0, slice(1, None))) if len(padded[end])), None)
+    if mask not in shortened or cut is None:
+        return {}
+    # a static batch size may need more samples than are padded there: repeat them
+    samples = np.resize(padded[cut[0]], count)
+    full = {name: array[samples] for name, array in run.feeds.items()}
+    short = {name: array[:, cut[1]] if name in shortened else array for name, array in full.items()}
+    outputs = [o.name for o in run.graph.graph.output]
+    fetched = list(dict.fromkeys([*outputs, *run.names]))
+    try:
+        long = dict(zip(fetched, run.session.run(fetched, full)))
+        brief = dict(zip(fetched, run.session.run(fetched, short)))
+    except Exception:  # see _session; a model that cannot run shorter is calibrated on every row
+        return {}
+    for name in outputs:
+        if not _same_output(long[name], brief[name]):
+            return {}
+    axes = {}
+    for name in run.names:
+        before, after = long[name].shape, brief[name].shape
+        changed = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        if (
+            len(before) == len(after)
+            and changed
+            and before[0] == count
+            and 0 not in changed
+            and all(before[i] == length and after[i] == length - 1 for i in changed)
+        ):
+            axes[name] = tuple(changed)
+    return axes
+
+
+def _same_output(full: np.ndarray, short: np.ndarray) -> bool:
+    if full.shape != short.shape:
+        return False
+    if not np.issubdtype(full.dtype, np.floating):
+        return bool(np.array_equal(full, short))
+    # float32 sums over a different number of (masked, zero) terms round differently
+    scale = float(np.abs(np.nan_to_num(full, posinf=0, neginf=0)).max(initial=0))
+    return bool(np.allclose(full, short, rtol=0, atol=1e-4 * scale, equal_nan=True))
 
 
 def _collect(
@@ -668,13 +762,21 @@ def _collect(
     progress: bool,
     checkpoint,
     checkpoint_every: float,
+    padding_mask: str | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, TapStats]:
     run = _Run(model, inputs, names, batch_size)
-    accumulators = {name: _TapAccumulator(name, channel_axis, max_values) for name in names}
+    token_axes = _token_axes(run, padding_mask) if padding_mask is not None else {}
+    unpadded = run.feeds[padding_mask] != 0 if padding_mask is not None and token_axes else None
+    accumulators = {name: _TapAccumulator(name, channel_axis, max_values, token_axes.get(name, ())) for name in names}
     saver, start = None, 0
     if checkpoint is not None:
-        settings = {"batch_size": run.batch_size, "channel_axis": channel_axis, "max_values": max_values}
+        settings = {
+            "batch_size": run.batch_size,
+            "channel_axis": channel_axis,
+            "max_values": max_values,
+            "padding_mask": padding_mask,
+        }
         reads = [] if not isinstance(model, (str, os.PathLike)) else [("input model", Path(model))]
         reads += [("calibration data", Path(inputs))] if isinstance(inputs, (str, os.PathLike)) else []
         saver = _Checkpoint(checkpoint, _fingerprint(run.graph, run.feeds, names, settings), checkpoint_every, reads)
@@ -683,9 +785,10 @@ def _collect(
             on_batch(start)
     done = start
     for batch in run.batches(start, progress=progress, on_batch=on_batch):
+        stop = min(done + run.batch_size, run.samples)
         for name, value in batch.items():
-            accumulators[name].add(value)
-        done = min(done + run.batch_size, run.samples)
+            accumulators[name].add(value, None if unpadded is None else unpadded[done:stop])
+        done = stop
         if saver is not None and done < run.samples:
             saver.save(accumulators, done)
     if saver is not None and start < run.samples:

@@ -27,7 +27,7 @@ from spikec.passes import emit
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.options import Options, option, outputs_of
-from spikec.passes.patterns import describe
+from spikec.passes.patterns import describe, padding_mask_input
 from spikec.runtime import weights
 from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
 from spikec.verify import HeldOut, verify
@@ -220,6 +220,7 @@ def _compile(
             progress=common.progress,
             checkpoint=common.calibration_checkpoint,
             workers=common.calibration_workers,
+            padding_mask=padding_mask_input(job.regions),
         )
         if plan.taps
         else {}

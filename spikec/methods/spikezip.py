@@ -19,7 +19,7 @@ from spikec.passes import quantize as ptq
 from spikec.passes import spikezip
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.options import Options, option
-from spikec.passes.patterns import find_regions
+from spikec.passes.patterns import find_regions, padding_mask_input
 
 # The reference code's default is 32 levels, its published runs use 16.
 DEFAULT_LEVELS = 16
@@ -83,11 +83,18 @@ def quantize_model(
     channel where it folds into the biases of the products reading it and lowers the error
     (passes/quantize.py)."""
     graph = gs.import_onnx(ann)
-    sites = ptq.quantizer_sites(find_regions(graph), ptq.activation_tensors(graph))
+    regions = find_regions(graph)
+    sites = ptq.quantizer_sites(regions, ptq.activation_tensors(graph))
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to quantize")
     stats = collect_statistics(
-        ann, feeds, [s.tensor for s in sites], batch_size=batch_size, max_values=1_000_000, progress=progress
+        ann,
+        feeds,
+        [s.tensor for s in sites],
+        batch_size=batch_size,
+        max_values=1_000_000,
+        progress=progress,
+        padding_mask=padding_mask_input(regions),
     )
     tensors = graph.tensors()
     quantizers = {}
