@@ -109,3 +109,143 @@ def make_variant(fp32: Path, variant: str, calib: dict[str, np.ndarray], model_t
         onnx.save(optimized.model, out)
     else:
         raise ValueError(f"unknown variant {variant!r}")
+
+
+def _fidelity(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels) -> dict:
+    from spikec.evaluate import cosine
+
+    name = next(iter(reference))
+    row = {"cosine": cosine(reference[name], outputs[name].astype(np.float32))}
+    if labels is not None:
+        row["accuracy"] = float(np.mean(outputs[name].argmax(1) == labels))
+    return row
+
+
+def cell(model: str, variant: str, method: str, path: str, work: str) -> dict:
+    """Compile ``path`` with default flags, run it on the evaluation inputs, and compare it with the variant's
+    ANN and the fp32 ANN (saved by `main` in ``work``)."""
+    import spikec
+    from spikec.errors import SpikecError
+    from spikec.evaluate import run_dataset
+
+    _, calib, evaluation, labels, _, _ = _model(model)
+    references = np.load(Path(work) / f"{model}-references.npz")
+    out = {"model": model, "variant": variant, "method": method}
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            snn = spikec.compile(path, calib, progress=False, method=method)
+        except SpikecError as exc:
+            out.update(status="refused", detail=" ".join(str(exc).split())[:200])
+            return out
+    out["compile_s"] = round(time.perf_counter() - started, 1)
+    out["notices"] = [str(w.message)[:80] for w in caught if type(w.message).__name__ == "ImportNotice"]
+    out["below_bound"] = any(type(w.message).__name__ == "FidelityWarning" for w in caught)
+    outputs = run_dataset(snn, evaluation)
+    out["status"] = "ok"
+    for key, reference in (("own", variant), ("fp32", "fp32")):
+        arrays = {k.split(":", 1)[1]: references[k] for k in references if k.split(":", 1)[0] == reference}
+        out[key] = _fidelity(outputs, arrays, labels)
+    return out
+
+
+def _references(model: str, paths: dict[str, Path], work: Path) -> dict[str, dict]:
+    """Each variant's ANN outputs on the evaluation inputs (onnxruntime, as the file is); accuracy for digits."""
+    import onnxruntime
+
+    _, _, evaluation, labels, _, _ = _model(model)
+    arrays, rows = {}, {}
+    for variant, path in paths.items():
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i in session.get_inputs():
+            dtype = np.float16 if i.type == "tensor(float16)" else evaluation[i.name].dtype
+            feeds[i.name] = evaluation[i.name].astype(dtype)
+        name = session.get_outputs()[0].name
+        arrays[f"{variant}:{name}"] = session.run([name], feeds)[0].astype(np.float32)
+    np.savez(work / f"{model}-references.npz", **arrays)
+    for variant in paths:
+        name = next(k for k in arrays if k.startswith(f"{variant}:"))
+        fp32 = next(k for k in arrays if k.startswith("fp32:"))
+        rows[variant] = _fidelity({"y": arrays[name]}, {"y": arrays[fp32]}, labels)
+    return rows
+
+
+def _markdown(models, variants, methods, ann: dict, cells: dict) -> str:
+    lines = []
+    for model in models:
+        metric = "accuracy" if model == "digits" else "cosine"
+        lines.append(f"\n**{model}** (cell: SNN cosine to the variant's own ANN / to the fp32 ANN"
+                     + ("; accuracy" if model == "digits" else "") + ")\n")  # fmt: skip
+        lines.append("| variant | ANN vs fp32 | " + " | ".join(methods) + " |")
+        lines.append("|---" * (len(methods) + 2) + "|")
+        for variant in variants:
+            a = ann[model].get(variant, {})
+            head = f"{a.get('cosine', float('nan')):.4f}" + (
+                f"; acc {a[metric]:.3f}" if metric == "accuracy" and metric in a else ""
+            )
+            row = [variant, head]
+            for method in methods:
+                c = cells.get((model, variant, method), {"status": "missing"})
+                if c.get("status") != "ok":
+                    row.append(f"{c.get('status')}: {c.get('detail', '')}".strip(": "))
+                    continue
+                text = f"{c['own']['cosine']:.4f} / {c['fp32']['cosine']:.4f}"
+                if metric == "accuracy":
+                    text += f"; {c['fp32']['accuracy']:.3f}"
+                if c.get("below_bound"):
+                    text += " (b)"
+                row.append(text)
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    from conformance import _Task, run_isolated
+
+    models, variants, methods = (getattr(args, k).split(",") for k in ("models", "variants", "methods"))
+    work = Path(tempfile.mkdtemp(prefix="spikec-hubfiles-"))
+    ann, cells = {}, {}
+    for model in models:
+        fp32, calib, _, _, model_type, heads = _model(model)
+        paths = {}
+        for variant in dict.fromkeys(["fp32", *variants]):
+            paths[variant] = work / f"{model}-{variant}.onnx"
+            make_variant(fp32, variant, calib, model_type, heads, paths[variant])
+        ann[model] = _references(model, paths, work)
+
+        def record(key, kind, value):
+            cells[key] = value if kind == "ok" else {"status": kind, "detail": str(value).splitlines()[-1][:200]}
+            print(f"{key}: {json.dumps(cells[key])}", file=sys.stderr, flush=True)
+
+        tasks = [
+            _Task((model, v, m), cell, (model, v, m, str(paths[v]), str(work)), {}, record)
+            for v in variants
+            for m in methods
+        ]
+        run_isolated(tasks, jobs=1, timeout=args.timeout)
+    table = _markdown(models, variants, methods, ann, cells)
+    header = (
+        f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, onnxruntime "
+        f"{__import__('onnxruntime').__version__}: `PYTHONPATH=$PWD python benchmarks/bench_hubfiles.py`"
+    )
+    text = header + "\n" + table + "\n"
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ann": ann, "cells": [c for c in cells.values()]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -266,3 +266,25 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node) -> None:
     else:
         b.op("Add", b.op("MatMul", node.inputs[0], constant, name=f"{node.name}/MatMul"), bias, out=out)
     node.outputs.clear()
+
+
+# ----------------------------------------------------------------------------- static QDQ activations
+
+
+def drop_activation_quantizers(graph: gs.Graph, regions) -> int:
+    """Bypass, in place, every activation quantizer region (a QuantizeLinear -> DequantizeLinear pair,
+    passes/patterns.py) of ``graph``: its readers read the float activation it quantized. Returns how many."""
+    quantizers = [r for r in regions if r.kind == "quantizer"]
+    for region in quantizers:
+        source, result = region.attrs["input"], region.nodes[-1].outputs[0]
+        for reader in list(result.outputs):
+            for index, tensor in enumerate(reader.inputs):
+                if tensor is result:
+                    reader.inputs[index] = source
+        if any(result is o for o in graph.outputs):
+            dequantize = region.nodes[-1]
+            dequantize.op, dequantize.attrs = "Identity", {}
+            dequantize.inputs.clear()
+            dequantize.inputs.append(source)
+    graph.cleanup().toposort()
+    return len(quantizers)
