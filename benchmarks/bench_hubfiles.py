@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import multiprocessing
 import os
 import platform
 import sys
@@ -207,32 +206,56 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--json")
+    parser.add_argument("--jsonl", help="append each model's ANN row and each cell, as measured, to this file")
+    parser.add_argument("--table", help="only print the table of the rows a --jsonl run wrote to this file")
     parser.add_argument("--markdown")
     args = parser.parse_args(argv)
     from conformance import _Task, run_isolated
 
     models, variants, methods = (getattr(args, k).split(",") for k in ("models", "variants", "methods"))
-    work = Path(tempfile.mkdtemp(prefix="spikec-hubfiles-"))
     ann, cells = {}, {}
-    for model in models:
-        fp32, calib, _, _, model_type, heads = _model(model)
-        paths = {}
-        for variant in dict.fromkeys(["fp32", *variants]):
-            paths[variant] = work / f"{model}-{variant}.onnx"
-            make_variant(fp32, variant, calib, model_type, heads, paths[variant])
-        ann[model] = _references(model, paths, work)
 
-        def record(key, kind, value):
-            cells[key] = value if kind == "ok" else {"status": kind, "detail": str(value).splitlines()[-1][:200]}
-            print(f"{key}: {json.dumps(cells[key])}", file=sys.stderr, flush=True)
+    def keep(row: dict) -> None:
+        if "cell" in row:
+            cells[tuple(row["cell"])] = row["value"]
+        else:
+            ann[row["model"]] = row["ann"]
+        if args.jsonl and not args.table:
+            with open(args.jsonl, "a") as out:
+                out.write(json.dumps(row) + "\n")
 
-        tasks = [
-            _Task((model, v, m), cell, (model, v, m, str(paths[v]), str(work)), {}, record)
-            for v in variants
-            for m in methods
-        ]
-        run_isolated(tasks, jobs=1, timeout=args.timeout)
+    if args.table:
+        for line in Path(args.table).read_text().splitlines():
+            keep(json.loads(line))
+    else:
+        work = Path(tempfile.mkdtemp(prefix="spikec-hubfiles-"))
+        for model in models:
+            fp32, calib, _, _, model_type, heads = _model(model)
+            paths = {}
+            for variant in dict.fromkeys(["fp32", *variants]):
+                paths[variant] = work / f"{model}-{variant}.onnx"
+                make_variant(fp32, variant, calib, model_type, heads, paths[variant])
+            keep({"model": model, "ann": _references(model, paths, work)})
+
+            def record(key, kind, value):
+                keep(
+                    {
+                        "cell": list(key),
+                        "value": value
+                        if kind == "ok"
+                        else {"status": kind, "detail": str(value).splitlines()[-1][:200]},
+                    }
+                )
+                print(f"{key}: {json.dumps(cells[key])}", file=sys.stderr, flush=True)
+
+            # the one-pass and 8-step methods first: the 64-step ones take longest
+            tasks = [
+                _Task((model, v, m), cell, (model, v, m, str(paths[v]), str(work)), {}, record)
+                for m in sorted(methods, key=lambda m: m in ("spikezip", "sta"))
+                for v in variants
+            ]
+            run_isolated(tasks, jobs=1, timeout=args.timeout)
+    models = [m for m in models if m in ann]
     table = _markdown(models, variants, methods, ann, cells)
     header = (
         f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, onnxruntime "
@@ -242,8 +265,6 @@ def main(argv=None) -> int:
     print(text)
     if args.markdown:
         Path(args.markdown).write_text(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ann": ann, "cells": [c for c in cells.values()]}, indent=1))
     return 0
 
 

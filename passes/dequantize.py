@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from spikec.passes.builder import GraphBuilder
+from spikec.passes.patterns import find_regions
 
 from spikec.errors import SpikecError
 
@@ -271,6 +272,26 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node) -> None:
 # ----------------------------------------------------------------------------- static QDQ activations
 
 
+def float_model(qdq: onnx.ModelProto, method: str) -> onnx.ModelProto:
+    """A static QDQ model as the float model it quantizes, for a method that converts float models, with one
+    notice line: its activation quantizers dropped, its quantized constants folded. The methods that code
+    values in spike rates or times build their own quantization of every activation; the QDQ pairs would
+    split the regions they convert (a softmax from its guard) and stay float ops between neurons."""
+    graph = gs.import_onnx(qdq)
+    dropped = drop_activation_quantizers(graph, find_regions(graph))
+    warnings.warn(
+        f"{dropped} activation QuantizeLinear/DequantizeLinear pairs dropped: {method} converts float models; "
+        f"the SNN and the ANN its fidelity is measured against are the model without them",
+        ImportNotice,
+        stacklevel=4,
+    )
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(qdq.opset_import)
+    model.ir_version = qdq.ir_version
+    return model
+
+
 def drop_activation_quantizers(graph: gs.Graph, regions) -> int:
     """Bypass, in place, every activation quantizer region (a QuantizeLinear -> DequantizeLinear pair,
     passes/patterns.py) of ``graph``: its readers read the float activation it quantized. Returns how many."""
@@ -286,5 +307,33 @@ def drop_activation_quantizers(graph: gs.Graph, regions) -> int:
             dequantize.op, dequantize.attrs = "Identity", {}
             dequantize.inputs.clear()
             dequantize.inputs.append(source)
+    _fold_quantized_constants(graph)
     graph.cleanup().toposort()
     return len(quantizers)
+
+
+def _fold_quantized_constants(graph: gs.Graph) -> None:
+    """Make the QuantizeLinear/DequantizeLinear nodes that only read constants (the weights, and constants
+    such as GELU's that the quantizer rounded) the constants they compute: graphsurgeon's folding leaves
+    Q/DQ nodes alone, and a weight a node computes is an activation to the passes. onnxruntime evaluates
+    them, so their values are its own."""
+    known = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
+    folded = []
+    for node in graph.toposort().nodes:
+        if node.op in ("QuantizeLinear", "DequantizeLinear") and all(
+            t.is_empty() or t.name in known for t in node.inputs
+        ):
+            folded.append(node)
+            known.update(t.name for t in node.outputs)
+    if not folded:
+        return
+    import onnxruntime
+
+    outputs = [t for node in folded for t in node.outputs]
+    sub = gs.Graph(nodes=folded, inputs=[], outputs=outputs, opset=graph.opset, import_domains=graph.import_domains)
+    model = gs.export_onnx(sub)
+    values = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    for tensor, value in zip(outputs, values, strict=True):
+        tensor.to_constant(value)
+    for node in folded:
+        node.outputs.clear()

@@ -17,7 +17,6 @@ from spikec.calibrate import run_batches
 from spikec.errors import SpikecError
 from spikec.methods.base import FIRST_SPIKE, Bound, Calibration, Job, Method
 from spikec.passes import emit, ttfs
-from spikec.passes.dequantize import ImportNotice, drop_activation_quantizers
 from spikec.passes.patterns import find_regions
 from spikec.runtime.ops import default_opset
 from spikec.runtime.ttfs import Window
@@ -35,25 +34,6 @@ class _Exact(NamedTuple):
         return job.prepared
 
 
-def _float_model(qdq: onnx.ModelProto) -> onnx.ModelProto:
-    """A static QDQ model without its activations' QuantizeLinear/DequantizeLinear pairs (its weights are
-    float after constant folding): one spike per neuron codes a float value, and TTFS's constructions are
-    exact for float layers, so the SNN converts, and is verified against, the float model they quantize."""
-    graph = gs.import_onnx(qdq)
-    dropped = drop_activation_quantizers(graph, find_regions(graph))
-    warnings.warn(
-        f"{dropped} activation QuantizeLinear/DequantizeLinear pairs dropped: ttfs converts float models; "
-        f"the SNN and the ANN its fidelity is measured against are the model without them",
-        ImportNotice,
-        stacklevel=4,
-    )
-    model = gs.export_onnx(graph, do_type_check=False)
-    del model.opset_import[:]
-    model.opset_import.extend(qdq.opset_import)
-    model.ir_version = qdq.ir_version
-    return model
-
-
 class TTFS(Method):
     name = "ttfs"
     paper = "TTFSFormer: time-to-first-spike conversion, one spike per neuron (ICML 2025)"
@@ -64,8 +44,7 @@ class TTFS(Method):
     modes = ("unrolled",)
 
     def prepare(self, job: Job) -> None:
-        if any(r.kind == "quantizer" for r in job.regions):
-            job.recognize(_float_model(job.ann))
+        super().prepare(job)
         exact_graph = gs.import_onnx(job.ann)
         lowering = ttfs.lower(exact_graph, find_regions(exact_graph), job.options, default_opset(job.ann))
         if not lowering.sites:
