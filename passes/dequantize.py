@@ -38,6 +38,18 @@ MS = "com.microsoft"
 _HALF = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 _HALF_NAMES = ("float16", "bfloat16")
 _INTEGER_OPS = {"MatMulInteger": "MatMul", "ConvInteger": "Conv"}
+# Quantized forms refused by name rather than left to fail later: weight-only ops without a rewrite here,
+# onnxruntime's fusions of the dynamic form, and the static QOperator format.
+_REFUSED = {
+    (MS, "MatMulBnb4"),
+    (MS, "GatherBlockQuantized"),
+    (MS, "DynamicQuantizeMatMul"),
+    (MS, "MatMulIntegerToFloat"),
+    (MS, "QAttention"),
+    (MS, "QGemm"),
+    ("", "QLinearMatMul"),
+    ("", "QLinearConv"),
+}
 
 
 class ImportNotice(UserWarning):
@@ -96,7 +108,12 @@ def _half_attribute(node: onnx.NodeProto) -> bool:
 
 
 def _quantized_op(domain: str | None, op: str) -> bool:
-    return (op in _INTEGER_OPS and domain in (None, "", "ai.onnx")) or (domain == MS and op == "MatMulNBits")
+    default = domain in (None, "", "ai.onnx")
+    return (
+        (op in _INTEGER_OPS and default)
+        or (domain == MS and op == "MatMulNBits")
+        or (("" if default else domain), op) in _REFUSED
+    )
 
 
 # ----------------------------------------------------------------------------- float16 / bfloat16
@@ -167,6 +184,12 @@ def dequantize_weights(graph: gs.Graph) -> dict[str, int]:
     for node in list(graph.nodes):
         if not _quantized_op(node.domain, node.op):
             continue
+        if node.op not in _INTEGER_OPS and node.op != "MatMulNBits":
+            raise _refuse(
+                node,
+                "this form of quantized weights is not supported (MatMulInteger/ConvInteger of onnxruntime's "
+                "dynamic quantization, MatMulNBits and QDQ are): convert the float model or one of those files",
+            )
         (_matmul_nbits if node.op == "MatMulNBits" else _integer_op)(graph, node)
         counts[node.op] = counts.get(node.op, 0) + 1
     graph.cleanup()

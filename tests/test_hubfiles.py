@@ -15,16 +15,16 @@ import onnxruntime as ort
 import pytest
 from graphs import mlp
 from onnx import TensorProto, helper, numpy_helper
+from spikec.passes.canonicalize import canonicalize
+from spikec.passes.dequantize import ImportNotice
+from spikec.passes.loader import load_model
+from spikec.runtime import InferenceSession, run
 
 import spikec
 from examples import fixtures
 from spikec.cli import main
 from spikec.compiler import FidelityWarning
 from spikec.errors import SpikecError
-from spikec.passes.canonicalize import canonicalize
-from spikec.passes.dequantize import ImportNotice
-from spikec.passes.loader import load_model
-from spikec.runtime import InferenceSession, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_hubfiles import make_variant  # noqa: E402
@@ -197,6 +197,25 @@ def test_a_matmul_integer_of_another_form_is_refused_naming_it(tmp_path):
     onnx.save(model, tmp_path / "odd.onnx")
     with pytest.raises(SpikecError, match=r"^node 'mmi' \(ai.onnx MatMulInteger\): is not onnxruntime's dynamic"):
         canonicalize(load_model(tmp_path / "odd.onnx"))
+
+
+def test_the_static_qoperator_format_is_refused_naming_the_node(tmp_path):
+    scalar = {"s": np.float32(0.1), "z": np.uint8(128)}
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+            helper.make_node("QLinearMatMul", ["xq", "s", "z", "w", "s", "z", "s", "z"], ["yq"], name="qmm"),
+            helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"], name="dq"),
+        ],
+        "qoperator",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(np.full((4, 3), 130, np.uint8), "w")]
+        + [numpy_helper.from_array(np.array(v), k) for k, v in scalar.items()],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "qop.onnx")
+    with pytest.raises(SpikecError, match=r"^node 'qmm' \(ai.onnx QLinearMatMul\): this form of quantized weights"):
+        canonicalize(load_model(tmp_path / "qop.onnx"))
 
 
 # ----------------------------------------------------------------------------- MatMulNBits
