@@ -205,6 +205,11 @@ def dequantize_weights(graph: gs.Graph) -> dict[str, int]:
     return counts
 
 
+def _weight_name(node: gs.Node) -> str:
+    # after the node's output, which is unique where its weight may be shared by several nodes
+    return f"{node.outputs[0].name}_dequantized_weight"
+
+
 def _integer_op(graph: gs.Graph, node: gs.Node) -> None:
     """DynamicQuantizeLinear(x) -> MatMulInteger/ConvInteger(x_q, W_q, x_zp, W_zp) -> Cast(float) ->
     Mul(x_scale * W_scale), as onnxruntime.quantization.quantize_dynamic writes it, becomes
@@ -244,7 +249,8 @@ def _integer_op(graph: gs.Graph, node: gs.Node) -> None:
     float_op = _INTEGER_OPS[node.op]
     attrs = dict(node.attrs) if float_op == "Conv" else {}
     scale_mul.op, scale_mul.attrs = float_op, attrs
-    scale_mul.inputs = [quantize.inputs[0], gs.Constant(f"{node.inputs[1].name}_dequantized", dequantized)]
+    scale_mul.inputs.clear()
+    scale_mul.inputs.extend([quantize.inputs[0], gs.Constant(_weight_name(node), dequantized)])
     node.outputs.clear()
 
 
@@ -284,7 +290,7 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node) -> None:
     weight = np.ascontiguousarray(weight.reshape(n, blocks * block)[:, :k].T)
     out = node.outputs[0]
     b = GraphBuilder(graph, node.name)
-    constant = gs.Constant(f"{node.inputs[1].name}_dequantized", weight)
+    constant = gs.Constant(_weight_name(node), weight)
     if bias is None:
         b.op("MatMul", node.inputs[0], constant, out=out, name=f"{node.name}/MatMul")
     else:
