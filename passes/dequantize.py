@@ -166,6 +166,13 @@ def _const(node: gs.Node, index: int, what: str) -> np.ndarray | None:
     return np.asarray(tensor.values)
 
 
+def _stored(node: gs.Node, index: int, what: str) -> np.ndarray:
+    value = _const(node, index, what)
+    if value is None:
+        raise _refuse(node, f"its {what} input is left out")
+    return value
+
+
 def _sole_consumer(tensor: gs.Tensor, graph: gs.Graph) -> gs.Node | None:
     if len(tensor.outputs) != 1 or any(tensor is o for o in graph.outputs):
         return None
@@ -236,7 +243,7 @@ def _integer_op(graph: gs.Graph, node: gs.Node) -> None:
     weight_scale = product.inputs[1] if product.inputs[0] is quantize.outputs[1] else product.inputs[0]
     if not isinstance(weight_scale, gs.Constant):
         raise _refuse(node, f"weight scale '{weight_scale.name}' is computed, not stored")
-    weights = _const(node, 1, "weight")
+    weights = _stored(node, 1, "weight")
     zero = _const(node, 3, "weight zero point")
     scale = np.asarray(weight_scale.values, np.float32)
     values = weights.astype(np.float32) - (0 if zero is None else zero.astype(np.float32))
@@ -271,8 +278,8 @@ def _matmul_nbits(graph: gs.Graph, node: gs.Node) -> None:
         raise _refuse(node, f"bits {bits} with N {n}, K {k}, block_size {block} is not supported")
     if len(node.inputs) > 4 and not node.inputs[4].is_empty():
         raise _refuse(node, "g_idx (act-order block indices) is not supported")
-    packed = _const(node, 1, "weight")
-    scales = _const(node, 2, "scales").astype(np.float32)
+    packed = _stored(node, 1, "weight")
+    scales = _stored(node, 2, "scales").astype(np.float32)
     zero = _const(node, 3, "zero points")
     bias = node.inputs[5] if len(node.inputs) > 5 and not node.inputs[5].is_empty() else None
     blocks = -(-k // block)
