@@ -301,6 +301,11 @@ def test_each_hub_variant_compiles_and_meets_the_method_bound(variants, digits, 
     args = ["compile", str(variants[variant]), "-o", str(out), "--method", method, "--quiet"]
     assert main([*args, "--calib", str(tmp_path / "calib.npz")]) == 0
     err = capsys.readouterr().err
+    if (variant, method) == ("qdq-uint8", "spikezip"):
+        # 256-level quantizers settle in hundreds of steps, not the default 64 (docs/methods/spikezip.md): the
+        # verification says so
+        assert "short of spikezip's bound" in err and "--until-quiet prints T_eq" in err
+        return
     # the FidelityWarning of an SNN below its method's bound; SpikeZIP-TF's (relative max error 1e-4 to its
     # QANN) is not met by the fp32 digits ViT either at the default T: its level flips (docs/methods/spikezip.md)
     assert method == "spikezip" or "short of" not in err, err
