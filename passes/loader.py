@@ -61,8 +61,9 @@ def load_model(
 
 def check_convertible(model: onnx.ModelProto, where: str, method: str) -> None:
     """Refuse, in one line, the inputs a conversion would turn into an invalid or a different model: a
-    spikec model (converting it again mixes two op sets of the same names), outputs no node computes (the time-stepped forms repeat the graph
-    inputs over time; TTFS drops such an output)."""
+    spikec model (converting it again mixes two op sets of the same names), outputs no node computes (the
+    time-stepped forms repeat the graph inputs over time; TTFS drops such an output). float16 models and
+    quantized weights are made float32 by canonicalize (passes/dequantize.py)."""
     meta = {p.key.removeprefix(PREFIX): p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     if "method" in meta:
         steps = "one pass" if meta.get("mode") == "ttfs" else f"T {meta.get('timesteps', '?')}"
