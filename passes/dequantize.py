@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 from spikec.passes.builder import GraphBuilder
 from spikec.passes.patterns import find_regions
 
@@ -61,8 +62,11 @@ def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     `model` itself when there is nothing to rewrite (it is never modified)."""
     if not _needs_rewrite(model):
         return model
-    graph = gs.import_onnx(model)
-    upcast = upcast_half(graph)
+    # graphsurgeon says on stdout that it has no numpy bfloat16 and casts such values when they are read:
+    # reading them as float32 is what the upcast does
+    with G_LOGGER.suppress(G_LOGGER.CRITICAL):
+        graph = gs.import_onnx(model)
+        upcast = upcast_half(graph)
     rewritten = dequantize_weights(graph)
     graph.cleanup().toposort()
     if upcast:
@@ -120,6 +124,8 @@ def _quantized_op(domain: str | None, op: str) -> bool:
 
 
 def _is_half(dtype) -> bool:
+    if isinstance(dtype, int):  # graphsurgeon's bfloat16: the ONNX type, numpy has none
+        return dtype in _HALF
     return dtype is not None and np.dtype(dtype).name in _HALF_NAMES
 
 

@@ -100,6 +100,28 @@ def test_a_float16_model_is_upcast_to_the_float32_model_of_its_weights(tmp_path,
     assert np.abs(upcast - exact).max() > 1e-6 * np.abs(exact).max()
 
 
+def test_a_bfloat16_model_is_upcast_to_the_float32_model_of_its_weights(tmp_path):
+    import ml_dtypes
+
+    half = mlp()
+    for tensor in half.graph.initializer:
+        values = numpy_helper.to_array(tensor).astype(ml_dtypes.bfloat16)
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    half.graph.node.insert(0, helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16))
+    half.graph.node[1].input[0] = "xb"
+    half.graph.node[-1].output[0] = "yb"
+    half.graph.node.append(helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT))
+    onnx.save(half, tmp_path / "bf16.onnx")
+    model, notices = _imported(tmp_path / "bf16.onnx")
+    assert len(notices) == 1 and notices[0].startswith("4 float16/bfloat16 tensors")  # 3 weights, a Cast
+    x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    rounded = mlp()
+    for tensor in rounded.graph.initializer:
+        values = numpy_helper.to_array(tensor).astype(ml_dtypes.bfloat16).astype(np.float32)
+        tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    np.testing.assert_allclose(_run(model, {"x": x})[0], _run(rounded, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
 def test_the_float16_keep_io_file_onnxruntime_writes_unsorted_is_sorted_at_load(variants):
     unsorted = onnx.load(variants["fp16-keepio"])
     with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
