@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime
 from onnx_graphsurgeon.logger import G_LOGGER
 from spikec.passes.builder import GraphBuilder
 from spikec.passes.patterns import find_regions
@@ -369,8 +370,6 @@ def _fold_quantized_constants(graph: gs.Graph) -> None:
             known.update(t.name for t in node.outputs)
     if not folded:
         return
-    import onnxruntime
-
     outputs = [t for node in folded for t in node.outputs]
     sub = gs.Graph(nodes=folded, inputs=[], outputs=outputs, opset=graph.opset, import_domains=graph.import_domains)
     model = gs.export_onnx(sub)
