@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 from spikec.passes.builder import GraphBuilder
 from spikec.passes.contrib import decompose as decompose_contrib_ops
+from spikec.passes.dequantize import to_float32
 from spikec.runtime import weights
 
 from spikec.errors import SpikecError
@@ -28,8 +29,8 @@ _SHAPE_CONSTANT_MAX_ELEMENTS = 1024
 
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold, name and batch-relax `model`; `model` itself is left untouched."""
-    graph = gs.import_onnx(fold_constants(decompose_contrib_ops(model)))
+    """Upcast, dequantize, fold, name and batch-relax `model`; `model` itself is left untouched."""
+    graph = gs.import_onnx(fold_constants(decompose_contrib_ops(to_float32(model))))
     inference_dropout(graph)
     name_nodes(graph)
     relax_batch_shapes(graph)

@@ -6,6 +6,7 @@ The source file is only ever read.
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 from pathlib import Path
@@ -45,6 +46,7 @@ def load_model(
         where = _IN_MEMORY
         _check_opset(model, where)
         _import_contrib_domains(model)
+        _sort_nodes(model)
         _run_checker(model, where)
     else:
         where = str(src)
@@ -57,14 +59,11 @@ def load_model(
     return model
 
 
-_HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-
-
 def check_convertible(model: onnx.ModelProto, where: str, method: str) -> None:
     """Refuse, in one line, the inputs a conversion would turn into an invalid or a different model: a
-    spikec model (converting it again mixes two op sets of the same names), float16 (spikec's neurons
-    and calibration are float32), outputs no node computes (the time-stepped forms repeat the graph
-    inputs over time; TTFS drops such an output)."""
+    spikec model (converting it again mixes two op sets of the same names), outputs no node computes (the
+    time-stepped forms repeat the graph inputs over time; TTFS drops such an output). float16 models and
+    quantized weights are made float32 by canonicalize (passes/dequantize.py)."""
     meta = {p.key.removeprefix(PREFIX): p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     if "method" in meta:
         steps = "one pass" if meta.get("mode") == "ttfs" else f"T {meta.get('timesteps', '?')}"
@@ -76,25 +75,6 @@ def check_convertible(model: onnx.ModelProto, where: str, method: str) -> None:
         raise SpikecError(
             f"{where}: already a spikec model (it runs spikec ops: {', '.join(spiking[:4])}); "
             f"convert the original ANN instead"
-        )
-    half = [
-        f"'{vi.name}'"
-        for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]
-        if vi.type.tensor_type.elem_type in _HALF_TYPES
-    ]
-    half += [f"'{t.name}'" for t in model.graph.initializer if t.data_type in _HALF_TYPES]
-    half += [
-        f"node '{n.name or n.output[0]}'"
-        for n in model.graph.node
-        for a in n.attribute
-        if (a.name == "to" and a.i in _HALF_TYPES)
-        or (a.type == onnx.AttributeProto.TENSOR and a.t.data_type in _HALF_TYPES)
-    ]
-    if half:
-        more = f" and {len(half) - 1} more" if len(half) > 1 else ""
-        raise SpikecError(
-            f"{where}: {half[0]}{more} in float16/bfloat16; spikec calibrates and runs models in "
-            f"float32: export the model in float32 (e.g. after model.float())"
         )
     computed = {o for n in model.graph.node for o in n.output}
     for output in model.graph.output:
@@ -128,7 +108,9 @@ def _read(path: Path, map_weights: bool) -> onnx.ModelProto:
         raise SpikecError(f"{path}: not an ONNX model (no ir_version or graph)")
     _check_opset(model, str(path))
     # the in-memory copy holds no external data, so it is small enough to check wherever the file is not
-    _run_checker(model if _import_contrib_domains(model) else path, str(path))
+    changed = _import_contrib_domains(model)
+    changed |= _sort_nodes(model)
+    _run_checker(model if changed else path, str(path))
     if map_weights:
         check_external(model, path.parent, str(path))
         return model
@@ -157,6 +139,46 @@ def _import_contrib_domains(model: onnx.ModelProto) -> bool:
     missing = sorted({n.domain for n in model.graph.node if n.domain in (MS, NCHWC)} - imported)
     model.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in missing)
     return bool(missing)
+
+
+def _sort_nodes(model: onnx.ModelProto) -> bool:
+    """Put the graph's nodes in topological order (ties in file order) where they are not, as
+    onnxruntime.transformers.float16 with keep_io_types leaves them (its input Casts come last): onnxruntime
+    sorts such a graph itself, and onnx.checker would refuse it. Says whether it reordered; a graph with a
+    cycle or an undefined input is left as it is, for the checker to name."""
+    graph = model.graph
+    defined = {""} | {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        if any(name not in defined for name in node.input):
+            break
+        defined.update(node.output)
+    else:
+        return False
+    produced = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    waiting = [
+        {produced[name] for name in node.input if name in produced and produced[name] != index}
+        for index, node in enumerate(graph.node)
+    ]
+    readers: dict[int, list[int]] = {}
+    for index, needs in enumerate(waiting):
+        for need in needs:
+            readers.setdefault(need, []).append(index)
+    ready = [index for index, needs in enumerate(waiting) if not needs]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for reader in readers.get(index, ()):
+            waiting[reader].discard(index)
+            if not waiting[reader]:
+                heapq.heappush(ready, reader)
+    if len(order) < len(graph.node):
+        return False
+    nodes = [graph.node[index] for index in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
 
 
 def _run_checker(model: onnx.ModelProto | Path, where: str) -> None:

@@ -181,7 +181,8 @@ def _is(node: gs.Node | None, *ops: str) -> TypeGuard[gs.Node]:
 
 
 def _close(value: float | None, expected: float) -> bool:
-    return value is not None and math.isclose(value, expected, rel_tol=1e-4)
+    # float16 models (upcast at import) round constants such as sqrt(2) by up to 2^-11 relative
+    return value is not None and math.isclose(value, expected, rel_tol=1e-3)
 
 
 def _with_scalar(node: gs.Node | None, op: str) -> tuple[gs.Tensor, float] | None:

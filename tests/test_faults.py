@@ -510,9 +510,8 @@ def test_an_already_converted_model_is_refused(work):
     "model, culprits",
     [
         (mlp(passthrough=True), ("output 'x'", "not computed by any node")),
-        (mlp(dtype=TensorProto.FLOAT16), ("float16", "float32")),
     ],
-    ids=["output-is-an-input", "float16"],
+    ids=["output-is-an-input"],
 )
 def test_models_spikec_cannot_convert_are_refused(work, model, culprits):
     onnx.save(model, work / "odd.onnx")

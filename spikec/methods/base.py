@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from spikec.passes.dequantize import float_model
 from spikec.passes.options import Options
 from spikec.passes.patterns import Region, find_regions
 from spikec.passes.stats import TapStats
@@ -115,8 +116,10 @@ class Method(ABC):
         return self.semantics != FIRST_SPIKE
 
     def prepare(self, job: Job) -> None:
-        """Turn the ANN into the model this method converts (default: the ANN as it is)."""
-        return None
+        """Turn the ANN into the model this method converts (default: the ANN as it is; a static QDQ model
+        without its activation quantizers, `passes.dequantize.float_model`)."""
+        if any(r.kind == "quantizer" for r in job.regions):
+            job.recognize(float_model(job.ann, self.name))
 
     @abstractmethod
     def calibration(self, job: Job) -> Calibration:

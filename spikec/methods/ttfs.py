@@ -44,6 +44,7 @@ class TTFS(Method):
     modes = ("unrolled",)
 
     def prepare(self, job: Job) -> None:
+        super().prepare(job)
         exact_graph = gs.import_onnx(job.ann)
         lowering = ttfs.lower(exact_graph, find_regions(exact_graph), job.options, default_opset(job.ann))
         if not lowering.sites:
