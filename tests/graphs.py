@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -105,3 +108,25 @@ def attention_block(rng: np.random.Generator, *, projection_bias: bool, qkv_bias
         inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def torch_export(
+    module, example: Mapping[str, np.ndarray], path, dynamic_axes: Mapping[str, dict], opset: int = 17
+) -> str:
+    """``module`` (a torch module, evaluated with ``example``'s arrays in order) exported by the TorchScript
+    exporter with those inputs' names and one output ``y``, its tracer warnings silenced; returns the path."""
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            tuple(torch.from_numpy(a) for a in example.values()),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(example),
+            output_names=["y"],
+            dynamic_axes=dict(dynamic_axes),
+        )
+    return str(path)

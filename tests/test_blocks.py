@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import numpy as np
 import onnx
@@ -20,6 +19,7 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 import torch.nn.functional as F
+from graphs import torch_export
 from onnx import TensorProto, helper, numpy_helper
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.emit import Layout
@@ -37,20 +37,7 @@ DIM, SEQ = 16, 6
 
 
 def _export(module: nn.Module, example: dict[str, np.ndarray], path, opset: int = 17) -> str:
-    names = list(example)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            tuple(torch.from_numpy(v) for v in example.values()),
-            str(path),
-            dynamo=False,
-            opset_version=opset,
-            input_names=names,
-            output_names=["y"],
-            dynamic_axes={n: {0: "batch"} for n in [*names, "y"]},
-        )
-    return str(path)
+    return torch_export(module, example, path, {n: {0: "batch"} for n in [*example, "y"]}, opset)
 
 
 def _tokens(samples: int, seed: int) -> dict[str, np.ndarray]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 import torch
 import torch.nn.functional as F
+from graphs import torch_export
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import find_regions
@@ -138,19 +138,12 @@ def exported(tmp_path_factory):
     def export(name: str):
         if name not in cache:
             path = root / f"{name}.onnx"
-            example = tuple(torch.from_numpy(a) for a in attention_data(2, 0).values())
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    MaskedAttention(**FORMS[name][0]).eval(),
-                    example,
-                    str(path),
-                    dynamo=False,
-                    opset_version=17,
-                    input_names=["x", "attention_mask"],
-                    output_names=["y"],
-                    dynamic_axes={n: {0: "batch", 1: "seq"} for n in ("x", "attention_mask", "y")},
-                )
+            torch_export(
+                MaskedAttention(**FORMS[name][0]),
+                attention_data(2, 0),
+                path,
+                {n: {0: "batch", 1: "seq"} for n in ("x", "attention_mask", "y")},
+            )
             cache[name] = path
         return cache[name]
 

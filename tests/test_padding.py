@@ -5,12 +5,12 @@ under the mask, the outliers reach no output, and the statistics, the PTQ clip a
 not follow them; with an output along the sequence, or a static sequence axis, every row still counts."""
 
 import math
-import warnings
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from graphs import torch_export
 from spikec.passes.patterns import find_regions, padding_mask_input
 from torch import nn
 
@@ -71,23 +71,16 @@ def exported(tmp_path_factory):
         if key not in cache:
             path = root / f"encoder-{int(pooled)}{int(dynamic_seq)}.onnx"
             axes = {0: "batch", 1: "seq"} if dynamic_seq else {0: "batch"}
-            example = tuple(torch.from_numpy(a) for a in data(2, 0).values())
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    Encoder(pooled).eval(),
-                    example,
-                    str(path),
-                    dynamo=False,
-                    opset_version=17,
-                    input_names=["x", "attention_mask"],
-                    output_names=["y"],
-                    dynamic_axes={
-                        "x": axes,
-                        "attention_mask": axes,
-                        "y": {0: "batch", **({1: "seq"} if not pooled and dynamic_seq else {})},
-                    },
-                )
+            torch_export(
+                Encoder(pooled),
+                data(2, 0),
+                path,
+                {
+                    "x": axes,
+                    "attention_mask": axes,
+                    "y": {0: "batch", **({1: "seq"} if not pooled and dynamic_seq else {})},
+                },
+            )
             cache[key] = path
         return cache[key]
 
