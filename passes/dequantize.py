@@ -87,11 +87,16 @@ def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
             ImportNotice,
             stacklevel=2,
         )
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = model.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    return out
+    return _export_like(graph, model)
+
+
+def _export_like(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` as a model with ``source``'s opsets and IR version (graphsurgeon's export writes its own)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = source.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(source.opset_import)
+    return model
 
 
 def _needs_rewrite(model: onnx.ModelProto) -> bool:
@@ -328,11 +333,7 @@ def float_model(qdq: onnx.ModelProto, method: str) -> onnx.ModelProto:
         ImportNotice,
         stacklevel=4,
     )
-    model = gs.export_onnx(graph, do_type_check=False)
-    del model.opset_import[:]
-    model.opset_import.extend(qdq.opset_import)
-    model.ir_version = qdq.ir_version
-    return model
+    return _export_like(graph, qdq)
 
 
 def drop_activation_quantizers(graph: gs.Graph, regions) -> int:
