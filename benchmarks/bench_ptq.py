@@ -2,10 +2,10 @@
 
 Quantized on calibration_sentences() (128, seq 32), measured on heldout_sentences() (64, other modules'
 docstrings): mean cosine of the QANN's sentence embedding to the float model's, at each level count, for
-per-channel scales without and with bias correction (the default), then with zero points too and, with
---per-tensor, per-tensor scales.
+per-channel scales without and with bias correction, then with the products refit (the default), with zero
+points too and, with --per-tensor, per-tensor scales. --sentences N calibrates on training_sentences(N).
 
-    python benchmarks/bench_ptq.py [--levels 32 16] [--per-tensor] [--json PATH]
+    python benchmarks/bench_ptq.py [--levels 32 16] [--sentences 128] [--per-tensor] [--json PATH]
 """
 
 from __future__ import annotations
@@ -34,16 +34,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", type=int, nargs="+", default=[32, 16])
     parser.add_argument("--per-tensor", action="store_true", help="also measure per-tensor scales")
+    parser.add_argument("--sentences", type=int, default=128, help="calibration sentences (128: the calibration set)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     model = fixtures.minilm()
     ann = canonicalize(load_model(str(model), convert_with="spikezip", map_weights=True))
-    calib = fixtures.minilm_inputs(fixtures.calibration_sentences())
+    calib = fixtures.minilm_inputs(fixtures.training_sentences(args.sentences))
     held = fixtures.minilm_inputs(fixtures.heldout_sentences())
     reference = InferenceSession(onnx.load(str(model))).run(None, held)[0]
     settings = {
-        "per channel": {"bias_correction": False},
-        "per channel + bias correction (default)": {},
+        "per channel": {"bias_correction": False, "refit": False},
+        "+ bias correction (--no-refit)": {"refit": False},
+        "+ refit (default)": {},
         "+ zero points (--zero-points)": {"zero_points": True},
     }
     if args.per_tensor:
@@ -52,7 +54,7 @@ def main() -> None:
     for levels in args.levels:
         for label, kwargs in settings.items():
             start = time.monotonic()
-            qann, _ = quantize_model(ann, calib, levels, batch_size=32, progress=False, **kwargs)
+            qann, _, _ = quantize_model(ann, calib, levels, batch_size=32, progress=False, **kwargs)
             held_cosine = cosine(InferenceSession(qann).run(None, held)[0], reference)
             rows.append({"levels": levels, "setting": label, "cosine": held_cosine})
             print(f"L={levels:3d}  {label:32s} {held_cosine:.4f}  ({time.monotonic() - start:.0f} s)", flush=True)
@@ -60,6 +62,7 @@ def main() -> None:
         record = {
             "machine": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d"),
+            "sentences": args.sentences,
             "rows": rows,
         }
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")

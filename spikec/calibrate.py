@@ -683,6 +683,26 @@ def collect_statistics(
     )
 
 
+def unpadded_positions(
+    model: ModelLike, inputs, names: Sequence[str], mask: str, batch_size: int = 2
+) -> dict[str, np.ndarray]:
+    """Per tensor of ``names`` whose padded positions reach no output (`_token_axes`): booleans per sample,
+    broadcastable to the tensor, False where a token axis is at a position the input ``mask`` pads."""
+    run = _Run(model, inputs, names, batch_size)
+    unpadded = run.feeds[mask] != 0
+    token_axes = _token_axes(run, mask)
+    ranks = {name: value.ndim for name, value in next(run.batches(progress=False)).items()} if token_axes else {}
+    found = {}
+    for name, axes in token_axes.items():
+        valid = np.ones((len(unpadded),) + (1,) * (ranks[name] - 1), bool)
+        for axis in axes:
+            shape = [len(unpadded)] + [1] * (ranks[name] - 1)
+            shape[axis] = unpadded.shape[1]
+            valid = valid & unpadded.reshape(shape)
+        found[name] = valid
+    return found
+
+
 def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:
     """Per tap, the axes that run along the sequence axis of the input ``mask`` ([batch, seq], 0 at padded
     positions), where padded positions reach no output of the model; {} where they may.

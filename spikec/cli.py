@@ -137,6 +137,7 @@ def _quantize_options(args) -> dict:
         "progress": not args.quiet,
         "per_tensor": args.per_tensor,
         "zero_points": args.zero_points,
+        "refit": not args.no_refit,
     }
 
 
@@ -780,6 +781,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser, calib_help: str) -> None:
         "--zero-points",
         action="store_true",
         help="a zero point per channel where biased weight products read the quantizer (finer, more spikes)",
+    )
+    p.add_argument(
+        "--no-refit",
+        action="store_true",
+        help="keep the float weights (bias-corrected) instead of refitting them to the float model's outputs",
     )
 
 

@@ -383,16 +383,17 @@ def quantize(
     progress: bool = True,
     per_tensor: bool = False,
     zero_points: bool = False,
+    refit: bool = True,
 ) -> onnx.ModelProto:
     """The quantized ANN (QANN) that ``compile(method="spikezip", levels=levels)`` converts: an ONNX model
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
     common = CompileOptions(method="spikezip", batch_size=batch_size, progress=progress)
-    options = SpikeZIPOptions(levels=levels, per_tensor=per_tensor, zero_points=zero_points)
+    options = SpikeZIPOptions(levels=levels, per_tensor=per_tensor, zero_points=zero_points, refit=refit)
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
-        qann, _ = quantize_model(
+        qann, _, _ = quantize_model(
             ann,
             load_inputs(calibration, ann),
             levels,
@@ -400,6 +401,7 @@ def quantize(
             progress=common.progress,
             per_tensor=options.per_tensor,
             zero_points=options.zero_points,
+            refit=options.refit,
         )
         return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
@@ -415,6 +417,7 @@ def finetune(
     progress: bool = True,
     per_tensor: bool = False,
     zero_points: bool = False,
+    refit: bool = True,
     steps: int = 1000,
     time_budget: float | None = None,
     lr: float = 2e-5,
@@ -438,8 +441,15 @@ def finetune(
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
         feeds = load_inputs(calibration, ann)
-        qann, _ = quantize_model(
-            ann, feeds, levels, batch_size=batch_size, progress=progress, per_tensor=per_tensor, zero_points=zero_points
+        qann, _, _ = quantize_model(
+            ann,
+            feeds,
+            levels,
+            batch_size=batch_size,
+            progress=progress,
+            per_tensor=per_tensor,
+            zero_points=zero_points,
+            refit=refit,
         )
         names = [o.name for o in ann.graph.output]
         hidden = ft.hidden_states(ann) if hidden_weight > 0 else []

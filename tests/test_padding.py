@@ -15,7 +15,7 @@ from spikec.passes.patterns import find_regions, padding_mask_input
 from torch import nn
 
 import spikec
-from spikec.calibrate import collect_statistics, run_batches
+from spikec.calibrate import collect_statistics, run_batches, unpadded_positions
 from spikec.evaluate import cosine, run_dataset
 
 SEQ, DIM, HEADS = 8, 16, 2
@@ -156,3 +156,16 @@ def test_ecmt_thresholds_are_set_by_the_unpadded_tokens(exported):
     reference = run_dataset(path, held)["y"]
     snn = spikec.compile(path, calib, method="ecmt", timesteps=16, progress=False)
     assert cosine(run_dataset(snn, held)["y"], reference) >= 0.99
+
+
+def test_unpadded_positions_mark_each_tap_along_its_token_axes(exported):
+    path, feeds = exported(pooled=True), data(12, 5)
+    taps = _taps(path)
+    valid = unpadded_positions(path, feeds, list(taps.values()), "attention_mask")
+    mask = feeds["attention_mask"] != 0
+    np.testing.assert_array_equal(valid["x"], mask[:, :, None])
+    # [B, H, S, S]: a query or key position padded leaves the element out
+    np.testing.assert_array_equal(valid[taps["probabilities"]], mask[:, None, :, None] & mask[:, None, None, :])
+    np.testing.assert_array_equal(valid[taps["heads"]], mask[:, None, :, None])
+    # outputs along the sequence: every position is a target
+    assert unpadded_positions(exported(pooled=False), feeds, list(taps.values()), "attention_mask") == {}

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from spikec.passes.canonicalize import canonicalize
 from spikec.runtime import InferenceSession
 
 import spikec
@@ -15,9 +16,14 @@ from spikec.evaluate import cosine
 RNG = np.random.default_rng(5)
 
 
-def _affine_model(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+def _affine_model(weight: np.ndarray, bias: np.ndarray, then: str | None = None) -> onnx.ModelProto:
+    """y = x w + b, or with ``then`` an activation of it (the product's quantizer then goes after its bias)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
+    if then is not None:
+        nodes[-1].output[0] = "xwb"
+        nodes.append(helper.make_node(then, ["xwb"], ["y"]))
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        nodes,
         "affine",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 6])],
@@ -43,7 +49,7 @@ def test_bias_absorbs_the_operand_quantizers_mean_shift_and_zero_point():
     bias = RNG.standard_normal(6).astype(np.float32)
     model = _affine_model(weight, bias)
     calib = {"x": np.exp(RNG.standard_normal((64, 5, 8))).astype(np.float32)}
-    qann = spikec.quantize(model, calib, levels=4, progress=False, zero_points=True)
+    qann = spikec.quantize(model, calib, levels=4, progress=False, zero_points=True, refit=False)
     values = {t.name: onnx.numpy_helper.to_array(t) for t in qann.graph.initializer}
     scale, low, high, offset = (values[f"x.quant_{k}"] for k in ("scale", "low", "high", "offset"))
     x = calib["x"].reshape(-1, 8)
@@ -65,11 +71,82 @@ def test_per_tensor_quantizers_keep_the_bias_and_no_zero_point():
     bias = RNG.standard_normal(6).astype(np.float32)
     calib = {"x": np.exp(RNG.standard_normal((64, 5, 8))).astype(np.float32)}
     qann = spikec.quantize(
-        _affine_model(weight, bias), calib, levels=4, progress=False, per_tensor=True, zero_points=True
+        _affine_model(weight, bias), calib, levels=4, progress=False, per_tensor=True, zero_points=True, refit=False
     )
     names = {t.name for t in qann.graph.initializer}
     assert "x.quant_scale" in names and "x.quant_offset" not in names
     np.testing.assert_array_equal(_bias_of_product(qann), bias)
+
+
+def _correlated_operand(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """8 channels that span 3 directions plus a little noise (as a LayerNorm's output spans fewer directions
+    than it has channels): a refit of the weights can filter part of each channel's rounding error."""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(0).standard_normal((3, 8))
+    x = rng.standard_normal((samples, 5, 3)) @ basis + 0.05 * rng.standard_normal((samples, 5, 8))
+    return {"x": x.astype(np.float32)}
+
+
+def test_refit_is_the_ridge_solution_and_lowers_the_products_error():
+    """The product's W and b become the ridge solution of the float output on the quantized operand, with
+    the penalty held-back samples chose; its output errs less on other data, and the SNN equals the QANN."""
+    from spikec.methods.spikezip import quantize_model
+    from spikec.refit import VALIDATION_STRIDE
+
+    weight = RNG.standard_normal((8, 6)).astype(np.float32)
+    bias = RNG.standard_normal(6).astype(np.float32)
+    model = canonicalize(_affine_model(weight, bias, then="Tanh"))
+    calib, held = _correlated_operand(200, 1), _correlated_operand(100, 2)
+    kept, _, none = quantize_model(model, calib, 4, batch_size=32, progress=False, refit=False)
+    qann, _, refitted = quantize_model(model, calib, 4, batch_size=32, progress=False)
+    assert none == [] and len(refitted) == 1 and refitted[0]["target"] == "xwb"
+    alpha = refitted[0]["alpha"]
+    assert alpha is not None and refitted[0]["error_after"] < 0.8 * refitted[0]["error_before"]
+    # the closed form, on every calibration sample, pulled toward the bias-corrected weights
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in kept.graph.initializer}
+    scale, low, high = (values[f"x.quant_{k}"] for k in ("scale", "low", "high"))
+    q = (np.clip(np.floor(calib["x"] / scale + np.float32(0.5)), low, high) * scale).reshape(-1, 8)
+    rows = np.hstack([q, np.ones((len(q), 1))]).astype(np.float64)
+    y = calib["x"].reshape(-1, 8).astype(np.float64) @ weight + bias
+    start = np.vstack([values["w"], _bias_of_product(kept)[None]]).astype(np.float64)
+    gram = rows.T @ rows
+    penalty = alpha * np.trace(gram) / len(gram)
+    solution = np.linalg.solve(gram + penalty * np.eye(9), rows.T @ y + penalty * start)
+    refit_values = {t.name: onnx.numpy_helper.to_array(t) for t in qann.graph.initializer}
+    np.testing.assert_allclose(refit_values["w"], solution[:-1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_bias_of_product(qann), solution[-1], rtol=0, atol=1e-5)
+    # on data neither the fit nor the choice of penalty saw, the product's output errs less
+    float_y = held["x"].astype(np.float64) @ weight + bias
+
+    def product_error(m):
+        copy = onnx.ModelProto.FromString(m.SerializeToString())
+        copy.graph.output.append(helper.make_tensor_value_info("xwb", TensorProto.FLOAT, None))
+        return float(np.square(InferenceSession(copy).run(["xwb"], held)[0] - float_y).mean())
+
+    assert product_error(qann) < 0.8 * product_error(kept)
+    want = InferenceSession(qann).run(["y"], held)[0]
+    snn = spikec.compile(qann, calib, method="spikezip", timesteps=16, progress=False)
+    np.testing.assert_allclose(InferenceSession(snn).run(["y"], held)[0], want, atol=1e-4 * np.abs(want).max())
+    # too few samples to hold any back: nothing is refit
+    few = {"x": calib["x"][: VALIDATION_STRIDE - 1]}
+    assert quantize_model(model, few, 4, batch_size=32, progress=False)[2] == []
+
+
+def test_refit_keeps_weights_that_held_back_samples_do_not_improve():
+    """An operand on the quantizer's own grid: quantizing loses nothing, no penalty does better than the
+    bias-corrected weights on the held-back samples, and they stay bit for bit."""
+    weight = RNG.standard_normal((8, 6)).astype(np.float32)
+    bias = RNG.standard_normal(6).astype(np.float32)
+    rng = np.random.default_rng(3)
+    calib = {"x": rng.integers(-2, 2, (10, 5, 8)).astype(np.float32)}
+    from spikec.methods.spikezip import quantize_model
+
+    model = canonicalize(_affine_model(weight, bias, then="Tanh"))
+    kept, _, _ = quantize_model(model, calib, 4, batch_size=32, progress=False, refit=False)
+    qann, _, refitted = quantize_model(model, calib, 4, batch_size=32, progress=False)
+    assert [r["alpha"] for r in refitted] == [None]
+    for a, b in zip(kept.graph.initializer, qann.graph.initializer, strict=True):
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ quantization (passes/quantize.py), the paper's step 1 without its training."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from spikec.passes import spikezip
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import find_regions, padding_mask_input
+from spikec.refit import refit_products
 
 # The reference code's default is 32 levels, its published runs use 16.
 DEFAULT_LEVELS = 16
@@ -36,6 +38,11 @@ class SpikeZIPOptions(Options):
         False,
         "a float model: one quantizer scale per tensor (hardware without "
         "per-channel thresholds), not one per channel of the last axis",
+    )
+    refit: bool = option(
+        True,
+        "a float model: refit each weight product's W and b to the float model's output by ridge regression "
+        "on the QANN's quantized operands, where that lowers the error on held-back calibration samples",
     )
     zero_points: bool = option(
         False,
@@ -76,12 +83,14 @@ def quantize_model(
     per_tensor: bool = False,
     bias_correction: bool = True,
     zero_points: bool = False,
-) -> tuple[onnx.ModelProto, list[dict]]:
-    """The QANN of ``ann`` by post-training quantization, and the quantizers inserted: per channel of the
-    last axis where its size is static, unless ``per_tensor``; products' biases corrected for their
-    quantized operands' mean shift unless not ``bias_correction``; with ``zero_points``, a zero point per
-    channel where it folds into the biases of the products reading it and lowers the error
-    (passes/quantize.py)."""
+    refit: bool = True,
+) -> tuple[onnx.ModelProto, list[dict], list[dict]]:
+    """The QANN of ``ann`` by post-training quantization, the quantizers inserted and the products refit:
+    per channel of the last axis where its size is static, unless ``per_tensor``; products' biases
+    corrected for their quantized operands' mean shift unless not ``bias_correction``; with ``zero_points``,
+    a zero point per channel where it folds into the biases of the products reading it and lowers the error
+    (passes/quantize.py); then, with ``refit``, each weight product's W and b refit to the float model's
+    output by ridge regression in graph order (spikec/refit.py)."""
     graph = gs.import_onnx(ann)
     regions = find_regions(graph)
     sites = ptq.quantizer_sites(regions, ptq.activation_tensors(graph))
@@ -112,7 +121,13 @@ def quantize_model(
     qann.opset_import.extend(ann.opset_import)
     qann.ir_version = ann.ir_version
     qann.producer_name = "spikec (quantized ANN)"
-    return canonicalize(qann), inserted
+    qann = canonicalize(qann)
+    if not refit:
+        return qann, inserted, []
+    qann, refitted = refit_products(
+        qann, ann, feeds, padding_mask=padding_mask_input(regions), batch_size=batch_size, progress=progress
+    )
+    return qann, inserted, refitted
 
 
 def integer_qann(qann: onnx.ModelProto) -> onnx.ModelProto:
@@ -149,15 +164,16 @@ class SpikeZIP(Method):
                     "argument levels: the model is already quantized (it has QuantizeLinear/"
                     "DequantizeLinear pairs); leave levels out"
                 )
-            for name in ("per_tensor", "zero_points"):
-                if getattr(o, name):
+            defaults = {f.name: f.default for f in dataclasses.fields(o)}
+            for name in ("per_tensor", "zero_points", "refit"):
+                if getattr(o, name) != defaults[name]:
                     raise SpikecError(
                         f"argument {name}: the model is already quantized; its quantizers keep their scales"
                     )
             if o.save_qann is not None:
                 raise SpikecError("argument save_qann: the model is already quantized; it is its own QANN")
             return
-        qann, job.report.quantization = quantize_model(
+        qann, job.report.quantization, refitted = quantize_model(
             job.ann,
             job.feeds,
             DEFAULT_LEVELS if o.levels is None else o.levels,
@@ -165,7 +181,9 @@ class SpikeZIP(Method):
             progress=job.progress,
             per_tensor=o.per_tensor,
             zero_points=o.zero_points,
+            refit=o.refit,
         )
+        job.report.update({"refit": refitted})
         job.extra_outputs["save_qann"] = qann
         job.recognize(qann)
 

@@ -1,0 +1,227 @@
+"""Least-squares refit of the QANN's weight products: PTQ's last step (passes/quantize.py places the quantizers).
+
+A product MatMul(x, W) + b reads its operand quantized, q(x'), where x' is what the layers before it compute
+from their own quantized inputs. Its weights stay float, so they can absorb part of that error: in graph
+order, each product's W and b become the ridge solution that maps the QANN's operand q(x') to the float
+model's output x W + b over the calibration rows,
+
+    [W'; b'] = argmin ||[q(x'), 1] [W'; b'] - (x W + b)||^2 + lam ||[W'; b'] - [W; b]||^2,
+
+which generalizes bias correction (its mean shift is the constant column's part) and, being sequential,
+also takes up the drift the products before it leave. The channels of a quantized operand are correlated
+(a LayerNorm's output spans far fewer directions than it has channels), so the solution also filters part
+of the rounding noise. Only weights and biases change: the QANN stays a QANN, and its SNN equals it.
+
+The penalty pulls toward the current weights; its strength lam = alpha * tr(G) / n (G the operand's Gram
+matrix, n its size) is chosen per product from ALPHAS by the error on every fifth calibration sample held
+back from the fit, and a product keeps its weights where no alpha beats them there, so a small or
+unrepresentative calibration set cannot make a product worse on data the fit did not see. Padded
+positions that reach no output (calibrate.unpadded_positions) are left out of both. Accumulating Gram
+matrices batch by batch keeps memory at O(n^2) per product, whatever the number of calibration rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from tqdm import tqdm
+
+from spikec.calibrate import run_batches, unpadded_positions
+
+ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
+# every VALIDATION_STRIDE-th sample validates the choice of alpha
+VALIDATION_STRIDE = 5
+
+
+@dataclass
+class _Product:
+    """A MatMul(x, W) of the QANN with W [n, m] a constant that only it reads, and b [m] where an Add reads
+    the product alone and adds it (None where the product's quantizer comes first)."""
+
+    weight: gs.Constant
+    bias: gs.Constant | None
+    target: str  # the float model's x W (+ b: the Add's output there, where the QANN refits b too)
+
+    def solution(self) -> np.ndarray:
+        """[W; b] as float64, with b = 0 where there is none (the ones column then stays out of the fit)."""
+        bias = np.zeros(self.weight.values.shape[1]) if self.bias is None else self.bias.values
+        return np.vstack([self.weight.values, bias[None]]).astype(np.float64)
+
+    def fitted(self) -> slice:
+        """The rows of [x, 1] that the fit uses."""
+        return slice(None) if self.bias is not None else slice(None, -1)
+
+
+@dataclass
+class _Gram:
+    """Sums over rows of [x, 1]^T [x, 1], [x, 1]^T y per reader and y^T y per reader, split fit/validation."""
+
+    fit: np.ndarray
+    validation: np.ndarray
+    cross_fit: list[np.ndarray]
+    cross_validation: list[np.ndarray]
+    square_validation: list[float] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, size: int, widths: list[int]) -> _Gram:
+        return cls(
+            np.zeros((size + 1, size + 1)),
+            np.zeros((size + 1, size + 1)),
+            [np.zeros((size + 1, m)) for m in widths],
+            [np.zeros((size + 1, m)) for m in widths],
+            [0.0] * len(widths),
+        )
+
+    def add(self, x: np.ndarray, targets: list[np.ndarray], validation: bool) -> None:
+        rows = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
+        gram = rows.T @ rows
+        if validation:
+            self.validation += gram
+        else:
+            self.fit += gram
+        for i, y in enumerate(targets):
+            cross = rows.T @ y.astype(np.float64)
+            if validation:
+                self.cross_validation[i] += cross
+                self.square_validation[i] += float(np.square(y, dtype=np.float64).sum())
+            else:
+                self.cross_fit[i] += cross
+
+
+def _validation_error(gram: _Gram, reader: int, solution: np.ndarray) -> float:
+    """||[x, 1] solution - y||^2 over the validation rows, from the sums alone."""
+    cross = gram.cross_validation[reader]
+    return float(
+        gram.square_validation[reader] - 2 * np.sum(solution * cross) + np.sum(solution * (gram.validation @ solution))
+    )
+
+
+def _ridge(gram: np.ndarray, cross: np.ndarray, current: np.ndarray, alpha: float, rows: slice) -> np.ndarray:
+    """The ridge solution over ``rows`` of [x, 1] (the others stay as in ``current``)."""
+    gram, penalty_target = gram[rows, rows], current[rows]
+    penalty = alpha * np.trace(gram) / len(gram)
+    solution = current.copy()
+    solution[rows] = np.linalg.solve(gram + penalty * np.eye(len(gram)), cross[rows] + penalty * penalty_target)
+    return solution
+
+
+def _products(graph: gs.Graph, float_targets: Mapping[str, tuple[str, str | None]]) -> dict[str, list[_Product]]:
+    """The QANN's refittable products grouped by their operand tensor (q, k and v read one), in graph order;
+    only those whose weight the float model reads the same way (by the weight's name), whose Add output
+    there is the target."""
+    readers: dict[str, int] = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            readers[tensor.name] = readers.get(tensor.name, 0) + 1
+    groups: dict[str, list[_Product]] = {}
+    for node in graph.nodes:
+        if node.op != "MatMul":
+            continue
+        operand, weight = node.inputs
+        if weight.name not in float_targets:
+            continue
+        if not isinstance(weight, gs.Constant) or weight.values.ndim != 2 or readers[weight.name] != 1:
+            continue
+        if isinstance(operand, gs.Constant):
+            continue
+        add = node.outputs[0].outputs[0] if len(node.outputs[0].outputs) == 1 else None
+        bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None) if add and add.op == "Add" else None
+        if bias is not None and (bias.values.shape != (weight.values.shape[1],) or readers[bias.name] != 1):
+            bias = None
+        product, biased = float_targets[weight.name]
+        target = product if bias is None else biased
+        if target is not None:  # else the QANN adds a bias where the float model's product has none
+            groups.setdefault(operand.name, []).append(_Product(weight, bias, target))
+    return groups
+
+
+def _float_targets(ann: onnx.ModelProto) -> dict[str, tuple[str, str | None]]:
+    """A MatMul's constant weight (by name, read by that MatMul alone) -> the product's output and the
+    output of the Add that alone reads it (None if none does), in the float model."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in ann.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {i.name for i in ann.graph.initializer}
+    targets = {}
+    for node in ann.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in constants and len(consumers[node.input[1]]) == 1:
+            readers = consumers.get(node.output[0], [])
+            biased = readers[0].output[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
+            targets[node.input[1]] = (node.output[0], biased)
+    return targets
+
+
+def refit_products(
+    qann: onnx.ModelProto,
+    ann: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    padding_mask: str | None,
+    batch_size: int,
+    progress: bool,
+) -> tuple[onnx.ModelProto, list[dict]]:
+    """``qann`` with its products refit (module docstring), and per product considered: the target tensor,
+    the alpha chosen (None: kept) and the validation error before and after, relative to the target's."""
+    samples = len(next(iter(feeds.values())))
+    validation = np.arange(samples) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1
+    graph = gs.import_onnx(qann)
+    groups = _products(graph, _float_targets(ann))
+    if not groups or not validation.any():
+        return qann, []
+    targets = [p.target for group in groups.values() for p in group]
+    valid = unpadded_positions(ann, feeds, targets, padding_mask) if padding_mask is not None else {}
+    counter = next(iter(feeds))
+    report = []
+    for operand, group in tqdm(groups.items(), desc="refitting", unit="operand", disable=None if progress else True):
+        current = _export(graph, qann)
+        size = group[0].weight.values.shape[0]
+        gram = _Gram.zeros(size, [p.weight.values.shape[1] for p in group])
+        quantized = run_batches(current, feeds, [operand], batch_size=batch_size, progress=False)
+        # a graph input fetched alongside counts the batch's samples whatever the operand's layout
+        reference = run_batches(
+            ann, feeds, [p.target for p in group] + [counter], batch_size=batch_size, progress=False
+        )
+        start = 0
+        keep = valid.get(group[0].target)
+        for q_batch, f_batch in zip(quantized, reference, strict=True):
+            x, stop = q_batch[operand], start + len(f_batch[counter])
+            rows = np.broadcast_to(True if keep is None else keep[start:stop], f_batch[group[0].target].shape)[..., 0]
+            if x.shape[0] == stop - start:
+                held_out = validation[start:stop].reshape((-1,) + (1,) * (rows.ndim - 1))
+            else:  # the samples are not on axis 0 (a sequence-first model): every fifth row instead
+                held_out = (np.arange(rows.size) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1).reshape(rows.shape)
+            for held in (False, True):
+                chosen = rows & (held_out == held)
+                gram.add(x[chosen], [f_batch[p.target][chosen] for p in group], validation=held)
+            start = stop
+        for i, product in enumerate(group):
+            now, rows = product.solution(), product.fitted()
+            before = _validation_error(gram, i, now)
+            errors = {a: _validation_error(gram, i, _ridge(gram.fit, gram.cross_fit[i], now, a, rows)) for a in ALPHAS}
+            alpha = min(errors, key=errors.__getitem__)
+            entry = {"target": product.target, "alpha": None, "error_before": before, "error_after": before}
+            if errors[alpha] < before:
+                total = gram.fit + gram.validation
+                solution = _ridge(total, gram.cross_fit[i] + gram.cross_validation[i], now, alpha, rows)
+                product.weight.values = solution[:-1].astype(product.weight.values.dtype)
+                if product.bias is not None:
+                    product.bias.values = solution[-1].astype(product.bias.values.dtype)
+                entry.update(alpha=alpha, error_after=errors[alpha])
+            scale = max(gram.square_validation[i], np.finfo(np.float64).tiny)
+            entry.update(error_before=entry["error_before"] / scale, error_after=entry["error_after"] / scale)
+            report.append(entry)
+    return _export(graph, qann), report
+
+
+def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.opset_import[:]
+    model.opset_import.extend(like.opset_import)
+    model.ir_version = like.ir_version
+    model.producer_name = like.producer_name
+    return model
