@@ -8,9 +8,9 @@ model's output x W + b over the calibration rows,
     [W'; b'] = argmin ||[q(x'), 1] [W'; b'] - (x W + b)||^2 + lam ||[W'; b'] - [W; b]||^2,
 
 which generalizes bias correction (its mean shift is the constant column's part) and, being sequential,
-also takes up the drift the products before it leave. The channels of a quantized operand are correlated
-(a LayerNorm's output spans far fewer directions than it has channels), so the solution also filters part
-of the rounding noise. Only weights and biases change: the QANN stays a QANN, and its SNN equals it.
+also takes up the drift the products before it leave. Where the channels of a quantized operand are
+correlated, the others carry part of each channel's signal but not its rounding error, and the solution
+averages part of that error out. Only weights and biases change: the QANN stays a QANN, and its SNN equals it.
 
 The penalty pulls toward the current weights; its strength lam = alpha * tr(G) / n (G the operand's Gram
 matrix, n its size) is chosen per product from ALPHAS by the error on every fifth calibration sample held
@@ -181,11 +181,10 @@ def refit_products(
         current = _export(graph, qann)
         size = group[0].weight.values.shape[0]
         gram = _Gram.zeros(size, [p.weight.values.shape[1] for p in group])
-        quantized = run_batches(current, feeds, [operand], batch_size=batch_size, progress=False)
+        quantized = run_batches(_up_to(current, [operand]), feeds, [operand], batch_size=batch_size, progress=False)
         # a graph input fetched alongside counts the batch's samples whatever the operand's layout
-        reference = run_batches(
-            ann, feeds, [p.target for p in group] + [counter], batch_size=batch_size, progress=False
-        )
+        fetched = [p.target for p in group] + [counter]
+        reference = run_batches(_up_to(ann, fetched), feeds, fetched, batch_size=batch_size, progress=False)
         start = 0
         keep = valid.get(group[0].target)
         for q_batch, f_batch in zip(quantized, reference, strict=True):
@@ -216,6 +215,30 @@ def refit_products(
             entry.update(error_before=entry["error_before"] / scale, error_after=entry["error_after"] / scale)
             report.append(entry)
     return _export(graph, qann), report
+
+
+def _up_to(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """``model`` computing only what ``outputs`` need (every input kept, so the same feeds fit): onnxruntime
+    runs every node of a session whatever it fetches, and the refit fetches one operand at a time. A model
+    with subgraphs (whose outer-scope reads no node input lists) is left whole."""
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute
+    ):
+        return model
+    needed, kept = set(outputs), []
+    for node in reversed(model.graph.node):  # ONNX lists nodes in topological order
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    graph = onnx.helper.make_graph(
+        list(reversed(kept)),
+        model.graph.name,
+        list(model.graph.input),
+        [onnx.ValueInfoProto(name=name) for name in outputs],  # onnxruntime accepts outputs with no type
+        [t for t in model.graph.initializer if t.name in needed],
+        value_info=[v for v in model.graph.value_info if v.name in needed],
+    )
+    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:

@@ -64,8 +64,9 @@ def test_finetune_lowers_the_loss_resumes_and_converts(tmp_path):
     model = _mlp()
     calib = {"x": RNG.standard_normal((64, 4, 8)).astype(np.float32)}
     checkpoint, out = tmp_path / "run.ckpt", tmp_path / "qann.onnx"
+    # from PTQ without the refit, which would leave training less to do on this small model
     tuned, summary = spikec.finetune(
-        model, calib, out, levels=4, steps=40, checkpoint=checkpoint, lr=1e-2, progress=False
+        model, calib, out, levels=4, steps=40, checkpoint=checkpoint, lr=1e-2, progress=False, refit=False
     )
     assert summary["steps"] == 40 and summary["loss_after"] < 0.8 * summary["loss_before"]
     # what the QANN writes is what the torch module trained: onnxruntime sees the same loss (up to the loss's
@@ -75,7 +76,9 @@ def test_finetune_lowers_the_loss_resumes_and_converts(tmp_path):
     loss = np.mean(np.square(got - want)) / np.mean(np.square(want))
     assert loss == pytest.approx(summary["loss_after"], rel=3e-2)
     # resumed from the checkpoint: 40 more steps, the start loss kept from the first run
-    _, resumed = spikec.finetune(model, calib, levels=4, steps=80, checkpoint=checkpoint, lr=1e-2, progress=False)
+    _, resumed = spikec.finetune(
+        model, calib, levels=4, steps=80, checkpoint=checkpoint, lr=1e-2, progress=False, refit=False
+    )
     assert resumed["steps"] == 80 and resumed["loss_before"] == summary["loss_before"]
     assert resumed["loss_after"] < summary["loss_after"]
     with pytest.raises(SpikecError, match="checkpoint: .* another model"):
@@ -151,7 +154,8 @@ def test_hidden_state_distillation_fits_the_layernorm_output(tmp_path):
 def test_qdrop_replaces_quantized_values_by_float_ones_in_training_only():
     model = _mlp()
     calib = {"x": RNG.standard_normal((64, 4, 8)).astype(np.float32)}
-    qann = spikec.quantize(model, calib, levels=4, progress=False)
+    # without the refit, the QANN's weights are the float model's
+    qann = spikec.quantize(model, calib, levels=4, progress=False, refit=False)
     module = GraphModule(qann)
     assert len(module.float_inputs) == sum(n.op_type == "Floor" for n in qann.graph.node) == 3
     feeds = _torch_feeds(calib, slice(None))
@@ -168,7 +172,7 @@ def test_qdrop_replaces_quantized_values_by_float_ones_in_training_only():
         mixed, float_input = module(feeds, [name, module.float_inputs[name]])[1:]
         kept = torch.isclose(mixed, float_input, atol=0, rtol=0).float().mean().item()
     assert 0.4 < kept < 0.6
-    tuned, summary = spikec.finetune(model, calib, levels=4, steps=40, lr=1e-2, qdrop=0.5, progress=False)
+    tuned, summary = spikec.finetune(model, calib, levels=4, steps=40, lr=1e-2, qdrop=0.5, progress=False, refit=False)
     # training with half the values float still fits the quantized model (0.71-0.81 of the loss over 8 draws
     # of model and data)
     assert summary["loss_after"] < 0.9 * summary["loss_before"]

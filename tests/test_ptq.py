@@ -150,7 +150,7 @@ def test_refit_keeps_weights_that_held_back_samples_do_not_improve():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("zero_points", "bound"), [(False, 0.965), (True, 0.975)])  # measured 0.9724, 0.9810
+@pytest.mark.parametrize(("zero_points", "bound"), [(False, 0.972), (True, 0.98)])  # measured 0.9766, 0.9838
 def test_minilm_qann_at_32_levels_stays_close_to_the_float_model(zero_points, bound):
     """Pretrained MiniLM quantized on calibration sentences, measured on held-out ones (docs/methods/spikezip.md
     has the table, benchmarks/bench_ptq.py regenerates it)."""
