@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from spikec.runtime import ops as spec
+
+
+def export_like(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` as a model with ``source``'s opsets, IR version and producer (graphsurgeon's export writes
+    its own)."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = source.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(source.opset_import)
+    model.producer_name = source.producer_name
+    return model
 
 
 class GraphBuilder:

@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime
 from onnx_graphsurgeon.logger import G_LOGGER
-from spikec.passes.builder import GraphBuilder
+from spikec.passes.builder import GraphBuilder, export_like
 from spikec.passes.patterns import find_regions
 
 from spikec.errors import SpikecError
@@ -87,16 +87,7 @@ def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
             ImportNotice,
             stacklevel=2,
         )
-    return _export_like(graph, model)
-
-
-def _export_like(graph: gs.Graph, source: onnx.ModelProto) -> onnx.ModelProto:
-    """``graph`` as a model with ``source``'s opsets and IR version (graphsurgeon's export writes its own)."""
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = source.ir_version
-    del model.opset_import[:]
-    model.opset_import.extend(source.opset_import)
-    return model
+    return export_like(graph, model)
 
 
 def _needs_rewrite(model: onnx.ModelProto) -> bool:
@@ -333,7 +324,7 @@ def float_model(qdq: onnx.ModelProto, method: str) -> onnx.ModelProto:
         ImportNotice,
         stacklevel=4,
     )
-    return _export_like(graph, qdq)
+    return export_like(graph, qdq)
 
 
 def drop_activation_quantizers(graph: gs.Graph, regions) -> int:

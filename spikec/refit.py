@@ -31,6 +31,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from spikec.calibrate import run_batches, unpadded_positions
+from spikec.passes.builder import export_like
 
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
 # every VALIDATION_STRIDE-th sample validates the choice of alpha
@@ -178,7 +179,7 @@ def refit_products(
     counter = next(iter(feeds))
     report = []
     for operand, group in tqdm(groups.items(), desc="refitting", unit="operand", disable=None if progress else True):
-        current = _export(graph, qann)
+        current = export_like(graph, qann)
         size = group[0].weight.values.shape[0]
         gram = _Gram.zeros(size, [p.weight.values.shape[1] for p in group])
         quantized = run_batches(_up_to(current, [operand]), feeds, [operand], batch_size=batch_size, progress=False)
@@ -214,7 +215,7 @@ def refit_products(
             scale = max(gram.square_validation[i], np.finfo(np.float64).tiny)
             entry.update(error_before=entry["error_before"] / scale, error_after=entry["error_after"] / scale)
             report.append(entry)
-    return _export(graph, qann), report
+    return export_like(graph, qann), report
 
 
 def _up_to(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
@@ -239,12 +240,3 @@ def _up_to(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
         value_info=[v for v in model.graph.value_info if v.name in needed],
     )
     return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-
-
-def _export(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    model = gs.export_onnx(graph, do_type_check=False)
-    del model.opset_import[:]
-    model.opset_import.extend(like.opset_import)
-    model.ir_version = like.ir_version
-    model.producer_name = like.producer_name
-    return model

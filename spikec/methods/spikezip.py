@@ -18,6 +18,7 @@ from spikec.errors import SpikecError
 from spikec.methods.base import SUM, Bound, Calibration, Job, Method
 from spikec.passes import quantize as ptq
 from spikec.passes import spikezip
+from spikec.passes.builder import export_like
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.options import Options, option
 from spikec.passes.patterns import find_regions, padding_mask_input
@@ -116,10 +117,7 @@ def quantize_model(
     if bias_correction:
         ptq.correct_biases(graph, sites, quantizers, stats)
     inserted = ptq.insert_quantizers(graph, sites, quantizers)
-    qann = gs.export_onnx(graph, do_type_check=False)
-    del qann.opset_import[:]
-    qann.opset_import.extend(ann.opset_import)
-    qann.ir_version = ann.ir_version
+    qann = export_like(graph, ann)
     qann.producer_name = "spikec (quantized ANN)"
     qann = canonicalize(qann)
     if not refit:
@@ -136,11 +134,7 @@ def integer_qann(qann: onnx.ModelProto) -> onnx.ModelProto:
     model = canonicalize(qann)
     graph = gs.import_onnx(model)
     spikezip.quantizers_as_levels(graph, find_regions(graph))
-    result = gs.export_onnx(graph, do_type_check=False)
-    del result.opset_import[:]
-    result.opset_import.extend(model.opset_import)
-    result.ir_version = model.ir_version
-    return result
+    return export_like(graph, model)
 
 
 class SpikeZIP(Method):
