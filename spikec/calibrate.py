@@ -480,12 +480,8 @@ class _TapAccumulator:
         token = [i for i in self.token_axes if i != self.axis]
         if not token or row_axes[0] != 0 or x.shape[0] != len(valid):
             return None
-        keep = np.ones([x.shape[i] for i in row_axes], bool)
-        for axis in token:
-            shape = [1] * len(row_axes)
-            shape[0], shape[row_axes.index(axis)] = valid.shape
-            keep &= valid.reshape(shape)
-        return keep.reshape(-1)
+        keep = position_mask(valid, [row_axes.index(axis) for axis in token], len(row_axes))
+        return np.broadcast_to(keep, [x.shape[i] for i in row_axes]).reshape(-1)
 
     def _sample(self, rows: np.ndarray) -> None:
         fill = max(0, min(len(rows), self.capacity - self.rows_seen))
@@ -683,24 +679,23 @@ def collect_statistics(
     )
 
 
-def unpadded_positions(
+def token_axes(
     model: ModelLike, inputs, names: Sequence[str], mask: str, batch_size: int = 2
-) -> dict[str, np.ndarray]:
-    """Per tensor of ``names`` whose padded positions reach no output (`_token_axes`): booleans per sample,
-    broadcastable to the tensor, False where a token axis is at a position the input ``mask`` pads."""
-    run = _Run(model, inputs, names, batch_size)
-    unpadded = run.feeds[mask] != 0
-    token_axes = _token_axes(run, mask)
-    ranks = {name: value.ndim for name, value in next(run.batches(progress=False)).items()} if token_axes else {}
-    found = {}
-    for name, axes in token_axes.items():
-        valid = np.ones((len(unpadded),) + (1,) * (ranks[name] - 1), bool)
-        for axis in axes:
-            shape = [len(unpadded)] + [1] * (ranks[name] - 1)
-            shape[axis] = unpadded.shape[1]
-            valid = valid & unpadded.reshape(shape)
-        found[name] = valid
-    return found
+) -> dict[str, tuple[int, ...]]:
+    """`_token_axes` of the tensors ``names``: per tensor whose padded positions reach no output, the axes that
+    run along the sequence of the input ``mask`` (position_mask spreads the mask over them)."""
+    return _token_axes(_Run(model, inputs, names, batch_size), mask)
+
+
+def position_mask(unpadded: np.ndarray, axes: Sequence[int], rank: int) -> np.ndarray:
+    """``unpadded`` ([batch, seq] booleans) spread over a tensor of ``rank`` axes with the batch first: True
+    where every axis of ``axes`` is at an unpadded position, size 1 along the other axes."""
+    keep = np.ones((len(unpadded),) + (1,) * (rank - 1), bool)
+    for axis in axes:
+        shape = [len(unpadded)] + [1] * (rank - 1)
+        shape[axis] = unpadded.shape[1]
+        keep = keep & unpadded.reshape(shape)
+    return keep
 
 
 def _token_axes(run: _Run, mask: str) -> dict[str, tuple[int, ...]]:

@@ -16,21 +16,21 @@ The penalty pulls toward the current weights; its strength lam = alpha * tr(G) /
 matrix, n its size) is chosen per product from ALPHAS by the error on every fifth calibration sample held
 back from the fit, and a product keeps its weights where no alpha beats them there, so a small or
 unrepresentative calibration set cannot make a product worse on data the fit did not see. Padded
-positions that reach no output (calibrate.unpadded_positions) are left out of both. Accumulating Gram
+positions that reach no output (calibrate.token_axes) are left out of both. Accumulating Gram
 matrices batch by batch keeps memory at O(n^2) per product, whatever the number of calibration rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
-from spikec.calibrate import run_batches, unpadded_positions
+from spikec.calibrate import position_mask, run_batches, token_axes
 from spikec.passes.builder import export_like
 
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
@@ -58,47 +58,36 @@ class _Product:
 
 
 @dataclass
-class _Gram:
-    """Sums over rows of [x, 1]^T [x, 1], [x, 1]^T y per reader and y^T y per reader, split fit/validation."""
+class _Sums:
+    """Sums over rows of [x, 1]^T [x, 1], and per reader of [x, 1]^T y and y^T y."""
 
-    fit: np.ndarray
-    validation: np.ndarray
-    cross_fit: list[np.ndarray]
-    cross_validation: list[np.ndarray]
-    square_validation: list[float] = field(default_factory=list)
+    gram: np.ndarray
+    cross: list[np.ndarray]
+    square: list[float]
 
     @classmethod
-    def zeros(cls, size: int, widths: list[int]) -> _Gram:
-        return cls(
-            np.zeros((size + 1, size + 1)),
-            np.zeros((size + 1, size + 1)),
-            [np.zeros((size + 1, m)) for m in widths],
-            [np.zeros((size + 1, m)) for m in widths],
-            [0.0] * len(widths),
+    def zeros(cls, size: int, widths: list[int]) -> _Sums:
+        return cls(np.zeros((size + 1, size + 1)), [np.zeros((size + 1, m)) for m in widths], [0.0] * len(widths))
+
+    def add(self, x: np.ndarray, targets: list[np.ndarray]) -> None:
+        rows = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
+        self.gram += rows.T @ rows
+        for i, y in enumerate(targets):
+            self.cross[i] += rows.T @ y.astype(np.float64)
+            self.square[i] += float(np.square(y, dtype=np.float64).sum())
+
+    def __add__(self, other: _Sums) -> _Sums:
+        return _Sums(
+            self.gram + other.gram,
+            [a + b for a, b in zip(self.cross, other.cross, strict=True)],
+            [a + b for a, b in zip(self.square, other.square, strict=True)],
         )
 
-    def add(self, x: np.ndarray, targets: list[np.ndarray], validation: bool) -> None:
-        rows = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
-        gram = rows.T @ rows
-        if validation:
-            self.validation += gram
-        else:
-            self.fit += gram
-        for i, y in enumerate(targets):
-            cross = rows.T @ y.astype(np.float64)
-            if validation:
-                self.cross_validation[i] += cross
-                self.square_validation[i] += float(np.square(y, dtype=np.float64).sum())
-            else:
-                self.cross_fit[i] += cross
-
-
-def _validation_error(gram: _Gram, reader: int, solution: np.ndarray) -> float:
-    """||[x, 1] solution - y||^2 over the validation rows, from the sums alone."""
-    cross = gram.cross_validation[reader]
-    return float(
-        gram.square_validation[reader] - 2 * np.sum(solution * cross) + np.sum(solution * (gram.validation @ solution))
-    )
+    def error(self, reader: int, solution: np.ndarray) -> float:
+        """||[x, 1] solution - y||^2 over the rows summed, from the sums alone."""
+        return float(
+            self.square[reader] - 2 * np.sum(solution * self.cross[reader]) + np.sum(solution * (self.gram @ solution))
+        )
 
 
 def _ridge(gram: np.ndarray, cross: np.ndarray, current: np.ndarray, alpha: float, rows: slice) -> np.ndarray:
@@ -114,10 +103,6 @@ def _products(graph: gs.Graph, float_targets: Mapping[str, tuple[str, str | None
     """The QANN's refittable products grouped by their operand tensor (q, k and v read one), in graph order;
     only those whose weight the float model reads the same way (by the weight's name), whose Add output
     there is the target."""
-    readers: dict[str, int] = {}
-    for node in graph.nodes:
-        for tensor in node.inputs:
-            readers[tensor.name] = readers.get(tensor.name, 0) + 1
     groups: dict[str, list[_Product]] = {}
     for node in graph.nodes:
         if node.op != "MatMul":
@@ -125,13 +110,13 @@ def _products(graph: gs.Graph, float_targets: Mapping[str, tuple[str, str | None
         operand, weight = node.inputs
         if weight.name not in float_targets:
             continue
-        if not isinstance(weight, gs.Constant) or weight.values.ndim != 2 or readers[weight.name] != 1:
+        if not isinstance(weight, gs.Constant) or weight.values.ndim != 2 or len(weight.outputs) != 1:
             continue
         if isinstance(operand, gs.Constant):
             continue
         add = node.outputs[0].outputs[0] if len(node.outputs[0].outputs) == 1 else None
         bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None) if add and add.op == "Add" else None
-        if bias is not None and (bias.values.shape != (weight.values.shape[1],) or readers[bias.name] != 1):
+        if bias is not None and (bias.values.shape != (weight.values.shape[1],) or len(bias.outputs) != 1):
             bias = None
         product, biased = float_targets[weight.name]
         target = product if bias is None else biased
@@ -169,50 +154,57 @@ def refit_products(
     """``qann`` with its products refit (module docstring), and per product considered: the target tensor,
     the alpha chosen (None: kept) and the validation error before and after, relative to the target's."""
     samples = len(next(iter(feeds.values())))
-    validation = np.arange(samples) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1
+    held_back = np.arange(samples) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1
     graph = gs.import_onnx(qann)
     groups = _products(graph, _float_targets(ann))
-    if not groups or not validation.any():
+    if not groups or not held_back.any():
         return qann, []
     targets = [p.target for group in groups.values() for p in group]
-    valid = unpadded_positions(ann, feeds, targets, padding_mask) if padding_mask is not None else {}
+    axes: dict[str, tuple[int, ...]] = {}
+    unpadded = np.ones((samples, 1), bool)  # without a mask input every position counts
+    if padding_mask is not None:
+        axes = token_axes(ann, feeds, targets, padding_mask)
+        unpadded = feeds[padding_mask] != 0
     counter = next(iter(feeds))
     report = []
     for operand, group in tqdm(groups.items(), desc="refitting", unit="operand", disable=None if progress else True):
         current = export_like(graph, qann)
         size = group[0].weight.values.shape[0]
-        gram = _Gram.zeros(size, [p.weight.values.shape[1] for p in group])
+        widths = [p.weight.values.shape[1] for p in group]
+        fit, validation = _Sums.zeros(size, widths), _Sums.zeros(size, widths)
         quantized = run_batches(_up_to(current, [operand]), feeds, [operand], batch_size=batch_size, progress=False)
         # a graph input fetched alongside counts the batch's samples whatever the operand's layout
         fetched = [p.target for p in group] + [counter]
         reference = run_batches(_up_to(ann, fetched), feeds, fetched, batch_size=batch_size, progress=False)
         start = 0
-        keep = valid.get(group[0].target)
+        target_axes = axes.get(group[0].target)
         for q_batch, f_batch in zip(quantized, reference, strict=True):
             x, stop = q_batch[operand], start + len(f_batch[counter])
-            rows = np.broadcast_to(True if keep is None else keep[start:stop], f_batch[group[0].target].shape)[..., 0]
+            y = f_batch[group[0].target]
+            keep = True if target_axes is None else position_mask(unpadded[start:stop], target_axes, y.ndim)
+            rows = np.broadcast_to(keep, y.shape)[..., 0]
             if x.shape[0] == stop - start:
-                held_out = validation[start:stop].reshape((-1,) + (1,) * (rows.ndim - 1))
+                held_out = held_back[start:stop].reshape((-1,) + (1,) * (rows.ndim - 1))
             else:  # the samples are not on axis 0 (a sequence-first model): every fifth row instead
                 held_out = (np.arange(rows.size) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1).reshape(rows.shape)
             for held in (False, True):
                 chosen = rows & (held_out == held)
-                gram.add(x[chosen], [f_batch[p.target][chosen] for p in group], validation=held)
+                (validation if held else fit).add(x[chosen], [f_batch[p.target][chosen] for p in group])
             start = stop
+        total = fit + validation
         for i, product in enumerate(group):
-            now, rows = product.solution(), product.fitted()
-            before = _validation_error(gram, i, now)
-            errors = {a: _validation_error(gram, i, _ridge(gram.fit, gram.cross_fit[i], now, a, rows)) for a in ALPHAS}
+            now, fitted = product.solution(), product.fitted()
+            before = validation.error(i, now)
+            errors = {a: validation.error(i, _ridge(fit.gram, fit.cross[i], now, a, fitted)) for a in ALPHAS}
             alpha = min(errors, key=errors.__getitem__)
             entry = {"target": product.target, "alpha": None, "error_before": before, "error_after": before}
             if errors[alpha] < before:
-                total = gram.fit + gram.validation
-                solution = _ridge(total, gram.cross_fit[i] + gram.cross_validation[i], now, alpha, rows)
+                solution = _ridge(total.gram, total.cross[i], now, alpha, fitted)
                 product.weight.values = solution[:-1].astype(product.weight.values.dtype)
                 if product.bias is not None:
                     product.bias.values = solution[-1].astype(product.bias.values.dtype)
                 entry.update(alpha=alpha, error_after=errors[alpha])
-            scale = max(gram.square_validation[i], np.finfo(np.float64).tiny)
+            scale = max(validation.square[i], np.finfo(np.float64).tiny)
             entry.update(error_before=entry["error_before"] / scale, error_after=entry["error_after"] / scale)
             report.append(entry)
     return export_like(graph, qann), report

@@ -15,7 +15,7 @@ from spikec.passes.patterns import find_regions, padding_mask_input
 from torch import nn
 
 import spikec
-from spikec.calibrate import collect_statistics, run_batches, unpadded_positions
+from spikec.calibrate import collect_statistics, position_mask, run_batches, token_axes
 from spikec.evaluate import cosine, run_dataset
 
 SEQ, DIM, HEADS = 8, 16, 2
@@ -158,14 +158,16 @@ def test_ecmt_thresholds_are_set_by_the_unpadded_tokens(exported):
     assert cosine(run_dataset(snn, held)["y"], reference) >= 0.99
 
 
-def test_unpadded_positions_mark_each_tap_along_its_token_axes(exported):
+def test_position_masks_mark_each_tap_along_its_token_axes(exported):
     path, feeds = exported(pooled=True), data(12, 5)
     taps = _taps(path)
-    valid = unpadded_positions(path, feeds, list(taps.values()), "attention_mask")
     mask = feeds["attention_mask"] != 0
+    ranks = {"x": 3, taps["probabilities"]: 4, taps["heads"]: 4}
+    axes = token_axes(path, feeds, list(taps.values()), "attention_mask")
+    valid = {name: position_mask(mask, axes[name], ranks[name]) for name in axes}
     np.testing.assert_array_equal(valid["x"], mask[:, :, None])
     # [B, H, S, S]: a query or key position padded leaves the element out
     np.testing.assert_array_equal(valid[taps["probabilities"]], mask[:, None, :, None] & mask[:, None, None, :])
     np.testing.assert_array_equal(valid[taps["heads"]], mask[:, None, :, None])
     # outputs along the sequence: every position is a target
-    assert unpadded_positions(exported(pooled=False), feeds, list(taps.values()), "attention_mask") == {}
+    assert token_axes(exported(pooled=False), feeds, list(taps.values()), "attention_mask") == {}

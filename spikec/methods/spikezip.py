@@ -4,7 +4,6 @@ quantization (passes/quantize.py), the paper's step 1 without its training."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,7 +157,7 @@ class SpikeZIP(Method):
                     "argument levels: the model is already quantized (it has QuantizeLinear/"
                     "DequantizeLinear pairs); leave levels out"
                 )
-            defaults = {f.name: f.default for f in dataclasses.fields(o)}
+            defaults = {f.name: f.default for f in o.declared()}
             for name in ("per_tensor", "zero_points", "refit"):
                 if getattr(o, name) != defaults[name]:
                     raise SpikecError(
