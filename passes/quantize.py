@@ -22,9 +22,9 @@ The SNN carries a per-channel scale at no cost: it is the ST-BIF+ threshold per 
 next weight's rows. Moving the outliers into the weights first (SmoothQuant) would add nothing, since the
 weights stay in float: x/f quantized per tensor with scale s is x quantized with per-channel scale s*f.
 
-Zero points (opt-in): where every reader of a quantizer is MatMul(x, W) + b with W constant (the
-LayerNorm outputs before q/k/v and the MLP, the GELU outputs before the MLP's second product), a channel
-may count its levels from its mid-range c, quantizing x - c (Outlier Suppression+'s shift): LayerNorm's
+Zero points (opt-in): where every reader of a quantizer is x W + b with W and b constant (MatMul and Add,
+or Gemm: Affine; the LayerNorm outputs before q/k/v and the MLP, the GELU outputs before the MLP's second
+product), a channel may count its levels from its mid-range c, quantizing x - c (Outlier Suppression+'s shift): LayerNorm's
 per-channel beta and GELU's one-sided range otherwise leave part of the levels on a side the channel
 never reaches. The products read the levels alone and their biases absorb c W, so in the SNN they still
 read spikes only; the neuron gets -c as input at the first step. Each quantizer keeps the zero point
@@ -252,15 +252,13 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
             name=f"{name}/Clip",
         )
         if q.offset is not None:
-            # every reader is MatMul(x, W) + b (choose_quantizer was asked for a zero point only there): the
+            # every reader is x W + b (choose_quantizer was asked for a zero point only there): the
             # zero point goes into the biases, b + offset W, so the products read the levels alone (spikes
             # in the SNN, nothing added at the first step)
             readers = biased_products(site, len(q.offset))
-            assert readers is not None, f"zero point of {site.tensor} has a reader that is no biased MatMul"
-            for _, weight, add, position in readers:
-                bias = add.inputs[position]
-                folded = bias.values + q.offset.astype(np.float64) @ weight.values.astype(np.float64)
-                add.inputs[position] = b.const(folded, bias.values.dtype, name=f"{bias.name}.zero_point")
+            assert readers is not None, f"zero point of {site.tensor} has a reader that is no biased product"
+            for product in readers:
+                product.set_bias(product.bias() + q.offset.astype(np.float64) @ product.matrix(), ".zero_point")
         quantized = variable("quantized")
         consumers = (
             site.consumers
@@ -293,59 +291,129 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
     return report
 
 
-def _bias_of(product: gs.Node) -> tuple[gs.Node, int] | None:
-    """The Add that is the only reader of MatMul ``product``'s output, and the index of its constant bias."""
-    readers = product.outputs[0].outputs
-    if len(readers) != 1 or readers[0].op != "Add":
+@dataclass
+class Affine:
+    """A product x W + b of the graph with W a constant [C, N]: MatMul(x, W), with b the constant [N] of the
+    Add that alone reads the product, or Gemm(x, B, C) with transA = 0, W = alpha op(B) and b = beta C.
+    ``bias_at`` is the node that holds b (the Add, or the Gemm itself) and b's index among its inputs; None
+    where the product adds no bias."""
+
+    node: gs.Node
+    bias_at: tuple[gs.Node, int] | None
+
+    @property
+    def bias_node(self) -> gs.Node | None:
+        return None if self.bias_at is None else self.bias_at[0]
+
+    @property
+    def bias_constant(self) -> gs.Constant | None:
+        return None if self.bias_at is None else self.bias_at[0].inputs[self.bias_at[1]]
+
+    @property
+    def weight(self) -> gs.Constant:
+        return self.node.inputs[1]
+
+    @property
+    def output(self) -> gs.Variable:
+        """The tensor that holds x W + b."""
+        return (self.bias_node or self.node).outputs[0]
+
+    @property
+    def unbiased(self) -> gs.Variable | None:
+        """The tensor that holds x W alone: None where a Gemm adds its bias in the same node."""
+        return self.node.outputs[0] if self.bias_node is not self.node else None
+
+    def _attr(self, name: str) -> float:
+        return float(self.node.attrs.get(name, 1.0)) if self.node.op == "Gemm" else 1.0
+
+    def _transposed(self) -> bool:
+        return self.node.op == "Gemm" and bool(self.node.attrs.get("transB", 0))
+
+    def matrix(self) -> np.ndarray:
+        """W as float64 [C, N]."""
+        values = self.weight.values.astype(np.float64)
+        return self._attr("alpha") * (values.T if self._transposed() else values)
+
+    def bias(self) -> np.ndarray | None:
+        """b as float64 [N], or None."""
+        if self.bias_constant is None:
+            return None
+        return self._attr("beta") * self.bias_constant.values.astype(np.float64).reshape(-1)
+
+    def set_matrix(self, values: np.ndarray) -> None:
+        """W := ``values`` in place (the caller has checked that only this product reads it)."""
+        values = values / self._attr("alpha")
+        self.weight.values = (values.T if self._transposed() else values).astype(self.weight.values.dtype)
+
+    def set_bias(self, values: np.ndarray, suffix: str | None = None) -> None:
+        """b := ``values``: in place, or as a new constant named after the old one with ``suffix`` (the old one
+        may have other readers)."""
+        assert self.bias_at is not None, "set_bias on a product without bias"
+        node, index = self.bias_at
+        current = node.inputs[index]
+        stored = (values / self._attr("beta")).reshape(current.values.shape).astype(current.values.dtype)
+        if suffix is None:
+            current.values = stored
+        else:
+            node.inputs[index] = gs.Constant(f"{current.name}{suffix}", stored)
+
+
+def affine_product(node: gs.Node, index: int) -> Affine | None:
+    """``node`` as x W (+ b) where it reads its input ``index`` as x and a constant 2-D W (Affine); None
+    otherwise, and for a Gemm whose C is no constant vector of N values (a batched 3-D weight, or a C per
+    row, adds no one vector to every row)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if index != 0 or node.op not in ("MatMul", "Gemm") or not isinstance(weight, gs.Constant):
         return None
-    constant = [i for i, t in enumerate(readers[0].inputs) if isinstance(t, gs.Constant)]
-    return (readers[0], constant[0]) if len(constant) == 1 else None
-
-
-def _biased_product(node: gs.Node, index: int, channels: int) -> tuple[gs.Constant, gs.Node, int] | None:
-    """(W, the bias Add, the bias's input index) where ``node`` reads its operand ``index`` as MatMul(x, W) + b
-    with W a constant [channels, N]; None otherwise (a batched 3-D weight would not add one vector to every
-    row)."""
-    weight = node.inputs[1] if node.op == "MatMul" and index == 0 else None
-    found = _bias_of(node) if weight is not None else None
-    if found is None or not isinstance(weight, gs.Constant) or weight.values.shape[:-1] != (channels,):
+    if weight.values.ndim != 2:
         return None
-    return weight, *found
+    affine = Affine(node, None)
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0):
+            return None
+        width = weight.values.shape[0 if node.attrs.get("transB", 0) else 1]
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        if bias is None:
+            return affine
+        usable = isinstance(bias, gs.Constant) and bias.values.size == width and bias.values.shape[-1] == width
+        return Affine(node, (node, 2)) if usable and affine._attr("beta") != 0 else None
+    readers = node.outputs[0].outputs
+    if len(readers) == 1 and readers[0].op == "Add":
+        constant = [i for i, t in enumerate(readers[0].inputs) if isinstance(t, gs.Constant)]
+        if len(constant) == 1 and readers[0].inputs[constant[0]].values.shape == (weight.values.shape[1],):
+            return Affine(node, (readers[0], constant[0]))
+    return affine
 
 
-def biased_products(site: Site, channels: int) -> list[tuple[gs.Node, gs.Constant, gs.Node, int]] | None:
-    """Every reader of a "before" site's quantizer as (product, W, bias Add, index), or None unless all are
-    MatMul(x, W) + b (``_biased_product``)."""
+def biased_products(site: Site, channels: int) -> list[Affine] | None:
+    """Every reader of a "before" site's quantizer as a biased product x W + b with W [channels, N], or None
+    unless all are."""
     if site.role != "before" or site.consumers is None:
         return None
     readers = []
     for node, index in site.consumers:
-        found = _biased_product(node, index, channels)
-        if found is None:
+        product = affine_product(node, index)
+        if product is None or product.bias_at is None or product.matrix().shape[0] != channels:
             return None
-        readers.append((node, *found))
+        readers.append(product)
     return readers
 
 
 def correct_biases(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Quantizer], stats: dict) -> None:
     """Bias correction (module docstring) of the products that read a "before" site's per-channel quantizer
-    as MatMul(x, W) + b with W a constant [C, N]. A per-tensor quantizer's clip cuts outlier channels so
+    as x W + b (Affine). A per-tensor quantizer's clip cuts outlier channels so
     deep that their mean shift, one constant for every row, moves the ordinary rows more than it helps
     the outlier ones (docs/methods/spikezip.md: MiniLM per tensor 0.04 with it, 0.53 without)."""
-    b = GraphBuilder(graph, "quantize")
     for site in sites:
         if site.role != "before" or site.consumers is None or not quantizers[site.tensor].per_channel:
             continue
         sample = stats[site.tensor].sample
         shift = (quantizers[site.tensor](sample) - sample).mean(axis=0, dtype=np.float64)
         for node, index in site.consumers:
-            found = _biased_product(node, index, len(shift))
-            if found is None:
+            product = affine_product(node, index)
+            if product is None or product.bias_at is None or product.matrix().shape[0] != len(shift):
                 continue
-            weight, add, position = found
-            bias = add.inputs[position]
-            corrected_bias = bias.values - shift @ weight.values.astype(np.float64)
-            add.inputs[position] = b.const(corrected_bias, bias.values.dtype, name=f"{bias.name}.bias_corrected")
+            product.set_bias(product.bias() - shift @ product.matrix(), ".bias_corrected")
 
 
 def scale_summary(scale: np.ndarray) -> dict:

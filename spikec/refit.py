@@ -1,6 +1,6 @@
 """Least-squares refit of the QANN's weight products: PTQ's last step (passes/quantize.py places the quantizers).
 
-A product MatMul(x, W) + b reads its operand quantized, q(x'), where x' is what the layers before it compute
+A product x W + b (MatMul and Add, or Gemm: passes/quantize.Affine) reads its operand quantized, q(x'), where x' is what the layers before it compute
 from their own quantized inputs. Its weights stay float, so they can absorb part of that error: in graph
 order, each product's W and b become the ridge solution that maps the QANN's operand q(x') to the float
 model's output x W + b over the calibration rows,
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from spikec.calibrate import position_mask, run_batches, token_axes
 from spikec.passes.builder import export_like
+from spikec.passes.quantize import Affine, affine_product
 
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
 # every VALIDATION_STRIDE-th sample validates the choice of alpha
@@ -40,21 +41,26 @@ VALIDATION_STRIDE = 5
 
 @dataclass
 class _Product:
-    """A MatMul(x, W) of the QANN with W [n, m] a constant that only it reads, and b [m] where an Add reads
-    the product alone and adds it (None where the product's quantizer comes first)."""
+    """A product x W (+ b) of the QANN whose W only it reads, refit with its bias where ``with_bias`` (the bias
+    is then read by it alone; else W alone, against the float model's x W)."""
 
-    weight: gs.Constant
-    bias: gs.Constant | None
-    target: str  # the float model's x W (+ b: the Add's output there, where the QANN refits b too)
+    affine: Affine
+    with_bias: bool
+    target: str  # the float model's x W + b, or x W
 
     def solution(self) -> np.ndarray:
-        """[W; b] as float64, with b = 0 where there is none (the ones column then stays out of the fit)."""
-        bias = np.zeros(self.weight.values.shape[1]) if self.bias is None else self.bias.values
-        return np.vstack([self.weight.values, bias[None]]).astype(np.float64)
+        """[W; b] as float64, with b = 0 where it stays out of the fit (the ones column then does too)."""
+        bias = self.affine.bias() if self.with_bias else np.zeros(self.affine.matrix().shape[1])
+        return np.vstack([self.affine.matrix(), bias[None]])
 
     def fitted(self) -> slice:
         """The rows of [x, 1] that the fit uses."""
-        return slice(None) if self.bias is not None else slice(None, -1)
+        return slice(None) if self.with_bias else slice(None, -1)
+
+    def set(self, solution: np.ndarray) -> None:
+        self.affine.set_matrix(solution[:-1])
+        if self.with_bias:
+            self.affine.set_bias(solution[-1])
 
 
 @dataclass
@@ -99,47 +105,30 @@ def _ridge(gram: np.ndarray, cross: np.ndarray, current: np.ndarray, alpha: floa
     return solution
 
 
-def _products(graph: gs.Graph, float_targets: Mapping[str, tuple[str, str | None]]) -> dict[str, list[_Product]]:
+def _products(graph: gs.Graph, float_products: Mapping[str, Affine]) -> dict[str, list[_Product]]:
     """The QANN's refittable products grouped by their operand tensor (q, k and v read one), in graph order;
-    only those whose weight the float model reads the same way (by the weight's name), whose Add output
-    there is the target."""
+    only those whose weight the float model reads the same way (by the weight's name), whose output there
+    is the target."""
     groups: dict[str, list[_Product]] = {}
     for node in graph.nodes:
-        if node.op != "MatMul":
+        affine = affine_product(node, 0)
+        if affine is None or affine.weight.name not in float_products or len(affine.weight.outputs) != 1:
             continue
-        operand, weight = node.inputs
-        if weight.name not in float_targets:
+        if isinstance(node.inputs[0], gs.Constant):
             continue
-        if not isinstance(weight, gs.Constant) or weight.values.ndim != 2 or len(weight.outputs) != 1:
-            continue
-        if isinstance(operand, gs.Constant):
-            continue
-        add = node.outputs[0].outputs[0] if len(node.outputs[0].outputs) == 1 else None
-        bias = next((t for t in add.inputs if isinstance(t, gs.Constant)), None) if add and add.op == "Add" else None
-        if bias is not None and (bias.values.shape != (weight.values.shape[1],) or len(bias.outputs) != 1):
-            bias = None
-        product, biased = float_targets[weight.name]
-        target = product if bias is None else biased
-        if target is not None:  # else the QANN adds a bias where the float model's product has none
-            groups.setdefault(operand.name, []).append(_Product(weight, bias, target))
+        reference = float_products[affine.weight.name]
+        bias = affine.bias_constant
+        with_bias = bias is not None and len(bias.outputs) == 1 and reference.bias_at is not None
+        target = reference.output if with_bias else reference.unbiased
+        if target is not None and (with_bias or affine.unbiased is not None):
+            groups.setdefault(node.inputs[0].name, []).append(_Product(affine, with_bias, target.name))
     return groups
 
 
-def _float_targets(ann: onnx.ModelProto) -> dict[str, tuple[str, str | None]]:
-    """A MatMul's constant weight (by name, read by that MatMul alone) -> the product's output and the
-    output of the Add that alone reads it (None if none does), in the float model."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in ann.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    constants = {i.name for i in ann.graph.initializer}
-    targets = {}
-    for node in ann.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in constants and len(consumers[node.input[1]]) == 1:
-            readers = consumers.get(node.output[0], [])
-            biased = readers[0].output[0] if len(readers) == 1 and readers[0].op_type == "Add" else None
-            targets[node.input[1]] = (node.output[0], biased)
-    return targets
+def _float_products(ann: onnx.ModelProto) -> dict[str, Affine]:
+    """The float model's products x W (+ b) (Affine) by the name of W, where only that product reads W."""
+    products = (affine_product(node, 0) for node in gs.import_onnx(ann).nodes)
+    return {p.weight.name: p for p in products if p is not None and len(p.weight.outputs) == 1}
 
 
 def refit_products(
@@ -156,7 +145,7 @@ def refit_products(
     samples = len(next(iter(feeds.values())))
     held_back = np.arange(samples) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1
     graph = gs.import_onnx(qann)
-    groups = _products(graph, _float_targets(ann))
+    groups = _products(graph, _float_products(ann))
     if not groups or not held_back.any():
         return qann, []
     targets = [p.target for group in groups.values() for p in group]
@@ -169,8 +158,8 @@ def refit_products(
     report = []
     for operand, group in tqdm(groups.items(), desc="refitting", unit="operand", disable=None if progress else True):
         current = export_like(graph, qann)
-        size = group[0].weight.values.shape[0]
-        widths = [p.weight.values.shape[1] for p in group]
+        size, _ = group[0].affine.matrix().shape
+        widths = [p.affine.matrix().shape[1] for p in group]
         fit, validation = _Sums.zeros(size, widths), _Sums.zeros(size, widths)
         quantized = run_batches(_up_to(current, [operand]), feeds, [operand], batch_size=batch_size, progress=False)
         # a graph input fetched alongside counts the batch's samples whatever the operand's layout
@@ -199,10 +188,7 @@ def refit_products(
             alpha = min(errors, key=errors.__getitem__)
             entry = {"target": product.target, "alpha": None, "error_before": before, "error_after": before}
             if errors[alpha] < before:
-                solution = _ridge(total.gram, total.cross[i], now, alpha, fitted)
-                product.weight.values = solution[:-1].astype(product.weight.values.dtype)
-                if product.bias is not None:
-                    product.bias.values = solution[-1].astype(product.bias.values.dtype)
+                product.set(_ridge(total.gram, total.cross[i], now, alpha, fitted))
                 entry.update(alpha=alpha, error_after=errors[alpha])
             scale = max(validation.square[i], np.finfo(np.float64).tiny)
             entry.update(error_before=entry["error_before"] / scale, error_after=entry["error_after"] / scale)

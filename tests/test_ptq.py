@@ -16,39 +16,63 @@ from spikec.evaluate import cosine
 RNG = np.random.default_rng(5)
 
 
-def _affine_model(weight: np.ndarray, bias: np.ndarray, then: str | None = None) -> onnx.ModelProto:
-    """y = x w + b, or with ``then`` an activation of it (the product's quantizer then goes after its bias)."""
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
+# Gemm's own scalars and layout: the product is alpha x B^T + beta C with B = W^T / alpha, C = b / beta
+GEMM_ALPHA, GEMM_BETA = 0.5, 2.0
+
+
+def _affine_model(weight: np.ndarray, bias: np.ndarray, then: str | None = None, gemm: bool = False) -> onnx.ModelProto:
+    """y = x w + b, as MatMul and Add on x [batch, 5, 8] or as one Gemm (transB) on x [batch, 8]; with ``then``
+    an activation of it (the product's quantizer then goes after its bias)."""
+    if gemm:
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], alpha=GEMM_ALPHA, beta=GEMM_BETA, transB=1)]
+        initializers = [weight.T / GEMM_ALPHA, bias / GEMM_BETA]
+        rows = ["batch"]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
+        initializers = [weight, bias]
+        rows = ["batch", 5]
     if then is not None:
         nodes[-1].output[0] = "xwb"
         nodes.append(helper.make_node(then, ["xwb"], ["y"]))
     graph = helper.make_graph(
         nodes,
         "affine",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 5, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 6])],
-        [onnx.numpy_helper.from_array(weight, "w"), onnx.numpy_helper.from_array(bias, "b")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*rows, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*rows, 6])],
+        [onnx.numpy_helper.from_array(v.astype(np.float32), n) for v, n in zip(initializers, "wb", strict=True)],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _bias_of_product(model: onnx.ModelProto) -> np.ndarray:
-    """The constant that the Add reading the MatMul's output adds."""
+def _rows(x: np.ndarray, gemm: bool) -> np.ndarray:
+    """Samples [n, 5, 8] as _affine_model's input: Gemm's is 2-D."""
+    return x.reshape(-1, 8) if gemm else x
+
+
+def _product_of(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
+    """(W, b) of the model's product as it computes x W + b (Gemm's alpha, beta and layout applied)."""
+    values = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    gemm = next((n for n in model.graph.node if n.op_type == "Gemm"), None)
+    if gemm is not None:
+        return GEMM_ALPHA * values[gemm.input[1]].T, GEMM_BETA * values[gemm.input[2]]
     product = next(n for n in model.graph.node if n.op_type == "MatMul")
     add = next(n for n in model.graph.node if n.op_type == "Add" and product.output[0] in n.input)
-    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    return next(values[name] for name in add.input if name in values)
+    return values[product.input[1]], next(values[name] for name in add.input if name in values)
 
 
-def test_bias_absorbs_the_operand_quantizers_mean_shift_and_zero_point():
+FORMS = pytest.mark.parametrize("gemm", [False, True], ids=["matmul-add", "gemm"])
+
+
+@FORMS
+def test_bias_absorbs_the_operand_quantizers_mean_shift_and_zero_point(gemm):
     """A skewed operand (a long positive tail that the clip search cuts) quantized to 4 levels gets a zero
     point per channel (the levels count x - offset) and shifts its mean; the product reads the levels alone
     and its bias becomes b + (offset - E[q(x) - x]) W over the calibration data, and the SNN of that QANN
     still equals it."""
     weight = RNG.standard_normal((8, 6)).astype(np.float32)
     bias = RNG.standard_normal(6).astype(np.float32)
-    model = _affine_model(weight, bias)
-    calib = {"x": np.exp(RNG.standard_normal((64, 5, 8))).astype(np.float32)}
+    model = _affine_model(weight, bias, gemm=gemm)
+    calib = {"x": _rows(np.exp(RNG.standard_normal((64, 5, 8))).astype(np.float32), gemm)}
     qann = spikec.quantize(model, calib, levels=4, progress=False, zero_points=True, refit=False)
     values = {t.name: onnx.numpy_helper.to_array(t) for t in qann.graph.initializer}
     scale, low, high, offset = (values[f"x.quant_{k}"] for k in ("scale", "low", "high", "offset"))
@@ -56,9 +80,11 @@ def test_bias_absorbs_the_operand_quantizers_mean_shift_and_zero_point():
     levels = np.clip(np.floor((x - offset) / scale + np.float32(0.5)), low, high) * scale
     shift = (levels + offset - x).mean(axis=0, dtype=np.float64)
     assert np.abs(shift @ weight).max() > 0.05  # a shift worth correcting
-    np.testing.assert_allclose(_bias_of_product(qann), bias + (offset - shift) @ weight, rtol=0, atol=1e-5)
+    corrected_weight, corrected_bias = _product_of(qann)
+    np.testing.assert_allclose(corrected_weight, weight, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(corrected_bias, bias + (offset - shift) @ weight, rtol=0, atol=1e-5)
     assert "y.quant_offset" not in values  # the output's readers are no products whose bias could absorb it
-    feeds = {"x": np.exp(RNG.standard_normal((8, 5, 8))).astype(np.float32)}
+    feeds = {"x": _rows(np.exp(RNG.standard_normal((8, 5, 8))).astype(np.float32), gemm)}
     want = InferenceSession(qann).run(["y"], feeds)[0]
     snn = spikec.compile(qann, calib, method="spikezip", timesteps=16, progress=False)
     np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], want, atol=1e-4 * np.abs(want).max())
@@ -75,7 +101,7 @@ def test_per_tensor_quantizers_keep_the_bias_and_no_zero_point():
     )
     names = {t.name for t in qann.graph.initializer}
     assert "x.quant_scale" in names and "x.quant_offset" not in names
-    np.testing.assert_array_equal(_bias_of_product(qann), bias)
+    np.testing.assert_array_equal(_product_of(qann)[1], bias)
 
 
 def _correlated_operand(samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -87,7 +113,8 @@ def _correlated_operand(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"x": x.astype(np.float32)}
 
 
-def test_refit_is_the_ridge_solution_and_lowers_the_products_error():
+@FORMS
+def test_refit_is_the_ridge_solution_and_lowers_the_products_error(gemm):
     """The product's W and b become the ridge solution of the float output on the quantized operand, with
     the penalty held-back samples chose; its output errs less on other data, and the SNN equals the QANN."""
     from spikec.methods.spikezip import quantize_model
@@ -95,8 +122,8 @@ def test_refit_is_the_ridge_solution_and_lowers_the_products_error():
 
     weight = RNG.standard_normal((8, 6)).astype(np.float32)
     bias = RNG.standard_normal(6).astype(np.float32)
-    model = canonicalize(_affine_model(weight, bias, then="Tanh"))
-    calib, held = _correlated_operand(200, 1), _correlated_operand(100, 2)
+    model = canonicalize(_affine_model(weight, bias, then="Tanh", gemm=gemm))
+    calib, held = ({"x": _rows(d["x"], gemm)} for d in (_correlated_operand(200, 1), _correlated_operand(100, 2)))
     kept, _, none = quantize_model(model, calib, 4, batch_size=32, progress=False, refit=False)
     qann, _, refitted = quantize_model(model, calib, 4, batch_size=32, progress=False)
     assert none == [] and len(refitted) == 1 and refitted[0]["target"] == "xwb"
@@ -108,13 +135,14 @@ def test_refit_is_the_ridge_solution_and_lowers_the_products_error():
     q = (np.clip(np.floor(calib["x"] / scale + np.float32(0.5)), low, high) * scale).reshape(-1, 8)
     rows = np.hstack([q, np.ones((len(q), 1))]).astype(np.float64)
     y = calib["x"].reshape(-1, 8).astype(np.float64) @ weight + bias
-    start = np.vstack([values["w"], _bias_of_product(kept)[None]]).astype(np.float64)
+    kept_weight, kept_bias = _product_of(kept)
+    start = np.vstack([kept_weight, kept_bias[None]])
     gram = rows.T @ rows
     penalty = alpha * np.trace(gram) / len(gram)
     solution = np.linalg.solve(gram + penalty * np.eye(9), rows.T @ y + penalty * start)
-    refit_values = {t.name: onnx.numpy_helper.to_array(t) for t in qann.graph.initializer}
-    np.testing.assert_allclose(refit_values["w"], solution[:-1], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(_bias_of_product(qann), solution[-1], rtol=0, atol=1e-5)
+    refit_weight, refit_bias = _product_of(qann)
+    np.testing.assert_allclose(refit_weight, solution[:-1], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(refit_bias, solution[-1], rtol=0, atol=1e-5)
     # on data neither the fit nor the choice of penalty saw, the product's output errs less
     float_y = held["x"].astype(np.float64) @ weight + bias
 
