@@ -98,6 +98,18 @@ def _source_through_movement(tensor: gs.Tensor) -> list[str]:
     return chain
 
 
+def _readers_through_movement(tensor: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read ``tensor`` or a data-movement view of it (GPT-2's Reshape from its Gemm's 2-D
+    output back to [batch, seq, C] before the GELU), the views' own nodes left out."""
+    readers = []
+    for node in tensor.outputs:
+        if node.op in _DATA_MOVEMENT and node.inputs[0] is tensor:
+            readers.extend(_readers_through_movement(node.outputs[0]))
+        else:
+            readers.append(node)
+    return readers
+
+
 def activation_tensors(graph: gs.Graph) -> set[str]:
     """Tensors computed from the data a sample carries: float inputs and table lookups (embeddings) and what
     follows from them. What is computed from integer inputs by arithmetic only (positions cast to float:
@@ -122,7 +134,13 @@ def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
         and any(node.inputs[index].name in activations for node, index in product_operands(r))
     ]
     softmax_inputs = {t.name for r in regions if r.kind == "softmax" for t in r.inputs}
-    operands = {node.inputs[index].name for r in products for node, index in product_operands(r)}
+    # product operands and what they are data-movement views of (GPT-2 reshapes its GELU's output to 2-D)
+    operands = {
+        name
+        for r in products
+        for node, index in product_operands(r)
+        for name in _source_through_movement(node.inputs[index])
+    }
     quantized_activation_nodes = {
         id(node)
         for r in regions
@@ -134,7 +152,8 @@ def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
         output = region.outputs[0] if region.outputs else product_operands(region)[0][0].outputs[0]
         if region.kind == "act_matmul" and _feeds_softmax(output, softmax_inputs):
             continue
-        if output.outputs and all(id(reader) in quantized_activation_nodes for reader in output.outputs):
+        readers = _readers_through_movement(output)
+        if readers and all(id(reader) in quantized_activation_nodes for reader in readers):
             continue
         after.setdefault(output.name, Site(output.name, None, "after"))
     before = operand_sites(

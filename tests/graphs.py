@@ -72,6 +72,36 @@ def silu_mlp(w1: np.ndarray, w2: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def reshaped_gemm_mlp(w1: np.ndarray, w2: np.ndarray, tokens: int = 4) -> onnx.ModelProto:
+    """x [b, tokens, K] -> Gemm w1 + b1 on its rows -> Relu on [b, tokens, H] -> Gemm w2 on its rows -> y [b*tokens,
+    N], as GPT-2's exports run Conv1D (2-D Gemms with Reshapes around them)."""
+    hidden = w1.shape[1]
+    nodes = [
+        helper.make_node("Reshape", ["x", "rows_in"], ["x_rows"]),
+        helper.make_node("Gemm", ["x_rows", "w1", "b1"], ["h_rows"]),
+        helper.make_node("Reshape", ["h_rows", "tokens_hidden"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("Reshape", ["a", "rows_hidden"], ["a_rows"]),
+        helper.make_node("Gemm", ["a_rows", "w2"], ["y"]),
+    ]
+    constants = {
+        "w1": w1.astype(np.float32),
+        "b1": np.linspace(-0.2, 0.2, hidden).astype(np.float32),
+        "w2": w2.astype(np.float32),
+        "rows_in": np.array([-1, w1.shape[0]], np.int64),
+        "tokens_hidden": np.array([-1, tokens, hidden], np.int64),
+        "rows_hidden": np.array([-1, hidden], np.int64),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "reshaped_gemm_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", tokens, w1.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", w2.shape[1]])],
+        [onnx.numpy_helper.from_array(v, n) for n, v in constants.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def attention_block(rng: np.random.Generator, *, projection_bias: bool, qkv_bias: bool = False) -> onnx.ModelProto:
     """x [batch, 5, 8] -> LayerNorm -> q, k, v [+ biases] -> softmax(q k^T / 2) v -> projection [+ bias] -> + x."""
 

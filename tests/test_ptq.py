@@ -190,28 +190,33 @@ def test_minilm_qann_at_32_levels_stays_close_to_the_float_model(zero_points, bo
     assert cosine(InferenceSession(qann).run(["sentence_embedding"], held)[0], reference) > bound
 
 
-@pytest.mark.parametrize("activation", ["relu", "silu"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "relu-reshaped-gemm"])
 def test_one_quantizer_between_an_mlps_products(activation):
     """The first product's output, read only by the activation, is not quantized: the activation's output
     is (the second product's operand), so one neuron layer sits between the products, as the reference
     code's one quantizer in front of its ReLU (after a ReLU its levels are unsigned). The SNN still equals
     the QANN."""
     rng = np.random.default_rng(2)
+    w1, w2 = rng.standard_normal((16, 32)) * 0.3, rng.standard_normal((32, 16)) * 0.3
+    shape = (16,)
     if activation == "relu":
-        model, hidden_in, hidden_out = graphs.mlp(), "h1", "h"
-    else:
-        w1, w2 = rng.standard_normal((16, 32)) * 0.3, rng.standard_normal((32, 16)) * 0.3
-        model, hidden_in, hidden_out = graphs.silu_mlp(w1, w2), "h", "a"
-    calib = {"x": rng.standard_normal((64, 16)).astype(np.float32)}
+        model, hidden_in, hidden_out, operand = graphs.mlp(), "h1", "h", "x"
+    elif activation == "silu":
+        model, hidden_in, hidden_out, operand = graphs.silu_mlp(w1, w2), "h", "a", "x"
+    else:  # GPT-2's layout: the product's output reaches the activation, and the activation's output the
+        # next product, through Reshapes; the quantizers sit on the products' operands, the views
+        model, hidden_in, hidden_out, operand = graphs.reshaped_gemm_mlp(w1, w2), "h_rows", "a_rows", "x_rows"
+        shape = (4, 16)
+    calib = {"x": rng.standard_normal((64, *shape)).astype(np.float32)}
     qann = spikec.quantize(model, calib, levels=8, progress=False)
     values = {t.name: onnx.numpy_helper.to_array(t) for t in qann.graph.initializer}
     assert sorted(n[: -len(".quant_scale")] for n in values if n.endswith(".quant_scale")) == sorted(
-        ["x", hidden_out, "y"]
+        [operand, hidden_out, "y"]
     )
     assert f"{hidden_in}.quant_scale" not in values
-    if activation == "relu":
+    if activation != "silu":
         assert values[f"{hidden_out}.quant_low"].min() == 0  # unsigned: the quantizer is the ReLU
-    feeds = {"x": rng.standard_normal((16, 16)).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((16, *shape)).astype(np.float32)}
     want = InferenceSession(qann).run(["y"], feeds)[0]
     snn = spikec.compile(qann, calib, method="spikezip", timesteps=32, progress=False)
     np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], want, atol=1e-4 * np.abs(want).max())
