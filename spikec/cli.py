@@ -142,15 +142,17 @@ def _quantize_options(args) -> dict:
 
 
 def cmd_quantize(args) -> int:
-    from spikec.compiler import quantize
+    from spikec.compiler import quantize_with_summary
+    from spikec.methods.spikezip import describe_quantization
 
-    quantize(args.model, args.calib, args.output, **_quantize_options(args))
-    print(f"wrote {args.output}")
+    _, summary = quantize_with_summary(args.model, args.calib, args.output, **_quantize_options(args))
+    print(f"{describe_quantization(summary)}; wrote {args.output}")
     return 0
 
 
 def cmd_finetune(args) -> int:
     from spikec.compiler import finetune
+    from spikec.methods.spikezip import describe_quantization
 
     _, summary = finetune(
         args.model,
@@ -165,8 +167,8 @@ def cmd_finetune(args) -> int:
         qdrop=args.qdrop,
     )
     print(
-        f"distillation loss {summary['loss_before']:.4g} -> {summary['loss_after']:.4g} after {summary['steps']} "
-        f"steps; wrote {args.output}"
+        f"{describe_quantization(summary['quantization'])}; distillation loss {summary['loss_before']:.4g} -> "
+        f"{summary['loss_after']:.4g} after {summary['steps']} steps; wrote {args.output}"
     )
     return 0
 

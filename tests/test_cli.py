@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -481,6 +482,19 @@ def test_spikezip_cli_flow(small, data, capfd):
         main(["quantize", str(model), "-o", str(tmp / "q2.onnx"), "--levels", "8", "--calib", str(calib), "--quiet"])
         == 0
     )
+    # one line says what was quantized and refit, counted as the model written has them
+    written = onnx.load(tmp / "q2.onnx")
+    scales = [onnx.numpy_helper.to_array(t) for t in written.graph.initializer if t.name.endswith(".quant_scale")]
+    summary = capfd.readouterr().out.strip()
+    match = re.fullmatch(
+        r"(\d+) quantizers \((\d+) per channel\); refit (\d+) of (\d+) weight products \(held-back error, "
+        r"median: ([\d.e-]+) -> ([\d.e-]+) of the target's\); wrote (.+)",
+        summary,
+    )
+    assert match, summary
+    assert int(match[1]) == len(scales) > 0 and int(match[2]) == sum(s.size > 1 for s in scales)
+    assert 0 < int(match[3]) <= int(match[4]) and float(match[6]) < float(match[5])
+    assert match[7] == str(tmp / "q2.onnx")
     assert (
         main(
             [

@@ -210,3 +210,19 @@ def test_cli_finetune_without_torch_is_one_line(tmp_path):
     )
     assert proc.returncode != 0 and "needs PyTorch" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_finetune_says_what_it_quantized_and_trained(tmp_path, capfd):
+    """`spikec finetune` prints one line: the quantizers and the refit (as `spikec quantize` does), then the
+    distillation loss before and after its steps, counted as the written QANN and the summary have them."""
+    from spikec.cli import main
+
+    calib, out = tmp_path / "calib.npz", tmp_path / "qann.onnx"
+    onnx.save(_mlp(), tmp_path / "mlp.onnx")
+    np.savez(calib, x=RNG.standard_normal((64, 4, 8)).astype(np.float32))
+    args = ["finetune", str(tmp_path / "mlp.onnx"), "--calib", str(calib), "-o", str(out), "--levels", "4"]
+    assert main([*args, "--steps", "3", "--quiet"]) == 0
+    line = capfd.readouterr().out.strip()
+    scales = [t for t in onnx.load(out).graph.initializer if t.name.endswith(".quant_scale")]
+    assert line.startswith(f"{len(scales)} quantizers (") and "weight products" in line
+    assert " after 3 steps; wrote " in line and line.endswith(str(out))

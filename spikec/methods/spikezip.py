@@ -127,6 +127,35 @@ def quantize_model(
     return qann, inserted, refitted
 
 
+def quantization_summary(inserted: list[dict], refitted: list[dict]) -> dict:
+    """What quantize_model did, in numbers: quantizers per kind, and the refit's products with the median of
+    their held-back errors (relative to the target's energy) before and after."""
+    refit = [r for r in refitted if r["alpha"] is not None]
+    return {
+        "quantizers": len(inserted),
+        "per_channel": sum("scale_channels" in q for q in inserted),
+        "zero_points": sum(bool(q.get("zero_point")) for q in inserted),
+        "products_considered": len(refitted),
+        "products_refit": len(refit),
+        "refit_error_before": float(np.median([r["error_before"] for r in refit])) if refit else None,
+        "refit_error_after": float(np.median([r["error_after"] for r in refit])) if refit else None,
+    }
+
+
+def describe_quantization(summary: dict) -> str:
+    """quantization_summary as one line for the command line."""
+    line = f"{summary['quantizers']} quantizers ({summary['per_channel']} per channel"
+    line += f", {summary['zero_points']} with zero points)" if summary["zero_points"] else ")"
+    if summary["products_considered"]:
+        line += f"; refit {summary['products_refit']} of {summary['products_considered']} weight products"
+        if summary["products_refit"]:
+            line += (
+                f" (held-back error, median: {summary['refit_error_before']:.3g} -> {summary['refit_error_after']:.3g}"
+                " of the target's)"
+            )
+    return line
+
+
 def integer_qann(qann: onnx.ModelProto) -> onnx.ModelProto:
     """The QANN as integer-exact mode computes it (passes/spikezip.py quantizers_as_levels): the model an
     integer-exact SNN equals bit for bit once quiet."""
