@@ -166,9 +166,10 @@ def cmd_finetune(args) -> int:
         hidden_weight=args.hidden_weight,
         qdrop=args.qdrop,
     )
+    kept = "" if summary["kept_step"] == summary["steps"] else f" (kept the parameters of step {summary['kept_step']})"
     print(
         f"{describe_quantization(summary['quantization'])}; distillation loss {summary['loss_before']:.4g} -> "
-        f"{summary['loss_after']:.4g} after {summary['steps']} steps; wrote {args.output}"
+        f"{summary['loss_after']:.4g} after {summary['steps']} steps{kept}; wrote {args.output}"
     )
     return 0
 

@@ -33,6 +33,9 @@ from spikec.errors import SpikecError
 SCALE_SUFFIX = ".quant_scale"
 # The quantizer's other constants (0.5, the clamp bounds) are part of its definition, not parameters.
 _FIXED_SUFFIXES = (".quant_half", ".quant_low", ".quant_high")
+# Steps between measurements of the loss over all samples (finetune keeps the best parameters measured):
+# a measurement is one forward pass over the samples, small beside the training steps between two.
+EVALUATE_EVERY = 200
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -372,6 +375,7 @@ def finetune(
     checkpoint: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
+    evaluate_every: int = EVALUATE_EVERY,
 ) -> tuple[onnx.ModelProto, dict]:
     """Train ``qann``'s weights and quantizer scales to reproduce ``targets`` (the float ANN's outputs on
     ``feeds``) for ``steps`` Adam steps or ``time_budget`` seconds, whichever ends first; resumes from
@@ -379,8 +383,11 @@ def finetune(
     at the end. ``hidden`` maps tensor names of the QANN to the float ANN's values there (see hidden_states):
     their mean relative error joins the loss with weight ``hidden_weight``. ``qdrop`` > 0 trains with QDrop
     (each quantizer's output element replaced by its float input with that probability; the QANN written is
-    unchanged in structure). Returns the fine-tuned QANN and a summary (output distillation loss before/after,
-    steps)."""
+    unchanged in structure). Every ``evaluate_every`` steps and at the end the output distillation loss over all
+    samples is measured, and the parameters of the lowest one so far (the start included) are what is
+    returned: training that diverges (it can, from a QANN whose scales sit far from a minimum) or ends worse
+    than it started never hands back a worse QANN. Returns that QANN and a summary: the output distillation
+    loss before and of the QANN returned, the steps run and the step whose parameters were kept."""
     if not 0.0 <= qdrop < 1.0:
         raise SpikecError(f"argument qdrop: {qdrop} is no probability in [0, 1)")
     if hidden_weight < 0 or not math.isfinite(hidden_weight):
@@ -401,6 +408,7 @@ def finetune(
     )
     step = 0
     loss_before = None
+    best: dict = {}  # the lowest loss measured so far: "loss", "step", "params"
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         try:
@@ -411,9 +419,18 @@ def finetune(
             raise SpikecError(f"argument checkpoint: {path} is from another model, level count or data set")
         module.params.load_state_dict(state["params"])
         optimizer.load_state_dict(state["optimizer"])
-        step, loss_before = state["step"], state["loss_before"]
+        if "best" not in state:
+            raise SpikecError(f"argument checkpoint: {path} was written by an older spikec; start without it")
+        step, loss_before, best = state["step"], state["loss_before"], state["best"]
     if loss_before is None:
         loss_before = evaluate_loss(module, feeds, targets, batch_size)
+        best = {"loss": loss_before, "step": 0, "params": _copy(module.params.state_dict())}
+
+    def measure() -> None:
+        loss = evaluate_loss(module, feeds, targets, batch_size)
+        if loss < best["loss"]:
+            best.update(loss=loss, step=step, params=_copy(module.params.state_dict()))
+
     samples = len(targets[0])
     batches = -(-samples // batch_size)  # per pass over the data, each pass in its own order
     torch_targets = [torch.from_numpy(t) for t in [*targets, *hidden.values()]]
@@ -430,6 +447,7 @@ def finetune(
                 "optimizer": optimizer.state_dict(),
                 "step": step,
                 "loss_before": loss_before,
+                "best": best,
             },
             temporary,
         )
@@ -450,9 +468,24 @@ def finetune(
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4g}")
+            if step % evaluate_every == 0:
+                measure()
             if time.monotonic() - last_save > 60:
                 save()
                 last_save = time.monotonic()
+    if step != best["step"] and step % evaluate_every:
+        measure()
     save()
-    loss_after = evaluate_loss(module, feeds, targets, batch_size)
-    return module.export(), {"steps": step, "loss_before": loss_before, "loss_after": loss_after}
+    module.params.load_state_dict(best["params"])
+    # the start itself where no step did better (the module's log scales would round some scales by an ulp)
+    tuned = module.export() if best["step"] else onnx.ModelProto.FromString(qann.SerializeToString())
+    return tuned, {
+        "steps": step,
+        "loss_before": loss_before,
+        "loss_after": best["loss"],
+        "kept_step": best["step"],
+    }
+
+
+def _copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in state.items()}
