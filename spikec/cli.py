@@ -142,11 +142,11 @@ def _quantize_options(args) -> dict:
 
 
 def cmd_quantize(args) -> int:
-    from spikec.compiler import quantize_with_summary
-    from spikec.methods.spikezip import describe_quantization
+    from spikec.compiler import quantize
+    from spikec.methods.spikezip import describe_quantization, recorded_quantization
 
-    _, summary = quantize_with_summary(args.model, args.calib, args.output, **_quantize_options(args))
-    print(f"{describe_quantization(summary)}; wrote {args.output}")
+    qann = quantize(args.model, args.calib, args.output, **_quantize_options(args))
+    print(f"{describe_quantization(recorded_quantization(qann))}; wrote {args.output}")
     return 0
 
 

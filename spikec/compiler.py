@@ -22,7 +22,7 @@ from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
 from spikec.methods.base import Job
-from spikec.methods.spikezip import DEFAULT_LEVELS, SpikeZIPOptions, quantization_summary, quantize_model
+from spikec.methods.spikezip import DEFAULT_LEVELS, SpikeZIPOptions, quantize_model, recorded_quantization
 from spikec.passes import emit
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
@@ -387,42 +387,13 @@ def quantize(
 ) -> onnx.ModelProto:
     """The quantized ANN (QANN) that ``compile(method="spikezip", levels=levels)`` converts: an ONNX model
     with a quantizer before every product operand and after every product, for stock onnxruntime."""
-    return quantize_with_summary(
-        model,
-        calibration,
-        output,
-        levels=levels,
-        input_shapes=input_shapes,
-        batch_size=batch_size,
-        progress=progress,
-        per_tensor=per_tensor,
-        zero_points=zero_points,
-        refit=refit,
-    )[0]
-
-
-@naming_sources
-def quantize_with_summary(
-    model: str | os.PathLike | onnx.ModelProto,
-    calibration: str | os.PathLike | Mapping[str, np.ndarray],
-    output: str | os.PathLike | None = None,
-    *,
-    levels: int = DEFAULT_LEVELS,
-    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
-    batch_size: int = 32,
-    progress: bool = True,
-    per_tensor: bool = False,
-    zero_points: bool = False,
-    refit: bool = True,
-) -> tuple[onnx.ModelProto, dict]:
-    """``quantize``, and what it did (spikec.methods.spikezip.quantization_summary)."""
     common = CompileOptions(method="spikezip", batch_size=batch_size, progress=progress)
     options = SpikeZIPOptions(levels=levels, per_tensor=per_tensor, zero_points=zero_points, refit=refit)
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
-        qann, inserted, refitted = quantize_model(
+        qann, _, _ = quantize_model(
             ann,
             load_inputs(calibration, ann),
             levels,
@@ -432,8 +403,7 @@ def quantize_with_summary(
             zero_points=options.zero_points,
             refit=options.refit,
         )
-        written = _write(model, "quantize", ann, reads, [("output", output, qann)])
-        return written, quantization_summary(inserted, refitted)
+        return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
 
 def finetune(
@@ -471,7 +441,7 @@ def finetune(
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
         feeds = load_inputs(calibration, ann)
-        qann, inserted, refitted = quantize_model(
+        qann, _, _ = quantize_model(
             ann,
             feeds,
             levels,
@@ -500,7 +470,7 @@ def finetune(
             checkpoint=checkpoint,
             progress=progress,
         )
-        summary["quantization"] = quantization_summary(inserted, refitted)
+        summary["quantization"] = recorded_quantization(qann)
         return _write(model, "finetune", ann, reads, [("output", output, tuned)]), summary
 
 

@@ -4,6 +4,7 @@ quantization (passes/quantize.py), the paper's step 1 without its training."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,12 +120,17 @@ def quantize_model(
     qann = export_like(graph, ann)
     qann.producer_name = "spikec (quantized ANN)"
     qann = canonicalize(qann)
-    if not refit:
-        return qann, inserted, []
-    qann, refitted = refit_products(
-        qann, ann, feeds, padding_mask=padding_mask_input(regions), batch_size=batch_size, progress=progress
-    )
+    refitted = []
+    if refit:
+        qann, refitted = refit_products(
+            qann, ann, feeds, padding_mask=padding_mask_input(regions), batch_size=batch_size, progress=progress
+        )
+    onnx.helper.set_model_props(qann, {QUANTIZATION_KEY: json.dumps(quantization_summary(inserted, refitted))})
     return qann, inserted, refitted
+
+
+# The QANN's metadata key of its quantization_summary (JSON); not under "spikec.", which marks spikec's SNNs
+QUANTIZATION_KEY = "spikec-quantization"
 
 
 def quantization_summary(inserted: list[dict], refitted: list[dict]) -> dict:
@@ -140,6 +146,13 @@ def quantization_summary(inserted: list[dict], refitted: list[dict]) -> dict:
         "refit_error_before": float(np.median([r["error_before"] for r in refit])) if refit else None,
         "refit_error_after": float(np.median([r["error_after"] for r in refit])) if refit else None,
     }
+
+
+def recorded_quantization(qann: onnx.ModelProto) -> dict | None:
+    """The quantization_summary that quantize_model recorded in the QANN's metadata (None in a QANN spikec did
+    not make, such as a QDQ model)."""
+    recorded = {p.key: p.value for p in qann.metadata_props}.get(QUANTIZATION_KEY)
+    return None if recorded is None else json.loads(recorded)
 
 
 def describe_quantization(summary: dict) -> str:
