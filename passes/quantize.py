@@ -24,9 +24,9 @@ weights stay in float: x/f quantized per tensor with scale s is x quantized with
 
 Zero points (opt-in): where every reader of a quantizer is x W + b with W and b constant (MatMul and Add,
 or Gemm: Affine; the LayerNorm outputs before q/k/v and the MLP, the GELU outputs before the MLP's second
-product), a channel may count its levels from its mid-range c, quantizing x - c (Outlier Suppression+'s shift): LayerNorm's
-per-channel beta and GELU's one-sided range otherwise leave part of the levels on a side the channel
-never reaches. The products read the levels alone and their biases absorb c W, so in the SNN they still
+product), a channel may count its levels from its mid-range c, quantizing x - c (Outlier Suppression+'s
+shift): LayerNorm's per-channel beta and GELU's one-sided range otherwise leave part of the levels on a
+side the channel never reaches. The products read the levels alone and their biases absorb c W, so in the SNN they still
 read spikes only; the neuron gets -c as input at the first step. Each quantizer keeps the zero point
 only where it lowers the calibration sample's error. The levels get finer, so the neurons emit more
 spikes, and a sparse tensor's many near-zero values (GELU's) now sit at a far level that each neuron

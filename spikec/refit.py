@@ -1,9 +1,9 @@
 """Least-squares refit of the QANN's weight products: PTQ's last step (passes/quantize.py places the quantizers).
 
-A product x W + b (MatMul and Add, or Gemm: passes/quantize.Affine) reads its operand quantized, q(x'), where x' is what the layers before it compute
-from their own quantized inputs. Its weights stay float, so they can absorb part of that error: in graph
-order, each product's W and b become the ridge solution that maps the QANN's operand q(x') to the float
-model's output x W + b over the calibration rows,
+A product x W + b (MatMul and Add, or Gemm: passes/quantize.Affine) reads its operand quantized, q(x'),
+where x' is what the layers before it compute from their own quantized inputs. Its weights stay float, so
+they can absorb part of that error: in graph order, each product's W and b become the ridge solution that
+maps the QANN's operand q(x') to the float model's output x W + b over the calibration rows,
 
     [W'; b'] = argmin ||[q(x'), 1] [W'; b'] - (x W + b)||^2 + lam ||[W'; b'] - [W; b]||^2,
 
