@@ -145,8 +145,9 @@ def cmd_quantize(args) -> int:
     from spikec.compiler import quantize
     from spikec.methods.spikezip import describe_quantization, recorded_quantization
 
-    qann = quantize(args.model, args.calib, args.output, **_quantize_options(args))
-    print(f"{describe_quantization(recorded_quantization(qann))}; wrote {args.output}")
+    summary = recorded_quantization(quantize(args.model, args.calib, args.output, **_quantize_options(args)))
+    assert summary is not None, "quantize_model records its summary in every QANN it makes"
+    print(f"{describe_quantization(summary)}; wrote {args.output}")
     return 0
 
 

@@ -120,7 +120,7 @@ def quantize_model(
     qann = export_like(graph, ann)
     qann.producer_name = "spikec (quantized ANN)"
     qann = canonicalize(qann)
-    refitted = []
+    refitted: list[dict] = []
     if refit:
         qann, refitted = refit_products(
             qann, ann, feeds, padding_mask=padding_mask_input(regions), batch_size=batch_size, progress=progress
