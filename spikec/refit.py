@@ -125,9 +125,9 @@ def _products(graph: gs.Graph, float_products: Mapping[str, Affine]) -> dict[str
     return groups
 
 
-def _float_products(ann: onnx.ModelProto) -> dict[str, Affine]:
+def _float_products(graph: gs.Graph) -> dict[str, Affine]:
     """The float model's products x W (+ b) (Affine) by the name of W, where only that product reads W."""
-    products = (affine_product(node, 0) for node in gs.import_onnx(ann).nodes)
+    products = (affine_product(node, 0) for node in graph.nodes)
     return {p.weight.name: p for p in products if p is not None and len(p.weight.outputs) == 1}
 
 
@@ -144,8 +144,8 @@ def refit_products(
     the alpha chosen (None: kept) and the validation error before and after, relative to the target's."""
     samples = len(next(iter(feeds.values())))
     held_back = np.arange(samples) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1
-    graph = gs.import_onnx(qann)
-    groups = _products(graph, _float_products(ann))
+    graph, float_graph = gs.import_onnx(qann), gs.import_onnx(ann)
+    groups = _products(graph, _float_products(float_graph))
     if not groups or not held_back.any():
         return qann, []
     targets = [p.target for group in groups.values() for p in group]
@@ -157,14 +157,15 @@ def refit_products(
     counter = next(iter(feeds))
     report = []
     for operand, group in tqdm(groups.items(), desc="refitting", unit="operand", disable=None if progress else True):
-        current = export_like(graph, qann)
         size, _ = group[0].affine.matrix().shape
         widths = [p.affine.matrix().shape[1] for p in group]
         fit, validation = _Sums.zeros(size, widths), _Sums.zeros(size, widths)
-        quantized = run_batches(_up_to(current, [operand]), feeds, [operand], batch_size=batch_size, progress=False)
+        quantized = run_batches(_up_to(graph, qann, [operand]), feeds, [operand], batch_size=batch_size, progress=False)
         # a graph input fetched alongside counts the batch's samples whatever the operand's layout
         fetched = [p.target for p in group] + [counter]
-        reference = run_batches(_up_to(ann, fetched), feeds, fetched, batch_size=batch_size, progress=False)
+        reference = run_batches(
+            _up_to(float_graph, ann, fetched), feeds, fetched, batch_size=batch_size, progress=False
+        )
         start = 0
         target_axes = axes.get(group[0].target)
         for q_batch, f_batch in zip(quantized, reference, strict=True):
@@ -196,25 +197,17 @@ def refit_products(
     return export_like(graph, qann), report
 
 
-def _up_to(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
-    """``model`` computing only what ``outputs`` need (every input kept, so the same feeds fit): onnxruntime
-    runs every node of a session whatever it fetches, and the refit fetches one operand at a time. A model
-    with subgraphs (whose outer-scope reads no node input lists) is left whole."""
-    if any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute
-    ):
-        return model
-    needed, kept = set(outputs), []
-    for node in reversed(model.graph.node):  # ONNX lists nodes in topological order
-        if any(name in needed for name in node.output):
-            kept.append(node)
-            needed.update(node.input)
-    graph = onnx.helper.make_graph(
-        list(reversed(kept)),
-        model.graph.name,
-        list(model.graph.input),
-        [onnx.ValueInfoProto(name=name) for name in outputs],  # onnxruntime accepts outputs with no type
-        [t for t in model.graph.initializer if t.name in needed],
-        value_info=[v for v in model.graph.value_info if v.name in needed],
-    )
-    return onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+def _up_to(graph: gs.Graph, source: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """``graph`` (made from ``source``, whose opsets it keeps) computing only what ``outputs`` need, every input
+    kept so the same feeds fit: onnxruntime runs every node of a session whatever it fetches, and the refit
+    fetches one operand at a time. Cut before export, so only the weights the cut reads are copied (the
+    copy of the graph shares its weights). A graph with subgraphs, whose outer-scope reads no node input
+    lists, is exported whole."""
+    if any(isinstance(v, gs.Graph) for node in graph.nodes for v in node.attrs.values()):
+        cut = graph
+    else:
+        cut = graph.copy()
+        tensors = cut.tensors()
+        cut.outputs = [tensors[name] for name in outputs]
+        cut.cleanup(remove_unused_graph_inputs=False)
+    return export_like(cut, source)
