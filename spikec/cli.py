@@ -887,7 +887,13 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="quantize, then fine-tune the QANN (LSQ, distilled from the float model; needs torch)"
     )
     add_quantize_arguments(p, calib_help=".npz keyed by input name, first axis = samples (no labels)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps at most")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1000,
+        help="training steps at most; the loss over all samples is measured every 200 steps and at the end, and "
+        "the parameters of the lowest measurement (the start included) are written",
+    )
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the weights")
     p.add_argument("--checkpoint", metavar="PATH", help="save progress here; an existing one is resumed")
