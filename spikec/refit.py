@@ -37,6 +37,10 @@ from spikec.passes.quantize import Affine, affine_product
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
 # every VALIDATION_STRIDE-th sample validates the choice of alpha
 VALIDATION_STRIDE = 5
+# A held-back gain at or below this fraction of the target's energy is rounding, not a better fit: the
+# float32 targets carry errors some orders smaller, a quantizer's rounding error orders larger. Weights
+# that would change for less stay as they are, bit for bit.
+NOISE_FLOOR = 1e-10
 
 
 @dataclass
@@ -188,7 +192,7 @@ def refit_products(
             errors = {a: validation.error(i, _ridge(fit.gram, fit.cross[i], now, a, fitted)) for a in ALPHAS}
             alpha = min(errors, key=errors.__getitem__)
             entry = {"target": product.target, "alpha": None, "error_before": before, "error_after": before}
-            if errors[alpha] < before:
+            if before - errors[alpha] > NOISE_FLOOR * validation.square[i]:
                 product.set(_ridge(total.gram, total.cross[i], now, alpha, fitted))
                 entry.update(alpha=alpha, error_after=errors[alpha])
             scale = max(validation.square[i], np.finfo(np.float64).tiny)

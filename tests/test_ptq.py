@@ -16,16 +16,20 @@ from spikec.evaluate import cosine
 RNG = np.random.default_rng(5)
 
 
-# Gemm's own scalars and layout: the product is alpha x B^T + beta C with B = W^T / alpha, C = b / beta
+# Gemm's own scalars: the product is alpha x op(B) + beta C with op(B) = W / alpha, C = b / beta
 GEMM_ALPHA, GEMM_BETA = 0.5, 2.0
 
 
-def _affine_model(weight: np.ndarray, bias: np.ndarray, then: str | None = None, gemm: bool = False) -> onnx.ModelProto:
-    """y = x w + b, as MatMul and Add on x [batch, 5, 8] or as one Gemm (transB) on x [batch, 8]; with ``then``
-    an activation of it (the product's quantizer then goes after its bias)."""
-    if gemm:
-        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], alpha=GEMM_ALPHA, beta=GEMM_BETA, transB=1)]
-        initializers = [weight.T / GEMM_ALPHA, bias / GEMM_BETA]
+def _affine_model(
+    weight: np.ndarray, bias: np.ndarray, then: str | None = None, gemm: str | None = None
+) -> onnx.ModelProto:
+    """y = x w + b, as MatMul and Add on x [batch, 5, 8] or, with ``gemm`` ("B" or "transB": B stored as W or
+    as W^T), as one Gemm on x [batch, 8]; with ``then`` an activation of it (the product's quantizer then goes
+    after its bias)."""
+    if gemm is not None:
+        transposed = gemm == "transB"
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], alpha=GEMM_ALPHA, beta=GEMM_BETA, transB=transposed)]
+        initializers = [(weight.T if transposed else weight) / GEMM_ALPHA, bias / GEMM_BETA]
         rows = ["batch"]
     else:
         nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])]
@@ -44,9 +48,9 @@ def _affine_model(weight: np.ndarray, bias: np.ndarray, then: str | None = None,
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _rows(x: np.ndarray, gemm: bool) -> np.ndarray:
+def _rows(x: np.ndarray, gemm: str | None) -> np.ndarray:
     """Samples [n, 5, 8] as _affine_model's input: Gemm's is 2-D."""
-    return x.reshape(-1, 8) if gemm else x
+    return x if gemm is None else x.reshape(-1, 8)
 
 
 def _product_of(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
@@ -54,13 +58,15 @@ def _product_of(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
     values = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     gemm = next((n for n in model.graph.node if n.op_type == "Gemm"), None)
     if gemm is not None:
-        return GEMM_ALPHA * values[gemm.input[1]].T, GEMM_BETA * values[gemm.input[2]]
+        stored = values[gemm.input[1]]
+        transposed = any(a.name == "transB" and a.i for a in gemm.attribute)
+        return GEMM_ALPHA * (stored.T if transposed else stored), GEMM_BETA * values[gemm.input[2]]
     product = next(n for n in model.graph.node if n.op_type == "MatMul")
     add = next(n for n in model.graph.node if n.op_type == "Add" and product.output[0] in n.input)
     return values[product.input[1]], next(values[name] for name in add.input if name in values)
 
 
-FORMS = pytest.mark.parametrize("gemm", [False, True], ids=["matmul-add", "gemm"])
+FORMS = pytest.mark.parametrize("gemm", [None, "B", "transB"], ids=["matmul-add", "gemm", "gemm-transB"])
 
 
 @FORMS
