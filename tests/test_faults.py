@@ -506,6 +506,23 @@ def test_an_already_converted_model_is_refused(work):
     _refused(work, "quantize", "snn.onnx", "-o", "q.onnx", "--calib", "calib.npz", culprits=("already a spikec model",))
 
 
+def test_an_already_quantized_model_is_refused_by_quantize_and_finetune(work):
+    """Quantizing a QANN again would stack a second quantizer on every site (and graphsurgeon's warnings on
+    every duplicate name): one line says what the model is and which command takes it."""
+    assert _cli("quantize", "mlp.onnx", "-o", "qann.onnx", "--calib", "calib.npz", cwd=work).returncode == 0
+    for command in ("quantize", "finetune"):
+        _refused(
+            work,
+            command,
+            "qann.onnx",
+            "-o",
+            "again.onnx",
+            "--calib",
+            "calib.npz",
+            culprits=("model is already quantized", "compile --method spikezip"),
+        )
+
+
 @pytest.mark.parametrize(
     "model, culprits",
     [

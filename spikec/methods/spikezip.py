@@ -94,6 +94,13 @@ def quantize_model(
     output by ridge regression in graph order (spikec/refit.py)."""
     graph = gs.import_onnx(ann)
     regions = find_regions(graph)
+    quantized = [r for r in regions if r.kind == "quantizer"]
+    if quantized:
+        raise SpikecError(
+            f"model is already quantized ({len(quantized)} quantizers, the first at node "
+            f"'{quantized[0].nodes[0].name}'): quantize and finetune take a float model; "
+            "compile --method spikezip converts a quantized one as it is"
+        )
     sites = ptq.quantizer_sites(regions, ptq.activation_tensors(graph))
     if not sites:
         raise SpikecError("model has no MatMul/Gemm with an activation operand: nothing to quantize")
