@@ -436,6 +436,15 @@ def finetune(
         raise SpikecError("spikec finetune needs PyTorch (pip install torch); quantize works without it")
     from spikec import lsq as ft
 
+    ft.check_training_arguments(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        scale_lr=scale_lr,
+        time_budget=time_budget,
+        hidden_weight=hidden_weight,
+        qdrop=qdrop,
+    )
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):

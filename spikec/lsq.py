@@ -29,6 +29,7 @@ from onnx import numpy_helper
 from tqdm import tqdm
 
 from spikec.errors import SpikecError
+from spikec.passes.stats import check_positive_int
 
 SCALE_SUFFIX = ".quant_scale"
 # The quantizer's other constants (0.5, the clamp bounds) are part of its definition, not parameters.
@@ -359,6 +360,29 @@ def _fingerprint(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], setting
     return h.hexdigest()
 
 
+def check_training_arguments(
+    *,
+    steps: int,
+    batch_size: int,
+    evaluate_every: int = EVALUATE_EVERY,
+    lr: float,
+    scale_lr: float,
+    time_budget: float | None,
+    hidden_weight: float,
+    qdrop: float,
+) -> None:
+    """finetune's arguments, refused in one line before any work (spikec finetune quantizes first)."""
+    for argument, count in (("steps", steps), ("batch_size", batch_size), ("evaluate_every", evaluate_every)):
+        check_positive_int(count, argument)
+    for argument, value in (("lr", lr), ("scale_lr", scale_lr), ("time_budget", time_budget)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise SpikecError(f"argument {argument}={value!r}: expected a finite number > 0")
+    if not 0.0 <= qdrop < 1.0:
+        raise SpikecError(f"argument qdrop: {qdrop} is no probability in [0, 1)")
+    if hidden_weight < 0 or not math.isfinite(hidden_weight):
+        raise SpikecError(f"argument hidden_weight: {hidden_weight} is not a finite weight >= 0")
+
+
 def finetune(
     qann: onnx.ModelProto,
     feeds: Mapping[str, np.ndarray],
@@ -388,10 +412,16 @@ def finetune(
     returned: training that diverges (it can, from a QANN whose scales sit far from a minimum) or ends worse
     than it started never hands back a worse QANN. Returns that QANN and a summary: the output distillation
     loss before and of the QANN returned, the steps run and the step whose parameters were kept."""
-    if not 0.0 <= qdrop < 1.0:
-        raise SpikecError(f"argument qdrop: {qdrop} is no probability in [0, 1)")
-    if hidden_weight < 0 or not math.isfinite(hidden_weight):
-        raise SpikecError(f"argument hidden_weight: {hidden_weight} is not a finite weight >= 0")
+    check_training_arguments(
+        steps=steps,
+        batch_size=batch_size,
+        evaluate_every=evaluate_every,
+        lr=lr,
+        scale_lr=scale_lr,
+        time_budget=time_budget,
+        hidden_weight=hidden_weight,
+        qdrop=qdrop,
+    )
     hidden = dict(hidden or {})
     torch.manual_seed(seed)
     module = GraphModule(qann)

@@ -251,3 +251,14 @@ def test_training_that_diverges_hands_back_the_best_parameters_measured():
     if summary["kept_step"] == 0:
         for a, b in zip(qann.graph.initializer, tuned.graph.initializer, strict=True):
             np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("steps", 0), ("steps", -5), ("lr", 0.0), ("lr", float("nan")), ("scale_lr", -1e-3), ("time_budget", -1.0)],
+)
+def test_bad_training_arguments_are_refused_before_quantizing(argument, value):
+    """A step count or rate that trains nothing (or NaN) is refused in one line, before the minutes of PTQ."""
+    calib = {"x": RNG.standard_normal((8, 4, 8)).astype(np.float32)}
+    with pytest.raises(SpikecError, match=f"argument {argument}="):
+        spikec.finetune("no-such-model.onnx", calib, levels=4, progress=False, **{argument: value})
