@@ -348,6 +348,12 @@ class Affine:
     def _transposed(self) -> bool:
         return self.node.op == "Gemm" and bool(self.node.attrs.get("transB", 0))
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(C, N) of W, read off the stored weight without converting it."""
+        rows, columns = self.weight.values.shape
+        return (columns, rows) if self._transposed() else (rows, columns)
+
     def matrix(self) -> np.ndarray:
         """W as float64 [C, N]."""
         values = self.weight.values.astype(np.float64)
@@ -390,7 +396,7 @@ def affine_product(node: gs.Node, index: int) -> Affine | None:
     if node.op == "Gemm":
         if node.attrs.get("transA", 0):
             return None
-        width = weight.values.shape[0 if node.attrs.get("transB", 0) else 1]
+        _, width = affine.shape
         bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
         if bias is None:
             return affine
@@ -412,7 +418,7 @@ def biased_products(site: Site, channels: int) -> list[Affine] | None:
     readers = []
     for node, index in site.consumers:
         product = affine_product(node, index)
-        if product is None or product.bias_at is None or product.matrix().shape[0] != channels:
+        if product is None or product.bias_at is None or product.shape[0] != channels:
             return None
         readers.append(product)
     return readers
@@ -430,7 +436,7 @@ def correct_biases(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Qua
         shift = (quantizers[site.tensor](sample) - sample).mean(axis=0, dtype=np.float64)
         for node, index in site.consumers:
             product = affine_product(node, index)
-            if product is None or product.bias_at is None or product.matrix().shape[0] != len(shift):
+            if product is None or product.bias_at is None or product.shape[0] != len(shift):
                 continue
             product.set_bias(product.bias() - shift @ product.matrix(), ".bias_corrected")
 

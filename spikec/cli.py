@@ -891,8 +891,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=1000,
-        help="training steps at most; the loss over all samples is measured every few hundred steps and at the end, and "
-        "the parameters of the lowest measurement (the start included) are written",
+        help="training steps at most; the loss over all samples is measured every few hundred steps and at the "
+        "end, and the parameters of the lowest measurement (the start included) are written",
     )
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the weights")

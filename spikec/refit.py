@@ -54,7 +54,7 @@ class _Product:
 
     def solution(self) -> np.ndarray:
         """[W; b] as float64, with b = 0 where it stays out of the fit (the ones column then does too)."""
-        bias = self.affine.bias() if self.with_bias else np.zeros(self.affine.matrix().shape[1])
+        bias = self.affine.bias() if self.with_bias else np.zeros(self.affine.shape[1])
         return np.vstack([self.affine.matrix(), bias[None]])
 
     def fitted(self) -> slice:
@@ -161,8 +161,8 @@ def refit_products(
     counter = next(iter(feeds))
     report = []
     for operand, group in tqdm(groups.items(), desc="refitting", unit="operand", disable=None if progress else True):
-        size, _ = group[0].affine.matrix().shape
-        widths = [p.affine.matrix().shape[1] for p in group]
+        size, _ = group[0].affine.shape
+        widths = [p.affine.shape[1] for p in group]
         fit, validation = _Sums.zeros(size, widths), _Sums.zeros(size, widths)
         quantized = run_batches(_up_to(graph, qann, [operand]), feeds, [operand], batch_size=batch_size, progress=False)
         # a graph input fetched alongside counts the batch's samples whatever the operand's layout

@@ -132,7 +132,8 @@ def quantize_model(
         qann, refitted = refit_products(
             qann, ann, feeds, padding_mask=padding_mask_input(regions), batch_size=batch_size, progress=progress
         )
-    onnx.helper.set_model_props(qann, {QUANTIZATION_KEY: json.dumps(quantization_summary(inserted, refitted))})
+    # added beside any metadata the QANN carries (onnx.helper.set_model_props would clear it)
+    qann.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(quantization_summary(inserted, refitted)))
     return qann, inserted, refitted
 
 
