@@ -35,7 +35,7 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -617,16 +617,20 @@ def _docstrings(module) -> Iterator[str]:
 
 def _harvest(modules: Sequence[str]) -> list[str]:
     """Prose sentences (5..20 words) of these modules' docstrings, deduplicated, in canonical order."""
+    return _prose(doc for mod_name in modules for doc in _docstrings(importlib.import_module(mod_name)))
+
+
+def _prose(texts: Iterable[str]) -> list[str]:
+    """Prose sentences (5..20 words) of these texts, deduplicated, in canonical order."""
     seen: dict[str, None] = {}  # insertion-ordered set
-    for mod_name in modules:
-        for doc in _docstrings(importlib.import_module(mod_name)):
-            # Paragraphs only: indented blocks / bullet lists are mostly code.
-            for para in re.split(r"\n\s*\n", doc):
-                if para.startswith((" ", "-", "*", ">>>")):
-                    continue
-                for sent in _SENTENCE_SPLIT.split(" ".join(para.split())):
-                    if _PROSE.fullmatch(sent) and 5 <= len(sent.split()) <= _MAX_WORDS:
-                        seen.setdefault(sent, None)
+    for text in texts:
+        # Paragraphs only: indented blocks / bullet lists are mostly code.
+        for para in re.split(r"\n\s*\n", text):
+            if para.startswith((" ", "-", "*", ">>>")):
+                continue
+            for sent in _SENTENCE_SPLIT.split(" ".join(para.split())):
+                if _PROSE.fullmatch(sent) and 5 <= len(sent.split()) <= _MAX_WORDS:
+                    seen.setdefault(sent, None)
     return sorted(seen)  # canonical order, independent of module iteration quirks
 
 
@@ -659,13 +663,45 @@ def evaluation_sentences() -> list[str]:
 
 def training_sentences(count: int) -> list[str]:
     """``count`` sentences to fit on (calibration_sentences() first, then pool sentences after the
-    evaluation set): for fine-tuning, which wants more text than calibration; disjoint from the
-    evaluation and held-out sentences."""
-    pool = _sentence_pool()
-    extra = list(pool[_N_CALIBRATION + _N_EVALUATION :])
-    if count > _N_CALIBRATION + len(extra):
-        raise RuntimeError(f"only {_N_CALIBRATION + len(extra)} training sentences harvested from stdlib docstrings")
-    return (calibration_sentences() + extra)[:count]
+    evaluation set, then the training-only pool): for fine-tuning, which wants more text than calibration;
+    disjoint from the evaluation and held-out sentences. A few of the training-only pool's run past 32
+    wordpieces (minilm_inputs truncates them)."""
+    available = calibration_sentences() + list(_sentence_pool()[_N_CALIBRATION + _N_EVALUATION :])
+    if count > len(available):
+        available += _training_pool()
+    if count > len(available):
+        raise RuntimeError(f"only {len(available)} training sentences harvested from stdlib docstrings")
+    return available[:count]
+
+
+# More text for fine-tuning only, after the first pool's (so that a count the first pool holds gives the same
+# sentences as before): other modules' docstrings and the language reference's prose (pydoc_data).
+_TRAINING_MODULES = (
+    "bdb", "bz2", "cmd", "code", "codeop", "colorsys", "compileall", "concurrent.futures", "contextvars",
+    "ctypes", "dbm", "dis", "fileinput", "fnmatch", "getopt", "getpass", "graphlib", "hmac", "html.parser",
+    "http.cookiejar", "http.cookies", "http.server", "importlib.abc", "importlib.machinery",
+    "importlib.metadata", "importlib.resources", "importlib.util", "io", "linecache", "modulefinder",
+    "multiprocessing.connection", "multiprocessing.managers", "multiprocessing.pool",
+    "multiprocessing.process", "multiprocessing.queues", "multiprocessing.shared_memory",
+    "multiprocessing.synchronize", "netrc", "operator", "pickletools", "plistlib", "poplib", "profile",
+    "pstats", "py_compile", "pyclbr", "re", "reprlib", "rlcompleter", "runpy", "secrets", "signal", "site",
+    "socketserver", "stat", "struct", "symtable", "sysconfig", "tabnanny", "tomllib", "tracemalloc",
+    "urllib.request", "urllib.robotparser", "venv", "wave", "wsgiref.handlers", "wsgiref.headers",
+    "wsgiref.simple_server", "wsgiref.util", "wsgiref.validate", "xml.dom.minidom", "xml.etree.ElementTree",
+    "xml.sax.handler", "xml.sax.saxutils", "xmlrpc.client", "xmlrpc.server", "zipapp", "zipimport",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _training_pool() -> list[str]:
+    from pydoc_data.topics import topics
+
+    taken = set(_sentence_pool()) | set(_harvest(_HELDOUT_MODULES))
+    texts = [topics[key] for key in sorted(topics)]
+    pool = [s for s in _prose(texts) + _harvest(_TRAINING_MODULES) if s not in taken]
+    pool = list(dict.fromkeys(pool))
+    random.Random(2).shuffle(pool)
+    return pool
 
 
 # Other modules' docstrings: a third pool, for claims that must hold on text neither calibration nor
