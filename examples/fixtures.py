@@ -617,6 +617,11 @@ def _docstrings(module) -> Iterator[str]:
 
 def _harvest(modules: Sequence[str]) -> list[str]:
     """Prose sentences (5..20 words) of these modules' docstrings, deduplicated, in canonical order."""
+    # Importing torch replaces inspect.getfile (torch.package), whose docstring then no longer counts as
+    # inspect's: harvest with it in place, as every process that exports or runs a fixture has it, so that
+    # the pools (and the shuffles that split them) do not depend on what was imported first.
+    import torch  # noqa: F401
+
     return _prose(doc for mod_name in modules for doc in _docstrings(importlib.import_module(mod_name)))
 
 

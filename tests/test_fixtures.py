@@ -4,12 +4,19 @@ First run on a fresh cache trains the digits ViT (~20 s on 2 idle cores) and
 exports MiniLM (~5 s); later runs hit the cache.
 """
 
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
 from examples import fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
@@ -76,6 +83,25 @@ def test_sentence_sets():
     assert calibration == fixtures.calibration_sentences()  # deterministic
     lengths = fixtures.minilm_inputs(calibration + evaluation, seq_len=32)["attention_mask"].sum(1)
     assert lengths.max() <= 32 and lengths.min() >= 5
+
+
+def test_sentence_pools_do_not_depend_on_import_order():
+    # torch replaces inspect.getfile when imported: a process that asks for sentences before importing torch
+    # must get the same ones as one that imported it first (one sentence fewer reshuffles every set).
+    count = 2600
+    script = f"from examples import fixtures; print(repr(fixtures.training_sentences({count})))"
+
+    def sentences(first: str) -> list[str]:
+        run = subprocess.run([sys.executable, "-c", first + script], capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 0, run.stderr
+        return ast.literal_eval(run.stdout)
+
+    training = sentences("import torch; ")
+    assert sentences("import sys; assert 'torch' not in sys.modules; ") == training
+    assert training[:128] == fixtures.calibration_sentences()
+    assert len(set(training)) == count
+    others = {*fixtures.evaluation_sentences(), *fixtures.heldout_sentences(), *fixtures.written_sentences()}
+    assert not set(training) & others
 
 
 _RANDOM_OUTPUTS = {
