@@ -169,8 +169,9 @@ def cmd_finetune(args) -> int:
     )
     kept = "" if summary["kept_step"] == summary["steps"] else f" (kept the parameters of step {summary['kept_step']})"
     print(
-        f"{describe_quantization(summary['quantization'])}; distillation loss {summary['loss_before']:.4g} -> "
-        f"{summary['loss_after']:.4g} after {summary['steps']} steps{kept}; wrote {args.output}"
+        f"{describe_quantization(summary['quantization'])}; distillation loss on {summary['measured_samples']} "
+        f"{summary['measured_on']} samples {summary['loss_before']:.4g} -> {summary['loss_after']:.4g} after "
+        f"{summary['steps']} steps{kept}; wrote {args.output}"
     )
     return 0
 
@@ -891,8 +892,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=1000,
-        help="training steps at most; the loss over all samples is measured every few hundred steps and at the "
-        "end, and the parameters of the lowest measurement (the start included) are written",
+        help="training steps at most; every fifth sample is held back from training, its loss measured every few "
+        "hundred steps and at the end, and the parameters of the lowest measurement (the start included) are "
+        "written",
     )
     p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop training after this long")
     p.add_argument("--lr", type=float, default=2e-5, help="Adam learning rate of the weights")

@@ -30,13 +30,16 @@ from tqdm import tqdm
 
 from spikec.errors import SpikecError
 from spikec.passes.stats import check_positive_int
+from spikec.refit import held_back_samples
 
 SCALE_SUFFIX = ".quant_scale"
 # The quantizer's other constants (0.5, the clamp bounds) are part of its definition, not parameters.
 _FIXED_SUFFIXES = (".quant_half", ".quant_low", ".quant_high")
-# Steps between measurements of the loss over all samples (finetune keeps the best parameters measured):
-# a measurement is one forward pass over the samples, small beside the training steps between two.
+# Steps between measurements of the loss over the held-back samples (finetune keeps the best parameters
+# measured): a measurement is one forward pass over them, small beside the training steps between two.
 EVALUATE_EVERY = 200
+# Checkpoints of another layout or measurement rule are refused, not resumed.
+CHECKPOINT_VERSION = 2
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -336,7 +339,7 @@ def hidden_states(model: onnx.ModelProto) -> list[str]:
 def evaluate_loss(
     module: GraphModule, feeds: Mapping[str, np.ndarray], targets: Sequence[np.ndarray], batch_size: int
 ) -> float:
-    """The distillation loss over all samples (batch-weighted mean), without QDrop."""
+    """The distillation loss over the samples given (batch-weighted mean), without QDrop."""
     module.eval()
     samples = len(next(iter(feeds.values())))
     total = 0.0
@@ -407,11 +410,14 @@ def finetune(
     at the end. ``hidden`` maps tensor names of the QANN to the float ANN's values there (see hidden_states):
     their mean relative error joins the loss with weight ``hidden_weight``. ``qdrop`` > 0 trains with QDrop
     (each quantizer's output element replaced by its float input with that probability; the QANN written is
-    unchanged in structure). Every ``evaluate_every`` steps and at the end the output distillation loss over all
-    samples is measured, and the parameters of the lowest one so far (the start included) are what is
-    returned: training that diverges (it can, from a QANN whose scales sit far from a minimum) or ends worse
-    than it started never hands back a worse QANN. Returns that QANN and a summary: the output distillation
-    loss before and of the QANN returned, the steps run and the step whose parameters were kept."""
+    unchanged in structure). Every fifth sample (refit.held_back_samples) is held back from training, and
+    every ``evaluate_every`` steps and at the end the output distillation loss over those is measured; the
+    parameters of the lowest one so far (the start included) are what is returned: training that diverges
+    (it can, from a QANN whose scales sit far from a minimum), overfits the samples it sees or ends worse
+    than it started never hands back a worse QANN. With fewer than five samples nothing is held back and
+    the loss is measured on all of them. Returns that QANN and a summary: the measured loss before and of
+    the QANN returned, the samples it was measured on ("measured_on": "held-back" or "training") and their
+    count, the steps run and the step whose parameters were kept."""
     check_training_arguments(
         steps=steps,
         batch_size=batch_size,
@@ -436,6 +442,13 @@ def finetune(
     fingerprint = _fingerprint(
         qann, feeds, {"hidden": sorted(hidden), "hidden_weight": hidden_weight if hidden else 0.0, "qdrop": qdrop}
     )
+    samples = len(targets[0])
+    held_back = held_back_samples(samples)
+    training = np.flatnonzero(~held_back)
+    if not held_back.any():  # too few samples to hold any back: measure the ones trained on
+        held_back = np.ones(samples, bool)
+    measured_feeds = {name: array[held_back] for name, array in feeds.items()}
+    measured_targets = [t[held_back] for t in targets]
     step = 0
     loss_before = None
     best: dict = {}  # the lowest loss measured so far: "loss", "step", "params"
@@ -445,24 +458,23 @@ def finetune(
             state = torch.load(path, weights_only=False)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
             raise SpikecError(f"argument checkpoint: {path}: cannot read it ({str(e).splitlines()[0]})") from None
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise SpikecError(f"argument checkpoint: {path} was written by an older spikec; start without it")
         if state.get("fingerprint") != fingerprint:
             raise SpikecError(f"argument checkpoint: {path} is from another model, level count or data set")
         module.params.load_state_dict(state["params"])
         optimizer.load_state_dict(state["optimizer"])
-        if "best" not in state:
-            raise SpikecError(f"argument checkpoint: {path} was written by an older spikec; start without it")
         step, loss_before, best = state["step"], state["loss_before"], state["best"]
     if loss_before is None:
-        loss_before = evaluate_loss(module, feeds, targets, batch_size)
+        loss_before = evaluate_loss(module, measured_feeds, measured_targets, batch_size)
         best = {"loss": loss_before, "step": 0, "params": _copy(module.params.state_dict())}
 
     def measure() -> None:
-        loss = evaluate_loss(module, feeds, targets, batch_size)
+        loss = evaluate_loss(module, measured_feeds, measured_targets, batch_size)
         if loss < best["loss"]:
             best.update(loss=loss, step=step, params=_copy(module.params.state_dict()))
 
-    samples = len(targets[0])
-    batches = -(-samples // batch_size)  # per pass over the data, each pass in its own order
+    batches = -(-len(training) // batch_size)  # per pass over the data, each pass in its own order
     torch_targets = [torch.from_numpy(t) for t in [*targets, *hidden.values()]]
     extra = list(hidden)
 
@@ -472,6 +484,7 @@ def finetune(
         temporary = path.with_name(path.name + ".tmp")
         torch.save(
             {
+                "version": CHECKPOINT_VERSION,
                 "fingerprint": fingerprint,
                 "params": module.params.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -487,8 +500,8 @@ def finetune(
     with tqdm(total=steps, initial=step, desc="fine-tuning", unit="step", disable=None if progress else True) as bar:
         while step < steps and (time_budget is None or time.monotonic() - start < time_budget):
             epoch, batch = divmod(step, batches)
-            order = np.random.default_rng([seed, epoch]).permutation(samples)
-            index = np.sort(order[batch * batch_size : (batch + 1) * batch_size])
+            order = np.random.default_rng([seed, epoch]).permutation(len(training))
+            index = np.sort(training[order[batch * batch_size : (batch + 1) * batch_size]])
             module.train()
             student = module(_torch_feeds(feeds, index), extra)
             loss = training_loss(student, [t[index] for t in torch_targets], len(targets), hidden_weight)
@@ -513,6 +526,8 @@ def finetune(
         "steps": step,
         "loss_before": loss_before,
         "loss_after": best["loss"],
+        "measured_on": "training" if len(training) == samples else "held-back",
+        "measured_samples": int(held_back.sum()),
         "kept_step": best["step"],
     }
 

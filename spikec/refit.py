@@ -37,6 +37,14 @@ from spikec.passes.quantize import Affine, affine_product
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
 # every VALIDATION_STRIDE-th sample validates the choice of alpha
 VALIDATION_STRIDE = 5
+
+
+def held_back_samples(samples: int) -> np.ndarray:
+    """Every VALIDATION_STRIDE-th of ``samples`` samples, as a mask: the data that the refit chooses its
+    penalties on and fine-tuning its parameters by, and neither fits on."""
+    return np.arange(samples) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1
+
+
 # A held-back gain at or below this fraction of the target's energy is rounding, not a better fit: the
 # float32 targets carry errors some orders smaller, a quantizer's rounding error orders larger. Weights
 # that would change for less stay as they are, bit for bit.
@@ -147,7 +155,7 @@ def refit_products(
     """``qann`` with its products refit (module docstring), and per product considered: the target tensor,
     the alpha chosen (None: kept) and the validation error before and after, relative to the target's."""
     samples = len(next(iter(feeds.values())))
-    held_back = np.arange(samples) % VALIDATION_STRIDE == VALIDATION_STRIDE - 1
+    held_back = held_back_samples(samples)
     graph, float_graph = gs.import_onnx(qann), gs.import_onnx(ann)
     groups = _products(graph, _float_products(float_graph))
     if not groups or not held_back.any():
