@@ -30,7 +30,6 @@ import importlib
 import inspect
 import io
 import os
-import pkgutil
 import random
 import re
 import tempfile
@@ -669,69 +668,44 @@ def evaluation_sentences() -> list[str]:
 
 def training_sentences(count: int) -> list[str]:
     """``count`` sentences to fit on (calibration_sentences() first, then pool sentences after the
-    evaluation set, then the training-only pools in order): for fine-tuning, which wants more text than
-    calibration; disjoint from the evaluation and held-out sentences. A few of the training-only pools'
-    run past 32 wordpieces (minilm_inputs truncates them)."""
+    evaluation set, then the training-only pool): for fine-tuning, which wants more text than calibration;
+    disjoint from the evaluation and held-out sentences. A few of the training-only pool's run past 32
+    wordpieces (minilm_inputs truncates them)."""
     available = calibration_sentences() + list(_sentence_pool()[_N_CALIBRATION + _N_EVALUATION :])
-    for tier in range(len(_TRAINING_SOURCES)):
-        if count <= len(available):
-            break
-        available += _training_pool(tier)
     if count > len(available):
-        raise RuntimeError(f"only {len(available)} training sentences harvested from docstrings")
+        available += _training_pool()
+    if count > len(available):
+        raise RuntimeError(f"only {len(available)} training sentences harvested from stdlib docstrings")
     return available[:count]
 
 
-# More text for fine-tuning only, in tiers after the first pool's (so that a count the earlier tiers hold
-# gives the same sentences as before): other stdlib modules' docstrings and the language reference's prose
-# (pydoc_data), then the docstrings of torch packages (torch is pinned) and their public submodules.
-_TRAINING_SOURCES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (  # (modules, packages)
-    (
-        (
-            "bdb", "bz2", "cmd", "code", "codeop", "colorsys", "compileall", "concurrent.futures", "contextvars",
-            "ctypes", "dbm", "dis", "fileinput", "fnmatch", "getopt", "getpass", "graphlib", "hmac",
-            "html.parser", "http.cookiejar", "http.cookies", "http.server", "importlib.abc",
-            "importlib.machinery", "importlib.metadata", "importlib.resources", "importlib.util", "io",
-            "linecache", "modulefinder", "multiprocessing.connection", "multiprocessing.managers",
-            "multiprocessing.pool", "multiprocessing.process", "multiprocessing.queues",
-            "multiprocessing.shared_memory", "multiprocessing.synchronize", "netrc", "operator", "pickletools",
-            "plistlib", "poplib", "profile", "pstats", "py_compile", "pyclbr", "re", "reprlib", "rlcompleter",
-            "runpy", "secrets", "signal", "site", "socketserver", "stat", "struct", "symtable", "sysconfig",
-            "tabnanny", "tomllib", "tracemalloc", "urllib.request", "urllib.robotparser", "venv", "wave",
-            "wsgiref.handlers", "wsgiref.headers", "wsgiref.simple_server", "wsgiref.util", "wsgiref.validate",
-            "xml.dom.minidom", "xml.etree.ElementTree", "xml.sax.handler", "xml.sax.saxutils", "xmlrpc.client",
-            "xmlrpc.server", "zipapp", "zipimport",
-        ),
-        (),
-    ),
-    (
-        (),
-        (
-            "torch.ao.quantization", "torch.autograd", "torch.distributions", "torch.export", "torch.fx",
-            "torch.nn.modules", "torch.nn.utils", "torch.optim", "torch.package", "torch.profiler",
-            "torch.utils.data",
-        ),
-    ),
+# More text for fine-tuning only, after the first pool's (so that a count the first pool holds gives the same
+# sentences as before): other modules' docstrings and the language reference's prose (pydoc_data).
+_TRAINING_MODULES = (
+    "bdb", "bz2", "cmd", "code", "codeop", "colorsys", "compileall", "concurrent.futures", "contextvars",
+    "ctypes", "dbm", "dis", "fileinput", "fnmatch", "getopt", "getpass", "graphlib", "hmac", "html.parser",
+    "http.cookiejar", "http.cookies", "http.server", "importlib.abc", "importlib.machinery",
+    "importlib.metadata", "importlib.resources", "importlib.util", "io", "linecache", "modulefinder",
+    "multiprocessing.connection", "multiprocessing.managers", "multiprocessing.pool",
+    "multiprocessing.process", "multiprocessing.queues", "multiprocessing.shared_memory",
+    "multiprocessing.synchronize", "netrc", "operator", "pickletools", "plistlib", "poplib", "profile",
+    "pstats", "py_compile", "pyclbr", "re", "reprlib", "rlcompleter", "runpy", "secrets", "signal", "site",
+    "socketserver", "stat", "struct", "symtable", "sysconfig", "tabnanny", "tomllib", "tracemalloc",
+    "urllib.request", "urllib.robotparser", "venv", "wave", "wsgiref.handlers", "wsgiref.headers",
+    "wsgiref.simple_server", "wsgiref.util", "wsgiref.validate", "xml.dom.minidom", "xml.etree.ElementTree",
+    "xml.sax.handler", "xml.sax.saxutils", "xmlrpc.client", "xmlrpc.server", "zipapp", "zipimport",
 )  # fmt: skip
 
 
-@functools.cache
-def _training_pool(tier: int) -> list[str]:
-    """Training-only tier ``tier`` of _TRAINING_SOURCES, less every sentence of the pools before it, shuffled."""
-    modules, packages = _TRAINING_SOURCES[tier]
-    texts: list[str] = []
-    if tier == 0:
-        from pydoc_data.topics import topics
+@functools.lru_cache(maxsize=1)
+def _training_pool() -> list[str]:
+    from pydoc_data.topics import topics
 
-        texts = [topics[key] for key in sorted(topics)]
-    for package in packages:
-        found = pkgutil.iter_modules(importlib.import_module(package).__path__)  # sorted by name
-        modules += (package, *(f"{package}.{m.name}" for m in found if not m.name.startswith("_")))
     taken = set(_sentence_pool()) | set(_harvest(_HELDOUT_MODULES))
-    for earlier in range(tier):
-        taken |= set(_training_pool(earlier))
-    pool = [s for s in dict.fromkeys(_prose(texts) + _harvest(modules)) if s not in taken]
-    random.Random(2 + tier).shuffle(pool)
+    texts = [topics[key] for key in sorted(topics)]
+    pool = [s for s in _prose(texts) + _harvest(_TRAINING_MODULES) if s not in taken]
+    pool = list(dict.fromkeys(pool))
+    random.Random(2).shuffle(pool)
     return pool
 
 
