@@ -262,39 +262,60 @@ def _match_qdq(quantize: gs.Node, ctx: _Context) -> Match:
 
 def _match_quantize_chain(floor: gs.Node, ctx: _Context) -> Match:
     """spikec's own quantizer (passes/quantize.py, the reference code's LSQ forward):
-    Div(x, s) -> Add(0.5) -> Floor -> Clip(low, high) -> Mul(s) = clamp(floor(x/s + 1/2), low, high) * s."""
+    Div(x, s) -> Add(0.5) -> Floor -> Clip(low, high) -> Mul(s) = clamp(floor(x/s + 1/2), low, high) * s, or
+    with per-channel bounds (vectors over the last axis, as a per-channel s) Max(low) -> Min(high) for the Clip."""
     if floor.op != "Floor":
         return None
     add = _producer(floor.inputs[0])
     shifted = _with_scalar(add, "Add")
     div = _producer(shifted[0]) if shifted and _close(shifted[1], 0.5) else None
     divided = _with_channel_scale(div, "Div")
-    clip = ctx.sole_consumer(floor.outputs[0])
-    mul = ctx.sole_consumer(clip.outputs[0]) if _is(clip, "Clip") and len(clip.inputs) == 3 else None
+    clamp = _match_clamp(floor.outputs[0], ctx)
+    mul = ctx.sole_consumer(clamp[0][-1].outputs[0]) if clamp else None
     scaled = _with_channel_scale(mul, "Mul")
     if (
         not divided
         or not scaled
         or add is None
         or div is None
-        or clip is None
+        or clamp is None
         or not np.array_equal(scaled[1], divided[1])
         or len(add.outputs[0].outputs) != 1
         or len(div.outputs[0].outputs) != 1
     ):
         return None
-    low, high = _scalar(clip.inputs[1]), _scalar(clip.inputs[2])
-    if low is None or high is None:
-        return None
+    nodes, low, high = clamp
     scale = divided[1]
-    return [div, add, floor, clip, mul], {
+    return [div, add, floor, *nodes, mul], {
         "format": "spikec",
         "scale": float(scale) if scale.ndim == 0 else scale,
-        "low": int(low),
-        "high": int(high),
+        "low": low,
+        "high": high,
         "rounding": "half_up",
         "input": divided[0],
     }
+
+
+def _match_clamp(levels: gs.Tensor, ctx: _Context) -> tuple[list[gs.Node], int | np.ndarray, int | np.ndarray] | None:
+    """The clamp of a quantizer's levels to integer bounds: Clip(low, high) with scalars, or Max(low) ->
+    Min(high) with each bound a scalar or a vector over the last axis (per-channel bounds, int64 [C])."""
+    first = ctx.sole_consumer(levels)
+    if first is None:
+        return None
+    if _is(first, "Clip"):
+        scalars = [v for v in (_scalar(t) for t in first.inputs[1:]) if v is not None] if len(first.inputs) == 3 else []
+        return ([first], int(scalars[0]), int(scalars[1])) if len(scalars) == 2 else None
+    second = ctx.sole_consumer(first.outputs[0]) if _is(first, "Max") and len(first.inputs) == 2 else None
+    if second is None or not _is(second, "Min") or len(second.inputs) != 2 or first.inputs[0] is not levels:
+        return None
+    found = [_const(first.inputs[1]), _const(second.inputs[1])]
+    bounds = [b for b in found if b is not None and b.ndim <= 1 and np.array_equal(b, np.round(b))]
+    if len(bounds) != 2 or second.inputs[0] is not first.outputs[0]:
+        return None
+    low, high = (int(b.reshape(-1)[0]) if b.size == 1 else b.astype(np.int64) for b in bounds)
+    if (np.asarray(low) > np.asarray(high)).any():
+        return None
+    return [first, second], low, high
 
 
 def _with_channel_scale(node: gs.Node | None, op: str) -> tuple[gs.Tensor, np.ndarray] | None:

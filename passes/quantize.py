@@ -11,8 +11,14 @@ output is (as a product operand): one neuron layer between the MLP's two product
 one quantizer in front of its ReLU; the activation reads the product's running sum in the SNN, as the
 softmax reads Q K^T's. Each quantizer is
 clamp(floor(x/s + 1/2), low, high) * s (the reference code's LSQ forward), with L levels: [0, L - 1]
-for a tensor calibration never saw negative, otherwise [-L/2, L/2 - 1] or, when that has the larger
-error, L levels split between the signs in proportion to the tensor's range (GELU's outputs).
+where calibration never saw a negative value, otherwise [-L/2, L/2 - 1] or, when that has the larger
+error, L levels split between the signs in proportion to the range (GELU's outputs). A per-channel
+quantizer chooses the split per channel too (low and high are [C]): the channels of one tensor sit
+differently around zero (a product's output channel is offset by its bias, a LayerNorm output's by its
+beta; many never go negative), and a split by the whole tensor's range leaves part of most channels'
+levels on a side they never reach. The ST-BIF+ tracer bounds are per channel as its threshold is. A graph
+output keeps one split for all its channels: its rows are often just the samples, few, and a classifier's
+logit that calibration never saw positive would get no level above zero.
 
 The scale s is per channel (one value per index of the last axis, each clipped by its own MMSE search)
 wherever that axis has a static size, per tensor elsewhere (the attention probabilities, whose last axis
@@ -25,10 +31,9 @@ weights stay in float: x/f quantized per tensor with scale s is x quantized with
 Zero points (opt-in): where every reader of a quantizer is x W + b with W and b constant (MatMul and Add,
 or Gemm: Affine; the LayerNorm outputs before q/k/v and the MLP, the GELU outputs before the MLP's second
 product), a channel may count its levels from its mid-range c, quantizing x - c (Outlier Suppression+'s
-shift): LayerNorm's per-channel beta and GELU's one-sided range otherwise leave part of the levels on a
-side the channel never reaches. The products read the levels alone and their biases absorb c W, so in the SNN they still
-read spikes only; the neuron gets -c as input at the first step. Each quantizer keeps the zero point
-only where it lowers the calibration sample's error. The levels get finer, so the neurons emit more
+shift), which fits a channel's range closer than a split of the levels between the signs can. The products read the levels alone and their biases absorb c W, so in the SNN they still
+read spikes only; the neuron gets -c as input at the first step. Each channel keeps the zero point
+only where it lowers its calibration sample's error (c = 0 elsewhere). The levels get finer, so the neurons emit more
 spikes, and a sparse tensor's many near-zero values (GELU's) now sit at a far level that each neuron
 first runs down to from the -c of the first step: T_eq grows. Hence not the default. Elsewhere
 (residual branches, attention operands) c would have to be added back where the next op reads it, with
@@ -41,7 +46,7 @@ measured on the calibration sample (Nagel et al., data-free quantization, with m
 so the QANN stays a QANN the SNN equals. Correcting the outputs' quantizers too, or shifting biases by
 the QANN's measured drift (all upstream quantizers together), measured worse (docs/methods/spikezip.md).
 
-The quantizer is written with standard ops (Div, Add, Floor, Clip, Mul), so the QANN runs in stock
+The quantizer is written with standard ops (Div, Add, Floor, Clip or Max and Min, Mul), so the QANN runs in stock
 onnxruntime; passes/patterns.py recognizes it (region kind "quantizer") as it recognizes QDQ pairs.
 """
 
@@ -168,16 +173,19 @@ def quantizer_sites(regions: list[Region], activations: set[str]) -> list[Site]:
 @dataclass(frozen=True, eq=False)
 class Quantizer:
     scale: np.ndarray  # float32, () per tensor or [C] per channel of the last axis
-    low: int
-    high: int
+    low: int | np.ndarray  # an int, or int64 [C] per channel (a per-channel scale's split of the levels)
+    high: int | np.ndarray
     offset: np.ndarray | None = None  # float32 [C]: a zero point per channel; the levels count x - offset
 
     @classmethod
-    def for_levels(cls, low: int, high: int, clip: np.ndarray | float, offset: np.ndarray | None = None) -> Quantizer:
+    def for_levels(
+        cls, low: int | np.ndarray, high: int | np.ndarray, clip: np.ndarray | float, offset: np.ndarray | None = None
+    ) -> Quantizer:
         """Levels [low, high], the clip threshold mapped to the farther end (a channel calibration never saw
         away from zero gets scale 1: any positive scale quantizes its zeros exactly)."""
         clip = np.asarray(clip, np.float32)
-        scale = np.where(clip > 0, clip / np.float32(max(-low, high)), np.float32(1)).astype(np.float32)
+        farther = np.maximum(-np.asarray(low), np.asarray(high)).astype(np.float32)
+        scale = np.where(clip > 0, clip / farther, np.float32(1)).astype(np.float32)
         return cls(scale, low, high, offset)
 
     @property
@@ -190,41 +198,92 @@ class Quantizer:
         return quantized if self.offset is None else quantized + self.offset
 
 
-def level_ranges(levels: int, low: float, high: float) -> list[tuple[int, int]]:
-    """Candidate splits of L consecutive integer levels between the signs: [0, L-1] for a tensor calibration
-    never saw negative; otherwise the halves [-L/2, L/2-1] (the reference code's) and, when the tensor's
+def level_ranges(levels: int, low: float | np.ndarray, high: float | np.ndarray) -> list[tuple]:
+    """Candidate splits of L consecutive integer levels between the signs, for a range [low, high] seen by
+    calibration (scalars for a tensor, [C] arrays for its channels, giving [C] int arrays of bounds): [0, L-1]
+    where it never went negative; otherwise the halves [-L/2, L/2-1] (the reference code's) and, where the
     range is lopsided, a split in its proportion (at least one level each side), which keeps most levels
-    for the positive side of a tensor with a small negative tail, such as GELU's output."""
-    if low >= 0:
-        return [(0, levels - 1)]
-    halves = (-(levels // 2), levels // 2 - 1)
-    negative = int(np.clip(np.rint(levels * -low / (high - low)), 1, levels - 2)) if high > 0 else levels - 1
-    return list(dict.fromkeys([halves, (-negative, levels - 1 - negative)]))
+    for the positive side of a range with a small negative tail, such as GELU's output."""
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    span = np.where(high > low, high - low, 1.0)
+    negative = np.where(high > 0, np.clip(np.rint(levels * -low / span), 1, levels - 2), levels - 1)
+    negative = np.where(low >= 0, 0, negative).astype(np.int64)
+    proportional = (-negative, levels - 1 - negative)
+    if low.ndim == 0:
+        if low >= 0:
+            return [(0, levels - 1)]
+        halves = (-(levels // 2), levels // 2 - 1)
+        return list(dict.fromkeys([halves, (int(proportional[0]), int(proportional[1]))]))
+    per_channel_halves = (np.full(low.shape, -(levels // 2)), np.full(low.shape, levels // 2 - 1))
+    return [proportional] if (low >= 0).all() else [per_channel_halves, proportional]
 
 
-def choose_quantizer(stats, levels: int, per_channel: bool, zero_point: bool = False) -> Quantizer:
-    """Of the level ranges of ``level_ranges``, each with its clip threshold (a SCALE_GRID fraction of the
-    largest magnitude, of each channel's own with ``per_channel``) of least squared error, the best; with
-    ``zero_point`` (per channel only), also the same search on each channel centered on its mid-range."""
-    candidates = [(stats, None)]
-    if zero_point and per_channel:
-        middle = ((stats.channel_min + stats.channel_max) / 2).astype(np.float32)
-        candidates.append((stats.shifted(middle), middle))
-    best: Quantizer | None = None
-    best_error = np.inf
-    for seen, offset in candidates:
-        for low, high in level_ranges(levels, float(seen.min()), float(seen.max())):
-            clip = seen.mmse(
-                lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x),
-                grid=SCALE_GRID,
-                per_channel=per_channel,
+def choose_quantizer(
+    stats, levels: int, per_channel: bool, zero_point: bool = False, channel_splits: bool = True
+) -> Quantizer:
+    """The quantizer of least squared error on the calibration sample. Per tensor: the best of the level
+    ranges of ``level_ranges``, each with its clip threshold (a SCALE_GRID fraction of the largest magnitude)
+    of least error. Per channel: for each channel the best of its own level ranges, each with the channel's
+    own best clip, and with ``zero_point`` also of the halves around the channel's mid-range; with
+    ``channel_splits`` off, the best of the tensor's level ranges for all channels (each still with its own
+    clip)."""
+    if not per_channel:
+        best: Quantizer | None = None
+        best_error = np.inf
+        for low, high in level_ranges(levels, float(stats.min()), float(stats.max())):
+            clip = stats.mmse(
+                lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x), grid=SCALE_GRID
             )
-            quantizer = Quantizer.for_levels(low, high, clip, offset)
+            quantizer = Quantizer.for_levels(low, high, clip)
             error = float(np.square(quantizer(stats.sample) - stats.sample).sum(dtype=np.float64))
             if best is None or error < best_error:  # an overflowing error (inf) still leaves a quantizer
                 best, best_error = quantizer, error
-    assert best is not None, "level_ranges gives at least one range"
-    return best
+        assert best is not None, "level_ranges gives at least one range"
+        return best
+    seen_range = (stats.channel_min, stats.channel_max) if channel_splits else (float(stats.min()), float(stats.max()))
+    candidates = [(stats, None, low, high) for low, high in level_ranges(levels, *seen_range)]
+    if zero_point:
+        middle = ((stats.channel_min + stats.channel_max) / 2).astype(np.float32)
+        centered = stats.shifted(middle)
+        candidates.append((centered, middle, -(levels // 2), levels // 2 - 1))
+    quantizers, errors = [], []
+    for seen, offset, low, high in candidates:
+        clip = seen.mmse(
+            lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x),
+            grid=SCALE_GRID,
+            per_channel=True,
+        )
+        quantizer = Quantizer.for_levels(low, high, clip, offset)
+        quantizers.append(quantizer)
+        errors.append(np.square(quantizer(stats.sample) - stats.sample).sum(axis=0, dtype=np.float64))
+    # an overflowing error (inf, nan) loses to any finite one and leaves the first candidate where all overflow
+    finite = np.nan_to_num(np.stack(errors), nan=np.inf, posinf=np.finfo(np.float64).max)
+    if channel_splits:
+        pick = np.argmin(finite, axis=0)
+    else:  # one candidate for every channel
+        pick = np.full(finite.shape[1], np.argmin(finite.sum(axis=1)))
+    channels = np.arange(len(pick))
+
+    def chosen(values: list) -> np.ndarray:
+        return np.stack([np.broadcast_to(v, pick.shape) for v in values])[pick, channels]
+
+    low, high = (
+        chosen([q.low for q in quantizers]).astype(np.int64),
+        chosen([q.high for q in quantizers]).astype(np.int64),
+    )
+    offsets = [np.zeros(pick.shape, np.float32) if q.offset is None else q.offset for q in quantizers]
+    offset = (
+        chosen(offsets).astype(np.float32)
+        if any(quantizers[i].offset is not None for i in set(pick.tolist()))
+        else None
+    )
+    uniform = (low == low[0]).all() and (high == high[0]).all()
+    return Quantizer(
+        chosen([q.scale for q in quantizers]).astype(np.float32),
+        int(low[0]) if uniform else low,
+        int(high[0]) if uniform else high,
+        offset,
+    )
 
 
 def channel_count(tensor: gs.Tensor) -> int | None:
@@ -262,14 +321,18 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
         divided = b.op("Div", source, scale, out=variable("quant_div"), name=f"{name}/Div")
         shifted = b.op("Add", divided, const("quant_half", 0.5), out=variable("quant_shift"), name=f"{name}/Add")
         floored = b.op("Floor", shifted, out=variable("quant_floor"), name=f"{name}/Floor")
-        clipped = b.op(
-            "Clip",
-            floored,
-            const("quant_low", q.low),
-            const("quant_high", q.high),
-            out=variable("quant_clip"),
-            name=f"{name}/Clip",
-        )
+        if np.ndim(q.low) == 0:
+            clipped = b.op(
+                "Clip",
+                floored,
+                const("quant_low", q.low),
+                const("quant_high", q.high),
+                out=variable("quant_clip"),
+                name=f"{name}/Clip",
+            )
+        else:  # per-channel bounds: Clip takes scalars only
+            raised = b.op("Max", floored, const("quant_low", q.low), out=variable("quant_max"), name=f"{name}/Max")
+            clipped = b.op("Min", raised, const("quant_high", q.high), out=variable("quant_clip"), name=f"{name}/Min")
         if q.offset is not None:
             # every reader is x W + b (choose_quantizer was asked for a zero point only there): the
             # zero point goes into the biases, b + offset W, so the products read the levels alone (spikes
@@ -301,8 +364,7 @@ def insert_quantizers(graph: gs.Graph, sites: list[Site], quantizers: dict[str, 
                 "tensor": site.tensor,
                 "role": site.role,
                 **scale_summary(q.scale),
-                "low": q.low,
-                "high": q.high,
+                **range_summary(q.low, q.high),
                 **({} if q.offset is None else {"zero_point": True}),
             }
         )
@@ -439,6 +501,19 @@ def correct_biases(graph: gs.Graph, sites: list[Site], quantizers: dict[str, Qua
             if product is None or product.bias_at is None or product.shape[0] != len(shift):
                 continue
             product.set_bias(product.bias() - shift @ product.matrix(), ".bias_corrected")
+
+
+def range_summary(low: int | np.ndarray, high: int | np.ndarray) -> dict:
+    """A quantizer's level range for a report: its bounds, or per channel the range of each bound."""
+    if np.ndim(low) == 0:
+        return {"low": int(low), "high": int(high)}
+    low, high = np.asarray(low), np.asarray(high)
+    return {
+        "low_min": int(low.min()),
+        "low_max": int(low.max()),
+        "high_min": int(high.min()),
+        "high_max": int(high.max()),
+    }
 
 
 def scale_summary(scale: np.ndarray) -> dict:

@@ -77,8 +77,8 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
         "STBIFNeuron",
         {
             "theta": np.asarray(attrs["scale"], np.float32),
-            "s_min": np.float32(attrs["low"]),
-            "s_max": np.float32(attrs["high"]),
+            "s_min": np.asarray(attrs["low"], np.float32),
+            "s_max": np.asarray(attrs["high"], np.float32),
         },
         "theta",
     )
@@ -89,8 +89,8 @@ def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
         "region": region.name,
         "format": attrs["format"],
         "threshold": np.asarray(attrs["scale"], np.float32).tolist(),
-        "s_min": attrs["low"],
-        "s_max": attrs["high"],
+        "s_min": np.asarray(attrs["low"]).tolist(),
+        "s_max": np.asarray(attrs["high"]).tolist(),
         "rounding": attrs["rounding"],
     }
 
@@ -101,7 +101,11 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int, level
     attrs = region.attrs
     source = attrs["input"]
     theta = np.asarray(attrs["scale"], np.float32)
-    params = {"theta": theta, "s_min": np.float32(attrs["low"]), "s_max": np.float32(attrs["high"])}
+    params = {
+        "theta": theta,
+        "s_min": np.asarray(attrs["low"], np.float32),
+        "s_max": np.asarray(attrs["high"], np.float32),
+    }
     b = GraphBuilder(graph, source.name)
     spikes = b.spikec(
         "STBIFIntegerNeuron",
@@ -121,15 +125,15 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int, level
         name=f"{source.name}/LevelValue",
     )
     take_over(graph, region, value)
-    levels[value.name] = Levels(tracer, theta, int(attrs["low"]), int(attrs["high"]))
+    levels[value.name] = Levels(tracer, theta, attrs["low"], attrs["high"])
     return {
         "tensor": source.name,
         "node": f"{source.name}/STBIFIntegerNeuron",
         "region": region.name,
         "format": attrs["format"],
         "threshold": theta.tolist(),
-        "s_min": attrs["low"],
-        "s_max": attrs["high"],
+        "s_min": np.asarray(attrs["low"]).tolist(),
+        "s_max": np.asarray(attrs["high"]).tolist(),
         "rounding": attrs["rounding"],
         "burst": burst,
     }
@@ -158,12 +162,13 @@ def dequantize_weights(graph: gs.Graph) -> int:
 
 @dataclass(frozen=True)
 class Levels:
-    """A tensor of integer levels in [low, high] (float32 values) whose value tensor is levels * theta."""
+    """A tensor of integer levels in [low, high] (float32 values) whose value tensor is levels * theta; the
+    bounds are ints, or [C] arrays where a per-channel quantizer splits its levels per channel."""
 
     tensor: gs.Variable
     theta: np.ndarray
-    low: int
-    high: int
+    low: int | np.ndarray
+    high: int | np.ndarray
 
 
 # Ops that only move, select or reshape elements: on levels * theta (one theta) they commute with the Mul.
@@ -227,8 +232,9 @@ def integer_products(graph: gs.Graph, levels: dict[str, Levels]) -> int:
     _propagate_layout(graph, levels)
 
     def factored(level: Levels | None, per_column: bool) -> Levels | None:
-        """``level`` where it fits uint8 and its scale factors out of the sum (one, or one per column)."""
-        if level is None or not level.low <= 0 <= level.high - level.low <= 255:
+        """``level`` where it fits uint8 and its scale factors out of the sum (one, or one per column); its
+        bounds must be one pair (one zero point for the uint8 shift)."""
+        if level is None or np.ndim(level.low) or not level.low <= 0 <= level.high - level.low <= 255:
             return None
         column = per_column and level.theta.size == np.prod(level.theta.shape[-1:])
         return level if level.theta.size == 1 or column else None
@@ -299,9 +305,7 @@ def quantizers_as_levels(graph: gs.Graph, regions: list[Region], levels: dict[st
                 name=f"{name}/Level{index}",
                 out=quantized if index == len(steps) - 1 else fresh_like(attrs["input"], f".level{index}"),
             )
-        levels[quantized.name] = Levels(
-            level, np.asarray(attrs["scale"], np.float32), int(attrs["low"]), int(attrs["high"])
-        )
+        levels[quantized.name] = Levels(level, np.asarray(attrs["scale"], np.float32), attrs["low"], attrs["high"])
     graph.toposort()
     products = integer_products(graph, levels)
     dequantize_weights(graph)

@@ -242,7 +242,7 @@ def quantizer_agreement(
         threshold = np.asarray(neuron["threshold"], np.float32)  # one value, or one per channel (last axis)
         scaled = x.astype(np.float32) / threshold
         rounded = np.rint(scaled) if neuron["rounding"] == "half_even" else np.floor(scaled + np.float32(0.5))
-        want = np.clip(rounded, neuron["s_min"], neuron["s_max"])
+        want = np.clip(rounded, np.asarray(neuron["s_min"], np.float32), np.asarray(neuron["s_max"], np.float32))
         ratio = x.astype(np.float64) / threshold.astype(np.float64)
         bad = (levels != want).reshape(samples, -1)
         distance = np.abs(ratio - np.floor(ratio) - 0.5).reshape(samples, -1)

@@ -330,7 +330,13 @@ def neuron_label(neuron: dict) -> str:
         return f"MTNeuron(levels={neuron['levels']})"
     theta = np.asarray(neuron["threshold"], np.float64)
     shown = f"{theta.item():.4g}" if theta.size == 1 else f"[{theta.min():.3g} .. {theta.max():.3g}] x{theta.size}"
-    return f"STBIFNeuron(theta={shown}, tracer [{neuron['s_min']}, {neuron['s_max']}])"
+    low, high = np.asarray(neuron["s_min"]), np.asarray(neuron["s_max"])
+    bounds = (
+        f"[{low.item()}, {high.item()}]"
+        if low.size == 1
+        else f"[{low.min()} .. {low.max()}, {high.min()} .. {high.max()}] per channel"
+    )
+    return f"STBIFNeuron(theta={shown}, tracer {bounds})"
 
 
 def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:

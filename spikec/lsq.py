@@ -150,8 +150,10 @@ _OPS: dict[str, Callable] = {
     "Gemm": _gemm,
     "Conv": _conv,
     "Clip": lambda x, low=None, high=None: torch.clamp(x, low, high),
-    "Max": torch.maximum,
-    "Min": torch.minimum,
+    # ties give the first operand the whole gradient, as Clip passes it at its bounds: a quantizer with
+    # per-channel bounds (Max, Min) lands levels exactly on them, where torch.maximum would halve it
+    "Max": lambda a, b: torch.where(a < b, b, a),
+    "Min": lambda a, b: torch.where(a > b, b, a),
     "Equal": torch.eq,
     "Less": torch.lt,
     "Greater": torch.gt,

@@ -557,7 +557,13 @@ def test_spikezip_cli_flow(small, data, capfd):
     spiking = {row["op"]: row["count"] for row in info["ops"] if row["domain"] == "spikec"}
     assert spiking["STBIFNeuronStep"] == len(info["neurons"]) == info["neuron_counts"]["neuron_nodes"] == 42
     labels = {op for row in info["rewrites"] for op in row["spikec_ops"]}
-    assert any(op.startswith("STBIFNeuron(theta=") and "tracer [-4, 3]" in op for op in labels)
+    assert any(op.startswith("STBIFNeuron(theta=") and "tracer [0, 7]" in op for op in labels)  # softmax
+    # per-channel splits of the 8 levels: each channel's bounds are 7 levels apart
+    splits = [re.search(r"tracer \[(-?\d+) \.\. (-?\d+), (-?\d+) \.\. (-?\d+)\] per channel", op) for op in labels]
+    bounds = [[int(v) for v in m.groups()] for m in splits if m]
+    assert bounds and all(
+        low_min + 7 == high_min and low_max + 7 == high_max for low_min, low_max, high_min, high_max in bounds
+    )
     assert any(op.startswith("SESA:") for op in labels)
 
 

@@ -163,6 +163,38 @@ def test_hidden_state_distillation_fits_the_layernorm_output(tmp_path):
         spikec.finetune(model, calib, levels=4, steps=4, checkpoint=checkpoint, hidden_weight=1.0, progress=False)
 
 
+def test_per_channel_bounds_pass_gradients_as_clip_does():
+    """A level that lands exactly on a bound lies inside the quantizer's range: the Max and Min of per-channel
+    bounds give it the whole gradient, as Clip with scalar bounds does, so LSQ trains both forms alike."""
+    x = np.array([[0.2, 3.1, -1.3, 4.4, 2.0, -0.4]], np.float32)
+
+    def clamped(nodes: list, low: np.ndarray, high: np.ndarray) -> torch.Tensor:
+        graph = helper.make_graph(
+            [helper.make_node("Floor", ["x"], ["levels"]), *nodes],
+            "clamp",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+            [onnx.numpy_helper.from_array(low, "x.quant_low"), onnx.numpy_helper.from_array(high, "x.quant_high")],
+        )
+        feed = torch.tensor(x, requires_grad=True)
+        y = GraphModule(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))({"x": feed})[0]
+        (y * torch.arange(1.0, 7.0)).sum().backward()
+        np.testing.assert_array_equal(y.detach().numpy(), np.clip(np.floor(x), 0, 3))
+        return feed.grad
+
+    clip = clamped([helper.make_node("Clip", ["levels", "x.quant_low", "x.quant_high"], ["y"])], *np.float32([0, 3]))
+    per_channel = clamped(
+        [
+            helper.make_node("Max", ["levels", "x.quant_low"], ["raised"]),
+            helper.make_node("Min", ["raised", "x.quant_high"], ["y"]),
+        ],
+        np.zeros(6, np.float32),
+        np.full(6, 3, np.float32),
+    )
+    np.testing.assert_array_equal(clip.numpy(), [[1, 2, 0, 0, 5, 0]])
+    np.testing.assert_array_equal(per_channel.numpy(), clip.numpy())
+
+
 @pytest.mark.slow
 def test_qdrop_replaces_quantized_values_by_float_ones_in_training_only():
     model = _mlp()

@@ -114,12 +114,19 @@ def quantize_model(
         padding_mask=padding_mask_input(regions),
     )
     tensors = graph.tensors()
+    outputs = {t.name for t in graph.outputs}
     quantizers = {}
     for site in sites:
         s = stats[site.tensor]
         per_channel = not per_tensor and ptq.channel_count(tensors[site.tensor]) == s.channels
         quantizers[site.tensor] = ptq.choose_quantizer(
-            s, levels, per_channel, zero_point=zero_points and ptq.biased_products(site, s.channels) is not None
+            s,
+            levels,
+            per_channel,
+            zero_point=zero_points and ptq.biased_products(site, s.channels) is not None,
+            # a graph output's rows are often just the samples, and a classifier's logit channel that
+            # calibration never saw positive would get no level above zero: a split by the whole tensor
+            channel_splits=site.tensor not in outputs,
         )
     if bias_correction:
         ptq.correct_biases(graph, sites, quantizers, stats)
