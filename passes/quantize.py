@@ -227,22 +227,10 @@ def choose_quantizer(
     own best clip, and with ``zero_point`` also of the halves around the channel's mid-range; with
     ``channel_splits`` off, the best of the tensor's level ranges for all channels (each still with its own
     clip)."""
-    if not per_channel:
-        best: Quantizer | None = None
-        best_error = np.inf
-        for low, high in level_ranges(levels, float(stats.min()), float(stats.max())):
-            clip = stats.mmse(
-                lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x), grid=SCALE_GRID
-            )
-            quantizer = Quantizer.for_levels(low, high, clip)
-            error = float(np.square(quantizer(stats.sample) - stats.sample).sum(dtype=np.float64))
-            if best is None or error < best_error:  # an overflowing error (inf) still leaves a quantizer
-                best, best_error = quantizer, error
-        assert best is not None, "level_ranges gives at least one range"
-        return best
-    seen_range = (stats.channel_min, stats.channel_max) if channel_splits else (float(stats.min()), float(stats.max()))
+    splits = per_channel and channel_splits
+    seen_range = (stats.channel_min, stats.channel_max) if splits else (float(stats.min()), float(stats.max()))
     candidates = [(stats, None, low, high) for low, high in level_ranges(levels, *seen_range)]
-    if zero_point:
+    if zero_point and per_channel:
         middle = ((stats.channel_min + stats.channel_max) / 2).astype(np.float32)
         centered = stats.shifted(middle)
         candidates.append((centered, middle, -(levels // 2), levels // 2 - 1))
@@ -251,17 +239,16 @@ def choose_quantizer(
         clip = seen.mmse(
             lambda x, thr, low=low, high=high: Quantizer.for_levels(low, high, thr)(x),
             grid=SCALE_GRID,
-            per_channel=True,
+            per_channel=per_channel,
         )
         quantizer = Quantizer.for_levels(low, high, clip, offset)
         quantizers.append(quantizer)
         errors.append(np.square(quantizer(stats.sample) - stats.sample).sum(axis=0, dtype=np.float64))
     # an overflowing error (inf, nan) loses to any finite one and leaves the first candidate where all overflow
     finite = np.nan_to_num(np.stack(errors), nan=np.inf, posinf=np.finfo(np.float64).max)
-    if channel_splits:
-        pick = np.argmin(finite, axis=0)
-    else:  # one candidate for every channel
-        pick = np.full(finite.shape[1], np.argmin(finite.sum(axis=1)))
+    if not splits:  # one candidate for the whole tensor
+        return quantizers[int(np.argmin(finite.sum(axis=1)))]
+    pick = np.argmin(finite, axis=0)
     channels = np.arange(len(pick))
 
     def chosen(values: list) -> np.ndarray:
