@@ -52,6 +52,7 @@ from spikec.passes.timing import (
     running_sum_product,
     varying_tensors,
 )
+from spikec.runtime.layout import tracer_value_node
 
 from spikec.errors import SpikecError
 
@@ -122,7 +123,7 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int, level
         tracer,
         b.const(theta, None, name=f"{source.name}.scale"),
         out=fresh_like(source, ".level_value"),
-        name=f"{source.name}/LevelValue",
+        name=tracer_value_node(source.name),
     )
     take_over(graph, region, value)
     levels[value.name] = Levels(tracer, theta, attrs["low"], attrs["high"])
@@ -202,10 +203,13 @@ def _weight_levels(tensor: gs.Tensor) -> tuple[gs.Constant, gs.Constant, np.ndar
     )
 
 
-def _as_uint8(b: GraphBuilder, level: Levels) -> tuple[gs.Variable, gs.Constant]:
+def _as_uint8(b: GraphBuilder, level: Levels, prefix: str) -> tuple[gs.Variable, gs.Constant]:
     """levels - low as uint8 (exact: 0..high-low <= 255) and the zero point -low that gives the levels back."""
-    shifted = b.op("Sub", level.tensor, b.const(level.low))
-    return b.op("Cast", shifted, to=onnx.TensorProto.UINT8), b.const(-level.low, np.uint8)
+    shifted = b.op("Sub", level.tensor, b.const(level.low), name=tracer_value_node(prefix, "Shift"))
+    return (
+        b.op("Cast", shifted, to=onnx.TensorProto.UINT8, name=tracer_value_node(prefix, "Uint8")),
+        b.const(-level.low, np.uint8),
+    )
 
 
 def _propagate_layout(graph: gs.Graph, levels: dict[str, Levels]) -> None:
@@ -262,8 +266,8 @@ def integer_products(graph: gs.Graph, levels: dict[str, Levels]) -> int:
         if isinstance(terms, int) and terms * max(-left.low, left.high) * largest >= 2**31:
             continue
         b = GraphBuilder(graph, node.name)
-        a, a_zero = _as_uint8(b, left)
-        other, other_zero = _as_uint8(b, right) if right is not None else (q, zero)
+        a, a_zero = _as_uint8(b, left, f"{node.name}/A")
+        other, other_zero = _as_uint8(b, right, f"{node.name}/B") if right is not None else (q, zero)
         output = node.outputs[0]
         node.outputs.clear()
         acc = b.op("MatMulInteger", a, other, a_zero, other_zero, name=f"{node.name}/Integer")

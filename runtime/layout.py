@@ -9,6 +9,11 @@ SPIKES_OUTPUT = "spikec.spikes"  # sum-semantics models: spikes fired per sample
 # Node roles the readers of an emitted model recognize (graphinfo's node categories, the energy count),
 # recorded in the node's name by the functions below where the node is made, and read by the predicates.
 _SPIKE_VALUE = "/SpikeValue"  # a neuron's spikes x its threshold: still one event per spike
+# an integer-exact neuron's tracer (its spikes summed) as what a product reads: the tracer x its threshold,
+# or the tracer shifted to uint8 for an integer product. A linear product of the tracer every step is the
+# running sum of the products of the spikes: one event per spike as well.
+_TRACER_VALUE = "/TracerValue"
+_TRACER_VALUE_STEPS = ("", "Shift", "Uint8")
 _TIME = "time/"  # the plumbing that runs the graph over time steps (emit.py), no part of the network
 
 
@@ -18,6 +23,17 @@ def spike_value_node(tensor: str) -> str:
 
 def is_spike_value(node_name: str) -> bool:
     return node_name.endswith(_SPIKE_VALUE)
+
+
+def tracer_value_node(prefix: str, step: str = "") -> str:
+    """The node of ``step`` ("" for tracer x theta, "Shift" and "Uint8" for an integer product's operand)."""
+    if step not in _TRACER_VALUE_STEPS:
+        raise ValueError(f"tracer value step {step!r}: one of {_TRACER_VALUE_STEPS}")
+    return prefix + _TRACER_VALUE + step
+
+
+def is_tracer_value(node_name: str) -> bool:
+    return any(node_name.endswith(_TRACER_VALUE + step) for step in _TRACER_VALUE_STEPS)
 
 
 # STA's UGO nodes: the region a UGO stands in, and which of the region's UGOs it is (a softmax has two).

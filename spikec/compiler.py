@@ -268,7 +268,7 @@ def _compile(
                 ann,
                 HeldOut(held_out[0], reference, method.reference, common.batch_size, held_out=held_out[1]),
             )
-            _warn_below_bound(method, report.verification)
+            _warn_below_bound(method, method_options, report.verification)
             record.write(snn)
             if staged is not None:
                 staged.save_references(snn)
@@ -303,7 +303,7 @@ def split_held_out(
     )
 
 
-def _warn_below_bound(method, verification: dict) -> None:
+def _warn_below_bound(method, options: Options, verification: dict) -> None:
     if method.bound is None:
         return
     for name, measured in verification["outputs"].items():
@@ -314,7 +314,7 @@ def _warn_below_bound(method, verification: dict) -> None:
                 f"{method.bound.measure.replace('_', ' ')} {value:.4g} against the {verification['reference']}"
                 + (f" at T={verification['timesteps']}" if verification["timesteps"] else "")
                 + f", short of {method.name}'s bound ({method.bound}): "
-                f"{method.advice}",
+                f"{method.advise(verification, options)}",
                 FidelityWarning,
                 stacklevel=5,
             )  # the caller of compile

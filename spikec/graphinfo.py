@@ -20,11 +20,11 @@ import onnx_graphsurgeon as gs
 from spikec.errors import SpikecError
 from spikec.passes.canonicalize import infer_shapes
 from spikec.passes.timing import NEURON_OPS, varying_tensors
-from spikec.runtime.layout import STATE_PREFIX, is_spike_value, is_time_node
+from spikec.runtime.layout import STATE_PREFIX, is_spike_value, is_time_node, is_tracer_value
 from spikec.runtime.metadata import CompileReport, SpikecMetadata
 from spikec.runtime.ops import base_name
 
-PRODUCT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+PRODUCT_OPS = ("MatMul", "MatMulInteger", "Gemm", "Conv", "ConvTranspose")
 FLOAT_TYPES = frozenset(
     {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 )
@@ -141,11 +141,11 @@ def sample_shapes(model: onnx.ModelProto, inputs: Mapping[str, Sequence[int]] | 
 
 
 def node_macs(node: onnx.NodeProto, shapes: Shapes) -> int | None:
-    """Multiply-accumulates of one MatMul/Gemm/Conv/ConvTranspose per sample (per step); None if unknown."""
+    """Multiply-accumulates of one product (PRODUCT_OPS) per sample (per step); None if unknown."""
     out = shapes.elements(node.output[0])
     if out is None:
         return None
-    if node.op_type == "MatMul":
+    if node.op_type in ("MatMul", "MatMulInteger"):
         a = shapes.shapes.get(node.input[0])
         return out * a[-1] if a and isinstance(a[-1], int) else None
     if node.op_type == "Gemm":
@@ -252,15 +252,21 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
                 means.update(t.name for t in node.outputs)
         elif is_time_node(node.name):
             category = "time"
-        elif any(n in means for n in names):
-            category = "ec_float"
-            means.update(t.name for t in node.outputs)
         elif (
             node.op in PRODUCT_OPS
             and any(n in spikes or n in spike_values for n in names)
             and any(isinstance(t, gs.Constant) for t in node.inputs)
         ):
             category = "spike_product"
+        elif is_tracer_value(node.name):
+            # an integer-exact neuron's running total, read by weight products as spikes summed and by
+            # every other op as the running sum it is
+            category = "ec_float"
+            spike_values.update(t.name for t in node.outputs)
+            means.update(t.name for t in node.outputs)
+        elif any(n in means for n in names):
+            category = "ec_float"
+            means.update(t.name for t in node.outputs)
         elif not any(t.name in varying for t in node.outputs):  # shape-only ops of varying tensors too
             category = "time_invariant"
         elif node.op in allow or node.name in allow:

@@ -24,6 +24,7 @@ from spikec import modelio
 from spikec.errors import SpikecError
 from spikec.passes.loader import _one_line
 from spikec.runtime import weights
+from spikec.runtime.layout import SPIKES_OUTPUT, STEPS_SUFFIX
 
 # protobuf cannot serialize 2 GiB or more: such models are checked from a file with external data.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -158,10 +159,13 @@ def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: st
             "relative_max_error": error / scale,
             "max_abs_error": error,
         }
+    spikes = got.get(SPIKES_OUTPUT + STEPS_SUFFIX)  # [T, samples]: sum-semantics models
     return {
         "samples": count,
         "held_out": held_out.held_out,
         "reference": held_out.reference_name,
         "timesteps": None if session.mode == "ttfs" else session.timesteps,
         "outputs": outputs,
+        # no neuron fired at the last step: nothing changes any more (inputs and constants arrive at the first)
+        **({} if spikes is None else {"quiet_samples": int(np.count_nonzero(spikes[-1] == 0))}),
     }

@@ -2,6 +2,8 @@
 neurons on their totals; once quiet the SNN equals the integer QANN (spikec.methods.spikezip.integer_qann)
 bit for bit, on every sample."""
 
+import warnings
+
 import graphs
 import numpy as np
 import onnx
@@ -142,6 +144,78 @@ def test_qdq_products_accumulate_in_int32():
     got = run_stateful(InferenceSession(snn), {"x": x}, 100, until_quiet=True)
     assert None not in equilibrium_steps(got["spikec.spikes.steps"])
     np.testing.assert_array_equal(got["y"], want)
+
+
+@pytest.mark.parametrize("model_of", ["attention", "qdq"])
+def test_report_counts_integer_spikes_as_float_mode_does(tmp_path, model_of):
+    """The report of an integer-exact SNN: its neurons are the float-mode SNN's sites, a burst counts each
+    of its spikes, and a weight product of a neuron's tracer (MatMul of tracer x theta, or MatMulInteger of
+    the tracer shifted to uint8) costs the spikes' accumulates, as the float-mode product of the spikes
+    does, not a MAC per weight and step."""
+    from spikec.report import build_report
+
+    if model_of == "attention":  # per tensor: Q K^T and P V of levels are MatMulInteger too
+        model = spikec.quantize(
+            _attention_model(),
+            {"x": RNG.standard_normal((64, 5, 8)).astype(np.float32)},
+            levels=16,
+            per_tensor=True,
+            progress=False,
+        )
+        feeds = {"x": RNG.standard_normal((8, 5, 8)).astype(np.float32)}
+    else:
+        model = _qdq_model()[0]
+        feeds = {"x": RNG.standard_normal((8, 3, 16)).astype(np.float32) * 1.5}
+    onnx.save(model, tmp_path / "qann.onnx")
+    reports, products = {}, {}
+    for name, options in {"float": {}, "integer": {"integer": True}, "burst": {"integer": True, "burst": 4}}.items():
+        timesteps = 40 if model_of == "attention" else 400
+        snn = spikec.compile(model, feeds, method="spikezip", timesteps=timesteps, progress=False, **options)
+        onnx.save(snn, tmp_path / f"{name}.onnx")
+        reports[name] = build_report(tmp_path / "qann.onnx", tmp_path / f"{name}.onnx", feeds)
+        products[name] = {p["node"]: p for p in reports[name]["energy"]["snn"]["products"]}
+    assert _ops(snn, "MatMulInteger") == 2
+    sites = {name: {s["site"]: s for s in r["sites"]} for name, r in reports.items()}
+    assert sites["integer"].keys() == sites["float"].keys() == sites["burst"].keys() and sites["float"]
+    for name in ("integer", "burst"):
+        for product in (p for p in products[name].values() if p["counted_as"] == "spike_products"):
+            neuron = sites[name][product["source"].removesuffix(".spikes")]
+            assert product["acs"] == neuron["spikes_per_sample"] * product["fan_out"] > 0
+        weight_products = [p for p in products["float"].values() if p["counted_as"] == "spike_products"]
+        counted = [p for p in products[name].values() if p["counted_as"] == "spike_products"]
+        assert len(counted) == len(weight_products) >= 2
+    # the same spikes up to flips and the equilibrium path; bursts fire each of their spikes
+    spikes = {name: sum(s["spikes_per_sample"] for s in r["sites"]) for name, r in reports.items()}
+    assert spikes["integer"] == pytest.approx(spikes["float"], rel=0.05)
+    assert spikes["burst"] >= 0.5 * spikes["float"]
+    ratios = {name: r["energy"]["ratio_paper_convention"] for name, r in reports.items()}
+    assert ratios["integer"] == pytest.approx(ratios["float"], rel=0.05)
+
+
+def test_verification_tells_flips_from_missing_steps():
+    """Compile's verification records the held-out samples quiet at the last step; where a float-mode SNN
+    misses the bound with every sample quiet, more steps cannot help and the warning says --integer."""
+    from spikec.runtime.metadata import SpikecMetadata
+
+    from spikec.methods import get
+    from spikec.methods.spikezip import SpikeZIPOptions
+
+    model = _attention_model()
+    calib = {"x": RNG.standard_normal((64, 5, 8)).astype(np.float32)}
+    qann = spikec.quantize(model, calib, levels=16, progress=False)
+    quiet = {}
+    for timesteps in (2, 40):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # T=2 is short of the bound
+            snn = spikec.compile(qann, calib, method="spikezip", timesteps=timesteps, progress=False)
+        verification = SpikecMetadata.read(snn).report.verification
+        quiet[timesteps] = verification["quiet_samples"] / verification["samples"]
+    assert quiet == {2: 0.0, 40: 1.0}
+    method = get("spikezip")
+    flips = {"samples": 8, "quiet_samples": 8}
+    assert "--integer" in method.advise(flips, SpikeZIPOptions())
+    assert method.advise(flips, SpikeZIPOptions(integer=True)) == method.advice
+    assert method.advise({"samples": 8, "quiet_samples": 7}, SpikeZIPOptions()) == method.advice
 
 
 def test_burst_needs_integer_mode():

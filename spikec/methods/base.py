@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from spikec.passes import options as options_lib
 from spikec.passes.dequantize import float_model
 from spikec.passes.options import Options
 from spikec.passes.patterns import Region, find_regions
@@ -109,6 +110,11 @@ class Method(ABC):
     reference = "ANN"
     # T where --timesteps is not given (methods without time steps ignore it)
     default_timesteps = 8
+
+    def advise(self, verification: dict, options: options_lib.Options) -> str:
+        """What to try where the SNN compiled with ``options`` misses ``bound`` on ``verification``'s
+        samples (verify's measures)."""
+        return self.advice
 
     @property
     def stepped(self) -> bool:

@@ -16,6 +16,7 @@ import onnx_graphsurgeon as gs
 from spikec.calibrate import collect_statistics
 from spikec.errors import SpikecError
 from spikec.methods.base import SUM, Bound, Calibration, Job, Method
+from spikec.passes import options as options_lib
 from spikec.passes import quantize as ptq
 from spikec.passes import spikezip
 from spikec.passes.builder import export_like
@@ -205,6 +206,16 @@ class SpikeZIP(Method):
     # T_eq of a 16-level PTQ model of a BERT-sized encoder is some 50 steps; QDQ models of 256 levels need
     # hundreds and are told so by the verification warning
     default_timesteps = 64
+
+    def advise(self, verification: dict, options: options_lib.Options) -> str:
+        integer = isinstance(options, SpikeZIPOptions) and options.integer
+        if verification.get("quiet_samples") == verification["samples"] and not integer:
+            return (
+                "no neuron fired at the last step on any sample, so more steps change nothing: the "
+                "differences are float32 rounding at level boundaries, which --integer removes (the SNN "
+                "then equals the QANN bit for bit)"
+            )
+        return self.advice
 
     def prepare(self, job: Job) -> None:
         o: SpikeZIPOptions = job.options

@@ -20,7 +20,7 @@ import onnx
 
 from spikec import graphinfo
 from spikec.passes.regions import DATA_MOVEMENT
-from spikec.runtime.layout import is_spike_value
+from spikec.runtime.layout import is_spike_value, is_tracer_value
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -98,23 +98,39 @@ def spike_source(
     tensor: str, producer: Mapping[str, onnx.NodeProto], sources: Container[str], *, through_accumulation: bool
 ) -> str | None:
     """The spike tensor behind a product operand, through data movement, the spike's scaling by its
-    threshold and TTFS decoding (still one event per spike); with ``through_accumulation`` also through
-    running sums/means (the operands of a compensated activation x activation product)."""
+    threshold, TTFS decoding (still one event per spike) and an integer-exact neuron's tracer (its spikes
+    summed: a product of it at every step is the running sum of the products of the spikes); with
+    ``through_accumulation`` also through running sums/means (the operands of a compensated activation x
+    activation product)."""
+    tracer = False
     while tensor not in sources:
         node = producer.get(tensor)
         if node is None:
             return None
         op = graphinfo.base_op(node)
+        accumulation = node.domain == graphinfo.SPIKEC_DOMAIN and op == "ECAccumulate"
         passes = (
             op in DATA_MOVEMENT
             or is_spike_value(node.name)
+            or is_tracer_value(node.name)
             or (node.domain == graphinfo.SPIKEC_DOMAIN and op.startswith("TTFSReceive"))
-            or (through_accumulation and node.domain == graphinfo.SPIKEC_DOMAIN and op == "ECAccumulate")
+            or (accumulation and (through_accumulation or (tracer and not _average(node))))
         )
         if not passes:
             return None
+        tracer = tracer or is_tracer_value(node.name)
         tensor = node.input[0]
     return tensor
+
+
+def _constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and what nodes compute from them alone: a QDQ model's weights are DequantizeLinear of
+    its int8 initializers."""
+    constants = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # in topological order
+        if all(not name or name in constants for name in node.input):
+            constants.update(node.output)
+    return constants
 
 
 def _average(node: onnx.NodeProto) -> bool:
@@ -133,7 +149,7 @@ def snn_work(
     compensation) and the event-driven ACs of its activation x activation products. ``spikes``: spikes
     per sample of every spike tensor; ``claimed``: product nodes a method counts itself, and in which term."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    constants = {t.name for t in model.graph.initializer}
+    constants = _constant_tensors(model)
     products, spike_acs, float_macs, event_acs = [], 0.0, 0, 0.0
     for product in graphinfo.product_macs(model, shapes):
         row = {"node": product["node"], "op": product["op"], "macs": product["macs"]}
@@ -158,7 +174,13 @@ def snn_work(
             float_macs += steps * (product["macs"] or 0)
             a, b = (spike_source(t, producer, spikes, through_accumulation=True) for t in operands[:2])
             out = shapes.shapes.get(product["output"])
-            if a and b and product["op"] == "MatMul" and out and all(isinstance(d, int) for d in out[-2:]):
+            if (
+                a
+                and b
+                and product["op"] in ("MatMul", "MatMulInteger")
+                and out
+                and all(isinstance(d, int) for d in out[-2:])
+            ):
                 # ECMT Eq. 16 evaluated event-driven: a spike of A[m, k] adds S_B[k, :] (N ACs), one of B[k, n]
                 # adds S_A[:, k] (M ACs); the product of the two spike trains is neglected.
                 row["event_driven_acs"] = spikes[a] * out[-1] + spikes[b] * out[-2]

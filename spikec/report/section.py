@@ -57,10 +57,12 @@ def site_row(
 # neuron ops whose output is one spike code per neuron and step, a nonzero code being one spike (an IF
 # neuron's output is k spikes' worth, k up to its burst)
 SPIKE_CODE_OPS = ("MTNeuron", "STBIFNeuron")
+# neuron ops whose output is the signed number of spikes a neuron fires in a step (bursts of up to k)
+SPIKE_COUNT_OPS = ("STBIFIntegerNeuron",)
 
 
 class Section:
-    """The default section: the spikes of every neuron op of SPIKE_CODE_OPS."""
+    """The default section: the spikes of every neuron op of SPIKE_CODE_OPS and SPIKE_COUNT_OPS."""
 
     title = "Spiking neurons"
     plots: tuple[Plot, ...] = ()
@@ -72,7 +74,7 @@ class Section:
         nodes = [
             n
             for n in context.snn.graph.node
-            if n.domain == graphinfo.SPIKEC_DOMAIN and graphinfo.base_op(n) in SPIKE_CODE_OPS
+            if n.domain == graphinfo.SPIKEC_DOMAIN and graphinfo.base_op(n) in SPIKE_CODE_OPS + SPIKE_COUNT_OPS
         ]
         self.neurons = {n.output[0]: n for n in nodes}
         # the tensor each neuron stands on, as the compile report names it (its input may be gated)
@@ -97,9 +99,12 @@ class Section:
         return list(self.neurons)
 
     def add(self, values: Mapping[str, np.ndarray]) -> None:
-        for name in self.neurons:
-            value = values[name]
-            self.spikes[name] += np.count_nonzero(value.reshape(self.context.steps, -1), axis=1)
+        for name, node in self.neurons.items():
+            value = values[name].reshape(self.context.steps, -1)
+            if graphinfo.base_op(node) in SPIKE_COUNT_OPS:
+                self.spikes[name] += np.abs(value).sum(axis=1, dtype=np.float64).astype(np.int64)
+            else:
+                self.spikes[name] += np.count_nonzero(value, axis=1)
             self.values[name] += value.size
 
     def sites(self) -> list[dict]:
