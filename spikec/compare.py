@@ -33,12 +33,11 @@ def validation_mask(count: int) -> np.ndarray:
     return np.arange(count) % 4 == 3
 
 
-def _seconds_per_sample(model: str | os.PathLike, feeds: Mapping[str, np.ndarray], batch_size: int) -> float:
+def _seconds_per_sample(session, feeds: Mapping[str, np.ndarray], batch_size: int) -> float:
     """Wall time of one pass over ``feeds`` after a warm-up batch (session creation and first-run
     allocations are not simulation)."""
-    from spikec.evaluate import open_session, run_dataset
+    from spikec.evaluate import run_dataset
 
-    session = open_session(model)
     run_dataset(session, {k: v[:batch_size] for k, v in feeds.items()}, batch_size=batch_size)
     start = time.perf_counter()
     run_dataset(session, feeds, batch_size=batch_size)
@@ -174,10 +173,12 @@ def compare_methods(
     for name in timesteps:
         if name not in names or not methods.get(name).stepped:
             raise SpikecError(f"--timesteps {name}=...: {name} is not a compared method with time steps")
+    from spikec.evaluate import open_reference, open_session
+
     valid = validation_mask(len(next(iter(feeds.values()))))
     fit, validation = {k: v[~valid] for k, v in feeds.items()}, {k: v[valid] for k, v in feeds.items()}
     valid_labels = labels[valid] if labels is not None else None
-    ann_seconds = _seconds_per_sample(ann, validation, batch_size)
+    ann_seconds = _seconds_per_sample(open_reference(ann), validation, batch_size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names, start=1):
@@ -198,7 +199,7 @@ def compare_methods(
                     name,
                     report,
                     valid_labels,
-                    _seconds_per_sample(snn, validation, batch_size),
+                    _seconds_per_sample(open_session(snn), validation, batch_size),
                     ann_seconds,
                     compile_seconds - report["seconds"],
                 )

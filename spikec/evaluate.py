@@ -36,6 +36,17 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | InferenceSession) 
         raise SpikecError(f"model {label}: onnxruntime cannot load it ({_one_line(exc)})") from None
 
 
+def open_reference(model: str | os.PathLike) -> InferenceSession:
+    """A session of the ANN an SNN is measured against: a float16 or dynamically quantized model runs as the
+    float32 model compile converted and verified against (passes/dequantize.to_float32)."""
+    from spikec.passes.dequantize import to_float32
+    from spikec.passes.loader import load_model
+
+    original = load_model(check_input_file(model, f"model {_label(model)}"))
+    converted = to_float32(original)
+    return open_session(model if converted is original else converted)
+
+
 def _check_run_arguments(session: InferenceSession, label: str, batch_size, timesteps) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise SpikecError(f"argument batch_size={batch_size!r}: expected a positive integer")
@@ -185,7 +196,7 @@ def compare(
 ) -> dict:
     """Fidelity of every SNN output against the ANN output of the same name, for every T."""
     # Open both first: a missing or non-spikec SNN fails before the ANN has run over the whole set.
-    ann_session, snn_session = open_session(ann), open_session(snn)
+    ann_session, snn_session = open_reference(ann), open_session(snn)
     if snn_session.mode == "ann":
         raise SpikecError(f"model {_label(snn)}: not a spikec model (no spikec metadata); compile it with spikec first")
     if labels is not None:

@@ -80,6 +80,27 @@ def _rounded_to_half(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def test_eval_report_and_compare_measure_a_half_model_as_compile_did(tmp_path):
+    """eval, report and compare run the ANN as compile verified against, its float32 form: here a bfloat16
+    model whose MatMuls onnxruntime's CPU provider has no kernel for."""
+    from spikec.compare import compare_methods
+    from spikec.evaluate import compare, cosine
+    from spikec.report import build_report
+
+    path, snn = tmp_path / "bf16.onnx", tmp_path / "snn.onnx"
+    onnx.save(_bfloat16_mlp(), path)
+    x = np.random.default_rng(1).standard_normal((64, 16)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImportNotice)
+        onnx.save(spikec.compile(path, {"x": x}, method="ecmt", timesteps=8, progress=False), snn)
+        want = cosine(run(InferenceSession(snn), {"x": x[:16]})["y"], _run(_imported(path)[0], {"x": x[:16]})[0])
+        evaluated = compare(path, snn, {"x": x[:16]})["y"]["per_t"][-1]["cosine"]
+        reported = build_report(path, snn, {"x": x[:16]})["fidelity"]["ANN"]["outputs"]["y"]["per_t"][-1]["cosine"]
+        rows = compare_methods(path, {"x": x}, names=["ecmt", "ttfs"], progress=False)["methods"]
+    assert 0.99 < want == pytest.approx(evaluated, abs=1e-6) and want == pytest.approx(reported, abs=1e-6)
+    assert [r["method"] for r in rows if "error" not in r] == ["ecmt", "ttfs"]
+
+
 @pytest.mark.parametrize("keep_io", [False, True], ids=["half-io", "keep-io"])
 def test_a_float16_model_is_upcast_to_the_float32_model_of_its_weights(tmp_path, keep_io):
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -100,7 +121,7 @@ def test_a_float16_model_is_upcast_to_the_float32_model_of_its_weights(tmp_path,
     assert np.abs(upcast - exact).max() > 1e-6 * np.abs(exact).max()
 
 
-def test_a_bfloat16_model_is_upcast_to_the_float32_model_of_its_weights(tmp_path):
+def _bfloat16_mlp() -> onnx.ModelProto:
     import ml_dtypes
 
     half = mlp()
@@ -111,7 +132,13 @@ def test_a_bfloat16_model_is_upcast_to_the_float32_model_of_its_weights(tmp_path
     half.graph.node[1].input[0] = "xb"
     half.graph.node[-1].output[0] = "yb"
     half.graph.node.append(helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT))
-    onnx.save(half, tmp_path / "bf16.onnx")
+    return half
+
+
+def test_a_bfloat16_model_is_upcast_to_the_float32_model_of_its_weights(tmp_path):
+    import ml_dtypes
+
+    onnx.save(_bfloat16_mlp(), tmp_path / "bf16.onnx")
     model, notices = _imported(tmp_path / "bf16.onnx")
     assert len(notices) == 1 and notices[0].startswith("4 float16/bfloat16 tensors")  # 3 weights, a Cast
     x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
