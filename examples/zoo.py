@@ -168,6 +168,17 @@ _ARCH_LIST = [
         "text-right",
         _LAST,
     ),
+    # relative position buckets (log of the distance, cast to int) added to every layer's scores: the
+    # architecture of all-mpnet-base-v2, sentence-transformers' default model
+    Arch(
+        "mpnet",
+        "text encoder",
+        "MPNetModel",
+        "MPNetConfig",
+        _cfg(**_TEXT, pad_token_id=1, bos_token_id=0, eos_token_id=2, relative_attention_num_buckets=32),
+        "text-right",
+        _POOLED,
+    ),
     # NoNorm (an elementwise affine in place of LayerNorm), bottlenecks, ReLU
     Arch(
         "mobilebert",
@@ -326,6 +337,17 @@ _ARCH_LIST = [
         "text-left",
         _LAST,
     ),
+    # attention logits soft-capped (cap x tanh(scores / cap)) before the mask, sliding-window layers, RMSNorm
+    # before and after each block
+    Arch(
+        "gemma2",
+        "decoder",
+        "Gemma2Model",
+        "Gemma2Config",
+        _cfg(**_DECODER, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0, sliding_window=8),
+        "text-left",
+        _LAST,
+    ),
     # LayerNorm with SwiGLU, partial rotary
     Arch(
         "stablelm",
@@ -454,6 +476,8 @@ _ARCH_LIST = [
     # vision
     Arch("vit", "vision", "ViTModel", "ViTConfig", _cfg(**_VIT), "image", _POOLED, ort_model_type="vit"),
     Arch("deit", "vision", "DeiTModel", "DeiTConfig", _cfg(**_VIT), "image", _POOLED, ort_model_type="vit"),
+    # layer scale, class token and interpolated position embeddings
+    Arch("dinov2", "vision", "Dinov2Model", "Dinov2Config", _cfg(**_VIT), "image", _POOLED, ort_model_type="vit"),
     # windows, shifted windows (roll + additive mask), patch merging
     Arch("swin", "vision", "SwinModel", "SwinConfig", _cfg(**_SWIN), "image", _POOLED, ort_model_type="swin"),
     # scaled cosine attention, log-spaced continuous position bias (an MLP), post-norm

@@ -255,7 +255,8 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
         elif (
             node.op in PRODUCT_OPS
             and any(n in spikes or n in spike_values for n in names)
-            and any(isinstance(t, gs.Constant) for t in node.inputs)
+            # a weight: a constant, or computed without the neurons (a QDQ model's DequantizeLinear)
+            and any(t.name not in varying for t in node.inputs[:2])
         ):
             category = "spike_product"
         elif is_tracer_value(node.name):
@@ -342,7 +343,9 @@ def neuron_label(neuron: dict) -> str:
         if low.size == 1
         else f"[{low.min()} .. {low.max()}, {high.min()} .. {high.max()}] per channel"
     )
-    return f"STBIFNeuron(theta={shown}, tracer {bounds})"
+    op = neuron["node"].rsplit("/", 1)[-1]  # STBIFNeuron, or STBIFIntegerNeuron in integer-exact mode
+    burst = f", burst {neuron['burst']}" if neuron.get("burst", 1) > 1 else ""
+    return f"{op}(theta={shown}, tracer {bounds}{burst})"
 
 
 def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
@@ -373,8 +376,13 @@ def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
         spikec_ops = []
         for tensor in sorted({t for m in members for t in fed_by.get(m, [])}):
             spikec_ops.append(f"{label[tensor]} on {tensor}")
-        if any(m in folded for m in members):
-            spikec_ops.append("thresholds folded into weights (PPN)")
+        # an integer-exact product runs as MatMulInteger named after the MatMul it replaces
+        if any(m in folded or f"{m}/Integer" in folded for m in members):
+            spikec_ops.append(
+                "reads the neurons' tracers (spikes summed) x theta: an accumulate per spike"
+                if report.extra.get("integer")
+                else "thresholds folded into weights (PPN)"
+            )
         if name in ugo_of:
             u = ugo_of[name]
             spikec_ops.append(

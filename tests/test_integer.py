@@ -152,6 +152,7 @@ def test_report_counts_integer_spikes_as_float_mode_does(tmp_path, model_of):
     of its spikes, and a weight product of a neuron's tracer (MatMul of tracer x theta, or MatMulInteger of
     the tracer shifted to uint8) costs the spikes' accumulates, as the float-mode product of the spikes
     does, not a MAC per weight and step."""
+    from spikec.graphinfo import summarize
     from spikec.report import build_report
 
     if model_of == "attention":  # per tensor: Q K^T and P V of levels are MatMulInteger too
@@ -190,6 +191,18 @@ def test_report_counts_integer_spikes_as_float_mode_does(tmp_path, model_of):
     assert spikes["burst"] >= 0.5 * spikes["float"]
     ratios = {name: r["energy"]["ratio_paper_convention"] for name, r in reports.items()}
     assert ratios["integer"] == pytest.approx(ratios["float"], rel=0.05)
+    # `spikec inspect` says what each mode made of the quantizers and the weight products
+    labels = {}
+    for name in ("float", "burst"):
+        rows = summarize(onnx.load(tmp_path / f"{name}.onnx"))["rewrites"]
+        labels[name] = {
+            kind: [op for r in rows if r["kind"] == kind for op in r["spikec_ops"]]
+            for kind in ("quantizer", "weight_matmul")
+        }
+    assert all(op.startswith("STBIFNeuron(") for op in labels["float"]["quantizer"])
+    assert all(op.startswith("STBIFIntegerNeuron(") and "burst 4" in op for op in labels["burst"]["quantizer"])
+    assert labels["float"]["weight_matmul"] and all("PPN" in op for op in labels["float"]["weight_matmul"])
+    assert labels["burst"]["weight_matmul"] and all("tracers" in op for op in labels["burst"]["weight_matmul"])
 
 
 def test_verification_tells_flips_from_missing_steps():
