@@ -215,7 +215,8 @@ class SpikeZIP(Method):
                 "differences are float32 rounding at level boundaries, which --integer removes (the SNN "
                 "then equals the QANN bit for bit)"
             )
-        return self.advice
+        # bursts of up to k spikes a step divide the steps to quiet by about k
+        return self.advice + (" or --burst (up to k spikes a step: about T_eq / k)" if integer else "")
 
     def prepare(self, job: Job) -> None:
         o: SpikeZIPOptions = job.options
