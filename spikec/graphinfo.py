@@ -229,6 +229,16 @@ class NodeInfo:
     outputs: tuple[str, ...]
 
 
+def constant_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers and what nodes compute from them alone: a product's weight, also where a QDQ model
+    computes it (DequantizeLinear of int8 initializers)."""
+    constants = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # in topological order
+        if all(not name or name in constants for name in node.input):
+            constants.update(node.output)
+    return constants
+
+
 def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
     """Every node of a spikec model with the category (CATEGORIES) saying why it runs as it does.
 
@@ -241,6 +251,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
     spikes = {n.outputs[0].name for n in neurons}
     record = SpikecMetadata.read(model)
     allow = set(record.allow_float) if record else set()
+    constants = constant_tensors(model)
     means: set[str] = set()
     spike_values: set[str] = set()  # code x theta: the spike scaled back, still one event per spike
     result = []
@@ -255,8 +266,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
         elif (
             node.op in PRODUCT_OPS
             and any(n in spikes or n in spike_values for n in names)
-            # a weight: a constant, or computed without the neurons (a QDQ model's DequantizeLinear)
-            and any(t.name not in varying for t in node.inputs[:2])
+            and any(t.name in constants for t in node.inputs[:2])
         ):
             category = "spike_product"
         elif is_tracer_value(node.name):

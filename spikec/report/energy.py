@@ -123,16 +123,6 @@ def spike_source(
     return tensor
 
 
-def _constant_tensors(model: onnx.ModelProto) -> set[str]:
-    """Initializers and what nodes compute from them alone: a QDQ model's weights are DequantizeLinear of
-    its int8 initializers."""
-    constants = {t.name for t in model.graph.initializer}
-    for node in model.graph.node:  # in topological order
-        if all(not name or name in constants for name in node.input):
-            constants.update(node.output)
-    return constants
-
-
 def _average(node: onnx.NodeProto) -> bool:
     return next((a.i for a in node.attribute if a.name == "average"), 1) == 1
 
@@ -149,7 +139,7 @@ def snn_work(
     compensation) and the event-driven ACs of its activation x activation products. ``spikes``: spikes
     per sample of every spike tensor; ``claimed``: product nodes a method counts itself, and in which term."""
     producer = {o: n for n in model.graph.node for o in n.output}
-    constants = _constant_tensors(model)
+    constants = graphinfo.constant_tensors(model)
     products, spike_acs, float_macs, event_acs = [], 0.0, 0, 0.0
     for product in graphinfo.product_macs(model, shapes):
         row = {"node": product["node"], "op": product["op"], "macs": product["macs"]}
