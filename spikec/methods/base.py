@@ -111,6 +111,7 @@ class Method(ABC):
     # T where --timesteps is not given (methods without time steps ignore it)
     default_timesteps = 8
 
+    # options_lib.Options: in the class body the name Options is the class attribute above
     def advise(self, verification: dict, options: options_lib.Options) -> str:
         """What to try where the SNN compiled with ``options`` misses ``bound`` on ``verification``'s
         samples (verify's measures)."""
