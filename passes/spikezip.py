@@ -52,7 +52,7 @@ from spikec.passes.timing import (
     running_sum_product,
     varying_tensors,
 )
-from spikec.runtime.layout import tracer_value_node
+from spikec.runtime.layout import integer_product_node, tracer_value_node
 
 from spikec.errors import SpikecError
 
@@ -68,32 +68,39 @@ def take_over(graph: gs.Graph, region: Region, replacement: gs.Variable) -> None
     detach(region)
 
 
-def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
-    """The quantizer's consumers read ST-BIF+ spikes * scale instead."""
+def _stbif_params(region: Region) -> dict[str, np.ndarray]:
+    """The quantizer's scale and level bounds as an ST-BIF+ neuron's parameters (float32; scalars, or [C]
+    per channel)."""
+    attrs = region.attrs
+    return {
+        "theta": np.asarray(attrs["scale"], np.float32),
+        "s_min": np.asarray(attrs["low"], np.float32),
+        "s_max": np.asarray(attrs["high"], np.float32),
+    }
+
+
+def _neuron_record(region: Region, op: str, **extra) -> dict:
+    """The compile report's entry of the neuron ``op`` standing in for the quantizer ``region``."""
     attrs = region.attrs
     source = attrs["input"]
-    scaled = attach_neuron(
-        graph,
-        source,
-        "STBIFNeuron",
-        {
-            "theta": np.asarray(attrs["scale"], np.float32),
-            "s_min": np.asarray(attrs["low"], np.float32),
-            "s_max": np.asarray(attrs["high"], np.float32),
-        },
-        "theta",
-    )
-    take_over(graph, region, scaled)
     return {
         "tensor": source.name,
-        "node": f"{source.name}/STBIFNeuron",
+        "node": f"{source.name}/{op}",
         "region": region.name,
         "format": attrs["format"],
         "threshold": np.asarray(attrs["scale"], np.float32).tolist(),
         "s_min": np.asarray(attrs["low"]).tolist(),
         "s_max": np.asarray(attrs["high"]).tolist(),
         "rounding": attrs["rounding"],
+        **extra,
     }
+
+
+def replace_quantizer(graph: gs.Graph, region: Region) -> dict:
+    """The quantizer's consumers read ST-BIF+ spikes * scale instead."""
+    scaled = attach_neuron(graph, region.attrs["input"], "STBIFNeuron", _stbif_params(region), "theta")
+    take_over(graph, region, scaled)
+    return _neuron_record(region, "STBIFNeuron")
 
 
 def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int, levels: dict[str, Levels]) -> dict:
@@ -101,12 +108,7 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int, level
     DequantizeLinear's (q - z) * s once the tracer is the level. The tracer goes into ``levels``."""
     attrs = region.attrs
     source = attrs["input"]
-    theta = np.asarray(attrs["scale"], np.float32)
-    params = {
-        "theta": theta,
-        "s_min": np.asarray(attrs["low"], np.float32),
-        "s_max": np.asarray(attrs["high"], np.float32),
-    }
+    params = _stbif_params(region)
     b = GraphBuilder(graph, source.name)
     spikes = b.spikec(
         "STBIFIntegerNeuron",
@@ -121,23 +123,13 @@ def replace_quantizer_integer(graph: gs.Graph, region: Region, burst: int, level
     value = b.op(
         "Mul",
         tracer,
-        b.const(theta, None, name=f"{source.name}.scale"),
+        b.const(params["theta"], None, name=f"{source.name}.scale"),
         out=fresh_like(source, ".level_value"),
         name=tracer_value_node(source.name),
     )
     take_over(graph, region, value)
-    levels[value.name] = Levels(tracer, theta, attrs["low"], attrs["high"])
-    return {
-        "tensor": source.name,
-        "node": f"{source.name}/STBIFIntegerNeuron",
-        "region": region.name,
-        "format": attrs["format"],
-        "threshold": theta.tolist(),
-        "s_min": np.asarray(attrs["low"]).tolist(),
-        "s_max": np.asarray(attrs["high"]).tolist(),
-        "rounding": attrs["rounding"],
-        "burst": burst,
-    }
+    levels[value.name] = Levels(tracer, params["theta"], attrs["low"], attrs["high"])
+    return _neuron_record(region, "STBIFIntegerNeuron", burst=burst)
 
 
 def dequantize_weights(graph: gs.Graph) -> int:
@@ -270,7 +262,7 @@ def integer_products(graph: gs.Graph, levels: dict[str, Levels]) -> int:
         other, other_zero = _as_uint8(b, right, f"{node.name}/B") if right is not None else (q, zero)
         output = node.outputs[0]
         node.outputs.clear()
-        acc = b.op("MatMulInteger", a, other, a_zero, other_zero, name=f"{node.name}/Integer")
+        acc = b.op("MatMulInteger", a, other, a_zero, other_zero, name=integer_product_node(node.name))
         wide = b.op("Cast", acc, to=onnx.TensorProto.FLOAT)
         b.op("Mul", wide, b.const(scale), out=output, name=f"{node.name}/Scale")
         rewritten += 1

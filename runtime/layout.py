@@ -14,6 +14,7 @@ _SPIKE_VALUE = "/SpikeValue"  # a neuron's spikes x its threshold: still one eve
 # running sum of the products of the spikes: one event per spike as well.
 _TRACER_VALUE = "/TracerValue"
 _TRACER_VALUE_STEPS = ("", "Shift", "Uint8")
+_INTEGER_PRODUCT = "/Integer"  # MatMulInteger standing for a MatMul of levels, named after it
 _TIME = "time/"  # the plumbing that runs the graph over time steps (emit.py), no part of the network
 
 
@@ -34,6 +35,10 @@ def tracer_value_node(prefix: str, step: str = "") -> str:
 
 def is_tracer_value(node_name: str) -> bool:
     return any(node_name.endswith(_TRACER_VALUE + step) for step in _TRACER_VALUE_STEPS)
+
+
+def integer_product_node(product: str) -> str:
+    return product + _INTEGER_PRODUCT
 
 
 # STA's UGO nodes: the region a UGO stands in, and which of the region's UGOs it is (a softmax has two).

@@ -36,15 +36,21 @@ def open_session(model: str | os.PathLike | onnx.ModelProto | InferenceSession) 
         raise SpikecError(f"model {label}: onnxruntime cannot load it ({_one_line(exc)})") from None
 
 
-def open_reference(model: str | os.PathLike) -> InferenceSession:
-    """A session of the ANN an SNN is measured against: a float16 or dynamically quantized model runs as the
-    float32 model compile converted and verified against (passes/dequantize.to_float32)."""
+def float32_reference(path: str | os.PathLike, model: onnx.ModelProto) -> str | os.PathLike | onnx.ModelProto:
+    """What to run as the ANN an SNN is measured against, ``model`` being the file ``path`` holds: the file,
+    or where it is float16 or dynamically quantized, the float32 model compile converted and verified against
+    (passes/dequantize.to_float32)."""
     from spikec.passes.dequantize import to_float32
+
+    converted = to_float32(model)
+    return path if converted is model else converted
+
+
+def open_reference(model: str | os.PathLike) -> InferenceSession:
+    """A session of ``float32_reference`` of the ANN file ``model``."""
     from spikec.passes.loader import load_model
 
-    original = load_model(check_input_file(model, f"model {_label(model)}"))
-    converted = to_float32(original)
-    return open_session(model if converted is original else converted)
+    return open_session(float32_reference(model, load_model(check_input_file(model, f"model {_label(model)}"))))
 
 
 def _check_run_arguments(session: InferenceSession, label: str, batch_size, timesteps) -> None:

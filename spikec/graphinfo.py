@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from spikec.errors import SpikecError
 from spikec.passes.canonicalize import infer_shapes
 from spikec.passes.timing import NEURON_OPS, varying_tensors
-from spikec.runtime.layout import STATE_PREFIX, is_spike_value, is_time_node, is_tracer_value
+from spikec.runtime.layout import STATE_PREFIX, integer_product_node, is_spike_value, is_time_node, is_tracer_value
 from spikec.runtime.metadata import CompileReport, SpikecMetadata
 from spikec.runtime.ops import base_name
 
@@ -386,8 +386,7 @@ def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
         spikec_ops = []
         for tensor in sorted({t for m in members for t in fed_by.get(m, [])}):
             spikec_ops.append(f"{label[tensor]} on {tensor}")
-        # an integer-exact product runs as MatMulInteger named after the MatMul it replaces
-        if any(m in folded or f"{m}/Integer" in folded for m in members):
+        if any(m in folded or integer_product_node(m) in folded for m in members):
             spikec_ops.append(
                 "reads the neurons' tracers (spikes summed) x theta: an accumulate per spike"
                 if report.extra.get("integer")

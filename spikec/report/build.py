@@ -12,7 +12,7 @@ import onnx
 
 from spikec import graphinfo, methods
 from spikec.errors import SpikecError
-from spikec.evaluate import check_labels, cosine, fidelity
+from spikec.evaluate import check_labels, cosine, fidelity, float32_reference
 from spikec.memory import default_budget
 from spikec.probe import Estimate, final_estimate, side_by_side
 from spikec.report import energy
@@ -105,7 +105,6 @@ def build_report(
     """
     from spikec.calibrate import load_inputs
     from spikec.passes.canonicalize import canonicalize
-    from spikec.passes.dequantize import to_float32
 
     snn_model = load(snn, "SNN")
     record = SpikecMetadata.read(snn_model, str(snn))
@@ -124,11 +123,7 @@ def build_report(
     section_type = method.report_section()
     paths = section_type.references(ann, qann)
     references = {label: load(path, label) for label, path in paths.items()}
-    # a float16 or dynamically quantized model runs as compile measured it: as its float32 form
-    as_float32 = {label: to_float32(model) for label, model in references.items()}
-    runnable = [
-        paths[label] if as_float32[label] is model else as_float32[label] for label, model in references.items()
-    ]
+    runnable = {label: float32_reference(paths[label], model) for label, model in references.items()}
     primary_label, primary = next(iter(references.items()))
     feeds = load_inputs(feeds, primary, what="inputs")
     samples = len(next(iter(feeds.values())))
@@ -137,7 +132,9 @@ def build_report(
     steps = record.timesteps if method.stepped else 1
     sample = {name: value.shape for name, value in feeds.items()}
     snn_shapes = graphinfo.sample_shapes(snn_model, sample)
-    ann_canonical = canonicalize(as_float32[primary_label])
+    # the float32 form where there is one: canonicalize would convert (and say so) a second time
+    float32_primary = runnable[primary_label]
+    ann_canonical = canonicalize(float32_primary if isinstance(float32_primary, onnx.ModelProto) else primary)
     ann_shapes = graphinfo.sample_shapes(ann_canonical, sample)
     nonlinear = graphinfo.nonlinear_regions(ann_canonical)
     nodes = graphinfo.classify_nodes(snn_model)
@@ -177,7 +174,7 @@ def build_report(
     names = [list(dict.fromkeys([*layers, *outputs, *ann_counted]))] + [outputs] * (len(references) - 1)
     names.append(list(dict.fromkeys([*layers, *section.tensors(), *map(readout, outputs), *snn_counted])))
     collected: dict[str, dict[str, list]] = {label: {o: [] for o in outputs} for label in [*references, "SNN"]}
-    models = [*runnable, snn if run_model is snn_model else run_model]
+    models = [*runnable.values(), snn if run_model is snn_model else run_model]
     run_batch = fetch_batch_size(batch_size, [*((ann_shapes, n) for n in names[:-1]), (snn_shapes, names[-1])])
     for batch, values in enumerate(side_by_side(models, names, feeds, batch_size=run_batch, progress=progress)):
         reference_values, snn_values = values[0], values[-1]
