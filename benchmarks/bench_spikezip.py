@@ -8,10 +8,12 @@
 SpikeZIP-TF has sum semantics: the output after T steps equals the QANN's once every neuron is quiet
 (T >= T_eq). Per T the table gives the QANN and the unrolled SNN timed interleaved in this process
 (bench_ecmt.measure), the ratio SNN / (T x QANN), the share of samples whose output equals the QANN's
-(max abs error <= 1e-4 x output scale), accuracy or cosine against the QANN, and T_eq over the set.
+(max abs error <= 1e-4 x output scale; the integer QANN's, spikec.methods.spikezip.integer_qann, unless
+--no-integer), accuracy or cosine against the QANN, and T_eq over the set.
 Below it: how far the QANN itself is from the float ANN.
 
     /work/venv/bin/python benchmarks/bench_spikezip.py [--quick] [--json PATH] [--reps N] [--threads N] [--zero-points]
+        [--no-integer]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import spikec  # noqa: E402
 from benchmarks.bench_ecmt import kernels, measure, print_table, session  # noqa: E402
 from examples import fixtures  # noqa: E402
 from spikec.evaluate import cosine, run_dataset  # noqa: E402
+from spikec.methods.spikezip import integer_qann  # noqa: E402
 
 LEVELS = 16
 
@@ -90,7 +93,10 @@ def bench(w: dict, args, log: Console) -> dict:
     quantize_s = time.perf_counter() - start
     ann, quantized = session(w["model"], args), session(qann, args)
     batch = {k: v[: w["batch_size"]] for k, v in w["evaluation"].items()}
-    reference = run_dataset(quantized, w["evaluation"], batch_size=w["batch_size"])[w["output"]]
+    # what the SNN equals once quiet: the integer QANN in integer-exact mode (spikec's PTQ models run the
+    # same in onnxruntime), the QANN up to float rounding in the float form
+    exact = quantized if args.no_integer else session(integer_qann(qann), args)
+    reference = run_dataset(exact, w["evaluation"], batch_size=w["batch_size"])[w["output"]]
     float_out = run_dataset(ann, w["evaluation"], batch_size=w["batch_size"])[w["output"]]
     result = {
         "batch_size": w["batch_size"],
@@ -102,7 +108,9 @@ def bench(w: dict, args, log: Console) -> dict:
     for t in timesteps:
         log.print(f"[dim]{w['name']}: T={t}[/dim]")
         start = time.perf_counter()
-        snn_model = spikec.compile(qann, w["calibration"], method="spikezip", timesteps=t, progress=False)
+        snn_model = spikec.compile(
+            qann, w["calibration"], method="spikezip", timesteps=t, integer=not args.no_integer, progress=False
+        )
         compile_s = time.perf_counter() - start
         snn = session(snn_model, args)
         samples = measure(
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: the first T only, 2 repetitions")
     parser.add_argument("--zero-points", action="store_true", help="quantize with zero points (--zero-points)")
+    parser.add_argument("--no-integer", action="store_true", help="the float form (--no-integer)")
     parser.add_argument("--json", type=Path, metavar="PATH")
     parser.add_argument("--reps", type=int)
     parser.add_argument("--threads", type=int, default=2)
@@ -194,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         f"spikec SpikeZIP-TF benchmark{' (--quick)' if args.quick else ''}: onnxruntime {ort.__version__}, "
         f"intra_op_num_threads={args.threads}, spikec ops as {ops}; {os.cpu_count()} CPUs. Times: median of "
         f"{args.reps} interleaved repetitions on one batch; fidelity over the whole evaluation set against "
-        f"the QANN (run with spikec.runtime.InferenceSession)."
+        f"the {'QANN' if args.no_integer else 'integer QANN'} (run with spikec.runtime.InferenceSession)."
     )
     out.print()
     print_table(out, table)

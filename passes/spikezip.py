@@ -13,11 +13,11 @@
   O_t = F(S_X(t)) - F(S_X(t-1)).
 * Parallel parameter normalization as in ECMT: spike codes +-1 reach weights pre-scaled by theta.
 
-Equivalence holds up to float rounding: a quantizer whose input lands within rounding error of a
-level boundary may round the other way in the SNN. QDQ pairs round half to even, ST-BIF+ half up:
+In this float form (``integer=False``) equivalence holds up to float rounding: a quantizer whose
+input lands within rounding error of a level boundary may round the other way in the SNN. QDQ pairs round half to even, ST-BIF+ half up:
 they differ only on exact ties.
 
-Integer-exact mode (``integer``) removes that rounding: every neuron is an STBIFIntegerNeuron, whose
+Integer-exact mode (``integer``, the default) removes that rounding: every neuron is an STBIFIntegerNeuron, whose
 membrane and tracer count in integer units of its threshold, and whose input current is the change of
 the level (rounded as the quantizer rounds) of the running total its quantizer reads. The synapses sum
 integer spikes (exact), and every op between neurons runs on those totals, tracer x theta, exactly as
@@ -338,7 +338,7 @@ def rewrite(
     regions: list[Region],
     *,
     allow_float: frozenset[str] = frozenset(),
-    integer: bool = False,
+    integer: bool = True,
     burst: int = 1,
 ) -> dict:
     """Rewrite a canonicalized QANN graph into its SpikeZIP-TF SNN (generic spikec ops, no time structure

@@ -247,6 +247,7 @@ def _compile(
         job.report,
     )
     graph, reference, report = job.graph, job.ann, job.report
+    held_to, held_to_name = method.verification_reference(job.ann, method_options)
     extras = [(extra.label, extra.path, job.extra_outputs[extra.option]) for extra in outputs_of(method_options)]
     del job  # its regions hold the ANN's replaced weights, mapped: released before the SNN is verified
     label = _label(model, method.name)
@@ -266,7 +267,7 @@ def _compile(
                 snn if staged is None else staged.path,
                 label,
                 ann,
-                HeldOut(held_out[0], reference, method.reference, common.batch_size, held_out=held_out[1]),
+                HeldOut(held_out[0], held_to, held_to_name, common.batch_size, held_out=held_out[1]),
             )
             _warn_below_bound(method, method_options, report.verification)
             record.write(snn)

@@ -70,9 +70,7 @@ def test_tiny_attention_equals_integer_qann_bit_for_bit(mode, per_tensor, zero_p
     assert _ops(reference, "MatMulInteger") == (2 if per_tensor else 0)
     t_eq = {}
     for burst in (1, 3):
-        snn = spikec.compile(
-            qann, calib, method="spikezip", timesteps=48, mode=mode, integer=True, burst=burst, progress=False
-        )
+        snn = spikec.compile(qann, calib, method="spikezip", timesteps=48, mode=mode, burst=burst, progress=False)
         assert _ops(snn, "MatMulInteger") == _ops(reference, "MatMulInteger")
         got = run_dataset(snn, feeds)
         t_eq[burst] = max(equilibrium_steps(got["spikec.spikes.steps"]))
@@ -138,7 +136,7 @@ def test_qdq_products_accumulate_in_int32():
     want = product(levels(h, c["sh"], c["zh"]), c["sh"], c["q2"], 0, c["s2"])
     np.testing.assert_array_equal(InferenceSession(reference).run(["y"], {"x": x})[0], want)
     snn = spikec.compile(
-        model, {"x": x[:8]}, method="spikezip", timesteps=100, mode="stateful", integer=True, burst=8, progress=False
+        model, {"x": x[:8]}, method="spikezip", timesteps=100, mode="stateful", burst=8, progress=False
     )
     assert _ops(snn, "MatMulInteger") == 2 and _ops(snn, "MatMul") == 0
     got = run_stateful(InferenceSession(snn), {"x": x}, 100, until_quiet=True)
@@ -169,7 +167,7 @@ def test_report_counts_integer_spikes_as_float_mode_does(tmp_path, model_of):
         feeds = {"x": RNG.standard_normal((8, 3, 16)).astype(np.float32) * 1.5}
     onnx.save(model, tmp_path / "qann.onnx")
     reports, products = {}, {}
-    for name, options in {"float": {}, "integer": {"integer": True}, "burst": {"integer": True, "burst": 4}}.items():
+    for name, options in {"float": {"integer": False}, "integer": {}, "burst": {"burst": 4}}.items():
         timesteps = 40 if model_of == "attention" else 400
         snn = spikec.compile(model, feeds, method="spikezip", timesteps=timesteps, progress=False, **options)
         onnx.save(snn, tmp_path / f"{name}.onnx")
@@ -207,7 +205,8 @@ def test_report_counts_integer_spikes_as_float_mode_does(tmp_path, model_of):
 
 def test_verification_tells_flips_from_missing_steps():
     """Compile's verification records the held-out samples quiet at the last step; where a float-mode SNN
-    misses the bound with every sample quiet, more steps cannot help and the warning says --integer."""
+    misses the bound with every sample quiet, more steps cannot help and the warning says to drop
+    --no-integer."""
     from spikec.runtime.metadata import SpikecMetadata
 
     from spikec.methods import get
@@ -226,17 +225,17 @@ def test_verification_tells_flips_from_missing_steps():
     assert quiet == {2: 0.0, 40: 1.0}
     method = get("spikezip")
     flips = {"samples": 8, "quiet_samples": 8}
-    assert "--integer" in method.advise(flips, SpikeZIPOptions())
-    assert method.advise(flips, SpikeZIPOptions(integer=True)).startswith(method.advice)
-    assert "--burst" in method.advise(flips, SpikeZIPOptions(integer=True))
-    assert method.advise({"samples": 8, "quiet_samples": 7}, SpikeZIPOptions()) == method.advice
+    assert "--no-integer" in method.advise(flips, SpikeZIPOptions(integer=False))
+    assert method.advise(flips, SpikeZIPOptions()).startswith(method.advice)
+    assert "--burst" in method.advise(flips, SpikeZIPOptions())
+    assert method.advise({"samples": 8, "quiet_samples": 7}, SpikeZIPOptions(integer=False)) == method.advice
 
 
 def test_burst_needs_integer_mode():
     model = _attention_model()
     calib = {"x": RNG.standard_normal((8, 5, 8)).astype(np.float32)}
     with pytest.raises(SpikecError, match="argument burst"):
-        spikec.compile(model, calib, method="spikezip", burst=2, progress=False)
+        spikec.compile(model, calib, method="spikezip", integer=False, burst=2, progress=False)
 
 
 @pytest.mark.slow
@@ -250,9 +249,7 @@ def test_digits_vit_integer_mode_equals_integer_qann():
     want = InferenceSession(integer_qann(qann)).run(["logits"], feeds)[0]
     t_eq = {}
     for burst in (1, 2, 4):
-        snn = spikec.compile(
-            qann, calib, method="spikezip", timesteps=40, mode="stateful", integer=True, burst=burst, progress=False
-        )
+        snn = spikec.compile(qann, calib, method="spikezip", timesteps=40, mode="stateful", burst=burst, progress=False)
         got = run_stateful(InferenceSession(snn), feeds, 40, until_quiet=True)
         steps = equilibrium_steps(got["spikec.spikes.steps"])
         assert None not in steps
@@ -275,7 +272,6 @@ def test_onnxruntime_qdq_digits_vit_integer_mode(digits_qdq):
         method="spikezip",
         timesteps=200,
         mode="stateful",
-        integer=True,
         burst=8,
         progress=False,
     )

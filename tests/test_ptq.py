@@ -136,9 +136,7 @@ def test_each_channel_splits_its_levels_between_the_signs():
     want = InferenceSession(qann).run(["y"], feeds)[0]
     snn = spikec.compile(qann, calib, method="spikezip", timesteps=24, progress=False)
     np.testing.assert_allclose(InferenceSession(snn).run(["y"], feeds)[0], want, atol=1e-4 * np.abs(want).max())
-    exact = spikec.compile(
-        qann, calib, method="spikezip", timesteps=24, mode="stateful", integer=True, burst=4, progress=False
-    )
+    exact = spikec.compile(qann, calib, method="spikezip", timesteps=24, mode="stateful", burst=4, progress=False)
     got = run_stateful(InferenceSession(exact), feeds, 24, until_quiet=True)
     np.testing.assert_array_equal(got["y"], InferenceSession(integer_qann(qann)).run(["y"], feeds)[0])
     # a graph output (logits) keeps one split for all its channels: one that calibration saw negative only

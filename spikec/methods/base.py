@@ -117,6 +117,11 @@ class Method(ABC):
         samples (verify's measures)."""
         return self.advice
 
+    def verification_reference(self, ann: onnx.ModelProto, options: options_lib.Options) -> tuple[onnx.ModelProto, str]:
+        """The model (and its name in messages) that the SNN compiled from ``ann`` with ``options`` is held
+        to on held-out samples."""
+        return ann, self.reference
+
     @property
     def stepped(self) -> bool:
         """Whether the SNN runs over time steps (unrolled or stateful), as rate and sum codes do."""
