@@ -39,6 +39,8 @@ CATEGORIES = {
     "ec_float": "expectation compensation keeps F in floating point, evaluated on the running means "
     "(ECMT design; activation x activation products included)",
     "allow_float": "kept in floating point by --allow-float: evaluated on per-step values, not averaged",
+    "integer_total": "integer-exact mode: runs on the neurons' running totals (tracers x theta) as the QANN "
+    "runs on its levels; its value at step t is the estimate after t steps",
     "affine": "affine in its time-varying inputs: commutes with the running mean, runs on per-step values",
     "time_invariant": "depends on inputs and constants only: identical at every step",
     "time": "time layout: tiling the input over steps, per-step readout",
@@ -254,6 +256,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
     constants = constant_tensors(model)
     means: set[str] = set()
     spike_values: set[str] = set()  # code x theta: the spike scaled back, still one event per spike
+    totals: set[str] = set()  # integer-exact mode: running totals, every op between neurons reads them
     result = []
     for node in graph.nodes:
         names = [t.name for t in node.inputs if not isinstance(t, gs.Constant)]
@@ -269,12 +272,17 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
             and any(t.name in constants for t in node.inputs[:2])
         ):
             category = "spike_product"
+            if any(n in totals for n in names):  # a product of tracers is the total of its spikes' products
+                totals.update(t.name for t in node.outputs)
         elif is_tracer_value(node.name):
             # an integer-exact neuron's running total, read by weight products as spikes summed and by
             # every other op as the running sum it is
-            category = "ec_float"
+            category = "integer_total"
             spike_values.update(t.name for t in node.outputs)
-            means.update(t.name for t in node.outputs)
+            totals.update(t.name for t in node.outputs)
+        elif any(n in totals for n in names):
+            category = "integer_total"
+            totals.update(t.name for t in node.outputs)
         elif any(n in means for n in names):
             category = "ec_float"
             means.update(t.name for t in node.outputs)
@@ -300,10 +308,16 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
 
 
 def mean_domain(nodes: Sequence[NodeInfo]) -> set[str]:
-    """Tensors holding F of running means (their value at step t is already the estimate after t steps)."""
+    """Tensors holding F of running means, or integer-exact mode's running totals (their value at step t is
+    already the estimate after t steps)."""
     means: set[str] = set()
     for n in nodes:
-        if n.category == "ec_float" or (n.domain == SPIKEC_DOMAIN and n.op == "ECAccumulate"):
+        if (
+            n.category in ("ec_float", "integer_total")
+            or (n.domain == SPIKEC_DOMAIN and n.op == "ECAccumulate")
+            # a weight product of integer-exact tracers: the total of its spikes' products
+            or (n.category == "spike_product" and any(i in means for i in n.inputs))
+        ):
             means.update(n.outputs)
     return means
 
@@ -361,6 +375,7 @@ def neuron_label(neuron: dict) -> str:
 def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
     """Every recognized region (and every compensated single node): original ops -> what spikec made of it."""
     compensated = {c["region"]: c for c in report.compensated or []}
+    integer = report.extra.get("integer", False)
     label = {n["tensor"]: neuron_label(n) for n in report.neurons or []}
     fed_by: dict[str, list[str]] = {}
     for neuron in report.neurons or []:
@@ -389,9 +404,11 @@ def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
         if any(m in folded or integer_product_node(m) in folded for m in members):
             spikec_ops.append(
                 "reads the neurons' tracers (spikes summed) x theta: an accumulate per spike"
-                if report.extra.get("integer")
+                if integer
                 else "thresholds folded into weights (PPN)"
             )
+        elif any(integer_product_node(m) in category for m in members):
+            spikec_ops.append("MatMulInteger of the two operands' levels (int32), times both thresholds")
         if name in ugo_of:
             u = ugo_of[name]
             spikec_ops.append(
@@ -415,6 +432,8 @@ def rewrites(report: CompileReport, nodes: Sequence[NodeInfo]) -> list[dict]:
                 if "allow_float" in kept
                 else "unchanged: time-invariant, identical at every step"
                 if kept == {"time_invariant"}
+                else "unchanged: runs on the running totals (tracers x theta), as the QANN on its levels"
+                if "integer_total" in kept
                 else "unchanged: affine, runs on per-step values"
             ]
         rows.append({"region": name, "kind": kind, "original_ops": list(ops), "spikec_ops": spikec_ops})

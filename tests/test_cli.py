@@ -474,7 +474,10 @@ def test_spikezip_cli_flow(small, data, capfd):
     out, err = capfd.readouterr()
     verified, *wrote = out.splitlines()
     assert wrote == [f"wrote {qann} (the quantized ANN)", f"wrote {snn}"]
-    assert verified.startswith("verified on ") and " against the QANN at T=64: logits cosine " in verified
+    # integer-exact by default: held to the integer QANN, bit for bit
+    assert verified.startswith("verified on ") and verified.endswith(
+        " against the integer QANN at T=64: logits cosine 1.0000, relative max error 0.00e+00"
+    )
     assert err == ""
     # `spikec quantize` writes the QANN compile makes from all the calibration data (verification holds
     # some samples out of the quantization too)
@@ -555,16 +558,19 @@ def test_spikezip_cli_flow(small, data, capfd):
     assert main(["inspect", str(snn), "--json"]) == 0
     info = json.loads(capfd.readouterr().out)
     spiking = {row["op"]: row["count"] for row in info["ops"] if row["domain"] == "spikec"}
-    assert spiking["STBIFNeuronStep"] == len(info["neurons"]) == info["neuron_counts"]["neuron_nodes"] == 42
+    assert spiking["STBIFIntegerNeuronStep"] == len(info["neurons"]) == info["neuron_counts"]["neuron_nodes"] == 42
     labels = {op for row in info["rewrites"] for op in row["spikec_ops"]}
-    assert any(op.startswith("STBIFNeuron(theta=") and "tracer [0, 7]" in op for op in labels)  # softmax
+    assert any(op.startswith("STBIFIntegerNeuron(theta=") and "tracer [0, 7]" in op for op in labels)  # softmax
     # per-channel splits of the 8 levels: each channel's bounds are 7 levels apart
     splits = [re.search(r"tracer \[(-?\d+) \.\. (-?\d+), (-?\d+) \.\. (-?\d+)\] per channel", op) for op in labels]
     bounds = [[int(v) for v in m.groups()] for m in splits if m]
     assert bounds and all(
         low_min + 7 == high_min and low_max + 7 == high_max for low_min, low_max, high_min, high_max in bounds
     )
-    assert any(op.startswith("SESA:") for op in labels)
+    # integer-exact: softmax, LayerNorm, GELU and Q K^T run on the neurons' totals, as the QANN on its levels
+    totals = {row["kind"] for row in info["rewrites"] if any("running totals" in op for op in row["spikec_ops"])}
+    assert {"softmax", "layernorm", "gelu", "act_matmul"} <= totals
+    assert not any("per-step values" in op for op in labels)
 
 
 def test_spikezip_cli_errors(small, capfd):

@@ -65,7 +65,7 @@ def spikezip_models():
     calib = {"pixels": data["x_train"][:256]}
     qann = spikec.quantize(fixtures.digits_vit(), calib, levels=16, progress=False)
     models = {
-        mode: spikec.compile(qann, calib, method="spikezip", timesteps=4, mode=mode, progress=False)
+        mode: spikec.compile(qann, calib, method="spikezip", timesteps=4, mode=mode, integer=False, progress=False)
         for mode in ("unrolled", "stateful")
     }
     return models, {"pixels": data["x_test"][:32]}

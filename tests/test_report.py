@@ -364,7 +364,11 @@ def test_spikezip_equilibrium_steps_and_spikes_per_layer(spikezip_made):
     np.testing.assert_allclose(section["spikes_per_step"], per_step.mean(axis=1))
     # ternary codes: a spike is a nonzero code, and a GELU output's ST-BIF+ neurons per element
     codes = fetched[site["source"]]
-    assert set(np.unique(codes)) <= {-1.0, 0.0, 1.0} and site["kind"] == "STBIFNeuron"
+    assert set(np.unique(codes)) <= {-1.0, 0.0, 1.0} and site["kind"] == "STBIFIntegerNeuron"
+    # integer-exact by default: every tensor between neurons is a running total, read at the last step
+    # (summing its per-step values would count it T times over), and equal to the QANN's once quiet
+    assert data["layers"] and all(layer["cosine"] > 1 - 1e-6 for layer in data["layers"])
+    assert {layer["estimate"] for layer in data["layers"]} == {"last step", "graph output (after T steps)"}
     assert site["neurons"] == TOKENS * MLP
     assert site["spikes_per_sample"] == pytest.approx(np.count_nonzero(codes) / FEW)
     # every spike of the model is some site's
