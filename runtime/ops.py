@@ -517,8 +517,9 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
 
 # The chains spiking graphs are made of: a compensated function's increments feeding a neuron (every
 # method), and an ECMT or SpikeZIP-TF neuron's spike value accumulated for the compensated function or
-# product it feeds (the neuron fed by a compensated function or not).
-# runtime/kernels/spikec_kernels.cc composes the same pairs.
+# product it feeds (the neuron fed by a compensated function or not). Not an integer neuron's tracer
+# (STBIFIntegerNeuron -> ECAccumulate): fused, the native loop no longer vectorizes and runs slower than
+# the two ops apart. runtime/kernels/spikec_kernels.cc composes the same pairs.
 _EC_MT = compose(EC_COMPENSATE, MT_NEURON)
 _EC_STBIF = compose(EC_COMPENSATE, ST_BIF_NEURON)
 COMPOSITES = (

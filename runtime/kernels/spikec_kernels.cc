@@ -140,9 +140,13 @@ struct STBIFNeuron {
   }
 };
 
-// onnxruntime's Min/Max: NaN in either operand gives NaN.
-inline float onnx_min(float a, float b) { return (a != a || b != b) ? a + b : (b < a ? b : a); }
-inline float onnx_max(float a, float b) { return (a != a || b != b) ? a + b : (b > a ? b : a); }
+// ONNX Max(x, low) then Min(.., high) where only x can be NaN (low and high are parameters, finite): the
+// comparisons are false for a NaN x, which the selects then keep, as Min/Max propagate it. (A two-sided
+// NaN test kept the neuron's loop from vectorizing.)
+inline float clamp_nan_first(float x, float low, float high) {
+  const float raised = x < low ? low : x;
+  return raised > high ? high : raised;
+}
 
 // Integer ST-BIF+ neuron (runtime/ops.py _stbif_integer_step): y is the running total the quantizer
 // reads; the membrane integrates the change of its level, up to burst spikes of +-1 per step.
@@ -159,9 +163,9 @@ struct STBIFIntegerNeuron {
     const float scaled = y / p[0];
     // nearbyint rounds halves to even in the default rounding mode, as ONNX Round
     const float rounded = half_even ? std::nearbyint(scaled) : std::floor(scaled + 0.5f);
-    const float level = onnx_min(onnx_max(rounded, p[1]), p[2]);
+    const float level = clamp_nan_first(rounded, p[1], p[2]);
     const float membrane = state[1] + (level - state[0]);
-    const float spike = onnx_min(onnx_max(membrane, -burst), burst);
+    const float spike = clamp_nan_first(membrane, -burst, burst);
     state[0] = level;
     state[1] = membrane - spike;
     state[2] = state[2] + spike;
