@@ -247,7 +247,10 @@ def _compile(
         job.report,
     )
     graph, reference, report = job.graph, job.ann, job.report
-    held_to, held_to_name = method.verification_reference(job.ann, method_options)
+    checks = None  # made only where verified (compare and tune compile without): it may copy the model
+    if held_out is not None:
+        held_to, held_to_name = method.verification_reference(job.ann, method_options)
+        checks = HeldOut(held_out[0], held_to, held_to_name, common.batch_size, held_out=held_out[1])
     extras = [(extra.label, extra.path, job.extra_outputs[extra.option]) for extra in outputs_of(method_options)]
     del job  # its regions hold the ANN's replaced weights, mapped: released before the SNN is verified
     label = _label(model, method.name)
@@ -262,13 +265,8 @@ def _compile(
         made = snn if staged is None else staged
         if staged is not None:
             staged.save_references(snn)
-        if held_out is not None:
-            report.verification = verify(
-                snn if staged is None else staged.path,
-                label,
-                ann,
-                HeldOut(held_out[0], held_to, held_to_name, common.batch_size, held_out=held_out[1]),
-            )
+        if checks is not None:
+            report.verification = verify(snn if staged is None else staged.path, label, ann, checks)
             _warn_below_bound(method, method_options, report.verification)
             record.write(snn)
             if staged is not None:
