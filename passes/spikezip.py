@@ -13,15 +13,15 @@
   O_t = F(S_X(t)) - F(S_X(t-1)).
 * Parallel parameter normalization as in ECMT: spike codes +-1 reach weights pre-scaled by theta.
 
-In this float form (``integer=False``) equivalence holds up to float rounding: a quantizer whose
-input lands within rounding error of a level boundary may round the other way in the SNN. QDQ pairs round half to even, ST-BIF+ half up:
-they differ only on exact ties.
+In this float form (``integer=False``) equivalence holds up to float rounding: a quantizer whose input
+lands within rounding error of a level boundary may round the other way in the SNN. QDQ pairs round half
+to even, ST-BIF+ half up: they differ only on exact ties.
 
-Integer-exact mode (``integer``, the default) removes that rounding: every neuron is an STBIFIntegerNeuron, whose
-membrane and tracer count in integer units of its threshold, and whose input current is the change of
-the level (rounded as the quantizer rounds) of the running total its quantizer reads. The synapses sum
-integer spikes (exact), and every op between neurons runs on those totals, tracer x theta, exactly as
-the QANN runs it on its levels: no per-step increments of float values, so nothing for float sums to
+Integer-exact mode (``integer``, the default) removes that rounding: every neuron is an
+STBIFIntegerNeuron, whose membrane and tracer count in integer units of its threshold, and whose input
+current is the change of the level (rounded as the quantizer rounds) of the running total its quantizer
+reads. The synapses sum integer spikes (exact), and every op between neurons runs on those totals,
+tracer x theta, exactly as the QANN runs it on its levels: no per-step increments of float values, so nothing for float sums to
 round differently. Once quiet, each tracer is its quantizer's level and every tensor the QANN's, bit
 for bit. Weight products run on the totals too (the sum over steps of spikes x W equals tracer x W
 in integer arithmetic), in int32 where both operands are levels (a QDQ model's int8/uint8 weights, or
