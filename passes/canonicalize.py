@@ -20,6 +20,7 @@ from spikec.passes.builder import GraphBuilder
 from spikec.passes.contrib import decompose as decompose_contrib_ops
 from spikec.passes.dequantize import to_float32
 from spikec.runtime import weights
+from spikec.runtime.session import quiet_default_logger
 
 from spikec.errors import SpikecError
 
@@ -88,7 +89,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         # graphsurgeon prints (to stdout) a warning for every subgraph it cannot fold and goes on: not
         # the user's to act on; a model that is really broken is rejected with one line further on.
         weights.read_foldable(graph)
-        with G_LOGGER.suppress(G_LOGGER.CRITICAL):
+        with G_LOGGER.suppress(G_LOGGER.CRITICAL), quiet_default_logger():
             graph.fold_constants()
         graph.cleanup()
         graph.toposort()

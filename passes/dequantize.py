@@ -33,6 +33,7 @@ import onnxruntime
 from onnx_graphsurgeon.logger import G_LOGGER
 from spikec.passes.builder import GraphBuilder, export_like
 from spikec.passes.patterns import find_regions
+from spikec.runtime.session import quiet_options
 
 from spikec.errors import SpikecError
 
@@ -365,7 +366,10 @@ def _fold_quantized_constants(graph: gs.Graph) -> None:
     outputs = [t for node in folded for t in node.outputs]
     sub = gs.Graph(nodes=folded, inputs=[], outputs=outputs, opset=graph.opset, import_domains=graph.import_domains)
     model = gs.export_onnx(sub)
-    values = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), quiet_options(), providers=["CPUExecutionProvider"]
+    )
+    values = session.run(None, {})
     for tensor, value in zip(outputs, values, strict=True):
         tensor.to_constant(value)
     for node in folded:

@@ -808,6 +808,7 @@ def _evaluate(nodes: list[gs.Node], root: gs.Tensor, x: np.ndarray, ctx: _Contex
     by onnxruntime."""
     import onnx
     import onnxruntime as ort
+    from spikec.runtime.session import quiet_options
 
     output = nodes[-1].outputs[0].name
     nodes = _ordered(nodes, ctx)
@@ -824,7 +825,7 @@ def _evaluate(nodes: list[gs.Node], root: gs.Tensor, x: np.ndarray, ctx: _Contex
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", ctx.opset)])
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), quiet_options(), providers=["CPUExecutionProvider"])
         return session.run(None, {root.name: x.astype(np.float32)})[0]
     except Exception:  # noqa: BLE001 - an op or attribute this check cannot evaluate: not a known function
         return None

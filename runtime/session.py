@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,31 @@ def quiet_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = QUIET_LOG_SEVERITY
     return options
+
+
+# onnxruntime's default logger, which sessions made with default options log through (onnx-graphsurgeon's
+# constant folding makes such sessions), has a setter but no getter: spikec keeps the severity last set through
+# set_default_log_severity, onnxruntime's own default (Warning) until then.
+_default_log_severity = 2
+
+
+def set_default_log_severity(severity: int) -> None:
+    """Set onnxruntime's default logger severity (0 Verbose ... 4 Fatal), and restore it after spikec's quiet
+    spells (``quiet_default_logger``); a process that sets it with onnxruntime's own setter gets Warning back."""
+    global _default_log_severity
+    ort.set_default_logger_severity(severity)
+    _default_log_severity = severity
+
+
+@contextmanager
+def quiet_default_logger() -> Iterator[None]:
+    """onnxruntime's default logger at Fatal for the sessions a library makes with default options, such as
+    onnx-graphsurgeon's constant folding, whose optimizers warn for every shape Unsqueeze they fold."""
+    ort.set_default_logger_severity(QUIET_LOG_SEVERITY)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(_default_log_severity)
 
 
 def check_timesteps(timesteps, argument: str = "timesteps") -> int:

@@ -1028,10 +1028,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import onnxruntime
+    from spikec.runtime.session import QUIET_LOG_SEVERITY, set_default_log_severity
 
     # onnxruntime logs an error before raising it: the one-line error this tool prints says it already.
-    onnxruntime.set_default_logger_severity(4)
+    set_default_log_severity(QUIET_LOG_SEVERITY)
     # Signals the caller ignores (nohup, background jobs) stay ignored.
     handlers = {
         number: signal.signal(number, _interrupt)

@@ -33,6 +33,7 @@ from spikec.passes.canonicalize import (
 )
 from spikec.passes.loader import load_model
 from spikec.passes.patterns import describe, find_regions
+from spikec.runtime.session import set_default_log_severity
 from torch import nn
 
 from examples import fixtures
@@ -532,6 +533,45 @@ def test_fold_constants_folds_static_shape_chains(export):
     model = load_model(export("sdpa", "torchscript", 17))
     ops = Counter(n.op_type for n in fold_constants(model).graph.node)
     assert ops["Shape"] == ops["Slice"] == ops["Sqrt"] == ops["Constant"] == 0
+
+
+def _unsqueeze_of_a_constant() -> onnx.ModelProto:
+    """y = x + Unsqueeze(c): folding the Unsqueeze runs it in an onnxruntime session of default options, whose
+    optimizer warns that it cannot remove a node whose output the session returns."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", ["c", "axes"], ["u"], name="unsqueeze"),
+            helper.make_node("Add", ["x", "u"], ["y"], name="add"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [
+            onnx.numpy_helper.from_array(np.arange(3, dtype=np.float32), "c"),
+            onnx.numpy_helper.from_array(np.array([0], np.int64), "axes"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fold_constants_keeps_onnxruntime_quiet_and_restores_its_logger(capfd):
+    model = _unsqueeze_of_a_constant()
+    set_default_log_severity(2)
+    folded = fold_constants(model)
+    assert [n.op_type for n in folded.graph.node] == ["Add"]
+    assert capfd.readouterr().err == ""
+    # the default logger is back at Warning: the same session outside spikec warns
+    ort.InferenceSession(gs.export_onnx(gs.import_onnx(_lone_unsqueeze())).SerializeToString())
+    assert "UnsqueezeElimination cannot remove node" in capfd.readouterr().err
+
+
+def _lone_unsqueeze() -> onnx.ModelProto:
+    """The subgraph onnx-graphsurgeon folds: the Unsqueeze of a constant, its output the graph's."""
+    model = _unsqueeze_of_a_constant()
+    del model.graph.node[1]
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("u", TensorProto.FLOAT, [1, 3]))
+    del model.graph.input[0]
+    return model
 
 
 def test_fold_constants_keeps_dynamic_batch(export):
