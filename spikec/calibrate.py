@@ -198,9 +198,14 @@ def load_inputs(
                 arrays[key] = np.asarray(value)
             except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot convert
                 raise SpikecError(f"{what}: input '{key}': not an array ({_one_line(exc)})") from None
-    else:
+    elif isinstance(path_or_dict, (str, os.PathLike)):
         source = f"{what} {path_or_dict}"
         arrays = read_npz(path_or_dict, what)
+    else:
+        raise SpikecError(
+            f"{what}: expected an .npz file's path or a mapping of input names to arrays, "
+            f"got {type(path_or_dict).__name__}"
+        )
 
     expected = _graph_inputs(graph)
     if not expected:

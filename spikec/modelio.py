@@ -89,6 +89,8 @@ def reads(models: Sequence[tuple[str, object]] = (), files: Sequence[tuple[str, 
     files) and other files. Arguments that are not paths (in-memory models, arrays) read no file."""
     result: list[Read] = []
     for what, source in models:
+        if not isinstance(source, (str, os.PathLike, onnx.ModelProto)):
+            raise SpikecError(f"{what}: expected an ONNX file's path or an onnx.ModelProto, got {type(source).__name__}")
         if isinstance(source, (str, os.PathLike)):
             model, *data = model_files(source)
             result += [(what, model), *((f"{what}'s external data", path) for path in data)]
@@ -165,6 +167,9 @@ def check_outputs(outputs: Sequence[tuple[str, Source | None]], reads: Sequence[
     """Check every output a command will write (``(what, path)``; None = not written) against everything
     it reads and against each other, before any work is done."""
     given = [(what, path) for what, path in outputs if path is not None]
+    for what, path in given:
+        if not isinstance(path, (str, os.PathLike)):
+            raise SpikecError(f"{what}: expected a file path (or None), got {type(path).__name__}")
     return [
         check_output(path, reads, what=what, others=[(w, Path(p)) for w, p in given[:index]])
         for index, (what, path) in enumerate(given)

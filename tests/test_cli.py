@@ -424,6 +424,28 @@ def test_levels_zero_rejected_by_the_api():
         spikec.compile(fixtures.digits_vit(), {"pixels": np.zeros((2, 1, 8, 8), np.float32)}, levels=0)
 
 
+@pytest.mark.parametrize(
+    ("function", "arguments", "message"),
+    [
+        (
+            "compile",
+            (None, "calibration"),
+            r"^input model: expected an ONNX file's path or an onnx.ModelProto, got NoneType$",
+        ),
+        ("quantize", (3, "calibration"), r"^input model: .* got int$"),
+        ("finetune", (None, "calibration"), r"^input model: .* got NoneType$"),
+        ("compile", ("model", None), r"^calibration data: expected an .npz file's path or a mapping .* got NoneType$"),
+        ("quantize", ("model", 3), r"^calibration data: .* got int$"),
+        ("compile", ("model", "calibration", 7.0), r"^output: expected a file path \(or None\), got float$"),
+    ],
+)
+def test_api_arguments_of_a_wrong_type_are_refused_by_name(function, arguments, message):
+    sources = {"model": fixtures.digits_vit(), "calibration": {"pixels": np.zeros((2, 1, 8, 8), np.float32)}}
+    arguments = [sources.get(a, a) if isinstance(a, str) else a for a in arguments]
+    with pytest.raises(spikec.SpikecError, match=message):
+        getattr(spikec, function)(*arguments, progress=False)
+
+
 def test_inspect_into_a_closed_pipe(unrolled):
     """`spikec inspect --json | head -1`: the reader goes away early; no BrokenPipeError traceback."""
     proc = subprocess.Popen(
