@@ -90,7 +90,9 @@ def reads(models: Sequence[tuple[str, object]] = (), files: Sequence[tuple[str, 
     result: list[Read] = []
     for what, source in models:
         if not isinstance(source, (str, os.PathLike, onnx.ModelProto)):
-            raise SpikecError(f"{what}: expected an ONNX file's path or an onnx.ModelProto, got {type(source).__name__}")
+            raise SpikecError(
+                f"{what}: expected an ONNX file's path or an onnx.ModelProto, got {type(source).__name__}"
+            )
         if isinstance(source, (str, os.PathLike)):
             model, *data = model_files(source)
             result += [(what, model), *((f"{what}'s external data", path) for path in data)]
