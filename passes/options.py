@@ -67,6 +67,12 @@ class Options:
     def declared(cls) -> Iterator[dataclasses.Field]:
         return iter(dataclasses.fields(cls))
 
+    @classmethod
+    def from_record(cls, values: dict) -> Options:
+        """The options a model's record holds (``to_json``'s dict); keys of no field are left out, and a
+        field the record lacks takes its default, so records of other versions still read."""
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
     def to_json(self) -> dict:
         return {
             f.name: os.fspath(v) if isinstance(v := getattr(self, f.name), os.PathLike) else v

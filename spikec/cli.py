@@ -455,7 +455,7 @@ def cmd_report(args) -> int:
     from spikec.report import build_report, check_directory, report_files, write_report
 
     reads = modelio.reads(
-        models=[("ANN", args.ann), ("SNN", args.snn), ("QANN", args.qann)],
+        models=[("ANN", args.ann), ("SNN", args.snn), *([("QANN", args.qann)] if args.qann else [])],
         files=[("--inputs file", args.inputs), ("--labels file", args.labels)],
     )
     method = _method(args.snn)

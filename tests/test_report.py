@@ -23,6 +23,7 @@ from spikec.errors import SpikecError
 from spikec.evaluate import cosine, fidelity
 from spikec.methods import Method
 from spikec.methods.ecmt import ECMT
+from spikec.methods.spikezip import integer_qann
 from spikec.report import build_report, energy, plots, write_report
 from spikec.report.section import Context
 from spikec.report.sta import STASection
@@ -327,11 +328,17 @@ def test_energy_counts_by_hand(made):
 
 def test_spikezip_fidelity_against_the_qann_and_the_float_ann(spikezip_made):
     data = spikezip_made["data"]
-    assert data["references"] == ["QANN", "float ANN"] and data["layers_reference"] == "QANN"
+    # integer-exact by default: compile held the SNN to the integer QANN, and so does the report
+    assert data["references"] == ["QANN", "integer QANN", "float ANN"] and data["layers_reference"] == "QANN"
     feeds = {"pixels": spikezip_made["x"]}
     steps = fetch(spikezip_made["snn"], ["logits.steps"], feeds)["logits.steps"]
-    for label, model in (("QANN", spikezip_made["qann"]), ("float ANN", spikezip_made["ann"])):
-        reference = fetch(model, ["logits"], feeds)["logits"]
+    integer = integer_qann(onnx.load(spikezip_made["qann"]))
+    for label, model, reference_model in (
+        ("QANN", spikezip_made["qann"], spikezip_made["qann"]),
+        ("integer QANN", spikezip_made["qann"], integer),
+        ("float ANN", spikezip_made["ann"], spikezip_made["ann"]),
+    ):
+        reference = fetch(reference_model, ["logits"], feeds)["logits"]
         assert data["fidelity"][label]["model"] == str(model)
         got = data["fidelity"][label]["outputs"]["logits"]["per_t"]
         want = fidelity(reference, steps)
@@ -343,6 +350,7 @@ def test_spikezip_fidelity_against_the_qann_and_the_float_ann(spikezip_made):
     last = data["fidelity"]["QANN"]["outputs"]["logits"]["per_t"][-1]
     assert last["cosine"] > 0.9999 and last["top1_agreement"] == 1.0
     assert data["fidelity"]["float ANN"]["outputs"]["logits"]["per_t"][-1]["cosine"] < last["cosine"]
+    assert data["fidelity"]["integer QANN"]["outputs"]["logits"]["per_t"][-1]["max_abs_error"] == 0
     # per layer against the QANN: the logits are exact once quiet
     layers = {r["tensor"]: r for r in data["layers"]}
     assert layers["logits"]["estimate"] == "graph output (after T steps)"
@@ -385,7 +393,8 @@ def test_spikezip_needs_its_qann(spikezip_made, made):
     x = {"pixels": spikezip_made["x"][:4]}
     with pytest.raises(SpikecError, match="no activation quantizers; pass the QANN with --qann"):
         build_report(spikezip_made["ann"], spikezip_made["snn"], x)
-    assert build_report(spikezip_made["qann"], spikezip_made["snn"], x)["references"] == ["QANN"]  # the QANN as ANN
+    # the QANN as ANN
+    assert build_report(spikezip_made["qann"], spikezip_made["snn"], x)["references"] == ["QANN", "integer QANN"]
     with pytest.raises(SpikecError, match="--qann: only a spikezip model"):
         build_report(made["ann"], made["snn"], x, qann=spikezip_made["qann"])
 

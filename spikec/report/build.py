@@ -125,6 +125,14 @@ def build_report(
     references = {label: load(path, label) for label, path in paths.items()}
     runnable = {label: float32_reference(paths[label], model) for label, model in references.items()}
     primary_label, primary = next(iter(references.items()))
+    # what compile held the SNN to, where that is not the first reference as given (SpikeZIP-TF's integer mode:
+    # the integer QANN, which onnxruntime's session of a QDQ model can differ from): a reference of its own
+    held_to, held_to_label = method.verification_reference(primary, method.Options.from_record(record.options))
+    if held_to is not primary:
+        order = [primary_label, held_to_label, *list(references)[1:]]
+        references, runnable = references | {held_to_label: held_to}, runnable | {held_to_label: held_to}
+        paths = paths | {held_to_label: paths[primary_label]}
+        references, runnable = {k: references[k] for k in order}, {k: runnable[k] for k in order}
     feeds = load_inputs(feeds, primary, what="inputs")
     samples = len(next(iter(feeds.values())))
     if labels is not None:

@@ -95,9 +95,14 @@ class SpikeZIPSection(Section):
         steps = len(z["spikes_per_step"])
         quiet = len(z["t_eq"]) - z["not_quiet"]
         mean = f"mean T_eq {z['mean_t_eq']:.2f}, max {z['max_t_eq']}" if quiet else "no sample became quiet"
+        equal = (
+            "the integer QANN's bit for bit"
+            if data["options"].get("integer")
+            else "the QANN's (up to float rounding at level boundaries)"
+        )
         return [
             f"<p>{quiet} of {len(z['t_eq'])} samples became quiet within T={steps} ({mean}): after T_eq no "
-            f"neuron fires again and the outputs equal the QANN's (up to float rounding at level boundaries); "
+            f"neuron fires again and the outputs equal {equal}; "
             f"{z['not_quiet']} still fired at step {steps}. A stateful model run until quiet "
             f"(<code>spikec run --until-quiet</code>) stops there.</p>",
             img("steps"),
