@@ -229,6 +229,9 @@ class NodeInfo:
     category: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    # its outputs at step t already estimate their value after t steps: F of running means (ECMT's mean
+    # domain, ECAccumulate's outputs) or integer-exact mode's running totals
+    running: bool = False
 
 
 def constant_tensors(model: onnx.ModelProto) -> set[str]:
@@ -302,6 +305,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
                 category,
                 tuple(t.name for t in node.inputs),
                 tuple(t.name for t in node.outputs),
+                running=any(t.name in means or t.name in totals for t in node.outputs),
             )
         )
     return result
@@ -310,16 +314,7 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
 def mean_domain(nodes: Sequence[NodeInfo]) -> set[str]:
     """Tensors holding F of running means, or integer-exact mode's running totals (their value at step t is
     already the estimate after t steps)."""
-    means: set[str] = set()
-    for n in nodes:
-        if (
-            n.category in ("ec_float", "integer_total")
-            or (n.domain == SPIKEC_DOMAIN and n.op == "ECAccumulate")
-            # a weight product of integer-exact tracers: the total of its spikes' products
-            or (n.category == "spike_product" and any(i in means for i in n.inputs))
-        ):
-            means.update(n.outputs)
-    return means
+    return {o for n in nodes if n.running for o in n.outputs}
 
 
 def float_ops(nodes: Sequence[NodeInfo]) -> list[dict]:
