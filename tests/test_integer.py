@@ -280,3 +280,22 @@ def test_onnxruntime_qdq_digits_vit_integer_mode(digits_qdq):
     assert None not in equilibrium_steps(got["spikec.spikes.steps"])
     assert max(equilibrium_steps(got["spikec.spikes.steps"])) < 60  # 256 levels: ~300 steps one spike at a time
     np.testing.assert_array_equal(got["logits"], want)
+
+
+@pytest.mark.slow
+def test_report_holds_an_integer_snn_of_a_qdq_model_to_the_integer_qann(digits_qdq, tmp_path):
+    """`spikec report` on onnxruntime's QDQ model: the integer QANN, a reference of its own beside onnxruntime's
+    session of the QDQ model (which fuses the model its own way), is met bit for bit once quiet."""
+    from spikec.report import build_report
+
+    data = fixtures.digits_data()
+    snn = tmp_path / "snn.onnx"
+    spikec.compile(
+        digits_qdq, {"pixels": data["x_train"][:8]}, snn, method="spikezip", timesteps=48, burst=16, progress=False
+    )
+    report = build_report(digits_qdq, snn, {"pixels": data["x_test"][:32]})
+    assert report["references"] == ["QANN", "integer QANN"] and report["layers_reference"] == "QANN"
+    assert report["section"]["not_quiet"] == 0
+    exact = report["fidelity"]["integer QANN"]["outputs"]["logits"]["per_t"][-1]
+    assert exact["max_abs_error"] == 0 and exact["top1_agreement"] == 1
+    assert report["fidelity"]["QANN"]["outputs"]["logits"]["per_t"][-1]["cosine"] > 0.9999
