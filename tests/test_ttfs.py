@@ -359,6 +359,41 @@ def test_report_counts_spikes_clipping_and_table3(digits, tmp_path):
     assert data["section"]["depth"] == 1 + 1 + 4 * 20 + 5 + 1
 
 
+class _GatedMLP(torch.nn.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_report_counts_a_gated_mlps_product(tmp_path):
+    """The gated MLP's act(gate) * up is an elementwise product construction: Table 3's MatMul with K = 1 per
+    element (2 neurons, 5 operations)."""
+    torch.manual_seed(0)
+    path, snn = tmp_path / "mlp.onnx", tmp_path / "ttfs.onnx"
+    torch.onnx.export(
+        _GatedMLP(),
+        (torch.randn(2, 3, 8),),
+        str(path),
+        input_names=["x"],
+        output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    rng = np.random.default_rng(0)
+    spikec.compile(path, {"x": rng.standard_normal((64, 3, 8), dtype=np.float32)}, snn, method="ttfs", progress=False)
+    data = build_report(path, snn, {"x": rng.standard_normal((16, 3, 8), dtype=np.float32)})
+    products = [c for c in data["section"]["constructions"] if c["kind"] == "product"]
+    assert len(products) == 1
+    assert products[0]["neurons"] == 2 * 3 * 16 and products[0]["operations"] == 5 * 3 * 16
+    assert data["fidelity"]["ANN"]["outputs"]["y"]["per_t"][-1]["cosine"] > 0.999
+
+
 def test_materialized_product_layer_never_clips(digits):
     """With a clock the M*K*N layer I neurons are simulated one by one; their analytic range holds them."""
     snn = _digits_snn(digits, precision=4096)

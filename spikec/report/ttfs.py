@@ -36,9 +36,10 @@ def spiking_depth(model: onnx.ModelProto) -> int:
 
 def table3(constructions: list[dict], shapes: Mapping[str, list[int]]) -> list[dict]:
     """Neurons and operations per sample of each construction, by Table 3's formulas: MatMul (M x K by
-    K x N) MN(K+1) neurons and MN(3K+2) operations, Softmax over N 2(N+1) and 6N per row, LayerNorm over
-    N 3N+3 and 9N+1 per row, an activation one neuron and one operation per element. ``shapes``: each
-    site's shape per sample."""
+    K x N) MN(K+1) neurons and MN(3K+2) operations, an elementwise product (a gated MLP's act(gate) * up)
+    as a MatMul with K = 1 per output element, Softmax over N 2(N+1) and 6N per row, LayerNorm over N 3N+3
+    and 9N+1 per row, an activation one neuron and one operation per element. ``shapes``: each site's shape
+    per sample."""
     rows = []
     for c in constructions:
         if c["kind"] == "matmul":
@@ -46,6 +47,11 @@ def table3(constructions: list[dict], shapes: Mapping[str, list[int]]) -> list[d
             m, k, n = a[-2], a[-1], b[-1]
             instances = int(np.prod(np.broadcast_shapes(tuple(a[:-2]), tuple(b[:-2])), dtype=np.int64))
             neurons, ops = instances * m * n * (k + 1), instances * m * n * (3 * k + 2)
+        elif c["kind"] == "product":
+            elements = int(
+                np.prod(np.broadcast_shapes(*(tuple(shapes[name]) for name in c["operands"])), dtype=np.int64)
+            )
+            neurons, ops = 2 * elements, 5 * elements
         else:
             shape = shapes[c["output"]]
             count, width = int(np.prod(shape[:-1], dtype=np.int64)), int(shape[-1])
