@@ -153,23 +153,51 @@ def _pad_steps(name: str, parts: list[np.ndarray]) -> list[np.ndarray]:
     ]
 
 
+def _agreeing_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 rows (axis 0) of ``a`` and ``b`` with every entry that is not finite in both set to 0, and per
+    row whether one of those entries disagrees: non-finite in one only, or different infinities. Entries
+    holding the same non-finite value in both (an attention mask's -inf, NaN in both) agree."""
+    a2, b2 = (np.asarray(x, np.float64).reshape(len(x), -1) for x in (a, b))
+    finite = np.isfinite(a2) & np.isfinite(b2)
+    same = (a2 == b2) | (np.isnan(a2) & np.isnan(b2))
+    return np.where(finite, a2, 0.0), np.where(finite, b2, 0.0), (~finite & ~same).any(axis=1)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over samples of the cosine similarity of the flattened per-sample outputs."""
-    a2, b2 = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    """Mean over rows (axis 0: the samples of an output, the tokens of a [tokens, features] tensor) of the
+    cosine similarity of the flattened rows. Entries non-finite in both alike agree and count as zeros; a row
+    zero in both (a padded token) is equal, 1; a row with a non-finite entry the other lacks, 0."""
+    a2, b2, disagree = _agreeing_rows(a, b)
     norms = np.linalg.norm(a2, axis=1) * np.linalg.norm(b2, axis=1)
-    return float(np.mean(np.sum(a2 * b2, axis=1) / np.maximum(norms, 1e-30)))
+    both_zero = ~a2.any(axis=1) & ~b2.any(axis=1)
+    rows = np.where(both_zero, 1.0, np.sum(a2 * b2, axis=1) / np.maximum(norms, 1e-30))
+    return float(np.mean(np.where(disagree, 0.0, rows)))
+
+
+def max_abs_error(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """The largest |estimate - reference| over the entries finite in both; inf where a non-finite entry
+    disagrees (as in ``cosine``)."""
+    reference, estimate, disagree = _agreeing_rows(reference, estimate)
+    return np.inf if disagree.any() else float(np.max(np.abs(estimate - reference), initial=0.0))
+
+
+def finite_scale(reference: np.ndarray) -> float:
+    """The largest finite |reference|, 0 where there is none."""
+    finite = np.abs(reference[np.isfinite(reference)])
+    return float(np.max(finite, initial=0.0))
 
 
 def fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | None = None) -> list[dict]:
     """Per step t: max abs error, relative max error, cosine, and for [N, classes] outputs top-1
     agreement with the reference (and accuracy when labels are given)."""
-    scale = float(np.max(np.abs(reference))) or 1.0
+    scale = finite_scale(reference) or 1.0
     rows = []
     for t, out in enumerate(steps, start=1):
+        error = max_abs_error(reference, out)
         row = {
             "t": t,
-            "max_abs_error": float(np.max(np.abs(out - reference))),
-            "relative_max_error": float(np.max(np.abs(out - reference)) / scale),
+            "max_abs_error": error,
+            "relative_max_error": error / scale,
             "cosine": cosine(reference, out),
         }
         if reference.ndim == 2 and reference.shape[1] > 1:

@@ -24,7 +24,9 @@ class Estimate:
     """How an SNN tensor estimates the ANN tensor of its name after T steps."""
 
     OUTPUT = "graph output (after T steps)"  # a rate readout: already the estimate
-    LAST = "last step"  # F of running means/sums, or a time-invariant tensor: its last step is the estimate
+    # F of running means/sums, or a time-invariant tensor: its last step is the estimate (the value itself
+    # where the tensor is computed once, not per step: position embeddings, rotary tables)
+    LAST = "last step"
     MEAN = "running mean"  # per-step values, mean semantics (ECMT, STA)
     SUM = "running sum"  # per-step values, sum semantics (SpikeZIP-TF)
     SINGLE = "one pass"  # TTFS: no time steps, the received value itself
@@ -59,7 +61,7 @@ def final_estimate(value: np.ndarray, reference_shape: Sequence[int], timesteps:
     """The SNN's estimate, after all T steps, of an ANN tensor of ``reference_shape`` (see `Estimate`).
     None where the shapes do not correspond."""
     reference_shape = tuple(reference_shape)
-    if kind in (Estimate.OUTPUT, Estimate.SINGLE):
+    if kind in (Estimate.OUTPUT, Estimate.SINGLE) or (kind == Estimate.LAST and value.shape == reference_shape):
         return value if value.shape == reference_shape else None
     steps = per_step(value, timesteps, reference_shape[0]) if reference_shape else None
     if steps is None or steps.shape[1:] != reference_shape:

@@ -20,7 +20,7 @@ from examples import fixtures
 from spikec import methods
 from spikec.cli import inspect_model, main
 from spikec.errors import SpikecError
-from spikec.evaluate import cosine, fidelity
+from spikec.evaluate import cosine, fidelity, finite_scale, max_abs_error
 from spikec.methods import Method
 from spikec.methods.ecmt import ECMT
 from spikec.methods.spikezip import integer_qann
@@ -277,6 +277,34 @@ def test_per_layer_error_matches_numpy(made):
     assert layers["logits"]["cosine"] == pytest.approx(
         made["data"]["fidelity"]["ANN"]["outputs"]["logits"]["per_t"][-1]["cosine"]
     )
+
+
+def test_cosine_and_errors_of_padded_rows_and_masks():
+    rows = np.array([[1.0, 2.0], [0.0, 0.0]])
+    assert cosine(rows, rows) == pytest.approx(1.0)  # a padded token's row, zero in both, is equal
+    assert cosine(rows, np.array([[1.0, 2.0], [0.0, 1.0]])) == pytest.approx(0.5)
+    mask = np.array([[0.0, -np.inf], [1.0, -np.inf]])  # an additive attention mask: -inf in both agrees
+    assert cosine(mask, mask) == pytest.approx(1.0) and max_abs_error(mask, mask) == 0.0 and finite_scale(mask) == 1.0
+    lost = np.array([[0.0, -1e9], [1.0, -np.inf]])  # the first row's -inf became finite: that row disagrees
+    assert cosine(mask, lost) == pytest.approx(0.5) and max_abs_error(mask, lost) == np.inf
+    both_nan = np.array([[np.nan, 3.0]])
+    assert cosine(both_nan, both_nan) == pytest.approx(1.0) and cosine(both_nan, np.array([[1.0, 3.0]])) == 0.0
+
+
+def test_layers_of_a_padded_text_model_are_compared_not_skipped(tmp_path):
+    """bert with right-padded inputs: the extended attention mask's rows of padded keys are zero in both
+    models (cosine 1, not 0), and the position embeddings, computed once and not per step, are compared."""
+    model = fixtures.random_transformer("bert")
+    snn = tmp_path / "snn.onnx"
+    spikec.compile(model, fixtures.random_inputs("bert", 32), snn, method="ecmt", timesteps=4, progress=False)
+    data = build_report(model, snn, fixtures.random_inputs("bert", 8, seed=1))
+    json.dumps(data, allow_nan=False)
+    layers = {layer["tensor"]: layer for layer in data["layers"]}
+    assert data["layers_skipped"] == []
+    position = layers["/model/embeddings/position_embeddings/Gather_output_0"]
+    assert position["estimate"] == "last step" and position["max_abs_error"] == 0 and position["cosine"] == 1
+    exact = [layer for layer in data["layers"] if layer["max_abs_error"] == 0]
+    assert len(exact) > 5 and all(layer["cosine"] == pytest.approx(1.0) for layer in exact)
 
 
 def test_energy_counts_by_hand(made):

@@ -12,7 +12,7 @@ import onnx
 
 from spikec import graphinfo, methods
 from spikec.errors import SpikecError
-from spikec.evaluate import check_labels, cosine, fidelity, float32_reference
+from spikec.evaluate import check_labels, cosine, fidelity, finite_scale, float32_reference, max_abs_error
 from spikec.memory import default_budget
 from spikec.probe import Estimate, final_estimate, side_by_side
 from spikec.report import energy
@@ -51,9 +51,8 @@ class _LayerError:
     rows: int = 0
 
     def add(self, reference: np.ndarray, estimate: np.ndarray) -> None:
-        reference = reference.astype(np.float64)
-        self.max_error = max(self.max_error, float(np.max(np.abs(estimate - reference), initial=0.0)))
-        self.max_reference = max(self.max_reference, float(np.max(np.abs(reference), initial=0.0)))
+        self.max_error = max(self.max_error, max_abs_error(reference, estimate))
+        self.max_reference = max(self.max_reference, finite_scale(reference))
         self.cosine_sum += cosine(reference, estimate) * len(reference)
         self.rows += len(reference)
 

@@ -202,7 +202,10 @@ def render_html(data: dict, drawn: Mapping[str, bytes]) -> str:
     estimates = {
         Estimate.MEAN: "the running mean over T of its per-step values",
         Estimate.SUM: "the sum over T of its per-step values",
-        Estimate.LAST: "its last step (F of running means/sums inside compensation, or a time-invariant tensor)",
+        Estimate.LAST: (
+            "its last step (F of running means/sums inside compensation, or a time-invariant tensor, itself "
+            "where it is computed once)"
+        ),
         Estimate.OUTPUT: "the graph output itself (the rate readout)",
         Estimate.SINGLE: "the received (decoded) value itself",
     }
@@ -212,8 +215,9 @@ def render_html(data: dict, drawn: Mapping[str, bytes]) -> str:
         note(
             "Every tensor of the reference that the SNN keeps by name. The SNN's estimate is "
             + "; ".join(f"<i>{k}</i>: {estimates[k]}" for k in used)
-            + ". Relative max error = max |SNN − reference| / max |reference| over all samples; "
-            "cosine = mean over samples."
+            + ". Relative max error = max |SNN − reference| / max finite |reference| over all samples; "
+            "cosine = mean over the rows of axis 0 (samples, or tokens where an exporter flattened them), a "
+            "row zero in both counting 1; entries non-finite in both alike (a mask's −inf) agree."
         ),
         picture("layers"),
         "<details><summary>all layers</summary>"
@@ -239,11 +243,11 @@ def render_html(data: dict, drawn: Mapping[str, bytes]) -> str:
             table(["skipped tensor", "reason"], [[s["tensor"], s["reason"]] for s in data["layers_skipped"]])
         )
 
-    per = "step" if stepped else "pass"
+    per, pers = ("step", "steps") if stepped else ("pass", "passes")
     sections += [
         "<h2>Firing per spiking site</h2>",
         note(
-            f"Spikes per neuron per {per}: the spikes of each site over all {per}s and samples, divided by "
+            f"Spikes per neuron per {per}: the spikes of each site over all {pers} and samples, divided by "
             f"neurons × {'T' if stepped else '1'} × samples. A spike is one event, as the energy model "
             f"counts it (below)."
         ),
