@@ -59,12 +59,19 @@ def verification_line(verification: dict) -> str:
     samples = f"{verification['samples']} {'held-out ' if verification['held_out'] else ''}calibration sample" + (
         "s" if verification["samples"] != 1 else ""
     )
-    measured = "; ".join(
-        f"{name} cosine {m['cosine']:.4f}, relative max error {m['relative_max_error']:.2e}"
-        for name, m in verification["outputs"].items()
-    )
+
+    def measured(outputs: dict) -> str:
+        return "; ".join(
+            f"{name} cosine {m['cosine']:.4f}, relative max error {m['relative_max_error']:.2e}"
+            for name, m in outputs.items()
+        )
+
     when = f" at T={verification['timesteps']}" if verification["timesteps"] else ""
-    return f"verified on {samples} against the {verification['reference']}{when}: {measured}"
+    line = f"verified on {samples} against the {verification['reference']}{when}: {measured(verification['outputs'])}"
+    against_input = verification.get("reference_against_input")
+    if against_input:  # what making the reference from the input cost (SpikeZIP-TF: quantizing)
+        line += f"; the {verification['reference']} against the input model: {measured(against_input)}"
+    return line
 
 
 def _add_compile_options(parser: argparse.ArgumentParser) -> None:

@@ -250,7 +250,8 @@ def _compile(
     checks = None  # made only where verified (compare and tune compile without): it may copy the model
     if held_out is not None:
         held_to, held_to_name = method.verification_reference(job.ann, method_options)
-        checks = HeldOut(held_out[0], held_to, held_to_name, common.batch_size, held_out=held_out[1])
+        given = ann if job.ann is not ann else None  # the method converts a model made from the input
+        checks = HeldOut(held_out[0], held_to, held_to_name, common.batch_size, held_out=held_out[1], given=given)
     extras = [(extra.label, extra.path, job.extra_outputs[extra.option]) for extra in outputs_of(method_options)]
     del job  # its regions hold the ANN's replaced weights, mapped: released before the SNN is verified
     label = _label(model, method.name)

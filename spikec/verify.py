@@ -78,6 +78,9 @@ class HeldOut:
     reference_name: str
     batch_size: int
     held_out: bool  # False where calibration had a single sample, which is then verified on
+    # the model the user gave, where the method converted another one made from it (SpikeZIP-TF's QANN of a
+    # float ANN): the reference is measured against it too, so that what quantizing cost is said
+    given: onnx.ModelProto | None = None
 
 
 def verify(
@@ -107,8 +110,13 @@ def verify(
                 f"input's weights are finite (values overflow float32); nothing was written"
             )
         break
-    # the reference first: one session, with its weights, at a time
+    # the references first: one session, with its weights, at a time
     want = None if held_out is None else run_dataset(held_out.reference, held_out.feeds, batch_size=held_out.batch_size)
+    given = (
+        None
+        if held_out is None or held_out.given is None
+        else run_dataset(held_out.given, held_out.feeds, batch_size=held_out.batch_size)
+    )
     options = quiet_options()
     if held_out is None:  # only loading is checked: the weights stay mapped, not packed for running
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -125,11 +133,27 @@ def verify(
             raise SpikecError(
                 f"{label}: onnxruntime cannot load the converted model ({_one_line(exc)}); nothing was written"
             ) from None
-        return None if held_out is None or want is None else _fidelity(session, held_out, want, label)
+        if held_out is None or want is None:
+            return None
+        result = _fidelity(session, held_out, want, label)
+    if given is not None:
+        result["reference_against_input"] = {name: _measures(given[name], want[name]) for name in result["outputs"]}
+    return result
+
+
+def _measures(reference: np.ndarray, estimate: np.ndarray) -> dict:
+    """spikec.evaluate's measures of ``estimate`` against ``reference`` over the entries finite in it."""
+    from spikec.evaluate import cosine
+
+    finite = np.isfinite(reference)
+    reference, estimate = np.where(finite, reference, 0.0), np.where(finite, estimate.astype(np.float64), 0.0)
+    error = float(np.max(np.abs(estimate - reference), initial=0.0))
+    scale = float(np.max(np.abs(reference), initial=0.0)) or 1.0
+    return {"cosine": cosine(reference, estimate), "relative_max_error": error / scale, "max_abs_error": error}
 
 
 def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: str) -> dict:
-    from spikec.evaluate import cosine, run_dataset
+    from spikec.evaluate import run_dataset
 
     count = len(next(iter(held_out.feeds.values())))
     try:
@@ -151,14 +175,7 @@ def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: st
                 f"{count} held-out calibration sample(s) where the {held_out.reference_name} is "
                 f"finite; nothing was written"
             )
-        reference, estimate = np.where(finite, reference, 0.0), np.where(finite, estimate, 0.0)
-        error = float(np.max(np.abs(estimate - reference), initial=0.0))
-        scale = float(np.max(np.abs(reference), initial=0.0)) or 1.0
-        outputs[name] = {
-            "cosine": cosine(reference, estimate),
-            "relative_max_error": error / scale,
-            "max_abs_error": error,
-        }
+        outputs[name] = _measures(reference, estimate)
     spikes = got.get(SPIKES_OUTPUT + STEPS_SUFFIX)  # [T, samples]: sum-semantics models
     return {
         "samples": count,

@@ -23,6 +23,9 @@ import spikec
 import spikec.modelio
 from examples import fixtures
 from spikec.cli import main
+from spikec.compiler import split_held_out
+from spikec.evaluate import cosine, run_dataset
+from spikec.methods.spikezip import integer_qann
 
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
@@ -496,10 +499,18 @@ def test_spikezip_cli_flow(small, data, capfd):
     out, err = capfd.readouterr()
     verified, *wrote = out.splitlines()
     assert wrote == [f"wrote {qann} (the quantized ANN)", f"wrote {snn}"]
-    # integer-exact by default: held to the integer QANN, bit for bit
-    assert verified.startswith("verified on ") and verified.endswith(
-        " against the integer QANN at T=64: logits cosine 1.0000, relative max error 0.00e+00"
+    # integer-exact by default: held to the integer QANN, bit for bit; and what quantizing cost, said
+    match = re.fullmatch(
+        r"verified on (\d+) held-out calibration samples against the integer QANN at T=64: logits cosine "
+        r"1\.0000, relative max error 0\.00e\+00; the integer QANN against the input model: logits cosine "
+        r"([\d.]+), relative max error [\d.e+-]+",
+        verified,
     )
+    assert match, verified
+    held = split_held_out(dict(np.load(calib)))[1][0]
+    assert len(next(iter(held.values()))) == int(match[1])
+    quantizing = cosine(run_dataset(model, held)["logits"], run_dataset(integer_qann(onnx.load(qann)), held)["logits"])
+    assert float(match[2]) == pytest.approx(quantizing, abs=1e-4) and quantizing < 0.9999
     assert err == ""
     # `spikec quantize` writes the QANN compile makes from all the calibration data (verification holds
     # some samples out of the quantization too)
