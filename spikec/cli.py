@@ -315,15 +315,23 @@ def _summary(values) -> str:
     return f"[{array.min():.3g} .. {array.max():.3g}] x{array.size}"
 
 
+def _console():
+    """A rich console at the terminal's width; into a file or a pipe (no terminal, no COLUMNS), wide enough
+    that no cell is cut: node and tensor names are what one greps such output for."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=10_000)
+
+
 def cmd_inspect(args) -> int:
     info = inspect_model(args.model)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     passes = "one pass (time-to-first-spike)" if info["mode"] == "ttfs" else f"T={info['timesteps']}"
     console.print(
         f"[bold]{info['model']}[/bold]  method={info['method'] or 'none (ANN)'}  mode={info['mode']}  {passes}"
@@ -439,7 +447,6 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     for name, data in result.items():
@@ -452,7 +459,7 @@ def cmd_eval(args) -> int:
             table.add_column(column)
         for row in data["per_t"]:
             table.add_row(*[str(row[c]) if c == "t" else f"{row[c]:.5g}" for c in columns])
-        Console().print(table)
+        _console().print(table)
     return 0
 
 
@@ -521,7 +528,6 @@ def _method(path: str) -> str | None:
 def cmd_ugo_train(args) -> int:
     from pathlib import Path
 
-    from rich.console import Console
     from rich.table import Table
 
     from spikec import modelio, ugo
@@ -557,7 +563,7 @@ def cmd_ugo_train(args) -> int:
                 str(target) if kind == "spikec" else "",
             )
     modelio.write(refits)  # all refits or none
-    Console(width=200).print(table)
+    _console().print(table)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 import spikec
 import spikec.modelio
 from examples import fixtures
-from spikec.cli import main
+from spikec.cli import inspect_model, main
 from spikec.compiler import split_held_out
 from spikec.evaluate import cosine, run_dataset
 from spikec.methods.spikezip import integer_qann
@@ -197,6 +198,22 @@ def test_inspect_table(unrolled, capfd, monkeypatch):
     out = capfd.readouterr().out
     assert "method=ecmt" in out and "mode=unrolled" in out and f"T={T}" in out
     assert "MTNeuron" in out and "ECCompensate" in out and "ECAccumulate" in out
+
+
+def test_inspect_into_a_pipe_cuts_no_name(unrolled, tmp_path):
+    """Into a file or a pipe (no terminal, no COLUMNS) every node and tensor name is whole, for grep."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "spikec.cli", "inspect", str(unrolled)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout
+    names = [site["tensor"] for site in inspect_model(unrolled)["neurons"]]
+    assert names and all(name in proc.stdout for name in names)
 
 
 def test_stateful_run_matches_unrolled(vit, data, run_output, tmp_path, capfd):
