@@ -107,8 +107,9 @@ class InferenceSession(ort.InferenceSession):
         kwargs.setdefault("disabled_optimizers", ["MatMulScaleFusion"])
         super().__init__(source, options, providers=providers, **kwargs)
         props = self.get_modelmeta().custom_metadata_map
-        label = "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
-        self.spikec = SpikecMetadata.from_props(props, label)  # None for an ANN
+        # what messages name the model by: the session runs a fused copy, not the file
+        self.label = "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        self.spikec = SpikecMetadata.from_props(props, self.label)  # None for an ANN
         if self.spikec is not None:
             _say_path_once(self.native, native, device)
 

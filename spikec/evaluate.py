@@ -17,7 +17,7 @@ from spikec.runtime.session import InferenceSession, check_timesteps, equilibriu
 
 def _label(model: str | os.PathLike | onnx.ModelProto | InferenceSession) -> str:
     if isinstance(model, InferenceSession):
-        return getattr(model, "_model_path", None) or "<in-memory model>"
+        return model.label
     return "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
 
 

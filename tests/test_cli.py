@@ -411,7 +411,12 @@ def test_run_errors(unrolled, small, capfd):
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--batch-size", "0"], "batch_size=0")
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--timesteps", "0"], "timesteps=0")
     # an unrolled model's T is fixed: a different --timesteps must not be silently ignored
-    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--timesteps", "8"], "timesteps=8", "unrolled")
+    _fails(
+        capfd,
+        ["run", unrolled, "--inputs", calib, "-o", out, "--timesteps", "8"],
+        "timesteps=8",
+        f"{unrolled} is unrolled",
+    )
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", tmp / "nodir" / "o.npz"], "nodir")
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", calib], "calib.npz", "is the --inputs file")
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", unrolled], "unrolled.onnx", "is the input model")
