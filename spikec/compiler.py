@@ -101,6 +101,11 @@ class CompileOptions(Options):
                 else f"choose one of {', '.join(method.modes)}"
             )
             raise SpikecError(f"argument mode={self.mode!r}: {detail}")
+        if not method.stepped and self.timesteps is not None:
+            raise SpikecError(
+                f"argument timesteps={self.timesteps}: a {method.name} model runs all layers in one pass "
+                f"(time-to-first-spike), with no time steps; leave timesteps out"
+            )
         parse_budget(self.memory_budget)
 
 

@@ -638,3 +638,8 @@ def test_a_quantized_model_converts_as_its_float_model(digits, tmp_path, capfd):
     feeds = {"pixels": digits["x_test"][:64]}
     want, got = run_dataset(fixtures.digits_vit(), feeds)["logits"], run_dataset(str(out), feeds)["logits"]
     assert (want.argmax(1) == got.argmax(1)).mean() >= 0.95
+
+
+def test_timesteps_are_refused_not_ignored(digits):
+    with pytest.raises(spikec.SpikecError, match=r"^argument timesteps=4: a ttfs model runs all layers in one pass"):
+        spikec.compile(fixtures.digits_vit(), {"pixels": digits["x_train"][:16]}, method="ttfs", timesteps=4)
