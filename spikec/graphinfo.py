@@ -43,6 +43,7 @@ CATEGORIES = {
     "runs on its levels; its value at step t is the estimate after t steps",
     "affine": "affine in its time-varying inputs: commutes with the running mean, runs on per-step values",
     "time_invariant": "depends on inputs and constants only: identical at every step",
+    "decoded": "time-to-first-spike: a layer's synaptic sum on the decoded spike times, computed once (one pass)",
     "time": "time layout: tiling the input over steps, per-step readout",
     "spiking": "spikec op",
 }
@@ -251,10 +252,14 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
     before the ECCompensate are running means (the "mean domain" where ECMT evaluates F in float)."""
     graph = gs.import_onnx(model)
     graph.toposort()
-    neurons = [n for n in graph.nodes if n.domain == SPIKEC_DOMAIN and base_op(n) in NEURON_OPS]
-    varying = varying_tensors(graph, [n.outputs[0].name for n in neurons])
-    spikes = {n.outputs[0].name for n in neurons}
     record = SpikecMetadata.read(model)
+    one_pass = record is not None and record.mode == "ttfs"
+    # a TTFS model has no steps: what its spike times decode to varies with the input, once
+    neurons = [
+        n for n in graph.nodes if n.domain == SPIKEC_DOMAIN and (one_pass or base_op(n) in NEURON_OPS) and n.outputs
+    ]
+    varying = varying_tensors(graph, [n.outputs[0].name for n in neurons])
+    spikes = {n.outputs[0].name for n in neurons} if not one_pass else set()
     allow = set(record.allow_float) if record else set()
     constants = constant_tensors(model)
     means: set[str] = set()
@@ -291,6 +296,8 @@ def classify_nodes(model: onnx.ModelProto) -> list[NodeInfo]:
             means.update(t.name for t in node.outputs)
         elif not any(t.name in varying for t in node.outputs):  # shape-only ops of varying tensors too
             category = "time_invariant"
+        elif one_pass:
+            category = "decoded"
         elif node.op in allow or node.name in allow:
             category = "allow_float"
         else:

@@ -532,6 +532,10 @@ def test_ttfs_spike_times_clipping_depth_and_energy(ttfs_made):
     conv = next(p for p in data["energy"]["snn"]["products"] if p["node"] == "/patch_embed/Conv")
     assert conv["source"] == pixels["source"] and conv["fan_out"] == DIM  # k=2 stride 2: each pixel in one patch
     assert 0.15 < data["energy"]["ratio_paper_convention"] < 0.3  # TTFSFormer's ViTs: 0.21-0.22
+    # one pass: no layer runs per step; those on the decoded spike times say so
+    categories = {layer["tensor"]: layer["category"] for layer in data["layers"]}
+    assert set(categories.values()) <= {"decoded", "time_invariant", "spiking"}
+    assert categories["/blocks.0/attn/q/MatMul_output_0"] == "decoded"
 
 
 # ------------------------------------------------------------------ the page
