@@ -187,19 +187,22 @@ def finite_scale(reference: np.ndarray) -> float:
     return float(np.max(finite, initial=0.0))
 
 
+def measures(reference: np.ndarray, estimate: np.ndarray) -> dict:
+    """Max abs error, relative max error (to the largest finite |reference|) and cosine."""
+    error = max_abs_error(reference, estimate)
+    return {
+        "max_abs_error": error,
+        "relative_max_error": error / (finite_scale(reference) or 1.0),
+        "cosine": cosine(reference, estimate),
+    }
+
+
 def fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | None = None) -> list[dict]:
-    """Per step t: max abs error, relative max error, cosine, and for [N, classes] outputs top-1
-    agreement with the reference (and accuracy when labels are given)."""
-    scale = finite_scale(reference) or 1.0
+    """Per step t: ``measures``, and for [N, classes] outputs top-1 agreement with the reference (and
+    accuracy when labels are given)."""
     rows = []
     for t, out in enumerate(steps, start=1):
-        error = max_abs_error(reference, out)
-        row = {
-            "t": t,
-            "max_abs_error": error,
-            "relative_max_error": error / scale,
-            "cosine": cosine(reference, out),
-        }
+        row = {"t": t, **measures(reference, out)}
         if reference.ndim == 2 and reference.shape[1] > 1:
             row["top1_agreement"] = float(np.mean(out.argmax(1) == reference.argmax(1)))
             if labels is not None:

@@ -95,7 +95,7 @@ def verify(
     samples: a failure to run or an inf/NaN output where the reference is finite is refused; the fidelity
     per output is returned (spikec.evaluate's measures). References to external data resolve against the
     active spikec.runtime.weights.source (a file's against its directory)."""
-    from spikec.evaluate import run_dataset
+    from spikec.evaluate import measures, run_dataset
     from spikec.runtime.session import InferenceSession, quiet_options
 
     if isinstance(model, onnx.ModelProto):
@@ -137,23 +137,12 @@ def verify(
             return None
         result = _fidelity(session, held_out, want, label)
     if given is not None:
-        result["reference_against_input"] = {name: _measures(given[name], want[name]) for name in result["outputs"]}
+        result["reference_against_input"] = {name: measures(given[name], want[name]) for name in result["outputs"]}
     return result
 
 
-def _measures(reference: np.ndarray, estimate: np.ndarray) -> dict:
-    """spikec.evaluate's measures of ``estimate`` against ``reference`` over the entries finite in it."""
-    from spikec.evaluate import cosine
-
-    finite = np.isfinite(reference)
-    reference, estimate = np.where(finite, reference, 0.0), np.where(finite, estimate.astype(np.float64), 0.0)
-    error = float(np.max(np.abs(estimate - reference), initial=0.0))
-    scale = float(np.max(np.abs(reference), initial=0.0)) or 1.0
-    return {"cosine": cosine(reference, estimate), "relative_max_error": error / scale, "max_abs_error": error}
-
-
 def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: str) -> dict:
-    from spikec.evaluate import run_dataset
+    from spikec.evaluate import measures, run_dataset
 
     count = len(next(iter(held_out.feeds.values())))
     try:
@@ -175,7 +164,7 @@ def _fidelity(session, held_out: HeldOut, want: dict[str, np.ndarray], label: st
                 f"{count} held-out calibration sample(s) where the {held_out.reference_name} is "
                 f"finite; nothing was written"
             )
-        outputs[name] = _measures(reference, estimate)
+        outputs[name] = measures(reference, estimate)
     spikes = got.get(SPIKES_OUTPUT + STEPS_SUFFIX)  # [T, samples]: sum-semantics models
     return {
         "samples": count,
