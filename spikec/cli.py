@@ -643,11 +643,20 @@ def cmd_info(args) -> int:
 def cmd_tune(args) -> int:
     from pathlib import Path
 
-    from spikec import methods
+    from spikec import methods, modelio
     from spikec.calibrate import load_inputs
     from spikec.compiler import compile as compile_model
+    from spikec.runtime.metadata import SpikecMetadata
     from spikec.tune import front, pick, plot, search_space, split, tune
 
+    if args.min_cosine is not None and not -1.0 <= args.min_cosine <= 1.0:
+        raise SpikecError(f"argument --min-cosine {args.min_cosine}: a cosine lies in [-1, 1]")
+    if args.max_energy is not None and not args.max_energy > 0:
+        raise SpikecError(f"argument --max-energy {args.max_energy}: expected a positive ratio SNN/ANN")
+    figure = args.plot or Path(args.output).with_name(Path(args.output).stem + ".front.png")
+    reads = modelio.reads(models=[("input model", args.model)], files=[("calibration data", args.calib)])
+    # before the search, not after it; the state file is read as well as written, so it is checked as an output
+    modelio.check_outputs([("output", args.output), ("--plot file", figure), ("--resume file", args.resume)], reads)
     space = search_space(args.method, args.knob or ())
     feeds = load_inputs(args.calib, args.model, what="calibration data")
     points = tune(
@@ -680,7 +689,6 @@ def cmd_tune(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    figure = args.plot or Path(args.output).with_name(Path(args.output).stem + ".front.png")
     try:
         chosen = pick(
             points,
@@ -700,7 +708,12 @@ def cmd_tune(args) -> int:
     options = {k: chosen[k] for k in knobs}
     if methods.get(args.method).stepped:
         options["timesteps"] = chosen["t"]
-    compile_model(args.model, split(feeds)[0], args.output, method=args.method, progress=not args.quiet, **options)
+    # the setting as measured: calibrated on the fit part, verified on the validation part it was chosen on
+    fit, validation = split(feeds)
+    snn = compile_model(
+        args.model, fit, args.output, verification=validation, method=args.method, progress=not args.quiet, **options
+    )
+    print(verification_line(SpikecMetadata.read(snn).report.verification))
     return 0
 
 

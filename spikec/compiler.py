@@ -155,16 +155,24 @@ def compile(
     output: str | os.PathLike | None = None,
     *,
     input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    verification: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     **options,
 ) -> onnx.ModelProto:
     """Convert an ANN ONNX model into a spiking model. ``options`` are the fields of CompileOptions and of
     the chosen method's Options (spikec/methods/).
 
     ``calibration`` is an .npz (or dict) keyed by model input name, first axis = samples: held-out
-    data, never the evaluation set. If ``output`` is given the model is written there atomically."""
+    data, never the evaluation set. The SNN is verified on one in eight of its samples, held out of
+    calibration, or, given ``verification`` (the same form), on those samples with all of ``calibration``
+    calibrating. If ``output`` is given the model is written there atomically."""
     common, method_options = split_options(options)
     method = methods.get(common.method)
-    reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
+    if verification is not None and not common.verify:
+        raise SpikecError("argument verification: samples to verify on, but verify=False")
+    reads = modelio.reads(
+        models=[("input model", model)],
+        files=[("calibration data", calibration), ("verification data", verification)],
+    )
     outputs = [
         ("output", output),
         *((extra.label, extra.path) for extra in [*outputs_of(common), *outputs_of(method_options)]),
@@ -172,12 +180,13 @@ def compile(
     modelio.check_outputs(outputs, reads)  # before the work, not after it
 
     with weights.source(_directory(model)):
-        return _compile(model, calibration, output, input_shapes, common, method, method_options, reads)
+        return _compile(model, calibration, verification, output, input_shapes, common, method, method_options, reads)
 
 
 def _compile(
     model,
     calibration,
+    verification,
     output,
     input_shapes,
     common: CompileOptions,
@@ -188,7 +197,9 @@ def _compile(
     ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name, map_weights=True))
     _check_allow_float(common.allow_float, ann)
     feeds, held_out = load_inputs(calibration, ann), None
-    if common.verify:
+    if verification is not None:
+        held_out = (load_inputs(verification, ann, what="verification data"), True)
+    elif common.verify:
         feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
     steps = common.timesteps if common.timesteps is not None else method.default_timesteps
     job = Job(

@@ -3,7 +3,9 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
+from spikec.runtime.metadata import SpikecMetadata
 
 from examples import fixtures
 from spikec.cli import main
@@ -125,7 +127,10 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
             if (setting["percentile"], setting["per_channel"], setting["levels"]) == (90.0, True, 8):
                 assert rows[-1]["cosine"] > base[-1]["cosine"] - 0.02
     assert (tmp_path / "tuned.front.png").read_bytes().startswith(b"\x89PNG")
-    assert out.exists()
+    # the model written is the setting as measured: calibrated on the fit part, verified on the validation part
+    verification = SpikecMetadata.read(onnx.load(out)).report.verification
+    assert verification["samples"] == len(split(feeds)[1]["pixels"]) and verification["timesteps"] == int(chosen["T"])
+    assert verification["outputs"]["logits"]["cosine"] == pytest.approx(float(chosen["cosine"]), abs=1e-5)
     # the chosen setting compiled for its own T measures the energy the unrolled run gave its prefix
     fit, valid = split(feeds)
     knobs = {
@@ -136,3 +141,28 @@ def test_tune_cli_energy_bound_and_plot(tmp_path, digits, capfd):
     }
     _, report = measure(fixtures.digits_vit(), fit, valid, "ecmt", tmp_path, timesteps=int(chosen["T"]), **knobs)
     assert report["energy"]["ratio"] == pytest.approx(float(chosen["energy"]), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "culprit"),
+    [
+        (["--plot", "MODEL"], "--plot file"),
+        (["--resume", "MODEL"], "--resume file"),
+        (["--plot", "OUT"], "--plot file"),
+        (["--min-cosine", "2"], "--min-cosine 2.0"),
+        (["--max-energy", "0"], "--max-energy 0.0"),
+    ],
+)
+def test_tune_refuses_bad_paths_and_bounds_before_searching(tmp_path, digits, capfd, extra, culprit):
+    model = tmp_path / "vit.onnx"
+    model.write_bytes(fixtures.digits_vit().read_bytes())
+    before = model.read_bytes()
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, pixels=digits["x_test"][:16])
+    out = tmp_path / "tuned.onnx"
+    names = {"MODEL": str(model), "OUT": str(out)}
+    argv = ["tune", str(model), "--calib", str(calib), "--method", "ecmt", "-o", str(out), "--quiet"]
+    assert main(argv + [names.get(a, a) for a in extra]) == 2
+    _, err = capfd.readouterr()
+    assert err.count("\n") == 1 and err.startswith("spikec: error: ") and culprit in err, err
+    assert model.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "vit.onnx"]
