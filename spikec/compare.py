@@ -10,6 +10,7 @@ their ratios compare like with like.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -182,8 +183,8 @@ def compare_methods(
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names, start=1):
-            if progress:
-                print(f"compare {i}/{len(names)}: {name}", flush=True)
+            if progress:  # stdout carries the results (--json)
+                print(f"compare {i}/{len(names)}: {name}", file=sys.stderr, flush=True)
             extra: dict[str, object] = {"timesteps": timesteps[name]} if name in timesteps else {}
             start = time.perf_counter()
             try:
@@ -204,6 +205,13 @@ def compare_methods(
                     compile_seconds - report["seconds"],
                 )
             )
+    errors = list(dict.fromkeys(r["error"] for r in rows if "error" in r))
+    if all("error" in r for r in rows):  # nothing to compare: an error, not a table of failures
+        raise SpikecError(
+            errors[0]
+            if len(errors) == 1
+            else "no method converts the model: " + "; ".join(f"{r['method']}: {r['error']}" for r in rows)
+        )
     return {
         "model": os.fspath(ann),
         "fit_samples": int((~valid).sum()),

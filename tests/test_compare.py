@@ -48,13 +48,14 @@ def test_compare_digits_vit_every_method(digits, tmp_path, capfd):
                 str(tmp_path / "labels.npz"),
                 "--timesteps",
                 "ecmt=4,spikezip=48,sta=8",
-                "--quiet",
                 "--json",
             ]
         )
         == 0
     )
-    result = json.loads(capfd.readouterr().out)
+    out, err = capfd.readouterr()
+    result = json.loads(out)  # progress goes to stderr: stdout is the JSON alone
+    assert "compare 1/4: ecmt" in err
     assert (result["fit_samples"], result["validation_samples"]) == (36, 12)
     rows = {r["method"]: r for r in result["methods"]}
     assert list(rows) == ["ecmt", "spikezip", "sta", "ttfs"] and not any("error" in r for r in rows.values())
@@ -93,3 +94,11 @@ def test_compare_cli_errors(tmp_path, capfd):
     np.savez(calib, pixels=np.zeros((3, 1, 8, 8), np.float32))
     assert main(["compare", model, "--calib", str(calib), "--quiet", "--json"]) == 2
     assert "at least 4" in capfd.readouterr().err
+    # an SNN given as the ANN: no method converts it, an error (one line), not a table of failures
+    np.savez(calib, pixels=np.zeros((8, 1, 8, 8), np.float32))
+    snn = tmp_path / "snn.onnx"
+    assert main(["compile", model, "--calib", str(calib), "-o", str(snn), "-T", "2", "--no-verify", "--quiet"]) == 0
+    capfd.readouterr()
+    assert main(["compare", str(snn), "--calib", str(calib), "--quiet", "--json"]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "already a spikec model" in err, err
