@@ -465,6 +465,7 @@ def finetune(
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
+        ft.check_torch_forms(ann)
         feeds = load_inputs(calibration, ann)
         qann, _, _ = quantize_model(
             ann,

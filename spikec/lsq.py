@@ -81,14 +81,89 @@ def _gather(x, indices, axis=0):
     return out.reshape((*x.shape[:axis], *idx.shape, *x.shape[axis + 1 :]))
 
 
+def _gather_elements(x, indices, axis=0):
+    axis = axis % x.dim()
+    return torch.gather(x, axis, torch.where(indices < 0, indices + x.shape[axis], indices))
+
+
+def _split(x, split=None, axis=0, num_outputs=None, *, outputs: int):
+    size = x.shape[axis]
+    sizes = _ints(split) if split is not None else [-(-size // outputs)] * (outputs - 1)
+    if split is None:
+        sizes.append(size - sum(sizes))
+    return tuple(torch.split(x, sizes, dim=axis))
+
+
+def _pad(x, pads, value=None, axes=None, mode=b"constant"):
+    pads = _ints(pads)
+    rank = x.dim()
+    axes = [a % rank for a in _ints(axes)] if axes is not None else list(range(rank))
+    half = len(pads) // 2
+    widths = [0] * (2 * rank)  # torch: the last axis first, (before, after) each
+    for i, axis in enumerate(axes):
+        widths[2 * (rank - 1 - axis)], widths[2 * (rank - 1 - axis) + 1] = pads[i], pads[half + i]
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "constant":
+        return F.pad(x, widths, value=0.0 if value is None else float(value.item()))
+    trimmed = widths[: 2 * (rank - 2)]  # torch pads the spatial axes only in reflect/replicate
+    if any(widths[2 * (rank - 2) :]):
+        raise NotImplementedError(f"Pad mode={mode} of the batch or channel axis")
+    return F.pad(x, trimmed, mode={"reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode])
+
+
+def _gather_nd(x, indices, batch_dims=0):
+    if batch_dims:
+        raise NotImplementedError("GatherND with batch_dims")
+    depth = indices.shape[-1]
+    flat = indices.reshape(-1, depth)
+    flat = torch.where(flat < 0, flat + torch.tensor(x.shape[:depth]), flat)
+    return x[tuple(flat.T)].reshape((*indices.shape[:-1], *x.shape[depth:]))
+
+
+def _scatter_nd(x, indices, updates, reduction=b"none"):
+    if reduction not in (b"none", "none"):
+        raise NotImplementedError(f"ScatterND reduction={reduction!r}")
+    depth = indices.shape[-1]
+    out = x.clone()
+    out[tuple(indices.reshape(-1, depth).T)] = updates.reshape(-1, *x.shape[depth:])
+    return out
+
+
+def _cumsum(x, axis, exclusive=0, reverse=0):
+    axis = int(axis.reshape(-1)[0])
+    y = x.flip(axis) if reverse else x
+    y = torch.cumsum(y, axis) - (y if exclusive else 0)
+    return y.flip(axis) if reverse else y
+
+
+def _norm(x, scale, bias, mean, var, epsilon):
+    shape = (1, -1, *[1] * (x.dim() - 2))
+    return (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + epsilon) * scale.reshape(shape) + bias.reshape(
+        shape
+    )
+
+
+def _batch_norm(x, scale, bias, mean, var, epsilon=1e-5, **_):
+    return _norm(x, scale, bias, mean, var, epsilon)
+
+
+def _instance_norm(x, scale, bias, epsilon=1e-5):
+    dims = tuple(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, keepdim=True, unbiased=False)
+    shape = (1, -1, *[1] * (x.dim() - 2))
+    return (x - mean) / torch.sqrt(var + epsilon) * scale.reshape(shape) + bias.reshape(shape)
+
+
 def _gemm(a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
     y = alpha * ((a.T if transA else a) @ (b.T if transB else b))
     return y if c is None else y + beta * c
 
 
 def _conv(x, w, b=None, group=1, pads=None, strides=None, dilations=None, auto_pad=b"NOTSET", **_):
-    if auto_pad not in (b"NOTSET", "NOTSET"):
-        raise NotImplementedError(f"Conv auto_pad={auto_pad!r}")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise NotImplementedError(f"Conv auto_pad={auto_pad}")
     n = w.dim() - 2
     pads = list(pads or [0] * 2 * n)
     if pads[:n] != pads[n:]:
@@ -112,6 +187,18 @@ def _reduce(fn: Callable) -> Callable:
         return fn(x, dim=dims, keepdim=bool(keepdims))
 
     return reduce
+
+
+def _argmax(x, axis=0, keepdims=1, select_last_index=0):
+    if not select_last_index:
+        return torch.argmax(x, axis, keepdim=bool(keepdims))
+    return x.shape[axis] - 1 - torch.argmax(x.flip(axis), axis, keepdim=bool(keepdims))
+
+
+def _prod(x: torch.Tensor, dim: list[int], keepdim: bool) -> torch.Tensor:
+    for axis in sorted((d % x.dim() for d in dim), reverse=True):
+        x = torch.prod(x, axis, keepdim=keepdim)
+    return x
 
 
 _DTYPES = {
@@ -173,6 +260,40 @@ _OPS: dict[str, Callable] = {
     "Concat": lambda *xs, axis: torch.cat(xs, axis),
     "Shape": lambda x, start=0, end=None: torch.tensor(list(x.shape)[start:end], dtype=torch.int64),
     "Gather": _gather,
+    "GatherElements": _gather_elements,
+    "GatherND": _gather_nd,
+    "ScatterND": _scatter_nd,
+    "Split": _split,
+    "Pad": _pad,
+    "Tile": lambda x, repeats: x.repeat(*_ints(repeats)),
+    "CumSum": _cumsum,
+    "IsNaN": torch.isnan,
+    "IsInf": lambda x, detect_negative=1, detect_positive=1: (
+        (torch.isneginf(x) & bool(detect_negative)) | (torch.isposinf(x) & bool(detect_positive))
+    ),
+    "Or": torch.logical_or,
+    "Xor": torch.logical_xor,
+    "Sin": torch.sin,
+    "Cos": torch.cos,
+    "Log": torch.log,
+    "Sign": torch.sign,
+    "Ceil": torch.ceil,
+    "Round": torch.round,  # halves to even, as ONNX
+    "Mod": lambda a, b, fmod=0: torch.fmod(a, b) if fmod else torch.remainder(a, b),
+    "Gelu": lambda x, approximate=b"none": F.gelu(
+        x, approximate=approximate.decode() if isinstance(approximate, bytes) else approximate
+    ),
+    "HardSigmoid": lambda x, alpha=0.2, beta=0.5: torch.clamp(alpha * x + beta, 0.0, 1.0),
+    "HardSwish": F.hardswish,
+    "Softplus": F.softplus,
+    "LeakyRelu": lambda x, alpha=0.01: F.leaky_relu(x, alpha),
+    "BatchNormalization": _batch_norm,
+    "InstanceNormalization": _instance_norm,
+    "GlobalAveragePool": lambda x: x.mean(tuple(range(2, x.dim())), keepdim=True),
+    "ArgMax": _argmax,
+    "ReduceMin": _reduce(torch.amin),
+    "ReduceProd": _reduce(lambda x, dim, keepdim: _prod(x, dim, keepdim)),
+    "Trilu": lambda x, k=None, upper=1: (torch.triu if upper else torch.tril)(x, 0 if k is None else int(k.item())),
     "Slice": _slice,
     "Expand": lambda x, shape: torch.broadcast_to(x, torch.broadcast_shapes(x.shape, tuple(_ints(shape)))),
     "Cast": lambda x, to: x.to(_DTYPES[to]),
@@ -187,6 +308,14 @@ _OPS: dict[str, Callable] = {
     "ReduceMax": _reduce(torch.amax),
     "ReduceL2": _reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim)),
 }
+
+
+def check_torch_forms(model: onnx.ModelProto) -> None:
+    """Refuse, by node, a model with an op torch cannot run here (``_OPS``): before the quantizing that
+    precedes training, not after it."""
+    for node in model.graph.node:
+        if node.op_type != "Constant" and node.op_type not in _OPS:
+            raise SpikecError(f"node '{node.name}': op {node.op_type} has no torch form for fine-tuning")
 
 
 def _unsqueeze(x: torch.Tensor, axes: list[int]) -> torch.Tensor:
@@ -223,11 +352,7 @@ class GraphModule(torch.nn.Module):
                 self.trainable[init.name] = _key(init.name)
             else:
                 self.constants[init.name] = _tensor(array)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                continue
-            if node.op_type not in _OPS:
-                raise SpikecError(f"node '{node.name}': op {node.op_type} has no torch form for fine-tuning")
+        check_torch_forms(model)
         self.nodes = list(graph.node)
         # QDrop: each quantizer's output (its Mul by the scale) may be replaced by the quantizer's float input
         # (the Div's dividend: after the zero point's Sub where there is one, so both sides live on one grid)
@@ -268,6 +393,8 @@ class GraphModule(torch.nn.Module):
             args = [env[name] if name else None for name in node.input]
             while args and args[-1] is None:
                 args.pop()
+            if node.op_type == "Split":  # equal parts: as many as the node has outputs
+                attrs["outputs"] = len(node.output)
             try:
                 out = _OPS[node.op_type](*args, **attrs)
             except (RuntimeError, NotImplementedError, TypeError, IndexError) as e:

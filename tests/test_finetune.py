@@ -29,6 +29,43 @@ def test_graph_module_equals_onnxruntime_on_the_float_digits_vit():
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arch", "route", "ops"),
+    [
+        ("gpt2", "ts17", {"Split"}),
+        ("llama", "ts17", {"Sin", "Cos"}),
+        ("bert", "ts17", {"IsNaN"}),
+        ("mpnet", "ts17", {"CumSum", "Log"}),
+        ("swin", "ts17", {"Pad", "GlobalAveragePool"}),
+        ("deberta-v2", "ts17", {"Tile", "Sign", "Ceil"}),
+        ("levit", "ts17", {"HardSwish", "BatchNormalization"}),
+        ("bart", "ts17", {"ScatterND"}),
+        ("wav2vec2", "ts17", {"InstanceNormalization"}),
+        ("clip-text", "ts17", {"ArgMax"}),
+        ("gemma2", "dynamo", {"Gelu", "GatherND"}),
+        ("siglip-vision", "ts17", {"Conv"}),  # auto_pad VALID
+    ],
+)
+def test_graph_module_runs_what_users_export(arch, route, ops):
+    """finetune builds a torch module of every op the zoo's exports use (tiny random-init models, exported as
+    their users do), equal to onnxruntime up to float rounding."""
+    from examples import zoo
+    from spikec.passes.canonicalize import canonicalize
+    from spikec.passes.loader import load_model
+
+    model = canonicalize(load_model(zoo.export(zoo.ARCHS[arch], zoo.ROUTES[route])))
+    assert ops <= {n.op_type for n in model.graph.node}
+    feeds = zoo.feeds_for(zoo.ARCHS[arch], [i.name for i in model.graph.input], 3, zoo.EVALUATION_SEED)
+    with torch.no_grad():
+        got = GraphModule(model)(_torch_feeds(feeds, slice(None)))
+    for want, have in zip(InferenceSession(model).run(None, feeds), got, strict=True):
+        finite = np.isfinite(want)
+        np.testing.assert_array_equal(finite, np.isfinite(have.numpy()))
+        scale = np.abs(want[finite]).max()
+        np.testing.assert_allclose(have.numpy()[finite], want[finite], atol=1e-4 * scale, rtol=0)
+
+
 def _mlp() -> onnx.ModelProto:
     """LayerNorm -> MatMul -> GELU (Erf form) -> MatMul: quantizers at the LayerNorm output, the GELU output (the
     one between the products) and the second product's output."""
