@@ -442,6 +442,13 @@ def test_eval_errors(unrolled, small, capfd):
     _fails(
         capfd, ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "absent-labels.npz"], "absent-labels.npz"
     )
+    # a class the output does not have would read as accuracy 0: refused
+    np.savez(tmp / "class-12.npz", labels=np.full(len(pixels), 12, np.int64))
+    _fails(
+        capfd,
+        ["eval", model, unrolled, "--inputs", calib, "--labels", tmp / "class-12.npz"],
+        "class index 12 is not one of the output's 10 classes",
+    )
 
 
 def test_levels_zero_rejected_by_the_api():
