@@ -203,7 +203,9 @@ def fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | None
     classes = reference.shape[1] if reference.ndim == 2 and reference.shape[1] > 1 else None
     if labels is not None and classes is not None and len(labels) and not 0 <= labels.min() <= labels.max() < classes:
         wrong = labels[(labels < 0) | (labels >= classes)][0]
-        raise SpikecError(f"labels: class index {wrong} is not one of the output's {classes} classes (0..{classes - 1})")
+        raise SpikecError(
+            f"labels: class index {wrong} is not one of the output's {classes} classes (0..{classes - 1})"
+        )
     rows = []
     for t, out in enumerate(steps, start=1):
         row = {"t": t, **measures(reference, out)}

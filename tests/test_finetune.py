@@ -50,9 +50,10 @@ def test_graph_module_equals_onnxruntime_on_the_float_digits_vit():
 def test_graph_module_runs_what_users_export(arch, route, ops):
     """finetune builds a torch module of every op the zoo's exports use (tiny random-init models, exported as
     their users do), equal to onnxruntime up to float rounding."""
-    from examples import zoo
     from spikec.passes.canonicalize import canonicalize
     from spikec.passes.loader import load_model
+
+    from examples import zoo
 
     model = canonicalize(load_model(zoo.export(zoo.ARCHS[arch], zoo.ROUTES[route])))
     assert ops <= {n.op_type for n in model.graph.node}
