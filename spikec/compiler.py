@@ -462,7 +462,10 @@ def finetune(
         qdrop=qdrop,
     )
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
-    modelio.check_outputs([("output", output)], reads)
+    # the checkpoint is read and written: an output that may not alias the others
+    modelio.check_outputs([("output", output), ("checkpoint", checkpoint)], reads)
+    if checkpoint is not None and Path(checkpoint).exists():
+        ft.read_checkpoint(checkpoint)
     with weights.source(_directory(model)):
         ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
         ft.check_torch_forms(ann)

@@ -310,6 +310,18 @@ _OPS: dict[str, Callable] = {
 }
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint ``finetune`` wrote, refused in one line where unreadable or of another version (compile's
+    finetune reads it before quantizing too: a wrong file is said at once, not after minutes)."""
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise SpikecError(f"argument checkpoint: {path}: cannot read it ({str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise SpikecError(f"argument checkpoint: {path} was written by an older spikec; start without it")
+    return state
+
+
 def check_torch_forms(model: onnx.ModelProto) -> None:
     """Refuse, by node, a model with an op torch cannot run here (``_OPS``): before the quantizing that
     precedes training, not after it."""
@@ -583,12 +595,7 @@ def finetune(
     best: dict = {}  # the lowest loss measured so far: "loss", "step", "params"
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
-        try:
-            state = torch.load(path, weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-            raise SpikecError(f"argument checkpoint: {path}: cannot read it ({str(e).splitlines()[0]})") from None
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise SpikecError(f"argument checkpoint: {path} was written by an older spikec; start without it")
+        state = read_checkpoint(path)
         if state.get("fingerprint") != fingerprint:
             raise SpikecError(f"argument checkpoint: {path} is from another model, level count or data set")
         module.params.load_state_dict(state["params"])

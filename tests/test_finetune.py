@@ -368,3 +368,20 @@ def test_few_samples_are_measured_where_trained_and_old_checkpoints_are_refused(
     torch.save({"fingerprint": "x", "params": {}, "step": 1, "best": {}}, checkpoint)
     with pytest.raises(SpikecError, match="checkpoint: .* older spikec"):
         finetune(qann, calib, [want], steps=2, progress=False, checkpoint=checkpoint)
+
+
+def test_checkpoint_is_checked_before_quantizing(tmp_path):
+    """A checkpoint that is the output, or no checkpoint at all, is refused in one line before the PTQ."""
+    model, out = tmp_path / "mlp.onnx", tmp_path / "qann.onnx"
+    onnx.save(_mlp(), model)
+    calib = {"x": RNG.standard_normal((8, 4, 8)).astype(np.float32)}
+    with pytest.raises(SpikecError, match=r"^checkpoint .*qann.onnx: is also the output"):
+        spikec.finetune(model, calib, out, levels=4, steps=1, checkpoint=out, progress=False)
+    garbage = tmp_path / "run.ckpt"
+    garbage.write_bytes(b"\x08 not a checkpoint")
+    # with a wrong input shape too: the checkpoint is said first, before the model is even loaded
+    with pytest.raises(SpikecError, match="argument checkpoint: .*run.ckpt: cannot read it"):
+        spikec.finetune(
+            model, calib, out, levels=4, steps=1, checkpoint=garbage, progress=False, input_shapes={"x": [1]}
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "run.ckpt"]
