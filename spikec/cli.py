@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -1027,7 +1028,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print report.json")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_report)
+    _name_flags(parser)
     return parser
+
+
+def _name_flags(parser: argparse.ArgumentParser) -> None:
+    """Give each (sub)command's namespace ``flags``: its arguments' names as the API spells them (the dest)
+    -> the flag typed here, so that an error naming an argument (one text for the API and the CLI) names
+    the flag."""
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    parser.set_defaults(flags=flags)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _name_flags(subparser)
+
+
+def _with_flags(message: str, flags: dict[str, str]) -> str:
+    """'argument batch_size=0: ...' -> 'argument --batch-size=0: ...' where the command has that flag."""
+    return re.sub(r"\bargument (\w+)", lambda m: f"argument {flags.get(m[1], m[1])}", message)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -1077,7 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # a closed pipe must show up here, not in the interpreter's exit flush
         return status
     except SpikecError as exc:
-        print(f"spikec: error: {exc}", file=sys.stderr)
+        print(f"spikec: error: {_with_flags(str(exc), getattr(args, 'flags', {}))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         number = getattr(exc, "signum", signal.SIGINT)

@@ -298,7 +298,7 @@ def check_budget(est: MemoryEstimate, *, mode: str, timesteps: int, budget: int 
         raise SpikecError(
             f"argument timesteps={timesteps}: the time-unrolled model needs an estimated {format_bytes(need)} "
             f"to run a batch of {est.batch} (T={timesteps} x {format_bytes(est.live + 2 * est.largest)} of "
-            f"activations per step), over the memory budget of {format_bytes(budget)} (memory_budget); "
+            f"activations per step), over the memory budget of {format_bytes(budget)} (argument memory_budget); "
             f"compile with --mode stateful (about {format_bytes(est.stateful())}, independent of T), "
             f"or use a smaller --timesteps or --batch-size"
         )

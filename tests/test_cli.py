@@ -366,7 +366,7 @@ def test_bad_calibration_npz(small, capfd, arrays, culprits):
         (["--timesteps", "100000"], ["timesteps=100000"]),
         (["--levels", "0"], ["levels=0"]),
         (["--percentile", "10"], ["percentile"]),
-        (["--batch-size", "0"], ["batch_size=0"]),
+        (["--batch-size", "0"], ["argument --batch-size=0"]),
         (["--input-shape", "pixels"], ["--input-shape", "'pixels'"]),
         (["--input-shape", "=1,2"], ["--input-shape"]),
         (["--input-shape", "pixels=batch,1,8"], ["'pixels'", "rank"]),
@@ -408,7 +408,7 @@ def test_run_errors(unrolled, small, capfd):
     )
     _fails(capfd, ["run", unrolled, "--inputs", tmp / "absent.npz", "-o", out], "absent.npz")
     _fails(capfd, ["run", tmp / "absent.onnx", "--inputs", calib, "-o", out], "absent.onnx")
-    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--batch-size", "0"], "batch_size=0")
+    _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--batch-size", "0"], "--batch-size=0")
     _fails(capfd, ["run", unrolled, "--inputs", calib, "-o", out, "--timesteps", "0"], "timesteps=0")
     # an unrolled model's T is fixed: a different --timesteps must not be silently ignored
     _fails(
@@ -660,7 +660,12 @@ def test_spikezip_cli_errors(small, capfd):
     )
     capfd.readouterr()
     _fails(capfd, ["report", model, snn, "--inputs", calib, "-o", tmp / "r"], "--qann", "spikec quantize")
-    _fails(capfd, ["run", snn, "--inputs", calib, "-o", tmp / "r.npz", "--until-quiet"], "until_quiet", "stateful")
+    _fails(
+        capfd,
+        ["run", snn, "--inputs", calib, "-o", tmp / "r.npz", "--until-quiet"],
+        "argument --until-quiet",
+        "stateful",
+    )
 
 
 def test_sta_switches_reach_the_compiler(small, capfd):

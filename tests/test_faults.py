@@ -731,7 +731,7 @@ def test_invalid_values_are_errors(work):
         "calib.npz",
         "--save-qann",
         "again.onnx",
-        culprits=("save_qann", "already quantized"),
+        culprits=("argument --save-qann", "already quantized"),
     )  # it would write nothing
     _refused(work, "ugo", "train", "--only", "exp", "--hidden", "0", "--output-dir", ".", culprits=("hidden size 0",))
     _refused(
@@ -744,7 +744,7 @@ def test_invalid_values_are_errors(work):
         "calib.npz",
         "--allow-float",
         "Relu,Softmaks",
-        culprits=("'Softmaks'", "allow_float"),
+        culprits=("'Softmaks'", "argument --allow-float"),
     )
     before = _snapshot(work)
     proc = _cli(

@@ -135,13 +135,14 @@ def test_cli_memory_budget(vit, tmp_path, capfd):
         main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--memory-budget", "64K", "--quiet"]) == 2
     )
     err = capfd.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("spikec: error: argument timesteps=8")
+    assert err.count("\n") == 1 and err.startswith("spikec: error: argument --timesteps=8")
+    assert "over the memory budget of 64 KiB (argument --memory-budget)" in err
     assert "--mode stateful" in err and not out.exists()
     assert (
         main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--memory-budget", "lots", "--quiet"]) == 2
     )
     err = capfd.readouterr().err
-    assert err.count("\n") == 1 and "memory_budget='lots'" in err
+    assert err.count("\n") == 1 and "argument --memory-budget='lots'" in err
     assert (
         main(
             [
