@@ -26,7 +26,18 @@ def _input_shapes(specs: list[str] | None) -> dict[str, list[int | str]] | None:
         name, sep, dims = spec.partition("=")
         if not sep or not name or not dims:
             raise SpikecError(f"argument --input-shape {spec!r}: expected name=d0,d1,... (e.g. input_ids=batch,32)")
-        shapes[name] = [int(d) if d.strip().lstrip("-").isdigit() else d.strip() for d in dims.split(",")]
+        shape: list[int | str] = []
+        for dim in (d.strip() for d in dims.split(",")):
+            if dim.lstrip("-").isdigit():
+                shape.append(int(dim))
+            elif re.fullmatch(r"[A-Za-z_][\w.]*", dim):
+                shape.append(dim)  # a symbolic dim, such as batch
+            else:
+                raise SpikecError(
+                    f"argument --input-shape {spec!r}: dim {dim!r} is neither an integer nor a name; dims are "
+                    f"separated by commas (e.g. input_ids=batch,32)"
+                )
+        shapes[name] = shape
     return shapes
 
 
@@ -948,7 +959,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ugo", help="STA's universal group operators (exp, GELU, inverse, rsqrt)")
     ugo_commands = p.add_subparsers(dest="ugo_command", required=True)
     p = ugo_commands.add_parser("train", help="refit the operators, save their weights, print the fit errors")
-    p.add_argument("--only", metavar="NAME", help="one operator: exp, gelu, inverse or rsqrt")
+    from spikec.ugo import SPECS
+
+    p.add_argument("--only", metavar="NAME", help=f"one operator: {', '.join(SPECS)}")
     p.add_argument(
         "--hidden", type=int, metavar="N", help="hidden size (default: the paper's and the reference code's)"
     )

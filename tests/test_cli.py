@@ -372,6 +372,7 @@ def test_bad_calibration_npz(small, capfd, arrays, culprits):
         (["--input-shape", "pixels=batch,1,8"], ["'pixels'", "rank"]),
         (["--input-shape", "pixels=batch,1,8,0"], ["'pixels'", "dim 0"]),
         (["--input-shape", "nope=1,1,8,8"], ["'nope'"]),
+        (["--input-shape", "pixels=1x1x8x8"], ["dim '1x1x8x8' is neither an integer nor a name", "commas"]),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None,
 )
