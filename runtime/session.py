@@ -302,7 +302,8 @@ def run_stateful(
             break
     result = {}
     for name, steps in history.items():
-        result[name] = steps[-1]
+        if name != SPIKES_OUTPUT:  # a count per step: it has no value "after the last step"
+            result[name] = steps[-1]
         result[name + STEPS_SUFFIX] = np.stack(steps)
     if keep_states:
         result.update(stepper.next_states())

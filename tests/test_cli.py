@@ -608,6 +608,8 @@ def test_spikezip_cli_flow(small, data, capfd):
     with np.load(result) as arrays:
         steps, logits = arrays["logits.steps"], arrays["logits"]
         assert not arrays["spikec.spikes.steps"][-1].any()
+        # the unrolled model's layout: spikes per step only (a last step's count is no result)
+        assert sorted(arrays) == ["logits", "logits.steps", "spikec.spikes.steps"]
     assert len(steps) < 64 and steps.shape[1:] == (540, 10)
     np.testing.assert_array_equal(steps[-1], logits)
 
