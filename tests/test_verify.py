@@ -122,6 +122,18 @@ def test_held_out_samples_are_spread_and_never_calibrated_on():
     assert len(split_held_out({"x": np.zeros((1000, 1))})[1][0]["x"]) == 32
 
 
+def test_given_verification_samples_are_verified_on_and_all_calibration_calibrates():
+    calibration, verification = {"x": _samples(24)}, {"x": _samples(5) + 3.0}
+    snn = spikec.compile(mlp(), calibration, timesteps=16, verification=verification, progress=False)
+    record = SpikecMetadata.read(snn).report.verification
+    assert (record["samples"], record["held_out"]) == (5, True)
+    # the same thresholds as a compile that verifies nothing: every calibration sample calibrated
+    unverified = spikec.compile(mlp(), calibration, timesteps=16, verify=False, progress=False)
+    assert [t.raw_data for t in snn.graph.initializer] == [t.raw_data for t in unverified.graph.initializer]
+    with pytest.raises(spikec.SpikecError, match="^argument verification: .* but verify=False"):
+        spikec.compile(mlp(), calibration, verification=verification, verify=False, progress=False)
+
+
 def test_the_compile_report_round_trips_its_json():
     """The typed report writes back the JSON it was read from: typed keys and a method's own keys alike."""
     written = {
