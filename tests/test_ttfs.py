@@ -303,13 +303,11 @@ def test_random_transformers_convert(name, export):
     assert report["float_nodes"] == []
 
 
-def test_silu_becomes_one_neuron(tmp_path):
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4), torch.nn.Tanh())
-    path = tmp_path / "mlp.onnx"
+def _export(module: torch.nn.Module, example: torch.Tensor, path):
+    """``module`` as ONNX (x -> y, the batch dynamic) at ``path``."""
     torch.onnx.export(
-        mlp,
-        (torch.randn(2, 8),),
+        module,
+        (example,),
         str(path),
         input_names=["x"],
         output_names=["y"],
@@ -317,6 +315,13 @@ def test_silu_becomes_one_neuron(tmp_path):
         opset_version=OPSET,
         dynamo=False,
     )
+    return path
+
+
+def test_silu_becomes_one_neuron(tmp_path):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4), torch.nn.Tanh())
+    path = _export(mlp, torch.randn(2, 8), tmp_path / "mlp.onnx")
     rng = np.random.default_rng(0)
     calib, feeds = (
         {"x": rng.standard_normal((64, 8)).astype(np.float32)},
@@ -374,17 +379,7 @@ def test_report_counts_a_gated_mlps_product(tmp_path):
     """The gated MLP's act(gate) * up is an elementwise product construction: Table 3's MatMul with K = 1 per
     element (2 neurons, 5 operations)."""
     torch.manual_seed(0)
-    path, snn = tmp_path / "mlp.onnx", tmp_path / "ttfs.onnx"
-    torch.onnx.export(
-        _GatedMLP(),
-        (torch.randn(2, 3, 8),),
-        str(path),
-        input_names=["x"],
-        output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
+    path, snn = _export(_GatedMLP(), torch.randn(2, 3, 8), tmp_path / "mlp.onnx"), tmp_path / "ttfs.onnx"
     rng = np.random.default_rng(0)
     spikec.compile(path, {"x": rng.standard_normal((64, 3, 8), dtype=np.float32)}, snn, method="ttfs", progress=False)
     data = build_report(path, snn, {"x": rng.standard_normal((16, 3, 8), dtype=np.float32)})
