@@ -205,8 +205,8 @@ def compare_methods(
                     compile_seconds - report["seconds"],
                 )
             )
-    errors = list(dict.fromkeys(r["error"] for r in rows if "error" in r))
     if all("error" in r for r in rows):  # nothing to compare: an error, not a table of failures
+        errors = list(dict.fromkeys(r["error"] for r in rows))
         raise SpikecError(
             errors[0]
             if len(errors) == 1

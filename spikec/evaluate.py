@@ -209,7 +209,7 @@ def fidelity(reference: np.ndarray, steps: np.ndarray, labels: np.ndarray | None
     rows = []
     for t, out in enumerate(steps, start=1):
         row = {"t": t, **measures(reference, out)}
-        if reference.ndim == 2 and reference.shape[1] > 1:
+        if classes is not None:
             row["top1_agreement"] = float(np.mean(out.argmax(1) == reference.argmax(1)))
             if labels is not None:
                 row["accuracy"] = float(np.mean(out.argmax(1) == labels))

@@ -136,23 +136,22 @@ def _cumsum(x, axis, exclusive=0, reverse=0):
     return y.flip(axis) if reverse else y
 
 
-def _norm(x, scale, bias, mean, var, epsilon):
-    shape = (1, -1, *[1] * (x.dim() - 2))
-    return (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + epsilon) * scale.reshape(shape) + bias.reshape(
-        shape
-    )
+def _channels(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel [C] parameter broadcast along axis 1 of ``x``."""
+    return t.reshape(1, -1, *[1] * (x.dim() - 2))
+
+
+def _normalize(x, mean, var, scale, bias, epsilon):
+    return (x - mean) / torch.sqrt(var + epsilon) * _channels(scale, x) + _channels(bias, x)
 
 
 def _batch_norm(x, scale, bias, mean, var, epsilon=1e-5, **_):
-    return _norm(x, scale, bias, mean, var, epsilon)
+    return _normalize(x, _channels(mean, x), _channels(var, x), scale, bias, epsilon)
 
 
 def _instance_norm(x, scale, bias, epsilon=1e-5):
     dims = tuple(range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, keepdim=True, unbiased=False)
-    shape = (1, -1, *[1] * (x.dim() - 2))
-    return (x - mean) / torch.sqrt(var + epsilon) * scale.reshape(shape) + bias.reshape(shape)
+    return _normalize(x, x.mean(dims, keepdim=True), x.var(dims, keepdim=True, unbiased=False), scale, bias, epsilon)
 
 
 def _gemm(a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
@@ -292,7 +291,7 @@ _OPS: dict[str, Callable] = {
     "GlobalAveragePool": lambda x: x.mean(tuple(range(2, x.dim())), keepdim=True),
     "ArgMax": _argmax,
     "ReduceMin": _reduce(torch.amin),
-    "ReduceProd": _reduce(lambda x, dim, keepdim: _prod(x, dim, keepdim)),
+    "ReduceProd": _reduce(_prod),
     "Trilu": lambda x, k=None, upper=1: (torch.triu if upper else torch.tril)(x, 0 if k is None else int(k.item())),
     "Slice": _slice,
     "Expand": lambda x, shape: torch.broadcast_to(x, torch.broadcast_shapes(x.shape, tuple(_ints(shape)))),

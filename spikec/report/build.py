@@ -128,10 +128,16 @@ def build_report(
     # the integer QANN, which onnxruntime's session of a QDQ model can differ from): a reference of its own
     held_to, held_to_label = method.verification_reference(primary, method.Options.from_record(record.options))
     if held_to is not primary:
-        order = [primary_label, held_to_label, *list(references)[1:]]
-        references, runnable = references | {held_to_label: held_to}, runnable | {held_to_label: held_to}
-        paths = paths | {held_to_label: paths[primary_label]}
-        references, runnable = {k: references[k] for k in order}, {k: runnable[k] for k in order}
+
+        def second(entries: dict, value) -> dict:
+            first, *rest = entries.items()
+            return dict([first, (held_to_label, value), *rest])
+
+        references, runnable, paths = (
+            second(references, held_to),
+            second(runnable, held_to),
+            second(paths, paths[primary_label]),
+        )
     feeds = load_inputs(feeds, primary, what="inputs")
     samples = len(next(iter(feeds.values())))
     if labels is not None:
