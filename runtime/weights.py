@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import math
 import os
 from collections.abc import Iterator
@@ -176,6 +177,49 @@ def _read_in(tensor: onnx.TensorProto, directory: Path | None) -> onnx.TensorPro
     tensor.data_location = onnx.TensorProto.DEFAULT
     del tensor.external_data[:]
     return tensor
+
+
+# Tensors smaller than this, and integer tensors of index types, are an exporter's constants (shapes,
+# scalars, position ids), which differ between exports of the same weights.
+_DIGEST_MIN_ELEMENTS = 64
+_DIGEST_SKIPPED = (np.int64, np.int32, np.bool_, np.object_)
+_DIGEST_CHUNK = 2**22
+
+
+def digest(model: onnx.ModelProto) -> str:
+    """A fingerprint of ``model``'s weights: the set of its weight tensors (initializers and Constant nodes,
+    resolved against the active ``source`` where external), each by its type and the multiset of its values.
+    Names, order, storage, layout (a weight stored transposed) and duplicates do not change it, so the same
+    weights exported again by another route match, and another model's do not."""
+    tensors = [*model.graph.initializer]
+    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    parts = set()
+    for tensor in tensors:
+        if math.prod(tensor.dims) < _DIGEST_MIN_ELEMENTS:
+            continue
+        values = onnx.numpy_helper.to_array(inline(tensor))
+        if values.dtype.type in _DIGEST_SKIPPED:
+            continue
+        parts.add(f"{values.dtype.str}:{values.size}:{_multiset_hash(values)}")
+    return hashlib.blake2b("".join(sorted(parts)).encode(), digest_size=16).hexdigest()
+
+
+def _multiset_hash(values: np.ndarray) -> int:
+    """A hash of the values' bit patterns that does not depend on their order: a sum (mod 2^64) of each
+    pattern mixed by splitmix64's finalizer, exact integer arithmetic."""
+    width = values.dtype.itemsize if values.dtype.itemsize in (1, 2, 4, 8) else 1
+    patterns = np.ascontiguousarray(values).reshape(-1).view(f"u{width}")
+    total = np.uint64(0)
+    with np.errstate(over="ignore"):
+        for start in range(0, patterns.size, _DIGEST_CHUNK):  # bounded temporaries for a large embedding
+            bits = patterns[start : start + _DIGEST_CHUNK].astype(np.uint64)
+            bits ^= bits >> np.uint64(30)
+            bits *= np.uint64(0xBF58476D1CE4E5B9)
+            bits ^= bits >> np.uint64(27)
+            bits *= np.uint64(0x94D049BB133111EB)
+            bits ^= bits >> np.uint64(31)
+            total += bits.sum(dtype=np.uint64)
+    return int(total)
 
 
 def nbytes_of(tensor: onnx.TensorProto) -> int:

@@ -194,7 +194,7 @@ def _compile(
     method_options: Options,
     reads: list[modelio.Read],
 ) -> onnx.ModelProto:
-    ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with=method.name, map_weights=True))
+    ann, source = _load(model, input_shapes, method.name)
     _check_allow_float(common.allow_float, ann)
     feeds, held_out = load_inputs(calibration, ann), None
     if verification is not None:
@@ -213,7 +213,9 @@ def _compile(
         method_options,
         held_out=held_out[0] if held_out is not None and held_out[1] else None,
     )
+    job.report.source = source
     method.prepare(job)
+    source.update({option: weights.digest(made) for option, made in job.extra_outputs.items()})
     plan = method.calibration(job)
     if method.stepped:
         layouts = check_time_folding(job.ann, job.feeds, common.mode)
@@ -291,6 +293,18 @@ def _compile(
         else:
             verify(snn if staged is None else staged.path, label, ann)
         return _write(model, method.name, ann, reads, [("output", output, made), *extras], verified=1)
+
+
+def _load(model, input_shapes, method: str) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The model to convert, canonical, and the weight digests an SNN of it records as its sources: the
+    model's own as given ("input") and, for a QANN spikec made, the float model's it was quantized from
+    ("quantized_from"), which eval and report check the models they are given against."""
+    loaded = load_model(model, input_shapes=input_shapes, convert_with=method, map_weights=True)
+    digests = {"input": weights.digest(loaded)}
+    quantized_from = (recorded_quantization(loaded) or {}).get("source")
+    if quantized_from:
+        digests["quantized_from"] = quantized_from
+    return canonicalize(loaded), digests
 
 
 def _directory(model: str | os.PathLike | onnx.ModelProto) -> Path | None:
@@ -408,7 +422,7 @@ def quantize(
     reads = modelio.reads(models=[("input model", model)], files=[("calibration data", calibration)])
     modelio.check_outputs([("output", output)], reads)
     with weights.source(_directory(model)):
-        ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
+        ann, source = _load(model, input_shapes, "spikezip")
         qann, _, _ = quantize_model(
             ann,
             load_inputs(calibration, ann),
@@ -418,6 +432,7 @@ def quantize(
             per_tensor=options.per_tensor,
             zero_points=options.zero_points,
             refit=options.refit,
+            source=source["input"],
         )
         return _write(model, "quantize", ann, reads, [("output", output, qann)])
 
@@ -467,7 +482,7 @@ def finetune(
     if checkpoint is not None and Path(checkpoint).exists():
         ft.read_checkpoint(checkpoint)
     with weights.source(_directory(model)):
-        ann = canonicalize(load_model(model, input_shapes=input_shapes, convert_with="spikezip", map_weights=True))
+        ann, source = _load(model, input_shapes, "spikezip")
         ft.check_torch_forms(ann)
         feeds = load_inputs(calibration, ann)
         qann, _, _ = quantize_model(
@@ -479,6 +494,7 @@ def finetune(
             per_tensor=per_tensor,
             zero_points=zero_points,
             refit=refit,
+            source=source["input"],
         )
         names = [o.name for o in ann.graph.output]
         hidden = ft.hidden_states(ann) if hidden_weight > 0 else []

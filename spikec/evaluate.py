@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -11,7 +12,9 @@ from tqdm import tqdm
 
 from spikec.errors import SpikecError
 from spikec.passes.loader import _one_line, check_input_file
+from spikec.runtime import weights
 from spikec.runtime.layout import NEXT_STATE_PREFIX, STEPS_SUFFIX
+from spikec.runtime.metadata import SpikecMetadata
 from spikec.runtime.session import InferenceSession, check_timesteps, equilibrium_steps, run, run_stateful
 
 
@@ -46,11 +49,39 @@ def float32_reference(path: str | os.PathLike, model: onnx.ModelProto) -> str | 
     return path if converted is model else converted
 
 
-def open_reference(model: str | os.PathLike) -> InferenceSession:
-    """A session of ``float32_reference`` of the ANN file ``model``."""
+def load_reference(model: str | os.PathLike) -> onnx.ModelProto:
+    """The ANN file ``model``, checked as spikec loads models."""
     from spikec.passes.loader import load_model
 
-    return open_session(float32_reference(model, load_model(check_input_file(model, f"model {_label(model)}"))))
+    return load_model(check_input_file(model, f"model {_label(model)}"))
+
+
+def open_reference(model: str | os.PathLike, loaded: onnx.ModelProto | None = None) -> InferenceSession:
+    """A session of ``float32_reference`` of the ANN file ``model`` (``loaded``: what it holds, read already)."""
+    return open_session(float32_reference(model, loaded if loaded is not None else load_reference(model)))
+
+
+def check_source(
+    snn: str | os.PathLike,
+    record: SpikecMetadata | None,
+    given: Sequence[tuple[str, str | os.PathLike, onnx.ModelProto]],
+) -> dict[str, bool]:
+    """For each (what, path, model) given as a model ``snn`` was made from, whether its weights are those its
+    record names (the model compiled, or one the compile made, such as SpikeZIP-TF's QANN). A model that is
+    not is warned of, once: every figure would then measure the SNN against another model. Empty where the
+    record names none (an SNN of a spikec before the digests)."""
+    if record is None or not record.report.source:
+        return {}
+    known = set(record.report.source.values())
+    matches = {what: weights.digest(model) in known for what, _, model in given}
+    for what, path, _ in given:
+        if not matches[what]:
+            warnings.warn(
+                f"{what} {os.fspath(path)}: not the model {os.fspath(snn)} was made from (its weights match no "
+                f"digest of the SNN's record): the figures measure the SNN against another model",
+                stacklevel=2,
+            )
+    return matches
 
 
 def _check_run_arguments(session: InferenceSession, label: str, batch_size, timesteps) -> None:
@@ -239,9 +270,11 @@ def compare(
 ) -> dict:
     """Fidelity of every SNN output against the ANN output of the same name, for every T."""
     # Open both first: a missing or non-spikec SNN fails before the ANN has run over the whole set.
-    ann_session, snn_session = open_reference(ann), open_session(snn)
+    ann_model = load_reference(ann)
+    ann_session, snn_session = open_reference(ann, ann_model), open_session(snn)
     if snn_session.mode == "ann":
         raise SpikecError(f"model {_label(snn)}: not a spikec model (no spikec metadata); compile it with spikec first")
+    check_source(snn, snn_session.spikec, [("ANN", ann, ann_model)])
     if labels is not None:
         labels = check_labels(labels, len(next(iter(feeds.values()))))
     ann_out = run_dataset(ann_session, feeds, batch_size=batch_size, progress=progress)

@@ -16,6 +16,7 @@ from onnx.external_data_helper import uses_external_data
 from spikec.passes.canonicalize import canonicalize
 from spikec.passes.loader import load_model
 from spikec.runtime import InferenceSession, run, weights
+from spikec.runtime.metadata import SpikecMetadata
 
 import spikec
 from examples import fixtures
@@ -229,6 +230,9 @@ def test_external_data_in_external_data_out(tmp_path, method):
     assert not any(uses_external_data(t) for t in whole.graph.initializer)
     assert _initializers(whole).keys() == expected.keys()
     assert (source.parent / "mlp.weights").read_bytes() == _saved_weights(tmp_path)  # the input only read
+    # the weights' digest, read from the mapped file, is the in-memory model's
+    recorded = SpikecMetadata.read(written).report.source
+    assert recorded["input"] == weights.digest(graphs.mlp()) == SpikecMetadata.read(in_memory).report.source["input"]
 
 
 @_NOT_FIDELITY
@@ -366,3 +370,34 @@ def test_compile_memory_stays_within_three_times_the_weights(tmp_path, method):
         assert (tmp_path / f"snn{samples}.onnx.data").stat().st_size >= weights_bytes
     assert max(peaks) <= 3 * weights_bytes, [p / weights_bytes for p in peaks]
     assert abs(peaks[1] - peaks[0]) < 0.25 * weights_bytes, [p / weights_bytes for p in peaks]
+
+
+def test_weight_digest_follows_values_not_names_order_layout_or_storage(tmp_path):
+    """runtime/weights.digest: the same weights stored another way (renamed, reordered, transposed, as a
+    Constant node, external, duplicated) match; one value changed, or one bit of it, does not."""
+    model = graphs.mlp()
+    digest = weights.digest(model)
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w1, b1, w2 = (onnx.numpy_helper.to_array(t) for t in other.graph.initializer)
+    del other.graph.initializer[:]
+    other.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.ascontiguousarray(w2.T), "w2_transposed"),
+            onnx.numpy_helper.from_array(w1, "first"),
+            onnx.numpy_helper.from_array(w1, "tied_copy"),
+        ]
+    )
+    other.graph.node.append(onnx.helper.make_node("Constant", [], ["bias"], value=onnx.numpy_helper.from_array(b1)))
+    assert weights.digest(other) == digest
+    saved = tmp_path / "mlp.onnx"
+    onnx.save(graphs.mlp(), saved, save_as_external_data=True, location="mlp.weights", size_threshold=0)
+    with weights.source(tmp_path):
+        assert weights.digest(onnx.load(saved, load_external_data=False)) == digest
+    for change in (lambda w: w + np.float32(1e-3), lambda w: (w.view(np.uint32) ^ np.uint32(1)).view(np.float32)):
+        changed = onnx.ModelProto()
+        changed.CopyFrom(model)
+        w = onnx.numpy_helper.to_array(changed.graph.initializer[0]).copy()
+        w.flat[7:8] = change(w.flat[7:8])
+        changed.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "w1"))
+        assert weights.digest(changed) != digest

@@ -427,6 +427,40 @@ def test_spikezip_needs_its_qann(spikezip_made, made):
         build_report(made["ann"], made["snn"], x, qann=spikezip_made["qann"])
 
 
+@pytest.mark.filterwarnings("ignore::spikec.compiler.FidelityWarning")
+def test_the_models_given_are_checked_against_the_snns_record(made, spikezip_made, digits, tmp_path, capsys):
+    """An SNN records the digest of its source's weights (runtime/weights.digest): the model it was compiled
+    from, another export of the same weights and a QANN's float model pass; another model's weights are
+    warned of by eval and the report, and said in report.json and on the page."""
+    assert made["data"]["source_check"] == {"ANN": True}
+    assert spikezip_made["data"]["source_check"] == {"QANN": True, "float ANN": True}
+    x = {"pixels": made["x"][:4]}
+    assert build_report(fixtures.digits_vit(exporter="dynamo"), made["snn"], x)["source_check"] == {"ANN": True}
+    other = onnx.load(made["ann"])
+    weight = max(other.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 0.01
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(other, tmp_path / "other.onnx")
+    with pytest.warns(UserWarning, match=r"ANN .*other.onnx: not the model .*ecmt.onnx was made from"):
+        data = build_report(tmp_path / "other.onnx", made["snn"], x)
+    assert data["source_check"] == {"ANN": False}
+    page = (write_report(data, tmp_path / "page")).read_text()
+    assert "is not the model the SNN was made from" in page
+    np.savez(tmp_path / "x.npz", **x)
+    assert (
+        main(["eval", str(tmp_path / "other.onnx"), str(made["snn"]), "--inputs", str(tmp_path / "x.npz"), "--quiet"])
+        == 0
+    )
+    assert "spikec: warning: ANN " in capsys.readouterr().err
+    # `spikec quantize`, then the QANN compiled: its float model is known to the SNN through the QANN
+    qann, snn = tmp_path / "qann.onnx", tmp_path / "spikezip.onnx"
+    spikec.quantize(made["ann"], {"pixels": digits["x_train"][:64]}, qann, progress=False)
+    spikec.compile(qann, {"pixels": digits["x_train"][:64]}, snn, method="spikezip", timesteps=8, progress=False)
+    checked = build_report(made["ann"], snn, x, qann=qann)["source_check"]
+    assert checked == {"QANN": True, "float ANN": True}
+
+
 # ------------------------------------------------------------------ STA
 
 

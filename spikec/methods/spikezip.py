@@ -87,13 +87,16 @@ def quantize_model(
     bias_correction: bool = True,
     zero_points: bool = False,
     refit: bool = True,
+    source: str | None = None,
 ) -> tuple[onnx.ModelProto, list[dict], list[dict]]:
     """The QANN of ``ann`` by post-training quantization, the quantizers inserted and the products refit:
     per channel of the last axis where its size is static, unless ``per_tensor``; products' biases
     corrected for their quantized operands' mean shift unless not ``bias_correction``; with ``zero_points``,
     a zero point per channel where it folds into the biases of the products reading it and lowers the error
     (passes/quantize.py); then, with ``refit``, each weight product's W and b refit to the float model's
-    output by ridge regression in graph order (spikec/refit.py)."""
+    output by ridge regression in graph order (spikec/refit.py). ``source``, the weight digest of the float
+    model as given (runtime/weights.digest), is recorded with the summary: an SNN compiled from the QANN
+    then knows its float model too."""
     graph = gs.import_onnx(ann)
     regions = find_regions(graph)
     quantized = [r for r in regions if r.kind == "quantizer"]
@@ -142,7 +145,8 @@ def quantize_model(
             qann, ann, feeds, padding_mask=padding_mask_input(regions), batch_size=batch_size, progress=progress
         )
     # added beside any metadata the QANN carries (onnx.helper.set_model_props would clear it)
-    qann.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(quantization_summary(inserted, refitted)))
+    summary = {**quantization_summary(inserted, refitted), **({"source": source} if source else {})}
+    qann.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(summary))
     return qann, inserted, refitted
 
 
@@ -252,6 +256,7 @@ class SpikeZIP(Method):
             per_tensor=o.per_tensor,
             zero_points=o.zero_points,
             refit=o.refit,
+            source=(job.report.source or {}).get("input"),
         )
         job.report.update({"refit": refitted})
         job.extra_outputs["save_qann"] = qann

@@ -12,7 +12,7 @@ import onnx
 
 from spikec import graphinfo, methods
 from spikec.errors import SpikecError
-from spikec.evaluate import check_labels, cosine, fidelity, finite_scale, float32_reference, max_abs_error
+from spikec.evaluate import check_labels, check_source, cosine, fidelity, finite_scale, float32_reference, max_abs_error
 from spikec.memory import default_budget
 from spikec.probe import Estimate, final_estimate, side_by_side
 from spikec.report import energy
@@ -122,6 +122,7 @@ def build_report(
     section_type = method.report_section()
     paths = section_type.references(ann, qann)
     references = {label: load(path, label) for label, path in paths.items()}
+    source_check = check_source(snn, record, [(label, paths[label], model) for label, model in references.items()])
     runnable = {label: float32_reference(paths[label], model) for label, model in references.items()}
     primary_label, primary = next(iter(references.items()))
     # what compile held the SNN to, where that is not the first reference as given (SpikeZIP-TF's integer mode:
@@ -280,6 +281,7 @@ def build_report(
         "semantics": record.semantics,
         "options": record.options,
         "references": list(references),
+        "source_check": source_check,
         "classifier": any(
             r["per_t"][0].get("top1_agreement") is not None for r in fidelity_data[primary_label]["outputs"].values()
         ),

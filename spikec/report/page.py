@@ -158,6 +158,13 @@ def render_html(data: dict, drawn: Mapping[str, bytes]) -> str:
         f"({html.escape(data['paper'])}), {when}, options "
         f"<code>{html.escape(json.dumps(data['options']))}</code>; "
         f"measured against {references} on {data['samples']} samples.</p>",
+        *(
+            f"<p><b>Warning:</b> {html.escape(label)} <code>{html.escape(data['fidelity'][label]['model'])}</code> "
+            f"is not the model the SNN was made from (its weights match no digest of the SNN's record): "
+            f"every figure below measures the SNN against another model.</p>"
+            for label, matches in data["source_check"].items()
+            if not matches
+        ),
     ]
 
     keys, headings = _fidelity_columns(data)
