@@ -233,6 +233,60 @@ _ARCH_LIST = [
         "text-right",
         _LAST,
     ),
+    # RoBERTa's architecture under XLM-R's class (multilingual encoders, e5 / bge-m3 style embedders)
+    Arch(
+        "xlm-roberta",
+        "text encoder",
+        "XLMRobertaModel",
+        "XLMRobertaConfig",
+        _cfg(**_TEXT, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+        "text-right",
+        _POOLED,
+    ),
+    # DeBERTa v1: disentangled relative attention (c2p, p2c) without buckets, DeBERTa's own LayerNorm
+    Arch(
+        "deberta",
+        "text encoder",
+        "DebertaModel",
+        "DebertaConfig",
+        _cfg(
+            **_TEXT,
+            relative_attention=True,
+            max_relative_positions=-1,
+            pos_att_type=["c2p", "p2c"],
+            position_biased_input=False,
+            type_vocab_size=0,
+        ),
+        "text-right",
+        _LAST,
+    ),
+    # span-based dynamic convolution heads (depthwise Conv1d, a softmax over kernel weights) beside attention
+    Arch(
+        "convbert",
+        "text encoder",
+        "ConvBertModel",
+        "ConvBertConfig",
+        _cfg(**_TEXT, embedding_size=64, head_ratio=2, conv_kernel_size=9, num_groups=1, pad_token_id=0),
+        "text-right",
+        _LAST,
+    ),
+    # ESM-2: rotary, pre-LayerNorm, token-dropout rescaling of the embeddings by the mask's length
+    Arch(
+        "esm",
+        "text encoder",
+        "EsmModel",
+        "EsmConfig",
+        _cfg(
+            **_TEXT,
+            position_embedding_type="rotary",
+            emb_layer_norm_before=False,
+            token_dropout=True,
+            pad_token_id=1,
+            mask_token_id=32,
+        ),
+        "text-right",
+        _POOLED,
+    ),
     # causal mask and padding mask together, quick_gelu; pooled at the EOS token (ArgMax over input ids)
     Arch(
         "clip-text",
@@ -345,6 +399,75 @@ _ARCH_LIST = [
         "Gemma2Model",
         "Gemma2Config",
         _cfg(**_DECODER, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0, sliding_window=8),
+        "text-left",
+        _LAST,
+    ),
+    # RMSNorm on every head's queries and keys before rotary, grouped-query attention
+    Arch(
+        "qwen3",
+        "decoder",
+        "Qwen3Model",
+        "Qwen3Config",
+        _cfg(**_DECODER, num_key_value_heads=2, head_dim=16),
+        "text-left",
+        _LAST,
+        ort_model_type="qwen3",
+    ),
+    # per-head q/k RMSNorm (1 + w), a sliding-window layer and a global one with their own rotary bases,
+    # RMSNorm before and after each block
+    Arch(
+        "gemma3",
+        "decoder",
+        "Gemma3TextModel",
+        "Gemma3TextConfig",
+        _cfg(
+            **_DECODER,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "text-left",
+        _LAST,
+    ),
+    # fused qkv and gate_up projections (split by Slice), grouped-query attention
+    Arch("phi3", "decoder", "Phi3Model", "Phi3Config", _cfg(**_DECODER, num_key_value_heads=2), "text-left", _LAST),
+    # RMSNorm over all of q and k (before the head split), norms after attention and MLP (no pre-norm)
+    Arch("olmo2", "decoder", "Olmo2Model", "Olmo2Config", _cfg(**_DECODER, num_key_value_heads=2), "text-left", _LAST),
+    # parallel attention and MLP off one bias-free LayerNorm, interleaved rotary, per-head q/k LayerNorm
+    Arch(
+        "cohere",
+        "decoder",
+        "CohereModel",
+        "CohereConfig",
+        _cfg(**_DECODER, num_key_value_heads=2, use_qk_norm=True),
+        "text-left",
+        _LAST,
+    ),
+    # Llama with scalar multipliers on the embeddings, the residual branches and the attention scores
+    Arch(
+        "granite",
+        "decoder",
+        "GraniteModel",
+        "GraniteConfig",
+        _cfg(
+            **_DECODER,
+            num_key_value_heads=2,
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.0625,
+        ),
+        "text-left",
+        _LAST,
+    ),
+    # grouped-query attention with rotary on some layers only (NoPE on the others)
+    Arch(
+        "smollm3",
+        "decoder",
+        "SmolLM3Model",
+        "SmolLM3Config",
+        _cfg(**_DECODER, num_key_value_heads=2, no_rope_layer_interval=2),
         "text-left",
         _LAST,
     ),
@@ -533,6 +656,74 @@ _ARCH_LIST = [
         _POOLED,
         batchnorm_stats=True,
     ),
+    # Mix Transformer: overlapping conv patch embeddings, spatial-reduction attention (keys and values from a
+    # strided conv + LayerNorm), depthwise conv in the MLP; a [batch, channels, h, w] output
+    Arch(
+        "segformer",
+        "vision",
+        "SegformerModel",
+        "SegformerConfig",
+        _cfg(
+            image_size=64,
+            num_channels=3,
+            num_encoder_blocks=2,
+            depths=[2, 2],
+            sr_ratios=[4, 2],
+            hidden_sizes=[32, 64],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            num_attention_heads=[1, 2],
+            mlp_ratios=[2, 2],
+            drop_path_rate=0.0,
+        ),
+        "image",
+        _LAST,
+    ),
+    # PVT-v2: the same spatial-reduction attention and conv MLP, four stages
+    Arch(
+        "pvt-v2",
+        "vision",
+        "PvtV2Model",
+        "PvtV2Config",
+        _cfg(
+            image_size=64,
+            num_channels=3,
+            num_encoder_blocks=2,
+            depths=[2, 2],
+            sr_ratios=[4, 2],
+            hidden_sizes=[32, 64],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            num_attention_heads=[1, 2],
+            mlp_ratios=[2, 2],
+        ),
+        "image",
+        _LAST,
+    ),
+    # hierarchical ViT without convolutions: mask-unit (local) attention, max-pooled queries between stages,
+    # unrolled token order, mean pooling
+    Arch(
+        "hiera",
+        "vision",
+        "HieraModel",
+        "HieraConfig",
+        _cfg(
+            image_size=[64, 64],
+            num_channels=3,
+            embed_dim=16,
+            depths=[1, 2, 1],
+            num_heads=[1, 2, 4],
+            num_query_pool=2,
+            masked_unit_attention=[True, True, False],
+            patch_size=[7, 7],
+            patch_stride=[4, 4],
+            patch_padding=[3, 3],
+            masked_unit_size=[8, 8],
+            mlp_ratio=2.0,
+        ),
+        "image",
+        _POOLED,
+    ),
     # attention-pooling head: torch.nn.MultiheadAttention (sequence-first inside)
     Arch(
         "siglip-vision",
@@ -714,7 +905,8 @@ def sample_inputs(arch: Arch, count: int, seed: int) -> dict[str, np.ndarray]:
         return {"input_ids": np.where(mask, ids, pad).astype(np.int64), "attention_mask": mask.astype(np.int64)}
     if arch.inputs == "image":
         size, channels = arch.setting("image_size"), arch.setting("num_channels", default=3)
-        return {"pixel_values": rng.standard_normal((count, channels, size, size), dtype=np.float32)}
+        height, width = (size, size) if isinstance(size, int) else size  # Hiera's is [height, width]
+        return {"pixel_values": rng.standard_normal((count, channels, height, width), dtype=np.float32)}
     if arch.inputs == "mel":  # Whisper's encoder takes exactly 2 x max_source_positions frames
         shape = (count, arch.setting("num_mel_bins"), 2 * arch.setting("max_source_positions"))
         return {"input_features": (0.5 * rng.standard_normal(shape)).astype(np.float32)}
