@@ -135,6 +135,37 @@ _SWIN = dict(
 )
 _LAST, _POOLED = ("last_hidden_state",), ("last_hidden_state", "pooler_output")
 
+
+# two stages of spatial-reduction attention (SegFormer's Mix Transformer, PVT-v2)
+_MIX_TRANSFORMER = dict(
+    image_size=64,
+    num_channels=3,
+    num_encoder_blocks=2,
+    depths=[2, 2],
+    sr_ratios=[4, 2],
+    hidden_sizes=[32, 64],
+    patch_sizes=[7, 3],
+    strides=[4, 2],
+    num_attention_heads=[1, 2],
+    mlp_ratios=[2, 2],
+)
+
+
+def _decoder(name: str, prefix: str, ort_model_type: str = "bert", **config) -> Arch:
+    """A decoder of transformers' ``<prefix>Model``/``<prefix>Config`` on the shared decoder config, left-padded,
+    read at its last hidden state."""
+    return Arch(
+        name,
+        "decoder",
+        f"{prefix}Model",
+        f"{prefix}Config",
+        _cfg(**_DECODER, **config),
+        "text-left",
+        _LAST,
+        ort_model_type=ort_model_type,
+    )
+
+
 _ARCH_LIST = [
     # text encoders, right padding
     Arch("bert", "text encoder", "BertModel", "BertConfig", _cfg(**_TEXT), "text-right", _POOLED),
@@ -330,16 +361,7 @@ _ARCH_LIST = [
         _LAST,
     ),
     # parallel residual, partial rotary
-    Arch(
-        "gpt-neox",
-        "decoder",
-        "GPTNeoXModel",
-        "GPTNeoXConfig",
-        _cfg(**_DECODER, rotary_pct=0.25, use_parallel_residual=True),
-        "text-left",
-        _LAST,
-        ort_model_type="gpt_neox",
-    ),
+    _decoder("gpt-neox", "GPTNeoX", rotary_pct=0.25, use_parallel_residual=True, ort_model_type="gpt_neox"),
     Arch(
         "gptj",
         "decoder",
@@ -378,129 +400,50 @@ _ARCH_LIST = [
         _LAST,
     ),
     # parallel residual, partial rotary, gelu_new (the optimizer's model_type "phi" takes dynamo exports only)
-    Arch("phi", "decoder", "PhiModel", "PhiConfig", _cfg(**_DECODER, partial_rotary_factor=0.5), "text-left", _LAST),
+    _decoder("phi", "Phi", partial_rotary_factor=0.5),
     # RMSNorm, SwiGLU, grouped-query attention, rotary
-    Arch("qwen2", "decoder", "Qwen2Model", "Qwen2Config", _cfg(**_DECODER, num_key_value_heads=2), "text-left", _LAST),
+    _decoder("qwen2", "Qwen2", num_key_value_heads=2),
     # RMSNorm with (1 + w), GeGLU (tanh GELU), multi-query, scaled embeddings
-    Arch(
-        "gemma",
-        "decoder",
-        "GemmaModel",
-        "GemmaConfig",
-        _cfg(**_DECODER, num_key_value_heads=1, head_dim=16),
-        "text-left",
-        _LAST,
-    ),
+    _decoder("gemma", "Gemma", num_key_value_heads=1, head_dim=16),
     # attention logits soft-capped (cap x tanh(scores / cap)) before the mask, sliding-window layers, RMSNorm
     # before and after each block
-    Arch(
-        "gemma2",
-        "decoder",
-        "Gemma2Model",
-        "Gemma2Config",
-        _cfg(**_DECODER, num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0, sliding_window=8),
-        "text-left",
-        _LAST,
-    ),
+    _decoder("gemma2", "Gemma2", num_key_value_heads=2, head_dim=16, attn_logit_softcapping=50.0, sliding_window=8),
     # RMSNorm on every head's queries and keys before rotary, grouped-query attention
-    Arch(
-        "qwen3",
-        "decoder",
-        "Qwen3Model",
-        "Qwen3Config",
-        _cfg(**_DECODER, num_key_value_heads=2, head_dim=16),
-        "text-left",
-        _LAST,
-        ort_model_type="qwen3",
-    ),
+    _decoder("qwen3", "Qwen3", num_key_value_heads=2, head_dim=16, ort_model_type="qwen3"),
     # per-head q/k RMSNorm (1 + w), a sliding-window layer and a global one with their own rotary bases,
     # RMSNorm before and after each block
-    Arch(
+    _decoder(
         "gemma3",
-        "decoder",
-        "Gemma3TextModel",
-        "Gemma3TextConfig",
-        _cfg(
-            **_DECODER,
-            num_key_value_heads=2,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention"],
-        ),
-        "text-left",
-        _LAST,
+        "Gemma3Text",
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
     ),
     # fused qkv and gate_up projections (split by Slice), grouped-query attention
-    Arch("phi3", "decoder", "Phi3Model", "Phi3Config", _cfg(**_DECODER, num_key_value_heads=2), "text-left", _LAST),
+    _decoder("phi3", "Phi3", num_key_value_heads=2),
     # RMSNorm over all of q and k (before the head split), norms after attention and MLP (no pre-norm)
-    Arch("olmo2", "decoder", "Olmo2Model", "Olmo2Config", _cfg(**_DECODER, num_key_value_heads=2), "text-left", _LAST),
+    _decoder("olmo2", "Olmo2", num_key_value_heads=2),
     # parallel attention and MLP off one bias-free LayerNorm, interleaved rotary, per-head q/k LayerNorm
-    Arch(
-        "cohere",
-        "decoder",
-        "CohereModel",
-        "CohereConfig",
-        _cfg(**_DECODER, num_key_value_heads=2, use_qk_norm=True),
-        "text-left",
-        _LAST,
-    ),
+    _decoder("cohere", "Cohere", num_key_value_heads=2, use_qk_norm=True),
     # Llama with scalar multipliers on the embeddings, the residual branches and the attention scores
-    Arch(
+    _decoder(
         "granite",
-        "decoder",
-        "GraniteModel",
-        "GraniteConfig",
-        _cfg(
-            **_DECODER,
-            num_key_value_heads=2,
-            embedding_multiplier=12.0,
-            residual_multiplier=0.22,
-            attention_multiplier=0.0625,
-        ),
-        "text-left",
-        _LAST,
+        "Granite",
+        num_key_value_heads=2,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.0625,
     ),
     # grouped-query attention with rotary on some layers only (NoPE on the others)
-    Arch(
-        "smollm3",
-        "decoder",
-        "SmolLM3Model",
-        "SmolLM3Config",
-        _cfg(**_DECODER, num_key_value_heads=2, no_rope_layer_interval=2),
-        "text-left",
-        _LAST,
-    ),
+    _decoder("smollm3", "SmolLM3", num_key_value_heads=2, no_rope_layer_interval=2),
     # LayerNorm with SwiGLU, partial rotary
-    Arch(
-        "stablelm",
-        "decoder",
-        "StableLmModel",
-        "StableLmConfig",
-        _cfg(**_DECODER, partial_rotary_factor=0.25, num_key_value_heads=4),
-        "text-left",
-        _LAST,
-    ),
+    _decoder("stablelm", "StableLm", partial_rotary_factor=0.25, num_key_value_heads=4),
     # LayerNorm with biases, tanh GELU MLP, sliding window
-    Arch(
-        "starcoder2",
-        "decoder",
-        "Starcoder2Model",
-        "Starcoder2Config",
-        _cfg(**_DECODER, num_key_value_heads=2, sliding_window=8),
-        "text-left",
-        _LAST,
-    ),
-    Arch(
-        "mistral",
-        "decoder",
-        "MistralModel",
-        "MistralConfig",
-        _cfg(**_DECODER, num_key_value_heads=2, sliding_window=8),
-        "text-left",
-        _LAST,
-    ),
-    Arch("llama", "decoder", "LlamaModel", "LlamaConfig", _cfg(**_DECODER), "text-left", _LAST),
+    _decoder("starcoder2", "Starcoder2", num_key_value_heads=2, sliding_window=8),
+    _decoder("mistral", "Mistral", num_key_value_heads=2, sliding_window=8),
+    _decoder("llama", "Llama"),
     # ALiBi position biases, BLOOM's own tanh GELU form
     Arch(
         "bloom",
@@ -663,19 +606,7 @@ _ARCH_LIST = [
         "vision",
         "SegformerModel",
         "SegformerConfig",
-        _cfg(
-            image_size=64,
-            num_channels=3,
-            num_encoder_blocks=2,
-            depths=[2, 2],
-            sr_ratios=[4, 2],
-            hidden_sizes=[32, 64],
-            patch_sizes=[7, 3],
-            strides=[4, 2],
-            num_attention_heads=[1, 2],
-            mlp_ratios=[2, 2],
-            drop_path_rate=0.0,
-        ),
+        _cfg(**_MIX_TRANSFORMER, drop_path_rate=0.0),
         "image",
         _LAST,
     ),
@@ -685,18 +616,7 @@ _ARCH_LIST = [
         "vision",
         "PvtV2Model",
         "PvtV2Config",
-        _cfg(
-            image_size=64,
-            num_channels=3,
-            num_encoder_blocks=2,
-            depths=[2, 2],
-            sr_ratios=[4, 2],
-            hidden_sizes=[32, 64],
-            patch_sizes=[7, 3],
-            strides=[4, 2],
-            num_attention_heads=[1, 2],
-            mlp_ratios=[2, 2],
-        ),
+        _cfg(**_MIX_TRANSFORMER),
         "image",
         _LAST,
     ),
