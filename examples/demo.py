@@ -1,8 +1,8 @@
 """The default example: convert the bundled digits ViT to an ECMT spiking network and measure it.
 
 Trains (once, cached under .cache/fixtures) a 4-layer ViT on scikit-learn's digits, exports it to
-ONNX, then runs the same commands a user would type (``--method`` picks another conversion; ttfs
-runs in one pass and takes no ``--timesteps``):
+ONNX, then runs the same commands a user would type (``--method`` picks another conversion at its own
+default T unless ``--timesteps`` is given; ttfs runs in one pass and takes no ``--timesteps``):
 
     spikec compile digits_vit.onnx -o digits_snn.onnx --method ecmt --timesteps 8 --calib digits-calib.npz
     spikec eval digits_vit.onnx digits_snn.onnx --inputs digits-eval.npz --labels digits-eval-labels.npz
@@ -31,13 +31,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out", help="directory for the converted model")
     parser.add_argument("--method", default="ecmt", choices=["ecmt", "spikezip", "sta", "ttfs"])
-    parser.add_argument("--timesteps", type=int, default=8)
+    parser.add_argument("--timesteps", type=int, help="T (default: the method's, 8 for ecmt, 64 for spikezip and sta)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ann = fixtures.digits_vit()
     snn = out / "digits_snn.onnx"
-    timing = [] if args.method == "ttfs" else ["--timesteps", args.timesteps]
+    timing = [] if args.timesteps is None else ["--timesteps", args.timesteps]
     spikec("compile", ann, "-o", snn, "--method", args.method, *timing, "--calib", fixtures.fixture_npz("digits-calib"))
     spikec(
         "eval",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -190,7 +191,12 @@ def from_callable(model, reference: str) -> dict[str, np.ndarray]:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(where)
+            # as `python -m` finds modules: the working directory first (a console script's path lacks it)
+            sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(where)
+            finally:
+                sys.path.remove(os.getcwd())
         function = getattr(module, name)
     except SpikecError:
         raise

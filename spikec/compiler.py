@@ -72,7 +72,7 @@ class CompileOptions(Options):
     calibration_checkpoint: str | os.PathLike | None = option(
         None,
         "save the calibration statistics here as they are gathered (.npz); a compile of the same model, "
-        "data and settings resumes from them",
+        "data and settings resumes from them (with --calib-workers N, each process its own PATH.K-of-N)",
         flag="--calib-checkpoint",
         metavar="PATH",
         output="the calibration checkpoint",

@@ -38,8 +38,9 @@ _FIXED_SUFFIXES = (".quant_half", ".quant_low", ".quant_high")
 # Steps between measurements of the loss over the held-back samples (finetune keeps the best parameters
 # measured): a measurement is one forward pass over them, small beside the training steps between two.
 EVALUATE_EVERY = 200
-# Checkpoints of another layout or measurement rule are refused, not resumed.
-CHECKPOINT_VERSION = 2
+# Checkpoints of another layout, measurement rule or fingerprint are refused, not resumed (3: the QANN's
+# graph fingerprinted without its metadata, which records provenance, not what is trained).
+CHECKPOINT_VERSION = 3
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -494,8 +495,8 @@ def evaluate_loss(
 
 
 def _fingerprint(qann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], settings: Mapping[str, object]) -> str:
-    """What a checkpoint must match to resume: the starting QANN, the data and the loss's settings."""
-    h = hashlib.sha256(qann.SerializeToString(deterministic=True))
+    """What a checkpoint must match to resume: the starting QANN's graph, the data and the loss's settings."""
+    h = hashlib.sha256(qann.graph.SerializeToString(deterministic=True))
     h.update(repr(sorted(settings.items())).encode())
     for name in sorted(feeds):
         h.update(name.encode())

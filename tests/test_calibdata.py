@@ -1,5 +1,7 @@
 """`spikec calib make`: calibration .npz files from a text file and a tokenizer, or from a Python function."""
 
+import sys
+
 import numpy as np
 import pytest
 from test_cli import _fails
@@ -81,7 +83,7 @@ def test_a_dynamic_sequence_axis_needs_a_length(tmp_path, sentences, capfd):
     assert not out.exists()
 
 
-def test_python_function(tmp_path, digits, capfd):
+def test_python_function(tmp_path, digits, capfd, monkeypatch):
     source = tmp_path / "images.py"
     source.write_text(
         "import numpy as np\n"
@@ -115,6 +117,14 @@ def test_python_function(tmp_path, digits, capfd):
         "cannot load it",
     )
     assert not out.exists()
+    # module:function finds a module of the working directory, as `python -m` does
+    source.rename(tmp_path / "spikec_test_calib_images.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "spikec_test_calib_images", raising=False)
+    argv = ["calib", "make", str(fixtures.digits_vit()), "-o", str(out), "--python", "spikec_test_calib_images:pixels"]
+    assert main(argv) == 0 and out.exists()
+    assert str(tmp_path) not in sys.path
+    sys.modules.pop("spikec_test_calib_images", None)
 
 
 def _write_digits(folder, images, upsample: int = 1) -> None:

@@ -37,7 +37,7 @@ class ECMTOptions(Options):
     # below the conformance bound (docs/conformance.md, conf5), and unbias leaves chains unfused.
     threshold_search: bool = option(
         False,
-        "scale each site's thresholds (per channel with --per-channel) by the factor of 0.5-1.4 whose "
+        "scale each site's thresholds (per channel, unless --no-per-channel) by the factor of 0.5-1.4 whose "
         "neurons' 8-step means of the calibration sample err least (off: the percentile rule)",
     )
     # Not in the paper: see ecmt.Thresholds.gain. The one setting that depends on T: the shortfall falls as
