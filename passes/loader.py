@@ -14,13 +14,12 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 from spikec.passes.contrib import MS, NCHWC, onnxruntime_schemas
-from spikec.runtime.metadata import PREFIX
+from spikec.runtime.metadata import IN_MEMORY, PREFIX
 from spikec.runtime.weights import check_external
 
 from spikec.errors import SpikecError
 
 MIN_OPSET = 13
-_IN_MEMORY = "<in-memory model>"
 
 
 def load_model(
@@ -43,7 +42,7 @@ def load_model(
     if isinstance(src, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(src)
-        where = _IN_MEMORY
+        where = IN_MEMORY
         _check_opset(model, where)
         _import_contrib_domains(model)
         _sort_nodes(model)

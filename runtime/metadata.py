@@ -6,6 +6,7 @@ and a model whose record was tampered with fails with one line naming the file a
 from __future__ import annotations
 
 import json
+import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -15,10 +16,17 @@ import onnx
 from spikec.errors import SpikecError
 
 PREFIX = "spikec."
+# how messages name a model given as a ModelProto, not a file
+IN_MEMORY = "<in-memory model>"
 MODES = ("unrolled", "stateful", "ttfs")
 SEMANTICS = ("mean", "sum", "time-to-first-spike")
 # The float32 step counter t is exact up to 2^24.
 MAX_TIMESTEPS = 2**24
+
+
+def model_label(model) -> str:
+    """How messages name ``model``: its path, or IN_MEMORY for a ModelProto."""
+    return IN_MEMORY if isinstance(model, onnx.ModelProto) else os.fspath(model)
 
 
 @dataclass
@@ -108,7 +116,7 @@ class SpikecMetadata:
             model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
 
     @classmethod
-    def read(cls, model: onnx.ModelProto, where: str = "<in-memory model>") -> SpikecMetadata | None:
+    def read(cls, model: onnx.ModelProto, where: str = IN_MEMORY) -> SpikecMetadata | None:
         """The record of a spikec model, None for a model without one (an ANN)."""
         return cls.from_props({p.key: p.value for p in model.metadata_props}, where)
 

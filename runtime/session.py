@@ -15,7 +15,7 @@ import onnxruntime as ort
 from spikec.runtime import fusion, weights
 from spikec.runtime import native as native_kernels
 from spikec.runtime.layout import NEXT_STATE_PREFIX, SPIKES_OUTPUT, STATE_PREFIX, STEPS_SUFFIX, TIME_INPUT
-from spikec.runtime.metadata import MAX_TIMESTEPS, CompileReport, SpikecMetadata
+from spikec.runtime.metadata import MAX_TIMESTEPS, CompileReport, SpikecMetadata, model_label
 
 from spikec.errors import SpikecError
 
@@ -108,7 +108,7 @@ class InferenceSession(ort.InferenceSession):
         super().__init__(source, options, providers=providers, **kwargs)
         props = self.get_modelmeta().custom_metadata_map
         # what messages name the model by: the session runs a fused copy, not the file
-        self.label = "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+        self.label = model_label(model)
         self.spikec = SpikecMetadata.from_props(props, self.label)  # None for an ANN
         if self.spikec is not None:
             _say_path_once(self.native, native, device)

@@ -29,7 +29,7 @@ from spikec.passes.loader import load_model
 from spikec.passes.options import Options, option, outputs_of
 from spikec.passes.patterns import describe, padding_mask_input
 from spikec.runtime import weights
-from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata
+from spikec.runtime.metadata import MAX_TIMESTEPS, SpikecMetadata, model_label
 from spikec.verify import HeldOut, verify
 
 MODES = ("unrolled", "stateful")
@@ -355,7 +355,7 @@ class FidelityWarning(UserWarning):
 
 
 def _label(source, method: str) -> str:
-    return f"{os.fspath(source) if isinstance(source, (str, os.PathLike)) else '<in-memory model>'} ({method})"
+    return f"{model_label(source)} ({method})"
 
 
 def _write(

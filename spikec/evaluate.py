@@ -14,14 +14,14 @@ from spikec.errors import SpikecError
 from spikec.passes.loader import _one_line, check_input_file
 from spikec.runtime import weights
 from spikec.runtime.layout import NEXT_STATE_PREFIX, STEPS_SUFFIX
-from spikec.runtime.metadata import SpikecMetadata
+from spikec.runtime.metadata import SpikecMetadata, model_label
 from spikec.runtime.session import InferenceSession, check_timesteps, equilibrium_steps, run, run_stateful
 
 
 def _label(model: str | os.PathLike | onnx.ModelProto | InferenceSession) -> str:
     if isinstance(model, InferenceSession):
         return model.label
-    return "<in-memory model>" if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    return model_label(model)
 
 
 def open_session(model: str | os.PathLike | onnx.ModelProto | InferenceSession) -> InferenceSession:
