@@ -21,7 +21,7 @@ from spikec.calibrate import collect_statistics, load_inputs, naming_sources, ru
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
 from spikec.memory import estimate as estimate_memory
-from spikec.methods.base import Job
+from spikec.methods.base import SUM, Job
 from spikec.methods.spikezip import DEFAULT_LEVELS, SpikeZIPOptions, quantize_model, recorded_quantization
 from spikec.passes import emit
 from spikec.passes.canonicalize import canonicalize
@@ -218,7 +218,10 @@ def _compile(
     source.update({option: weights.digest(made) for option, made in job.extra_outputs.items()})
     plan = method.calibration(job)
     if method.stepped:
-        layouts = check_time_folding(job.ann, job.feeds, common.mode)
+        # the unrolled form folds T into the batch; the stateful form reads the layouts only to count a sum
+        # method's spikes per sample (emit.emit_stateful), and the check runs every tensor at twice the batch
+        folds = common.mode == "unrolled" or method.semantics == SUM
+        layouts = check_time_folding(job.ann, job.feeds, common.mode) if folds else emit.BatchLayouts()
         # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
         check_budget(
             estimate_memory(
