@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from spikec import methods, modelio
+from spikec import graphinfo, methods, modelio
 from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, parse_budget
@@ -570,7 +570,6 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
         )
     )
     both = {k: np.concatenate([group_a[k], group_b[k]]) for k in feeds}
-    alone = list(run_batches(ann, both, names, batch_size=batch, progress=False))  # A, then B
     grown = ann
     if static:
         grown = onnx.ModelProto()
@@ -590,18 +589,25 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
         if static
         else "the time-unrolled form cannot fold T into the batch; compile with --mode stateful"
     )
-    try:
-        together = next(run_batches(grown, both, names, batch_size=2 * batch, progress=False))
-    except SpikecError as exc:
-        if mode == "unrolled":
-            raise SpikecError(f"{advice} (at batch {2 * batch}: {exc})") from None
-        return emit.BatchLayouts()
-    layouts = {name: _batch_layout(alone[0][name], alone[1][name], together[name]) for name in names}
+    layouts: dict[str, emit.Layout | None] = {}
+    shapes: dict[str, tuple[int, ...]] = {}  # each tensor's shape for group A
+    for part in _check_parts(ann, names, {k: v.shape for k, v in group_a.items()}, batch):
+        alone = list(run_batches(ann, both, part, batch_size=batch, progress=False))  # A, then B
+        try:
+            together = next(run_batches(grown, both, part, batch_size=2 * batch, progress=False))
+        except SpikecError as exc:
+            if mode == "unrolled":
+                raise SpikecError(f"{advice} (at batch {2 * batch}: {exc})") from None
+            return emit.BatchLayouts()
+        for name in part:
+            layouts[name] = _batch_layout(alone[0][name], alone[1][name], together[name])
+            shapes[name] = alone[0][name].shape
+        del alone, together
     for name in outputs if mode == "unrolled" else ():
         layout = layouts[name]
         if layout is not None and layout.leading:
             continue
-        if layout is None and not (alone[0][name].ndim and alone[0][name].shape[0] == batch):
+        if layout is None and not (shapes[name] and shapes[name][0] == batch):
             continue  # not a per-sample output (one that should grow with the batch but does not is refused)
         where = (
             f"keeps the samples' rows on axis {layout.axis}, not on axis 0"
@@ -613,6 +619,31 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
         {name: emit.Layout(0, 1, array.ndim) for name, array in group_a.items()},
         {node.name: tuple(layouts.get(t) for t in node.output) for node in ann.graph.node},
     )
+
+
+# onnxruntime holds every output a model declares while a run lasts: the time-folding check fetches a large
+# graph's tensors in parts, each its own session, holding at most about this much at once (docs/scale.md)
+_CHECK_PART_BYTES = 128 * 2**20
+
+
+def _check_parts(
+    ann: onnx.ModelProto, names: list[str], sample: Mapping[str, tuple[int, ...]], batch: int
+) -> list[list[str]]:
+    """``names`` in order, in parts whose tensors for groups A, B and both together (4 x batch samples of
+    float32) stay within _CHECK_PART_BYTES; a tensor of unknown size counts as the largest known one."""
+    shapes = graphinfo.sample_shapes(ann, sample)
+    elements = [shapes.elements(name) for name in names]
+    largest = max((e for e in elements if e is not None), default=0)
+    parts: list[list[str]] = [[]]
+    held = 0
+    for name, count in zip(names, elements):
+        size = 4 * batch * 4 * (largest if count is None else count)
+        if parts[-1] and held + size > _CHECK_PART_BYTES:
+            parts.append([])
+            held = 0
+        parts[-1].append(name)
+        held += size
+    return parts
 
 
 def _batch_layout(a: np.ndarray, b: np.ndarray, both: np.ndarray) -> emit.Layout | None:

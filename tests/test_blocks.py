@@ -29,6 +29,7 @@ from test_masks import check_method
 from torch import nn
 
 import spikec
+from spikec import compiler
 from spikec.compiler import check_time_folding
 from spikec.evaluate import cosine, run_dataset
 
@@ -315,7 +316,7 @@ def layout_models(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_batch_layouts_of_multihead_attention(layout_models):
+def test_batch_layouts_of_multihead_attention(layout_models, monkeypatch):
     """check_time_folding finds where every tensor holds the batch: [seq, batch, dim] on axis 1, the output
     projection's [seq * batch, dim] on axis 0 behind seq blocks."""
     ann = canonicalize(load_model(layout_models["seq-first"]))
@@ -328,6 +329,9 @@ def test_batch_layouts_of_multihead_attention(layout_models):
     assert Layout(1, 1, 3) in by_op["LayerNormalization"]
     assert Layout(0, SEQ, 2) in by_op["Gemm"]  # the output projection of [seq * batch, dim]
     assert Layout(0, 1, 4) in by_op["Softmax"]  # the heads: [batch, heads, seq, seq]
+    # fetched in parts (each tensor its own session, as a large graph's are): the same layouts
+    monkeypatch.setattr(compiler, "_CHECK_PART_BYTES", 1)
+    assert check_time_folding(ann, _tokens(4, 1), "unrolled") == layouts
 
 
 @pytest.mark.slow
