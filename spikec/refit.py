@@ -22,8 +22,10 @@ matrices batch by batch keeps memory at O(n^2) per product, whatever the number 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -77,43 +79,91 @@ class _Product:
 
 @dataclass
 class _Sums:
-    """Sums over rows of [x, 1]^T [x, 1], and per reader of [x, 1]^T y and y^T y."""
+    """Sums over rows of [x, 1]^T [x, 1], and per reader of [x, 1]^T y and of y^2 per column."""
 
     gram: np.ndarray
     cross: list[np.ndarray]
-    square: list[float]
+    square: list[np.ndarray]
 
     @classmethod
     def zeros(cls, size: int, widths: list[int]) -> _Sums:
-        return cls(np.zeros((size + 1, size + 1)), [np.zeros((size + 1, m)) for m in widths], [0.0] * len(widths))
+        return cls(
+            np.zeros((size + 1, size + 1)), [np.zeros((size + 1, m)) for m in widths], [np.zeros(m) for m in widths]
+        )
 
     def add(self, x: np.ndarray, targets: list[np.ndarray]) -> None:
         rows = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
         self.gram += rows.T @ rows
         for i, y in enumerate(targets):
             self.cross[i] += rows.T @ y.astype(np.float64)
-            self.square[i] += float(np.square(y, dtype=np.float64).sum())
+            self.square[i] += np.square(y, dtype=np.float64).sum(axis=0)
 
-    def __add__(self, other: _Sums) -> _Sums:
-        return _Sums(
-            self.gram + other.gram,
-            [a + b for a, b in zip(self.cross, other.cross, strict=True)],
-            [a + b for a, b in zip(self.square, other.square, strict=True)],
-        )
-
-    def error(self, reader: int, solution: np.ndarray) -> float:
-        """||[x, 1] solution - y||^2 over the rows summed, from the sums alone."""
+    def error(self, reader: int, solution: np.ndarray, columns: slice = slice(None)) -> float:
+        """||[x, 1] solution - y||^2 over the rows summed, from the sums alone, for ``columns`` of y (those
+        ``solution`` holds)."""
         return float(
-            self.square[reader] - 2 * np.sum(solution * self.cross[reader]) + np.sum(solution * (self.gram @ solution))
+            self.square[reader][columns].sum()
+            - 2 * np.sum(solution * self.cross[reader][:, columns])
+            + np.sum(solution * (self.gram @ solution))
         )
 
 
-def _ridge(gram: np.ndarray, cross: np.ndarray, current: np.ndarray, alpha: float, rows: slice) -> np.ndarray:
-    """The ridge solution over ``rows`` of [x, 1] (the others stay as in ``current``)."""
-    gram, penalty_target = gram[rows, rows], current[rows]
+# A product's columns are refit in blocks of at most this many bytes per [operand + 1, columns] float64 array:
+# a vocabulary-wide head has tens of thousands of columns, and a solve holds several such arrays at once
+_COLUMN_BLOCK_BYTES = 64 * 2**20
+
+
+def _refit(product: _Product, fit: _Sums, validation: _Sums, reader: int) -> dict:
+    """Refit ``product`` (reader ``reader`` of the sums) where a penalty lowers its held-back error; the entry
+    of the report (errors relative to the target's energy)."""
+    now, fitted = product.solution(), product.fitted()
+    step = max(1, _COLUMN_BLOCK_BYTES // (8 * now.shape[0]))
+    blocks = [slice(start, start + step) for start in range(0, now.shape[1], step)]
+
+    def solved(sums: list[_Sums], alpha: float) -> Iterator[tuple[slice, np.ndarray]]:
+        """The ridge solution of the rows ``sums`` hold together, block by block."""
+        system, penalty = _penalized(functools.reduce(np.add, [part.gram for part in sums]), alpha, fitted)
+        # one solve where the columns fit one block; else the system is inverted once for all blocks
+        inverse = np.linalg.inv(system) if len(blocks) > 1 else None
+        for b in blocks:
+            cross = functools.reduce(np.add, [part.cross[reader][:, b] for part in sums])
+            yield b, _ridge(system, penalty, cross, now[:, b], fitted, inverse)
+
+    before = sum(validation.error(reader, now[:, b], b) for b in blocks)
+    errors = {alpha: sum(validation.error(reader, x, b) for b, x in solved([fit], alpha)) for alpha in ALPHAS}
+    alpha = min(errors, key=errors.__getitem__)
+    energy = float(validation.square[reader].sum())
+    entry: dict[str, Any] = {"target": product.target, "alpha": None, "error_before": before, "error_after": before}
+    if before - errors[alpha] > NOISE_FLOOR * energy:
+        # the chosen penalty, fit on all rows
+        for b, solution in solved([fit, validation], alpha):
+            now[:, b] = solution
+        product.set(now)
+        entry.update(alpha=alpha, error_after=errors[alpha])
+    scale = max(energy, np.finfo(np.float64).tiny)
+    entry.update(error_before=entry["error_before"] / scale, error_after=entry["error_after"] / scale)
+    return entry
+
+
+def _penalized(gram: np.ndarray, alpha: float, rows: slice) -> tuple[np.ndarray, float]:
+    """The ridge system over ``rows`` of [x, 1] and its penalty, alpha x the operand's mean energy."""
+    gram = gram[rows, rows]
     penalty = alpha * np.trace(gram) / len(gram)
+    return gram + penalty * np.eye(len(gram)), penalty
+
+
+def _ridge(
+    system: np.ndarray,
+    penalty: float,
+    cross: np.ndarray,
+    current: np.ndarray,
+    rows: slice,
+    inverse: np.ndarray | None = None,
+) -> np.ndarray:
+    """The ridge solution over ``rows`` of [x, 1] (the others stay as in ``current``), pulled toward ``current``."""
     solution = current.copy()
-    solution[rows] = np.linalg.solve(gram + penalty * np.eye(len(gram)), cross[rows] + penalty * penalty_target)
+    target = cross[rows] + penalty * current[rows]
+    solution[rows] = np.linalg.solve(system, target) if inverse is None else inverse @ target
     return solution
 
 
@@ -193,19 +243,7 @@ def refit_products(
                 chosen = rows & (held_out == held)
                 (validation if held else fit).add(x[chosen], [f_batch[p.target][chosen] for p in group])
             start = stop
-        total = fit + validation
-        for i, product in enumerate(group):
-            now, fitted = product.solution(), product.fitted()
-            before = validation.error(i, now)
-            errors = {a: validation.error(i, _ridge(fit.gram, fit.cross[i], now, a, fitted)) for a in ALPHAS}
-            alpha = min(errors, key=errors.__getitem__)
-            entry = {"target": product.target, "alpha": None, "error_before": before, "error_after": before}
-            if before - errors[alpha] > NOISE_FLOOR * validation.square[i]:
-                product.set(_ridge(total.gram, total.cross[i], now, alpha, fitted))
-                entry.update(alpha=alpha, error_after=errors[alpha])
-            scale = max(validation.square[i], np.finfo(np.float64).tiny)
-            entry.update(error_before=entry["error_before"] / scale, error_after=entry["error_after"] / scale)
-            report.append(entry)
+        report += [_refit(product, fit, validation, i) for i, product in enumerate(group)]
     return export_like(graph, qann), report
 
 

@@ -173,9 +173,10 @@ def _correlated_operand(samples: int, seed: int) -> dict[str, np.ndarray]:
 
 
 @FORMS
-def test_refit_is_the_ridge_solution_and_lowers_the_products_error(gemm):
+def test_refit_is_the_ridge_solution_and_lowers_the_products_error(gemm, monkeypatch):
     """The product's W and b become the ridge solution of the float output on the quantized operand, with
     the penalty held-back samples chose; its output errs less on other data, and the SNN equals the QANN."""
+    from spikec import refit
     from spikec.methods.spikezip import quantize_model
     from spikec.refit import VALIDATION_STRIDE
 
@@ -202,6 +203,13 @@ def test_refit_is_the_ridge_solution_and_lowers_the_products_error(gemm):
     refit_weight, refit_bias = _product_of(qann)
     np.testing.assert_allclose(refit_weight, solution[:-1], rtol=0, atol=1e-5)
     np.testing.assert_allclose(refit_bias, solution[-1], rtol=0, atol=1e-5)
+    # refit in blocks of two columns (as a vocabulary-wide head's are, through the inverted system): the same
+    monkeypatch.setattr(refit, "_COLUMN_BLOCK_BYTES", 8 * len(start) * 2)
+    blocked, _, blocked_report = quantize_model(model, calib, 4, batch_size=32, progress=False)
+    assert blocked_report[0]["alpha"] == alpha
+    assert blocked_report[0]["error_after"] == pytest.approx(refitted[0]["error_after"], rel=1e-9)
+    for got, want in zip(_product_of(blocked), (solution[:-1], solution[-1])):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     # on data neither the fit nor the choice of penalty saw, the product's output errs less
     float_y = held["x"].astype(np.float64) @ weight + bias
 
