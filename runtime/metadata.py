@@ -48,7 +48,7 @@ class CompileReport:
     quantization: list[dict] | None = None  # SpikeZIP-TF: the quantizers its prepare step inserted
     calibration: dict | None = None  # ECMT: the calibration statistics the thresholds came from
     verification: dict | None = None  # the held-out run (spikec/verify.py)
-    # weight digests (runtime/weights.digest) of the model compiled ("input") and of each model the compile made
+    # weight digests (runtime/weights.digest) of the model compiled ("input") and of each model the compile wrote
     # for an output option (its option name): what eval and report check the models they are given against
     source: dict | None = None
     extra: dict[str, typing.Any] = field(default_factory=dict)

@@ -215,7 +215,10 @@ def _compile(
     )
     job.report.source = source
     method.prepare(job)
-    source.update({option: weights.digest(made) for option, made in job.extra_outputs.items()})
+    # a model the compile also writes (SpikeZIP-TF's QANN) may be given to eval and report as well
+    job.report.source = source | {
+        extra.option: weights.digest(job.extra_outputs[extra.option]) for extra in outputs_of(method_options)
+    }
     plan = method.calibration(job)
     if method.stepped:
         # the unrolled form folds T into the batch; the stateful form reads the layouts only to count a sum
