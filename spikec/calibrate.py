@@ -285,11 +285,13 @@ def _session(graph: onnx.ModelProto, path: Path | None, outputs: Sequence[str], 
     try:
         if path is not None and not missing:
             return ort.InferenceSession(str(path), **options)
-        model = onnx.ModelProto()
-        model.CopyFrom(graph)
-        known = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.input]}
-        # ORT accepts an output with no type; a declared type is reused when shape inference left one.
-        model.graph.output.extend(known.get(name, onnx.ValueInfoProto(name=name)) for name in missing)
+        model = graph
+        if missing:  # declared on a copy: the caller's model stays as it was
+            model = onnx.ModelProto()
+            model.CopyFrom(graph)
+            known = {vi.name: vi for vi in [*model.graph.value_info, *model.graph.input]}
+            # ORT accepts an output with no type; a declared type is reused when shape inference left one.
+            model.graph.output.extend(known.get(name, onnx.ValueInfoProto(name=name)) for name in missing)
         if model.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
             return ort.InferenceSession(
                 model.SerializeToString(),
@@ -351,7 +353,9 @@ def run_batches(
     as the iterator is consumed. A model exported with a static batch dimension runs at that size.
     """
     run = _Run(model_or_path, inputs, outputs, batch_size)
-    return run.batches(progress=progress, desc=desc)
+    # the batches need the session, not the model: a model made for this run goes as soon as the caller lets
+    # it go, not with the last batch
+    return _iterate(0, run.session, run.names, run.feeds, run.batch_size, run.label, progress, desc, None)
 
 
 class _Run:
@@ -379,34 +383,45 @@ class _Run:
     ) -> Iterator[dict[str, np.ndarray]]:
         """{name: array} per batch, from sample ``start`` on; a progress bar with the time left (over all
         samples, those before ``start`` counted as done), or ``on_batch(samples)`` after each batch."""
-        return _iterate(self, start, progress, desc, on_batch)
+        return _iterate(
+            start, self.session, self.names, self.feeds, self.batch_size, self.label, progress, desc, on_batch
+        )
 
 
 def _iterate(
-    run: _Run, start: int, progress: bool, desc: str, on_batch: Callable[[int], None] | None
+    start: int,
+    session: ort.InferenceSession,
+    names: list[str],
+    feeds: Mapping[str, np.ndarray],
+    batch_size: int,
+    label: str,
+    progress: bool,
+    desc: str,
+    on_batch: Callable[[int], None] | None,
 ) -> Iterator[dict[str, np.ndarray]]:
+    samples = next(iter(feeds.values())).shape[0]
     with tqdm(
-        total=run.samples,
+        total=samples,
         initial=start,
         desc=desc,
         unit="sample",
         disable=None if progress and on_batch is None else True,
     ) as bar:
-        for begin in range(start, run.samples, run.batch_size):
-            stop = min(begin + run.batch_size, run.samples)
-            batch = {name: array[begin:stop] for name, array in run.feeds.items()}
+        for begin in range(start, samples, batch_size):
+            stop = min(begin + batch_size, samples)
+            batch = {name: array[begin:stop] for name, array in feeds.items()}
             try:
-                values = run.session.run(run.names, batch)
+                values = session.run(names, batch)
             except Exception as exc:  # see _session
                 sources = _SOURCES.get()
                 data = f" of the {sources[1]}" if sources else ""
                 raise SpikecError(
-                    f"{run.label}: onnxruntime failed on samples {begin}:{stop}{data}: {_one_line(exc)}"
+                    f"{label}: onnxruntime failed on samples {begin}:{stop}{data}: {_one_line(exc)}"
                 ) from None
             bar.update(stop - begin)
             if on_batch is not None:
                 on_batch(stop - begin)
-            yield dict(zip(run.names, values))
+            yield dict(zip(names, values))
 
 
 class _TapAccumulator:

@@ -243,6 +243,7 @@ def refit_products(
                 chosen = rows & (held_out == held)
                 (validation if held else fit).add(x[chosen], [f_batch[p.target][chosen] for p in group])
             start = stop
+        del quantized, reference  # their sessions hold what the cuts read: not needed to solve
         report += [_refit(product, fit, validation, i) for i, product in enumerate(group)]
     return export_like(graph, qann), report
 

@@ -322,8 +322,8 @@ def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkey
     checkpoint = tmp_path / "calib.ckpt.npz"
     iterate = calibrate._iterate
 
-    def interrupted(run, start, *args):
-        for count, batch in enumerate(iterate(run, start, *args)):
+    def interrupted(start, *args):
+        for count, batch in enumerate(iterate(start, *args)):
             if count == 5:
                 raise KeyboardInterrupt
             yield batch
@@ -332,9 +332,7 @@ def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         collect_statistics(model, data, ["h", "y"], checkpoint=checkpoint, checkpoint_every=0, **settings)
     starts = []
-    monkeypatch.setattr(
-        calibrate, "_iterate", lambda run, start, *args: starts.append(start) or iterate(run, start, *args)
-    )
+    monkeypatch.setattr(calibrate, "_iterate", lambda start, *args: starts.append(start) or iterate(start, *args))
     resumed = collect_statistics(model, data, ["h", "y"], checkpoint=checkpoint, checkpoint_every=0, **settings)
     assert starts == [80]  # after the five batches that were summarised
     for name in one:
@@ -389,7 +387,11 @@ def test_compile_with_a_checkpoint_and_workers_writes_the_same_model(tmp_path, m
     starts = []
     iterate = calibrate._iterate
     monkeypatch.setattr(
-        calibrate, "_iterate", lambda run, start, *a: starts.append((run.samples, start)) or iterate(run, start, *a)
+        calibrate,
+        "_iterate",
+        lambda start, session, names, feeds, *a: (
+            starts.append((len(next(iter(feeds.values()))), start)) or iterate(start, session, names, feeds, *a)
+        ),
     )
     spikec.compile(
         model, data, tmp_path / "resumed.onnx", timesteps=4, progress=False, calibration_checkpoint=checkpoint
