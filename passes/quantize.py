@@ -403,10 +403,15 @@ class Affine:
         rows, columns = self.weight.values.shape
         return (columns, rows) if self._transposed() else (rows, columns)
 
-    def matrix(self) -> np.ndarray:
-        """W as float64 [C, N]."""
-        values = self.weight.values.astype(np.float64)
-        return self._attr("alpha") * (values.T if self._transposed() else values)
+    def matrix(self, out: np.ndarray | None = None) -> np.ndarray:
+        """W as float64 [C, N], written into ``out`` where given (no temporary as large as W: a vocabulary
+        head's is hundreds of MB)."""
+        values = self.weight.values
+        stored = values.T if self._transposed() else values
+        out = np.empty(stored.shape) if out is None else out
+        out[...] = stored
+        out *= self._attr("alpha")
+        return out
 
     def bias(self) -> np.ndarray | None:
         """b as float64 [N], or None."""

@@ -593,7 +593,7 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
         else "the time-unrolled form cannot fold T into the batch; compile with --mode stateful"
     )
     layouts: dict[str, emit.Layout | None] = {}
-    shapes: dict[str, tuple[int, ...]] = {}  # each tensor's shape for group A
+    output_shapes: dict[str, tuple[int, ...]] = {}  # for group A
     for part in _check_parts(ann, names, {k: v.shape for k, v in group_a.items()}, batch):
         alone = list(run_batches(ann, both, part, batch_size=batch, progress=False))  # A, then B
         try:
@@ -604,13 +604,14 @@ def check_time_folding(ann: onnx.ModelProto, feeds: Mapping[str, np.ndarray], mo
             return emit.BatchLayouts()
         for name in part:
             layouts[name] = _batch_layout(alone[0][name], alone[1][name], together[name])
-            shapes[name] = alone[0][name].shape
+            if name in outputs:
+                output_shapes[name] = alone[0][name].shape
         del alone, together
     for name in outputs if mode == "unrolled" else ():
         layout = layouts[name]
         if layout is not None and layout.leading:
             continue
-        if layout is None and not (shapes[name] and shapes[name][0] == batch):
+        if layout is None and not (output_shapes[name] and output_shapes[name][0] == batch):
             continue  # not a per-sample output (one that should grow with the batch but does not is refused)
         where = (
             f"keeps the samples' rows on axis {layout.axis}, not on axis 0"

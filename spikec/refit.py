@@ -23,6 +23,7 @@ matrices batch by batch keeps memory at O(n^2) per product, whatever the number 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from spikec.calibrate import position_mask, run_batches, token_axes
 from spikec.passes.builder import export_like
 from spikec.passes.quantize import Affine, affine_product
+from spikec.runtime import weights
 
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)
 # every VALIDATION_STRIDE-th sample validates the choice of alpha
@@ -64,8 +66,11 @@ class _Product:
 
     def solution(self) -> np.ndarray:
         """[W; b] as float64, with b = 0 where it stays out of the fit (the ones column then does too)."""
-        bias = self.affine.bias() if self.with_bias else np.zeros(self.affine.shape[1])
-        return np.vstack([self.affine.matrix(), bias[None]])
+        rows, columns = self.affine.shape
+        solution = np.empty((rows + 1, columns))
+        self.affine.matrix(out=solution[:-1])
+        solution[-1] = self.affine.bias() if self.with_bias else 0.0
+        return solution
 
     def fitted(self) -> slice:
         """The rows of [x, 1] that the fit uses."""
@@ -75,6 +80,12 @@ class _Product:
         self.affine.set_matrix(solution[:-1])
         if self.with_bias:
             self.affine.set_bias(solution[-1])
+
+
+# A product's columns are summed and refit in blocks of at most this many bytes per [operand + 1, columns]
+# float64 array: a vocabulary-wide head has tens of thousands of columns, and a solve and its errors hold
+# about six such arrays at once
+_COLUMN_BLOCK_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -94,9 +105,12 @@ class _Sums:
     def add(self, x: np.ndarray, targets: list[np.ndarray]) -> None:
         rows = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
         self.gram += rows.T @ rows
+        step = max(1, _COLUMN_BLOCK_BYTES // (8 * max(rows.shape)))
         for i, y in enumerate(targets):
-            self.cross[i] += rows.T @ y.astype(np.float64)
-            self.square[i] += np.square(y, dtype=np.float64).sum(axis=0)
+            for start in range(0, y.shape[1], step):
+                block = y[:, start : start + step].astype(np.float64)
+                self.cross[i][:, start : start + step] += rows.T @ block
+                self.square[i][start : start + step] += np.square(block).sum(axis=0)
 
     def error(self, reader: int, solution: np.ndarray, columns: slice = slice(None)) -> float:
         """||[x, 1] solution - y||^2 over the rows summed, from the sums alone, for ``columns`` of y (those
@@ -106,11 +120,6 @@ class _Sums:
             - 2 * np.sum(solution * self.cross[reader][:, columns])
             + np.sum(solution * (self.gram @ solution))
         )
-
-
-# A product's columns are refit in blocks of at most this many bytes per [operand + 1, columns] float64 array:
-# a vocabulary-wide head has tens of thousands of columns, and a solve holds several such arrays at once
-_COLUMN_BLOCK_BYTES = 64 * 2**20
 
 
 def _refit(product: _Product, fit: _Sums, validation: _Sums, reader: int) -> dict:
@@ -147,9 +156,10 @@ def _refit(product: _Product, fit: _Sums, validation: _Sums, reader: int) -> dic
 
 def _penalized(gram: np.ndarray, alpha: float, rows: slice) -> tuple[np.ndarray, float]:
     """The ridge system over ``rows`` of [x, 1] and its penalty, alpha x the operand's mean energy."""
-    gram = gram[rows, rows]
-    penalty = alpha * np.trace(gram) / len(gram)
-    return gram + penalty * np.eye(len(gram)), penalty
+    system = np.array(gram[rows, rows])
+    penalty = alpha * np.trace(system) / len(system)
+    system.flat[:: len(system) + 1] += penalty  # no identity matrix: an operand of 3072 channels makes it 75 MB
+    return system, penalty
 
 
 def _ridge(
@@ -222,7 +232,7 @@ def refit_products(
         size, _ = group[0].affine.shape
         widths = [p.affine.shape[1] for p in group]
         fit, validation = _Sums.zeros(size, widths), _Sums.zeros(size, widths)
-        quantized = run_batches(_up_to(graph, qann, [operand]), feeds, [operand], batch_size=batch_size, progress=False)
+        quantized = _operand_batches(_up_to(graph, qann, [operand]), feeds, operand, batch_size)
         # a graph input fetched alongside counts the batch's samples whatever the operand's layout
         fetched = [p.target for p in group] + [counter]
         reference = run_batches(
@@ -230,8 +240,8 @@ def refit_products(
         )
         start = 0
         target_axes = axes.get(group[0].target)
-        for q_batch, f_batch in zip(quantized, reference, strict=True):
-            x, stop = q_batch[operand], start + len(f_batch[counter])
+        for x, f_batch in zip(quantized, reference, strict=True):
+            stop = start + len(f_batch[counter])
             y = f_batch[group[0].target]
             keep = True if target_axes is None else position_mask(unpadded[start:stop], target_axes, y.ndim)
             rows = np.broadcast_to(keep, y.shape)[..., 0]
@@ -246,6 +256,25 @@ def refit_products(
         del quantized, reference  # their sessions hold what the cuts read: not needed to solve
         report += [_refit(product, fit, validation, i) for i, product in enumerate(group)]
     return export_like(graph, qann), report
+
+
+def _operand_batches(cut: onnx.ModelProto, feeds: Mapping[str, np.ndarray], operand: str, batch_size: int) -> Iterator:
+    """The QANN's ``operand`` batch by batch, from ``cut``. Where the operand over all calibration rows takes
+    fewer bytes than the cut's weights, all of it is fetched first and the session released, so that it
+    and the float model's session (which holds about as many weights) are never open together; else the
+    batches stream beside the float model's."""
+    weight_bytes = sum(weights.nbytes_of(t) for t in cut.graph.initializer)
+    counter = next(iter(feeds))  # counts a batch's samples, whatever the operand's layout
+    batches = run_batches(cut, feeds, [operand, counter], batch_size=batch_size, progress=False)
+    del cut
+    first = next(batches)
+    operand_bytes = first[operand].nbytes * len(feeds[counter]) / len(first[counter])
+    values = (batch[operand] for batch in itertools.chain([first], batches))
+    return iter(list(values)) if _store_operand(operand_bytes, weight_bytes) else values
+
+
+def _store_operand(operand_bytes: float, weight_bytes: int) -> bool:
+    return operand_bytes <= weight_bytes
 
 
 def _up_to(graph: gs.Graph, source: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:

@@ -163,6 +163,44 @@ def test_per_tensor_quantizers_keep_the_bias_and_no_zero_point():
     np.testing.assert_array_equal(_product_of(qann)[1], bias)
 
 
+def test_refit_opens_one_session_at_a_time_where_the_operand_is_smaller_than_the_weights(monkeypatch):
+    """Where the QANN's operand over all calibration rows is smaller than the weights its cut reads, the refit
+    fetches it first and closes that session before the float model's opens (each holds a copy of the
+    weights): the same QANN, bit for bit, as with both open together."""
+    from spikec import refit
+    from spikec.methods.spikezip import quantize_model
+
+    weight, bias = RNG.standard_normal((8, 6)).astype(np.float32), RNG.standard_normal(6).astype(np.float32)
+    model = canonicalize(_affine_model(weight, bias, then="Tanh"))
+    calib = _correlated_operand(200, 1)
+    opened, most = [], []
+    original = refit.run_batches
+
+    def counted(*args, **kwargs):
+        batches = original(*args, **kwargs)  # the session opens here, before the first batch
+        opened.append(batches)
+        most.append(len(opened))
+
+        def closing():
+            try:
+                yield from batches
+            finally:
+                opened.remove(batches)
+
+        return closing()
+
+    monkeypatch.setattr(refit, "run_batches", counted)
+    results = {}
+    for stored in (True, False):
+        monkeypatch.setattr(refit, "_store_operand", lambda operand_bytes, weight_bytes, stored=stored: stored)
+        most.clear()
+        results[stored] = quantize_model(model, calib, 4, batch_size=32, progress=False)
+        assert max(most) == (1 if stored else 2)
+    assert results[True][2][0]["alpha"] is not None  # the product was refit
+    for got, want in zip(_product_of(results[True][0]), _product_of(results[False][0])):
+        np.testing.assert_array_equal(got, want)
+
+
 def _correlated_operand(samples: int, seed: int) -> dict[str, np.ndarray]:
     """8 channels that span 3 directions plus a little noise (as a LayerNorm's output spans fewer directions
     than it has channels): a refit of the weights can filter part of each channel's rounding error."""
