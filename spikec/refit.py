@@ -88,6 +88,12 @@ class _Product:
 _COLUMN_BLOCK_BYTES = 16 * 2**20
 
 
+def _column_blocks(height: int, columns: int) -> list[slice]:
+    """``columns`` in blocks of at most _COLUMN_BLOCK_BYTES per float64 array of ``height`` rows."""
+    step = max(1, _COLUMN_BLOCK_BYTES // (8 * height))
+    return [slice(start, start + step) for start in range(0, columns, step)]
+
+
 @dataclass
 class _Sums:
     """Sums over rows of [x, 1]^T [x, 1], and per reader of [x, 1]^T y and of y^2 per column."""
@@ -105,12 +111,11 @@ class _Sums:
     def add(self, x: np.ndarray, targets: list[np.ndarray]) -> None:
         rows = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
         self.gram += rows.T @ rows
-        step = max(1, _COLUMN_BLOCK_BYTES // (8 * max(rows.shape)))
         for i, y in enumerate(targets):
-            for start in range(0, y.shape[1], step):
-                block = y[:, start : start + step].astype(np.float64)
-                self.cross[i][:, start : start + step] += rows.T @ block
-                self.square[i][start : start + step] += np.square(block).sum(axis=0)
+            for b in _column_blocks(max(rows.shape), y.shape[1]):
+                block = y[:, b].astype(np.float64)
+                self.cross[i][:, b] += rows.T @ block
+                self.square[i][b] += np.square(block).sum(axis=0)
 
     def error(self, reader: int, solution: np.ndarray, columns: slice = slice(None)) -> float:
         """||[x, 1] solution - y||^2 over the rows summed, from the sums alone, for ``columns`` of y (those
@@ -126,8 +131,7 @@ def _refit(product: _Product, fit: _Sums, validation: _Sums, reader: int) -> dic
     """Refit ``product`` (reader ``reader`` of the sums) where a penalty lowers its held-back error; the entry
     of the report (errors relative to the target's energy)."""
     now, fitted = product.solution(), product.fitted()
-    step = max(1, _COLUMN_BLOCK_BYTES // (8 * now.shape[0]))
-    blocks = [slice(start, start + step) for start in range(0, now.shape[1], step)]
+    blocks = _column_blocks(*now.shape)
 
     def solved(sums: list[_Sums], alpha: float) -> Iterator[tuple[slice, np.ndarray]]:
         """The ridge solution of the rows ``sums`` hold together, block by block."""
@@ -226,14 +230,13 @@ def refit_products(
     if padding_mask is not None:
         axes = token_axes(ann, feeds, targets, padding_mask)
         unpadded = feeds[padding_mask] != 0
-    counter = next(iter(feeds))
+    counter = next(iter(feeds))  # a graph input fetched alongside counts a batch's samples, whatever the layout
     report = []
     for operand, group in tqdm(groups.items(), desc="refitting", unit="operand", disable=None if progress else True):
         size, _ = group[0].affine.shape
         widths = [p.affine.shape[1] for p in group]
         fit, validation = _Sums.zeros(size, widths), _Sums.zeros(size, widths)
-        quantized = _operand_batches(_up_to(graph, qann, [operand]), feeds, operand, batch_size)
-        # a graph input fetched alongside counts the batch's samples whatever the operand's layout
+        quantized = _operand_batches(_up_to(graph, qann, [operand]), feeds, operand, counter, batch_size)
         fetched = [p.target for p in group] + [counter]
         reference = run_batches(
             _up_to(float_graph, ann, fetched), feeds, fetched, batch_size=batch_size, progress=False
@@ -258,13 +261,14 @@ def refit_products(
     return export_like(graph, qann), report
 
 
-def _operand_batches(cut: onnx.ModelProto, feeds: Mapping[str, np.ndarray], operand: str, batch_size: int) -> Iterator:
-    """The QANN's ``operand`` batch by batch, from ``cut``. Where the operand over all calibration rows takes
-    fewer bytes than the cut's weights, all of it is fetched first and the session released, so that it
-    and the float model's session (which holds about as many weights) are never open together; else the
-    batches stream beside the float model's."""
+def _operand_batches(
+    cut: onnx.ModelProto, feeds: Mapping[str, np.ndarray], operand: str, counter: str, batch_size: int
+) -> Iterator:
+    """The QANN's ``operand`` batch by batch, from ``cut`` (``counter``, a graph input, fetched beside it to count
+    the samples). Where the operand over all calibration rows takes fewer bytes than the cut's weights, all
+    of it is fetched first and the session released, so that it and the float model's session (which holds
+    about as many weights) are never open together; else the batches stream beside the float model's."""
     weight_bytes = sum(weights.nbytes_of(t) for t in cut.graph.initializer)
-    counter = next(iter(feeds))  # counts a batch's samples, whatever the operand's layout
     batches = run_batches(cut, feeds, [operand, counter], batch_size=batch_size, progress=False)
     del cut
     first = next(batches)
