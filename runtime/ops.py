@@ -35,15 +35,23 @@ MIN_ONNX_OPSET = 13
 class NodeBuilder:
     """Collects ONNX nodes with unique tensor names inside one function or graph body."""
 
-    def __init__(self, scope: str = "") -> None:
-        # Nested graphs (Scan bodies) share SSA naming with their parent: each needs its own scope.
+    def __init__(self, scope: str = "", static: dict[str, int] | None = None) -> None:
+        # Nested graphs (Scan bodies, If branches) share SSA naming with their parent: each needs its own
+        # scope.
         self.nodes: list[onnx.NodeProto] = []
-        self._scope = scope
+        self.scope = scope
         self._count = 0
+        # the values of the op's ``specialized`` attributes this body is built for (see ``choose``)
+        self.static = dict(static or {})
+
+    def nested(self, scope: str, **static: int) -> NodeBuilder:
+        """A builder for a graph nested in this one (a Scan body, an If branch): its own names, this one's
+        attribute values and ``static``'s."""
+        return NodeBuilder(f"{self.scope}{scope}", {**self.static, **static})
 
     def fresh(self, hint: str) -> str:
         self._count += 1
-        return f"{self._scope}{hint}_{self._count}"
+        return f"{self.scope}{hint}_{self._count}"
 
     def op(self, op_type: str, *inputs: str, **attrs) -> str:
         return self.op_outputs(op_type, *inputs, count=1, **attrs)[0]
@@ -70,6 +78,14 @@ class NodeBuilder:
         node.attribute.append(ref)
         self.nodes.append(node)
         return name
+
+    def choose(self, attr: str, when_set: Callable[[], str], when_clear: Callable[[], str]) -> str:
+        """``when_set()`` where the int attribute ``attr`` is nonzero, else ``when_clear()``, only the one
+        built: a function body branches on the op's ``specialized`` attributes with If nodes on their values,
+        each branch built for one value, and onnxruntime folds an If whose condition is a constant (as an
+        attribute is, once the function is inlined), so the branch not taken costs neither a pass nor a
+        node, where a Where would compute both sides."""
+        return when_set() if self.static[attr] else when_clear()
 
 
 # A step gets tensor names: inputs and states by their spec names, params, t, and whatever the
@@ -103,6 +119,9 @@ class SpikingOp:
     # output 0 holds only -1, 0 and +1 (spike codes): a product of it with a weight matrix may run as a
     # SpikeMatMul (below)
     ternary: bool = False
+    # an int attribute (0 or 1) the step reads through NodeBuilder.choose: its functions hold a body for
+    # each value. One at most: onnxruntime 1.32 crashes folding an If nested in another around a Scan.
+    specialized: str | None = None
 
     @property
     def step_name(self) -> str:
@@ -227,10 +246,7 @@ ST_BIF_NEURON = SpikingOp(
 
 
 def _stbif_integer_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
-    return {
-        "burst": b.op("Cast", b.attr_int("burst"), to=TensorProto.FLOAT),
-        "half_even": b.op("Cast", b.attr_int("half_even"), to=TensorProto.BOOL),
-    }
+    return {"burst": b.op("Cast", b.attr_int("burst"), to=TensorProto.FLOAT)}
 
 
 def _stbif_integer_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -241,10 +257,13 @@ def _stbif_integer_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, 
     up to ``burst`` spikes of either sign per step, soft reset; v(t) = r(t) - tracer(t), so once quiet the
     tracer is the quantizer's level exactly. Emits the spikes (integers in [-burst, burst])."""
     scaled = b.op("Div", env["y"], env["theta"])
-    rounded = b.op("Where", env["half_even"], b.op("Round", scaled), b.op("Floor", b.op("Add", scaled, b.const(0.5))))
+    rounded = b.choose(
+        "half_even", lambda: b.op("Round", scaled), lambda: b.op("Floor", b.op("Add", scaled, b.const(0.5)))
+    )
     level = b.op("Min", b.op("Max", rounded, env["s_min"]), env["s_max"])
     membrane = b.op("Add", env["v"], b.op("Sub", level, env["previous"]))
-    spike = b.op("Min", b.op("Max", membrane, b.op("Neg", env["burst"])), env["burst"])
+    # one pass where Min(Max()) makes two (burst is one value)
+    spike = b.op("Clip", membrane, b.op("Neg", env["burst"]), env["burst"])
     return (
         {"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)},
         {"previous": level, "v": b.op("Sub", membrane, spike), "tracer": b.op("Add", env["tracer"], spike)},
@@ -267,6 +286,7 @@ ST_BIF_INTEGER_NEURON = SpikingOp(
     step=_stbif_integer_step,
     prologue=_stbif_integer_prologue,
     spike_count=True,
+    specialized="half_even",
 )
 
 
@@ -408,25 +428,17 @@ UGO = SpikingOp(
 # ---------------------------------- compensation: ECMT's expectation (Eq. 15), SpikeZIP's difference (Eq. 5)
 # Attribute ``average`` picks the time semantics: 1 = mean semantics (ECMT: F sees running means, its
 # outputs are turned into increments t*Y(t) - (t-1)*Y(t-1)); 0 = sum semantics (SpikeZIP-TF: F sees
-# running sums, its outputs are differenced Y(t) - Y(t-1)). Both divide or multiply by w(t) = t or 1.
-
-
-def _weight_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
-    return {"average": b.op("Cast", b.attr_int("average"), to=TensorProto.FLOAT)}
-
-
-def _time_weight(b: NodeBuilder, env: dict[str, str]) -> str:
-    """w(t) = average*t + (1-average): exactly t or exactly 1."""
-    return b.op("Add", b.op("Mul", env["average"], env["t"]), b.op("Sub", b.const(1.0), env["average"]))
+# running sums, its outputs are differenced Y(t) - Y(t-1)). Both divide or multiply by w(t) = t or 1,
+# and by 1 is no operation at all (x/1 and 1*x are x, bit for bit).
 
 
 def _accumulate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     total = b.op("Add", env["sum"], env["x"])
-    return {"mean": b.op("Div", total, _time_weight(b, env))}, {"sum": total}
+    return {"mean": b.choose("average", lambda: b.op("Div", total, env["t"]), lambda: total)}, {"sum": total}
 
 
 def _compensate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    weighted = b.op("Mul", _time_weight(b, env), env["y"])
+    weighted = b.choose("average", lambda: b.op("Mul", env["t"], env["y"]), lambda: env["y"])
     return {"out": b.op("Sub", weighted, env["previous"])}, {"previous": weighted}
 
 
@@ -442,7 +454,7 @@ EC_ACCUMULATE = SpikingOp(
     outputs=("mean",),
     attributes={"average": 1},
     step=_accumulate_step,
-    prologue=_weight_prologue,
+    specialized="average",
 )
 
 EC_COMPENSATE = SpikingOp(
@@ -458,7 +470,7 @@ EC_COMPENSATE = SpikingOp(
     outputs=("out",),
     attributes={"average": 1},
     step=_compensate_step,
-    prologue=_weight_prologue,
+    specialized="average",
 )
 
 
@@ -481,6 +493,10 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
         shared.add(COUNT_OUTPUT)
     if shared:
         raise ValueError(f"cannot compose {first.name} and {second.name}: both use {sorted(shared)}")
+    if first.specialized and second.specialized and first.specialized != second.specialized:
+        raise ValueError(
+            f"cannot compose {first.name} and {second.name}: specialized on {first.specialized} and {second.specialized}"
+        )
     # An attribute both read (the compensations' ``average``) is one attribute of the composite: fusion
     # only joins nodes that agree on it.
 
@@ -512,6 +528,7 @@ def compose(first: SpikingOp, second: SpikingOp, scale: str | None = None) -> Sp
         chain_scale=scale,
         spike_count=first.spike_count or second.spike_count,
         ternary=second.ternary,
+        specialized=first.specialized or second.specialized,
     )
 
 
@@ -599,14 +616,38 @@ def result_names(op: SpikingOp, step: bool) -> list[str]:
     return [*op.outputs, *states, *([COUNT_OUTPUT] if op.spike_count else [])]
 
 
+def _specialized(
+    b: NodeBuilder, op: SpikingOp, build: Callable[[NodeBuilder], list[str]], rank: int | None = None
+) -> list[str]:
+    """``build``'s results (tensors of ``rank``), built once for each value of the op's ``specialized``
+    attribute, in the branches of an If on it; built in ``b`` itself where the op has none."""
+    attr = op.specialized
+    if attr is None:
+        return build(b)
+    graphs = []
+    for value in (1, 0):
+        branch = b.nested(f"{attr}{value}_", **{attr: value})
+        results = build(branch)
+        names = [branch.fresh("result") for _ in results]
+        branch.nodes.extend(helper.make_node("Identity", [r], [n]) for r, n in zip(results, names))
+        graphs.append(
+            helper.make_graph(branch.nodes, f"{op.name}_{branch.scope}", [], [_value_info(n, rank) for n in names])
+        )
+    condition = b.op("Cast", b.attr_int(attr), to=TensorProto.BOOL)
+    return b.op_outputs("If", condition, count=len(names), then_branch=graphs[0], else_branch=graphs[1])
+
+
 def step_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     b = NodeBuilder()
     env = {name: name for name in (*op.inputs, *op.states, *op.params, "t")}
     env.update(op.prologue(b, env))
-    outputs, next_states = op.step(b, env)
-    produced = [outputs[o] for o in op.outputs] + [next_states[s] for s in op.states]
-    if op.spike_count:
-        produced.append(_count_per_row(b, outputs[COUNT_OUTPUT]))
+
+    def build(b: NodeBuilder) -> list[str]:
+        outputs, next_states = op.step(b, env)
+        produced = [outputs[o] for o in op.outputs] + [next_states[s] for s in op.states]
+        return produced + ([_count_per_row(b, outputs[COUNT_OUTPUT])] if op.spike_count else [])
+
+    produced = _specialized(b, op, build)
     for src, dst in zip(produced, result_names(op, step=True)):
         b.nodes.append(helper.make_node("Identity", [src], [dst]))
     return helper.make_function(
@@ -652,58 +693,7 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     times = b.op("Range", one, b.op("Add", b.op("Cast", timesteps, to=TensorProto.FLOAT), one), one)
     # per step: the outputs, and each element's spike count (summed per row once the Scans are done)
     per_step = [*op.outputs, *([COUNT_OUTPUT] if op.spike_count else [])]
-    if op.hidden:
-        row = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 3))
-        elements = b.op("ReduceProd", row, keepdims=1)
-        per_block = b.op("Max", b.op("Div", _ints(b, BLOCK_ELEMENTS), b.op("Shape", env[op.hidden[0]])), _ints(b, 1))
-        blocks = b.op(
-            "Max", b.op("Div", b.op("Add", elements, b.op("Sub", per_block, _ints(b, 1))), per_block), _ints(b, 1)
-        )
-        per_block = b.op("Div", b.op("Add", elements, b.op("Sub", blocks, _ints(b, 1))), blocks)
-        padding = b.op("Sub", b.op("Mul", blocks, per_block), elements)
-        block_shape = b.op("Concat", blocks, _ints(b, 1), per_block, axis=0)
-
-        def blocked(x: str, leading: list[str]) -> str:
-            """x flattened past its leading axes, zero-padded, viewed as [*leading, blocks, 1, per_block]."""
-            flat = b.op("Reshape", x, b.op("Concat", *leading, _ints(b, -1), axis=0))
-            pads = b.op("Concat", _ints(b, *[0] * (len(leading) + 1)), *[_ints(b, 0)] * len(leading), padding, axis=0)
-            return b.op("Reshape", b.op("Pad", flat, pads), b.op("Concat", *leading, block_shape, axis=0))
-
-        others = [p for p in op.params if p not in op.hidden]
-        block_inputs = [blocked(x, [steps]) for x in sequences]
-        block_inputs += [blocked(b.op("Expand", env[p], row), []) for p in others]
-        block = NodeBuilder("block_")
-        block_env = {**env, **{p: f"{p}_block" for p in others}}
-        scanned = _time_scan(block, op, block_env, [f"{x}_block" for x in op.inputs], times, per_step)
-        for src, name in zip(scanned, per_step):
-            block.nodes.append(helper.make_node("Identity", [src], [f"{name}_blocks"]))
-        block_graph = helper.make_graph(
-            block.nodes,
-            f"{op.name}_block",
-            [_value_info(f"{x}_block", 3) for x in op.inputs] + [_value_info(f"{p}_block", 2) for p in others],
-            [_value_info(f"{name}_blocks", 3) for name in per_step],
-        )
-        results = b.op_outputs(
-            "Scan",
-            *block_inputs,
-            count=len(per_step),
-            body=block_graph,
-            num_scan_inputs=len(block_inputs),
-            scan_input_axes=[1] * len(op.inputs) + [0] * len(others),
-            scan_output_axes=[1] * len(per_step),
-        )
-        scanned = [
-            b.op(
-                "Slice",
-                b.op("Reshape", r, b.op("Concat", steps, _ints(b, -1), axis=0)),
-                _ints(b, 0),
-                elements,
-                _ints(b, 1),
-            )
-            for r in results
-        ]
-    else:
-        scanned = _time_scan(b, op, env, sequences, times, per_step)
+    scanned = _specialized(b, op, lambda b: _scanned(b, op, env, sequences, steps, times, per_step))
     original_shape = b.op("Shape", op.inputs[0])
     for name, seq in zip(op.outputs, scanned):
         b.nodes.append(helper.make_node("Reshape", [seq, original_shape], [name]))
@@ -721,6 +711,71 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     )
 
 
+def _scanned(
+    b: NodeBuilder,
+    op: SpikingOp,
+    env: dict[str, str],
+    sequences: list[str],
+    steps: str,
+    times: str,
+    per_step: list[str],
+) -> list[str]:
+    """The unrolled function's per-step results stacked in time, [T, rows, C] ([T, elements] for an op
+    with a hidden axis)."""
+    if not op.hidden:
+        return _time_scan(b, op, env, sequences, times, per_step)
+    row = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 3))
+    elements = b.op("ReduceProd", row, keepdims=1)
+    per_block = b.op("Max", b.op("Div", _ints(b, BLOCK_ELEMENTS), b.op("Shape", env[op.hidden[0]])), _ints(b, 1))
+    blocks = b.op(
+        "Max", b.op("Div", b.op("Add", elements, b.op("Sub", per_block, _ints(b, 1))), per_block), _ints(b, 1)
+    )
+    per_block = b.op("Div", b.op("Add", elements, b.op("Sub", blocks, _ints(b, 1))), blocks)
+    padding = b.op("Sub", b.op("Mul", blocks, per_block), elements)
+    block_shape = b.op("Concat", blocks, _ints(b, 1), per_block, axis=0)
+
+    def blocked(x: str, leading: list[str]) -> str:
+        """x flattened past its leading axes, zero-padded, viewed as [*leading, blocks, 1, per_block]."""
+        flat = b.op("Reshape", x, b.op("Concat", *leading, _ints(b, -1), axis=0))
+        pads = b.op("Concat", _ints(b, *[0] * (len(leading) + 1)), *[_ints(b, 0)] * len(leading), padding, axis=0)
+        return b.op("Reshape", b.op("Pad", flat, pads), b.op("Concat", *leading, block_shape, axis=0))
+
+    others = [p for p in op.params if p not in op.hidden]
+    block_inputs = [blocked(x, [steps]) for x in sequences]
+    block_inputs += [blocked(b.op("Expand", env[p], row), []) for p in others]
+    block = b.nested("block_")
+    block_env = {**env, **{p: f"{block.scope}{p}" for p in others}}
+    scanned = _time_scan(block, op, block_env, [f"{block.scope}{x}" for x in op.inputs], times, per_step)
+    for src, name in zip(scanned, per_step):
+        block.nodes.append(helper.make_node("Identity", [src], [f"{block.scope}{name}_out"]))
+    block_graph = helper.make_graph(
+        block.nodes,
+        f"{op.name}_block",
+        [_value_info(f"{block.scope}{x}", 3) for x in op.inputs]
+        + [_value_info(f"{block.scope}{p}", 2) for p in others],
+        [_value_info(f"{block.scope}{name}_out", 3) for name in per_step],
+    )
+    results = b.op_outputs(
+        "Scan",
+        *block_inputs,
+        count=len(per_step),
+        body=block_graph,
+        num_scan_inputs=len(block_inputs),
+        scan_input_axes=[1] * len(op.inputs) + [0] * len(others),
+        scan_output_axes=[1] * len(per_step),
+    )
+    return [
+        b.op(
+            "Slice",
+            b.op("Reshape", r, b.op("Concat", steps, _ints(b, -1), axis=0)),
+            _ints(b, 0),
+            elements,
+            _ints(b, 1),
+        )
+        for r in results
+    ]
+
+
 # Per-channel parameters of ops without a hidden axis are expanded to a step's [rows, C] before the
 # Scan where C is below this: onnxruntime broadcasts [rows, C] against [C] one row of C values at a time,
 # which for the digits ViT's 16-17 channel attention tensors costs over twice the same-shape op, while
@@ -735,7 +790,7 @@ def _time_scan(
     the per-step outputs stacked ([T, rows, C]). What the step computes from parameters alone runs once,
     before the Scan."""
     row_shape = b.op("Slice", b.op("Shape", sequences[0]), _ints(b, 1), _ints(b, 2**62))
-    body = _time_loop_body(op, env, per_step)
+    body = _time_loop_body(b.nested("step_"), op, env, per_step)
     invariant, expanded = _hoist(body, {env[p] for p in op.params}, set(env.values()))
     b.nodes.extend(invariant)
     if not op.hidden:
@@ -800,23 +855,24 @@ def _name_results(b: NodeBuilder, sources: list[str], results: list[str]) -> Non
         node.output[:] = [renamed.get(name, name) for name in node.output]
 
 
-def _time_loop_body(op: SpikingOp, env: dict[str, str], per_step: list[str]) -> onnx.GraphProto:
-    """The body of the Scan over time: one step of a block, its states in and out."""
-    body = NodeBuilder("step_")
-    body_env = dict(env)
-    body_env.update({name: f"{name}_in" for name in (*op.states, *op.inputs)})
-    body_env["t"] = "t_in"
+def _time_loop_body(body: NodeBuilder, op: SpikingOp, env: dict[str, str], per_step: list[str]) -> onnx.GraphProto:
+    """The body of the Scan over time, built in ``body``: one step of a block, its states in and out."""
+    states_in = [f"{body.scope}{s}_in" for s in op.states]
+    inputs_in = [f"{body.scope}{x}_in" for x in op.inputs]
+    time_in = f"{body.scope}t_in"
+    body_env = {**env, **dict(zip(op.states, states_in)), **dict(zip(op.inputs, inputs_in)), "t": time_in}
     outputs, next_states = op.step(body, body_env)
+    states_out = [f"{body.scope}{s}_out" for s in op.states]
+    per_step_out = [f"{body.scope}{o}_out" for o in per_step]
+    _name_results(body, [next_states[s] for s in op.states] + [outputs[o] for o in per_step], states_out + per_step_out)
     state_rank = 2 + op.state_rank_offset
-    body_outputs = [f"{s}_out" for s in op.states] + [f"{o}_out" for o in per_step]
-    _name_results(body, [next_states[s] for s in op.states] + [outputs[o] for o in per_step], body_outputs)
     return helper.make_graph(
         body.nodes,
         f"{op.name}_step",
-        [_value_info(f"{s}_in", state_rank) for s in op.states]
-        + [_value_info(f"{x}_in", 2) for x in op.inputs]
-        + [_value_info("t_in", 0)],
-        [_value_info(f"{s}_out", state_rank) for s in op.states] + [_value_info(f"{o}_out", 2) for o in per_step],
+        [_value_info(n, state_rank) for n in states_in]
+        + [_value_info(n, 2) for n in inputs_in]
+        + [_value_info(time_in, 0)],
+        [_value_info(n, state_rank) for n in states_out] + [_value_info(n, 2) for n in per_step_out],
     )
 
 

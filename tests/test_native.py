@@ -60,14 +60,23 @@ def _inputs(rng, op: ops.SpikingOp, params: dict[str, np.ndarray]) -> np.ndarray
     return x
 
 
+# Every op with its example attributes, and an op whose functions hold a body for each value of an attribute
+# (SpikingOp.specialized) with the other value too.
+CASES = [(name, {}) for name in ops.OPS] + [
+    (name, {op.specialized: 1 - example_attributes(op)[op.specialized]})
+    for name, op in ops.OPS.items()
+    if op.specialized
+]
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("name", list(ops.OPS))
-def test_unrolled_matches_function(name, per_channel):
+@pytest.mark.parametrize(("name", "attributes"), CASES)
+def test_unrolled_matches_function(name, attributes, per_channel):
     op = ops.OPS[name]
     rng = np.random.default_rng(3)
     params = example_params(op, rng, C, per_channel)
     x = _inputs(rng, op, params).reshape(T * B, C)
-    portable, fast = _pair(_model(name, params, timesteps=T, **example_attributes(op)))
+    portable, fast = _pair(_model(name, params, timesteps=T, **{**example_attributes(op), **attributes}))
     want = portable.run(None, {op.inputs[0]: x})
     got = fast.run(None, {op.inputs[0]: x})
     assert len(got) == len(want) == 1 + op.spike_count
@@ -77,13 +86,13 @@ def test_unrolled_matches_function(name, per_channel):
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("name", list(ops.OPS))
-def test_step_matches_function(name, per_channel):
+@pytest.mark.parametrize(("name", "attributes"), CASES)
+def test_step_matches_function(name, attributes, per_channel):
     op = ops.OPS[name]
     rng = np.random.default_rng(4)
     params = example_params(op, rng, C, per_channel)
     x = _inputs(rng, op, params)
-    portable, fast = _pair(_model(op.step_name, params, **example_attributes(op)))
+    portable, fast = _pair(_model(op.step_name, params, **{**example_attributes(op), **attributes}))
     states = initial_states(op)  # t=1: a single zero broadcasts
     for t in range(T):
         feeds = {op.inputs[0]: x[t], "t": np.array(t + 1, np.float32), **states}

@@ -1,7 +1,11 @@
 """The spikec ops against independent numpy references written from the paper's equations."""
 
+import json
+import os
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from op_models import example_attributes, example_params, initial_states, one_node_model
 from spikec.runtime import InferenceSession, ops
@@ -360,3 +364,41 @@ def test_expanded_parameters_give_the_bits_of_broadcast_ones(name, monkeypatch):
     assert np.count_nonzero(np.nan_to_num(expanded[0])) > C  # the op fires: the comparison is not of zeros
     for got, want in zip(expanded, broadcast):
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("form", ["unrolled", "step"])
+@pytest.mark.parametrize(
+    ("op_type", "attribute", "value", "untaken"),
+    [
+        ("STBIFIntegerNeuron", "half_even", 1, {"Floor"}),
+        ("STBIFIntegerNeuron", "half_even", 0, {"Round"}),
+        ("ECAccumulate", "average", 0, {"Div"}),
+        ("ECCompensate", "average", 0, {"Mul"}),
+    ],
+)
+def test_a_specialized_attribute_leaves_one_branch_to_run(tmp_path, form, op_type, attribute, value, untaken):
+    """A function holds a body per value of its op's specialized attribute; onnxruntime keeps only the one
+    taken, so what the other value needs never runs."""
+    op = ops.OPS[op_type]
+    assert op.specialized == attribute
+    rng = np.random.default_rng(9)
+    params = example_params(op, rng, C, per_channel=True)
+    step = form == "step"
+    attrs = {**example_attributes(op), attribute: value, **({} if step else {"timesteps": T})}
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = os.fspath(tmp_path / "specialized")
+    session = InferenceSession(
+        one_node_model(op.step_name if step else op.name, params, C, **attrs), options, native=False
+    )
+    x = rng.standard_normal((B if step else T * B, C)).astype(np.float32)
+    feeds = {op.inputs[0]: x, **({**initial_states(op), "t": np.array(1, np.float32)} if step else {})}
+    session.run(None, feeds)
+    with open(session.end_profiling()) as f:
+        executed = {e["args"]["op_name"] for e in json.load(f) if e.get("cat") == "Node" and "op_name" in e["args"]}
+    assert "If" not in executed and not executed & untaken, executed
+
+
+def test_ops_specialized_on_different_attributes_do_not_compose():
+    with pytest.raises(ValueError, match="specialized on half_even and average"):
+        ops.compose(ops.ST_BIF_INTEGER_NEURON, ops.EC_ACCUMULATE)
