@@ -62,7 +62,7 @@ def _inputs(rng, op: ops.SpikingOp, params: dict[str, np.ndarray]) -> np.ndarray
 
 # Every op with its example attributes, and an op whose functions hold a body for each value of an attribute
 # (SpikingOp.specialized) with the other value too.
-CASES = [(name, {}) for name in ops.OPS] + [
+CASES: list[tuple[str, dict[str, int]]] = [(name, {}) for name in ops.OPS] + [
     (name, {op.specialized: 1 - example_attributes(op)[op.specialized]})
     for name, op in ops.OPS.items()
     if op.specialized
