@@ -142,9 +142,10 @@ class SpikingOp:
 # Largest power of two <= r for r in [1/2, 2^127.5) from float arithmetic alone (ONNX has no frexp
 # and no bit cast): q = r * (2^23 + 1) rounds away every bit of r below its leading one, q * (1 - 2^-24)
 # rounds back to just under q, and their difference is that leading one, exact (Rump, Ogita and Oishi's
-# ufp). The 2^-30 scaling, exact too, keeps q finite for r up to float32's limit.
+# ufp). The step runs it on r * 2^-30, which keeps q finite for r up to float32's limit: scaling by a
+# power of two is exact, so the thresholds carry the 2^30 back.
 _UFP_SCALE = 2.0**-30
-_UFP_SPLIT = (2.0**23 + 1) * _UFP_SCALE
+_UFP_SPLIT = 2.0**23 + 1
 _JUST_BELOW_ONE = 1.0 - 2.0**-24  # x * this: x's predecessor for a power of two x, no power of two lower else
 
 
@@ -162,25 +163,27 @@ def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     level is the largest power of two p <= |m|/theta + 1/2 (p < on the negative side), capped at 2^(n-1),
     and nothing fires when p < 1 (nor for a NaN membrane). Computed in O(1) per value rather than by
     testing all 2n levels, and with selections written as arithmetic on 0/1 masks (exact: the thresholds
-    are positive and finite): onnxruntime's Where, Pow and Log cost many times an Add per element."""
+    are positive and finite, theta_pos + theta_neg < 2^97): onnxruntime's Where, Pow and Log cost many
+    times an Add per element. Every ratio below is the true one times 2^-30 (see _UFP_SCALE)."""
     membrane = b.op("Add", env["v"], env["x"])
-    # |m|/theta + 1/2 for the side's theta, where the other side's ratio is below 1/2: the larger of the two
-    # sides. On the negative side times the factor that steps an exact power of two down one (the strict
-    # bound), no power of two lower else. A membrane so close to zero that the wrong side wins (both near
-    # 1/2) fires on neither.
-    above = b.op("Add", b.op("Div", membrane, env["theta_pos"]), b.const(0.5))
-    below = b.op("Mul", b.op("Sub", b.const(0.5), b.op("Div", membrane, env["theta_neg"])), b.const(_JUST_BELOW_ONE))
-    ratio = b.op("Min", b.op("Max", above, below), env["ratio_cap"])
-    split = b.op("Mul", ratio, b.const(_UFP_SPLIT))
-    power = b.op("Mul", b.op("Sub", split, b.op("Mul", split, b.const(_JUST_BELOW_ONE))), b.const(1.0 / _UFP_SCALE))
-    level = b.op("ThresholdedRelu", power, alpha=0.75)  # powers below 1 (and NaN) fire nothing
-    # the spike value per level: theta_pos where m >= 0, else (NaN too) -theta_neg; 2^127 - theta_neg
-    # rounds to 2^127, above any threshold
+    scale = b.const(1.0 / _UFP_SCALE)
+    # the side's threshold, signed, times 2^30: theta_pos where m >= 0, else (NaN too) -theta_neg;
+    # 2^127 - theta_neg * 2^30 rounds to 2^127, above any threshold
     positive = b.op("Cast", b.op("GreaterOrEqual", membrane, b.const(0.0)), to=TensorProto.FLOAT)
     signed_theta = b.op(
-        "Min", env["theta_pos"], b.op("Sub", b.op("Mul", positive, b.const(2.0**127)), env["theta_neg"])
+        "Min",
+        b.op("Mul", env["theta_pos"], scale),
+        b.op("Sub", b.op("Mul", positive, b.const(2.0**127)), b.op("Mul", env["theta_neg"], scale)),
     )
-    emitted = b.op("Mul", level, signed_theta)
+    # |m|/theta + 1/2; on the negative side times the factor that steps an exact power of two down one
+    # (the strict bound), no power of two lower else
+    side_factor = b.op("Add", b.op("Mul", positive, b.const(2.0**-24)), b.const(_JUST_BELOW_ONE))
+    ratio = b.op("Mul", b.op("Add", b.op("Div", membrane, signed_theta), b.const(0.5 * _UFP_SCALE)), side_factor)
+    ratio = b.op("Min", ratio, b.op("Mul", env["ratio_cap"], b.const(_UFP_SCALE)))
+    split = b.op("Mul", ratio, b.const(_UFP_SPLIT))
+    power = b.op("Sub", split, b.op("Mul", split, b.const(_JUST_BELOW_ONE)))
+    level = b.op("ThresholdedRelu", power, alpha=0.75 * _UFP_SCALE)  # powers below 1 (and NaN) fire nothing
+    emitted = b.op("Mul", level, signed_theta)  # 2^(k-30) * theta * 2^30: exact
     # The emitted spike code is in units of theta_pos (parallel parameter normalization, Eq. 27-29):
     # positive levels are 2^k, negative levels -eta*2^k with eta = theta_neg/theta_pos.
     code = b.op("Div", emitted, env["theta_pos"])
