@@ -619,11 +619,9 @@ def result_names(op: SpikingOp, step: bool) -> list[str]:
     return [*op.outputs, *states, *([COUNT_OUTPUT] if op.spike_count else [])]
 
 
-def _specialized(
-    b: NodeBuilder, op: SpikingOp, build: Callable[[NodeBuilder], list[str]], rank: int | None = None
-) -> list[str]:
-    """``build``'s results (tensors of ``rank``), built once for each value of the op's ``specialized``
-    attribute, in the branches of an If on it; built in ``b`` itself where the op has none."""
+def _specialized(b: NodeBuilder, op: SpikingOp, build: Callable[[NodeBuilder], list[str]]) -> list[str]:
+    """``build``'s results, built once for each value of the op's ``specialized`` attribute, in the
+    branches of an If on it (see NodeBuilder.choose); built in ``b`` itself where the op has none."""
     attr = op.specialized
     if attr is None:
         return build(b)
@@ -633,9 +631,7 @@ def _specialized(
         results = build(branch)
         names = [branch.fresh("result") for _ in results]
         branch.nodes.extend(helper.make_node("Identity", [r], [n]) for r, n in zip(results, names))
-        graphs.append(
-            helper.make_graph(branch.nodes, f"{op.name}_{branch.scope}", [], [_value_info(n, rank) for n in names])
-        )
+        graphs.append(helper.make_graph(branch.nodes, f"{op.name}_{branch.scope}", [], [_value_info(n) for n in names]))
     condition = b.op("Cast", b.attr_int(attr), to=TensorProto.BOOL)
     return b.op_outputs("If", condition, count=len(names), then_branch=graphs[0], else_branch=graphs[1])
 
