@@ -81,8 +81,8 @@ class NodeBuilder:
 
     def choose(self, attr: str, when_set: Callable[[], str], when_clear: Callable[[], str]) -> str:
         """``when_set()`` where the int attribute ``attr`` is nonzero, else ``when_clear()``, only the one
-        built: a function body branches on the op's ``specialized`` attributes with If nodes on their values,
-        each branch built for one value, and onnxruntime folds an If whose condition is a constant (as an
+        built: a function body branches on the op's ``specialized`` attribute with an If on its value, each
+        branch built for one value, and onnxruntime folds an If whose condition is a constant (as an
         attribute is, once the function is inlined), so the branch not taken costs neither a pass nor a
         node, where a Where would compute both sides."""
         return when_set() if self.static[attr] else when_clear()
@@ -153,8 +153,9 @@ def _mt_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     levels = b.op("Cast", b.attr_int("levels"), to=TensorProto.FLOAT)
     top_level = b.op("Pow", b.const(2.0), b.op("Sub", levels, b.const(1.0)))
     # ratios above the top level fire it: held below twice the top level (where its power of two would
-    # be the next level), still above it (a power of two strictly below the ratio is then still the top)
-    return {"top_level": top_level, "ratio_cap": b.op("Mul", top_level, b.const(1.5))}
+    # be the next level), still above it (a power of two strictly below the ratio is then still the top);
+    # in the step's units of 2^-30
+    return {"ratio_cap": b.op("Mul", top_level, b.const(1.5 * _UFP_SCALE))}
 
 
 def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -166,20 +167,20 @@ def _mt_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[
     are positive and finite, theta_pos + theta_neg < 2^97): onnxruntime's Where, Pow and Log cost many
     times an Add per element. Every ratio below is the true one times 2^-30 (see _UFP_SCALE)."""
     membrane = b.op("Add", env["v"], env["x"])
-    scale = b.const(1.0 / _UFP_SCALE)
+    theta_scale = b.const(1.0 / _UFP_SCALE)
     # the side's threshold, signed, times 2^30: theta_pos where m >= 0, else (NaN too) -theta_neg;
     # 2^127 - theta_neg * 2^30 rounds to 2^127, above any threshold
     positive = b.op("Cast", b.op("GreaterOrEqual", membrane, b.const(0.0)), to=TensorProto.FLOAT)
     signed_theta = b.op(
         "Min",
-        b.op("Mul", env["theta_pos"], scale),
-        b.op("Sub", b.op("Mul", positive, b.const(2.0**127)), b.op("Mul", env["theta_neg"], scale)),
+        b.op("Mul", env["theta_pos"], theta_scale),
+        b.op("Sub", b.op("Mul", positive, b.const(2.0**127)), b.op("Mul", env["theta_neg"], theta_scale)),
     )
     # |m|/theta + 1/2; on the negative side times the factor that steps an exact power of two down one
     # (the strict bound), no power of two lower else
     side_factor = b.op("Add", b.op("Mul", positive, b.const(2.0**-24)), b.const(_JUST_BELOW_ONE))
     ratio = b.op("Mul", b.op("Add", b.op("Div", membrane, signed_theta), b.const(0.5 * _UFP_SCALE)), side_factor)
-    ratio = b.op("Min", ratio, b.op("Mul", env["ratio_cap"], b.const(_UFP_SCALE)))
+    ratio = b.op("Min", ratio, env["ratio_cap"])
     split = b.op("Mul", ratio, b.const(_UFP_SPLIT))
     power = b.op("Sub", split, b.op("Mul", split, b.const(_JUST_BELOW_ONE)))
     level = b.op("ThresholdedRelu", power, alpha=0.75 * _UFP_SCALE)  # powers below 1 (and NaN) fire nothing
@@ -630,7 +631,7 @@ def _specialized(b: NodeBuilder, op: SpikingOp, build: Callable[[NodeBuilder], l
         branch = b.nested(f"{attr}{value}_", **{attr: value})
         results = build(branch)
         names = [branch.fresh("result") for _ in results]
-        branch.nodes.extend(helper.make_node("Identity", [r], [n]) for r, n in zip(results, names))
+        _name_results(branch, results, names)
         graphs.append(helper.make_graph(branch.nodes, f"{op.name}_{branch.scope}", [], [_value_info(n) for n in names]))
     condition = b.op("Cast", b.attr_int(attr), to=TensorProto.BOOL)
     return b.op_outputs("If", condition, count=len(names), then_branch=graphs[0], else_branch=graphs[1])
