@@ -256,35 +256,35 @@ def _stbif_integer_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, st
 def _stbif_integer_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """ST-BIF+ in integer units of theta. Its input is the running total y(t) of what the quantizer reads;
     its input current is the change of that total's level, r(t) - r(t-1) with r = clamp(round(y/theta))
-    rounded as the quantizer rounds (half to even: QuantizeLinear; half up: spikec's own), so the membrane
-    v and the tracer hold integers (exact in float32 below 2^24, and levels are at most 2^16). It fires
-    up to ``burst`` spikes of either sign per step, soft reset; v(t) = r(t) - tracer(t), so once quiet the
-    tracer is the quantizer's level exactly. Emits the spikes (integers in [-burst, burst])."""
+    rounded as the quantizer rounds (half to even: QuantizeLinear; half up: spikec's own). The membrane
+    integrates those changes less the spikes, so it is r(t) - tracer(t) at every step: the tracer (the
+    spikes' sum) is the one state, the membrane r(t) - tracer(t - 1) before firing. All integers (exact in
+    float32 below 2^24, and levels are at most 2^16). It fires up to ``burst`` spikes of either sign per
+    step, so once quiet the tracer is the quantizer's level exactly. Emits the spikes (integers in
+    [-burst, burst])."""
     scaled = b.op("Div", env["y"], env["theta"])
     rounded = b.choose(
         "half_even", lambda: b.op("Round", scaled), lambda: b.op("Floor", b.op("Add", scaled, b.const(0.5)))
     )
     level = b.op("Min", b.op("Max", rounded, env["s_min"]), env["s_max"])
-    membrane = b.op("Add", env["v"], b.op("Sub", level, env["previous"]))
+    membrane = b.op("Sub", level, env["tracer"])
     # one pass where Min(Max()) makes two (burst is one value)
     spike = b.op("Clip", membrane, b.op("Neg", env["burst"]), env["burst"])
-    return (
-        {"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)},
-        {"previous": level, "v": b.op("Sub", membrane, spike), "tracer": b.op("Add", env["tracer"], spike)},
-    )
+    return {"spikes": spike, COUNT_OUTPUT: b.op("Abs", spike)}, {"tracer": b.op("Add", env["tracer"], spike)}
 
 
 ST_BIF_INTEGER_NEURON = SpikingOp(
     name="STBIFIntegerNeuron",
     summary=(
         "ST-BIF+ neuron in integer units of theta (SpikeZIP-TF, integer-exact mode): reads the running total "
-        "y of the quantizer's input, integrates the change of its level clamp(round(y/theta), s_min, s_max) "
-        "(half to even where half_even=1, else half up), fires up to burst spikes of +-1 per step (soft "
-        "reset). Emits the spikes; their sum, the tracer, ends at the quantizer's level exactly."
+        "y of the quantizer's input; its membrane is the level clamp(round(y/theta), s_min, s_max) (half "
+        "to even where half_even=1, else half up) less the spikes fired so far, the tracer; fires up to "
+        "burst spikes of +-1 per step (soft reset). Emits the spikes; the tracer ends at the quantizer's "
+        "level exactly."
     ),
     inputs=("y",),
     params=("theta", "s_min", "s_max"),
-    states=("previous", "v", "tracer"),
+    states=("tracer",),
     outputs=("spikes",),
     attributes={"burst": 1, "half_even": 1},
     step=_stbif_integer_step,

@@ -149,11 +149,11 @@ inline float clamp_nan_first(float x, float low, float high) {
 }
 
 // Integer ST-BIF+ neuron (runtime/ops.py _stbif_integer_step): y is the running total the quantizer
-// reads; the membrane integrates the change of its level, up to burst spikes of +-1 per step.
+// reads; the membrane is its level less the tracer, up to burst spikes of +-1 per step.
 struct STBIFIntegerNeuron {
   static constexpr const char* kName = "STBIFIntegerNeuron";
   static constexpr int kParams = 3;  // theta, s_min, s_max
-  static constexpr int kStates = 3;  // previous, v, tracer
+  static constexpr int kStates = 1;  // tracer
   static constexpr bool kSpikeCount = true;
   float burst;
   bool half_even;
@@ -164,11 +164,8 @@ struct STBIFIntegerNeuron {
     // nearbyint rounds halves to even in the default rounding mode, as ONNX Round
     const float rounded = half_even ? std::nearbyint(scaled) : std::floor(scaled + 0.5f);
     const float level = clamp_nan_first(rounded, p[1], p[2]);
-    const float membrane = state[1] + (level - state[0]);
-    const float spike = clamp_nan_first(membrane, -burst, burst);
-    state[0] = level;
-    state[1] = membrane - spike;
-    state[2] = state[2] + spike;
+    const float spike = clamp_nan_first(level - state[0], -burst, burst);
+    state[0] = state[0] + spike;
     counted = std::fabs(spike);
     return spike;
   }
