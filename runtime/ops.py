@@ -92,6 +92,7 @@ class NodeBuilder:
 # prologue derived from the attributes; it returns output and next-state names.
 StepFn = Callable[[NodeBuilder, dict[str, str]], tuple[dict[str, str], dict[str, str]]]
 PrologueFn = Callable[[NodeBuilder, dict[str, str]], dict[str, str]]
+OverTimeFn = Callable[[NodeBuilder, dict[str, str]], dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,12 @@ class SpikingOp:
     # an int attribute (0 or 1) the step reads through NodeBuilder.choose: its functions hold a body for
     # each value. One at most: onnxruntime 1.32 crashes folding an If nested in another around a Scan.
     specialized: str | None = None
+    # the unrolled form's body on whole sequences ([T, rows, C] inputs, "t" the step indices as [T, 1, 1])
+    # where one ONNX op computes the recurrence (a running sum: CumSum) in place of a Scan of the step:
+    # one pass over all T steps where the Scan's body copies its result out at every step. The step's
+    # operations in the step's order, from a state of -0 (below); tests/test_ops.py holds it to the
+    # Scan. Not carried into composites, whose other op needs the Scan.
+    over_time: OverTimeFn | None = None
 
     @property
     def step_name(self) -> str:
@@ -441,6 +448,14 @@ def _accumulate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str
     return {"mean": b.choose("average", lambda: b.op("Div", total, env["t"]), lambda: total)}, {"sum": total}
 
 
+def _accumulate_over_time(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
+    """CumSum's running sums start from the first input, which is the step's from -0 (-0 + x is x for
+    every x; +0 + -0 is +0): unrolled, the sum of only -0 inputs stays -0 (the native kernel starts
+    there too), where the Step form from its zero state gives +0, an equal value."""
+    total = b.op("CumSum", env["x"], b.const(0, np.int64))
+    return {"mean": b.choose("average", lambda: b.op("Div", total, env["t"]), lambda: total)}
+
+
 def _compensate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     weighted = b.choose("average", lambda: b.op("Mul", env["t"], env["y"]), lambda: env["y"])
     return {"out": b.op("Sub", weighted, env["previous"])}, {"previous": weighted}
@@ -459,6 +474,7 @@ EC_ACCUMULATE = SpikingOp(
     attributes={"average": 1},
     step=_accumulate_step,
     specialized="average",
+    over_time=_accumulate_over_time,
 )
 
 EC_COMPENSATE = SpikingOp(
@@ -693,7 +709,13 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     times = b.op("Range", one, b.op("Add", b.op("Cast", timesteps, to=TensorProto.FLOAT), one), one)
     # per step: the outputs, and each element's spike count (summed per row once the Scans are done)
     per_step = [*op.outputs, *([COUNT_OUTPUT] if op.spike_count else [])]
-    scanned = _specialized(b, op, lambda b: _scanned(b, op, env, sequences, steps, times, per_step))
+    if op.over_time is not None:
+        over_time = op.over_time
+        step_indices = b.op("Reshape", times, _ints(b, -1, 1, 1))
+        sequence_env = {**env, **dict(zip(op.inputs, sequences)), "t": step_indices}
+        scanned = _specialized(b, op, lambda b: [over_time(b, sequence_env)[o] for o in per_step])
+    else:
+        scanned = _specialized(b, op, lambda b: _scanned(b, op, env, sequences, steps, times, per_step))
     original_shape = b.op("Shape", op.inputs[0])
     for name, seq in zip(op.outputs, scanned):
         b.nodes.append(helper.make_node("Reshape", [seq, original_shape], [name]))

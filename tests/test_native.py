@@ -85,6 +85,20 @@ def test_unrolled_matches_function(name, attributes, per_channel):
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize("average", [0, 1])
+def test_unrolled_accumulation_starts_where_its_function_does(average):
+    """ECAccumulate's unrolled function is a CumSum, which starts from the first input (from -0, not +0):
+    the kernel gives its bits, also the sign of a sum of only -0 inputs."""
+    x = np.random.default_rng(6).standard_normal((T, B, C)).astype(np.float32)
+    x[:, 0, :2] = -0.0
+    x[:, 1, 0] = [0.0] + [-0.0] * (T - 1)
+    portable, fast = _pair(_model("ECAccumulate", {}, timesteps=T, average=average))
+    (want,) = portable.run(None, {"x": x.reshape(T * B, C)})
+    (got,) = fast.run(None, {"x": x.reshape(T * B, C)})
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.signbit(got.reshape(T, B, C)[:, 0, :2]).all() and not np.signbit(got.reshape(T, B, C)[:, 1, 0]).any()
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize(("name", "attributes"), CASES)
 def test_step_matches_function(name, attributes, per_channel):

@@ -84,13 +84,20 @@ def test_expectation_compensation_recovers_function_of_mean():
     np.testing.assert_allclose(np.cumsum(out, 0) / t, f, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", list(ops.OPS))
-def test_step_form_equals_unrolled(name):
+@pytest.mark.parametrize(
+    ("name", "flip"), [(n, False) for n in ops.OPS] + [(n, True) for n, op in ops.OPS.items() if op.specialized]
+)
+def test_step_form_equals_unrolled(name, flip):
+    """The unrolled function (a Scan of the step, or the op's over_time form) against the Step form run
+    step by step; ``flip``: the other value of the attribute the op is specialized on."""
     op = ops.OPS[name]
     rng = np.random.default_rng(2)
     x = rng.standard_normal((T, B, C)).astype(np.float32) * 2
+    x[:, 0, 0] = -0.0  # a running sum of only -0: -0 unrolled (CumSum), +0 stepped from a zero state
     params = example_params(op, rng, C, per_channel=False)
     attrs = example_attributes(op)
+    if flip:
+        attrs[op.specialized] = 1 - attrs[op.specialized]
     data = op.inputs[0]
     unrolled = _session(op.name, params, timesteps=T, **attrs)
     want = unrolled.run(None, {data: x.reshape(T * B, C)})[0].reshape(T, B, C)

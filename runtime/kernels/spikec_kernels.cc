@@ -98,6 +98,9 @@ struct ECAccumulate : TimeWeighted {
   static constexpr const char* kName = "ECAccumulate";
   static constexpr int kParams = 0;
   static constexpr int kStates = 1;  // sum
+  // The unrolled function is a CumSum, whose sums start from the first input: -0 + x is x for every x,
+  // +0 + x is not for x = -0.
+  static constexpr float kUnrolledStart = -0.0f;
   using TimeWeighted::TimeWeighted;
   float step(float x, float* sum, const float*, float t) const {
     sum[0] = sum[0] + x;
@@ -218,6 +221,12 @@ template <class Op, class = void>
 struct SpikeCount { static constexpr bool value = false; };
 template <class Op>
 struct SpikeCount<Op, std::void_t<decltype(Op::kSpikeCount)>> { static constexpr bool value = Op::kSpikeCount; };
+
+// Where an unrolled op's states start: zero, or the op's kUnrolledStart.
+template <class Op, class = void>
+struct UnrolledStart { static constexpr float value = 0.0f; };
+template <class Op>
+struct UnrolledStart<Op, std::void_t<decltype(Op::kUnrolledStart)>> { static constexpr float value = Op::kUnrolledStart; };
 
 // One step of op, which reports its element's spikes in `counted` if it counts them.
 template <class Op>
@@ -345,12 +354,12 @@ inline void add_counts(const Job& job, int64_t s, size_t begin, const float* cou
 
 // The n states of a block that start at `offset` of the state tensor, into `dst`: copied from the state
 // input unless dst is that input (run_stateful's in-place steps), or the input's single value (t=1), or
-// zeros (the unrolled form).
-inline void load_states(const State& in, size_t offset, size_t n, float* dst) {
+// `start` (the unrolled form: UnrolledStart).
+inline void load_states(const State& in, size_t offset, size_t n, float* dst, float start) {
   if (in.in && in.stride) {
     if (in.in + offset != dst) std::copy(in.in + offset, in.in + offset + n, dst);
   } else {
-    std::fill(dst, dst + n, in.in ? in.in[0] : 0.0f);
+    std::fill(dst, dst + n, in.in ? in.in[0] : start);
   }
 }
 
@@ -393,7 +402,7 @@ struct ElementwiseLoop {
       float* state[S];
       for (int k = 0; k < S; ++k) {
         state[k] = job.states[k].out ? job.states[k].out + begin : local_state[k];
-        load_states(job.states[k], begin, n, state[k]);
+        load_states(job.states[k], begin, n, state[k], UnrolledStart<Op>::value);
       }
       for (int k = 0; k < P; ++k) load_param(job.params[k], begin, n, job.channels, param[k]);
       for (int64_t s = 0; s < job.steps; ++s) {
@@ -455,7 +464,7 @@ struct UGOLoop {
         const State& in = job.states[k];
         state[k] = in.out ? in.out + begin : local_state[k];
         stride[k] = in.out ? job.rows : kBlock;
-        for (size_t j = 0; j < hidden; ++j) load_states(in, j * job.rows + begin, n, state[k] + j * stride[k]);
+        for (size_t j = 0; j < hidden; ++j) load_states(in, j * job.rows + begin, n, state[k] + j * stride[k], UnrolledStart<UGO>::value);
       }
       load_param(job.params[4], begin, n, job.channels, bias);
       for (int64_t s = 0; s < job.steps; ++s) {
