@@ -94,6 +94,15 @@ def _stbif_step(x, v, tracer, theta, s_min, s_max, t):
     return spike, membrane - spike * theta, tracer + spike, count
 
 
+def _stbif_integer_step(y, tracer, theta, s_min, s_max, t, burst, half_even):
+    """runtime/ops.py's STBIFIntegerNeuron step: the membrane is the level less the tracer."""
+    scaled = y / theta
+    rounded = torch.round(scaled) if half_even else torch.floor(scaled + 0.5)  # torch.round: half to even
+    spike = torch.clamp(torch.minimum(torch.maximum(rounded, s_min), s_max) - tracer, -burst, burst)
+    count = spike.abs().reshape(spike.shape[0], -1).sum(1)
+    return spike, tracer + spike, count
+
+
 def _if_step(x, v, emitted, theta, t, signed, burst):
     membrane = v + x
     reach = torch.maximum(membrane, -(signed * emitted))
@@ -112,6 +121,8 @@ def _spikec(op: str, attrs: dict, args: list):
         return _mt_step(x, v, theta_pos, theta_neg, t, attrs["levels"])
     if op == "STBIFNeuronStep":
         return _stbif_step(*args)
+    if op == "STBIFIntegerNeuronStep":
+        return _stbif_integer_step(*args, float(attrs["burst"]), bool(attrs["half_even"]))
     if op == "IFNeuronStep":
         return _if_step(*args, float(attrs["signed"]), float(attrs["burst"]))
     if op == "X2XEncoderStep":
