@@ -6,13 +6,15 @@ state after step t). Everything else is derived from that definition:
 
 * ``<Op>Step`` functions (stateful models): the step itself; state is an explicit input/output.
 * ``<Op>`` functions (time-unrolled models): a Scan of the same step over the time axis of a
-  time-major batch. Unrolled tensors hold all steps folded into the batch axis:
-  ``[T*B, ..., C]`` where rows ``t*B .. (t+1)*B-1`` belong to step ``t+1``.
+  time-major batch, or the one ONNX op that computes the recurrence (``SpikingOp.over_time``).
+  Unrolled tensors hold all steps folded into the batch axis: ``[T*B, ..., C]`` where rows
+  ``t*B .. (t+1)*B-1`` belong to step ``t+1``.
 * native kernels (runtime/kernels/) repeat these functions' float32 operations in order, bit for
   bit; onnxruntime's own function inlining is the portable reference implementation.
 
-States start at zero. A stateful model accepts a scalar zero for every state at t=1: the step
-bodies only combine states with inputs through broadcasting arithmetic.
+States start at zero (an unrolled ECAccumulate's sum at -0: _accumulate_over_time). A stateful
+model accepts a scalar zero for every state at t=1: the step bodies only combine states with inputs
+through broadcasting arithmetic.
 """
 
 from __future__ import annotations
@@ -692,7 +694,7 @@ def _ints(b: NodeBuilder, *values: int) -> str:
 
 
 def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
-    """Scan the step over time. Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
+    """Scan the step over time (or run the op's over_time body). Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
     per-channel parameters broadcast); states are [M, C], or [N, M, C] for an op with a hidden axis.
     Elements are independent: for an op with a hidden axis an outer Scan takes them a block at a time
     ([T, M*C] zero-padded to [T, blocks, 1, elements per block], its other parameters broadcast to the
