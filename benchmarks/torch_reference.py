@@ -86,12 +86,16 @@ def _mt_step(x, v, theta_pos, theta_neg, t, levels):
     return emitted / theta_pos, membrane - emitted
 
 
+def _count_per_row(spike):
+    """runtime/ops.py's count output: |spikes| summed per row of the leading axis."""
+    return spike.abs().reshape(spike.shape[0], -1).sum(1)
+
+
 def _stbif_step(x, v, tracer, theta, s_min, s_max, t):
     membrane = v + x
     half = theta * 0.5
     spike = ((membrane >= half) & (tracer < s_max)).float() - ((membrane < -half) & (tracer > s_min)).float()
-    count = spike.abs().reshape(spike.shape[0], -1).sum(1)  # spikes per row of the leading axis
-    return spike, membrane - spike * theta, tracer + spike, count
+    return spike, membrane - spike * theta, tracer + spike, _count_per_row(spike)
 
 
 def _stbif_integer_step(y, tracer, theta, s_min, s_max, t, burst, half_even):
@@ -99,8 +103,7 @@ def _stbif_integer_step(y, tracer, theta, s_min, s_max, t, burst, half_even):
     scaled = y / theta
     rounded = torch.round(scaled) if half_even else torch.floor(scaled + 0.5)  # torch.round: half to even
     spike = torch.clamp(torch.minimum(torch.maximum(rounded, s_min), s_max) - tracer, -burst, burst)
-    count = spike.abs().reshape(spike.shape[0], -1).sum(1)
-    return spike, tracer + spike, count
+    return spike, tracer + spike, _count_per_row(spike)
 
 
 def _if_step(x, v, emitted, theta, t, signed, burst):

@@ -129,7 +129,7 @@ class SpikingOp:
     # where one ONNX op computes the recurrence (a running sum: CumSum) in place of a Scan of the step:
     # one pass over all T steps where the Scan's body copies its result out at every step. The step's
     # operations in the step's order, from a state of -0 (below); tests/test_ops.py holds it to the
-    # Scan. Not carried into composites, whose other op needs the Scan.
+    # Step form. Not carried into composites, whose other op needs the Scan.
     over_time: OverTimeFn | None = None
 
     @property
@@ -445,17 +445,21 @@ UGO = SpikingOp(
 # and by 1 is no operation at all (x/1 and 1*x are x, bit for bit).
 
 
+def _accumulated(b: NodeBuilder, total: str, t: str) -> dict[str, str]:
+    """The output of a running sum ``total`` at step(s) ``t``: S(t)/t (average=1) or S(t)."""
+    return {"mean": b.choose("average", lambda: b.op("Div", total, t), lambda: total)}
+
+
 def _accumulate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     total = b.op("Add", env["sum"], env["x"])
-    return {"mean": b.choose("average", lambda: b.op("Div", total, env["t"]), lambda: total)}, {"sum": total}
+    return _accumulated(b, total, env["t"]), {"sum": total}
 
 
 def _accumulate_over_time(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     """CumSum's running sums start from the first input, which is the step's from -0 (-0 + x is x for
     every x; +0 + -0 is +0): unrolled, the sum of only -0 inputs stays -0 (the native kernel starts
     there too), where the Step form from its zero state gives +0, an equal value."""
-    total = b.op("CumSum", env["x"], b.const(0, np.int64))
-    return {"mean": b.choose("average", lambda: b.op("Div", total, env["t"]), lambda: total)}
+    return _accumulated(b, b.op("CumSum", env["x"], b.const(0, np.int64)), env["t"])
 
 
 def _compensate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -694,8 +698,9 @@ def _ints(b: NodeBuilder, *values: int) -> str:
 
 
 def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
-    """Scan the step over time (or run the op's over_time body). Inputs [T*B, ..., C] are viewed as [T, M, C] (C the last axis, so
-    per-channel parameters broadcast); states are [M, C], or [N, M, C] for an op with a hidden axis.
+    """Scan the step over time (or run the op's over_time body). Inputs [T*B, ..., C] are viewed as
+    [T, M, C] (C the last axis, so per-channel parameters broadcast); states are [M, C], or [N, M, C]
+    for an op with a hidden axis.
     Elements are independent: for an op with a hidden axis an outer Scan takes them a block at a time
     ([T, M*C] zero-padded to [T, blocks, 1, elements per block], its other parameters broadcast to the
     input's elements and blocked alike), each block through all T steps."""
