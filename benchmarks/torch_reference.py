@@ -106,12 +106,17 @@ def _stbif_integer_step(y, tracer, theta, s_min, s_max, t, burst, half_even):
     return spike, tracer + spike, _count_per_row(spike)
 
 
-def _if_step(x, v, emitted, theta, t, signed, burst):
-    membrane = v + x
+def _if_count(drive, v, emitted, signed, burst, negated=False):
+    """runtime/ops.py's IF neuron in units of its spike value theta/burst: the spikes fired, an integer."""
+    membrane = v - drive if negated else v + drive
     reach = torch.maximum(membrane, -(signed * emitted))
-    unit = theta / burst
-    out = torch.clamp(torch.floor(reach.abs() / unit), max=burst) * torch.sign(reach) * unit
-    return out, membrane - out, emitted + out
+    spikes = torch.trunc(torch.clamp(reach, -burst, burst))
+    return spikes, membrane - spikes, emitted + spikes
+
+
+def _if_step(x, v, emitted, theta, t, signed, burst):
+    spikes, v, emitted = _if_count(x * (burst / theta), v, emitted, signed, burst)
+    return spikes * (theta / burst), v, emitted
 
 
 def _weight(t, average):
@@ -131,16 +136,16 @@ def _spikec(op: str, attrs: dict, args: list):
     if op == "X2XEncoderStep":
         x, v_pos, emitted_pos, v_neg, emitted_neg, theta_pos, theta_neg, t = args
         signed, burst = float(attrs["signed"]), float(attrs["burst"])
-        positive, v_pos, emitted_pos = _if_step(x, v_pos, emitted_pos, theta_pos, t, signed, burst)
-        negative, v_neg, emitted_neg = _if_step(-x, v_neg, emitted_neg, theta_neg, t, signed, burst)
-        return positive - negative, v_pos, emitted_pos, v_neg, emitted_neg
+        positive, v_pos, emitted_pos = _if_count(x * (burst / theta_pos), v_pos, emitted_pos, signed, burst)
+        negative, v_neg, emitted_neg = _if_count(x * (burst / theta_neg), v_neg, emitted_neg, signed, burst, True)
+        return positive * (theta_pos / burst) - negative * (theta_neg / burst), v_pos, emitted_pos, v_neg, emitted_neg
     if op == "UGOStep":  # the reference code's UGO module: a Linear expansion, IF neurons, a Linear sum
         x, v, emitted, w1, b1, theta, w2, b2, t = args
+        signed, burst = float(attrs["signed"]), float(attrs["burst"])
         w1, b1, theta, w2 = (p.reshape(-1, *[1] * x.dim()) for p in (w1, b1, theta, w2))  # states [N, *x.shape]
-        spikes, v, emitted = _if_step(
-            x.unsqueeze(0) * w1 + b1, v, emitted, theta, t, float(attrs["signed"]), float(attrs["burst"])
-        )
-        return (spikes * w2).sum(0) + b2, v, emitted
+        drive = x.unsqueeze(0) * (w1 * (burst / theta)) + b1 * (burst / theta)
+        spikes, v, emitted = _if_count(drive, v, emitted, signed, burst)
+        return (spikes * (w2 * (theta / burst))).sum(0) + b2, v, emitted
     if op == "ECAccumulateStep":
         x, total, t = args
         total = total + x

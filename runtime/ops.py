@@ -309,26 +309,43 @@ ST_BIF_INTEGER_NEURON = SpikingOp(
 def _if_prologue(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     burst = b.op("Cast", b.attr_int("burst"), to=TensorProto.FLOAT)
     # -signed: Mul(emitted, -signed) is -(signed * emitted) bit for bit, one pass instead of two
-    return {"burst": burst, "minus_signed": b.op("Neg", b.op("Cast", b.attr_int("signed"), to=TensorProto.FLOAT))}
+    minus_signed = b.op("Neg", b.op("Cast", b.attr_int("signed"), to=TensorProto.FLOAT))
+    return {"burst": burst, "minus_burst": b.op("Neg", burst), "minus_signed": minus_signed}
+
+
+def _spike_value(b: NodeBuilder, env: dict[str, str], theta: str) -> str:
+    """rho*theta = theta/burst: what one spike carries."""
+    return b.op("Div", env[theta], env["burst"])
+
+
+def _per_spike_value(b: NodeBuilder, env: dict[str, str], theta: str) -> str:
+    """burst/theta: what turns an input into units of a spike's value."""
+    return b.op("Div", env["burst"], env[theta])
+
+
+def _if_count(b: NodeBuilder, env: dict[str, str], drive: str, negated: bool = False) -> tuple[str, dict[str, str]]:
+    """STA's IF neuron as its reference code runs it (appendix F.2-F.3), in units of a spike's value
+    rho*theta (rho = 1/burst): v0 = 0, soft reset; up to ``burst`` spikes per step (so at most theta per
+    step); with ``signed``, negative spikes too, but only while the total emitted so far stays >= 0
+    (memory). ``drive`` is the step's input in those units (subtracted where ``negated``: the neuron on
+    -x, as -(x * c) is x * c negated bit for bit); the states, v (membrane) and emitted (the spikes fired
+    so far, net), are in them too. Returns the spikes fired, an integer count in [-burst, burst].
+    In units the count is trunc(clamp(reach, -burst, burst)): a clamp and an int32 round trip (exact for
+    integers this small) where floor(|reach| / unit) * sign(reach) * unit on the spike values took nine
+    passes. The Max with clamp - 1, which never exceeds the truncation, keeps a NaN membrane's count NaN
+    (the round trip turns NaN into an integer)."""
+    membrane = b.op("Sub" if negated else "Add", env["v"], drive)
+    lower = b.op("Mul", env["emitted"], env["minus_signed"])  # -emitted, or 0 when unsigned
+    clamped = b.op("Clip", b.op("Max", membrane, lower), env["minus_burst"], env["burst"])
+    truncated = b.op("Cast", b.op("Cast", clamped, to=TensorProto.INT32), to=TensorProto.FLOAT)
+    count = b.op("Max", truncated, b.op("Sub", clamped, b.const(1.0)))
+    return count, {"v": b.op("Sub", membrane, count), "emitted": b.op("Add", env["emitted"], count)}
 
 
 def _if_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """STA's IF neuron as its reference code runs it (appendix F.2-F.3): v0 = 0, soft reset; spikes of
-    rho*theta with rho = 1/burst, up to ``burst`` of them per step (so at most theta per step); with
-    ``signed``, negative spikes too, but only while the total emitted so far stays >= 0 (memory)."""
-    membrane = b.op("Add", env["v"], env["x"])
-    lower = b.op("Mul", env["emitted"], env["minus_signed"])  # -emitted, or 0 when unsigned
-    reach = b.op("Max", membrane, lower)
-    unit = b.op("Div", env["theta"], env["burst"])
-    count = b.op("Min", b.op("Floor", b.op("Div", b.op("Abs", reach), unit)), env["burst"])
-    # count * Sign(reach) * unit as count * (unit - 2*unit*[reach < 0]): unit or -unit exactly, and
-    # (count * +-1) * unit rounds as count * (+-unit) does (onnxruntime's Sign costs several times as much
-    # as an Add; a Where between -unit and unit measured slower still). Where reach is zero the count is 0
-    # (+0 either way), where it is NaN the count is NaN.
-    negative = b.op("Cast", b.op("Less", reach, b.const(0.0)), to=TensorProto.FLOAT)
-    signed_unit = b.op("Sub", unit, b.op("Mul", negative, b.op("Mul", unit, b.const(2.0))))
-    out = b.op("Mul", count, signed_unit)
-    return {"spikes": out}, {"v": b.op("Sub", membrane, out), "emitted": b.op("Add", env["emitted"], out)}
+    """_if_count on x * burst/theta; emits the count times theta/burst."""
+    count, states = _if_count(b, env, b.op("Mul", env["x"], _per_spike_value(b, env, "theta")))
+    return {"spikes": b.op("Mul", count, _spike_value(b, env, "theta"))}, states
 
 
 IF_NEURON = SpikingOp(
@@ -336,7 +353,8 @@ IF_NEURON = SpikingOp(
     summary=(
         "Integrate-and-fire neuron of STA (v0=0, soft reset): per step emits k*theta/burst, k <= burst "
         "(burst spikes, rho = 1/burst); with signed=1 also negative spikes while the emitted total stays "
-        ">= 0 (signed neuron with memory potential, Eq. 34). Emits the spike value."
+        ">= 0 (signed neuron with memory potential, Eq. 34). Emits the spike value; its states (membrane, net "
+        "spikes emitted) count in units of theta/burst."
     ),
     inputs=("x",),
     params=("theta",),
@@ -354,21 +372,24 @@ IF_NEURON = SpikingOp(
 def _x2x_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """relu(x) - relu(-x) in spikes, as the reference code encodes LayerNorm and attention outputs: one
     IFNeuron step on x (theta_pos), one on -x (theta_neg), their spike values subtracted."""
-    positive, positive_states = _if_step(
-        b, {**env, "theta": env["theta_pos"], "v": env["v_pos"], "emitted": env["emitted_pos"]}
-    )
-    negative, negative_states = _if_step(
+    positive, positive_states = _if_count(
         b,
-        {
-            **env,
-            "x": b.op("Neg", env["x"]),
-            "theta": env["theta_neg"],
-            "v": env["v_neg"],
-            "emitted": env["emitted_neg"],
-        },
+        {**env, "v": env["v_pos"], "emitted": env["emitted_pos"]},
+        b.op("Mul", env["x"], _per_spike_value(b, env, "theta_pos")),
+    )
+    negative, negative_states = _if_count(
+        b,
+        {**env, "v": env["v_neg"], "emitted": env["emitted_neg"]},
+        b.op("Mul", env["x"], _per_spike_value(b, env, "theta_neg")),
+        negated=True,
+    )
+    spikes = b.op(
+        "Sub",
+        b.op("Mul", positive, _spike_value(b, env, "theta_pos")),
+        b.op("Mul", negative, _spike_value(b, env, "theta_neg")),
     )
     return (
-        {"spikes": b.op("Sub", positive["spikes"], negative["spikes"])},
+        {"spikes": spikes},
         {
             "v_pos": positive_states["v"],
             "emitted_pos": positive_states["emitted"],
@@ -399,9 +420,11 @@ X2X_ENCODER = SpikingOp(
 
 def _ugo_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """y = sum_j w2_j * IF_j(w1_j x + b1_j) + b2 per element, the N hidden units IF neurons as IFNeuron's
-    step. The hidden axis comes first, [N, *x.shape]: a stateful step then reads each hidden unit's
-    states for a block of elements contiguously. The sum runs over j in order (CumSum's running sum, its
-    last entry), which a kernel can repeat exactly; a MatMul's order is the library's."""
+    step in units of their spike values: unit j's drive is x * (w1_j burst/theta_j) + b1_j burst/theta_j,
+    its count weighs w2_j theta_j/burst. The hidden axis comes first, [N, *x.shape]: a stateful step then
+    reads each hidden unit's states for a block of elements contiguously. The sum runs over j in order
+    (CumSum's running sum, its last entry), which a kernel can repeat exactly; a MatMul's order is the
+    library's."""
     ones = b.op(
         "ConstantOfShape",
         b.op("Shape", b.op("Shape", env["x"])),
@@ -409,13 +432,15 @@ def _ugo_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict
     )
     along_hidden = b.op("Concat", b.const([-1], np.int64), ones, axis=0)  # [N, 1, ..., 1]
 
-    def per_unit(name: str) -> str:
-        return b.op("Reshape", env[name], along_hidden)
+    def per_unit(name: str, factor: str) -> str:
+        return b.op("Reshape", b.op("Mul", env[name], factor), along_hidden)
 
-    first = b.const([0], np.int64)
-    hidden = b.op("Add", b.op("Mul", b.op("Unsqueeze", env["x"], first), per_unit("w1")), per_unit("b1"))
-    outputs, states = _if_step(b, {**env, "x": hidden, "theta": per_unit("theta")})
-    running = b.op("CumSum", b.op("Mul", outputs["spikes"], per_unit("w2")), b.const(0, np.int64))
+    to_units = _per_spike_value(b, env, "theta")
+    slope, offset = per_unit("w1", to_units), per_unit("b1", to_units)
+    weight = per_unit("w2", _spike_value(b, env, "theta"))
+    drive = b.op("Add", b.op("Mul", b.op("Unsqueeze", env["x"], b.const([0], np.int64)), slope), offset)
+    count, states = _if_count(b, env, drive)
+    running = b.op("CumSum", b.op("Mul", count, weight), b.const(0, np.int64))
     total = b.op("Gather", running, b.const(-1, np.int64), axis=0)
     return {"y": b.op("Add", total, env["b2"])}, states
 

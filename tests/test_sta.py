@@ -61,7 +61,9 @@ def test_naive_split_is_uneven_early(digits):
     """Def. 2's outputs grow with t, so at small T accuracy collapses; TCSA does not (the ablation)."""
     _, corrected = _accuracy_per_t(digits, timesteps=16)
     _, naive = _accuracy_per_t(digits, timesteps=16, tcsa=False)
-    assert corrected[7] > naive[7] + 0.3  # measured: 0.96 vs 0.10 at t=8
+    # measured: 0.97 vs 0.68 at t=8 (0.96 vs 0.10 while the IF neurons kept membrane and emitted total in
+    # float spike values: their rounding over the naive split's growing inputs had cost more)
+    assert corrected[7] > naive[7] + 0.2
     assert naive[15] > naive[7]
 
 

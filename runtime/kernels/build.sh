@@ -51,7 +51,7 @@ out=$build/libspikec_kernels.so
 digest=$(cd "$root/runtime/kernels" && LC_ALL=C ls *.cc *.h | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
 # Same float32 arithmetic as the ONNX functions: no fast-math, no FMA contraction. -fno-trapping-math
 # changes no value (it waives floating-point exception flags, which nothing reads) and lets floorf
-# vectorize (roundps): the IF neuron's loop stayed scalar without it.
+# vectorize (roundps), which the integer ST-BIF+ neuron's half-up rounding needs.
 "${CXX:-g++}" -std=c++20 -O3 -march=x86-64-v2 -ffp-contract=off -fno-trapping-math -fPIC -shared -fvisibility=hidden \
   -Wall -Wextra -DSPIKEC_SOURCE_DIGEST="\"$digest\"" -I"$include" ${SPIKEC_CXXFLAGS:-} "$root"/runtime/kernels/*.cc -o "$out.tmp" -pthread
 mv -f "$out.tmp" "$out"  # atomic: a running process keeps the library it loaded

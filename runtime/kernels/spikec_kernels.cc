@@ -179,26 +179,35 @@ struct STBIFIntegerNeuron {
 struct IFNeuron {
   static constexpr const char* kName = "IFNeuron";
   static constexpr int kParams = 1;  // theta
-  static constexpr int kStates = 2;  // v, emitted
+  static constexpr int kStates = 2;  // v, emitted: in units of theta/burst
   float burst, minus_sign_on;  // -signed: ONNX Mul(emitted, -signed)
   explicit IFNeuron(const OrtKernelInfo* info)
       : burst(static_cast<float>(int_attr(info, "burst", 2))), minus_sign_on(-static_cast<float>(int_attr(info, "signed", 1))) {}
-  float step(float x, float* state, const float* p, float /*t*/) const {
-    const float membrane = state[0] + x;
+  float spike_value(float theta) const { return theta / burst; }
+  float per_spike_value(float theta) const { return burst / theta; }
+  // runtime/ops.py _if_count: the spikes fired on a drive in units of the spike value (subtracted where
+  // kNegated), an integer in [-burst, burst].
+  template <bool kNegated = false>
+  float count(float drive, float* state) const {
+    const float membrane = kNegated ? state[0] - drive : state[0] + drive;
     const float lower = state[1] * minus_sign_on;
     // ONNX Max(membrane, lower), NaN propagating: a NaN membrane is kept by this select, and lower is NaN
     // only when emitted is, which the step makes NaN only together with v, so with membrane. (The
     // two-sided NaN test this replaced kept the loop from vectorizing: 1.8x slower.)
     const float reach = membrane < lower ? lower : membrane;
-    const float unit = p[0] / burst;
-    const float units = std::floor(std::fabs(reach) / unit);
-    const float count = burst < units ? burst : units;  // ONNX Min; std::min's reference kept it scalar
-    // 0 for NaN, as before: out is NaN through count either way. Integer differences, not nested selects.
-    const float sign = static_cast<float>(static_cast<int>(reach > 0.0f) - static_cast<int>(reach < 0.0f));
-    const float out = count * sign * unit;
-    state[0] = membrane - out;
-    state[1] = state[1] + out;
-    return out;
+    // ONNX Clip(reach, -burst, burst): NaN stays NaN through both selects
+    const float clamped = burst < reach ? burst : (reach < -burst ? -burst : reach);
+    // the int32 round trip truncates; a NaN clamp gives ONNX Max(truncated, NaN) = NaN through this select
+    // (the conversion of NaN is whatever the CPU makes it, an integer either way)
+    const float truncated = static_cast<float>(static_cast<int32_t>(clamped));
+    const float below = clamped - 1.0f;
+    const float spikes = below < truncated ? truncated : below;
+    state[0] = membrane - spikes;
+    state[1] = state[1] + spikes;
+    return spikes;
+  }
+  float step(float x, float* state, const float* p, float /*t*/) const {
+    return count(x * per_spike_value(p[0]), state) * spike_value(p[0]);
   }
 };
 
@@ -209,10 +218,10 @@ struct X2XEncoder {
   static constexpr int kStates = 4;  // v_pos, emitted_pos, v_neg, emitted_neg
   IFNeuron neuron;
   explicit X2XEncoder(const OrtKernelInfo* info) : neuron(info) {}
-  float step(float x, float* state, const float* p, float t) const {
-    const float positive = neuron.step(x, state, p, t);
-    const float negative = neuron.step(-x, state + 2, p + 1, t);  // ONNX Neg: the sign bit flipped
-    return positive - negative;
+  float step(float x, float* state, const float* p, float /*t*/) const {
+    const float positive = neuron.count(x * neuron.per_spike_value(p[0]), state);
+    const float negative = neuron.count<true>(x * neuron.per_spike_value(p[1]), state + 2);
+    return positive * neuron.spike_value(p[0]) - negative * neuron.spike_value(p[1]);
   }
 };
 
@@ -435,11 +444,13 @@ struct UGOLoop {
   template <bool kFirst>
   static inline __attribute__((always_inline)) void hidden_unit(
       const IFNeuron& neuron, const float* x, float w1, float b1, float theta, float w2, float* v, float* emitted,
-      float* sum, size_t n, float t) {
-    const float p[1] = {theta};
+      float* sum, size_t n) {
+    // runtime/ops.py _ugo_step: the unit's drive and weight in units of its spike value
+    const float slope = w1 * neuron.per_spike_value(theta), offset = b1 * neuron.per_spike_value(theta);
+    const float weight = w2 * neuron.spike_value(theta);
     for (size_t e = 0; e < n; ++e) {
       float st[2] = {v[e], emitted[e]};
-      const float term = neuron.step(x[e] * w1 + b1, st, p, t) * w2;
+      const float term = neuron.count(x[e] * slope + offset, st) * weight;
       v[e] = st[0];
       emitted[e] = st[1];
       sum[e] = kFirst ? term : sum[e] + term;
@@ -468,13 +479,12 @@ struct UGOLoop {
       }
       load_param(job.params[4], begin, n, job.channels, bias);
       for (int64_t s = 0; s < job.steps; ++s) {
-        const float t = job.t0 + static_cast<float>(s);
         const float* x = job.x + static_cast<size_t>(s) * job.rows + begin;
         for (size_t j = 0; j < hidden; ++j) {
           float* v = state[0] + j * stride[0];
           float* emitted = state[1] + j * stride[1];
-          if (j == 0) hidden_unit<true>(neuron, x, w1[j], b1[j], theta[j], w2[j], v, emitted, sum, n, t);
-          else hidden_unit<false>(neuron, x, w1[j], b1[j], theta[j], w2[j], v, emitted, sum, n, t);
+          if (j == 0) hidden_unit<true>(neuron, x, w1[j], b1[j], theta[j], w2[j], v, emitted, sum, n);
+          else hidden_unit<false>(neuron, x, w1[j], b1[j], theta[j], w2[j], v, emitted, sum, n);
         }
         float* out = job.out + static_cast<size_t>(s) * job.rows + begin;
         for (size_t e = 0; e < n; ++e) out[e] = sum[e] + bias[e];
