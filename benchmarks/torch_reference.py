@@ -114,8 +114,8 @@ def _if_count(drive, v, emitted, signed, burst, negated=False):
     return spikes, membrane - spikes, emitted + spikes
 
 
-def _if_step(x, v, emitted, theta, t, signed, burst):
-    spikes, v, emitted = _if_count(x * (burst / theta), v, emitted, signed, burst)
+def _if_step(x, v, emitted, theta, t, signed, burst, negated=False):
+    spikes, v, emitted = _if_count(x * (burst / theta), v, emitted, signed, burst, negated)
     return spikes * (theta / burst), v, emitted
 
 
@@ -136,9 +136,9 @@ def _spikec(op: str, attrs: dict, args: list):
     if op == "X2XEncoderStep":
         x, v_pos, emitted_pos, v_neg, emitted_neg, theta_pos, theta_neg, t = args
         signed, burst = float(attrs["signed"]), float(attrs["burst"])
-        positive, v_pos, emitted_pos = _if_count(x * (burst / theta_pos), v_pos, emitted_pos, signed, burst)
-        negative, v_neg, emitted_neg = _if_count(x * (burst / theta_neg), v_neg, emitted_neg, signed, burst, True)
-        return positive * (theta_pos / burst) - negative * (theta_neg / burst), v_pos, emitted_pos, v_neg, emitted_neg
+        positive, v_pos, emitted_pos = _if_step(x, v_pos, emitted_pos, theta_pos, t, signed, burst)
+        negative, v_neg, emitted_neg = _if_step(x, v_neg, emitted_neg, theta_neg, t, signed, burst, negated=True)
+        return positive - negative, v_pos, emitted_pos, v_neg, emitted_neg
     if op == "UGOStep":  # the reference code's UGO module: a Linear expansion, IF neurons, a Linear sum
         x, v, emitted, w1, b1, theta, w2, b2, t = args
         signed, burst = float(attrs["signed"]), float(attrs["burst"])

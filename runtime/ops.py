@@ -342,9 +342,9 @@ def _if_count(b: NodeBuilder, env: dict[str, str], drive: str, negated: bool = F
     return count, {"v": b.op("Sub", membrane, count), "emitted": b.op("Add", env["emitted"], count)}
 
 
-def _if_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """_if_count on x * burst/theta; emits the count times theta/burst."""
-    count, states = _if_count(b, env, b.op("Mul", env["x"], _per_spike_value(b, env, "theta")))
+def _if_step(b: NodeBuilder, env: dict[str, str], negated: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+    """_if_count on x * burst/theta (on -x where ``negated``); emits the count times theta/burst."""
+    count, states = _if_count(b, env, b.op("Mul", env["x"], _per_spike_value(b, env, "theta")), negated)
     return {"spikes": b.op("Mul", count, _spike_value(b, env, "theta"))}, states
 
 
@@ -372,22 +372,13 @@ IF_NEURON = SpikingOp(
 def _x2x_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     """relu(x) - relu(-x) in spikes, as the reference code encodes LayerNorm and attention outputs: one
     IFNeuron step on x (theta_pos), one on -x (theta_neg), their spike values subtracted."""
-    positive, positive_states = _if_count(
-        b,
-        {**env, "v": env["v_pos"], "emitted": env["emitted_pos"]},
-        b.op("Mul", env["x"], _per_spike_value(b, env, "theta_pos")),
+    positive, positive_states = _if_step(
+        b, {**env, "theta": env["theta_pos"], "v": env["v_pos"], "emitted": env["emitted_pos"]}
     )
-    negative, negative_states = _if_count(
-        b,
-        {**env, "v": env["v_neg"], "emitted": env["emitted_neg"]},
-        b.op("Mul", env["x"], _per_spike_value(b, env, "theta_neg")),
-        negated=True,
+    negative, negative_states = _if_step(
+        b, {**env, "theta": env["theta_neg"], "v": env["v_neg"], "emitted": env["emitted_neg"]}, negated=True
     )
-    spikes = b.op(
-        "Sub",
-        b.op("Mul", positive, _spike_value(b, env, "theta_pos")),
-        b.op("Mul", negative, _spike_value(b, env, "theta_neg")),
-    )
+    spikes = b.op("Sub", positive["spikes"], negative["spikes"])
     return (
         {"spikes": spikes},
         {

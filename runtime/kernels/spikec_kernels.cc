@@ -206,9 +206,12 @@ struct IFNeuron {
     state[1] = state[1] + spikes;
     return spikes;
   }
-  float step(float x, float* state, const float* p, float /*t*/) const {
-    return count(x * per_spike_value(p[0]), state) * spike_value(p[0]);
+  // runtime/ops.py _if_step: the spike value fired on x (on -x where kNegated)
+  template <bool kNegated = false>
+  float spikes(float x, float* state, float theta) const {
+    return count<kNegated>(x * per_spike_value(theta), state) * spike_value(theta);
   }
+  float step(float x, float* state, const float* p, float /*t*/) const { return spikes(x, state, p[0]); }
 };
 
 // STA's X2X encoder (runtime/ops.py _x2x_step): IFNeuron's step on x and on -x, subtracted.
@@ -219,9 +222,7 @@ struct X2XEncoder {
   IFNeuron neuron;
   explicit X2XEncoder(const OrtKernelInfo* info) : neuron(info) {}
   float step(float x, float* state, const float* p, float /*t*/) const {
-    const float positive = neuron.count(x * neuron.per_spike_value(p[0]), state);
-    const float negative = neuron.count<true>(x * neuron.per_spike_value(p[1]), state + 2);
-    return positive * neuron.spike_value(p[0]) - negative * neuron.spike_value(p[1]);
+    return neuron.spikes(x, state, p[0]) - neuron.spikes<true>(x, state + 2, p[1]);
   }
 };
 
@@ -446,7 +447,8 @@ struct UGOLoop {
       const IFNeuron& neuron, const float* x, float w1, float b1, float theta, float w2, float* v, float* emitted,
       float* sum, size_t n) {
     // runtime/ops.py _ugo_step: the unit's drive and weight in units of its spike value
-    const float slope = w1 * neuron.per_spike_value(theta), offset = b1 * neuron.per_spike_value(theta);
+    const float to_units = neuron.per_spike_value(theta);
+    const float slope = w1 * to_units, offset = b1 * to_units;
     const float weight = w2 * neuron.spike_value(theta);
     for (size_t e = 0; e < n; ++e) {
       float st[2] = {v[e], emitted[e]};
