@@ -48,6 +48,7 @@ class CompileReport:
     quantization: list[dict] | None = None  # SpikeZIP-TF: the quantizers its prepare step inserted
     calibration: dict | None = None  # ECMT: the calibration statistics the thresholds came from
     verification: dict | None = None  # the held-out run (spikec/verify.py)
+    equilibrium: dict | None = None  # a T measured where none was given (spikec/equilibrium.py)
     # weight digests (runtime/weights.digest) of the model compiled ("input") and of each model the compile wrote
     # for an output option (its option name): what eval and report check the models they are given against
     source: dict | None = None

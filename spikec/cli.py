@@ -52,12 +52,16 @@ def _numbers(flag: str, spec: str, sep: str, kind: type) -> tuple:
 def cmd_compile(args) -> int:
     from spikec.compiler import compile as compile_model
     from spikec.compiler import split_options
+    from spikec.equilibrium import equilibrium_line
     from spikec.passes.options import outputs_of
     from spikec.runtime.metadata import SpikecMetadata
 
     options = _compile_options(args)
     snn = compile_model(args.model, args.calib, args.output, input_shapes=_input_shapes(args.input_shape), **options)
-    verification = SpikecMetadata.read(snn).report.verification
+    report = SpikecMetadata.read(snn).report
+    if report.equilibrium:
+        print(f"T={report.equilibrium['timesteps']}: {equilibrium_line(report.equilibrium)}")
+    verification = report.verification
     if verification:
         print(verification_line(verification))
     for extra in outputs_of(split_options(options)[1]):
@@ -642,7 +646,11 @@ def cmd_info(args) -> int:
     lines += [
         f"method {name}: {paper}"
         + (
-            f"; default T={info['default_timesteps'][name]}"
+            (
+                f"; default T={info['default_timesteps'][name]}"
+                if info["default_timesteps"][name] is not None
+                else "; default T measured: the steps until no neuron fires on held-out samples, plus a margin"
+            )
             if name in info["default_timesteps"]
             else "; one pass, no T"
         )

@@ -18,8 +18,9 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from spikec import graphinfo, methods, modelio
 from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
+from spikec.equilibrium import CAP, equilibrium_line, measured_timesteps
 from spikec.errors import SpikecError
-from spikec.memory import check_budget, parse_budget
+from spikec.memory import check_budget, format_bytes, parse_budget
 from spikec.memory import estimate as estimate_memory
 from spikec.methods.base import SUM, Job
 from spikec.methods.spikezip import DEFAULT_LEVELS, SpikeZIPOptions, quantize_model, recorded_quantization
@@ -201,6 +202,7 @@ def _compile(
         held_out = (load_inputs(verification, ann, what="verification data"), True)
     elif common.verify:
         feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
+    # None: measured once the network is rewritten (spikec/equilibrium.py)
     steps = common.timesteps if common.timesteps is not None else method.default_timesteps
     job = Job(
         ann,
@@ -225,15 +227,13 @@ def _compile(
         # method's spikes per sample (emit.emit_stateful), and the check runs every tensor at twice the batch
         folds = common.mode == "unrolled" or method.semantics == SUM
         layouts = check_time_folding(job.ann, job.feeds, common.mode) if folds else emit.BatchLayouts()
-        # Before calibration (the slow part): the unrolled form's activations are T times the ANN's.
-        check_budget(
-            estimate_memory(
-                job.ann, job.feeds, batch=common.batch_size, neuron_sites=plan.neuron_sites, hidden=plan.hidden
-            ),
-            mode=common.mode,
-            timesteps=steps,
-            budget=parse_budget(common.memory_budget),
+        # Before calibration (the slow part): the unrolled form's activations are T times the ANN's. A
+        # measured T is checked once measured (the methods that measure it calibrate nothing).
+        memory = estimate_memory(
+            job.ann, job.feeds, batch=common.batch_size, neuron_sites=plan.neuron_sites, hidden=plan.hidden
         )
+        if steps is not None:
+            check_budget(memory, mode=common.mode, timesteps=steps, budget=parse_budget(common.memory_budget))
     stats = (
         collect_statistics(
             plan.model or job.ann,
@@ -253,6 +253,35 @@ def _compile(
     del stats, plan
     job.report.regions = describe(job.regions)
     job.report.semantics = method.semantics
+    if method.stepped and steps is None:
+        # the samples verified on; without verification, those it would hold out
+        probe = held_out or split_held_out(job.feeds, static_batch(job.ann, job.feeds))[1]
+        budget = parse_budget(common.memory_budget) if common.mode == "unrolled" else None
+        fits = CAP if budget is None else min(CAP, memory.most_timesteps(budget))
+        if fits < 1:  # not one step: refused as a T of 1 would be
+            check_budget(memory, mode=common.mode, timesteps=1, budget=budget)
+        job.report.equilibrium = measured_timesteps(
+            job.graph,
+            job.ann,
+            SpikecMetadata(method.name, common.mode, method.semantics, 0, method_options.to_json()),
+            layouts,
+            probe[0],
+            cap=fits,
+            held_out=held_out is not None and held_out[1],
+            batch_size=common.batch_size,
+            progress=common.progress,
+            external=modelio.external_data(ann),
+        )
+        steps = job.report.equilibrium["timesteps"]
+        if None in job.report.equilibrium["steps_to_quiet"] and budget is not None and fits < CAP:
+            fewer = method.fewer_steps(method_options)
+            raise SpikecError(
+                f"argument timesteps: {equilibrium_line(job.report.equilibrium)}, the most an unrolled model "
+                f"fits in the memory budget of {format_bytes(budget)} (argument memory_budget): compile with "
+                f"--mode stateful (about {format_bytes(memory.stateful())}, independent of T), "
+                + (f"{fewer}, " if fewer else "")
+                + "or use a smaller --batch-size"
+            )
     if not method.stepped:
         mode, timesteps = "ttfs", 1
     else:

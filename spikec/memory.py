@@ -133,6 +133,10 @@ class MemoryEstimate:
     def unrolled(self, timesteps: int) -> int:
         return self.weights + timesteps * (self.live + 2 * self.largest) + self.body * self.largest
 
+    def most_timesteps(self, budget: int) -> int:
+        """The largest T whose unrolled form fits ``budget`` (0: not even one step)."""
+        return max(0, (budget - self.weights - self.body * self.largest) // max(1, self.live + 2 * self.largest))
+
     def stateful(self) -> int:
         return self.weights + self.live + 2 * self.largest + self.body * self.largest + self.states
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from spikec.runtime.metadata import SpikecMetadata
 
 import spikec
 import spikec.modelio
@@ -582,7 +584,15 @@ def test_spikezip_cli_flow(small, data, capfd):
         )
         == 0
     )
-    capfd.readouterr()
+    # without --timesteps, SpikeZIP-TF's T is measured (spikec/equilibrium.py), and the first line says so
+    said = capfd.readouterr().out.splitlines()[0]
+    match = re.fullmatch(
+        r"T=(\d+): the steps until no neuron fires on (\d+) calibration samples, at most (\d+), plus 25 %", said
+    )
+    assert match, said
+    held = split_held_out(dict(np.load(calib)))[1][0]
+    assert int(match[2]) == len(next(iter(held.values()))) and int(match[1]) == 8 * math.ceil(int(match[3]) * 1.25 / 8)
+    assert SpikecMetadata.read(onnx.load(tmp / "zip2.onnx")).timesteps == int(match[1])
     assert onnx.load(tmp / "q2.onnx").graph == onnx.load(tmp / "q3.onnx").graph
 
     result = tmp / "run.npz"

@@ -2,6 +2,7 @@
 neurons on their totals; once quiet the SNN equals the integer QANN (spikec.methods.spikezip.integer_qann)
 bit for bit, on every sample."""
 
+import math
 import warnings
 
 import graphs
@@ -11,11 +12,14 @@ import pytest
 from onnx import TensorProto, helper
 from op_models import one_node_model
 from spikec.runtime import InferenceSession, equilibrium_steps, run_stateful
+from spikec.runtime.metadata import SpikecMetadata
 
 import spikec
 from examples import fixtures
+from spikec import compiler
 from spikec.errors import SpikecError
 from spikec.evaluate import run_dataset
+from spikec.memory import estimate as estimate_memory
 from spikec.methods.spikezip import integer_qann
 
 RNG = np.random.default_rng(21)
@@ -142,6 +146,63 @@ def test_qdq_products_accumulate_in_int32():
     got = run_stateful(InferenceSession(snn), {"x": x}, 100, until_quiet=True)
     assert None not in equilibrium_steps(got["spikec.spikes.steps"])
     np.testing.assert_array_equal(got["y"], want)
+
+
+def test_without_timesteps_the_compile_measures_the_steps_to_quiet(monkeypatch):
+    """256 levels at one spike a step take more steps than any fixed default gives: without --timesteps the
+    compile runs the SNN on its held-out samples until no neuron fires and unrolls that many steps plus a
+    margin, and the SNN equals the integer QANN bit for bit on samples it has never seen. Under a memory
+    budget the measurement stops at the most steps an unrolled model fits: T is cut to that, or, where
+    samples still fire there, the compile is refused in one line saying so and what needs fewer steps."""
+    estimates = []
+    monkeypatch.setattr(
+        compiler, "estimate_memory", lambda *a, **k: estimates.append(estimate_memory(*a, **k)) or estimates[-1]
+    )
+    model, _ = _qdq_model()
+    x = np.random.default_rng(7).standard_normal((64, 3, 16)).astype(np.float32) * 1.5
+    snn = spikec.compile(model, {"x": x[:32]}, method="spikezip", progress=False)
+    record = SpikecMetadata.read(snn)
+    measured, verification = record.report.equilibrium, record.report.verification
+    steps = measured["steps_to_quiet"]
+    assert measured["samples"] == 4 and measured["held_out"] and None not in steps
+    assert record.timesteps == 8 * math.ceil(max(steps) * 1.25 / 8) > 64
+    assert verification["timesteps"] == record.timesteps and verification["quiet_samples"] == 4
+    unseen = {"x": x[32:]}
+    got = InferenceSession(snn).run(["y"], unseen)[0]
+    np.testing.assert_array_equal(got, InferenceSession(integer_qann(model)).run(["y"], unseen)[0])
+
+    fits = max(steps) + 3
+    cut = SpikecMetadata.read(
+        spikec.compile(
+            model, {"x": x[:32]}, method="spikezip", memory_budget=estimates[0].unrolled(fits), progress=False
+        )
+    )
+    assert cut.timesteps == fits and cut.report.verification["quiet_samples"] == 4
+    fits = min(steps) - 1
+    with pytest.raises(SpikecError) as refused:
+        spikec.compile(
+            model, {"x": x[:32]}, method="spikezip", memory_budget=estimates[0].unrolled(fits), progress=False
+        )
+    message = str(refused.value)
+    assert message.startswith(
+        f"argument timesteps: 4 of 4 held-out calibration samples still fire at step {fits}, the most an "
+        f"unrolled model fits in the memory budget of "
+    )
+    assert "\n" not in message and "--mode stateful" in message and "--burst k" in message
+
+
+def test_a_quantizer_of_infinite_scale_is_refused():
+    """onnxruntime's quantize_static gives an additive attention mask of -inf the scale inf: the levels are NaN
+    there, in the QANN and in its SNN alike, whose neurons then never go quiet. Refused in one line naming
+    the quantizer, before anything is converted."""
+    model, _ = _qdq_model()
+    scale = next(t for t in model.graph.initializer if t.name == "sx")
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.float32(np.inf), "sx"))
+    model.graph.node[0].name = "mask_quantizer"
+    x = np.random.default_rng(8).standard_normal((16, 3, 16)).astype(np.float32)
+    with pytest.raises(SpikecError) as refused:
+        spikec.compile(model, {"x": x}, method="spikezip", progress=False)
+    assert str(refused.value).startswith("quantizer 'mask_quantizer' has the scale inf: its levels are not numbers")
 
 
 @pytest.mark.parametrize("model_of", ["attention", "qdq"])

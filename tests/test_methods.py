@@ -3,6 +3,7 @@ here, compiles through the template, runs, and gets its own CLI flags from its O
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,10 +112,16 @@ def test_time_steps_default_to_the_methods_own(echo):
         assert record.timesteps == 5
     finally:
         del Echo.default_timesteps
-    expected = {"ecmt": 8, "sta": 64, "spikezip": 64}
+    expected = {"ecmt": 8, "sta": 64}
     for name, steps in expected.items():
         assert METHODS[name].default_timesteps == steps
         record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method=name, verify=False, progress=False))
-        assert record.timesteps == steps
+        assert record.timesteps == steps and record.report.equilibrium is None
+    # SpikeZIP-TF's is measured (tests/test_integer.py): without verification, on calibration samples
+    assert METHODS["spikezip"].default_timesteps is None
+    record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method="spikezip", verify=False, progress=False))
+    measured = record.report.equilibrium
+    assert measured["samples"] == 1 and not measured["held_out"] and None not in measured["steps_to_quiet"]
+    assert record.timesteps == 8 * math.ceil(measured["steps_to_quiet"][0] * 1.25 / 8)
     explicit = spikec.compile(mlp(), {"x": x}, method="sta", timesteps=3, verify=False, progress=False)
     assert SpikecMetadata.read(explicit).timesteps == 3

@@ -108,14 +108,20 @@ class Method(ABC):
     bound: Bound | None = None
     advice = "raise --timesteps"
     reference = "ANN"
-    # T where --timesteps is not given (methods without time steps ignore it)
-    default_timesteps = 8
+    # T where --timesteps is not given (methods without time steps ignore it); None: measured on the
+    # rewritten network, the steps until no neuron fires (sum semantics; spikec/equilibrium.py)
+    default_timesteps: int | None = 8
 
     # options_lib.Options: in the class body the name Options is the class attribute above
     def advise(self, verification: dict, options: options_lib.Options) -> str:
         """What to try where the SNN compiled with ``options`` misses ``bound`` on ``verification``'s
         samples (verify's measures)."""
         return self.advice
+
+    def fewer_steps(self, options: options_lib.Options) -> str:
+        """The option of this method, if any, that lets the SNN compiled with ``options`` reach its bound in
+        fewer steps ('' where there is none)."""
+        return ""
 
     def verification_reference(self, ann: onnx.ModelProto, options: options_lib.Options) -> tuple[onnx.ModelProto, str]:
         """The model (and its name in messages) that the SNN compiled from ``ann`` with ``options`` is held

@@ -61,6 +61,7 @@ class ECMT(Method):
     semantics = MEAN
     bound = Bound("cosine", 0.99)
     advice = "raise --timesteps, or try another --percentile"
+    default_timesteps: int = 8  # the objective below simulates this many steps: never measured
 
     def calibration(self, job: Job) -> Calibration:
         sites = list(ecmt.neuron_sites(job.regions))

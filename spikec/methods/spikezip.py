@@ -208,9 +208,8 @@ class SpikeZIP(Method):
     bound = Bound("relative_max_error", 1e-4)
     advice = "raise --timesteps to the steps until no neuron fires (spikec run --until-quiet prints T_eq)"
     reference = "QANN"
-    # T_eq of a 16-level PTQ model of a BERT-sized encoder is some 50 steps; QDQ models of 256 levels need
-    # hundreds and are told so by the verification warning
-    default_timesteps = 64
+    # T_eq ranges from some 20 steps (a 16-level PTQ ViT) to hundreds (a 256-level QDQ model): measured
+    default_timesteps = None
 
     def advise(self, verification: dict, options: options_lib.Options) -> str:
         integer = isinstance(options, SpikeZIPOptions) and options.integer
@@ -220,8 +219,13 @@ class SpikeZIP(Method):
                 "differences are float32 rounding at level boundaries, which integer-exact mode (the "
                 "default, which --no-integer turns off) removes: the SNN then equals the QANN bit for bit"
             )
-        # bursts of up to k spikes a step divide the steps to quiet by about k
-        return self.advice + (" or --burst (up to k spikes a step: about T_eq / k)" if integer else "")
+        fewer = self.fewer_steps(options)
+        return self.advice + (f" or {fewer}" if fewer else "")
+
+    def fewer_steps(self, options: options_lib.Options) -> str:
+        # bursts of up to k spikes a step divide the steps to quiet by about k (integer-exact mode only)
+        integer = isinstance(options, SpikeZIPOptions) and options.integer
+        return "--burst k (up to k spikes a step: about T_eq / k steps)" if integer else ""
 
     def verification_reference(self, ann: onnx.ModelProto, options: options_lib.Options) -> tuple[onnx.ModelProto, str]:
         # onnxruntime's session of a QDQ model fuses LayerNorm, GELU and attention its own way, which can
@@ -246,6 +250,16 @@ class SpikeZIP(Method):
                     )
             if o.save_qann is not None:
                 raise SpikecError("argument save_qann: the model is already quantized; it is its own QANN")
+            for region in job.regions:
+                scale = np.asarray(region.attrs["scale"]) if region.kind == "quantizer" else np.ones(1)
+                if not np.all(np.isfinite(scale) & (scale > 0)):
+                    # onnxruntime's quantize_static gives an additive attention mask of -inf the scale inf
+                    raise SpikecError(
+                        f"quantizer '{region.name}' has the scale {scale.reshape(-1)[0]:g}: its levels are not "
+                        f"numbers (its calibration saw infinite values, e.g. an attention mask of -inf), so the "
+                        f"QANN computes nothing an SNN can equal; quantize the model again without that node "
+                        f"(onnxruntime.quantization's nodes_to_exclude), or compile the float model with --levels L"
+                    )
             return
         qann, job.report.quantization, refitted = quantize_model(
             job.ann,
