@@ -125,7 +125,7 @@ class SpikingOp:
     # an int attribute (0 or 1) the step reads through NodeBuilder.choose: its functions hold a body for
     # each value. One at most: onnxruntime 1.32 crashes folding an If nested in another around a Scan.
     specialized: str | None = None
-    # the unrolled form's body on whole sequences ([T, rows, C] inputs, "t" the step indices as [T, 1, 1])
+    # the unrolled form's body on whole sequences ([T, rows, C] inputs, "t" the steps 1..T as a [T] vector)
     # where one ONNX op computes the recurrence (a running sum: CumSum) in place of a Scan of the step:
     # one pass over all T steps where the Scan's body copies its result out at every step. The step's
     # operations in the step's order, from a state of -0 (below); tests/test_ops.py holds it to the
@@ -461,21 +461,23 @@ UGO = SpikingOp(
 # and by 1 is no operation at all (x/1 and 1*x are x, bit for bit).
 
 
-def _accumulated(b: NodeBuilder, total: str, t: str) -> dict[str, str]:
-    """The output of a running sum ``total`` at step(s) ``t``: S(t)/t (average=1) or S(t)."""
-    return {"mean": b.choose("average", lambda: b.op("Div", total, t), lambda: total)}
+def _accumulated(b: NodeBuilder, total: str, t: Callable[[], str]) -> dict[str, str]:
+    """The output of a running sum ``total`` at step(s) ``t()``: S(t)/t (average=1) or S(t). ``t`` builds
+    the step(s) where the average reads them, so the sum's branch holds no node for them."""
+    return {"mean": b.choose("average", lambda: b.op("Div", total, t()), lambda: total)}
 
 
 def _accumulate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     total = b.op("Add", env["sum"], env["x"])
-    return _accumulated(b, total, env["t"]), {"sum": total}
+    return _accumulated(b, total, lambda: env["t"]), {"sum": total}
 
 
 def _accumulate_over_time(b: NodeBuilder, env: dict[str, str]) -> dict[str, str]:
     """CumSum's running sums start from the first input, which is the step's from -0 (-0 + x is x for
     every x; +0 + -0 is +0): unrolled, the sum of only -0 inputs stays -0 (the native kernel starts
     there too), where the Step form from its zero state gives +0, an equal value."""
-    return _accumulated(b, b.op("CumSum", env["x"], b.const(0, np.int64)), env["t"])
+    sums = b.op("CumSum", env["x"], b.const(0, np.int64))
+    return _accumulated(b, sums, lambda: b.op("Reshape", env["t"], b.const([-1, 1, 1], np.int64)))
 
 
 def _compensate_step(b: NodeBuilder, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -734,8 +736,7 @@ def unrolled_function(op: SpikingOp, opset: int) -> onnx.FunctionProto:
     per_step = [*op.outputs, *([COUNT_OUTPUT] if op.spike_count else [])]
     if op.over_time is not None:
         over_time = op.over_time
-        step_indices = b.op("Reshape", times, _ints(b, -1, 1, 1))
-        sequence_env = {**env, **dict(zip(op.inputs, sequences)), "t": step_indices}
+        sequence_env = {**env, **dict(zip(op.inputs, sequences)), "t": times}  # [T]: 1, 2, ..., T
         scanned = _specialized(b, op, lambda b: [over_time(b, sequence_env)[o] for o in per_step])
     else:
         scanned = _specialized(b, op, lambda b: _scanned(b, op, env, sequences, steps, times, per_step))
