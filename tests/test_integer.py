@@ -191,6 +191,22 @@ def test_without_timesteps_the_compile_measures_the_steps_to_quiet(monkeypatch):
     assert "\n" not in message and "--mode stateful" in message and "--burst k" in message
 
 
+def test_a_model_with_external_weights_gets_its_steps_measured_too(tmp_path):
+    """The measurement runs a stateful copy of the network, which for a model whose weights lie beside it is
+    emitted with them in a temporary file, as the compile writes the model itself: the same T, the same SNN."""
+    model, _ = _qdq_model()
+    x = np.random.default_rng(7).standard_normal((64, 3, 16)).astype(np.float32) * 1.5
+    want = InferenceSession(integer_qann(model)).run(["y"], {"x": x[32:]})[0]
+    in_memory = SpikecMetadata.read(spikec.compile(model, {"x": x[:32]}, method="spikezip", progress=False))
+    path, out = tmp_path / "qdq.onnx", tmp_path / "snn.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="qdq.data", size_threshold=0)
+    spikec.compile(path, {"x": x[:32]}, out, method="spikezip", progress=False)
+    beside = SpikecMetadata.read(onnx.load(out, load_external_data=False))
+    assert beside.report.equilibrium == in_memory.report.equilibrium and beside.timesteps == in_memory.timesteps
+    np.testing.assert_array_equal(InferenceSession(out).run(["y"], {"x": x[32:]})[0], want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qdq.data", "qdq.onnx", "snn.onnx", "snn.onnx.data"]
+
+
 def test_a_quantizer_of_infinite_scale_is_refused():
     """onnxruntime's quantize_static gives an additive attention mask of -inf the scale inf: the levels are NaN
     there, in the QANN and in its SNN alike, whose neurons then never go quiet. Refused in one line naming
