@@ -1,12 +1,11 @@
 """T for a sum-semantics SNN compiled without --timesteps: the steps until no neuron fires, measured.
 
 SpikeZIP-TF's SNN equals its quantized ANN once it is quiet (T_eq), and T_eq is a property of the model
-and the data, not of the method: a 16-level PTQ ViT is quiet after some 25 steps, a deep LeViT after 67,
-a uint8 QDQ model (256 levels, one spike per neuron and step) after hundreds. Any fixed default T is too
-short for some models and compiles a warned, broken SNN (a QDQ digits ViT at T=64: cosine 0.24 to its
-QANN) or too long for others. So the compile runs the rewritten network stateful, until quiet, on the
-samples it verifies on, and unrolls (or records, stateful) that many steps with a margin for samples it
-has not seen.
+and the data, not of the method: a 16-level PTQ model is quiet after a few dozen steps, a uint8 QDQ
+model (256 levels, one spike per neuron and step) after hundreds. Any fixed default T is too short for
+some models, which then compile to a warned, broken SNN, or longer than others need. So the compile runs
+the rewritten network stateful, until quiet, on the samples it verifies on, and unrolls (or records,
+stateful) that many steps with a margin for samples it has not seen.
 """
 
 from __future__ import annotations
@@ -28,11 +27,10 @@ from spikec.runtime.metadata import SpikecMetadata
 from spikec.runtime.session import equilibrium_steps
 
 # T = the largest T_eq measured times this, rounded up to a multiple of ROUND_TO: the samples measured
-# are few (those compile verifies on), and unseen ones need a few steps more (LeViT: 62 at most on its
-# held-out calibration images, 67 on its evaluation images)
+# are few (those compile verifies on: one in eight, at most 32), and an unseen one may take longer
 MARGIN = 1.25
 ROUND_TO = 8
-# steps a measurement runs at most: a 256-level model at one spike a step is quiet after some 300-500
+# steps a measurement runs at most: a 256-level model at one spike a step is quiet after a few hundred
 CAP = 1024
 
 

@@ -250,12 +250,13 @@ class SpikeZIP(Method):
                     )
             if o.save_qann is not None:
                 raise SpikecError("argument save_qann: the model is already quantized; it is its own QANN")
-            for region in job.regions:
-                scale = np.asarray(region.attrs["scale"]) if region.kind == "quantizer" else np.ones(1)
-                if not np.all(np.isfinite(scale) & (scale > 0)):
+            for region in (r for r in job.regions if r.kind == "quantizer"):
+                scale = np.asarray(region.attrs["scale"], np.float64).reshape(-1)  # spikec's may be per channel
+                bad = scale[~(np.isfinite(scale) & (scale > 0))]
+                if bad.size:
                     # onnxruntime's quantize_static gives an additive attention mask of -inf the scale inf
                     raise SpikecError(
-                        f"quantizer '{region.name}' has the scale {scale.reshape(-1)[0]:g}: its levels are not "
+                        f"quantizer '{region.name}' has the scale {bad[0]:g}: its levels are not "
                         f"numbers (its calibration saw infinite values, e.g. an attention mask of -inf), so the "
                         f"QANN computes nothing an SNN can equal; quantize the model again without that node "
                         f"(onnxruntime.quantization's nodes_to_exclude), or compile the float model with --levels L"
