@@ -31,7 +31,6 @@ from spikec.report.sta import STASection
 pytestmark = pytest.mark.slow  # real models end to end; the fast tier is `pytest -m "not slow"`
 
 T = 4
-SPIKEZIP_T = 32  # past T_eq of these samples (per-channel PTQ: measured up to 24)
 SAMPLES = 64
 FEW = 32  # samples for the other methods' reports
 # digits ViT: 8x8 image, patch 2 -> 16 patches + CLS = 17 tokens, dim 64, 4 heads of 16, MLP 128, 4 blocks
@@ -108,12 +107,12 @@ def spikezip_made(digits, root):
         {"pixels": digits["x_train"][:128]},
         snn,
         method="spikezip",
-        timesteps=SPIKEZIP_T,
         save_qann=qann,
         progress=False,
-    )
+    )  # T measured by the compile: past the held-out calibration images' T_eq, plus a margin
     out, data = _report(root, "spikezip", ann, snn, "--qann", str(qann))
-    return {"ann": ann, "qann": qann, "snn": snn, "x": digits["x_test"][:FEW], "out": out, "data": data}
+    t = SpikecMetadata.read(onnx.load(snn)).timesteps
+    return {"ann": ann, "qann": qann, "snn": snn, "x": digits["x_test"][:FEW], "out": out, "data": data, "t": t}
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +369,7 @@ def test_spikezip_fidelity_against_the_qann_and_the_float_ann(spikezip_made):
         assert data["fidelity"][label]["model"] == str(model)
         got = data["fidelity"][label]["outputs"]["logits"]["per_t"]
         want = fidelity(reference, steps)
-        assert len(got) == SPIKEZIP_T
+        assert len(got) == spikezip_made["t"]
         for g, w in zip(got, want):
             assert g["cosine"] == pytest.approx(w["cosine"], abs=1e-6)
             assert g["top1_agreement"] == w["top1_agreement"]
@@ -392,10 +391,17 @@ def test_spikezip_equilibrium_steps_and_spikes_per_layer(spikezip_made):
     site = next(s for s in data["sites"] if s["site"] == "/blocks.1/mlp/mlp.1/Mul_1_output_0")
     fetched = fetch(spikezip_made["snn"], ["spikec.spikes.steps", site["source"]], feeds)
     per_step = fetched["spikec.spikes.steps"]
-    assert per_step.shape == (SPIKEZIP_T, FEW)
+    steps = spikezip_made["t"]
+    assert per_step.shape == (steps, FEW)
     section = data["section"]
     assert section["t_eq"] == equilibrium_steps(per_step) and None not in section["t_eq"]
-    assert section["not_quiet"] == 0 and 10 <= section["max_t_eq"] < SPIKEZIP_T
+    assert section["not_quiet"] == 0 and 10 <= section["max_t_eq"] < steps
+    # the T the compile measured, and how: the report says it beside what these samples took
+    assert section["compile_equilibrium"]["timesteps"] == steps
+    assert (
+        f"The compile chose T={steps}: the steps until no neuron fires on "
+        in (spikezip_made["out"] / "index.html").read_text()
+    )
     assert sum(section["t_eq_histogram"]) == FEW
     np.testing.assert_allclose(section["spikes_per_step"], per_step.mean(axis=1))
     # ternary codes: a spike is a nonzero code, and a GELU output's ST-BIF+ neurons per element
@@ -414,7 +420,7 @@ def test_spikezip_equilibrium_steps_and_spikes_per_layer(spikezip_made):
     # sum semantics: running sums cost an AC, differences an AC; no division by t
     assert terms["ec_accumulate"]["macs"] == 0 < terms["ec_accumulate"]["acs"]
     assert terms["ec_compensate"]["macs"] == 0 < terms["ec_compensate"]["acs"]
-    assert terms["neuron_updates"]["acs"] == SPIKEZIP_T * sum(s["neurons"] for s in data["sites"])
+    assert terms["neuron_updates"]["acs"] == steps * sum(s["neurons"] for s in data["sites"])
 
 
 def test_spikezip_needs_its_qann(spikezip_made, made):

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from spikec.equilibrium import equilibrium_line
 from spikec.errors import SpikecError
 from spikec.report import plots
 from spikec.report.page import note
@@ -87,6 +88,8 @@ class SpikeZIPSection(Section):
             "not_quiet": len(t_eq) - len(reached),
             "mean_t_eq": float(np.mean(reached)) if reached else None,
             "max_t_eq": max(reached) if reached else None,
+            # how the compile chose T, where it measured it (spikec/equilibrium.py)
+            "compile_equilibrium": self.context.record.report.equilibrium,
         }
 
     @staticmethod
@@ -100,11 +103,13 @@ class SpikeZIPSection(Section):
             if data["options"].get("integer")
             else "the QANN's (up to float rounding at level boundaries)"
         )
+        measured = z.get("compile_equilibrium")
+        chosen = f" The compile chose T={measured['timesteps']}: {equilibrium_line(measured)}." if measured else ""
         return [
             f"<p>{quiet} of {len(z['t_eq'])} samples became quiet within T={steps} ({mean}): after T_eq no "
             f"neuron fires again and the outputs equal {equal}; "
             f"{z['not_quiet']} still fired at step {steps}. A stateful model run until quiet "
-            f"(<code>spikec run --until-quiet</code>) stops there.</p>",
+            f"(<code>spikec run --until-quiet</code>) stops there.{chosen}</p>",
             img("steps"),
             note(
                 "Spike counts per ST-BIF+ site: the firing table above (spikes / sample). The energy below "
