@@ -263,7 +263,9 @@ def _compile(
         job.report.equilibrium = measured_timesteps(
             job.graph,
             job.ann,
-            SpikecMetadata(method.name, common.mode, method.semantics, 0, method_options.to_json()),
+            method.name,
+            method.semantics,
+            method_options.to_json(),
             layouts,
             probe[0],
             cap=fits,

@@ -37,7 +37,9 @@ CAP = 1024
 def measured_timesteps(
     graph: gs.Graph,
     template: onnx.ModelProto,
-    record: SpikecMetadata,
+    method: str,
+    semantics: str,
+    options: dict,
     layouts: emit.BatchLayouts,
     feeds: Mapping[str, np.ndarray],
     *,
@@ -47,17 +49,18 @@ def measured_timesteps(
     progress: bool,
     external: bool,
 ) -> dict:
-    """Run a stateful copy of the rewritten ``graph`` (``record``: its method, semantics and options) on
-    ``feeds`` until no neuron fires, at most ``cap`` steps (CAP, or fewer where an unrolled model of more
-    would not fit its memory budget), and choose T from the steps each sample took, at most ``cap``.
+    """Run a stateful copy of the rewritten ``graph`` (``method``'s, of time ``semantics``, compiled with
+    ``options``, the method's Options as JSON) on ``feeds`` until no neuron fires, at most ``cap`` steps
+    (CAP, or fewer where an unrolled model of more would not fit its memory budget), and choose T from the
+    steps each sample took, at most ``cap``.
     Returns the report's ``equilibrium`` part: the samples (``held_out``: kept from calibration), their
     T_eq (None: still firing at step ``cap``), and the T chosen. ``external``: the copy is emitted with
     its weights in a temporary file beside it, as the compile writes a model whose input keeps its
     weights beside it (or that is past protobuf's limit)."""
     probe = graph.copy()
-    emit.emit_stateful(probe, record.semantics, layouts)
-    stepped = SpikecMetadata(record.method, "stateful", record.semantics, cap, record.options, record.allow_float)
-    with _emitted(probe, template, stepped.to_props(), external) as model:
+    emit.emit_stateful(probe, semantics, layouts)
+    record = SpikecMetadata(method, "stateful", semantics, cap, options)
+    with _emitted(probe, template, record.to_props(), external) as model:
         outputs = run_dataset(model, feeds, batch_size=batch_size, timesteps=cap, until_quiet=True, progress=progress)
     steps = equilibrium_steps(outputs[SPIKES_OUTPUT + STEPS_SUFFIX])
     reached = [s for s in steps if s is not None]
