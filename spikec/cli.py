@@ -643,19 +643,15 @@ def cmd_info(args) -> int:
         )
     else:
         lines.append(f"native kernels: {kernels['library']} ({kernels['isa']}, sources {kernels['sources']})")
-    lines += [
-        f"method {name}: {paper}"
-        + (
-            (
-                f"; default T={info['default_timesteps'][name]}"
-                if info["default_timesteps"][name] is not None
-                else "; default T measured: the steps until no neuron fires on held-out samples, plus a margin"
-            )
-            if name in info["default_timesteps"]
-            else "; one pass, no T"
-        )
-        for name, paper in info["methods"].items()
-    ]
+
+    def steps(name: str) -> str:
+        if name not in info["default_timesteps"]:
+            return "one pass, no T"
+        if info["default_timesteps"][name] is None:
+            return "default T measured: the steps until no neuron fires on held-out samples, plus a margin"
+        return f"default T={info['default_timesteps'][name]}"
+
+    lines += [f"method {name}: {paper}; {steps(name)}" for name, paper in info["methods"].items()]
     print("\n".join(lines))
     return 0
 

@@ -20,7 +20,7 @@ from spikec import graphinfo, methods, modelio
 from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
 from spikec.equilibrium import CAP, equilibrium_line, measured_timesteps
 from spikec.errors import SpikecError
-from spikec.memory import check_budget, format_bytes, parse_budget
+from spikec.memory import check_budget, format_bytes, parse_budget, stateful_instead
 from spikec.memory import estimate as estimate_memory
 from spikec.methods.base import SUM, Job
 from spikec.methods.spikezip import DEFAULT_LEVELS, SpikeZIPOptions, quantize_model, recorded_quantization
@@ -280,9 +280,7 @@ def _compile(
             raise SpikecError(
                 f"argument timesteps: {equilibrium_line(job.report.equilibrium)}, the most an unrolled model "
                 f"fits in the memory budget of {format_bytes(budget)} (argument memory_budget): compile with "
-                f"--mode stateful (about {format_bytes(memory.stateful())}, independent of T), "
-                + (f"{fewer}, " if fewer else "")
-                + "or use a smaller --batch-size"
+                f"{stateful_instead(memory)}, " + (f"{fewer}, " if fewer else "") + "or use a smaller --batch-size"
             )
     if not method.stepped:
         mode, timesteps = "ttfs", 1

@@ -292,6 +292,11 @@ def estimate(
     )
 
 
+def stateful_instead(est: MemoryEstimate) -> str:
+    """The form whose memory does not grow with T, as a refusal of an unrolled one offers it."""
+    return f"--mode stateful (about {format_bytes(est.stateful())}, independent of T)"
+
+
 def check_budget(est: MemoryEstimate, *, mode: str, timesteps: int, budget: int | None) -> int:
     """The estimate for `mode`; raise a one-line SpikecError when the unrolled form exceeds `budget`.
 
@@ -303,7 +308,7 @@ def check_budget(est: MemoryEstimate, *, mode: str, timesteps: int, budget: int 
             f"argument timesteps={timesteps}: the time-unrolled model needs an estimated {format_bytes(need)} "
             f"to run a batch of {est.batch} (T={timesteps} x {format_bytes(est.live + 2 * est.largest)} of "
             f"activations per step), over the memory budget of {format_bytes(budget)} (argument memory_budget); "
-            f"compile with --mode stateful (about {format_bytes(est.stateful())}, independent of T), "
+            f"compile with {stateful_instead(est)}, "
             f"or use a smaller --timesteps or --batch-size"
         )
     return need
