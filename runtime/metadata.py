@@ -49,6 +49,7 @@ class CompileReport:
     calibration: dict | None = None  # ECMT: the calibration statistics the thresholds came from
     verification: dict | None = None  # the held-out run (spikec/verify.py)
     equilibrium: dict | None = None  # a T measured where none was given (spikec/equilibrium.py)
+    timesteps_search: dict | None = None  # ECMT: the fewest steps meeting its bound, where no T was given (the same)
     # weight digests (runtime/weights.digest) of the model compiled ("input") and of each model the compile wrote
     # for an output option (its option name): what eval and report check the models they are given against
     source: dict | None = None

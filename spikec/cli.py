@@ -52,7 +52,7 @@ def _numbers(flag: str, spec: str, sep: str, kind: type) -> tuple:
 def cmd_compile(args) -> int:
     from spikec.compiler import compile as compile_model
     from spikec.compiler import split_options
-    from spikec.equilibrium import equilibrium_line
+    from spikec.equilibrium import bound_line, equilibrium_line
     from spikec.passes.options import outputs_of
     from spikec.runtime.metadata import SpikecMetadata
 
@@ -61,6 +61,8 @@ def cmd_compile(args) -> int:
     report = SpikecMetadata.read(snn).report
     if report.equilibrium:
         print(f"T={report.equilibrium['timesteps']}: {equilibrium_line(report.equilibrium)}")
+    if report.timesteps_search:
+        print(f"T={report.timesteps_search['timesteps']}: {bound_line(report.timesteps_search)}")
     verification = report.verification
     if verification:
         print(verification_line(verification))
@@ -618,10 +620,17 @@ def collect_info() -> dict:
         },
         "methods": {name: method.paper for name, method in METHODS.items()},
         "default_timesteps": {name: method.default_timesteps for name, method in METHODS.items() if method.stepped},
+        # with the method's default options
+        "measures_timesteps": {
+            name: method.measures_timesteps(method.Options()) for name, method in METHODS.items() if method.stepped
+        },
     }
 
 
 def cmd_info(args) -> int:
+    from spikec.equilibrium import BOUND_CAP, ROUND_TO
+    from spikec.methods import METHODS
+
     info = collect_info()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -647,9 +656,15 @@ def cmd_info(args) -> int:
     def steps(name: str) -> str:
         if name not in info["default_timesteps"]:
             return "one pass, no T"
-        if info["default_timesteps"][name] is None:
+        fewest = info["default_timesteps"][name]
+        if fewest is None:
             return "default T measured: the steps until no neuron fires on held-out samples, plus a margin"
-        return f"default T={info['default_timesteps'][name]}"
+        if info["measures_timesteps"][name]:
+            return (
+                f"default T measured: the fewest steps, from {fewest} in steps of {ROUND_TO} up to {BOUND_CAP}, "
+                f"that meet its bound ({METHODS[name].bound}) on held-out samples"
+            )
+        return f"default T={fewest}"
 
     lines += [f"method {name}: {paper}; {steps(name)}" for name, paper in info["methods"].items()]
     print("\n".join(lines))

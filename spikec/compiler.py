@@ -18,7 +18,15 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from spikec import graphinfo, methods, modelio
 from spikec.calibrate import collect_statistics, load_inputs, naming_sources, run_batches
-from spikec.equilibrium import CAP, equilibrium_line, measured_timesteps
+from spikec.equilibrium import (
+    BOUND_CAP,
+    CAP,
+    ROUND_TO,
+    Probe,
+    equilibrium_line,
+    fewest_steps_meeting_bound,
+    steps_to_quiet,
+)
 from spikec.errors import SpikecError
 from spikec.memory import check_budget, format_bytes, parse_budget, stateful_instead
 from spikec.memory import estimate as estimate_memory
@@ -202,8 +210,9 @@ def _compile(
         held_out = (load_inputs(verification, ann, what="verification data"), True)
     elif common.verify:
         feeds, held_out = split_held_out(feeds, static_batch(ann, feeds))
-    # None: measured once the network is rewritten (spikec/equilibrium.py)
-    steps = common.timesteps if common.timesteps is not None else method.default_timesteps
+    # measured once the network is rewritten (spikec/equilibrium.py)
+    measured = common.timesteps is None and method.stepped and method.measures_timesteps(method_options)
+    steps = common.timesteps if common.timesteps is not None or measured else method.default_timesteps
     job = Job(
         ann,
         feeds,
@@ -228,12 +237,13 @@ def _compile(
         folds = common.mode == "unrolled" or method.semantics == SUM
         layouts = check_time_folding(job.ann, job.feeds, common.mode) if folds else emit.BatchLayouts()
         # Before calibration (the slow part): the unrolled form's activations are T times the ANN's. A
-        # measured T is checked once measured (the methods that measure it calibrate nothing).
+        # measured T is checked at the fewest steps it may take, and capped by the budget when measured.
         memory = estimate_memory(
             job.ann, job.feeds, batch=common.batch_size, neuron_sites=plan.neuron_sites, hidden=plan.hidden
         )
-        if steps is not None:
-            check_budget(memory, mode=common.mode, timesteps=steps, budget=parse_budget(common.memory_budget))
+        fewest = steps if steps is not None else method.default_timesteps
+        if fewest is not None:
+            check_budget(memory, mode=common.mode, timesteps=fewest, budget=parse_budget(common.memory_budget))
     stats = (
         collect_statistics(
             plan.model or job.ann,
@@ -253,38 +263,49 @@ def _compile(
     del stats, plan
     job.report.regions = describe(job.regions)
     job.report.semantics = method.semantics
-    if method.stepped and steps is None:
+    if measured:
         # the samples verified on; without verification, those it would hold out
-        probe = held_out or split_held_out(job.feeds, static_batch(job.ann, job.feeds))[1]
+        samples = held_out or split_held_out(job.feeds, static_batch(job.ann, job.feeds))[1]
         budget = parse_budget(common.memory_budget) if common.mode == "unrolled" else None
         fits = CAP if budget is None else min(CAP, memory.most_timesteps(budget))
         if fits < 1:  # not one step: refused as a T of 1 would be
             check_budget(memory, mode=common.mode, timesteps=1, budget=budget)
-        job.report.equilibrium = measured_timesteps(
+        probe = functools.partial(
+            Probe,
             job.graph,
             job.ann,
-            method.name,
-            method.semantics,
-            method_options.to_json(),
+            method,
+            method_options,
             layouts,
-            probe[0],
-            cap=fits,
+            samples[0],
             held_out=held_out is not None and held_out[1],
             batch_size=common.batch_size,
             progress=common.progress,
             external=modelio.external_data(ann),
         )
-        steps = job.report.equilibrium["timesteps"]
-        if None in job.report.equilibrium["steps_to_quiet"] and budget is not None and fits < CAP:
-            fewer = method.fewer_steps(method_options)
-            raise SpikecError(
-                f"argument timesteps: {equilibrium_line(job.report.equilibrium)}, the most an unrolled model "
-                f"fits in the memory budget of {format_bytes(budget)} (argument memory_budget): compile with "
-                f"{stateful_instead(memory)}, " + (f"{fewer}, " if fewer else "") + "or use a smaller --batch-size"
+        if method.semantics == SUM:
+            job.report.equilibrium = steps_to_quiet(probe(cap=fits))
+            steps = job.report.equilibrium["timesteps"]
+            if None in job.report.equilibrium["steps_to_quiet"] and budget is not None and fits < CAP:
+                fewer = method.fewer_steps(method_options)
+                raise SpikecError(
+                    f"argument timesteps: {equilibrium_line(job.report.equilibrium)}, the most an unrolled "
+                    f"model fits in the memory budget of {format_bytes(budget)} (argument memory_budget): "
+                    f"compile with {stateful_instead(memory)}, "
+                    + (f"{fewer}, " if fewer else "")
+                    + "or use a smaller --batch-size"
+                )
+        else:
+            # the budget allowed the fewest steps (checked above): the search stops where it runs out
+            cap = min(BOUND_CAP, fits) // ROUND_TO * ROUND_TO
+            job.report.timesteps_search = fewest_steps_meeting_bound(
+                probe(cap=cap), *method.verification_reference(job.ann, method_options)
             )
+            steps = job.report.timesteps_search["timesteps"]
     if not method.stepped:
         mode, timesteps = "ttfs", 1
     else:
+        assert steps is not None, "given, the method's default or measured above"
         mode, timesteps = common.mode, steps
         if mode == "unrolled":
             emit.emit_unrolled(job.graph, timesteps, method.semantics, layouts)

@@ -8,8 +8,9 @@ exporting a ``Method`` and one entry in the registry (spikec/methods/__init__.py
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,7 @@ class Job:
 
     ann: onnx.ModelProto
     feeds: Mapping[str, np.ndarray]
-    timesteps: int
+    timesteps: int | None  # None: measured once the network is rewritten (spikec/equilibrium.py)
     mode: str
     batch_size: int
     progress: bool
@@ -91,6 +92,13 @@ class Bound:
     def met(self, value: float) -> bool:
         return value >= self.limit if self.measure == "cosine" else value <= self.limit
 
+    def rank(self, value: float) -> float:
+        """Higher for a value nearer the bound's side; a NaN measure ranks below every number."""
+        return -math.inf if math.isnan(value) else value if self.measure == "cosine" else -value
+
+    def worst(self, values: Iterable[float]) -> float:
+        return min(values, key=self.rank)
+
     def __str__(self) -> str:
         return f"{self.measure.replace('_', ' ')} {'>=' if self.measure == 'cosine' else '<='} {self.limit:g}"
 
@@ -108,9 +116,15 @@ class Method(ABC):
     bound: Bound | None = None
     advice = "raise --timesteps"
     reference = "ANN"
-    # T where --timesteps is not given (methods without time steps ignore it); None: measured on the
-    # rewritten network, the steps until no neuron fires (sum semantics; spikec/equilibrium.py)
+    # T where --timesteps is not given and the method measures none (methods without time steps ignore
+    # it); where it measures one, the fewest steps the search for its bound tries (None: sum semantics,
+    # the steps until no neuron fires; spikec/equilibrium.py)
     default_timesteps: int | None = 8
+
+    def measures_timesteps(self, options: options_lib.Options) -> bool:
+        """Whether a compile with ``options`` and without --timesteps measures T on the rewritten network
+        (spikec/equilibrium.py), which only a network whose rewrite does not depend on T allows."""
+        return self.default_timesteps is None
 
     # options_lib.Options: in the class body the name Options is the class attribute above
     def advise(self, verification: dict, options: options_lib.Options) -> str:

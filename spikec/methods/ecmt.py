@@ -13,6 +13,7 @@ import numpy as np
 from spikec.errors import SpikecError
 from spikec.methods.base import MEAN, Bound, Calibration, Job, Method
 from spikec.passes import ecmt
+from spikec.passes import options as options_lib
 from spikec.passes.options import Options, option
 from spikec.passes.timing import is_constant
 
@@ -61,7 +62,12 @@ class ECMT(Method):
     semantics = MEAN
     bound = Bound("cosine", 0.99)
     advice = "raise --timesteps, or try another --percentile"
-    default_timesteps: int = 8  # the objective below simulates this many steps: never measured
+    # the fewest steps its T search tries (and T with --unbias): the objective below simulates this many
+    default_timesteps: int = 8
+
+    def measures_timesteps(self, options: options_lib.Options) -> bool:
+        # every other setting's thresholds are the same at every T: one rewrite serves every T searched
+        return not (isinstance(options, ECMTOptions) and options.unbias)
 
     def calibration(self, job: Job) -> Calibration:
         sites = list(ecmt.neuron_sites(job.regions))
@@ -100,6 +106,7 @@ class ECMT(Method):
                     stats[name].sample, thresholds[name], o.levels, OBJECTIVE_STEPS, o.energy_slack
                 )
         if o.unbias:
+            assert job.timesteps is not None, "with --unbias T is not measured (measures_timesteps)"
             thresholds = {
                 name: unbiased(stats[name].sample, theta, o.levels, job.timesteps) for name, theta in thresholds.items()
             }
