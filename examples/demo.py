@@ -2,9 +2,10 @@
 
 Trains (once, cached under .cache/fixtures) a 4-layer ViT on scikit-learn's digits, exports it to
 ONNX, then runs the same commands a user would type (``--method`` picks another conversion at its own
-default T unless ``--timesteps`` is given; ttfs runs in one pass and takes no ``--timesteps``):
+default T, which ecmt and spikezip measure, unless ``--timesteps`` is given; ttfs runs in one pass and
+takes no ``--timesteps``):
 
-    spikec compile digits_vit.onnx -o digits_snn.onnx --method ecmt --timesteps 8 --calib digits-calib.npz
+    spikec compile digits_vit.onnx -o digits_snn.onnx --method ecmt --calib digits-calib.npz
     spikec eval digits_vit.onnx digits_snn.onnx --inputs digits-eval.npz --labels digits-eval-labels.npz
     spikec inspect digits_snn.onnx
 """
@@ -31,7 +32,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out", help="directory for the converted model")
     parser.add_argument("--method", default="ecmt", choices=["ecmt", "spikezip", "sta", "ttfs"])
-    parser.add_argument("--timesteps", type=int, help="T (default: the method's, 8 for ecmt, 64 for spikezip and sta)")
+    parser.add_argument(
+        "--timesteps", type=int, help="T (default: the method's: ecmt and spikezip measure it, sta 64; spikec info)"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

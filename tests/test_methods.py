@@ -112,11 +112,17 @@ def test_time_steps_default_to_the_methods_own(echo):
         assert record.timesteps == 5
     finally:
         del Echo.default_timesteps
-    expected = {"ecmt": 8, "sta": 64}
-    for name, steps in expected.items():
-        assert METHODS[name].default_timesteps == steps
-        record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method=name, verify=False, progress=False))
-        assert record.timesteps == steps and record.report.equilibrium is None
+    assert METHODS["sta"].default_timesteps == 64
+    record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method="sta", verify=False, progress=False))
+    assert record.timesteps == 64 and record.report.equilibrium is None and record.report.timesteps_search is None
+    # ECMT's is measured, the fewest steps from 8 meeting its bound (below); with --unbias, whose gains
+    # are measured at T, it is 8
+    record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method="ecmt", verify=False, progress=False))
+    assert record.timesteps == 8 and record.report.timesteps_search["tried"][0][0] == 8
+    record = SpikecMetadata.read(
+        spikec.compile(mlp(), {"x": x}, method="ecmt", unbias=True, verify=False, progress=False)
+    )
+    assert record.timesteps == 8 and record.report.timesteps_search is None
     # SpikeZIP-TF's is measured (tests/test_integer.py): without verification, on calibration samples
     assert METHODS["spikezip"].default_timesteps is None
     record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method="spikezip", verify=False, progress=False))
@@ -125,3 +131,48 @@ def test_time_steps_default_to_the_methods_own(echo):
     assert record.timesteps == 8 * math.ceil(measured["steps_to_quiet"][0] * 1.25 / 8)
     explicit = spikec.compile(mlp(), {"x": x}, method="sta", timesteps=3, verify=False, progress=False)
     assert SpikecMetadata.read(explicit).timesteps == 3
+
+
+def test_ecmt_takes_the_fewest_steps_that_meet_its_bound(tmp_path, capfd):
+    """An ECMT SNN nears its ANN as T grows, as fast as the model lets it: without --timesteps the compile
+    runs a stateful copy on the held-out samples and takes the first multiple of 8 at which every output
+    meets the bound, the T the SNN is then verified at."""
+    x = np.random.default_rng(2).standard_normal((64, FEATURES)).astype(np.float32)
+    # one threshold pair per neuron (--levels 1): too coarse for the bound at 8 steps, enough at 16
+    record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method="ecmt", levels=1, progress=False))
+    search, verified = record.report.timesteps_search, record.report.verification
+    assert [t for t, _ in search["tried"]] == [8, 16] and search["met"] and record.timesteps == 16
+    assert search["tried"][0][1] < 0.99 <= search["tried"][1][1]
+    assert search["samples"] == verified["samples"] == 8 and search["held_out"]
+    assert verified["timesteps"] == 16
+    # the stateful copy's output after 16 steps is the unrolled model's
+    assert verified["outputs"]["y"]["cosine"] == pytest.approx(search["tried"][1][1], abs=1e-5)
+    # the command line says how it chose T
+    model, calib, out = tmp_path / "mlp.onnx", tmp_path / "calib.npz", tmp_path / "snn.onnx"
+    onnx.save(mlp(), model)
+    np.savez(calib, x=x)
+    assert main(["compile", str(model), "-o", str(out), "--calib", str(calib), "--levels", "1", "--quiet"]) == 0
+    said = capfd.readouterr().out.splitlines()[0]
+    assert said == (
+        f"T=16: the fewest steps (a multiple of 8) at which the SNN meets cosine >= 0.99 against the ANN on 8 "
+        f"held-out calibration samples (cosine {search['tried'][1][1]:.4g}; {search['tried'][0][1]:.4g} at T=8)"
+    )
+    # the same network at a T given is what the search measured at that T
+    with pytest.warns(spikec.compiler.FidelityWarning, match="against the ANN at T=8, short of"):
+        given = spikec.compile(mlp(), {"x": x}, method="ecmt", levels=1, timesteps=8, progress=False)
+    given = SpikecMetadata.read(given)
+    assert given.report.timesteps_search is None
+    assert given.report.verification["outputs"]["y"]["cosine"] == pytest.approx(search["tried"][0][1], abs=1e-5)
+
+
+def test_ecmt_short_of_its_bound_at_every_t_takes_the_closest(monkeypatch):
+    """Where no T up to 64 meets the bound the search runs rounds of 8, 16, 32 and 64 steps, takes the T
+    that came closest, and the compile warns as at a T given."""
+    monkeypatch.setattr(METHODS["ecmt"], "bound", methods.base.Bound("cosine", 0.999999))
+    x = np.random.default_rng(2).standard_normal((64, FEATURES)).astype(np.float32)
+    with pytest.warns(spikec.compiler.FidelityWarning, match="short of ecmt's bound"):
+        record = SpikecMetadata.read(spikec.compile(mlp(), {"x": x}, method="ecmt", levels=1, progress=False))
+    search = record.report.timesteps_search
+    assert [t for t, _ in search["tried"]] == list(range(8, 65, 8)) and not search["met"]
+    best = max(search["tried"], key=lambda tried: tried[1])
+    assert record.timesteps == best[0] and search["timesteps"] == best[0]
