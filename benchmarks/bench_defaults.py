@@ -3,7 +3,8 @@ or default choice has seen.
 
 * MiniLM (seq 32): calibrated on calibration_sentences() (ECMT, STA: all 128; TTFS: the first 32),
   measured on examples/written_sentences.txt (hand-written everyday English; the fixtures' sentences are
-  stdlib docstrings). ECMT T=8 and STA T=64: mean cosine of the sentence embeddings against the ANN;
+  stdlib docstrings). ECMT (the T its compile measures) and STA (T=64): mean cosine of the sentence
+  embeddings against the ANN;
   TTFS: max |SNN - ANN| / max |ANN|.
 * digits ViT: calibrated on the first 256 training images, accuracy on the 540 test images (never
   calibrated on) against the ANN's on the same images.
@@ -39,11 +40,12 @@ from spikec.methods.spikezip import integer_qann  # noqa: E402
 BIT_EQUAL = "share bit-equal to QANN"
 # (what, method, options, measure, bound): the proof's claims, each from one default-flag compile
 CLAIMS = [
-    ("MiniLM ECMT T=8", "ecmt", {"timesteps": 8}, "cosine", 0.99),
+    # ECMT's and SpikeZIP-TF's T are measured by the compile (spikec/equilibrium.py): the fewest steps meeting
+    # ECMT's bound, the steps until no neuron fires
+    ("MiniLM ECMT", "ecmt", {}, "cosine", 0.99),
     ("MiniLM STA T=64", "sta", {"timesteps": 64}, "cosine", 0.98),
     ("MiniLM TTFS, 32 calibration sentences", "ttfs", {}, "relative max error", 1e-3),
-    ("digits ViT ECMT T=8", "ecmt", {"timesteps": 8}, "accuracy - ANN (points)", -0.5),
-    # SpikeZIP-TF's T is measured by the compile (the steps until no neuron fires, spikec/equilibrium.py)
+    ("digits ViT ECMT", "ecmt", {}, "accuracy - ANN (points)", -0.5),
     ("MiniLM SpikeZIP-TF", "spikezip", {}, BIT_EQUAL, 1.0),
     ("digits ViT SpikeZIP-TF", "spikezip", {}, BIT_EQUAL, 1.0),
 ]

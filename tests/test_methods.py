@@ -3,6 +3,7 @@ here, compiles through the template, runs, and gets its own CLI flags from its O
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -157,6 +158,26 @@ def test_ecmt_takes_the_fewest_steps_that_meet_its_bound(tmp_path, capfd):
         f"T=16: the fewest steps (a multiple of 8) at which the SNN meets cosine >= 0.99 against the ANN on 8 "
         f"held-out calibration samples (cosine {search['tried'][1][1]:.4g}; {search['tried'][0][1]:.4g} at T=8)"
     )
+    # and so does the report
+    np.savez(tmp_path / "inputs.npz", x=x[:8])
+    assert (
+        main(
+            [
+                "report",
+                str(model),
+                str(out),
+                "--inputs",
+                str(tmp_path / "inputs.npz"),
+                "-o",
+                str(tmp_path / "r"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    section = json.loads((tmp_path / "r" / "report.json").read_text())["section"]
+    assert section["compile_timesteps_search"]["timesteps"] == 16
+    assert "The compile chose T=16: the fewest steps (a multiple of 8)" in (tmp_path / "r" / "index.html").read_text()
     # the same network at a T given is what the search measured at that T
     with pytest.warns(spikec.compiler.FidelityWarning, match="against the ANN at T=8, short of"):
         given = spikec.compile(mlp(), {"x": x}, method="ecmt", levels=1, timesteps=8, progress=False)

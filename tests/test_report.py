@@ -251,6 +251,7 @@ def test_firing_rates_match_numpy(made):
     assert sum(levels["positive_fraction"]) + sum(levels["negative_fraction"]) == pytest.approx(1.0)
     # ECMT Fig. 6: most spikes use the base thresholds
     assert levels["positive_fraction"][0] + levels["negative_fraction"][0] > 0.5
+    assert levels["compile_timesteps_search"] is None  # compiled at a T given
 
 
 def test_per_layer_error_matches_numpy(made):

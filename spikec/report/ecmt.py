@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from spikec.equilibrium import bound_line
 from spikec.report import plots
 from spikec.report.page import table
 from spikec.report.section import Context, Section
@@ -98,6 +99,8 @@ class ECMTSection(Section):
             "negative": negative.tolist(),
             "positive_fraction": (positive / total).tolist(),
             "negative_fraction": (negative / total).tolist(),
+            # how the compile chose T, where it measured it (spikec/equilibrium.py)
+            "compile_timesteps_search": self.context.record.report.timesteps_search,
         }
 
     @staticmethod
@@ -105,9 +108,11 @@ class ECMTSection(Section):
         lv = data["section"]
         total = sum(lv["positive"]) + sum(lv["negative"])
         base = (lv["positive"][0] + lv["negative"][0]) / total if total else 0.0
+        search = lv.get("compile_timesteps_search")
+        chosen = f" The compile chose T={search['timesteps']}: {bound_line(search)}." if search else ""
         return [
             f"<p>Spikes per threshold level (|code| = 2^k; negative codes are −θ2/θ1·2^k): {base:.1%} of all "
-            f"spikes use the base thresholds θ1 / −θ2 (ECMT Fig. 6 reports the same clustering).</p>",
+            f"spikes use the base thresholds θ1 / −θ2 (ECMT Fig. 6 reports the same clustering).{chosen}</p>",
             img("levels"),
             "<details><summary>levels per MT neuron site</summary>"
             + table(
