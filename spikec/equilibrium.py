@@ -3,10 +3,10 @@
 SpikeZIP-TF's SNN equals its quantized ANN once it is quiet (T_eq), and T_eq is a property of the model
 and the data, not of the method: a 16-level PTQ model is quiet after a few dozen steps, a uint8 QDQ
 model (256 levels, one spike per neuron and step) after hundreds. ECMT's SNN approaches its ANN as T
-grows, and how fast is the model's too: most models meet ECMT's bound after 8 steps, LeViT and Swin-v2
-need 32 (docs/conformance.md). Any fixed default T is too short for some models, which then compile to
-a warned SNN short of its bound, or longer than others need. So the compile runs a stateful copy of the
-rewritten network on the samples it verifies on, and unrolls (or records, stateful):
+grows, and how fast is the model's too: most models meet ECMT's bound after 8 steps, Gemma 2 after 16,
+Swin-v2 after 24 (docs/conformance.md). Any fixed default T is too short for some models, which then
+compile to a warned SNN short of its bound, or longer than others need. So the compile runs a stateful
+copy of the rewritten network on the samples it verifies on, and unrolls (or records, stateful):
 
 - sum semantics (`steps_to_quiet`): the steps until no neuron fires, with a margin for samples it has
   not seen;
