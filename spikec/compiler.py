@@ -270,21 +270,23 @@ def _compile(
         fits = CAP if budget is None else min(CAP, memory.most_timesteps(budget))
         if fits < 1:  # not one step: refused as a T of 1 would be
             check_budget(memory, mode=common.mode, timesteps=1, budget=budget)
-        probe = functools.partial(
-            Probe,
+        # a search for a bound runs whole rounds of ROUND_TO steps; the budget allowed the fewest (checked above)
+        cap = fits if method.semantics == SUM else min(BOUND_CAP, fits) // ROUND_TO * ROUND_TO
+        probe = Probe(
             job.graph,
             job.ann,
             method,
             method_options,
             layouts,
             samples[0],
+            cap=cap,
             held_out=held_out is not None and held_out[1],
             batch_size=common.batch_size,
             progress=common.progress,
             external=modelio.external_data(ann),
         )
         if method.semantics == SUM:
-            job.report.equilibrium = steps_to_quiet(probe(cap=fits))
+            job.report.equilibrium = steps_to_quiet(probe)
             steps = job.report.equilibrium["timesteps"]
             if None in job.report.equilibrium["steps_to_quiet"] and budget is not None and fits < CAP:
                 fewer = method.fewer_steps(method_options)
@@ -296,10 +298,8 @@ def _compile(
                     + "or use a smaller --batch-size"
                 )
         else:
-            # the budget allowed the fewest steps (checked above): the search stops where it runs out
-            cap = min(BOUND_CAP, fits) // ROUND_TO * ROUND_TO
             job.report.timesteps_search = fewest_steps_meeting_bound(
-                probe(cap=cap), *method.verification_reference(job.ann, method_options)
+                probe, *method.verification_reference(job.ann, method_options)
             )
             steps = job.report.timesteps_search["timesteps"]
     if not method.stepped:

@@ -132,7 +132,8 @@ def fewest_steps_meeting_bound(probe: Probe, reference: onnx.ModelProto, referen
             if bound.met(tried[-1][1]) or length == cap:
                 break
             start, length = length + ROUND_TO, min(cap, 2 * length)
-    met = [t for t, value in tried if bound.met(value)]
+    # the rounds stop at the first T that meets the bound: only the last tried can
+    met = bound.met(tried[-1][1])
     return {
         "samples": len(next(iter(probe.feeds.values()))),
         "held_out": probe.held_out,
@@ -141,8 +142,8 @@ def fewest_steps_meeting_bound(probe: Probe, reference: onnx.ModelProto, referen
         "measure": bound.measure,
         "tried": [[t, value] for t, value in tried],
         "cap": cap,
-        "met": bool(met),
-        "timesteps": met[0] if met else max(tried, key=lambda tried_t: bound.rank(tried_t[1]))[0],
+        "met": met,
+        "timesteps": tried[-1][0] if met else max(tried, key=lambda tried_t: bound.rank(tried_t[1]))[0],
     }
 
 
